@@ -1,0 +1,33 @@
+//! ferrotron's intermediate representation: the dataflow graph that every other part reads.
+//!
+//! ```text
+//! models/*.ron ──► lang: parse, expand blocks, infer shapes ──► Graph ──► verify
+//!                                                                 │
+//!                     partitioner, autodiff, runtimes, visualizer ◄┘
+//! ```
+//!
+//! - [`lang`]: the RON model language (the user's entry point) and its located errors.
+//! - [`graph`]: values, nodes, parameters and block scopes in typed arenas; program order.
+//! - [`op`]: the closed op set, generic over how it names values, shared by files and plans.
+//! - [`infer`]: shape and dtype inference per op.
+//! - [`verify`]: the invariants every pass must keep.
+//! - [`count`]: parameters and FLOPs; [`summary`]: what `ferrotron check` prints.
+#![warn(missing_docs)]
+
+pub mod count;
+pub mod dtype;
+pub mod graph;
+pub mod infer;
+pub mod lang;
+pub mod op;
+pub mod shape;
+pub mod summary;
+pub mod verify;
+
+pub use dtype::DType;
+pub use graph::{Graph, Init, NodeId, ParamId, ScopeId, ValueDef, ValueId};
+pub use infer::{infer, OpError};
+pub use lang::{load_model, parse_model, LoadOptions, ModelError};
+pub use op::{Factor, MeshAxis, Op};
+pub use shape::{Dim, Shape, TensorType};
+pub use verify::{verify, VerifyError};

@@ -1,0 +1,417 @@
+//! The op set: one closed, serde-derived enum shared by the model files, the one-device graph and
+//! the partitioned plan.
+//!
+//! [`Op`] is generic over how it refers to values (`V`) and dimension sizes (`D`): a model file
+//! holds `Op<String, DimExpr>` (names and expressions such as `"4 * hidden"`), the graph holds
+//! `Op<ValueId, Dim>`, and shape inference works on `Op<TensorType, Dim>`. [`Op::try_map`] is the
+//! one place that converts between them, so adding an op means adding it here and to the matches
+//! that give it meaning (shape inference, FLOPs, later sharding and autodiff rules).
+//!
+//! Conventions every backend follows:
+//! - Elementwise binary ops broadcast as NumPy does (dimensions aligned from the right).
+//! - `MatMul` contracts the last axis of `a` with the second-to-last of `b` (after the optional
+//!   transposes of the last two axes); leading axes are batch axes and broadcast.
+//! - Normalizations and softmax work over the last axis.
+//! - `Rotary` takes `[..., seq, heads, head_dim]` and rotates the pairs `(i, i + head_dim/2)` by
+//!   `position · base^(−2i/head_dim)`, position being the index along axis −3 (the Llama / GPT-NeoX
+//!   "rotate half" form).
+//! - `CrossEntropy` takes logits `[..., seq, vocab]` and integer targets `[..., seq]` and returns the
+//!   mean loss as a scalar; with `shift` (next-token prediction) position `t` predicts target
+//!   `t + 1` and the last position predicts nothing.
+
+use crate::shape::Dim;
+use crate::ValueId;
+use serde::{Deserialize, Serialize};
+
+/// A mesh axis: which group of ranks a collective runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MeshAxis {
+    /// The tensor-parallel group.
+    Tp,
+    /// The data-parallel group.
+    Dp,
+}
+
+/// A constant scale factor, or one derived from a dimension (so it follows `--dim` overrides).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Factor<D> {
+    /// A literal factor.
+    Const(f64),
+    /// `1 / sqrt(d)`: attention's score scaling by the head dimension.
+    InvSqrt(D),
+}
+
+impl Factor<Dim> {
+    /// The factor's value.
+    pub fn value(&self) -> f64 {
+        match self {
+            Factor::Const(c) => *c,
+            Factor::InvSqrt(d) => 1.0 / (d.size as f64).sqrt(),
+        }
+    }
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One operation. See the module docs for the conventions each op follows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)] // variant fields are named for what they hold
+pub enum Op<V = ValueId, D = Dim> {
+    /// Row lookup: `table[ids]`, `table: [rows, width]`, integer `ids: [...]` → `[..., width]`.
+    Embedding { table: V, ids: V },
+    /// Batched matrix product with broadcasting batch axes.
+    MatMul {
+        a: V,
+        b: V,
+        #[serde(default, skip_serializing_if = "is_false")]
+        transpose_a: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        transpose_b: bool,
+    },
+    /// `a + b`, broadcasting.
+    Add(V, V),
+    /// `a − b`, broadcasting.
+    Sub(V, V),
+    /// `a · b` elementwise, broadcasting.
+    Mul(V, V),
+    /// `a / b` elementwise, broadcasting.
+    Div(V, V),
+    /// `x · factor`.
+    Scale { x: V, factor: Factor<D> },
+    /// Exact GeLU: `x · Φ(x)`.
+    Gelu(V),
+    /// GPT-2's tanh approximation of GeLU.
+    GeluTanh(V),
+    /// `x · sigmoid(x)` (Llama's SwiGLU gate).
+    Silu(V),
+    /// `max(x, 0)`.
+    Relu(V),
+    /// Layer normalization over the last axis, with optional affine weight and bias.
+    LayerNorm {
+        x: V,
+        #[serde(default = "none")]
+        weight: Option<V>,
+        #[serde(default = "none")]
+        bias: Option<V>,
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// Root-mean-square normalization over the last axis, with an optional weight.
+    RmsNorm {
+        x: V,
+        #[serde(default = "none")]
+        weight: Option<V>,
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// Softmax over the last axis; `causal` masks key `j > i + (keys − queries)` for query `i`.
+    Softmax {
+        x: V,
+        #[serde(default, skip_serializing_if = "is_false")]
+        causal: bool,
+    },
+    /// Same elements, new shape (row-major).
+    Reshape { x: V, shape: Vec<D> },
+    /// Axis permutation: output axis `i` is input axis `perm[i]`.
+    Transpose { x: V, perm: Vec<usize> },
+    /// `x[start..end]` along `axis`.
+    Slice { x: V, axis: i64, start: D, end: D },
+    /// Consecutive pieces of `x` along `axis`, one output per size.
+    Split { x: V, axis: i64, sizes: Vec<D> },
+    /// The inputs joined along `axis`.
+    Concat { xs: Vec<V>, axis: i64 },
+    /// Rotary position embedding (see the module docs for the layout).
+    Rotary {
+        x: V,
+        #[serde(default = "default_rope_base")]
+        base: f64,
+    },
+    /// Zeroes each element with probability `p` and scales the rest by `1/(1−p)` in training.
+    Dropout { x: V, p: f64 },
+    /// Mean cross-entropy of integer targets under softmax(logits); a scalar.
+    CrossEntropy {
+        logits: V,
+        targets: V,
+        #[serde(default = "yes")]
+        shift: bool,
+    },
+    /// Sum over the group; every rank gets the total.
+    AllReduce { x: V, axis: MeshAxis },
+    /// Concatenation of the group's shards along `dim` (`parts` ranks).
+    AllGather {
+        x: V,
+        dim: i64,
+        axis: MeshAxis,
+        parts: u64,
+    },
+    /// Sum over the group, each rank keeping its `1/parts` slice along `dim`.
+    ReduceScatter {
+        x: V,
+        dim: i64,
+        axis: MeshAxis,
+        parts: u64,
+    },
+    /// The paper's f: identity forward, all-reduce of the gradient backward.
+    F { x: V, axis: MeshAxis },
+    /// The paper's g: all-reduce forward, identity backward.
+    G { x: V, axis: MeshAxis },
+}
+
+fn default_rope_base() -> f64 {
+    10000.0
+}
+
+/// The op names a model file may use, in declaration order.
+pub const OP_NAMES: &[&str] = &[
+    "Embedding",
+    "MatMul",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Scale",
+    "Gelu",
+    "GeluTanh",
+    "Silu",
+    "Relu",
+    "LayerNorm",
+    "RmsNorm",
+    "Softmax",
+    "Reshape",
+    "Transpose",
+    "Slice",
+    "Split",
+    "Concat",
+    "Rotary",
+    "Dropout",
+    "CrossEntropy",
+    "AllReduce",
+    "AllGather",
+    "ReduceScatter",
+    "F",
+    "G",
+];
+
+impl<V, D> Op<V, D> {
+    /// The op's name as written in a model file (`"MatMul"`).
+    pub fn mnemonic(&self) -> &'static str {
+        OP_NAMES[self.index()]
+    }
+
+    fn index(&self) -> usize {
+        match self {
+            Op::Embedding { .. } => 0,
+            Op::MatMul { .. } => 1,
+            Op::Add(..) => 2,
+            Op::Sub(..) => 3,
+            Op::Mul(..) => 4,
+            Op::Div(..) => 5,
+            Op::Scale { .. } => 6,
+            Op::Gelu(_) => 7,
+            Op::GeluTanh(_) => 8,
+            Op::Silu(_) => 9,
+            Op::Relu(_) => 10,
+            Op::LayerNorm { .. } => 11,
+            Op::RmsNorm { .. } => 12,
+            Op::Softmax { .. } => 13,
+            Op::Reshape { .. } => 14,
+            Op::Transpose { .. } => 15,
+            Op::Slice { .. } => 16,
+            Op::Split { .. } => 17,
+            Op::Concat { .. } => 18,
+            Op::Rotary { .. } => 19,
+            Op::Dropout { .. } => 20,
+            Op::CrossEntropy { .. } => 21,
+            Op::AllReduce { .. } => 22,
+            Op::AllGather { .. } => 23,
+            Op::ReduceScatter { .. } => 24,
+            Op::F { .. } => 25,
+            Op::G { .. } => 26,
+        }
+    }
+
+    /// How many values the op produces.
+    pub fn num_outputs(&self) -> usize {
+        match self {
+            Op::Split { sizes, .. } => sizes.len(),
+            _ => 1,
+        }
+    }
+
+    /// Whether the op communicates across ranks.
+    pub fn is_collective(&self) -> bool {
+        matches!(
+            self,
+            Op::AllReduce { .. }
+                | Op::AllGather { .. }
+                | Op::ReduceScatter { .. }
+                | Op::F { .. }
+                | Op::G { .. }
+        )
+    }
+
+    /// The op's inputs, in a fixed order (absent optional inputs are skipped).
+    pub fn inputs(&self) -> Vec<&V> {
+        let mut out = Vec::with_capacity(3);
+        let _ = self.try_map::<(), (), (), _, _>(
+            |v| {
+                out.push(v);
+                Ok(())
+            },
+            |_| Ok(()),
+        );
+        out
+    }
+
+    /// Rebuilds the op with every value reference passed through `fv` and every dimension through
+    /// `fd`; the first error stops the conversion.
+    pub fn try_map<'a, V2, D2, E, FV, FD>(&'a self, mut fv: FV, mut fd: FD) -> Result<Op<V2, D2>, E>
+    where
+        FV: FnMut(&'a V) -> Result<V2, E>,
+        FD: FnMut(&'a D) -> Result<D2, E>,
+    {
+        let opt = |v: &'a Option<V>, fv: &mut FV| v.as_ref().map(&mut *fv).transpose();
+        Ok(match self {
+            Op::Embedding { table, ids } => Op::Embedding {
+                table: fv(table)?,
+                ids: fv(ids)?,
+            },
+            Op::MatMul {
+                a,
+                b,
+                transpose_a,
+                transpose_b,
+            } => Op::MatMul {
+                a: fv(a)?,
+                b: fv(b)?,
+                transpose_a: *transpose_a,
+                transpose_b: *transpose_b,
+            },
+            Op::Add(a, b) => Op::Add(fv(a)?, fv(b)?),
+            Op::Sub(a, b) => Op::Sub(fv(a)?, fv(b)?),
+            Op::Mul(a, b) => Op::Mul(fv(a)?, fv(b)?),
+            Op::Div(a, b) => Op::Div(fv(a)?, fv(b)?),
+            Op::Scale { x, factor } => Op::Scale {
+                x: fv(x)?,
+                factor: match factor {
+                    Factor::Const(c) => Factor::Const(*c),
+                    Factor::InvSqrt(d) => Factor::InvSqrt(fd(d)?),
+                },
+            },
+            Op::Gelu(x) => Op::Gelu(fv(x)?),
+            Op::GeluTanh(x) => Op::GeluTanh(fv(x)?),
+            Op::Silu(x) => Op::Silu(fv(x)?),
+            Op::Relu(x) => Op::Relu(fv(x)?),
+            Op::LayerNorm {
+                x,
+                weight,
+                bias,
+                eps,
+            } => Op::LayerNorm {
+                x: fv(x)?,
+                weight: opt(weight, &mut fv)?,
+                bias: opt(bias, &mut fv)?,
+                eps: *eps,
+            },
+            Op::RmsNorm { x, weight, eps } => Op::RmsNorm {
+                x: fv(x)?,
+                weight: opt(weight, &mut fv)?,
+                eps: *eps,
+            },
+            Op::Softmax { x, causal } => Op::Softmax {
+                x: fv(x)?,
+                causal: *causal,
+            },
+            Op::Reshape { x, shape } => Op::Reshape {
+                x: fv(x)?,
+                shape: shape.iter().map(&mut fd).collect::<Result<_, _>>()?,
+            },
+            Op::Transpose { x, perm } => Op::Transpose {
+                x: fv(x)?,
+                perm: perm.clone(),
+            },
+            Op::Slice {
+                x,
+                axis,
+                start,
+                end,
+            } => Op::Slice {
+                x: fv(x)?,
+                axis: *axis,
+                start: fd(start)?,
+                end: fd(end)?,
+            },
+            Op::Split { x, axis, sizes } => Op::Split {
+                x: fv(x)?,
+                axis: *axis,
+                sizes: sizes.iter().map(&mut fd).collect::<Result<_, _>>()?,
+            },
+            Op::Concat { xs, axis } => Op::Concat {
+                xs: xs.iter().map(&mut fv).collect::<Result<_, _>>()?,
+                axis: *axis,
+            },
+            Op::Rotary { x, base } => Op::Rotary {
+                x: fv(x)?,
+                base: *base,
+            },
+            Op::Dropout { x, p } => Op::Dropout { x: fv(x)?, p: *p },
+            Op::CrossEntropy {
+                logits,
+                targets,
+                shift,
+            } => Op::CrossEntropy {
+                logits: fv(logits)?,
+                targets: fv(targets)?,
+                shift: *shift,
+            },
+            Op::AllReduce { x, axis } => Op::AllReduce {
+                x: fv(x)?,
+                axis: *axis,
+            },
+            Op::AllGather {
+                x,
+                dim,
+                axis,
+                parts,
+            } => Op::AllGather {
+                x: fv(x)?,
+                dim: *dim,
+                axis: *axis,
+                parts: *parts,
+            },
+            Op::ReduceScatter {
+                x,
+                dim,
+                axis,
+                parts,
+            } => Op::ReduceScatter {
+                x: fv(x)?,
+                dim: *dim,
+                axis: *axis,
+                parts: *parts,
+            },
+            Op::F { x, axis } => Op::F {
+                x: fv(x)?,
+                axis: *axis,
+            },
+            Op::G { x, axis } => Op::G {
+                x: fv(x)?,
+                axis: *axis,
+            },
+        })
+    }
+}
