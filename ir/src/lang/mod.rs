@@ -152,19 +152,28 @@ pub enum ErrorKind {
 /// Reads, expands, infers and verifies a model file.
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<Graph, ModelError> {
     let file = path.display().to_string();
-    let src = std::fs::read_to_string(path).map_err(|e| ModelError {
-        file: file.clone(),
-        pos: None,
-        node: None,
-        kind: ErrorKind::Io(e.to_string()),
-        note: None,
-    })?;
+    let src = read(path, &file, None)?;
     parse_model(&src, &file, opts)
 }
 
-/// Like [`load_model`], from source text; `file` names it in errors.
+/// Like [`load_model`], from source text; `file` names it in errors and is the path that an
+/// `extends` is resolved against.
 pub fn parse_model(src: &str, file: &str, opts: &LoadOptions) -> Result<Graph, ModelError> {
-    let parsed: syntax::ModelFile = ron::Options::default()
+    load(src, file, Path::new(file).parent(), opts)
+}
+
+fn read(path: &Path, file: &str, pos: Option<Position>) -> Result<String, ModelError> {
+    std::fs::read_to_string(path).map_err(|e| ModelError {
+        file: file.to_owned(),
+        pos,
+        node: None,
+        kind: ErrorKind::Io(format!("{}: {e}", path.display())),
+        note: None,
+    })
+}
+
+fn parse(src: &str, file: &str) -> Result<syntax::ModelFile, ModelError> {
+    ron::Options::default()
         .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
         .from_str(src)
         .map_err(|e| ModelError {
@@ -176,8 +185,80 @@ pub fn parse_model(src: &str, file: &str, opts: &LoadOptions) -> Result<Graph, M
             node: None,
             kind: ErrorKind::Syntax(e.code.to_string()),
             note: None,
-        })?;
-    lower::lower(&parsed, src, file, opts)
+        })
+}
+
+/// A model that extends another may nest, but not without end.
+const MAX_EXTENDS_DEPTH: usize = 8;
+
+fn load(src: &str, file: &str, dir: Option<&Path>, opts: &LoadOptions) -> Result<Graph, ModelError> {
+    let mut model = parse(src, file)?;
+    let (mut src, mut file, mut dir) = (src.to_owned(), file.to_owned(), dir.map(Path::to_path_buf));
+    let mut depth = 0;
+    // What the outermost extending file changed, to explain errors found in the inherited graph.
+    let mut note: Option<String> = None;
+    // Fold each `extends` chain into one syntax tree, located in the file that holds the graph.
+    while let Some(base) = model.extends.take() {
+        let here = |kind| ModelError {
+            file: file.clone(),
+            pos: locate::locate(&src, &["extends"]),
+            node: None,
+            kind,
+            note: None,
+        };
+        depth += 1;
+        if depth > MAX_EXTENDS_DEPTH {
+            return Err(here(ErrorKind::Syntax(format!(
+                "`extends` nests more than {MAX_EXTENDS_DEPTH} deep (a file extending itself?)"
+            ))));
+        }
+        if !(model.inputs.0.is_empty()
+            && model.params.0.is_empty()
+            && model.blocks.0.is_empty()
+            && model.body.0.is_empty()
+            && model.outputs.is_empty())
+        {
+            return Err(here(ErrorKind::Syntax(
+                "a model that extends another sets only `name`, `description` and `dims`".into(),
+            )));
+        }
+        let base_path = dir.as_deref().unwrap_or(Path::new("")).join(&base);
+        let base_file = base_path.display().to_string();
+        let base_src = read(&base_path, &file, locate::locate(&src, &["extends"]))?;
+        let mut parent = parse(&base_src, &base_file)?;
+        let mut sets = Vec::new();
+        for (name, expr) in model.dims.0 {
+            let Some(slot) = parent.dims.0.iter_mut().find(|(n, _)| *n == name) else {
+                return Err(ModelError {
+                    file: file.clone(),
+                    pos: locate::locate(&src, &["dims", &name]),
+                    node: Some(name.clone()),
+                    kind: ErrorKind::Syntax(format!(
+                        "`{base}` has no dimension `{name}`{}; it has: {}",
+                        expr::suggest(&syntax::closest(&name, parent.dims.names())),
+                        parent.dims.names().collect::<Vec<_>>().join(", ")
+                    )),
+                    note: None,
+                });
+            };
+            sets.push(format!("{name}={}", expr.text));
+            slot.1 = expr;
+        }
+        if note.is_none() && !sets.is_empty() {
+            note = Some(format!("{file} sets {}", sets.join(" ")));
+        }
+        parent.name = model.name;
+        parent.description = model.description.or(parent.description);
+        model = parent;
+        src = base_src;
+        file = base_file;
+        dir = base_path.parent().map(Path::to_path_buf);
+    }
+    lower::lower(&model, &src, &file, opts).map_err(|mut e| {
+        // An error in the inherited graph may come from the dimensions the extending file set.
+        e.note = e.note.take().or(note);
+        e
+    })
 }
 
 /// Parses a `--dim` argument, `NAME=VALUE`.

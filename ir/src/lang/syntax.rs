@@ -39,7 +39,12 @@ pub struct ModelFile {
     /// Free text shown by `check`.
     #[serde(default)]
     pub description: Option<String>,
+    /// Another model file (relative to this one) whose graph this model reuses: a model that
+    /// extends another sets only its name, description and the dimensions it changes.
+    #[serde(default)]
+    pub extends: Option<String>,
     /// Named dimensions: integers or expressions over other dimensions.
+    #[serde(default)]
     pub dims: Entries<DimExpr>,
     /// Graph inputs.
     #[serde(default)]
@@ -51,8 +56,10 @@ pub struct ModelFile {
     #[serde(default)]
     pub blocks: Entries<BlockSpec>,
     /// The top-level statements.
+    #[serde(default)]
     pub body: Entries<Stmt>,
     /// Names of the values the model returns.
+    #[serde(default)]
     pub outputs: Vec<String>,
 }
 
