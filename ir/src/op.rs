@@ -69,6 +69,7 @@ fn is_false(b: &bool) -> bool {
 
 /// One operation. See the module docs for the conventions each op follows.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[allow(missing_docs)] // variant fields are named for what they hold
 pub enum Op<V = ValueId, D = Dim> {
     /// Row lookup: `table[ids]`, `table: [rows, width]`, integer `ids: [...]` → `[..., width]`.

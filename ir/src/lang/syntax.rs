@@ -205,7 +205,7 @@ impl<'de> Visitor<'de> for StmtVisitor {
 pub fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
     candidates
         .map(|c| (strsim::damerau_levenshtein(name, c), c))
-        .filter(|&(d, c)| d <= 2.max(c.len() / 3) && d < c.len().max(1))
+        .filter(|&(d, c)| d <= 2.max(c.len() / 3) && d < c.len().max(name.len()))
         .min_by_key(|&(d, _)| d)
         .map(|(_, c)| c.to_owned())
 }
