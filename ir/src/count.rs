@@ -68,7 +68,10 @@ pub fn param_kinds(g: &Graph) -> Vec<ParamKind> {
                 mark(*b, ParamKind::Matmul);
             }
             Op::LayerNorm { weight, bias, .. } => {
-                weight.iter().chain(bias).for_each(|&v| mark(v, ParamKind::Norm));
+                weight
+                    .iter()
+                    .chain(bias)
+                    .for_each(|&v| mark(v, ParamKind::Norm));
             }
             Op::RmsNorm { weight, .. } => weight.iter().for_each(|&v| mark(v, ParamKind::Norm)),
             Op::Add(a, b) => {
@@ -118,9 +121,7 @@ pub fn node_flops(g: &Graph, op: &Op, outputs: &[crate::ValueId]) -> (u128, u128
     let out = |i: usize| g.ty(outputs[i]).shape.numel().unwrap_or(u64::MAX) as u128;
     let numel = |v| g.ty(v).shape.numel().unwrap_or(u64::MAX) as u128;
     match op {
-        Op::MatMul {
-            a, transpose_a, ..
-        } => {
+        Op::MatMul { a, transpose_a, .. } => {
             let s = &g.ty(*a).shape;
             let k = s.size(s.rank() - if *transpose_a { 2 } else { 1 }) as u128;
             (out(0).saturating_mul(2).saturating_mul(k), 0)

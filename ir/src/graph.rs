@@ -10,8 +10,8 @@
 use crate::infer::{infer, OpError};
 use crate::op::Op;
 use crate::shape::TensorType;
-pub use cranelift_entity::{EntityRef, PrimaryMap, SecondaryMap};
 use cranelift_entity::entity_impl;
+pub use cranelift_entity::{EntityRef, PrimaryMap, SecondaryMap};
 use serde::{Deserialize, Serialize};
 
 /// A tensor value: a graph input, a parameter, or an output of a node.
@@ -246,17 +246,26 @@ impl Graph {
 
     /// A graph output by name.
     pub fn output(&self, name: &str) -> Option<ValueId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|&(_, v)| v)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
     }
 
     /// A value by name (linear search: for tests and tools, not for passes).
     pub fn value_named(&self, name: &str) -> Option<ValueId> {
-        self.values.iter().find(|(_, d)| d.name == name).map(|(v, _)| v)
+        self.values
+            .iter()
+            .find(|(_, d)| d.name == name)
+            .map(|(v, _)| v)
     }
 
     /// A node by name (linear search: for tests and tools, not for passes).
     pub fn node_named(&self, name: &str) -> Option<NodeId> {
-        self.nodes.iter().find(|(_, d)| d.name == name).map(|(n, _)| n)
+        self.nodes
+            .iter()
+            .find(|(_, d)| d.name == name)
+            .map(|(n, _)| n)
     }
 
     /// The block instances that are layers: copies made by `Repeat` that are not inside another

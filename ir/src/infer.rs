@@ -92,7 +92,9 @@ pub enum OpError {
 }
 
 fn numel(shape: &Shape) -> Result<u64, OpError> {
-    shape.numel().ok_or_else(|| OpError::Overflow(shape.clone()))
+    shape
+        .numel()
+        .ok_or_else(|| OpError::Overflow(shape.clone()))
 }
 
 fn need_float(what: &'static str, t: &TensorType) -> Result<(), OpError> {
@@ -137,7 +139,12 @@ fn axis_of(shape: &Shape, axis: i64) -> Result<usize, OpError> {
     })
 }
 
-fn min_rank(what: &'static str, expected: &'static str, t: &TensorType, rank: usize) -> Result<(), OpError> {
+fn min_rank(
+    what: &'static str,
+    expected: &'static str,
+    t: &TensorType,
+    rank: usize,
+) -> Result<(), OpError> {
     if t.shape.rank() >= rank {
         Ok(())
     } else {
@@ -277,7 +284,9 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
             }
             if let Factor::Const(c) = factor {
                 if !c.is_finite() {
-                    return Err(OpError::Attribute(format!("scale factor {c} is not finite")));
+                    return Err(OpError::Attribute(format!(
+                        "scale factor {c} is not finite"
+                    )));
                 }
             }
             one(x.clone())
@@ -309,7 +318,12 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
         Op::Softmax { x, causal } => {
             need_float("softmax's input", x)?;
             if *causal {
-                min_rank("a causal softmax's input", "at least 2 ([..., queries, keys])", x, 2)?;
+                min_rank(
+                    "a causal softmax's input",
+                    "at least 2 ([..., queries, keys])",
+                    x,
+                    2,
+                )?;
                 let r = x.shape.rank();
                 if x.shape.size(r - 2) > x.shape.size(r - 1) {
                     return Err(OpError::Attribute(format!(
@@ -426,7 +440,12 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
         }
         Op::Rotary { x, base } => {
             need_float("rotary's input", x)?;
-            min_rank("rotary's input", "at least 3 ([..., seq, heads, head_dim])", x, 3)?;
+            min_rank(
+                "rotary's input",
+                "at least 3 ([..., seq, heads, head_dim])",
+                x,
+                3,
+            )?;
             let head_dim = x.shape.last().cloned().unwrap_or(Dim::new(0));
             if head_dim.size % 2 != 0 {
                 return Err(OpError::Indivisible {
@@ -435,7 +454,9 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
                 });
             }
             if !(base.is_finite() && *base > 0.0) {
-                return Err(OpError::Attribute(format!("rotary base {base} must be positive")));
+                return Err(OpError::Attribute(format!(
+                    "rotary base {base} must be positive"
+                )));
             }
             one(x.clone())
         }

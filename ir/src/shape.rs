@@ -25,7 +25,10 @@ impl Dim {
 
     /// A dimension carrying the name it has in the model.
     pub fn named(size: u64, name: impl Into<Arc<str>>) -> Dim {
-        Dim { size, name: Some(name.into()) }
+        Dim {
+            size,
+            name: Some(name.into()),
+        }
     }
 }
 

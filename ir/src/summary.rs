@@ -102,7 +102,7 @@ pub fn thousands(n: u128) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -148,8 +148,14 @@ impl fmt::Display for Summary {
             si(self.forward_flops_per_step as f64),
             si(self.forward_matmul_flops_per_step as f64)
         )?;
-        if let (Some(per_token), Some(tokens)) = (self.forward_flops_per_token, self.tokens_per_step) {
-            write!(f, ", {}FLOP per token over {tokens} tokens", si(per_token as f64))?;
+        if let (Some(per_token), Some(tokens)) =
+            (self.forward_flops_per_token, self.tokens_per_step)
+        {
+            write!(
+                f,
+                ", {}FLOP per token over {tokens} tokens",
+                si(per_token as f64)
+            )?;
         }
         writeln!(f)?;
         for (label, ports) in [("input", &self.inputs), ("output", &self.outputs)] {

@@ -27,16 +27,18 @@ pub enum VerifyError {
     Op {
         node: String,
         op: &'static str,
-        error: OpError,
+        error: Box<OpError>,
     },
     /// An output's recorded type is not what the op produces.
-    #[error("node `{node}`: output `{value}` is recorded as {found}, but {op} produces {expected}")]
+    #[error(
+        "node `{node}`: output `{value}` is recorded as {found}, but {op} produces {expected}"
+    )]
     TypeMismatch {
         node: String,
         op: &'static str,
         value: String,
-        expected: TensorType,
-        found: TensorType,
+        expected: Box<TensorType>,
+        found: Box<TensorType>,
     },
     /// An output list of the wrong length or pointing at the wrong values.
     #[error("node `{node}`: its outputs do not match what {op} produces ({expected} output(s))")]
@@ -59,10 +61,7 @@ pub enum VerifyError {
     BadBoundary { what: &'static str, name: String },
 }
 
-fn unique<'a>(
-    what: &'static str,
-    names: impl Iterator<Item = &'a str>,
-) -> Result<(), VerifyError> {
+fn unique<'a>(what: &'static str, names: impl Iterator<Item = &'a str>) -> Result<(), VerifyError> {
     let mut seen = HashSet::new();
     for name in names {
         if !seen.insert(name) {
@@ -163,7 +162,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         let expected = g.infer_node(&node.op).map_err(|error| VerifyError::Op {
             node: node.name.clone(),
             op,
-            error,
+            error: Box::new(error),
         })?;
         if expected.len() != node.outputs.len() {
             return Err(VerifyError::Outputs {
@@ -179,8 +178,8 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
                     node: node.name.clone(),
                     op,
                     value: data.name.clone(),
-                    expected,
-                    found: data.ty.clone(),
+                    expected: Box::new(expected),
+                    found: Box::new(data.ty.clone()),
                 });
             }
             defined[v.index()] = true;

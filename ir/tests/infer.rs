@@ -29,8 +29,14 @@ fn matmul_batches_broadcast_and_transposes() {
             transpose_b: tb,
         })
     };
-    assert_eq!(mm(f32(&[2, 5, 3]), f32(&[3, 7]), false, false).unwrap(), [2, 5, 7]);
-    assert_eq!(mm(f32(&[2, 5, 3]), f32(&[7, 3]), false, true).unwrap(), [2, 5, 7]);
+    assert_eq!(
+        mm(f32(&[2, 5, 3]), f32(&[3, 7]), false, false).unwrap(),
+        [2, 5, 7]
+    );
+    assert_eq!(
+        mm(f32(&[2, 5, 3]), f32(&[7, 3]), false, true).unwrap(),
+        [2, 5, 7]
+    );
     assert_eq!(mm(f32(&[3, 5]), f32(&[3, 7]), true, false).unwrap(), [5, 7]);
     // Grouped-query attention: [b, kv, group, s, d] · [b, kv, 1, s, d]^T.
     assert_eq!(
@@ -54,8 +60,14 @@ fn matmul_batches_broadcast_and_transposes() {
 
 #[test]
 fn elementwise_broadcasting_follows_numpy() {
-    assert_eq!(one(Op::Add(f32(&[2, 16, 64]), f32(&[16, 64]))).unwrap(), [2, 16, 64]);
-    assert_eq!(one(Op::Mul(f32(&[2, 1, 64]), f32(&[5, 1]))).unwrap(), [2, 5, 64]);
+    assert_eq!(
+        one(Op::Add(f32(&[2, 16, 64]), f32(&[16, 64]))).unwrap(),
+        [2, 16, 64]
+    );
+    assert_eq!(
+        one(Op::Mul(f32(&[2, 1, 64]), f32(&[5, 1]))).unwrap(),
+        [2, 5, 64]
+    );
     assert_eq!(one(Op::Sub(f32(&[]), f32(&[3]))).unwrap(), [3]);
     let err = one(Op::Div(f32(&[2, 3]), f32(&[4]))).unwrap_err();
     assert_eq!(err.to_string(), "shapes [2, 3] and [4] do not broadcast");
@@ -82,9 +94,15 @@ fn embedding_and_cross_entropy() {
             shift,
         })
     };
-    assert_eq!(ce(f32(&[2, 16, 97]), i64(&[2, 16]), true).unwrap(), Vec::<u64>::new());
+    assert_eq!(
+        ce(f32(&[2, 16, 97]), i64(&[2, 16]), true).unwrap(),
+        Vec::<u64>::new()
+    );
     let err = ce(f32(&[2, 16, 97]), i64(&[2, 15]), true).unwrap_err();
-    assert_eq!(err.to_string(), "the targets has shape [2, 15], expected [2, 16]");
+    assert_eq!(
+        err.to_string(),
+        "the targets has shape [2, 15], expected [2, 16]"
+    );
     assert!(ce(f32(&[2, 1, 97]), i64(&[2, 1]), true).is_err());
     assert!(ce(f32(&[2, 1, 97]), i64(&[2, 1]), false).is_ok());
 }
@@ -147,7 +165,10 @@ fn norms_softmax_rotary_dropout() {
 #[test]
 fn movement_ops() {
     let reshape = |x, to: &[u64]| one(Op::Reshape { x, shape: dims(to) });
-    assert_eq!(reshape(f32(&[2, 16, 64]), &[2, 16, 4, 16]).unwrap(), [2, 16, 4, 16]);
+    assert_eq!(
+        reshape(f32(&[2, 16, 64]), &[2, 16, 4, 16]).unwrap(),
+        [2, 16, 4, 16]
+    );
     let err = reshape(f32(&[2, 6]), &[4, 4]).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -160,8 +181,14 @@ fn movement_ops() {
         })
     };
     assert_eq!(t(f32(&[2, 3, 4]), &[2, 0, 1]).unwrap(), [4, 2, 3]);
-    assert!(matches!(t(f32(&[2, 3, 4]), &[0, 0, 1]), Err(OpError::Perm { .. })));
-    assert!(matches!(t(f32(&[2, 3, 4]), &[0, 1]), Err(OpError::Perm { .. })));
+    assert!(matches!(
+        t(f32(&[2, 3, 4]), &[0, 0, 1]),
+        Err(OpError::Perm { .. })
+    ));
+    assert!(matches!(
+        t(f32(&[2, 3, 4]), &[0, 1]),
+        Err(OpError::Perm { .. })
+    ));
     let slice = |start, end| {
         one(Op::Slice {
             x: f32(&[32, 64]),
@@ -252,7 +279,10 @@ fn collectives() {
 #[test]
 fn named_dimensions_survive_inference() {
     let hidden = Dim::named(64, "hidden");
-    let x = TensorType::new(DType::F32, Shape(vec![Dim::named(16, "seq"), hidden.clone()]));
+    let x = TensorType::new(
+        DType::F32,
+        Shape(vec![Dim::named(16, "seq"), hidden.clone()]),
+    );
     let w = TensorType::new(DType::F32, Shape(vec![hidden, Dim::named(256, "ffn")]));
     let out = &infer(&Op::MatMul {
         a: x,

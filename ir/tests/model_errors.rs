@@ -39,18 +39,26 @@ fn check_with(src: &str, opts: LoadOptions) -> ModelError {
 
 #[test]
 fn the_template_itself_is_valid() {
-    let src = model("", "", r#"
-        "y": MatMul(a: "x", b: "w"),"#);
+    let src = model(
+        "",
+        "",
+        r#"
+        "y": MatMul(a: "x", b: "w"),"#,
+    );
     let g = parse_model(&src, "small.ron", &LoadOptions::default()).unwrap();
     assert_eq!(g.nodes.len(), 1);
 }
 
 #[test]
 fn ron_syntax_error_has_line_and_column() {
-    let src = model("", "", r#"
-        "y": MatMul(a: "x" b: "w"),"#);
+    let src = model(
+        "",
+        "",
+        r#"
+        "y": MatMul(a: "x" b: "w"),"#,
+    );
     let e = check(&src);
-    assert!(matches!(e.kind, ErrorKind::Syntax(_)));
+    assert!(matches!(*e.kind, ErrorKind::Syntax(_)));
     let pos = e.pos.unwrap();
     assert_eq!((pos.line, pos.col), (15, 28), "{e}");
     assert!(e.to_string().starts_with("small.ron:15:28: "), "{e}");
@@ -58,13 +66,14 @@ fn ron_syntax_error_has_line_and_column() {
 
 #[test]
 fn unknown_op() {
-    let src = model("", "", r#"
-        "y": MatMull(a: "x", b: "w"),"#);
-    let e = check(&src).to_string();
-    assert!(
-        e.starts_with("small.ron:15:"),
-        "{e}"
+    let src = model(
+        "",
+        "",
+        r#"
+        "y": MatMull(a: "x", b: "w"),"#,
     );
+    let e = check(&src).to_string();
+    assert!(e.starts_with("small.ron:15:"), "{e}");
     assert!(
         e.contains("unknown op `MatMull` (did you mean `MatMul`?); known ops: Embedding, MatMul,"),
         "{e}"
@@ -73,8 +82,12 @@ fn unknown_op() {
 
 #[test]
 fn unknown_field_of_an_op() {
-    let src = model("", "", r#"
-        "y": MatMul(a: "x", b: "w", transpose: true),"#);
+    let src = model(
+        "",
+        "",
+        r#"
+        "y": MatMul(a: "x", b: "w", transpose: true),"#,
+    );
     let e = check(&src).to_string();
     assert!(e.starts_with("small.ron:15:"), "{e}");
     assert!(e.contains("transpose"), "{e}");
@@ -82,9 +95,13 @@ fn unknown_field_of_an_op() {
 
 #[test]
 fn unknown_dimension() {
-    let src = model("", r#"
-        "b": Param(shape: ["hiden"], init: Zeros),"#, r#"
-        "y": MatMul(a: "x", b: "w"),"#);
+    let src = model(
+        "",
+        r#"
+        "b": Param(shape: ["hiden"], init: Zeros),"#,
+        r#"
+        "y": MatMul(a: "x", b: "w"),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:13:9: in `b`: unknown dimension `hiden` (did you mean `hidden`?)"
@@ -93,8 +110,12 @@ fn unknown_dimension() {
 
 #[test]
 fn unknown_dimension_in_an_op_attribute() {
-    let src = model("", "", r#"
-        "y": Reshape(x: "x", shape: ["batch", "hiddn"]),"#);
+    let src = model(
+        "",
+        "",
+        r#"
+        "y": Reshape(x: "x", shape: ["batch", "hiddn"]),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:15:9: in `y`: unknown dimension `hiddn` (did you mean `hidden`?)"
@@ -120,9 +141,13 @@ fn shape_mismatch_names_both_shapes_and_the_node() {
 
 #[test]
 fn broadcast_mismatch() {
-    let src = model("", r#"
-        "b": Param(shape: [3], init: Zeros),"#, r#"
-        "y": Add("x", "b"),"#);
+    let src = model(
+        "",
+        r#"
+        "b": Param(shape: [3], init: Zeros),"#,
+        r#"
+        "y": Add("x", "b"),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:16:9: in `y`: Add: shapes [batch=2, hidden=8] and [3] do not broadcast"
@@ -131,9 +156,13 @@ fn broadcast_mismatch() {
 
 #[test]
 fn cycle_is_named() {
-    let src = model("", "", r#"
+    let src = model(
+        "",
+        "",
+        r#"
         "y": Add("a", "x"),
-        "a": Gelu("y"),"#);
+        "a": Gelu("y"),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:15:9: values depend on each other in a cycle: y → a → y"
@@ -142,9 +171,13 @@ fn cycle_is_named() {
 
 #[test]
 fn undefined_value() {
-    let src = model("", "", r#"
+    let src = model(
+        "",
+        "",
+        r#"
         "h": MatMul(a: "x", b: "ww"),
-        "y": Gelu("h"),"#);
+        "y": Gelu("h"),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:15:9: in `h`: `ww` is not defined here (did you mean `w`?)"
@@ -153,9 +186,13 @@ fn undefined_value() {
 
 #[test]
 fn duplicate_statement_name_in_a_map() {
-    let src = model("", "", r#"
+    let src = model(
+        "",
+        "",
+        r#"
         "y": Gelu("x"),
-        "y": Relu("x"),"#);
+        "y": Relu("x"),"#,
+    );
     let e = check(&src);
     assert_eq!(e.pos.map(|p| p.line), Some(16), "{e}");
     assert!(e.to_string().contains("duplicate name `y`"), "{e}");
@@ -163,9 +200,13 @@ fn duplicate_statement_name_in_a_map() {
 
 #[test]
 fn statement_shadowing_a_parameter() {
-    let src = model("", "", r#"
+    let src = model(
+        "",
+        "",
+        r#"
         "w": Gelu("x"),
-        "y": Relu("w"),"#);
+        "y": Relu("w"),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:15:9: in `w`: `w` is defined more than once in the same scope"
@@ -174,8 +215,12 @@ fn statement_shadowing_a_parameter() {
 
 #[test]
 fn non_divisible_reshape() {
-    let src = model("", "", r#"
-        "y": Reshape(x: "x", shape: [3, 5]),"#);
+    let src = model(
+        "",
+        "",
+        r#"
+        "y": Reshape(x: "x", shape: [3, 5]),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:15:9: in `y`: Reshape: cannot reshape [batch=2, hidden=8] (16 elements) to [3, 5] (15 elements)"
@@ -247,8 +292,13 @@ fn dimension_cycle() {
 
 #[test]
 fn undefined_output() {
-    let src = model("", "", r#"
-        "z": Gelu("x"),"#).replace(r#"outputs: ["y"]"#, r#"outputs: ["zz"]"#);
+    let src = model(
+        "",
+        "",
+        r#"
+        "z": Gelu("x"),"#,
+    )
+    .replace(r#"outputs: ["y"]"#, r#"outputs: ["zz"]"#);
     assert_eq!(
         check(&src).to_string(),
         "small.ron:17:5: `zz` is not defined here (did you mean `z`?)"
@@ -257,8 +307,12 @@ fn undefined_output() {
 
 #[test]
 fn wrong_number_of_split_outputs() {
-    let src = model("", "", r#"
-        "a, y": Split(x: "x", axis: -1, sizes: [2, 2, 4]),"#);
+    let src = model(
+        "",
+        "",
+        r#"
+        "a, y": Split(x: "x", axis: -1, sizes: [2, 2, 4]),"#,
+    );
     assert_eq!(
         check(&src).to_string(),
         "small.ron:15:9: in `a,y`: Split produces 3 output(s), but 2 name(s) are given"
@@ -327,12 +381,18 @@ fn check_named(src: &str) -> ModelError {
 fn unknown_block_and_wrong_arity() {
     let body = r#"
                 "out": Gelu("h"),"#;
-    let e = check_named(&block_model(body, r#""y": Call(block: "layr", inputs: ["x"]),"#));
+    let e = check_named(&block_model(
+        body,
+        r#""y": Call(block: "layr", inputs: ["x"]),"#,
+    ));
     assert_eq!(
         e.to_string(),
         "blocks.ron:16:9: in `y`: unknown block `layr` (did you mean `layer`?)"
     );
-    let e = check_named(&block_model(body, r#""y": Call(block: "layer", inputs: ["x", "x"]),"#));
+    let e = check_named(&block_model(
+        body,
+        r#""y": Call(block: "layer", inputs: ["x", "x"]),"#,
+    ));
     assert_eq!(
         e.to_string(),
         "blocks.ron:16:9: in `y`: block `layer` takes 1 input(s), 2 given"
@@ -343,7 +403,10 @@ fn unknown_block_and_wrong_arity() {
 fn repeat_that_changes_the_carried_type() {
     let body = r#"
                 "out": Slice(x: "h", axis: 1, start: 0, end: 4),"#;
-    let e = check_named(&block_model(body, r#""y": Repeat(block: "layer", times: 2, inputs: ["x"]),"#));
+    let e = check_named(&block_model(
+        body,
+        r#""y": Repeat(block: "layer", times: 2, inputs: ["x"]),"#,
+    ));
     assert_eq!(
         e.to_string(),
         "blocks.ron:16:9: in `y`: `layer` cannot be repeated: its output `out` is f32[2, 4] \
@@ -355,7 +418,10 @@ fn repeat_that_changes_the_carried_type() {
 fn block_applying_itself() {
     let body = r#"
                 "out": Call(block: "layer", inputs: ["h"]),"#;
-    let e = check_named(&block_model(body, r#""y": Call(block: "layer", inputs: ["x"]),"#));
+    let e = check_named(&block_model(
+        body,
+        r#""y": Call(block: "layer", inputs: ["x"]),"#,
+    ));
     assert_eq!(
         e.to_string(),
         "blocks.ron:10:17: in `y.out`: block `layer` applies itself: layer → layer"
@@ -366,7 +432,10 @@ fn block_applying_itself() {
 fn expansion_size_is_bounded() {
     let body = r#"
                 "out": Gelu("h"),"#;
-    let src = block_model(body, r#""y": Repeat(block: "layer", times: 100000000000, inputs: ["x"]),"#);
+    let src = block_model(
+        body,
+        r#""y": Repeat(block: "layer", times: 100000000000, inputs: ["x"]),"#,
+    );
     let opts = LoadOptions {
         max_nodes: 1000,
         ..LoadOptions::default()
@@ -380,8 +449,15 @@ fn expansion_size_is_bounded() {
 
 #[test]
 fn missing_file() {
-    let e = ferrotron_ir::load_model(std::path::Path::new("no/such/model.ron"), &LoadOptions::default())
-        .unwrap_err();
-    assert!(matches!(e.kind, ErrorKind::Io(_)));
-    assert!(e.to_string().starts_with("no/such/model.ron: cannot read the file"), "{e}");
+    let e = ferrotron_ir::load_model(
+        std::path::Path::new("no/such/model.ron"),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(*e.kind, ErrorKind::Io(_)));
+    assert!(
+        e.to_string()
+            .starts_with("no/such/model.ron: cannot read the file"),
+        "{e}"
+    );
 }

@@ -27,8 +27,12 @@ fn small_graph() -> Graph {
             None,
         )
         .unwrap()[0];
-    let z = g.add_node("bias", Op::Add(y, b), vec!["bias".into()], None).unwrap()[0];
-    let out = g.add_node("act", Op::Gelu(z), vec!["act".into()], None).unwrap()[0];
+    let z = g
+        .add_node("bias", Op::Add(y, b), vec!["bias".into()], None)
+        .unwrap()[0];
+    let out = g
+        .add_node("act", Op::Gelu(z), vec!["act".into()], None)
+        .unwrap()[0];
     g.outputs.push(("out".into(), out));
     g
 }
@@ -66,7 +70,10 @@ fn use_before_definition() {
     let mut g = small_graph();
     g.order.swap(0, 1);
     let err = verify(&g).unwrap_err();
-    assert_eq!(err.to_string(), "node `bias` uses `mm` before it is defined");
+    assert_eq!(
+        err.to_string(),
+        "node `bias` uses `mm` before it is defined"
+    );
 }
 
 #[test]
@@ -83,7 +90,10 @@ fn node_missing_from_or_repeated_in_order() {
     let mut g = small_graph();
     let first = g.order[0];
     g.order.push(first);
-    assert!(matches!(verify(&g), Err(VerifyError::Order { count: 2, .. })));
+    assert!(matches!(
+        verify(&g),
+        Err(VerifyError::Order { count: 2, .. })
+    ));
 }
 
 #[test]
@@ -106,7 +116,10 @@ fn an_op_rewritten_into_an_ill_typed_one() {
     let b = g.value_named("b").unwrap();
     g.nodes[n].op = Op::Add(x, b);
     let err = verify(&g).unwrap_err();
-    assert!(matches!(&err, VerifyError::Op { node, .. } if node == "bias"), "{err}");
+    assert!(
+        matches!(&err, VerifyError::Op { node, .. } if node == "bias"),
+        "{err}"
+    );
     assert!(err.to_string().contains("do not broadcast"), "{err}");
 }
 
@@ -122,10 +135,7 @@ fn duplicate_names() {
     let mut g = small_graph();
     let p = g.params.keys().next().unwrap();
     g.params[p].name = "b".into();
-    assert!(matches!(
-        verify(&g),
-        Err(VerifyError::DuplicateName { .. })
-    ));
+    assert!(matches!(verify(&g), Err(VerifyError::DuplicateName { .. })));
 }
 
 #[test]

@@ -59,7 +59,9 @@ pub enum EvalError {
 }
 
 pub(crate) fn suggest(s: &Option<String>) -> String {
-    s.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default()
+    s.as_ref()
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default()
 }
 
 impl DimExpr {
@@ -131,8 +133,12 @@ impl DimExpr {
             Expr::Bin(a, op, b) => {
                 let (a, b) = (self.eval_node(a, lookup)?, self.eval_node(b, lookup)?);
                 match op {
-                    BinOp::Add => a.checked_add(b).ok_or_else(|| EvalError::Overflow { text: text() }),
-                    BinOp::Mul => a.checked_mul(b).ok_or_else(|| EvalError::Overflow { text: text() }),
+                    BinOp::Add => a
+                        .checked_add(b)
+                        .ok_or_else(|| EvalError::Overflow { text: text() }),
+                    BinOp::Mul => a
+                        .checked_mul(b)
+                        .ok_or_else(|| EvalError::Overflow { text: text() }),
                     BinOp::Sub => a.checked_sub(b).ok_or_else(|| EvalError::Negative {
                         text: text(),
                         lhs: a,
@@ -276,7 +282,9 @@ impl Parser {
                 self.pos += 1;
                 Ok(e)
             }
-            Some(t) => Err(format!("expected a number or a dimension name, found `{t}`")),
+            Some(t) => Err(format!(
+                "expected a number or a dimension name, found `{t}`"
+            )),
             None => Err("dimension expression ends too early".into()),
         }
     }
@@ -289,7 +297,9 @@ impl<'de> Deserialize<'de> for DimExpr {
         impl de::Visitor<'_> for V {
             type Value = DimExpr;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a dimension: an integer, a name, or an expression such as \"4 * hidden\"")
+                f.write_str(
+                    "a dimension: an integer, a name, or an expression such as \"4 * hidden\"",
+                )
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<DimExpr, E> {
                 Ok(DimExpr::literal(v))
@@ -345,8 +355,14 @@ mod tests {
     fn inexact_division_names_both_numbers() {
         let e = eval("hidden / 5").unwrap_err();
         assert_eq!(e.to_string(), "`hidden / 5`: 768 / 5 is not a whole number");
-        assert!(matches!(eval("hidden / (heads - 12)"), Err(EvalError::DivZero { .. })));
-        assert!(matches!(eval("heads - hidden"), Err(EvalError::Negative { .. })));
+        assert!(matches!(
+            eval("hidden / (heads - 12)"),
+            Err(EvalError::DivZero { .. })
+        ));
+        assert!(matches!(
+            eval("heads - hidden"),
+            Err(EvalError::Negative { .. })
+        ));
         assert!(matches!(
             eval("hidden * 99999999999999999"),
             Err(EvalError::Overflow { .. })
@@ -355,7 +371,15 @@ mod tests {
 
     #[test]
     fn syntax_errors() {
-        for bad in ["", "4 *", "(hidden", "hidden )", "4 ** 2", "hidden % 2", "3 hidden"] {
+        for bad in [
+            "",
+            "4 *",
+            "(hidden",
+            "hidden )",
+            "4 ** 2",
+            "hidden % 2",
+            "3 hidden",
+        ] {
             assert!(DimExpr::parse(bad).is_err(), "{bad:?} should not parse");
         }
     }

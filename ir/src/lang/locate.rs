@@ -147,7 +147,10 @@ mod tests {
             locate(SRC, &["blocks", "layer", "body", "x"]),
             Some(Position { line: 6, col: 17 })
         );
-        assert_eq!(locate(SRC, &["body", "x"]), Some(Position { line: 11, col: 9 }));
+        assert_eq!(
+            locate(SRC, &["body", "x"]),
+            Some(Position { line: 11, col: 9 })
+        );
         assert_eq!(locate(SRC, &["body", "y"]), None);
         assert_eq!(locate(SRC, &["blocks", "nope"]), None);
     }

@@ -61,8 +61,12 @@ pub(super) fn lower(
     };
     l.lower_model().map_err(|mut e| {
         // An override is the likeliest cause of a shape error in a file that checks without it.
-        if !opts.overrides.is_empty() && !matches!(e.kind, ErrorKind::UnknownOverride { .. }) {
-            let list: Vec<String> = opts.overrides.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        if !opts.overrides.is_empty() && !matches!(*e.kind, ErrorKind::UnknownOverride { .. }) {
+            let list: Vec<String> = opts
+                .overrides
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
             e.note = Some(format!("with --dim {}", list.join(" --dim ")));
         }
         e
@@ -106,7 +110,8 @@ fn topo_order(deps: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
                     }
                     OPEN => {
                         let start = stack.iter().position(|&(s, _)| s == d).unwrap_or(0);
-                        let mut cycle: Vec<usize> = stack[start..].iter().map(|&(s, _)| s).collect();
+                        let mut cycle: Vec<usize> =
+                            stack[start..].iter().map(|&(s, _)| s).collect();
                         cycle.push(d);
                         return Err(cycle);
                     }
@@ -128,7 +133,7 @@ impl<'a> Lowerer<'a> {
             file: self.file_name.to_owned(),
             pos: locate(self.src, path),
             node,
-            kind,
+            kind: Box::new(kind),
             note: None,
         }
     }
@@ -235,10 +240,13 @@ impl<'a> Lowerer<'a> {
     /// Evaluates a dimension expression, keeping its name (or its text) on the dimension.
     fn eval_dim(&self, expr: &DimExpr) -> Result<Dim, EvalError> {
         let size = expr.eval(&mut |n| {
-            self.dims.get(n).copied().ok_or_else(|| EvalError::UnknownDim {
-                name: n.to_owned(),
-                suggestion: closest(n, self.file.dims.names()),
-            })
+            self.dims
+                .get(n)
+                .copied()
+                .ok_or_else(|| EvalError::UnknownDim {
+                    name: n.to_owned(),
+                    suggestion: closest(n, self.file.dims.names()),
+                })
         })?;
         Ok(if expr.is_literal() {
             Dim::new(size)
@@ -287,7 +295,10 @@ impl<'a> Lowerer<'a> {
             return Err(self.error(
                 path,
                 Some(full),
-                ErrorKind::Syntax(format!("parameters must have a float dtype, found {}", spec.dtype)),
+                ErrorKind::Syntax(format!(
+                    "parameters must have a float dtype, found {}",
+                    spec.dtype
+                )),
             ));
         }
         if let crate::Init::Normal { std } = spec.init {
@@ -307,7 +318,11 @@ impl<'a> Lowerer<'a> {
             return Err(self.error(path, None, ErrorKind::BadName(name.to_owned())));
         }
         if env.contains_key(name) {
-            return Err(self.error(path, Some(name.to_owned()), ErrorKind::Duplicate(name.to_owned())));
+            return Err(self.error(
+                path,
+                Some(name.to_owned()),
+                ErrorKind::Duplicate(name.to_owned()),
+            ));
         }
         Ok(())
     }
@@ -346,7 +361,11 @@ impl<'a> Lowerer<'a> {
             for &n in &names {
                 self.check_new_name(env, n, &path)?;
                 if produced.insert(n, i).is_some() {
-                    return Err(self.error(&path, Some(format!("{prefix}{n}")), ErrorKind::Duplicate(n.to_owned())));
+                    return Err(self.error(
+                        &path,
+                        Some(format!("{prefix}{n}")),
+                        ErrorKind::Duplicate(n.to_owned()),
+                    ));
                 }
             }
             outs.push(names);
@@ -358,7 +377,10 @@ impl<'a> Lowerer<'a> {
                 if let Some(&j) = produced.get(name) {
                     d.push(j);
                 } else if !env.contains_key(name) {
-                    let candidates = env.keys().map(String::as_str).chain(produced.keys().copied());
+                    let candidates = env
+                        .keys()
+                        .map(String::as_str)
+                        .chain(produced.keys().copied());
                     return Err(self.error(
                         &loc.path("body", key),
                         Some(format!("{prefix}{}", key.replace(' ', ""))),
@@ -372,7 +394,10 @@ impl<'a> Lowerer<'a> {
             deps.push(d);
         }
         let order = topo_order(&deps).map_err(|cycle| {
-            let names = cycle.iter().map(|&i| format!("{prefix}{}", outs[i][0])).collect();
+            let names = cycle
+                .iter()
+                .map(|&i| format!("{prefix}{}", outs[i][0]))
+                .collect();
             let first = &body.0[cycle[0]].0;
             self.error(&loc.path("body", first), None, ErrorKind::Cycle(names))
         })?;
@@ -381,7 +406,9 @@ impl<'a> Lowerer<'a> {
             let path = loc.path("body", key);
             let values = match stmt {
                 Stmt::Op(op) => self.lower_op(op, &outs[i], env, prefix, scope, &path)?,
-                Stmt::Apply(apply) => self.lower_apply(apply, &outs[i], env, prefix, scope, &path)?,
+                Stmt::Apply(apply) => {
+                    self.lower_apply(apply, &outs[i], env, prefix, scope, &path)?
+                }
             };
             for (&name, v) in outs[i].iter().zip(values) {
                 env.insert(name.to_owned(), v);
@@ -420,7 +447,10 @@ impl<'a> Lowerer<'a> {
             .graph
             .add_node(node_name.clone(), resolved, value_names, scope)
             .map(<[ValueId]>::to_vec)
-            .map_err(|error| ErrorKind::Op { op: mnemonic, error });
+            .map_err(|error| ErrorKind::Op {
+                op: mnemonic,
+                error,
+            });
         let values = values.map_err(|kind| located(self, kind))?;
         if self.graph.nodes.len() > self.opts.max_nodes {
             return Err(located(self, ErrorKind::TooLarge(self.opts.max_nodes)));
@@ -490,7 +520,9 @@ impl<'a> Lowerer<'a> {
                 });
                 self.instantiate(block_name, block, &format!("{name}."), args, scope)
             }
-            Apply::Repeat { times, prefix: p, .. } => {
+            Apply::Repeat {
+                times, prefix: p, ..
+            } => {
                 let times = self
                     .eval_dim(times)
                     .map_err(|e| located(self, ErrorKind::Dim(e)))?
@@ -518,9 +550,12 @@ impl<'a> Lowerer<'a> {
                         parent: scope,
                         repeated: true,
                     });
-                    let next = self.instantiate(block_name, block, &format!("{name}."), carry.clone(), s)?;
+                    let next =
+                        self.instantiate(block_name, block, &format!("{name}."), carry.clone(), s)?;
                     if i == 0 {
-                        self.check_repeat_types(block_name, block, &carry, &next, path, &node_name)?;
+                        self.check_repeat_types(
+                            block_name, block, &carry, &next, path, &node_name,
+                        )?;
                     }
                     carry = next;
                 }

@@ -51,8 +51,8 @@ pub struct ModelError {
     pub pos: Option<Position>,
     /// The node (or dimension, parameter, block) concerned, with its expanded name.
     pub node: Option<String>,
-    /// What is wrong.
-    pub kind: ErrorKind,
+    /// What is wrong (boxed: errors are rare, and the `Result`s that carry them are not).
+    pub kind: Box<ErrorKind>,
     /// Context that may explain it (the `--dim` overrides in force).
     pub note: Option<String>,
 }
@@ -167,7 +167,7 @@ fn read(path: &Path, file: &str, pos: Option<Position>) -> Result<String, ModelE
         file: file.to_owned(),
         pos,
         node: None,
-        kind: ErrorKind::Io(format!("{}: {e}", path.display())),
+        kind: Box::new(ErrorKind::Io(format!("{}: {e}", path.display()))),
         note: None,
     })
 }
@@ -183,7 +183,7 @@ fn parse(src: &str, file: &str) -> Result<syntax::ModelFile, ModelError> {
                 col: e.span.start.col,
             }),
             node: None,
-            kind: ErrorKind::Syntax(e.code.to_string()),
+            kind: Box::new(ErrorKind::Syntax(e.code.to_string())),
             note: None,
         })
 }
@@ -191,9 +191,15 @@ fn parse(src: &str, file: &str) -> Result<syntax::ModelFile, ModelError> {
 /// A model that extends another may nest, but not without end.
 const MAX_EXTENDS_DEPTH: usize = 8;
 
-fn load(src: &str, file: &str, dir: Option<&Path>, opts: &LoadOptions) -> Result<Graph, ModelError> {
+fn load(
+    src: &str,
+    file: &str,
+    dir: Option<&Path>,
+    opts: &LoadOptions,
+) -> Result<Graph, ModelError> {
     let mut model = parse(src, file)?;
-    let (mut src, mut file, mut dir) = (src.to_owned(), file.to_owned(), dir.map(Path::to_path_buf));
+    let (mut src, mut file, mut dir) =
+        (src.to_owned(), file.to_owned(), dir.map(Path::to_path_buf));
     let mut depth = 0;
     // What the outermost extending file changed, to explain errors found in the inherited graph.
     let mut note: Option<String> = None;
@@ -203,7 +209,7 @@ fn load(src: &str, file: &str, dir: Option<&Path>, opts: &LoadOptions) -> Result
             file: file.clone(),
             pos: locate::locate(&src, &["extends"]),
             node: None,
-            kind,
+            kind: Box::new(kind),
             note: None,
         };
         depth += 1;
@@ -233,11 +239,11 @@ fn load(src: &str, file: &str, dir: Option<&Path>, opts: &LoadOptions) -> Result
                     file: file.clone(),
                     pos: locate::locate(&src, &["dims", &name]),
                     node: Some(name.clone()),
-                    kind: ErrorKind::Syntax(format!(
+                    kind: Box::new(ErrorKind::Syntax(format!(
                         "`{base}` has no dimension `{name}`{}; it has: {}",
                         expr::suggest(&syntax::closest(&name, parent.dims.names())),
                         parent.dims.names().collect::<Vec<_>>().join(", ")
-                    )),
+                    ))),
                     note: None,
                 });
             };

@@ -176,7 +176,9 @@ impl<'de> Visitor<'de> for StmtVisitor {
     type Value = Stmt;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an op such as `MatMul(a: \"x\", b: \"w\")`, or `Call(...)` / `Repeat(...)` of a block")
+        f.write_str(
+            "an op such as `MatMul(a: \"x\", b: \"w\")`, or `Call(...)` / `Repeat(...)` of a block",
+        )
     }
 
     fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Stmt, A::Error> {
