@@ -154,3 +154,25 @@ fn dangling_value_reference() {
     g.nodes[n].op = Op::Gelu(bogus);
     assert!(matches!(verify(&g), Err(VerifyError::Dangling { .. })));
 }
+
+#[test]
+fn a_graph_round_trips_through_ron() {
+    // The partitioner's plan file is this serialization; it must read back identical and valid.
+    let g = ferrotron_ir::load_model(
+        std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/tiny-llama.ron"
+        )),
+        &Default::default(),
+    )
+    .unwrap();
+    let text = ron::ser::to_string_pretty(&g, ron::ser::PrettyConfig::default()).unwrap();
+    let back: Graph = ron::from_str(&text).unwrap();
+    assert_eq!(back, g);
+    // Dimension names survive (equality alone compares sizes only).
+    assert_eq!(
+        back.ty(back.output("logits").unwrap()).to_string(),
+        "f32[batch=2, seq=12, vocab=101]"
+    );
+    verify(&back).unwrap();
+}
