@@ -209,7 +209,7 @@ fn statement_shadowing_a_parameter() {
     );
     assert_eq!(
         check(&src).to_string(),
-        "small.ron:15:9: in `w`: `w` is defined more than once in the same scope"
+        "small.ron:15:9: in `w`: `w` is defined more than once"
     );
 }
 
@@ -375,6 +375,21 @@ fn error_inside_a_block_names_the_expanded_node() {
 
 fn check_named(src: &str) -> ModelError {
     parse_model(src, "blocks.ron", &LoadOptions::default()).unwrap_err()
+}
+
+#[test]
+fn written_name_colliding_with_an_expanded_one() {
+    let body = r#"
+                "out": Gelu("h"),"#;
+    let src = block_model(
+        body,
+        r#""y": Repeat(block: "layer", times: 2, inputs: ["x"]),
+        "y.1.out": Gelu("x"),"#,
+    );
+    assert_eq!(
+        check_named(&src).to_string(),
+        "blocks.ron:17:9: in `y.1.out`: `y.1.out` is defined more than once"
+    );
 }
 
 #[test]

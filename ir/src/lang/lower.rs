@@ -160,7 +160,16 @@ impl<'a> Lowerer<'a> {
             let v = self.lookup_output(&env, name, Loc::Top)?;
             self.graph.outputs.push((name.clone(), v));
         }
-        verify(&self.graph).map_err(|e| self.error(&[], None, ErrorKind::Verify(e)))
+        verify(&self.graph).map_err(|e| match e {
+            // A written name that equals one a block expansion generates (`h.0.y` beside a
+            // repeat `h`) is the user's to fix, not a front-end bug.
+            crate::VerifyError::DuplicateName { name, .. } => self.error(
+                &["body", &name],
+                Some(name.clone()),
+                ErrorKind::Duplicate(name.clone()),
+            ),
+            e => self.error(&[], None, ErrorKind::Verify(e)),
+        })
     }
 
     fn resolve_dims(&mut self) -> Result<(), ModelError> {

@@ -107,7 +107,7 @@ pub enum ErrorKind {
     #[error("values depend on each other in a cycle: {}", .0.join(" → "))]
     Cycle(Vec<String>),
     /// A name defined twice in one scope.
-    #[error("`{0}` is defined more than once in the same scope")]
+    #[error("`{0}` is defined more than once")]
     Duplicate(String),
     /// A name that cannot be used.
     #[error("invalid name `{0}`: names are non-empty and use letters, digits, `_`, `.` and `-`")]

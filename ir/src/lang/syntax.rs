@@ -296,8 +296,9 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Entries<T> {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Entries<T>, M::Error> {
                 let mut out: Vec<(String, T)> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
                 while let Some(name) = map.next_key::<String>()? {
-                    if out.iter().any(|(n, _)| *n == name) {
+                    if !seen.insert(name.clone()) {
                         return Err(de::Error::custom(format!("duplicate name `{name}`")));
                     }
                     let value = map.next_value()?;
