@@ -1,5 +1,10 @@
 //! The partitioner: turns the one-device [`ferrotron_ir::Graph`] into a tensor-parallel ×
-//! data-parallel plan (layouts, the Megatron strategy, f/g and the other collectives, a layout
-//! verifier). Not implemented yet: this crate is a placeholder in the workspace so the dependency
-//! direction (ir ← partitioner ← runtime) is fixed from the start. See issue 3 and
-//! `../shared/DESIGN.md`.
+//! data-parallel plan (`../shared/DESIGN.md`).
+//!
+//! Built so far: the layout algebra ([`layout`]) and the per-op sharding rules ([`rules`]) that
+//! layout propagation, communication insertion and the layout verifier will be made of. Not built
+//! yet: the Megatron strategy, propagation and f/g insertion, the plan, autodiff (issue 3).
+#![warn(missing_docs)]
+
+pub mod layout;
+pub mod rules;
