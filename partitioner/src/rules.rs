@@ -33,6 +33,13 @@ pub enum RuleError {
     /// A reduction, normalization or index-dependent op over a split dimension.
     #[error("{op} works along dimension {dim}, which is split across ranks")]
     AlongSplitDim { op: &'static str, dim: usize },
+    /// A layout that splits a dimension the value does not have.
+    #[error("{op}: an input is split along dimension {dim}, but has rank {rank}")]
+    SplitOutOfRange {
+        op: &'static str,
+        dim: usize,
+        rank: usize,
+    },
     /// Input layouts that do not combine (each would be valid on its own).
     #[error("{op} cannot combine inputs laid out as {layouts}")]
     Incompatible { op: &'static str, layouts: String },
@@ -100,6 +107,13 @@ fn along(op: &'static str, x: &Sharded, dims: &[usize], linear: bool) -> Result<
     }
 }
 
+/// The dimensions `rank − k` of `x` for each `k` (the last, second-to-last, ...), skipping those
+/// a too-small rank does not have: rules stay total even on ill-typed input.
+fn last_dims(x: &Sharded, from_end: &[usize]) -> Vec<usize> {
+    let r = x.ty.shape.rank();
+    from_end.iter().filter_map(|&k| r.checked_sub(k)).collect()
+}
+
 /// Where a split of input dimension `d` lands after a row-major reshape from `from` to `to`: the
 /// output dimension whose preceding elements are exactly those preceding `d`, provided the split
 /// boundaries line up (the output dimension is an outer factor of `d`, or `d` is the outer factor
@@ -124,6 +138,18 @@ pub fn reshape_split(from: &[u64], to: &[u64], d: usize) -> Option<usize> {
 pub fn output_layouts(op: &Op<Sharded, Dim>) -> Result<Vec<Layout>, RuleError> {
     use Layout::*;
     let name = op.mnemonic();
+    for x in op.inputs() {
+        if let Layout::Split(dim) = x.layout {
+            let rank = x.ty.shape.rank();
+            if dim >= rank {
+                return Err(RuleError::SplitOutOfRange {
+                    op: name,
+                    dim,
+                    rank,
+                });
+            }
+        }
+    }
     let one = |l| Ok(vec![l]);
     match op {
         Op::Add(a, b) | Op::Sub(a, b) => {
@@ -147,14 +173,16 @@ pub fn output_layouts(op: &Op<Sharded, Dim>) -> Result<Vec<Layout>, RuleError> {
         } => norm(name, x, weight.iter().chain(bias)),
         Op::RmsNorm { x, weight, .. } => norm(name, x, weight.iter()),
         Op::Softmax { x, causal } => {
-            let r = x.ty.shape.rank();
-            let dims: &[usize] = if *causal { &[r - 2, r - 1] } else { &[r - 1] };
-            one(along(name, x, dims, false)?)
+            let dims = if *causal {
+                last_dims(x, &[2, 1])
+            } else {
+                last_dims(x, &[1])
+            };
+            one(along(name, x, &dims, false)?)
         }
         Op::Rotary { x, .. } => {
             // Linear in x; needs the position (axis −3) and both halves of the last axis.
-            let r = x.ty.shape.rank();
-            one(along(name, x, &[r - 3, r - 1], true)?)
+            one(along(name, x, &last_dims(x, &[3, 1]), true)?)
         }
         Op::Slice { x, axis, .. } => {
             let a = x.ty.shape.axis(*axis).unwrap_or(usize::MAX);
@@ -208,11 +236,11 @@ pub fn output_layouts(op: &Op<Sharded, Dim>) -> Result<Vec<Layout>, RuleError> {
         Op::CrossEntropy {
             logits, targets, ..
         } => {
-            let r = logits.ty.shape.rank();
+            let vocab = last_dims(logits, &[1]);
             one(match (logits.layout, targets.layout) {
                 (Replicated, Replicated) => Replicated,
                 // Vocabulary-parallel cross-entropy: only per-token scalars are all-reduced.
-                (Split(d), Replicated) if d == r - 1 => Replicated,
+                (Split(d), Replicated) if vocab == [d] => Replicated,
                 (Partial, _) => return Err(RuleError::PartialIntoNonlinear { op: name }),
                 _ => return Err(incompatible(name, &[logits, targets])),
             })
@@ -241,8 +269,7 @@ fn norm<'a>(
     x: &Sharded,
     params: impl Iterator<Item = &'a Sharded>,
 ) -> Result<Vec<Layout>, RuleError> {
-    let r = x.ty.shape.rank();
-    let out = along(name, x, &[r - 1], false)?;
+    let out = along(name, x, &last_dims(x, &[1]), false)?;
     for p in params {
         if p.layout != Layout::Replicated {
             return Err(incompatible(name, &[x, p]));
@@ -261,6 +288,9 @@ fn matmul(
 ) -> Result<Layout, RuleError> {
     use Layout::*;
     let (ra, rb) = (a.ty.shape.rank(), b.ty.shape.rank());
+    if ra < 2 || rb < 2 {
+        return Err(incompatible(name, &[a, b]));
+    }
     let out_rank = ra.max(rb);
     // Each operand's split, as a role: contracted (k), free (m of a / n of b), or a batch axis
     // numbered in the output.

@@ -334,3 +334,31 @@ fn conversions_are_the_papers_collectives() {
     assert_eq!(conversion(Split(2), Split(2)), None);
     assert_eq!(conversion(Replicated, Replicated), None);
 }
+
+#[test]
+fn ill_formed_inputs_are_errors_not_panics() {
+    assert!(matches!(
+        output_layouts(&Op::Add(t(&[4], Split(3)), t(&[4], Replicated))),
+        Err(RuleError::SplitOutOfRange {
+            dim: 3,
+            rank: 1,
+            ..
+        })
+    ));
+    assert!(output_layouts(&mm(t(&[4], Replicated), t(&[4, 4], Split(1)), false)).is_err());
+    for x in [t(&[], Replicated), t(&[3], Split(0))] {
+        let _ = output_layouts(&Op::Softmax {
+            x: x.clone(),
+            causal: true,
+        });
+        let _ = output_layouts(&Op::Rotary {
+            x: x.clone(),
+            base: 1e4,
+        });
+        let _ = output_layouts(&Op::RmsNorm {
+            x,
+            weight: None,
+            eps: 1e-5,
+        });
+    }
+}
