@@ -144,7 +144,16 @@ pub fn node_flops(g: &Graph, op: &Op, outputs: &[crate::ValueId]) -> (u128, u128
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
         | Op::F { .. }
-        | Op::G { .. } => (0, 0),
+        | Op::G { .. }
+        | Op::LocalSlice { .. }
+        | Op::Fill { .. }
+        | Op::Pad { .. } => (0, 0),
+        Op::SumTo { x, .. } => (0, numel(*x)),
+        Op::ActGrad { .. } | Op::DropoutGrad { .. } => (0, out(0).saturating_mul(8)),
+        Op::LayerNormGrad { .. } | Op::RmsNormGrad { .. } => (0, out(0).saturating_mul(12)),
+        Op::SoftmaxGrad { .. } => (0, out(0).saturating_mul(4)),
+        Op::EmbeddingGrad { dy, .. } => (0, numel(*dy)),
+        Op::CrossEntropyGrad { logits, .. } => (0, numel(*logits).saturating_mul(5)),
     }
 }
 

@@ -438,7 +438,7 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
             numel(&out)?;
             one(TensorType::new(first.dtype, out))
         }
-        Op::Rotary { x, base } => {
+        Op::Rotary { x, base, .. } => {
             need_float("rotary's input", x)?;
             min_rank(
                 "rotary's input",
@@ -473,26 +473,138 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
             logits,
             targets,
             shift,
+            classes,
         } => {
-            need_float("the logits", logits)?;
-            need_int("the targets", targets)?;
-            min_rank("the logits", "at least 2 ([..., seq, vocab])", logits, 2)?;
-            let r = logits.shape.rank();
-            let expected = Shape(logits.shape.0[..r - 1].to_vec());
-            if targets.shape != expected {
-                return Err(OpError::ShapeMismatch {
-                    what: "the targets",
-                    expected,
-                    found: targets.shape.clone(),
+            cross_entropy_inputs(logits, targets, *shift, classes.as_ref())?;
+            one(TensorType::new(logits.dtype, Shape::scalar()))
+        }
+        Op::CrossEntropyGrad {
+            logits,
+            targets,
+            dloss,
+            shift,
+            classes,
+        } => {
+            cross_entropy_inputs(logits, targets, *shift, classes.as_ref())?;
+            same_dtype(logits, dloss)?;
+            if dloss.shape.rank() != 0 {
+                return Err(OpError::Rank {
+                    what: "the loss gradient",
+                    expected: "0 (a scalar)",
+                    shape: dloss.shape.clone(),
                 });
             }
-            if *shift && logits.shape.size(r - 2) < 2 {
+            one(logits.clone())
+        }
+        Op::LocalSlice { x, dim, parts, .. } => {
+            let a = axis_of(&x.shape, *dim)?;
+            let d = &x.shape.0[a];
+            if *parts == 0 || d.size % parts != 0 {
+                return Err(OpError::Indivisible {
+                    dim: d.clone(),
+                    parts: *parts,
+                });
+            }
+            let mut out = x.shape.clone();
+            out.0[a] = Dim::new(d.size / parts);
+            one(TensorType::new(x.dtype, out))
+        }
+        Op::SumTo { x, shape } => {
+            need_float("a summed tensor", x)?;
+            let to = Shape(shape.clone());
+            // `to` must broadcast to `x`: summing is broadcasting's adjoint.
+            if broadcast(&to, &x.shape).ok().as_ref() != Some(&x.shape) {
+                return Err(OpError::ShapeMismatch {
+                    what: "SumTo's target (it must broadcast to the input)",
+                    expected: x.shape.clone(),
+                    found: to,
+                });
+            }
+            one(TensorType::new(x.dtype, to))
+        }
+        Op::Fill {
+            shape,
+            value,
+            dtype,
+        } => {
+            if !value.is_finite() {
                 return Err(OpError::Attribute(format!(
-                    "next-token cross-entropy needs a sequence of at least 2, found logits {}",
-                    logits.shape
+                    "fill value {value} is not finite"
                 )));
             }
-            one(TensorType::new(logits.dtype, Shape::scalar()))
+            let out = Shape(shape.clone());
+            numel(&out)?;
+            one(TensorType::new(*dtype, out))
+        }
+        Op::Pad {
+            x,
+            axis,
+            before,
+            after,
+        } => {
+            let a = axis_of(&x.shape, *axis)?;
+            let mut out = x.shape.clone();
+            let size = x
+                .shape
+                .size(a)
+                .checked_add(before.size)
+                .and_then(|s| s.checked_add(after.size));
+            out.0[a] = Dim::new(size.ok_or_else(|| OpError::Overflow(x.shape.clone()))?);
+            numel(&out)?;
+            one(TensorType::new(x.dtype, out))
+        }
+        Op::ActGrad { x, dy, .. }
+        | Op::SoftmaxGrad { y: x, dy }
+        | Op::DropoutGrad { dy, forward: x, .. } => {
+            need_float("a gradient", dy)?;
+            same_dtype(x, dy)?;
+            if x.shape != dy.shape {
+                return Err(OpError::ShapeMismatch {
+                    what: "the gradient",
+                    expected: x.shape.clone(),
+                    found: dy.shape.clone(),
+                });
+            }
+            one(dy.clone())
+        }
+        Op::LayerNormGrad { x, weight, dy, eps } | Op::RmsNormGrad { x, weight, dy, eps } => {
+            need_float("the normalized tensor", x)?;
+            min_rank("the normalized tensor", "at least 1", x, 1)?;
+            positive_eps(*eps)?;
+            norm_param("the norm weight", weight.as_ref(), x)?;
+            same_dtype(x, dy)?;
+            if x.shape != dy.shape {
+                return Err(OpError::ShapeMismatch {
+                    what: "the gradient",
+                    expected: x.shape.clone(),
+                    found: dy.shape.clone(),
+                });
+            }
+            let last = x.shape.last().cloned().unwrap_or(Dim::new(1));
+            let param = TensorType::new(x.dtype, Shape(vec![last]));
+            let n = if matches!(op, Op::LayerNormGrad { .. }) {
+                2
+            } else {
+                1
+            };
+            let mut out = vec![x.clone()];
+            out.extend(std::iter::repeat_n(param, n));
+            Ok(out)
+        }
+        Op::EmbeddingGrad { table, ids, dy } => {
+            let forward = infer(&Op::Embedding {
+                table: table.clone(),
+                ids: ids.clone(),
+            })?;
+            same_dtype(table, dy)?;
+            if forward[0].shape != dy.shape {
+                return Err(OpError::ShapeMismatch {
+                    what: "the embedding gradient",
+                    expected: forward[0].shape.clone(),
+                    found: dy.shape.clone(),
+                });
+            }
+            one(table.clone())
         }
         Op::AllReduce { x, .. } | Op::F { x, .. } | Op::G { x, .. } => one(x.clone()),
         Op::AllGather { x, dim, parts, .. } => {
@@ -528,4 +640,39 @@ fn positive_eps(eps: f64) -> Result<(), OpError> {
     } else {
         Err(OpError::Attribute(format!("eps {eps} must be positive")))
     }
+}
+
+fn cross_entropy_inputs(
+    logits: &TensorType,
+    targets: &TensorType,
+    shift: bool,
+    classes: Option<&Dim>,
+) -> Result<(), OpError> {
+    need_float("the logits", logits)?;
+    need_int("the targets", targets)?;
+    min_rank("the logits", "at least 2 ([..., seq, vocab])", logits, 2)?;
+    let r = logits.shape.rank();
+    let expected = Shape(logits.shape.0[..r - 1].to_vec());
+    if targets.shape != expected {
+        return Err(OpError::ShapeMismatch {
+            what: "the targets",
+            expected,
+            found: targets.shape.clone(),
+        });
+    }
+    if shift && logits.shape.size(r - 2) < 2 {
+        return Err(OpError::Attribute(format!(
+            "next-token cross-entropy needs a sequence of at least 2, found logits {}",
+            logits.shape
+        )));
+    }
+    if let Some(c) = classes {
+        if c.size == 0 || c.size > logits.shape.size(r - 1) {
+            return Err(OpError::Attribute(format!(
+                "{} real classes do not fit the logits {}",
+                c.size, logits.shape
+            )));
+        }
+    }
+    Ok(())
 }

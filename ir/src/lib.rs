@@ -28,6 +28,6 @@ pub use dtype::DType;
 pub use graph::{Graph, Init, NodeId, ParamId, ScopeId, ValueDef, ValueId};
 pub use infer::{infer, OpError};
 pub use lang::{load_model, parse_model, LoadOptions, ModelError};
-pub use op::{Factor, MeshAxis, Op};
+pub use op::{Activation, Factor, MeshAxis, Op};
 pub use shape::{Dim, Shape, TensorType};
 pub use verify::{verify, VerifyError};

@@ -140,6 +140,9 @@ pub enum Op<V = ValueId, D = Dim> {
         x: V,
         #[serde(default = "default_rope_base")]
         base: f64,
+        /// Rotate by the negative angles (the transpose: rotary's vector-Jacobian product).
+        #[serde(default, skip_serializing_if = "is_false")]
+        inverse: bool,
     },
     /// Zeroes each element with probability `p` and scales the rest by `1/(1−p)` in training.
     Dropout { x: V, p: f64 },
@@ -149,15 +152,24 @@ pub enum Op<V = ValueId, D = Dim> {
         targets: V,
         #[serde(default = "yes")]
         shift: bool,
+        /// The real number of classes when the class axis is padded (the partitioner pads the
+        /// vocabulary): classes at or past it are excluded from the softmax.
+        #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+        classes: Option<D>,
     },
     /// Sum over the group; every rank gets the total.
     AllReduce { x: V, axis: MeshAxis },
-    /// Concatenation of the group's shards along `dim` (`parts` ranks).
+    /// Concatenation of the group's shards along `dim` (`parts` ranks). Its backward takes this
+    /// rank's slice of the gradient, or, with `partial_grad` (the gathered value enters a
+    /// tensor-parallel region, so its gradient arrives as a partial sum: sequence parallelism's f),
+    /// reduce-scatters it.
     AllGather {
         x: V,
         dim: i64,
         axis: MeshAxis,
         parts: u64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        partial_grad: bool,
     },
     /// Sum over the group, each rank keeping its `1/parts` slice along `dim`.
     ReduceScatter {
@@ -170,6 +182,79 @@ pub enum Op<V = ValueId, D = Dim> {
     F { x: V, axis: MeshAxis },
     /// The paper's g: all-reduce forward, identity backward.
     G { x: V, axis: MeshAxis },
+    /// This rank's `1/parts` slice of a replicated `x` along `dim`; no communication (backward:
+    /// all-gather).
+    LocalSlice {
+        x: V,
+        dim: i64,
+        axis: MeshAxis,
+        parts: u64,
+    },
+
+    // Backward ops: what autodiff emits. Each is the vector-Jacobian product of a forward op,
+    // fused where composing it from primitives would need reductions the op set lacks.
+    /// Sums `x` over the axes it was broadcast along, down to `shape` (the VJP of broadcasting).
+    SumTo { x: V, shape: Vec<D> },
+    /// A constant tensor.
+    Fill {
+        shape: Vec<D>,
+        value: f64,
+        dtype: crate::DType,
+    },
+    /// Zero padding along `axis`: `before` zeros, `x`, `after` zeros (the VJP of `Slice`).
+    Pad {
+        x: V,
+        axis: i64,
+        before: D,
+        after: D,
+    },
+    /// `dy · act'(x)` for an elementwise activation.
+    ActGrad { act: Activation, x: V, dy: V },
+    /// LayerNorm's VJP: `(dx, dweight, dbias)`, the last two of shape `[last axis]`.
+    LayerNormGrad {
+        x: V,
+        #[serde(default = "none")]
+        weight: Option<V>,
+        dy: V,
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// RMSNorm's VJP: `(dx, dweight)`.
+    RmsNormGrad {
+        x: V,
+        #[serde(default = "none")]
+        weight: Option<V>,
+        dy: V,
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// Softmax's VJP from its output `y`: `y · (dy − Σ dy·y)`.
+    SoftmaxGrad { y: V, dy: V },
+    /// The embedding table's gradient: `dy` rows scatter-added at `ids` into a zero table shaped
+    /// like `table` (which is read only for its shape and, when vocabulary-parallel, its range).
+    EmbeddingGrad { table: V, ids: V, dy: V },
+    /// The logits' gradient of `CrossEntropy`, scaled by the scalar `dloss`.
+    CrossEntropyGrad {
+        logits: V,
+        targets: V,
+        dloss: V,
+        #[serde(default = "yes")]
+        shift: bool,
+        #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+        classes: Option<D>,
+    },
+    /// Dropout's VJP: `dy` through the same mask the forward node `forward` drew.
+    DropoutGrad { dy: V, forward: V, p: f64 },
+}
+
+/// The elementwise activations, as [`Op::ActGrad`] names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum Activation {
+    Gelu,
+    GeluTanh,
+    Silu,
+    Relu,
 }
 
 fn default_rope_base() -> f64 {
@@ -205,6 +290,17 @@ pub const OP_NAMES: &[&str] = &[
     "ReduceScatter",
     "F",
     "G",
+    "LocalSlice",
+    "SumTo",
+    "Fill",
+    "Pad",
+    "ActGrad",
+    "LayerNormGrad",
+    "RmsNormGrad",
+    "SoftmaxGrad",
+    "EmbeddingGrad",
+    "CrossEntropyGrad",
+    "DropoutGrad",
 ];
 
 impl<V, D> Op<V, D> {
@@ -242,6 +338,17 @@ impl<V, D> Op<V, D> {
             Op::ReduceScatter { .. } => 24,
             Op::F { .. } => 25,
             Op::G { .. } => 26,
+            Op::LocalSlice { .. } => 27,
+            Op::SumTo { .. } => 28,
+            Op::Fill { .. } => 29,
+            Op::Pad { .. } => 30,
+            Op::ActGrad { .. } => 31,
+            Op::LayerNormGrad { .. } => 32,
+            Op::RmsNormGrad { .. } => 33,
+            Op::SoftmaxGrad { .. } => 34,
+            Op::EmbeddingGrad { .. } => 35,
+            Op::CrossEntropyGrad { .. } => 36,
+            Op::DropoutGrad { .. } => 37,
         }
     }
 
@@ -249,6 +356,8 @@ impl<V, D> Op<V, D> {
     pub fn num_outputs(&self) -> usize {
         match self {
             Op::Split { sizes, .. } => sizes.len(),
+            Op::LayerNormGrad { .. } => 3,
+            Op::RmsNormGrad { .. } => 2,
             _ => 1,
         }
     }
@@ -263,6 +372,11 @@ impl<V, D> Op<V, D> {
                 | Op::F { .. }
                 | Op::G { .. }
         )
+    }
+
+    /// Whether the op belongs to a backward pass (autodiff emits it; it has no VJP itself).
+    pub fn is_backward(&self) -> bool {
+        self.index() >= 28
     }
 
     /// The op's inputs, in a fixed order (absent optional inputs are skipped).
@@ -365,19 +479,22 @@ impl<V, D> Op<V, D> {
                 xs: xs.iter().map(&mut fv).collect::<Result<_, _>>()?,
                 axis: *axis,
             },
-            Op::Rotary { x, base } => Op::Rotary {
+            Op::Rotary { x, base, inverse } => Op::Rotary {
                 x: fv(x)?,
                 base: *base,
+                inverse: *inverse,
             },
             Op::Dropout { x, p } => Op::Dropout { x: fv(x)?, p: *p },
             Op::CrossEntropy {
                 logits,
                 targets,
                 shift,
+                classes,
             } => Op::CrossEntropy {
                 logits: fv(logits)?,
                 targets: fv(targets)?,
                 shift: *shift,
+                classes: classes.as_ref().map(&mut fd).transpose()?,
             },
             Op::AllReduce { x, axis } => Op::AllReduce {
                 x: fv(x)?,
@@ -388,11 +505,13 @@ impl<V, D> Op<V, D> {
                 dim,
                 axis,
                 parts,
+                partial_grad,
             } => Op::AllGather {
                 x: fv(x)?,
                 dim: *dim,
                 axis: *axis,
                 parts: *parts,
+                partial_grad: *partial_grad,
             },
             Op::ReduceScatter {
                 x,
@@ -412,6 +531,85 @@ impl<V, D> Op<V, D> {
             Op::G { x, axis } => Op::G {
                 x: fv(x)?,
                 axis: *axis,
+            },
+            Op::LocalSlice {
+                x,
+                dim,
+                axis,
+                parts,
+            } => Op::LocalSlice {
+                x: fv(x)?,
+                dim: *dim,
+                axis: *axis,
+                parts: *parts,
+            },
+            Op::SumTo { x, shape } => Op::SumTo {
+                x: fv(x)?,
+                shape: shape.iter().map(&mut fd).collect::<Result<_, _>>()?,
+            },
+            Op::Fill {
+                shape,
+                value,
+                dtype,
+            } => Op::Fill {
+                shape: shape.iter().map(&mut fd).collect::<Result<_, _>>()?,
+                value: *value,
+                dtype: *dtype,
+            },
+            Op::Pad {
+                x,
+                axis,
+                before,
+                after,
+            } => Op::Pad {
+                x: fv(x)?,
+                axis: *axis,
+                before: fd(before)?,
+                after: fd(after)?,
+            },
+            Op::ActGrad { act, x, dy } => Op::ActGrad {
+                act: *act,
+                x: fv(x)?,
+                dy: fv(dy)?,
+            },
+            Op::LayerNormGrad { x, weight, dy, eps } => Op::LayerNormGrad {
+                x: fv(x)?,
+                weight: opt(weight, &mut fv)?,
+                dy: fv(dy)?,
+                eps: *eps,
+            },
+            Op::RmsNormGrad { x, weight, dy, eps } => Op::RmsNormGrad {
+                x: fv(x)?,
+                weight: opt(weight, &mut fv)?,
+                dy: fv(dy)?,
+                eps: *eps,
+            },
+            Op::SoftmaxGrad { y, dy } => Op::SoftmaxGrad {
+                y: fv(y)?,
+                dy: fv(dy)?,
+            },
+            Op::EmbeddingGrad { table, ids, dy } => Op::EmbeddingGrad {
+                table: fv(table)?,
+                ids: fv(ids)?,
+                dy: fv(dy)?,
+            },
+            Op::CrossEntropyGrad {
+                logits,
+                targets,
+                dloss,
+                shift,
+                classes,
+            } => Op::CrossEntropyGrad {
+                logits: fv(logits)?,
+                targets: fv(targets)?,
+                dloss: fv(dloss)?,
+                shift: *shift,
+                classes: classes.as_ref().map(&mut fd).transpose()?,
+            },
+            Op::DropoutGrad { dy, forward, p } => Op::DropoutGrad {
+                dy: fv(dy)?,
+                forward: fv(forward)?,
+                p: *p,
             },
         })
     }

@@ -89,6 +89,7 @@ fn embedding_and_cross_entropy() {
     assert!(matches!(one(bad_ids), Err(OpError::Dtype { .. })));
     let ce = |logits, targets, shift| {
         one(Op::CrossEntropy {
+            classes: None,
             logits,
             targets,
             shift,
@@ -139,12 +140,14 @@ fn norms_softmax_rotary_dropout() {
     })
     .is_err());
     assert!(one(Op::Rotary {
+        inverse: false,
         x: f32(&[2, 12, 6, 8]),
         base: 1e4
     })
     .is_ok());
     assert!(matches!(
         one(Op::Rotary {
+            inverse: false,
             x: f32(&[2, 12, 6, 7]),
             base: 1e4
         }),
@@ -257,6 +260,7 @@ fn collectives() {
         assert_eq!(one(op).unwrap(), [2, 16, 64]);
     }
     let gather = Op::AllGather {
+        partial_grad: false,
         x: x.clone(),
         dim: 1,
         axis: MeshAxis::Tp,
@@ -302,6 +306,7 @@ fn huge_shapes_are_errors_not_overflows() {
         Err(OpError::Overflow(_))
     ));
     assert!(one(Op::AllGather {
+        partial_grad: false,
         x: f32(&[big]),
         dim: 0,
         axis: MeshAxis::Dp,

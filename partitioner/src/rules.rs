@@ -11,7 +11,7 @@
 //! columns, a split result (column-parallel).
 
 use crate::layout::Layout;
-use ferrotron_ir::{Dim, Op, TensorType};
+use ferrotron_ir::{Dim, MeshAxis, Op, TensorType};
 use thiserror::Error;
 
 /// A value as a rule sees it: its (full) type and its layout.
@@ -134,10 +134,30 @@ pub fn reshape_split(from: &[u64], to: &[u64], d: usize) -> Option<usize> {
     None
 }
 
-/// The layouts an op produces (one per output) from its inputs' layouts on one mesh axis.
+/// The layouts an op produces (one per output) from its inputs' layouts on the tensor-parallel
+/// axis.
 pub fn output_layouts(op: &Op<Sharded, Dim>) -> Result<Vec<Layout>, RuleError> {
+    output_layouts_on(MeshAxis::Tp, op)
+}
+
+/// The layouts an op produces (one per output) from its inputs' layouts on mesh axis `on`. A
+/// collective over another axis leaves this axis's layout as it is.
+pub fn output_layouts_on(on: MeshAxis, op: &Op<Sharded, Dim>) -> Result<Vec<Layout>, RuleError> {
     use Layout::*;
     let name = op.mnemonic();
+    match op {
+        Op::AllReduce { x, axis }
+        | Op::F { x, axis }
+        | Op::G { x, axis }
+        | Op::AllGather { x, axis, .. }
+        | Op::ReduceScatter { x, axis, .. }
+        | Op::LocalSlice { x, axis, .. }
+            if *axis != on =>
+        {
+            return Ok(vec![x.layout]);
+        }
+        _ => {}
+    }
     for x in op.inputs() {
         if let Layout::Split(dim) = x.layout {
             let rank = x.ty.shape.rank();
@@ -234,15 +254,101 @@ pub fn output_layouts(op: &Op<Sharded, Dim>) -> Result<Vec<Layout>, RuleError> {
             transpose_b,
         } => one(matmul(name, a, b, *transpose_a, *transpose_b)?),
         Op::CrossEntropy {
-            logits, targets, ..
+            logits,
+            targets,
+            shift,
+            ..
+        } => one(cross_entropy(name, logits, targets, *shift)?),
+        Op::CrossEntropyGrad {
+            logits,
+            targets,
+            dloss,
+            shift,
+            ..
         } => {
-            let vocab = last_dims(logits, &[1]);
-            one(match (logits.layout, targets.layout) {
-                (Replicated, Replicated) => Replicated,
-                // Vocabulary-parallel cross-entropy: only per-token scalars are all-reduced.
-                (Split(d), Replicated) if vocab == [d] => Replicated,
-                (Partial, _) => return Err(RuleError::PartialIntoNonlinear { op: name }),
-                _ => return Err(incompatible(name, &[logits, targets])),
+            if dloss.layout != Replicated {
+                return Err(incompatible(name, &[logits, targets, dloss]));
+            }
+            cross_entropy(name, logits, targets, *shift)?;
+            // The gradient is laid out like the logits.
+            one(logits.layout)
+        }
+        Op::LocalSlice { x, dim, .. } => match (x.layout, x.ty.shape.axis(*dim)) {
+            (Replicated, Some(d)) => one(Split(d)),
+            _ => Err(incompatible(name, &[x])),
+        },
+        Op::SumTo { x, shape } => one(match x.layout {
+            Split(d) => {
+                let offset = x.ty.shape.rank() - shape.len().min(x.ty.shape.rank());
+                if d >= offset && shape[d - offset].size == x.ty.shape.size(d) {
+                    Split(d - offset)
+                } else {
+                    // Summed over the split axis: each rank holds its share of the sum.
+                    Partial
+                }
+            }
+            l => l,
+        }),
+        Op::Fill { .. } => one(Replicated),
+        Op::Pad { x, axis, .. } => {
+            let a = x.ty.shape.axis(*axis).unwrap_or(usize::MAX);
+            one(along(name, x, &[a], true)?)
+        }
+        Op::ActGrad { x, dy, .. } => {
+            // Nonlinear in x, linear in dy.
+            let rank = x.ty.shape.rank();
+            one(elementwise(name, x, dy, rank, false, false, true)?)
+        }
+        Op::DropoutGrad { dy, forward, .. } => {
+            // The mask must be the forward's: the same layout (a replicated mask is the same on
+            // every rank, so a partial gradient passes through it).
+            let rank = dy.ty.shape.rank();
+            match (dy.layout, forward.layout) {
+                (Partial, Replicated) => one(Partial),
+                (a, b) if a == b => one(elementwise(name, dy, forward, rank, false, true, false)?),
+                _ => Err(incompatible(name, &[dy, forward])),
+            }
+        }
+        Op::SoftmaxGrad { y, dy } => {
+            let last = last_dims(y, &[1]);
+            along(name, y, &last, false)?;
+            let rank = y.ty.shape.rank();
+            one(elementwise(name, y, dy, rank, false, false, true)?)
+        }
+        Op::LayerNormGrad { x, weight, dy, .. } | Op::RmsNormGrad { x, weight, dy, .. } => {
+            let n = op.num_outputs();
+            if weight.as_ref().is_some_and(|w| w.layout != Replicated) {
+                return Err(incompatible(name, &[x, weight.as_ref().unwrap_or(x)]));
+            }
+            let last = last_dims(x, &[1]);
+            along(name, x, &last, false)?;
+            let rank = x.ty.shape.rank();
+            let dx = elementwise(name, x, dy, rank, false, false, true)?;
+            // The parameter gradients sum over every position: split positions give partial sums.
+            let dparam = match dx {
+                Split(_) => Partial,
+                l => l,
+            };
+            let mut out = vec![dx];
+            out.extend(std::iter::repeat_n(dparam, n - 1));
+            Ok(out)
+        }
+        Op::EmbeddingGrad { table, ids, dy } => {
+            let forward = output_layouts_on(
+                on,
+                &Op::Embedding {
+                    table: table.clone(),
+                    ids: ids.clone(),
+                },
+            )?[0];
+            one(match (forward, dy.layout, table.layout) {
+                // Vocabulary-parallel: each rank scatters into its own rows.
+                (Partial, Replicated, Split(0)) => Split(0),
+                (Split(d), Split(e), Split(1)) if d == e => Split(1),
+                // Positions split (data parallel): each rank's rows are a partial sum.
+                (Split(d), Split(e), Replicated) if d == e => Partial,
+                (Replicated, l @ (Replicated | Partial), Replicated) => l,
+                _ => return Err(incompatible(name, &[table, ids, dy])),
             })
         }
         Op::AllReduce { x, .. } | Op::G { x, .. } => match x.layout {
@@ -262,6 +368,28 @@ pub fn output_layouts(op: &Op<Sharded, Dim>) -> Result<Vec<Layout>, RuleError> {
             _ => Err(incompatible(name, &[x])),
         },
     }
+}
+
+/// Cross-entropy (and its gradient's) layouts: replicated, vocabulary-parallel (logits split on
+/// the class axis: only per-token scalars are all-reduced), or split over a batch axis (each rank
+/// averages over the global token count, so its loss is a partial sum).
+fn cross_entropy(
+    name: &'static str,
+    logits: &Sharded,
+    targets: &Sharded,
+    shift: bool,
+) -> Result<Layout, RuleError> {
+    use Layout::*;
+    let r = logits.ty.shape.rank();
+    let class_axis = r.saturating_sub(1);
+    Ok(match (logits.layout, targets.layout) {
+        (Replicated, Replicated) => Replicated,
+        (Split(d), Replicated) if d == class_axis => Replicated,
+        // Shifted targets cross the sequence axis, so only earlier axes may be split.
+        (Split(d), Split(e)) if d == e && d < class_axis && !(shift && d + 2 == r) => Partial,
+        (Partial, _) => return Err(RuleError::PartialIntoNonlinear { op: name }),
+        _ => return Err(incompatible(name, &[logits, targets])),
+    })
 }
 
 fn norm<'a>(

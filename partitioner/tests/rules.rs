@@ -163,6 +163,7 @@ fn vocabulary_parallel_embedding_output_layer_and_loss() {
     let logits = out(mm(t(&[B, S, H], Replicated), t(&[v, H], Split(0)), true));
     assert_eq!(logits, Split(2));
     let ce = |l| Op::CrossEntropy {
+        classes: None,
         logits: t(&[B, S, v], l),
         targets: ids(&[B, S], Replicated),
         shift: true,
@@ -261,6 +262,7 @@ fn reductions_over_a_split_dimension_are_rejected() {
     assert!(output_layouts(&causal(3)).is_err());
     assert_eq!(out(causal(1)), Split(1));
     let rotary = |d| Op::Rotary {
+        inverse: false,
         x: t(&[B, S, 4, 16], Split(d)),
         base: 1e4,
     };
@@ -288,6 +290,7 @@ fn collectives_convert_the_layouts_they_exist_for() {
     let x = |l| t(&[B, S, H], l);
     assert_eq!(
         out(Op::AllGather {
+            partial_grad: false,
             x: x(Split(1)),
             dim: 1,
             axis: MeshAxis::Tp,
@@ -352,6 +355,7 @@ fn ill_formed_inputs_are_errors_not_panics() {
             causal: true,
         });
         let _ = output_layouts(&Op::Rotary {
+            inverse: false,
             x: x.clone(),
             base: 1e4,
         });
