@@ -11,19 +11,24 @@
 //! - [`op`]: the closed op set, generic over how it names values, shared by files and plans.
 //! - [`infer`]: shape and dtype inference per op.
 //! - [`verify`]: the invariants every pass must keep.
+//! - [`autodiff`]: reverse-mode autodiff, appending a scalar loss's backward pass to the graph.
 //! - [`count`]: parameters and FLOPs; [`summary`]: what `ferrotron check` prints.
+//! - [`reference`](mod@reference): the reference evaluator, the executable semantics of every op.
 #![warn(missing_docs)]
 
+pub mod autodiff;
 pub mod count;
 pub mod dtype;
 pub mod graph;
 pub mod infer;
 pub mod lang;
 pub mod op;
+pub mod reference;
 pub mod shape;
 pub mod summary;
 pub mod verify;
 
+pub use autodiff::{backward, AutodiffError, Backward};
 pub use dtype::DType;
 pub use graph::{Graph, Init, NodeId, ParamId, ScopeId, ValueDef, ValueId};
 pub use infer::{infer, OpError};

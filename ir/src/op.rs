@@ -153,7 +153,8 @@ pub enum Op<V = ValueId, D = Dim> {
         #[serde(default = "yes")]
         shift: bool,
         /// The real number of classes when the class axis is padded (the partitioner pads the
-        /// vocabulary): classes at or past it are excluded from the softmax.
+        /// vocabulary): classes at or past it are excluded from the softmax. It counts the whole
+        /// class axis, across ranks when the logits are vocabulary-parallel.
         #[serde(default = "none", skip_serializing_if = "Option::is_none")]
         classes: Option<D>,
     },

@@ -17,6 +17,13 @@ pub enum Layout {
     Partial,
 }
 
+/// The default is what a value is before any decision: on every rank whole.
+impl Default for Layout {
+    fn default() -> Layout {
+        Layout::Replicated
+    }
+}
+
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -83,5 +90,51 @@ impl Mesh {
             MeshAxis::Tp => self.tp,
             MeshAxis::Dp => self.dp,
         }
+    }
+}
+
+/// A value's layout on both mesh axes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MeshLayout {
+    /// Across the tensor-parallel group.
+    pub tp: Layout,
+    /// Across the data-parallel group.
+    pub dp: Layout,
+}
+
+impl MeshLayout {
+    /// Replicated on both axes.
+    pub const REPLICATED: MeshLayout = MeshLayout {
+        tp: Layout::Replicated,
+        dp: Layout::Replicated,
+    };
+
+    /// The layout on one axis.
+    pub fn on(&self, axis: MeshAxis) -> Layout {
+        match axis {
+            MeshAxis::Tp => self.tp,
+            MeshAxis::Dp => self.dp,
+        }
+    }
+}
+
+impl fmt::Display for MeshLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tp: {}, dp: {}", self.tp, self.dp)
+    }
+}
+
+impl Mesh {
+    /// The full (unpartitioned) shape of a value whose local shape is `local`.
+    pub fn global_sizes(&self, local: &[u64], layout: MeshLayout) -> Vec<u64> {
+        let mut sizes = local.to_vec();
+        for axis in [MeshAxis::Tp, MeshAxis::Dp] {
+            if let Layout::Split(d) = layout.on(axis) {
+                if let Some(s) = sizes.get_mut(d) {
+                    *s *= self.size(axis);
+                }
+            }
+        }
+        sizes
     }
 }

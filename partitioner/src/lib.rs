@@ -1,10 +1,92 @@
 //! The partitioner: turns the one-device [`ferrotron_ir::Graph`] into a tensor-parallel ×
-//! data-parallel plan (`../shared/DESIGN.md`).
+//! data-parallel [`Plan`] (`../shared/DESIGN.md`).
 //!
-//! Built so far: the layout algebra ([`layout`]) and the per-op sharding rules ([`rules`]) that
-//! layout propagation, communication insertion and the layout verifier will be made of. Not built
-//! yet: the Megatron strategy, propagation and f/g insertion, the plan, autodiff (issue 3).
+//! ```text
+//! Graph ─► strategy (Megatron layouts from the dataflow, user pins) ─► lower (SPMD graph,
+//!       conversions, f/g, sequence parallelism) ─► ir::autodiff ─► gradient reductions
+//!       ─► check::verify_plan ─► Plan ─► report (collectives, memory per rank)
+//! ```
+//!
+//! - [`layout`]: the layout algebra (replicated / split / partial) and the mesh.
+//! - [`rules`]: each op's sharding rules on one mesh axis.
+//! - [`strategy`]: phase 1, the Megatron strategy found from the dataflow.
+//! - [`lower`]: phase 2, the SPMD plan for a mesh, with autodiff.
+//! - [`check`]: layout inference with fused-weight blocks, and the plan verifier.
+//! - [`plan`]: the plan, its parameter shards, RON files.
+//! - [`report`]: what a plan communicates and stores per rank.
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod layout;
+pub mod lower;
+pub mod plan;
+pub mod report;
 pub mod rules;
+pub mod strategy;
+
+pub use check::{verify_plan, PlanError};
+pub use layout::{Layout, Mesh, MeshLayout};
+pub use lower::partition;
+pub use plan::{ParamShard, PartitionOptions, Plan, PlanFileError};
+pub use report::Report;
+
+use ferrotron_ir::{AutodiffError, Dim};
+use rules::RuleError;
+use thiserror::Error;
+
+/// Why a graph cannot be partitioned as asked.
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum PartitionError {
+    /// The options are out of range.
+    #[error("{0}")]
+    Options(String),
+    /// A pin names no parameter.
+    #[error("no parameter is named `{name}`{}", suggestion.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default())]
+    UnknownParam {
+        /// The name given.
+        name: String,
+        /// The closest parameter name.
+        suggestion: Option<String>,
+    },
+    /// A dimension that must be split does not divide by the group.
+    #[error(
+        "`{value}`: dimension {dim} is split across the {parts} ranks of the {axis} group, \
+         but is not divisible by {parts}; valid {axis} sizes for this model: {valid}"
+    )]
+    Indivisible {
+        /// The value or parameter whose dimension it is.
+        value: String,
+        /// The dimension (with its model-file name).
+        dim: Dim,
+        /// `tp` or `dp`.
+        axis: &'static str,
+        /// The group size.
+        parts: u64,
+        /// The group sizes that would work.
+        valid: String,
+    },
+    /// No op can run on its inputs' layouts, even after conversions.
+    #[error("node `{node}` ({op}): {error}")]
+    Rule {
+        /// The node.
+        node: String,
+        /// Its op.
+        op: &'static str,
+        /// Why.
+        error: RuleError,
+    },
+    /// The graph has no scalar loss to differentiate.
+    #[error("the model has no scalar output (name it `loss`) to differentiate")]
+    NoLoss,
+    /// Autodiff failed.
+    #[error("autodiff: {0}")]
+    Autodiff(AutodiffError),
+    /// A bug: the partitioner produced something it cannot lay out.
+    #[error("internal error at `{node}`: {what} (please report this with the model file)")]
+    Internal {
+        /// Where.
+        node: String,
+        /// What.
+        what: String,
+    },
+}

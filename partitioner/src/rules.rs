@@ -11,7 +11,7 @@
 //! columns, a split result (column-parallel).
 
 use crate::layout::Layout;
-use ferrotron_ir::{Dim, MeshAxis, Op, TensorType};
+use ferrotron_ir::{Dim, MeshAxis, Op, Shape, TensorType};
 use thiserror::Error;
 
 /// A value as a rule sees it: its (full) type and its layout.
@@ -40,6 +40,12 @@ pub enum RuleError {
         dim: usize,
         rank: usize,
     },
+    /// Split inputs whose shards are cut differently: a fused weight's blocked shards (each rank
+    /// holds its slice of each of q, k, v) against contiguous ones.
+    #[error(
+        "{op} combines shards of a fused weight cut into {blocks} blocks with shards cut otherwise"
+    )]
+    MismatchedBlocks { op: &'static str, blocks: u32 },
     /// Input layouts that do not combine (each would be valid on its own).
     #[error("{op} cannot combine inputs laid out as {layouts}")]
     Incompatible { op: &'static str, layouts: String },
@@ -228,6 +234,9 @@ pub fn output_layouts_on(on: MeshAxis, op: &Op<Sharded, Dim>) -> Result<Vec<Layo
             l => l,
         }),
         Op::Reshape { x, shape } => one(match x.layout {
+            _ if x.ty.shape.numel() != Shape(shape.clone()).numel() => {
+                return Err(incompatible(name, &[x]))
+            }
             Split(d) => {
                 let to: Vec<u64> = shape.iter().map(|d| d.size).collect();
                 let j = reshape_split(&x.ty.shape.sizes(), &to, d)
@@ -277,18 +286,18 @@ pub fn output_layouts_on(on: MeshAxis, op: &Op<Sharded, Dim>) -> Result<Vec<Layo
             (Replicated, Some(d)) => one(Split(d)),
             _ => Err(incompatible(name, &[x])),
         },
-        Op::SumTo { x, shape } => one(match x.layout {
-            Split(d) => {
-                let offset = x.ty.shape.rank() - shape.len().min(x.ty.shape.rank());
-                if d >= offset && shape[d - offset].size == x.ty.shape.size(d) {
-                    Split(d - offset)
-                } else {
-                    // Summed over the split axis: each rank holds its share of the sum.
-                    Partial
-                }
-            }
-            l => l,
-        }),
+        Op::SumTo { x, shape } => {
+            let offset = x.ty.shape.rank().saturating_sub(shape.len());
+            let kept = |d: usize| d >= offset && shape[d - offset].size == x.ty.shape.size(d);
+            let summed = |d: usize| d < offset || shape[d - offset].size == 1;
+            one(match x.layout {
+                Split(d) if kept(d) => Split(d - offset),
+                // Summed over the split axis: each rank holds its share of the sum.
+                Split(d) if summed(d) => Partial,
+                Split(_) => return Err(incompatible(name, &[x])),
+                l => l,
+            })
+        }
         Op::Fill { .. } => one(Replicated),
         Op::Pad { x, axis, .. } => {
             let a = x.ty.shape.axis(*axis).unwrap_or(usize::MAX);

@@ -1,0 +1,263 @@
+//! What a plan costs each rank per training step: the collectives it runs (by kind, direction and
+//! mesh axis, with their count and size) and the memory it holds (weights, gradients, Adam
+//! state, activations saved for the backward pass). `ferrotron partition` prints this; the cost
+//! model will price it.
+//!
+//! Sizes are the size of the full buffer a collective works on — the all-reduced tensor, the
+//! gathered result, the tensor before reduce-scatter — the convention of NCCL's own tests; the
+//! bytes a rank puts on the wire follow from the algorithm (a ring moves `2(p−1)/p` of it for an
+//! all-reduce, `(p−1)/p` for the others). f and local slices move nothing. The vocabulary-parallel
+//! cross-entropy's per-token all-reduces (max, sum of exponentials and target logit forward; max
+//! and sum again for the gradient) are counted with the cross-entropy node that runs them.
+
+use crate::layout::Layout;
+use crate::plan::Plan;
+use ferrotron_ir::graph::SecondaryMap;
+use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
+use serde::Serialize;
+use std::fmt;
+
+/// One group of identical collectives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Collectives {
+    /// `all_reduce`, `all_gather` or `reduce_scatter`.
+    pub kind: &'static str,
+    /// `forward` or `backward`.
+    pub direction: &'static str,
+    /// `tp` or `dp`.
+    pub axis: &'static str,
+    /// How many per step.
+    pub count: u64,
+    /// Their total size per step, in bytes (see the module docs).
+    pub bytes_per_rank: u64,
+}
+
+/// What one rank holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PerRank {
+    /// Parameter elements held.
+    pub parameters: u64,
+    /// All of the below.
+    pub memory_bytes: u64,
+    /// The parameters.
+    pub weights_bytes: u64,
+    /// Their gradients.
+    pub gradients_bytes: u64,
+    /// Adam's two moments in f32 (plus an f32 master copy for lower-precision weights).
+    pub optimizer_bytes: u64,
+    /// Forward values the backward pass reads.
+    pub activations_bytes: u64,
+}
+
+/// A plan's per-step costs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    /// The model.
+    pub model: String,
+    /// Tensor-parallel degree.
+    pub tp: u64,
+    /// Data-parallel degree.
+    pub dp: u64,
+    /// Whether activations between regions are split along the sequence.
+    pub sequence_parallel: bool,
+    /// `[vocabulary, padded]` when padded.
+    pub vocab_padding: Option<(u64, u64)>,
+    /// Nodes in the forward and backward parts of the SPMD graph.
+    pub nodes: (usize, usize),
+    /// Collectives per step.
+    pub collectives: Vec<Collectives>,
+    /// Memory and parameters per rank.
+    pub per_rank: PerRank,
+}
+
+impl Report {
+    /// Counts a plan's collectives and memory.
+    pub fn of(plan: &Plan) -> Report {
+        let g = &plan.graph;
+        let mut forward: SecondaryMap<NodeId, bool> = SecondaryMap::with_capacity(g.nodes.len());
+        for &n in &g.order[..plan.backward_start] {
+            forward[n] = true;
+        }
+        let mut groups: Vec<Collectives> = Vec::new();
+        let mut add = |kind, fwd: bool, axis: MeshAxis, count: u64, bytes: u64| {
+            if plan.mesh.size(axis) <= 1 {
+                return; // a group of one communicates nothing
+            }
+            let direction = if fwd { "forward" } else { "backward" };
+            let axis = match axis {
+                MeshAxis::Tp => "tp",
+                MeshAxis::Dp => "dp",
+            };
+            match groups
+                .iter_mut()
+                .find(|c| c.kind == kind && c.direction == direction && c.axis == axis)
+            {
+                Some(c) => {
+                    c.count += count;
+                    c.bytes_per_rank += bytes;
+                }
+                None => groups.push(Collectives {
+                    kind,
+                    direction,
+                    axis,
+                    count,
+                    bytes_per_rank: bytes,
+                }),
+            }
+        };
+        let bytes = |v: ValueId| g.ty(v).size_bytes();
+        for &n in &g.order {
+            let node = &g.nodes[n];
+            let fwd = forward[n];
+            match &node.op {
+                Op::G { x, axis } | Op::AllReduce { x, axis } => {
+                    add("all_reduce", fwd, *axis, 1, bytes(*x))
+                }
+                Op::AllGather { axis, .. } => {
+                    add("all_gather", fwd, *axis, 1, bytes(node.outputs[0]))
+                }
+                Op::ReduceScatter { x, axis, .. } => {
+                    add("reduce_scatter", fwd, *axis, 1, bytes(*x))
+                }
+                Op::CrossEntropy { logits, .. } | Op::CrossEntropyGrad { logits, .. }
+                    if matches!(plan.layouts[*logits].tp, Layout::Split(d)
+                        if d + 1 == g.ty(*logits).shape.rank()) =>
+                {
+                    let ty = g.ty(*logits);
+                    let tokens = ty.shape.numel().unwrap_or(0)
+                        / ty.shape.last().map_or(1, |d| d.size.max(1));
+                    let count = if matches!(node.op, Op::CrossEntropy { .. }) {
+                        3
+                    } else {
+                        2
+                    };
+                    add(
+                        "all_reduce",
+                        fwd,
+                        MeshAxis::Tp,
+                        count,
+                        count * tokens * ty.dtype.size_bytes(),
+                    );
+                }
+                _ => {}
+            }
+        }
+
+        let mut per_rank = PerRank {
+            parameters: 0,
+            memory_bytes: 0,
+            weights_bytes: 0,
+            gradients_bytes: 0,
+            optimizer_bytes: 0,
+            activations_bytes: 0,
+        };
+        for (_, p) in g.params.iter() {
+            let ty = g.ty(p.value);
+            let n = ty.shape.numel().unwrap_or(0);
+            per_rank.parameters += n;
+            per_rank.weights_bytes += ty.size_bytes();
+            per_rank.gradients_bytes += ty.size_bytes();
+            let master = if ty.dtype == ferrotron_ir::DType::F32 {
+                0
+            } else {
+                4
+            };
+            per_rank.optimizer_bytes += n * (8 + master);
+        }
+        let mut saved: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
+        for &n in &g.order[plan.backward_start..] {
+            for &v in g.nodes[n].op.inputs() {
+                if let ValueDef::Node { node, .. } = g.values[v].def {
+                    if forward[node] && !saved[v] {
+                        saved[v] = true;
+                        per_rank.activations_bytes += bytes(v);
+                    }
+                }
+            }
+        }
+        per_rank.memory_bytes = per_rank.weights_bytes
+            + per_rank.gradients_bytes
+            + per_rank.optimizer_bytes
+            + per_rank.activations_bytes;
+        Report {
+            model: plan.model.clone(),
+            tp: plan.mesh.tp,
+            dp: plan.mesh.dp,
+            sequence_parallel: plan.options.sequence_parallel,
+            vocab_padding: plan.vocab_padding,
+            nodes: (plan.backward_start, g.order.len() - plan.backward_start),
+            collectives: groups,
+            per_rank,
+        }
+    }
+
+    /// The collectives of one kind, direction and axis.
+    pub fn find(&self, kind: &str, direction: &str, axis: &str) -> Option<&Collectives> {
+        self.collectives
+            .iter()
+            .find(|c| c.kind == kind && c.direction == direction && c.axis == axis)
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = bytes as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{x:.2} {}", UNITS[u])
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: tp = {}, dp = {}{}",
+            self.model,
+            self.tp,
+            self.dp,
+            if self.sequence_parallel {
+                ", sequence parallel"
+            } else {
+                ""
+            }
+        )?;
+        if let Some((v, p)) = self.vocab_padding {
+            writeln!(f, "vocabulary padded from {v} to {p}")?;
+        }
+        writeln!(
+            f,
+            "SPMD graph: {} forward + {} backward nodes",
+            self.nodes.0, self.nodes.1
+        )?;
+        writeln!(f, "collectives per step:")?;
+        if self.collectives.is_empty() {
+            writeln!(f, "  none")?;
+        }
+        for c in &self.collectives {
+            writeln!(
+                f,
+                "  {:<15} {:<9} over {}  {:>6} ×  {:>12} in all",
+                c.kind,
+                c.direction,
+                c.axis,
+                c.count,
+                human(c.bytes_per_rank)
+            )?;
+        }
+        let r = &self.per_rank;
+        writeln!(f, "per rank:")?;
+        writeln!(f, "  parameters   {:>16}", r.parameters)?;
+        writeln!(f, "  weights      {:>16}", human(r.weights_bytes))?;
+        writeln!(f, "  gradients    {:>16}", human(r.gradients_bytes))?;
+        writeln!(f, "  Adam state   {:>16}", human(r.optimizer_bytes))?;
+        writeln!(f, "  activations  {:>16}", human(r.activations_bytes))?;
+        writeln!(f, "  total        {:>16}", human(r.memory_bytes))
+    }
+}
