@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
-use ferrotron_partitioner::{partition, Layout, PartitionOptions, Report};
+use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -130,6 +130,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let plan = partition(&graph, &options)?;
             let partitioned = start.elapsed() - loaded;
+            verify_plan(&plan)?;
+            let verified = start.elapsed() - loaded - partitioned;
             if let Some(path) = &output {
                 plan.save(path)?;
             }
@@ -144,9 +146,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             if timings {
                 eprintln!(
-                    "load {:.1} ms, partition + autodiff + verify {:.1} ms",
+                    "load {:.1} ms, partition + autodiff {:.1} ms, verify {:.1} ms",
                     loaded.as_secs_f64() * 1e3,
-                    partitioned.as_secs_f64() * 1e3
+                    partitioned.as_secs_f64() * 1e3,
+                    verified.as_secs_f64() * 1e3
                 );
             }
         }

@@ -1,0 +1,166 @@
+//! `ferrotron partition` end to end: every model in the zoo partitions (or says which tensor-
+//! parallel sizes would work), `--json` has the documented fields, the paper's 8.3B model at
+//! tp = 8 has the per-rank parameters the split implies, and a plan file round-trips.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn ferrotron(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrotron"))
+        .args(args)
+        .output()
+        .expect("the ferrotron binary runs")
+}
+
+fn zoo() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir("models")
+        .expect("models/ exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ron"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
+}
+
+#[test]
+fn every_model_partitions_or_names_the_valid_sizes() {
+    for f in zoo() {
+        let file = f.to_str().unwrap();
+        // Two layers keep the big models quick; the strategy does not depend on depth.
+        let base = ["partition", file, "--dim", "layers=2", "--json"];
+        let j = json(&ferrotron(&base));
+        assert_eq!(j["tp"], 1, "{file}");
+        for tp in ["2", "4", "8"] {
+            let mut args = base.to_vec();
+            args.extend(["--tp", tp]);
+            let out = ferrotron(&args);
+            if out.status.success() {
+                let j = json(&out);
+                assert_eq!(j["tp"].as_u64().unwrap().to_string(), tp);
+                let fwd = j["collectives"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["kind"] == "all_reduce" && c["direction"] == "forward")
+                    .unwrap_or_else(|| panic!("{file} tp={tp}: {j}"));
+                // Two per layer, the embedding's g, the cross-entropy's three per-token ones.
+                assert_eq!(fwd["count"].as_u64(), Some(2 * 2 + 1 + 3), "{file}");
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    err.contains("valid tp sizes for this model"),
+                    "{file} tp={tp}: {err}"
+                );
+                assert!(!err.contains("panicked"), "{err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn json_report_of_the_papers_8b_model() {
+    let out = ferrotron(&[
+        "partition",
+        "models/megatron-8.3b.ron",
+        "--tp",
+        "8",
+        "--dp",
+        "64",
+        "--dim",
+        "batch=512",
+        "--json",
+    ]);
+    let j = json(&out);
+    assert_eq!((j["tp"].as_u64(), j["dp"].as_u64()), (Some(8), Some(64)));
+    let colls = j["collectives"].as_array().unwrap();
+    for c in colls {
+        for key in ["kind", "direction", "count", "bytes_per_rank"] {
+            assert!(!c[key].is_null(), "{c}");
+        }
+    }
+    let find = |kind: &str, dir: &str, axis: &str| {
+        colls
+            .iter()
+            .find(|c| c["kind"] == kind && c["direction"] == dir && c["axis"] == axis)
+            .unwrap_or_else(|| panic!("no {kind} {dir} {axis} in {j}"))
+    };
+    // 72 layers × 2 + the embedding's g, plus the cross-entropy's 3 per-token all-reduces.
+    assert_eq!(find("all_reduce", "forward", "tp")["count"], 72 * 2 + 1 + 3);
+    let (b, s, h) = (512 / 64, 1024u64, 3072u64);
+    assert_eq!(
+        find("all_reduce", "forward", "tp")["bytes_per_rank"].as_u64(),
+        Some((72 * 2 + 1) * b * s * h * 4 + 3 * b * s * 4)
+    );
+    // One gradient all-reduce per parameter over the data-parallel group.
+    let params_per_layer = 12;
+    assert_eq!(
+        find("all_reduce", "backward", "dp")["count"],
+        72 * params_per_layer + 4
+    );
+    // 8.3B parameters: the split ones over 8, the replicated ones (norms, row-parallel biases,
+    // positions) whole; the vocabulary 51,200 is already a multiple of 128 × 8.
+    let (v, p, l) = (51_200u64, 1024u64, 72u64);
+    let split = v * h + l * (h * 3 * h + 3 * h + h * h + h * 4 * h + 4 * h + 4 * h * h);
+    let replicated = p * h + 2 * h + l * (2 * h + h + 2 * h + h);
+    assert_eq!(split + replicated, 8_317_040_640);
+    assert_eq!(
+        j["per_rank"]["parameters"].as_u64(),
+        Some(split / 8 + replicated)
+    );
+    assert!(j["per_rank"]["memory_bytes"].as_u64().unwrap() > 16 * (split / 8 + replicated));
+}
+
+#[test]
+fn a_plan_file_is_written_whole_and_bad_options_are_clean_errors() {
+    let dir = std::env::temp_dir().join(format!("ferrotron-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("plan.ron");
+    let out = ferrotron(&[
+        "partition",
+        "models/tiny-gpt.ron",
+        "--tp",
+        "2",
+        "--sequence-parallel",
+        "-o",
+        path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("AllGather") && text.contains("ReduceScatter"));
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    for (args, needle) in [
+        (vec!["--tp", "3"], "valid tp sizes for this model: 1, 2, 4"),
+        (vec!["--dp", "3"], "valid dp sizes for this model: 1, 2"),
+        (
+            vec!["--pin", "wte=sideways"],
+            "a layout is `replicated` or `split(D)`",
+        ),
+        (vec!["--pin", "wte=split(5)"], "the parameter has rank 2"),
+        (vec!["--pin", "wtf=replicated"], "did you mean `wte`"),
+    ] {
+        let mut all = vec!["partition", "models/tiny-gpt.ron"];
+        all.extend(args);
+        let out = ferrotron(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{all:?}: {err}"
+        );
+    }
+}
