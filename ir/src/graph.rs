@@ -95,6 +95,19 @@ pub struct ParamData {
     pub init: Init,
     /// The block instance that declared it, if any.
     pub scope: Option<ScopeId>,
+    /// The tensor-parallel layout the model file fixes for it, if any (the partitioner honours
+    /// it and inserts whatever communication it needs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<Pin>,
+}
+
+/// A parameter layout fixed by the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pin {
+    /// Every rank holds all of it.
+    Replicated,
+    /// Rank `r` holds the `r`-th slice along this dimension.
+    Split(usize),
 }
 
 /// A block instance.
@@ -168,6 +181,7 @@ impl Graph {
             value,
             init,
             scope,
+            pin: None,
         });
         self.values.push(ValueData {
             name,

@@ -30,7 +30,7 @@ pub mod verify;
 
 pub use autodiff::{backward, AutodiffError, Backward};
 pub use dtype::DType;
-pub use graph::{Graph, Init, NodeId, ParamId, ScopeId, ValueDef, ValueId};
+pub use graph::{Graph, Init, NodeId, ParamId, Pin, ScopeId, ValueDef, ValueId};
 pub use infer::{infer, OpError};
 pub use lang::{load_model, parse_model, LoadOptions, ModelError};
 pub use op::{Activation, Factor, MeshAxis, Op};

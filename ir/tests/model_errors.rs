@@ -476,3 +476,40 @@ fn missing_file() {
         "{e}"
     );
 }
+
+#[test]
+fn a_parameter_layout_pin_is_read_and_checked() {
+    let body = r#"
+        "y": MatMul(a: "x", b: "w"),"#;
+    let pinned = model(
+        "",
+        r#"
+        "v": Param(shape: ["hidden"], init: Zeros, layout: Split(0)),"#,
+        body,
+    );
+    let g = parse_model(&pinned, "small.ron", &LoadOptions::default()).unwrap();
+    let v = g.params.values().find(|p| p.name == "v").unwrap();
+    assert_eq!(v.pin, Some(ferrotron_ir::Pin::Split(0)));
+
+    let wrong = model(
+        "",
+        r#"
+        "v": Param(shape: ["hidden"], init: Zeros, layout: Split(1)),"#,
+        body,
+    );
+    let e = check(&wrong);
+    let msg = e.to_string();
+    assert!(msg.starts_with("small.ron:13:"), "{msg}");
+    assert!(
+        msg.contains("the parameter has rank 1, so Split(0) to Split(0) or Replicated"),
+        "{msg}"
+    );
+    let typo = model(
+        "",
+        r#"
+        "v": Param(shape: ["hidden"], init: Zeros, layout: Sideways),"#,
+        body,
+    );
+    let msg = check(&typo).to_string();
+    assert!(msg.starts_with("small.ron:13:"), "{msg}");
+}

@@ -43,35 +43,44 @@ pub fn partition(g: &Graph, opts: &PartitionOptions) -> Result<Plan, PartitionEr
     lower(g, &strategy, opts)
 }
 
+/// The model file's pins, then the options' (which win).
 fn resolve_pins(
     g: &Graph,
     pins: &[(String, Layout)],
 ) -> Result<Vec<(ParamId, Layout)>, PartitionError> {
-    pins.iter()
-        .map(|(name, layout)| {
-            let Some((p, data)) = g.params.iter().find(|(_, d)| &d.name == name) else {
-                let suggestion = ferrotron_ir::lang::syntax::closest(
-                    name,
-                    g.params.values().map(|d| d.name.as_str()),
-                );
-                return Err(PartitionError::UnknownParam {
-                    name: name.clone(),
-                    suggestion,
-                });
+    let from_model = g.params.iter().filter_map(|(p, data)| {
+        data.pin.map(|pin| {
+            let layout = match pin {
+                ferrotron_ir::Pin::Replicated => Layout::Replicated,
+                ferrotron_ir::Pin::Split(d) => Layout::Split(d),
             };
-            let rank = g.ty(data.value).shape.rank();
-            match layout {
-                Layout::Split(d) if *d >= rank => Err(PartitionError::Options(format!(
-                    "pin {name}={layout}: the parameter has rank {rank}, so split(0..{rank}) \
-                     or replicated"
-                ))),
-                Layout::Partial => Err(PartitionError::Options(format!(
-                    "pin {name}=partial: a parameter is replicated or split, never partial"
-                ))),
-                _ => Ok((p, *layout)),
-            }
+            Ok((p, layout))
         })
-        .collect()
+    });
+    let from_options = pins.iter().map(|(name, layout)| {
+        let Some((p, data)) = g.params.iter().find(|(_, d)| &d.name == name) else {
+            let suggestion = ferrotron_ir::lang::syntax::closest(
+                name,
+                g.params.values().map(|d| d.name.as_str()),
+            );
+            return Err(PartitionError::UnknownParam {
+                name: name.clone(),
+                suggestion,
+            });
+        };
+        let rank = g.ty(data.value).shape.rank();
+        match layout {
+            Layout::Split(d) if *d >= rank => Err(PartitionError::Options(format!(
+                "pin {name}={layout}: the parameter has rank {rank}, so split(0..{rank}) \
+                     or replicated"
+            ))),
+            Layout::Partial => Err(PartitionError::Options(format!(
+                "pin {name}=partial: a parameter is replicated or split, never partial"
+            ))),
+            _ => Ok((p, *layout)),
+        }
+    });
+    from_model.chain(from_options).collect()
 }
 
 /// An output's layout and fused-weight blocks.

@@ -600,3 +600,54 @@ fn verifier_rejects_mismatched_shards_of_a_fused_weight() {
     let err = verify_plan(&plan).unwrap_err().to_string();
     assert!(err.contains(&plan.params[0].name), "{err}");
 }
+
+#[test]
+fn a_model_file_pin_is_honoured_and_the_options_override_it() {
+    let src = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/gpt2-small.ron"
+    ))
+    .unwrap()
+    .replace(
+        r#""mlp.c_fc.weight": Param(shape: ["hidden", "ffn"], init: Normal(std: 0.02)),"#,
+        r#""mlp.c_fc.weight": Param(shape: ["hidden", "ffn"], init: Normal(std: 0.02), layout: Replicated),"#,
+    );
+    assert!(src.contains("layout: Replicated"));
+    let opts = LoadOptions {
+        overrides: vec![
+            ("layers".into(), 2),
+            ("hidden".into(), 64),
+            ("heads".into(), 4),
+        ],
+        ..LoadOptions::default()
+    };
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/pinned.ron");
+    let g = ferrotron_ir::parse_model(&src, path, &opts).unwrap();
+    let p = plan(&g, 2, 1, false);
+    let fc = |p: &Plan, l: usize| {
+        let name = format!("h.{l}.mlp.c_fc.weight");
+        p.params.iter().find(|s| s.name == name).unwrap().layout.tp
+    };
+    assert_eq!(
+        (fc(&p, 0), fc(&p, 1)),
+        (Layout::Replicated, Layout::Replicated)
+    );
+    // Column-splitting the MLP's second GEMM alone would need its output gathered before the
+    // residual add, so the whole MLP stays replicated: one all-reduce per layer, for attention.
+    verify_plan(&p).unwrap();
+    let colls = collectives(&p);
+    assert_eq!(in_layer(&colls, 0, false).len(), 1, "{colls:?}");
+    let c_proj = p
+        .params
+        .iter()
+        .find(|s| s.name == "h.0.mlp.c_proj.weight")
+        .unwrap();
+    assert_eq!(c_proj.layout.tp, Layout::Replicated);
+    let mut opts = options(2, 1, false);
+    opts.pins = vec![("h.1.mlp.c_fc.weight".into(), Layout::Split(1))];
+    let p = partition(&g, &opts).unwrap();
+    assert_eq!(
+        (fc(&p, 0), fc(&p, 1)),
+        (Layout::Replicated, Layout::Split(1))
+    );
+}

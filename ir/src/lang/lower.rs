@@ -319,7 +319,25 @@ impl<'a> Lowerer<'a> {
                 ));
             }
         }
-        Ok(self.graph.add_param(full, ty, spec.init.clone(), scope))
+        if let Some(crate::graph::Pin::Split(d)) = spec.layout {
+            if d >= ty.shape.rank() {
+                return Err(self.error(
+                    path,
+                    Some(full),
+                    ErrorKind::Syntax(format!(
+                        "layout Split({d}): the parameter has rank {}, so Split(0) to Split({}) \
+                         or Replicated",
+                        ty.shape.rank(),
+                        ty.shape.rank().saturating_sub(1)
+                    )),
+                ));
+            }
+        }
+        let value = self.graph.add_param(full, ty, spec.init.clone(), scope);
+        if let crate::ValueDef::Param(p) = self.graph.values[value].def {
+            self.graph.params[p].pin = spec.layout;
+        }
+        Ok(value)
     }
 
     fn check_new_name(&self, env: &Env, name: &str, path: &[&str]) -> Result<(), ModelError> {

@@ -84,6 +84,14 @@ pub struct ParamSpec {
     /// Its dtype (default f32).
     #[serde(default)]
     pub dtype: DType,
+    /// A tensor-parallel layout to impose instead of the partitioner's choice:
+    /// `layout: Replicated` or `layout: Split(1)`.
+    #[serde(default, deserialize_with = "some_pin")]
+    pub layout: Option<crate::graph::Pin>,
+}
+
+fn some_pin<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<crate::graph::Pin>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
 }
 
 /// A reusable block: a sub-graph with inputs, its own parameters and outputs.
