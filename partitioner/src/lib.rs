@@ -14,6 +14,7 @@
 //! - [`check`]: layout inference with fused-weight blocks, and the plan verifier.
 //! - [`plan`]: the plan, its parameter shards, RON files.
 //! - [`report`]: what a plan communicates and stores per rank.
+//! - [`simulate`]: the executable semantics of a plan, run on simulated ranks in `f64`.
 #![warn(missing_docs)]
 
 pub mod check;
@@ -22,6 +23,7 @@ pub mod lower;
 pub mod plan;
 pub mod report;
 pub mod rules;
+pub mod simulate;
 pub mod strategy;
 
 pub use check::{verify_plan, PlanError};

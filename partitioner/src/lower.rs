@@ -250,11 +250,43 @@ impl Lower<'_> {
                 && ty.shape.size(0) == batch
                 && ty.shape.size(1) == seq
                 && self.from_inputs[v]
+                && !self.weight_product(v)
             {
                 return Layout::Split(1);
             }
         }
         l
+    }
+
+    /// Whether `v` is the product of an activation and a 2-D weight that is replicated. Such a
+    /// product stays whole under sequence parallelism: its weight's gradient sums over batch and
+    /// sequence together, which sequence shards of a `[batch, seq, ...]` activation cannot be
+    /// merged into (see [`Lower::splits_weight_rows`]).
+    fn weight_product(&self, v: ValueId) -> bool {
+        let ValueDef::Node { node, .. } = self.g.values[v].def else {
+            return false;
+        };
+        match &self.g.nodes[node].op {
+            Op::MatMul { b, .. } => self.is_weight(*b) && self.s.values[*b] == Layout::Replicated,
+            _ => false,
+        }
+    }
+
+    fn is_weight(&self, v: ValueId) -> bool {
+        matches!(self.g.values[v].def, ValueDef::Param(_)) && self.g.ty(v).shape.rank() == 2
+    }
+
+    /// Whether a matmul candidate would multiply a 2-D weight by an activation split on an inner
+    /// row axis (the sequence of `[batch, seq, k]`): the weight's gradient reshapes the activation
+    /// to `[batch · seq, k]`, and such shards are not a contiguous split of those rows.
+    fn splits_weight_rows(&self, op: &Op, pick: &[Layout]) -> bool {
+        match (op, pick) {
+            (Op::MatMul { a, b, .. }, [Layout::Split(d), _]) => {
+                let rank = self.g.ty(*a).shape.rank();
+                self.is_weight(*b) && *d > 0 && *d + 1 < rank
+            }
+            _ => false,
+        }
     }
 
     /// Every split must divide by its group; the error lists the degrees that would work.
@@ -563,7 +595,7 @@ impl Lower<'_> {
                         opts.push((Layout::Split(1), 1.0));
                     }
                 }
-                Layout::Replicated if ty.dtype.is_float() => {
+                Layout::Replicated => {
                     for d in 0..ty.shape.rank() {
                         if ty.shape.size(d).is_multiple_of(self.mesh.tp) {
                             opts.push((Layout::Split(d), 0.1));
@@ -571,11 +603,13 @@ impl Lower<'_> {
                     }
                 }
                 Layout::Split(_) => opts.push((Layout::Replicated, 1.0)),
-                Layout::Replicated => {}
             }
             options.push(opts);
         }
         let works = |pick: &[Layout]| -> Option<Vec<LaidOut>> {
+            if self.splits_weight_rows(op, pick) {
+                return None;
+            }
             let ins: Vec<In> = ins
                 .iter()
                 .zip(locals)
