@@ -519,6 +519,10 @@ impl Autodiff<'_> {
                 let d = self.emit1(cx, Op::SoftmaxGrad { y, dy })?;
                 self.contribute(cx, *x, d)?;
             }
+            Op::Expand { x, .. } => {
+                let d = self.sum_to(cx, dy, *x)?;
+                self.contribute(cx, *x, d)?;
+            }
             Op::Reshape { x, .. } => {
                 let shape = self.g.ty(*x).shape.0.clone();
                 let d = self.emit1(cx, Op::Reshape { x: dy, shape })?;

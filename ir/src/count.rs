@@ -147,6 +147,7 @@ pub fn node_flops(g: &Graph, op: &Op, outputs: &[crate::ValueId]) -> (u128, u128
         | Op::G { .. }
         | Op::LocalSlice { .. }
         | Op::Fill { .. }
+        | Op::Expand { .. }
         | Op::Pad { .. } => (0, 0),
         Op::SumTo { x, .. } => (0, numel(*x)),
         Op::ActGrad { .. } | Op::DropoutGrad { .. } => (0, out(0).saturating_mul(8)),

@@ -522,6 +522,18 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
             }
             one(TensorType::new(x.dtype, to))
         }
+        Op::Expand { x, shape } => {
+            let to = Shape(shape.clone());
+            if broadcast(&x.shape, &to).ok().as_ref() != Some(&to) {
+                return Err(OpError::ShapeMismatch {
+                    what: "Expand's input (it must broadcast to the target)",
+                    expected: to,
+                    found: x.shape.clone(),
+                });
+            }
+            numel(&to)?;
+            one(TensorType::new(x.dtype, to))
+        }
         Op::Fill {
             shape,
             value,

@@ -246,6 +246,9 @@ pub enum Op<V = ValueId, D = Dim> {
     },
     /// Dropout's VJP: `dy` through the same mask the forward node `forward` drew.
     DropoutGrad { dy: V, forward: V, p: f64 },
+    /// `x` broadcast to `shape` (NumPy rules): Llama's `repeat_kv`, each key/value head repeated
+    /// for its group of query heads.
+    Expand { x: V, shape: Vec<D> },
 }
 
 /// The elementwise activations, as [`Op::ActGrad`] names them.
@@ -302,6 +305,7 @@ pub const OP_NAMES: &[&str] = &[
     "EmbeddingGrad",
     "CrossEntropyGrad",
     "DropoutGrad",
+    "Expand",
 ];
 
 impl<V, D> Op<V, D> {
@@ -350,6 +354,7 @@ impl<V, D> Op<V, D> {
             Op::EmbeddingGrad { .. } => 35,
             Op::CrossEntropyGrad { .. } => 36,
             Op::DropoutGrad { .. } => 37,
+            Op::Expand { .. } => 38,
         }
     }
 
@@ -377,7 +382,19 @@ impl<V, D> Op<V, D> {
 
     /// Whether the op belongs to a backward pass (autodiff emits it; it has no VJP itself).
     pub fn is_backward(&self) -> bool {
-        self.index() >= 28
+        matches!(
+            self,
+            Op::SumTo { .. }
+                | Op::Fill { .. }
+                | Op::Pad { .. }
+                | Op::ActGrad { .. }
+                | Op::LayerNormGrad { .. }
+                | Op::RmsNormGrad { .. }
+                | Op::SoftmaxGrad { .. }
+                | Op::EmbeddingGrad { .. }
+                | Op::CrossEntropyGrad { .. }
+                | Op::DropoutGrad { .. }
+        )
     }
 
     /// The op's inputs, in a fixed order (absent optional inputs are skipped).
@@ -611,6 +628,10 @@ impl<V, D> Op<V, D> {
                 dy: fv(dy)?,
                 forward: fv(forward)?,
                 p: *p,
+            },
+            Op::Expand { x, shape } => Op::Expand {
+                x: fv(x)?,
+                shape: shape.iter().map(&mut fd).collect::<Result<_, _>>()?,
             },
         })
     }

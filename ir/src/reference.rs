@@ -697,6 +697,7 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             }
         }
         Op::SumTo { x, shape } => one(sum_to(name, x, &dims(name, shape)?)?),
+        Op::Expand { x, shape } => one(expand(name, x, &dims(name, shape)?)?),
         Op::Fill {
             shape,
             value,
@@ -1240,6 +1241,23 @@ impl CeRows {
     fn row<'a>(&self, logits: &'a Tensor, row: usize) -> &'a [f64] {
         &logits.data[row * self.vocab..row * self.vocab + self.classes]
     }
+}
+
+/// `x` broadcast to `shape`: the transpose of [`sum_to`].
+fn expand(name: &'static str, x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if broadcast_shape(&x.shape, shape).as_deref() != Some(shape) {
+        return Err(invalid(
+            name,
+            format!("{:?} does not broadcast to {shape:?}", x.shape),
+        ));
+    }
+    let mut out = Tensor::try_full(name, shape.to_vec(), 0.0)?;
+    let mut k = 0;
+    for_each_index(shape, |idx| {
+        out.data[k] = x.data[broadcast_offset(idx, &x.shape)];
+        k += 1;
+    });
+    Ok(out)
 }
 
 fn sum_to(name: &'static str, x: &Tensor, shape: &[usize]) -> Result<Tensor> {

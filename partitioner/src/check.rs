@@ -98,9 +98,10 @@ fn globalize(mesh: Mesh, op: &Op, outs: &[(&TensorType, MeshLayout)]) -> Op {
     let full = |i: usize| global_type(mesh, outs[i].0, outs[i].1).shape.0;
     let mut op = op.clone();
     match &mut op {
-        Op::Reshape { shape, .. } | Op::SumTo { shape, .. } | Op::Fill { shape, .. } => {
-            *shape = full(0)
-        }
+        Op::Reshape { shape, .. }
+        | Op::SumTo { shape, .. }
+        | Op::Fill { shape, .. }
+        | Op::Expand { shape, .. } => *shape = full(0),
         Op::Split { axis, sizes, .. } => {
             if let Some(a) = outs[0].0.shape.axis(*axis) {
                 for (i, size) in sizes.iter_mut().enumerate() {
@@ -126,7 +127,11 @@ fn local_sizes(mesh: Mesh, x: &In) -> Vec<u64> {
 fn has_size_attributes(op: &Op) -> bool {
     matches!(
         op,
-        Op::Reshape { .. } | Op::SumTo { .. } | Op::Fill { .. } | Op::Split { .. }
+        Op::Reshape { .. }
+            | Op::SumTo { .. }
+            | Op::Fill { .. }
+            | Op::Split { .. }
+            | Op::Expand { .. }
     )
 }
 

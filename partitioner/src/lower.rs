@@ -39,7 +39,7 @@ pub fn partition(g: &Graph, opts: &PartitionOptions) -> Result<Plan, PartitionEr
         )));
     }
     let pins = resolve_pins(g, &opts.pins)?;
-    let strategy = megatron(g, &pins)?;
+    let strategy = megatron(g, &pins, opts.tp)?;
     lower(g, &strategy, opts)
 }
 
@@ -104,6 +104,8 @@ struct Lower<'a> {
     /// Global value → its local value.
     map: Vec<Option<ValueId>>,
     cache: HashMap<(ValueId, Conv), ValueId>,
+    /// Global values held as sequence shards under sequence parallelism.
+    in_stream: SecondaryMap<ValueId, bool>,
     /// For a gradient value, its forward value's layout.
     hint: SecondaryMap<ValueId, Option<MeshLayout>>,
     from_inputs: SecondaryMap<ValueId, bool>,
@@ -132,6 +134,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         needs_grad: SecondaryMap::with_capacity(g.values.len() * 3),
         map: vec![None; g.values.len()],
         cache: HashMap::new(),
+        in_stream: SecondaryMap::new(),
         hint: SecondaryMap::new(),
         from_inputs: from_inputs(g),
         stream: opts.sequence_parallel.then_some(batch_seq).flatten(),
@@ -142,6 +145,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
             "sequence parallelism needs an integer input shaped [batch, seq] (the tokens)".into(),
         ));
     }
+    lw.find_stream();
     lw.check_divisibility(batch_seq.map(|(b, _)| b))?;
     lw.pg.dims = g.dims.clone();
     for (_, scope) in g.scopes.iter() {
@@ -243,19 +247,88 @@ impl Lower<'_> {
     /// sequence.
     fn target(&self, v: ValueId) -> Layout {
         let l = self.s.values[v];
-        if let (Layout::Replicated, Some((batch, seq))) = (l, self.stream) {
-            let ty = self.g.ty(v);
-            if ty.dtype.is_float()
-                && ty.shape.rank() >= 3
-                && ty.shape.size(0) == batch
-                && ty.shape.size(1) == seq
-                && self.from_inputs[v]
-                && !self.weight_product(v)
-            {
-                return Layout::Split(1);
-            }
+        if l == Layout::Replicated && self.in_stream[v] {
+            return Layout::Split(1);
         }
         l
+    }
+
+    /// Under sequence parallelism, which replicated values are the stream between regions and
+    /// so held as sequence shards: `[batch, seq, ...]` activations whose every use works on
+    /// sequence shards — norms, elementwise ops and residual adds (whose results are stream
+    /// too), reshapes that keep the sequence axis, and the entry of a tensor-parallel region
+    /// (which gathers the sequence). Keys and values of replicated attention heads, say, feed
+    /// rotary embeddings and attention, which need the whole sequence, so they stay whole.
+    fn find_stream(&mut self) {
+        let Some((batch, seq)) = self.stream else {
+            return;
+        };
+        let g = self.g;
+        let mut users: Vec<Vec<ferrotron_ir::NodeId>> = vec![Vec::new(); g.values.len()];
+        for &n in &g.order {
+            for &v in g.nodes[n].op.inputs() {
+                users[v.index()].push(n);
+            }
+        }
+        let mut is_output: SecondaryMap<ValueId, bool> = SecondaryMap::new();
+        for &(_, v) in &g.outputs {
+            is_output[v] = true;
+        }
+        for &n in g.order.iter().rev() {
+            for &v in &g.nodes[n].outputs {
+                let ty = g.ty(v);
+                let shaped = ty.dtype.is_float()
+                    && ty.shape.rank() >= 3
+                    && ty.shape.size(0) == batch
+                    && ty.shape.size(1) == seq
+                    && self.from_inputs[v]
+                    && !self.weight_product(v);
+                self.in_stream[v] = shaped
+                    && self.s.values[v] == Layout::Replicated
+                    && (is_output[v] || !users[v.index()].is_empty())
+                    && users[v.index()].iter().all(|&u| self.takes_shards(u, v));
+            }
+        }
+    }
+
+    /// Whether node `u` can take `v` as sequence shards (see [`Lower::find_stream`]).
+    fn takes_shards(&self, u: ferrotron_ir::NodeId, v: ValueId) -> bool {
+        let node = &self.g.nodes[u];
+        let outputs_stream = || {
+            node.outputs.iter().all(|&w| {
+                self.s.values[w] == Layout::Replicated && self.in_stream[w]
+                    || matches!(self.s.values[w], Layout::Split(d) if d > 1)
+            })
+        };
+        match &node.op {
+            Op::Add(..)
+            | Op::Sub(..)
+            | Op::Mul(..)
+            | Op::Div(..)
+            | Op::Scale { .. }
+            | Op::Gelu(_)
+            | Op::GeluTanh(_)
+            | Op::Silu(_)
+            | Op::Relu(_)
+            | Op::Dropout { .. }
+            | Op::LayerNorm { .. }
+            | Op::RmsNorm { .. } => outputs_stream(),
+            Op::Reshape { .. } => {
+                let to = self.g.ty(node.outputs[0]);
+                to.shape.rank() >= 2
+                    && to.shape.size(0) == self.g.ty(v).shape.size(0)
+                    && to.shape.size(1) == self.g.ty(v).shape.size(1)
+                    && outputs_stream()
+            }
+            // The entry of a column-parallel region gathers the sequence (as its f).
+            Op::MatMul { a, b, .. } => {
+                *a == v
+                    && self.is_weight(*b)
+                    && matches!(self.s.values[*b], Layout::Split(_))
+                    && matches!(self.s.values[node.outputs[0]], Layout::Split(_))
+            }
+            _ => false,
+        }
     }
 
     /// Whether `v` is the product of an activation and a 2-D weight that is replicated. Such a
@@ -294,14 +367,20 @@ impl Lower<'_> {
         let g = self.g;
         let tp = self.mesh.tp;
         let vocab = self.vocab.map(|(v, _)| v);
+        // Units every valid degree must divide, and units it may instead be a multiple of.
         let mut common = 0u64;
+        let mut repeatable_units: Vec<u64> = Vec::new();
         let mut first_bad: Option<(String, Dim)> = None;
-        let mut visit = |name: &str, dim: &Dim, blocks: u32, padded: bool| {
+        let mut visit = |name: &str, dim: &Dim, blocks: u32, padded: bool, repeatable: bool| {
             if padded {
                 return;
             }
             let unit = dim.size / u64::from(blocks.max(1));
-            common = gcd(common, unit);
+            if repeatable {
+                repeatable_units.push(unit);
+            } else {
+                common = gcd(common, unit);
+            }
             if !unit.is_multiple_of(tp) && first_bad.is_none() {
                 first_bad = Some((name.to_owned(), dim.clone()));
             }
@@ -310,7 +389,7 @@ impl Lower<'_> {
             if let Layout::Split(d) = self.s.params[p].layout {
                 let dim = &g.ty(data.value).shape.0[d];
                 let padded = Some(dim.size) == vocab;
-                visit(&data.name, dim, self.s.params[p].blocks, padded);
+                visit(&data.name, dim, self.s.params[p].blocks, padded, false);
             }
         }
         for &n in &g.order {
@@ -318,15 +397,23 @@ impl Lower<'_> {
                 if let Layout::Split(d) = self.target(v) {
                     let dim = &g.ty(v).shape.0[d];
                     let padded = Some(dim.size) == vocab && d + 1 == g.ty(v).shape.rank();
-                    visit(&g.values[v].name, dim, self.s.blocks[v], padded);
+                    let repeatable = self.s.repeatable[v];
+                    visit(&g.values[v].name, dim, self.s.blocks[v], padded, repeatable);
                 }
             }
         }
         if let Some((name, dim)) = first_bad {
-            let valid = if common == 0 {
+            let valid: Vec<u64> = if common == 0 {
                 vec![tp]
             } else {
                 divisors(common)
+                    .into_iter()
+                    .filter(|t| {
+                        repeatable_units
+                            .iter()
+                            .all(|&u| u.is_multiple_of(*t) || t.is_multiple_of(u))
+                    })
+                    .collect()
             };
             return Err(PartitionError::Indivisible {
                 value: name,
@@ -552,7 +639,9 @@ impl Lower<'_> {
         };
         let mut op = op.clone();
         match &mut op {
-            Op::Reshape { shape, .. } => *shape = local_dims(outputs[0], layouts[0]),
+            Op::Reshape { shape, .. } | Op::Expand { shape, .. } => {
+                *shape = local_dims(outputs[0], layouts[0])
+            }
             Op::Split { x, axis, sizes } => {
                 if let Some(a) = self.g.ty(*x).shape.axis(*axis) {
                     for (size, (&v, &l)) in sizes.iter_mut().zip(outputs.iter().zip(layouts)) {

@@ -299,6 +299,17 @@ pub fn output_layouts_on(on: MeshAxis, op: &Op<Sharded, Dim>) -> Result<Vec<Layo
             })
         }
         Op::Fill { .. } => one(Replicated),
+        Op::Expand { x, shape } => {
+            // Broadcasting is linear; a split must sit on an axis that is not repeated.
+            let offset = shape.len().saturating_sub(x.ty.shape.rank());
+            one(match x.layout {
+                Split(d) if shape.get(d + offset).map(|s| s.size) == Some(x.ty.shape.size(d)) => {
+                    Split(d + offset)
+                }
+                Split(d) => return Err(RuleError::AlongSplitDim { op: name, dim: d }),
+                l => l,
+            })
+        }
         Op::Pad { x, axis, .. } => {
             let a = x.ty.shape.axis(*axis).unwrap_or(usize::MAX);
             one(along(name, x, &[a], true)?)

@@ -51,15 +51,22 @@ pub struct Strategy {
     pub blocks: SecondaryMap<ValueId, u32>,
     /// Every parameter's layout.
     pub params: SecondaryMap<ParamId, ParamLayout>,
+    /// Split values whose split may be repeated instead when there are fewer units than ranks
+    /// (grouped-query keys and values, repeated for their queries by an `Expand`).
+    pub repeatable: SecondaryMap<ValueId, bool>,
     /// The vocabulary size (the cross-entropy's class count), if the graph has a loss.
     pub vocab: Option<u64>,
     /// How many passes it took to settle.
     pub passes: usize,
 }
 
-/// Finds the Megatron strategy for `g`, honouring `pins` (parameters whose layout the user
-/// fixed).
-pub fn megatron(g: &Graph, pins: &[(ParamId, Layout)]) -> Result<Strategy, PartitionError> {
+/// Finds the Megatron strategy for `g` on `tp` ranks, honouring `pins` (parameters whose layout
+/// the user fixed).
+pub fn megatron(
+    g: &Graph,
+    pins: &[(ParamId, Layout)],
+    tp: u64,
+) -> Result<Strategy, PartitionError> {
     let mut pinned: SecondaryMap<ParamId, Option<Layout>> = SecondaryMap::new();
     for &(p, l) in pins {
         pinned[p] = Some(l);
@@ -72,7 +79,7 @@ pub fn megatron(g: &Graph, pins: &[(ParamId, Layout)]) -> Result<Strategy, Parti
     let mut passes = 0;
     loop {
         passes += 1;
-        let mut pass = Pass::new(g, &pinned, &demoted, vocab);
+        let mut pass = Pass::new(g, &pinned, &demoted, vocab, tp);
         pass.run()?;
         let fresh: Vec<NodeId> = pass
             .failed
@@ -107,6 +114,12 @@ struct Pass<'a> {
     origin_blocks: SecondaryMap<NodeId, u32>,
     column: SecondaryMap<NodeId, bool>,
     failed: Vec<NodeId>,
+    /// Column choices whose split has fewer units than ranks (and the ranks a multiple of them).
+    too_few: Vec<NodeId>,
+    /// Column choices whose output is repeated by an `Expand` (grouped-query keys and values):
+    /// those, and only those, may stay whole when they have too few units.
+    expanded: SecondaryMap<NodeId, bool>,
+    tp: u64,
 }
 
 impl<'a> Pass<'a> {
@@ -115,6 +128,7 @@ impl<'a> Pass<'a> {
         pinned: &'a SecondaryMap<ParamId, Option<Layout>>,
         demoted: &'a SecondaryMap<NodeId, bool>,
         vocab: Option<u64>,
+        tp: u64,
     ) -> Pass<'a> {
         let mut layout = SecondaryMap::with_capacity(g.values.len());
         for &v in &g.inputs {
@@ -132,6 +146,9 @@ impl<'a> Pass<'a> {
             origin_blocks: SecondaryMap::new(),
             column: SecondaryMap::new(),
             failed: Vec::new(),
+            too_few: Vec::new(),
+            expanded: SecondaryMap::new(),
+            tp,
         }
     }
 
@@ -147,6 +164,22 @@ impl<'a> Pass<'a> {
     }
 
     fn run(&mut self) -> Result<(), PartitionError> {
+        self.propagate()?;
+        // Keys and values with too few heads are settled first: the rules they broke downstream
+        // (against the queries' shards) may be nothing but a consequence.
+        let repeated: Vec<NodeId> = self
+            .too_few
+            .iter()
+            .copied()
+            .filter(|&o| self.expanded[o] && !self.demoted[o])
+            .collect();
+        if !repeated.is_empty() {
+            self.failed = repeated;
+        }
+        Ok(())
+    }
+
+    fn propagate(&mut self) -> Result<(), PartitionError> {
         let g = self.g;
         let mut lay = Vec::new();
         for &n in &g.order {
@@ -171,7 +204,9 @@ impl<'a> Pass<'a> {
                     for l in lay.iter_mut().filter(|l| **l == Layout::Partial) {
                         *l = Layout::Replicated;
                     }
-                    match rule(g, &node.op, &lay) {
+                    match rule(g, &node.op, &lay)
+                        .or_else(|e| self.slice_to_match(n, &mut lay).ok_or(e))
+                    {
                         Ok(outs) => outs,
                         Err(_) => {
                             // A split reached an op that needs it whole: the column choices it
@@ -194,6 +229,38 @@ impl<'a> Pass<'a> {
             self.record(n, &ins, &lay, outs);
         }
         Ok(())
+    }
+
+    /// A replicated activation combined with a split one is sliced locally (free) when that makes
+    /// the node work with a split result: keys and values held whole, because there are fewer
+    /// of their heads than ranks, meet the queries' shards this way.
+    fn slice_to_match(&self, n: NodeId, lay: &mut [Layout]) -> Option<Vec<Layout>> {
+        let g = self.g;
+        let op = &g.nodes[n].op;
+        if !lay.iter().any(|l| matches!(l, Layout::Split(_))) {
+            return None;
+        }
+        let ins: Vec<ValueId> = op.inputs().into_iter().copied().collect();
+        for i in 0..lay.len() {
+            let v = ins[i];
+            if lay[i] != Layout::Replicated
+                || self.param_of(v).is_some()
+                || !g.ty(v).dtype.is_float()
+            {
+                continue;
+            }
+            for d in 0..self.rank(v) {
+                let mut trial = lay.to_vec();
+                trial[i] = Layout::Split(d);
+                if let Ok(outs) = rule(g, op, &trial) {
+                    if outs.iter().all(|l| matches!(l, Layout::Split(_))) {
+                        lay[i] = Layout::Split(d);
+                        return Some(outs);
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Records a node's output layouts and what their splits descend from.
@@ -219,11 +286,44 @@ impl<'a> Pass<'a> {
         }
         for (&v, l) in node.outputs.iter().zip(outs) {
             self.layout[v] = Some(l);
-            if let Layout::Split(_) = l {
+            if let Layout::Split(d) = l {
+                // Fewer units than ranks (key/value heads under grouped-query attention): the
+                // columns they came from stay whole, and each rank slices what its queries need.
+                let size = self.g.ty(v).shape.size(d);
+                if (size % self.tp != 0 && self.tp % size == 0) || self.split_passed_a_unit(n, lay)
+                {
+                    self.too_few.extend_from_slice(&origins);
+                }
+                if matches!(node.op, Op::Expand { .. }) {
+                    for &o in &origins {
+                        self.expanded[o] = true;
+                    }
+                }
                 self.origins[v] = origins.clone();
                 self.flexible[v] = flexible && node.outputs.len() == 1;
             }
         }
+    }
+
+    /// Whether a reshape moved its input's split past a new unit dimension that stands where the
+    /// split was (`[b, s, kv·hd] → [b, s, 1, hd]` with one key/value head): the split then cuts
+    /// the head's features instead of whole heads, which is a single unit across all ranks.
+    fn split_passed_a_unit(&self, n: NodeId, lay: &[Layout]) -> bool {
+        let node = &self.g.nodes[n];
+        let (Op::Reshape { x, .. }, Some(Layout::Split(d))) = (&node.op, lay.first()) else {
+            return false;
+        };
+        let from = self.g.ty(*x).shape.sizes();
+        let to = self.g.ty(node.outputs[0]).shape.sizes();
+        let before: u64 = from[..*d].iter().product();
+        let mut acc = 1u64;
+        for &size in &to {
+            if acc == before {
+                return size == 1;
+            }
+            acc = acc.saturating_mul(size);
+        }
+        false
     }
 
     /// A `Split` along the axis its input is split on: legal when the input is a column-parallel
@@ -338,9 +438,11 @@ impl<'a> Pass<'a> {
         };
         let mut values = SecondaryMap::with_capacity(g.values.len());
         let mut blocks = SecondaryMap::with_capacity(g.values.len());
+        let mut repeatable = SecondaryMap::with_capacity(g.values.len());
         for (v, _) in g.values.iter() {
             let l = self.layout[v].unwrap_or_default();
             values[v] = l;
+            repeatable[v] = self.origins[v].iter().any(|&o| self.expanded[o]);
             blocks[v] = if matches!(l, Layout::Split(_)) && self.flexible[v] {
                 blocks_of(&self.origins[v])
             } else {
@@ -361,6 +463,7 @@ impl<'a> Pass<'a> {
             values,
             blocks,
             params,
+            repeatable,
             vocab,
             passes,
         }

@@ -387,6 +387,25 @@ fn llama_tensor_sequence_and_data_parallel() {
     case.check(opts(2, 2, true));
 }
 
+/// Fewer key/value heads than ranks: the key/value projections stay whole and each rank takes
+/// the heads its queries need (one key/value head shared by 4 query heads, at 2 and 4 ranks; 2
+/// shared by 2 each, at 4 ranks).
+#[test]
+fn llama_with_fewer_key_value_heads_than_ranks() {
+    let mqa = Case::new(
+        "tiny-llama.ron",
+        &[("layers", 1), ("heads", 4), ("kv_heads", 1), ("ffn", 32)],
+    );
+    mqa.check(opts(2, 1, false));
+    mqa.check(opts(4, 1, false));
+    mqa.check(opts(4, 1, true));
+    let gqa = Case::new(
+        "tiny-llama.ron",
+        &[("layers", 1), ("heads", 4), ("kv_heads", 2), ("ffn", 32)],
+    );
+    gqa.check(opts(4, 2, false));
+}
+
 #[test]
 fn two_layers_compose() {
     let case = Case::new("tiny-llama.ron", &[("layers", 2), ("seq", 6), ("ffn", 32)]);

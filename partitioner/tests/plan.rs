@@ -651,3 +651,56 @@ fn a_model_file_pin_is_honoured_and_the_options_override_it() {
         (Layout::Replicated, Layout::Split(1))
     );
 }
+
+#[test]
+fn fewer_key_value_heads_than_ranks_keeps_them_whole_and_slices_per_rank() {
+    // Llama 3 8B has 8 key/value heads; at tp = 16 each pair of ranks shares one.
+    let g = model("llama3-8b.ron", &[("layers", 2)]);
+    let (b, s, h) = (dim(&g, "batch"), dim(&g, "seq"), dim(&g, "hidden"));
+    let plan = plan(&g, 16, 1, false);
+    let layout = |name: &str| {
+        plan.params
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{name}"))
+            .layout
+            .tp
+    };
+    assert_eq!(layout("layers.0.self_attn.q_proj.weight"), Layout::Split(0));
+    assert_eq!(
+        layout("layers.0.self_attn.k_proj.weight"),
+        Layout::Replicated
+    );
+    assert_eq!(
+        layout("layers.0.self_attn.v_proj.weight"),
+        Layout::Replicated
+    );
+    assert_eq!(layout("layers.0.mlp.down_proj.weight"), Layout::Split(1));
+    let colls = collectives(&plan);
+    for layer in 0..2 {
+        assert_eq!(
+            count(&colls, Some(layer), false, "all_reduce", b * s * h),
+            2
+        );
+        assert_eq!(in_layer(&colls, layer, false).len(), 2);
+        // Backward: the two f's, and the keys' and values' gradients gathered from the ranks
+        // that used their slices.
+        assert_eq!(count(&colls, Some(layer), true, "all_reduce", b * s * h), 2);
+        assert_eq!(count(&colls, Some(layer), true, "all_gather", b * s * h), 2);
+    }
+    // Query heads still have to divide: 64 ranks for 32 heads is refused, with the sizes that
+    // work (16 and 32 included, though the 8 key/value heads do not divide them).
+    let err = partition(&g, &options(64, 1, false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("valid tp sizes for this model: 1, 2, 4, 8, 16, 32"),
+        "{err}"
+    );
+    // GPT's heads are not repeated for anyone, so too few of them is an error, not a fallback.
+    let gpt = model("tiny-gpt.ron", &[]);
+    let err = partition(&gpt, &options(8, 1, false))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("heads=4"), "{err}");
+}
