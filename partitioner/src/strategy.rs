@@ -290,7 +290,8 @@ impl<'a> Pass<'a> {
                 // Fewer units than ranks (key/value heads under grouped-query attention): the
                 // columns they came from stay whole, and each rank slices what its queries need.
                 let size = self.g.ty(v).shape.size(d);
-                if (size % self.tp != 0 && self.tp % size == 0) || self.split_passed_a_unit(n, lay)
+                if (!size.is_multiple_of(self.tp) && self.tp.is_multiple_of(size))
+                    || self.split_passed_a_unit(n, lay)
                 {
                     self.too_few.extend_from_slice(&origins);
                 }
