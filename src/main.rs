@@ -8,6 +8,8 @@ use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
+use ferrotron_runtime::init::{init_params, random_batch, test_params};
+use ferrotron_runtime::verify::{compare, reference_plan, Verification};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -65,6 +67,70 @@ enum Command {
         #[arg(long)]
         timings: bool,
     },
+    /// Partition a model and run one forward + backward step on CPU threads (one per rank),
+    /// on deterministic weights and a random batch; with `--verify`, compare the loss, the
+    /// outputs and every gradient with the unpartitioned model's.
+    Run {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Compare with the unpartitioned model; exit non-zero on a mismatch.
+        #[arg(long)]
+        verify: bool,
+        /// Seed of the weights and the batch.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Threads each rank's matmuls may use.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The model and how to partition it, shared by `partition` and `run`.
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// The model file.
+    model: PathBuf,
+    /// Tensor-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    tp: u64,
+    /// Data-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    dp: u64,
+    /// Split the activations between tensor-parallel regions along the sequence.
+    #[arg(long)]
+    sequence_parallel: bool,
+    /// Pad the vocabulary to a multiple of this × tp.
+    #[arg(long, default_value_t = 128)]
+    vocab_multiple: u64,
+    /// Fix a parameter's layout: `--pin h.0.mlp.c_fc.weight=replicated` (or `split(1)`).
+    #[arg(long = "pin", value_name = "PARAM=LAYOUT", value_parser = parse_pin)]
+    pins: Vec<(String, Layout)>,
+    /// Override a named dimension: `--dim layers=2`.
+    #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim_override)]
+    dims: Vec<(String, u64)>,
+}
+
+impl PlanArgs {
+    fn load(&self) -> Result<ferrotron_ir::Graph> {
+        let opts = LoadOptions {
+            overrides: self.dims.clone(),
+            ..LoadOptions::default()
+        };
+        Ok(load_model(&self.model, &opts)?)
+    }
+
+    fn options(&self) -> PartitionOptions {
+        PartitionOptions {
+            tp: self.tp,
+            dp: self.dp,
+            sequence_parallel: self.sequence_parallel,
+            vocab_multiple: self.vocab_multiple,
+            pins: self.pins.clone(),
+        }
+    }
 }
 
 fn parse_pin(s: &str) -> Result<(String, Layout), String> {
@@ -153,8 +219,123 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::Run {
+            plan: args,
+            verify,
+            seed,
+            threads,
+            json,
+        } => {
+            let graph = args.load()?;
+            let plan = partition(&graph, &args.options())?;
+            let report = Report::of(&plan);
+            let opts = ferrotron_runtime::RunOptions {
+                threads_per_rank: threads,
+                ..ferrotron_runtime::RunOptions::default()
+            };
+            let (params, batch) = if verify {
+                (test_params(&graph, seed), random_batch(&graph, seed))
+            } else {
+                (init_params(&graph, seed), random_batch(&graph, seed))
+            };
+            let started = std::time::Instant::now();
+            let run = ferrotron_runtime::run(&plan, &params, &batch, &opts)?;
+            let wall = started.elapsed();
+            let loss = run.loss()?;
+            let (fwd, bwd) = run.times();
+            let tokens = ferrotron_ir::count::tokens_per_step(&graph).unwrap_or(0);
+            let tokens_per_second = tokens as f64 / (fwd + bwd).as_secs_f64().max(1e-9);
+            let checked = if verify {
+                let reference = reference_plan(&graph)?;
+                Some(compare(&plan, &reference, &params, &batch, &opts)?)
+            } else {
+                None
+            };
+            if json {
+                let mut j = serde_json::json!({
+                    "model": graph.name,
+                    "tp": plan.mesh.tp,
+                    "dp": plan.mesh.dp,
+                    "loss": loss,
+                    "forward_ms": fwd.as_secs_f64() * 1e3,
+                    "backward_ms": bwd.as_secs_f64() * 1e3,
+                    "tokens_per_second": tokens_per_second,
+                    "peak_bytes_per_rank": run.peak_bytes(),
+                    "estimated_bytes_per_rank": report.per_rank.memory_bytes - report.per_rank.optimizer_bytes,
+                    "report": report,
+                });
+                if let Some(v) = &checked {
+                    j["verified"] = v.passed().into();
+                    j["max_rel_error"] = v.max_rel_error().into();
+                    j["comparison"] = serde_json::to_value(v)?;
+                }
+                println!("{j}");
+            } else {
+                print!("{report}");
+                println!(
+                    "run: loss {loss:.6}, forward {:.1} ms, backward {:.1} ms ({:.1} ms wall), \
+                     {tokens_per_second:.0} tokens/s",
+                    fwd.as_secs_f64() * 1e3,
+                    bwd.as_secs_f64() * 1e3,
+                    wall.as_secs_f64() * 1e3
+                );
+                let estimate = report.per_rank.memory_bytes - report.per_rank.optimizer_bytes;
+                println!(
+                    "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB estimated \
+                     (weights + gradients + saved activations)",
+                    run.peak_bytes() as f64 / (1 << 20) as f64,
+                    estimate as f64 / (1 << 20) as f64
+                );
+                if let Some(v) = &checked {
+                    print_verification(v);
+                }
+            }
+            if let Some(v) = checked {
+                if !v.passed() {
+                    anyhow::bail!(
+                        "the partitioned run differs from the unpartitioned model (max relative \
+                         error {:.3e})",
+                        v.max_rel_error()
+                    );
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn print_verification(v: &Verification) {
+    println!(
+        "verify against the unpartitioned model: loss {:.6} vs {:.6}",
+        v.loss, v.reference_loss
+    );
+    let mut worst: Vec<&ferrotron_runtime::verify::Entry> = v.entries.iter().collect();
+    worst.sort_by(|a, b| b.max_rel_error.total_cmp(&a.max_rel_error));
+    println!(
+        "  {:<44} {:>12} {:>10}",
+        "tensor (largest errors first)", "rel. error", "tolerance"
+    );
+    for e in worst.iter().take(12) {
+        println!(
+            "  {:<44} {:>12.3e} {:>10.0e} {}",
+            e.name,
+            e.max_rel_error,
+            e.tolerance,
+            if e.ok() { "ok" } else { "MISMATCH" }
+        );
+    }
+    if worst.len() > 12 {
+        println!("  ... and {} more, all within tolerance", worst.len() - 12);
+    }
+    if let Some((node, err)) = &v.first_divergence {
+        println!("  first op whose output diverges: `{node}` (relative error {err:.3e})");
+    }
+    println!(
+        "  {} ({} tensors, max relative error {:.3e})",
+        if v.passed() { "verified" } else { "MISMATCH" },
+        v.entries.len(),
+        v.max_rel_error()
+    );
 }
 
 fn main() -> ExitCode {

@@ -329,8 +329,15 @@ pub enum PlanError {
 /// them (replicated loss on the tensor-parallel axis, each gradient laid out like its
 /// parameter).
 pub fn verify_plan(plan: &Plan) -> Result<(), PlanError> {
+    ferrotron_ir::verify(&plan.graph)?;
+    value_blocks(plan).map(|_| ())
+}
+
+/// Re-derives every value's layout (as [`verify_plan`] does, without re-checking the graph's
+/// types) and returns each value's fused-weight blocks: how a runtime reassembles a value from
+/// its shards.
+pub fn value_blocks(plan: &Plan) -> Result<SecondaryMap<ValueId, u32>, PlanError> {
     let g = &plan.graph;
-    ferrotron_ir::verify(g)?;
     let mesh = plan.mesh;
     let mut blocks: SecondaryMap<ValueId, u32> = SecondaryMap::with_capacity(g.values.len());
     for (p, data) in g.params.iter() {
@@ -432,7 +439,7 @@ pub fn verify_plan(plan: &Plan) -> Result<(), PlanError> {
             });
         }
     }
-    Ok(())
+    Ok(blocks)
 }
 
 /// Whether a value is computed from the graph's inputs (not from parameters alone).

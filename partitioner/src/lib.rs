@@ -26,7 +26,7 @@ pub mod rules;
 pub mod simulate;
 pub mod strategy;
 
-pub use check::{verify_plan, PlanError};
+pub use check::{value_blocks, verify_plan, PlanError};
 pub use layout::{Layout, Mesh, MeshLayout};
 pub use lower::partition;
 pub use plan::{ParamShard, PartitionOptions, Plan, PlanFileError};

@@ -1,3 +1,20 @@
-//! The runtimes: execute a partitioned plan on CPU threads or CUDA GPUs, forward, backward and
-//! optimizer step, checked against the unpartitioned model. Not implemented yet: this crate is a
-//! placeholder in the workspace. See issues 4 (CPU) and 5 (CUDA).
+//! The runtimes: execute a partitioned [`ferrotron_partitioner::Plan`] on CPU threads (CUDA to
+//! come, issue 5), forward and backward, checked against the unpartitioned model.
+//!
+//! ```text
+//! Plan ─► exec: one thread per rank runs the SPMD graph in order
+//!            ├─ cpu::kernels: every op's local computation (f32; matmuls through `gemm`)
+//!            └─ comm: in-process collectives over the tp and dp groups
+//!       ─► loss, outputs, gradients (gathered to full shape by `verify`)
+//! ```
+#![warn(missing_docs)]
+
+pub mod comm;
+pub mod cpu;
+pub mod exec;
+pub mod init;
+pub mod tensor;
+pub mod verify;
+
+pub use exec::{run, ExecError, Run, RunOptions};
+pub use tensor::Tensor;

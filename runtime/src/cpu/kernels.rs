@@ -1,0 +1,1552 @@
+//! Every op's local computation in `f32`, forward and backward, agreeing with the reference
+//! evaluator ([`ferrotron_ir::reference`]) to ~1e-6 relative.
+//!
+//! [`eval`] takes one op on this rank's tensors and returns its outputs. What depends on the
+//! rank's place in the full tensors (a vocabulary-parallel table's first row, a dropout shard's
+//! offsets, how many token shards a mean spans) comes in [`Local`]. Collectives and `LocalSlice`
+//! are the executor's ([`KernelError::NotLocal`]); a vocabulary-parallel cross-entropy is computed
+//! in phases around the executor's reductions: [`ce_row_max`], then [`ce_row_sums`] with the
+//! group's max, then [`ce_loss`] or [`ce_grad`] with the group's sums.
+//!
+//! Numerics: reductions (row statistics of norms and softmax, the sums of `SumTo`, the
+//! parameter gradients of norms, embedding-gradient rows, the loss) accumulate in `f64`; the
+//! transcendental activations are evaluated in `f64`; everything is stored as `f32`. Inputs
+//! are validated (shapes, axes, ids) and every failure is a [`KernelError`], never a panic.
+//!
+//! Performance: matmuls go through `gemm` (see `matmul.rs`); elementwise ops have fast paths
+//! for equal shapes and for an operand repeated along leading axes (a bias); norms, softmax and
+//! cross-entropy run row by row; large tensors are split by rows over [`Local::threads`].
+
+use super::layout::{
+    around, broadcast_shape, broadcast_strides, expand, for_each_offset, is_trailing, numel,
+    sum_to, transpose, zeros, Result,
+};
+use super::matmul::matmul;
+use super::par::par_chunks;
+use crate::Tensor;
+use ferrotron_ir::op::{Activation, Factor, Op};
+use ferrotron_ir::reference::splitmix64;
+use ferrotron_ir::Dim;
+
+/// Why a kernel cannot run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[allow(missing_docs)] // variant fields are named for what they hold
+pub enum KernelError {
+    /// Inputs or attributes the op is not defined on: shapes that do not fit, a bad axis, a
+    /// tensor whose data does not fill its shape, a bad probability.
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+    /// An index (an embedding id, a class target) that is not an integer in its range.
+    #[error("{op}: {what} {value} (element {element}) is not an integer in 0..{bound}")]
+    Index {
+        op: &'static str,
+        what: &'static str,
+        value: f32,
+        element: usize,
+        bound: usize,
+    },
+    /// A collective or `LocalSlice`: the executor runs those.
+    #[error("{op} is not a local computation: the executor runs it")]
+    NotLocal { op: &'static str },
+}
+
+pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> KernelError {
+    KernelError::Invalid {
+        op,
+        msg: msg.into(),
+    }
+}
+
+/// What a kernel needs to know about its rank's place in the full tensors (rank-dependent ops
+/// only). `Local::default()` describes an unpartitioned run on one thread.
+#[derive(Clone, Debug, Default)]
+pub struct Local {
+    /// Embedding / EmbeddingGrad with a vocabulary-parallel table: the first full-table row this
+    /// rank holds. Ids outside `[offset, offset + local rows)` look up zero rows (Embedding) or
+    /// scatter nothing (EmbeddingGrad). A non-zero offset marks the table vocabulary-parallel.
+    pub vocab_offset: usize,
+    /// Embedding / EmbeddingGrad: `Some(full table rows)` marks the table vocabulary-parallel
+    /// (needed on the rank whose offset is 0) and bounds the ids; `None` with offset 0: the
+    /// table is whole and every id must index it.
+    pub vocab_rows: Option<usize>,
+    /// Dropout / DropoutGrad: the full shape of the value, so that a shard's element masks are
+    /// those of the full tensor. `None`: the local tensor is the full one.
+    pub full_shape: Option<Vec<usize>>,
+    /// This shard's offset along each axis of [`Local::full_shape`] (all zero when `None`).
+    /// Rotary also reads it: positions start at the offset along axis −3.
+    pub offsets: Option<Vec<usize>>,
+    /// Dropout / DropoutGrad: the element at flat full-tensor index `i` is kept iff
+    /// `dropout_keeps(i.wrapping_add(dropout_seed.wrapping_mul(1 << 40)), p)`
+    /// ([`ferrotron_ir::reference::dropout_keeps`]); 0 reproduces the reference evaluator.
+    pub dropout_seed: u64,
+    /// CrossEntropy / CrossEntropyGrad: the number of equal token shards the mean spans (the
+    /// data-parallel degree when the tokens are split over dp): the mean divides by local
+    /// predicting positions × token_parts. 0 and 1 mean a plain mean.
+    pub token_parts: usize,
+    /// Threads a kernel may use (0 and 1: this thread only; more: `gemm`'s rayon parallelism
+    /// for matmuls, scoped threads over rows for large elementwise and row-wise ops).
+    pub threads: usize,
+}
+
+impl Local {
+    fn threads(&self) -> usize {
+        self.threads.max(1)
+    }
+
+    fn token_parts(&self) -> usize {
+        self.token_parts.max(1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+fn check_tensor(op: &'static str, t: &Tensor) -> Result<()> {
+    match t.shape.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) {
+        Some(n) if n == t.data.len() => Ok(()),
+        _ => Err(invalid(
+            op,
+            format!(
+                "a tensor of shape {:?} holds {} elements",
+                t.shape,
+                t.data.len()
+            ),
+        )),
+    }
+}
+
+fn dim(op: &'static str, d: &Dim) -> Result<usize> {
+    usize::try_from(d.size)
+        .map_err(|_| invalid(op, format!("dimension {d} does not fit in memory")))
+}
+
+fn dims(op: &'static str, ds: &[Dim]) -> Result<Vec<usize>> {
+    ds.iter().map(|d| dim(op, d)).collect()
+}
+
+fn axis(op: &'static str, shape: &[usize], axis: i64) -> Result<usize> {
+    let rank = shape.len() as i64;
+    let a = if axis < 0 { axis + rank } else { axis };
+    if (0..rank).contains(&a) {
+        Ok(a as usize)
+    } else {
+        Err(invalid(
+            op,
+            format!("axis {axis} is out of range for shape {shape:?}"),
+        ))
+    }
+}
+
+fn min_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
+    if t.rank() >= rank {
+        Ok(())
+    } else {
+        Err(invalid(
+            op,
+            format!("{what} must have rank at least {rank}, found {:?}", t.shape),
+        ))
+    }
+}
+
+fn same_shape(op: &'static str, what: &str, expected: &[usize], found: &Tensor) -> Result<()> {
+    if found.shape == expected {
+        Ok(())
+    } else {
+        Err(invalid(
+            op,
+            format!("{what} has shape {:?}, expected {expected:?}", found.shape),
+        ))
+    }
+}
+
+/// An integer index held in an `f32`, checked to be in `0..bound`.
+fn index(
+    op: &'static str,
+    what: &'static str,
+    value: f32,
+    element: usize,
+    bound: usize,
+) -> Result<usize> {
+    if value.fract() == 0.0 && value >= 0.0 && (value as f64) < bound as f64 {
+        Ok(value as usize)
+    } else {
+        Err(KernelError::Index {
+            op,
+            what,
+            value,
+            element,
+            bound,
+        })
+    }
+}
+
+/// `(rows, n)`: a shape as rows of its last axis (a scalar is one row of one element).
+fn rows_of(shape: &[usize]) -> (usize, usize) {
+    match shape.split_last() {
+        Some((&n, outer)) => (outer.iter().product(), n),
+        None => (1, 1),
+    }
+}
+
+/// A tensor of `x`'s shape whose elements are `f(x)`, split over threads.
+fn map(x: &Tensor, threads: usize, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
+    let mut data = vec![0.0; x.data.len()];
+    par_chunks(threads, &mut data, 1, |first, chunk| {
+        for (o, &v) in chunk.iter_mut().zip(&x.data[first..]) {
+            *o = f(v);
+        }
+    });
+    Tensor {
+        shape: x.shape.clone(),
+        data,
+    }
+}
+
+/// `f(a, b)` elementwise over two tensors of one shape, split over threads.
+fn zip_map(
+    shape: &[usize],
+    a: &[f32],
+    b: &[f32],
+    threads: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Tensor {
+    let mut data = vec![0.0; a.len()];
+    par_chunks(threads, &mut data, 1, |first, chunk| {
+        for ((o, &x), &y) in chunk.iter_mut().zip(&a[first..]).zip(&b[first..]) {
+            *o = f(x, y);
+        }
+    });
+    Tensor {
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dispatcher
+
+/// Evaluates one op's local computation; one tensor per output.
+///
+/// Collectives (`F`, `G`, `AllReduce`, `AllGather`, `ReduceScatter`) and `LocalSlice` are the
+/// executor's: they return [`KernelError::NotLocal`]. Every other op is computed here, with the
+/// rank-dependent facts in `local`.
+pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelError> {
+    let name = op.mnemonic();
+    for t in op.inputs() {
+        check_tensor(name, t)?;
+    }
+    let th = local.threads();
+    let one = |t: Tensor| Ok(vec![t]);
+    match op {
+        Op::Embedding { table, ids } => one(embedding(name, table, ids, local)?),
+        Op::MatMul {
+            a,
+            b,
+            transpose_a,
+            transpose_b,
+        } => one(matmul(a, b, *transpose_a, *transpose_b, th)?),
+        Op::Add(a, b) => one(binary(name, a, b, th, |x, y| x + y)?),
+        Op::Sub(a, b) => one(binary(name, a, b, th, |x, y| x - y)?),
+        Op::Mul(a, b) => one(binary(name, a, b, th, |x, y| x * y)?),
+        Op::Div(a, b) => one(binary(name, a, b, th, |x, y| x / y)?),
+        Op::Scale { x, factor } => {
+            if let Factor::InvSqrt(d) = factor {
+                if d.size == 0 {
+                    return Err(invalid(name, "InvSqrt of a zero dimension"));
+                }
+            }
+            let f = factor.value();
+            one(map(x, th, |v| (v as f64 * f) as f32))
+        }
+        Op::Gelu(x) => one(map(x, th, |v| act(Activation::Gelu, v as f64) as f32)),
+        Op::GeluTanh(x) => one(map(x, th, |v| act(Activation::GeluTanh, v as f64) as f32)),
+        Op::Silu(x) => one(map(x, th, |v| act(Activation::Silu, v as f64) as f32)),
+        Op::Relu(x) => one(map(x, th, |v| v.max(0.0))),
+        Op::LayerNorm {
+            x,
+            weight,
+            bias,
+            eps,
+        } => one(norm_forward(name, x, *weight, *bias, *eps, true, th)?),
+        Op::RmsNorm { x, weight, eps } => {
+            one(norm_forward(name, x, *weight, None, *eps, false, th)?)
+        }
+        Op::Softmax { x, causal } => one(softmax(name, x, *causal, th)?),
+        Op::Reshape { x, shape } => {
+            let shape = dims(name, shape)?;
+            if shape.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) != Some(x.numel()) {
+                return Err(invalid(
+                    name,
+                    format!("cannot reshape {:?} to {shape:?}", x.shape),
+                ));
+            }
+            one(Tensor {
+                shape,
+                data: x.data.clone(),
+            })
+        }
+        Op::Transpose { x, perm } => one(transpose(name, x, perm, th)?),
+        Op::Slice {
+            x,
+            axis: ax,
+            start,
+            end,
+        } => {
+            let a = axis(name, &x.shape, *ax)?;
+            let (start, end) = (dim(name, start)?, dim(name, end)?);
+            if start > end || end > x.shape[a] {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "slice {start}..{end} is out of range for axis {a} of {:?}",
+                        x.shape
+                    ),
+                ));
+            }
+            one(slice_axis(x, a, start, end))
+        }
+        Op::Split { x, axis: ax, sizes } => {
+            let a = axis(name, &x.shape, *ax)?;
+            let sizes = dims(name, sizes)?;
+            let total = sizes.iter().try_fold(0usize, |s, &n| s.checked_add(n));
+            if sizes.is_empty() || total != Some(x.shape[a]) {
+                return Err(invalid(
+                    name,
+                    format!("sizes {sizes:?} do not add up to axis {a} of {:?}", x.shape),
+                ));
+            }
+            let mut start = 0;
+            Ok(sizes
+                .iter()
+                .map(|&n| {
+                    start += n;
+                    slice_axis(x, a, start - n, start)
+                })
+                .collect())
+        }
+        Op::Concat { xs, axis: ax } => one(concat(name, xs, *ax)?),
+        Op::Rotary { x, base, inverse } => one(rotary(name, x, *base, *inverse, local)?),
+        Op::Dropout { x, p } => one(dropout(name, x, *p, local)?),
+        Op::DropoutGrad { dy, forward, p } => {
+            same_shape(name, "the gradient", &forward.shape, dy)?;
+            one(dropout(name, dy, *p, local)?)
+        }
+        Op::CrossEntropy {
+            logits,
+            targets,
+            shift,
+            classes,
+        } => {
+            let real = ce_classes(name, logits, classes.as_ref())?;
+            let max = row_max(name, logits, 0, real, th)?;
+            let (sum, target) = row_sums(name, logits, &max, targets, *shift, 0, real, th)?;
+            let loss = loss(
+                name,
+                &max,
+                &sum,
+                &target,
+                &logits.shape,
+                *shift,
+                local.token_parts(),
+            )?;
+            one(Tensor {
+                shape: Vec::new(),
+                data: vec![loss],
+            })
+        }
+        Op::CrossEntropyGrad {
+            logits,
+            targets,
+            dloss,
+            shift,
+            classes,
+        } => {
+            let real = ce_classes(name, logits, classes.as_ref())?;
+            same_shape(name, "the loss gradient", &[], dloss)?;
+            let max = row_max(name, logits, 0, real, th)?;
+            let (sum, _) = row_sums(name, logits, &max, targets, *shift, 0, real, th)?;
+            let grad = grad(
+                name,
+                logits,
+                &max,
+                &sum,
+                targets,
+                *shift,
+                0,
+                real,
+                dloss.data[0],
+                local.token_parts(),
+                th,
+            )?;
+            one(grad)
+        }
+        Op::AllReduce { .. }
+        | Op::AllGather { .. }
+        | Op::ReduceScatter { .. }
+        | Op::F { .. }
+        | Op::G { .. }
+        | Op::LocalSlice { .. } => Err(KernelError::NotLocal { op: name }),
+        Op::SumTo { x, shape } => one(sum_to(name, x, &dims(name, shape)?, th)?),
+        Op::Expand { x, shape } => one(expand(name, x, &dims(name, shape)?, th)?),
+        Op::Fill {
+            shape,
+            value,
+            dtype,
+        } => {
+            let v = *value as f32;
+            if !value.is_finite() || !v.is_finite() || (dtype.is_int() && value.fract() != 0.0) {
+                return Err(invalid(
+                    name,
+                    format!("{value} is not a finite {dtype} value"),
+                ));
+            }
+            let shape = dims(name, shape)?;
+            let n = numel(name, &shape)?;
+            one(Tensor {
+                shape,
+                data: vec![v; n],
+            })
+        }
+        Op::Pad {
+            x,
+            axis: ax,
+            before,
+            after,
+        } => {
+            let a = axis(name, &x.shape, *ax)?;
+            let (before, after) = (dim(name, before)?, dim(name, after)?);
+            let mut shape = x.shape.clone();
+            shape[a] = shape[a]
+                .checked_add(before)
+                .and_then(|s| s.checked_add(after))
+                .ok_or_else(|| invalid(name, "the padded size overflows"))?;
+            let mut out = zeros(name, shape)?;
+            let (outer, n, inner) = around(&x.shape, a);
+            let m = out.shape[a];
+            for o in 0..outer {
+                let src = &x.data[o * n * inner..(o + 1) * n * inner];
+                let dst = (o * m + before) * inner;
+                out.data[dst..dst + n * inner].copy_from_slice(src);
+            }
+            one(out)
+        }
+        Op::ActGrad { act: a, x, dy } => {
+            same_shape(name, "the gradient", &x.shape, dy)?;
+            let a = *a;
+            one(zip_map(&x.shape, &x.data, &dy.data, th, |x, g| {
+                if a == Activation::Relu {
+                    if x > 0.0 {
+                        g
+                    } else {
+                        g * 0.0
+                    }
+                } else {
+                    (g as f64 * act_grad(a, x as f64)) as f32
+                }
+            }))
+        }
+        Op::LayerNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, true, th),
+        Op::RmsNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, false, th),
+        Op::SoftmaxGrad { y, dy } => {
+            min_rank(name, "the softmax output", y, 1)?;
+            same_shape(name, "the gradient", &y.shape, dy)?;
+            let (_, n) = rows_of(&y.shape);
+            let mut out = vec![0.0; y.data.len()];
+            par_chunks(th, &mut out, n, |first, chunk| {
+                for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
+                    let r = first + i;
+                    let (ys, gs) = (&y.data[r * n..(r + 1) * n], &dy.data[r * n..(r + 1) * n]);
+                    let dot: f64 = ys.iter().zip(gs).map(|(&y, &g)| y as f64 * g as f64).sum();
+                    for (o, (&y, &g)) in o.iter_mut().zip(ys.iter().zip(gs)) {
+                        *o = (y as f64 * (g as f64 - dot)) as f32;
+                    }
+                }
+            });
+            one(Tensor {
+                shape: y.shape.clone(),
+                data: out,
+            })
+        }
+        Op::EmbeddingGrad { table, ids, dy } => one(embedding_grad(name, table, ids, dy, local)?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise
+
+/// `f(a, b)` with NumPy broadcasting: equal shapes and an operand repeated along leading axes
+/// (a bias, a scalar) take fast paths; anything else runs row by row with strides.
+fn binary(
+    name: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    threads: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync + Copy,
+) -> Result<Tensor> {
+    let shape = broadcast_shape(&a.shape, &b.shape).ok_or_else(|| {
+        invalid(
+            name,
+            format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape),
+        )
+    })?;
+    let n = numel(name, &shape)?;
+    if a.data.len() == n && b.data.len() == n && a.shape.len() == b.shape.len() {
+        // Equal shapes (broadcasting leaves nothing to repeat).
+        return Ok(zip_map(&shape, &a.data, &b.data, threads, f));
+    }
+    let mut out = vec![0.0; n];
+    if n == 0 {
+        return Ok(Tensor { shape, data: out });
+    }
+    if a.data.len() == n && is_trailing(&b.shape, &shape) {
+        repeat_rows(&mut out, &a.data, &b.data, threads, f);
+    } else if b.data.len() == n && is_trailing(&a.shape, &shape) {
+        repeat_rows(&mut out, &b.data, &a.data, threads, move |y, x| f(x, y));
+    } else {
+        let r = shape.len();
+        let sa = broadcast_strides(&a.shape, &shape);
+        let sb = broadcast_strides(&b.shape, &shape);
+        let (last, la, lb) = (shape[r - 1], sa[r - 1], sb[r - 1]);
+        let mut rows = out.chunks_exact_mut(last);
+        for_each_offset(&shape[..r - 1], [&sa[..r - 1], &sb[..r - 1]], |[oa, ob]| {
+            let row = rows.next().expect("one row per outer index");
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = f(a.data[oa + j * la], b.data[ob + j * lb]);
+            }
+        });
+    }
+    Ok(Tensor { shape, data: out })
+}
+
+/// `out[i] = f(full[i], small[i % small.len()])`.
+fn repeat_rows(
+    out: &mut [f32],
+    full: &[f32],
+    small: &[f32],
+    threads: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) {
+    let n = small.len();
+    if n == 1 {
+        let s = small[0];
+        par_chunks(threads, out, 1, |first, chunk| {
+            for (o, &x) in chunk.iter_mut().zip(&full[first..]) {
+                *o = f(x, s);
+            }
+        });
+        return;
+    }
+    par_chunks(threads, out, n, |first, chunk| {
+        let full = &full[first * n..];
+        for (o, x) in chunk.chunks_exact_mut(n).zip(full.chunks_exact(n)) {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(small) {
+                *o = f(x, y);
+            }
+        }
+    });
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_TANH_C: f64 = 0.044_715;
+
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `erfc(z)` with relative error below 1.2e-7 everywhere (Numerical Recipes' Chebyshev fit),
+/// so that `Φ(x)` keeps its relative accuracy in the left tail.
+fn erfc(z: f64) -> f64 {
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let poly = -1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * (-a * a + poly).exp();
+    if z >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// The standard normal CDF `Φ(x)`.
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+}
+
+/// An activation's value (as [`ferrotron_ir::reference::activation`], with a fast `erfc`).
+fn act(a: Activation, x: f64) -> f64 {
+    match a {
+        Activation::Gelu => x * normal_cdf(x),
+        // 0.5·x·(1 + tanh u) = x·sigmoid(2u), without tanh's cancellation for negative u.
+        Activation::GeluTanh => x * sigmoid(2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)),
+        Activation::Silu => x * sigmoid(x),
+        Activation::Relu => x.max(0.0),
+    }
+}
+
+/// An activation's derivative (as [`ferrotron_ir::reference::activation_grad`]).
+fn act_grad(a: Activation, x: f64) -> f64 {
+    match a {
+        Activation::Gelu => {
+            let pdf = (-0.5 * x * x).exp() * 0.398_942_280_401_432_7;
+            normal_cdf(x) + x * pdf
+        }
+        Activation::GeluTanh => {
+            // With s = sigmoid(2u): 0.5(1 + tanh u) = s and 1 − tanh² u = 4s(1 − s).
+            let u2 = 2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x);
+            let (s, s_neg) = (sigmoid(u2), sigmoid(-u2));
+            s + 2.0 * x * s * s_neg * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * x * x)
+        }
+        Activation::Silu => {
+            let s = sigmoid(x);
+            s * (1.0 + x * sigmoid(-x))
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Norms and softmax
+
+fn check_eps(name: &'static str, eps: f64) -> Result<()> {
+    if eps.is_finite() && eps > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, format!("eps {eps} must be positive")))
+    }
+}
+
+fn norm_param(name: &'static str, what: &str, p: Option<&Tensor>, n: usize) -> Result<()> {
+    match p {
+        Some(p) => same_shape(name, what, &[n], p),
+        None => Ok(()),
+    }
+}
+
+/// `(mean, 1/σ)` of one row in `f64`: `σ = √(var + eps)` around the mean (LayerNorm,
+/// `centered`) or `√(mean(x²) + eps)` (RMSNorm, mean 0).
+fn row_stats(row: &[f32], eps: f64, centered: bool) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = if centered {
+        row.iter().map(|&v| v as f64).sum::<f64>() / n
+    } else {
+        0.0
+    };
+    let var = row
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn norm_forward(
+    name: &'static str,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    centered: bool,
+    threads: usize,
+) -> Result<Tensor> {
+    min_rank(name, "the normalized tensor", x, 1)?;
+    check_eps(name, eps)?;
+    let (_, n) = rows_of(&x.shape);
+    norm_param(name, "the weight", weight, n)?;
+    norm_param(name, "the bias", bias, n)?;
+    let mut out = vec![0.0; x.data.len()];
+    par_chunks(threads, &mut out, n, |first, chunk| {
+        for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
+            let r = first + i;
+            let row = &x.data[r * n..(r + 1) * n];
+            let (mean, inv) = row_stats(row, eps, centered);
+            match (weight, bias) {
+                (Some(w), Some(b)) => {
+                    for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(&w.data).zip(&b.data) {
+                        *o = ((v as f64 - mean) * inv * w as f64 + b as f64) as f32;
+                    }
+                }
+                (Some(w), None) => {
+                    for ((o, &v), &w) in o.iter_mut().zip(row).zip(&w.data) {
+                        *o = ((v as f64 - mean) * inv * w as f64) as f32;
+                    }
+                }
+                (None, Some(b)) => {
+                    for ((o, &v), &b) in o.iter_mut().zip(row).zip(&b.data) {
+                        *o = ((v as f64 - mean) * inv + b as f64) as f32;
+                    }
+                }
+                (None, None) => {
+                    for (o, &v) in o.iter_mut().zip(row) {
+                        *o = ((v as f64 - mean) * inv) as f32;
+                    }
+                }
+            }
+        }
+    });
+    Ok(Tensor {
+        shape: x.shape.clone(),
+        data: out,
+    })
+}
+
+/// LayerNorm's (`centered`) or RMSNorm's VJP: `dx`, `dweight = Σ dy·x̂` and, for LayerNorm,
+/// `dbias = Σ dy`, the sums over every leading position (in `f64`, per thread, then combined).
+fn norm_grad(
+    name: &'static str,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    dy: &Tensor,
+    eps: f64,
+    centered: bool,
+    threads: usize,
+) -> Result<Vec<Tensor>> {
+    min_rank(name, "the normalized tensor", x, 1)?;
+    check_eps(name, eps)?;
+    same_shape(name, "the gradient", &x.shape, dy)?;
+    let (_, n) = rows_of(&x.shape);
+    norm_param(name, "the weight", weight, n)?;
+    let mut dx = vec![0.0; x.data.len()];
+    let partials = par_chunks(threads, &mut dx, n, |first, chunk| {
+        let mut dw = vec![0f64; n];
+        let mut db = vec![0f64; if centered { n } else { 0 }];
+        let mut xhat = vec![0f64; n];
+        let mut g = vec![0f64; n];
+        for (i, dx) in chunk.chunks_exact_mut(n).enumerate() {
+            let r = first + i;
+            let row = &x.data[r * n..(r + 1) * n];
+            let dys = &dy.data[r * n..(r + 1) * n];
+            let (mean, inv) = row_stats(row, eps, centered);
+            for (xh, &v) in xhat.iter_mut().zip(row) {
+                *xh = (v as f64 - mean) * inv;
+            }
+            match weight {
+                Some(w) => {
+                    for ((g, &d), &w) in g.iter_mut().zip(dys).zip(&w.data) {
+                        *g = d as f64 * w as f64;
+                    }
+                }
+                None => {
+                    for (g, &d) in g.iter_mut().zip(dys) {
+                        *g = d as f64;
+                    }
+                }
+            }
+            let mean_g = if centered {
+                g.iter().sum::<f64>() / n as f64
+            } else {
+                0.0
+            };
+            let mean_gx = g.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>() / n as f64;
+            for ((dx, &g), &xh) in dx.iter_mut().zip(&g).zip(&xhat) {
+                *dx = (inv * (g - mean_g - xh * mean_gx)) as f32;
+            }
+            for ((dw, &d), &xh) in dw.iter_mut().zip(dys).zip(&xhat) {
+                *dw += d as f64 * xh;
+            }
+            for (db, &d) in db.iter_mut().zip(dys) {
+                *db += d as f64;
+            }
+        }
+        (dw, db)
+    });
+    let mut dw = vec![0f64; n];
+    let mut db = vec![0f64; n];
+    for (pw, pb) in partials {
+        for (a, v) in dw.iter_mut().zip(pw) {
+            *a += v;
+        }
+        for (a, v) in db.iter_mut().zip(pb) {
+            *a += v;
+        }
+    }
+    let to_tensor = |v: Vec<f64>| Tensor {
+        shape: vec![n],
+        data: v.into_iter().map(|v| v as f32).collect(),
+    };
+    let dx = Tensor {
+        shape: x.shape.clone(),
+        data: dx,
+    };
+    Ok(if centered {
+        vec![dx, to_tensor(dw), to_tensor(db)]
+    } else {
+        vec![dx, to_tensor(dw)]
+    })
+}
+
+/// Softmax over the last axis; `causal`: query `i` (axis −2) sees keys `0..=i + keys − queries`,
+/// the rest are 0.
+fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Result<Tensor> {
+    min_rank(name, "the input", x, if causal { 2 } else { 1 })?;
+    let (_, keys) = rows_of(&x.shape);
+    let queries = if causal { x.shape[x.rank() - 2] } else { 1 };
+    if causal && queries > keys {
+        return Err(invalid(
+            name,
+            format!(
+                "a causal softmax needs at least as many keys as queries, found {:?}",
+                x.shape
+            ),
+        ));
+    }
+    let mut out = vec![0.0; x.data.len()];
+    par_chunks(threads, &mut out, keys, |first, chunk| {
+        for (i, o) in chunk.chunks_exact_mut(keys).enumerate() {
+            let r = first + i;
+            let visible = if causal {
+                r % queries + (keys - queries) + 1
+            } else {
+                keys
+            };
+            let row = &x.data[r * keys..r * keys + visible];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let (o, masked) = o.split_at_mut(visible);
+            let mut sum = 0f64;
+            for (o, &v) in o.iter_mut().zip(row) {
+                let e = (v - max).exp();
+                *o = e;
+                sum += e as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+            masked.fill(0.0);
+        }
+    });
+    Ok(Tensor {
+        shape: x.shape.clone(),
+        data: out,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies
+
+/// `x[start..end]` along axis `a` (bounds already checked).
+fn slice_axis(x: &Tensor, a: usize, start: usize, end: usize) -> Tensor {
+    let (outer, n, inner) = around(&x.shape, a);
+    let mut shape = x.shape.clone();
+    shape[a] = end - start;
+    let mut data = Vec::with_capacity(outer * (end - start) * inner);
+    for o in 0..outer {
+        data.extend_from_slice(&x.data[(o * n + start) * inner..(o * n + end) * inner]);
+    }
+    Tensor { shape, data }
+}
+
+fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
+    let first = xs
+        .first()
+        .ok_or_else(|| invalid(name, "Concat needs at least one input"))?;
+    let a = axis(name, &first.shape, ax)?;
+    let mut shape = first.shape.clone();
+    shape[a] = 0;
+    for x in xs {
+        let mut expected = first.shape.clone();
+        expected[a] = x.shape.get(a).copied().unwrap_or(0);
+        same_shape(name, "a concatenated input", &expected, x)?;
+        shape[a] = shape[a]
+            .checked_add(x.shape[a])
+            .ok_or_else(|| invalid(name, "the joined axis overflows"))?;
+    }
+    let n = numel(name, &shape)?;
+    let mut data = Vec::with_capacity(n);
+    let (outer, _, inner) = around(&first.shape, a);
+    for o in 0..outer {
+        for x in xs {
+            let chunk = x.shape[a] * inner;
+            data.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    Ok(Tensor { shape, data })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding
+
+/// The table's `(rows, width)`, and the range of full-table ids it holds plus the bound ids
+/// must respect.
+struct Table {
+    rows: usize,
+    width: usize,
+    offset: usize,
+    bound: usize,
+}
+
+fn table_of(name: &'static str, table: &Tensor, local: &Local) -> Result<Table> {
+    let (rows, width) = match table.shape[..] {
+        [rows, width] => (rows, width),
+        _ => {
+            return Err(invalid(
+                name,
+                format!("the table must be [rows, width], found {:?}", table.shape),
+            ))
+        }
+    };
+    let offset = local.vocab_offset;
+    let end = offset
+        .checked_add(rows)
+        .ok_or_else(|| invalid(name, "the vocabulary offset overflows"))?;
+    let bound = match local.vocab_rows {
+        Some(full) if end > full => {
+            return Err(invalid(
+                name,
+                format!("rows {offset}..{end} of the table lie outside its {full} rows"),
+            ))
+        }
+        Some(full) => full,
+        None if offset > 0 => 1 << 24, // ids are exact in f32 up to here
+        None => rows,
+    };
+    Ok(Table {
+        rows,
+        width,
+        offset,
+        bound,
+    })
+}
+
+impl Table {
+    /// The local row of an id, or `None` when another rank holds it.
+    fn local_row(&self, name: &'static str, id: f32, element: usize) -> Result<Option<usize>> {
+        let id = index(name, "id", id, element, self.bound)?;
+        Ok(id.checked_sub(self.offset).filter(|&r| r < self.rows))
+    }
+}
+
+fn embedding(name: &'static str, table: &Tensor, ids: &Tensor, local: &Local) -> Result<Tensor> {
+    let t = table_of(name, table, local)?;
+    let rows: Vec<Option<usize>> = ids
+        .data
+        .iter()
+        .enumerate()
+        .map(|(k, &id)| t.local_row(name, id, k))
+        .collect::<Result<_>>()?;
+    let mut shape = ids.shape.clone();
+    shape.push(t.width);
+    let mut out = zeros(name, shape)?;
+    let w = t.width;
+    par_chunks(local.threads(), &mut out.data, w, |first, chunk| {
+        for (o, row) in chunk.chunks_exact_mut(w).zip(&rows[first..]) {
+            if let Some(row) = row {
+                o.copy_from_slice(&table.data[row * w..(row + 1) * w]);
+            }
+        }
+    });
+    Ok(out)
+}
+
+fn embedding_grad(
+    name: &'static str,
+    table: &Tensor,
+    ids: &Tensor,
+    dy: &Tensor,
+    local: &Local,
+) -> Result<Tensor> {
+    let t = table_of(name, table, local)?;
+    let w = t.width;
+    let mut expected = ids.shape.clone();
+    expected.push(w);
+    same_shape(name, "the output gradient", &expected, dy)?;
+    // (local row, position) of every id this rank holds, grouped by row: each row's sum is
+    // accumulated in f64 and written once.
+    let mut hits = Vec::with_capacity(ids.data.len());
+    for (k, &id) in ids.data.iter().enumerate() {
+        if let Some(row) = t.local_row(name, id, k)? {
+            hits.push((row, k));
+        }
+    }
+    hits.sort_unstable();
+    let mut out = zeros(name, table.shape.clone())?;
+    let mut acc = vec![0f64; w];
+    for group in hits.chunk_by(|a, b| a.0 == b.0) {
+        acc.fill(0.0);
+        for &(_, k) in group {
+            for (a, &g) in acc.iter_mut().zip(&dy.data[k * w..(k + 1) * w]) {
+                *a += g as f64;
+            }
+        }
+        let row = group[0].0;
+        for (o, &a) in out.data[row * w..(row + 1) * w].iter_mut().zip(&acc) {
+            *o = a as f32;
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary and dropout
+
+fn rotary(
+    name: &'static str,
+    x: &Tensor,
+    base: f64,
+    inverse: bool,
+    local: &Local,
+) -> Result<Tensor> {
+    min_rank(name, "the input ([..., seq, heads, head_dim])", x, 3)?;
+    let r = x.rank();
+    let (seq, heads, head_dim) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
+    if head_dim % 2 != 0 {
+        return Err(invalid(name, format!("head_dim {head_dim} is odd")));
+    }
+    if !(base.is_finite() && base > 0.0) {
+        return Err(invalid(name, format!("base {base} must be positive")));
+    }
+    let first_pos = match &local.offsets {
+        None => 0,
+        Some(o) if o.len() == r => o[r - 3],
+        Some(o) => {
+            return Err(invalid(
+                name,
+                format!("offsets {o:?} do not fit the shape {:?}", x.shape),
+            ))
+        }
+    };
+    let half = head_dim / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    // (cos, sin) per (position, pair), computed in f64 as the reference does.
+    let mut table = Vec::with_capacity(seq * half);
+    for pos in 0..seq {
+        let p = (first_pos + pos) as f64;
+        for i in 0..half {
+            let theta = sign * p * base.powf(-2.0 * i as f64 / head_dim as f64);
+            let (s, c) = theta.sin_cos();
+            table.push((c as f32, s as f32));
+        }
+    }
+    let slab = heads * head_dim;
+    let mut out = vec![0.0; x.data.len()];
+    par_chunks(local.threads(), &mut out, slab, |first, chunk| {
+        for (i, o) in chunk.chunks_exact_mut(slab).enumerate() {
+            let row = first + i;
+            let cs = &table[(row % seq) * half..(row % seq + 1) * half];
+            let src = &x.data[row * slab..(row + 1) * slab];
+            for (o, src) in o.chunks_exact_mut(head_dim).zip(src.chunks_exact(head_dim)) {
+                let (o1, o2) = o.split_at_mut(half);
+                let (x1, x2) = src.split_at(half);
+                for ((((o1, o2), &x1), &x2), &(c, s)) in
+                    o1.iter_mut().zip(o2).zip(x1).zip(x2).zip(cs)
+                {
+                    *o1 = x1 * c - x2 * s;
+                    *o2 = x2 * c + x1 * s;
+                }
+            }
+        }
+    });
+    Ok(Tensor {
+        shape: x.shape.clone(),
+        data: out,
+    })
+}
+
+/// `x` through the dropout mask of its place in the full tensor, kept elements scaled by
+/// `1/(1 − p)` (Dropout on its input, DropoutGrad on the gradient).
+fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(invalid(
+            name,
+            format!("dropout probability {p} must be in [0, 1)"),
+        ));
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let r = x.rank();
+    let (full, offsets) = match (&local.full_shape, &local.offsets) {
+        (None, None) => (x.shape.clone(), vec![0; r]),
+        (Some(f), None) => (f.clone(), vec![0; r]),
+        (Some(f), Some(o)) => (f.clone(), o.clone()),
+        (None, Some(_)) => return Err(invalid(name, "shard offsets without the full shape")),
+    };
+    let fits = full.len() == r
+        && offsets.len() == r
+        && (0..r).all(|i| {
+            offsets[i]
+                .checked_add(x.shape[i])
+                .is_some_and(|end| end <= full[i])
+        });
+    if !fits || numel(name, &full).is_err() {
+        return Err(invalid(
+            name,
+            format!(
+                "a shard of shape {:?} at offsets {offsets:?} does not fit the full shape {full:?}",
+                x.shape
+            ),
+        ));
+    }
+    let seed = local.dropout_seed.wrapping_mul(1 << 40);
+    // Keep iff splitmix64(i) / 2^64 >= p, i.e. splitmix64(i) >= p·2^64 (both sides scaled
+    // exactly by a power of two), as `dropout_keeps` decides.
+    let threshold = p * 2f64.powi(64);
+    let strides = contiguous_strides_u64(&full);
+    let (_, last) = rows_of(&x.shape);
+    let base: u64 = offsets
+        .iter()
+        .zip(&strides)
+        .map(|(&o, &s)| o as u64 * s)
+        .sum();
+    let mut row_starts = Vec::with_capacity(x.data.len() / last.max(1));
+    let outer_strides: Vec<usize> = strides[..r.saturating_sub(1)]
+        .iter()
+        .map(|&s| s as usize)
+        .collect();
+    for_each_offset(&x.shape[..r.saturating_sub(1)], [&outer_strides], |[o]| {
+        row_starts.push(base + o as u64)
+    });
+    let mut out = vec![0.0; x.data.len()];
+    par_chunks(local.threads(), &mut out, last, |first, chunk| {
+        for (i, o) in chunk.chunks_exact_mut(last).enumerate() {
+            let row = first + i;
+            let start = row_starts[row];
+            let src = &x.data[row * last..(row + 1) * last];
+            for (j, (o, &v)) in o.iter_mut().zip(src).enumerate() {
+                let idx = (start + j as u64).wrapping_add(seed);
+                *o = if splitmix64(idx) as f64 >= threshold {
+                    v * scale
+                } else {
+                    0.0
+                };
+            }
+        }
+    });
+    Ok(Tensor {
+        shape: x.shape.clone(),
+        data: out,
+    })
+}
+
+fn contiguous_strides_u64(shape: &[usize]) -> Vec<u64> {
+    let mut strides = vec![0u64; shape.len()];
+    let mut s = 1u64;
+    for (st, &n) in strides.iter_mut().zip(shape).rev() {
+        *st = s;
+        s = s.wrapping_mul(n as u64);
+    }
+    strides
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// The real number of classes of a (whole) cross-entropy.
+fn ce_classes(name: &'static str, logits: &Tensor, classes: Option<&Dim>) -> Result<usize> {
+    min_rank(name, "the logits ([..., seq, vocab])", logits, 2)?;
+    let vocab = logits.shape[logits.rank() - 1];
+    let real = match classes {
+        Some(c) => dim(name, c)?,
+        None => vocab,
+    };
+    if real == 0 || real > vocab {
+        return Err(invalid(
+            name,
+            format!(
+                "{real} real classes do not fit the logits {:?}",
+                logits.shape
+            ),
+        ));
+    }
+    Ok(real)
+}
+
+/// `(rows, seq)` of logits `[..., seq, vocab]`.
+fn ce_rows(name: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
+    if shape.len() < 2 {
+        return Err(invalid(
+            name,
+            format!("the logits ([..., seq, vocab]) must have rank at least 2, found {shape:?}"),
+        ));
+    }
+    let r = shape.len();
+    let rows = shape[..r - 1]
+        .iter()
+        .try_fold(1usize, |n, &s| n.checked_mul(s))
+        .ok_or_else(|| invalid(name, format!("the logits {shape:?} are too large")))?;
+    Ok((rows, shape[r - 2]))
+}
+
+/// Where row `row`'s target is (`None`: the row predicts nothing).
+fn target_of(row: usize, seq: usize, shift: bool) -> Option<usize> {
+    if !shift {
+        Some(row)
+    } else if row % seq + 1 == seq {
+        None
+    } else {
+        Some(row + 1)
+    }
+}
+
+/// How many of `rows` rows predict a target.
+fn predicting(rows: usize, seq: usize, shift: bool) -> usize {
+    if shift && seq > 0 {
+        rows - rows / seq
+    } else {
+        rows
+    }
+}
+
+/// The number of this rank's real classes: global classes `offset + j` below `real`.
+fn local_real(vocab: usize, offset: usize, real: usize) -> usize {
+    real.saturating_sub(offset).min(vocab)
+}
+
+fn row_max(
+    name: &'static str,
+    logits: &Tensor,
+    class_offset: usize,
+    real_classes: usize,
+    threads: usize,
+) -> Result<Vec<f32>> {
+    check_tensor(name, logits)?;
+    let (rows, _) = ce_rows(name, &logits.shape)?;
+    let vocab = logits.shape[logits.rank() - 1];
+    let nr = local_real(vocab, class_offset, real_classes);
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    if vocab == 0 {
+        return Ok(max);
+    }
+    par_chunks(threads, &mut max, 1, |first, chunk| {
+        for (i, m) in chunk.iter_mut().enumerate() {
+            let r = first + i;
+            let row = &logits.data[r * vocab..r * vocab + nr];
+            *m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+    });
+    Ok(max)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row_sums(
+    name: &'static str,
+    logits: &Tensor,
+    max: &[f32],
+    targets: &Tensor,
+    shift: bool,
+    class_offset: usize,
+    real_classes: usize,
+    threads: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_tensor(name, logits)?;
+    check_tensor(name, targets)?;
+    let (rows, seq) = ce_rows(name, &logits.shape)?;
+    let r = logits.rank();
+    same_shape(name, "the targets", &logits.shape[..r - 1], targets)?;
+    if max.len() != rows {
+        return Err(invalid(
+            name,
+            format!("{} row maxima for {rows} rows", max.len()),
+        ));
+    }
+    let vocab = logits.shape[r - 1];
+    let nr = local_real(vocab, class_offset, real_classes);
+    // The global target of every predicting row, checked.
+    let mut target = vec![None; rows];
+    for (row, t) in target.iter_mut().enumerate() {
+        if let Some(at) = target_of(row, seq, shift) {
+            *t = Some(index(name, "target", targets.data[at], at, real_classes)?);
+        }
+    }
+    let mut sums = vec![0f32; rows];
+    let mut tl = vec![0f32; rows];
+    if vocab > 0 {
+        par_chunks(threads, &mut sums, 1, |first, chunk| {
+            for (i, s) in chunk.iter_mut().enumerate() {
+                let row = first + i;
+                let m = max[row];
+                let l = &logits.data[row * vocab..row * vocab + nr];
+                *s = l.iter().map(|&v| (v - m).exp() as f64).sum::<f64>() as f32;
+            }
+        });
+    }
+    for (row, (tl, t)) in tl.iter_mut().zip(&target).enumerate() {
+        if let Some(c) = t {
+            if let Some(j) = c.checked_sub(class_offset).filter(|&j| j < nr) {
+                *tl = logits.data[row * vocab + j];
+            }
+        }
+    }
+    Ok((sums, tl))
+}
+
+fn loss(
+    name: &'static str,
+    max: &[f32],
+    sum: &[f32],
+    target_logit: &[f32],
+    logits_shape: &[usize],
+    shift: bool,
+    token_parts: usize,
+) -> Result<f32> {
+    let (rows, seq) = ce_rows(name, logits_shape)?;
+    if max.len() != rows || sum.len() != rows || target_logit.len() != rows {
+        return Err(invalid(
+            name,
+            format!(
+                "{} maxima, {} sums and {} target logits for {rows} rows",
+                max.len(),
+                sum.len(),
+                target_logit.len()
+            ),
+        ));
+    }
+    if token_parts == 0 {
+        return Err(invalid(name, "token_parts must be at least 1"));
+    }
+    let count = predicting(rows, seq, shift);
+    if count == 0 {
+        return Err(invalid(
+            name,
+            format!(
+                "no position predicts a target (logits {logits_shape:?}, shift {shift}): no mean"
+            ),
+        ));
+    }
+    let total: f64 = (0..rows)
+        .filter(|&row| target_of(row, seq, shift).is_some())
+        .map(|row| (sum[row] as f64).ln() + max[row] as f64 - target_logit[row] as f64)
+        .sum();
+    Ok((total / (count as f64 * token_parts as f64)) as f32)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grad(
+    name: &'static str,
+    logits: &Tensor,
+    max: &[f32],
+    sum: &[f32],
+    targets: &Tensor,
+    shift: bool,
+    class_offset: usize,
+    real_classes: usize,
+    dloss: f32,
+    token_parts: usize,
+    threads: usize,
+) -> Result<Tensor> {
+    check_tensor(name, logits)?;
+    check_tensor(name, targets)?;
+    let (rows, seq) = ce_rows(name, &logits.shape)?;
+    let r = logits.rank();
+    same_shape(name, "the targets", &logits.shape[..r - 1], targets)?;
+    if max.len() != rows || sum.len() != rows {
+        return Err(invalid(
+            name,
+            format!(
+                "{} maxima and {} sums for {rows} rows",
+                max.len(),
+                sum.len()
+            ),
+        ));
+    }
+    if token_parts == 0 {
+        return Err(invalid(name, "token_parts must be at least 1"));
+    }
+    let count = predicting(rows, seq, shift);
+    if count == 0 {
+        return Err(invalid(
+            name,
+            format!(
+                "no position predicts a target (logits {:?}, shift {shift}): no mean",
+                logits.shape
+            ),
+        ));
+    }
+    let vocab = logits.shape[r - 1];
+    let nr = local_real(vocab, class_offset, real_classes);
+    let mut target = vec![None; rows];
+    for (row, t) in target.iter_mut().enumerate() {
+        if let Some(at) = target_of(row, seq, shift) {
+            let c = index(name, "target", targets.data[at], at, real_classes)?;
+            // The local column of the target, or usize::MAX when another rank holds it.
+            *t = Some(
+                c.checked_sub(class_offset)
+                    .filter(|&j| j < nr)
+                    .unwrap_or(usize::MAX),
+            );
+        }
+    }
+    let scale = (dloss as f64 / (count as f64 * token_parts as f64)) as f32;
+    let mut out = zeros(name, logits.shape.clone())?;
+    if vocab == 0 {
+        return Ok(out);
+    }
+    par_chunks(threads, &mut out.data, vocab, |first, chunk| {
+        for (i, o) in chunk.chunks_exact_mut(vocab).enumerate() {
+            let row = first + i;
+            let Some(t) = target[row] else { continue };
+            let (m, inv) = (max[row], 1.0 / sum[row]);
+            let l = &logits.data[row * vocab..row * vocab + nr];
+            for (o, &v) in o[..nr].iter_mut().zip(l) {
+                *o = scale * ((v - m).exp() * inv);
+            }
+            if t != usize::MAX {
+                let p = (l[t] - m).exp() * inv;
+                o[t] = scale * (p - 1.0);
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// Per row (every position of the logits' leading axes), the max over this rank's real classes
+/// (global class index = `class_offset + j`; classes `>= real_classes` excluded; a row with no
+/// real local class gives −∞).
+pub fn ce_row_max(
+    logits: &Tensor,
+    class_offset: usize,
+    real_classes: usize,
+) -> Result<Vec<f32>, KernelError> {
+    ce_row_max_threads(logits, class_offset, real_classes, 1)
+}
+
+/// [`ce_row_max`] on up to `threads` threads.
+pub fn ce_row_max_threads(
+    logits: &Tensor,
+    class_offset: usize,
+    real_classes: usize,
+    threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    row_max(
+        "CrossEntropy",
+        logits,
+        class_offset,
+        real_classes,
+        threads.max(1),
+    )
+}
+
+/// Per row, the sum over this rank's real classes of `exp(logit − max[row])`, and the logit of
+/// the row's target if this rank holds that class (else 0). With `shift`, row `t` of each
+/// sequence uses target `t + 1` and the last position of each sequence has no target (its
+/// target logit is 0 and it is not counted). Targets must be integers in `0..real_classes`.
+pub fn ce_row_sums(
+    logits: &Tensor,
+    max: &[f32],
+    targets: &Tensor,
+    shift: bool,
+    class_offset: usize,
+    real_classes: usize,
+) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+    ce_row_sums_threads(logits, max, targets, shift, class_offset, real_classes, 1)
+}
+
+/// [`ce_row_sums`] on up to `threads` threads.
+pub fn ce_row_sums_threads(
+    logits: &Tensor,
+    max: &[f32],
+    targets: &Tensor,
+    shift: bool,
+    class_offset: usize,
+    real_classes: usize,
+    threads: usize,
+) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+    row_sums(
+        "CrossEntropy",
+        logits,
+        max,
+        targets,
+        shift,
+        class_offset,
+        real_classes,
+        threads.max(1),
+    )
+}
+
+/// The loss from the group-reduced statistics: `Σ` over predicting rows of
+/// `(ln sum + max − target_logit)`, divided by (predicting rows × `token_parts`). Only the
+/// leading axes of `logits_shape` are read (a shard's or the full logits' shape will do).
+pub fn ce_loss(
+    max: &[f32],
+    sum: &[f32],
+    target_logit: &[f32],
+    logits_shape: &[usize],
+    shift: bool,
+    token_parts: usize,
+) -> Result<f32, KernelError> {
+    loss(
+        "CrossEntropy",
+        max,
+        sum,
+        target_logit,
+        logits_shape,
+        shift,
+        token_parts,
+    )
+}
+
+/// The local logits' gradient: `(softmax − onehot(target)) · dloss / (predicting rows ×
+/// token_parts)`, zero for padded classes and non-predicting rows; `max` and `sum` are the
+/// group-reduced statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn ce_grad(
+    logits: &Tensor,
+    max: &[f32],
+    sum: &[f32],
+    targets: &Tensor,
+    shift: bool,
+    class_offset: usize,
+    real_classes: usize,
+    dloss: f32,
+    token_parts: usize,
+) -> Result<Tensor, KernelError> {
+    ce_grad_threads(
+        logits,
+        max,
+        sum,
+        targets,
+        shift,
+        class_offset,
+        real_classes,
+        dloss,
+        token_parts,
+        1,
+    )
+}
+
+/// [`ce_grad`] on up to `threads` threads.
+#[allow(clippy::too_many_arguments)]
+pub fn ce_grad_threads(
+    logits: &Tensor,
+    max: &[f32],
+    sum: &[f32],
+    targets: &Tensor,
+    shift: bool,
+    class_offset: usize,
+    real_classes: usize,
+    dloss: f32,
+    token_parts: usize,
+    threads: usize,
+) -> Result<Tensor, KernelError> {
+    grad(
+        "CrossEntropyGrad",
+        logits,
+        max,
+        sum,
+        targets,
+        shift,
+        class_offset,
+        real_classes,
+        dloss,
+        token_parts,
+        threads.max(1),
+    )
+}

@@ -1,0 +1,358 @@
+//! Shape arithmetic and the strided copies: broadcasting, row iteration over strided operands,
+//! `Transpose`, `Expand` and `SumTo`. Hot loops run over whole rows (the last axis) with a fixed
+//! stride; the multi-index bookkeeping happens once per row.
+
+use super::kernels::{invalid, KernelError};
+use super::par::{par_chunks, par_ranges};
+use crate::Tensor;
+
+pub(crate) type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+/// The most elements one tensor may have (256 GiB of `f32`): an attribute asking for more is an
+/// error, not an allocation that aborts the process.
+pub(crate) const MAX_ELEMENTS: usize = 1 << 36;
+
+/// The number of elements of `shape`, or an error when it overflows or exceeds
+/// [`MAX_ELEMENTS`].
+pub(crate) fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    match shape.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) {
+        Some(n) if n <= MAX_ELEMENTS => Ok(n),
+        _ => Err(invalid(
+            op,
+            format!("a tensor of shape {shape:?} is too large"),
+        )),
+    }
+}
+
+/// A zero tensor of `shape` (checked, see [`numel`]).
+pub(crate) fn zeros(op: &'static str, shape: Vec<usize>) -> Result<Tensor> {
+    let n = numel(op, &shape)?;
+    Ok(Tensor {
+        shape,
+        data: vec![0.0; n],
+    })
+}
+
+/// NumPy broadcasting of two shapes.
+pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let pick = |s: &[usize], i: usize| {
+        let offset = rank - s.len();
+        if i < offset {
+            1
+        } else {
+            s[i - offset]
+        }
+    };
+    (0..rank)
+        .map(|i| match (pick(a, i), pick(b, i)) {
+            (x, y) if x == y => Some(x),
+            (1, y) => Some(y),
+            (x, 1) => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Row-major strides of a contiguous tensor of `shape`.
+pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut s = 1;
+    for (st, &n) in strides.iter_mut().zip(shape).rev() {
+        *st = s;
+        s *= n;
+    }
+    strides
+}
+
+/// The strides, one per axis of `out`, at which a contiguous tensor of `shape` is read when
+/// broadcast to `out` (NumPy rules; `shape` must broadcast to `out`): 0 along repeated axes.
+pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let own = contiguous_strides(shape);
+    let skip = out.len() - shape.len();
+    (0..out.len())
+        .map(|i| {
+            if i < skip || shape[i - skip] == 1 {
+                0
+            } else {
+                own[i - skip]
+            }
+        })
+        .collect()
+}
+
+/// Whether `small` broadcast to `out` is `small`'s elements repeated: its shape without leading
+/// ones is a suffix of `out` (a bias, a scalar).
+pub(crate) fn is_trailing(small: &[usize], out: &[usize]) -> bool {
+    let first = small.iter().position(|&s| s != 1).unwrap_or(small.len());
+    let tail = &small[first..];
+    tail.len() <= out.len() && out[out.len() - tail.len()..] == *tail
+}
+
+/// Calls `f` with the offsets of `K` strided operands at every multi-index of `shape`, in
+/// row-major order (once for a scalar shape, never for one with a zero size). `strides[k][i]`
+/// is operand `k`'s stride along axis `i`.
+pub(crate) fn for_each_offset<const K: usize>(
+    shape: &[usize],
+    strides: [&[usize]; K],
+    mut f: impl FnMut([usize; K]),
+) {
+    if shape.contains(&0) {
+        return;
+    }
+    let r = shape.len();
+    let mut idx = vec![0usize; r];
+    let mut off = [0usize; K];
+    loop {
+        f(off);
+        let mut i = r;
+        loop {
+            if i == 0 {
+                return;
+            }
+            i -= 1;
+            idx[i] += 1;
+            for k in 0..K {
+                off[k] += strides[k][i];
+            }
+            if idx[i] < shape[i] {
+                break;
+            }
+            for k in 0..K {
+                off[k] -= strides[k][i] * shape[i];
+            }
+            idx[i] = 0;
+        }
+    }
+}
+
+/// `(outer, n, inner)`: a shape viewed as `[outer, n, inner]` around axis `a`.
+pub(crate) fn around(shape: &[usize], a: usize) -> (usize, usize, usize) {
+    (
+        shape[..a].iter().product(),
+        shape[a],
+        shape[a + 1..].iter().product(),
+    )
+}
+
+/// Axis permutation (output axis `i` is input axis `perm[i]`).
+///
+/// Size-1 axes are dropped and input axes that stay adjacent are merged first, so most
+/// transposes become either copies of contiguous runs (attention's `[b, s, h, d] → [b, h, s, d]`)
+/// or a 2-D transpose done in cache-sized tiles.
+pub(crate) fn transpose(
+    op: &'static str,
+    x: &Tensor,
+    perm: &[usize],
+    threads: usize,
+) -> Result<Tensor> {
+    let rank = x.rank();
+    let mut seen = vec![false; rank];
+    let valid = perm.len() == rank
+        && perm
+            .iter()
+            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+    if !valid {
+        return Err(invalid(
+            op,
+            format!("{perm:?} is not a permutation of the axes of {:?}", x.shape),
+        ));
+    }
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    let in_strides = contiguous_strides(&x.shape);
+    // Output axes as (size, input stride), without size-1 axes, adjacent runs merged.
+    let mut axes: Vec<(usize, usize)> = Vec::new();
+    for &p in perm {
+        let (n, s) = (x.shape[p], in_strides[p]);
+        if n == 1 {
+            continue;
+        }
+        match axes.last_mut() {
+            Some(last) if last.1 == s * n => *last = (last.0 * n, s),
+            _ => axes.push((n, s)),
+        }
+    }
+    let mut out = zeros(op, shape)?;
+    if out.data.is_empty() {
+        return Ok(out);
+    }
+    let r = axes.len();
+    if r <= 1 || axes[r - 1].1 == 1 && axes.windows(2).all(|w| w[0].1 == w[1].0 * w[1].1) {
+        out.data.copy_from_slice(&x.data);
+        return Ok(out);
+    }
+    let sizes: Vec<usize> = axes.iter().map(|a| a.0).collect();
+    let src_strides: Vec<usize> = axes.iter().map(|a| a.1).collect();
+    let dst_strides = contiguous_strides(&sizes);
+    let src = &x.data[..];
+    if src_strides[r - 1] == 1 {
+        // Contiguous runs along the last axis: row copies.
+        let run = sizes[r - 1];
+        let outer = &sizes[..r - 1];
+        let ss = &src_strides[..r - 1];
+        let mut starts = Vec::with_capacity(out.data.len() / run);
+        for_each_offset(outer, [ss], |[o]| starts.push(o));
+        par_chunks(threads, &mut out.data, run, |first, chunk| {
+            for (row, dst) in chunk.chunks_exact_mut(run).enumerate() {
+                let s = starts[first + row];
+                dst.copy_from_slice(&src[s..s + run]);
+            }
+        });
+        return Ok(out);
+    }
+    // A tiled 2-D transpose between the output's last axis (b) and the output axis the input
+    // reads contiguously (a), looped over the other axes.
+    let a = src_strides
+        .iter()
+        .position(|&s| s == 1)
+        .expect("a contiguous input has an axis of stride 1");
+    let b = r - 1;
+    let others: Vec<usize> = (0..r).filter(|&i| i != a && i != b).collect();
+    let o_sizes: Vec<usize> = others.iter().map(|&i| sizes[i]).collect();
+    let o_src: Vec<usize> = others.iter().map(|&i| src_strides[i]).collect();
+    let o_dst: Vec<usize> = others.iter().map(|&i| dst_strides[i]).collect();
+    let (na, nb) = (sizes[a], sizes[b]);
+    let (sa_dst, sb_src) = (dst_strides[a], src_strides[b]);
+    const TILE: usize = 32;
+    let dst = out.data.as_mut_ptr() as usize;
+    let dst_len = out.data.len();
+    let mut bases = Vec::new();
+    for_each_offset(&o_sizes, [&o_src, &o_dst], |[s, d]| bases.push((s, d)));
+    let work = |range: std::ops::Range<usize>| {
+        for &(s0, d0) in &bases[range] {
+            for a0 in (0..na).step_by(TILE) {
+                let a1 = (a0 + TILE).min(na);
+                for b0 in (0..nb).step_by(TILE) {
+                    let b1 = (b0 + TILE).min(nb);
+                    for bi in b0..b1 {
+                        let s = s0 + bi * sb_src;
+                        for ai in a0..a1 {
+                            let d = d0 + ai * sa_dst + bi;
+                            debug_assert!(d < dst_len);
+                            // SAFETY: `d` indexes the output (an injective map of output
+                            // multi-indices), and each thread writes a disjoint set of bases.
+                            unsafe { *(dst as *mut f32).add(d) = src[s + ai] };
+                        }
+                    }
+                }
+            }
+        }
+    };
+    par_ranges(threads, bases.len(), dst_len, work);
+    Ok(out)
+}
+
+/// `x` broadcast to `shape` (NumPy rules).
+pub(crate) fn expand(
+    op: &'static str,
+    x: &Tensor,
+    shape: &[usize],
+    threads: usize,
+) -> Result<Tensor> {
+    if broadcast_shape(&x.shape, shape).as_deref() != Some(shape) {
+        return Err(invalid(
+            op,
+            format!("{:?} does not broadcast to {shape:?}", x.shape),
+        ));
+    }
+    let mut out = zeros(op, shape.to_vec())?;
+    if out.data.is_empty() {
+        return Ok(out);
+    }
+    if is_trailing(&x.shape, shape) {
+        let n = x.data.len();
+        par_chunks(threads, &mut out.data, n, |_, chunk| {
+            for row in chunk.chunks_exact_mut(n) {
+                row.copy_from_slice(&x.data);
+            }
+        });
+        return Ok(out);
+    }
+    let r = shape.len();
+    let strides = broadcast_strides(&x.shape, shape);
+    let (last, s_last) = (shape[r - 1], strides[r - 1]);
+    let mut rows = out.data.chunks_exact_mut(last);
+    for_each_offset(&shape[..r - 1], [&strides[..r - 1]], |[o]| {
+        let row = rows.next().expect("one row per outer index");
+        if s_last == 0 {
+            row.fill(x.data[o]);
+        } else {
+            row.copy_from_slice(&x.data[o..o + last]);
+        }
+    });
+    Ok(out)
+}
+
+/// Sums `x` over the axes it was broadcast along, down to `shape`, accumulating in `f64`.
+pub(crate) fn sum_to(
+    op: &'static str,
+    x: &Tensor,
+    shape: &[usize],
+    threads: usize,
+) -> Result<Tensor> {
+    let ok = shape.len() <= x.rank()
+        && shape
+            .iter()
+            .zip(&x.shape[x.rank() - shape.len()..])
+            .all(|(&t, &s)| t == s || t == 1);
+    if !ok {
+        return Err(invalid(
+            op,
+            format!(
+                "the target {shape:?} does not broadcast to the input {:?}",
+                x.shape
+            ),
+        ));
+    }
+    let mut out = zeros(op, shape.to_vec())?;
+    let n = out.data.len();
+    if x.data.is_empty() || n == 0 {
+        return Ok(out);
+    }
+    if is_trailing(shape, &x.shape) {
+        // x is `rows` repetitions of the target: sum the rows.
+        let rows = x.data.len() / n;
+        let partials = par_ranges(threads, rows, x.data.len(), |range| {
+            let mut acc = vec![0f64; n];
+            for row in x.data[range.start * n..range.end * n].chunks_exact(n) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v as f64;
+                }
+            }
+            acc
+        });
+        let mut acc = vec![0f64; n];
+        for p in partials {
+            for (a, v) in acc.iter_mut().zip(p) {
+                *a += v;
+            }
+        }
+        for (o, a) in out.data.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+        return Ok(out);
+    }
+    let r = x.rank();
+    let strides = broadcast_strides(shape, &x.shape);
+    let own = contiguous_strides(&x.shape);
+    let (last, s_last) = (x.shape[r - 1], strides[r - 1]);
+    let mut acc = vec![0f64; n];
+    for_each_offset(
+        &x.shape[..r - 1],
+        [&own[..r - 1], &strides[..r - 1]],
+        |[i, o]| {
+            let row = &x.data[i..i + last];
+            if s_last == 0 {
+                acc[o] += row.iter().map(|&v| v as f64).sum::<f64>();
+            } else {
+                for (a, &v) in acc[o..o + last].iter_mut().zip(row) {
+                    *a += v as f64;
+                }
+            }
+        },
+    );
+    for (o, a) in out.data.iter_mut().zip(acc) {
+        *o = a as f32;
+    }
+    Ok(out)
+}

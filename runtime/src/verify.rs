@@ -1,0 +1,243 @@
+//! Verification: run a partitioned plan and the unpartitioned model on the same weights and
+//! batch, and compare the loss, every graph output and every gradient, gathered to full shape.
+//! When they differ, find the first op (in the model's program order) whose output diverges —
+//! the question every user of tensor parallelism asks ("why does my loss differ at TP=2?").
+//!
+//! The unpartitioned model is the same graph partitioned for one rank without vocabulary
+//! padding: its f and g are identities, so it is the model itself (the plan simulator's tests
+//! prove plans equal to the model in exact arithmetic; this checks the runtime's threads,
+//! collectives and kernels in `f32`). Tolerances follow the dtype: relative 1e-5 on the forward
+//! values and 1e-4 on gradients in `f32`, measured against the largest magnitude of the
+//! reference tensor.
+
+use crate::exec::{run, ExecError, Run, RunOptions};
+use crate::Tensor;
+use ferrotron_ir::Graph;
+use ferrotron_partitioner::{partition, PartitionError, PartitionOptions, Plan};
+use std::collections::HashMap;
+use thiserror::Error;
+
+/// Relative tolerance of `f32` forward values.
+pub const FORWARD_TOLERANCE: f64 = 1e-5;
+/// Relative tolerance of `f32` gradients.
+pub const GRADIENT_TOLERANCE: f64 = 1e-4;
+
+/// What verification compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The loss.
+    Loss,
+    /// A graph output.
+    Output,
+    /// A parameter's gradient.
+    Gradient,
+}
+
+/// One compared tensor.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Entry {
+    /// Its name (`loss`, `logits`, a parameter's name).
+    pub name: String,
+    /// What it is.
+    pub kind: Kind,
+    /// `max |partitioned − reference| / max |reference|`.
+    pub max_rel_error: f64,
+    /// The tolerance it is held to.
+    pub tolerance: f64,
+}
+
+impl Entry {
+    /// Whether it is within tolerance.
+    pub fn ok(&self) -> bool {
+        self.max_rel_error <= self.tolerance
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Verification {
+    /// Every compared tensor, loss first, then outputs, then gradients by parameter order.
+    pub entries: Vec<Entry>,
+    /// The loss of the partitioned run.
+    pub loss: f32,
+    /// The loss of the reference run.
+    pub reference_loss: f32,
+    /// On a mismatch: the first node whose output diverges, with its error.
+    pub first_divergence: Option<(String, f64)>,
+}
+
+impl Verification {
+    /// Whether everything is within tolerance.
+    pub fn passed(&self) -> bool {
+        self.entries.iter().all(Entry::ok)
+    }
+
+    /// The largest relative error of all.
+    pub fn max_rel_error(&self) -> f64 {
+        self.entries
+            .iter()
+            .map(|e| e.max_rel_error)
+            .fold(0.0, f64::max)
+    }
+}
+
+/// Why verification could not run.
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    /// Partitioning failed.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    /// A run failed.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+}
+
+/// `max |a − b| / max |b|` (the reference `b`).
+pub fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
+    rel_error_floor(a, b, 0.0)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.data
+        .iter()
+        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
+}
+
+/// `max |a − b| / max(max |b|, floor)`: a tensor whose true value is (nearly) zero — BERT's
+/// attention key bias, whose gradient softmax cancels — is measured against the scale of its
+/// peers rather than its own round-off.
+pub fn rel_error_floor(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
+    if a.shape != b.shape {
+        return f64::INFINITY;
+    }
+    let scale = max_abs(b).max(floor).max(1e-30);
+    let diff = a.data.iter().zip(&b.data).fold(0.0f64, |m, (&x, &y)| {
+        m.max((f64::from(x) - f64::from(y)).abs())
+    });
+    if a.data.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    diff / scale
+}
+
+/// The leading corner of `x` shaped like `like` (drops vocabulary padding).
+fn crop_like(x: &Tensor, like: &Tensor) -> Tensor {
+    if x.shape == like.shape || x.rank() != like.rank() {
+        return x.clone();
+    }
+    let mut out = x.clone();
+    for (dim, &s) in like.shape.iter().enumerate() {
+        if out.shape[dim] > s {
+            out = crate::exec::slice(&out, dim, 0, s);
+        }
+    }
+    out
+}
+
+/// The reference plan: the model on one rank, no padding.
+pub fn reference_plan(g: &Graph) -> Result<Plan, PartitionError> {
+    partition(
+        g,
+        &PartitionOptions {
+            tp: 1,
+            dp: 1,
+            sequence_parallel: false,
+            vocab_multiple: 1,
+            pins: Vec::new(),
+        },
+    )
+}
+
+/// Runs `plan` and the reference on the same weights and batch and compares them.
+pub fn compare(
+    plan: &Plan,
+    reference: &Plan,
+    params: &HashMap<String, Tensor>,
+    batch: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Verification, VerifyError> {
+    let ours = run(plan, params, batch, opts)?;
+    let theirs = run(reference, params, batch, opts)?;
+    let mut v = compare_runs(&ours, &theirs)?;
+    if !v.passed() {
+        let keep = RunOptions {
+            keep_all: true,
+            ..opts.clone()
+        };
+        let ours = run(plan, params, batch, &keep)?;
+        let theirs = run(reference, params, batch, &keep)?;
+        v.first_divergence = first_divergence(&ours, &theirs)?;
+    }
+    Ok(v)
+}
+
+fn compare_runs(ours: &Run, theirs: &Run) -> Result<Verification, VerifyError> {
+    let mut entries = Vec::new();
+    let (loss, reference_loss) = (ours.loss()?, theirs.loss()?);
+    entries.push(Entry {
+        name: "loss".into(),
+        kind: Kind::Loss,
+        max_rel_error: rel_error(
+            &Tensor::full(Vec::new(), loss),
+            &Tensor::full(Vec::new(), reference_loss),
+        ),
+        tolerance: FORWARD_TOLERANCE,
+    });
+    let plan = theirs.plan;
+    for (name, v) in &plan.graph.outputs {
+        if *v == plan.loss {
+            continue;
+        }
+        let b = theirs.output(name)?;
+        let a = crop_like(&ours.output(name)?, &b);
+        entries.push(Entry {
+            name: name.clone(),
+            kind: Kind::Output,
+            max_rel_error: rel_error(&a, &b),
+            tolerance: FORWARD_TOLERANCE,
+        });
+    }
+    let mut grads = Vec::with_capacity(plan.grads.len());
+    for (p, _) in &plan.grads {
+        let name = &plan.graph.params[*p].name;
+        grads.push((name, ours.grad(name)?, theirs.grad(name)?));
+    }
+    // Gradients are held to the scale of the largest one (see `rel_error_floor`).
+    let floor = 1e-3 * grads.iter().map(|(_, _, b)| max_abs(b)).fold(0.0, f64::max);
+    for (name, a, b) in grads {
+        entries.push(Entry {
+            name: name.clone(),
+            kind: Kind::Gradient,
+            max_rel_error: rel_error_floor(&a, &b, floor),
+            tolerance: GRADIENT_TOLERANCE,
+        });
+    }
+    Ok(Verification {
+        entries,
+        loss,
+        reference_loss,
+        first_divergence: None,
+    })
+}
+
+/// The first forward node, in the reference's program order, whose output differs between two
+/// runs made with `keep_all`.
+fn first_divergence(ours: &Run, theirs: &Run) -> Result<Option<(String, f64)>, VerifyError> {
+    let g = &theirs.plan.graph;
+    for &n in &g.order[..theirs.plan.backward_start] {
+        let node = &g.nodes[n];
+        for &v in &node.outputs {
+            let Some(mine) = ours.value_named(&g.values[v].name) else {
+                continue;
+            };
+            let b = theirs.gather(v)?;
+            let a = crop_like(&ours.gather(mine)?, &b);
+            let err = rel_error(&a, &b);
+            if err > FORWARD_TOLERANCE {
+                return Ok(Some((node.name.clone(), err)));
+            }
+        }
+    }
+    Ok(None)
+}
