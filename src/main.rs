@@ -9,7 +9,7 @@ use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
 use ferrotron_runtime::init::{init_params, random_batch, test_params};
-use ferrotron_runtime::verify::{compare, reference_plan, Verification};
+use ferrotron_runtime::verify::{compare_with, reference_plan, Verification};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -247,7 +247,7 @@ fn run(cli: Cli) -> Result<()> {
             let tokens_per_second = tokens as f64 / (fwd + bwd).as_secs_f64().max(1e-9);
             let checked = if verify {
                 let reference = reference_plan(&graph)?;
-                Some(compare(&plan, &reference, &params, &batch, &opts)?)
+                Some(compare_with(&run, &reference, &params, &batch, &opts)?)
             } else {
                 None
             };

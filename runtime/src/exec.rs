@@ -588,7 +588,9 @@ impl Rank<'_> {
             Op::Embedding { table, .. } | Op::EmbeddingGrad { table, .. }
                 if self.layout(*table).tp == Layout::Split(0) =>
             {
-                local.vocab_offset = self.t * g.ty(*table).shape.size(0) as usize;
+                let rows = g.ty(*table).shape.size(0) as usize;
+                local.vocab_offset = self.t * rows;
+                local.vocab_rows = Some(rows * self.plan.mesh.tp as usize);
             }
             Op::Dropout { x, .. } => self.place(*x, &mut local)?,
             Op::DropoutGrad { forward, .. } => self.place(*forward, &mut local)?,

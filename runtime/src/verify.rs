@@ -158,8 +158,20 @@ pub fn compare(
     opts: &RunOptions,
 ) -> Result<Verification, VerifyError> {
     let ours = run(plan, params, batch, opts)?;
+    compare_with(&ours, reference, params, batch, opts)
+}
+
+/// Compares a finished run of a plan with the reference run on the same weights and batch.
+pub fn compare_with(
+    ours: &Run,
+    reference: &Plan,
+    params: &HashMap<String, Tensor>,
+    batch: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Verification, VerifyError> {
+    let plan = ours.plan;
     let theirs = run(reference, params, batch, opts)?;
-    let mut v = compare_runs(&ours, &theirs)?;
+    let mut v = compare_runs(ours, &theirs)?;
     if !v.passed() {
         let keep = RunOptions {
             keep_all: true,

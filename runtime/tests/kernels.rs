@@ -95,7 +95,6 @@ fn rel_err(got: &Tensor, want: &T64, floor: f64) -> f64 {
 
 fn assert_close(got: &Tensor, want: &T64, floor: f64, what: &str) {
     let e = rel_err(got, want, floor);
-    println!("ERR {} {e:e} {floor}", what.split(' ').next().unwrap());
     assert!(
         e <= RTOL,
         "{what}: relative error {e:e}\n  got  {:?}\n  want {:?}",

@@ -558,33 +558,12 @@ fn sigmoid(x: f64) -> f64 {
     }
 }
 
-/// `erfc(z)` with relative error below 1.2e-7 everywhere (Numerical Recipes' Chebyshev fit),
-/// so that `Φ(x)` keeps its relative accuracy in the left tail.
-fn erfc(z: f64) -> f64 {
-    let a = z.abs();
-    let t = 1.0 / (1.0 + 0.5 * a);
-    let poly = -1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = t * (-a * a + poly).exp();
-    if z >= 0.0 {
-        r
-    } else {
-        2.0 - r
-    }
-}
-
 /// The standard normal CDF `Φ(x)`.
 fn normal_cdf(x: f64) -> f64 {
-    0.5 * erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+    0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
 }
 
-/// An activation's value (as [`ferrotron_ir::reference::activation`], with a fast `erfc`).
+/// An activation's value (as [`ferrotron_ir::reference::activation`]).
 fn act(a: Activation, x: f64) -> f64 {
     match a {
         Activation::Gelu => x * normal_cdf(x),

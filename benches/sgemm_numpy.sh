@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# numpy's (OpenBLAS) sgemm GFLOP/s on 1 and 2 threads, the baseline for
+# `cargo bench -p ferrotron-runtime --bench matmul`. Run by hand (never by CI): it makes a
+# Python virtual environment under target/ and installs numpy from PyPI the first time.
+#
+#   bash benches/sgemm_numpy.sh [--quick]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/target/sgemm-venv"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --upgrade pip
+    "$venv/bin/pip" install --quiet numpy
+fi
+for threads in 1 2; do
+    OPENBLAS_NUM_THREADS=$threads OMP_NUM_THREADS=$threads \
+        "$venv/bin/python" "$root/benches/sgemm_numpy.py" "$@"
+done
