@@ -19,6 +19,7 @@ use crate::Tensor;
 use ferrotron_ir::graph::{EntityRef, SecondaryMap};
 use ferrotron_ir::{Dim, MeshAxis, NodeId, Op, ValueDef, ValueId};
 use ferrotron_partitioner::{value_blocks, Layout, MeshLayout, Plan};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,9 +133,26 @@ pub fn run<'p>(
     inputs: &HashMap<String, Tensor>,
     opts: &RunOptions,
 ) -> Result<Run<'p>, ExecError> {
+    run_sharded(plan, &shard_params(plan, params)?, inputs, opts)
+}
+
+/// Runs `plan` on weights already sharded (`params[rank][param]`, as [`shard_params`] makes
+/// them; a trainer keeps them so between steps) and a full batch.
+pub fn run_sharded<'p>(
+    plan: &'p Plan,
+    params: &[Vec<Tensor>],
+    inputs: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Run<'p>, ExecError> {
     let blocks = value_blocks(plan).map_err(|e| ExecError::Plan(e.to_string()))?;
     let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
-    let shards = shard_feed(plan, params, inputs, &blocks)?;
+    if params.len() != tp * dp || params.iter().any(|p| p.len() != plan.graph.params.len()) {
+        return Err(ExecError::Plan(format!(
+            "{} ranks of weights given for a {tp} × {dp} mesh",
+            params.len()
+        )));
+    }
+    let shards = shard_inputs(plan, inputs, &blocks)?;
     let keep = kept_values(plan, opts.keep_all);
     let last_use = last_uses(plan);
     let tp_groups: Vec<Arc<Group>> = (0..dp).map(|_| Group::new(tp, opts.timeout)).collect();
@@ -145,6 +163,7 @@ pub fn run<'p>(
         let mut handles = Vec::new();
         for (i, feed) in shards.into_iter().enumerate() {
             let (t, d) = (i % tp, i / tp);
+            let weights = &params[i];
             let rank = Rank {
                 plan,
                 t,
@@ -158,16 +177,17 @@ pub fn run<'p>(
             };
             handles.push(scope.spawn(move || {
                 let groups = (rank.tp_group.clone(), rank.dp_group.clone());
-                let outcome =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rank.run(feed)))
-                        .unwrap_or_else(|panic| {
-                            let why = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "unknown panic".into());
-                            Err(ExecError::Panic { t, d, why })
-                        });
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    rank.run(weights, feed)
+                }))
+                .unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(ExecError::Panic { t, d, why })
+                });
                 if let Err(e) = &outcome {
                     groups.0.abort(t, &e.to_string());
                     groups.1.abort(d, &e.to_string());
@@ -206,18 +226,18 @@ pub fn run<'p>(
     })
 }
 
-/// What one rank starts with: its shards of the weights and the batch.
+/// What one rank starts with: its shards of the batch.
 type RankFeed = Vec<(ValueId, Tensor)>;
 
-fn shard_feed(
+/// Every rank's shards of full weights (model shapes, by name): `[rank][param]`, ranks indexed
+/// `t + tp · d`, parameters in the plan's order. The vocabulary padding is zero.
+pub fn shard_params(
     plan: &Plan,
     params: &HashMap<String, Tensor>,
-    inputs: &HashMap<String, Tensor>,
-    blocks: &SecondaryMap<ValueId, u32>,
-) -> Result<Vec<RankFeed>, ExecError> {
+) -> Result<Vec<Vec<Tensor>>, ExecError> {
     let g = &plan.graph;
     let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
-    let mut feeds: Vec<RankFeed> = vec![Vec::new(); tp * dp];
+    let mut out: Vec<Vec<Tensor>> = vec![Vec::with_capacity(g.params.len()); tp * dp];
     for (p, data) in g.params.iter() {
         let shard = plan.shard(p);
         let full = params.get(&data.name).ok_or_else(|| ExecError::Feed {
@@ -249,10 +269,62 @@ fn shard_feed(
                 }
             };
             for d in 0..dp {
-                feeds[t + tp * d].push((data.value, local.clone()));
+                out[t + tp * d].push(local.clone());
             }
         }
     }
+    Ok(out)
+}
+
+/// Full weights (model shapes, by name) from every rank's shards: the inverse of
+/// [`shard_params`] (data-parallel replicas hold the same; the first is read).
+pub fn gather_params(
+    plan: &Plan,
+    shards: &[Vec<Tensor>],
+) -> Result<HashMap<String, Tensor>, ExecError> {
+    let g = &plan.graph;
+    let tp = plan.mesh.tp;
+    let mut out = HashMap::with_capacity(g.params.len());
+    for (p, data) in g.params.iter() {
+        let shard = plan.shard(p);
+        let i = p.index();
+        let full = match shard.ranges(0, tp) {
+            None => shards[0][i].clone(),
+            Some(_) => {
+                let shape: Vec<usize> = shard.shape.iter().map(|&s| s as usize).collect();
+                let mut full = Tensor::zeros(shape);
+                for t in 0..tp {
+                    let local = &shards[t as usize][i];
+                    let (dim, ranges) = shard.ranges(t, tp).expect("split");
+                    let mut at = 0;
+                    for r in ranges {
+                        let len = (r.end - r.start) as usize;
+                        place(
+                            &mut full,
+                            &slice(local, dim, at, at + len),
+                            dim,
+                            r.start as usize,
+                        );
+                        at += len;
+                    }
+                }
+                full
+            }
+        };
+        let model: Vec<usize> = shard.model_shape.iter().map(|&s| s as usize).collect();
+        out.insert(data.name.clone(), crop(&full, &model));
+    }
+    Ok(out)
+}
+
+fn shard_inputs(
+    plan: &Plan,
+    inputs: &HashMap<String, Tensor>,
+    blocks: &SecondaryMap<ValueId, u32>,
+) -> Result<Vec<RankFeed>, ExecError> {
+    let g = &plan.graph;
+    let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
+    let mut feeds: Vec<RankFeed> = vec![Vec::new(); tp * dp];
     for &v in &g.inputs {
         let name = &g.values[v].name;
         let full = inputs.get(name).ok_or_else(|| ExecError::Feed {
@@ -332,14 +404,34 @@ struct Rank<'a> {
 }
 
 impl Rank<'_> {
-    fn run(&self, feed: RankFeed) -> Result<RankResult, ExecError> {
+    fn run<'w>(&self, weights: &'w [Tensor], feed: RankFeed) -> Result<RankResult, ExecError> {
         let g = &self.plan.graph;
-        let mut values: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        let mut values: Vec<Option<Cow<'w, Tensor>>> = vec![None; g.values.len()];
         let mut live = 0usize;
         let mut peak = 0usize;
+        for (p, data) in g.params.iter() {
+            let x = &weights[p.index()];
+            if x.shape
+                .iter()
+                .map(|&s| s as u64)
+                .ne(g.ty(data.value).shape.sizes())
+            {
+                return Err(ExecError::Feed {
+                    what: "parameter shard",
+                    name: data.name.clone(),
+                    problem: format!(
+                        "has shape {:?}, the plan says {}",
+                        x.shape,
+                        g.ty(data.value).shape
+                    ),
+                });
+            }
+            live += x.bytes();
+            values[data.value.index()] = Some(Cow::Borrowed(x));
+        }
         for (v, x) in feed {
             live += x.bytes();
-            values[v.index()] = Some(x);
+            values[v.index()] = Some(Cow::Owned(x));
         }
         peak = peak.max(live);
         let start = Instant::now();
@@ -359,7 +451,7 @@ impl Rank<'_> {
                     ));
                 }
                 live += x.bytes();
-                values[v.index()] = Some(x);
+                values[v.index()] = Some(Cow::Owned(x));
             }
             peak = peak.max(live);
             // Free what no later node reads (unless it is kept).
@@ -387,7 +479,9 @@ impl Rank<'_> {
             .enumerate()
             .filter_map(|(i, x)| {
                 let v = ValueId::new(i);
-                (self.keep[v]).then_some(x.map(|x| (v, x))).flatten()
+                (self.keep[v])
+                    .then_some(x.map(|x| (v, x.into_owned())))
+                    .flatten()
             })
             .collect();
         Ok(RankResult {
@@ -441,11 +535,11 @@ impl Rank<'_> {
     }
 
     /// Runs one node on this rank.
-    fn node(&self, n: NodeId, values: &[Option<Tensor>]) -> Result<Vec<Tensor>, ExecError> {
+    fn node(&self, n: NodeId, values: &[Option<Cow<Tensor>>]) -> Result<Vec<Tensor>, ExecError> {
         let g = &self.plan.graph;
         let node = &g.nodes[n];
         let get = |v: &ValueId| -> Result<&Tensor, ExecError> {
-            values[v.index()].as_ref().ok_or_else(|| {
+            values[v.index()].as_deref().ok_or_else(|| {
                 self.plan_error(n, format!("`{}` is not available", g.values[*v].name))
             })
         };
@@ -554,7 +648,7 @@ impl Rank<'_> {
                 Ok(vec![grad])
             }
             op => {
-                let local = self.local_ctx(op, values)?;
+                let local = self.local_ctx(op)?;
                 let mapped = op.try_map::<&Tensor, Dim, ExecError, _, _>(get, |d| Ok(d.clone()))?;
                 kernels::eval(&mapped, &local).map_err(|e| self.kernel_error(n, e))
             }
@@ -576,7 +670,7 @@ impl Rank<'_> {
     }
 
     /// The rank-dependent facts a kernel needs.
-    fn local_ctx(&self, op: &Op, _values: &[Option<Tensor>]) -> Result<Local, ExecError> {
+    fn local_ctx(&self, op: &Op) -> Result<Local, ExecError> {
         let g = &self.plan.graph;
         let mut local = Local {
             threads: self.opts.threads_per_rank.max(1),

@@ -14,7 +14,9 @@ pub mod cpu;
 pub mod exec;
 pub mod init;
 pub mod tensor;
+pub mod tokenizer;
+pub mod train;
 pub mod verify;
 
-pub use exec::{run, ExecError, Run, RunOptions};
+pub use exec::{gather_params, run, run_sharded, shard_params, ExecError, Run, RunOptions};
 pub use tensor::Tensor;

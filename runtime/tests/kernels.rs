@@ -77,9 +77,7 @@ fn rel_err(got: &Tensor, want: &T64, floor: f64) -> f64 {
         .iter()
         .zip(&want.data)
         .map(|(&g, &w)| {
-            if (g as f64).is_nan() && w.is_nan() {
-                0.0
-            } else if g as f64 == w {
+            if (g as f64).is_nan() && w.is_nan() || g as f64 == w {
                 0.0
             } else {
                 let e = (g as f64 - w).abs() / w.abs().max(floor);

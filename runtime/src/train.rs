@@ -1,0 +1,254 @@
+//! Training: AdamW with decoupled weight decay, a linear warm-up then cosine learning-rate
+//! schedule, and gradient clipping by the global norm, on weights that stay sharded across the
+//! ranks between steps.
+//!
+//! ```text
+//! tokens ─► Batches (consecutive windows, a resumable position)
+//!        ─► step: run the plan (exec::run_sharded) ─► each rank's gradient shards
+//!        ─► global norm (split parameters summed over tp, replicated ones counted once)
+//!        ─► clip ─► AdamW on every rank's shards, in place
+//! ```
+//!
+//! Every rank's gradients are already reduced over both mesh axes and laid out like its
+//! parameters (the plan does that), so each rank updates its own shards with no further
+//! communication, and data-parallel replicas stay identical. Dropout masks change with the
+//! step, so a run resumed at step `k` replays exactly the masks of the uninterrupted one.
+
+use crate::exec::{run_sharded, shard_params, ExecError, RunOptions};
+use crate::Tensor;
+use ferrotron_ir::graph::EntityRef;
+use ferrotron_partitioner::{Layout, Plan};
+use std::collections::HashMap;
+
+/// Optimizer and schedule settings.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup: u64,
+    /// Total steps (the cosine reaches `min_lr` here).
+    pub steps: u64,
+    /// Decoupled weight decay, applied to matrices and embeddings (rank ≥ 2), not to biases or
+    /// norm weights.
+    pub weight_decay: f64,
+    /// Adam's β₁.
+    pub beta1: f64,
+    /// Adam's β₂.
+    pub beta2: f64,
+    /// Adam's ε.
+    pub eps: f64,
+    /// Largest global gradient norm; larger gradients are scaled down to it (0: no clipping).
+    pub clip: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 10,
+            steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip: 1.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate at `step` (counted from 0).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.min_lr + (self.lr - self.min_lr) * cosine
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct StepStats {
+    /// The step's index (from 0).
+    pub step: u64,
+    /// The loss before the update.
+    pub loss: f32,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// Wall time of the step in seconds.
+    pub seconds: f64,
+}
+
+/// A model being trained: its plan, every rank's weight shards and AdamW moments.
+pub struct Trainer<'p> {
+    /// The plan it runs.
+    pub plan: &'p Plan,
+    /// The settings.
+    pub config: TrainConfig,
+    /// `[rank][param]` weight shards.
+    pub shards: Vec<Vec<Tensor>>,
+    /// AdamW's first moments, laid out like `shards`.
+    pub m: Vec<Vec<Tensor>>,
+    /// AdamW's second moments, laid out like `shards`.
+    pub v: Vec<Vec<Tensor>>,
+    /// Steps taken.
+    pub step: u64,
+    /// How to run each step.
+    pub run: RunOptions,
+}
+
+impl<'p> Trainer<'p> {
+    /// A trainer starting from full weights (model shapes, by name).
+    pub fn new(
+        plan: &'p Plan,
+        config: TrainConfig,
+        params: &HashMap<String, Tensor>,
+        run: RunOptions,
+    ) -> Result<Trainer<'p>, ExecError> {
+        let shards = shard_params(plan, params)?;
+        let zeros = |s: &Vec<Vec<Tensor>>| {
+            s.iter()
+                .map(|r| r.iter().map(|t| Tensor::zeros(t.shape.clone())).collect())
+                .collect()
+        };
+        Ok(Trainer {
+            plan,
+            config,
+            m: zeros(&shards),
+            v: zeros(&shards),
+            shards,
+            step: 0,
+            run,
+        })
+    }
+
+    /// One step on a full batch (every graph input, by name).
+    pub fn step(&mut self, batch: &HashMap<String, Tensor>) -> Result<StepStats, ExecError> {
+        let started = std::time::Instant::now();
+        let opts = RunOptions {
+            dropout_seed: self.step + 1,
+            ..self.run.clone()
+        };
+        let result = run_sharded(self.plan, &self.shards, batch, &opts)?;
+        let loss = result.loss()?;
+        let plan = self.plan;
+        let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
+        // Each rank's gradient shards, in parameter order.
+        let mut grads: Vec<Vec<Option<Tensor>>> = Vec::with_capacity(tp * dp);
+        for rank in result.ranks {
+            let mut values = rank.values;
+            let mut mine = Vec::with_capacity(plan.grads.len());
+            for (p, g) in &plan.grads {
+                let t = values.remove(g).ok_or_else(|| {
+                    ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[*p].name))
+                })?;
+                mine.push((p.index(), t));
+            }
+            grads.push(sorted(mine, plan.graph.params.len()));
+        }
+        // The global norm: a split parameter's shards over the tp ranks, a replicated one once.
+        let mut sumsq = 0.0f64;
+        for (p, _) in plan.graph.params.iter() {
+            let i = p.index();
+            let split = matches!(plan.shard(p).layout.tp, Layout::Split(_));
+            let ranks = if split { tp } else { 1 };
+            for rank in grads.iter().take(ranks) {
+                if let Some(g) = &rank[i] {
+                    sumsq += g
+                        .data
+                        .iter()
+                        .map(|&x| f64::from(x) * f64::from(x))
+                        .sum::<f64>();
+                }
+            }
+        }
+        let norm = sumsq.sqrt();
+        let clip = if self.config.clip > 0.0 && norm > self.config.clip {
+            self.config.clip / norm
+        } else {
+            1.0
+        };
+        let lr = self.config.lr_at(self.step);
+        let c = &self.config;
+        let t = (self.step + 1) as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        for (r, rank_grads) in grads.into_iter().enumerate() {
+            for (i, g) in rank_grads.into_iter().enumerate() {
+                let Some(g) = g else { continue };
+                let w = &mut self.shards[r][i];
+                let decay = if w.rank() >= 2 { c.weight_decay } else { 0.0 };
+                let (m, v) = (&mut self.m[r][i], &mut self.v[r][i]);
+                for k in 0..w.data.len() {
+                    let gk = f64::from(g.data[k]) * clip;
+                    let mk = c.beta1 * f64::from(m.data[k]) + (1.0 - c.beta1) * gk;
+                    let vk = c.beta2 * f64::from(v.data[k]) + (1.0 - c.beta2) * gk * gk;
+                    m.data[k] = mk as f32;
+                    v.data[k] = vk as f32;
+                    let update = (mk / bc1) / ((vk / bc2).sqrt() + c.eps);
+                    let wk = f64::from(w.data[k]);
+                    w.data[k] = (wk - lr * (update + decay * wk)) as f32;
+                }
+            }
+        }
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step - 1,
+            loss,
+            grad_norm: norm,
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Gradients placed at their parameter's index (`None` for a parameter the loss ignores).
+fn sorted(mut grads: Vec<(usize, Tensor)>, n: usize) -> Vec<Option<Tensor>> {
+    let mut out: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+    for (i, t) in grads.drain(..) {
+        out[i] = Some(t);
+    }
+    out
+}
+
+/// Consecutive windows of a token stream as `[batch, seq]` batches, from a position that a
+/// checkpoint records (so a resumed run reads the same batches).
+pub struct Batches {
+    tokens: Vec<u32>,
+    /// Where the next batch starts.
+    pub position: u64,
+}
+
+impl Batches {
+    /// Batches over `tokens`, starting at `position`.
+    pub fn new(tokens: Vec<u32>, position: u64) -> Batches {
+        Batches { tokens, position }
+    }
+
+    /// The next `[batch, seq]` window (wrapping around the stream), as the value of the graph
+    /// input `input`.
+    pub fn next(&mut self, input: &str, batch: usize, seq: usize) -> HashMap<String, Tensor> {
+        let n = self.tokens.len().max(1);
+        let mut data = Vec::with_capacity(batch * seq);
+        for _ in 0..batch * seq {
+            let i = (self.position % n as u64) as usize;
+            data.push(self.tokens.get(i).copied().unwrap_or(0) as f32);
+            self.position += 1;
+        }
+        HashMap::from([(
+            input.to_owned(),
+            Tensor {
+                shape: vec![batch, seq],
+                data,
+            },
+        )])
+    }
+}
