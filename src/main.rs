@@ -9,6 +9,8 @@ use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
 use ferrotron_runtime::init::{init_params, random_batch, test_params};
+use ferrotron_runtime::tokenizer::Tokenizer;
+use ferrotron_runtime::train::{Batches, TrainConfig, Trainer};
 use ferrotron_runtime::verify::{compare_with, reference_plan, Verification};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,6 +87,46 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Train a model on a text file: AdamW with warm-up and cosine decay, gradient clipping,
+    /// on CPU threads (one per rank). Batch and sequence length are the model's `batch` and
+    /// `seq` dimensions.
+    Train {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// The training text.
+        #[arg(long)]
+        data: PathBuf,
+        /// `bytes` (any vocabulary ≥ 256) or `gpt2` (GPT-2's BPE, vocabulary 50,257).
+        #[arg(long, default_value = "bytes")]
+        tokenizer: String,
+        /// Steps to take.
+        #[arg(long, default_value_t = 100)]
+        steps: u64,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Final learning rate of the cosine decay.
+        #[arg(long, default_value_t = 1e-4)]
+        min_lr: f64,
+        /// Warm-up steps.
+        #[arg(long, default_value_t = 10)]
+        warmup: u64,
+        /// Decoupled weight decay (matrices and embeddings).
+        #[arg(long, default_value_t = 0.1)]
+        weight_decay: f64,
+        /// Clip the global gradient norm to this (0: never).
+        #[arg(long, default_value_t = 1.0)]
+        clip: f64,
+        /// Seed of the initial weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Threads each rank's matmuls may use.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
+        #[arg(long)]
+        log: Option<PathBuf>,
     },
 }
 
@@ -300,8 +342,115 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Train {
+            plan: args,
+            data,
+            tokenizer,
+            steps,
+            lr,
+            min_lr,
+            warmup,
+            weight_decay,
+            clip,
+            seed,
+            threads,
+            log,
+        } => {
+            let graph = args.load()?;
+            let plan = partition(&graph, &args.options())?;
+            let tokenizer = Tokenizer::named(&tokenizer)?;
+            let input = graph
+                .inputs
+                .iter()
+                .copied()
+                .find(|&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
+                .ok_or_else(|| anyhow::anyhow!("the model has no [batch, seq] token input"))?;
+            let dims = graph.ty(input).shape.sizes();
+            let (batch, seq) = (dims[0] as usize, dims[1] as usize);
+            let vocab = plan.vocab_padding.map_or_else(
+                || {
+                    graph
+                        .dims
+                        .iter()
+                        .find(|(n, _)| n == "vocab")
+                        .map_or(0, |d| d.1)
+                },
+                |(v, _)| v,
+            );
+            tokenizer.check(vocab)?;
+            let text = std::fs::read_to_string(&data)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;
+            let tokens = tokenizer.encode(&text);
+            if tokens.len() < batch * seq {
+                anyhow::bail!(
+                    "{}: {} tokens, fewer than one batch ({batch} × {seq})",
+                    data.display(),
+                    tokens.len()
+                );
+            }
+            let config = TrainConfig {
+                lr,
+                min_lr,
+                warmup,
+                steps,
+                weight_decay,
+                clip,
+                ..TrainConfig::default()
+            };
+            let run = ferrotron_runtime::RunOptions {
+                threads_per_rank: threads,
+                ..ferrotron_runtime::RunOptions::default()
+            };
+            let mut trainer = Trainer::new(&plan, config, &init_params(&graph, seed), run)?;
+            let mut batches = Batches::new(tokens, 0);
+            let mut log = match &log {
+                Some(path) => Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            eprintln!(
+                "training {} at tp = {}, dp = {}: {} tokens of {}, batch {batch} × {seq}",
+                graph.name,
+                plan.mesh.tp,
+                plan.mesh.dp,
+                batches_len(&batches),
+                data.display()
+            );
+            let input_name = graph.values[input].name.clone();
+            for _ in 0..steps {
+                let b = batches.next(&input_name, batch, seq);
+                let s = trainer.step(&b)?;
+                let tps = (batch * seq) as f64 / s.seconds.max(1e-9);
+                eprint!(
+                    "\rstep {:>5}/{steps}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s   ",
+                    s.step + 1,
+                    s.loss,
+                    s.lr,
+                    s.grad_norm,
+                    tps
+                );
+                if let Some(f) = log.as_mut() {
+                    use std::io::Write;
+                    writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
+                }
+                if !s.loss.is_finite() {
+                    eprintln!();
+                    anyhow::bail!("the loss became {} at step {}", s.loss, s.step);
+                }
+            }
+            eprintln!();
+        }
     }
     Ok(())
+}
+
+fn batches_len(b: &Batches) -> usize {
+    b.len()
 }
 
 fn print_verification(v: &Verification) {

@@ -88,6 +88,8 @@ pub struct RunOptions {
     pub dropout_seed: u64,
     /// Keep every value (to find where two runs diverge), not only those asked for.
     pub keep_all: bool,
+    /// Run only the forward part (inference: the loss and the outputs, no gradients).
+    pub forward_only: bool,
 }
 
 impl Default for RunOptions {
@@ -97,6 +99,7 @@ impl Default for RunOptions {
             timeout: Duration::from_secs(60),
             dropout_seed: 0,
             keep_all: false,
+            forward_only: false,
         }
     }
 }
@@ -436,7 +439,12 @@ impl Rank<'_> {
         peak = peak.max(live);
         let start = Instant::now();
         let mut forward = Duration::ZERO;
-        for (i, &n) in g.order.iter().enumerate() {
+        let end = if self.opts.forward_only {
+            self.plan.backward_start
+        } else {
+            g.order.len()
+        };
+        for (i, &n) in g.order[..end].iter().enumerate() {
             if i == self.plan.backward_start {
                 forward = start.elapsed();
             }
@@ -471,7 +479,7 @@ impl Rank<'_> {
             }
         }
         let total = start.elapsed();
-        if self.plan.backward_start >= g.order.len() {
+        if end <= self.plan.backward_start {
             forward = total;
         }
         let kept = values

@@ -233,6 +233,16 @@ impl Batches {
         Batches { tokens, position }
     }
 
+    /// Tokens in the stream.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether the stream is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
     /// The next `[batch, seq]` window (wrapping around the stream), as the value of the graph
     /// input `input`.
     pub fn next(&mut self, input: &str, batch: usize, seq: usize) -> HashMap<String, Tensor> {

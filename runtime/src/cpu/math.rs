@@ -1,0 +1,191 @@
+//! Scalar math written to vectorize: a branch-free `exp`, the logistic-based activations in
+//! `f32`, and `f64` reductions over `f32` slices kept in independent lanes (a strict sequential
+//! `f64` sum cannot be vectorized; eight lanes can, and are as accurate).
+
+/// `e^x` in `f32` to about 1 ulp (Cephes' `expf`: `2^n · p(r)` with `r = x − n·ln 2` in
+/// `[−ln2/2, ln2/2]`), without branches or calls so that loops over it vectorize. Saturates at
+/// `e^88` above 88, is 0 below −87 (where `e^x` is under `1.7e-38`), and keeps NaN.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LO: f32 = -87.0;
+    const HI: f32 = 88.0;
+    // ln 2 split so that n·C1 is exact.
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // 1.5·2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = if x > HI {
+        HI
+    } else if x < LO {
+        LO
+    } else {
+        x
+    };
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * C1 - n * C2;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let p = p * r * r + r + 1.0;
+    // n is in [−126, 127]: a normal power of two.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < LO {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// `(σ(z), σ(−z))`, each to full relative accuracy (no `1 − σ` cancellation).
+#[inline(always)]
+pub(crate) fn sigmoid_pair(z: f32) -> (f32, f32) {
+    let e = exp(-z.abs());
+    let a = 1.0 / (1.0 + e);
+    let b = e * a;
+    if z >= 0.0 {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_TANH_C: f32 = 0.044_715;
+
+/// GPT-2's GeLU, `0.5·x·(1 + tanh u)` with `u = √(2/π)(x + 0.044715x³)`, computed as
+/// `x·σ(2u)` (the same function, without tanh's cancellation for negative `x`).
+#[inline(always)]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    let u2 = 2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x);
+    x * sigmoid_pair(u2).0
+}
+
+/// The derivative of [`gelu_tanh`]: with `s = σ(2u)`, `0.5(1 + tanh u) = s` and
+/// `1 − tanh² u = 4s(1 − s)`.
+#[inline(always)]
+pub(crate) fn gelu_tanh_grad(x: f32) -> f32 {
+    let u2 = 2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x);
+    let (s, s_neg) = sigmoid_pair(u2);
+    s + 2.0 * x * s * s_neg * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * x * x)
+}
+
+/// `x·σ(x)`.
+#[inline(always)]
+pub(crate) fn silu(x: f32) -> f32 {
+    x * sigmoid_pair(x).0
+}
+
+/// The derivative of [`silu`]: `σ(x)·(1 + x·σ(−x))`.
+#[inline(always)]
+pub(crate) fn silu_grad(x: f32) -> f32 {
+    let (s, s_neg) = sigmoid_pair(x);
+    s * (1.0 + x * s_neg)
+}
+
+const LANES: usize = 8;
+
+/// `Σ f(x)` in `f64`, over eight independent lanes.
+#[inline(always)]
+pub(crate) fn sum_map(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `Σ f(a, b)` in `f64` over two equally long slices, over eight independent lanes.
+#[inline(always)]
+pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f64; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..LANES {
+            acc[i] += f(x[i], y[i]);
+        }
+    }
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `out[i] = e^(x[i] − max)`, returning `Σ out` in `f64`.
+#[inline(always)]
+pub(crate) fn exp_shifted(out: &mut [f32], xs: &[f32], max: f32) -> f64 {
+    for (o, &v) in out.iter_mut().zip(xs) {
+        *o = exp(v - max);
+    }
+    sum_map(&out[..xs.len().min(out.len())], |v| v as f64)
+}
+
+/// SplitMix64's first output for seed `i` (as `ferrotron_ir::reference::splitmix64`, inlined).
+#[inline(always)]
+pub(crate) fn splitmix64(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The smallest `u` with `u as f64 / 2^64 >= p` (`u64` to `f64` is monotonic, so `h >= u` is
+/// exactly `dropout_keeps`' test `h as f64 / 2^64 >= p`); `p` in `[0, 1)`.
+pub(crate) fn keep_threshold(p: f64) -> u64 {
+    let target = p * 2f64.powi(64);
+    let (mut lo, mut hi) = (0u64, u64::MAX);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if mid as f64 >= target {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_and_total() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            worst = worst.max(((exp(x) as f64) - want).abs() / want);
+            x += 0.001_37;
+        }
+        assert!(worst < 3e-7, "{worst:e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert!(exp(f32::INFINITY).is_finite());
+    }
+
+    #[test]
+    fn keep_threshold_matches_dropout_keeps() {
+        for p in [0.0, 1e-12, 0.1, 0.25, 0.5, 0.9, 0.999_999] {
+            let u = keep_threshold(p);
+            for h in [u.wrapping_sub(1), u, u.wrapping_add(1), u.saturating_add(1 << 20)] {
+                let keeps = h as f64 / 2f64.powi(64) >= p;
+                assert_eq!(h >= u, keeps, "p {p}, h {h}");
+            }
+        }
+        for i in 0..1000 {
+            assert_eq!(splitmix64(i), ferrotron_ir::reference::splitmix64(i));
+        }
+    }
+}
