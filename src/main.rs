@@ -87,6 +87,12 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Stop at the first op that produces a NaN or an infinity, naming it.
+        #[arg(long)]
+        check_finite: bool,
+        /// Write a Chrome / Perfetto trace of every op and collective on every rank.
+        #[arg(long, value_name = "FILE.json")]
+        trace: Option<PathBuf>,
     },
     /// Train a model on a text file: AdamW with warm-up and cosine decay, gradient clipping,
     /// on CPU threads (one per rank). Batch and sequence length are the model's `batch` and
@@ -267,12 +273,16 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             threads,
             json,
+            check_finite,
+            trace,
         } => {
             let graph = args.load()?;
             let plan = partition(&graph, &args.options())?;
             let report = Report::of(&plan);
             let opts = ferrotron_runtime::RunOptions {
                 threads_per_rank: threads,
+                check_finite,
+                trace: trace.is_some(),
                 ..ferrotron_runtime::RunOptions::default()
             };
             let (params, batch) = if verify {
@@ -283,6 +293,9 @@ fn run(cli: Cli) -> Result<()> {
             let started = std::time::Instant::now();
             let run = ferrotron_runtime::run(&plan, &params, &batch, &opts)?;
             let wall = started.elapsed();
+            if let Some(path) = &trace {
+                write_atomically(path, run.trace_json().as_bytes())?;
+            }
             let loss = run.loss()?;
             let (fwd, bwd) = run.times();
             let tokens = ferrotron_ir::count::tokens_per_step(&graph).unwrap_or(0);
@@ -447,6 +460,16 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes a file whole or not at all: a temporary sibling, then a rename.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("{}: {e}", path.display())
+    })
 }
 
 fn batches_len(b: &Batches) -> usize {

@@ -65,6 +65,18 @@ pub enum ExecError {
     /// The plan cannot be run as it is.
     #[error("{0}")]
     Plan(String),
+    /// A node produced a NaN or an infinity (with `check_finite`).
+    #[error("rank (tp {t}, dp {d}): node `{node}` produced {value} (the first non-finite value)")]
+    NonFinite {
+        /// Tensor-parallel index.
+        t: usize,
+        /// Data-parallel index.
+        d: usize,
+        /// The node.
+        node: String,
+        /// The value.
+        value: f32,
+    },
     /// A rank's thread panicked.
     #[error("rank (tp {t}, dp {d}) panicked: {why}")]
     Panic {
@@ -90,6 +102,10 @@ pub struct RunOptions {
     pub keep_all: bool,
     /// Run only the forward part (inference: the loss and the outputs, no gradients).
     pub forward_only: bool,
+    /// Fail at the first node that produces a NaN or an infinity, naming it.
+    pub check_finite: bool,
+    /// Record every node's start and duration on every rank (see [`Run::trace_json`]).
+    pub trace: bool,
 }
 
 impl Default for RunOptions {
@@ -100,6 +116,8 @@ impl Default for RunOptions {
             dropout_seed: 0,
             keep_all: false,
             forward_only: false,
+            check_finite: false,
+            trace: false,
         }
     }
 }
@@ -115,6 +133,8 @@ pub struct RankResult {
     pub forward: Duration,
     /// See `forward`.
     pub backward: Duration,
+    /// With `trace`: each node run, as (node, start, duration) from the rank's start.
+    pub events: Vec<(NodeId, Duration, Duration)>,
 }
 
 /// A finished run: every rank's results, indexed `t + tp · d`.
@@ -439,6 +459,7 @@ impl Rank<'_> {
         peak = peak.max(live);
         let start = Instant::now();
         let mut forward = Duration::ZERO;
+        let mut events = Vec::new();
         let end = if self.opts.forward_only {
             self.plan.backward_start
         } else {
@@ -449,7 +470,22 @@ impl Rank<'_> {
                 forward = start.elapsed();
             }
             let node = &g.nodes[n];
+            let began = start.elapsed();
             let outs = self.node(n, &values)?;
+            if self.opts.trace {
+                events.push((n, began, start.elapsed() - began));
+            }
+            if self.opts.check_finite {
+                if let Some(x) = outs.iter().find(|x| x.data.iter().any(|v| !v.is_finite())) {
+                    let bad = x.data.iter().find(|v| !v.is_finite()).copied();
+                    return Err(ExecError::NonFinite {
+                        t: self.t,
+                        d: self.d,
+                        node: node_name(self.plan, n),
+                        value: bad.unwrap_or(f32::NAN),
+                    });
+                }
+            }
             for (&v, x) in node.outputs.iter().zip(outs) {
                 let want = g.ty(v).shape.sizes();
                 if x.shape.iter().map(|&s| s as u64).ne(want.iter().copied()) {
@@ -497,6 +533,7 @@ impl Rank<'_> {
             peak_bytes: peak,
             forward,
             backward: total - forward,
+            events,
         })
     }
 
@@ -772,7 +809,55 @@ struct VocabStats {
     real: usize,
 }
 
+fn node_name(plan: &Plan, n: NodeId) -> String {
+    plan.graph.nodes[n].name.clone()
+}
+
 impl Run<'_> {
+    /// The recorded events as a Chrome / Perfetto trace (`chrome://tracing`, ui.perfetto.dev):
+    /// one thread per rank, one slice per node, collectives in their own category.
+    pub fn trace_json(&self) -> String {
+        let tp = self.plan.mesh.tp as usize;
+        let mut forward: SecondaryMap<NodeId, bool> = SecondaryMap::new();
+        for &n in &self.plan.graph.order[..self.plan.backward_start] {
+            forward[n] = true;
+        }
+        let mut out = String::from("{\"traceEvents\":[");
+        let mut first = true;
+        for (i, r) in self.ranks.iter().enumerate() {
+            let (t, d) = (i % tp, i / tp);
+            let meta = format!(
+                "{{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":0,\"tid\":{i},\
+                 \"args\":{{\"name\":\"rank tp {t} dp {d}\"}}}}"
+            );
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&meta);
+            for &(n, start, dur) in &r.events {
+                let node = &self.plan.graph.nodes[n];
+                let cat = if node.op.is_collective() {
+                    "collective"
+                } else if forward[n] {
+                    "forward"
+                } else {
+                    "backward"
+                };
+                let name = node.name.replace('\\', "\\\\").replace('"', "\\\"");
+                out.push_str(&format!(
+                    ",{{\"name\":\"{name}\",\"cat\":\"{cat}\",\"ph\":\"X\",\"pid\":0,\
+                     \"tid\":{i},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"op\":\"{}\"}}}}",
+                    start.as_secs_f64() * 1e6,
+                    dur.as_secs_f64() * 1e6,
+                    node.op.mnemonic()
+                ));
+            }
+        }
+        out.push_str("]}");
+        out
+    }
+
     /// Value `v` put back together at full shape from the ranks that kept it (a partial sum is
     /// summed, a split concatenated, a replicated value taken from the first rank).
     pub fn gather(&self, v: ValueId) -> Result<Tensor, ExecError> {

@@ -21,11 +21,11 @@ use super::layout::{
     around, broadcast_shape, broadcast_strides, expand, for_each_offset, is_trailing, numel,
     sum_to, transpose, zeros, Result,
 };
+use super::math::{self, exp, sum_map, sum_zip};
 use super::matmul::matmul;
 use super::par::par_chunks;
 use crate::Tensor;
 use ferrotron_ir::op::{Activation, Factor, Op};
-use ferrotron_ir::reference::splitmix64;
 use ferrotron_ir::Dim;
 
 /// Why a kernel cannot run.
@@ -258,9 +258,9 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             let f = factor.value();
             one(map(x, th, |v| (v as f64 * f) as f32))
         }
-        Op::Gelu(x) => one(map(x, th, |v| act(Activation::Gelu, v as f64) as f32)),
-        Op::GeluTanh(x) => one(map(x, th, |v| act(Activation::GeluTanh, v as f64) as f32)),
-        Op::Silu(x) => one(map(x, th, |v| act(Activation::Silu, v as f64) as f32)),
+        Op::Gelu(x) => one(map(x, th, |v| gelu(v as f64) as f32)),
+        Op::GeluTanh(x) => one(map(x, th, math::gelu_tanh)),
+        Op::Silu(x) => one(map(x, th, math::silu)),
         Op::Relu(x) => one(map(x, th, |v| v.max(0.0))),
         Op::LayerNorm {
             x,
@@ -432,18 +432,20 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
         }
         Op::ActGrad { act: a, x, dy } => {
             same_shape(name, "the gradient", &x.shape, dy)?;
-            let a = *a;
-            one(zip_map(&x.shape, &x.data, &dy.data, th, |x, g| {
-                if a == Activation::Relu {
-                    if x > 0.0 {
-                        g
-                    } else {
-                        g * 0.0
-                    }
-                } else {
-                    (g as f64 * act_grad(a, x as f64)) as f32
+            let shape = &x.shape;
+            let (x, dy) = (&x.data, &dy.data);
+            one(match a {
+                Activation::Gelu => zip_map(shape, x, dy, th, |x, g| {
+                    (g as f64 * gelu_grad(x as f64)) as f32
+                }),
+                Activation::GeluTanh => {
+                    zip_map(shape, x, dy, th, |x, g| g * math::gelu_tanh_grad(x))
                 }
-            }))
+                Activation::Silu => zip_map(shape, x, dy, th, |x, g| g * math::silu_grad(x)),
+                Activation::Relu => {
+                    zip_map(shape, x, dy, th, |x, g| if x > 0.0 { g } else { g * 0.0 })
+                }
+            })
         }
         Op::LayerNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, true, th),
         Op::RmsNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, false, th),
@@ -456,7 +458,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
                 for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
                     let r = first + i;
                     let (ys, gs) = (&y.data[r * n..(r + 1) * n], &dy.data[r * n..(r + 1) * n]);
-                    let dot: f64 = ys.iter().zip(gs).map(|(&y, &g)| y as f64 * g as f64).sum();
+                    let dot = sum_zip(ys, gs, |y, g| y as f64 * g as f64);
                     for (o, (&y, &g)) in o.iter_mut().zip(ys.iter().zip(gs)) {
                         *o = (y as f64 * (g as f64 - dot)) as f32;
                     }
@@ -546,59 +548,21 @@ fn repeat_rows(
     });
 }
 
-const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-const GELU_TANH_C: f64 = 0.044_715;
-
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
-
-/// The standard normal CDF `Φ(x)`.
+/// The standard normal CDF `Φ(x)` (`erfc` keeps its relative accuracy in the left tail).
 fn normal_cdf(x: f64) -> f64 {
     0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
 }
 
-/// An activation's value (as [`ferrotron_ir::reference::activation`]).
-fn act(a: Activation, x: f64) -> f64 {
-    match a {
-        Activation::Gelu => x * normal_cdf(x),
-        // 0.5·x·(1 + tanh u) = x·sigmoid(2u), without tanh's cancellation for negative u.
-        Activation::GeluTanh => x * sigmoid(2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)),
-        Activation::Silu => x * sigmoid(x),
-        Activation::Relu => x.max(0.0),
-    }
+/// Exact GeLU, `x·Φ(x)`, in `f64` (BERT's; GPT-2 and Llama use the `f32` activations of
+/// `math.rs`).
+fn gelu(x: f64) -> f64 {
+    x * normal_cdf(x)
 }
 
-/// An activation's derivative (as [`ferrotron_ir::reference::activation_grad`]).
-fn act_grad(a: Activation, x: f64) -> f64 {
-    match a {
-        Activation::Gelu => {
-            let pdf = (-0.5 * x * x).exp() * 0.398_942_280_401_432_7;
-            normal_cdf(x) + x * pdf
-        }
-        Activation::GeluTanh => {
-            // With s = sigmoid(2u): 0.5(1 + tanh u) = s and 1 − tanh² u = 4s(1 − s).
-            let u2 = 2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x);
-            let (s, s_neg) = (sigmoid(u2), sigmoid(-u2));
-            s + 2.0 * x * s * s_neg * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * x * x)
-        }
-        Activation::Silu => {
-            let s = sigmoid(x);
-            s * (1.0 + x * sigmoid(-x))
-        }
-        Activation::Relu => {
-            if x > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-    }
+/// GeLU's derivative, `Φ(x) + x·φ(x)`.
+fn gelu_grad(x: f64) -> f64 {
+    let pdf = (-0.5 * x * x).exp() * 0.398_942_280_401_432_7;
+    normal_cdf(x) + x * pdf
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -624,18 +588,14 @@ fn norm_param(name: &'static str, what: &str, p: Option<&Tensor>, n: usize) -> R
 fn row_stats(row: &[f32], eps: f64, centered: bool) -> (f64, f64) {
     let n = row.len() as f64;
     let mean = if centered {
-        row.iter().map(|&v| v as f64).sum::<f64>() / n
+        sum_map(row, |v| v as f64) / n
     } else {
         0.0
     };
-    let var = row
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let var = sum_map(row, |v| {
+        let d = v as f64 - mean;
+        d * d
+    }) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -801,13 +761,7 @@ fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Resu
             let row = &x.data[r * keys..r * keys + visible];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let (o, masked) = o.split_at_mut(visible);
-            let mut sum = 0f64;
-            for (o, &v) in o.iter_mut().zip(row) {
-                let e = (v - max).exp();
-                *o = e;
-                sum += e as f64;
-            }
-            let inv = (1.0 / sum) as f32;
+            let inv = (1.0 / math::exp_shifted(o, row, max)) as f32;
             for o in o.iter_mut() {
                 *o *= inv;
             }
@@ -1075,9 +1029,8 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
         ));
     }
     let seed = local.dropout_seed.wrapping_mul(1 << 40);
-    // Keep iff splitmix64(i) / 2^64 >= p, i.e. splitmix64(i) >= p·2^64 (both sides scaled
-    // exactly by a power of two), as `dropout_keeps` decides.
-    let threshold = p * 2f64.powi(64);
+    // Keep iff splitmix64(i) / 2^64 >= p, as `dropout_keeps` decides, tested on the integer.
+    let threshold = math::keep_threshold(p);
     let strides = contiguous_strides_u64(&full);
     let (_, last) = rows_of(&x.shape);
     let base: u64 = offsets
@@ -1101,7 +1054,7 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
             let src = &x.data[row * last..(row + 1) * last];
             for (j, (o, &v)) in o.iter_mut().zip(src).enumerate() {
                 let idx = (start + j as u64).wrapping_add(seed);
-                *o = if splitmix64(idx) as f64 >= threshold {
+                *o = if math::splitmix64(idx) >= threshold {
                     v * scale
                 } else {
                     0.0
@@ -1253,7 +1206,7 @@ fn row_sums(
                 let row = first + i;
                 let m = max[row];
                 let l = &logits.data[row * vocab..row * vocab + nr];
-                *s = l.iter().map(|&v| (v - m).exp() as f64).sum::<f64>() as f32;
+                *s = sum_map(l, |v| exp(v - m) as f64) as f32;
             }
         });
     }
@@ -1375,10 +1328,10 @@ fn grad(
             let (m, inv) = (max[row], 1.0 / sum[row]);
             let l = &logits.data[row * vocab..row * vocab + nr];
             for (o, &v) in o[..nr].iter_mut().zip(l) {
-                *o = scale * ((v - m).exp() * inv);
+                *o = scale * (exp(v - m) * inv);
             }
             if t != usize::MAX {
-                let p = (l[t] - m).exp() * inv;
+                let p = exp(l[t] - m) * inv;
                 o[t] = scale * (p - 1.0);
             }
         }

@@ -21,15 +21,18 @@ pub(crate) fn exp(x: f32) -> f32 {
     } else {
         x
     };
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * C1 - n * C2;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 0.166_666_65)
         * r
         + 0.5;
     let p = p * r * r + r + 1.0;
-    // n is in [−126, 127]: a normal power of two.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n is in [−126, 127]: a normal power of two. It is read off t's low mantissa bits (t is
+    // ROUND + n), which vectorizes where `n as i32` (a saturating conversion) does not.
+    let n_int = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
     if x < LO {
         0.0
     } else {
@@ -179,7 +182,12 @@ mod tests {
     fn keep_threshold_matches_dropout_keeps() {
         for p in [0.0, 1e-12, 0.1, 0.25, 0.5, 0.9, 0.999_999] {
             let u = keep_threshold(p);
-            for h in [u.wrapping_sub(1), u, u.wrapping_add(1), u.saturating_add(1 << 20)] {
+            for h in [
+                u.wrapping_sub(1),
+                u,
+                u.wrapping_add(1),
+                u.saturating_add(1 << 20),
+            ] {
                 let keeps = h as f64 / 2f64.powi(64) >= p;
                 assert_eq!(h >= u, keeps, "p {p}, h {h}");
             }

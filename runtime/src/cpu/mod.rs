@@ -15,5 +15,6 @@
 
 pub mod kernels;
 mod layout;
+mod math;
 mod matmul;
 mod par;
