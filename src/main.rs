@@ -133,6 +133,50 @@ enum Command {
         /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
         #[arg(long)]
         log: Option<PathBuf>,
+        /// Write a checkpoint here at the end (and every `--save-every` steps).
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Steps between checkpoints (0: only at the end).
+        #[arg(long, default_value_t = 0)]
+        save_every: u64,
+        /// Continue from this checkpoint (its weights, optimizer state, step and data
+        /// position; it may have been written at another tp).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Rewrite a checkpoint for another tensor-parallel degree.
+    Reshard {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// The checkpoint to read.
+        #[arg(long)]
+        from: PathBuf,
+        /// Where to write the re-sharded one.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Sample text from a trained checkpoint (greedy, or with `--temperature`).
+    Generate {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// The checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The text to continue.
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// `bytes` or `gpt2`, as trained.
+        #[arg(long, default_value = "bytes")]
+        tokenizer: String,
+        /// Softmax temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -368,6 +412,9 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             threads,
             log,
+            save,
+            save_every,
+            resume,
         } => {
             let graph = args.load()?;
             let plan = partition(&graph, &args.options())?;
@@ -414,8 +461,23 @@ fn run(cli: Cli) -> Result<()> {
                 threads_per_rank: threads,
                 ..ferrotron_runtime::RunOptions::default()
             };
-            let mut trainer = Trainer::new(&plan, config, &init_params(&graph, seed), run)?;
-            let mut batches = Batches::new(tokens, 0);
+            let (mut trainer, position) = match &resume {
+                Some(dir) => {
+                    let (t, meta) = Trainer::resume(&plan, dir, config, run)?;
+                    eprintln!("resuming from {} at step {}", dir.display(), meta.step);
+                    (t, meta.data_position)
+                }
+                None => (
+                    Trainer::new(&plan, config, &init_params(&graph, seed), run)?,
+                    0,
+                ),
+            };
+            let mut batches = Batches::new(tokens, position);
+            let extra = serde_json::json!({
+                "data": data.display().to_string(),
+                "tokenizer": tokenizer.name(),
+                "config": trainer.config,
+            });
             let mut log = match &log {
                 Some(path) => Some(
                     std::fs::OpenOptions::new()
@@ -435,7 +497,7 @@ fn run(cli: Cli) -> Result<()> {
                 data.display()
             );
             let input_name = graph.values[input].name.clone();
-            for _ in 0..steps {
+            while trainer.step < steps {
                 let b = batches.next(&input_name, batch, seq);
                 let s = trainer.step(&b)?;
                 let tps = (batch * seq) as f64 / s.seconds.max(1e-9);
@@ -455,8 +517,56 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!();
                     anyhow::bail!("the loss became {} at step {}", s.loss, s.step);
                 }
+                if let Some(dir) = &save {
+                    let due = save_every > 0 && trainer.step % save_every == 0;
+                    if due || trainer.step == steps {
+                        trainer.save(dir, seed, batches.position, extra.clone())?;
+                    }
+                }
             }
             eprintln!();
+            if let Some(dir) = &save {
+                eprintln!("checkpoint: {}", dir.display());
+            }
+        }
+        Command::Reshard {
+            plan: args,
+            from,
+            to,
+        } => {
+            let graph = args.load()?;
+            let plan = partition(&graph, &args.options())?;
+            ferrotron_runtime::checkpoint::reshard(&from, &to, &plan)?;
+            println!(
+                "{} → {} for tp = {}",
+                from.display(),
+                to.display(),
+                plan.mesh.tp
+            );
+        }
+        Command::Generate {
+            plan: args,
+            checkpoint,
+            prompt,
+            tokens,
+            tokenizer,
+            temperature,
+            seed,
+        } => {
+            let graph = args.load()?;
+            let plan = partition(&graph, &args.options())?;
+            let tokenizer = Tokenizer::named(&tokenizer)?;
+            let text = ferrotron_runtime::generate::generate(
+                &graph,
+                &plan,
+                &checkpoint,
+                &tokenizer,
+                &prompt,
+                tokens,
+                temperature,
+                seed,
+            )?;
+            println!("{text}");
         }
     }
     Ok(())

@@ -5,7 +5,7 @@
 //! node (what the executor runs: output allocation included) and a raw `gemm::gemm` call into a
 //! preallocated buffer (the library's ceiling). A GPT-2-small-shaped product (tokens × hidden ·
 //! hidden × 4·hidden) is shown too. `benches/sgemm_numpy.sh` prints numpy's numbers for the same
-//! sizes; BENCHMARKS.md has both.
+//! sizes.
 //!
 //! Options (after `--`): `--quick` (one size, fewer runs: a smoke test).
 

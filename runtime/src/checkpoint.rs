@@ -20,8 +20,8 @@
 //! is a load followed by a [`save`] for another plan. [`save`] is atomic: it writes a temporary
 //! sibling directory, flushes it to disk, and only then puts it in place of `dir`.
 
-use crate::safetensors_io::{self, parent_dir, sync_dir, temp_sibling, SafetensorsError};
 use crate::safetensors_io::SafetensorsFile;
+use crate::safetensors_io::{self, parent_dir, sync_dir, temp_sibling, SafetensorsError};
 use crate::Tensor;
 use ferrotron_partitioner::{Layout, ParamShard, Plan};
 use serde::{Deserialize, Serialize};
@@ -108,7 +108,10 @@ impl TensorLayout {
     pub fn local_shape(&self, t: usize) -> Vec<usize> {
         let mut s = to_usize(&self.shape);
         if let Some(d) = self.split {
-            s[d] = self.ranges[t].iter().map(|r| (r.end - r.start) as usize).sum();
+            s[d] = self.ranges[t]
+                .iter()
+                .map(|r| (r.end - r.start) as usize)
+                .sum();
         }
         s
     }
@@ -289,7 +292,11 @@ pub fn save(
     meta.dp = plan.mesh.dp.max(1);
     meta.format = FORMAT;
     meta.groups = groups.iter().map(|(g, _)| (*g).to_owned()).collect();
-    meta.tensors = plan.params.iter().map(|s| TensorLayout::of(s, tp)).collect();
+    meta.tensors = plan
+        .params
+        .iter()
+        .map(|s| TensorLayout::of(s, tp))
+        .collect();
 
     if let Ok(m) = std::fs::symlink_metadata(dir) {
         if !m.is_dir() {
@@ -329,7 +336,11 @@ fn check_groups(
     let mut seen = HashSet::new();
     for &(group, tensors) in groups {
         if group.is_empty() || group.contains('/') {
-            return Err(input(group, None, "a group name is non-empty, without `/`".into()));
+            return Err(input(
+                group,
+                None,
+                "a group name is non-empty, without `/`".into(),
+            ));
         }
         if !seen.insert(group) {
             return Err(input(group, None, "given twice".into()));
@@ -378,7 +389,8 @@ fn write_files(
     groups: &[(&str, &HashMap<String, Tensor>)],
 ) -> Result<(), CheckpointError> {
     for t in 0..meta.tp {
-        let mut shards: Vec<(String, Tensor)> = Vec::with_capacity(groups.len() * meta.tensors.len());
+        let mut shards: Vec<(String, Tensor)> =
+            Vec::with_capacity(groups.len() * meta.tensors.len());
         for &(group, tensors) in groups {
             for layout in &meta.tensors {
                 let full = &tensors[&layout.name];
@@ -422,7 +434,8 @@ fn replace_dir(tmp: &Path, dir: &Path) -> Result<(), CheckpointError> {
             return Err(CheckpointError::io(dir, e));
         }
         sync_dir(&parent).map_err(|e| CheckpointError::io(&parent, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| CheckpointError::io(&old, e))?;
+        // The new checkpoint is in place: removing the old one is best effort.
+        let _ = std::fs::remove_dir_all(&old);
     } else {
         std::fs::rename(tmp, dir).map_err(|e| CheckpointError::io(dir, e))?;
     }
@@ -528,15 +541,21 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, CheckpointError> {
             }
         }
     })?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(&text).map_err(|e| CheckpointError::Meta {
-            path: name.clone(),
-            line: e.line(),
-            col: e.column(),
-            message: e.to_string(),
-        })?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| CheckpointError::Meta {
+        path: name.clone(),
+        line: e.line(),
+        col: e.column(),
+        message: without_position(&e),
+    })?;
     check_meta(&meta).map_err(|why| CheckpointError::InvalidMeta { path: name, why })?;
     Ok(meta)
+}
+
+/// serde_json's message without its ` at line L column C` (the error gives them apart).
+fn without_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    msg.strip_suffix(&suffix).map(str::to_owned).unwrap_or(msg)
 }
 
 /// A description whose shapes and ranges hold together: every split dimension tiled exactly
@@ -555,7 +574,9 @@ fn check_meta(meta: &CheckpointMeta) -> Result<(), String> {
     let mut groups = HashSet::new();
     for g in &meta.groups {
         if g.is_empty() || g.contains('/') || !groups.insert(g) {
-            return Err(format!("group name `{g}` is empty, has a `/` or is repeated"));
+            return Err(format!(
+                "group name `{g}` is empty, has a `/` or is repeated"
+            ));
         }
     }
     let mut names = HashSet::new();
@@ -572,7 +593,10 @@ fn check_meta(meta: &CheckpointMeta) -> Result<(), String> {
                 l.model_shape, l.shape
             ));
         }
-        if l.shape.iter().try_fold(1u64, |a, &s| a.checked_mul(s)).is_none()
+        if l.shape
+            .iter()
+            .try_fold(1u64, |a, &s| a.checked_mul(s))
+            .is_none()
             || l.shape.iter().any(|&s| usize::try_from(s).is_err())
         {
             return Err(format!("tensor `{n}`: shape {:?} overflows", l.shape));
@@ -587,7 +611,9 @@ fn check_meta(meta: &CheckpointMeta) -> Result<(), String> {
         match l.split {
             None => {
                 if l.ranges.iter().any(|r| !r.is_empty()) {
-                    return Err(format!("tensor `{n}`: ranges given for a replicated tensor"));
+                    return Err(format!(
+                        "tensor `{n}`: ranges given for a replicated tensor"
+                    ));
                 }
             }
             Some(d) => {

@@ -4,8 +4,9 @@
 //! the `transformer.` prefix (`h.0.attn.c_attn.weight`, in Conv1D `[in, out]` orientation with
 //! q|k|v fused, as in the checkpoint), except that the embeddings are `wte` and `wpe` rather
 //! than `wte.weight` and `wpe.weight`; the output layer is tied to `wte`. [`load_gpt2`] finds
-//! each parameter of a graph under `transformer.{name}`, `transformer.{name}.weight`, `{name}`
-//! or `{name}.weight`, checks its shape, and converts F16, BF16 or F32 to `f32`.
+//! each parameter of a graph under `transformer.{name}` or `{name}`, or, for a name not ending
+//! in `.weight` or `.bias`, also `transformer.{name}.weight` or `{name}.weight` (so `wte` is
+//! `transformer.wte.weight`), checks its shape, and converts F16, BF16 or F32 to `f32`.
 
 use crate::safetensors_io::{self, SafetensorsError, SafetensorsFile};
 use crate::Tensor;
@@ -137,14 +138,19 @@ impl From<SafetensorsError> for HfError {
     }
 }
 
-/// Names under which parameter `name` may be stored in a Hugging Face file, most likely first.
+/// Names under which parameter `name` may be stored in a Hugging Face file, most likely first
+/// (`.weight` is tried only on names that do not already end in `.weight` or `.bias`).
 fn candidates(name: &str) -> Vec<String> {
-    vec![
-        format!("transformer.{name}"),
-        format!("transformer.{name}.weight"),
-        name.to_owned(),
-        format!("{name}.weight"),
-    ]
+    if name.ends_with(".weight") || name.ends_with(".bias") {
+        vec![format!("transformer.{name}"), name.to_owned()]
+    } else {
+        vec![
+            format!("transformer.{name}"),
+            format!("transformer.{name}.weight"),
+            name.to_owned(),
+            format!("{name}.weight"),
+        ]
+    }
 }
 
 /// Buffers a `GPT2LMHeadModel` file may hold that are not weights (the causal mask).
@@ -240,10 +246,14 @@ fn check_tied(
         path: file.path().to_owned(),
         why,
     };
-    let Some(ours) = ["transformer.wte.weight", "transformer.wte", "wte.weight", "wte"]
-        .iter()
-        .find_map(|n| used.get(*n))
-    else {
+    let Some(ours) = [
+        "transformer.wte.weight",
+        "transformer.wte",
+        "wte.weight",
+        "wte",
+    ]
+    .iter()
+    .find_map(|n| used.get(*n)) else {
         return Err(untied(
             "is present but the model has no token embedding `wte` to tie it to".into(),
         ));

@@ -9,17 +9,18 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod comm;
 pub mod cpu;
 pub mod exec;
+pub mod generate;
+pub mod hf;
 pub mod init;
+pub mod safetensors_io;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;
-pub mod checkpoint; // TEMP-CKPT
-pub mod hf; // TEMP-CKPT
-pub mod safetensors_io; // TEMP-CKPT
 
 pub use exec::{gather_params, run, run_sharded, shard_params, ExecError, Run, RunOptions};
 pub use tensor::Tensor;

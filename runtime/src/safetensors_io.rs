@@ -4,7 +4,7 @@
 //! A file is read whole and its header checked once (offsets that tile the data, sizes that
 //! match dtype × shape); tensors are then converted to [`Tensor`] on demand: `F32` exactly,
 //! `F16`, `BF16` and `F64` converted to `f32`. Files are written `F32`, little-endian, and
-//! flushed to disk ([`write`]); [`write_atomic`] adds a temporary sibling and a rename, so a
+//! flushed to disk ([`write()`]); [`write_atomic`] adds a temporary sibling and a rename, so a
 //! reader sees the old file or the new one, never half of one.
 
 use crate::Tensor;
@@ -73,7 +73,12 @@ pub struct SafetensorsFile {
 
 impl std::fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SafetensorsFile({}, {} bytes)", self.path, self.bytes.len())
+        write!(
+            f,
+            "SafetensorsFile({}, {} bytes)",
+            self.path,
+            self.bytes.len()
+        )
     }
 }
 
@@ -198,9 +203,7 @@ fn to_f32(raw: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
             .collect(),
         Dtype::F64 => raw
             .chunks_exact(8)
-            .map(|b| {
-                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-            })
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
             .collect(),
         _ => return None,
     })
@@ -307,7 +310,7 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// [`write`], atomically: into a temporary sibling of `path`, then renamed over it (and the
+/// [`write()`], atomically: into a temporary sibling of `path`, then renamed over it (and the
 /// directory flushed), so `path` holds the old file or the whole new one. A failure leaves no
 /// temporary file behind.
 pub fn write_atomic(

@@ -14,7 +14,8 @@
 //! communication, and data-parallel replicas stay identical. Dropout masks change with the
 //! step, so a run resumed at step `k` replays exactly the masks of the uninterrupted one.
 
-use crate::exec::{run_sharded, shard_params, ExecError, RunOptions};
+use crate::checkpoint::{self, CheckpointError, CheckpointMeta};
+use crate::exec::{gather_params, run_sharded, shard_params, ExecError, RunOptions};
 use crate::Tensor;
 use ferrotron_ir::graph::EntityRef;
 use ferrotron_partitioner::{Layout, Plan};
@@ -207,6 +208,81 @@ impl<'p> Trainer<'p> {
             lr,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// Saving or resuming failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// The checkpoint could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Sharding the weights for this plan failed.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// The checkpoint is of another model, or lacks the optimizer state.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl<'p> Trainer<'p> {
+    /// Writes the weights, the AdamW moments and the step to `dir` (sharded safetensors and
+    /// metadata, atomically), with the data position and whatever `extra` describes the run.
+    pub fn save(
+        &self,
+        dir: &std::path::Path,
+        seed: u64,
+        data_position: u64,
+        extra: serde_json::Value,
+    ) -> Result<(), ResumeError> {
+        let params = gather_params(self.plan, &self.shards)?;
+        let m = gather_params(self.plan, &self.m)?;
+        let v = gather_params(self.plan, &self.v)?;
+        let meta = CheckpointMeta {
+            model: self.plan.model.clone(),
+            step: self.step,
+            seed,
+            data_position,
+            extra,
+            ..CheckpointMeta::default()
+        };
+        checkpoint::save(
+            dir,
+            self.plan,
+            &meta,
+            &[("params", &params), ("adam_m", &m), ("adam_v", &v)],
+        )?;
+        Ok(())
+    }
+
+    /// A trainer continuing from a checkpoint written by [`Trainer::save`] (at any tp: the
+    /// full tensors are re-sharded for `plan`), and the checkpoint's metadata.
+    pub fn resume(
+        plan: &'p Plan,
+        dir: &std::path::Path,
+        config: TrainConfig,
+        run: RunOptions,
+    ) -> Result<(Trainer<'p>, CheckpointMeta), ResumeError> {
+        let (meta, mut groups) = checkpoint::load(dir)?;
+        if meta.model != plan.model {
+            return Err(ResumeError::Mismatch(format!(
+                "{}: a checkpoint of `{}`, not of `{}`",
+                dir.display(),
+                meta.model,
+                plan.model
+            )));
+        }
+        let mut take = |g: &str| {
+            groups.remove(g).ok_or_else(|| {
+                ResumeError::Mismatch(format!("{}: no `{g}` in the checkpoint", dir.display()))
+            })
+        };
+        let (params, m, v) = (take("params")?, take("adam_m")?, take("adam_v")?);
+        let mut trainer = Trainer::new(plan, config, &params, run)?;
+        trainer.m = shard_params(plan, &m)?;
+        trainer.v = shard_params(plan, &v)?;
+        trainer.step = meta.step;
+        Ok((trainer, meta))
     }
 }
 

@@ -267,13 +267,16 @@ fn scale_and_activations() {
             Activation::Silu,
             Activation::Relu,
         ] {
+            // GeluTanh's and SiLU's derivatives are computed in f32: where they cross zero
+            // (x ≈ −0.75 and −1.28) two terms cancel, so their error there is ~1e-7 of the
+            // gradient's scale; like every backward op, compared with a 1% floor.
             check_threads(
                 Op::ActGrad {
                     act,
                     x: &x,
                     dy: &dy,
                 },
-                FLOOR,
+                1e-2,
             );
         }
     }

@@ -23,7 +23,7 @@ use super::layout::{
 };
 use super::math::{self, exp, sum_map, sum_zip};
 use super::matmul::matmul;
-use super::par::par_chunks;
+use super::par::{par_chunks, par_chunks_work};
 use crate::Tensor;
 use ferrotron_ir::op::{Activation, Factor, Op};
 use ferrotron_ir::Dim;
@@ -191,11 +191,17 @@ fn rows_of(shape: &[usize]) -> (usize, usize) {
 /// A tensor of `x`'s shape whose elements are `f(x)`, split over threads.
 fn map(x: &Tensor, threads: usize, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
     let mut data = vec![0.0; x.data.len()];
-    par_chunks(threads, &mut data, 1, |first, chunk| {
-        for (o, &v) in chunk.iter_mut().zip(&x.data[first..]) {
-            *o = f(v);
-        }
-    });
+    par_chunks(
+        threads,
+        &mut data,
+        1,
+        #[inline(always)]
+        |first, chunk| {
+            for (o, &v) in chunk.iter_mut().zip(&x.data[first..]) {
+                *o = f(v);
+            }
+        },
+    );
     Tensor {
         shape: x.shape.clone(),
         data,
@@ -211,11 +217,17 @@ fn zip_map(
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Tensor {
     let mut data = vec![0.0; a.len()];
-    par_chunks(threads, &mut data, 1, |first, chunk| {
-        for ((o, &x), &y) in chunk.iter_mut().zip(&a[first..]).zip(&b[first..]) {
-            *o = f(x, y);
-        }
-    });
+    par_chunks(
+        threads,
+        &mut data,
+        1,
+        #[inline(always)]
+        |first, chunk| {
+            for ((o, &x), &y) in chunk.iter_mut().zip(&a[first..]).zip(&b[first..]) {
+                *o = f(x, y);
+            }
+        },
+    );
     Tensor {
         shape: shape.to_vec(),
         data,
@@ -454,16 +466,22 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             same_shape(name, "the gradient", &y.shape, dy)?;
             let (_, n) = rows_of(&y.shape);
             let mut out = vec![0.0; y.data.len()];
-            par_chunks(th, &mut out, n, |first, chunk| {
-                for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
-                    let r = first + i;
-                    let (ys, gs) = (&y.data[r * n..(r + 1) * n], &dy.data[r * n..(r + 1) * n]);
-                    let dot = sum_zip(ys, gs, |y, g| y as f64 * g as f64);
-                    for (o, (&y, &g)) in o.iter_mut().zip(ys.iter().zip(gs)) {
-                        *o = (y as f64 * (g as f64 - dot)) as f32;
+            par_chunks(
+                th,
+                &mut out,
+                n,
+                #[inline(always)]
+                |first, chunk| {
+                    for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
+                        let r = first + i;
+                        let (ys, gs) = (&y.data[r * n..(r + 1) * n], &dy.data[r * n..(r + 1) * n]);
+                        let dot = sum_zip(ys, gs, |y, g| y as f64 * g as f64);
+                        for (o, (&y, &g)) in o.iter_mut().zip(ys.iter().zip(gs)) {
+                            *o = (y as f64 * (g as f64 - dot)) as f32;
+                        }
                     }
-                }
-            });
+                },
+            );
             one(Tensor {
                 shape: y.shape.clone(),
                 data: out,
@@ -531,21 +549,33 @@ fn repeat_rows(
     let n = small.len();
     if n == 1 {
         let s = small[0];
-        par_chunks(threads, out, 1, |first, chunk| {
-            for (o, &x) in chunk.iter_mut().zip(&full[first..]) {
-                *o = f(x, s);
-            }
-        });
+        par_chunks(
+            threads,
+            out,
+            1,
+            #[inline(always)]
+            |first, chunk| {
+                for (o, &x) in chunk.iter_mut().zip(&full[first..]) {
+                    *o = f(x, s);
+                }
+            },
+        );
         return;
     }
-    par_chunks(threads, out, n, |first, chunk| {
-        let full = &full[first * n..];
-        for (o, x) in chunk.chunks_exact_mut(n).zip(full.chunks_exact(n)) {
-            for ((o, &x), &y) in o.iter_mut().zip(x).zip(small) {
-                *o = f(x, y);
+    par_chunks(
+        threads,
+        out,
+        n,
+        #[inline(always)]
+        |first, chunk| {
+            let full = &full[first * n..];
+            for (o, x) in chunk.chunks_exact_mut(n).zip(full.chunks_exact(n)) {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(small) {
+                    *o = f(x, y);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// The standard normal CDF `Φ(x)` (`erfc` keeps its relative accuracy in the left tail).
@@ -614,35 +644,41 @@ fn norm_forward(
     norm_param(name, "the weight", weight, n)?;
     norm_param(name, "the bias", bias, n)?;
     let mut out = vec![0.0; x.data.len()];
-    par_chunks(threads, &mut out, n, |first, chunk| {
-        for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
-            let r = first + i;
-            let row = &x.data[r * n..(r + 1) * n];
-            let (mean, inv) = row_stats(row, eps, centered);
-            match (weight, bias) {
-                (Some(w), Some(b)) => {
-                    for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(&w.data).zip(&b.data) {
-                        *o = ((v as f64 - mean) * inv * w as f64 + b as f64) as f32;
+    par_chunks(
+        threads,
+        &mut out,
+        n,
+        #[inline(always)]
+        |first, chunk| {
+            for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
+                let r = first + i;
+                let row = &x.data[r * n..(r + 1) * n];
+                let (mean, inv) = row_stats(row, eps, centered);
+                match (weight, bias) {
+                    (Some(w), Some(b)) => {
+                        for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(&w.data).zip(&b.data) {
+                            *o = ((v as f64 - mean) * inv * w as f64 + b as f64) as f32;
+                        }
                     }
-                }
-                (Some(w), None) => {
-                    for ((o, &v), &w) in o.iter_mut().zip(row).zip(&w.data) {
-                        *o = ((v as f64 - mean) * inv * w as f64) as f32;
+                    (Some(w), None) => {
+                        for ((o, &v), &w) in o.iter_mut().zip(row).zip(&w.data) {
+                            *o = ((v as f64 - mean) * inv * w as f64) as f32;
+                        }
                     }
-                }
-                (None, Some(b)) => {
-                    for ((o, &v), &b) in o.iter_mut().zip(row).zip(&b.data) {
-                        *o = ((v as f64 - mean) * inv + b as f64) as f32;
+                    (None, Some(b)) => {
+                        for ((o, &v), &b) in o.iter_mut().zip(row).zip(&b.data) {
+                            *o = ((v as f64 - mean) * inv + b as f64) as f32;
+                        }
                     }
-                }
-                (None, None) => {
-                    for (o, &v) in o.iter_mut().zip(row) {
-                        *o = ((v as f64 - mean) * inv) as f32;
+                    (None, None) => {
+                        for (o, &v) in o.iter_mut().zip(row) {
+                            *o = ((v as f64 - mean) * inv) as f32;
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
     Ok(Tensor {
         shape: x.shape.clone(),
         data: out,
@@ -666,49 +702,55 @@ fn norm_grad(
     let (_, n) = rows_of(&x.shape);
     norm_param(name, "the weight", weight, n)?;
     let mut dx = vec![0.0; x.data.len()];
-    let partials = par_chunks(threads, &mut dx, n, |first, chunk| {
-        let mut dw = vec![0f64; n];
-        let mut db = vec![0f64; if centered { n } else { 0 }];
-        let mut xhat = vec![0f64; n];
-        let mut g = vec![0f64; n];
-        for (i, dx) in chunk.chunks_exact_mut(n).enumerate() {
-            let r = first + i;
-            let row = &x.data[r * n..(r + 1) * n];
-            let dys = &dy.data[r * n..(r + 1) * n];
-            let (mean, inv) = row_stats(row, eps, centered);
-            for (xh, &v) in xhat.iter_mut().zip(row) {
-                *xh = (v as f64 - mean) * inv;
-            }
-            match weight {
-                Some(w) => {
-                    for ((g, &d), &w) in g.iter_mut().zip(dys).zip(&w.data) {
-                        *g = d as f64 * w as f64;
+    let partials = par_chunks(
+        threads,
+        &mut dx,
+        n,
+        #[inline(always)]
+        |first, chunk| {
+            let mut dw = vec![0f64; n];
+            let mut db = vec![0f64; if centered { n } else { 0 }];
+            let mut xhat = vec![0f64; n];
+            let mut g = vec![0f64; n];
+            for (i, dx) in chunk.chunks_exact_mut(n).enumerate() {
+                let r = first + i;
+                let row = &x.data[r * n..(r + 1) * n];
+                let dys = &dy.data[r * n..(r + 1) * n];
+                let (mean, inv) = row_stats(row, eps, centered);
+                for (xh, &v) in xhat.iter_mut().zip(row) {
+                    *xh = (v as f64 - mean) * inv;
+                }
+                match weight {
+                    Some(w) => {
+                        for ((g, &d), &w) in g.iter_mut().zip(dys).zip(&w.data) {
+                            *g = d as f64 * w as f64;
+                        }
+                    }
+                    None => {
+                        for (g, &d) in g.iter_mut().zip(dys) {
+                            *g = d as f64;
+                        }
                     }
                 }
-                None => {
-                    for (g, &d) in g.iter_mut().zip(dys) {
-                        *g = d as f64;
-                    }
+                let mean_g = if centered {
+                    math::sum_f64(&g) / n as f64
+                } else {
+                    0.0
+                };
+                let mean_gx = math::dot_f64(&g, &xhat) / n as f64;
+                for ((dx, &g), &xh) in dx.iter_mut().zip(&g).zip(&xhat) {
+                    *dx = (inv * (g - mean_g - xh * mean_gx)) as f32;
+                }
+                for ((dw, &d), &xh) in dw.iter_mut().zip(dys).zip(&xhat) {
+                    *dw += d as f64 * xh;
+                }
+                for (db, &d) in db.iter_mut().zip(dys) {
+                    *db += d as f64;
                 }
             }
-            let mean_g = if centered {
-                g.iter().sum::<f64>() / n as f64
-            } else {
-                0.0
-            };
-            let mean_gx = g.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>() / n as f64;
-            for ((dx, &g), &xh) in dx.iter_mut().zip(&g).zip(&xhat) {
-                *dx = (inv * (g - mean_g - xh * mean_gx)) as f32;
-            }
-            for ((dw, &d), &xh) in dw.iter_mut().zip(dys).zip(&xhat) {
-                *dw += d as f64 * xh;
-            }
-            for (db, &d) in db.iter_mut().zip(dys) {
-                *db += d as f64;
-            }
-        }
-        (dw, db)
-    });
+            (dw, db)
+        },
+    );
     let mut dw = vec![0f64; n];
     let mut db = vec![0f64; n];
     for (pw, pb) in partials {
@@ -750,24 +792,30 @@ fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Resu
         ));
     }
     let mut out = vec![0.0; x.data.len()];
-    par_chunks(threads, &mut out, keys, |first, chunk| {
-        for (i, o) in chunk.chunks_exact_mut(keys).enumerate() {
-            let r = first + i;
-            let visible = if causal {
-                r % queries + (keys - queries) + 1
-            } else {
-                keys
-            };
-            let row = &x.data[r * keys..r * keys + visible];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let (o, masked) = o.split_at_mut(visible);
-            let inv = (1.0 / math::exp_shifted(o, row, max)) as f32;
-            for o in o.iter_mut() {
-                *o *= inv;
+    par_chunks(
+        threads,
+        &mut out,
+        keys,
+        #[inline(always)]
+        |first, chunk| {
+            for (i, o) in chunk.chunks_exact_mut(keys).enumerate() {
+                let r = first + i;
+                let visible = if causal {
+                    r % queries + (keys - queries) + 1
+                } else {
+                    keys
+                };
+                let row = &x.data[r * keys..r * keys + visible];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (o, masked) = o.split_at_mut(visible);
+                let inv = (1.0 / math::exp_shifted(o, row, max)) as f32;
+                for o in o.iter_mut() {
+                    *o *= inv;
+                }
+                masked.fill(0.0);
             }
-            masked.fill(0.0);
-        }
-    });
+        },
+    );
     Ok(Tensor {
         shape: x.shape.clone(),
         data: out,
@@ -881,13 +929,19 @@ fn embedding(name: &'static str, table: &Tensor, ids: &Tensor, local: &Local) ->
     shape.push(t.width);
     let mut out = zeros(name, shape)?;
     let w = t.width;
-    par_chunks(local.threads(), &mut out.data, w, |first, chunk| {
-        for (o, row) in chunk.chunks_exact_mut(w).zip(&rows[first..]) {
-            if let Some(row) = row {
-                o.copy_from_slice(&table.data[row * w..(row + 1) * w]);
+    par_chunks(
+        local.threads(),
+        &mut out.data,
+        w,
+        #[inline(always)]
+        |first, chunk| {
+            for (o, row) in chunk.chunks_exact_mut(w).zip(&rows[first..]) {
+                if let Some(row) = row {
+                    o.copy_from_slice(&table.data[row * w..(row + 1) * w]);
+                }
             }
-        }
-    });
+        },
+    );
     Ok(out)
 }
 
@@ -972,23 +1026,29 @@ fn rotary(
     }
     let slab = heads * head_dim;
     let mut out = vec![0.0; x.data.len()];
-    par_chunks(local.threads(), &mut out, slab, |first, chunk| {
-        for (i, o) in chunk.chunks_exact_mut(slab).enumerate() {
-            let row = first + i;
-            let cs = &table[(row % seq) * half..(row % seq + 1) * half];
-            let src = &x.data[row * slab..(row + 1) * slab];
-            for (o, src) in o.chunks_exact_mut(head_dim).zip(src.chunks_exact(head_dim)) {
-                let (o1, o2) = o.split_at_mut(half);
-                let (x1, x2) = src.split_at(half);
-                for ((((o1, o2), &x1), &x2), &(c, s)) in
-                    o1.iter_mut().zip(o2).zip(x1).zip(x2).zip(cs)
-                {
-                    *o1 = x1 * c - x2 * s;
-                    *o2 = x2 * c + x1 * s;
+    par_chunks(
+        local.threads(),
+        &mut out,
+        slab,
+        #[inline(always)]
+        |first, chunk| {
+            for (i, o) in chunk.chunks_exact_mut(slab).enumerate() {
+                let row = first + i;
+                let cs = &table[(row % seq) * half..(row % seq + 1) * half];
+                let src = &x.data[row * slab..(row + 1) * slab];
+                for (o, src) in o.chunks_exact_mut(head_dim).zip(src.chunks_exact(head_dim)) {
+                    let (o1, o2) = o.split_at_mut(half);
+                    let (x1, x2) = src.split_at(half);
+                    for ((((o1, o2), &x1), &x2), &(c, s)) in
+                        o1.iter_mut().zip(o2).zip(x1).zip(x2).zip(cs)
+                    {
+                        *o1 = x1 * c - x2 * s;
+                        *o2 = x2 * c + x1 * s;
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     Ok(Tensor {
         shape: x.shape.clone(),
         data: out,
@@ -1047,21 +1107,20 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
         row_starts.push(base + o as u64)
     });
     let mut out = vec![0.0; x.data.len()];
-    par_chunks(local.threads(), &mut out, last, |first, chunk| {
-        for (i, o) in chunk.chunks_exact_mut(last).enumerate() {
-            let row = first + i;
-            let start = row_starts[row];
-            let src = &x.data[row * last..(row + 1) * last];
-            for (j, (o, &v)) in o.iter_mut().zip(src).enumerate() {
-                let idx = (start + j as u64).wrapping_add(seed);
-                *o = if math::splitmix64(idx) >= threshold {
-                    v * scale
-                } else {
-                    0.0
-                };
+    par_chunks(
+        local.threads(),
+        &mut out,
+        last,
+        #[inline(always)]
+        |first, chunk| {
+            for (i, o) in chunk.chunks_exact_mut(last).enumerate() {
+                let row = first + i;
+                let start = row_starts[row].wrapping_add(seed);
+                let src = &x.data[row * last..(row + 1) * last];
+                math::dropout_row(o, src, start, threshold, scale);
             }
-        }
-    });
+        },
+    );
     Ok(Tensor {
         shape: x.shape.clone(),
         data: out,
@@ -1157,13 +1216,21 @@ fn row_max(
     if vocab == 0 {
         return Ok(max);
     }
-    par_chunks(threads, &mut max, 1, |first, chunk| {
-        for (i, m) in chunk.iter_mut().enumerate() {
-            let r = first + i;
-            let row = &logits.data[r * vocab..r * vocab + nr];
-            *m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        }
-    });
+    let work = logits.data.len();
+    par_chunks_work(
+        threads,
+        &mut max,
+        1,
+        work,
+        #[inline(always)]
+        |first, chunk| {
+            for (i, m) in chunk.iter_mut().enumerate() {
+                let r = first + i;
+                let row = &logits.data[r * vocab..r * vocab + nr];
+                *m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            }
+        },
+    );
     Ok(max)
 }
 
@@ -1201,14 +1268,22 @@ fn row_sums(
     let mut sums = vec![0f32; rows];
     let mut tl = vec![0f32; rows];
     if vocab > 0 {
-        par_chunks(threads, &mut sums, 1, |first, chunk| {
-            for (i, s) in chunk.iter_mut().enumerate() {
-                let row = first + i;
-                let m = max[row];
-                let l = &logits.data[row * vocab..row * vocab + nr];
-                *s = sum_map(l, |v| exp(v - m) as f64) as f32;
-            }
-        });
+        let work = logits.data.len();
+        par_chunks_work(
+            threads,
+            &mut sums,
+            1,
+            work,
+            #[inline(always)]
+            |first, chunk| {
+                for (i, s) in chunk.iter_mut().enumerate() {
+                    let row = first + i;
+                    let m = max[row];
+                    let l = &logits.data[row * vocab..row * vocab + nr];
+                    *s = math::sum_exp_shifted(l, m) as f32;
+                }
+            },
+        );
     }
     for (row, (tl, t)) in tl.iter_mut().zip(&target).enumerate() {
         if let Some(c) = t {
@@ -1321,21 +1396,27 @@ fn grad(
     if vocab == 0 {
         return Ok(out);
     }
-    par_chunks(threads, &mut out.data, vocab, |first, chunk| {
-        for (i, o) in chunk.chunks_exact_mut(vocab).enumerate() {
-            let row = first + i;
-            let Some(t) = target[row] else { continue };
-            let (m, inv) = (max[row], 1.0 / sum[row]);
-            let l = &logits.data[row * vocab..row * vocab + nr];
-            for (o, &v) in o[..nr].iter_mut().zip(l) {
-                *o = scale * (exp(v - m) * inv);
+    par_chunks(
+        threads,
+        &mut out.data,
+        vocab,
+        #[inline(always)]
+        |first, chunk| {
+            for (i, o) in chunk.chunks_exact_mut(vocab).enumerate() {
+                let row = first + i;
+                let Some(t) = target[row] else { continue };
+                let (m, inv) = (max[row], 1.0 / sum[row]);
+                let l = &logits.data[row * vocab..row * vocab + nr];
+                for (o, &v) in o[..nr].iter_mut().zip(l) {
+                    *o = scale * (exp(v - m) * inv);
+                }
+                if t != usize::MAX {
+                    let p = exp(l[t] - m) * inv;
+                    o[t] = scale * (p - 1.0);
+                }
             }
-            if t != usize::MAX {
-                let p = exp(l[t] - m) * inv;
-                o[t] = scale * (p - 1.0);
-            }
-        }
-    });
+        },
+    );
     Ok(out)
 }
 

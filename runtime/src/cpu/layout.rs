@@ -192,12 +192,18 @@ pub(crate) fn transpose(
         let ss = &src_strides[..r - 1];
         let mut starts = Vec::with_capacity(out.data.len() / run);
         for_each_offset(outer, [ss], |[o]| starts.push(o));
-        par_chunks(threads, &mut out.data, run, |first, chunk| {
-            for (row, dst) in chunk.chunks_exact_mut(run).enumerate() {
-                let s = starts[first + row];
-                dst.copy_from_slice(&src[s..s + run]);
-            }
-        });
+        par_chunks(
+            threads,
+            &mut out.data,
+            run,
+            #[inline(always)]
+            |first, chunk| {
+                for (row, dst) in chunk.chunks_exact_mut(run).enumerate() {
+                    let s = starts[first + row];
+                    dst.copy_from_slice(&src[s..s + run]);
+                }
+            },
+        );
         return Ok(out);
     }
     // A tiled 2-D transpose between the output's last axis (b) and the output axis the input
@@ -261,11 +267,17 @@ pub(crate) fn expand(
     }
     if is_trailing(&x.shape, shape) {
         let n = x.data.len();
-        par_chunks(threads, &mut out.data, n, |_, chunk| {
-            for row in chunk.chunks_exact_mut(n) {
-                row.copy_from_slice(&x.data);
-            }
-        });
+        par_chunks(
+            threads,
+            &mut out.data,
+            n,
+            #[inline(always)]
+            |_, chunk| {
+                for row in chunk.chunks_exact_mut(n) {
+                    row.copy_from_slice(&x.data);
+                }
+            },
+        );
         return Ok(out);
     }
     let r = shape.len();
@@ -312,15 +324,21 @@ pub(crate) fn sum_to(
     if is_trailing(shape, &x.shape) {
         // x is `rows` repetitions of the target: sum the rows.
         let rows = x.data.len() / n;
-        let partials = par_ranges(threads, rows, x.data.len(), |range| {
-            let mut acc = vec![0f64; n];
-            for row in x.data[range.start * n..range.end * n].chunks_exact(n) {
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v as f64;
+        let partials = par_ranges(
+            threads,
+            rows,
+            x.data.len(),
+            #[inline(always)]
+            |range| {
+                let mut acc = vec![0f64; n];
+                for row in x.data[range.start * n..range.end * n].chunks_exact(n) {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v as f64;
+                    }
                 }
-            }
-            acc
-        });
+                acc
+            },
+        );
         let mut acc = vec![0f64; n];
         for p in partials {
             for (a, v) in acc.iter_mut().zip(p) {

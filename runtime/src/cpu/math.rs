@@ -14,13 +14,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     // 1.5·2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let xc = if x > HI {
-        HI
-    } else if x < LO {
-        LO
-    } else {
-        x
-    };
+    let xc = x.clamp(LO, HI); // NaN stays NaN
     let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = xc - n * C1 - n * C2;
@@ -123,6 +117,57 @@ pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 
     acc.iter().sum::<f64>() + tail
 }
 
+/// `Σ e^(x − max)` over `xs` in `f64`. The exponentials go through a stack buffer: a loop that
+/// only maps vectorizes, one that maps and accumulates lanes does not.
+#[inline(always)]
+pub(crate) fn sum_exp_shifted(xs: &[f32], max: f32) -> f64 {
+    const BLOCK: usize = 256;
+    let mut buf = [0f32; BLOCK];
+    let mut total = 0f64;
+    for block in xs.chunks(BLOCK) {
+        let b = &mut buf[..block.len()];
+        for (o, &x) in b.iter_mut().zip(block) {
+            *o = exp(x - max);
+        }
+        total += sum_map(b, |v| v as f64);
+    }
+    total
+}
+
+/// `Σ xs` over `f64` values, over eight independent lanes.
+#[inline(always)]
+pub(crate) fn sum_f64(xs: &[f64]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f64>() + chunks.remainder().iter().sum::<f64>()
+}
+
+/// `Σ a·b` over `f64` values, over eight independent lanes.
+#[inline(always)]
+pub(crate) fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f64; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// `out[i] = e^(x[i] − max)`, returning `Σ out` in `f64`.
 #[inline(always)]
 pub(crate) fn exp_shifted(out: &mut [f32], xs: &[f32], max: f32) -> f64 {
@@ -139,6 +184,24 @@ pub(crate) fn splitmix64(i: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// `out[j] = src[j]·scale` where `splitmix64(start + j) >= threshold`, else 0. The mask is
+/// drawn a block at a time into a buffer of its own, a loop of 64-bit integer arithmetic only,
+/// so that it vectorizes (AVX-512 has 64-bit multiplies).
+#[inline(always)]
+pub(crate) fn dropout_row(out: &mut [f32], src: &[f32], start: u64, threshold: u64, scale: f32) {
+    const BLOCK: usize = 64;
+    let mut keep = [0u64; BLOCK];
+    for (k, (o, src)) in out.chunks_mut(BLOCK).zip(src.chunks(BLOCK)).enumerate() {
+        let base = start.wrapping_add((k * BLOCK) as u64);
+        for (j, kp) in keep.iter_mut().enumerate() {
+            *kp = (splitmix64(base.wrapping_add(j as u64)) >= threshold) as u64;
+        }
+        for ((o, &v), &kp) in o.iter_mut().zip(src).zip(&keep) {
+            *o = if kp != 0 { v * scale } else { 0.0 };
+        }
+    }
 }
 
 /// The smallest `u` with `u as f64 / 2^64 >= p` (`u64` to `f64` is monotonic, so `h >= u` is

@@ -2,8 +2,9 @@
 //! one chunk per scoped thread (`std::thread::scope`), when the tensor is large enough that the
 //! spawns pay for themselves. Matmuls use `gemm`'s own rayon parallelism instead.
 //!
-//! Each chunk's work also runs through [`simd`], which compiles it (the kernel's closure is
-//! inlined into a function built for the extension) for AVX-512 or AVX2 when the CPU has them:
+//! Each chunk's work also runs through [`simd`], which compiles it (the kernel's closure, marked
+//! `#[inline(always)]`, is inlined into a function built for the extension) for AVX-512 or AVX2
+//! when the CPU has them:
 //! the crate itself targets baseline x86-64 (SSE2), and the elementwise loops are 2–3× faster
 //! with the wider vectors. No fused multiply-adds are formed (Rust does not contract `a * b + c`),
 //! so every path computes bit-identical results.
@@ -28,8 +29,7 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
             // SAFETY: the CPU has every feature the function is compiled for.
             return unsafe { x86::avx512(f) };
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
             return unsafe { x86::avx2(f) };
@@ -64,13 +64,33 @@ where
     T: Send,
     F: Fn(usize, &mut [f32]) -> T + Sync,
 {
+    let work = out.len();
+    par_chunks_work(threads, out, row_len, work, f)
+}
+
+/// [`par_chunks`] for kernels whose work is not the size of their output (`work` elements in
+/// all: a row reduction).
+pub(crate) fn par_chunks_work<T, F>(
+    threads: usize,
+    out: &mut [f32],
+    row_len: usize,
+    work: usize,
+    f: F,
+) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize, &mut [f32]) -> T + Sync,
+{
     if row_len == 0 || out.is_empty() {
         return Vec::new(); // nothing to compute (and no rows to cut)
     }
     let rows = out.len() / row_len;
-    let t = threads_for(threads, rows, out.len());
+    let t = threads_for(threads, rows, work);
     if t <= 1 {
-        return vec![simd(|| f(0, out))];
+        return vec![simd(
+            #[inline(always)]
+            || f(0, out),
+        )];
     }
     let per = rows.div_ceil(t);
     std::thread::scope(|s| {
@@ -79,12 +99,20 @@ where
         let handles: Vec<_> = chunks
             .map(|(i, c)| {
                 let f = &f;
-                s.spawn(move || simd(|| f(i * per, c)))
+                s.spawn(move || {
+                    simd(
+                        #[inline(always)]
+                        || f(i * per, c),
+                    )
+                })
             })
             .collect();
         let mut results = Vec::with_capacity(t);
         if let Some((_, c)) = first {
-            results.push(simd(|| f(0, c)));
+            results.push(simd(
+                #[inline(always)]
+                || f(0, c),
+            ));
         }
         for h in handles {
             results.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
@@ -102,7 +130,10 @@ where
 {
     let t = threads_for(threads, items, work);
     if t <= 1 {
-        return vec![simd(|| f(0..items))];
+        return vec![simd(
+            #[inline(always)]
+            || f(0..items),
+        )];
     }
     let per = items.div_ceil(t);
     std::thread::scope(|s| {
@@ -110,11 +141,19 @@ where
             .map(|i| {
                 let f = &f;
                 let range = (i * per).min(items)..((i + 1) * per).min(items);
-                s.spawn(move || simd(|| f(range)))
+                s.spawn(move || {
+                    simd(
+                        #[inline(always)]
+                        || f(range),
+                    )
+                })
             })
             .collect();
         let mut results = Vec::with_capacity(t);
-        results.push(simd(|| f(0..per.min(items))));
+        results.push(simd(
+            #[inline(always)]
+            || f(0..per.min(items)),
+        ));
         for h in handles {
             results.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
         }
