@@ -8,6 +8,7 @@ use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
+use ferrotron_runtime::hf::{load_gpt2, read_tokens, write_safetensors};
 use ferrotron_runtime::init::{init_params, random_batch, test_params};
 use ferrotron_runtime::tokenizer::Tokenizer;
 use ferrotron_runtime::train::{Batches, TrainConfig, Trainer};
@@ -93,6 +94,17 @@ enum Command {
         /// Write a Chrome / Perfetto trace of every op and collective on every rank.
         #[arg(long, value_name = "FILE.json")]
         trace: Option<PathBuf>,
+        /// Weights from a Hugging Face GPT2LMHeadModel safetensors file
+        /// (`transformer.h.0.attn.c_attn.weight`, ...) instead of the seeded initialisation.
+        #[arg(long, value_name = "FILE.safetensors")]
+        weights: Option<PathBuf>,
+        /// The batch: one sequence per line, space-separated token ids, equal lengths (sets
+        /// the model's `batch` and `seq` dimensions).
+        #[arg(long, value_name = "FILE")]
+        tokens: Option<PathBuf>,
+        /// Write every gradient (full shape, unpadded, under the parameters' names).
+        #[arg(long, value_name = "OUT.safetensors")]
+        dump_grads: Option<PathBuf>,
     },
     /// Train a model on a text file: AdamW with warm-up and cosine decay, gradient clipping,
     /// on CPU threads (one per rank). Batch and sequence length are the model's `batch` and
@@ -319,7 +331,22 @@ fn run(cli: Cli) -> Result<()> {
             json,
             check_finite,
             trace,
+            weights,
+            tokens,
+            dump_grads,
         } => {
+            let mut args = args;
+            let token_batch = match &tokens {
+                Some(path) => {
+                    let t = read_tokens(path)?;
+                    // The file decides the batch: its lines and their length.
+                    args.dims.retain(|(n, _)| n != "batch" && n != "seq");
+                    args.dims.push(("batch".into(), t.shape[0] as u64));
+                    args.dims.push(("seq".into(), t.shape[1] as u64));
+                    Some(t)
+                }
+                None => None,
+            };
             let graph = args.load()?;
             let plan = partition(&graph, &args.options())?;
             let report = Report::of(&plan);
@@ -329,11 +356,21 @@ fn run(cli: Cli) -> Result<()> {
                 trace: trace.is_some(),
                 ..ferrotron_runtime::RunOptions::default()
             };
-            let (params, batch) = if verify {
-                (test_params(&graph, seed), random_batch(&graph, seed))
-            } else {
-                (init_params(&graph, seed), random_batch(&graph, seed))
+            let params = match (&weights, verify) {
+                (Some(path), _) => load_gpt2(path, &graph)?,
+                (None, true) => test_params(&graph, seed),
+                (None, false) => init_params(&graph, seed),
             };
+            let mut batch = random_batch(&graph, seed);
+            if let Some(t) = token_batch {
+                let input = graph
+                    .inputs
+                    .iter()
+                    .find(|&&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
+                    .map(|&v| graph.values[v].name.clone())
+                    .ok_or_else(|| anyhow::anyhow!("the model has no [batch, seq] token input"))?;
+                batch.insert(input, t);
+            }
             let started = std::time::Instant::now();
             let run = ferrotron_runtime::run(&plan, &params, &batch, &opts)?;
             let wall = started.elapsed();
@@ -341,6 +378,17 @@ fn run(cli: Cli) -> Result<()> {
                 write_atomically(path, run.trace_json().as_bytes())?;
             }
             let loss = run.loss()?;
+            if let Some(path) = &dump_grads {
+                let grads = plan
+                    .grads
+                    .iter()
+                    .map(|(p, _)| {
+                        let name = plan.graph.params[*p].name.clone();
+                        run.grad(&name).map(|g| (name, g))
+                    })
+                    .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
+                write_safetensors(path, &grads)?;
+            }
             let (fwd, bwd) = run.times();
             let tokens = ferrotron_ir::count::tokens_per_step(&graph).unwrap_or(0);
             let tokens_per_second = tokens as f64 / (fwd + bwd).as_secs_f64().max(1e-9);

@@ -52,3 +52,83 @@ fn run_text_and_errors() {
         "{err}"
     );
 }
+
+/// A GPT-2-layout safetensors file (Hugging Face names, fused q|k|v, Conv1D orientation, a tied
+/// `lm_head`) and a token file, run at tp = 1 and tp = 2: the dumped gradients agree.
+#[test]
+fn hugging_face_weights_and_token_files() {
+    use ferrotron_ir::{load_model, LoadOptions};
+    use ferrotron_runtime::hf::{read_safetensors, to_hf_names, write_safetensors};
+    use ferrotron_runtime::init::init_params;
+
+    let dir = std::env::temp_dir().join(format!("ferrotron-hf-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let g = load_model(
+        std::path::Path::new("models/tiny-gpt.ron"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let mut hf = to_hf_names(&init_params(&g, 11));
+    hf.insert(
+        "lm_head.weight".into(),
+        hf["transformer.wte.weight"].clone(),
+    );
+    let weights = dir.join("model.safetensors");
+    write_safetensors(&weights, &hf).unwrap();
+    let tokens = dir.join("batch.txt");
+    let line = |k: u32| {
+        (0..16)
+            .map(|i| ((i * 7 + k) % 97).to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    std::fs::write(&tokens, format!("{}\n{}\n{}\n", line(1), line(2), line(3))).unwrap();
+    let mut dumps = Vec::new();
+    for tp in ["1", "2"] {
+        let out = dir.join(format!("grads-{tp}.safetensors"));
+        let o = ferrotron(&[
+            "run",
+            "models/tiny-gpt.ron",
+            "--tp",
+            tp,
+            "--weights",
+            weights.to_str().unwrap(),
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--dump-grads",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(j["loss"].as_f64().unwrap() > 0.0);
+        dumps.push(read_safetensors(&out).unwrap());
+    }
+    assert_eq!(dumps[0].len(), g.params.len());
+    for (name, a) in &dumps[0] {
+        let b = &dumps[1][name];
+        assert_eq!(a.shape, b.shape, "{name}");
+        let scale = a.data.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        let diff = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff / scale < 1e-4, "{name}: {}", diff / scale);
+    }
+    // A weights file missing a tensor is named.
+    hf.remove("transformer.h.1.mlp.c_fc.bias");
+    write_safetensors(&weights, &hf).unwrap();
+    let o = ferrotron(&[
+        "run",
+        "models/tiny-gpt.ron",
+        "--weights",
+        weights.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("h.1.mlp.c_fc.bias"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,5 +1,6 @@
 //! Every op's local computation in `f32`, forward and backward, agreeing with the reference
-//! evaluator ([`ferrotron_ir::reference`]) to ~1e-6 relative.
+//! evaluator ([`ferrotron_ir::reference`]) to a few `f32` ulps (`runtime/tests/kernels.rs`
+//! checks every op to 1e-5 relative).
 //!
 //! [`eval`] takes one op on this rank's tensors and returns its outputs. What depends on the
 //! rank's place in the full tensors (a vocabulary-parallel table's first row, a dropout shard's
@@ -9,13 +10,17 @@
 //! group's max, then [`ce_loss`] or [`ce_grad`] with the group's sums.
 //!
 //! Numerics: reductions (row statistics of norms and softmax, the sums of `SumTo`, the
-//! parameter gradients of norms, embedding-gradient rows, the loss) accumulate in `f64`; the
-//! transcendental activations are evaluated in `f64`; everything is stored as `f32`. Inputs
-//! are validated (shapes, axes, ids) and every failure is a [`KernelError`], never a panic.
+//! parameter gradients of norms, embedding-gradient rows, the loss) accumulate in `f64`; norms
+//! normalize in `f64`; exact GeLU is evaluated in `f64` (`libm::erfc`); softmax, cross-entropy,
+//! GeluTanh and SiLU use a vectorizable `f32` `exp` accurate to ~1 ulp (`math.rs`); everything is
+//! stored as `f32`. Inputs are validated (shapes, axes, ids, targets) and every failure is a
+//! [`KernelError`], never a panic.
 //!
 //! Performance: matmuls go through `gemm` (see `matmul.rs`); elementwise ops have fast paths
-//! for equal shapes and for an operand repeated along leading axes (a bias); norms, softmax and
-//! cross-entropy run row by row; large tensors are split by rows over [`Local::threads`].
+//! for equal shapes and for an operand repeated along leading axes (a bias); norms, softmax,
+//! cross-entropy and dropout run row by row in loops that vectorize, compiled for AVX-512 or
+//! AVX2 when the CPU has them (`par.rs`); large tensors are split by rows over
+//! [`Local::threads`].
 
 use super::layout::{
     around, broadcast_shape, broadcast_strides, expand, for_each_offset, is_trailing, numel,
@@ -89,11 +94,11 @@ pub struct Local {
 }
 
 impl Local {
-    fn threads(&self) -> usize {
+    fn n_threads(&self) -> usize {
         self.threads.max(1)
     }
 
-    fn token_parts(&self) -> usize {
+    fn n_token_parts(&self) -> usize {
         self.token_parts.max(1)
     }
 }
@@ -247,7 +252,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
     for t in op.inputs() {
         check_tensor(name, t)?;
     }
-    let th = local.threads();
+    let th = local.n_threads();
     let one = |t: Tensor| Ok(vec![t]);
     match op {
         Op::Embedding { table, ids } => one(embedding(name, table, ids, local)?),
@@ -359,7 +364,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
                 &target,
                 &logits.shape,
                 *shift,
-                local.token_parts(),
+                local.n_token_parts(),
             )?;
             one(Tensor {
                 shape: Vec::new(),
@@ -387,7 +392,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
                 0,
                 real,
                 dloss.data[0],
-                local.token_parts(),
+                local.n_token_parts(),
                 th,
             )?;
             one(grad)
@@ -930,7 +935,7 @@ fn embedding(name: &'static str, table: &Tensor, ids: &Tensor, local: &Local) ->
     let mut out = zeros(name, shape)?;
     let w = t.width;
     par_chunks(
-        local.threads(),
+        local.n_threads(),
         &mut out.data,
         w,
         #[inline(always)]
@@ -1027,7 +1032,7 @@ fn rotary(
     let slab = heads * head_dim;
     let mut out = vec![0.0; x.data.len()];
     par_chunks(
-        local.threads(),
+        local.n_threads(),
         &mut out,
         slab,
         #[inline(always)]
@@ -1108,7 +1113,7 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
     });
     let mut out = vec![0.0; x.data.len()];
     par_chunks(
-        local.threads(),
+        local.n_threads(),
         &mut out,
         last,
         #[inline(always)]
