@@ -11,9 +11,9 @@
 //!
 //! Numerics: reductions (row statistics of norms and softmax, the sums of `SumTo`, the
 //! parameter gradients of norms, embedding-gradient rows, the loss) accumulate in `f64`; norms
-//! normalize in `f64`; exact GeLU is evaluated in `f64` (`libm::erfc`); softmax, cross-entropy,
-//! GeluTanh and SiLU use a vectorizable `f32` `exp` accurate to ~1 ulp (`math.rs`); everything is
-//! stored as `f32`. Inputs are validated (shapes, axes, ids, targets) and every failure is a
+//! normalize in `f64`; exact GeLU is evaluated in `f64` (`Φ` to 2e-7 relative); softmax,
+//! cross-entropy, GeluTanh and SiLU use a vectorizable `f32` `exp` accurate to ~1 ulp
+//! (`math.rs`); everything is stored as `f32`. Inputs are validated (shapes, axes, ids, targets) and every failure is a
 //! [`KernelError`], never a panic.
 //!
 //! Performance: matmuls go through `gemm` (see `matmul.rs`); elementwise ops have fast paths
@@ -23,8 +23,8 @@
 //! [`Local::threads`].
 
 use super::layout::{
-    around, broadcast_shape, broadcast_strides, expand, for_each_offset, is_trailing, numel,
-    sum_to, transpose, zeros, Result,
+    around, broadcast_shape, broadcast_strides, buffer, copied, expand, for_each_offset,
+    is_trailing, numel, sum_to, transpose, zeros, Result,
 };
 use super::math::{self, exp, sum_map, sum_zip};
 use super::matmul::matmul;
@@ -195,7 +195,7 @@ fn rows_of(shape: &[usize]) -> (usize, usize) {
 
 /// A tensor of `x`'s shape whose elements are `f(x)`, split over threads.
 fn map(x: &Tensor, threads: usize, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
-    let mut data = vec![0.0; x.data.len()];
+    let mut data = buffer(x.data.len());
     par_chunks(
         threads,
         &mut data,
@@ -221,7 +221,7 @@ fn zip_map(
     threads: usize,
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Tensor {
-    let mut data = vec![0.0; a.len()];
+    let mut data = buffer(a.len());
     par_chunks(
         threads,
         &mut data,
@@ -275,7 +275,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             let f = factor.value();
             one(map(x, th, |v| (v as f64 * f) as f32))
         }
-        Op::Gelu(x) => one(map(x, th, |v| gelu(v as f64) as f32)),
+        Op::Gelu(x) => one(map(x, th, math::gelu)),
         Op::GeluTanh(x) => one(map(x, th, math::gelu_tanh)),
         Op::Silu(x) => one(map(x, th, math::silu)),
         Op::Relu(x) => one(map(x, th, |v| v.max(0.0))),
@@ -299,7 +299,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             }
             one(Tensor {
                 shape,
-                data: x.data.clone(),
+                data: copied(&x.data),
             })
         }
         Op::Transpose { x, perm } => one(transpose(name, x, perm, th)?),
@@ -453,7 +453,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             let (x, dy) = (&x.data, &dy.data);
             one(match a {
                 Activation::Gelu => zip_map(shape, x, dy, th, |x, g| {
-                    (g as f64 * gelu_grad(x as f64)) as f32
+                    (g as f64 * math::gelu_grad(x)) as f32
                 }),
                 Activation::GeluTanh => {
                     zip_map(shape, x, dy, th, |x, g| g * math::gelu_tanh_grad(x))
@@ -470,7 +470,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             min_rank(name, "the softmax output", y, 1)?;
             same_shape(name, "the gradient", &y.shape, dy)?;
             let (_, n) = rows_of(&y.shape);
-            let mut out = vec![0.0; y.data.len()];
+            let mut out = buffer(y.data.len());
             par_chunks(
                 th,
                 &mut out,
@@ -519,7 +519,7 @@ fn binary(
         // Equal shapes (broadcasting leaves nothing to repeat).
         return Ok(zip_map(&shape, &a.data, &b.data, threads, f));
     }
-    let mut out = vec![0.0; n];
+    let mut out = buffer(n);
     if n == 0 {
         return Ok(Tensor { shape, data: out });
     }
@@ -583,23 +583,6 @@ fn repeat_rows(
     );
 }
 
-/// The standard normal CDF `Φ(x)` (`erfc` keeps its relative accuracy in the left tail).
-fn normal_cdf(x: f64) -> f64 {
-    0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
-}
-
-/// Exact GeLU, `x·Φ(x)`, in `f64` (BERT's; GPT-2 and Llama use the `f32` activations of
-/// `math.rs`).
-fn gelu(x: f64) -> f64 {
-    x * normal_cdf(x)
-}
-
-/// GeLU's derivative, `Φ(x) + x·φ(x)`.
-fn gelu_grad(x: f64) -> f64 {
-    let pdf = (-0.5 * x * x).exp() * 0.398_942_280_401_432_7;
-    normal_cdf(x) + x * pdf
-}
-
 // ---------------------------------------------------------------------------------------------
 // Norms and softmax
 
@@ -648,7 +631,7 @@ fn norm_forward(
     let (_, n) = rows_of(&x.shape);
     norm_param(name, "the weight", weight, n)?;
     norm_param(name, "the bias", bias, n)?;
-    let mut out = vec![0.0; x.data.len()];
+    let mut out = buffer(x.data.len());
     par_chunks(
         threads,
         &mut out,
@@ -706,7 +689,7 @@ fn norm_grad(
     same_shape(name, "the gradient", &x.shape, dy)?;
     let (_, n) = rows_of(&x.shape);
     norm_param(name, "the weight", weight, n)?;
-    let mut dx = vec![0.0; x.data.len()];
+    let mut dx = buffer(x.data.len());
     let partials = par_chunks(
         threads,
         &mut dx,
@@ -796,7 +779,7 @@ fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Resu
             ),
         ));
     }
-    let mut out = vec![0.0; x.data.len()];
+    let mut out = buffer(x.data.len());
     par_chunks(
         threads,
         &mut out,
@@ -835,9 +818,10 @@ fn slice_axis(x: &Tensor, a: usize, start: usize, end: usize) -> Tensor {
     let (outer, n, inner) = around(&x.shape, a);
     let mut shape = x.shape.clone();
     shape[a] = end - start;
-    let mut data = Vec::with_capacity(outer * (end - start) * inner);
-    for o in 0..outer {
-        data.extend_from_slice(&x.data[(o * n + start) * inner..(o * n + end) * inner]);
+    let chunk = (end - start) * inner;
+    let mut data = buffer(outer * chunk);
+    for (o, dst) in data.chunks_exact_mut(chunk.max(1)).enumerate().take(outer) {
+        dst.copy_from_slice(&x.data[(o * n + start) * inner..(o * n + end) * inner]);
     }
     Tensor { shape, data }
 }
@@ -858,12 +842,14 @@ fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
             .ok_or_else(|| invalid(name, "the joined axis overflows"))?;
     }
     let n = numel(name, &shape)?;
-    let mut data = Vec::with_capacity(n);
+    let mut data = buffer(n);
     let (outer, _, inner) = around(&first.shape, a);
+    let mut k = 0;
     for o in 0..outer {
         for x in xs {
             let chunk = x.shape[a] * inner;
-            data.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
+            data[k..k + chunk].copy_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
+            k += chunk;
         }
     }
     Ok(Tensor { shape, data })
@@ -1030,7 +1016,7 @@ fn rotary(
         }
     }
     let slab = heads * head_dim;
-    let mut out = vec![0.0; x.data.len()];
+    let mut out = buffer(x.data.len());
     par_chunks(
         local.n_threads(),
         &mut out,
@@ -1111,7 +1097,7 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
     for_each_offset(&x.shape[..r.saturating_sub(1)], [&outer_strides], |[o]| {
         row_starts.push(base + o as u64)
     });
-    let mut out = vec![0.0; x.data.len()];
+    let mut out = buffer(x.data.len());
     par_chunks(
         local.n_threads(),
         &mut out,

@@ -29,8 +29,39 @@ pub(crate) fn zeros(op: &'static str, shape: Vec<usize>) -> Result<Tensor> {
     let n = numel(op, &shape)?;
     Ok(Tensor {
         shape,
-        data: vec![0.0; n],
+        data: buffer(n),
     })
+}
+
+/// Allocations from this size on are always fresh `mmap`s (glibc's largest mmap threshold), so
+/// every page of an output is a page fault on first write.
+const HUGE_PAGE_MIN_BYTES: usize = 32 << 20;
+
+/// `n` zeros for an output. A large buffer is marked for transparent huge pages before it is
+/// touched: on a kernel whose THP mode is `madvise` (the usual default) that makes first writes
+/// 512× fewer page faults, which halves the time of a large elementwise kernel (numpy does the
+/// same). Only a hint: nothing changes where it is refused.
+pub(crate) fn buffer(n: usize) -> Vec<f32> {
+    let v = vec![0.0f32; n];
+    #[cfg(target_os = "linux")]
+    if n * std::mem::size_of::<f32>() >= HUGE_PAGE_MIN_BYTES {
+        const PAGE: usize = 4096;
+        let at = v.as_ptr() as usize;
+        let (start, end) = ((at + PAGE - 1) & !(PAGE - 1), (at + n * 4) & !(PAGE - 1));
+        // SAFETY: an advisory call on whole pages inside memory this Vec owns; it changes no
+        // contents (the pages are zero either way).
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+    v
+}
+
+/// A copy of `xs` in a fresh [`buffer`].
+pub(crate) fn copied(xs: &[f32]) -> Vec<f32> {
+    let mut v = buffer(xs.len());
+    v.copy_from_slice(xs);
+    v
 }
 
 /// NumPy broadcasting of two shapes.
@@ -224,27 +255,35 @@ pub(crate) fn transpose(
     let dst_len = out.data.len();
     let mut bases = Vec::new();
     for_each_offset(&o_sizes, [&o_src, &o_dst], |[s, d]| bases.push((s, d)));
+    // Work items: (base, tile of a). Each tile goes through a buffer, so that both the reads
+    // (along a) and the writes (along b) are whole runs of cache lines: with one side strided
+    // by a power of two the lines of a direct tile copy would fight over one cache set.
+    let a_tiles = na.div_ceil(TILE);
     let work = |range: std::ops::Range<usize>| {
-        for &(s0, d0) in &bases[range] {
-            for a0 in (0..na).step_by(TILE) {
-                let a1 = (a0 + TILE).min(na);
-                for b0 in (0..nb).step_by(TILE) {
-                    let b1 = (b0 + TILE).min(nb);
-                    for bi in b0..b1 {
-                        let s = s0 + bi * sb_src;
-                        for ai in a0..a1 {
-                            let d = d0 + ai * sa_dst + bi;
-                            debug_assert!(d < dst_len);
-                            // SAFETY: `d` indexes the output (an injective map of output
-                            // multi-indices), and each thread writes a disjoint set of bases.
-                            unsafe { *(dst as *mut f32).add(d) = src[s + ai] };
-                        }
+        let mut buf = [[0f32; TILE]; TILE];
+        for item in range {
+            let (s0, d0) = bases[item / a_tiles];
+            let a0 = (item % a_tiles) * TILE;
+            let a1 = (a0 + TILE).min(na);
+            for b0 in (0..nb).step_by(TILE) {
+                let b1 = (b0 + TILE).min(nb);
+                for (bi, row) in (b0..b1).zip(buf.iter_mut()) {
+                    let s = s0 + bi * sb_src;
+                    row[..a1 - a0].copy_from_slice(&src[s + a0..s + a1]);
+                }
+                for ai in a0..a1 {
+                    let d = d0 + ai * sa_dst + b0;
+                    debug_assert!(d + (b1 - b0) <= dst_len);
+                    for (j, row) in buf[..b1 - b0].iter().enumerate() {
+                        // SAFETY: `d + j` indexes the output (an injective map of output
+                        // multi-indices), and the work items write disjoint sets of them.
+                        unsafe { *(dst as *mut f32).add(d + j) = row[ai - a0] };
                     }
                 }
             }
         }
     };
-    par_ranges(threads, bases.len(), dst_len, work);
+    par_ranges(threads, bases.len() * a_tiles, dst_len, work);
     Ok(out)
 }
 

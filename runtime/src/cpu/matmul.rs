@@ -4,7 +4,7 @@
 
 use super::kernels::invalid;
 use super::layout::{broadcast_shape, broadcast_strides, for_each_offset, zeros, Result};
-use super::par::par_chunks;
+use super::par::par_chunks_work;
 use crate::Tensor;
 use gemm::Parallelism;
 
@@ -42,7 +42,7 @@ fn gemm_into(
     // Bounds of the last elements read, so the unsafe call below stays inside the slices.
     assert!(a_off + (m - 1) * a.rs + (k - 1) * a.cs < a.data.len());
     assert!(b_off + (k - 1) * b.rs + (n - 1) * b.cs < b.data.len());
-    let parallelism = if threads > 1 && m * n * k >= PAR_MIN_FLOPS {
+    let parallelism = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= PAR_MIN_FLOPS {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
@@ -171,7 +171,10 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize)
     let mn = m * n;
     if threads > 1 && nbatch >= threads {
         // Many products: the threads share out the batch, each product on one thread.
-        par_chunks(threads, &mut out.data, mn, |first, chunk| {
+        // Work in multiply-adds, scaled to what a thread does in the time of a simple kernel's
+        // element.
+        let work = out.data.len().saturating_mul(k) / 16;
+        par_chunks_work(threads, &mut out.data, mn, work, |first, chunk| {
             for (i, dst) in chunk.chunks_exact_mut(mn).enumerate() {
                 let (oa, ob) = offsets[first + i];
                 gemm_into(dst, ao, oa, bo, ob, (m, n, k), 1);
