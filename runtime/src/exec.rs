@@ -678,7 +678,7 @@ impl Rank<'_> {
                 let x = get(logits)?;
                 let ce = self.vocab_ce(n, x, get(targets)?, *shift, classes)?;
                 let dl = get(dloss)?.data.first().copied().unwrap_or(0.0);
-                let grad = kernels::ce_grad(
+                let grad = kernels::ce_grad_threads(
                     x,
                     &ce.max,
                     &ce.sum,
@@ -688,6 +688,7 @@ impl Rank<'_> {
                     ce.real,
                     dl,
                     self.token_parts(*logits),
+                    self.opts.threads_per_rank.max(1),
                 )
                 .map_err(|e| self.kernel_error(n, e))?;
                 Ok(vec![grad])
@@ -777,13 +778,15 @@ impl Rank<'_> {
         let offset = self.t * width;
         let full = width * self.plan.mesh.tp as usize;
         let real = classes.as_ref().map_or(full, |c| c.size as usize);
-        let mut max =
-            kernels::ce_row_max(logits, offset, real).map_err(|e| self.kernel_error(n, e))?;
+        let threads = self.opts.threads_per_rank.max(1);
+        let mut max = kernels::ce_row_max_threads(logits, offset, real, threads)
+            .map_err(|e| self.kernel_error(n, e))?;
         self.tp_group
             .all_reduce(self.t, &mut max, ReduceOp::Max)
             .map_err(|e| self.comm_error(n, e))?;
-        let (sum, target) = kernels::ce_row_sums(logits, &max, targets, shift, offset, real)
-            .map_err(|e| self.kernel_error(n, e))?;
+        let (sum, target) =
+            kernels::ce_row_sums_threads(logits, &max, targets, shift, offset, real, threads)
+                .map_err(|e| self.kernel_error(n, e))?;
         let rows = sum.len();
         let mut both = sum;
         both.extend_from_slice(&target);
