@@ -40,26 +40,8 @@ enum Command {
     /// Partition a model for tensor (× data) parallelism, differentiate it, verify the plan,
     /// and print what it communicates and stores per rank.
     Partition {
-        /// The model file.
-        model: PathBuf,
-        /// Tensor-parallel degree.
-        #[arg(long, default_value_t = 1)]
-        tp: u64,
-        /// Data-parallel degree.
-        #[arg(long, default_value_t = 1)]
-        dp: u64,
-        /// Split the activations between tensor-parallel regions along the sequence.
-        #[arg(long)]
-        sequence_parallel: bool,
-        /// Pad the vocabulary to a multiple of this × tp.
-        #[arg(long, default_value_t = 128)]
-        vocab_multiple: u64,
-        /// Fix a parameter's layout: `--pin h.0.mlp.c_fc.weight=replicated` (or `split(1)`).
-        #[arg(long = "pin", value_name = "PARAM=LAYOUT", value_parser = parse_pin)]
-        pins: Vec<(String, Layout)>,
-        /// Override a named dimension: `--dim layers=2`.
-        #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim_override)]
-        dims: Vec<(String, u64)>,
+        #[command(flatten)]
+        plan: PlanArgs,
         /// Write the plan (RON) here.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -273,31 +255,15 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Partition {
-            model,
-            tp,
-            dp,
-            sequence_parallel,
-            vocab_multiple,
-            pins,
-            dims,
+            plan: args,
             output,
             json,
             timings,
         } => {
             let start = std::time::Instant::now();
-            let opts = LoadOptions {
-                overrides: dims,
-                ..LoadOptions::default()
-            };
-            let graph = load_model(&model, &opts)?;
+            let graph = args.load()?;
             let loaded = start.elapsed();
-            let options = PartitionOptions {
-                tp,
-                dp,
-                sequence_parallel,
-                vocab_multiple,
-                pins,
-            };
+            let options = args.options();
             let plan = partition(&graph, &options)?;
             let partitioned = start.elapsed() - loaded;
             verify_plan(&plan)?;

@@ -653,26 +653,6 @@ fn backward_round_trips_through_ron() {
     assert_eq!(ron::from_str::<Backward>(&text).unwrap(), bwd);
 }
 
-#[test]
-#[ignore = "timing: run with --release -- --ignored --nocapture"]
-fn backward_is_linear_on_thousands_of_layers() {
-    let t = std::time::Instant::now();
-    let mut g = zoo("gpt2-small", &[("layers", 7200)]);
-    let loaded = t.elapsed();
-    let loss = g.output("loss").unwrap();
-    let t = std::time::Instant::now();
-    let bwd = backward(&mut g, loss).unwrap();
-    let took = t.elapsed();
-    eprintln!(
-        "{} forward nodes (loaded in {loaded:?}), {} backward nodes in {took:?}",
-        bwd.start,
-        g.order.len() - bwd.start
-    );
-    let t = std::time::Instant::now();
-    verify(&g).unwrap();
-    eprintln!("verified in {:?}", t.elapsed());
-}
-
 // ---------------------------------------------------------------------------------------------
 // Numeric gradient checks: the backward graph, run by the reference evaluator, against central
 // differences of the forward graph, in f64.
