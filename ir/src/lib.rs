@@ -14,12 +14,15 @@
 //! - [`autodiff`]: reverse-mode autodiff, appending a scalar loss's backward pass to the graph.
 //! - [`count`]: parameters and FLOPs; [`summary`]: what `ferrotron check` prints.
 //! - [`reference`](mod@reference): the reference evaluator, the executable semantics of every op.
+//! - [`index`]: the shape and index arithmetic every evaluator of the op set shares: the `f64`
+//!   reference and the runtimes' kernels.
 #![warn(missing_docs)]
 
 pub mod autodiff;
 pub mod count;
 pub mod dtype;
 pub mod graph;
+pub mod index;
 pub mod infer;
 pub mod lang;
 pub mod op;

@@ -28,7 +28,8 @@
 //!   predicts (the first of each sequence with `shift`) are not read.
 
 use crate::graph::{Graph, NodeId, ValueId};
-use crate::op::{Activation, Factor, Op};
+use crate::index::{self, around, broadcast_offset};
+use crate::op::{Activation, Op};
 use crate::shape::Dim;
 use std::collections::HashMap;
 use thiserror::Error;
@@ -103,9 +104,15 @@ fn invalid(op: &'static str, msg: impl Into<String>) -> EvalError {
     }
 }
 
-/// The number of elements of `shape`, or `None` when it overflows `usize`.
-fn numel_of(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1usize, |n, &s| n.checked_mul(s))
+/// A shape check's message from [`crate::index`] as an [`EvalError::Invalid`] of `op`.
+trait OrInvalid<T> {
+    fn or_invalid(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> OrInvalid<T> for Result<T, String> {
+    fn or_invalid(self, op: &'static str) -> Result<T> {
+        self.map_err(|msg| invalid(op, msg))
+    }
 }
 
 /// Calls `f` with every multi-index of `shape` in row-major order (once, with `[]`, for a scalar;
@@ -130,37 +137,6 @@ fn for_each_index(shape: &[usize], mut f: impl FnMut(&[usize])) {
             idx[i] = 0;
         }
     }
-}
-
-/// The flat offset of `index` (a multi-index of the broadcast shape) in a tensor of `shape`
-/// broadcast to it (NumPy rules: aligned from the right, size-1 dimensions repeat).
-fn broadcast_offset(index: &[usize], shape: &[usize]) -> usize {
-    let skip = index.len() - shape.len();
-    shape
-        .iter()
-        .zip(&index[skip..])
-        .fold(0, |flat, (&s, &i)| flat * s + if s == 1 { 0 } else { i })
-}
-
-/// NumPy broadcasting of two shapes.
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    let pick = |s: &[usize], i: usize| {
-        let offset = rank - s.len();
-        if i < offset {
-            1
-        } else {
-            s[i - offset]
-        }
-    };
-    (0..rank)
-        .map(|i| match (pick(a, i), pick(b, i)) {
-            (x, y) if x == y => Some(x),
-            (1, y) => Some(y),
-            (x, 1) => Some(x),
-            _ => None,
-        })
-        .collect()
 }
 
 fn row_major_index(index: &[usize], shape: &[usize]) -> usize {
@@ -212,7 +188,7 @@ impl Tensor {
     }
 
     fn try_full(op: &'static str, shape: Vec<usize>, value: f64) -> Result<Tensor> {
-        match numel_of(&shape) {
+        match index::numel(&shape) {
             Some(n) if n <= MAX_ELEMENTS => Ok(Tensor {
                 data: vec![value; n],
                 shape,
@@ -302,17 +278,7 @@ impl Tensor {
     }
 
     fn check(&self, op: &'static str) -> Result<()> {
-        match numel_of(&self.shape) {
-            Some(n) if n == self.data.len() => Ok(()),
-            _ => Err(invalid(
-                op,
-                format!(
-                    "a tensor of shape {:?} holds {} elements",
-                    self.shape,
-                    self.data.len()
-                ),
-            )),
-        }
+        index::check_len(&self.shape, self.data.len()).or_invalid(op)
     }
 
     fn map(&self, f: impl Fn(f64) -> f64) -> Tensor {
@@ -324,11 +290,7 @@ impl Tensor {
 
     /// `(outer, n)`: the tensor as `outer` rows of its last axis (`n` elements each).
     fn rows(&self) -> (usize, usize) {
-        let n = self.shape.last().copied().unwrap_or(1);
-        let outer = self.shape[..self.shape.len().saturating_sub(1)]
-            .iter()
-            .product();
-        (outer, n)
+        index::rows(&self.shape)
     }
 }
 
@@ -468,50 +430,6 @@ pub fn dropout_keeps(i: u64, p: f64) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Attribute helpers
 
-fn dim(op: &'static str, d: &Dim) -> Result<usize> {
-    usize::try_from(d.size)
-        .map_err(|_| invalid(op, format!("dimension {d} does not fit in memory")))
-}
-
-fn dims(op: &'static str, ds: &[Dim]) -> Result<Vec<usize>> {
-    ds.iter().map(|d| dim(op, d)).collect()
-}
-
-fn axis(op: &'static str, shape: &[usize], axis: i64) -> Result<usize> {
-    let rank = shape.len() as i64;
-    let a = if axis < 0 { axis + rank } else { axis };
-    if (0..rank).contains(&a) {
-        Ok(a as usize)
-    } else {
-        Err(invalid(
-            op,
-            format!("axis {axis} is out of range for shape {shape:?}"),
-        ))
-    }
-}
-
-fn min_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
-    if t.rank() >= rank {
-        Ok(())
-    } else {
-        Err(invalid(
-            op,
-            format!("{what} must have rank at least {rank}, found {:?}", t.shape),
-        ))
-    }
-}
-
-fn same_shape(op: &'static str, what: &str, expected: &[usize], found: &Tensor) -> Result<()> {
-    if found.shape == expected {
-        Ok(())
-    } else {
-        Err(invalid(
-            op,
-            format!("{what} has shape {:?}, expected {expected:?}", found.shape),
-        ))
-    }
-}
-
 /// An integer index held in an `f64`, checked to be in `0..bound`.
 fn index(
     op: &'static str,
@@ -520,26 +438,13 @@ fn index(
     element: usize,
     bound: usize,
 ) -> Result<usize> {
-    if value.fract() == 0.0 && value >= 0.0 && value < bound as f64 {
-        Ok(value as usize)
-    } else {
-        Err(EvalError::Index {
-            op,
-            what,
-            value,
-            element,
-            bound,
-        })
-    }
-}
-
-/// `(outer, n, inner)`: a shape viewed as `[outer, n, inner]` around axis `a`.
-fn around(shape: &[usize], a: usize) -> (usize, usize, usize) {
-    (
-        shape[..a].iter().product(),
-        shape[a],
-        shape[a + 1..].iter().product(),
-    )
+    index::integer(value, bound).ok_or(EvalError::Index {
+        op,
+        what,
+        value,
+        element,
+        bound,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -565,12 +470,7 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
         Op::Mul(a, b) => one(binary(name, a, b, |x, y| x * y)?),
         Op::Div(a, b) => one(binary(name, a, b, |x, y| x / y)?),
         Op::Scale { x, factor } => {
-            if let Factor::InvSqrt(d) = factor {
-                if d.size == 0 {
-                    return Err(invalid(name, "InvSqrt of a zero dimension"));
-                }
-            }
-            let f = factor.value();
+            let f = index::scale(factor).or_invalid(name)?;
             one(x.map(|v| v * f))
         }
         Op::Gelu(x) => one(x.map(|v| activation(Activation::Gelu, v))),
@@ -585,19 +485,10 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
         } => one(layer_norm(name, x, *weight, *bias, *eps)?),
         Op::RmsNorm { x, weight, eps } => one(rms_norm(name, x, *weight, *eps)?),
         Op::Softmax { x, causal } => one(softmax(name, x, *causal)?),
-        Op::Reshape { x, shape } => {
-            let shape = dims(name, shape)?;
-            if numel_of(&shape) != Some(x.numel()) {
-                return Err(invalid(
-                    name,
-                    format!("cannot reshape {:?} to {shape:?}", x.shape),
-                ));
-            }
-            one(Tensor {
-                shape,
-                data: x.data.clone(),
-            })
-        }
+        Op::Reshape { x, shape } => one(Tensor {
+            shape: index::reshape(&x.shape, shape).or_invalid(name)?,
+            data: x.data.clone(),
+        }),
         Op::Transpose { x, perm } => one(transpose(name, x, perm)?),
         Op::Slice {
             x,
@@ -605,42 +496,20 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             start,
             end,
         } => {
-            let a = axis(name, &x.shape, *ax)?;
-            let (start, end) = (dim(name, start)?, dim(name, end)?);
-            if start > end || end > x.shape[a] {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "slice {start}..{end} is out of range for axis {a} of {:?}",
-                        x.shape
-                    ),
-                ));
-            }
+            let (a, start, end) = index::slice(&x.shape, *ax, start, end).or_invalid(name)?;
             one(slice_axis(x, a, start, end))
         }
         Op::Split { x, axis: ax, sizes } => {
-            let a = axis(name, &x.shape, *ax)?;
-            let sizes = dims(name, sizes)?;
-            let total = sizes.iter().try_fold(0usize, |s, &n| s.checked_add(n));
-            if sizes.is_empty() || total != Some(x.shape[a]) {
-                return Err(invalid(
-                    name,
-                    format!("sizes {sizes:?} do not add up to axis {a} of {:?}", x.shape),
-                ));
-            }
-            let mut start = 0;
-            Ok(sizes
-                .iter()
-                .map(|&n| {
-                    start += n;
-                    slice_axis(x, a, start - n, start)
-                })
+            let (a, parts) = index::split(&x.shape, *ax, sizes).or_invalid(name)?;
+            Ok(parts
+                .into_iter()
+                .map(|p| slice_axis(x, a, p.start, p.end))
                 .collect())
         }
         Op::Concat { xs, axis: ax } => one(concat(name, xs, *ax)?),
         Op::Rotary { x, base, inverse } => one(rotary(name, x, *base, *inverse)?),
         Op::Dropout { x, p } => {
-            let scale = dropout_scale(name, *p)?;
+            let scale = index::dropout_scale(*p).or_invalid(name)?;
             Ok(vec![dropout_mask(x, *p, scale)])
         }
         Op::CrossEntropy {
@@ -668,7 +537,7 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             classes,
         } => {
             let ce = CeRows::new(name, logits, targets, *shift, classes.as_ref())?;
-            same_shape(name, "the loss gradient", &[], dloss)?;
+            index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(name)?;
             let scale = dloss.data[0] / ce.rows.len() as f64;
             let mut out = Tensor::zeros(logits.shape.clone());
             for &(row, target) in &ce.rows {
@@ -686,7 +555,7 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
         Op::AllGather { x, dim, parts, .. }
         | Op::ReduceScatter { x, dim, parts, .. }
         | Op::LocalSlice { x, dim, parts, .. } => {
-            axis(name, &x.shape, *dim)?;
+            index::axis(&x.shape, *dim).or_invalid(name)?;
             match parts {
                 0 => Err(invalid(name, "a collective over 0 parts")),
                 1 => one((*x).clone()),
@@ -696,20 +565,16 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
                 }),
             }
         }
-        Op::SumTo { x, shape } => one(sum_to(name, x, &dims(name, shape)?)?),
-        Op::Expand { x, shape } => one(expand(name, x, &dims(name, shape)?)?),
+        Op::SumTo { x, shape } => one(sum_to(name, x, &index::dims(shape).or_invalid(name)?)?),
+        Op::Expand { x, shape } => one(expand(name, x, &index::dims(shape).or_invalid(name)?)?),
         Op::Fill {
             shape,
             value,
             dtype,
         } => {
-            if !value.is_finite() || (dtype.is_int() && value.fract() != 0.0) {
-                return Err(invalid(
-                    name,
-                    format!("{value} is not a finite {dtype} value"),
-                ));
-            }
-            one(Tensor::try_full(name, dims(name, shape)?, *value)?)
+            index::fill(*value, *dtype, value.is_finite()).or_invalid(name)?;
+            let shape = index::dims(shape).or_invalid(name)?;
+            one(Tensor::try_full(name, shape, *value)?)
         }
         Op::Pad {
             x,
@@ -717,8 +582,7 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             before,
             after,
         } => {
-            let a = axis(name, &x.shape, *ax)?;
-            let (before, after) = (dim(name, before)?, dim(name, after)?);
+            let (a, before, after) = index::pad(&x.shape, *ax, before, after).or_invalid(name)?;
             let mut shape = x.shape.clone();
             shape[a] = shape[a]
                 .checked_add(before)
@@ -735,7 +599,7 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             one(out)
         }
         Op::ActGrad { act, x, dy } => {
-            same_shape(name, "the gradient", &x.shape, dy)?;
+            index::same_shape("the gradient", &x.shape, &dy.shape).or_invalid(name)?;
             one(Tensor {
                 shape: x.shape.clone(),
                 data: x
@@ -753,8 +617,8 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             layer_norm_grad(name, x, *weight, dy, *eps, false)
         }
         Op::SoftmaxGrad { y, dy } => {
-            min_rank(name, "the softmax output", y, 1)?;
-            same_shape(name, "the gradient", &y.shape, dy)?;
+            index::min_rank("the softmax output", &y.shape, 1).or_invalid(name)?;
+            index::same_shape("the gradient", &y.shape, &dy.shape).or_invalid(name)?;
             let (outer, n) = y.rows();
             let mut out = Tensor::zeros(y.shape.clone());
             for r in 0..outer {
@@ -770,10 +634,10 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             one(out)
         }
         Op::EmbeddingGrad { table, ids, dy } => {
-            let (rows, width) = embedding_table(name, table)?;
+            let (rows, width) = index::embedding_table(&table.shape).or_invalid(name)?;
             let mut expected = ids.shape.clone();
             expected.push(width);
-            same_shape(name, "the output gradient", &expected, dy)?;
+            index::same_shape("the output gradient", &expected, &dy.shape).or_invalid(name)?;
             let mut out = Tensor::zeros(table.shape.clone());
             for (k, &id) in ids.data.iter().enumerate() {
                 let row = index(name, "id", id, k, rows)?;
@@ -785,8 +649,8 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
             one(out)
         }
         Op::DropoutGrad { dy, forward, p } => {
-            let scale = dropout_scale(name, *p)?;
-            same_shape(name, "the gradient", &forward.shape, dy)?;
+            let scale = index::dropout_scale(*p).or_invalid(name)?;
+            index::same_shape("the gradient", &forward.shape, &dy.shape).or_invalid(name)?;
             one(dropout_mask(dy, *p, scale))
         }
     }
@@ -798,12 +662,7 @@ fn binary(
     b: &Tensor,
     f: impl Fn(f64, f64) -> f64,
 ) -> Result<Tensor> {
-    let shape = broadcast_shape(&a.shape, &b.shape).ok_or_else(|| {
-        invalid(
-            name,
-            format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape),
-        )
-    })?;
+    let shape = index::binary(&a.shape, &b.shape).or_invalid(name)?;
     let mut out = Tensor::try_full(name, shape, 0.0)?;
     let shape = out.shape.clone();
     let mut k = 0;
@@ -817,18 +676,8 @@ fn binary(
     Ok(out)
 }
 
-fn embedding_table(name: &'static str, table: &Tensor) -> Result<(usize, usize)> {
-    match table.shape[..] {
-        [rows, width] => Ok((rows, width)),
-        _ => Err(invalid(
-            name,
-            format!("the table must be [rows, width], found {:?}", table.shape),
-        )),
-    }
-}
-
 fn embedding(name: &'static str, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (rows, width) = embedding_table(name, table)?;
+    let (rows, width) = index::embedding_table(&table.shape).or_invalid(name)?;
     let mut shape = ids.shape.clone();
     shape.push(width);
     let mut out = Tensor::try_full(name, shape, 0.0)?;
@@ -841,43 +690,10 @@ fn embedding(name: &'static str, table: &Tensor, ids: &Tensor) -> Result<Tensor>
 }
 
 fn matmul(name: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
-    min_rank(name, "a", a, 2)?;
-    min_rank(name, "b", b, 2)?;
-    let (ra, rb) = (a.rank(), b.rank());
-    let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
-    let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
-    let (m, k) = if ta {
-        (a_cols, a_rows)
-    } else {
-        (a_rows, a_cols)
-    };
-    let (kb, n) = if tb {
-        (b_cols, b_rows)
-    } else {
-        (b_rows, b_cols)
-    };
-    if k != kb {
-        return Err(invalid(
-            name,
-            format!(
-                "inner dimensions differ: {:?} · {:?} contracts {k} with {kb}",
-                a.shape, b.shape
-            ),
-        ));
-    }
-    let (batch_a, batch_b) = (&a.shape[..ra - 2], &b.shape[..rb - 2]);
-    let batch = broadcast_shape(batch_a, batch_b).ok_or_else(|| {
-        invalid(
-            name,
-            format!(
-                "batch axes of {:?} and {:?} do not broadcast",
-                a.shape, b.shape
-            ),
-        )
-    })?;
-    let mut shape = batch.clone();
-    shape.extend([m, n]);
-    let mut out = Tensor::try_full(name, shape, 0.0)?;
+    let mm = index::matmul(&a.shape, &b.shape, ta, tb).or_invalid(name)?;
+    let mut out = Tensor::try_full(name, mm.out_shape(), 0.0)?;
+    let (m, n, k) = (mm.m, mm.n, mm.k);
+    let (a_rows, a_cols, b_rows, b_cols) = (mm.a_rows, mm.a_cols, mm.b_rows, mm.b_cols);
     // A(i, l) and B(l, j) of one batch, read through the transposes.
     let a_at = |base: usize, i: usize, l: usize| {
         a.data[base + if ta { l * a_cols + i } else { i * a_cols + l }]
@@ -886,9 +702,9 @@ fn matmul(name: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Res
         b.data[base + if tb { j * b_cols + l } else { l * b_cols + j }]
     };
     let mut bi = 0;
-    for_each_index(&batch, |idx| {
-        let base_a = broadcast_offset(idx, batch_a) * a_rows * a_cols;
-        let base_b = broadcast_offset(idx, batch_b) * b_rows * b_cols;
+    for_each_index(&mm.batch, |idx| {
+        let base_a = broadcast_offset(idx, mm.batch_a) * a_rows * a_cols;
+        let base_b = broadcast_offset(idx, mm.batch_b) * b_rows * b_cols;
         for i in 0..m {
             for j in 0..n {
                 out.data[(bi * m + i) * n + j] = (0..k)
@@ -901,19 +717,9 @@ fn matmul(name: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Res
     Ok(out)
 }
 
-fn check_eps(name: &'static str, eps: f64) -> Result<()> {
-    if eps.is_finite() && eps > 0.0 {
-        Ok(())
-    } else {
-        Err(invalid(name, format!("eps {eps} must be positive")))
-    }
-}
-
-fn norm_param(name: &'static str, what: &str, p: Option<&Tensor>, n: usize) -> Result<()> {
-    match p {
-        Some(p) => same_shape(name, what, &[n], p),
-        None => Ok(()),
-    }
+/// The shape of an optional tensor.
+fn shape_of(t: Option<&Tensor>) -> Option<&[usize]> {
+    t.map(|t| &t.shape[..])
 }
 
 /// Per row of the last axis: `(x̂, 1/σ)`, with `x̂ = (x − μ)/σ` for LayerNorm (`centered`) and
@@ -938,11 +744,8 @@ fn norm_forward(
     eps: f64,
     centered: bool,
 ) -> Result<Tensor> {
-    min_rank(name, "the normalized tensor", x, 1)?;
-    check_eps(name, eps)?;
-    let (outer, n) = x.rows();
-    norm_param(name, "the weight", weight, n)?;
-    norm_param(name, "the bias", bias, n)?;
+    let (outer, n) =
+        index::norm(&x.shape, eps, None, shape_of(weight), shape_of(bias)).or_invalid(name)?;
     let mut out = Tensor::zeros(x.shape.clone());
     for r in 0..outer {
         let (xhat, _) = normalize(&x.data[r * n..(r + 1) * n], eps, centered);
@@ -979,11 +782,8 @@ fn layer_norm_grad(
     eps: f64,
     centered: bool,
 ) -> Result<Vec<Tensor>> {
-    min_rank(name, "the normalized tensor", x, 1)?;
-    check_eps(name, eps)?;
-    same_shape(name, "the gradient", &x.shape, dy)?;
-    let (outer, n) = x.rows();
-    norm_param(name, "the weight", weight, n)?;
+    let (outer, n) =
+        index::norm(&x.shape, eps, Some(&dy.shape), shape_of(weight), None).or_invalid(name)?;
     let mut dx = Tensor::zeros(x.shape.clone());
     let mut dw = Tensor::zeros(vec![n]);
     let mut db = Tensor::zeros(vec![n]);
@@ -1023,18 +823,7 @@ fn log_sum_exp(row: &[f64]) -> f64 {
 }
 
 fn softmax(name: &'static str, x: &Tensor, causal: bool) -> Result<Tensor> {
-    min_rank(name, "the input", x, if causal { 2 } else { 1 })?;
-    let (outer, keys) = x.rows();
-    let queries = if causal { x.shape[x.rank() - 2] } else { 1 };
-    if causal && queries > keys {
-        return Err(invalid(
-            name,
-            format!(
-                "a causal softmax needs at least as many keys as queries, found {:?}",
-                x.shape
-            ),
-        ));
-    }
+    let (outer, keys, queries) = index::softmax(&x.shape, causal).or_invalid(name)?;
     let mut out = Tensor::zeros(x.shape.clone());
     for r in 0..outer {
         // Query i sees keys 0..=i + (keys − queries).
@@ -1053,20 +842,8 @@ fn softmax(name: &'static str, x: &Tensor, causal: bool) -> Result<Tensor> {
 }
 
 fn transpose(name: &'static str, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
-    let rank = x.rank();
-    let mut seen = vec![false; rank];
-    let valid = perm.len() == rank
-        && perm
-            .iter()
-            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
-    if !valid {
-        return Err(invalid(
-            name,
-            format!("{perm:?} is not a permutation of the axes of {:?}", x.shape),
-        ));
-    }
-    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
-    let mut src = vec![0; rank];
+    let shape = index::transpose(&x.shape, perm).or_invalid(name)?;
+    let mut src = vec![0; x.rank()];
     Ok(Tensor::from_fn(shape, |idx| {
         for (i, &p) in perm.iter().enumerate() {
             src[p] = idx[i];
@@ -1088,22 +865,10 @@ fn slice_axis(x: &Tensor, a: usize, start: usize, end: usize) -> Tensor {
 }
 
 fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
-    let first = xs
-        .first()
-        .ok_or_else(|| invalid(name, "Concat needs at least one input"))?;
-    let a = axis(name, &first.shape, ax)?;
-    let mut shape = first.shape.clone();
-    shape[a] = 0;
-    for x in xs {
-        let mut expected = first.shape.clone();
-        expected[a] = x.shape.get(a).copied().unwrap_or(0);
-        same_shape(name, "a concatenated input", &expected, x)?;
-        shape[a] = shape[a]
-            .checked_add(x.shape[a])
-            .ok_or_else(|| invalid(name, "the joined axis overflows"))?;
-    }
+    let shapes: Vec<&[usize]> = xs.iter().map(|x| &x.shape[..]).collect();
+    let (a, shape) = index::concat(&shapes, ax).or_invalid(name)?;
     let mut out = Tensor::try_full(name, shape, 0.0)?;
-    let (outer, _, inner) = around(&first.shape, a);
+    let (outer, _, inner) = around(&xs[0].shape, a);
     let mut k = 0;
     for o in 0..outer {
         for x in xs {
@@ -1116,15 +881,8 @@ fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
 }
 
 fn rotary(name: &'static str, x: &Tensor, base: f64, inverse: bool) -> Result<Tensor> {
-    min_rank(name, "the input ([..., seq, heads, head_dim])", x, 3)?;
+    let (seq, heads, head_dim) = index::rotary(&x.shape, base).or_invalid(name)?;
     let r = x.rank();
-    let (seq, heads, head_dim) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
-    if !head_dim.is_multiple_of(2) {
-        return Err(invalid(name, format!("head_dim {head_dim} is odd")));
-    }
-    if !(base.is_finite() && base > 0.0) {
-        return Err(invalid(name, format!("base {base} must be positive")));
-    }
     let half = head_dim / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     let outer: usize = x.shape[..r - 3].iter().product();
@@ -1144,17 +902,6 @@ fn rotary(name: &'static str, x: &Tensor, base: f64, inverse: bool) -> Result<Te
         }
     }
     Ok(out)
-}
-
-fn dropout_scale(name: &'static str, p: f64) -> Result<f64> {
-    if (0.0..1.0).contains(&p) {
-        Ok(1.0 / (1.0 - p))
-    } else {
-        Err(invalid(
-            name,
-            format!("dropout probability {p} must be in [0, 1)"),
-        ))
-    }
 }
 
 fn dropout_mask(x: &Tensor, p: f64, scale: f64) -> Tensor {
@@ -1190,23 +937,12 @@ impl CeRows {
         shift: bool,
         classes: Option<&Dim>,
     ) -> Result<CeRows> {
-        min_rank(name, "the logits ([..., seq, vocab])", logits, 2)?;
+        index::min_rank("the logits ([..., seq, vocab])", &logits.shape, 2).or_invalid(name)?;
         let r = logits.rank();
-        same_shape(name, "the targets", &logits.shape[..r - 1], targets)?;
+        index::same_shape("the targets", &logits.shape[..r - 1], &targets.shape)
+            .or_invalid(name)?;
         let (seq, vocab) = (logits.shape[r - 2], logits.shape[r - 1]);
-        let classes = match classes {
-            Some(c) => dim(name, c)?,
-            None => vocab,
-        };
-        if classes == 0 || classes > vocab {
-            return Err(invalid(
-                name,
-                format!(
-                    "{classes} real classes do not fit the logits {:?}",
-                    logits.shape
-                ),
-            ));
-        }
+        let classes = index::ce_classes(&logits.shape, classes).or_invalid(name)?;
         let mut rows = Vec::new();
         for row in 0..targets.numel() {
             let t = row % seq;
@@ -1245,12 +981,7 @@ impl CeRows {
 
 /// `x` broadcast to `shape`: the transpose of [`sum_to`].
 fn expand(name: &'static str, x: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    if broadcast_shape(&x.shape, shape).as_deref() != Some(shape) {
-        return Err(invalid(
-            name,
-            format!("{:?} does not broadcast to {shape:?}", x.shape),
-        ));
-    }
+    index::expand(&x.shape, shape).or_invalid(name)?;
     let mut out = Tensor::try_full(name, shape.to_vec(), 0.0)?;
     let mut k = 0;
     for_each_index(shape, |idx| {
@@ -1261,20 +992,7 @@ fn expand(name: &'static str, x: &Tensor, shape: &[usize]) -> Result<Tensor> {
 }
 
 fn sum_to(name: &'static str, x: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    let ok = shape.len() <= x.rank()
-        && shape
-            .iter()
-            .zip(&x.shape[x.rank() - shape.len()..])
-            .all(|(&t, &s)| t == s || t == 1);
-    if !ok {
-        return Err(invalid(
-            name,
-            format!(
-                "the target {shape:?} does not broadcast to the input {:?}",
-                x.shape
-            ),
-        ));
-    }
+    index::sum_to(&x.shape, shape).or_invalid(name)?;
     let mut out = Tensor::try_full(name, shape.to_vec(), 0.0)?;
     let mut k = 0;
     for_each_index(&x.shape, |idx| {

@@ -2,24 +2,17 @@
 //! reshards through other degrees unchanged, holds each rank's share in its file, is replaced
 //! atomically, and fails with clean messages.
 
-use ferrotron_ir::{load_model, Graph, LoadOptions};
+mod common;
+
+use common::{model, TempDir};
+use ferrotron_ir::Graph;
 use ferrotron_partitioner::{partition, Layout, PartitionOptions, Plan};
 use ferrotron_runtime::checkpoint::{self, CheckpointError, CheckpointMeta};
 use ferrotron_runtime::init::init_params;
 use ferrotron_runtime::safetensors_io::{self, SafetensorsFile};
 use ferrotron_runtime::{shard_params, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-gpt.ron");
-
-fn model(overrides: &[(&str, u64)]) -> Graph {
-    let opts = LoadOptions {
-        overrides: overrides.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
-        ..LoadOptions::default()
-    };
-    load_model(Path::new(MODEL), &opts).unwrap()
-}
+use std::path::PathBuf;
 
 fn plan(g: &Graph, tp: u64) -> Plan {
     partition(
@@ -32,27 +25,7 @@ fn plan(g: &Graph, tp: u64) -> Plan {
     .unwrap()
 }
 
-/// A fresh directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
 impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "ferrotron-ckpt-test-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
     /// The names in the directory, sorted.
     fn entries(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.0)
@@ -61,12 +34,6 @@ impl TempDir {
             .collect();
         v.sort();
         v
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -2,7 +2,10 @@
 //! dimensions loads into our names, runs at tp = 1 and tp = 2 on a batch read from a token
 //! file with the same gradients, and bad files fail naming the tensor and both shapes.
 
-use ferrotron_ir::{load_model, Graph, LoadOptions};
+mod common;
+
+use common::{model, TempDir};
+use ferrotron_ir::Graph;
 use ferrotron_partitioner::{partition, PartitionOptions};
 use ferrotron_runtime::hf::{
     load_gpt2, read_safetensors, read_tokens, to_hf_names, write_safetensors, HfError,
@@ -12,40 +15,10 @@ use ferrotron_runtime::{run, RunOptions, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-gpt.ron");
+use std::path::Path;
 
 fn tiny_gpt() -> Graph {
-    load_model(Path::new(MODEL), &LoadOptions::default()).unwrap()
-}
-
-/// A fresh directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "ferrotron-hf-test-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    model(&[])
 }
 
 /// A `GPT2LMHeadModel` state dict for `g`'s weights: `transformer.*` names, the tied

@@ -23,14 +23,15 @@
 //! [`Local::threads`].
 
 use super::layout::{
-    around, broadcast_shape, broadcast_strides, buffer, copied, expand, for_each_offset,
-    is_trailing, numel, sum_to, transpose, zeros, Result,
+    broadcast_strides, buffer, copied, expand, for_each_offset, is_trailing, numel, sum_to,
+    transpose, zeros, Result,
 };
 use super::math::{self, exp, sum_map, sum_zip};
 use super::matmul::matmul;
 use super::par::{par_chunks, par_chunks_work};
 use crate::Tensor;
-use ferrotron_ir::op::{Activation, Factor, Op};
+use ferrotron_ir::index::{self, around, rows as rows_of};
+use ferrotron_ir::op::{Activation, Op};
 use ferrotron_ir::Dim;
 
 /// Why a kernel cannot run.
@@ -59,6 +60,17 @@ pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> KernelError {
     KernelError::Invalid {
         op,
         msg: msg.into(),
+    }
+}
+
+/// A shape check's message from [`ferrotron_ir::index`] as a [`KernelError::Invalid`] of `op`.
+pub(crate) trait OrInvalid<T> {
+    fn or_invalid(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> OrInvalid<T> for Result<T, String> {
+    fn or_invalid(self, op: &'static str) -> Result<T> {
+        self.map_err(|msg| invalid(op, msg))
     }
 }
 
@@ -107,61 +119,7 @@ impl Local {
 // Small helpers
 
 fn check_tensor(op: &'static str, t: &Tensor) -> Result<()> {
-    match t.shape.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) {
-        Some(n) if n == t.data.len() => Ok(()),
-        _ => Err(invalid(
-            op,
-            format!(
-                "a tensor of shape {:?} holds {} elements",
-                t.shape,
-                t.data.len()
-            ),
-        )),
-    }
-}
-
-fn dim(op: &'static str, d: &Dim) -> Result<usize> {
-    usize::try_from(d.size)
-        .map_err(|_| invalid(op, format!("dimension {d} does not fit in memory")))
-}
-
-fn dims(op: &'static str, ds: &[Dim]) -> Result<Vec<usize>> {
-    ds.iter().map(|d| dim(op, d)).collect()
-}
-
-fn axis(op: &'static str, shape: &[usize], axis: i64) -> Result<usize> {
-    let rank = shape.len() as i64;
-    let a = if axis < 0 { axis + rank } else { axis };
-    if (0..rank).contains(&a) {
-        Ok(a as usize)
-    } else {
-        Err(invalid(
-            op,
-            format!("axis {axis} is out of range for shape {shape:?}"),
-        ))
-    }
-}
-
-fn min_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
-    if t.rank() >= rank {
-        Ok(())
-    } else {
-        Err(invalid(
-            op,
-            format!("{what} must have rank at least {rank}, found {:?}", t.shape),
-        ))
-    }
-}
-
-fn same_shape(op: &'static str, what: &str, expected: &[usize], found: &Tensor) -> Result<()> {
-    if found.shape == expected {
-        Ok(())
-    } else {
-        Err(invalid(
-            op,
-            format!("{what} has shape {:?}, expected {expected:?}", found.shape),
-        ))
-    }
+    index::check_len(&t.shape, t.data.len()).or_invalid(op)
 }
 
 /// An integer index held in an `f32`, checked to be in `0..bound`.
@@ -172,25 +130,13 @@ fn index(
     element: usize,
     bound: usize,
 ) -> Result<usize> {
-    if value.fract() == 0.0 && value >= 0.0 && (value as f64) < bound as f64 {
-        Ok(value as usize)
-    } else {
-        Err(KernelError::Index {
-            op,
-            what,
-            value,
-            element,
-            bound,
-        })
-    }
-}
-
-/// `(rows, n)`: a shape as rows of its last axis (a scalar is one row of one element).
-fn rows_of(shape: &[usize]) -> (usize, usize) {
-    match shape.split_last() {
-        Some((&n, outer)) => (outer.iter().product(), n),
-        None => (1, 1),
-    }
+    index::integer(value as f64, bound).ok_or(KernelError::Index {
+        op,
+        what,
+        value,
+        element,
+        bound,
+    })
 }
 
 /// A tensor of `x`'s shape whose elements are `f(x)`, split over threads.
@@ -267,12 +213,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
         Op::Mul(a, b) => one(binary(name, a, b, th, |x, y| x * y)?),
         Op::Div(a, b) => one(binary(name, a, b, th, |x, y| x / y)?),
         Op::Scale { x, factor } => {
-            if let Factor::InvSqrt(d) = factor {
-                if d.size == 0 {
-                    return Err(invalid(name, "InvSqrt of a zero dimension"));
-                }
-            }
-            let f = factor.value();
+            let f = index::scale(factor).or_invalid(name)?;
             one(map(x, th, |v| (v as f64 * f) as f32))
         }
         Op::Gelu(x) => one(map(x, th, math::gelu)),
@@ -289,19 +230,10 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             one(norm_forward(name, x, *weight, None, *eps, false, th)?)
         }
         Op::Softmax { x, causal } => one(softmax(name, x, *causal, th)?),
-        Op::Reshape { x, shape } => {
-            let shape = dims(name, shape)?;
-            if shape.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) != Some(x.numel()) {
-                return Err(invalid(
-                    name,
-                    format!("cannot reshape {:?} to {shape:?}", x.shape),
-                ));
-            }
-            one(Tensor {
-                shape,
-                data: copied(&x.data),
-            })
-        }
+        Op::Reshape { x, shape } => one(Tensor {
+            shape: index::reshape(&x.shape, shape).or_invalid(name)?,
+            data: copied(&x.data),
+        }),
         Op::Transpose { x, perm } => one(transpose(name, x, perm, th)?),
         Op::Slice {
             x,
@@ -309,43 +241,21 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             start,
             end,
         } => {
-            let a = axis(name, &x.shape, *ax)?;
-            let (start, end) = (dim(name, start)?, dim(name, end)?);
-            if start > end || end > x.shape[a] {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "slice {start}..{end} is out of range for axis {a} of {:?}",
-                        x.shape
-                    ),
-                ));
-            }
+            let (a, start, end) = index::slice(&x.shape, *ax, start, end).or_invalid(name)?;
             one(slice_axis(x, a, start, end))
         }
         Op::Split { x, axis: ax, sizes } => {
-            let a = axis(name, &x.shape, *ax)?;
-            let sizes = dims(name, sizes)?;
-            let total = sizes.iter().try_fold(0usize, |s, &n| s.checked_add(n));
-            if sizes.is_empty() || total != Some(x.shape[a]) {
-                return Err(invalid(
-                    name,
-                    format!("sizes {sizes:?} do not add up to axis {a} of {:?}", x.shape),
-                ));
-            }
-            let mut start = 0;
-            Ok(sizes
-                .iter()
-                .map(|&n| {
-                    start += n;
-                    slice_axis(x, a, start - n, start)
-                })
+            let (a, parts) = index::split(&x.shape, *ax, sizes).or_invalid(name)?;
+            Ok(parts
+                .into_iter()
+                .map(|p| slice_axis(x, a, p.start, p.end))
                 .collect())
         }
         Op::Concat { xs, axis: ax } => one(concat(name, xs, *ax)?),
         Op::Rotary { x, base, inverse } => one(rotary(name, x, *base, *inverse, local)?),
         Op::Dropout { x, p } => one(dropout(name, x, *p, local)?),
         Op::DropoutGrad { dy, forward, p } => {
-            same_shape(name, "the gradient", &forward.shape, dy)?;
+            index::same_shape("the gradient", &forward.shape, &dy.shape).or_invalid(name)?;
             one(dropout(name, dy, *p, local)?)
         }
         Op::CrossEntropy {
@@ -379,7 +289,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             classes,
         } => {
             let real = ce_classes(name, logits, classes.as_ref())?;
-            same_shape(name, "the loss gradient", &[], dloss)?;
+            index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(name)?;
             let max = row_max(name, logits, 0, real, th)?;
             let (sum, _) = row_sums(name, logits, &max, targets, *shift, 0, real, th)?;
             let grad = grad(
@@ -403,21 +313,16 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
         | Op::F { .. }
         | Op::G { .. }
         | Op::LocalSlice { .. } => Err(KernelError::NotLocal { op: name }),
-        Op::SumTo { x, shape } => one(sum_to(name, x, &dims(name, shape)?, th)?),
-        Op::Expand { x, shape } => one(expand(name, x, &dims(name, shape)?, th)?),
+        Op::SumTo { x, shape } => one(sum_to(name, x, &index::dims(shape).or_invalid(name)?, th)?),
+        Op::Expand { x, shape } => one(expand(name, x, &index::dims(shape).or_invalid(name)?, th)?),
         Op::Fill {
             shape,
             value,
             dtype,
         } => {
             let v = *value as f32;
-            if !value.is_finite() || !v.is_finite() || (dtype.is_int() && value.fract() != 0.0) {
-                return Err(invalid(
-                    name,
-                    format!("{value} is not a finite {dtype} value"),
-                ));
-            }
-            let shape = dims(name, shape)?;
+            index::fill(*value, *dtype, v.is_finite()).or_invalid(name)?;
+            let shape = index::dims(shape).or_invalid(name)?;
             let n = numel(name, &shape)?;
             one(Tensor {
                 shape,
@@ -430,8 +335,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             before,
             after,
         } => {
-            let a = axis(name, &x.shape, *ax)?;
-            let (before, after) = (dim(name, before)?, dim(name, after)?);
+            let (a, before, after) = index::pad(&x.shape, *ax, before, after).or_invalid(name)?;
             let mut shape = x.shape.clone();
             shape[a] = shape[a]
                 .checked_add(before)
@@ -448,7 +352,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             one(out)
         }
         Op::ActGrad { act: a, x, dy } => {
-            same_shape(name, "the gradient", &x.shape, dy)?;
+            index::same_shape("the gradient", &x.shape, &dy.shape).or_invalid(name)?;
             let shape = &x.shape;
             let (x, dy) = (&x.data, &dy.data);
             one(match a {
@@ -467,8 +371,8 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
         Op::LayerNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, true, th),
         Op::RmsNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, false, th),
         Op::SoftmaxGrad { y, dy } => {
-            min_rank(name, "the softmax output", y, 1)?;
-            same_shape(name, "the gradient", &y.shape, dy)?;
+            index::min_rank("the softmax output", &y.shape, 1).or_invalid(name)?;
+            index::same_shape("the gradient", &y.shape, &dy.shape).or_invalid(name)?;
             let (_, n) = rows_of(&y.shape);
             let mut out = buffer(y.data.len());
             par_chunks(
@@ -508,12 +412,7 @@ fn binary(
     threads: usize,
     f: impl Fn(f32, f32) -> f32 + Sync + Copy,
 ) -> Result<Tensor> {
-    let shape = broadcast_shape(&a.shape, &b.shape).ok_or_else(|| {
-        invalid(
-            name,
-            format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape),
-        )
-    })?;
+    let shape = index::binary(&a.shape, &b.shape).or_invalid(name)?;
     let n = numel(name, &shape)?;
     if a.data.len() == n && b.data.len() == n && a.shape.len() == b.shape.len() {
         // Equal shapes (broadcasting leaves nothing to repeat).
@@ -586,19 +485,9 @@ fn repeat_rows(
 // ---------------------------------------------------------------------------------------------
 // Norms and softmax
 
-fn check_eps(name: &'static str, eps: f64) -> Result<()> {
-    if eps.is_finite() && eps > 0.0 {
-        Ok(())
-    } else {
-        Err(invalid(name, format!("eps {eps} must be positive")))
-    }
-}
-
-fn norm_param(name: &'static str, what: &str, p: Option<&Tensor>, n: usize) -> Result<()> {
-    match p {
-        Some(p) => same_shape(name, what, &[n], p),
-        None => Ok(()),
-    }
+/// The shape of an optional tensor.
+fn shape_of(t: Option<&Tensor>) -> Option<&[usize]> {
+    t.map(|t| &t.shape[..])
 }
 
 /// `(mean, 1/σ)` of one row in `f64`: `σ = √(var + eps)` around the mean (LayerNorm,
@@ -626,11 +515,8 @@ fn norm_forward(
     centered: bool,
     threads: usize,
 ) -> Result<Tensor> {
-    min_rank(name, "the normalized tensor", x, 1)?;
-    check_eps(name, eps)?;
-    let (_, n) = rows_of(&x.shape);
-    norm_param(name, "the weight", weight, n)?;
-    norm_param(name, "the bias", bias, n)?;
+    let (_, n) =
+        index::norm(&x.shape, eps, None, shape_of(weight), shape_of(bias)).or_invalid(name)?;
     let mut out = buffer(x.data.len());
     par_chunks(
         threads,
@@ -684,11 +570,8 @@ fn norm_grad(
     centered: bool,
     threads: usize,
 ) -> Result<Vec<Tensor>> {
-    min_rank(name, "the normalized tensor", x, 1)?;
-    check_eps(name, eps)?;
-    same_shape(name, "the gradient", &x.shape, dy)?;
-    let (_, n) = rows_of(&x.shape);
-    norm_param(name, "the weight", weight, n)?;
+    let (_, n) =
+        index::norm(&x.shape, eps, Some(&dy.shape), shape_of(weight), None).or_invalid(name)?;
     let mut dx = buffer(x.data.len());
     let partials = par_chunks(
         threads,
@@ -767,18 +650,7 @@ fn norm_grad(
 /// Softmax over the last axis; `causal`: query `i` (axis −2) sees keys `0..=i + keys − queries`,
 /// the rest are 0.
 fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Result<Tensor> {
-    min_rank(name, "the input", x, if causal { 2 } else { 1 })?;
-    let (_, keys) = rows_of(&x.shape);
-    let queries = if causal { x.shape[x.rank() - 2] } else { 1 };
-    if causal && queries > keys {
-        return Err(invalid(
-            name,
-            format!(
-                "a causal softmax needs at least as many keys as queries, found {:?}",
-                x.shape
-            ),
-        ));
-    }
+    let (_, keys, queries) = index::softmax(&x.shape, causal).or_invalid(name)?;
     let mut out = buffer(x.data.len());
     par_chunks(
         threads,
@@ -827,23 +699,11 @@ fn slice_axis(x: &Tensor, a: usize, start: usize, end: usize) -> Tensor {
 }
 
 fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
-    let first = xs
-        .first()
-        .ok_or_else(|| invalid(name, "Concat needs at least one input"))?;
-    let a = axis(name, &first.shape, ax)?;
-    let mut shape = first.shape.clone();
-    shape[a] = 0;
-    for x in xs {
-        let mut expected = first.shape.clone();
-        expected[a] = x.shape.get(a).copied().unwrap_or(0);
-        same_shape(name, "a concatenated input", &expected, x)?;
-        shape[a] = shape[a]
-            .checked_add(x.shape[a])
-            .ok_or_else(|| invalid(name, "the joined axis overflows"))?;
-    }
+    let shapes: Vec<&[usize]> = xs.iter().map(|x| &x.shape[..]).collect();
+    let (a, shape) = index::concat(&shapes, ax).or_invalid(name)?;
     let n = numel(name, &shape)?;
     let mut data = buffer(n);
-    let (outer, _, inner) = around(&first.shape, a);
+    let (outer, _, inner) = around(&xs[0].shape, a);
     let mut k = 0;
     for o in 0..outer {
         for x in xs {
@@ -868,15 +728,7 @@ struct Table {
 }
 
 fn table_of(name: &'static str, table: &Tensor, local: &Local) -> Result<Table> {
-    let (rows, width) = match table.shape[..] {
-        [rows, width] => (rows, width),
-        _ => {
-            return Err(invalid(
-                name,
-                format!("the table must be [rows, width], found {:?}", table.shape),
-            ))
-        }
-    };
+    let (rows, width) = index::embedding_table(&table.shape).or_invalid(name)?;
     let offset = local.vocab_offset;
     let end = offset
         .checked_add(rows)
@@ -947,7 +799,7 @@ fn embedding_grad(
     let w = t.width;
     let mut expected = ids.shape.clone();
     expected.push(w);
-    same_shape(name, "the output gradient", &expected, dy)?;
+    index::same_shape("the output gradient", &expected, &dy.shape).or_invalid(name)?;
     // (local row, position) of every id this rank holds, grouped by row: each row's sum is
     // accumulated in f64 and written once.
     let mut hits = Vec::with_capacity(ids.data.len());
@@ -984,15 +836,8 @@ fn rotary(
     inverse: bool,
     local: &Local,
 ) -> Result<Tensor> {
-    min_rank(name, "the input ([..., seq, heads, head_dim])", x, 3)?;
+    let (seq, heads, head_dim) = index::rotary(&x.shape, base).or_invalid(name)?;
     let r = x.rank();
-    let (seq, heads, head_dim) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
-    if head_dim % 2 != 0 {
-        return Err(invalid(name, format!("head_dim {head_dim} is odd")));
-    }
-    if !(base.is_finite() && base > 0.0) {
-        return Err(invalid(name, format!("base {base} must be positive")));
-    }
     let first_pos = match &local.offsets {
         None => 0,
         Some(o) if o.len() == r => o[r - 3],
@@ -1049,13 +894,7 @@ fn rotary(
 /// `x` through the dropout mask of its place in the full tensor, kept elements scaled by
 /// `1/(1 − p)` (Dropout on its input, DropoutGrad on the gradient).
 fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tensor> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(invalid(
-            name,
-            format!("dropout probability {p} must be in [0, 1)"),
-        ));
-    }
-    let scale = (1.0 / (1.0 - p)) as f32;
+    let scale = index::dropout_scale(p).or_invalid(name)? as f32;
     let r = x.rank();
     let (full, offsets) = match (&local.full_shape, &local.offsets) {
         (None, None) => (x.shape.clone(), vec![0; r]),
@@ -1133,22 +972,8 @@ fn contiguous_strides_u64(shape: &[usize]) -> Vec<u64> {
 
 /// The real number of classes of a (whole) cross-entropy.
 fn ce_classes(name: &'static str, logits: &Tensor, classes: Option<&Dim>) -> Result<usize> {
-    min_rank(name, "the logits ([..., seq, vocab])", logits, 2)?;
-    let vocab = logits.shape[logits.rank() - 1];
-    let real = match classes {
-        Some(c) => dim(name, c)?,
-        None => vocab,
-    };
-    if real == 0 || real > vocab {
-        return Err(invalid(
-            name,
-            format!(
-                "{real} real classes do not fit the logits {:?}",
-                logits.shape
-            ),
-        ));
-    }
-    Ok(real)
+    index::min_rank("the logits ([..., seq, vocab])", &logits.shape, 2).or_invalid(name)?;
+    index::ce_classes(&logits.shape, classes).or_invalid(name)
 }
 
 /// `(rows, seq)` of logits `[..., seq, vocab]`.
@@ -1240,7 +1065,7 @@ fn row_sums(
     check_tensor(name, targets)?;
     let (rows, seq) = ce_rows(name, &logits.shape)?;
     let r = logits.rank();
-    same_shape(name, "the targets", &logits.shape[..r - 1], targets)?;
+    index::same_shape("the targets", &logits.shape[..r - 1], &targets.shape).or_invalid(name)?;
     if max.len() != rows {
         return Err(invalid(
             name,
@@ -1344,7 +1169,7 @@ fn grad(
     check_tensor(name, targets)?;
     let (rows, seq) = ce_rows(name, &logits.shape)?;
     let r = logits.rank();
-    same_shape(name, "the targets", &logits.shape[..r - 1], targets)?;
+    index::same_shape("the targets", &logits.shape[..r - 1], &targets.shape).or_invalid(name)?;
     if max.len() != rows || sum.len() != rows {
         return Err(invalid(
             name,

@@ -2,9 +2,10 @@
 //! `Transpose`, `Expand` and `SumTo`. Hot loops run over whole rows (the last axis) with a fixed
 //! stride; the multi-index bookkeeping happens once per row.
 
-use super::kernels::{invalid, KernelError};
+use super::kernels::{invalid, KernelError, OrInvalid};
 use super::par::{par_chunks, par_ranges};
 use crate::Tensor;
+use ferrotron_ir::index;
 
 pub(crate) type Result<T, E = KernelError> = std::result::Result<T, E>;
 
@@ -15,7 +16,7 @@ pub(crate) const MAX_ELEMENTS: usize = 1 << 36;
 /// The number of elements of `shape`, or an error when it overflows or exceeds
 /// [`MAX_ELEMENTS`].
 pub(crate) fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
-    match shape.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) {
+    match index::numel(shape) {
         Some(n) if n <= MAX_ELEMENTS => Ok(n),
         _ => Err(invalid(
             op,
@@ -62,27 +63,6 @@ pub(crate) fn copied(xs: &[f32]) -> Vec<f32> {
     let mut v = buffer(xs.len());
     v.copy_from_slice(xs);
     v
-}
-
-/// NumPy broadcasting of two shapes.
-pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    let pick = |s: &[usize], i: usize| {
-        let offset = rank - s.len();
-        if i < offset {
-            1
-        } else {
-            s[i - offset]
-        }
-    };
-    (0..rank)
-        .map(|i| match (pick(a, i), pick(b, i)) {
-            (x, y) if x == y => Some(x),
-            (1, y) => Some(y),
-            (x, 1) => Some(x),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Row-major strides of a contiguous tensor of `shape`.
@@ -157,15 +137,6 @@ pub(crate) fn for_each_offset<const K: usize>(
     }
 }
 
-/// `(outer, n, inner)`: a shape viewed as `[outer, n, inner]` around axis `a`.
-pub(crate) fn around(shape: &[usize], a: usize) -> (usize, usize, usize) {
-    (
-        shape[..a].iter().product(),
-        shape[a],
-        shape[a + 1..].iter().product(),
-    )
-}
-
 /// Axis permutation (output axis `i` is input axis `perm[i]`).
 ///
 /// Size-1 axes are dropped and input axes that stay adjacent are merged first, so most
@@ -177,19 +148,7 @@ pub(crate) fn transpose(
     perm: &[usize],
     threads: usize,
 ) -> Result<Tensor> {
-    let rank = x.rank();
-    let mut seen = vec![false; rank];
-    let valid = perm.len() == rank
-        && perm
-            .iter()
-            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
-    if !valid {
-        return Err(invalid(
-            op,
-            format!("{perm:?} is not a permutation of the axes of {:?}", x.shape),
-        ));
-    }
-    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    let shape = index::transpose(&x.shape, perm).or_invalid(op)?;
     let in_strides = contiguous_strides(&x.shape);
     // Output axes as (size, input stride), without size-1 axes, adjacent runs merged.
     let mut axes: Vec<(usize, usize)> = Vec::new();
@@ -294,12 +253,7 @@ pub(crate) fn expand(
     shape: &[usize],
     threads: usize,
 ) -> Result<Tensor> {
-    if broadcast_shape(&x.shape, shape).as_deref() != Some(shape) {
-        return Err(invalid(
-            op,
-            format!("{:?} does not broadcast to {shape:?}", x.shape),
-        ));
-    }
+    index::expand(&x.shape, shape).or_invalid(op)?;
     let mut out = zeros(op, shape.to_vec())?;
     if out.data.is_empty() {
         return Ok(out);
@@ -341,20 +295,7 @@ pub(crate) fn sum_to(
     shape: &[usize],
     threads: usize,
 ) -> Result<Tensor> {
-    let ok = shape.len() <= x.rank()
-        && shape
-            .iter()
-            .zip(&x.shape[x.rank() - shape.len()..])
-            .all(|(&t, &s)| t == s || t == 1);
-    if !ok {
-        return Err(invalid(
-            op,
-            format!(
-                "the target {shape:?} does not broadcast to the input {:?}",
-                x.shape
-            ),
-        ));
-    }
+    index::sum_to(&x.shape, shape).or_invalid(op)?;
     let mut out = zeros(op, shape.to_vec())?;
     let n = out.data.len();
     if x.data.is_empty() || n == 0 {

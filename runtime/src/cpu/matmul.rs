@@ -2,10 +2,11 @@
 //! cost nothing), batch axes broadcast by offsets, a right operand without batch axes folded
 //! into one tall product, and threads either inside one `gemm` (rayon) or across the batch.
 
-use super::kernels::invalid;
-use super::layout::{broadcast_shape, broadcast_strides, for_each_offset, zeros, Result};
+use super::kernels::OrInvalid;
+use super::layout::{broadcast_strides, for_each_offset, zeros, Result};
 use super::par::par_chunks_work;
 use crate::Tensor;
+use ferrotron_ir::index;
 use gemm::Parallelism;
 
 /// Products smaller than this many multiply-adds run on one thread.
@@ -77,52 +78,14 @@ fn gemm_into(
 /// Batched `a · b` (after the optional transposes of the last two axes), batch axes broadcasting.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize) -> Result<Tensor> {
     const OP: &str = "MatMul";
-    for (what, t) in [("a", a), ("b", b)] {
-        if t.rank() < 2 {
-            return Err(invalid(
-                OP,
-                format!("{what} must have rank at least 2, found {:?}", t.shape),
-            ));
-        }
-    }
-    let (ra, rb) = (a.rank(), b.rank());
-    let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
-    let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
-    let (m, k) = if ta {
-        (a_cols, a_rows)
-    } else {
-        (a_rows, a_cols)
-    };
-    let (kb, n) = if tb {
-        (b_cols, b_rows)
-    } else {
-        (b_rows, b_cols)
-    };
-    if k != kb {
-        return Err(invalid(
-            OP,
-            format!(
-                "inner dimensions differ: {:?} · {:?} contracts {k} with {kb}",
-                a.shape, b.shape
-            ),
-        ));
-    }
-    let (batch_a, batch_b) = (&a.shape[..ra - 2], &b.shape[..rb - 2]);
-    let batch = broadcast_shape(batch_a, batch_b).ok_or_else(|| {
-        invalid(
-            OP,
-            format!(
-                "batch axes of {:?} and {:?} do not broadcast",
-                a.shape, b.shape
-            ),
-        )
-    })?;
-    let mut shape = batch.clone();
-    shape.extend([m, n]);
-    let mut out = zeros(OP, shape)?;
+    let mm = index::matmul(&a.shape, &b.shape, ta, tb).or_invalid(OP)?;
+    let mut out = zeros(OP, mm.out_shape())?;
     if out.data.is_empty() {
         return Ok(out);
     }
+    let (m, n, k) = (mm.m, mm.n, mm.k);
+    let (a_rows, a_cols, b_rows, b_cols) = (mm.a_rows, mm.a_cols, mm.b_rows, mm.b_cols);
+    let (batch_a, batch_b, batch) = (mm.batch_a, mm.batch_b, &mm.batch);
     let ao = if ta {
         Operand {
             data: &a.data,
@@ -158,16 +121,16 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize)
         return Ok(out);
     }
     let (a_mat, b_mat) = (a_rows * a_cols, b_rows * b_cols);
-    let sa: Vec<usize> = broadcast_strides(batch_a, &batch)
+    let sa: Vec<usize> = broadcast_strides(batch_a, batch)
         .into_iter()
         .map(|s| s * a_mat)
         .collect();
-    let sb: Vec<usize> = broadcast_strides(batch_b, &batch)
+    let sb: Vec<usize> = broadcast_strides(batch_b, batch)
         .into_iter()
         .map(|s| s * b_mat)
         .collect();
     let mut offsets = Vec::with_capacity(nbatch);
-    for_each_offset(&batch, [&sa, &sb], |[oa, ob]| offsets.push((oa, ob)));
+    for_each_offset(batch, [&sa, &sb], |[oa, ob]| offsets.push((oa, ob)));
     let mn = m * n;
     if threads > 1 && nbatch >= threads {
         // Many products: the threads share out the batch, each product on one thread.
