@@ -169,18 +169,21 @@ pub fn reshape(x: &[usize], to: &[Dim]) -> Result<Vec<usize>, String> {
 
 /// The output shape of `Transpose` of `x` by `perm` (output axis `i` is input axis `perm[i]`).
 pub fn transpose(x: &[usize], perm: &[usize]) -> Result<Vec<usize>, String> {
-    let rank = x.len();
-    let mut seen = vec![false; rank];
-    let valid = perm.len() == rank
-        && perm
-            .iter()
-            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
-    if !valid {
+    if !is_permutation(perm, x.len()) {
         return Err(format!(
             "{perm:?} is not a permutation of the axes of {x:?}"
         ));
     }
     Ok(perm.iter().map(|&p| x[p]).collect())
+}
+
+/// Whether `perm` lists each of `0..rank` exactly once.
+pub fn is_permutation(perm: &[usize], rank: usize) -> bool {
+    let mut seen = vec![false; rank];
+    perm.len() == rank
+        && perm
+            .iter()
+            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true))
 }
 
 /// `Slice` of `x`: `(axis, start, end)`, the range checked to lie in the axis.

@@ -351,12 +351,7 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
         }
         Op::Transpose { x, perm } => {
             let rank = x.shape.rank();
-            let mut seen = vec![false; rank];
-            let valid = perm.len() == rank
-                && perm
-                    .iter()
-                    .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
-            if !valid {
+            if !crate::index::is_permutation(perm, rank) {
                 return Err(OpError::Perm {
                     perm: perm.clone(),
                     rank,
