@@ -471,7 +471,14 @@ impl Rank<'_> {
             }
             let node = &g.nodes[n];
             let began = start.elapsed();
-            let outs = self.node(n, &values)?;
+            let outs = match self.in_place(n, i, &mut values) {
+                Some(x) => {
+                    let x = x?;
+                    live -= x.bytes(); // the input's buffer, counted again as the output below
+                    vec![x]
+                }
+                None => self.node(n, &values)?,
+            };
             if self.opts.trace {
                 events.push((n, began, start.elapsed() - began));
             }
@@ -534,6 +541,56 @@ impl Rank<'_> {
             forward,
             backward: total - forward,
             events,
+        })
+    }
+
+    /// Ops that only relabel or reduce their single input — a reshape, f, g, an all-reduce —
+    /// reuse its buffer when this node is its last reader, instead of copying it. `None` when the
+    /// node is not one of them or its input is still needed.
+    fn in_place(
+        &self,
+        n: NodeId,
+        i: usize,
+        values: &mut [Option<Cow<Tensor>>],
+    ) -> Option<Result<Tensor, ExecError>> {
+        let g = &self.plan.graph;
+        let node = &g.nodes[n];
+        let x = match &node.op {
+            Op::Reshape { x, .. } | Op::F { x, .. } | Op::G { x, .. } | Op::AllReduce { x, .. } => {
+                *x
+            }
+            _ => return None,
+        };
+        let owned = matches!(values[x.index()], Some(Cow::Owned(_)));
+        if self.last_use[x] != i || self.keep[x] || !owned {
+            return None;
+        }
+        let Some(Cow::Owned(mut t)) = values[x.index()].take() else {
+            return None;
+        };
+        Some(match &node.op {
+            Op::Reshape { .. } => {
+                t.shape = g
+                    .ty(node.outputs[0])
+                    .shape
+                    .sizes()
+                    .iter()
+                    .map(|&s| s as usize)
+                    .collect();
+                if t.shape.iter().product::<usize>() == t.data.len() {
+                    Ok(t)
+                } else {
+                    Err(self.plan_error(n, "a reshape that changes the element count".into()))
+                }
+            }
+            Op::G { axis, .. } | Op::AllReduce { axis, .. } => {
+                let (group, rank) = self.group(*axis);
+                group
+                    .all_reduce(rank, &mut t.data, ReduceOp::Sum)
+                    .map(|()| t)
+                    .map_err(|e| self.comm_error(n, e))
+            }
+            _ => Ok(t),
         })
     }
 
