@@ -39,6 +39,22 @@ impl Stream {
         let (u, v) = (self.uniform(), self.uniform());
         (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
     }
+
+    /// `n` draws of `mean + std · N(0, 1)` as `f32`, both Box–Muller outputs of each pair used
+    /// (initialising a large model is dominated by this).
+    fn normals(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let (u, v) = (self.uniform(), self.uniform());
+            let r = (-2.0 * u.ln()).sqrt();
+            let (sin, cos) = (std::f64::consts::TAU * v).sin_cos();
+            out.push((mean + std * r * cos) as f32);
+            if out.len() < n {
+                out.push((mean + std * r * sin) as f32);
+            }
+        }
+        out
+    }
 }
 
 fn sizes(g: &Graph, v: ValueId) -> Vec<usize> {
@@ -58,7 +74,7 @@ pub fn init_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
                 Init::Normal { std } => {
                     let mut s = Stream::new(seed, &p.name);
                     let n = shape.iter().product();
-                    let data = (0..n).map(|_| (s.normal() * std) as f32).collect();
+                    let data = s.normals(n, 0.0, std);
                     Tensor { shape, data }
                 }
             };
@@ -83,7 +99,7 @@ pub fn test_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
             };
             let mut s = Stream::new(seed, &p.name);
             let n = shape.iter().product();
-            let data = (0..n).map(|_| (mean + std * s.normal()) as f32).collect();
+            let data = s.normals(n, mean, std);
             (p.name.clone(), Tensor { shape, data })
         })
         .collect()
