@@ -441,16 +441,17 @@ fn run(cli: Cli) -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("the model has no [batch, seq] token input"))?;
             let dims = graph.ty(input).shape.sizes();
             let (batch, seq) = (dims[0] as usize, dims[1] as usize);
-            let vocab = plan.vocab_padding.map_or_else(
-                || {
-                    graph
-                        .dims
-                        .iter()
-                        .find(|(n, _)| n == "vocab")
-                        .map_or(0, |d| d.1)
-                },
-                |(v, _)| v,
-            );
+            // The classes the loss predicts over: what every token must index.
+            let vocab = graph
+                .order
+                .iter()
+                .find_map(|&n| match &graph.nodes[n].op {
+                    ferrotron_ir::Op::CrossEntropy { logits, .. } => {
+                        graph.ty(*logits).shape.last().map(|d| d.size)
+                    }
+                    _ => None,
+                })
+                .ok_or_else(|| anyhow::anyhow!("the model has no cross-entropy loss to train"))?;
             tokenizer.check(vocab)?;
             let text = std::fs::read_to_string(&data)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;

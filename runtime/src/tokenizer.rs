@@ -22,7 +22,7 @@ pub enum TokenizerError {
     #[error("GPT-2 tokenizer: {0}")]
     Bpe(String),
     /// The model's vocabulary is too small for the tokenizer.
-    #[error("the {name} tokenizer needs a vocabulary of at least {needs}, the model has {has}")]
+    #[error("the {name} tokenizer needs a vocabulary of at least {needs}, the model has {has} (try `--dim vocab={needs}`)")]
     Vocabulary {
         /// The tokenizer.
         name: &'static str,
