@@ -13,7 +13,8 @@
 //! panic), it aborts every group it belongs to: the others stop at their next collective with
 //! that error instead of waiting forever.
 
-use crate::comm::{CommError, Group, ReduceOp};
+use crate::backend::{Backend, Cpu};
+use crate::comm::{CommError, ReduceOp};
 use crate::cpu::kernels::{self, KernelError, Local};
 use crate::Tensor;
 use ferrotron_ir::graph::{EntityRef, SecondaryMap};
@@ -124,9 +125,9 @@ impl Default for RunOptions {
 
 /// One rank's results.
 #[derive(Clone, Debug)]
-pub struct RankResult {
+pub struct RankResult<T = Tensor> {
     /// The values kept, by value.
-    pub values: HashMap<ValueId, Tensor>,
+    pub values: HashMap<ValueId, T>,
     /// The most bytes of tensors alive at once (weights and inputs included).
     pub peak_bytes: usize,
     /// Time spent in the forward and the backward part.
@@ -139,12 +140,13 @@ pub struct RankResult {
 
 /// A finished run: every rank's results, indexed `t + tp · d`.
 #[derive(Clone, Debug)]
-pub struct Run<'p> {
+pub struct Run<'p, B: Backend = Cpu> {
     /// The plan that ran.
     pub plan: &'p Plan,
     /// Each rank's results.
-    pub ranks: Vec<RankResult>,
+    pub ranks: Vec<RankResult<B::Tensor>>,
     blocks: SecondaryMap<ValueId, u32>,
+    backend: B,
 }
 
 /// Runs `plan` on full weights (`params`, model shapes, by name) and a full batch (`inputs`, by
@@ -167,6 +169,18 @@ pub fn run_sharded<'p>(
     inputs: &HashMap<String, Tensor>,
     opts: &RunOptions,
 ) -> Result<Run<'p>, ExecError> {
+    run_on(Cpu, plan, params, inputs, opts)
+}
+
+/// Runs `plan` on `backend`, with weights already sharded and on the device
+/// (`params[rank][param]`) and a full host batch (each rank uploads its slice).
+pub fn run_on<'p, B: Backend + Clone>(
+    backend: B,
+    plan: &'p Plan,
+    params: &[Vec<B::Tensor>],
+    inputs: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Run<'p, B>, ExecError> {
     let blocks = value_blocks(plan).map_err(|e| ExecError::Plan(e.to_string()))?;
     let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
     if params.len() != tp * dp || params.iter().any(|p| p.len() != plan.graph.params.len()) {
@@ -178,16 +192,18 @@ pub fn run_sharded<'p>(
     let shards = shard_inputs(plan, inputs, &blocks)?;
     let keep = kept_values(plan, opts.keep_all);
     let last_use = last_uses(plan);
-    let tp_groups: Vec<Arc<Group>> = (0..dp).map(|_| Group::new(tp, opts.timeout)).collect();
-    let dp_groups: Vec<Arc<Group>> = (0..tp).map(|_| Group::new(dp, opts.timeout)).collect();
+    let tp_groups: Vec<Arc<B::Group>> = (0..dp).map(|_| backend.group(tp, opts.timeout)).collect();
+    let dp_groups: Vec<Arc<B::Group>> = (0..tp).map(|_| backend.group(dp, opts.timeout)).collect();
 
-    let mut results: Vec<Option<Result<RankResult, ExecError>>> = vec![None; tp * dp];
+    let mut results: Vec<Option<Result<RankResult<B::Tensor>, ExecError>>> =
+        (0..tp * dp).map(|_| None).collect();
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for (i, feed) in shards.into_iter().enumerate() {
             let (t, d) = (i % tp, i / tp);
             let weights = &params[i];
             let rank = Rank {
+                backend: &backend,
                 plan,
                 t,
                 d,
@@ -200,6 +216,7 @@ pub fn run_sharded<'p>(
             };
             handles.push(scope.spawn(move || {
                 let groups = (rank.tp_group.clone(), rank.dp_group.clone());
+                let rank_backend = rank.backend;
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     rank.run(weights, feed)
                 }))
@@ -212,8 +229,8 @@ pub fn run_sharded<'p>(
                     Err(ExecError::Panic { t, d, why })
                 });
                 if let Err(e) = &outcome {
-                    groups.0.abort(t, &e.to_string());
-                    groups.1.abort(d, &e.to_string());
+                    rank_backend.abort(&groups.0, t, &e.to_string());
+                    rank_backend.abort(&groups.1, d, &e.to_string());
                 }
                 outcome
             }));
@@ -246,6 +263,7 @@ pub fn run_sharded<'p>(
         plan,
         ranks,
         blocks,
+        backend,
     })
 }
 
@@ -414,27 +432,34 @@ fn last_uses(plan: &Plan) -> SecondaryMap<ValueId, usize> {
 }
 
 /// One rank's view of the run.
-struct Rank<'a> {
+struct Rank<'a, B: Backend> {
+    backend: &'a B,
     plan: &'a Plan,
     t: usize,
     d: usize,
-    tp_group: Arc<Group>,
-    dp_group: Arc<Group>,
+    tp_group: Arc<B::Group>,
+    dp_group: Arc<B::Group>,
     blocks: &'a SecondaryMap<ValueId, u32>,
     keep: &'a SecondaryMap<ValueId, bool>,
     last_use: &'a SecondaryMap<ValueId, usize>,
     opts: &'a RunOptions,
 }
 
-impl Rank<'_> {
-    fn run<'w>(&self, weights: &'w [Tensor], feed: RankFeed) -> Result<RankResult, ExecError> {
+impl<B: Backend> Rank<'_, B> {
+    fn run<'w>(
+        &self,
+        weights: &'w [B::Tensor],
+        feed: RankFeed,
+    ) -> Result<RankResult<B::Tensor>, ExecError> {
         let g = &self.plan.graph;
-        let mut values: Vec<Option<Cow<'w, Tensor>>> = vec![None; g.values.len()];
+        let be = self.backend;
+        let mut values: Vec<Option<Cow<'w, B::Tensor>>> = vec![None; g.values.len()];
         let mut live = 0usize;
         let mut peak = 0usize;
         for (p, data) in g.params.iter() {
             let x = &weights[p.index()];
-            if x.shape
+            if be
+                .shape(x)
                 .iter()
                 .map(|&s| s as u64)
                 .ne(g.ty(data.value).shape.sizes())
@@ -444,16 +469,21 @@ impl Rank<'_> {
                     name: data.name.clone(),
                     problem: format!(
                         "has shape {:?}, the plan says {}",
-                        x.shape,
+                        be.shape(x),
                         g.ty(data.value).shape
                     ),
                 });
             }
-            live += x.bytes();
+            live += be.bytes(x);
             values[data.value.index()] = Some(Cow::Borrowed(x));
         }
         for (v, x) in feed {
-            live += x.bytes();
+            let x = be.upload(&x).map_err(|e| ExecError::Feed {
+                what: "input",
+                name: g.values[v].name.clone(),
+                problem: e.to_string(),
+            })?;
+            live += be.bytes(&x);
             values[v.index()] = Some(Cow::Owned(x));
         }
         peak = peak.max(live);
@@ -474,7 +504,7 @@ impl Rank<'_> {
             let outs = match self.in_place(n, i, &mut values) {
                 Some(x) => {
                     let x = x?;
-                    live -= x.bytes(); // the input's buffer, counted again as the output below
+                    live -= be.bytes(&x); // the input's buffer, counted again as the output below
                     vec![x]
                 }
                 None => self.node(n, &values)?,
@@ -483,25 +513,29 @@ impl Rank<'_> {
                 events.push((n, began, start.elapsed() - began));
             }
             if self.opts.check_finite {
-                if let Some(x) = outs.iter().find(|x| x.data.iter().any(|v| !v.is_finite())) {
-                    let bad = x.data.iter().find(|v| !v.is_finite()).copied();
+                if let Some(bad) = outs.iter().find_map(|x| be.first_non_finite(x)) {
                     return Err(ExecError::NonFinite {
                         t: self.t,
                         d: self.d,
                         node: node_name(self.plan, n),
-                        value: bad.unwrap_or(f32::NAN),
+                        value: bad,
                     });
                 }
             }
             for (&v, x) in node.outputs.iter().zip(outs) {
                 let want = g.ty(v).shape.sizes();
-                if x.shape.iter().map(|&s| s as u64).ne(want.iter().copied()) {
+                if be
+                    .shape(&x)
+                    .iter()
+                    .map(|&s| s as u64)
+                    .ne(want.iter().copied())
+                {
                     return Err(self.plan_error(
                         n,
-                        format!("produced {:?}, the plan says {:?}", x.shape, want),
+                        format!("produced {:?}, the plan says {:?}", be.shape(&x), want),
                     ));
                 }
-                live += x.bytes();
+                live += be.bytes(&x);
                 values[v.index()] = Some(Cow::Owned(x));
             }
             peak = peak.max(live);
@@ -509,14 +543,14 @@ impl Rank<'_> {
             for &v in node.op.inputs() {
                 if self.last_use[v] == i && !self.keep[v] {
                     if let Some(x) = values[v.index()].take() {
-                        live -= x.bytes();
+                        live -= be.bytes(&x);
                     }
                 }
             }
             for &v in &node.outputs {
                 if self.last_use[v] <= i && !self.keep[v] && !self.is_read_later(v, i) {
                     if let Some(x) = values[v.index()].take() {
-                        live -= x.bytes();
+                        live -= be.bytes(&x);
                     }
                 }
             }
@@ -551,8 +585,9 @@ impl Rank<'_> {
         &self,
         n: NodeId,
         i: usize,
-        values: &mut [Option<Cow<Tensor>>],
-    ) -> Option<Result<Tensor, ExecError>> {
+        values: &mut [Option<Cow<B::Tensor>>],
+    ) -> Option<Result<B::Tensor, ExecError>> {
+        let be = self.backend;
         let g = &self.plan.graph;
         let node = &g.nodes[n];
         let x = match &node.op {
@@ -570,23 +605,22 @@ impl Rank<'_> {
         };
         Some(match &node.op {
             Op::Reshape { .. } => {
-                t.shape = g
+                let shape: Vec<usize> = g
                     .ty(node.outputs[0])
                     .shape
                     .sizes()
                     .iter()
                     .map(|&s| s as usize)
                     .collect();
-                if t.shape.iter().product::<usize>() == t.data.len() {
-                    Ok(t)
+                if shape.iter().product::<usize>() == be.shape(&t).iter().product::<usize>() {
+                    Ok(be.reshape(t, shape))
                 } else {
                     Err(self.plan_error(n, "a reshape that changes the element count".into()))
                 }
             }
             Op::G { axis, .. } | Op::AllReduce { axis, .. } => {
                 let (group, rank) = self.group(*axis);
-                group
-                    .all_reduce(rank, &mut t.data, ReduceOp::Sum)
+                be.all_reduce(group, rank, &mut t, ReduceOp::Sum)
                     .map(|()| t)
                     .map_err(|e| self.comm_error(n, e))
             }
@@ -625,7 +659,7 @@ impl Rank<'_> {
         }
     }
 
-    fn group(&self, axis: MeshAxis) -> (&Group, usize) {
+    fn group(&self, axis: MeshAxis) -> (&B::Group, usize) {
         match axis {
             MeshAxis::Tp => (&self.tp_group, self.t),
             MeshAxis::Dp => (&self.dp_group, self.d),
@@ -637,16 +671,21 @@ impl Rank<'_> {
     }
 
     /// Runs one node on this rank.
-    fn node(&self, n: NodeId, values: &[Option<Cow<Tensor>>]) -> Result<Vec<Tensor>, ExecError> {
+    fn node(
+        &self,
+        n: NodeId,
+        values: &[Option<Cow<B::Tensor>>],
+    ) -> Result<Vec<B::Tensor>, ExecError> {
         let g = &self.plan.graph;
+        let be = self.backend;
         let node = &g.nodes[n];
-        let get = |v: &ValueId| -> Result<&Tensor, ExecError> {
+        let get = |v: &ValueId| -> Result<&B::Tensor, ExecError> {
             values[v.index()].as_deref().ok_or_else(|| {
                 self.plan_error(n, format!("`{}` is not available", g.values[*v].name))
             })
         };
-        let axis_of = |x: &Tensor, axis: i64| -> Result<usize, ExecError> {
-            let r = x.rank() as i64;
+        let axis_of = |x: &B::Tensor, axis: i64| -> Result<usize, ExecError> {
+            let r = be.shape(x).len() as i64;
             let a = if axis < 0 { axis + r } else { axis };
             (0..r)
                 .contains(&a)
@@ -658,8 +697,7 @@ impl Rank<'_> {
             Op::G { x, axis } | Op::AllReduce { x, axis } => {
                 let (group, rank) = self.group(*axis);
                 let mut out = get(x)?.clone();
-                group
-                    .all_reduce(rank, &mut out.data, ReduceOp::Sum)
+                be.all_reduce(group, rank, &mut out, ReduceOp::Sum)
                     .map_err(|e| self.comm_error(n, e))?;
                 Ok(vec![out])
             }
@@ -667,27 +705,20 @@ impl Rank<'_> {
                 let x = get(x)?;
                 let dim = axis_of(x, *dim)?;
                 let (group, rank) = self.group(*axis);
-                let members = group.size();
-                let mut flat = vec![0.0f32; x.numel() * members];
-                group
-                    .all_gather(rank, &x.data, &mut flat)
+                let out = be
+                    .all_gather(group, rank, x, dim)
                     .map_err(|e| self.comm_error(n, e))?;
-                Ok(vec![interleave(&flat, &x.shape, dim, members)])
+                Ok(vec![out])
             }
             Op::ReduceScatter { x, dim, axis, .. } => {
                 let x = get(x)?;
                 let dim = axis_of(x, *dim)?;
                 let (group, rank) = self.group(*axis);
-                let members = group.size();
-                if x.shape[dim] % members != 0 {
+                if be.shape(x)[dim] % be.group_size(group) != 0 {
                     return Err(self.plan_error(n, "the scattered axis does not divide".into()));
                 }
-                let chunks = deinterleave(x, dim, members);
-                let mut shape = x.shape.clone();
-                shape[dim] /= members;
-                let mut out = Tensor::zeros(shape);
-                group
-                    .reduce_scatter(rank, &chunks, &mut out.data)
+                let out = be
+                    .reduce_scatter(group, rank, x, dim)
                     .map_err(|e| self.comm_error(n, e))?;
                 Ok(vec![out])
             }
@@ -701,11 +732,10 @@ impl Rank<'_> {
                 let dim = axis_of(x, *dim)?;
                 let (_, rank) = self.group(*axis);
                 let parts = *parts as usize;
-                if x.shape[dim] % parts != 0 {
+                if be.shape(x)[dim] % parts != 0 {
                     return Err(self.plan_error(n, "the sliced axis does not divide".into()));
                 }
-                let part = x.shape[dim] / parts;
-                Ok(vec![slice(x, dim, rank * part, (rank + 1) * part)])
+                Ok(vec![be.local_slice(x, dim, rank, parts)])
             }
             Op::CrossEntropy {
                 logits,
@@ -718,12 +748,14 @@ impl Rank<'_> {
                     &ce.max,
                     &ce.sum,
                     &ce.target,
-                    &get(logits)?.shape,
+                    be.shape(get(logits)?),
                     *shift,
                     self.token_parts(*logits),
                 )
                 .map_err(|e| self.kernel_error(n, e))?;
-                Ok(vec![Tensor::full(Vec::new(), loss)])
+                Ok(vec![be
+                    .scalar(loss)
+                    .map_err(|e| self.kernel_error(n, e))?])
             }
             Op::CrossEntropyGrad {
                 logits,
@@ -734,26 +766,31 @@ impl Rank<'_> {
             } if self.vocab_parallel(*logits) => {
                 let x = get(logits)?;
                 let ce = self.vocab_ce(n, x, get(targets)?, *shift, classes)?;
-                let dl = get(dloss)?.data.first().copied().unwrap_or(0.0);
-                let grad = kernels::ce_grad_threads(
-                    x,
-                    &ce.max,
-                    &ce.sum,
-                    get(targets)?,
-                    *shift,
-                    ce.offset,
-                    ce.real,
-                    dl,
-                    self.token_parts(*logits),
-                    self.opts.threads_per_rank.max(1),
-                )
-                .map_err(|e| self.kernel_error(n, e))?;
+                let dl = be
+                    .read_scalar(get(dloss)?)
+                    .map_err(|e| self.kernel_error(n, e))?;
+                let grad = be
+                    .ce_grad(
+                        x,
+                        &ce.max,
+                        &ce.sum,
+                        get(targets)?,
+                        *shift,
+                        ce.offset,
+                        ce.real,
+                        dl,
+                        self.token_parts(*logits),
+                        self.opts.threads_per_rank.max(1),
+                    )
+                    .map_err(|e| self.kernel_error(n, e))?;
                 Ok(vec![grad])
             }
             op => {
                 let local = self.local_ctx(op)?;
-                let mapped = op.try_map::<&Tensor, Dim, ExecError, _, _>(get, |d| Ok(d.clone()))?;
-                kernels::eval(&mapped, &local).map_err(|e| self.kernel_error(n, e))
+                let mapped =
+                    op.try_map::<&B::Tensor, Dim, ExecError, _, _>(get, |d| Ok(d.clone()))?;
+                be.eval(&mapped, &local)
+                    .map_err(|e| self.kernel_error(n, e))
             }
         }
     }
@@ -826,29 +863,29 @@ impl Rank<'_> {
     fn vocab_ce(
         &self,
         n: NodeId,
-        logits: &Tensor,
-        targets: &Tensor,
+        logits: &B::Tensor,
+        targets: &B::Tensor,
         shift: bool,
         classes: &Option<Dim>,
     ) -> Result<VocabStats, ExecError> {
-        let width = *logits.shape.last().unwrap_or(&0);
+        let be = self.backend;
+        let width = *be.shape(logits).last().unwrap_or(&0);
         let offset = self.t * width;
         let full = width * self.plan.mesh.tp as usize;
         let real = classes.as_ref().map_or(full, |c| c.size as usize);
         let threads = self.opts.threads_per_rank.max(1);
-        let mut max = kernels::ce_row_max_threads(logits, offset, real, threads)
+        let mut max = be
+            .ce_row_max(logits, offset, real, threads)
             .map_err(|e| self.kernel_error(n, e))?;
-        self.tp_group
-            .all_reduce(self.t, &mut max, ReduceOp::Max)
+        be.all_reduce_host(&self.tp_group, self.t, &mut max, ReduceOp::Max)
             .map_err(|e| self.comm_error(n, e))?;
-        let (sum, target) =
-            kernels::ce_row_sums_threads(logits, &max, targets, shift, offset, real, threads)
-                .map_err(|e| self.kernel_error(n, e))?;
+        let (sum, target) = be
+            .ce_row_sums(logits, &max, targets, shift, offset, real, threads)
+            .map_err(|e| self.kernel_error(n, e))?;
         let rows = sum.len();
         let mut both = sum;
         both.extend_from_slice(&target);
-        self.tp_group
-            .all_reduce(self.t, &mut both, ReduceOp::Sum)
+        be.all_reduce_host(&self.tp_group, self.t, &mut both, ReduceOp::Sum)
             .map_err(|e| self.comm_error(n, e))?;
         let target = both.split_off(rows);
         Ok(VocabStats {
@@ -873,7 +910,7 @@ fn node_name(plan: &Plan, n: NodeId) -> String {
     plan.graph.nodes[n].name.clone()
 }
 
-impl Run<'_> {
+impl<B: Backend> Run<'_, B> {
     /// The recorded events as a Chrome / Perfetto trace (`chrome://tracing`, ui.perfetto.dev):
     /// one thread per rank, one slice per node, collectives in their own category.
     pub fn trace_json(&self) -> String {
@@ -924,15 +961,16 @@ impl Run<'_> {
         let (tp, dp) = (self.plan.mesh.tp as usize, self.plan.mesh.dp as usize);
         let layout = self.plan.layouts[v];
         let name = &self.plan.graph.values[v].name;
-        let get = |t: usize, d: usize| {
-            self.ranks[t + tp * d].values.get(&v).ok_or_else(|| {
+        let get = |t: usize, d: usize| -> Result<Tensor, ExecError> {
+            let x = self.ranks[t + tp * d].values.get(&v).ok_or_else(|| {
                 ExecError::Plan(format!("`{name}` was not kept by rank (tp {t}, dp {d})"))
-            })
+            })?;
+            self.download(x)
         };
         let mut per_t = Vec::with_capacity(tp);
         for t in 0..tp {
             let parts = (0..dp).map(|d| get(t, d)).collect::<Result<Vec<_>, _>>()?;
-            per_t.push(combine(&parts, layout.dp, 1));
+            per_t.push(combine(&parts.iter().collect::<Vec<_>>(), layout.dp, 1));
         }
         Ok(combine(
             &per_t.iter().collect::<Vec<_>>(),
@@ -956,10 +994,10 @@ impl Run<'_> {
         // Place each tensor-parallel rank's shard at its ranges (dp ranks hold the same).
         let mut full = Tensor::zeros(full_shape.clone());
         match shard.ranges(0, tp) {
-            None => full = self.rank_value(0, *grad)?.clone(),
+            None => full = self.rank_value(0, *grad)?,
             Some(_) => {
                 for t in 0..tp as usize {
-                    let local = self.rank_value(t, *grad)?;
+                    let local = &self.rank_value(t, *grad)?;
                     let (dim, ranges) = shard.ranges(t as u64, tp).expect("split");
                     let mut at = 0;
                     for r in ranges {
@@ -975,10 +1013,18 @@ impl Run<'_> {
         Ok(crop(&full, &model))
     }
 
-    fn rank_value(&self, t: usize, v: ValueId) -> Result<&Tensor, ExecError> {
-        self.ranks[t].values.get(&v).ok_or_else(|| {
+    /// Rank `(t, 0)`'s value `v`, on the host.
+    fn rank_value(&self, t: usize, v: ValueId) -> Result<Tensor, ExecError> {
+        let x = self.ranks[t].values.get(&v).ok_or_else(|| {
             ExecError::Plan(format!("`{}` was not kept", self.plan.graph.values[v].name))
-        })
+        })?;
+        self.download(x)
+    }
+
+    fn download(&self, x: &B::Tensor) -> Result<Tensor, ExecError> {
+        self.backend
+            .download(x)
+            .map_err(|e| ExecError::Plan(format!("copying a result to the host: {e}")))
     }
 
     /// The loss (summed over the data-parallel group where each rank holds its addend).
@@ -1088,7 +1134,7 @@ fn place(full: &mut Tensor, piece: &Tensor, dim: usize, start: usize) {
 }
 
 /// Members' flat tensors (each of `local` shape, one after another) joined along `dim`.
-fn interleave(flat: &[f32], local: &[usize], dim: usize, members: usize) -> Tensor {
+pub(crate) fn interleave(flat: &[f32], local: &[usize], dim: usize, members: usize) -> Tensor {
     let n: usize = local.iter().product();
     let parts: Vec<Tensor> = (0..members)
         .map(|m| Tensor {
@@ -1101,7 +1147,7 @@ fn interleave(flat: &[f32], local: &[usize], dim: usize, members: usize) -> Tens
 
 /// `x` cut into `members` parts along `dim`, laid out one part after another (the layout a
 /// reduce-scatter hands out in chunks).
-fn deinterleave(x: &Tensor, dim: usize, members: usize) -> Vec<f32> {
+pub(crate) fn deinterleave(x: &Tensor, dim: usize, members: usize) -> Vec<f32> {
     let part = x.shape[dim] / members;
     let mut out = Vec::with_capacity(x.numel());
     for m in 0..members {

@@ -9,6 +9,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod checkpoint;
 pub mod comm;
 pub mod cpu;

@@ -1,0 +1,299 @@
+//! The backend abstraction: what the executor needs from a device. Kernels for every op's
+//! local computation, the vocabulary-parallel cross-entropy's per-row statistics, moving tensors
+//! to and from the host, and the collectives over a group of ranks, all on the device's own
+//! tensor type. The executor ([`crate::exec`]) is generic over it: [`Cpu`] is the reference
+//! implementation (host `f32` tensors, [`crate::cpu::kernels`], the in-process [`Group`]); the
+//! CUDA backend (issue 5) implements the same trait over device memory and NCCL.
+
+use crate::comm::{CommError, Group, ReduceOp};
+use crate::cpu::kernels::{self, KernelError, Local};
+use crate::exec::{deinterleave, interleave, slice};
+use crate::Tensor;
+use ferrotron_ir::{Dim, Op};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A device the executor runs a plan's ranks on.
+#[allow(clippy::too_many_arguments)] // the cross-entropy statistics take what the op takes
+pub trait Backend: Sync {
+    /// A tensor held on the device.
+    type Tensor: Clone + Send + Sync;
+    /// A group of ranks that communicate (a tensor- or data-parallel group).
+    type Group: Send + Sync;
+
+    /// The backend's name (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+    /// Copies a host tensor to the device.
+    fn upload(&self, t: &Tensor) -> Result<Self::Tensor, KernelError>;
+    /// Copies a device tensor to the host.
+    fn download(&self, t: &Self::Tensor) -> Result<Tensor, KernelError>;
+    /// A tensor's shape.
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
+    /// The bytes a tensor occupies.
+    fn bytes(&self, t: &Self::Tensor) -> usize;
+    /// The first NaN or infinity in a tensor, if any.
+    fn first_non_finite(&self, t: &Self::Tensor) -> Option<f32>;
+    /// A scalar tensor.
+    fn scalar(&self, value: f32) -> Result<Self::Tensor, KernelError>;
+    /// A scalar tensor's value.
+    fn read_scalar(&self, t: &Self::Tensor) -> Result<f32, KernelError>;
+
+    /// One op's local computation (no communication).
+    fn eval(
+        &self,
+        op: &Op<&Self::Tensor, Dim>,
+        local: &Local,
+    ) -> Result<Vec<Self::Tensor>, KernelError>;
+    /// The same elements under a new shape (the element count unchanged).
+    fn reshape(&self, t: Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
+    /// Part `index` of `parts` equal contiguous parts along `dim`.
+    fn local_slice(&self, t: &Self::Tensor, dim: usize, index: usize, parts: usize)
+        -> Self::Tensor;
+
+    /// See [`kernels::ce_row_max`].
+    fn ce_row_max(
+        &self,
+        logits: &Self::Tensor,
+        class_offset: usize,
+        real_classes: usize,
+        threads: usize,
+    ) -> Result<Vec<f32>, KernelError>;
+    /// See [`kernels::ce_row_sums`].
+    fn ce_row_sums(
+        &self,
+        logits: &Self::Tensor,
+        max: &[f32],
+        targets: &Self::Tensor,
+        shift: bool,
+        class_offset: usize,
+        real_classes: usize,
+        threads: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), KernelError>;
+    /// See [`kernels::ce_grad`].
+    fn ce_grad(
+        &self,
+        logits: &Self::Tensor,
+        max: &[f32],
+        sum: &[f32],
+        targets: &Self::Tensor,
+        shift: bool,
+        class_offset: usize,
+        real_classes: usize,
+        dloss: f32,
+        token_parts: usize,
+        threads: usize,
+    ) -> Result<Self::Tensor, KernelError>;
+
+    /// A group of `size` ranks; every wait is bounded by `timeout`.
+    fn group(&self, size: usize, timeout: Duration) -> Arc<Self::Group>;
+    /// The number of ranks in a group.
+    fn group_size(&self, g: &Self::Group) -> usize;
+    /// Reduces a device tensor over the group, in place.
+    fn all_reduce(
+        &self,
+        g: &Self::Group,
+        rank: usize,
+        t: &mut Self::Tensor,
+        op: ReduceOp,
+    ) -> Result<(), CommError>;
+    /// Reduces a host buffer (per-row statistics) over the group, in place.
+    fn all_reduce_host(
+        &self,
+        g: &Self::Group,
+        rank: usize,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CommError>;
+    /// The group's tensors joined along `dim`, in rank order.
+    fn all_gather(
+        &self,
+        g: &Self::Group,
+        rank: usize,
+        t: &Self::Tensor,
+        dim: usize,
+    ) -> Result<Self::Tensor, CommError>;
+    /// The group's tensors summed, this rank keeping its part along `dim`.
+    fn reduce_scatter(
+        &self,
+        g: &Self::Group,
+        rank: usize,
+        t: &Self::Tensor,
+        dim: usize,
+    ) -> Result<Self::Tensor, CommError>;
+    /// Fails the group: every member's pending and later collectives return an error.
+    fn abort(&self, g: &Self::Group, rank: usize, why: &str);
+}
+
+/// The CPU backend: host tensors, the `f32` kernels, ranks as threads of one process.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Tensor = Tensor;
+    type Group = Group;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor, KernelError> {
+        Ok(t.clone())
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Tensor, KernelError> {
+        Ok(t.clone())
+    }
+
+    fn shape<'t>(&self, t: &'t Tensor) -> &'t [usize] {
+        &t.shape
+    }
+
+    fn bytes(&self, t: &Tensor) -> usize {
+        t.bytes()
+    }
+
+    fn first_non_finite(&self, t: &Tensor) -> Option<f32> {
+        t.data.iter().copied().find(|v| !v.is_finite())
+    }
+
+    fn scalar(&self, value: f32) -> Result<Tensor, KernelError> {
+        Ok(Tensor::full(Vec::new(), value))
+    }
+
+    fn read_scalar(&self, t: &Tensor) -> Result<f32, KernelError> {
+        Ok(t.data.first().copied().unwrap_or(0.0))
+    }
+
+    fn eval(&self, op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelError> {
+        kernels::eval(op, local)
+    }
+
+    fn reshape(&self, mut t: Tensor, shape: Vec<usize>) -> Tensor {
+        t.shape = shape;
+        t
+    }
+
+    fn local_slice(&self, t: &Tensor, dim: usize, index: usize, parts: usize) -> Tensor {
+        let part = t.shape[dim] / parts.max(1);
+        slice(t, dim, index * part, (index + 1) * part)
+    }
+
+    fn ce_row_max(
+        &self,
+        logits: &Tensor,
+        class_offset: usize,
+        real_classes: usize,
+        threads: usize,
+    ) -> Result<Vec<f32>, KernelError> {
+        kernels::ce_row_max_threads(logits, class_offset, real_classes, threads)
+    }
+
+    fn ce_row_sums(
+        &self,
+        logits: &Tensor,
+        max: &[f32],
+        targets: &Tensor,
+        shift: bool,
+        class_offset: usize,
+        real_classes: usize,
+        threads: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+        kernels::ce_row_sums_threads(
+            logits,
+            max,
+            targets,
+            shift,
+            class_offset,
+            real_classes,
+            threads,
+        )
+    }
+
+    fn ce_grad(
+        &self,
+        logits: &Tensor,
+        max: &[f32],
+        sum: &[f32],
+        targets: &Tensor,
+        shift: bool,
+        class_offset: usize,
+        real_classes: usize,
+        dloss: f32,
+        token_parts: usize,
+        threads: usize,
+    ) -> Result<Tensor, KernelError> {
+        kernels::ce_grad_threads(
+            logits,
+            max,
+            sum,
+            targets,
+            shift,
+            class_offset,
+            real_classes,
+            dloss,
+            token_parts,
+            threads,
+        )
+    }
+
+    fn group(&self, size: usize, timeout: Duration) -> Arc<Group> {
+        Group::new(size, timeout)
+    }
+
+    fn group_size(&self, g: &Group) -> usize {
+        g.size()
+    }
+
+    fn all_reduce(
+        &self,
+        g: &Group,
+        rank: usize,
+        t: &mut Tensor,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        g.all_reduce(rank, &mut t.data, op)
+    }
+
+    fn all_reduce_host(
+        &self,
+        g: &Group,
+        rank: usize,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        g.all_reduce(rank, buf, op)
+    }
+
+    fn all_gather(
+        &self,
+        g: &Group,
+        rank: usize,
+        t: &Tensor,
+        dim: usize,
+    ) -> Result<Tensor, CommError> {
+        let members = g.size();
+        let mut flat = vec![0.0f32; t.numel() * members];
+        g.all_gather(rank, &t.data, &mut flat)?;
+        Ok(interleave(&flat, &t.shape, dim, members))
+    }
+
+    fn reduce_scatter(
+        &self,
+        g: &Group,
+        rank: usize,
+        t: &Tensor,
+        dim: usize,
+    ) -> Result<Tensor, CommError> {
+        let members = g.size();
+        let chunks = deinterleave(t, dim, members);
+        let mut shape = t.shape.clone();
+        shape[dim] /= members;
+        let mut out = Tensor::zeros(shape);
+        g.reduce_scatter(rank, &chunks, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn abort(&self, g: &Group, rank: usize, why: &str) {
+        g.abort(rank, why)
+    }
+}
