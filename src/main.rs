@@ -517,7 +517,8 @@ fn run(cli: Cli) -> Result<()> {
                 let s = trainer.step(&b)?;
                 let tps = (batch * seq) as f64 / s.seconds.max(1e-9);
                 eprint!(
-                    "\rstep {:>5}/{steps}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s   ",
+                    "\r{} {:>5}/{steps}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s   ",
+                    progress_bar(s.step + 1, steps, 24),
                     s.step + 1,
                     s.loss,
                     s.lr,
@@ -585,6 +586,12 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `[#######.........]`: `done` of `total` in `width` characters.
+fn progress_bar(done: u64, total: u64, width: usize) -> String {
+    let filled = (done.min(total) as usize * width) / total.max(1) as usize;
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
 /// Writes a file whole or not at all: a temporary sibling, then a rename.

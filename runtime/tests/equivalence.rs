@@ -79,6 +79,15 @@ fn tiny_bert_and_llama() {
     for (tp, dp, sp) in [(1, 1, false), (2, 1, false), (2, 2, true), (1, 2, false)] {
         check(&llama, opts(tp, dp, sp));
     }
+    // tp = 8 needs 8 heads (and an ffn that divides).
+    check(&model("tiny-bert.ron", &[("heads", 8)]), opts(8, 1, false));
+    check(
+        &model(
+            "tiny-llama.ron",
+            &[("heads", 8), ("kv_heads", 8), ("ffn", 128)],
+        ),
+        opts(8, 1, false),
+    );
     // Fewer key/value heads than ranks.
     let mqa = model(
         "tiny-llama.ron",
