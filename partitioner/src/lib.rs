@@ -15,9 +15,11 @@
 //! - [`plan`]: the plan, its parameter shards, RON files.
 //! - [`report`]: what a plan communicates and stores per rank.
 //! - [`simulate`]: the executable semantics of a plan, run on simulated ranks in `f64`.
+//! - [`cost`]: the cost model: cluster files, step time, throughput, memory, weak scaling.
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod cost;
 pub mod layout;
 pub mod lower;
 pub mod plan;

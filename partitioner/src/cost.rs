@@ -1,0 +1,990 @@
+//! The cost model: what a [`Plan`] will do on a cluster nobody here has — step time, TFLOP/s per
+//! GPU, share of peak, scaling efficiency, memory per GPU and whether it fits.
+//!
+//! ```text
+//! clusters/*.ron ─► Cluster ─┐
+//! Plan (SPMD graph, mesh) ───┴─► simulate: one rank's program, node by node
+//!     compute stream: GEMMs, memory-bound ops, blocking tp collectives, recomputation
+//!     dp stream:      gradient all-reduces, started when their gradient is produced
+//!     ─► Simulation (step time, throughput, memory from Report)
+//! ```
+//!
+//! Every rank runs the same SPMD program on shard-local shapes, so one rank's time is the step
+//! time. The rules, each a deliberate simplification:
+//!
+//! - **GEMMs** ([`Op::MatMul`]): `flops / (peak × efficiency)`, floored by the bytes they touch
+//!   over memory bandwidth. The efficiency is `max × W/(W + half_at) × d/(d + 32)` with
+//!   `W = m·n·k` (batch dimensions folded into `m`) and `d = min(m, n, k)`: a GEMM saturates as
+//!   it grows and loses tensor-core utilisation when one side is thin (attention's head
+//!   dimension). `max` is the one calibrated number ([`calibrate_gemm`], done once against the
+//!   paper's one-GPU 39 TFLOP/s); `half_at` and the thin-side constant are priors.
+//! - **Everything else** is memory-bound: the bytes of its inputs and outputs over
+//!   `memory_bandwidth × memory_efficiency`. Views (reshape, split, slice, expand, f) are free.
+//!   Every kernel and every collective pays `kernel_overhead_s`.
+//! - **Dtype**: values are priced at [`SimOptions::compute_dtype`] when given (the model files
+//!   are f32; the paper trained in fp16), integers at their own size.
+//! - **Collectives** follow the ring model with NCCL's bus-bandwidth factors: all-reduce moves
+//!   `2(n−1)/n` of the buffer, all-gather and reduce-scatter `(n−1)/n`, plus `2(n−1)` resp.
+//!   `n−1` hops of latency. A group is laid out on ranks `rank = t + tp·d` (tp groups are
+//!   consecutive ranks, dp groups stride by tp); a group inside one node runs at the intra-node
+//!   bus bandwidth; one that spans nodes is hierarchical: reduce-scatter inside the node over its
+//!   `k` members, all-reduce across the `m` nodes on `1/k` of the buffer, all-gather inside the
+//!   node. Across nodes the node's adapters are shared by all its GPUs, which all communicate at
+//!   once (SPMD), so a GPU gets `inter_node.bandwidth / gpus_per_node`.
+//! - **Overlap**: tp collectives block the compute stream (each output is needed by the next op).
+//!   The dp gradient all-reduces run on their own stream: each starts when its gradient has been
+//!   produced on the compute stream (the finish time of the node defining it, wherever the plan
+//!   places the all-reduce) and the stream is busy one at a time; only what runs past the end of
+//!   the backward pass is exposed ([`SimOptions::overlap_dp`] off: all of it is). Gradients are
+//!   fused into buckets ([`SimOptions::dp_bucket_bytes`], as PyTorch DDP does); a bucket starts
+//!   when its last gradient is ready. Contention between the two streams is ignored.
+//! - **Recomputation** ([`SimOptions::recompute`]): every forward node inside a layer runs again
+//!   during the backward pass (including its tp collectives); the extra time is spread over the
+//!   backward pass in proportion to each backward node's time, so gradients become ready later.
+//! - **Optimizer**: Adam reads the gradient, master weight and two moments and writes three of
+//!   them and the weight: 28 bytes per local parameter, memory-bound.
+//! - **Vocabulary-parallel cross-entropy**: its per-token all-reduces (3 forward, 2 backward, of
+//!   `tokens × 4 bytes` each — the statistics stay f32) block the compute stream.
+//!
+//! **Memory** is [`Report`]'s per-rank figures (weights, gradients, Adam state, saved
+//! activations), with values re-priced at the compute dtype when one is given. With
+//! recomputation only the layers' inputs are kept (the values a layer reads that are defined
+//! outside it) plus, for the one layer being recomputed at a time, everything its backward reads:
+//! `Σ layer inputs + max over layers of its saved set + saved values outside every layer`.
+//!
+//! **Throughput** counts the FLOPs the GPU executes ([`ferrotron_ir::count::node_flops`] over the
+//! forward and backward graph, plus the recomputed forward): the convention under which the
+//! paper's 39 TFLOP/s is reproduced here. **Scaling efficiency** is TFLOP/s per GPU over the
+//! baseline's ([`simulate_against`]); without a baseline it is the plan's time without any
+//! communication over its step time (the shards' own GEMM efficiency not counted).
+
+use crate::layout::Layout;
+use crate::plan::Plan;
+use crate::report::Report;
+use crate::{partition, PartitionOptions};
+use ferrotron_ir::count::node_flops;
+use ferrotron_ir::graph::SecondaryMap;
+use ferrotron_ir::{DType, Graph, LoadOptions, MeshAxis, Op, ScopeId, ValueDef, ValueId};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Peak dense tensor rates of one GPU, FLOP/s, per dtype (0 where unsupported).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeakFlops {
+    /// f32 (TF32 tensor cores where the GPU has them).
+    pub f32: f64,
+    /// fp16 tensor cores.
+    pub f16: f64,
+    /// bf16 tensor cores.
+    pub bf16: f64,
+}
+
+/// The GEMM efficiency curve (see the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GemmEfficiency {
+    /// The fraction of peak a very large GEMM sustains (the calibrated number).
+    pub max: f64,
+    /// `m·n·k` at which a GEMM reaches half of `max`.
+    pub half_at: f64,
+}
+
+/// One level of the interconnect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// Bytes per second, one direction: per GPU inside a node, per node between nodes.
+    pub bandwidth: f64,
+    /// The fraction of `bandwidth` NCCL's ring sustains (its bus bandwidth).
+    pub efficiency: f64,
+    /// Seconds per ring hop.
+    pub latency_s: f64,
+}
+
+/// A cluster: identical nodes of identical GPUs (`clusters/*.ron`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Short name.
+    pub name: String,
+    /// What it is.
+    pub description: String,
+    /// The GPU model.
+    pub gpu: String,
+    /// GPUs per node.
+    pub gpus_per_node: u64,
+    /// Peak rates per GPU.
+    pub peak_flops: PeakFlops,
+    /// Memory per GPU, bytes.
+    pub memory_bytes: u64,
+    /// Memory bandwidth per GPU, bytes/s.
+    pub memory_bandwidth: f64,
+    /// The fraction of it elementwise kernels sustain.
+    pub memory_efficiency: f64,
+    /// Launch overhead of every kernel and collective, seconds.
+    pub kernel_overhead_s: f64,
+    /// GEMM efficiency.
+    pub gemm: GemmEfficiency,
+    /// Between GPUs of one node (bandwidth per GPU).
+    pub intra_node: Link,
+    /// Between nodes (bandwidth per node, all its adapters together).
+    pub inter_node: Link,
+}
+
+/// Reading a cluster file.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not a cluster.
+    #[error("{path}:{line}:{col}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// What the parser says.
+        message: String,
+    },
+    /// Parsed, but a figure is out of range.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Cluster {
+    /// Reads a cluster from RON text; `path` is for error messages.
+    pub fn from_ron(text: &str, path: &str) -> Result<Cluster, ClusterError> {
+        let c: Cluster = ron::from_str(text).map_err(|e| ClusterError::Parse {
+            path: path.to_owned(),
+            line: e.span.start.line,
+            col: e.span.start.col,
+            message: e.code.to_string(),
+        })?;
+        let invalid = |message: String| ClusterError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if c.gpus_per_node == 0 {
+            return Err(invalid("`gpus_per_node` must be at least 1".into()));
+        }
+        for (name, x) in [
+            ("memory_bandwidth", c.memory_bandwidth),
+            ("memory_efficiency", c.memory_efficiency),
+            ("gemm.max", c.gemm.max),
+            ("intra_node.bandwidth", c.intra_node.bandwidth),
+            ("intra_node.efficiency", c.intra_node.efficiency),
+            ("inter_node.bandwidth", c.inter_node.bandwidth),
+            ("inter_node.efficiency", c.inter_node.efficiency),
+        ] {
+            if !(x > 0.0 && x.is_finite()) {
+                return Err(invalid(format!("`{name}` must be positive, not {x}")));
+            }
+        }
+        for (name, x) in [
+            ("memory_efficiency", c.memory_efficiency),
+            ("gemm.max", c.gemm.max),
+            ("intra_node.efficiency", c.intra_node.efficiency),
+            ("inter_node.efficiency", c.inter_node.efficiency),
+        ] {
+            if x > 1.0 {
+                return Err(invalid(format!("`{name}` is a fraction, not {x}")));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Reads a cluster file.
+    pub fn load(path: &Path) -> Result<Cluster, ClusterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ClusterError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Cluster::from_ron(&text, &path.display().to_string())
+    }
+
+    /// Peak FLOP/s at `dtype` (integers: the f32 rate).
+    pub fn peak(&self, dtype: DType) -> f64 {
+        match dtype {
+            DType::F16 => self.peak_flops.f16,
+            DType::BF16 => self.peak_flops.bf16,
+            _ => self.peak_flops.f32,
+        }
+    }
+
+    /// The GEMM efficiency of an `m × k` by `k × n` product (see the module docs).
+    pub fn gemm_efficiency(&self, m: u64, n: u64, k: u64) -> f64 {
+        let w = m as f64 * n as f64 * k as f64;
+        let d = m.min(n).min(k) as f64;
+        self.gemm.max * w / (w + self.gemm.half_at) * d / (d + 32.0)
+    }
+}
+
+/// A collective's kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collective {
+    /// Sum over the group, everyone gets the sum.
+    AllReduce,
+    /// Concatenate over the group.
+    AllGather,
+    /// Sum over the group, everyone keeps its slice.
+    ReduceScatter,
+}
+
+impl Collective {
+    /// NCCL's bus-bandwidth factor: the share of the buffer each rank sends in a ring.
+    pub fn bus_factor(self, n: u64) -> f64 {
+        if n <= 1 {
+            return 0.0;
+        }
+        let f = (n - 1) as f64 / n as f64;
+        match self {
+            Collective::AllReduce => 2.0 * f,
+            Collective::AllGather | Collective::ReduceScatter => f,
+        }
+    }
+
+    /// Ring hops.
+    pub fn hops(self, n: u64) -> f64 {
+        let h = n.saturating_sub(1) as f64;
+        match self {
+            Collective::AllReduce => 2.0 * h,
+            _ => h,
+        }
+    }
+}
+
+/// A flat ring over `n` ranks: `factor × bytes / bandwidth + hops × latency` (`bytes` is the full
+/// buffer: the all-reduced tensor, the gathered result, the tensor before reduce-scatter).
+pub fn ring_time(kind: Collective, n: u64, bytes: f64, bandwidth: f64, latency_s: f64) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    kind.bus_factor(n) * bytes / bandwidth + kind.hops(n) * latency_s
+}
+
+/// A communicator group: `size` ranks, `stride` apart, among `world` ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// Ranks in the group.
+    pub size: u64,
+    /// Distance between consecutive members (1 for tp, tp for dp).
+    pub stride: u64,
+    /// All ranks of the job.
+    pub world: u64,
+}
+
+impl Group {
+    /// `(k, m)`: the group's members per node and the nodes it spans.
+    pub fn placement(&self, gpus_per_node: u64) -> (u64, u64) {
+        let g = gpus_per_node.max(1);
+        let k = if self.stride >= g {
+            1
+        } else {
+            (g / self.stride.max(1)).clamp(1, self.size.max(1))
+        };
+        (k, self.size.max(1).div_ceil(k))
+    }
+}
+
+/// The time of one collective on `group`, `bytes` being the full buffer (see the module docs
+/// for the hierarchical model); the kernel overhead not included.
+pub fn collective_time(cluster: &Cluster, kind: Collective, group: Group, bytes: f64) -> f64 {
+    if group.size <= 1 {
+        return 0.0;
+    }
+    let (k, m) = group.placement(cluster.gpus_per_node);
+    let intra = &cluster.intra_node;
+    let inter = &cluster.inter_node;
+    let intra_bw = intra.bandwidth * intra.efficiency;
+    if m <= 1 {
+        return ring_time(kind, group.size, bytes, intra_bw, intra.latency_s);
+    }
+    let active = cluster.gpus_per_node.min(group.world).max(1) as f64;
+    let inter_bw = inter.bandwidth * inter.efficiency / active;
+    // Inside the node: reduce-scatter (before) and/or all-gather (after) over k members; across
+    // nodes: the same collective on 1/k of the buffer.
+    let inside = match kind {
+        Collective::AllReduce => {
+            ring_time(
+                Collective::ReduceScatter,
+                k,
+                bytes,
+                intra_bw,
+                intra.latency_s,
+            ) + ring_time(Collective::AllGather, k, bytes, intra_bw, intra.latency_s)
+        }
+        _ => ring_time(kind, k, bytes, intra_bw, intra.latency_s),
+    };
+    inside + ring_time(kind, m, bytes / k as f64, inter_bw, inter.latency_s)
+}
+
+/// How to price a plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SimOptions {
+    /// Price every float value at this dtype (GEMMs at its peak); `None`: as the plan says.
+    pub compute_dtype: Option<DType>,
+    /// Activation recomputation: keep only the layers' inputs, run each layer's forward again in
+    /// the backward pass.
+    pub recompute: bool,
+    /// Overlap the dp gradient all-reduces with the backward pass.
+    pub overlap_dp: bool,
+    /// Count the Adam step.
+    pub optimizer: bool,
+    /// dp gradient all-reduces are fused, in the order their gradients are produced, into
+    /// buckets of at least this many bytes (PyTorch DDP's default 25 MiB); 0: one per gradient.
+    pub dp_bucket_bytes: u64,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            compute_dtype: None,
+            recompute: false,
+            overlap_dp: true,
+            optimizer: true,
+            dp_bucket_bytes: 25 << 20,
+        }
+    }
+}
+
+impl SimOptions {
+    /// The paper's setting: fp16, activation recomputation, overlapped gradient all-reduce.
+    pub fn megatron() -> SimOptions {
+        SimOptions {
+            compute_dtype: Some(DType::F16),
+            recompute: true,
+            ..SimOptions::default()
+        }
+    }
+}
+
+/// Memory per GPU, bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Memory {
+    /// Parameters.
+    pub weights: u64,
+    /// Their gradients.
+    pub gradients: u64,
+    /// Adam's moments (and master weights below f32).
+    pub optimizer: u64,
+    /// Saved activations.
+    pub activations: u64,
+    /// All of it.
+    pub total: u64,
+}
+
+/// What a plan does on a cluster.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Simulation {
+    /// The model.
+    pub model: String,
+    /// The cluster.
+    pub cluster: String,
+    /// Tensor-parallel degree.
+    pub tp: u64,
+    /// Data-parallel degree.
+    pub dp: u64,
+    /// GPUs.
+    pub gpus: u64,
+    /// One training step.
+    pub step_time_s: f64,
+    /// Forward pass (compute and blocking collectives).
+    pub forward_s: f64,
+    /// Backward pass including recomputation (compute and blocking collectives).
+    pub backward_s: f64,
+    /// Of which recomputation.
+    pub recompute_s: f64,
+    /// Adam.
+    pub optimizer_s: f64,
+    /// GEMM time.
+    pub gemm_s: f64,
+    /// Memory-bound op time.
+    pub memory_bound_s: f64,
+    /// Blocking tp collectives (including the cross-entropy's).
+    pub tp_comm_s: f64,
+    /// dp gradient all-reduces, all of them.
+    pub dp_comm_s: f64,
+    /// The part of them the backward pass does not hide.
+    pub dp_exposed_s: f64,
+    /// FLOPs one GPU executes per step (recomputation included).
+    pub flops_per_gpu: f64,
+    /// Executed TFLOP/s per GPU.
+    pub tflops_per_gpu: f64,
+    /// Its share of the GPU's peak at the compute dtype.
+    pub share_of_peak: f64,
+    /// TFLOP/s per GPU over the baseline's (see the module docs).
+    pub scaling_efficiency: f64,
+    /// The baseline's TFLOP/s per GPU (this plan without communication when none was given).
+    pub baseline_tflops_per_gpu: f64,
+    /// Memory per GPU.
+    pub memory: Memory,
+    /// `memory.total`.
+    pub memory_bytes_per_gpu: u64,
+    /// The GPU's memory.
+    pub memory_capacity_bytes: u64,
+    /// Whether it fits.
+    pub fits: bool,
+}
+
+/// Prices `plan` on `cluster`; scaling efficiency against the same plan without communication.
+pub fn simulate(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Simulation {
+    simulate_against(plan, None, cluster, opts)
+}
+
+/// Prices `plan` on `cluster`, with scaling efficiency against `baseline` (usually the same
+/// per-GPU work on one GPU: the model partitioned at tp = 1, dp = 1 with the per-replica batch).
+pub fn simulate_against(
+    plan: &Plan,
+    baseline: Option<&Plan>,
+    cluster: &Cluster,
+    opts: &SimOptions,
+) -> Simulation {
+    let t = timeline(plan, cluster, opts);
+    let memory = memory(plan, opts);
+    let dtype = compute_dtype(plan, opts);
+    let step = t.step_time();
+    let tflops = t.flops / step / 1e12;
+    let base = match baseline {
+        Some(b) => {
+            let tb = timeline(b, cluster, opts);
+            tb.flops / tb.step_time() / 1e12
+        }
+        None => t.flops / (step - t.tp_comm - t.dp_exposed - t.comm_overheads) / 1e12,
+    };
+    Simulation {
+        model: plan.model.clone(),
+        cluster: cluster.name.clone(),
+        tp: plan.mesh.tp,
+        dp: plan.mesh.dp,
+        gpus: plan.mesh.tp * plan.mesh.dp,
+        step_time_s: step,
+        forward_s: t.forward,
+        backward_s: t.backward,
+        recompute_s: t.recompute,
+        optimizer_s: t.optimizer,
+        gemm_s: t.gemm,
+        memory_bound_s: t.memory_bound,
+        tp_comm_s: t.tp_comm,
+        dp_comm_s: t.dp_comm,
+        dp_exposed_s: t.dp_exposed,
+        flops_per_gpu: t.flops,
+        tflops_per_gpu: tflops,
+        share_of_peak: tflops * 1e12 / cluster.peak(dtype),
+        scaling_efficiency: tflops / base,
+        baseline_tflops_per_gpu: base,
+        memory_bytes_per_gpu: memory.total,
+        fits: memory.total <= cluster.memory_bytes,
+        memory,
+        memory_capacity_bytes: cluster.memory_bytes,
+    }
+}
+
+fn compute_dtype(plan: &Plan, opts: &SimOptions) -> DType {
+    opts.compute_dtype.unwrap_or_else(|| {
+        plan.graph
+            .params
+            .iter()
+            .next()
+            .map_or(DType::F32, |(_, p)| plan.graph.ty(p.value).dtype)
+    })
+}
+
+/// Bytes of `v` at the compute dtype.
+fn priced_bytes(g: &Graph, v: ValueId, opts: &SimOptions) -> u64 {
+    let ty = g.ty(v);
+    match opts.compute_dtype {
+        Some(d) if ty.dtype.is_float() => ty.shape.numel().unwrap_or(0) * d.size_bytes(),
+        _ => ty.size_bytes(),
+    }
+}
+
+#[derive(Default)]
+struct Timeline {
+    forward: f64,
+    backward: f64,
+    recompute: f64,
+    optimizer: f64,
+    gemm: f64,
+    memory_bound: f64,
+    tp_comm: f64,
+    dp_comm: f64,
+    dp_exposed: f64,
+    /// Kernel overheads of the blocking collectives (counted in the step, not in `tp_comm`).
+    comm_overheads: f64,
+    flops: f64,
+}
+
+impl Timeline {
+    fn step_time(&self) -> f64 {
+        self.forward + self.backward + self.dp_exposed + self.optimizer
+    }
+}
+
+/// The layer (top-level repeated scope) of every scope.
+fn layer_of_scope(g: &Graph) -> SecondaryMap<ScopeId, Option<ScopeId>> {
+    let mut map: SecondaryMap<ScopeId, Option<ScopeId>> = SecondaryMap::new();
+    let layers: std::collections::HashSet<ScopeId> = g.layers().map(|(s, _)| s).collect();
+    for (s, _) in g.scopes.iter() {
+        let mut cur = Some(s);
+        while let Some(c) = cur {
+            if layers.contains(&c) {
+                map[s] = Some(c);
+                break;
+            }
+            cur = g.scopes[c].parent;
+        }
+    }
+    map
+}
+
+fn layer_of_node(
+    g: &Graph,
+    layers: &SecondaryMap<ScopeId, Option<ScopeId>>,
+    n: ferrotron_ir::NodeId,
+) -> Option<ScopeId> {
+    g.nodes[n].scope.and_then(|s| layers[s])
+}
+
+fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
+    let g = &plan.graph;
+    let dtype = compute_dtype(plan, opts);
+    let peak = cluster.peak(dtype);
+    let mem_bw = cluster.memory_bandwidth * cluster.memory_efficiency;
+    let overhead = cluster.kernel_overhead_s;
+    let world = plan.mesh.tp * plan.mesh.dp;
+    let group = |axis: MeshAxis| match axis {
+        MeshAxis::Tp => Group {
+            size: plan.mesh.tp,
+            stride: 1,
+            world,
+        },
+        MeshAxis::Dp => Group {
+            size: plan.mesh.dp,
+            stride: plan.mesh.tp,
+            world,
+        },
+    };
+    let bytes = |v: ValueId| priced_bytes(g, v, opts) as f64;
+    let layers = layer_of_scope(g);
+
+    struct Cost {
+        /// Time on the compute stream.
+        time: f64,
+        gemm: f64,
+        memory_bound: f64,
+        tp_comm: f64,
+        overheads: f64,
+        flops: f64,
+        /// A dp all-reduce to put on the dp stream: (its input, its bytes).
+        dp: Option<(ValueId, f64)>,
+    }
+    let cost = |n: ferrotron_ir::NodeId| -> Cost {
+        let node = &g.nodes[n];
+        let mut c = Cost {
+            time: 0.0,
+            gemm: 0.0,
+            memory_bound: 0.0,
+            tp_comm: 0.0,
+            overheads: 0.0,
+            flops: 0.0,
+            dp: None,
+        };
+        let (mm, other) = node_flops(g, &node.op, &node.outputs);
+        c.flops = (mm + other) as f64;
+        let io = || -> f64 {
+            node.op.inputs().iter().map(|&&v| bytes(v)).sum::<f64>()
+                + node.outputs.iter().map(|&v| bytes(v)).sum::<f64>()
+        };
+        // A collective: `(time, bytes, on the dp stream)`, or `None` for a group of one.
+        let coll = |kind: Collective, axis: MeshAxis, buf: f64| -> Option<(f64, f64, bool)> {
+            let grp = group(axis);
+            if grp.size <= 1 {
+                return None;
+            }
+            let t = collective_time(cluster, kind, grp, buf);
+            Some((
+                t,
+                buf,
+                axis == MeshAxis::Dp && kind == Collective::AllReduce,
+            ))
+        };
+        let add = |c: &mut Cost, r: Option<(f64, f64, bool)>| {
+            if let Some((t, buf, dp)) = r {
+                if dp {
+                    c.dp = Some((*node.op.inputs()[0], buf));
+                } else {
+                    c.tp_comm += t;
+                    c.overheads += overhead;
+                    c.time += t + overhead;
+                }
+            }
+        };
+        match &node.op {
+            Op::G { x, axis } | Op::AllReduce { x, axis } => {
+                add(&mut c, coll(Collective::AllReduce, *axis, bytes(*x)))
+            }
+            Op::AllGather { axis, .. } => add(
+                &mut c,
+                coll(Collective::AllGather, *axis, bytes(node.outputs[0])),
+            ),
+            Op::ReduceScatter { x, axis, .. } => {
+                add(&mut c, coll(Collective::ReduceScatter, *axis, bytes(*x)))
+            }
+            Op::F { .. }
+            | Op::Reshape { .. }
+            | Op::Split { .. }
+            | Op::Slice { .. }
+            | Op::Expand { .. }
+            | Op::LocalSlice { .. } => {}
+            Op::MatMul { a, transpose_a, .. } => {
+                let out = &g.ty(node.outputs[0]).shape;
+                let s = &g.ty(*a).shape;
+                let k = s.size(s.rank() - if *transpose_a { 2 } else { 1 });
+                let nn = out.last().map_or(1, |d| d.size);
+                let m = out.numel().unwrap_or(0) / nn.max(1);
+                let eff = cluster.gemm_efficiency(m, nn, k);
+                let t = (mm as f64 / (peak * eff)).max(io() / cluster.memory_bandwidth) + overhead;
+                c.gemm += t;
+                c.time += t;
+            }
+            op => {
+                let t = io() / mem_bw + overhead;
+                c.memory_bound += t;
+                c.time += t;
+                // The vocabulary-parallel cross-entropy's per-token all-reduces (f32 statistics).
+                if let Op::CrossEntropy { logits, .. } | Op::CrossEntropyGrad { logits, .. } = op {
+                    let ty = g.ty(*logits);
+                    if matches!(plan.layouts[*logits].tp, Layout::Split(d) if d + 1 == ty.shape.rank())
+                    {
+                        let tokens = ty.shape.numel().unwrap_or(0)
+                            / ty.shape.last().map_or(1, |d| d.size.max(1));
+                        let count = if matches!(op, Op::CrossEntropy { .. }) {
+                            3
+                        } else {
+                            2
+                        };
+                        for _ in 0..count {
+                            let r = coll(Collective::AllReduce, MeshAxis::Tp, tokens as f64 * 4.0);
+                            add(&mut c, r);
+                        }
+                    }
+                }
+            }
+        }
+        c
+    };
+
+    let mut tl = Timeline::default();
+    // Recomputation: every forward node inside a layer runs again.
+    let mut recompute = 0.0;
+    let mut forward = 0.0;
+    for &n in &g.order[..plan.backward_start] {
+        let c = cost(n);
+        forward += c.time;
+        tl.gemm += c.gemm;
+        tl.memory_bound += c.memory_bound;
+        tl.tp_comm += c.tp_comm;
+        tl.comm_overheads += c.overheads;
+        tl.flops += c.flops;
+        if opts.recompute && layer_of_node(g, &layers, n).is_some() {
+            recompute += c.time;
+            tl.gemm += c.gemm;
+            tl.memory_bound += c.memory_bound;
+            tl.tp_comm += c.tp_comm;
+            tl.comm_overheads += c.overheads;
+            tl.flops += c.flops;
+        }
+    }
+    let backward: Vec<Cost> = g.order[plan.backward_start..]
+        .iter()
+        .map(|&n| cost(n))
+        .collect();
+    let backward_compute: f64 = backward.iter().map(|c| c.time).sum();
+    // The backward timeline, with the dp stream beside it.
+    let mut ready: SecondaryMap<ValueId, f64> = SecondaryMap::with_capacity(g.values.len());
+    let mut clock = forward;
+    let mut dp_clock: f64 = 0.0;
+    // The open bucket: (bytes, when its last gradient is ready).
+    let mut bucket = (0.0f64, 0.0f64);
+    let mut grads: Vec<(f64, f64)> = Vec::new();
+    let dp_group = group(MeshAxis::Dp);
+    let flush = |b: &mut (f64, f64), clock: &mut f64, total: &mut f64| {
+        if b.0 > 0.0 {
+            let t = collective_time(cluster, Collective::AllReduce, dp_group, b.0) + overhead;
+            *clock = clock.max(b.1) + t;
+            *total += t;
+        }
+        *b = (0.0, 0.0);
+    };
+    for (&n, c) in g.order[plan.backward_start..].iter().zip(&backward) {
+        if backward_compute > 0.0 {
+            clock += recompute * c.time / backward_compute;
+        }
+        clock += c.time;
+        tl.gemm += c.gemm;
+        tl.memory_bound += c.memory_bound;
+        tl.tp_comm += c.tp_comm;
+        tl.comm_overheads += c.overheads;
+        tl.flops += c.flops;
+        for &v in &g.nodes[n].outputs {
+            ready[v] = clock;
+        }
+        if let Some((x, buf)) = c.dp {
+            let at = match g.values[x].def {
+                ValueDef::Node { .. } => ready[x],
+                _ => forward,
+            };
+            grads.push((at, buf));
+        }
+    }
+    // The plan may list the gradient all-reduces anywhere after their gradients: bucket them in
+    // the order the gradients become ready.
+    grads.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (at, buf) in grads {
+        bucket.0 += buf;
+        bucket.1 = bucket.1.max(at);
+        if bucket.0 >= opts.dp_bucket_bytes as f64 {
+            flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
+        }
+    }
+    flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
+    tl.forward = forward;
+    tl.recompute = recompute;
+    tl.backward = clock - forward;
+    tl.dp_exposed = if opts.overlap_dp {
+        (dp_clock - clock).clamp(0.0, tl.dp_comm)
+    } else {
+        tl.dp_comm
+    };
+    if opts.optimizer {
+        let params: u64 = g
+            .params
+            .iter()
+            .map(|(_, p)| g.ty(p.value).shape.numel().unwrap_or(0))
+            .sum();
+        tl.optimizer = params as f64 * 28.0 / mem_bw + overhead;
+    }
+    tl
+}
+
+/// Memory per GPU: [`Report`]'s figures, re-priced at the compute dtype, with recomputation's
+/// approximation (see the module docs).
+pub fn memory(plan: &Plan, opts: &SimOptions) -> Memory {
+    let g = &plan.graph;
+    let report = Report::of(plan);
+    let r = &report.per_rank;
+    let (weights, gradients, optimizer) = match opts.compute_dtype {
+        None => (r.weights_bytes, r.gradients_bytes, r.optimizer_bytes),
+        Some(d) => {
+            let master = if d == DType::F32 { 0 } else { 4 };
+            (
+                r.parameters * d.size_bytes(),
+                r.parameters * d.size_bytes(),
+                r.parameters * (8 + master),
+            )
+        }
+    };
+    // The values the backward pass reads from the forward, as Report counts them.
+    let mut forward: SecondaryMap<ferrotron_ir::NodeId, bool> = SecondaryMap::new();
+    for &n in &g.order[..plan.backward_start] {
+        forward[n] = true;
+    }
+    let mut saved: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
+    let mut saved_list = Vec::new();
+    for &n in &g.order[plan.backward_start..] {
+        for &v in g.nodes[n].op.inputs() {
+            if let ValueDef::Node { node, .. } = g.values[v].def {
+                if forward[node] && !saved[v] {
+                    saved[v] = true;
+                    saved_list.push((v, node));
+                }
+            }
+        }
+    }
+    let activations = if !opts.recompute {
+        saved_list
+            .iter()
+            .map(|&(v, _)| priced_bytes(g, v, opts))
+            .sum()
+    } else {
+        let layers = layer_of_scope(g);
+        let mut outside = 0u64;
+        let mut per_layer: std::collections::HashMap<ScopeId, u64> = Default::default();
+        for &(v, node) in &saved_list {
+            match layer_of_node(g, &layers, node) {
+                Some(l) => *per_layer.entry(l).or_default() += priced_bytes(g, v, opts),
+                None => outside += priced_bytes(g, v, opts),
+            }
+        }
+        // Each layer's inputs: values its forward nodes read that are defined by forward nodes
+        // outside it.
+        let mut inputs = 0u64;
+        let mut counted: SecondaryMap<ValueId, bool> = SecondaryMap::new();
+        for &n in &g.order[..plan.backward_start] {
+            let Some(l) = layer_of_node(g, &layers, n) else {
+                continue;
+            };
+            for &v in g.nodes[n].op.inputs() {
+                if let ValueDef::Node { node, .. } = g.values[v].def {
+                    if layer_of_node(g, &layers, node) != Some(l) && !counted[v] {
+                        counted[v] = true;
+                        inputs += priced_bytes(g, v, opts);
+                    }
+                }
+            }
+        }
+        outside + inputs + per_layer.values().copied().max().unwrap_or(0)
+    };
+    Memory {
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        total: weights + gradients + optimizer + activations,
+    }
+}
+
+/// The GEMM efficiency `max` that makes `plan` sustain `target_tflops` per GPU on `cluster`
+/// (bisection; everything else in the cluster held fixed). Run it once, on the one-GPU baseline,
+/// and write the result into the cluster file.
+pub fn calibrate_gemm(
+    plan: &Plan,
+    cluster: &Cluster,
+    opts: &SimOptions,
+    target_tflops: f64,
+) -> f64 {
+    let mut c = cluster.clone();
+    let (mut lo, mut hi) = (1e-3, 1.0);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        c.gemm.max = mid;
+        let t = timeline(plan, &c, opts);
+        if t.flops / t.step_time() / 1e12 < target_tflops {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// One point of the paper's weak-scaling study.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WeakScalingRow {
+    /// The model file.
+    pub model: String,
+    /// Tensor-parallel degree.
+    pub tp: u64,
+    /// Data-parallel degree.
+    pub dp: u64,
+    /// The prediction.
+    pub simulation: Simulation,
+    /// The paper's weak-scaling efficiency (Shoeybi et al. 2019, figure 5).
+    pub paper_efficiency: f64,
+}
+
+/// The paper's four configurations: model file, tp, and its figure 5 scaling efficiency for
+/// model parallelism alone and with 64-way data parallelism.
+pub const PAPER_WEAK_SCALING: [(&str, u64, f64, f64); 4] = [
+    ("megatron-1.2b.ron", 1, 1.00, 0.96),
+    ("megatron-2.5b.ron", 2, 0.95, 0.83),
+    ("megatron-4.2b.ron", 4, 0.82, 0.79),
+    ("megatron-8.3b.ron", 8, 0.77, 0.74),
+];
+
+fn load_and_partition(
+    dir: &Path,
+    file: &str,
+    batch: u64,
+    tp: u64,
+    dp: u64,
+) -> Result<Plan, String> {
+    let opts = LoadOptions {
+        overrides: vec![("batch".into(), batch)],
+        ..LoadOptions::default()
+    };
+    let g = ferrotron_ir::load_model(&dir.join(file), &opts).map_err(|e| e.to_string())?;
+    partition(
+        &g,
+        &PartitionOptions {
+            tp,
+            dp,
+            ..PartitionOptions::default()
+        },
+    )
+    .map_err(|e| format!("{file} at tp = {tp}, dp = {dp}: {e}"))
+}
+
+/// The paper's weak-scaling study on `cluster`: 1.2B on 1 GPU, 2.5B on 2, 4.2B on 4, 8.3B on 8
+/// (tp = GPUs, batch 8), and the same with 64-way data parallelism (global batch 512), each
+/// against the 1.2B model on one GPU with batch 8 (the paper's baseline). `models` is the
+/// directory holding `megatron-*.ron`. Returns the rows and a markdown table.
+pub fn weak_scaling_table(
+    models: &Path,
+    cluster: &Cluster,
+    opts: &SimOptions,
+) -> Result<(Vec<WeakScalingRow>, String), String> {
+    let baseline = load_and_partition(models, PAPER_WEAK_SCALING[0].0, 8, 1, 1)?;
+    let mut rows = Vec::new();
+    for dp in [1u64, 64] {
+        for &(file, tp, mp, mpdp) in &PAPER_WEAK_SCALING {
+            let plan = if tp == 1 && dp == 1 {
+                baseline.clone()
+            } else {
+                load_and_partition(models, file, 8 * dp, tp, dp)?
+            };
+            rows.push(WeakScalingRow {
+                model: file.trim_end_matches(".ron").to_owned(),
+                tp,
+                dp,
+                simulation: simulate_against(&plan, Some(&baseline), cluster, opts),
+                paper_efficiency: if dp == 1 { mp } else { mpdp },
+            });
+        }
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| model | GPUs | tp | dp | step (s) | TFLOP/s per GPU | tp comm (s) | dp exposed (s) | memory per GPU (GiB) | predicted | paper | Δ (pp) |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in &rows {
+        let s = &r.simulation;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1}{} | {:.0}% | {:.0}% | {:+.1} |",
+            r.model,
+            s.gpus,
+            r.tp,
+            r.dp,
+            s.step_time_s,
+            s.tflops_per_gpu,
+            s.tp_comm_s,
+            s.dp_exposed_s,
+            s.memory_bytes_per_gpu as f64 / (1u64 << 30) as f64,
+            if s.fits { "" } else { " (does not fit)" },
+            100.0 * s.scaling_efficiency,
+            100.0 * r.paper_efficiency,
+            100.0 * (s.scaling_efficiency - r.paper_efficiency),
+        );
+    }
+    Ok((rows, md))
+}
