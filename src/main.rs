@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
+use ferrotron_partitioner::cost::{simulate_against, weak_scaling_table, Cluster, SimOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
 use ferrotron_runtime::hf::{load_gpt2, read_tokens, write_safetensors};
 use ferrotron_runtime::init::{init_params, random_batch, test_params};
@@ -137,6 +138,47 @@ enum Command {
         /// position; it may have been written at another tp).
         #[arg(long)]
         resume: Option<PathBuf>,
+    },
+    /// Predict a plan's step time, throughput and memory on a cluster (a cost model over the
+    /// plan); or, with `--weak-scaling`, reproduce the Megatron paper's weak-scaling study.
+    Simulate {
+        /// The model file (not needed with `--weak-scaling`).
+        model: Option<PathBuf>,
+        /// The cluster specification (`clusters/dgx2h.ron`).
+        #[arg(long)]
+        cluster: PathBuf,
+        /// Tensor-parallel degree.
+        #[arg(long, default_value_t = 1)]
+        tp: u64,
+        /// Data-parallel degree.
+        #[arg(long, default_value_t = 1)]
+        dp: u64,
+        /// Sequences per data-parallel replica (the model's `batch` becomes this × dp).
+        #[arg(long)]
+        micro_batch: Option<u64>,
+        /// Split the activations between regions along the sequence.
+        #[arg(long)]
+        sequence_parallel: bool,
+        /// Price every float at this dtype (`f16`, `bf16`, `f32`; default: the model's).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Recompute activations in the backward pass (keep only layer inputs).
+        #[arg(long)]
+        recompute: bool,
+        /// Run the data-parallel gradient all-reduce after the backward pass instead of
+        /// overlapping it.
+        #[arg(long)]
+        no_overlap: bool,
+        /// Override a named dimension.
+        #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim_override)]
+        dims: Vec<(String, u64)>,
+        /// The paper's study (1.2B..8.3B on 1..8 GPUs, and with 64-way data parallelism),
+        /// as a markdown table, fp16 with recomputation.
+        #[arg(long)]
+        weak_scaling: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Rewrite a checkpoint for another tensor-parallel degree.
     Reshard {
@@ -543,6 +585,108 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!();
             if let Some(dir) = &save {
                 eprintln!("checkpoint: {}", dir.display());
+            }
+        }
+        Command::Simulate {
+            model,
+            cluster,
+            tp,
+            dp,
+            micro_batch,
+            sequence_parallel,
+            dtype,
+            recompute,
+            no_overlap,
+            dims,
+            weak_scaling,
+            json,
+        } => {
+            let cluster = Cluster::load(&cluster)?;
+            let compute_dtype = match dtype.as_deref() {
+                None => None,
+                Some("f16") => Some(ferrotron_ir::DType::F16),
+                Some("bf16") => Some(ferrotron_ir::DType::BF16),
+                Some("f32") => Some(ferrotron_ir::DType::F32),
+                Some(other) => anyhow::bail!("--dtype {other}: expected f16, bf16 or f32"),
+            };
+            let opts = SimOptions {
+                compute_dtype,
+                recompute,
+                overlap_dp: !no_overlap,
+                ..SimOptions::default()
+            };
+            if weak_scaling {
+                let opts = SimOptions {
+                    compute_dtype: opts.compute_dtype.or(Some(ferrotron_ir::DType::F16)),
+                    recompute: true,
+                    ..opts
+                };
+                let (_, table) =
+                    weak_scaling_table(std::path::Path::new("models"), &cluster, &opts)
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                print!("{table}");
+                return Ok(());
+            }
+            let model = model.ok_or_else(|| anyhow::anyhow!("simulate needs a model file"))?;
+            let load = |batch: Option<u64>| -> Result<ferrotron_ir::Graph> {
+                let mut overrides = dims.clone();
+                if let Some(b) = batch {
+                    overrides.retain(|(n, _)| n != "batch");
+                    overrides.push(("batch".into(), b));
+                }
+                let opts = LoadOptions {
+                    overrides,
+                    ..LoadOptions::default()
+                };
+                Ok(load_model(&model, &opts)?)
+            };
+            let graph = load(micro_batch.map(|b| b * dp))?;
+            let options = PartitionOptions {
+                tp,
+                dp,
+                sequence_parallel,
+                ..PartitionOptions::default()
+            };
+            let plan = partition(&graph, &options)?;
+            // The same per-GPU work on one GPU: one replica's batch, no model parallelism.
+            let per_replica = micro_batch.or_else(|| {
+                graph
+                    .dims
+                    .iter()
+                    .find(|(n, _)| n == "batch")
+                    .map(|&(_, b)| b / dp.max(1))
+            });
+            let baseline = partition(&load(per_replica)?, &PartitionOptions::default())?;
+            let sim = simulate_against(&plan, Some(&baseline), &cluster, &opts);
+            if json {
+                println!("{}", serde_json::to_string(&sim)?);
+            } else {
+                println!(
+                    "{} on {} × {} (tp = {}, dp = {}):",
+                    sim.model, sim.gpus, cluster.gpu, sim.tp, sim.dp
+                );
+                println!(
+                    "  step {:.3} s (forward {:.3}, backward {:.3}, tp communication {:.3}, \
+                     exposed dp {:.3} of {:.3})",
+                    sim.step_time_s,
+                    sim.forward_s,
+                    sim.backward_s,
+                    sim.tp_comm_s,
+                    sim.dp_exposed_s,
+                    sim.dp_comm_s
+                );
+                println!(
+                    "  {:.1} TFLOP/s per GPU ({:.0}% of peak), scaling efficiency {:.0}%",
+                    sim.tflops_per_gpu,
+                    sim.share_of_peak * 100.0,
+                    sim.scaling_efficiency * 100.0
+                );
+                println!(
+                    "  memory per GPU {:.2} GiB of {:.0} GiB: {}",
+                    sim.memory_bytes_per_gpu as f64 / f64::from(1 << 30),
+                    sim.memory_capacity_bytes as f64 / f64::from(1 << 30),
+                    if sim.fits { "fits" } else { "does NOT fit" }
+                );
             }
         }
         Command::Reshard {

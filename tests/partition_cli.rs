@@ -164,3 +164,37 @@ fn a_plan_file_is_written_whole_and_bad_options_are_clean_errors() {
         );
     }
 }
+
+#[test]
+fn simulate_prints_the_cost_models_figures() {
+    let out = ferrotron(&[
+        "simulate",
+        "models/megatron-8.3b.ron",
+        "--cluster",
+        "clusters/dgx2h.ron",
+        "--tp",
+        "8",
+        "--dp",
+        "4",
+        "--micro-batch",
+        "8",
+        "--dtype",
+        "f16",
+        "--recompute",
+        "--dim",
+        "layers=4",
+        "--json",
+    ]);
+    let j = json(&out);
+    for key in [
+        "step_time_s",
+        "tflops_per_gpu",
+        "memory_bytes_per_gpu",
+        "scaling_efficiency",
+    ] {
+        assert!(j[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {j}");
+    }
+    assert_eq!(j["gpus"], 32);
+    let out = ferrotron(&["simulate", "--cluster", "clusters/nope.ron"]);
+    assert!(!out.status.success());
+}
