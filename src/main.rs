@@ -180,6 +180,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Choose how to run a model on a cluster: every tp × dp (× sequence parallelism ×
+    /// recomputation) priced by the cost model, ranked by throughput among those that fit.
+    Plan {
+        /// The model file.
+        model: PathBuf,
+        /// The cluster specification.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// GPUs to use.
+        #[arg(long)]
+        gpus: u64,
+        /// The global batch (default: the model's `batch`).
+        #[arg(long)]
+        batch: Option<u64>,
+        /// Price every float at this dtype (`f16`, `bf16`, `f32`; default: the model's).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Override a named dimension.
+        #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim_override)]
+        dims: Vec<(String, u64)>,
+        /// Candidates to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rewrite a checkpoint for another tensor-parallel degree.
     Reshard {
         #[command(flatten)]
@@ -602,13 +629,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let cluster = Cluster::load(&cluster)?;
-            let compute_dtype = match dtype.as_deref() {
-                None => None,
-                Some("f16") => Some(ferrotron_ir::DType::F16),
-                Some("bf16") => Some(ferrotron_ir::DType::BF16),
-                Some("f32") => Some(ferrotron_ir::DType::F32),
-                Some(other) => anyhow::bail!("--dtype {other}: expected f16, bf16 or f32"),
-            };
+            let compute_dtype = parse_dtype(dtype.as_deref())?;
             let opts = SimOptions {
                 compute_dtype,
                 recompute,
@@ -689,6 +710,62 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::Plan {
+            model,
+            cluster,
+            gpus,
+            batch,
+            dtype,
+            dims,
+            top,
+            json,
+        } => {
+            let cluster = Cluster::load(&cluster)?;
+            let opts = SimOptions {
+                compute_dtype: parse_dtype(dtype.as_deref())?,
+                ..SimOptions::default()
+            };
+            let started = std::time::Instant::now();
+            let choice =
+                ferrotron_partitioner::planner::choose(&model, &dims, &cluster, gpus, batch, &opts)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            let took = started.elapsed();
+            if json {
+                println!("{}", serde_json::to_string(&choice)?);
+            } else {
+                println!(
+                    "{:>5} {:>6} {:>3} {:>9} {:>12} {:>9} {:>10} {:>5}",
+                    "tp", "dp", "SP", "recompute", "tokens/s", "step (s)", "GiB/GPU", "fits"
+                );
+                for c in choice.candidates.iter().take(top) {
+                    match &c.simulation {
+                        Some(s) => println!(
+                            "{:>5} {:>6} {:>3} {:>9} {:>12.0} {:>9.3} {:>10.1} {:>5}",
+                            c.tp,
+                            c.dp,
+                            if c.sequence_parallel { "yes" } else { "no" },
+                            if c.recompute { "yes" } else { "no" },
+                            c.tokens_per_second,
+                            s.step_time_s,
+                            s.memory_bytes_per_gpu as f64 / f64::from(1 << 30),
+                            if s.fits { "yes" } else { "no" }
+                        ),
+                        None => println!(
+                            "{:>5} {:>6}  -- {}",
+                            c.tp,
+                            c.dp,
+                            c.error.as_deref().unwrap_or("")
+                        ),
+                    }
+                }
+                println!("\n{}", choice.explanation);
+                eprintln!(
+                    "{} candidates priced in {:.0} ms",
+                    choice.candidates.len(),
+                    took.as_secs_f64() * 1e3
+                );
+            }
+        }
         Command::Reshard {
             plan: args,
             from,
@@ -730,6 +807,16 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_dtype(dtype: Option<&str>) -> Result<Option<ferrotron_ir::DType>> {
+    Ok(match dtype {
+        None => None,
+        Some("f16") => Some(ferrotron_ir::DType::F16),
+        Some("bf16") => Some(ferrotron_ir::DType::BF16),
+        Some("f32") => Some(ferrotron_ir::DType::F32),
+        Some(other) => anyhow::bail!("--dtype {other}: expected f16, bf16 or f32"),
+    })
 }
 
 /// `[#######.........]`: `done` of `total` in `width` characters.

@@ -13,6 +13,7 @@
 //! - [`lower`]: phase 2, the SPMD plan for a mesh, with autodiff.
 //! - [`check`]: layout inference with fused-weight blocks, and the plan verifier.
 //! - [`plan`]: the plan, its parameter shards, RON files.
+//! - [`planner`]: which tp × dp (× sequence parallelism × recomputation) to run on a cluster.
 //! - [`report`]: what a plan communicates and stores per rank.
 //! - [`simulate`]: the executable semantics of a plan, run on simulated ranks in `f64`.
 //! - [`cost`]: the cost model: cluster files, step time, throughput, memory, weak scaling.
@@ -23,6 +24,7 @@ pub mod cost;
 pub mod layout;
 pub mod lower;
 pub mod plan;
+pub mod planner;
 pub mod report;
 pub mod rules;
 pub mod simulate;

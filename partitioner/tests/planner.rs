@@ -1,0 +1,59 @@
+//! The planner prices every tensor-parallel degree the GPUs allow (with and without sequence
+//! parallelism and recomputation), ranks the feasible ones by throughput, and says why.
+
+use ferrotron_ir::DType;
+use ferrotron_partitioner::cost::{Cluster, SimOptions};
+use ferrotron_partitioner::planner::choose;
+use std::path::Path;
+
+fn root(p: &str) -> std::path::PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join(p)
+}
+
+#[test]
+fn the_planner_ranks_every_degree_and_explains_the_winner() {
+    let cluster = Cluster::load(&root("clusters/dgx2h.ron")).unwrap();
+    let opts = SimOptions {
+        compute_dtype: Some(DType::F16),
+        ..SimOptions::default()
+    };
+    let choice = choose(
+        &root("models/megatron-8.3b.ron"),
+        &[("layers".into(), 8)],
+        &cluster,
+        64,
+        Some(64),
+        &opts,
+    )
+    .unwrap();
+    // tp ∈ {1, 2, 4, 8, 16, 32} partition (× SP × recompute); 64 (more ranks than heads) is
+    // listed with the partitioner's error.
+    let priced: Vec<u64> = choice
+        .candidates
+        .iter()
+        .filter(|c| c.simulation.is_some())
+        .map(|c| c.tp)
+        .collect();
+    for tp in [1, 2, 4, 8, 16, 32] {
+        assert_eq!(priced.iter().filter(|&&t| t == tp).count(), 4, "tp = {tp}");
+    }
+    let refused = choice.candidates.iter().find(|c| c.tp == 64).unwrap();
+    assert!(refused.error.as_deref().unwrap().contains("valid tp sizes"));
+    // Feasible candidates first, by throughput; the winner is explained.
+    let best = &choice.candidates[0];
+    assert!(best.feasible());
+    for w in choice.candidates.windows(2) {
+        if w[0].feasible() == w[1].feasible() {
+            assert!(w[0].tokens_per_second >= w[1].tokens_per_second);
+        } else {
+            assert!(w[0].feasible());
+        }
+    }
+    assert!(
+        choice
+            .explanation
+            .starts_with(&format!("tp = {}, dp = {}", best.tp, best.dp)),
+        "{}",
+        choice.explanation
+    );
+}
