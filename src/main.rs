@@ -14,6 +14,8 @@ use ferrotron_runtime::init::{init_params, random_batch, test_params};
 use ferrotron_runtime::tokenizer::Tokenizer;
 use ferrotron_runtime::train::{Batches, TrainConfig, Trainer};
 use ferrotron_runtime::verify::{compare_with, reference_plan, Verification};
+use ferrotron_visualizer::export::{self, ExportOptions};
+use ferrotron_visualizer::layout::LayoutOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -206,6 +208,25 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Draw how a model was partitioned, headless: layouts coloured by layout (replicated,
+    /// split by column or row, partial sum), collectives labelled (the paper's f and g), edges
+    /// with shard-local shapes; layers collapsed unless expanded.
+    Export {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Write an SVG picture here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Write a Graphviz DOT file here.
+        #[arg(long)]
+        dot: Option<PathBuf>,
+        /// Layers to draw op by op (`--expand 0,3`); `all` for every one.
+        #[arg(long, value_delimiter = ',')]
+        expand: Vec<String>,
+        /// Draw the backward pass too.
+        #[arg(long)]
+        backward: bool,
     },
     /// Rewrite a checkpoint for another tensor-parallel degree.
     Reshard {
@@ -764,6 +785,44 @@ fn run(cli: Cli) -> Result<()> {
                     choice.candidates.len(),
                     took.as_secs_f64() * 1e3
                 );
+            }
+        }
+        Command::Export {
+            plan: args,
+            svg,
+            dot,
+            expand,
+            backward,
+        } => {
+            if svg.is_none() && dot.is_none() {
+                anyhow::bail!("nothing to write: give --svg OUT.svg and/or --dot OUT.dot");
+            }
+            let graph = args.load()?;
+            let plan = partition(&graph, &args.options())?;
+            let expand_all = expand.iter().any(|e| e == "all");
+            let expand = expand
+                .iter()
+                .filter(|e| *e != "all")
+                .map(|e| {
+                    e.parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("--expand {e}: a layer index or `all`"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = ExportOptions {
+                layout: LayoutOptions {
+                    backward,
+                    expand_all,
+                    expand,
+                    ..LayoutOptions::default()
+                },
+            };
+            if let Some(path) = &svg {
+                write_atomically(path, export::svg(&plan, &opts).as_bytes())?;
+                println!("{}", path.display());
+            }
+            if let Some(path) = &dot {
+                write_atomically(path, export::dot(&plan, &opts).as_bytes())?;
+                println!("{}", path.display());
             }
         }
         Command::Reshard {

@@ -198,3 +198,35 @@ fn simulate_prints_the_cost_models_figures() {
     let out = ferrotron(&["simulate", "--cluster", "clusters/nope.ron"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn export_writes_svg_and_dot() {
+    let dir = std::env::temp_dir().join(format!("ferrotron-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (svg, dot) = (dir.join("plan.svg"), dir.join("plan.dot"));
+    let out = ferrotron(&[
+        "export",
+        "models/tiny-gpt.ron",
+        "--tp",
+        "2",
+        "--svg",
+        svg.to_str().unwrap(),
+        "--dot",
+        dot.to_str().unwrap(),
+        "--expand",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.contains("f (fwd: identity, bwd: all-reduce)"));
+    assert!(std::fs::read_to_string(&dot)
+        .unwrap()
+        .starts_with("digraph"));
+    let out = ferrotron(&["export", "models/tiny-gpt.ron", "--expand", "x"]);
+    assert!(!out.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

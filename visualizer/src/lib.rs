@@ -1,3 +1,33 @@
-//! The visualizer: an egui window and SVG/DOT export showing how a model was partitioned. Not
-//! implemented yet: this crate is a placeholder in the workspace; it will depend on the IR and the
-//! partitioner, never on the runtime. See issue 6.
+//! The visualizer: how a model was partitioned, drawn. It reads a [`Plan`] from the partitioner
+//! (an SPMD graph with a layout per value, the collectives as nodes) and never touches the
+//! runtime.
+//!
+//! ```text
+//! Plan ─► layout (layered DAG: layers collapsed, ranks, barycentre order, x/y) ─► export: SVG, DOT
+//!                                                                            └─► GUI (to come)
+//! ```
+//!
+//! - [`layout`]: a layered, top-to-bottom layout of the plan's graph, each transformer layer
+//!   collapsed into one box unless expanded, forward only or forward + backward. The GUI will
+//!   draw the same [`layout::GraphLayout`].
+//! - [`export`]: a self-contained SVG and Graphviz DOT, every op and parameter coloured by its
+//!   tensor-parallel layout with a legend, the collectives as distinctive nodes labelled with the
+//!   paper's f and g and with what they do forward and backward, edges labelled with shard-local
+//!   shapes (what `ferrotron export` writes).
+//!
+//! ```no_run
+//! # use ferrotron_visualizer::{export, layout::LayoutOptions};
+//! # fn f(plan: &ferrotron_partitioner::Plan) {
+//! let opts = export::ExportOptions {
+//!     layout: LayoutOptions { backward: true, expand: vec![0, 3], ..Default::default() },
+//! };
+//! std::fs::write("plan.svg", export::svg(plan, &opts)).unwrap();
+//! std::fs::write("plan.dot", export::dot(plan, &opts)).unwrap();
+//! # }
+//! ```
+//!
+//! [`Plan`]: ferrotron_partitioner::Plan
+#![warn(missing_docs)]
+
+pub mod export;
+pub mod layout;
