@@ -228,6 +228,12 @@ enum Command {
         #[arg(long)]
         backward: bool,
     },
+    /// Open the desktop viewer: the partitioned graph coloured by layout, layers that expand
+    /// on click, a property panel, and tp / dp / sequence parallelism changed live.
+    View {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
     /// Rewrite a checkpoint for another tensor-parallel degree.
     Reshard {
         #[command(flatten)]
@@ -824,6 +830,15 @@ fn run(cli: Cli) -> Result<()> {
                 write_atomically(path, export::dot(&plan, &opts).as_bytes())?;
                 println!("{}", path.display());
             }
+        }
+        Command::View { plan: args } => {
+            ferrotron_visualizer::app::run(
+                args.model.clone(),
+                args.tp,
+                args.dp,
+                args.sequence_parallel,
+            )
+            .map_err(anyhow::Error::msg)?;
         }
         Command::Reshard {
             plan: args,

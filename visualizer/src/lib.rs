@@ -4,12 +4,14 @@
 //!
 //! ```text
 //! Plan ─► layout (layered DAG: layers collapsed, ranks, barycentre order, x/y) ─► export: SVG, DOT
-//!                                                                            └─► GUI (to come)
+//!                                                                            └─► GUI (app)
 //! ```
 //!
 //! - [`layout`]: a layered, top-to-bottom layout of the plan's graph, each transformer layer
 //!   collapsed into one box unless expanded, forward only or forward + backward. The GUI will
 //!   draw the same [`layout::GraphLayout`].
+//! - [`app`]: the desktop viewer (egui/eframe): the same layout drawn with pan, zoom, search,
+//!   live re-partitioning, a property panel and a summary; [`app::run`] opens the window.
 //! - [`export`]: a self-contained SVG and Graphviz DOT, every op and parameter coloured by its
 //!   tensor-parallel layout with a legend, the collectives as distinctive nodes labelled with the
 //!   paper's f and g and with what they do forward and backward, edges labelled with shard-local
@@ -29,5 +31,6 @@
 //! [`Plan`]: ferrotron_partitioner::Plan
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod export;
 pub mod layout;

@@ -1,0 +1,849 @@
+//! The desktop viewer: the [`GraphLayout`] of a plan drawn with egui, the same colours and labels
+//! as the SVG export ([`TpClass`], [`collective_label`], [`shape_text`], [`export::title`]), a
+//! control panel (tp, dp, sequence parallelism, forward or forward + backward, search), a
+//! property panel for the selected box and the plan's summary ([`Report`]).
+//!
+//! All state lives in [`Viewer`]; [`Viewer::show`] draws it into any [`egui::Ui`], so the tests
+//! drive it headless with `egui_kittest`, and [`run`] opens it in a native window (OpenGL through
+//! glow, which Mesa's llvmpipe renders in software).
+
+use crate::export::{self, ExportOptions};
+use crate::layout::{
+    collective_label, is_collective_like, layout, shape_text, GraphLayout, Item, LayoutOptions,
+    TpClass, LINE_H,
+};
+use eframe::egui::{
+    self, Align2, Color32, FontId, Pos2, Rect, Sense, Shape, Stroke, StrokeKind, Vec2,
+};
+use ferrotron_ir::{load_model, Graph, LoadOptions, ValueId};
+use ferrotron_partitioner::{partition, PartitionOptions, Plan, Report};
+use std::path::{Path, PathBuf};
+
+/// Outline of collectives (the SVG export's purple).
+const COLLECTIVE_STROKE: Color32 = Color32::from_rgb(0x7b, 0x2c, 0xbf);
+/// Fill of a collapsed layer.
+const LAYER_FILL: Color32 = Color32::from_rgb(0xf7, 0xf3, 0xff);
+const INPUT_FILL: Color32 = Color32::WHITE;
+const EDGE: Color32 = Color32::from_rgb(0x66, 0x66, 0x66);
+const SELECTED: Color32 = Color32::from_rgb(0xe0, 0x1e, 0x5a);
+
+/// Parses the SVG export's `#rrggbb` colours.
+fn hex(c: &str) -> Color32 {
+    let v = u32::from_str_radix(c.trim_start_matches('#'), 16).unwrap_or(0xcccccc);
+    Color32::from_rgb((v >> 16) as u8, (v >> 8) as u8, v as u8)
+}
+
+/// A [`TpClass`]'s colour, as in the SVG.
+pub fn class_colour(c: TpClass) -> Color32 {
+    hex(c.colour())
+}
+
+/// What is loaded: a model (re-partitioned on every change) or a saved plan (fixed).
+enum Source {
+    Model(Box<Graph>),
+    Plan,
+    None,
+}
+
+/// The viewer's state.
+pub struct Viewer {
+    /// The model (or plan) file.
+    pub model: PathBuf,
+    /// Tensor-parallel degree, data-parallel degree, sequence parallelism.
+    pub options: PartitionOptions,
+    /// Draw the backward pass too.
+    pub backward: bool,
+    /// Layers drawn op by op.
+    pub expand: Vec<usize>,
+    source: Source,
+    /// The plan, or why there is none (a located model-file error or the partitioner's error).
+    plan: Result<Plan, String>,
+    report: Option<Report>,
+    layout: GraphLayout,
+    /// The selected box, by what it stands for (it survives re-layouts).
+    selected: Option<Item>,
+    /// The tensor-parallel rank whose parameter slice the property panel shows.
+    pub rank: u64,
+    /// The search box.
+    pub search: String,
+    /// Screen offset of the layout's origin from the canvas's top left.
+    pan: Vec2,
+    /// Screen pixels per layout unit.
+    zoom: f32,
+    /// Fit the graph to the canvas at the next frame.
+    fit_pending: bool,
+    /// The last canvas rectangle.
+    canvas: Rect,
+}
+
+fn empty_layout() -> GraphLayout {
+    GraphLayout {
+        nodes: Vec::new(),
+        edges: Vec::new(),
+        ranks: 0,
+        width: 0.0,
+        height: 0.0,
+    }
+}
+
+impl Viewer {
+    /// Loads `model` (a model file, or failing that a saved plan) and partitions it; errors end
+    /// up in the error panel, never in a panic.
+    pub fn new(model: impl Into<PathBuf>, tp: u64, dp: u64, sequence_parallel: bool) -> Viewer {
+        let model = model.into();
+        let mut v = Viewer {
+            options: PartitionOptions {
+                tp,
+                dp,
+                sequence_parallel,
+                ..PartitionOptions::default()
+            },
+            backward: false,
+            expand: Vec::new(),
+            source: Source::None,
+            plan: Err(String::new()),
+            report: None,
+            layout: empty_layout(),
+            selected: None,
+            rank: 0,
+            search: String::new(),
+            pan: Vec2::ZERO,
+            zoom: 1.0,
+            fit_pending: true,
+            canvas: Rect::from_min_size(Pos2::ZERO, Vec2::new(800.0, 600.0)),
+            model: model.clone(),
+        };
+        v.load(&model);
+        v
+    }
+
+    /// (Re)loads a file.
+    pub fn load(&mut self, path: &Path) {
+        self.model = path.to_path_buf();
+        self.selected = None;
+        self.expand.clear();
+        match load_model(path, &LoadOptions::default()) {
+            Ok(g) => {
+                self.source = Source::Model(Box::new(g));
+                self.repartition();
+            }
+            Err(model_err) => match Plan::load(path) {
+                Ok(plan) => {
+                    self.options = plan.options.clone();
+                    self.source = Source::Plan;
+                    self.set_plan(Ok(plan));
+                }
+                Err(_) => {
+                    self.source = Source::None;
+                    self.set_plan(Err(model_err.to_string()));
+                }
+            },
+        }
+    }
+
+    /// Whether tp, dp and sequence parallelism can be changed (a model, not a saved plan).
+    pub fn can_repartition(&self) -> bool {
+        matches!(self.source, Source::Model(_))
+    }
+
+    /// Re-runs the partitioner with [`Self::options`].
+    pub fn repartition(&mut self) {
+        if let Source::Model(g) = &self.source {
+            let plan = partition(g, &self.options).map_err(|e| e.to_string());
+            self.set_plan(plan);
+        }
+    }
+
+    fn set_plan(&mut self, plan: Result<Plan, String>) {
+        self.report = plan.as_ref().ok().map(Report::of);
+        self.plan = plan;
+        self.rank = self.rank.min(self.options.tp.max(1) - 1);
+        self.relayout();
+        self.fit_pending = true;
+    }
+
+    /// Lays the plan out again (after a change of view or of the expanded layers).
+    pub fn relayout(&mut self) {
+        self.layout = match &self.plan {
+            Ok(p) => layout(p, &self.layout_options()),
+            Err(_) => empty_layout(),
+        };
+    }
+
+    fn layout_options(&self) -> LayoutOptions {
+        LayoutOptions {
+            backward: self.backward,
+            expand: self.expand.clone(),
+            ..LayoutOptions::default()
+        }
+    }
+
+    /// Sets the tensor-parallel degree and re-partitions.
+    pub fn set_tp(&mut self, tp: u64) {
+        self.options.tp = tp;
+        self.repartition();
+    }
+
+    /// Sets the data-parallel degree and re-partitions.
+    pub fn set_dp(&mut self, dp: u64) {
+        self.options.dp = dp;
+        self.repartition();
+    }
+
+    /// Switches sequence parallelism and re-partitions.
+    pub fn set_sequence_parallel(&mut self, on: bool) {
+        self.options.sequence_parallel = on;
+        self.repartition();
+    }
+
+    /// Switches between the forward and the forward + backward graph.
+    pub fn set_backward(&mut self, backward: bool) {
+        self.backward = backward;
+        self.relayout();
+        self.fit_pending = true;
+    }
+
+    /// The plan, if there is one.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref().ok()
+    }
+
+    /// The error shown instead of a graph, if any.
+    pub fn error(&self) -> Option<&str> {
+        self.plan.as_ref().err().map(String::as_str)
+    }
+
+    /// The current layout.
+    pub fn graph_layout(&self) -> &GraphLayout {
+        &self.layout
+    }
+
+    /// The index of the selected box in [`Self::graph_layout`].
+    pub fn selected(&self) -> Option<usize> {
+        let s = self.selected.as_ref()?;
+        self.layout.nodes.iter().position(|n| &n.item == s)
+    }
+
+    /// Selects a box by index.
+    pub fn select(&mut self, i: Option<usize>) {
+        self.selected = i
+            .and_then(|i| self.layout.nodes.get(i))
+            .map(|n| n.item.clone());
+    }
+
+    /// Expands a collapsed layer.
+    pub fn expand_layer(&mut self, index: usize) {
+        if !self.expand.contains(&index) {
+            self.expand.push(index);
+            self.relayout();
+        }
+    }
+
+    /// Collapses every layer.
+    pub fn collapse_all(&mut self) {
+        self.expand.clear();
+        self.relayout();
+    }
+
+    fn item_name(&self, item: &Item) -> String {
+        let Ok(plan) = &self.plan else {
+            return String::new();
+        };
+        let g = &plan.graph;
+        match item {
+            Item::Op(n) => g.nodes[*n].name.clone(),
+            Item::Param(p) => g.params[*p].name.clone(),
+            Item::Input(v) => g.values[*v].name.clone(),
+            Item::Layer { .. } => self
+                .layout
+                .nodes
+                .iter()
+                .find(|n| &n.item == item)
+                .and_then(|n| n.lines.first().cloned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Selects the first box whose name contains `text`; an op inside a collapsed layer expands
+    /// that layer. Returns whether something was found.
+    pub fn search(&mut self, text: &str) -> bool {
+        self.search = text.to_string();
+        let text = text.trim();
+        if text.is_empty() {
+            return false;
+        }
+        let items: Vec<Item> = self.layout.nodes.iter().map(|n| n.item.clone()).collect();
+        if let Some(item) = items
+            .into_iter()
+            .find(|it| self.item_name(it).contains(text))
+        {
+            self.selected = Some(item);
+            self.centre_on_selected();
+            return true;
+        }
+        // An op hidden in a collapsed layer.
+        let Ok(plan) = &self.plan else {
+            return false;
+        };
+        let hidden = plan
+            .graph
+            .order
+            .iter()
+            .copied()
+            .find(|&n| plan.graph.nodes[n].name.contains(text));
+        let Some(n) = hidden else {
+            return self.search_in_layers(text);
+        };
+        let layer = self.layout.nodes.iter().find_map(|b| match &b.item {
+            Item::Layer { index, nodes, .. } if nodes.contains(&n) => Some(*index),
+            _ => None,
+        });
+        if let Some(index) = layer {
+            self.expand_layer(index);
+            self.selected = Some(Item::Op(n));
+            self.centre_on_selected();
+            return self.selected().is_some();
+        }
+        false
+    }
+
+    /// A parameter inside a collapsed layer: expand the layers one by one until its box shows.
+    fn search_in_layers(&mut self, text: &str) -> bool {
+        let layers: Vec<usize> = self
+            .layout
+            .nodes
+            .iter()
+            .filter_map(|b| match &b.item {
+                Item::Layer { index, .. } => Some(*index),
+                _ => None,
+            })
+            .collect();
+        for index in layers {
+            if self.expand.contains(&index) {
+                continue;
+            }
+            self.expand.push(index);
+            self.relayout();
+            let found = self
+                .layout
+                .nodes
+                .iter()
+                .map(|n| n.item.clone())
+                .find(|it| self.item_name(it).contains(text));
+            if let Some(item) = found {
+                self.selected = Some(item);
+                self.centre_on_selected();
+                return true;
+            }
+            self.expand.pop();
+        }
+        self.relayout();
+        false
+    }
+
+    fn centre_on_selected(&mut self) {
+        if let Some(i) = self.selected() {
+            let (cx, cy) = self.layout.nodes[i].centre();
+            self.fit_pending = false;
+            self.pan = self.canvas.size() / 2.0 - Vec2::new(cx as f32, cy as f32) * self.zoom;
+        }
+    }
+
+    /// The property panel's rows for the selected box: op, name, layout, shapes, and for a
+    /// parameter the slice of the full tensor that tensor-parallel rank [`Self::rank`] holds.
+    pub fn selected_properties(&self) -> Vec<(String, String)> {
+        let (Ok(plan), Some(item)) = (&self.plan, &self.selected) else {
+            return Vec::new();
+        };
+        let g = &plan.graph;
+        let mut rows: Vec<(String, String)> = Vec::new();
+        let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
+        let value_rows = |row: &mut dyn FnMut(&str, String), v: ValueId, prefix: &str| {
+            let layout = plan.layouts[v];
+            let local = g.values[v].ty.shape.sizes().to_vec();
+            let full = plan.mesh.global_sizes(&local, layout);
+            let class = TpClass::of(plan, v).description();
+            row(&format!("{prefix}layout"), format!("{class} ({layout})"));
+            row(&format!("{prefix}local shape"), shape_text(plan, v));
+            let full: Vec<String> = full.iter().map(|s| s.to_string()).collect();
+            row(
+                &format!("{prefix}full shape"),
+                format!("[{}]", full.join(",")),
+            );
+            row(
+                &format!("{prefix}dtype"),
+                format!("{:?}", g.values[v].ty.dtype).to_lowercase(),
+            );
+        };
+        match item {
+            Item::Op(n) => {
+                let nd = &g.nodes[*n];
+                row("name", nd.name.clone());
+                row("op", nd.op.mnemonic().to_string());
+                if let Some(c) = collective_label(&nd.op) {
+                    row("collective", c);
+                }
+                let idx = g.order.iter().position(|&m| m == *n).unwrap_or(0);
+                let dir = if idx >= plan.backward_start {
+                    "backward"
+                } else {
+                    "forward"
+                };
+                row("pass", dir.to_string());
+                let many = nd.outputs.len() > 1;
+                for (i, &v) in nd.outputs.iter().enumerate() {
+                    let prefix = if many {
+                        format!("output {i} ")
+                    } else {
+                        String::new()
+                    };
+                    value_rows(&mut row, v, &prefix);
+                }
+            }
+            Item::Param(p) => {
+                let pd = &g.params[*p];
+                let shard = plan.shard(*p);
+                row("name", pd.name.clone());
+                row("op", "parameter".to_string());
+                value_rows(&mut row, pd.value, "");
+                let tp = plan.mesh.tp;
+                let slice = match shard.ranges(self.rank, tp) {
+                    None => "all of it (replicated)".to_string(),
+                    Some((d, ranges)) => {
+                        let r: Vec<String> = ranges
+                            .iter()
+                            .map(|r| format!("{}..{}", r.start, r.end))
+                            .collect();
+                        format!("dim {d}: {}", r.join(", "))
+                    }
+                };
+                row(&format!("rank {} holds", self.rank), slice);
+                if shard.blocks > 1 {
+                    row("blocks", shard.blocks.to_string());
+                }
+            }
+            Item::Input(v) => {
+                row("name", g.values[*v].name.clone());
+                row("op", "input".to_string());
+                value_rows(&mut row, *v, "");
+            }
+            Item::Layer {
+                index,
+                nodes,
+                collectives,
+                backward,
+                ..
+            } => {
+                row("name", self.item_name(item));
+                row("op", "layer (collapsed)".to_string());
+                row("layer", index.to_string());
+                row(
+                    "pass",
+                    if *backward { "backward" } else { "forward" }.to_string(),
+                );
+                row("ops", nodes.len().to_string());
+                let c: Vec<String> = collectives
+                    .iter()
+                    .map(|(k, n)| format!("{k} ×{n}"))
+                    .collect();
+                row(
+                    "collectives",
+                    if c.is_empty() {
+                        "none".to_string()
+                    } else {
+                        c.join(", ")
+                    },
+                );
+            }
+        }
+        rows
+    }
+
+    /// The summary panel's rows: parameters and memory per rank, collectives per step by kind.
+    pub fn summary(&self) -> Vec<(String, String)> {
+        let Some(r) = &self.report else {
+            return Vec::new();
+        };
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+        let mut rows = vec![
+            (
+                "parameters per rank".to_string(),
+                r.per_rank.parameters.to_string(),
+            ),
+            ("memory per rank".to_string(), mib(r.per_rank.memory_bytes)),
+            ("weights".to_string(), mib(r.per_rank.weights_bytes)),
+            ("gradients".to_string(), mib(r.per_rank.gradients_bytes)),
+            ("optimizer".to_string(), mib(r.per_rank.optimizer_bytes)),
+            ("activations".to_string(), mib(r.per_rank.activations_bytes)),
+            (
+                "nodes".to_string(),
+                format!("{} forward, {} backward", r.nodes.0, r.nodes.1),
+            ),
+        ];
+        if r.collectives.is_empty() {
+            rows.push(("collectives".to_string(), "none".to_string()));
+        }
+        for c in &r.collectives {
+            rows.push((
+                format!("{} {} [{}]", c.kind, c.direction, c.axis),
+                format!("×{}, {}", c.count, mib(c.bytes_per_rank)),
+            ));
+        }
+        rows
+    }
+
+    /// Draws the whole viewer into `ui`: the control, property and summary panel on the left,
+    /// the graph (or the error) in the middle.
+    pub fn show(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::left("ferrotron-controls")
+            .default_size(320.0)
+            .resizable(true)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.side_panel(ui));
+            });
+        egui::CentralPanel::default_margins().show(ui, |ui| match self.error() {
+            Some(e) => {
+                let e = e.to_string();
+                ui.heading("error");
+                ui.label(egui::RichText::new(e).color(ui.visuals().error_fg_color));
+            }
+            None => self.canvas(ui),
+        });
+    }
+
+    fn side_panel(&mut self, ui: &mut egui::Ui) {
+        ui.heading("ferrotron");
+        ui.label(self.model.display().to_string());
+        if let Ok(plan) = &self.plan {
+            let opts = ExportOptions {
+                layout: self.layout_options(),
+            };
+            ui.label(export::title(plan, &opts));
+        }
+        ui.separator();
+
+        let editable = self.can_repartition();
+        let mut tp = self.options.tp;
+        let mut dp = self.options.dp;
+        let mut sp = self.options.sequence_parallel;
+        egui::Grid::new("mesh").num_columns(2).show(ui, |ui| {
+            let l = ui.label("tp");
+            let r = ui.add_enabled(editable, egui::DragValue::new(&mut tp).range(1..=1024));
+            let r = r.labelled_by(l.id);
+            if r.changed() && tp != self.options.tp {
+                self.set_tp(tp);
+            }
+            ui.end_row();
+            let l = ui.label("dp");
+            let r = ui.add_enabled(editable, egui::DragValue::new(&mut dp).range(1..=4096));
+            if r.labelled_by(l.id).changed() && dp != self.options.dp {
+                self.set_dp(dp);
+            }
+            ui.end_row();
+        });
+        if ui
+            .add_enabled(editable, egui::Checkbox::new(&mut sp, "sequence parallel"))
+            .changed()
+        {
+            self.set_sequence_parallel(sp);
+        }
+        if !editable && self.plan.is_ok() {
+            ui.label("a saved plan: tp, dp and sequence parallelism are fixed");
+        }
+        ui.horizontal(|ui| {
+            let mut bw = self.backward;
+            ui.radio_value(&mut bw, false, "forward");
+            ui.radio_value(&mut bw, true, "forward + backward");
+            if bw != self.backward {
+                self.set_backward(bw);
+            }
+        });
+        ui.horizontal(|ui| {
+            if ui.button("fit to window").clicked() {
+                self.fit_pending = true;
+            }
+            if ui.button("collapse all").clicked() {
+                self.collapse_all();
+            }
+        });
+        ui.horizontal(|ui| {
+            let l = ui.label("search");
+            let mut text = self.search.clone();
+            let r = ui.text_edit_singleline(&mut text).labelled_by(l.id);
+            if r.changed() {
+                self.search(&text);
+            }
+        });
+        ui.separator();
+
+        ui.heading("legend");
+        for c in TpClass::ALL {
+            ui.horizontal(|ui| {
+                let (rect, _) = ui.allocate_exact_size(Vec2::splat(12.0), Sense::hover());
+                ui.painter().rect(
+                    rect,
+                    2.0,
+                    class_colour(c),
+                    Stroke::new(1.0, Color32::DARK_GRAY),
+                    StrokeKind::Inside,
+                );
+                ui.label(c.description());
+            });
+        }
+        ui.horizontal(|ui| {
+            let (rect, _) = ui.allocate_exact_size(Vec2::splat(12.0), Sense::hover());
+            ui.painter().rect(
+                rect,
+                2.0,
+                Color32::WHITE,
+                Stroke::new(2.5, COLLECTIVE_STROKE),
+                StrokeKind::Inside,
+            );
+            ui.label("collective (f, g, all-reduce, ...)");
+        });
+        ui.separator();
+
+        ui.heading("selected");
+        let props = self.selected_properties();
+        if props.is_empty() {
+            ui.label("nothing selected: click a box or search");
+        }
+        for (k, v) in &props {
+            ui.label(format!("{k}: {v}"));
+        }
+        if let Some(Item::Param(_)) = &self.selected {
+            let tp = self.plan().map(|p| p.mesh.tp).unwrap_or(1);
+            ui.horizontal(|ui| {
+                let l = ui.label("rank");
+                ui.add(egui::DragValue::new(&mut self.rank).range(0..=tp.max(1) - 1))
+                    .labelled_by(l.id);
+            });
+        }
+        if let Some(Item::Layer { index, .. }) = &self.selected {
+            let index = *index;
+            if ui.button("expand layer").clicked() {
+                self.expand_layer(index);
+                self.selected = None;
+            }
+        }
+        ui.separator();
+
+        ui.heading("summary");
+        for (k, v) in self.summary() {
+            ui.label(format!("{k}: {v}"));
+        }
+    }
+
+    fn to_screen(&self, origin: Pos2, x: f64, y: f64) -> Pos2 {
+        origin + self.pan + Vec2::new(x as f32, y as f32) * self.zoom
+    }
+
+    fn fit(&mut self, rect: Rect) {
+        let (w, h) = (self.layout.width as f32, self.layout.height as f32);
+        if w <= 0.0 || h <= 0.0 {
+            return;
+        }
+        self.zoom = (rect.width() / w).min(rect.height() / h).clamp(0.02, 2.0);
+        self.pan = (rect.size() - Vec2::new(w, h) * self.zoom) / 2.0;
+    }
+
+    fn canvas(&mut self, ui: &mut egui::Ui) {
+        let (response, painter) = ui.allocate_painter(ui.available_size(), Sense::click_and_drag());
+        let rect = response.rect;
+        self.canvas = rect;
+        if self.fit_pending {
+            self.fit(rect);
+            self.fit_pending = false;
+        }
+        // Pan by dragging, zoom by scrolling (about the pointer).
+        if response.dragged() {
+            self.pan += response.drag_delta();
+        }
+        if response.hovered() {
+            let (scroll, pinch, pointer) = ui.input(|i| {
+                (
+                    i.smooth_scroll_delta.y,
+                    i.zoom_delta(),
+                    i.pointer.hover_pos(),
+                )
+            });
+            let factor = pinch * (scroll / 400.0).exp();
+            if (factor - 1.0).abs() > 1e-4 {
+                if let Some(p) = pointer {
+                    let new_zoom = (self.zoom * factor).clamp(0.02, 8.0);
+                    let at = p - rect.min;
+                    self.pan = at - (at - self.pan) * (new_zoom / self.zoom);
+                    self.zoom = new_zoom;
+                }
+            }
+        }
+        let origin = rect.min;
+        let hit = response
+            .interact_pointer_pos()
+            .filter(|_| response.clicked())
+            .and_then(|p| {
+                self.layout.nodes.iter().position(|n| {
+                    Rect::from_min_max(
+                        self.to_screen(origin, n.x, n.y),
+                        self.to_screen(origin, n.x + n.w, n.y + n.h),
+                    )
+                    .contains(p)
+                })
+            });
+        if response.clicked() {
+            match hit.map(|i| self.layout.nodes[i].item.clone()) {
+                Some(Item::Layer { index, .. }) => {
+                    self.expand_layer(index);
+                    self.selected = None;
+                }
+                Some(item) => self.selected = Some(item),
+                None => self.selected = None,
+            }
+        }
+        let Ok(plan) = &self.plan else {
+            return;
+        };
+        let painter = painter.with_clip_rect(rect);
+        painter.rect_filled(rect, 0.0, Color32::WHITE);
+        let z = self.zoom;
+        let text = z >= 0.35;
+        let font = FontId::monospace((11.0 * z).clamp(4.0, 40.0));
+        let clip = rect.expand(20.0);
+
+        for e in &self.layout.edges {
+            let pts: Vec<Pos2> = e
+                .points
+                .iter()
+                .map(|&(x, y)| self.to_screen(origin, x, y))
+                .collect();
+            let bb = Rect::from_points(&pts);
+            if !bb.intersects(clip) {
+                continue;
+            }
+            painter.add(Shape::line(pts.clone(), Stroke::new(1.0, EDGE)));
+            if let (Some(&end), Some(&before)) = (pts.last(), pts.iter().rev().nth(1)) {
+                let dir = (end - before).normalized() * (6.0 * z.clamp(0.5, 2.0));
+                let side = Vec2::new(-dir.y, dir.x) * 0.5;
+                painter.add(Shape::convex_polygon(
+                    vec![end, end - dir + side, end - dir - side],
+                    EDGE,
+                    Stroke::NONE,
+                ));
+            }
+            if z >= 0.6 && pts.len() >= 2 {
+                let mut label = shape_text(plan, e.value);
+                if e.count > 1 {
+                    label.push_str(&format!(" ×{}", e.count));
+                }
+                let mid = pts[0] + (pts[1] - pts[0]) * 0.5 + Vec2::new(4.0, 0.0);
+                painter.text(
+                    mid,
+                    Align2::LEFT_CENTER,
+                    label,
+                    FontId::monospace((9.0 * z).clamp(4.0, 30.0)),
+                    Color32::from_gray(90),
+                );
+            }
+        }
+
+        let selected = self.selected();
+        for (i, n) in self.layout.nodes.iter().enumerate() {
+            let r = Rect::from_min_max(
+                self.to_screen(origin, n.x, n.y),
+                self.to_screen(origin, n.x + n.w, n.y + n.h),
+            );
+            if !r.intersects(clip) {
+                continue;
+            }
+            let fill = match (&n.item, export::class_of(plan, n)) {
+                (Item::Layer { .. }, _) => LAYER_FILL,
+                (_, Some(c)) => class_colour(c),
+                _ => INPUT_FILL,
+            };
+            let collective =
+                matches!(&n.item, Item::Op(id) if is_collective_like(&plan.graph.nodes[*id].op));
+            let stroke = if Some(i) == selected {
+                Stroke::new(3.0, SELECTED)
+            } else if collective {
+                Stroke::new(2.5, COLLECTIVE_STROKE)
+            } else {
+                Stroke::new(1.0, Color32::from_gray(60))
+            };
+            if collective {
+                // An octagon, as in the SVG.
+                let c = (r.height() * 0.3).min(r.width() * 0.2);
+                let pts = vec![
+                    Pos2::new(r.left() + c, r.top()),
+                    Pos2::new(r.right() - c, r.top()),
+                    Pos2::new(r.right(), r.top() + c),
+                    Pos2::new(r.right(), r.bottom() - c),
+                    Pos2::new(r.right() - c, r.bottom()),
+                    Pos2::new(r.left() + c, r.bottom()),
+                    Pos2::new(r.left(), r.bottom() - c),
+                    Pos2::new(r.left(), r.top() + c),
+                ];
+                painter.add(Shape::convex_polygon(pts, fill, stroke));
+            } else {
+                painter.rect(r, 3.0 * z, fill, stroke, StrokeKind::Inside);
+                if matches!(n.item, Item::Layer { .. }) {
+                    painter.rect_stroke(
+                        r.shrink(3.0 * z),
+                        2.0 * z,
+                        Stroke::new(1.0, Color32::from_gray(60)),
+                        StrokeKind::Inside,
+                    );
+                }
+            }
+            if text {
+                let top = r.top() + (r.height() - n.lines.len() as f32 * LINE_H as f32 * z) / 2.0;
+                for (k, line) in n.lines.iter().enumerate() {
+                    painter.text(
+                        Pos2::new(r.center().x, top + (k as f32 + 0.5) * LINE_H as f32 * z),
+                        Align2::CENTER_CENTER,
+                        line,
+                        font.clone(),
+                        Color32::BLACK,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl eframe::App for Viewer {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.show(ui);
+    }
+}
+
+/// Opens the viewer in a native window (OpenGL via glow; Mesa's llvmpipe renders it in
+/// software). Without a display, or when the window cannot be made, a clean error.
+pub fn run(model: PathBuf, tp: u64, dp: u64, sequence_parallel: bool) -> Result<(), String> {
+    #[cfg(all(unix, not(target_os = "macos")))]
+    if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        return Err(
+            "no display (DISPLAY is not set): run under X11 or Xvfb, or use \
+                    `ferrotron export MODEL --svg OUT.svg` headless"
+                .to_string(),
+        );
+    }
+    let viewer = Viewer::new(model.clone(), tp, dp, sequence_parallel);
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title(format!("ferrotron: {}", model.display()))
+            .with_inner_size([1400.0, 900.0]),
+        ..Default::default()
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        eframe::run_native(
+            "ferrotron",
+            options,
+            Box::new(|_cc| Ok(Box::new(viewer) as Box<dyn eframe::App>)),
+        )
+    }));
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("cannot open the viewer window: {e}")),
+        Err(_) => Err("cannot open the viewer window (the windowing system failed)".to_string()),
+    }
+}
