@@ -21,8 +21,7 @@
 use crate::check::{from_inputs, global_type, infer_local, node_layouts, verify_plan, In};
 use crate::layout::{Layout, Mesh, MeshLayout};
 use crate::plan::{ParamShard, PartitionOptions, Plan};
-use crate::rules::{output_layouts_on, Sharded};
-use crate::strategy::{megatron, Strategy};
+use crate::strategy::{megatron, rule_on, Strategy};
 use crate::PartitionError;
 use ferrotron_ir::graph::{EntityRef, SecondaryMap};
 use ferrotron_ir::{
@@ -513,25 +512,8 @@ impl Lower<'_> {
 
         // Data parallelism never converts: every rank's batch slice flows through unchanged.
         let dp_in: Vec<Layout> = locals.iter().map(|&v| self.layouts[v].dp).collect();
-        let dp_out = {
-            let mut i = 0;
-            let op = node
-                .op
-                .try_map::<Sharded, Dim, (), _, _>(
-                    |&v| {
-                        let s = Sharded {
-                            ty: g.ty(v).clone(),
-                            layout: dp_in[i],
-                        };
-                        i += 1;
-                        Ok(s)
-                    },
-                    |d| Ok(d.clone()),
-                )
-                .expect("mapping values cannot fail");
-            output_layouts_on(MeshAxis::Dp, &op)
-                .map_err(|e| internal(format!("data parallelism: {e}")))?
-        };
+        let dp_out = rule_on(MeshAxis::Dp, g, &node.op, &dp_in)
+            .map_err(|e| internal(format!("data parallelism: {e}")))?;
 
         // Local attributes: shapes written into the op follow the outputs' layouts.
         let out_layouts: Vec<MeshLayout> = targets

@@ -26,10 +26,10 @@
 //! bias that produced it are sliced block-wise.
 
 use crate::layout::Layout;
-use crate::rules::{output_layouts, RuleError, Sharded};
+use crate::rules::{output_layouts_on, RuleError, Sharded};
 use crate::PartitionError;
 use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::{Dim, Graph, NodeId, Op, ParamId, ValueDef, ValueId};
+use ferrotron_ir::{Dim, Graph, MeshAxis, NodeId, Op, ParamId, ValueDef, ValueId};
 use serde::{Deserialize, Serialize};
 
 /// A parameter's tensor-parallel layout.
@@ -497,8 +497,19 @@ fn keeps_blocks(g: &Graph, op: &Op, out: ValueId, lay: &[Layout]) -> bool {
     }
 }
 
-/// The sharding rule of `op` over global types with the given input layouts.
+/// The tensor-parallel sharding rule of `op` over global types with the given input layouts.
 pub(crate) fn rule(g: &Graph, op: &Op, lay: &[Layout]) -> Result<Vec<Layout>, RuleError> {
+    rule_on(MeshAxis::Tp, g, op, lay)
+}
+
+/// The sharding rule of `op` on mesh axis `axis`, over global types with the given input
+/// layouts.
+pub(crate) fn rule_on(
+    axis: MeshAxis,
+    g: &Graph,
+    op: &Op,
+    lay: &[Layout],
+) -> Result<Vec<Layout>, RuleError> {
     let mut i = 0;
     let sharded = op
         .try_map::<Sharded, Dim, (), _, _>(
@@ -513,5 +524,5 @@ pub(crate) fn rule(g: &Graph, op: &Op, lay: &[Layout]) -> Result<Vec<Layout>, Ru
             |d| Ok(d.clone()),
         )
         .expect("mapping values cannot fail");
-    output_layouts(&sharded)
+    output_layouts_on(axis, &sharded)
 }
