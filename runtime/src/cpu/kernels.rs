@@ -1111,6 +1111,31 @@ fn row_sums(
     Ok((sums, tl))
 }
 
+/// The number of positions a cross-entropy mean divides by on this rank (its predicting rows),
+/// checked to be non-zero, with `token_parts` checked too.
+fn mean_count(
+    name: &'static str,
+    rows: usize,
+    seq: usize,
+    shift: bool,
+    token_parts: usize,
+    logits_shape: &[usize],
+) -> Result<usize> {
+    if token_parts == 0 {
+        return Err(invalid(name, "token_parts must be at least 1"));
+    }
+    let count = predicting(rows, seq, shift);
+    if count == 0 {
+        return Err(invalid(
+            name,
+            format!(
+                "no position predicts a target (logits {logits_shape:?}, shift {shift}): no mean"
+            ),
+        ));
+    }
+    Ok(count)
+}
+
 fn loss(
     name: &'static str,
     max: &[f32],
@@ -1132,18 +1157,7 @@ fn loss(
             ),
         ));
     }
-    if token_parts == 0 {
-        return Err(invalid(name, "token_parts must be at least 1"));
-    }
-    let count = predicting(rows, seq, shift);
-    if count == 0 {
-        return Err(invalid(
-            name,
-            format!(
-                "no position predicts a target (logits {logits_shape:?}, shift {shift}): no mean"
-            ),
-        ));
-    }
+    let count = mean_count(name, rows, seq, shift, token_parts, logits_shape)?;
     let total: f64 = (0..rows)
         .filter(|&row| target_of(row, seq, shift).is_some())
         .map(|row| (sum[row] as f64).ln() + max[row] as f64 - target_logit[row] as f64)
@@ -1180,19 +1194,7 @@ fn grad(
             ),
         ));
     }
-    if token_parts == 0 {
-        return Err(invalid(name, "token_parts must be at least 1"));
-    }
-    let count = predicting(rows, seq, shift);
-    if count == 0 {
-        return Err(invalid(
-            name,
-            format!(
-                "no position predicts a target (logits {:?}, shift {shift}): no mean",
-                logits.shape
-            ),
-        ));
-    }
+    let count = mean_count(name, rows, seq, shift, token_parts, &logits.shape)?;
     let vocab = logits.shape[r - 1];
     let nr = local_real(vocab, class_offset, real_classes);
     let mut target = vec![None; rows];
