@@ -13,6 +13,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod comm;
 pub mod cpu;
+pub mod cuda;
 pub mod exec;
 pub mod generate;
 pub mod hf;

@@ -1,0 +1,89 @@
+//! A GPU and the ranks on it.
+//!
+//! [`Gpu::open`] checks that the driver and libraries load, creates the device's context and
+//! compiles (or loads from the cache) the kernels for its architecture; it is shared by every
+//! rank that runs on the device. [`Gpu::rank`] gives one rank its own stream and cuBLAS handle:
+//! virtual ranks on one GPU run concurrently on separate streams, and one process per GPU (the
+//! launcher) has exactly one.
+
+use super::kernels::Kernels;
+use super::libs::{self, Lib};
+use super::CudaError;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaStream};
+use std::sync::Arc;
+
+/// One GPU: its context and compiled kernels.
+#[derive(Clone)]
+pub struct Gpu {
+    /// The device's primary context.
+    pub ctx: Arc<CudaContext>,
+    /// The kernels, compiled for [`Gpu::arch`].
+    pub kernels: Arc<Kernels>,
+    /// The device's architecture as NVRTC names it (`sm_90`).
+    pub arch: String,
+    /// The device's name (`NVIDIA H200`).
+    pub name: String,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({} #{}, {})", self.name, self.ctx.ordinal(), self.arch)
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`: a clean [`CudaError::Unavailable`] when the driver, a library or
+    /// the device is missing.
+    pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
+        libs::require(&[Lib::Driver, Lib::Nvrtc, Lib::Cublas])?;
+        let count = CudaContext::device_count().map_err(|e| {
+            CudaError::Unavailable(format!("the CUDA driver found no usable device ({e})"))
+        })?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::Unavailable(format!(
+                "device {ordinal} asked for, the driver sees {count}"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = format!("sm_{major}{minor}");
+        let name = ctx.name()?;
+        let kernels = Arc::new(Kernels::load(&ctx, &arch)?);
+        Ok(Gpu {
+            ctx,
+            kernels,
+            arch,
+            name,
+        })
+    }
+
+    /// A new rank on this GPU: its own stream and cuBLAS handle.
+    pub fn rank(&self) -> Result<RankDevice, CudaError> {
+        let stream = self.ctx.new_stream()?;
+        let blas = Arc::new(CudaBlas::new(stream.clone())?);
+        Ok(RankDevice {
+            gpu: self.clone(),
+            stream,
+            blas,
+        })
+    }
+}
+
+/// What one rank computes with: the GPU, its stream and its cuBLAS handle (bound to the stream).
+#[derive(Clone)]
+pub struct RankDevice {
+    /// The GPU the rank runs on.
+    pub gpu: Gpu,
+    /// The rank's stream: every kernel, GEMM and copy of the rank is queued on it.
+    pub stream: Arc<CudaStream>,
+    /// cuBLAS, on [`RankDevice::stream`].
+    pub blas: Arc<CudaBlas>,
+}
+
+impl RankDevice {
+    /// The kernels.
+    pub fn kernels(&self) -> &Kernels {
+        &self.gpu.kernels
+    }
+}
