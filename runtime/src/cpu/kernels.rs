@@ -54,6 +54,9 @@ pub enum KernelError {
     /// A collective or `LocalSlice`: the executor runs those.
     #[error("{op} is not a local computation: the executor runs it")]
     NotLocal { op: &'static str },
+    /// A device (the CUDA backend) failed to run the op: a driver, cuBLAS or launch error.
+    #[error("{op}: on the device: {msg}")]
+    Device { op: &'static str, msg: String },
 }
 
 pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> KernelError {
