@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// A device the executor runs a plan's ranks on.
 #[allow(clippy::too_many_arguments)] // the cross-entropy statistics take what the op takes
-pub trait Backend: Sync {
+pub trait Backend: Clone + Send + Sync {
     /// A tensor held on the device.
     type Tensor: Clone + Send + Sync;
     /// A group of ranks that communicate (a tensor- or data-parallel group).
@@ -23,6 +23,13 @@ pub trait Backend: Sync {
 
     /// The backend's name (`cpu`, `cuda`).
     fn name(&self) -> &'static str;
+    /// The backend that rank `rank` (`t + tp · d`) computes with: the CUDA backend gives each
+    /// virtual rank its own stream; the CPU backend is the same for every rank. Tensors a rank
+    /// uses should be uploaded through its own backend.
+    fn on_rank(&self, rank: usize) -> Self {
+        let _ = rank;
+        self.clone()
+    }
     /// Copies a host tensor to the device.
     fn upload(&self, t: &Tensor) -> Result<Self::Tensor, KernelError>;
     /// Copies a device tensor to the host.
@@ -31,7 +38,8 @@ pub trait Backend: Sync {
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
     /// The bytes a tensor occupies.
     fn bytes(&self, t: &Self::Tensor) -> usize;
-    /// The first NaN or infinity in a tensor, if any.
+    /// The first NaN or infinity in a tensor, if any (`None` also when the check itself fails on
+    /// the device: the next device call reports that failure).
     fn first_non_finite(&self, t: &Self::Tensor) -> Option<f32>;
     /// A scalar tensor.
     fn scalar(&self, value: f32) -> Result<Self::Tensor, KernelError>;
@@ -47,8 +55,13 @@ pub trait Backend: Sync {
     /// The same elements under a new shape (the element count unchanged).
     fn reshape(&self, t: Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
     /// Part `index` of `parts` equal contiguous parts along `dim`.
-    fn local_slice(&self, t: &Self::Tensor, dim: usize, index: usize, parts: usize)
-        -> Self::Tensor;
+    fn local_slice(
+        &self,
+        t: &Self::Tensor,
+        dim: usize,
+        index: usize,
+        parts: usize,
+    ) -> Result<Self::Tensor, KernelError>;
 
     /// See [`kernels::ce_row_max`].
     fn ce_row_max(
@@ -173,9 +186,15 @@ impl Backend for Cpu {
         t
     }
 
-    fn local_slice(&self, t: &Tensor, dim: usize, index: usize, parts: usize) -> Tensor {
+    fn local_slice(
+        &self,
+        t: &Tensor,
+        dim: usize,
+        index: usize,
+        parts: usize,
+    ) -> Result<Tensor, KernelError> {
         let part = t.shape[dim] / parts.max(1);
-        slice(t, dim, index * part, (index + 1) * part)
+        Ok(slice(t, dim, index * part, (index + 1) * part))
     }
 
     fn ce_row_max(

@@ -172,9 +172,49 @@ pub fn run_sharded<'p>(
     run_on(Cpu, plan, params, inputs, opts)
 }
 
+/// Runs `plan` on `backend` from full host weights (model shapes, by name) and a full batch:
+/// shards the weights and uploads each rank's through the rank's own backend
+/// ([`Backend::on_rank`]), then runs as [`run_on`].
+pub fn run_with<'p, B: Backend>(
+    backend: B,
+    plan: &'p Plan,
+    params: &HashMap<String, Tensor>,
+    inputs: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Run<'p, B>, ExecError> {
+    let shards = shard_params(plan, params)?;
+    let on_device = upload_params(&backend, plan, &shards)?;
+    run_on(backend, plan, &on_device, inputs, opts)
+}
+
+/// Copies every rank's weight shards to the device, each through its rank's backend.
+pub fn upload_params<B: Backend>(
+    backend: &B,
+    plan: &Plan,
+    shards: &[Vec<Tensor>],
+) -> Result<Vec<Vec<B::Tensor>>, ExecError> {
+    shards
+        .iter()
+        .enumerate()
+        .map(|(i, rank)| {
+            let be = backend.on_rank(i);
+            rank.iter()
+                .zip(plan.graph.params.values())
+                .map(|(t, data)| {
+                    be.upload(t).map_err(|e| ExecError::Feed {
+                        what: "parameter",
+                        name: data.name.clone(),
+                        problem: format!("could not be copied to the device: {e}"),
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Runs `plan` on `backend`, with weights already sharded and on the device
 /// (`params[rank][param]`) and a full host batch (each rank uploads its slice).
-pub fn run_on<'p, B: Backend + Clone>(
+pub fn run_on<'p, B: Backend>(
     backend: B,
     plan: &'p Plan,
     params: &[Vec<B::Tensor>],
@@ -195,6 +235,8 @@ pub fn run_on<'p, B: Backend + Clone>(
     let tp_groups: Vec<Arc<B::Group>> = (0..dp).map(|_| backend.group(tp, opts.timeout)).collect();
     let dp_groups: Vec<Arc<B::Group>> = (0..tp).map(|_| backend.group(dp, opts.timeout)).collect();
 
+    // Each rank computes with its own view of the device (the CUDA backend: its own stream).
+    let rank_backends: Vec<B> = (0..tp * dp).map(|i| backend.on_rank(i)).collect();
     let mut results: Vec<Option<Result<RankResult<B::Tensor>, ExecError>>> =
         (0..tp * dp).map(|_| None).collect();
     std::thread::scope(|scope| {
@@ -203,7 +245,7 @@ pub fn run_on<'p, B: Backend + Clone>(
             let (t, d) = (i % tp, i / tp);
             let weights = &params[i];
             let rank = Rank {
-                backend: &backend,
+                backend: &rank_backends[i],
                 plan,
                 t,
                 d,
@@ -735,7 +777,10 @@ impl<B: Backend> Rank<'_, B> {
                 if be.shape(x)[dim] % parts != 0 {
                     return Err(self.plan_error(n, "the sliced axis does not divide".into()));
                 }
-                Ok(vec![be.local_slice(x, dim, rank, parts)])
+                let part = be
+                    .local_slice(x, dim, rank, parts)
+                    .map_err(|e| self.kernel_error(n, e))?;
+                Ok(vec![part])
             }
             Op::CrossEntropy {
                 logits,
@@ -977,6 +1022,11 @@ impl<B: Backend> Run<'_, B> {
             layout.tp,
             self.blocks[v].max(1),
         ))
+    }
+
+    /// The backend the run computed on.
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// A parameter's gradient at its model shape (vocabulary padding cropped).

@@ -10,7 +10,8 @@
 //! values and 1e-4 on gradients in `f32`, measured against the largest magnitude of the
 //! reference tensor.
 
-use crate::exec::{run, ExecError, Run, RunOptions};
+use crate::backend::Backend;
+use crate::exec::{run, run_with, ExecError, Run, RunOptions};
 use crate::Tensor;
 use ferrotron_ir::Graph;
 use ferrotron_partitioner::{partition, PartitionError, PartitionOptions, Plan};
@@ -21,6 +22,30 @@ use thiserror::Error;
 pub const FORWARD_TOLERANCE: f64 = 1e-5;
 /// Relative tolerance of `f32` gradients.
 pub const GRADIENT_TOLERANCE: f64 = 1e-4;
+
+/// The tolerances a comparison holds the partitioned run to, relative to the reference's largest
+/// magnitude; they follow the dtype the run computed in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerances {
+    /// The loss and the graph outputs.
+    pub forward: f64,
+    /// The gradients.
+    pub gradient: f64,
+}
+
+impl Tolerances {
+    /// `f32` throughout (the CPU backend, the CUDA backend's verification mode).
+    pub const F32: Tolerances = Tolerances {
+        forward: FORWARD_TOLERANCE,
+        gradient: GRADIENT_TOLERANCE,
+    };
+    /// bf16 storage with `f32` arithmetic: bf16 keeps 8 significant bits (relative rounding
+    /// 2^-9 ≈ 2e-3 per stored value), and a layer stores a few dozen values on each path.
+    pub const BF16: Tolerances = Tolerances {
+        forward: 3e-2,
+        gradient: 6e-2,
+    };
+}
 
 /// What verification compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -169,22 +194,40 @@ pub fn compare_with(
     batch: &HashMap<String, Tensor>,
     opts: &RunOptions,
 ) -> Result<Verification, VerifyError> {
+    compare_on(ours, reference, params, batch, opts, Tolerances::F32)
+}
+
+/// Compares a finished run on any backend (the CUDA backend, say) with the reference run on the
+/// CPU backend, on the same weights and batch. On a mismatch, both run again keeping every value
+/// to find the first divergent op.
+pub fn compare_on<B: Backend>(
+    ours: &Run<B>,
+    reference: &Plan,
+    params: &HashMap<String, Tensor>,
+    batch: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+    tolerances: Tolerances,
+) -> Result<Verification, VerifyError> {
     let plan = ours.plan;
     let theirs = run(reference, params, batch, opts)?;
-    let mut v = compare_runs(ours, &theirs)?;
+    let mut v = compare_runs(ours, &theirs, tolerances)?;
     if !v.passed() {
         let keep = RunOptions {
             keep_all: true,
             ..opts.clone()
         };
-        let ours = run(plan, params, batch, &keep)?;
+        let ours = run_with(ours.backend().clone(), plan, params, batch, &keep)?;
         let theirs = run(reference, params, batch, &keep)?;
-        v.first_divergence = first_divergence(&ours, &theirs)?;
+        v.first_divergence = first_divergence(&ours, &theirs, tolerances)?;
     }
     Ok(v)
 }
 
-fn compare_runs(ours: &Run, theirs: &Run) -> Result<Verification, VerifyError> {
+fn compare_runs<B: Backend>(
+    ours: &Run<B>,
+    theirs: &Run,
+    tol: Tolerances,
+) -> Result<Verification, VerifyError> {
     let mut entries = Vec::new();
     let (loss, reference_loss) = (ours.loss()?, theirs.loss()?);
     entries.push(Entry {
@@ -194,7 +237,7 @@ fn compare_runs(ours: &Run, theirs: &Run) -> Result<Verification, VerifyError> {
             &Tensor::full(Vec::new(), loss),
             &Tensor::full(Vec::new(), reference_loss),
         ),
-        tolerance: FORWARD_TOLERANCE,
+        tolerance: tol.forward,
     });
     let plan = theirs.plan;
     for (name, v) in &plan.graph.outputs {
@@ -207,7 +250,7 @@ fn compare_runs(ours: &Run, theirs: &Run) -> Result<Verification, VerifyError> {
             name: name.clone(),
             kind: Kind::Output,
             max_rel_error: rel_error(&a, &b),
-            tolerance: FORWARD_TOLERANCE,
+            tolerance: tol.forward,
         });
     }
     let mut grads = Vec::with_capacity(plan.grads.len());
@@ -222,7 +265,7 @@ fn compare_runs(ours: &Run, theirs: &Run) -> Result<Verification, VerifyError> {
             name: name.clone(),
             kind: Kind::Gradient,
             max_rel_error: rel_error_floor(&a, &b, floor),
-            tolerance: GRADIENT_TOLERANCE,
+            tolerance: tol.gradient,
         });
     }
     Ok(Verification {
@@ -235,7 +278,11 @@ fn compare_runs(ours: &Run, theirs: &Run) -> Result<Verification, VerifyError> {
 
 /// The first forward node, in the reference's program order, whose output differs between two
 /// runs made with `keep_all`.
-fn first_divergence(ours: &Run, theirs: &Run) -> Result<Option<(String, f64)>, VerifyError> {
+fn first_divergence<B: Backend>(
+    ours: &Run<B>,
+    theirs: &Run,
+    tol: Tolerances,
+) -> Result<Option<(String, f64)>, VerifyError> {
     let g = &theirs.plan.graph;
     for &n in &g.order[..theirs.plan.backward_start] {
         let node = &g.nodes[n];
@@ -246,7 +293,7 @@ fn first_divergence(ours: &Run, theirs: &Run) -> Result<Option<(String, f64)>, V
             let b = theirs.gather(v)?;
             let a = crop_like(&ours.gather(mine)?, &b);
             let err = rel_error(&a, &b);
-            if err > FORWARD_TOLERANCE {
+            if err > tol.forward {
                 return Ok(Some((node.name.clone(), err)));
             }
         }

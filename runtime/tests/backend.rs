@@ -62,7 +62,13 @@ impl Backend for Counting {
         self.reshapes.fetch_add(1, Ordering::Relaxed);
         Cpu.reshape(t, shape)
     }
-    fn local_slice(&self, t: &Tensor, dim: usize, index: usize, parts: usize) -> Tensor {
+    fn local_slice(
+        &self,
+        t: &Tensor,
+        dim: usize,
+        index: usize,
+        parts: usize,
+    ) -> Result<Tensor, KernelError> {
         Cpu.local_slice(t, dim, index, parts)
     }
     fn ce_row_max(

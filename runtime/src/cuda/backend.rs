@@ -1,0 +1,273 @@
+//! [`Cuda`]: the [`Backend`] the executor runs a plan with on NVIDIA GPUs.
+//!
+//! One `Cuda` value holds a GPU and a [`RankDevice`] (stream + cuBLAS handle) per rank that runs
+//! on it; [`Backend::on_rank`] picks the rank's. Every op goes to [`super::kernels`], every
+//! collective to the group's [`CudaGroup`]: virtual ranks when the ranks share the GPU, NCCL when
+//! each rank has its own (one process per GPU under `ferrotron launch`).
+
+use super::comm::{CudaGroup, NcclGroup, VirtualGroup};
+use super::device::{Gpu, RankDevice};
+use super::kernels;
+use super::tensor::{CudaTensor, DType};
+use super::CudaError;
+use crate::backend::Backend;
+use crate::comm::{CommError, ReduceOp};
+use crate::cpu::kernels::{KernelError, Local};
+use crate::Tensor;
+use ferrotron_ir::{Dim, Op};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The CUDA backend.
+#[derive(Clone)]
+pub struct Cuda {
+    ranks: Arc<Vec<RankDevice>>,
+    current: usize,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Cuda({:?}, {} ranks, {:?})",
+            self.ranks[0].gpu,
+            self.ranks.len(),
+            self.dtype
+        )
+    }
+}
+
+impl Cuda {
+    /// `ranks` virtual ranks on GPU `ordinal`, each with its own stream, storing activations and
+    /// weights as `dtype` (ids and targets stay `f32`).
+    pub fn new(ordinal: usize, ranks: usize, dtype: DType) -> Result<Cuda, CudaError> {
+        let gpu = Gpu::open(ordinal)?;
+        let ranks = (0..ranks.max(1))
+            .map(|_| gpu.rank())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Cuda {
+            ranks: Arc::new(ranks),
+            current: 0,
+            dtype,
+        })
+    }
+
+    /// The device of the rank this value computes for.
+    pub fn device(&self) -> &RankDevice {
+        &self.ranks[self.current]
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &Gpu {
+        &self.ranks[0].gpu
+    }
+
+    /// The storage type of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// An NCCL group for this rank (`rank` of `size`), from the unique id every member was
+    /// given (`ferrotron launch` shares it through its rendezvous store).
+    pub fn nccl_group(
+        &self,
+        id: cudarc::nccl::Id,
+        rank: usize,
+        size: usize,
+    ) -> Result<Arc<CudaGroup>, CudaError> {
+        super::libs::require(&[super::libs::Lib::Nccl])?;
+        let comm = cudarc::nccl::Comm::from_rank(
+            self.device().stream.clone(),
+            rank,
+            size,
+            id,
+        )?;
+        Ok(Arc::new(CudaGroup::Nccl(NcclGroup::new(comm))))
+    }
+
+    /// Synchronizes the rank's stream (for timing).
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        Ok(self.device().stream.synchronize()?)
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the cross-entropy statistics take what the op takes
+impl Backend for Cuda {
+    type Tensor = CudaTensor;
+    type Group = CudaGroup;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn on_rank(&self, rank: usize) -> Self {
+        Cuda {
+            current: rank % self.ranks.len(),
+            ..self.clone()
+        }
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<CudaTensor, KernelError> {
+        kernels::upload(self.device(), t, self.dtype)
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Tensor, KernelError> {
+        kernels::download(self.device(), t)
+    }
+
+    fn shape<'t>(&self, t: &'t CudaTensor) -> &'t [usize] {
+        &t.shape
+    }
+
+    fn bytes(&self, t: &CudaTensor) -> usize {
+        t.bytes()
+    }
+
+    fn first_non_finite(&self, t: &CudaTensor) -> Option<f32> {
+        // A device failure here surfaces at the next op; the check itself reports nothing.
+        kernels::first_non_finite(self.device(), t).ok().flatten()
+    }
+
+    fn scalar(&self, value: f32) -> Result<CudaTensor, KernelError> {
+        kernels::scalar(self.device(), value)
+    }
+
+    fn read_scalar(&self, t: &CudaTensor) -> Result<f32, KernelError> {
+        let host = kernels::download(self.device(), t)?;
+        Ok(host.data.first().copied().unwrap_or(0.0))
+    }
+
+    fn eval(
+        &self,
+        op: &Op<&CudaTensor, Dim>,
+        local: &Local,
+    ) -> Result<Vec<CudaTensor>, KernelError> {
+        kernels::eval(self.device(), op, local)
+    }
+
+    fn reshape(&self, mut t: CudaTensor, shape: Vec<usize>) -> CudaTensor {
+        t.shape = shape;
+        t
+    }
+
+    fn local_slice(
+        &self,
+        t: &CudaTensor,
+        dim: usize,
+        index: usize,
+        parts: usize,
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::local_slice(self.device(), t, dim, index, parts)
+    }
+
+    fn ce_row_max(
+        &self,
+        logits: &CudaTensor,
+        class_offset: usize,
+        real_classes: usize,
+        _threads: usize,
+    ) -> Result<Vec<f32>, KernelError> {
+        kernels::ce_row_max(self.device(), logits, class_offset, real_classes)
+    }
+
+    fn ce_row_sums(
+        &self,
+        logits: &CudaTensor,
+        max: &[f32],
+        targets: &CudaTensor,
+        shift: bool,
+        class_offset: usize,
+        real_classes: usize,
+        _threads: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+        kernels::ce_row_sums(
+            self.device(),
+            logits,
+            max,
+            targets,
+            shift,
+            class_offset,
+            real_classes,
+        )
+    }
+
+    fn ce_grad(
+        &self,
+        logits: &CudaTensor,
+        max: &[f32],
+        sum: &[f32],
+        targets: &CudaTensor,
+        shift: bool,
+        class_offset: usize,
+        real_classes: usize,
+        dloss: f32,
+        token_parts: usize,
+        _threads: usize,
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::ce_grad(
+            self.device(),
+            logits,
+            max,
+            sum,
+            targets,
+            shift,
+            class_offset,
+            real_classes,
+            dloss,
+            token_parts,
+        )
+    }
+
+    fn group(&self, size: usize, timeout: Duration) -> Arc<CudaGroup> {
+        Arc::new(CudaGroup::Virtual(VirtualGroup::new(size, timeout)))
+    }
+
+    fn group_size(&self, g: &CudaGroup) -> usize {
+        g.size()
+    }
+
+    fn all_reduce(
+        &self,
+        g: &CudaGroup,
+        rank: usize,
+        t: &mut CudaTensor,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        g.all_reduce(self.device(), rank, t, op)
+    }
+
+    fn all_reduce_host(
+        &self,
+        g: &CudaGroup,
+        rank: usize,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        g.all_reduce_host(self.device(), rank, buf, op)
+    }
+
+    fn all_gather(
+        &self,
+        g: &CudaGroup,
+        rank: usize,
+        t: &CudaTensor,
+        dim: usize,
+    ) -> Result<CudaTensor, CommError> {
+        g.all_gather(self.device(), rank, t, dim)
+    }
+
+    fn reduce_scatter(
+        &self,
+        g: &CudaGroup,
+        rank: usize,
+        t: &CudaTensor,
+        dim: usize,
+    ) -> Result<CudaTensor, CommError> {
+        g.reduce_scatter(self.device(), rank, t, dim)
+    }
+
+    fn abort(&self, g: &CudaGroup, rank: usize, why: &str) {
+        g.abort(rank, why)
+    }
+}
