@@ -9,7 +9,7 @@ use crate::comm::{CommError, Group, ReduceOp};
 use crate::cpu::kernels::{self, KernelError, Local};
 use crate::exec::{deinterleave, interleave, slice};
 use crate::Tensor;
-use ferrotron_ir::{Dim, Op};
+use ferrotron_ir::{DType, Dim, Op};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +30,10 @@ pub trait Backend: Clone + Send + Sync {
         let _ = rank;
         self.clone()
     }
-    /// Copies a host tensor to the device.
-    fn upload(&self, t: &Tensor) -> Result<Self::Tensor, KernelError>;
+    /// Copies a host tensor to the device. `dtype` is the IR's type of the value: integer ids
+    /// must stay exact whatever the backend's storage type (the CUDA backend keeps them `f32`
+    /// in bf16 mode).
+    fn upload(&self, t: &Tensor, dtype: DType) -> Result<Self::Tensor, KernelError>;
     /// Copies a device tensor to the host.
     fn download(&self, t: &Self::Tensor) -> Result<Tensor, KernelError>;
     /// A tensor's shape.
@@ -149,7 +151,7 @@ impl Backend for Cpu {
         "cpu"
     }
 
-    fn upload(&self, t: &Tensor) -> Result<Tensor, KernelError> {
+    fn upload(&self, t: &Tensor, _dtype: DType) -> Result<Tensor, KernelError> {
         Ok(t.clone())
     }
 

@@ -201,7 +201,7 @@ pub fn upload_params<B: Backend>(
             rank.iter()
                 .zip(plan.graph.params.values())
                 .map(|(t, data)| {
-                    be.upload(t).map_err(|e| ExecError::Feed {
+                    be.upload(t, plan.graph.ty(data.value).dtype).map_err(|e| ExecError::Feed {
                         what: "parameter",
                         name: data.name.clone(),
                         problem: format!("could not be copied to the device: {e}"),
@@ -307,6 +307,61 @@ pub fn run_on<'p, B: Backend>(
         blocks,
         backend,
     })
+}
+
+/// Runs one rank of `plan` in this process: rank `index` (`t + tp · d`) with its own weight
+/// shards on the device and its tensor- and data-parallel groups already formed (across
+/// processes: `ferrotron launch` gives each process one rank). The other ranks run the same call
+/// in their processes. On failure the groups are aborted so the peers stop too.
+#[allow(clippy::too_many_arguments)] // a rank's whole context
+pub fn run_rank<B: Backend>(
+    backend: &B,
+    plan: &Plan,
+    index: usize,
+    weights: &[B::Tensor],
+    inputs: &HashMap<String, Tensor>,
+    tp_group: Arc<B::Group>,
+    dp_group: Arc<B::Group>,
+    opts: &RunOptions,
+) -> Result<RankResult<B::Tensor>, ExecError> {
+    let blocks = value_blocks(plan).map_err(|e| ExecError::Plan(e.to_string()))?;
+    let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
+    if index >= tp * dp || weights.len() != plan.graph.params.len() {
+        return Err(ExecError::Plan(format!(
+            "rank {index} with {} weights, for a {tp} × {dp} mesh of {} parameters",
+            weights.len(),
+            plan.graph.params.len()
+        )));
+    }
+    let (t, d) = (index % tp, index / tp);
+    if backend.group_size(&tp_group) != tp || backend.group_size(&dp_group) != dp {
+        return Err(ExecError::Plan(format!(
+            "groups of {} and {} members for a {tp} × {dp} mesh",
+            backend.group_size(&tp_group),
+            backend.group_size(&dp_group)
+        )));
+    }
+    let feed = shard_inputs(plan, inputs, &blocks)?.swap_remove(index);
+    let keep = kept_values(plan, opts.keep_all);
+    let last_use = last_uses(plan);
+    let rank = Rank {
+        backend,
+        plan,
+        t,
+        d,
+        tp_group: tp_group.clone(),
+        dp_group: dp_group.clone(),
+        blocks: &blocks,
+        keep: &keep,
+        last_use: &last_use,
+        opts,
+    };
+    let outcome = rank.run(weights, feed);
+    if let Err(e) = &outcome {
+        backend.abort(&tp_group, t, &e.to_string());
+        backend.abort(&dp_group, d, &e.to_string());
+    }
+    outcome
 }
 
 /// What one rank starts with: its shards of the batch.
@@ -520,7 +575,7 @@ impl<B: Backend> Rank<'_, B> {
             values[data.value.index()] = Some(Cow::Borrowed(x));
         }
         for (v, x) in feed {
-            let x = be.upload(&x).map_err(|e| ExecError::Feed {
+            let x = be.upload(&x, g.ty(v).dtype).map_err(|e| ExecError::Feed {
                 what: "input",
                 name: g.values[v].name.clone(),
                 problem: e.to_string(),

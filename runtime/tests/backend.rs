@@ -29,8 +29,8 @@ impl Backend for Counting {
     fn name(&self) -> &'static str {
         "counting"
     }
-    fn upload(&self, t: &Tensor) -> Result<Tensor, KernelError> {
-        Cpu.upload(t)
+    fn upload(&self, t: &Tensor, dtype: ferrotron_ir::DType) -> Result<Tensor, KernelError> {
+        Cpu.upload(t, dtype)
     }
     fn download(&self, t: &Tensor) -> Result<Tensor, KernelError> {
         Cpu.download(t)

@@ -77,12 +77,12 @@ impl Cuda {
         size: usize,
     ) -> Result<Arc<CudaGroup>, CudaError> {
         super::libs::require(&[super::libs::Lib::Nccl])?;
-        let comm = cudarc::nccl::Comm::from_rank(
-            self.device().stream.clone(),
-            rank,
-            size,
-            id,
-        )?;
+        // The collectives get their own stream, so that an all-reduce runs while the compute
+        // stream goes on with work that does not need it (Megatron's overlap of f's backward
+        // all-reduce with the weight-gradient GEMM). cudarc's event tracking orders each buffer's
+        // writes and reads across the two streams.
+        let comm_stream = self.gpu().ctx.new_stream()?;
+        let comm = cudarc::nccl::Comm::from_rank(comm_stream, rank, size, id)?;
         Ok(Arc::new(CudaGroup::Nccl(NcclGroup::new(comm))))
     }
 
@@ -108,8 +108,10 @@ impl Backend for Cuda {
         }
     }
 
-    fn upload(&self, t: &Tensor) -> Result<CudaTensor, KernelError> {
-        kernels::upload(self.device(), t, self.dtype)
+    fn upload(&self, t: &Tensor, dtype: ferrotron_ir::DType) -> Result<CudaTensor, KernelError> {
+        // Ids stay exact: bf16 holds integers only up to 256.
+        let storage = if dtype.is_int() { DType::F32 } else { self.dtype };
+        kernels::upload(self.device(), t, storage)
     }
 
     fn download(&self, t: &CudaTensor) -> Result<Tensor, KernelError> {
