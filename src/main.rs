@@ -9,15 +9,17 @@ use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
 use ferrotron_partitioner::cost::{simulate_against, weak_scaling_table, Cluster, SimOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
-use ferrotron_runtime::hf::{load_gpt2, read_tokens, write_safetensors};
-use ferrotron_runtime::init::{init_params, random_batch, test_params};
+use ferrotron_runtime::init::init_params;
 use ferrotron_runtime::tokenizer::Tokenizer;
 use ferrotron_runtime::train::{Batches, TrainConfig, Trainer};
-use ferrotron_runtime::verify::{compare_with, reference_plan, Verification};
+use ferrotron_runtime::verify::Verification;
 use ferrotron_visualizer::export::{self, ExportOptions};
 use ferrotron_visualizer::layout::LayoutOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod execute;
+mod launch;
 
 /// A compiler and runtime for Megatron-style tensor model parallelism.
 #[derive(Parser)]
@@ -55,42 +57,11 @@ enum Command {
         #[arg(long)]
         timings: bool,
     },
-    /// Partition a model and run one forward + backward step on CPU threads (one per rank),
-    /// on deterministic weights and a random batch; with `--verify`, compare the loss, the
-    /// outputs and every gradient with the unpartitioned model's.
-    Run {
-        #[command(flatten)]
-        plan: PlanArgs,
-        /// Compare with the unpartitioned model; exit non-zero on a mismatch.
-        #[arg(long)]
-        verify: bool,
-        /// Seed of the weights and the batch.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Threads each rank's matmuls may use.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Stop at the first op that produces a NaN or an infinity, naming it.
-        #[arg(long)]
-        check_finite: bool,
-        /// Write a Chrome / Perfetto trace of every op and collective on every rank.
-        #[arg(long, value_name = "FILE.json")]
-        trace: Option<PathBuf>,
-        /// Weights from a Hugging Face GPT2LMHeadModel safetensors file
-        /// (`transformer.h.0.attn.c_attn.weight`, ...) instead of the seeded initialisation.
-        #[arg(long, value_name = "FILE.safetensors")]
-        weights: Option<PathBuf>,
-        /// The batch: one sequence per line, space-separated token ids, equal lengths (sets
-        /// the model's `batch` and `seq` dimensions).
-        #[arg(long, value_name = "FILE")]
-        tokens: Option<PathBuf>,
-        /// Write every gradient (full shape, unpadded, under the parameters' names).
-        #[arg(long, value_name = "OUT.safetensors")]
-        dump_grads: Option<PathBuf>,
-    },
+    /// Partition a model and run one forward + backward step, on CPU threads or a GPU (one
+    /// thread per rank; under `ferrotron launch`, one process per rank), on deterministic
+    /// weights and a random batch; with `--verify`, compare the loss, the outputs and every
+    /// gradient with the unpartitioned model's.
+    Run(execute::RunArgs),
     /// Train a model on a text file: AdamW with warm-up and cosine decay, gradient clipping,
     /// on CPU threads (one per rank). Batch and sequence length are the model's `batch` and
     /// `seq` dimensions.
@@ -233,6 +204,16 @@ enum Command {
     View {
         #[command(flatten)]
         plan: PlanArgs,
+        /// Layers to open drawn op by op (`--expand 0,3`); the others open collapsed.
+        #[arg(long, value_delimiter = ',')]
+        expand: Vec<usize>,
+        /// Open with the backward pass drawn.
+        #[arg(long)]
+        backward: bool,
+        /// Time N frames while the graph pans (at the opening view, then fitted to the
+        /// window), print the frame times and close.
+        #[arg(long, value_name = "N")]
+        bench_frames: Option<usize>,
     },
     /// Rewrite a checkpoint for another tensor-parallel degree.
     Reshard {
@@ -268,10 +249,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Start N worker processes on this node (like torchrun), each told its rank, meeting the
+    /// other nodes' launchers at a rendezvous store; if any rank fails, stop every rank.
+    Launch(launch::LaunchArgs),
 }
 
 /// The model and how to partition it, shared by `partition` and `run`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone, Debug)]
 struct PlanArgs {
     /// The model file.
     model: PathBuf,
@@ -385,130 +369,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Run {
-            plan: args,
-            verify,
-            seed,
-            threads,
-            json,
-            check_finite,
-            trace,
-            weights,
-            tokens,
-            dump_grads,
-        } => {
-            let mut args = args;
-            let token_batch = match &tokens {
-                Some(path) => {
-                    let t = read_tokens(path)?;
-                    // The file decides the batch: its lines and their length.
-                    args.dims.retain(|(n, _)| n != "batch" && n != "seq");
-                    args.dims.push(("batch".into(), t.shape[0] as u64));
-                    args.dims.push(("seq".into(), t.shape[1] as u64));
-                    Some(t)
-                }
-                None => None,
-            };
-            let graph = args.load()?;
-            let plan = partition(&graph, &args.options())?;
-            let report = Report::of(&plan);
-            let opts = ferrotron_runtime::RunOptions {
-                threads_per_rank: threads,
-                check_finite,
-                trace: trace.is_some(),
-                ..ferrotron_runtime::RunOptions::default()
-            };
-            let params = match (&weights, verify) {
-                (Some(path), _) => load_gpt2(path, &graph)?,
-                (None, true) => test_params(&graph, seed),
-                (None, false) => init_params(&graph, seed),
-            };
-            let mut batch = random_batch(&graph, seed);
-            if let Some(t) = token_batch {
-                let input = graph
-                    .inputs
-                    .iter()
-                    .find(|&&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
-                    .map(|&v| graph.values[v].name.clone())
-                    .ok_or_else(|| anyhow::anyhow!("the model has no [batch, seq] token input"))?;
-                batch.insert(input, t);
-            }
-            let started = std::time::Instant::now();
-            let run = ferrotron_runtime::run(&plan, &params, &batch, &opts)?;
-            let wall = started.elapsed();
-            if let Some(path) = &trace {
-                write_atomically(path, run.trace_json().as_bytes())?;
-            }
-            let loss = run.loss()?;
-            if let Some(path) = &dump_grads {
-                let grads = plan
-                    .grads
-                    .iter()
-                    .map(|(p, _)| {
-                        let name = plan.graph.params[*p].name.clone();
-                        run.grad(&name).map(|g| (name, g))
-                    })
-                    .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
-                write_safetensors(path, &grads)?;
-            }
-            let (fwd, bwd) = run.times();
-            let tokens = ferrotron_ir::count::tokens_per_step(&graph).unwrap_or(0);
-            let tokens_per_second = tokens as f64 / (fwd + bwd).as_secs_f64().max(1e-9);
-            let checked = if verify {
-                let reference = reference_plan(&graph)?;
-                Some(compare_with(&run, &reference, &params, &batch, &opts)?)
-            } else {
-                None
-            };
-            if json {
-                let mut j = serde_json::json!({
-                    "model": graph.name,
-                    "tp": plan.mesh.tp,
-                    "dp": plan.mesh.dp,
-                    "loss": loss,
-                    "forward_ms": fwd.as_secs_f64() * 1e3,
-                    "backward_ms": bwd.as_secs_f64() * 1e3,
-                    "tokens_per_second": tokens_per_second,
-                    "peak_bytes_per_rank": run.peak_bytes(),
-                    "estimated_bytes_per_rank": report.per_rank.memory_bytes - report.per_rank.optimizer_bytes,
-                    "report": report,
-                });
-                if let Some(v) = &checked {
-                    j["verified"] = v.passed().into();
-                    j["max_rel_error"] = v.max_rel_error().into();
-                    j["comparison"] = serde_json::to_value(v)?;
-                }
-                println!("{j}");
-            } else {
-                print!("{report}");
-                println!(
-                    "run: loss {loss:.6}, forward {:.1} ms, backward {:.1} ms ({:.1} ms wall), \
-                     {tokens_per_second:.0} tokens/s",
-                    fwd.as_secs_f64() * 1e3,
-                    bwd.as_secs_f64() * 1e3,
-                    wall.as_secs_f64() * 1e3
-                );
-                let estimate = report.per_rank.memory_bytes - report.per_rank.optimizer_bytes;
-                println!(
-                    "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB estimated \
-                     (weights + gradients + saved activations)",
-                    run.peak_bytes() as f64 / (1 << 20) as f64,
-                    estimate as f64 / (1 << 20) as f64
-                );
-                if let Some(v) = &checked {
-                    print_verification(v);
-                }
-            }
-            if let Some(v) = checked {
-                if !v.passed() {
-                    anyhow::bail!(
-                        "the partitioned run differs from the unpartitioned model (max relative \
-                         error {:.3e})",
-                        v.max_rel_error()
-                    );
-                }
-            }
-        }
+        Command::Run(args) => execute::run(args)?,
         Command::Train {
             plan: args,
             data,
@@ -831,14 +692,23 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", path.display());
             }
         }
-        Command::View { plan: args } => {
-            ferrotron_visualizer::app::run(
-                args.model.clone(),
-                args.tp,
-                args.dp,
-                args.sequence_parallel,
-            )
-            .map_err(anyhow::Error::msg)?;
+        Command::View {
+            plan: args,
+            expand,
+            backward,
+            bench_frames,
+        } => {
+            let load = LoadOptions {
+                overrides: args.dims.clone(),
+                ..LoadOptions::default()
+            };
+            let view = ferrotron_visualizer::app::RunOptions {
+                expand,
+                backward,
+                bench_frames,
+            };
+            ferrotron_visualizer::app::run(args.model.clone(), load, args.options(), view)
+                .map_err(anyhow::Error::msg)?;
         }
         Command::Reshard {
             plan: args,
@@ -855,6 +725,7 @@ fn run(cli: Cli) -> Result<()> {
                 plan.mesh.tp
             );
         }
+        Command::Launch(args) => launch::launch(args)?,
         Command::Generate {
             plan: args,
             checkpoint,

@@ -270,3 +270,61 @@ fn calibration_reproduces_the_files_figure() {
         c.gemm.max
     );
 }
+
+#[test]
+#[ignore]
+fn scratch_breakdown() {
+    let c = cluster("dgx2h.ron");
+    for overlap in [false] {
+        let opts = SimOptions {
+            overlap_dp: overlap,
+            ..SimOptions::megatron()
+        };
+        let (rows, _) = weak_scaling_table(&root().join("models"), &c, &opts).unwrap();
+        for r in &rows {
+            let s = &r.simulation;
+            println!(
+                "{:>14} tp{} dp{:>2} step {:.3} fwd {:.3} bwd {:.3} rec {:.3} opt {:.3} gemm {:.3} mem {:.3} tp {:.3} dp {:.3}/{:.3} flops {:.3e} eff {:.1} paper {:.0}",
+                r.model, r.tp, r.dp, s.step_time_s, s.forward_s, s.backward_s, s.recompute_s, s.optimizer_s,
+                s.gemm_s, s.memory_bound_s, s.tp_comm_s, s.dp_exposed_s, s.dp_comm_s, s.flops_per_gpu,
+                100.0 * s.scaling_efficiency, 100.0 * r.paper_efficiency
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn scratch_strong() {
+    let c = cluster("dgx2h.ron");
+    let g = model("megatron-1.2b.ron", &[]);
+    let opts = SimOptions::megatron();
+    let base = simulate(&plan(&g, 1, 1), &c, &opts).step_time_s;
+    for tp in [1, 2, 4, 8] {
+        let s = simulate(&plan(&g, tp, 1), &c, &opts);
+        println!(
+            "tp{tp} step {:.3} speedup {:.2} gemm {:.3} mem {:.3} tp {:.3} opt {:.3}",
+            s.step_time_s, base / s.step_time_s, s.gemm_s, s.memory_bound_s, s.tp_comm_s, s.optimizer_s
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn scratch_shapes() {
+    let g = model("megatron-4.2b.ron", &[("layers", 1)]);
+    let p = plan(&g, 4, 1);
+    for &n in &p.graph.order {
+        let node = &p.graph.nodes[n];
+        if let ferrotron_ir::Op::MatMul { a, b, transpose_a, transpose_b } = &node.op {
+            println!(
+                "{} {:?} x {:?} ta={} tb={} -> {:?}",
+                node.name,
+                p.graph.ty(*a).shape.sizes(),
+                p.graph.ty(*b).shape.sizes(),
+                transpose_a, transpose_b,
+                p.graph.ty(node.outputs[0]).shape.sizes()
+            );
+        }
+    }
+}

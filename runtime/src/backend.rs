@@ -8,6 +8,7 @@
 use crate::comm::{CommError, Group, ReduceOp};
 use crate::cpu::kernels::{self, KernelError, Local};
 use crate::exec::{deinterleave, interleave, slice};
+use crate::launch::TcpGroup;
 use crate::Tensor;
 use ferrotron_ir::{DType, Dim, Op};
 use std::sync::Arc;
@@ -139,13 +140,66 @@ pub trait Backend: Clone + Send + Sync {
     fn abort(&self, g: &Self::Group, rank: usize, why: &str);
 }
 
-/// The CPU backend: host tensors, the `f32` kernels, ranks as threads of one process.
+/// The CPU backend: host tensors, the `f32` kernels, ranks as threads of one process (or, under
+/// `ferrotron launch`, one rank per process, communicating over TCP).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
+/// A communicator group of the CPU backend.
+#[derive(Debug)]
+pub enum CpuGroup {
+    /// Ranks that are threads of this process.
+    Threads(Arc<Group>),
+    /// Ranks that are processes, connected by TCP (`ferrotron launch`).
+    Tcp(TcpGroup),
+}
+
+impl CpuGroup {
+    fn all_reduce(&self, rank: usize, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        match self {
+            CpuGroup::Threads(g) => g.all_reduce(rank, buf, op),
+            CpuGroup::Tcp(g) => g.all_reduce(rank, buf, op),
+        }
+    }
+
+    fn all_gather(&self, rank: usize, local: &[f32], out: &mut [f32]) -> Result<(), CommError> {
+        match self {
+            CpuGroup::Threads(g) => g.all_gather(rank, local, out),
+            CpuGroup::Tcp(g) => g.all_gather(rank, local, out),
+        }
+    }
+
+    fn reduce_scatter(
+        &self,
+        rank: usize,
+        chunks: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), CommError> {
+        match self {
+            CpuGroup::Threads(g) => g.reduce_scatter(rank, chunks, out),
+            CpuGroup::Tcp(g) => g.reduce_scatter(rank, chunks, out),
+        }
+    }
+
+    /// The number of members.
+    pub fn size(&self) -> usize {
+        match self {
+            CpuGroup::Threads(g) => g.size(),
+            CpuGroup::Tcp(g) => g.size(),
+        }
+    }
+
+    fn abort(&self, rank: usize, why: &str) {
+        match self {
+            CpuGroup::Threads(g) => g.abort(rank, why),
+            CpuGroup::Tcp(g) => g.abort(rank, why),
+        }
+    }
+}
+
 impl Backend for Cpu {
     type Tensor = Tensor;
-    type Group = Group;
+    type Group = CpuGroup;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -257,17 +311,17 @@ impl Backend for Cpu {
         )
     }
 
-    fn group(&self, size: usize, timeout: Duration) -> Arc<Group> {
-        Group::new(size, timeout)
+    fn group(&self, size: usize, timeout: Duration) -> Arc<CpuGroup> {
+        Arc::new(CpuGroup::Threads(Group::new(size, timeout)))
     }
 
-    fn group_size(&self, g: &Group) -> usize {
+    fn group_size(&self, g: &CpuGroup) -> usize {
         g.size()
     }
 
     fn all_reduce(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         t: &mut Tensor,
         op: ReduceOp,
@@ -277,7 +331,7 @@ impl Backend for Cpu {
 
     fn all_reduce_host(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         buf: &mut [f32],
         op: ReduceOp,
@@ -287,7 +341,7 @@ impl Backend for Cpu {
 
     fn all_gather(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         t: &Tensor,
         dim: usize,
@@ -300,7 +354,7 @@ impl Backend for Cpu {
 
     fn reduce_scatter(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         t: &Tensor,
         dim: usize,
@@ -314,7 +368,7 @@ impl Backend for Cpu {
         Ok(out)
     }
 
-    fn abort(&self, g: &Group, rank: usize, why: &str) {
+    fn abort(&self, g: &CpuGroup, rank: usize, why: &str) {
         g.abort(rank, why)
     }
 }

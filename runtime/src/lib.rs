@@ -18,6 +18,7 @@ pub mod exec;
 pub mod generate;
 pub mod hf;
 pub mod init;
+pub mod launch;
 pub mod safetensors_io;
 pub mod tensor;
 pub mod tokenizer;

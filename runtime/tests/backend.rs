@@ -4,8 +4,8 @@
 
 use ferrotron_ir::{load_model, LoadOptions, Op};
 use ferrotron_partitioner::{partition, PartitionOptions};
-use ferrotron_runtime::backend::{Backend, Cpu};
-use ferrotron_runtime::comm::{CommError, Group, ReduceOp};
+use ferrotron_runtime::backend::{Backend, Cpu, CpuGroup};
+use ferrotron_runtime::comm::{CommError, ReduceOp};
 use ferrotron_runtime::cpu::kernels::{KernelError, Local};
 use ferrotron_runtime::exec::run_on;
 use ferrotron_runtime::init::{init_params, random_batch};
@@ -25,7 +25,7 @@ struct Counting {
 #[allow(clippy::too_many_arguments)]
 impl Backend for Counting {
     type Tensor = Tensor;
-    type Group = Group;
+    type Group = CpuGroup;
     fn name(&self) -> &'static str {
         "counting"
     }
@@ -107,15 +107,15 @@ impl Backend for Counting {
     ) -> Result<Tensor, KernelError> {
         Cpu.ce_grad(l, m, su, t, s, o, r, d, p, th)
     }
-    fn group(&self, size: usize, timeout: Duration) -> Arc<Group> {
+    fn group(&self, size: usize, timeout: Duration) -> Arc<CpuGroup> {
         Cpu.group(size, timeout)
     }
-    fn group_size(&self, g: &Group) -> usize {
+    fn group_size(&self, g: &CpuGroup) -> usize {
         Cpu.group_size(g)
     }
     fn all_reduce(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         t: &mut Tensor,
         op: ReduceOp,
@@ -125,7 +125,7 @@ impl Backend for Counting {
     }
     fn all_reduce_host(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         b: &mut [f32],
         op: ReduceOp,
@@ -134,7 +134,7 @@ impl Backend for Counting {
     }
     fn all_gather(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         t: &Tensor,
         dim: usize,
@@ -144,7 +144,7 @@ impl Backend for Counting {
     }
     fn reduce_scatter(
         &self,
-        g: &Group,
+        g: &CpuGroup,
         rank: usize,
         t: &Tensor,
         dim: usize,
@@ -152,7 +152,7 @@ impl Backend for Counting {
         self.collectives.fetch_add(1, Ordering::Relaxed);
         Cpu.reduce_scatter(g, rank, t, dim)
     }
-    fn abort(&self, g: &Group, rank: usize, why: &str) {
+    fn abort(&self, g: &CpuGroup, rank: usize, why: &str) {
         Cpu.abort(g, rank, why)
     }
 }

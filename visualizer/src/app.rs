@@ -1,13 +1,16 @@
 //! The desktop viewer: the [`GraphLayout`] of a plan drawn with egui, the same colours and labels
 //! as the SVG export ([`TpClass`], [`collective_label`], [`shape_text`], [`export::title`]), a
 //! control panel (tp, dp, sequence parallelism, forward or forward + backward, search), a
-//! property panel for the selected box and the plan's summary ([`Report`]).
+//! property panel for the selected box (with its FLOPs and bytes, full and per rank, from
+//! [`stats`]) and the plan's summary ([`Report`]) drawn as a small bar chart.
 //!
 //! All state lives in [`Viewer`]; [`Viewer::show`] draws it into any [`egui::Ui`], so the tests
 //! drive it headless with `egui_kittest`, and [`run`] opens it in a native window (OpenGL through
-//! glow, which Mesa's llvmpipe renders in software).
+//! glow, which Mesa's llvmpipe renders in software). [`RunOptions::bench_frames`] times the
+//! window's frames while the graph pans.
 
 use crate::export::{self, ExportOptions};
+use crate::stats::{self, human_bytes, human_count, Cost, Costs, NodeCosts, SummaryChart};
 use crate::layout::{
     collective_label, is_collective_like, layout, shape_text, GraphLayout, Item, LayoutOptions,
     TpClass, LINE_H,
@@ -55,10 +58,15 @@ pub struct Viewer {
     pub backward: bool,
     /// Layers drawn op by op.
     pub expand: Vec<usize>,
+    /// How model files are read (`--dim` overrides).
+    load_options: LoadOptions,
     source: Source,
     /// The plan, or why there is none (a located model-file error or the partitioner's error).
     plan: Result<Plan, String>,
     report: Option<Report>,
+    /// The plan's node costs and summary chart.
+    costs: Option<NodeCosts>,
+    chart: Option<SummaryChart>,
     layout: GraphLayout,
     /// The selected box, by what it stands for (it survives re-layouts).
     selected: Option<Item>,
@@ -70,10 +78,22 @@ pub struct Viewer {
     pan: Vec2,
     /// Screen pixels per layout unit.
     zoom: f32,
-    /// Fit the graph to the canvas at the next frame.
-    fit_pending: bool,
+    /// How to frame the graph at the next frame, if it is to be re-framed.
+    fit_pending: Option<Fit>,
     /// The last canvas rectangle.
     canvas: Rect,
+}
+
+/// The smallest zoom the viewer opens at: box labels are drawn from 0.35, edge labels from 0.6.
+const READABLE_ZOOM: f32 = 0.6;
+
+/// How to frame the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fit {
+    /// All of it, however small.
+    All,
+    /// All of it if that is readable, else its top at a readable zoom.
+    Opening,
 }
 
 fn empty_layout() -> GraphLayout {
@@ -90,26 +110,40 @@ impl Viewer {
     /// Loads `model` (a model file, or failing that a saved plan) and partitions it; errors end
     /// up in the error panel, never in a panic.
     pub fn new(model: impl Into<PathBuf>, tp: u64, dp: u64, sequence_parallel: bool) -> Viewer {
+        let options = PartitionOptions {
+            tp,
+            dp,
+            sequence_parallel,
+            ..PartitionOptions::default()
+        };
+        Viewer::with_options(model, LoadOptions::default(), options)
+    }
+
+    /// Like [`Self::new`], with every load option (`--dim` overrides) and partition option
+    /// (`--pin`, `--vocab-multiple`) that `ferrotron partition` takes.
+    pub fn with_options(
+        model: impl Into<PathBuf>,
+        load_options: LoadOptions,
+        options: PartitionOptions,
+    ) -> Viewer {
         let model = model.into();
         let mut v = Viewer {
-            options: PartitionOptions {
-                tp,
-                dp,
-                sequence_parallel,
-                ..PartitionOptions::default()
-            },
+            options,
             backward: false,
             expand: Vec::new(),
+            load_options,
             source: Source::None,
             plan: Err(String::new()),
             report: None,
+            costs: None,
+            chart: None,
             layout: empty_layout(),
             selected: None,
             rank: 0,
             search: String::new(),
             pan: Vec2::ZERO,
             zoom: 1.0,
-            fit_pending: true,
+            fit_pending: Some(Fit::Opening),
             canvas: Rect::from_min_size(Pos2::ZERO, Vec2::new(800.0, 600.0)),
             model: model.clone(),
         };
@@ -122,7 +156,7 @@ impl Viewer {
         self.model = path.to_path_buf();
         self.selected = None;
         self.expand.clear();
-        match load_model(path, &LoadOptions::default()) {
+        match load_model(path, &self.load_options) {
             Ok(g) => {
                 self.source = Source::Model(Box::new(g));
                 self.repartition();
@@ -156,10 +190,15 @@ impl Viewer {
 
     fn set_plan(&mut self, plan: Result<Plan, String>) {
         self.report = plan.as_ref().ok().map(Report::of);
+        self.costs = plan.as_ref().ok().map(NodeCosts::new);
+        self.chart = match (&plan, &self.report) {
+            (Ok(p), Some(r)) => Some(stats::summary_chart(p, r)),
+            _ => None,
+        };
         self.plan = plan;
         self.rank = self.rank.min(self.options.tp.max(1) - 1);
         self.relayout();
-        self.fit_pending = true;
+        self.fit_pending = Some(Fit::Opening);
     }
 
     /// Lays the plan out again (after a change of view or of the expanded layers).
@@ -200,7 +239,7 @@ impl Viewer {
     pub fn set_backward(&mut self, backward: bool) {
         self.backward = backward;
         self.relayout();
-        self.fit_pending = true;
+        self.fit_pending = Some(Fit::Opening);
     }
 
     /// The plan, if there is one.
@@ -344,7 +383,7 @@ impl Viewer {
     fn centre_on_selected(&mut self) {
         if let Some(i) = self.selected() {
             let (cx, cy) = self.layout.nodes[i].centre();
-            self.fit_pending = false;
+            self.fit_pending = None;
             self.pan = self.canvas.size() / 2.0 - Vec2::new(cx as f32, cy as f32) * self.zoom;
         }
     }
@@ -399,6 +438,9 @@ impl Viewer {
                     };
                     value_rows(&mut row, v, &prefix);
                 }
+                if let Some(c) = self.selected_costs() {
+                    cost_rows(&mut row, c);
+                }
             }
             Item::Param(p) => {
                 let pd = &g.params[*p];
@@ -406,6 +448,9 @@ impl Viewer {
                 row("name", pd.name.clone());
                 row("op", "parameter".to_string());
                 value_rows(&mut row, pd.value, "");
+                if let Some(c) = self.selected_costs() {
+                    bytes_rows(&mut row, c, "");
+                }
                 let tp = plan.mesh.tp;
                 let slice = match shard.ranges(self.rank, tp) {
                     None => "all of it (replicated)".to_string(),
@@ -426,6 +471,9 @@ impl Viewer {
                 row("name", g.values[*v].name.clone());
                 row("op", "input".to_string());
                 value_rows(&mut row, *v, "");
+                if let Some(c) = self.selected_costs() {
+                    bytes_rows(&mut row, c, "");
+                }
             }
             Item::Layer {
                 index,
@@ -454,9 +502,42 @@ impl Viewer {
                         c.join(", ")
                     },
                 );
+                if let Some(c) = self.selected_costs() {
+                    cost_rows(&mut row, c);
+                }
             }
         }
         rows
+    }
+
+    /// The FLOPs and bytes of the selected box, full and per rank: an op's own, a collapsed
+    /// layer's summed over its ops, a parameter's or input's bytes (no FLOPs).
+    pub fn selected_costs(&self) -> Option<Costs> {
+        let (Ok(plan), Some(costs), Some(item)) = (&self.plan, &self.costs, &self.selected) else {
+            return None;
+        };
+        let value = |v: ValueId| {
+            let (full, per_rank) = costs.value_bytes(plan, v);
+            let c = |b: u64| Cost {
+                bytes: b as u128,
+                ..Cost::default()
+            };
+            Costs {
+                full: c(full),
+                per_rank: c(per_rank),
+            }
+        };
+        Some(match item {
+            Item::Op(n) => costs.node(plan, *n),
+            Item::Layer { nodes, .. } => costs.nodes(plan, nodes),
+            Item::Param(p) => value(plan.graph.params[*p].value),
+            Item::Input(v) => value(*v),
+        })
+    }
+
+    /// The summary chart's bars (what [`Self::show`] draws in the summary panel).
+    pub fn summary_chart(&self) -> Option<&SummaryChart> {
+        self.chart.as_ref()
     }
 
     /// The summary panel's rows: parameters and memory per rank, collectives per step by kind.
@@ -560,7 +641,7 @@ impl Viewer {
         });
         ui.horizontal(|ui| {
             if ui.button("fit to window").clicked() {
-                self.fit_pending = true;
+                self.fit_to_window();
             }
             if ui.button("collapse all").clicked() {
                 self.collapse_all();
@@ -629,8 +710,17 @@ impl Viewer {
         ui.separator();
 
         ui.heading("summary");
-        for (k, v) in self.summary() {
-            ui.label(format!("{k}: {v}"));
+        if let Some(r) = &self.report {
+            ui.label(format!(
+                "nodes: {} forward, {} backward",
+                r.nodes.0, r.nodes.1
+            ));
+        }
+        match &self.chart {
+            Some(chart) => draw_chart(ui, chart),
+            None => {
+                ui.label("no plan");
+            }
         }
     }
 
@@ -638,22 +728,68 @@ impl Viewer {
         origin + self.pan + Vec2::new(x as f32, y as f32) * self.zoom
     }
 
-    fn fit(&mut self, rect: Rect) {
+    /// Fits the whole graph to the canvas at the next frame.
+    pub fn fit_to_window(&mut self) {
+        self.fit_pending = Some(Fit::All);
+    }
+
+    /// Moves the graph by `delta` screen pixels (what dragging does).
+    pub fn pan_by(&mut self, delta: Vec2) {
+        self.pan += delta;
+    }
+
+    /// Screen pixels per layout unit.
+    pub fn zoom(&self) -> f32 {
+        self.zoom
+    }
+
+    /// The graph's area at the last frame, in screen points.
+    pub fn canvas_rect(&self) -> Rect {
+        self.canvas
+    }
+
+    /// Where box `i` of [`Self::graph_layout`] is drawn, in screen points.
+    pub fn screen_rect(&self, i: usize) -> Option<Rect> {
+        let n = self.layout.nodes.get(i)?;
+        let origin = self.canvas.min;
+        Some(Rect::from_min_max(
+            self.to_screen(origin, n.x, n.y),
+            self.to_screen(origin, n.x + n.w, n.y + n.h),
+        ))
+    }
+
+    fn fit(&mut self, rect: Rect, fit: Fit) {
         let (w, h) = (self.layout.width as f32, self.layout.height as f32);
         if w <= 0.0 || h <= 0.0 {
             return;
         }
-        self.zoom = (rect.width() / w).min(rect.height() / h).clamp(0.02, 2.0);
-        self.pan = (rect.size() - Vec2::new(w, h) * self.zoom) / 2.0;
+        let all = (rect.width() / w).min(rect.height() / h).clamp(0.02, 2.0);
+        if fit == Fit::All || all >= READABLE_ZOOM {
+            self.zoom = all;
+            self.pan = (rect.size() - Vec2::new(w, h) * self.zoom) / 2.0;
+            return;
+        }
+        // Too tall (or wide) to read whole: open at the top, as wide as fits but readable,
+        // centred on the first rows.
+        self.zoom = (rect.width() / w).clamp(READABLE_ZOOM, 1.0);
+        let top: Vec<&crate::layout::Node> =
+            self.layout.nodes.iter().filter(|n| n.rank < 3).collect();
+        let cx = if self.zoom * w <= rect.width() || top.is_empty() {
+            w / 2.0
+        } else {
+            let l = top.iter().map(|n| n.x).fold(f64::INFINITY, f64::min);
+            let r = top.iter().map(|n| n.x + n.w).fold(f64::NEG_INFINITY, f64::max);
+            ((l + r) / 2.0) as f32
+        };
+        self.pan = Vec2::new(rect.width() / 2.0 - cx * self.zoom, 0.0);
     }
 
     fn canvas(&mut self, ui: &mut egui::Ui) {
         let (response, painter) = ui.allocate_painter(ui.available_size(), Sense::click_and_drag());
         let rect = response.rect;
         self.canvas = rect;
-        if self.fit_pending {
-            self.fit(rect);
-            self.fit_pending = false;
+        if let Some(fit) = self.fit_pending.take() {
+            self.fit(rect, fit);
         }
         // Pan by dragging, zoom by scrolling (about the pointer).
         if response.dragged() {
@@ -810,15 +946,307 @@ impl Viewer {
     }
 }
 
+/// Bar colours of the summary chart: per rank / model; weights, gradients, optimizer,
+/// activations; collectives.
+const PARAM_BARS: [Color32; 2] = [
+    Color32::from_rgb(0x6b, 0xae, 0xd6),
+    Color32::from_rgb(0x9e, 0x9e, 0x9e),
+];
+const MEMORY_BARS: [Color32; 4] = [
+    Color32::from_rgb(0x6b, 0xae, 0xd6),
+    Color32::from_rgb(0x74, 0xc4, 0x76),
+    Color32::from_rgb(0xfd, 0x8d, 0x3c),
+    Color32::from_rgb(0x9e, 0x9a, 0xc8),
+];
+const COLLECTIVE_BAR: Color32 = Color32::from_rgb(0x9d, 0x6b, 0xd8);
+
+/// Draws the summary chart: per group a title, then per bar its label and value on one line and
+/// the bar (to the group's scale) under it. Each bar is an AccessKit label `LABEL: VALUE`.
+fn draw_chart(ui: &mut egui::Ui, chart: &SummaryChart) {
+    let groups: [(&stats::BarGroup, &[Color32]); 3] = [
+        (&chart.parameters, &PARAM_BARS),
+        (&chart.memory, &MEMORY_BARS),
+        (&chart.collectives, &[COLLECTIVE_BAR]),
+    ];
+    let font = FontId::proportional(12.5);
+    for (group, colours) in groups {
+        ui.add_space(4.0);
+        ui.label(egui::RichText::new(&group.title).strong());
+        if group.bars.is_empty() {
+            ui.label("none");
+        }
+        for (i, bar) in group.bars.iter().enumerate() {
+            let width = ui.available_width().max(120.0);
+            let (rect, response) =
+                ui.allocate_exact_size(Vec2::new(width, 24.0), Sense::hover());
+            let text = format!("{}: {}", bar.label, bar.text);
+            response.widget_info(|| {
+                egui::WidgetInfo::labeled(egui::Role::Label, true, text.clone())
+            });
+            if !ui.is_rect_visible(rect) {
+                continue;
+            }
+            let painter = ui.painter();
+            let colour = ui.visuals().text_color();
+            painter.text(
+                rect.left_top(),
+                Align2::LEFT_TOP,
+                &bar.label,
+                font.clone(),
+                colour,
+            );
+            painter.text(
+                rect.right_top(),
+                Align2::RIGHT_TOP,
+                &bar.text,
+                font.clone(),
+                colour,
+            );
+            let track = Rect::from_min_max(
+                Pos2::new(rect.left(), rect.bottom() - 7.0),
+                Pos2::new(rect.right(), rect.bottom() - 1.0),
+            );
+            painter.rect_filled(track, 2.0, ui.visuals().extreme_bg_color);
+            let fill = Rect::from_min_max(
+                track.min,
+                Pos2::new(
+                    track.left() + track.width() * bar.fraction.clamp(0.0, 1.0),
+                    track.bottom(),
+                ),
+            );
+            let c = colours.get(i).or(colours.last()).copied();
+            painter.rect_filled(fill, 2.0, c.unwrap_or(COLLECTIVE_BAR));
+        }
+    }
+}
+
+/// ` (full / 4)` when the per-rank figure is an exact fraction of the full one.
+fn ratio(full: u128, per_rank: u128) -> String {
+    if per_rank == 0 || full == 0 {
+        String::new()
+    } else if full == per_rank {
+        " (= full)".to_string()
+    } else if full % per_rank == 0 {
+        format!(" (full / {})", full / per_rank)
+    } else {
+        format!(" ({:.1}% of full)", 100.0 * per_rank as f64 / full as f64)
+    }
+}
+
+/// The property panel's FLOPs and bytes rows.
+fn cost_rows(row: &mut dyn FnMut(&str, String), c: Costs) {
+    row("FLOPs full", human_count(c.full.flops));
+    row(
+        "FLOPs per rank",
+        format!(
+            "{}{}",
+            human_count(c.per_rank.flops),
+            ratio(c.full.flops, c.per_rank.flops)
+        ),
+    );
+    bytes_rows(row, c, " (in + out)");
+    if c.per_rank.communicated > 0 {
+        row("communicated per rank", human_bytes(c.per_rank.communicated));
+    }
+}
+
+/// Bytes rows; `what` says what was counted (` (in + out)` for an op).
+fn bytes_rows(row: &mut dyn FnMut(&str, String), c: Costs, what: &str) {
+    row(&format!("bytes full{what}"), human_bytes(c.full.bytes));
+    row(
+        &format!("bytes per rank{what}"),
+        format!(
+            "{}{}",
+            human_bytes(c.per_rank.bytes),
+            ratio(c.full.bytes, c.per_rank.bytes)
+        ),
+    );
+}
+
 impl eframe::App for Viewer {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.show(ui);
     }
 }
 
+/// What `ferrotron view` opens besides the model and its plan options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Layers to open expanded (`--expand 0,3`).
+    pub expand: Vec<usize>,
+    /// Open with the backward pass drawn.
+    pub backward: bool,
+    /// Measure the window's frame times while the graph pans (`--bench-frames N`): `N` frames at
+    /// the opening view, `N` fitted to the window, then print the figures and close.
+    pub bench_frames: Option<usize>,
+}
+
+/// Frame-time figures, in milliseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameStats {
+    /// Frames measured.
+    pub frames: usize,
+    /// Mean frame time.
+    pub mean_ms: f64,
+    /// Median frame time.
+    pub median_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// Slowest frame.
+    pub max_ms: f64,
+}
+
+impl FrameStats {
+    /// The figures of `times` (seconds each); `None` when empty.
+    pub fn of(times: &[f64]) -> Option<FrameStats> {
+        if times.is_empty() {
+            return None;
+        }
+        let mut sorted = times.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize] * 1e3;
+        Some(FrameStats {
+            frames: times.len(),
+            mean_ms: times.iter().sum::<f64>() / times.len() as f64 * 1e3,
+            median_ms: at(0.5),
+            p95_ms: at(0.95),
+            max_ms: at(1.0),
+        })
+    }
+
+    /// Frames per second at the mean frame time.
+    pub fn fps(&self) -> f64 {
+        if self.mean_ms > 0.0 {
+            1e3 / self.mean_ms
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+impl std::fmt::Display for FrameStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} frames: mean {:.2} ms ({:.0} fps), median {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+            self.frames,
+            self.mean_ms,
+            self.fps(),
+            self.median_ms,
+            self.p95_ms,
+            self.max_ms
+        )
+    }
+}
+
+/// The pan of frame `k` of a benchmark: the graph circles (radius 150 px, 120 frames a turn), so
+/// every frame moves it and it stays on screen.
+pub fn pan_step(k: usize) -> Vec2 {
+    let at = |k: usize| {
+        let t = k as f32 * std::f32::consts::TAU / 120.0;
+        Vec2::new(t.cos(), t.sin()) * 150.0
+    };
+    at(k + 1) - at(k)
+}
+
+/// Frames skipped before measuring (font atlas upload, first layout).
+const WARM_UP: usize = 20;
+
+/// The window's pan benchmark: frame-to-frame wall time (the UI pass, tessellation, OpenGL
+/// drawing and the buffer swap) and the UI pass alone.
+struct PanBench {
+    frames: usize,
+    /// 0: the opening view; 1: fitted to the window.
+    phase: usize,
+    step: usize,
+    last: Option<std::time::Instant>,
+    intervals: Vec<f64>,
+    ui_pass: Vec<f64>,
+}
+
+impl PanBench {
+    fn frame(&mut self, viewer: &mut Viewer, ui: &mut egui::Ui, frame: &eframe::Frame) {
+        let now = std::time::Instant::now();
+        if self.step == 0 && self.phase == 0 {
+            println!("renderer: {}", gl_renderer(frame));
+        }
+        if let Some(last) = self.last {
+            if self.step > WARM_UP {
+                self.intervals.push((now - last).as_secs_f64());
+            }
+        }
+        self.last = Some(now);
+        viewer.pan_by(pan_step(self.step));
+        viewer.show(ui);
+        if self.step > WARM_UP {
+            self.ui_pass.push(now.elapsed().as_secs_f64());
+        }
+        self.step += 1;
+        ui.ctx().request_repaint();
+        if self.intervals.len() < self.frames {
+            return;
+        }
+        let name = ["opening view", "fitted to the window"][self.phase.min(1)];
+        let layout = viewer.graph_layout();
+        println!(
+            "pan, {name} (zoom {:.3}, {} boxes, {} edges):",
+            viewer.zoom(),
+            layout.nodes.len(),
+            layout.edges.len()
+        );
+        if let Some(s) = FrameStats::of(&self.intervals) {
+            println!("  frame time {s}");
+        }
+        if let Some(s) = FrameStats::of(&self.ui_pass) {
+            println!("  UI pass    {s}");
+        }
+        self.intervals.clear();
+        self.ui_pass.clear();
+        self.step = 0;
+        self.last = None;
+        self.phase += 1;
+        if self.phase == 1 {
+            viewer.fit_to_window();
+        } else {
+            ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+    }
+}
+
+/// The OpenGL renderer's name (`llvmpipe (...)` when Mesa renders in software).
+fn gl_renderer(frame: &eframe::Frame) -> String {
+    use eframe::glow::HasContext;
+    match frame.gl() {
+        // SAFETY: eframe made this context current on this thread before calling the app, and
+        // RENDERER is a valid string query.
+        Some(gl) => unsafe { gl.get_parameter_string(eframe::glow::RENDERER) },
+        None => "unknown".to_string(),
+    }
+}
+
+/// The window's app: the viewer, and the pan benchmark when asked for.
+struct ViewerApp {
+    viewer: Viewer,
+    bench: Option<PanBench>,
+}
+
+impl eframe::App for ViewerApp {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        match &mut self.bench {
+            Some(b) => b.frame(&mut self.viewer, ui, frame),
+            None => self.viewer.show(ui),
+        }
+    }
+}
+
 /// Opens the viewer in a native window (OpenGL via glow; Mesa's llvmpipe renders it in
 /// software). Without a display, or when the window cannot be made, a clean error.
-pub fn run(model: PathBuf, tp: u64, dp: u64, sequence_parallel: bool) -> Result<(), String> {
+pub fn run(
+    model: PathBuf,
+    load_options: LoadOptions,
+    options: PartitionOptions,
+    run: RunOptions,
+) -> Result<(), String> {
     #[cfg(all(unix, not(target_os = "macos")))]
     if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
         return Err(
@@ -827,18 +1255,42 @@ pub fn run(model: PathBuf, tp: u64, dp: u64, sequence_parallel: bool) -> Result<
                 .to_string(),
         );
     }
-    let viewer = Viewer::new(model.clone(), tp, dp, sequence_parallel);
-    let options = eframe::NativeOptions {
+    let mut viewer = Viewer::with_options(model.clone(), load_options, options);
+    if let Some(max) = viewer.plan().map(|p| p.graph.layers().count()) {
+        if let Some(&bad) = run.expand.iter().find(|&&i| i >= max) {
+            return Err(format!(
+                "--expand {bad}: the model has {max} layers (0..={})",
+                max.saturating_sub(1)
+            ));
+        }
+    }
+    viewer.backward = run.backward;
+    viewer.expand = run.expand.clone();
+    viewer.relayout();
+    let mut options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title(format!("ferrotron: {}", model.display()))
             .with_inner_size([1400.0, 900.0]),
         ..Default::default()
     };
+    let bench = run.bench_frames.map(|frames| PanBench {
+        frames: frames.max(1),
+        phase: 0,
+        step: 0,
+        last: None,
+        intervals: Vec::new(),
+        ui_pass: Vec::new(),
+    });
+    if bench.is_some() {
+        // Measure how fast frames can be made, not the display's refresh rate.
+        options.glow_options.vsync = false;
+    }
+    let app = ViewerApp { viewer, bench };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         eframe::run_native(
             "ferrotron",
             options,
-            Box::new(|_cc| Ok(Box::new(viewer) as Box<dyn eframe::App>)),
+            Box::new(|_cc| Ok(Box::new(app) as Box<dyn eframe::App>)),
         )
     }));
     match outcome {

@@ -11,7 +11,10 @@
 //!   collapsed into one box unless expanded, forward only or forward + backward. The GUI will
 //!   draw the same [`layout::GraphLayout`].
 //! - [`app`]: the desktop viewer (egui/eframe): the same layout drawn with pan, zoom, search,
-//!   live re-partitioning, a property panel and a summary; [`app::run`] opens the window.
+//!   live re-partitioning, a property panel (with the node's FLOPs and bytes) and a summary
+//!   chart; [`app::run`] opens the window.
+//! - [`stats`]: the numbers those panels show, from the IR's per-op FLOP counts and the
+//!   partitioner's [`Report`](ferrotron_partitioner::Report).
 //! - [`export`]: a self-contained SVG and Graphviz DOT, every op and parameter coloured by its
 //!   tensor-parallel layout with a legend, the collectives as distinctive nodes labelled with the
 //!   paper's f and g and with what they do forward and backward, edges labelled with shard-local
@@ -34,3 +37,4 @@
 pub mod app;
 pub mod export;
 pub mod layout;
+pub mod stats;

@@ -68,21 +68,33 @@ impl Cuda {
         self.dtype
     }
 
-    /// An NCCL group for this rank (`rank` of `size`), from the unique id every member was
+    /// A new NCCL unique id (what a group's member 0 makes and shares with the others), as
+    /// its 128 bytes.
+    pub fn new_nccl_id() -> Result<[u8; 128], CudaError> {
+        super::libs::require(&[super::libs::Lib::Nccl])?;
+        let id = cudarc::nccl::Id::new()?;
+        Ok(id.internal().map(|c| c as u8))
+    }
+
+    /// An NCCL group for this rank (`member` of `size`), from the unique id every member was
     /// given (`ferrotron launch` shares it through its rendezvous store).
     pub fn nccl_group(
         &self,
-        id: cudarc::nccl::Id,
-        rank: usize,
+        id: &[u8],
+        member: usize,
         size: usize,
     ) -> Result<Arc<CudaGroup>, CudaError> {
         super::libs::require(&[super::libs::Lib::Nccl])?;
+        let internal: [u8; 128] = id.try_into().map_err(|_| {
+            CudaError::Unavailable(format!("an NCCL id has 128 bytes, this one {}", id.len()))
+        })?;
+        let id = cudarc::nccl::Id::uninit(internal.map(|b| b as std::ffi::c_char));
         // The collectives get their own stream, so that an all-reduce runs while the compute
         // stream goes on with work that does not need it (Megatron's overlap of f's backward
         // all-reduce with the weight-gradient GEMM). cudarc's event tracking orders each buffer's
         // writes and reads across the two streams.
         let comm_stream = self.gpu().ctx.new_stream()?;
-        let comm = cudarc::nccl::Comm::from_rank(comm_stream, rank, size, id)?;
+        let comm = cudarc::nccl::Comm::from_rank(comm_stream, member, size, id)?;
         Ok(Arc::new(CudaGroup::Nccl(NcclGroup::new(comm))))
     }
 

@@ -364,16 +364,27 @@ fn record(dev: &RankDevice) -> Result<Arc<CudaEvent>, cudarc::driver::DriverErro
 /// group's shared unique id).
 pub struct NcclGroup {
     size: usize,
-    comm: Comm,
+    comm: Mutex<SendComm>,
 }
 
+/// An NCCL communicator that may move between threads.
+struct SendComm(Comm);
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time (NCCL's thread
+// safety rules: not concurrently); the group's mutex serializes every call.
+unsafe impl Send for SendComm {}
+
 impl NcclGroup {
-    /// Wraps rank `rank`'s communicator.
+    /// Wraps this rank's communicator.
     pub fn new(comm: Comm) -> NcclGroup {
         NcclGroup {
             size: comm.world_size(),
-            comm,
+            comm: Mutex::new(SendComm(comm)),
         }
+    }
+
+    fn comm(&self) -> MutexGuard<'_, SendComm> {
+        self.comm.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn nccl_op(op: ReduceOp) -> NcclOp {
@@ -389,11 +400,11 @@ impl NcclGroup {
         let r = match &mut t.data {
             DeviceData::F32(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm.all_reduce_in_place(b, &Self::nccl_op(op)).map(|_| ())
+                self.comm().0.all_reduce_in_place(b, &Self::nccl_op(op)).map(|_| ())
             }
             DeviceData::Bf16(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm.all_reduce_in_place(b, &Self::nccl_op(op)).map(|_| ())
+                self.comm().0.all_reduce_in_place(b, &Self::nccl_op(op)).map(|_| ())
             }
         };
         r.map_err(|e| device_failure(OP, format!("{e:?}")))
@@ -407,11 +418,11 @@ impl NcclGroup {
         let r = match (&t.data, &mut flat.data) {
             (DeviceData::F32(x), DeviceData::F32(out)) => {
                 let out = Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm.all_gather(x.as_ref(), out).map(|_| ())
+                self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
             }
             (DeviceData::Bf16(x), DeviceData::Bf16(out)) => {
                 let out = Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm.all_gather(x.as_ref(), out).map(|_| ())
+                self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
             }
             _ => return Err(device_failure(OP, "dtypes differ")),
         };
@@ -428,11 +439,11 @@ impl NcclGroup {
         let r = match (&chunks.data, &mut out.data) {
             (DeviceData::F32(x), DeviceData::F32(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                self.comm().0.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
             }
             (DeviceData::Bf16(x), DeviceData::Bf16(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                self.comm().0.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
             }
             _ => return Err(device_failure(OP, "dtypes differ")),
         };
@@ -443,7 +454,8 @@ impl NcclGroup {
     fn all_reduce_host(&self, dev: &RankDevice, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         const OP: &str = "all_reduce (host)";
         let mut d = dev.stream.clone_htod(buf).map_err(|e| device_failure(OP, e))?;
-        self.comm
+        self.comm()
+            .0
             .all_reduce_in_place(&mut d, &Self::nccl_op(op))
             .map_err(|e| device_failure(OP, format!("{e:?}")))?;
         dev.stream.memcpy_dtoh(&d, buf).map_err(|e| device_failure(OP, e))?;

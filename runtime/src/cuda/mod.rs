@@ -15,12 +15,15 @@
 //! * [`comm`] is the communicator: virtual ranks on one GPU (a stream each, device-side
 //!   reductions) and NCCL across GPUs and processes.
 
+pub mod backend;
+pub mod comm;
 pub mod device;
 pub mod kernels;
 pub mod libs;
 pub mod nvrtc;
 pub mod tensor;
 
+pub use backend::Cuda;
 pub use device::{Gpu, RankDevice};
 pub use tensor::{CudaTensor, DType, DeviceData};
 

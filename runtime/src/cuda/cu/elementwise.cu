@@ -1,0 +1,166 @@
+// elementwise.cu: one output element per input element. Scale and the activations (Unary),
+// their gradients (ActGrad), the broadcasting binary ops (Add, Sub, Mul, Div), Fill, the dtype
+// casts and the dropout masks. Every formula is the CPU backend's (cpu/kernels.rs, cpu/math.rs).
+
+// Unary ops, chosen by `op` (the switch is outside the loop: one loop per op).
+#define FT_UNARY_SCALE 0
+#define FT_UNARY_GELU 1
+#define FT_UNARY_GELU_TANH 2
+#define FT_UNARY_SILU 3
+#define FT_UNARY_RELU 4
+
+template <typename T>
+__device__ __forceinline__ void unary_impl(T* out, const T* x, i64 n, int op, double factor) {
+    switch (op) {
+    case FT_UNARY_SCALE:
+        // (v as f64 * factor) as f32, as the CPU scales.
+        FT_GRID_LOOP(i, n) { st(out, i, (float)((double)ld(x, i) * factor)); }
+        break;
+    case FT_UNARY_GELU:
+        FT_GRID_LOOP(i, n) { st(out, i, ft_gelu(ld(x, i))); }
+        break;
+    case FT_UNARY_GELU_TANH:
+        FT_GRID_LOOP(i, n) { st(out, i, ft_gelu_tanh(ld(x, i))); }
+        break;
+    case FT_UNARY_SILU:
+        FT_GRID_LOOP(i, n) { st(out, i, ft_silu(ld(x, i))); }
+        break;
+    default:
+        // f32::max(v, 0): a NaN gives 0, as fmaxf.
+        FT_GRID_LOOP(i, n) { st(out, i, fmaxf(ld(x, i), 0.0f)); }
+        break;
+    }
+}
+#define UNARY_PARAMS(T) (T * out, const T* x, i64 n, int op, double factor)
+FT_TYPED(unary, UNARY_PARAMS, (out, x, n, op, factor))
+
+// dy * act'(x); `act` in the order of the IR's Activation enum.
+#define FT_ACT_GELU 0
+#define FT_ACT_GELU_TANH 1
+#define FT_ACT_SILU 2
+
+template <typename T>
+__device__ __forceinline__ void act_grad_impl(T* out, const T* x, const T* dy, i64 n, int act) {
+    switch (act) {
+    case FT_ACT_GELU:
+        FT_GRID_LOOP(i, n) { st(out, i, (float)((double)ld(dy, i) * ft_gelu_grad(ld(x, i)))); }
+        break;
+    case FT_ACT_GELU_TANH:
+        FT_GRID_LOOP(i, n) { st(out, i, ld(dy, i) * ft_gelu_tanh_grad(ld(x, i))); }
+        break;
+    case FT_ACT_SILU:
+        FT_GRID_LOOP(i, n) { st(out, i, ld(dy, i) * ft_silu_grad(ld(x, i))); }
+        break;
+    default:
+        // ReLU: g where x > 0, else g * 0 (a NaN or infinite g stays NaN, as on the CPU).
+        FT_GRID_LOOP(i, n) {
+            float g = ld(dy, i);
+            st(out, i, ld(x, i) > 0.0f ? g : g * 0.0f);
+        }
+        break;
+    }
+}
+#define ACT_GRAD_PARAMS(T) (T * out, const T* x, const T* dy, i64 n, int act)
+FT_TYPED(act_grad, ACT_GRAD_PARAMS, (out, x, dy, n, act))
+
+#define FT_BIN_ADD 0
+#define FT_BIN_SUB 1
+#define FT_BIN_MUL 2
+
+__device__ __forceinline__ float ft_binary(int op, float a, float b) {
+    switch (op) {
+    case FT_BIN_ADD:
+        return a + b;
+    case FT_BIN_SUB:
+        return a - b;
+    case FT_BIN_MUL:
+        return a * b;
+    default:
+        return a / b;
+    }
+}
+
+// a ⊕ b where each operand is either the output's shape (na == n) or its elements repeated
+// (na divides n: a bias, a scalar, any operand whose shape is a suffix of the output's).
+template <typename T>
+__device__ __forceinline__ void binary_impl(T* out, const T* a, const T* b, i64 n, i64 na, i64 nb,
+                                            int op) {
+    FT_GRID_LOOP(i, n) {
+        i64 ia = na == n ? i : i % na;
+        i64 ib = nb == n ? i : i % nb;
+        st(out, i, ft_binary(op, ld(a, ia), ld(b, ib)));
+    }
+}
+#define BINARY_PARAMS(T) (T * out, const T* a, const T* b, i64 n, i64 na, i64 nb, int op)
+FT_TYPED(binary, BINARY_PARAMS, (out, a, b, n, na, nb, op))
+
+// The general broadcast: both operands read through strides (0 along repeated axes) over the
+// output's axes (merged where both operands stay contiguous).
+struct Strided2 {
+    int rank;
+    int pad;
+    i64 size[FT_MAX_DIMS];
+    i64 sa[FT_MAX_DIMS];
+    i64 sb[FT_MAX_DIMS];
+};
+
+template <typename T>
+__device__ __forceinline__ void binary_strided_impl(T* out, const T* a, const T* b, Strided2 s,
+                                                    i64 n, int op) {
+    FT_GRID_LOOP(i, n) {
+        i64 idx = i;
+        i64 oa = 0;
+        i64 ob = 0;
+#pragma unroll
+        for (int d = FT_MAX_DIMS - 1; d >= 0; --d) {
+            if (d < s.rank) {
+                i64 q = idx / s.size[d];
+                i64 r = idx - q * s.size[d];
+                oa += r * s.sa[d];
+                ob += r * s.sb[d];
+                idx = q;
+            }
+        }
+        st(out, i, ft_binary(op, ld(a, oa), ld(b, ob)));
+    }
+}
+#define BINARY_STRIDED_PARAMS(T) (T * out, const T* a, const T* b, Strided2 s, i64 n, int op)
+FT_TYPED(binary_strided, BINARY_STRIDED_PARAMS, (out, a, b, s, n, op))
+
+template <typename T> __device__ __forceinline__ void fill_impl(T* out, i64 n, float v) {
+    FT_GRID_LOOP(i, n) { st(out, i, v); }
+}
+#define FILL_PARAMS(T) (T * out, i64 n, float v)
+FT_TYPED(fill, FILL_PARAMS, (out, n, v))
+
+extern "C" __global__ void cast_f32_bf16(bf16* out, const float* x, i64 n) {
+    FT_GRID_LOOP(i, n) { out[i] = f32_to_bf16(x[i]); }
+}
+
+extern "C" __global__ void cast_bf16_f32(float* out, const bf16* x, i64 n) {
+    FT_GRID_LOOP(i, n) { out[i] = bf16_to_f32(x[i]); }
+}
+
+// Dropout (and DropoutGrad): element i of the local shard sits at flat index
+// `first + offset(i)` of the full tensor (`first` = the shard's corner plus the seed's
+// counter offset, `stride` the full tensor's strides over the local axes), and is kept iff
+// splitmix64(that index) >= threshold, exactly the CPU's test.
+struct DropShape {
+    int rank;
+    int pad;
+    i64 size[FT_MAX_DIMS];
+    i64 stride[FT_MAX_DIMS];
+};
+
+template <typename T>
+__device__ __forceinline__ void dropout_impl(T* out, const T* x, DropShape s, i64 n, u64 first,
+                                             u64 threshold, float scale) {
+    FT_GRID_LOOP(i, n) {
+        u64 at = first + (u64)ft_offset(i, s.rank, s.size, s.stride);
+        float v = ld(x, i);
+        st(out, i, ft_splitmix64(at) >= threshold ? v * scale : 0.0f);
+    }
+}
+#define DROPOUT_PARAMS(T)                                                                      \
+    (T * out, const T* x, DropShape s, i64 n, u64 first, u64 threshold, float scale)
+FT_TYPED(dropout, DROPOUT_PARAMS, (out, x, s, n, first, threshold, scale))

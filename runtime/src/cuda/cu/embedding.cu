@@ -1,0 +1,103 @@
+// embedding.cu: the table lookup and its gradient, the index check they (and the
+// cross-entropy's targets) run first, and the rotary position embedding.
+
+// The first element (lowest index) of `v` that is not an integer in 0..bound, as the CPU's
+// `index::integer` decides, min-ed into *first_bad (which starts at u64::MAX). With
+// `skip_first`, elements at positions i % seq == 0 are not read (the shifted cross-entropy
+// never reads the first target of a sequence).
+extern "C" __global__ void check_indices(u64* first_bad, const float* v, i64 n, double bound,
+                                         i64 seq, int skip_first) {
+    FT_GRID_LOOP(i, n) {
+        if (skip_first && i % seq == 0) {
+            continue;
+        }
+        double d = (double)v[i];
+        bool ok = d == trunc(d) && d >= 0.0 && d < bound;
+        if (!ok) {
+            atomicMin(first_bad, (u64)i);
+        }
+    }
+}
+
+// out[k, :] = table[ids[k] - offset, :] when this rank holds that row, else 0. Ids are checked
+// integers. Block (x over the width, y over ids).
+template <typename T>
+__device__ __forceinline__ void embedding_impl(T* out, const T* table, const float* ids,
+                                               i64 n_ids, i64 width, i64 offset, i64 rows) {
+    for (i64 k = (i64)blockIdx.y * blockDim.y + threadIdx.y; k < n_ids;
+         k += (i64)gridDim.y * blockDim.y) {
+        i64 r = (i64)ids[k] - offset;
+        bool mine = r >= 0 && r < rows;
+        for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < width;
+             j += (i64)gridDim.x * blockDim.x) {
+            out[k * width + j] = mine ? table[r * width + j] : (T)0;
+        }
+    }
+}
+#define EMBEDDING_PARAMS(T)                                                                    \
+    (T * out, const T* table, const float* ids, i64 n_ids, i64 width, i64 offset, i64 rows)
+FT_TYPED(embedding, EMBEDDING_PARAMS, (out, table, ids, n_ids, width, offset, rows))
+
+// acc[ids[k] - offset, :] += dy[k, :] for the ids this rank holds: an f32 scatter-add into a
+// zeroed table (atomics: the order of the additions is not fixed, the only such kernel).
+template <typename T>
+__device__ __forceinline__ void embedding_grad_impl(float* acc, const T* dy, const float* ids,
+                                                    i64 n_ids, i64 width, i64 offset, i64 rows) {
+    for (i64 k = (i64)blockIdx.y * blockDim.y + threadIdx.y; k < n_ids;
+         k += (i64)gridDim.y * blockDim.y) {
+        i64 r = (i64)ids[k] - offset;
+        if (r < 0 || r >= rows) {
+            continue;
+        }
+        for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < width;
+             j += (i64)gridDim.x * blockDim.x) {
+            atomicAdd(&acc[r * width + j], ld(dy, k * width + j));
+        }
+    }
+}
+#define EMBEDDING_GRAD_PARAMS(T)                                                               \
+    (float* acc, const T* dy, const float* ids, i64 n_ids, i64 width, i64 offset, i64 rows)
+FT_TYPED(embedding_grad, EMBEDDING_GRAD_PARAMS, (acc, dy, ids, n_ids, width, offset, rows))
+
+// The rotation of each (position, pair): cs[2 * (pos * half + k)] = cos, [.. + 1] = sin of
+// sign * (first_pos + pos) * base^(-2k / head_dim), computed in f64 as the CPU does.
+extern "C" __global__ void rotary_table(float* cs, i64 seq, i64 half, i64 first_pos,
+                                        i64 head_dim, double base, double sign) {
+    FT_GRID_LOOP(i, seq * half) {
+        i64 pos = i / half;
+        i64 k = i - pos * half;
+        double p = (double)(first_pos + pos);
+        double theta = sign * p * pow(base, -2.0 * (double)k / (double)head_dim);
+        double s;
+        double c;
+        sincos(theta, &s, &c);
+        cs[2 * i] = (float)c;
+        cs[2 * i + 1] = (float)s;
+    }
+}
+
+// x: [slabs = rows * heads, 2 * half], row r at position r % seq. Pairs (k, k + half) rotate:
+// o1 = x1 c - x2 s, o2 = x2 c + x1 s. Block (x over pairs, y over slabs).
+template <typename T>
+__device__ __forceinline__ void rotary_impl(T* out, const T* x, const float* cs, i64 slabs,
+                                            i64 heads, i64 seq, i64 half) {
+    for (i64 sl = (i64)blockIdx.y * blockDim.y + threadIdx.y; sl < slabs;
+         sl += (i64)gridDim.y * blockDim.y) {
+        i64 pos = (sl / heads) % seq;
+        const T* xs = x + sl * 2 * half;
+        T* os = out + sl * 2 * half;
+        const float* c = cs + pos * half * 2;
+        for (i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x; k < half;
+             k += (i64)gridDim.x * blockDim.x) {
+            float x1 = ld(xs, k);
+            float x2 = ld(xs, k + half);
+            float co = c[2 * k];
+            float si = c[2 * k + 1];
+            st(os, k, x1 * co - x2 * si);
+            st(os, k + half, x2 * co + x1 * si);
+        }
+    }
+}
+#define ROTARY_PARAMS(T)                                                                       \
+    (T * out, const T* x, const float* cs, i64 slabs, i64 heads, i64 seq, i64 half)
+FT_TYPED(rotary, ROTARY_PARAMS, (out, x, cs, slabs, heads, seq, half))

@@ -1,0 +1,255 @@
+//! Launches of `cu/elementwise.cu`: Scale and the activations, their gradients, the
+//! broadcasting binary ops, Fill and dropout.
+
+use super::launch::{cfg_1d, i64_of, Buf, Launch, Result};
+use super::structs::{DropShape, Strided2};
+use super::{
+    as_dtype, broadcast_strides, common_dtype, dims_array, is_trailing, merge_axes, numel, spec,
+};
+use crate::cpu::kernels::{invalid, Local, OrInvalid};
+use crate::cuda::device::RankDevice;
+use crate::cuda::tensor::{CudaTensor, DType};
+use ferrotron_ir::index;
+
+/// The unary ops of the `unary` kernel.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum UnaryOp {
+    Scale(f64),
+    Gelu,
+    GeluTanh,
+    Silu,
+    Relu,
+}
+
+pub(super) fn unary(
+    dev: &RankDevice,
+    op: &'static str,
+    x: &CudaTensor,
+    u: UnaryOp,
+) -> Result<CudaTensor> {
+    let (code, factor): (i32, f64) = match u {
+        UnaryOp::Scale(f) => (0, f),
+        UnaryOp::Gelu => (1, 0.0),
+        UnaryOp::GeluTanh => (2, 0.0),
+        UnaryOp::Silu => (3, 0.0),
+        UnaryOp::Relu => (4, 0.0),
+    };
+    let n = x.numel();
+    let mut out = Buf::uninit(dev, op, x.dtype(), n)?;
+    if n > 0 {
+        let n64 = i64_of(op, n)?;
+        Launch::new(dev, op, &spec::UNARY, x.dtype())?
+            .output(&mut out)
+            .input(&x.data)
+            .val(&n64)
+            .val(&code)
+            .val(&factor)
+            .launch(cfg_1d(dev, n))?;
+    }
+    Ok(out.into_tensor(x.shape.clone()))
+}
+
+/// `dy · act'(x)`, `act` in the order of the IR's `Activation` (shapes checked by the caller).
+pub(super) fn act_grad(
+    dev: &RankDevice,
+    op: &'static str,
+    x: &CudaTensor,
+    dy: &CudaTensor,
+    act: i32,
+) -> Result<CudaTensor> {
+    let dtype = common_dtype(&[x, dy]);
+    let (x, dy) = (as_dtype(dev, op, x, dtype)?, as_dtype(dev, op, dy, dtype)?);
+    let n = x.numel();
+    let mut out = Buf::uninit(dev, op, dtype, n)?;
+    if n > 0 {
+        let n64 = i64_of(op, n)?;
+        Launch::new(dev, op, &spec::ACT_GRAD, dtype)?
+            .output(&mut out)
+            .input(&x.data)
+            .input(&dy.data)
+            .val(&n64)
+            .val(&act)
+            .launch(cfg_1d(dev, n))?;
+    }
+    Ok(out.into_tensor(x.shape.clone()))
+}
+
+/// The binary ops, as the kernels number them.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum BinOp {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+}
+
+/// `a ⊕ b` with NumPy broadcasting. Operands that are the output's shape or its trailing
+/// elements repeated (a bias, a scalar) index by `i % len`; anything else goes through strides.
+pub(super) fn binary(
+    dev: &RankDevice,
+    op: &'static str,
+    a: &CudaTensor,
+    b: &CudaTensor,
+    bop: BinOp,
+) -> Result<CudaTensor> {
+    let shape = index::binary(&a.shape, &b.shape).or_invalid(op)?;
+    let n = numel(op, &shape)?;
+    let dtype = common_dtype(&[a, b]);
+    let (a, b) = (as_dtype(dev, op, a, dtype)?, as_dtype(dev, op, b, dtype)?);
+    let mut out = Buf::uninit(dev, op, dtype, n)?;
+    if n == 0 {
+        return Ok(out.into_tensor(shape));
+    }
+    let (n64, code) = (i64_of(op, n)?, bop as i32);
+    if is_trailing(&a.shape, &shape) && is_trailing(&b.shape, &shape) {
+        let (na, nb) = (i64_of(op, a.numel())?, i64_of(op, b.numel())?);
+        Launch::new(dev, op, &spec::BINARY, dtype)?
+            .output(&mut out)
+            .input(&a.data)
+            .input(&b.data)
+            .val(&n64)
+            .val(&na)
+            .val(&nb)
+            .val(&code)
+            .launch(cfg_1d(dev, n))?;
+    } else {
+        let sa = broadcast_strides(&a.shape, &shape);
+        let sb = broadcast_strides(&b.shape, &shape);
+        let (sizes, [sa, sb]) = merge_axes(op, &shape, [&sa, &sb])?;
+        let s = Strided2 {
+            rank: sizes.len() as i32,
+            pad: 0,
+            size: dims_array(&sizes),
+            sa: dims_array(&sa),
+            sb: dims_array(&sb),
+        };
+        Launch::new(dev, op, &spec::BINARY_STRIDED, dtype)?
+            .output(&mut out)
+            .input(&a.data)
+            .input(&b.data)
+            .val(&s)
+            .val(&n64)
+            .val(&code)
+            .launch(cfg_1d(dev, n))?;
+    }
+    Ok(out.into_tensor(shape))
+}
+
+/// A constant `f32` tensor (Fill has no input to take a storage type from; an op combining it
+/// with bf16 values computes in `f32`).
+pub(super) fn fill(
+    dev: &RankDevice,
+    op: &'static str,
+    shape: Vec<usize>,
+    v: f32,
+) -> Result<CudaTensor> {
+    let n = numel(op, &shape)?;
+    let mut out = Buf::uninit(dev, op, DType::F32, n)?;
+    if n > 0 {
+        let n64 = i64_of(op, n)?;
+        Launch::new(dev, op, &spec::FILL, DType::F32)?
+            .output(&mut out)
+            .val(&n64)
+            .val(&v)
+            .launch(cfg_1d(dev, n))?;
+    }
+    Ok(out.into_tensor(shape))
+}
+
+/// The smallest `u` with `u as f64 / 2^64 >= p` (the CPU's `keep_threshold`): an element is
+/// kept iff `splitmix64(index) >= u`, exactly `dropout_keeps`' test.
+fn keep_threshold(p: f64) -> u64 {
+    let target = p * 2f64.powi(64);
+    let (mut lo, mut hi) = (0u64, u64::MAX);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if mid as f64 >= target {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
+}
+
+/// `x` through the dropout mask of its place in the full tensor, kept elements scaled by
+/// `1/(1 − p)` (Dropout on its input, DropoutGrad on the gradient): the CPU's masks, element for
+/// element, at any partitioning.
+pub(super) fn dropout(
+    dev: &RankDevice,
+    op: &'static str,
+    x: &CudaTensor,
+    p: f64,
+    local: &Local,
+) -> Result<CudaTensor> {
+    let scale = index::dropout_scale(p).or_invalid(op)? as f32;
+    let r = x.shape.len();
+    let (full, offsets) = match (&local.full_shape, &local.offsets) {
+        (None, None) => (x.shape.clone(), vec![0; r]),
+        (Some(f), None) => (f.clone(), vec![0; r]),
+        (Some(f), Some(o)) => (f.clone(), o.clone()),
+        (None, Some(_)) => return Err(invalid(op, "shard offsets without the full shape")),
+    };
+    let fits = full.len() == r
+        && offsets.len() == r
+        && (0..r).all(|i| {
+            offsets[i]
+                .checked_add(x.shape[i])
+                .is_some_and(|end| end <= full[i])
+        });
+    if !fits || numel(op, &full).is_err() {
+        return Err(invalid(
+            op,
+            format!(
+                "a shard of shape {:?} at offsets {offsets:?} does not fit the full shape {full:?}",
+                x.shape
+            ),
+        ));
+    }
+    let n = x.numel();
+    let mut out = Buf::uninit(dev, op, x.dtype(), n)?;
+    if n == 0 {
+        return Ok(out.into_tensor(x.shape.clone()));
+    }
+    // The full tensor's strides (it has at most 2^36 elements: no overflow).
+    let strides = super::contiguous_strides(&full);
+    let corner: u64 = offsets
+        .iter()
+        .zip(&strides)
+        .map(|(&o, &s)| o as u64 * s as u64)
+        .sum();
+    let first = corner.wrapping_add(local.dropout_seed.wrapping_mul(1 << 40));
+    let (sizes, [st]) = merge_axes(op, &x.shape, [&strides])?;
+    let s = DropShape {
+        rank: sizes.len() as i32,
+        pad: 0,
+        size: dims_array(&sizes),
+        stride: dims_array(&st),
+    };
+    let (n64, threshold) = (i64_of(op, n)?, keep_threshold(p));
+    Launch::new(dev, op, &spec::DROPOUT, x.dtype())?
+        .output(&mut out)
+        .input(&x.data)
+        .val(&s)
+        .val(&n64)
+        .val(&first)
+        .val(&threshold)
+        .val(&scale)
+        .launch(cfg_1d(dev, n))?;
+    Ok(out.into_tensor(x.shape.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_threshold_decides_as_dropout_keeps() {
+        for p in [0.0, 1e-9, 0.1, 0.5, 0.9] {
+            let u = keep_threshold(p);
+            for h in [u.wrapping_sub(1), u, u.saturating_add(1)] {
+                assert_eq!(h >= u, h as f64 / 2f64.powi(64) >= p, "p {p}, h {h}");
+            }
+        }
+    }
+}

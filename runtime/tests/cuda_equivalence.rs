@@ -1,0 +1,126 @@
+//! The CUDA backend computes what the CPU backend computes: the tiny GPT, BERT and Llama-style
+//! models, partitioned at tp = 1, 2 and 4 (virtual ranks on one GPU, each on its own stream),
+//! with data parallelism and sequence parallelism, run on the GPU and compared with the
+//! unpartitioned model on the CPU on the same weights and batch: the loss, every output and
+//! every gradient, within the `f32` tolerances; in bf16 storage within bf16's.
+//!
+//! Without a GPU (or without the CUDA libraries) every test prints why it was skipped, on
+//! stderr, and returns: the NVRTC compile test (`cuda_compile.rs`) carries the proof then.
+
+use ferrotron_ir::{load_model, Graph, LoadOptions};
+use ferrotron_partitioner::{partition, PartitionOptions};
+use ferrotron_runtime::cuda::{Cuda, CudaError, DType};
+use ferrotron_runtime::exec::run_with;
+use ferrotron_runtime::init::{random_batch, test_params};
+use ferrotron_runtime::verify::{compare_on, reference_plan, Tolerances};
+use ferrotron_runtime::RunOptions;
+use std::path::PathBuf;
+
+/// The model files: `$FERROTRON_MODELS` (a test executable carried to a GPU machine runs away
+/// from its build tree), else the repository's `models/`.
+fn model(name: &str, dims: &[(&str, u64)]) -> Graph {
+    let dir = std::env::var("FERROTRON_MODELS")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../models").to_owned());
+    let path = PathBuf::from(dir).join(name);
+    let opts = LoadOptions {
+        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
+        ..LoadOptions::default()
+    };
+    load_model(&path, &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The backend with `ranks` virtual ranks on GPU 0, or `None` (after saying why) without one.
+fn gpu(ranks: usize, dtype: DType) -> Option<Cuda> {
+    match Cuda::new(0, ranks, dtype) {
+        Ok(c) => Some(c),
+        Err(CudaError::Unavailable(why)) => {
+            // On the GPU check (scripts/gpu-check.sh) a missing device is a failure.
+            assert!(
+                std::env::var_os("FERROTRON_REQUIRE_GPU").is_none(),
+                "FERROTRON_REQUIRE_GPU is set but: {why}"
+            );
+            eprintln!("SKIPPED: no CUDA device ({why})");
+            None
+        }
+        Err(e) => panic!("the GPU is there but the backend could not start: {e}"),
+    }
+}
+
+/// Runs `g` partitioned as (tp, dp, sp) on the GPU and compares it with the CPU reference.
+/// Returns false when there is no GPU.
+fn check(g: &Graph, tp: u64, dp: u64, sp: bool, dtype: DType) -> bool {
+    let cfg = format!("{} tp={tp} dp={dp} sp={sp} {dtype:?}", g.name);
+    let Some(cuda) = gpu((tp * dp) as usize, dtype) else {
+        return false;
+    };
+    let o = PartitionOptions {
+        tp,
+        dp,
+        sequence_parallel: sp,
+        ..PartitionOptions::default()
+    };
+    let plan = partition(g, &o).unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    let reference = reference_plan(g).unwrap();
+    let params = test_params(g, 7);
+    let batch = random_batch(g, 7);
+    let opts = RunOptions::default();
+    let ours = run_with(cuda, &plan, &params, &batch, &opts).unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    let tolerances = match dtype {
+        DType::F32 => Tolerances::F32,
+        DType::Bf16 => Tolerances::BF16,
+    };
+    let v = compare_on(&ours, &reference, &params, &batch, &opts, tolerances)
+        .unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    assert!(
+        v.passed(),
+        "{cfg}: first divergence {:?}: {:#?}",
+        v.first_divergence,
+        v.entries.iter().filter(|e| !e.ok()).collect::<Vec<_>>()
+    );
+    assert!(v.entries.len() > 3, "{cfg}: compared too little");
+    eprintln!("{cfg}: max relative error {:.2e}", v.max_rel_error());
+    true
+}
+
+#[test]
+fn tiny_gpt_f32_at_tp_1_2_4() {
+    let g = model("tiny-gpt.ron", &[("batch", 4)]);
+    for tp in [1, 2, 4] {
+        if !check(&g, tp, 1, false, DType::F32) {
+            return;
+        }
+    }
+    check(&g, 2, 2, false, DType::F32);
+    check(&g, 2, 1, true, DType::F32);
+    check(&g, 4, 2, true, DType::F32);
+}
+
+#[test]
+fn tiny_bert_and_llama_f32() {
+    let bert = model("tiny-bert.ron", &[("batch", 4)]);
+    for (tp, dp, sp) in [(1, 1, false), (2, 1, false), (4, 1, false), (2, 2, true)] {
+        if !check(&bert, tp, dp, sp, DType::F32) {
+            return;
+        }
+    }
+    let llama = model("tiny-llama.ron", &[]);
+    for (tp, dp, sp) in [(1, 1, false), (2, 1, false), (4, 1, false), (2, 2, true)] {
+        check(&llama, tp, dp, sp, DType::F32);
+    }
+}
+
+#[test]
+fn tiny_gpt_bf16_mixed_precision() {
+    let g = model("tiny-gpt.ron", &[("batch", 4)]);
+    for tp in [1, 2, 4] {
+        if !check(&g, tp, 1, false, DType::Bf16) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn odd_tensor_parallel_degree() {
+    let odd = model("tiny-gpt.ron", &[("hidden", 96), ("heads", 3), ("seq", 12)]);
+    check(&odd, 3, 1, false, DType::F32);
+}
