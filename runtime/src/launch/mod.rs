@@ -23,6 +23,14 @@
 //!   within a fraction of a second and does the same; a worker blocked in a `TcpGroup`
 //!   collective sees it too, or loses its peer, and returns an error. A launcher exits cleanly
 //!   only when every rank of every node exited 0.
+//! * Orphans: each worker runs in its own process group, which is killed when the worker exits
+//!   or is stopped; on Linux the worker itself also dies with the launcher, even if the launcher
+//!   is SIGKILLed.
+//!
+//! The store and the group sockets are unauthenticated plain TCP, like `torchrun`'s: on several
+//! nodes node 0's store listens on every interface, so run jobs on a trusted network. The store
+//! serves each connection on a thread of node 0's launcher (a worker opens one, plus one per
+//! `TcpGroup`), which suits jobs of up to a few thousand ranks.
 //!
 //! ```no_run
 //! use ferrotron_runtime::launch::{TcpGroup, WorkerEnv};
@@ -333,11 +341,10 @@ impl LaunchConfig {
 
 /// Runs this node's part of a job (see the module docs): returns `Ok` once every rank of every
 /// node exited 0, an error naming the failed rank otherwise. Installs handlers for SIGINT,
-/// SIGTERM and SIGHUP while it runs (so that Ctrl-C stops the workers too), restoring the old
-/// ones before returning.
+/// SIGTERM and SIGHUP while workers run (so that Ctrl-C stops the workers too), restoring the
+/// old ones before returning. Workers get /dev/null as stdin.
 pub fn launch(cfg: &LaunchConfig) -> Result<(), LaunchError> {
     let world_size = cfg.check()?;
-    let signals = signals::Guard::install();
     // Node 0 hosts the store for the whole job; every launcher (node 0's too) is a client.
     let server = if cfg.node_rank == 0 {
         let bind = if cfg.nnodes == 1 {
@@ -373,6 +380,9 @@ pub fn launch(cfg: &LaunchConfig) -> Result<(), LaunchError> {
     store.watch(&format!("node {}'s launcher", cfg.node_rank))?;
     let run_id = rendezvous(cfg, &store)?;
 
+    // Only now: until there are workers to stop, Ctrl-C may simply end the launcher (its
+    // watched store connection drops, which stops the other nodes).
+    let signals = signals::Guard::install();
     let mut workers = Workers::new();
     for local_rank in 0..cfg.nproc_per_node {
         let env = WorkerEnv {
@@ -850,42 +860,49 @@ fn finish(cfg: &LaunchConfig, store: &Store, signals: &signals::Guard) -> Result
 #[cfg(target_os = "linux")]
 mod signals {
     use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Mutex;
 
     pub const TERM: i32 = libc::SIGTERM;
     pub const KILL: i32 = libc::SIGKILL;
 
     static CAUGHT: AtomicI32 = AtomicI32::new(0);
 
+    /// Live guards, and the dispositions the first one replaced (restored by the last one):
+    /// launches may overlap in one process (tests do).
+    static INSTALLED: Mutex<(usize, Vec<(libc::c_int, libc::sigaction)>)> =
+        Mutex::new((0, Vec::new()));
+
     extern "C" fn on_signal(sig: libc::c_int) {
         // Only an atomic store: async-signal-safe.
         CAUGHT.store(sig, Ordering::SeqCst);
     }
 
-    /// Catches the signals while alive; restores the previous handlers when dropped.
-    pub struct Guard {
-        old: Vec<(libc::c_int, libc::sigaction)>,
-    }
+    /// Catches the signals while any guard is alive.
+    pub struct Guard;
 
     impl Guard {
         pub fn install() -> Guard {
-            CAUGHT.store(0, Ordering::SeqCst);
-            let mut old = Vec::new();
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                // SAFETY: sigaction is plain data (all-zero is valid); the handler only stores
-                // to an atomic; `sigaction` gets valid pointers.
-                unsafe {
-                    let mut new: libc::sigaction = std::mem::zeroed();
-                    new.sa_sigaction =
-                        on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-                    new.sa_flags = libc::SA_RESTART;
-                    libc::sigemptyset(&mut new.sa_mask);
-                    let mut prev: libc::sigaction = std::mem::zeroed();
-                    if libc::sigaction(sig, &new, &mut prev) == 0 {
-                        old.push((sig, prev));
+            let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+            if installed.0 == 0 {
+                CAUGHT.store(0, Ordering::SeqCst);
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    // SAFETY: sigaction is plain data (all-zero is valid); the handler only
+                    // stores to an atomic; `sigaction` gets valid pointers.
+                    unsafe {
+                        let mut new: libc::sigaction = std::mem::zeroed();
+                        new.sa_sigaction =
+                            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                        new.sa_flags = libc::SA_RESTART;
+                        libc::sigemptyset(&mut new.sa_mask);
+                        let mut prev: libc::sigaction = std::mem::zeroed();
+                        if libc::sigaction(sig, &new, &mut prev) == 0 {
+                            installed.1.push((sig, prev));
+                        }
                     }
                 }
             }
-            Guard { old }
+            installed.0 += 1;
+            Guard
         }
 
         pub fn caught(&self) -> Option<i32> {
@@ -898,10 +915,14 @@ mod signals {
 
     impl Drop for Guard {
         fn drop(&mut self) {
-            for (sig, prev) in &self.old {
-                // SAFETY: restores a disposition sigaction gave us.
-                unsafe {
-                    libc::sigaction(*sig, prev, std::ptr::null_mut());
+            let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+            installed.0 -= 1;
+            if installed.0 == 0 {
+                for (sig, prev) in std::mem::take(&mut installed.1) {
+                    // SAFETY: restores a disposition sigaction gave us.
+                    unsafe {
+                        libc::sigaction(sig, &prev, std::ptr::null_mut());
+                    }
                 }
             }
         }

@@ -200,7 +200,14 @@ struct Io {
 /// A communicator group whose members are processes (or threads) connected by TCP; see the
 /// module docs. Operations take the caller's rank like [`Group`](crate::comm::Group)'s, so the
 /// executor can drive either; here it must be the rank given to [`TcpGroup::connect`].
+///
+/// One pointer wide (the state is boxed), so it can sit in an enum beside an `Arc<Group>`.
 pub struct TcpGroup {
+    inner: Box<Inner>,
+}
+
+/// The group's state.
+struct Inner {
     name: String,
     rank: usize,
     size: usize,
@@ -214,11 +221,12 @@ pub struct TcpGroup {
 
 impl std::fmt::Debug for TcpGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = &self.inner;
         f.debug_struct("TcpGroup")
-            .field("name", &self.name)
-            .field("rank", &self.rank)
-            .field("size", &self.size)
-            .field("timeout", &self.timeout)
+            .field("name", &g.name)
+            .field("rank", &g.rank)
+            .field("size", &g.size)
+            .field("timeout", &g.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -290,35 +298,37 @@ impl TcpGroup {
             }));
         }
         Ok(TcpGroup {
-            name: name.to_string(),
-            rank,
-            size,
-            timeout,
-            links,
-            io: Mutex::new(Io {
-                seq: 0,
-                readers,
-                bytes: Vec::new(),
-                floats: Vec::new(),
+            inner: Box::new(Inner {
+                name: name.to_string(),
+                rank,
+                size,
+                timeout,
+                links,
+                io: Mutex::new(Io {
+                    seq: 0,
+                    readers,
+                    bytes: Vec::new(),
+                    floats: Vec::new(),
+                }),
+                failure: Mutex::new(None),
+                store: own_store,
             }),
-            failure: Mutex::new(None),
-            store: own_store,
         })
     }
 
     /// Number of members.
     pub fn size(&self) -> usize {
-        self.size
+        self.inner.size
     }
 
     /// This member's rank.
     pub fn rank(&self) -> usize {
-        self.rank
+        self.inner.rank
     }
 
     /// The group's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.inner.name
     }
 
     /// Reduces every member's `buf` elementwise (all the same length) into every member's `buf`,
@@ -326,6 +336,40 @@ impl TcpGroup {
     ///
     /// [`Group::all_reduce`]: crate::comm::Group::all_reduce
     pub fn all_reduce(&self, rank: usize, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.inner.all_reduce(rank, buf, op)
+    }
+
+    /// Concatenates the members' `local` slices (equal lengths) in rank order into `out`
+    /// (`size × local.len()`).
+    pub fn all_gather(&self, rank: usize, local: &[f32], out: &mut [f32]) -> Result<(), CommError> {
+        self.inner.all_gather(rank, local, out)
+    }
+
+    /// Sums the members' `input` (equal lengths, a multiple of size) and writes chunk `rank`
+    /// (length input.len()/size) into `out`.
+    pub fn reduce_scatter(
+        &self,
+        rank: usize,
+        input: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), CommError> {
+        self.inner.reduce_scatter(rank, input, out)
+    }
+
+    /// Fails the group: every member waiting in, or later entering, a collective returns
+    /// `PeerFailed { rank, why }` promptly (its sockets to us close at once), and so does this
+    /// one afterwards. May be called from any thread, also while this member is in a collective.
+    pub fn abort(&self, rank: usize, why: &str) {
+        self.inner.fail(CommError::PeerFailed {
+            rank,
+            why: why.to_string(),
+        });
+    }
+}
+
+impl Inner {
+    /// Owners' chunks out, reduce ours in rank order, results out, others' results in.
+    fn all_reduce(&self, rank: usize, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let call = Call {
             op: "all_reduce",
             reduce: Some(op),
@@ -353,9 +397,8 @@ impl TcpGroup {
         Ok(())
     }
 
-    /// Concatenates the members' `local` slices (equal lengths) in rank order into `out`
-    /// (`size × local.len()`).
-    pub fn all_gather(&self, rank: usize, local: &[f32], out: &mut [f32]) -> Result<(), CommError> {
+    /// Ours out to everyone, everyone's in.
+    fn all_gather(&self, rank: usize, local: &[f32], out: &mut [f32]) -> Result<(), CommError> {
         let call = Call {
             op: "all_gather",
             reduce: None,
@@ -380,14 +423,8 @@ impl TcpGroup {
         Ok(())
     }
 
-    /// Sums the members' `input` (equal lengths, a multiple of size) and writes chunk `rank`
-    /// (length input.len()/size) into `out`.
-    pub fn reduce_scatter(
-        &self,
-        rank: usize,
-        input: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), CommError> {
+    /// Owners' chunks out, reduce ours in rank order.
+    fn reduce_scatter(&self, rank: usize, input: &[f32], out: &mut [f32]) -> Result<(), CommError> {
         let call = Call {
             op: "reduce_scatter",
             reduce: Some(ReduceOp::Sum),
@@ -421,16 +458,6 @@ impl TcpGroup {
         let reduced = self.reduce_own(&mut io, call, chunk(n, self.size, rank), input)?;
         out.copy_from_slice(&reduced);
         Ok(())
-    }
-
-    /// Fails the group: every member waiting in, or later entering, a collective returns
-    /// `PeerFailed { rank, why }` promptly (its sockets to us close at once), and so does this
-    /// one afterwards. May be called from any thread, also while this member is in a collective.
-    pub fn abort(&self, rank: usize, why: &str) {
-        self.fail(CommError::PeerFailed {
-            rank,
-            why: why.to_string(),
-        });
     }
 
     fn peers(&self) -> impl Iterator<Item = usize> + '_ {
@@ -716,7 +743,7 @@ impl TcpGroup {
     }
 }
 
-impl Drop for TcpGroup {
+impl Drop for Inner {
     fn drop(&mut self) {
         // Let the writers finish what they queued (peers may still be reading it): each write is
         // bounded by the socket's write timeout, and a failed group's sockets are shut already.
