@@ -319,7 +319,10 @@ fn run_worker(args: &RunArgs, worker: &WorkerEnv) -> Result<()> {
                 };
                 Ok(cuda.nccl_group(&id, member, size)?)
             };
-            let groups = (nccl(format!("tp/dp{d}"), t, tp)?, nccl(format!("dp/tp{t}"), d, dp)?);
+            let groups = (
+                nccl(format!("tp/dp{d}"), t, tp)?,
+                nccl(format!("dp/tp{t}"), d, dp)?,
+            );
             let weights = upload_params(&cuda, &step.plan, &shards[rank..rank + 1])?
                 .pop()
                 .unwrap_or_default();
@@ -358,7 +361,12 @@ fn worker_step<B: Backend>(
         .ok_or_else(|| anyhow::anyhow!("the loss was not kept"))?;
     // Each data-parallel rank holds its addend of the loss.
     let mut loss = [backend.read_scalar(loss_value)?];
-    backend.all_reduce_host(&dp_group, d, &mut loss, ferrotron_runtime::comm::ReduceOp::Sum)?;
+    backend.all_reduce_host(
+        &dp_group,
+        d,
+        &mut loss,
+        ferrotron_runtime::comm::ReduceOp::Sum,
+    )?;
     let wall = started.elapsed();
     if rank == 0 {
         println!(
@@ -418,10 +426,17 @@ fn worker_step<B: Backend>(
         "rank {rank} (tp {t}, dp {d}): {} gradients and the loss against the unpartitioned \
          model: {} (max relative error {worst:.3e}, loss {loss_error:.3e})",
         plan.grads.len(),
-        if failures.is_empty() { "verified" } else { "MISMATCH" }
+        if failures.is_empty() {
+            "verified"
+        } else {
+            "MISMATCH"
+        }
     );
     if !failures.is_empty() {
-        bail!("rank {rank} differs from the unpartitioned model: {}", failures.join("; "));
+        bail!(
+            "rank {rank} differs from the unpartitioned model: {}",
+            failures.join("; ")
+        );
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
-use ferrotron_partitioner::cost::{simulate_against, weak_scaling_table, Cluster, SimOptions};
+use ferrotron_partitioner::cost::{simulate, weak_scaling_table, Cluster, SimOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
 use ferrotron_runtime::init::init_params;
 use ferrotron_runtime::tokenizer::Tokenizer;
@@ -557,16 +557,9 @@ fn run(cli: Cli) -> Result<()> {
                 ..PartitionOptions::default()
             };
             let plan = partition(&graph, &options)?;
-            // The same per-GPU work on one GPU: one replica's batch, no model parallelism.
-            let per_replica = micro_batch.or_else(|| {
-                graph
-                    .dims
-                    .iter()
-                    .find(|(n, _)| n == "batch")
-                    .map(|&(_, b)| b / dp.max(1))
-            });
-            let baseline = partition(&load(per_replica)?, &PartitionOptions::default())?;
-            let sim = simulate_against(&plan, Some(&baseline), &cluster, &opts);
+            // Scaling efficiency against the one-GPU run of the same per-GPU work: this rank's
+            // program, on the same shard shapes, with nothing to communicate.
+            let sim = simulate(&plan, &cluster, &opts);
             if json {
                 println!("{}", serde_json::to_string(&sim)?);
             } else {

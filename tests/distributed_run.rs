@@ -8,7 +8,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_ferrotron");
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-gpt.ron");
 
 fn ferrotron(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("ferrotron runs");
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("ferrotron runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -31,7 +34,10 @@ fn ranks_as_processes_verify_and_match_the_in_process_run() {
     for (procs, mesh) in [
         ("2", vec!["--tp", "2"]),
         ("4", vec!["--tp", "2", "--dp", "2", "--sequence-parallel"]),
-        ("3", vec!["--tp", "3", "--dim", "hidden=96", "--dim", "heads=3"]),
+        (
+            "3",
+            vec!["--tp", "3", "--dim", "hidden=96", "--dim", "heads=3"],
+        ),
     ] {
         let mut job = vec!["launch", "--nproc-per-node", procs, "--timeout", "60", "--"];
         job.extend(["run", MODEL, "--verify"]);
@@ -39,11 +45,7 @@ fn ranks_as_processes_verify_and_match_the_in_process_run() {
         let (ok, stdout, stderr) = ferrotron(&job);
         assert!(ok, "{job:?}\n{stdout}\n{stderr}");
         let verified = stdout.matches("verified").count();
-        assert_eq!(
-            verified.to_string(),
-            procs,
-            "every rank verifies: {stdout}"
-        );
+        assert_eq!(verified.to_string(), procs, "every rank verifies: {stdout}");
         let mut single = vec!["run", MODEL, "--verify"];
         single.extend(mesh.iter().copied());
         let (ok, alone, stderr) = ferrotron(&single);

@@ -13,11 +13,17 @@
 //! time. The rules, each a deliberate simplification:
 //!
 //! - **GEMMs** ([`Op::MatMul`]): `flops / (peak × efficiency)`, floored by the bytes they touch
-//!   over memory bandwidth. The efficiency is `max × W/(W + half_at) × d/(d + 32)` with
-//!   `W = m·n·k` (batch dimensions folded into `m`) and `d = min(m, n, k)`: a GEMM saturates as
-//!   it grows and loses tensor-core utilisation when one side is thin (attention's head
-//!   dimension). `max` is the one calibrated number ([`calibrate_gemm`], done once against the
-//!   paper's one-GPU 39 TFLOP/s); `half_at` and the thin-side constant are priors.
+//!   over memory bandwidth. The efficiency is `max × W/(W + half_at) × shape` with `W = m·n·k`
+//!   (batch dimensions folded into `m`). `W/(W + half_at)`: a GEMM saturates as it grows.
+//!   `shape`, when the cluster gives its SM count and the library's output tiles, is the best
+//!   launch the library could pick: over the tiles (either orientation) and a split of `k` into
+//!   `s ≤ 4` slices, the wave efficiency `(m·n/tile)·s / (⌈⌈m/tm⌉·⌈n/tn⌉·s / SMs⌉ · SMs)` (tile
+//!   and wave quantization, NVIDIA's *Matrix Multiplication Background User's Guide*) times the
+//!   thin-side factor `d/(d + 32)`, `d = min(m, n, k/s)` (tensor-core tiles lose utilisation when
+//!   a side is thin: attention's head dimension, a shallow split). Without them, `shape` is the
+//!   thin-side factor alone. `max` is the one calibrated number ([`calibrate_gemm`], done once
+//!   against the paper's one-GPU 39 TFLOP/s); `half_at`, the tiles and the thin-side constant are
+//!   priors.
 //! - **Everything else** is memory-bound: the bytes of its inputs and outputs over
 //!   `memory_bandwidth × memory_efficiency`. Views (reshape, split, slice, expand, f) are free.
 //!   Every kernel and every collective pays `kernel_overhead_s`.
@@ -25,24 +31,32 @@
 //!   are f32; the paper trained in fp16), integers at their own size.
 //! - **Collectives** follow the ring model with NCCL's bus-bandwidth factors: all-reduce moves
 //!   `2(n−1)/n` of the buffer, all-gather and reduce-scatter `(n−1)/n`, plus `2(n−1)` resp.
-//!   `n−1` hops of latency. A group is laid out on ranks `rank = t + tp·d` (tp groups are
-//!   consecutive ranks, dp groups stride by tp); a group inside one node runs at the intra-node
-//!   bus bandwidth; one that spans nodes is hierarchical: reduce-scatter inside the node over its
-//!   `k` members, all-reduce across the `m` nodes on `1/k` of the buffer, all-gather inside the
-//!   node. Across nodes the node's adapters are shared by all its GPUs, which all communicate at
-//!   once (SPMD), so a GPU gets `inter_node.bandwidth / gpus_per_node`.
+//!   `n−1` ring steps of latency (NCCL's per-step latencies, `Link::latency_s`). A group is laid
+//!   out on ranks `rank = t + tp·d` (tp groups are consecutive ranks, dp groups stride by tp, the
+//!   paper's appendix B.1); a group inside one node runs at the intra-node bus bandwidth; one that
+//!   spans nodes is hierarchical: reduce-scatter inside the node over its `k` members, all-reduce
+//!   across the `m` nodes on `1/k` of the buffer, all-gather inside the node. Across nodes the
+//!   node's adapters are shared by all its GPUs, which all communicate at once (SPMD: with tp = 8
+//!   on a 16-GPU node, the node's two dp groups' halves share its adapters), so a GPU gets
+//!   `inter_node.bandwidth / gpus_per_node`.
 //! - **Overlap**: tp collectives block the compute stream (each output is needed by the next op).
 //!   The dp gradient all-reduces run on their own stream: each starts when its gradient has been
 //!   produced on the compute stream (the finish time of the node defining it, wherever the plan
 //!   places the all-reduce) and the stream is busy one at a time; only what runs past the end of
-//!   the backward pass is exposed ([`SimOptions::overlap_dp`] off: all of it is). Gradients are
-//!   fused into buckets ([`SimOptions::dp_bucket_bytes`], as PyTorch DDP does); a bucket starts
-//!   when its last gradient is ready. Contention between the two streams is ignored.
+//!   the backward pass is exposed. Gradients are fused into buckets
+//!   ([`SimOptions::dp_bucket_bytes`], as PyTorch DDP does); a bucket starts when its last
+//!   gradient is ready. With [`SimOptions::overlap_dp`] off the gradients are fused into one flat
+//!   buffer, all-reduced after the backward pass and all of it exposed (Megatron-LM 2019's local
+//!   DDP: `_flatten_dense_tensors`, divide, `all_reduce`, copy back). Fusing costs memory traffic:
+//!   6 bytes per gradient byte (copy in, scale, copy out). Contention between the two streams is
+//!   ignored.
 //! - **Recomputation** ([`SimOptions::recompute`]): every forward node inside a layer runs again
 //!   during the backward pass (including its tp collectives); the extra time is spread over the
 //!   backward pass in proportion to each backward node's time, so gradients become ready later.
-//! - **Optimizer**: Adam reads the gradient, master weight and two moments and writes three of
-//!   them and the weight: 28 bytes per local parameter, memory-bound.
+//! - **Optimizer** ([`optimizer_traffic`]): global-norm clipping and Adam, memory-bound, per local
+//!   parameter; below f32 also the mixed-precision bookkeeping of dynamic loss scaling (overflow
+//!   check, fp16 gradients to the f32 master copy, unscale, master weights back to fp16). One
+//!   kernel per pass per parameter tensor.
 //! - **Vocabulary-parallel cross-entropy**: its per-token all-reduces (3 forward, 2 backward, of
 //!   `tokens × 4 bytes` each — the statistics stay f32) block the compute stream.
 //!
@@ -55,8 +69,10 @@
 //! **Throughput** counts the FLOPs the GPU executes ([`ferrotron_ir::count::node_flops`] over the
 //! forward and backward graph, plus the recomputed forward): the convention under which the
 //! paper's 39 TFLOP/s is reproduced here. **Scaling efficiency** is TFLOP/s per GPU over the
-//! baseline's ([`simulate_against`]); without a baseline it is the plan's time without any
-//! communication over its step time (the shards' own GEMM efficiency not counted).
+//! baseline's ([`simulate_against`]). Without a baseline ([`simulate`]) the baseline is the
+//! one-GPU run of the same per-GPU work: this rank's program, op for op on the same shard shapes,
+//! on one GPU with nothing to communicate; the efficiency is then its step time over the plan's
+//! (communication is the only loss; the shards' own GEMM efficiency is in both).
 
 use crate::layout::Layout;
 use crate::plan::Plan;
@@ -89,6 +105,10 @@ pub struct GemmEfficiency {
     pub max: f64,
     /// `m·n·k` at which a GEMM reaches half of `max`.
     pub half_at: f64,
+    /// The output tiles `(rows, columns)` the GEMM library launches, tried in both
+    /// orientations, for tile and wave quantization over [`Cluster::sms`]; empty: not modelled.
+    #[serde(default)]
+    pub tiles: Vec<(u64, u64)>,
 }
 
 /// One level of the interconnect.
@@ -115,6 +135,10 @@ pub struct Cluster {
     pub gpu: String,
     /// GPUs per node.
     pub gpus_per_node: u64,
+    /// Streaming multiprocessors per GPU (the tiles of a GEMM run in waves of this many); 0: no
+    /// wave quantization.
+    #[serde(default)]
+    pub sms: u64,
     /// Peak rates per GPU.
     pub peak_flops: PeakFlops,
     /// Memory per GPU, bytes.
@@ -229,9 +253,45 @@ impl Cluster {
     /// The GEMM efficiency of an `m × k` by `k × n` product (see the module docs).
     pub fn gemm_efficiency(&self, m: u64, n: u64, k: u64) -> f64 {
         let w = m as f64 * n as f64 * k as f64;
-        let d = m.min(n).min(k) as f64;
-        self.gemm.max * w / (w + self.gemm.half_at) * d / (d + 32.0)
+        let thin = |d: u64| d as f64 / (d as f64 + 32.0);
+        let shape = if self.sms == 0 || self.gemm.tiles.is_empty() {
+            thin(m.min(n).min(k))
+        } else {
+            // The library's best launch: a tile in either orientation and a split of k.
+            let mut best = 0.0f64;
+            for &(a, b) in &self.gemm.tiles {
+                for (tm, tn) in [(a, b), (b, a)] {
+                    for s in 1..=MAX_SPLIT_K.min(k.max(1)) {
+                        let depth = k.div_ceil(s);
+                        let e = wave_efficiency(m, n, (tm, tn), s, self.sms)
+                            * thin(m.min(n).min(depth));
+                        best = best.max(e);
+                    }
+                }
+            }
+            best
+        };
+        self.gemm.max * w / (w + self.gemm.half_at) * shape
     }
+}
+
+/// The most slices a GEMM's reduction dimension is split into (split-K) to fill the GPU.
+pub const MAX_SPLIT_K: u64 = 4;
+
+/// The share of the GPU's tile slots an `m × n` output does useful work in, launched as
+/// `tile = (rows, columns)` tiles with `k` split `split` ways on `sms` multiprocessors: the tiles
+/// run in waves of `sms`, a partial tile at an edge (tile quantization) and a partial last wave
+/// (wave quantization) waste the rest (NVIDIA, *Matrix Multiplication Background User's Guide*,
+/// "Dimension Quantization Effects").
+pub fn wave_efficiency(m: u64, n: u64, tile: (u64, u64), split: u64, sms: u64) -> f64 {
+    let (tm, tn) = (tile.0.max(1), tile.1.max(1));
+    let split = split.max(1);
+    let tiles = m.div_ceil(tm) * n.div_ceil(tn) * split;
+    if tiles == 0 || sms == 0 {
+        return 1.0;
+    }
+    let slots = tiles.div_ceil(sms) * sms;
+    (m as f64 * n as f64 / (tm * tn) as f64) * split as f64 / slots as f64
 }
 
 /// A collective's kind.
@@ -341,12 +401,14 @@ pub struct SimOptions {
     /// Activation recomputation: keep only the layers' inputs, run each layer's forward again in
     /// the backward pass.
     pub recompute: bool,
-    /// Overlap the dp gradient all-reduces with the backward pass.
+    /// Overlap the dp gradient all-reduces with the backward pass; off: one flat all-reduce
+    /// after it.
     pub overlap_dp: bool,
-    /// Count the Adam step.
+    /// Count the optimizer step (global-norm clipping and Adam, see [`optimizer_traffic`]).
     pub optimizer: bool,
-    /// dp gradient all-reduces are fused, in the order their gradients are produced, into
-    /// buckets of at least this many bytes (PyTorch DDP's default 25 MiB); 0: one per gradient.
+    /// With overlap, dp gradient all-reduces are fused, in the order their gradients are
+    /// produced, into buckets of at least this many bytes (PyTorch DDP's default 25 MiB); 0: one
+    /// per gradient.
     pub dp_bucket_bytes: u64,
 }
 
@@ -363,15 +425,46 @@ impl Default for SimOptions {
 }
 
 impl SimOptions {
-    /// The paper's setting: fp16, activation recomputation, overlapped gradient all-reduce.
+    /// The paper's setting, as its 2019 code ran it: fp16 with dynamic loss scaling and an f32
+    /// master copy, activation recomputation after every layer (§4.2), and the gradient
+    /// all-reduce after the backward pass (`pretrain_gpt2.py` calls
+    /// `model.allreduce_params(...)` after `optimizer.backward(loss)`; its local DDP flattens
+    /// every gradient into one buffer).
     pub fn megatron() -> SimOptions {
         SimOptions {
             compute_dtype: Some(DType::F16),
             recompute: true,
+            overlap_dp: false,
             ..SimOptions::default()
         }
     }
 }
+
+/// One optimizer step's memory traffic per local parameter (bytes) and its passes over the
+/// parameters (one kernel per parameter tensor each), all memory-bound.
+///
+/// In f32 (ferrotron's `train.rs`): the global gradient norm reads the gradient (4), then AdamW
+/// reads weight, gradient and both moments and writes weight and moments (28), with the clipping
+/// factor folded in: 32 bytes, 2 passes.
+///
+/// With a 16-bit compute dtype, as Megatron-LM 2019 ran it (apex's `FP16_Optimizer` around
+/// `FusedAdam`): the overflow check of dynamic loss scaling sums each fp16 gradient as f32
+/// (`float(x.float().sum())`: read 2, write 4, read 4), the fp16 gradients are copied to the f32
+/// master gradients (2 + 4), unscaled (`mul_(1/loss_scale)`: 4 + 4), their global norm taken (4)
+/// and clipped (4 + 4), Adam updates the f32 master weights (28) and the master weights are
+/// copied back to the fp16 model (4 + 2): 70 bytes, 7 passes.
+pub fn optimizer_traffic(mixed_precision: bool) -> (f64, u64) {
+    if mixed_precision {
+        (10.0 + 6.0 + 8.0 + 4.0 + 8.0 + 28.0 + 6.0, 7)
+    } else {
+        (4.0 + 28.0, 2)
+    }
+}
+
+/// Memory traffic of fusing gradients into a bucket for an all-reduce, per gradient byte: copy
+/// in (read and write), divide by the group size in the bucket (read and write), copy back out
+/// (read and write).
+pub const BUCKET_TRAFFIC: f64 = 6.0;
 
 /// Memory per GPU, bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -441,31 +534,31 @@ pub struct Simulation {
     pub fits: bool,
 }
 
-/// Prices `plan` on `cluster`; scaling efficiency against the same plan without communication.
+/// Prices `plan` on `cluster`; scaling efficiency against the one-GPU run of the same per-GPU
+/// work (this rank's program with nothing to communicate, see the module docs).
 pub fn simulate(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Simulation {
     simulate_against(plan, None, cluster, opts)
 }
 
-/// Prices `plan` on `cluster`, with scaling efficiency against `baseline` (usually the same
-/// per-GPU work on one GPU: the model partitioned at tp = 1, dp = 1 with the per-replica batch).
+/// Prices `plan` on `cluster`, with scaling efficiency against `baseline` (the paper's weak
+/// scaling: a one-GPU plan of about the same per-GPU work) or, when `None`, against the one-GPU
+/// run of this plan's own per-GPU work (see the module docs).
 pub fn simulate_against(
     plan: &Plan,
     baseline: Option<&Plan>,
     cluster: &Cluster,
     opts: &SimOptions,
 ) -> Simulation {
-    let t = timeline(plan, cluster, opts);
+    let t = timeline(plan, cluster, opts, true);
     let memory = memory(plan, opts);
     let dtype = compute_dtype(plan, opts);
     let step = t.step_time();
     let tflops = t.flops / step / 1e12;
-    let base = match baseline {
-        Some(b) => {
-            let tb = timeline(b, cluster, opts);
-            tb.flops / tb.step_time() / 1e12
-        }
-        None => t.flops / (step - t.tp_comm - t.dp_exposed - t.comm_overheads) / 1e12,
+    let tb = match baseline {
+        Some(b) => timeline(b, cluster, opts, true),
+        None => timeline(plan, cluster, opts, false),
     };
+    let base = tb.flops / tb.step_time() / 1e12;
     Simulation {
         model: plan.model.clone(),
         cluster: cluster.name.clone(),
@@ -524,8 +617,6 @@ struct Timeline {
     tp_comm: f64,
     dp_comm: f64,
     dp_exposed: f64,
-    /// Kernel overheads of the blocking collectives (counted in the step, not in `tp_comm`).
-    comm_overheads: f64,
     flops: f64,
 }
 
@@ -560,7 +651,8 @@ fn layer_of_node(
     g.nodes[n].scope.and_then(|s| layers[s])
 }
 
-fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
+/// One rank's step; `comm` false: the same program on one GPU, every collective a no-op.
+fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions, comm: bool) -> Timeline {
     let g = &plan.graph;
     let dtype = compute_dtype(plan, opts);
     let peak = cluster.peak(dtype);
@@ -588,7 +680,6 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
         gemm: f64,
         memory_bound: f64,
         tp_comm: f64,
-        overheads: f64,
         flops: f64,
         /// A dp all-reduce to put on the dp stream: (its input, its bytes).
         dp: Option<(ValueId, f64)>,
@@ -600,7 +691,6 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
             gemm: 0.0,
             memory_bound: 0.0,
             tp_comm: 0.0,
-            overheads: 0.0,
             flops: 0.0,
             dp: None,
         };
@@ -613,7 +703,7 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
         // A collective: `(time, bytes, on the dp stream)`, or `None` for a group of one.
         let coll = |kind: Collective, axis: MeshAxis, buf: f64| -> Option<(f64, f64, bool)> {
             let grp = group(axis);
-            if grp.size <= 1 {
+            if grp.size <= 1 || !comm {
                 return None;
             }
             let t = collective_time(cluster, kind, grp, buf);
@@ -629,7 +719,6 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
                     c.dp = Some((*node.op.inputs()[0], buf));
                 } else {
                     c.tp_comm += t;
-                    c.overheads += overhead;
                     c.time += t + overhead;
                 }
             }
@@ -699,14 +788,12 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
         tl.gemm += c.gemm;
         tl.memory_bound += c.memory_bound;
         tl.tp_comm += c.tp_comm;
-        tl.comm_overheads += c.overheads;
         tl.flops += c.flops;
         if opts.recompute && layer_of_node(g, &layers, n).is_some() {
             recompute += c.time;
             tl.gemm += c.gemm;
             tl.memory_bound += c.memory_bound;
             tl.tp_comm += c.tp_comm;
-            tl.comm_overheads += c.overheads;
             tl.flops += c.flops;
         }
     }
@@ -725,7 +812,9 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
     let dp_group = group(MeshAxis::Dp);
     let flush = |b: &mut (f64, f64), clock: &mut f64, total: &mut f64| {
         if b.0 > 0.0 {
-            let t = collective_time(cluster, Collective::AllReduce, dp_group, b.0) + overhead;
+            let t = collective_time(cluster, Collective::AllReduce, dp_group, b.0)
+                + BUCKET_TRAFFIC * b.0 / mem_bw
+                + overhead;
             *clock = clock.max(b.1) + t;
             *total += t;
         }
@@ -739,7 +828,6 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
         tl.gemm += c.gemm;
         tl.memory_bound += c.memory_bound;
         tl.tp_comm += c.tp_comm;
-        tl.comm_overheads += c.overheads;
         tl.flops += c.flops;
         for &v in &g.nodes[n].outputs {
             ready[v] = clock;
@@ -758,7 +846,7 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
     for (at, buf) in grads {
         bucket.0 += buf;
         bucket.1 = bucket.1.max(at);
-        if bucket.0 >= opts.dp_bucket_bytes as f64 {
+        if opts.overlap_dp && bucket.0 >= opts.dp_bucket_bytes as f64 {
             flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
         }
     }
@@ -777,7 +865,9 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Timeline {
             .iter()
             .map(|(_, p)| g.ty(p.value).shape.numel().unwrap_or(0))
             .sum();
-        tl.optimizer = params as f64 * 28.0 / mem_bw + overhead;
+        let (bytes, passes) = optimizer_traffic(dtype.size_bytes() < 4);
+        let kernels = (passes * g.params.len() as u64) as f64;
+        tl.optimizer = params as f64 * bytes / mem_bw + kernels * overhead;
     }
     tl
 }
@@ -873,7 +963,7 @@ pub fn calibrate_gemm(
     for _ in 0..60 {
         let mid = 0.5 * (lo + hi);
         c.gemm.max = mid;
-        let t = timeline(plan, &c, opts);
+        let t = timeline(plan, &c, opts, true);
         if t.flops / t.step_time() / 1e12 < target_tflops {
             lo = mid;
         } else {
@@ -899,7 +989,9 @@ pub struct WeakScalingRow {
 }
 
 /// The paper's four configurations: model file, tp, and its figure 5 scaling efficiency for
-/// model parallelism alone and with 64-way data parallelism.
+/// model parallelism alone (1, 2, 4, 8 GPUs) and with 64-way data parallelism (64 … 512 GPUs).
+/// Source: Shoeybi et al., *Megatron-LM* (arXiv 1909.08053), figure 5's bar labels (100, 95,
+/// 82, 77% and 96, 83, 79, 74%); §5.1.1's text states the 77% and the 74%.
 pub const PAPER_WEAK_SCALING: [(&str, u64, f64, f64); 4] = [
     ("megatron-1.2b.ron", 1, 1.00, 0.96),
     ("megatron-2.5b.ron", 2, 0.95, 0.83),
@@ -907,15 +999,23 @@ pub const PAPER_WEAK_SCALING: [(&str, u64, f64, f64); 4] = [
     ("megatron-8.3b.ron", 8, 0.77, 0.74),
 ];
 
+/// The paper's strong scaling of the 1.2B model at batch 8 (appendix D.2, table 8): tp and the
+/// speedup over one GPU. Not used to calibrate anything: an out-of-sample check.
+pub const PAPER_STRONG_SCALING: [(u64, f64); 4] = [(1, 1.0), (2, 1.64), (4, 2.34), (8, 2.98)];
+
+/// The paper's attention-head study (appendix D.1, table 7): the 8.3B model at tp = 8 with 16,
+/// 24 and 32 heads and its weak-scaling efficiency. An out-of-sample check too.
+pub const PAPER_HEADS: [(u64, f64); 3] = [(16, 0.82), (24, 0.80), (32, 0.77)];
+
 fn load_and_partition(
     dir: &Path,
     file: &str,
-    batch: u64,
+    dims: &[(&str, u64)],
     tp: u64,
     dp: u64,
 ) -> Result<Plan, String> {
     let opts = LoadOptions {
-        overrides: vec![("batch".into(), batch)],
+        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
         ..LoadOptions::default()
     };
     let g = ferrotron_ir::load_model(&dir.join(file), &opts).map_err(|e| e.to_string())?;
@@ -933,20 +1033,21 @@ fn load_and_partition(
 /// The paper's weak-scaling study on `cluster`: 1.2B on 1 GPU, 2.5B on 2, 4.2B on 4, 8.3B on 8
 /// (tp = GPUs, batch 8), and the same with 64-way data parallelism (global batch 512), each
 /// against the 1.2B model on one GPU with batch 8 (the paper's baseline). `models` is the
-/// directory holding `megatron-*.ron`. Returns the rows and a markdown table.
+/// directory holding `megatron-*.ron`. Returns the rows and a markdown report: the table, then
+/// the paper's strong-scaling and attention-head tables predicted the same way.
 pub fn weak_scaling_table(
     models: &Path,
     cluster: &Cluster,
     opts: &SimOptions,
 ) -> Result<(Vec<WeakScalingRow>, String), String> {
-    let baseline = load_and_partition(models, PAPER_WEAK_SCALING[0].0, 8, 1, 1)?;
+    let baseline = load_and_partition(models, PAPER_WEAK_SCALING[0].0, &[("batch", 8)], 1, 1)?;
     let mut rows = Vec::new();
     for dp in [1u64, 64] {
         for &(file, tp, mp, mpdp) in &PAPER_WEAK_SCALING {
             let plan = if tp == 1 && dp == 1 {
                 baseline.clone()
             } else {
-                load_and_partition(models, file, 8 * dp, tp, dp)?
+                load_and_partition(models, file, &[("batch", 8 * dp)], tp, dp)?
             };
             rows.push(WeakScalingRow {
                 model: file.trim_end_matches(".ron").to_owned(),
@@ -958,6 +1059,32 @@ pub fn weak_scaling_table(
         }
     }
     let mut md = String::new();
+    let dtype = opts
+        .compute_dtype
+        .map_or("the model's dtype".to_owned(), |d| d.to_string());
+    let _ = writeln!(
+        md,
+        "# The Megatron paper's weak-scaling study, predicted\n\n\
+         Made by `ferrotron simulate --weak-scaling --cluster clusters/{}.ron{} > \
+         docs/weak-scaling.md` (`cost::weak_scaling_table`): {dtype}, {}, the data-parallel \
+         gradient all-reduce {}. One calibration: the GEMM efficiency's `max` ({:.4}) makes the \
+         1.2B model on one GPU sustain the paper's 39 TFLOP/s; every other figure comes from the \
+         cluster file's sources. The paper's figures are Shoeybi et al. 2019 (arXiv 1909.08053), \
+         figure 5's bar labels (§5.1.1 states the 77% and the 74%).\n",
+        cluster.name,
+        if opts.overlap_dp { "" } else { " --no-overlap" },
+        if opts.recompute {
+            "activation recomputation"
+        } else {
+            "no recomputation"
+        },
+        if opts.overlap_dp {
+            "overlapped with the backward pass"
+        } else {
+            "after the backward pass, as one flat buffer"
+        },
+        cluster.gemm.max,
+    );
     let _ = writeln!(
         md,
         "| model | GPUs | tp | dp | step (s) | TFLOP/s per GPU | tp comm (s) | dp exposed (s) | memory per GPU (GiB) | predicted | paper | Δ (pp) |"
@@ -986,5 +1113,113 @@ pub fn weak_scaling_table(
             100.0 * (s.scaling_efficiency - r.paper_efficiency),
         );
     }
+    let within = rows
+        .iter()
+        .filter(|r| (r.simulation.scaling_efficiency - r.paper_efficiency).abs() <= 0.05)
+        .count();
+    let _ = writeln!(
+        md,
+        "\n{within} of {} points within 5 percentage points of the paper.",
+        rows.len()
+    );
+    // The largest configuration's floor: what every node must send across InfiniBand.
+    if let (Some(big), Some(mp)) = (
+        rows.iter().max_by_key(|r| r.simulation.gpus),
+        rows.iter()
+            .max_by_key(|r| r.simulation.gpus)
+            .and_then(|b| rows.iter().find(|r| r.model == b.model && r.dp == 1)),
+    ) {
+        let s = &big.simulation;
+        let grp = Group {
+            size: big.dp,
+            stride: big.tp,
+            world: s.gpus,
+        };
+        let (_, nodes) = grp.placement(cluster.gpus_per_node);
+        if nodes > 1 && big.tp <= cluster.gpus_per_node {
+            // After the node's replicas are summed, a node holds tp distinct gradient shards.
+            let per_node = big.tp as f64 * s.memory.gradients as f64;
+            let out = 2.0 * (nodes - 1) as f64 / nodes as f64 * per_node;
+            let floor = out / cluster.inter_node.bandwidth;
+            let m = &mp.simulation;
+            let ceiling = m.scaling_efficiency * m.step_time_s / (m.step_time_s + floor);
+            let _ = writeln!(
+                md,
+                "\nA floor for {} on {} GPUs: after each node sums its replicas it holds \
+                 {:.1} GB of gradients, and an all-reduce across {nodes} nodes must send at \
+                 least 2·{}/{nodes} of it, {:.1} GB, out of every node: {:.2} s at the {:.0} GB/s \
+                 line rate. After the backward pass of the model-parallel step ({:.3} s) that \
+                 caps the efficiency at {:.0}% whatever the network's efficiency; the paper \
+                 reports {:.0}%.",
+                big.model,
+                s.gpus,
+                per_node / 1e9,
+                nodes - 1,
+                out / 1e9,
+                floor,
+                cluster.inter_node.bandwidth / 1e9,
+                m.step_time_s,
+                100.0 * ceiling,
+                100.0 * big.paper_efficiency,
+            );
+        }
+    }
+
+    // Out of sample: the paper's strong scaling of the 1.2B model.
+    let _ = writeln!(
+        md,
+        "\n### Strong scaling of the 1.2B model, batch 8 (paper table 8)\n\n\
+         | GPUs (tp) | step (s) | tp comm (s) | predicted speedup | paper |\n|---:|---:|---:|---:|---:|"
+    );
+    let t1 = simulate_against(&baseline, None, cluster, opts).step_time_s;
+    for &(tp, paper) in &PAPER_STRONG_SCALING {
+        let plan = if tp == 1 {
+            baseline.clone()
+        } else {
+            load_and_partition(models, PAPER_WEAK_SCALING[0].0, &[("batch", 8)], tp, 1)?
+        };
+        let s = simulate_against(&plan, None, cluster, opts);
+        let _ = writeln!(
+            md,
+            "| {tp} | {:.3} | {:.3} | {:.2} | {paper:.2} |",
+            s.step_time_s,
+            s.tp_comm_s,
+            t1 / s.step_time_s
+        );
+    }
+    // Out of sample: the paper's attention-head study.
+    let _ = writeln!(
+        md,
+        "\n### Attention heads, 8.3B at tp = 8 (paper table 7)\n\n\
+         | heads | head size | step (s) | predicted | paper |\n|---:|---:|---:|---:|---:|"
+    );
+    for &(heads, paper) in &PAPER_HEADS {
+        let plan = load_and_partition(
+            models,
+            PAPER_WEAK_SCALING[3].0,
+            &[("batch", 8), ("heads", heads)],
+            8,
+            1,
+        )?;
+        let s = simulate_against(&plan, Some(&baseline), cluster, opts);
+        let _ = writeln!(
+            md,
+            "| {heads} | {} | {:.3} | {:.0}% | {:.0}% |",
+            3072 / heads,
+            s.step_time_s,
+            100.0 * s.scaling_efficiency,
+            100.0 * paper
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nNot modelled, and the likely reasons the model is optimistic where it is: per-rank \
+         jitter at the blocking tp all-reduces (every one is a barrier), NCCL kernels and compute \
+         contending for SMs and memory, and the 2019 PyTorch's unfused fp16 elementwise kernels \
+         below the assumed 80% of memory bandwidth. The paper puts its strong-scaling loss on \
+         \"memory bandwidth and communication overheads\" (appendix D.2). The GEMM tile choice \
+         is optimistic too: the best of the library's tiles, orientations and split-K for every \
+         shape."
+    );
     Ok((rows, md))
 }

@@ -1,11 +1,14 @@
-//! The cost model: ring formulas against hand-computed values, the memory model against
-//! Report's per-rank figures, the calibrated one-GPU baseline, memory monotone in tp, cluster
-//! file errors located, and the paper's weak-scaling study.
+//! The cost model: ring formulas, wave quantization, the optimizer's traffic and the flat
+//! data-parallel all-reduce against hand-computed values, the memory model against Report's
+//! per-rank figures, scaling efficiency against the same per-GPU work without communication,
+//! the calibrated one-GPU baseline, memory monotone in tp, cluster file errors located, and the
+//! paper's weak-scaling study.
 
-use ferrotron_ir::{load_model, Graph, LoadOptions};
+use ferrotron_ir::{load_model, DType, Graph, LoadOptions};
 use ferrotron_partitioner::cost::{
-    collective_time, memory, ring_time, simulate, simulate_against, weak_scaling_table, Cluster,
-    ClusterError, Collective, Group, SimOptions,
+    collective_time, memory, optimizer_traffic, ring_time, simulate, simulate_against,
+    wave_efficiency, weak_scaling_table, Cluster, ClusterError, Collective, Group, SimOptions,
+    BUCKET_TRAFFIC, PAPER_WEAK_SCALING,
 };
 use ferrotron_partitioner::{partition, PartitionOptions, Plan, Report};
 use std::path::PathBuf;
@@ -27,11 +30,16 @@ fn model(name: &str, dims: &[(&str, u64)]) -> Graph {
 }
 
 fn plan(g: &Graph, tp: u64, dp: u64) -> Plan {
+    plan_sp(g, tp, dp, false)
+}
+
+fn plan_sp(g: &Graph, tp: u64, dp: u64, sequence_parallel: bool) -> Plan {
     partition(
         g,
         &PartitionOptions {
             tp,
             dp,
+            sequence_parallel,
             ..PartitionOptions::default()
         },
     )
@@ -112,8 +120,8 @@ fn collectives_inside_a_node_and_across_nodes() {
 #[test]
 fn memory_equals_report_per_rank() {
     let g = model("megatron-1.2b.ron", &[("layers", 2), ("batch", 4)]);
-    for (tp, dp) in [(1, 1), (2, 1), (4, 2)] {
-        let p = plan(&g, tp, dp);
+    for (tp, dp, sp) in [(1, 1, false), (2, 1, false), (4, 2, false), (4, 1, true)] {
+        let p = plan_sp(&g, tp, dp, sp);
         let r = Report::of(&p).per_rank;
         let m = memory(&p, &SimOptions::default());
         assert_eq!(m.weights, r.weights_bytes);
@@ -126,8 +134,20 @@ fn memory_equals_report_per_rank() {
         // fp16 with an f32 master copy: 2 + 2 + 12 bytes per parameter, the Megatron figure.
         let h = memory(&p, &SimOptions::megatron());
         assert_eq!(h.weights + h.gradients + h.optimizer, 16 * r.parameters);
+        assert_eq!(h.weights, 2 * r.parameters);
         // Recomputation keeps less.
         assert!(h.activations < r.activations_bytes / 2);
+        // Without recomputation, fp16 halves every saved float; the saved integers (the token
+        // ids, 8 bytes each, read by the embedding's and the loss's backward) stay.
+        let f16 = memory(
+            &p,
+            &SimOptions {
+                compute_dtype: Some(DType::F16),
+                ..SimOptions::default()
+            },
+        );
+        let integers = 2 * f16.activations - r.activations_bytes;
+        assert!(integers <= 2 * 4 * 1024 * 8 / dp, "{integers}");
     }
 }
 
@@ -179,20 +199,145 @@ fn the_calibrated_baseline_sustains_39_tflops() {
 fn communication_lowers_efficiency() {
     let g = model("megatron-1.2b.ron", &[("layers", 2), ("batch", 16)]);
     let c = cluster("dgx2h.ron");
-    let s = simulate(&plan(&g, 8, 2), &c, &SimOptions::megatron());
+    let overlap = SimOptions {
+        overlap_dp: true,
+        ..SimOptions::megatron()
+    };
+    let s = simulate(&plan(&g, 8, 2), &c, &overlap);
     assert!(s.tp_comm_s > 0.0 && s.dp_comm_s > 0.0);
     assert!(s.scaling_efficiency < 1.0 && s.scaling_efficiency > 0.3);
     assert!(s.dp_exposed_s <= s.dp_comm_s, "{s:#?}");
-    let no = simulate(
-        &plan(&g, 8, 2),
-        &c,
-        &SimOptions {
-            overlap_dp: false,
-            ..SimOptions::megatron()
-        },
-    );
+    // The paper's 2019 code all-reduced after the backward pass: all of it exposed.
+    let no = simulate(&plan(&g, 8, 2), &c, &SimOptions::megatron());
     assert!(close(no.dp_exposed_s, no.dp_comm_s));
     assert!(no.step_time_s >= s.step_time_s);
+}
+
+#[test]
+fn scaling_efficiency_is_against_the_same_per_gpu_work_on_one_gpu() {
+    let g = model("megatron-1.2b.ron", &[("layers", 2), ("batch", 8)]);
+    let c = cluster("dgx2h.ron");
+    let opts = SimOptions::megatron();
+    // One GPU: nothing to communicate, 100%.
+    let one = simulate(&plan(&g, 1, 1), &c, &opts);
+    assert!(close(one.scaling_efficiency, 1.0));
+    // Data parallel only: the one-GPU run of the same per-GPU work is the step without the
+    // (exposed) gradient all-reduce, and it executes the same FLOPs.
+    let dp = simulate(&plan(&g, 1, 2), &c, &opts);
+    assert!(dp.dp_exposed_s > 0.0);
+    let want = (dp.step_time_s - dp.dp_exposed_s) / dp.step_time_s;
+    assert!(
+        close(dp.scaling_efficiency, want),
+        "{} vs {want}",
+        dp.scaling_efficiency
+    );
+    assert!(close(
+        dp.baseline_tflops_per_gpu,
+        dp.flops_per_gpu / (dp.step_time_s - dp.dp_exposed_s) / 1e12
+    ));
+    // Tensor parallel: the same shard program without its collectives (their transfer time and
+    // their launches), so a little below 1 − communication share.
+    let tp = simulate(&plan(&g, 4, 2), &c, &opts);
+    let upper = (tp.step_time_s - tp.tp_comm_s - tp.dp_exposed_s) / tp.step_time_s;
+    assert!(
+        tp.scaling_efficiency <= upper + 1e-12,
+        "{} > {upper}",
+        tp.scaling_efficiency
+    );
+    assert!(
+        tp.scaling_efficiency > upper - 0.02,
+        "{} << {upper}",
+        tp.scaling_efficiency
+    );
+    assert!(close(
+        tp.tflops_per_gpu,
+        tp.baseline_tflops_per_gpu * tp.scaling_efficiency
+    ));
+    // Not the whole model on one GPU: the shard's smaller GEMMs are in the baseline too.
+    let whole = simulate(&plan(&g, 1, 1), &c, &opts);
+    assert!(tp.baseline_tflops_per_gpu < whole.tflops_per_gpu);
+}
+
+#[test]
+fn wave_quantization_matches_hand_computed_values() {
+    // 8192 × 576 in 256 × 128 tiles: 32 × 5 = 160 tiles, two full waves on 80 SMs, the fifth
+    // column of tiles half used: 144 tiles of work in 160 slots.
+    assert!(close(wave_efficiency(8192, 576, (256, 128), 1, 80), 0.9));
+    // 576 × 2304: 3 × 18 = 54 tiles, one partial wave: 40.5 tiles of work in 80 slots.
+    assert!(close(
+        wave_efficiency(576, 2304, (256, 128), 1, 80),
+        40.5 / 80.0
+    ));
+    // Split four ways: 216 tiles, three waves: 162 of 240.
+    assert!(close(wave_efficiency(576, 2304, (256, 128), 4, 80), 0.675));
+    // Exact fit: 8192 × 2560 in 256 × 128 tiles is 640 tiles, 8 full waves.
+    assert!(close(wave_efficiency(8192, 2560, (256, 128), 1, 80), 1.0));
+    // The cluster takes the best tile, orientation and split: for the 4.2B model's attention
+    // projection weight gradient at tp = 4 (576 × 2304, k = 8192 tokens) that is 128 × 128
+    // tiles split four ways (360 tiles, 5 waves: 324 of 400), with the thin side 576.
+    let c = cluster("dgx2h.ron");
+    assert_eq!(c.sms, 80);
+    let w = 576.0 * 2304.0 * 8192.0;
+    let want = c.gemm.max * w / (w + c.gemm.half_at) * (324.0 / 400.0) * (576.0 / 608.0);
+    assert!(
+        close(c.gemm_efficiency(576, 2304, 8192), want),
+        "{}",
+        c.gemm_efficiency(576, 2304, 8192)
+    );
+    // Without an SM count the shape factor is the thin side alone.
+    let flat = Cluster {
+        sms: 0,
+        ..c.clone()
+    };
+    let want = c.gemm.max * w / (w + c.gemm.half_at) * (576.0 / 608.0);
+    assert!(close(flat.gemm_efficiency(576, 2304, 8192), want));
+}
+
+#[test]
+fn optimizer_and_flat_all_reduce_match_hand_computed_values() {
+    let g = model(
+        "megatron-1.2b.ron",
+        &[("layers", 1), ("batch", 2), ("seq", 64)],
+    );
+    let c = cluster("dgx2h.ron");
+    let mem_bw = c.memory_bandwidth * c.memory_efficiency;
+    let p = plan(&g, 1, 2);
+    let params = Report::of(&p).per_rank.parameters as f64;
+    let tensors = p.graph.params.len() as f64;
+    assert_eq!(optimizer_traffic(false), (32.0, 2));
+    assert_eq!(optimizer_traffic(true), (70.0, 7));
+    // f32: norm + AdamW, 32 bytes a parameter, 2 kernels a tensor.
+    let f32 = SimOptions {
+        overlap_dp: false,
+        ..SimOptions::default()
+    };
+    let s = simulate(&p, &c, &f32);
+    let want = params * 32.0 / mem_bw + 2.0 * tensors * c.kernel_overhead_s;
+    assert!(close(s.optimizer_s, want), "{} vs {want}", s.optimizer_s);
+    // Without overlap the gradients go out as one flat f32 buffer after the backward pass: one
+    // all-reduce over the 2 replicas, the bucket's copies, one launch.
+    let bytes = params * 4.0;
+    let grp = Group {
+        size: 2,
+        stride: 1,
+        world: 2,
+    };
+    let want = collective_time(&c, Collective::AllReduce, grp, bytes)
+        + BUCKET_TRAFFIC * bytes / mem_bw
+        + c.kernel_overhead_s;
+    assert!(close(s.dp_comm_s, want), "{} vs {want}", s.dp_comm_s);
+    assert!(close(s.dp_exposed_s, s.dp_comm_s));
+    // Two GPUs of one node: a flat NVSwitch ring, 2·1/2 of the buffer and 2 steps.
+    let ring =
+        bytes / (c.intra_node.bandwidth * c.intra_node.efficiency) + 2.0 * c.intra_node.latency_s;
+    assert!(close(
+        collective_time(&c, Collective::AllReduce, grp, bytes),
+        ring
+    ));
+    // fp16 with an f32 master copy: the mixed-precision bookkeeping, 70 bytes, 7 kernels.
+    let s = simulate(&p, &c, &SimOptions::megatron());
+    let want = params * 70.0 / mem_bw + 7.0 * tensors * c.kernel_overhead_s;
+    assert!(close(s.optimizer_s, want), "{} vs {want}", s.optimizer_s);
 }
 
 #[test]
@@ -255,7 +400,43 @@ fn weak_scaling_study() {
         assert_eq!(rows.len(), 8);
         assert!(rows.iter().all(|r| r.simulation.fits));
         assert!(close(rows[0].simulation.scaling_efficiency, 1.0));
+        assert!(md.contains("### Strong scaling") && md.contains("### Attention heads"));
     }
+    // The paper's setting (its 2019 code: all-reduce after the backward pass). What
+    // docs/weak-scaling.md records; a change to the model that loses a point shows here.
+    let (rows, md) = weak_scaling_table(
+        &root().join("models"),
+        &cluster("dgx2h.ron"),
+        &SimOptions::megatron(),
+    )
+    .unwrap();
+    let delta: Vec<f64> = rows
+        .iter()
+        .map(|r| 100.0 * (r.simulation.scaling_efficiency - r.paper_efficiency))
+        .collect();
+    let within = delta.iter().filter(|d| d.abs() <= 5.0).count();
+    assert!(within >= 5, "{delta:?}");
+    // Efficiency falls with tp at every data-parallel degree, as in the paper.
+    for half in rows.chunks(4) {
+        for w in half.windows(2) {
+            assert!(w[1].simulation.scaling_efficiency < w[0].simulation.scaling_efficiency);
+        }
+    }
+    // The paper's figures as verified (figure 5; §5.1.1's 77% and 74%).
+    assert_eq!(PAPER_WEAK_SCALING[3].2, 0.77);
+    assert_eq!(PAPER_WEAK_SCALING[3].3, 0.74);
+    assert!(md.contains(&format!("{within} of 8 points")), "{md}");
+}
+
+#[test]
+fn an_awkward_hidden_size_loses_to_quantization() {
+    // The 4.2B model's hidden size 2304 = 9 · 256 leaves its per-GPU GEMMs at tp = 4 with
+    // partial tiles and waves; the 1.2B model's at tp = 1 fit. Same calibrated max, so the
+    // ratio is the shape factor alone.
+    let c = cluster("dgx2h.ron");
+    let big = c.gemm_efficiency(8192, 2304, 576) / c.gemm.max;
+    let base = c.gemm_efficiency(8192, 1536, 1536) / c.gemm.max;
+    assert!(big < base, "{big} vs {base}");
 }
 
 #[test]
@@ -269,62 +450,4 @@ fn calibration_reproduces_the_files_figure() {
         "calibrated {max}, file {}",
         c.gemm.max
     );
-}
-
-#[test]
-#[ignore]
-fn scratch_breakdown() {
-    let c = cluster("dgx2h.ron");
-    for overlap in [false] {
-        let opts = SimOptions {
-            overlap_dp: overlap,
-            ..SimOptions::megatron()
-        };
-        let (rows, _) = weak_scaling_table(&root().join("models"), &c, &opts).unwrap();
-        for r in &rows {
-            let s = &r.simulation;
-            println!(
-                "{:>14} tp{} dp{:>2} step {:.3} fwd {:.3} bwd {:.3} rec {:.3} opt {:.3} gemm {:.3} mem {:.3} tp {:.3} dp {:.3}/{:.3} flops {:.3e} eff {:.1} paper {:.0}",
-                r.model, r.tp, r.dp, s.step_time_s, s.forward_s, s.backward_s, s.recompute_s, s.optimizer_s,
-                s.gemm_s, s.memory_bound_s, s.tp_comm_s, s.dp_exposed_s, s.dp_comm_s, s.flops_per_gpu,
-                100.0 * s.scaling_efficiency, 100.0 * r.paper_efficiency
-            );
-        }
-    }
-}
-
-#[test]
-#[ignore]
-fn scratch_strong() {
-    let c = cluster("dgx2h.ron");
-    let g = model("megatron-1.2b.ron", &[]);
-    let opts = SimOptions::megatron();
-    let base = simulate(&plan(&g, 1, 1), &c, &opts).step_time_s;
-    for tp in [1, 2, 4, 8] {
-        let s = simulate(&plan(&g, tp, 1), &c, &opts);
-        println!(
-            "tp{tp} step {:.3} speedup {:.2} gemm {:.3} mem {:.3} tp {:.3} opt {:.3}",
-            s.step_time_s, base / s.step_time_s, s.gemm_s, s.memory_bound_s, s.tp_comm_s, s.optimizer_s
-        );
-    }
-}
-
-#[test]
-#[ignore]
-fn scratch_shapes() {
-    let g = model("megatron-4.2b.ron", &[("layers", 1)]);
-    let p = plan(&g, 4, 1);
-    for &n in &p.graph.order {
-        let node = &p.graph.nodes[n];
-        if let ferrotron_ir::Op::MatMul { a, b, transpose_a, transpose_b } = &node.op {
-            println!(
-                "{} {:?} x {:?} ta={} tb={} -> {:?}",
-                node.name,
-                p.graph.ty(*a).shape.sizes(),
-                p.graph.ty(*b).shape.sizes(),
-                transpose_a, transpose_b,
-                p.graph.ty(node.outputs[0]).shape.sizes()
-            );
-        }
-    }
 }

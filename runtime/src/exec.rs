@@ -201,11 +201,12 @@ pub fn upload_params<B: Backend>(
             rank.iter()
                 .zip(plan.graph.params.values())
                 .map(|(t, data)| {
-                    be.upload(t, plan.graph.ty(data.value).dtype).map_err(|e| ExecError::Feed {
-                        what: "parameter",
-                        name: data.name.clone(),
-                        problem: format!("could not be copied to the device: {e}"),
-                    })
+                    be.upload(t, plan.graph.ty(data.value).dtype)
+                        .map_err(|e| ExecError::Feed {
+                            what: "parameter",
+                            name: data.name.clone(),
+                            problem: format!("could not be copied to the device: {e}"),
+                        })
                 })
                 .collect()
         })

@@ -17,6 +17,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// A line on the process's stderr, past the test harness's capture (which takes `eprintln!`
+/// only): a skipped test or a timing is visible in a plain `cargo test` run.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// Whether NVRTC is there; without it, fail under `FERROTRON_REQUIRE_NVRTC=1`, else say so.
 fn nvrtc_available(test: &str) -> bool {
     if Lib::Nvrtc.present() {
@@ -28,7 +35,7 @@ fn nvrtc_available(test: &str) -> bool {
         std::env::var("FERROTRON_REQUIRE_NVRTC").as_deref() != Ok("1"),
         "FERROTRON_REQUIRE_NVRTC=1 but {why}"
     );
-    eprintln!("SKIPPED: {why} [{test}]");
+    say(&format!("SKIPPED: {why} [{test}]"));
     false
 }
 
@@ -81,14 +88,14 @@ fn compile_checked(arch: &str) -> nvrtc::Compiled {
     let started = Instant::now();
     let compiled = nvrtc::compile_with_cache(arch, None)
         .unwrap_or_else(|e| panic!("NVRTC failed for {arch}: {e}"));
-    eprintln!(
+    say(&format!(
         "compiled {} sources for {arch} (target {}, NVRTC {}.{}) in {:.2}s",
         compiled.modules.len(),
         compiled.target,
         compiled.nvrtc_version.0,
         compiled.nvrtc_version.1,
         started.elapsed().as_secs_f64()
-    );
+    ));
     assert_eq!(compiled.target, arch, "NVRTC should support {arch} itself");
     for m in &compiled.modules {
         let log = m.log.to_lowercase();
@@ -239,7 +246,11 @@ fn the_cache_round_trips_and_recompiles_a_corrupt_entry() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(files.len(), SOURCES.len(), "one cache file per source: {files:?}");
+    assert_eq!(
+        files.len(),
+        SOURCES.len(),
+        "one cache file per source: {files:?}"
+    );
     assert!(files
         .iter()
         .all(|f| f.extension().is_some_and(|e| e == "bin")));
@@ -247,7 +258,9 @@ fn the_cache_round_trips_and_recompiles_a_corrupt_entry() {
     let started = Instant::now();
     let second = nvrtc::compile_with_cache(arch, Some(&dir.0)).unwrap();
     let cached_s = started.elapsed().as_secs_f64();
-    eprintln!("{arch}: compiled in {compile_s:.2}s, from the cache in {cached_s:.3}s");
+    say(&format!(
+        "{arch}: compiled in {compile_s:.2}s, from the cache in {cached_s:.3}s"
+    ));
     for (a, b) in first.modules.iter().zip(&second.modules) {
         assert!(b.cached, "{} not read from the cache", b.source);
         assert_eq!(a.ptx, b.ptx);
@@ -274,12 +287,15 @@ fn the_cache_round_trips_and_recompiles_a_corrupt_entry() {
         assert_eq!(a.ptx, b.ptx);
     }
     let fourth = nvrtc::compile_with_cache(arch, Some(&dir.0)).unwrap();
-    assert!(fourth.modules.iter().all(|m| m.cached), "rewritten entries read back");
+    assert!(
+        fourth.modules.iter().all(|m| m.cached),
+        "rewritten entries read back"
+    );
     // No temporary files left behind.
     let left: Vec<PathBuf> = std::fs::read_dir(&dir.0)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| !p.extension().is_some_and(|e| e == "bin"))
+        .filter(|p| p.extension().is_none_or(|e| e != "bin"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }

@@ -39,7 +39,9 @@ fn gpu(ranks: usize, dtype: DType) -> Option<Cuda> {
                 std::env::var_os("FERROTRON_REQUIRE_GPU").is_none(),
                 "FERROTRON_REQUIRE_GPU is set but: {why}"
             );
-            eprintln!("SKIPPED: no CUDA device ({why})");
+            // Straight to stderr: the test harness captures `eprintln!`, and a skip must show.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
             None
         }
         Err(e) => panic!("the GPU is there but the backend could not start: {e}"),
@@ -64,7 +66,8 @@ fn check(g: &Graph, tp: u64, dp: u64, sp: bool, dtype: DType) -> bool {
     let params = test_params(g, 7);
     let batch = random_batch(g, 7);
     let opts = RunOptions::default();
-    let ours = run_with(cuda, &plan, &params, &batch, &opts).unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    let ours =
+        run_with(cuda, &plan, &params, &batch, &opts).unwrap_or_else(|e| panic!("{cfg}: {e}"));
     let tolerances = match dtype {
         DType::F32 => Tolerances::F32,
         DType::Bf16 => Tolerances::BF16,

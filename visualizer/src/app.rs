@@ -10,11 +10,11 @@
 //! window's frames while the graph pans.
 
 use crate::export::{self, ExportOptions};
-use crate::stats::{self, human_bytes, human_count, Cost, Costs, NodeCosts, SummaryChart};
 use crate::layout::{
     collective_label, is_collective_like, layout, shape_text, GraphLayout, Item, LayoutOptions,
     TpClass, LINE_H,
 };
+use crate::stats::{self, human_bytes, human_count, Cost, Costs, NodeCosts, SummaryChart};
 use eframe::egui::{
     self, Align2, Color32, FontId, Pos2, Rect, Sense, Shape, Stroke, StrokeKind, Vec2,
 };
@@ -28,6 +28,8 @@ const COLLECTIVE_STROKE: Color32 = Color32::from_rgb(0x7b, 0x2c, 0xbf);
 const LAYER_FILL: Color32 = Color32::from_rgb(0xf7, 0xf3, 0xff);
 const INPUT_FILL: Color32 = Color32::WHITE;
 const EDGE: Color32 = Color32::from_rgb(0x66, 0x66, 0x66);
+/// The canvas's background.
+const CANVAS: Color32 = Color32::WHITE;
 const SELECTED: Color32 = Color32::from_rgb(0xe0, 0x1e, 0x5a);
 
 /// Parses the SVG export's `#rrggbb` colours.
@@ -82,6 +84,11 @@ pub struct Viewer {
     fit_pending: Option<Fit>,
     /// The last canvas rectangle.
     canvas: Rect,
+    /// Paint the panels' and the canvas's backgrounds. The window turns this off, clears the
+    /// frame to white and uses egui's light theme instead: a software renderer shades every
+    /// pixel of a filled rectangle, and those window-sized fills cost more than all the rest
+    /// of a frame.
+    pub paint_background: bool,
 }
 
 /// The smallest zoom the viewer opens at: box labels are drawn from 0.35, edge labels from 0.6.
@@ -145,6 +152,7 @@ impl Viewer {
             zoom: 1.0,
             fit_pending: Some(Fit::Opening),
             canvas: Rect::from_min_size(Pos2::ZERO, Vec2::new(800.0, 600.0)),
+            paint_background: true,
             model: model.clone(),
         };
         v.load(&model);
@@ -576,20 +584,32 @@ impl Viewer {
     /// Draws the whole viewer into `ui`: the control, property and summary panel on the left,
     /// the graph (or the error) in the middle.
     pub fn show(&mut self, ui: &mut egui::Ui) {
+        let mut side = egui::Frame::side_top_panel(ui.style());
+        if !self.paint_background {
+            side = side.fill(Color32::TRANSPARENT);
+        }
         egui::Panel::left("ferrotron-controls")
+            .frame(side)
             .default_size(320.0)
             .resizable(true)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| self.side_panel(ui));
             });
-        egui::CentralPanel::default_margins().show(ui, |ui| match self.error() {
-            Some(e) => {
-                let e = e.to_string();
-                ui.heading("error");
-                ui.label(egui::RichText::new(e).color(ui.visuals().error_fg_color));
-            }
-            None => self.canvas(ui),
-        });
+        let mut central = egui::Frame::central_panel(ui.style());
+        if !self.paint_background && self.error().is_none() {
+            // The frame was cleared to the canvas's white.
+            central = central.fill(Color32::TRANSPARENT);
+        }
+        egui::CentralPanel::default_margins()
+            .frame(central)
+            .show(ui, |ui| match self.error() {
+                Some(e) => {
+                    let e = e.to_string();
+                    ui.heading("error");
+                    ui.label(egui::RichText::new(e).color(ui.visuals().error_fg_color));
+                }
+                None => self.canvas(ui),
+            });
     }
 
     fn side_panel(&mut self, ui: &mut egui::Ui) {
@@ -770,16 +790,21 @@ impl Viewer {
             return;
         }
         // Too tall (or wide) to read whole: open at the top, as wide as fits but readable,
-        // centred on the first rows.
+        // centred on the boxes of the first screenful.
         self.zoom = (rect.width() / w).clamp(READABLE_ZOOM, 1.0);
-        let top: Vec<&crate::layout::Node> =
-            self.layout.nodes.iter().filter(|n| n.rank < 3).collect();
-        let cx = if self.zoom * w <= rect.width() || top.is_empty() {
-            w / 2.0
-        } else {
-            let l = top.iter().map(|n| n.x).fold(f64::INFINITY, f64::min);
-            let r = top.iter().map(|n| n.x + n.w).fold(f64::NEG_INFINITY, f64::max);
+        let bottom = (rect.height() / self.zoom) as f64;
+        let (l, r) = self
+            .layout
+            .nodes
+            .iter()
+            .filter(|n| n.y + n.h <= bottom)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, r), n| {
+                (l.min(n.x), r.max(n.x + n.w))
+            });
+        let cx = if l.is_finite() && r.is_finite() {
             ((l + r) / 2.0) as f32
+        } else {
+            w / 2.0
         };
         self.pan = Vec2::new(rect.width() / 2.0 - cx * self.zoom, 0.0);
     }
@@ -840,11 +865,25 @@ impl Viewer {
             return;
         };
         let painter = painter.with_clip_rect(rect);
-        painter.rect_filled(rect, 0.0, Color32::WHITE);
+        if self.paint_background {
+            painter.rect_filled(rect, 0.0, CANVAS);
+        }
         let z = self.zoom;
         let text = z >= 0.35;
         let font = FontId::monospace((11.0 * z).clamp(4.0, 40.0));
         let clip = rect.expand(20.0);
+        // Edge labels go where they cover neither a box nor another label.
+        let mut taken: Vec<Rect> = Vec::new();
+        if z >= 0.6 {
+            taken.extend(self.layout.nodes.iter().filter_map(|n| {
+                let r = Rect::from_min_max(
+                    self.to_screen(origin, n.x, n.y),
+                    self.to_screen(origin, n.x + n.w, n.y + n.h),
+                );
+                r.intersects(clip).then_some(r)
+            }));
+        }
+        let label_font = FontId::monospace((9.0 * z).clamp(4.0, 30.0));
 
         for e in &self.layout.edges {
             let pts: Vec<Pos2> = e
@@ -871,14 +910,17 @@ impl Viewer {
                 if e.count > 1 {
                     label.push_str(&format!(" ×{}", e.count));
                 }
-                let mid = pts[0] + (pts[1] - pts[0]) * 0.5 + Vec2::new(4.0, 0.0);
-                painter.text(
-                    mid,
-                    Align2::LEFT_CENTER,
-                    label,
-                    FontId::monospace((9.0 * z).clamp(4.0, 30.0)),
-                    Color32::from_gray(90),
-                );
+                let colour = Color32::from_gray(90);
+                let galley = painter.layout_no_wrap(label, label_font.clone(), colour);
+                let spot = [0.5f32, 0.3, 0.7, 0.15, 0.85].into_iter().find_map(|t| {
+                    let at = pts[0] + (pts[1] - pts[0]) * t + Vec2::new(4.0, 0.0);
+                    let r = Align2::LEFT_CENTER.anchor_size(at, galley.size());
+                    (!taken.iter().any(|o| o.intersects(r))).then_some(r)
+                });
+                if let Some(r) = spot {
+                    taken.push(r);
+                    painter.galley(r.min, galley, colour);
+                }
             }
         }
 
@@ -977,12 +1019,10 @@ fn draw_chart(ui: &mut egui::Ui, chart: &SummaryChart) {
         }
         for (i, bar) in group.bars.iter().enumerate() {
             let width = ui.available_width().max(120.0);
-            let (rect, response) =
-                ui.allocate_exact_size(Vec2::new(width, 24.0), Sense::hover());
+            let (rect, response) = ui.allocate_exact_size(Vec2::new(width, 24.0), Sense::hover());
             let text = format!("{}: {}", bar.label, bar.text);
-            response.widget_info(|| {
-                egui::WidgetInfo::labeled(egui::Role::Label, true, text.clone())
-            });
+            response
+                .widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, text.clone()));
             if !ui.is_rect_visible(rect) {
                 continue;
             }
@@ -1026,7 +1066,7 @@ fn ratio(full: u128, per_rank: u128) -> String {
         String::new()
     } else if full == per_rank {
         " (= full)".to_string()
-    } else if full % per_rank == 0 {
+    } else if full.is_multiple_of(per_rank) {
         format!(" (full / {})", full / per_rank)
     } else {
         format!(" ({:.1}% of full)", 100.0 * per_rank as f64 / full as f64)
@@ -1046,7 +1086,10 @@ fn cost_rows(row: &mut dyn FnMut(&str, String), c: Costs) {
     );
     bytes_rows(row, c, " (in + out)");
     if c.per_rank.communicated > 0 {
-        row("communicated per rank", human_bytes(c.per_rank.communicated));
+        row(
+            "communicated per rank",
+            human_bytes(c.per_rank.communicated),
+        );
     }
 }
 
@@ -1231,6 +1274,10 @@ struct ViewerApp {
 }
 
 impl eframe::App for ViewerApp {
+    fn clear_color(&self, _visuals: &egui::Visuals) -> [f32; 4] {
+        CANVAS.to_normalized_gamma_f32()
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         match &mut self.bench {
             Some(b) => b.frame(&mut self.viewer, ui, frame),
@@ -1264,6 +1311,7 @@ pub fn run(
             ));
         }
     }
+    viewer.paint_background = false;
     viewer.backward = run.backward;
     viewer.expand = run.expand.clone();
     viewer.relayout();
@@ -1290,7 +1338,15 @@ pub fn run(
         eframe::run_native(
             "ferrotron",
             options,
-            Box::new(|_cc| Ok(Box::new(app) as Box<dyn eframe::App>)),
+            Box::new(|cc| {
+                // Dark text on the white the frame is cleared to (see `paint_background`).
+                cc.egui_ctx.set_theme(egui::Theme::Light);
+                // Text fields and bar tracks on an unfilled panel need a fill of their own.
+                cc.egui_ctx.style_mut_of(egui::Theme::Light, |style| {
+                    style.visuals.extreme_bg_color = Color32::from_gray(236);
+                });
+                Ok(Box::new(app) as Box<dyn eframe::App>)
+            }),
         )
     }));
     match outcome {

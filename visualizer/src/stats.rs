@@ -85,7 +85,10 @@ impl NodeCosts {
 
     /// The bytes of one value: full and on one rank.
     pub fn value_bytes(&self, plan: &Plan, v: ValueId) -> (u64, u64) {
-        (self.global.ty(v).size_bytes(), plan.graph.ty(v).size_bytes())
+        (
+            self.global.ty(v).size_bytes(),
+            plan.graph.ty(v).size_bytes(),
+        )
     }
 }
 
@@ -225,10 +228,7 @@ pub fn summary_chart(plan: &Plan, report: &Report) -> SummaryChart {
     );
     let mem = |label: &str, b: u64| (label.to_string(), b, human_bytes(b as u128));
     let memory = group(
-        format!(
-            "memory per rank: {}",
-            human_bytes(r.memory_bytes as u128)
-        ),
+        format!("memory per rank: {}", human_bytes(r.memory_bytes as u128)),
         vec![
             mem("weights", r.weights_bytes),
             mem("gradients", r.gradients_bytes),

@@ -178,7 +178,10 @@ fn the_summary_chart_shows_memory_and_collectives_per_rank() {
     h.get_by_label_contains("memory per rank: ");
     // One rank holds the whole model.
     let per_rank = bar(&one, "parameters", "per rank").unwrap();
-    assert_eq!(per_rank.value, bar(&one, "parameters", "model").unwrap().value);
+    assert_eq!(
+        per_rank.value,
+        bar(&one, "parameters", "model").unwrap().value
+    );
     assert!(per_rank.text.ends_with("(100.0%)"), "{}", per_rank.text);
     for g in [&one.parameters, &one.memory, &one.collectives] {
         assert_scaled(g);
@@ -193,7 +196,11 @@ fn the_summary_chart_shows_memory_and_collectives_per_rank() {
     let report = ferrotron_partitioner::Report::of(h.state().plan().unwrap());
     let c = report.find("all_reduce", "forward", "tp").unwrap();
     assert_eq!(ar.value, c.bytes_per_rank);
-    assert!(ar.text.starts_with(&format!("×{},", c.count)), "{}", ar.text);
+    assert!(
+        ar.text.starts_with(&format!("×{},", c.count)),
+        "{}",
+        ar.text
+    );
     h.get_by_label(&format!("all_reduce forward [tp]: {}", ar.text));
     h.get_by_label_contains("all_reduce backward [tp]: ×");
     let w1 = bar(&one, "memory", "weights").unwrap().value;
@@ -267,7 +274,13 @@ fn the_property_panel_shows_flops_and_bytes_full_and_per_rank() {
     assert_eq!(c.per_rank.flops, 0);
     let Some(ferrotron_ir::Op::G { x, .. }) = v
         .plan()
-        .and_then(|p| p.graph.order.iter().map(|&n| &p.graph.nodes[n]).find(|n| n.name == gname))
+        .and_then(|p| {
+            p.graph
+                .order
+                .iter()
+                .map(|&n| &p.graph.nodes[n])
+                .find(|n| n.name == gname)
+        })
         .map(|n| n.op.clone())
     else {
         panic!("g not found")
@@ -347,5 +360,9 @@ fn a_72_layer_model_opens_readable_at_the_top() {
     assert!(v.screen_rect(bottom).unwrap().top() > canvas.bottom());
     h.state_mut().fit_to_window();
     h.run();
-    assert!(h.state().zoom() < opening / 4.0, "fitted: {}", h.state().zoom());
+    assert!(
+        h.state().zoom() < opening / 4.0,
+        "fitted: {}",
+        h.state().zoom()
+    );
 }

@@ -332,6 +332,9 @@ fn megatron_8_3b_lays_out_collapsed() {
         let start = Instant::now();
         let l = layout(&plan, &opts);
         let took = start.elapsed();
+        // Well under a second even unoptimised on a loaded machine (release: about 1 ms, see
+        // BENCHMARKS.md).
+        assert!(took.as_secs_f64() < 1.0, "layout took {took:?}");
         println!(
             "megatron-8.3b tp=8 collapsed (backward: {backward}): {} boxes, {} edges, {} ranks, \
              layout in {:.2} ms ({} ops in the plan)",
@@ -362,4 +365,81 @@ fn megatron_8_3b_lays_out_collapsed() {
         );
         parse_xml(&text).unwrap();
     }
+}
+
+/// Each `<g class="node ...">` element of an SVG: its `data-name` and its markup up to `</g>`.
+fn node_elements(svg: &str) -> Vec<(String, String)> {
+    svg.match_indices(r#"<g class="node "#)
+        .map(|(i, _)| {
+            let rest = &svg[i..];
+            let body = &rest[..rest.find("</g>").expect("node element closes")];
+            let name = body
+                .split(r#"data-name=""#)
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or_default()
+                .to_string();
+            (name, body.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn svg_names_every_op_and_labels_every_f_and_g() {
+    use ferrotron_ir::Op;
+    use ferrotron_visualizer::export::xml_escape;
+    use ferrotron_visualizer::layout::TpClass;
+    let plan = plan("tiny-gpt.ron", 2);
+    let text = svg(&plan, &expanded(true));
+    parse_xml(&text).unwrap();
+    let nodes = node_elements(&text);
+    let g = &plan.graph;
+    let (mut fs, mut gs) = (0, 0);
+    for &n in &g.order {
+        let node = &g.nodes[n];
+        let name = xml_escape(&node.name);
+        let drawn: Vec<&String> = nodes
+            .iter()
+            .filter(|(k, _)| *k == name)
+            .map(|(_, body)| body)
+            .collect();
+        assert_eq!(
+            drawn.len(),
+            1,
+            "op {} is drawn {} times",
+            node.name,
+            drawn.len()
+        );
+        let body = drawn[0];
+        match node.op {
+            Op::F { .. } => {
+                fs += 1;
+                assert!(body.starts_with(r#"<g class="node collective""#));
+                assert!(body.contains(">f (fwd: identity, bwd: all-reduce) [tp]</text>"));
+            }
+            Op::G { .. } => {
+                gs += 1;
+                assert!(body.starts_with(r#"<g class="node collective""#));
+                assert!(body.contains(">g (fwd: all-reduce, bwd: identity) [tp]</text>"));
+            }
+            _ => assert!(!body.contains("(fwd: identity, bwd: all-reduce)")),
+        }
+    }
+    // Megatron's MLP and attention: one f and one g each per layer.
+    let layers = g.layers().count();
+    assert!(fs >= 2 * layers && gs >= 2 * layers, "f ×{fs}, g ×{gs}");
+    // The legend: a swatch of each layout's fill colour beside its description.
+    let legend = &text[text.find(r#"<g class="legend""#).expect("a legend")..];
+    let legend = &legend[..legend.find("<g class=\"graph\"").unwrap_or(legend.len())];
+    for c in TpClass::ALL {
+        let entry = legend
+            .split(r#"<g class="legend-entry">"#)
+            .find(|e| e.contains(&format!(">{}</text>", c.description())))
+            .unwrap_or_else(|| panic!("no legend entry for {}", c.description()));
+        assert!(
+            entry.contains(&format!(r#"fill="{}""#, c.colour())),
+            "{entry}"
+        );
+    }
+    assert!(legend.contains("collective: f, g"));
 }

@@ -122,7 +122,11 @@ impl Backend for Cuda {
 
     fn upload(&self, t: &Tensor, dtype: ferrotron_ir::DType) -> Result<CudaTensor, KernelError> {
         // Ids stay exact: bf16 holds integers only up to 256.
-        let storage = if dtype.is_int() { DType::F32 } else { self.dtype };
+        let storage = if dtype.is_int() {
+            DType::F32
+        } else {
+            self.dtype
+        };
         kernels::upload(self.device(), t, storage)
     }
 

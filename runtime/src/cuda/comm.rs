@@ -27,6 +27,7 @@ use super::device::RankDevice;
 use super::kernels;
 use super::tensor::{CudaTensor, DeviceData};
 use crate::comm::{CommError, Group, ReduceOp};
+use crate::cpu::kernels::KernelError;
 use cudarc::driver::CudaEvent;
 use cudarc::nccl::{Comm, ReduceOp as NcclOp};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -113,7 +114,10 @@ impl<T: Clone> Exchange<T> {
         }
         if rank >= self.size || st.deposited[rank].is_some() {
             let e = CommError::Mismatch {
-                what: format!("rank {rank} entered {op} twice or is not among {}", self.size),
+                what: format!(
+                    "rank {rank} entered {op} twice or is not among {}",
+                    self.size
+                ),
             };
             st.failure = Some(e.clone());
             self.wake.notify_all();
@@ -123,7 +127,11 @@ impl<T: Clone> Exchange<T> {
         st.arrived += 1;
         let generation = st.generation;
         if st.arrived == self.size {
-            let items = st.deposited.iter_mut().map(|d| d.take()).collect::<Option<Vec<T>>>();
+            let items = st
+                .deposited
+                .iter_mut()
+                .map(|d| d.take())
+                .collect::<Option<Vec<T>>>();
             st.last = Arc::new(items.unwrap_or_default());
             st.arrived = 0;
             st.generation += 1;
@@ -210,7 +218,9 @@ impl VirtualGroup {
         for p in all.iter() {
             match p {
                 Published::Tensor(x, written) => {
-                    dev.stream.wait(written).map_err(|e| device_failure(op, e))?;
+                    dev.stream
+                        .wait(written)
+                        .map_err(|e| device_failure(op, e))?;
                     if x.shape != t.shape || x.dtype() != t.dtype() {
                         let what = format!(
                             "{op}: members hold {:?} {:?} and {:?} {:?}",
@@ -257,7 +267,8 @@ impl VirtualGroup {
         const OP: &str = "all_reduce";
         let peers = self.publish(OP, dev, rank, t)?;
         let inputs: Vec<&CudaTensor> = peers.iter().collect();
-        let mut out = kernels::zeros(dev, &t.shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
+        let mut out =
+            kernels::zeros(dev, &t.shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
         kernels::reduce_buffers(dev, &mut out, &inputs, op).map_err(|e| device_failure(OP, e))?;
         drop(inputs);
         drop(peers);
@@ -302,55 +313,62 @@ impl VirtualGroup {
         self.finish(OP, dev, rank)?;
         let mut out =
             kernels::zeros(dev, &parts[0].shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
-        kernels::reduce_buffers(dev, &mut out, &parts.iter().collect::<Vec<_>>(), ReduceOp::Sum)
-            .map_err(|e| device_failure(OP, e))?;
+        kernels::reduce_buffers(
+            dev,
+            &mut out,
+            &parts.iter().collect::<Vec<_>>(),
+            ReduceOp::Sum,
+        )
+        .map_err(|e| device_failure(OP, e))?;
         Ok(out)
     }
 }
 
 /// `parts` (all of one shape and type) one after another in a new tensor of shape
 /// `[parts.len(), ..shape]`, copied on `dev`'s stream.
-fn concat_flat(
-    dev: &RankDevice,
-    parts: &[CudaTensor],
-) -> Result<CudaTensor, cudarc::driver::DriverError> {
+fn concat_flat(dev: &RankDevice, parts: &[CudaTensor]) -> Result<CudaTensor, KernelError> {
     let n = parts[0].numel();
     let mut shape = parts[0].shape.clone();
     shape.insert(0, parts.len());
-    fn copy<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        dev: &RankDevice,
-        srcs: Vec<&Arc<cudarc::driver::CudaSlice<T>>>,
-        n: usize,
-    ) -> Result<cudarc::driver::CudaSlice<T>, cudarc::driver::DriverError> {
-        let mut out = dev.stream.alloc_zeros::<T>(n * srcs.len())?;
-        for (i, src) in srcs.into_iter().enumerate() {
-            dev.stream
-                .memcpy_dtod(src.as_ref(), &mut out.slice_mut(i * n..(i + 1) * n))?;
-        }
-        Ok(out)
+    let mut out = kernels::zeros(dev, &shape, parts[0].dtype())?;
+    if n == 0 {
+        // An empty tensor's buffer holds one placeholder element: nothing to copy.
+        return Ok(out);
     }
-    Ok(match &parts[0].data {
-        DeviceData::F32(_) => {
-            let srcs = parts
-                .iter()
-                .filter_map(|p| match &p.data {
-                    DeviceData::F32(b) => Some(b),
-                    DeviceData::Bf16(_) => None,
+    let failed = |e: cudarc::driver::DriverError| KernelError::Device {
+        op: "all_gather",
+        msg: e.to_string(),
+    };
+    for (i, part) in parts.iter().enumerate() {
+        match (&part.data, &mut out.data) {
+            (DeviceData::F32(src), DeviceData::F32(dst)) => {
+                let dst = Arc::get_mut(dst).ok_or_else(|| device_buffer_shared("all_gather"))?;
+                dev.stream
+                    .memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(i * n..(i + 1) * n))
+                    .map_err(failed)?;
+            }
+            (DeviceData::Bf16(src), DeviceData::Bf16(dst)) => {
+                let dst = Arc::get_mut(dst).ok_or_else(|| device_buffer_shared("all_gather"))?;
+                dev.stream
+                    .memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(i * n..(i + 1) * n))
+                    .map_err(failed)?;
+            }
+            _ => {
+                return Err(KernelError::Device {
+                    op: "all_gather",
+                    msg: "members hold different dtypes".into(),
                 })
-                .collect();
-            CudaTensor::f32(shape, copy(dev, srcs, n)?)
+            }
         }
-        DeviceData::Bf16(_) => {
-            let srcs = parts
-                .iter()
-                .filter_map(|p| match &p.data {
-                    DeviceData::Bf16(b) => Some(b),
-                    DeviceData::F32(_) => None,
-                })
-                .collect();
-            CudaTensor::bf16(shape, copy(dev, srcs, n)?)
-        }
-    })
+    }
+    Ok(out)
+}
+
+fn device_buffer_shared(op: &'static str) -> KernelError {
+    KernelError::Device {
+        op,
+        msg: "a fresh buffer is shared".into(),
+    }
 }
 
 /// Records an event on `dev`'s stream.
@@ -394,27 +412,45 @@ impl NcclGroup {
         }
     }
 
-    fn all_reduce(&self, dev: &RankDevice, t: &mut CudaTensor, op: ReduceOp) -> Result<(), CommError> {
+    fn all_reduce(
+        &self,
+        dev: &RankDevice,
+        t: &mut CudaTensor,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
         const OP: &str = "all_reduce";
-        t.make_unique(&dev.stream).map_err(|e| device_failure(OP, e))?;
+        t.make_unique(&dev.stream)
+            .map_err(|e| device_failure(OP, e))?;
         let r = match &mut t.data {
             DeviceData::F32(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm().0.all_reduce_in_place(b, &Self::nccl_op(op)).map(|_| ())
+                self.comm()
+                    .0
+                    .all_reduce_in_place(b, &Self::nccl_op(op))
+                    .map(|_| ())
             }
             DeviceData::Bf16(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm().0.all_reduce_in_place(b, &Self::nccl_op(op)).map(|_| ())
+                self.comm()
+                    .0
+                    .all_reduce_in_place(b, &Self::nccl_op(op))
+                    .map(|_| ())
             }
         };
         r.map_err(|e| device_failure(OP, format!("{e:?}")))
     }
 
-    fn all_gather(&self, dev: &RankDevice, t: &CudaTensor, dim: usize) -> Result<CudaTensor, CommError> {
+    fn all_gather(
+        &self,
+        dev: &RankDevice,
+        t: &CudaTensor,
+        dim: usize,
+    ) -> Result<CudaTensor, CommError> {
         const OP: &str = "all_gather";
         let mut flat_shape = t.shape.clone();
         flat_shape.insert(0, self.size);
-        let mut flat = kernels::zeros(dev, &flat_shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
+        let mut flat =
+            kernels::zeros(dev, &flat_shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
         let r = match (&t.data, &mut flat.data) {
             (DeviceData::F32(x), DeviceData::F32(out)) => {
                 let out = Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
@@ -430,20 +466,32 @@ impl NcclGroup {
         kernels::interleave(dev, &flat, &t.shape, dim, self.size).map_err(|e| device_failure(OP, e))
     }
 
-    fn reduce_scatter(&self, dev: &RankDevice, t: &CudaTensor, dim: usize) -> Result<CudaTensor, CommError> {
+    fn reduce_scatter(
+        &self,
+        dev: &RankDevice,
+        t: &CudaTensor,
+        dim: usize,
+    ) -> Result<CudaTensor, CommError> {
         const OP: &str = "reduce_scatter";
-        let chunks = kernels::deinterleave(dev, t, dim, self.size).map_err(|e| device_failure(OP, e))?;
+        let chunks =
+            kernels::deinterleave(dev, t, dim, self.size).map_err(|e| device_failure(OP, e))?;
         let mut shape = t.shape.clone();
         shape[dim] /= self.size;
         let mut out = kernels::zeros(dev, &shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
         let r = match (&chunks.data, &mut out.data) {
             (DeviceData::F32(x), DeviceData::F32(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm().0.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                self.comm()
+                    .0
+                    .reduce_scatter(x.as_ref(), o, &NcclOp::Sum)
+                    .map(|_| ())
             }
             (DeviceData::Bf16(x), DeviceData::Bf16(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm().0.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                self.comm()
+                    .0
+                    .reduce_scatter(x.as_ref(), o, &NcclOp::Sum)
+                    .map(|_| ())
             }
             _ => return Err(device_failure(OP, "dtypes differ")),
         };
@@ -451,14 +499,24 @@ impl NcclGroup {
         Ok(out)
     }
 
-    fn all_reduce_host(&self, dev: &RankDevice, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+    fn all_reduce_host(
+        &self,
+        dev: &RankDevice,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
         const OP: &str = "all_reduce (host)";
-        let mut d = dev.stream.clone_htod(buf).map_err(|e| device_failure(OP, e))?;
+        let mut d = dev
+            .stream
+            .clone_htod(buf)
+            .map_err(|e| device_failure(OP, e))?;
         self.comm()
             .0
             .all_reduce_in_place(&mut d, &Self::nccl_op(op))
             .map_err(|e| device_failure(OP, format!("{e:?}")))?;
-        dev.stream.memcpy_dtoh(&d, buf).map_err(|e| device_failure(OP, e))?;
+        dev.stream
+            .memcpy_dtoh(&d, buf)
+            .map_err(|e| device_failure(OP, e))?;
         dev.stream.synchronize().map_err(|e| device_failure(OP, e))
     }
 }

@@ -28,7 +28,13 @@ pub struct Gpu {
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Gpu({} #{}, {})", self.name, self.ctx.ordinal(), self.arch)
+        write!(
+            f,
+            "Gpu({} #{}, {})",
+            self.name,
+            self.ctx.ordinal(),
+            self.arch
+        )
     }
 }
 

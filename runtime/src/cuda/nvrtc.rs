@@ -180,9 +180,7 @@ fn arch_number(arch: &str) -> Option<u32> {
 /// when supported (cubin + PTX), else PTX for the newest supported one below it.
 pub fn target_for(arch: &str, supported: &[u32]) -> Result<String, CudaError> {
     let n = arch_number(arch).ok_or_else(|| {
-        CudaError::Unavailable(format!(
-            "`{arch}` is not an architecture name like sm_90"
-        ))
+        CudaError::Unavailable(format!("`{arch}` is not an architecture name like sm_90"))
     })?;
     if supported.contains(&n) {
         return Ok(arch.to_string());
@@ -308,7 +306,8 @@ pub fn compile_source(src: &Source, target: &str) -> Result<Module, CudaError> {
     // SAFETY: `prog` compiled successfully, so its PTX exists.
     let ptx = unsafe { nvrtc_result::get_ptx(prog.0) }
         .map_err(|e| fail(format!("nvrtcGetPTX: {e:?}\n{log}")))?;
-    let ptx = String::from_utf8(until_nul(&ptx)).map_err(|_| fail("the PTX is not UTF-8".into()))?;
+    let ptx =
+        String::from_utf8(until_nul(&ptx)).map_err(|_| fail("the PTX is not UTF-8".into()))?;
     let cubin = if target.starts_with("sm_") {
         let mut size = 0usize;
         // SAFETY: `prog` compiled for a real architecture; the call writes one usize.
@@ -475,7 +474,10 @@ mod tests {
         };
         let bytes = encode(&m);
         let back = decode(&bytes, "x.cu").unwrap();
-        assert_eq!((back.ptx.as_str(), back.cubin.as_deref()), (m.ptx.as_str(), m.cubin.as_deref()));
+        assert_eq!(
+            (back.ptx.as_str(), back.cubin.as_deref()),
+            (m.ptx.as_str(), m.cubin.as_deref())
+        );
         assert!(back.cached && back.log.is_empty());
         for i in [0, 5, 9, bytes.len() / 2, bytes.len() - 1] {
             let mut bad = bytes.clone();
@@ -490,8 +492,14 @@ mod tests {
 
     #[test]
     fn cache_keys_change_with_what_goes_in() {
-        let a = Source { name: "a.cu", code: "x" };
-        let b = Source { name: "a.cu", code: "y" };
+        let a = Source {
+            name: "a.cu",
+            code: "x",
+        };
+        let b = Source {
+            name: "a.cu",
+            code: "y",
+        };
         let k = |s: &Source, t: &str, v| cache_file_name(s, t, v);
         assert_ne!(k(&a, "sm_90", (13, 2)), k(&b, "sm_90", (13, 2)));
         assert_ne!(k(&a, "sm_90", (13, 2)), k(&a, "sm_80", (13, 2)));

@@ -91,7 +91,10 @@ impl CudaTensor {
 
     /// Makes this tensor the only owner of its buffer, copying it (on `stream`) if it is
     /// shared, so that it can be written in place.
-    pub fn make_unique(&mut self, stream: &Arc<CudaStream>) -> Result<(), cudarc::driver::DriverError> {
+    pub fn make_unique(
+        &mut self,
+        stream: &Arc<CudaStream>,
+    ) -> Result<(), cudarc::driver::DriverError> {
         match &mut self.data {
             DeviceData::F32(b) => {
                 if Arc::get_mut(b).is_none() {

@@ -6,7 +6,7 @@
 // * sizes and indices are 64-bit (`i64`): a tensor may hold more than 2^31 elements;
 // * loops are grid-stride, so any grid size covers any tensor (the host caps grids);
 // * storage is `float` or bf16 (`bf16`, an `unsigned short` holding the top half of an f32),
-//   arithmetic is always f32 (f64 where the CPU backend computes in f64), and loads and stores
+//   arithmetic is f32 (f64 where the CPU backend computes in f64), and loads and stores
 //   convert through `ld` / `st` with round-to-nearest-even;
 // * kernels with a storage type are written once as `<name>_impl<T>` and instantiated as
 //   `extern "C"` `<name>_f32` and `<name>_bf16` (FT_TYPED); the Rust side's kernel list
@@ -15,8 +15,10 @@
 // * arithmetic is never contracted (the module is compiled with --fmad=false) and the
 //   transcendental functions the CPU backend writes out itself (Cephes' exp, the normal CDF,
 //   SplitMix64) are ported operation for operation, so elementwise results are bit-identical to
-//   the CPU backend's; reductions run in f32 over warp and block trees, in an order fixed by the
-//   launch shape, so results are deterministic.
+//   the CPU backend's; reductions run over warp and block trees in an order fixed by the launch
+//   shape, so results are deterministic: in f32, except the norms' row statistics, which
+//   accumulate and normalize in f64 as the CPU does (an RMSNorm gradient of a short row, or a
+//   LayerNorm of values far from zero, cancels too much for f32).
 
 typedef unsigned short bf16;
 typedef long long i64;
@@ -217,6 +219,31 @@ __device__ __forceinline__ float ft_warp_max(float v) {
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     }
     return v;
+}
+
+__device__ __forceinline__ double ft_warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+// The block's total in f64 (the norms' statistics, as the CPU accumulates them), in every
+// thread.
+__device__ __forceinline__ double ft_block_sum_d(double v) {
+    __shared__ double partial_d[32];
+    v = ft_warp_sum_d(v);
+    int lane = threadIdx.x & 31;
+    int warp = threadIdx.x >> 5;
+    int warps = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) {
+        partial_d[warp] = v;
+    }
+    __syncthreads();
+    v = lane < warps ? partial_d[lane] : 0.0;
+    return ft_warp_sum_d(v);
 }
 
 // The block's total, in every thread.

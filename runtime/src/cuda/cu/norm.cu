@@ -1,12 +1,37 @@
 // norm.cu: LayerNorm and RMSNorm over the last axis, forward and backward, and softmax.
 //
-// One block per row (grid-stride over rows), reductions in f32 over the block; the row is read
-// again for each pass (it stays in L1/L2). The backward's parameter gradients (sums over every
+// One block per row (grid-stride over rows); the norms' statistics accumulate in f64 and the
+// norms normalize in f64 (as the CPU backend: f32 cancels too much for a short RMSNorm row's
+// gradient or values far from zero), softmax reduces in f32; the row is read again for each
+// pass (it stays in L1/L2). The backward's parameter gradients (sums over every
 // row) go through row-chunk partials (`norm_param_partial`) and a fixed-order sum
 // (`sum_partials` in layout.cu), so they are deterministic without atomics.
 
+// The row's mean (0 unless `centered`) and 1/sqrt(var + eps), accumulated and computed in f64
+// as the CPU does.
+template <typename T>
+__device__ __forceinline__ void ft_row_stats(const T* xr, i64 n, double eps, int centered,
+                                             double* mean_out, double* inv_out) {
+    double mean = 0.0;
+    if (centered) {
+        double s = 0.0;
+        for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
+            s += (double)ld(xr, j);
+        }
+        mean = ft_block_sum_d(s) / (double)n;
+    }
+    double s2 = 0.0;
+    for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
+        double d = (double)ld(xr, j) - mean;
+        s2 += d * d;
+    }
+    double var = ft_block_sum_d(s2) / (double)n;
+    *mean_out = mean;
+    *inv_out = 1.0 / sqrt(var + eps);
+}
+
 // `centered`: LayerNorm (mean subtracted); else RMSNorm. Absent weight or bias: the flag is 0
-// and the pointer is a dummy that is never read.
+// and the pointer is a dummy that is never read. Normalized in f64, as the CPU.
 template <typename T>
 __device__ __forceinline__ void norm_fwd_impl(T* out, const T* x, const T* w, const T* b, i64 rows,
                                               i64 n, double eps, int centered, int has_w,
@@ -14,31 +39,17 @@ __device__ __forceinline__ void norm_fwd_impl(T* out, const T* x, const T* w, co
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + row * n;
         T* o = out + row * n;
-        float mean = 0.0f;
-        if (centered) {
-            float s = 0.0f;
-            for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-                s += ld(xr, j);
-            }
-            mean = ft_block_sum(s) / (float)n;
-        }
-        float s2 = 0.0f;
+        double mean, inv;
+        ft_row_stats(xr, n, eps, centered, &mean, &inv);
         for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float d = ld(xr, j) - mean;
-            s2 += d * d;
-        }
-        float var = ft_block_sum(s2) / (float)n;
-        // 1/sqrt(var + eps) once per row in f64, as the CPU (eps is an f64 attribute).
-        float inv = (float)(1.0 / sqrt((double)var + eps));
-        for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float v = (ld(xr, j) - mean) * inv;
+            double v = ((double)ld(xr, j) - mean) * inv;
             if (has_w) {
-                v = v * ld(w, j);
+                v = v * (double)ld(w, j);
             }
             if (has_b) {
-                v = v + ld(b, j);
+                v = v + (double)ld(b, j);
             }
-            st(o, j, v);
+            st(o, j, (float)v);
         }
     }
 }
@@ -48,44 +59,32 @@ __device__ __forceinline__ void norm_fwd_impl(T* out, const T* x, const T* w, co
 FT_TYPED(norm_fwd, NORM_FWD_PARAMS, (out, x, w, b, rows, n, eps, centered, has_w, has_b))
 
 // dx = inv * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w (mean(g) only when
-// centered); each row's (mean, inv) goes to `stats` for the parameter gradients.
+// centered), in f64 as the CPU; each row's (mean, inv) goes to `stats` for the parameter
+// gradients.
 template <typename T>
-__device__ __forceinline__ void norm_bwd_impl(T* dx, float* stats, const T* x, const T* w,
+__device__ __forceinline__ void norm_bwd_impl(T* dx, double* stats, const T* x, const T* w,
                                               const T* dy, i64 rows, i64 n, double eps,
                                               int centered, int has_w) {
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + row * n;
         const T* dyr = dy + row * n;
         T* o = dx + row * n;
-        float mean = 0.0f;
-        if (centered) {
-            float s = 0.0f;
-            for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-                s += ld(xr, j);
-            }
-            mean = ft_block_sum(s) / (float)n;
-        }
-        float s2 = 0.0f;
+        double mean, inv;
+        ft_row_stats(xr, n, eps, centered, &mean, &inv);
+        double sg = 0.0;
+        double sgx = 0.0;
         for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float d = ld(xr, j) - mean;
-            s2 += d * d;
-        }
-        float var = ft_block_sum(s2) / (float)n;
-        float inv = (float)(1.0 / sqrt((double)var + eps));
-        float sg = 0.0f;
-        float sgx = 0.0f;
-        for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float g = has_w ? ld(dyr, j) * ld(w, j) : ld(dyr, j);
-            float xh = (ld(xr, j) - mean) * inv;
+            double g = has_w ? (double)ld(dyr, j) * (double)ld(w, j) : (double)ld(dyr, j);
+            double xh = ((double)ld(xr, j) - mean) * inv;
             sg += g;
             sgx += g * xh;
         }
-        float mean_g = centered ? ft_block_sum(sg) / (float)n : 0.0f;
-        float mean_gx = ft_block_sum(sgx) / (float)n;
+        double mean_g = centered ? ft_block_sum_d(sg) / (double)n : 0.0;
+        double mean_gx = ft_block_sum_d(sgx) / (double)n;
         for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float g = has_w ? ld(dyr, j) * ld(w, j) : ld(dyr, j);
-            float xh = (ld(xr, j) - mean) * inv;
-            st(o, j, inv * (g - mean_g - xh * mean_gx));
+            double g = has_w ? (double)ld(dyr, j) * (double)ld(w, j) : (double)ld(dyr, j);
+            double xh = ((double)ld(xr, j) - mean) * inv;
+            st(o, j, (float)(inv * (g - mean_g - xh * mean_gx)));
         }
         if (threadIdx.x == 0) {
             stats[2 * row] = mean;
@@ -94,33 +93,34 @@ __device__ __forceinline__ void norm_bwd_impl(T* dx, float* stats, const T* x, c
     }
 }
 #define NORM_BWD_PARAMS(T)                                                                     \
-    (T * dx, float* stats, const T* x, const T* w, const T* dy, i64 rows, i64 n, double eps,  \
+    (T * dx, double* stats, const T* x, const T* w, const T* dy, i64 rows, i64 n, double eps, \
      int centered, int has_w)
 FT_TYPED(norm_bwd, NORM_BWD_PARAMS, (dx, stats, x, w, dy, rows, n, eps, centered, has_w))
 
 // Partial sums of dweight = sum(dy * xhat) and dbias = sum(dy) over the rows of chunk `c`
-// (rows c*chunk .. (c+1)*chunk), into pw[c*n + j] and pb[c*n + j] (pb only when centered).
-// Block (32, 8): 32 columns, 8 row lanes, reduced in shared memory in a fixed order.
+// (rows c*chunk .. (c+1)*chunk), into pw[c*n + j] and pb[c*n + j] (pb only when centered),
+// accumulated in f64 within the chunk. Block (32, 8): 32 columns, 8 row lanes, reduced in shared
+// memory in a fixed order.
 template <typename T>
 __device__ __forceinline__ void norm_param_partial_impl(float* pw, float* pb, const T* x,
-                                                        const T* dy, const float* stats,
+                                                        const T* dy, const double* stats,
                                                         i64 rows, i64 n, i64 chunk,
                                                         int centered) {
-    __shared__ float sw[8][33];
-    __shared__ float sb[8][33];
+    __shared__ double sw[8][33];
+    __shared__ double sb[8][33];
     int tx = threadIdx.x;
     int ty = threadIdx.y;
     i64 chunks = (rows + chunk - 1) / chunk;
     for (i64 c0 = (i64)blockIdx.x * 32; c0 < n; c0 += (i64)gridDim.x * 32) {
         for (i64 c = blockIdx.y; c < chunks; c += gridDim.y) {
             i64 col = c0 + tx;
-            float aw = 0.0f;
-            float ab = 0.0f;
+            double aw = 0.0;
+            double ab = 0.0;
             if (col < n) {
                 i64 end = ft_min(rows, (c + 1) * chunk);
                 for (i64 r = c * chunk + ty; r < end; r += 8) {
-                    float d = ld(dy, r * n + col);
-                    float xh = (ld(x, r * n + col) - stats[2 * r]) * stats[2 * r + 1];
+                    double d = (double)ld(dy, r * n + col);
+                    double xh = ((double)ld(x, r * n + col) - stats[2 * r]) * stats[2 * r + 1];
                     aw += d * xh;
                     ab += d;
                 }
@@ -129,16 +129,16 @@ __device__ __forceinline__ void norm_param_partial_impl(float* pw, float* pb, co
             sb[ty][tx] = ab;
             __syncthreads();
             if (ty == 0 && col < n) {
-                float tw = 0.0f;
-                float tb = 0.0f;
+                double tw = 0.0;
+                double tb = 0.0;
 #pragma unroll
                 for (int k = 0; k < 8; ++k) {
                     tw += sw[k][tx];
                     tb += sb[k][tx];
                 }
-                pw[c * n + col] = tw;
+                pw[c * n + col] = (float)tw;
                 if (centered) {
-                    pb[c * n + col] = tb;
+                    pb[c * n + col] = (float)tb;
                 }
             }
             __syncthreads();
@@ -146,7 +146,7 @@ __device__ __forceinline__ void norm_param_partial_impl(float* pw, float* pb, co
     }
 }
 #define NORM_PARAM_PARTIAL_PARAMS(T)                                                           \
-    (float* pw, float* pb, const T* x, const T* dy, const float* stats, i64 rows, i64 n,       \
+    (float* pw, float* pb, const T* x, const T* dy, const double* stats, i64 rows, i64 n,      \
      i64 chunk, int centered)
 FT_TYPED(norm_param_partial, NORM_PARAM_PARTIAL_PARAMS,
          (pw, pb, x, dy, stats, rows, n, chunk, centered))

@@ -361,7 +361,14 @@ pub(super) fn loss_op(
         host(dev, op, &sum, g.rows)?,
         host(dev, op, &tl, g.rows)?,
     );
-    let loss = cpu::ce_loss(&max, &sum, &tl, &logits.shape, shift, local.token_parts.max(1))?;
+    let loss = cpu::ce_loss(
+        &max,
+        &sum,
+        &tl,
+        &logits.shape,
+        shift,
+        local.token_parts.max(1),
+    )?;
     super::scalar(dev, loss)
 }
 

@@ -83,8 +83,42 @@ pub(super) enum BinOp {
     Div = 3,
 }
 
-/// `a ⊕ b` with NumPy broadcasting. Operands that are the output's shape or its trailing
-/// elements repeated (a bias, a scalar) index by `i % len`; anything else goes through strides.
+/// How a broadcasting binary op reads its operands.
+#[derive(Debug)]
+pub(super) enum BinaryPlan {
+    /// Each operand is the output's shape or its trailing elements repeated (a bias, a
+    /// scalar): element `i` reads `a[i % na]`, `b[i % nb]`.
+    Repeat { na: usize, nb: usize },
+    /// Anything else: both through strides over the (merged) output axes.
+    Strided(Strided2),
+}
+
+/// The plan of `a ⊕ b` for operand shapes `sa`, `sb` broadcast to `shape`.
+pub(super) fn binary_plan(
+    op: &'static str,
+    sa: &[usize],
+    sb: &[usize],
+    shape: &[usize],
+) -> Result<BinaryPlan> {
+    if is_trailing(sa, shape) && is_trailing(sb, shape) {
+        return Ok(BinaryPlan::Repeat {
+            na: sa.iter().product(),
+            nb: sb.iter().product(),
+        });
+    }
+    let st_a = broadcast_strides(sa, shape);
+    let st_b = broadcast_strides(sb, shape);
+    let (sizes, [st_a, st_b]) = merge_axes(op, shape, [&st_a, &st_b])?;
+    Ok(BinaryPlan::Strided(Strided2 {
+        rank: sizes.len() as i32,
+        pad: 0,
+        size: dims_array(&sizes),
+        sa: dims_array(&st_a),
+        sb: dims_array(&st_b),
+    }))
+}
+
+/// `a ⊕ b` with NumPy broadcasting (see [`binary_plan`]).
 pub(super) fn binary(
     dev: &RankDevice,
     op: &'static str,
@@ -101,36 +135,29 @@ pub(super) fn binary(
         return Ok(out.into_tensor(shape));
     }
     let (n64, code) = (i64_of(op, n)?, bop as i32);
-    if is_trailing(&a.shape, &shape) && is_trailing(&b.shape, &shape) {
-        let (na, nb) = (i64_of(op, a.numel())?, i64_of(op, b.numel())?);
-        Launch::new(dev, op, &spec::BINARY, dtype)?
-            .output(&mut out)
-            .input(&a.data)
-            .input(&b.data)
-            .val(&n64)
-            .val(&na)
-            .val(&nb)
-            .val(&code)
-            .launch(cfg_1d(dev, n))?;
-    } else {
-        let sa = broadcast_strides(&a.shape, &shape);
-        let sb = broadcast_strides(&b.shape, &shape);
-        let (sizes, [sa, sb]) = merge_axes(op, &shape, [&sa, &sb])?;
-        let s = Strided2 {
-            rank: sizes.len() as i32,
-            pad: 0,
-            size: dims_array(&sizes),
-            sa: dims_array(&sa),
-            sb: dims_array(&sb),
-        };
-        Launch::new(dev, op, &spec::BINARY_STRIDED, dtype)?
-            .output(&mut out)
-            .input(&a.data)
-            .input(&b.data)
-            .val(&s)
-            .val(&n64)
-            .val(&code)
-            .launch(cfg_1d(dev, n))?;
+    match binary_plan(op, &a.shape, &b.shape, &shape)? {
+        BinaryPlan::Repeat { na, nb } => {
+            let (na, nb) = (i64_of(op, na)?, i64_of(op, nb)?);
+            Launch::new(dev, op, &spec::BINARY, dtype)?
+                .output(&mut out)
+                .input(&a.data)
+                .input(&b.data)
+                .val(&n64)
+                .val(&na)
+                .val(&nb)
+                .val(&code)
+                .launch(cfg_1d(dev, n))?;
+        }
+        BinaryPlan::Strided(s) => {
+            Launch::new(dev, op, &spec::BINARY_STRIDED, dtype)?
+                .output(&mut out)
+                .input(&a.data)
+                .input(&b.data)
+                .val(&s)
+                .val(&n64)
+                .val(&code)
+                .launch(cfg_1d(dev, n))?;
+        }
     }
     Ok(out.into_tensor(shape))
 }
@@ -158,7 +185,7 @@ pub(super) fn fill(
 
 /// The smallest `u` with `u as f64 / 2^64 >= p` (the CPU's `keep_threshold`): an element is
 /// kept iff `splitmix64(index) >= u`, exactly `dropout_keeps`' test.
-fn keep_threshold(p: f64) -> u64 {
+pub(super) fn keep_threshold(p: f64) -> u64 {
     let target = p * 2f64.powi(64);
     let (mut lo, mut hi) = (0u64, u64::MAX);
     while lo < hi {
@@ -172,20 +199,18 @@ fn keep_threshold(p: f64) -> u64 {
     lo
 }
 
-/// `x` through the dropout mask of its place in the full tensor, kept elements scaled by
-/// `1/(1 − p)` (Dropout on its input, DropoutGrad on the gradient): the CPU's masks, element for
-/// element, at any partitioning.
-pub(super) fn dropout(
-    dev: &RankDevice,
+/// Where a dropout shard's elements sit in the full tensor: the local axes (merged) with the
+/// full tensor's strides, and the counter of local element 0 (the shard's corner plus the
+/// seed's offset): element `i` is kept iff `splitmix64(first + offset(i)) >= threshold`,
+/// exactly the CPU's masks at any partitioning. Checks the shard against `local` as the CPU.
+pub(super) fn dropout_plan(
     op: &'static str,
-    x: &CudaTensor,
-    p: f64,
+    shape: &[usize],
     local: &Local,
-) -> Result<CudaTensor> {
-    let scale = index::dropout_scale(p).or_invalid(op)? as f32;
-    let r = x.shape.len();
+) -> Result<(DropShape, u64)> {
+    let r = shape.len();
     let (full, offsets) = match (&local.full_shape, &local.offsets) {
-        (None, None) => (x.shape.clone(), vec![0; r]),
+        (None, None) => (shape.to_vec(), vec![0; r]),
         (Some(f), None) => (f.clone(), vec![0; r]),
         (Some(f), Some(o)) => (f.clone(), o.clone()),
         (None, Some(_)) => return Err(invalid(op, "shard offsets without the full shape")),
@@ -194,22 +219,17 @@ pub(super) fn dropout(
         && offsets.len() == r
         && (0..r).all(|i| {
             offsets[i]
-                .checked_add(x.shape[i])
+                .checked_add(shape[i])
                 .is_some_and(|end| end <= full[i])
         });
     if !fits || numel(op, &full).is_err() {
         return Err(invalid(
             op,
             format!(
-                "a shard of shape {:?} at offsets {offsets:?} does not fit the full shape {full:?}",
-                x.shape
+                "a shard of shape {shape:?} at offsets {offsets:?} does not fit the full shape \
+                 {full:?}"
             ),
         ));
-    }
-    let n = x.numel();
-    let mut out = Buf::uninit(dev, op, x.dtype(), n)?;
-    if n == 0 {
-        return Ok(out.into_tensor(x.shape.clone()));
     }
     // The full tensor's strides (it has at most 2^36 elements: no overflow).
     let strides = super::contiguous_strides(&full);
@@ -219,13 +239,32 @@ pub(super) fn dropout(
         .map(|(&o, &s)| o as u64 * s as u64)
         .sum();
     let first = corner.wrapping_add(local.dropout_seed.wrapping_mul(1 << 40));
-    let (sizes, [st]) = merge_axes(op, &x.shape, [&strides])?;
+    let (sizes, [st]) = merge_axes(op, shape, [&strides])?;
     let s = DropShape {
         rank: sizes.len() as i32,
         pad: 0,
         size: dims_array(&sizes),
         stride: dims_array(&st),
     };
+    Ok((s, first))
+}
+
+/// `x` through the dropout mask of its place in the full tensor, kept elements scaled by
+/// `1/(1 − p)` (Dropout on its input, DropoutGrad on the gradient): see [`dropout_plan`].
+pub(super) fn dropout(
+    dev: &RankDevice,
+    op: &'static str,
+    x: &CudaTensor,
+    p: f64,
+    local: &Local,
+) -> Result<CudaTensor> {
+    let scale = index::dropout_scale(p).or_invalid(op)? as f32;
+    let (s, first) = dropout_plan(op, &x.shape, local)?;
+    let n = x.numel();
+    let mut out = Buf::uninit(dev, op, x.dtype(), n)?;
+    if n == 0 {
+        return Ok(out.into_tensor(x.shape.clone()));
+    }
     let (n64, threshold) = (i64_of(op, n)?, keep_threshold(p));
     Launch::new(dev, op, &spec::DROPOUT, x.dtype())?
         .output(&mut out)

@@ -6,9 +6,7 @@ use super::structs::{AdamWParams, DropShape, Gather, Inputs, Strided2, SumToShap
 use crate::cpu::kernels::KernelError;
 use crate::cuda::device::RankDevice;
 use crate::cuda::tensor::{CudaTensor, DType, DeviceData};
-use cudarc::driver::{
-    CudaSlice, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 pub(crate) type Result<T, E = KernelError> = std::result::Result<T, E>;
@@ -83,6 +81,12 @@ pub(crate) fn scratch(dev: &RankDevice, op: &'static str, n: usize) -> Result<Cu
     unsafe { dev.stream.alloc::<f32>(alloc_len(n)) }.map_err(on(op))
 }
 
+/// An f64 scratch buffer of `n` uninitialized elements (the norms' row statistics).
+pub(crate) fn scratch_f64(dev: &RankDevice, op: &'static str, n: usize) -> Result<CudaSlice<f64>> {
+    // SAFETY: as in `Buf::uninit`: the kernel that receives it writes what is later read.
+    unsafe { dev.stream.alloc::<f64>(alloc_len(n)) }.map_err(on(op))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launch shapes
 
@@ -99,7 +103,9 @@ fn max_blocks(dev: &RankDevice) -> u32 {
 
 /// One thread per element (grid-strided).
 pub(crate) fn cfg_1d(dev: &RankDevice, n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(BLOCK as usize).clamp(1, max_blocks(dev) as usize) as u32;
+    let blocks = n
+        .div_ceil(BLOCK as usize)
+        .clamp(1, max_blocks(dev) as usize) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -171,7 +177,15 @@ macro_rules! struct_values {
         })*
     };
 }
-struct_values!(Strided2, DropShape, Gather, Tile, SumToShape, Inputs, AdamWParams);
+struct_values!(
+    Strided2,
+    DropShape,
+    Gather,
+    Tile,
+    SumToShape,
+    Inputs,
+    AdamWParams
+);
 
 /// The arguments of one launch of `spec`, checked one by one against the spec's parameter
 /// kinds; [`Launch::launch`] refuses a launch whose arguments did not match (a bug in the
@@ -199,7 +213,10 @@ impl<'a> Launch<'a> {
             spec.name.to_string()
         };
         let f = dev.kernels().function(&symbol).ok_or_else(|| {
-            device(op, format!("kernel `{symbol}` is not loaded (missing from the list?)"))
+            device(
+                op,
+                format!("kernel `{symbol}` is not loaded (missing from the list?)"),
+            )
         })?;
         Ok(Launch {
             op,

@@ -19,14 +19,21 @@
 //!
 //! Numerics: elementwise kernels reproduce the CPU backend's formulas operation for operation
 //! (no FMA contraction; the CPU's `exp`, normal CDF and SplitMix64 ported), so they agree to the
-//! bit in `f32`; reductions (norm and softmax statistics, `SumTo`, parameter gradients, the
-//! cross-entropy's row sums) accumulate in `f32` over warp and block trees, where the CPU uses
-//! `f64`: they agree to a few `f32` ulps, and are deterministic (fixed order per launch shape)
-//! except `EmbeddingGrad`'s scatter-add (`f32` atomics). Matmuls are cuBLAS: `f32` GEMMs
+//! bit in `f32`; the norms accumulate their row statistics and normalize in `f64`, as the CPU
+//! (an RMSNorm gradient of a short row, or a LayerNorm of values far from zero, cancels too
+//! much for `f32`); the other reductions (softmax and cross-entropy row sums, `SumTo`, the norms'
+//! parameter gradients across rows) accumulate in `f32` over warp and block trees where the CPU
+//! uses `f64`, and agree to a few `f32` ulps of the summands. Every reduction is deterministic
+//! (its order fixed by the launch shape, which depends on the shapes only) except
+//! `EmbeddingGrad`'s scatter-add (`f32` atomics). Matmuls are cuBLAS: `f32` GEMMs
 //! (cuBLAS's default math mode: no TF32), bf16 GEMMs with `f32` accumulation. In bf16 storage
 //! every kernel loads bf16, computes in `f32` and rounds the result to bf16 once (ids, targets
 //! and the cross-entropy statistics stay `f32`); an op whose floating inputs mix `f32` and bf16
 //! computes in `f32` and returns `f32`.
+//!
+//! Buffers: a tensor's buffer holds exactly its shape's elements, except that an empty tensor
+//! made here holds one unused element (CUDA cannot allocate 0 bytes): count elements by the
+//! shape ([`CudaTensor::numel`]), not by the buffer's length.
 //!
 //! Host synchronization: only where a result must reach the host: the id and target checks
 //! (one 8-byte read), the cross-entropy statistics and loss, [`download`] and
@@ -42,6 +49,8 @@ mod norm;
 mod optim;
 pub mod spec;
 mod structs;
+#[cfg(test)]
+mod tests;
 
 pub use cross_entropy::{ce_grad, ce_row_max, ce_row_sums};
 pub use optim::{adamw, adamw_scaled, first_non_finite, reduce_buffers, scale_in_place};
@@ -97,7 +106,10 @@ impl Kernels {
 
     /// Loads already compiled modules into `ctx`: each one's cubin, or its PTX (JIT-compiled by
     /// the driver) when there is no cubin or the driver refuses it.
-    pub fn from_compiled(ctx: &Arc<CudaContext>, compiled: &Compiled) -> Result<Kernels, CudaError> {
+    pub fn from_compiled(
+        ctx: &Arc<CudaContext>,
+        compiled: &Compiled,
+    ) -> Result<Kernels, CudaError> {
         let mut modules: HashMap<&str, Arc<CudaModule>> = HashMap::new();
         for m in &compiled.modules {
             let from_cubin = m
@@ -186,7 +198,10 @@ const MAX_ELEMENTS: usize = 1 << 36;
 fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
     match index::numel(shape) {
         Some(n) if n <= MAX_ELEMENTS => Ok(n),
-        _ => Err(invalid(op, format!("a tensor of shape {shape:?} is too large"))),
+        _ => Err(invalid(
+            op,
+            format!("a tensor of shape {shape:?} is too large"),
+        )),
     }
 }
 
@@ -197,11 +212,12 @@ fn buffer_len(d: &DeviceData) -> usize {
     }
 }
 
-/// That `t`'s buffer holds its shape's elements (the CPU's `check_len`).
+/// That `t`'s buffer holds its shape's elements (the CPU's `check_len`; an empty tensor's
+/// buffer may hold the one spare element [`launch::alloc_len`] gives it, or none).
 fn check(op: &'static str, t: &CudaTensor) -> Result<()> {
     let len = buffer_len(&t.data);
     match index::numel(&t.shape) {
-        Some(n) if len == launch::alloc_len(n) => Ok(()),
+        Some(n) if len == n || (n == 0 && len == 1) => Ok(()),
         _ => Err(invalid(
             op,
             format!("a tensor of shape {:?} holds {len} elements", t.shape),
@@ -361,7 +377,10 @@ fn merge_axes<const K: usize>(
         ));
     }
     let as_i64 = |v: &[usize]| v.iter().map(|&x| x as i64).collect::<Vec<_>>();
-    Ok((as_i64(&out_sizes), std::array::from_fn(|k| as_i64(&out_strides[k]))))
+    Ok((
+        as_i64(&out_sizes),
+        std::array::from_fn(|k| as_i64(&out_strides[k])),
+    ))
 }
 
 /// `v` in a fixed-size array of [`structs::MAX_DIMS`] (zeros after it).
@@ -504,7 +523,9 @@ pub fn interleave(
     const OP: &str = "AllGather";
     check(OP, flat)?;
     let local_n = numel(OP, local_shape)?;
-    if dim >= local_shape.len() || members == 0 || local_n.checked_mul(members) != Some(flat.numel())
+    if dim >= local_shape.len()
+        || members == 0
+        || local_n.checked_mul(members) != Some(flat.numel())
     {
         return Err(invalid(
             OP,
@@ -517,24 +538,9 @@ pub fn interleave(
     }
     let mut shape = local_shape.to_vec();
     shape[dim] *= members;
-    let (outer, nd, inner) = index::around(local_shape, dim);
-    let row = nd * inner;
     let mut out = Buf::uninit(dev, OP, flat.dtype(), flat.numel())?;
-    for m in 0..members {
-        layout::copy_rows(
-            dev,
-            OP,
-            &mut out,
-            &flat.data,
-            layout::Rows {
-                outer,
-                len: row,
-                src_ld: row,
-                src_off: m * local_n,
-                dst_ld: members * row,
-                dst_off: m * row,
-            },
-        )?;
+    for rows in layout::interleave_rows(local_shape, dim, members) {
+        layout::copy_rows(dev, OP, &mut out, &flat.data, rows)?;
     }
     Ok(out.into_tensor(shape))
 }
@@ -561,25 +567,10 @@ pub fn deinterleave(
     }
     let mut part_shape = t.shape.clone();
     part_shape[dim] /= members;
-    let part_n = numel(OP, &part_shape)?;
-    let (outer, nd, inner) = index::around(&t.shape, dim);
-    let len = part_shape[dim] * inner;
+    numel(OP, &part_shape)?;
     let mut out = Buf::uninit(dev, OP, t.dtype(), t.numel())?;
-    for m in 0..members {
-        layout::copy_rows(
-            dev,
-            OP,
-            &mut out,
-            &t.data,
-            layout::Rows {
-                outer,
-                len,
-                src_ld: nd * inner,
-                src_off: m * len,
-                dst_ld: len,
-                dst_off: m * part_n,
-            },
-        )?;
+    for rows in layout::deinterleave_rows(&t.shape, dim, members) {
+        layout::copy_rows(dev, OP, &mut out, &t.data, rows)?;
     }
     let mut shape = vec![members];
     shape.extend(part_shape);

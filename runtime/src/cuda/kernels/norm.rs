@@ -1,7 +1,7 @@
-//! Launches of `cu/norm.cu`: LayerNorm and RMSNorm forward and backward, softmax and its
-//! gradient, one block per row.
+//! Launches of `cu/norm.cu`: LayerNorm and RMSNorm forward and backward (row statistics and
+//! normalization in `f64`, as the CPU), softmax and its gradient, one block per row.
 
-use super::launch::{cfg_1d, cfg_rows, i64_of, scratch, Buf, Launch, Result};
+use super::launch::{cfg_1d, cfg_rows, i64_of, scratch, scratch_f64, Buf, Launch, Result};
 use super::{as_dtype, common_dtype, spec};
 use crate::cpu::kernels::OrInvalid;
 use crate::cuda::device::RankDevice;
@@ -32,13 +32,17 @@ pub(super) fn forward(
 ) -> Result<CudaTensor> {
     let shape_of = |t: Option<&CudaTensor>| t.map(|t| t.shape.clone());
     let (ws, bs) = (shape_of(weight), shape_of(bias));
-    let (rows, n) = index::norm(&x.shape, eps, None, ws.as_deref(), bs.as_deref()).or_invalid(op)?;
+    let (rows, n) =
+        index::norm(&x.shape, eps, None, ws.as_deref(), bs.as_deref()).or_invalid(op)?;
     let mut all = vec![x];
     all.extend(weight);
     all.extend(bias);
     let dtype = common_dtype(&all);
     let x = as_dtype(dev, op, x, dtype)?;
-    let (w, b) = (opt_as(dev, op, weight, dtype)?, opt_as(dev, op, bias, dtype)?);
+    let (w, b) = (
+        opt_as(dev, op, weight, dtype)?,
+        opt_as(dev, op, bias, dtype)?,
+    );
     let total = x.numel();
     let mut out = Buf::uninit(dev, op, dtype, total)?;
     if total > 0 {
@@ -133,7 +137,7 @@ pub(super) fn grad(
         let (rows64, n64) = (i64_of(op, rows)?, i64_of(op, n)?);
         let (c, hw) = (i32::from(centered), i32::from(w.is_some()));
         let wd = w.as_deref().unwrap_or(&x).data.clone();
-        let mut stats = scratch(dev, op, 2 * rows)?;
+        let mut stats = scratch_f64(dev, op, 2 * rows)?;
         Launch::new(dev, op, &spec::NORM_BWD, dtype)?
             .output(&mut dx)
             .slice_mut(&mut stats)

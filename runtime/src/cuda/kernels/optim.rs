@@ -26,7 +26,10 @@ fn f32_mut<'t>(
         DeviceData::F32(s) => {
             Arc::get_mut(s).ok_or_else(|| device(op, format!("the {what} buffer is shared")))
         }
-        DeviceData::Bf16(_) => Err(invalid(op, format!("the {what} must be f32 (master weights)"))),
+        DeviceData::Bf16(_) => Err(invalid(
+            op,
+            format!("the {what} must be f32 (master weights)"),
+        )),
     }
 }
 
@@ -127,7 +130,11 @@ pub fn adamw_scaled(
 }
 
 /// `t *= factor` in place (the product in `f64`): gradient clipping.
-pub fn scale_in_place(dev: &RankDevice, t: &mut CudaTensor, factor: f64) -> Result<(), KernelError> {
+pub fn scale_in_place(
+    dev: &RankDevice,
+    t: &mut CudaTensor,
+    factor: f64,
+) -> Result<(), KernelError> {
     const OP: &str = "scale";
     check(OP, t)?;
     let n = t.numel();
@@ -272,9 +279,15 @@ pub fn first_non_finite(dev: &RankDevice, t: &CudaTensor) -> Result<Option<f32>,
     }
     let at = at as usize;
     let value = match &t.data {
-        DeviceData::F32(s) => dev.stream.clone_dtoh(&s.slice(at..at + 1)).map_err(on(OP))?[0],
+        DeviceData::F32(s) => dev
+            .stream
+            .clone_dtoh(&s.slice(at..at + 1))
+            .map_err(on(OP))?[0],
         DeviceData::Bf16(s) => {
-            let v: Vec<bf16> = dev.stream.clone_dtoh(&s.slice(at..at + 1)).map_err(on(OP))?;
+            let v: Vec<bf16> = dev
+                .stream
+                .clone_dtoh(&s.slice(at..at + 1))
+                .map_err(on(OP))?;
             f32::from(v[0])
         }
     };

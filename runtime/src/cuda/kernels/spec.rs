@@ -2,7 +2,7 @@
 //! `_bf16` instantiations, and its parameters' kinds in order.
 //!
 //! This list is the contract between the Rust launches and the CUDA sources. [`super::Kernels`]
-//! loads exactly these functions; every launch goes through [`super::launch::Launch`], which
+//! loads exactly these functions; every launch goes through `Launch` (`launch.rs`), which
 //! refuses (with a [`crate::cpu::kernels::KernelError::Device`] naming the kernel) an argument
 //! whose kind or position differs from the entry; and `runtime/tests/cuda_compile.rs` compiles
 //! the sources with NVRTC and checks every entry against the PTX's `.entry` signature (names,
