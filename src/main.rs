@@ -9,9 +9,8 @@ use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
 use ferrotron_partitioner::cost::{simulate, weak_scaling_table, Cluster, SimOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
-use ferrotron_runtime::init::init_params;
 use ferrotron_runtime::tokenizer::Tokenizer;
-use ferrotron_runtime::train::{Batches, TrainConfig, Trainer};
+use ferrotron_runtime::train::Batches;
 use ferrotron_runtime::verify::Verification;
 use ferrotron_visualizer::export::{self, ExportOptions};
 use ferrotron_visualizer::layout::LayoutOptions;
@@ -20,6 +19,7 @@ use std::process::ExitCode;
 
 mod execute;
 mod launch;
+mod training;
 
 /// A compiler and runtime for Megatron-style tensor model parallelism.
 #[derive(Parser)]
@@ -63,55 +63,9 @@ enum Command {
     /// gradient with the unpartitioned model's.
     Run(execute::RunArgs),
     /// Train a model on a text file: AdamW with warm-up and cosine decay, gradient clipping,
-    /// on CPU threads (one per rank). Batch and sequence length are the model's `batch` and
-    /// `seq` dimensions.
-    Train {
-        #[command(flatten)]
-        plan: PlanArgs,
-        /// The training text.
-        #[arg(long)]
-        data: PathBuf,
-        /// `bytes` (any vocabulary ≥ 256) or `gpt2` (GPT-2's BPE, vocabulary 50,257).
-        #[arg(long, default_value = "bytes")]
-        tokenizer: String,
-        /// Steps to take.
-        #[arg(long, default_value_t = 100)]
-        steps: u64,
-        /// Peak learning rate.
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        /// Final learning rate of the cosine decay.
-        #[arg(long, default_value_t = 1e-4)]
-        min_lr: f64,
-        /// Warm-up steps.
-        #[arg(long, default_value_t = 10)]
-        warmup: u64,
-        /// Decoupled weight decay (matrices and embeddings).
-        #[arg(long, default_value_t = 0.1)]
-        weight_decay: f64,
-        /// Clip the global gradient norm to this (0: never).
-        #[arg(long, default_value_t = 1.0)]
-        clip: f64,
-        /// Seed of the initial weights.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Threads each rank's matmuls may use.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
-        #[arg(long)]
-        log: Option<PathBuf>,
-        /// Write a checkpoint here at the end (and every `--save-every` steps).
-        #[arg(long)]
-        save: Option<PathBuf>,
-        /// Steps between checkpoints (0: only at the end).
-        #[arg(long, default_value_t = 0)]
-        save_every: u64,
-        /// Continue from this checkpoint (its weights, optimizer state, step and data
-        /// position; it may have been written at another tp).
-        #[arg(long)]
-        resume: Option<PathBuf>,
-    },
+    /// on CPU threads or a GPU (one thread per rank). Batch and sequence length are the model's
+    /// `batch` and `seq` dimensions.
+    Train(training::TrainArgs),
     /// Predict a plan's step time, throughput and memory on a cluster (a cost model over the
     /// plan); or, with `--weak-scaling`, reproduce the Megatron paper's weak-scaling study.
     Simulate {
@@ -370,138 +324,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Run(args) => execute::run(args)?,
-        Command::Train {
-            plan: args,
-            data,
-            tokenizer,
-            steps,
-            lr,
-            min_lr,
-            warmup,
-            weight_decay,
-            clip,
-            seed,
-            threads,
-            log,
-            save,
-            save_every,
-            resume,
-        } => {
-            let graph = args.load()?;
-            let plan = partition(&graph, &args.options())?;
-            let tokenizer = Tokenizer::named(&tokenizer)?;
-            let input = graph
-                .inputs
-                .iter()
-                .copied()
-                .find(|&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
-                .ok_or_else(|| anyhow::anyhow!("the model has no [batch, seq] token input"))?;
-            let dims = graph.ty(input).shape.sizes();
-            let (batch, seq) = (dims[0] as usize, dims[1] as usize);
-            // The classes the loss predicts over: what every token must index.
-            let vocab = graph
-                .order
-                .iter()
-                .find_map(|&n| match &graph.nodes[n].op {
-                    ferrotron_ir::Op::CrossEntropy { logits, .. } => {
-                        graph.ty(*logits).shape.last().map(|d| d.size)
-                    }
-                    _ => None,
-                })
-                .ok_or_else(|| anyhow::anyhow!("the model has no cross-entropy loss to train"))?;
-            tokenizer.check(vocab)?;
-            let text = std::fs::read_to_string(&data)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;
-            let tokens = tokenizer.encode(&text);
-            if tokens.len() < batch * seq {
-                anyhow::bail!(
-                    "{}: {} tokens, fewer than one batch ({batch} × {seq})",
-                    data.display(),
-                    tokens.len()
-                );
-            }
-            let config = TrainConfig {
-                lr,
-                min_lr,
-                warmup,
-                steps,
-                weight_decay,
-                clip,
-                ..TrainConfig::default()
-            };
-            let run = ferrotron_runtime::RunOptions {
-                threads_per_rank: threads,
-                ..ferrotron_runtime::RunOptions::default()
-            };
-            let (mut trainer, position) = match &resume {
-                Some(dir) => {
-                    let (t, meta) = Trainer::resume(&plan, dir, config, run)?;
-                    eprintln!("resuming from {} at step {}", dir.display(), meta.step);
-                    (t, meta.data_position)
-                }
-                None => (
-                    Trainer::new(&plan, config, &init_params(&graph, seed), run)?,
-                    0,
-                ),
-            };
-            let mut batches = Batches::new(tokens, position);
-            let extra = serde_json::json!({
-                "data": data.display().to_string(),
-                "tokenizer": tokenizer.name(),
-                "config": trainer.config,
-            });
-            let mut log = match &log {
-                Some(path) => Some(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-                ),
-                None => None,
-            };
-            eprintln!(
-                "training {} at tp = {}, dp = {}: {} tokens of {}, batch {batch} × {seq}",
-                graph.name,
-                plan.mesh.tp,
-                plan.mesh.dp,
-                batches_len(&batches),
-                data.display()
-            );
-            let input_name = graph.values[input].name.clone();
-            while trainer.step < steps {
-                let b = batches.next(&input_name, batch, seq);
-                let s = trainer.step(&b)?;
-                let tps = (batch * seq) as f64 / s.seconds.max(1e-9);
-                eprint!(
-                    "\r{} {:>5}/{steps}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s   ",
-                    progress_bar(s.step + 1, steps, 24),
-                    s.step + 1,
-                    s.loss,
-                    s.lr,
-                    s.grad_norm,
-                    tps
-                );
-                if let Some(f) = log.as_mut() {
-                    use std::io::Write;
-                    writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
-                }
-                if !s.loss.is_finite() {
-                    eprintln!();
-                    anyhow::bail!("the loss became {} at step {}", s.loss, s.step);
-                }
-                if let Some(dir) = &save {
-                    let due = save_every > 0 && trainer.step % save_every == 0;
-                    if due || trainer.step == steps {
-                        trainer.save(dir, seed, batches.position, extra.clone())?;
-                    }
-                }
-            }
-            eprintln!();
-            if let Some(dir) = &save {
-                eprintln!("checkpoint: {}", dir.display());
-            }
-        }
+        Command::Train(args) => training::train(args)?,
         Command::Simulate {
             model,
             cluster,

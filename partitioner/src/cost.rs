@@ -510,7 +510,7 @@ pub struct Simulation {
     pub memory_bound_s: f64,
     /// Blocking tp collectives (including the cross-entropy's).
     pub tp_comm_s: f64,
-    /// dp gradient all-reduces, all of them.
+    /// dp gradient all-reduces, all of them (with their bucket copies).
     pub dp_comm_s: f64,
     /// The part of them the backward pass does not hide.
     pub dp_exposed_s: f64,

@@ -100,6 +100,33 @@ pub trait Backend: Clone + Send + Sync {
         threads: usize,
     ) -> Result<Self::Tensor, KernelError>;
 
+    /// `Σ x²` over a tensor, accumulated in `f64` (the global gradient norm).
+    fn sum_squares(&self, t: &Self::Tensor) -> Result<f64, KernelError>;
+    /// Copies full-precision weights to the device as the optimizer's master weights (`f32`
+    /// whatever the backend computes in).
+    fn upload_master(&self, t: &Tensor) -> Result<Self::Tensor, KernelError> {
+        self.upload(t, DType::F32)
+    }
+    /// The weights a step computes with, made from the master weights: the same tensor when
+    /// the backend computes in `f32`, a bf16 copy under mixed precision.
+    fn compute_weights(&self, master: &Self::Tensor) -> Result<Self::Tensor, KernelError> {
+        Ok(master.clone())
+    }
+    /// One AdamW step on master weights `w` with gradient `g` (multiplied by `grad_scale`, the
+    /// clipping factor, in `f64`) and moments `m`, `v` (`f32`, shaped like `w`), in place.
+    /// `step` counts from 1; the arithmetic is [`adamw_cpu`]'s, in `f64`.
+    #[allow(clippy::too_many_arguments)] // the tensors, the settings, the step and the scale
+    fn adamw(
+        &self,
+        w: &mut Self::Tensor,
+        g: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        hyper: AdamW,
+        step: u32,
+        grad_scale: f64,
+    ) -> Result<(), KernelError>;
+
     /// A group of `size` ranks; every wait is bounded by `timeout`.
     fn group(&self, size: usize, timeout: Duration) -> Arc<Self::Group>;
     /// The number of ranks in a group.
@@ -138,6 +165,54 @@ pub trait Backend: Clone + Send + Sync {
     ) -> Result<Self::Tensor, CommError>;
     /// Fails the group: every member's pending and later collectives return an error.
     fn abort(&self, g: &Self::Group, rank: usize, why: &str);
+}
+
+/// AdamW's settings for one update of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    /// The learning rate of this step.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay (0 for biases and norm weights).
+    pub weight_decay: f64,
+}
+
+/// The AdamW update on host `f32` tensors, in `f64`: the CPU backend's, and the reference the
+/// CUDA kernel reproduces bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_cpu(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hyper: AdamW,
+    step: u32,
+    grad_scale: f64,
+) {
+    let AdamW {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+    } = hyper;
+    let t = step as i32;
+    let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+    for k in 0..w.len() {
+        let gk = f64::from(g[k]) * grad_scale;
+        let mk = beta1 * f64::from(m[k]) + (1.0 - beta1) * gk;
+        let vk = beta2 * f64::from(v[k]) + (1.0 - beta2) * gk * gk;
+        m[k] = mk as f32;
+        v[k] = vk as f32;
+        let update = (mk / bc1) / ((vk / bc2).sqrt() + eps);
+        let wk = f64::from(w[k]);
+        w[k] = (wk - lr * (update + weight_decay * wk)) as f32;
+    }
 }
 
 /// The CPU backend: host tensors, the `f32` kernels, ranks as threads of one process (or, under
@@ -309,6 +384,44 @@ impl Backend for Cpu {
             token_parts,
             threads,
         )
+    }
+
+    fn sum_squares(&self, t: &Tensor) -> Result<f64, KernelError> {
+        Ok(t.data.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+    }
+
+    fn adamw(
+        &self,
+        w: &mut Tensor,
+        g: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        hyper: AdamW,
+        step: u32,
+        grad_scale: f64,
+    ) -> Result<(), KernelError> {
+        let n = w.data.len();
+        if g.data.len() != n || m.data.len() != n || v.data.len() != n {
+            return Err(kernels::invalid(
+                "AdamW",
+                format!(
+                    "the weight has {n} elements, the gradient {}, the moments {} and {}",
+                    g.data.len(),
+                    m.data.len(),
+                    v.data.len()
+                ),
+            ));
+        }
+        adamw_cpu(
+            &mut w.data,
+            &g.data,
+            &mut m.data,
+            &mut v.data,
+            hyper,
+            step,
+            grad_scale,
+        );
+        Ok(())
     }
 
     fn group(&self, size: usize, timeout: Duration) -> Arc<CpuGroup> {

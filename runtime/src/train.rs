@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! tokens ─► Batches (consecutive windows, a resumable position)
-//!        ─► step: run the plan (exec::run_sharded) ─► each rank's gradient shards
+//!        ─► step: run the plan (exec::run_on, on the trainer's backend) ─► each rank's gradient shards
 //!        ─► global norm (split parameters summed over tp, replicated ones counted once)
-//!        ─► clip ─► AdamW on every rank's shards, in place
+//!        ─► clip ─► AdamW on every rank's shards, in place, on the device (Backend::adamw)
 //! ```
 //!
 //! Every rank's gradients are already reduced over both mesh axes and laid out like its
@@ -14,8 +14,10 @@
 //! communication, and data-parallel replicas stay identical. Dropout masks change with the
 //! step, so a run resumed at step `k` replays exactly the masks of the uninterrupted one.
 
+use crate::backend::{AdamW, Backend, Cpu};
 use crate::checkpoint::{self, CheckpointError, CheckpointMeta};
-use crate::exec::{gather_params, run_sharded, shard_params, ExecError, RunOptions};
+use crate::cpu::kernels::KernelError;
+use crate::exec::{gather_params, run_on, shard_params, ExecError, RunOptions};
 use crate::Tensor;
 use ferrotron_ir::graph::EntityRef;
 use ferrotron_partitioner::{Layout, Plan};
@@ -89,44 +91,61 @@ pub struct StepStats {
     pub seconds: f64,
 }
 
-/// A model being trained: its plan, every rank's weight shards and AdamW moments.
-pub struct Trainer<'p> {
+/// A model being trained: its plan, every rank's weight shards and AdamW moments, on a backend
+/// (the CPU's by default; on the CUDA backend they live in GPU memory and the update runs there).
+pub struct Trainer<'p, B: Backend = Cpu> {
     /// The plan it runs.
     pub plan: &'p Plan,
     /// The settings.
     pub config: TrainConfig,
-    /// `[rank][param]` weight shards.
-    pub shards: Vec<Vec<Tensor>>,
+    /// Where the ranks compute.
+    pub backend: B,
+    /// `[rank][param]` weight shards: the master weights, `f32`.
+    pub shards: Vec<Vec<B::Tensor>>,
     /// AdamW's first moments, laid out like `shards`.
-    pub m: Vec<Vec<Tensor>>,
+    pub m: Vec<Vec<B::Tensor>>,
     /// AdamW's second moments, laid out like `shards`.
-    pub v: Vec<Vec<Tensor>>,
+    pub v: Vec<Vec<B::Tensor>>,
     /// Steps taken.
     pub step: u64,
     /// How to run each step.
     pub run: RunOptions,
 }
 
-impl<'p> Trainer<'p> {
-    /// A trainer starting from full weights (model shapes, by name).
+impl<'p> Trainer<'p, Cpu> {
+    /// A trainer on CPU threads starting from full weights (model shapes, by name).
     pub fn new(
         plan: &'p Plan,
         config: TrainConfig,
         params: &HashMap<String, Tensor>,
         run: RunOptions,
     ) -> Result<Trainer<'p>, ExecError> {
-        let shards = shard_params(plan, params)?;
-        let zeros = |s: &Vec<Vec<Tensor>>| {
-            s.iter()
-                .map(|r| r.iter().map(|t| Tensor::zeros(t.shape.clone())).collect())
-                .collect()
-        };
+        Trainer::on(Cpu, plan, config, params, run)
+    }
+}
+
+impl<'p, B: Backend> Trainer<'p, B> {
+    /// A trainer on `backend` starting from full weights (model shapes, by name): each rank's
+    /// shards go to the device through the rank's backend, with zero moments.
+    pub fn on(
+        backend: B,
+        plan: &'p Plan,
+        config: TrainConfig,
+        params: &HashMap<String, Tensor>,
+        run: RunOptions,
+    ) -> Result<Trainer<'p, B>, ExecError> {
+        let host = shard_params(plan, params)?;
+        let zeros: Vec<Vec<Tensor>> = host
+            .iter()
+            .map(|r| r.iter().map(|t| Tensor::zeros(t.shape.clone())).collect())
+            .collect();
         Ok(Trainer {
             plan,
             config,
-            m: zeros(&shards),
-            v: zeros(&shards),
-            shards,
+            shards: upload_masters(&backend, plan, &host)?,
+            m: upload_masters(&backend, plan, &zeros)?,
+            v: upload_masters(&backend, plan, &zeros)?,
+            backend,
             step: 0,
             run,
         })
@@ -139,12 +158,25 @@ impl<'p> Trainer<'p> {
             dropout_seed: self.step + 1,
             ..self.run.clone()
         };
-        let result = run_sharded(self.plan, &self.shards, batch, &opts)?;
-        let loss = result.loss()?;
         let plan = self.plan;
+        let device = |e: KernelError| ExecError::Plan(format!("the optimizer step failed: {e}"));
+        // The weights the step computes with (a bf16 copy of the masters under mixed precision).
+        let weights = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(r, rank)| {
+                let be = self.backend.on_rank(r);
+                rank.iter().map(|w| be.compute_weights(w)).collect()
+            })
+            .collect::<Result<Vec<Vec<B::Tensor>>, _>>()
+            .map_err(device)?;
+        let result = run_on(self.backend.clone(), plan, &weights, batch, &opts)?;
+        drop(weights);
+        let loss = result.loss()?;
         let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
         // Each rank's gradient shards, in parameter order.
-        let mut grads: Vec<Vec<Option<Tensor>>> = Vec::with_capacity(tp * dp);
+        let mut grads: Vec<Vec<Option<B::Tensor>>> = Vec::with_capacity(tp * dp);
         for rank in result.ranks {
             let mut values = rank.values;
             let mut mine = Vec::with_capacity(plan.grads.len());
@@ -162,13 +194,9 @@ impl<'p> Trainer<'p> {
             let i = p.index();
             let split = matches!(plan.shard(p).layout.tp, Layout::Split(_));
             let ranks = if split { tp } else { 1 };
-            for rank in grads.iter().take(ranks) {
+            for (r, rank) in grads.iter().enumerate().take(ranks) {
                 if let Some(g) = &rank[i] {
-                    sumsq += g
-                        .data
-                        .iter()
-                        .map(|&x| f64::from(x) * f64::from(x))
-                        .sum::<f64>();
+                    sumsq += self.backend.on_rank(r).sum_squares(g).map_err(device)?;
                 }
             }
         }
@@ -180,24 +208,27 @@ impl<'p> Trainer<'p> {
         };
         let lr = self.config.lr_at(self.step);
         let c = &self.config;
-        let t = (self.step + 1) as i32;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let step = u32::try_from(self.step + 1)
+            .map_err(|_| ExecError::Plan("more than 2^32 steps".into()))?;
         for (r, rank_grads) in grads.into_iter().enumerate() {
+            let be = self.backend.on_rank(r);
             for (i, g) in rank_grads.into_iter().enumerate() {
                 let Some(g) = g else { continue };
                 let w = &mut self.shards[r][i];
-                let decay = if w.rank() >= 2 { c.weight_decay } else { 0.0 };
+                let decay = if be.shape(w).len() >= 2 {
+                    c.weight_decay
+                } else {
+                    0.0
+                };
+                let hyper = AdamW {
+                    lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: decay,
+                };
                 let (m, v) = (&mut self.m[r][i], &mut self.v[r][i]);
-                for k in 0..w.data.len() {
-                    let gk = f64::from(g.data[k]) * clip;
-                    let mk = c.beta1 * f64::from(m.data[k]) + (1.0 - c.beta1) * gk;
-                    let vk = c.beta2 * f64::from(v.data[k]) + (1.0 - c.beta2) * gk * gk;
-                    m.data[k] = mk as f32;
-                    v.data[k] = vk as f32;
-                    let update = (mk / bc1) / ((vk / bc2).sqrt() + c.eps);
-                    let wk = f64::from(w.data[k]);
-                    w.data[k] = (wk - lr * (update + decay * wk)) as f32;
-                }
+                be.adamw(w, &g, m, v, hyper, step, clip).map_err(device)?;
             }
         }
         self.step += 1;
@@ -209,6 +240,48 @@ impl<'p> Trainer<'p> {
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+
+    /// Every rank's tensors of `which` (`shards`, `m` or `v`) copied to the host.
+    fn host(&self, which: &[Vec<B::Tensor>]) -> Result<Vec<Vec<Tensor>>, ExecError> {
+        which
+            .iter()
+            .enumerate()
+            .map(|(r, rank)| {
+                let be = self.backend.on_rank(r);
+                rank.iter()
+                    .map(|t| {
+                        be.download(t).map_err(|e| {
+                            ExecError::Plan(format!("copying the weights to the host: {e}"))
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Every rank's host tensors uploaded as master weights through the rank's backend.
+fn upload_masters<B: Backend>(
+    backend: &B,
+    plan: &Plan,
+    host: &[Vec<Tensor>],
+) -> Result<Vec<Vec<B::Tensor>>, ExecError> {
+    host.iter()
+        .enumerate()
+        .map(|(r, rank)| {
+            let be = backend.on_rank(r);
+            rank.iter()
+                .zip(plan.graph.params.values())
+                .map(|(t, data)| {
+                    be.upload_master(t).map_err(|e| ExecError::Feed {
+                        what: "parameter",
+                        name: data.name.clone(),
+                        problem: format!("could not be copied to the device: {e}"),
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Saving or resuming failed.
@@ -225,7 +298,7 @@ pub enum ResumeError {
     Mismatch(String),
 }
 
-impl<'p> Trainer<'p> {
+impl<'p, B: Backend> Trainer<'p, B> {
     /// Writes the weights, the AdamW moments and the step to `dir` (sharded safetensors and
     /// metadata, atomically), with the data position and whatever `extra` describes the run.
     pub fn save(
@@ -235,9 +308,9 @@ impl<'p> Trainer<'p> {
         data_position: u64,
         extra: serde_json::Value,
     ) -> Result<(), ResumeError> {
-        let params = gather_params(self.plan, &self.shards)?;
-        let m = gather_params(self.plan, &self.m)?;
-        let v = gather_params(self.plan, &self.v)?;
+        let params = gather_params(self.plan, &self.host(&self.shards)?)?;
+        let m = gather_params(self.plan, &self.host(&self.m)?)?;
+        let v = gather_params(self.plan, &self.host(&self.v)?)?;
         let meta = CheckpointMeta {
             model: self.plan.model.clone(),
             step: self.step,
@@ -258,11 +331,12 @@ impl<'p> Trainer<'p> {
     /// A trainer continuing from a checkpoint written by [`Trainer::save`] (at any tp: the
     /// full tensors are re-sharded for `plan`), and the checkpoint's metadata.
     pub fn resume(
+        backend: B,
         plan: &'p Plan,
         dir: &std::path::Path,
         config: TrainConfig,
         run: RunOptions,
-    ) -> Result<(Trainer<'p>, CheckpointMeta), ResumeError> {
+    ) -> Result<(Trainer<'p, B>, CheckpointMeta), ResumeError> {
         let (meta, mut groups) = checkpoint::load(dir)?;
         if meta.model != plan.model {
             return Err(ResumeError::Mismatch(format!(
@@ -278,17 +352,17 @@ impl<'p> Trainer<'p> {
             })
         };
         let (params, m, v) = (take("params")?, take("adam_m")?, take("adam_v")?);
-        let mut trainer = Trainer::new(plan, config, &params, run)?;
-        trainer.m = shard_params(plan, &m)?;
-        trainer.v = shard_params(plan, &v)?;
+        let mut trainer = Trainer::on(backend, plan, config, &params, run)?;
+        trainer.m = upload_masters(&trainer.backend, plan, &shard_params(plan, &m)?)?;
+        trainer.v = upload_masters(&trainer.backend, plan, &shard_params(plan, &v)?)?;
         trainer.step = meta.step;
         Ok((trainer, meta))
     }
 }
 
 /// Gradients placed at their parameter's index (`None` for a parameter the loss ignores).
-fn sorted(mut grads: Vec<(usize, Tensor)>, n: usize) -> Vec<Option<Tensor>> {
-    let mut out: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+fn sorted<T>(mut grads: Vec<(usize, T)>, n: usize) -> Vec<Option<T>> {
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
     for (i, t) in grads.drain(..) {
         out[i] = Some(t);
     }

@@ -4,7 +4,7 @@
 
 use ferrotron_ir::{load_model, LoadOptions, Op};
 use ferrotron_partitioner::{partition, PartitionOptions};
-use ferrotron_runtime::backend::{Backend, Cpu, CpuGroup};
+use ferrotron_runtime::backend::{AdamW, Backend, Cpu, CpuGroup};
 use ferrotron_runtime::comm::{CommError, ReduceOp};
 use ferrotron_runtime::cpu::kernels::{KernelError, Local};
 use ferrotron_runtime::exec::run_on;
@@ -151,6 +151,21 @@ impl Backend for Counting {
     ) -> Result<Tensor, CommError> {
         self.collectives.fetch_add(1, Ordering::Relaxed);
         Cpu.reduce_scatter(g, rank, t, dim)
+    }
+    fn sum_squares(&self, t: &Tensor) -> Result<f64, KernelError> {
+        Cpu.sum_squares(t)
+    }
+    fn adamw(
+        &self,
+        w: &mut Tensor,
+        g: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        hyper: AdamW,
+        step: u32,
+        grad_scale: f64,
+    ) -> Result<(), KernelError> {
+        Cpu.adamw(w, g, m, v, hyper, step, grad_scale)
     }
     fn abort(&self, g: &CpuGroup, rank: usize, why: &str) {
         Cpu.abort(g, rank, why)

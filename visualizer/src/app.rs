@@ -895,7 +895,7 @@ impl Viewer {
             if !bb.intersects(clip) {
                 continue;
             }
-            painter.add(Shape::line(pts.clone(), Stroke::new(1.0, EDGE)));
+            painter.add(Shape::line(simplify(&pts, 0.5), Stroke::new(1.0, EDGE)));
             if let (Some(&end), Some(&before)) = (pts.last(), pts.iter().rev().nth(1)) {
                 let dir = (end - before).normalized() * (6.0 * z.clamp(0.5, 2.0));
                 let side = Vec2::new(-dir.y, dir.x) * 0.5;
@@ -1058,6 +1058,42 @@ fn draw_chart(ui: &mut egui::Ui, chart: &SummaryChart) {
             painter.rect_filled(fill, 2.0, c.unwrap_or(COLLECTIVE_BAR));
         }
     }
+}
+
+/// The polyline without the points it can do without: every dropped point lies within `tol`
+/// screen points of the segment that replaces it. A long edge has a point per row it crosses;
+/// zoomed out, those are a few pixels apart and nearly collinear, and each one costs the
+/// software renderer triangles.
+fn simplify(pts: &[Pos2], tol: f32) -> Vec<Pos2> {
+    /// Longest run of points dropped in a row (bounds the work per point).
+    const RUN: usize = 32;
+    let Some((&first, rest)) = pts.split_first() else {
+        return Vec::new();
+    };
+    let mut out = vec![first];
+    let mut start = 0; // index of the last kept point
+    for j in 1..rest.len() {
+        // Drop pts[j] if every point after `start` up to j is within tol of start → pts[j + 1].
+        let (a, b) = (pts[start], pts[j + 1]);
+        let ab = b - a;
+        let len = ab.length();
+        let off = |p: Pos2| {
+            if len < 1e-6 {
+                (p - a).length()
+            } else {
+                (ab.x * (p.y - a.y) - ab.y * (p.x - a.x)).abs() / len
+            }
+        };
+        let fits = j - start < RUN && pts[start + 1..=j].iter().all(|&p| off(p) <= tol);
+        if !fits {
+            out.push(pts[j]);
+            start = j;
+        }
+    }
+    if pts.len() > 1 {
+        out.push(pts[pts.len() - 1]);
+    }
+    out
 }
 
 /// ` (full / 4)` when the per-rank figure is an exact fraction of the full one.
@@ -1353,5 +1389,38 @@ pub fn run(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("cannot open the viewer window: {e}")),
         Err(_) => Err("cannot open the viewer window (the windowing system failed)".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simplify;
+    use eframe::egui::Pos2;
+
+    #[test]
+    fn simplify_keeps_corners_and_drops_collinear_points() {
+        let line: Vec<Pos2> = (0..100).map(|i| Pos2::new(3.0, i as f32 * 4.0)).collect();
+        let s = simplify(&line, 0.5);
+        // Runs are bounded, so a straight line keeps a point every 32.
+        assert_eq!(s.first(), line.first());
+        assert_eq!(s.last(), line.last());
+        assert!(s.len() <= 5, "{}", s.len());
+        let corner = [
+            Pos2::new(0.0, 0.0),
+            Pos2::new(0.0, 5.0),
+            Pos2::new(0.0, 10.0),
+            Pos2::new(5.0, 10.0),
+            Pos2::new(10.0, 10.0),
+        ];
+        assert_eq!(
+            simplify(&corner, 0.5),
+            [corner[0], corner[2], corner[4]].to_vec()
+        );
+        let zigzag: Vec<Pos2> = (0..10)
+            .map(|i| Pos2::new((i % 2) as f32 * 3.0, i as f32))
+            .collect();
+        assert_eq!(simplify(&zigzag, 0.5), zigzag);
+        assert_eq!(simplify(&zigzag[..1], 0.5), zigzag[..1].to_vec());
+        assert!(simplify(&[], 0.5).is_empty());
     }
 }

@@ -10,7 +10,7 @@ use super::device::{Gpu, RankDevice};
 use super::kernels;
 use super::tensor::{CudaTensor, DType};
 use super::CudaError;
-use crate::backend::Backend;
+use crate::backend::{AdamW, Backend};
 use crate::comm::{CommError, ReduceOp};
 use crate::cpu::kernels::{KernelError, Local};
 use crate::Tensor;
@@ -234,6 +234,51 @@ impl Backend for Cuda {
             real_classes,
             dloss,
             token_parts,
+        )
+    }
+
+    fn sum_squares(&self, t: &CudaTensor) -> Result<f64, KernelError> {
+        kernels::sum_squares(self.device(), t)
+    }
+
+    fn upload_master(&self, t: &Tensor) -> Result<CudaTensor, KernelError> {
+        kernels::upload(self.device(), t, DType::F32)
+    }
+
+    fn compute_weights(&self, master: &CudaTensor) -> Result<CudaTensor, KernelError> {
+        if master.dtype() == self.dtype {
+            Ok(master.clone())
+        } else {
+            kernels::cast(self.device(), master, self.dtype)
+        }
+    }
+
+    fn adamw(
+        &self,
+        w: &mut CudaTensor,
+        g: &CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        hyper: AdamW,
+        step: u32,
+        grad_scale: f64,
+    ) -> Result<(), KernelError> {
+        let AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = hyper;
+        kernels::adamw_scaled(
+            self.device(),
+            w,
+            g,
+            m,
+            v,
+            [lr, beta1, beta2, eps, weight_decay],
+            step,
+            grad_scale,
         )
     }
 

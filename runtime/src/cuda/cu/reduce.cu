@@ -40,3 +40,21 @@ __device__ __forceinline__ void first_non_finite_impl(u64* first, const T* x, i6
 }
 #define FIRST_NON_FINITE_PARAMS(T) (u64 * first, const T* x, i64 n)
 FT_TYPED(first_non_finite, FIRST_NON_FINITE_PARAMS, (first, x, n))
+
+// partial[b] = Σ x[i]² in f64 over block b's grid-stride share of x (the gradient norm's terms,
+// accumulated in f64 as the CPU trainer does). The grid size is fixed by the caller, so the
+// partials, which the host adds in block order, give the same total on every run.
+template <typename T>
+__device__ __forceinline__ void sum_squares_impl(double* partial, const T* x, i64 n) {
+    double acc = 0.0;
+    FT_GRID_LOOP(i, n) {
+        double v = (double)ld(x, i);
+        acc += v * v;
+    }
+    acc = ft_block_sum_d(acc);
+    if (threadIdx.x == 0) {
+        partial[blockIdx.x] = acc;
+    }
+}
+#define SUM_SQUARES_PARAMS(T) (double* partial, const T* x, i64 n)
+FT_TYPED(sum_squares, SUM_SQUARES_PARAMS, (partial, x, n))

@@ -91,7 +91,7 @@ pub(crate) fn scratch_f64(dev: &RankDevice, op: &'static str, n: usize) -> Resul
 // Launch shapes
 
 /// Threads per block of the elementwise kernels.
-const BLOCK: u32 = 256;
+pub(crate) const BLOCK: u32 = 256;
 
 /// At most this many blocks per SM are launched; grid-stride loops cover the rest (a few
 /// waves of resident blocks, no tail of tiny ones).

@@ -53,7 +53,9 @@ mod structs;
 mod tests;
 
 pub use cross_entropy::{ce_grad, ce_row_max, ce_row_sums};
-pub use optim::{adamw, adamw_scaled, first_non_finite, reduce_buffers, scale_in_place};
+pub use optim::{
+    adamw, adamw_scaled, first_non_finite, reduce_buffers, scale_in_place, sum_squares,
+};
 pub use spec::{KernelSpec, Param, KERNELS};
 
 use super::device::RankDevice;

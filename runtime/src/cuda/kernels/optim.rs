@@ -293,3 +293,35 @@ pub fn first_non_finite(dev: &RankDevice, t: &CudaTensor) -> Result<Option<f32>,
     };
     Ok(Some(value))
 }
+
+/// Blocks of [`sum_squares`]: fixed, so the partial sums (and their total) do not depend on the
+/// device.
+const SUM_SQUARES_BLOCKS: usize = 256;
+
+/// `Σ x²` over `t` in `f64` (the global gradient norm's terms): per-block partial sums in `f64`
+/// on the device, added on the host in block order, the same on every run. Waits for the rank's
+/// stream.
+pub fn sum_squares(dev: &RankDevice, t: &CudaTensor) -> Result<f64, KernelError> {
+    const OP: &str = "sum_squares";
+    check(OP, t)?;
+    let n = t.numel();
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let blocks = n
+        .div_ceil(super::launch::BLOCK as usize)
+        .clamp(1, SUM_SQUARES_BLOCKS);
+    let mut partial = dev.stream.alloc_zeros::<f64>(blocks).map_err(on(OP))?;
+    let n64 = i64_of(OP, n)?;
+    Launch::new(dev, OP, &spec::SUM_SQUARES, t.dtype())?
+        .slice_mut(&mut partial)
+        .input(&t.data)
+        .val(&n64)
+        .launch(cudarc::driver::LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (super::launch::BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        })?;
+    let partial = dev.stream.clone_dtoh(&partial).map_err(on(OP))?;
+    Ok(partial.iter().sum())
+}

@@ -128,6 +128,7 @@ kernels! {
     REDUCE_N = "reduce_n" in "reduce.cu", true,
         [Ptr, Struct(size_of::<Inputs>()), I32, I32, I64];
     FIRST_NON_FINITE = "first_non_finite" in "reduce.cu", true, [Ptr, Ptr, I64];
+    SUM_SQUARES = "sum_squares" in "reduce.cu", true, [Ptr, Ptr, I64];
     ADAMW = "adamw" in "optim.cu", true,
         [Ptr, Ptr, Ptr, Ptr, I64, Struct(size_of::<AdamWParams>())];
     SCALE_INPLACE = "scale_inplace" in "optim.cu", true, [Ptr, I64, F64];
