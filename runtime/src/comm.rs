@@ -80,13 +80,13 @@ pub enum CommError {
     },
 }
 
-/// One collective call, as the members must all agree on it.
+/// One collective call, as the members must all agree on it (also the TCP group's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Call {
-    op: &'static str,
-    reduce: Option<ReduceOp>,
-    /// Elements of the published buffer.
-    len: usize,
+pub(crate) struct Call {
+    pub(crate) op: &'static str,
+    pub(crate) reduce: Option<ReduceOp>,
+    /// Elements of each member's input.
+    pub(crate) len: usize,
 }
 
 impl std::fmt::Display for Call {
@@ -153,11 +153,24 @@ impl std::fmt::Debug for Group {
 const BLOCK: usize = 1024;
 
 /// The elements of chunk `i` when `n` are split into `parts` contiguous, nearly equal chunks
-/// (the first `n % parts` one longer).
-fn chunk(n: usize, parts: usize, i: usize) -> Range<usize> {
+/// (the first `n % parts` one longer): which elements each member owns in an all-reduce.
+pub(crate) fn chunk(n: usize, parts: usize, i: usize) -> Range<usize> {
     let (q, r) = (n / parts, n % parts);
     let start = |i: usize| i * q + i.min(r);
     start(i)..start(i + 1)
+}
+
+/// What is wrong with a reduce-scatter's buffer lengths in a group of `size`, if anything.
+pub(crate) fn reduce_scatter_problem(input: usize, out: usize, size: usize) -> Option<String> {
+    if !input.is_multiple_of(size) {
+        Some(format!(
+            "input of {input} elements does not split over {size} members"
+        ))
+    } else if out != input / size {
+        Some(format!("output has {out} elements, not {}", input / size))
+    } else {
+        None
+    }
 }
 
 impl Group {
@@ -279,21 +292,7 @@ impl Group {
             reduce: Some(ReduceOp::Sum),
             len: input.len(),
         };
-        let problem = if !input.len().is_multiple_of(self.size) {
-            Some(format!(
-                "input of {} elements does not split over {} members",
-                input.len(),
-                self.size
-            ))
-        } else if out.len() != input.len() / self.size {
-            Some(format!(
-                "output has {} elements, not {}",
-                out.len(),
-                input.len() / self.size
-            ))
-        } else {
-            None
-        };
+        let problem = reduce_scatter_problem(input.len(), out.len(), self.size);
         self.check_local(rank, call, problem)?;
         if self.size == 1 {
             out.copy_from_slice(input);

@@ -722,16 +722,17 @@ fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
 // Embedding
 
 /// The table's `(rows, width)`, and the range of full-table ids it holds plus the bound ids
-/// must respect.
-struct Table {
-    rows: usize,
-    width: usize,
-    offset: usize,
-    bound: usize,
+/// must respect (shared with the CUDA backend's embedding).
+pub(crate) struct Table {
+    pub(crate) rows: usize,
+    pub(crate) width: usize,
+    pub(crate) offset: usize,
+    pub(crate) bound: usize,
 }
 
-fn table_of(name: &'static str, table: &Tensor, local: &Local) -> Result<Table> {
-    let (rows, width) = index::embedding_table(&table.shape).or_invalid(name)?;
+/// The table of shape `table` as this rank holds it (`local`'s vocabulary offset and rows).
+pub(crate) fn table_of(name: &'static str, table: &[usize], local: &Local) -> Result<Table> {
+    let (rows, width) = index::embedding_table(table).or_invalid(name)?;
     let offset = local.vocab_offset;
     let end = offset
         .checked_add(rows)
@@ -764,7 +765,7 @@ impl Table {
 }
 
 fn embedding(name: &'static str, table: &Tensor, ids: &Tensor, local: &Local) -> Result<Tensor> {
-    let t = table_of(name, table, local)?;
+    let t = table_of(name, &table.shape, local)?;
     let rows: Vec<Option<usize>> = ids
         .data
         .iter()
@@ -798,7 +799,7 @@ fn embedding_grad(
     dy: &Tensor,
     local: &Local,
 ) -> Result<Tensor> {
-    let t = table_of(name, table, local)?;
+    let t = table_of(name, &table.shape, local)?;
     let w = t.width;
     let mut expected = ids.shape.clone();
     expected.push(w);

@@ -40,7 +40,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::store::{Store, StoreError};
-use crate::comm::{CommError, ReduceOp};
+use crate::comm::{chunk, reduce_scatter_problem, Call, CommError, ReduceOp};
 
 /// Hello and message magic.
 const HELLO: &[u8; 4] = b"FTGH";
@@ -50,32 +50,6 @@ const READ_SLICE: Duration = Duration::from_millis(50);
 /// How often a waiting member polls the job's failure record.
 const STORE_POLL: Duration = Duration::from_millis(200);
 const HEADER: usize = 32;
-
-/// The elements of chunk `i` when `n` are split into `parts` contiguous, nearly equal chunks
-/// (the first `n % parts` one longer) — exactly the in-process group's split.
-fn chunk(n: usize, parts: usize, i: usize) -> Range<usize> {
-    let (q, r) = (n / parts, n % parts);
-    let start = |i: usize| i * q + i.min(r);
-    start(i)..start(i + 1)
-}
-
-/// One collective call, as the members must all agree on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Call {
-    op: &'static str,
-    reduce: Option<ReduceOp>,
-    /// Elements of each member's input.
-    len: usize,
-}
-
-impl std::fmt::Display for Call {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.reduce {
-            Some(r) => write!(f, "{}({r:?}) of {} elements", self.op, self.len),
-            None => write!(f, "{} of {} elements", self.op, self.len),
-        }
-    }
-}
 
 const OPS: [&str; 3] = ["all_reduce", "all_gather", "reduce_scatter"];
 
@@ -430,21 +404,7 @@ impl Inner {
             reduce: Some(ReduceOp::Sum),
             len: input.len(),
         };
-        let problem = if !input.len().is_multiple_of(self.size) {
-            Some(format!(
-                "input of {} elements does not split over {} members",
-                input.len(),
-                self.size
-            ))
-        } else if out.len() != input.len() / self.size {
-            Some(format!(
-                "output has {} elements, not {}",
-                out.len(),
-                input.len() / self.size
-            ))
-        } else {
-            None
-        };
+        let problem = reduce_scatter_problem(input.len(), out.len(), self.size);
         let mut io = self.begin(rank, call, problem)?;
         if self.size == 1 {
             out.copy_from_slice(input);

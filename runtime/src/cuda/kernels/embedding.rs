@@ -3,44 +3,10 @@
 
 use super::launch::{cfg_1d, cfg_2d, i64_of, scratch, Buf, Launch, Result};
 use super::{as_dtype, first_bad_index, index_buffer, numel, spec};
-use crate::cpu::kernels::{invalid, KernelError, Local, OrInvalid};
+use crate::cpu::kernels::{invalid, table_of, KernelError, Local, OrInvalid, Table};
 use crate::cuda::device::RankDevice;
 use crate::cuda::tensor::{CudaTensor, DType};
 use ferrotron_ir::index;
-
-/// A table's `(rows, width)`, its first full-table row and the bound ids must respect (the
-/// CPU's `table_of`).
-struct Table {
-    rows: usize,
-    width: usize,
-    offset: usize,
-    bound: usize,
-}
-
-fn table_of(op: &'static str, table: &CudaTensor, local: &Local) -> Result<Table> {
-    let (rows, width) = index::embedding_table(&table.shape).or_invalid(op)?;
-    let offset = local.vocab_offset;
-    let end = offset
-        .checked_add(rows)
-        .ok_or_else(|| invalid(op, "the vocabulary offset overflows"))?;
-    let bound = match local.vocab_rows {
-        Some(full) if end > full => {
-            return Err(invalid(
-                op,
-                format!("rows {offset}..{end} of the table lie outside its {full} rows"),
-            ))
-        }
-        Some(full) => full,
-        None if offset > 0 => 1 << 24, // ids are exact in f32 up to here
-        None => rows,
-    };
-    Ok(Table {
-        rows,
-        width,
-        offset,
-        bound,
-    })
-}
 
 /// That every id is an integer in `0..bound`: the first that is not, as the CPU reports it.
 fn check_ids(dev: &RankDevice, op: &'static str, ids: &CudaTensor, t: &Table) -> Result<()> {
@@ -65,7 +31,7 @@ pub(super) fn embedding(
     ids: &CudaTensor,
     local: &Local,
 ) -> Result<CudaTensor> {
-    let t = table_of(op, table, local)?;
+    let t = table_of(op, &table.shape, local)?;
     check_ids(dev, op, ids, &t)?;
     let mut shape = ids.shape.clone();
     shape.push(t.width);
@@ -100,7 +66,7 @@ pub(super) fn embedding_grad(
     dy: &CudaTensor,
     local: &Local,
 ) -> Result<CudaTensor> {
-    let t = table_of(op, table, local)?;
+    let t = table_of(op, &table.shape, local)?;
     let mut expected = ids.shape.clone();
     expected.push(t.width);
     index::same_shape("the output gradient", &expected, &dy.shape).or_invalid(op)?;
