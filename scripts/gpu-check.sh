@@ -60,6 +60,12 @@ EOF
             break
         fi
     done
+    if [[ -z "${LD_LIBRARY_PATH:-}" ]]; then
+        # No interpreter answered: the usual places of the wheels.
+        dirs=$(ls -d /opt/*/.venv/lib/python3*/site-packages/nvidia/*/lib \
+            /usr/local/lib/python3*/dist-packages/nvidia/*/lib 2>/dev/null | paste -sd: -)
+        [[ -n "$dirs" ]] && export LD_LIBRARY_PATH="$dirs"
+    fi
 fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" | tee "$OUT/env.txt"
 nvidia-smi >>"$OUT/env.txt" 2>&1 || echo "nvidia-smi not available" >>"$OUT/env.txt"

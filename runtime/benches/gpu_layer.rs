@@ -101,6 +101,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cuda = match Cuda::new(0, 1, DType::Bf16) {
         Ok(c) => c,
         Err(CudaError::Unavailable(why)) => {
+            // On the GPU check (scripts/gpu-check.sh) a missing device is a failure.
+            if std::env::var_os("FERROTRON_REQUIRE_GPU").is_some() {
+                return Err(format!("FERROTRON_REQUIRE_GPU is set but: {why}").into());
+            }
             println!("SKIPPED: no CUDA device ({why})");
             return Ok(());
         }
