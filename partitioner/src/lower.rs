@@ -25,7 +25,8 @@ use crate::strategy::{megatron, rule_on, Strategy};
 use crate::PartitionError;
 use ferrotron_ir::graph::{EntityRef, SecondaryMap};
 use ferrotron_ir::{
-    backward, Dim, Graph, MeshAxis, Op, ParamId, ScopeId, Shape, TensorType, ValueDef, ValueId,
+    backward, Dim, Graph, MeshAxis, NodeId, Op, ParamId, ScopeId, Shape, TensorType, ValueDef,
+    ValueId,
 };
 use std::collections::HashMap;
 
@@ -175,6 +176,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         .iter()
         .map(|&(p, grad)| lw.reduce_grad(p, grad))
         .collect::<Result<Vec<_>, _>>()?;
+    issue_collectives_early(&mut lw.pg, bw.start);
     let plan = Plan {
         model: g.name.clone(),
         mesh,
@@ -200,6 +202,60 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
 
 /// The token input's shape `[batch, seq]`, if there is one; every input must lead with the
 /// batch axis.
+/// Moves every backward collective to just after the node that produces its input, keeping the
+/// other nodes' order. A runtime whose collectives run on their own stream (NCCL) then overlaps
+/// each with the computation that does not need it: f's backward all-reduce of dX with the
+/// weight-gradient GEMM dW = xᵀ·dY that autodiff emits after dX (as Megatron issues it), and
+/// each data-parallel gradient all-reduce with the rest of the backward pass. Every rank runs
+/// the same order, so every group still sees its collectives in one order; the forward part is
+/// left as it is.
+fn issue_collectives_early(g: &mut Graph, start: usize) {
+    let is_collective = |op: &Op<ValueId, Dim>| {
+        matches!(
+            op,
+            Op::AllReduce { .. } | Op::AllGather { .. } | Op::ReduceScatter { .. } | Op::G { .. }
+        )
+    };
+    // The collectives to issue right after each node, and those whose inputs all come from
+    // before the backward part (issued first).
+    let mut after: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+    let mut first = Vec::new();
+    let position: HashMap<NodeId, usize> =
+        g.order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut rest = Vec::with_capacity(g.order.len() - start);
+    for &n in &g.order[start..] {
+        if !is_collective(&g.nodes[n].op) {
+            rest.push(n);
+            continue;
+        }
+        let anchor = g.nodes[n]
+            .op
+            .inputs()
+            .into_iter()
+            .filter_map(|v| match g.values[*v].def {
+                ValueDef::Node { node, .. } if position[&node] >= start => Some(node),
+                _ => None,
+            })
+            .max_by_key(|m| position[m]);
+        match anchor {
+            Some(m) => after.entry(m).or_default().push(n),
+            None => first.push(n),
+        }
+    }
+    let mut order = g.order[..start].to_vec();
+    fn emit(n: NodeId, after: &HashMap<NodeId, Vec<NodeId>>, order: &mut Vec<NodeId>) {
+        order.push(n);
+        for &c in after.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
+            emit(c, after, order);
+        }
+    }
+    for n in first.into_iter().chain(rest) {
+        emit(n, &after, &mut order);
+    }
+    debug_assert_eq!(order.len(), g.order.len());
+    g.order = order;
+}
+
 fn batch_and_seq(g: &Graph) -> Result<Option<(u64, u64)>, PartitionError> {
     let tokens = g
         .inputs

@@ -704,3 +704,59 @@ fn fewer_key_value_heads_than_ranks_keeps_them_whole_and_slices_per_rank() {
         .to_string();
     assert!(err.contains("heads=4"), "{err}");
 }
+
+/// Backward collectives are issued as soon as their input exists: f's backward all-reduce of dX
+/// comes right after the dX matmul, before the weight-gradient matmul that does not need it (so
+/// a runtime with a communication stream overlaps the two, as Megatron does), and the
+/// data-parallel gradient all-reduces follow their gradients instead of waiting for the end.
+#[test]
+fn backward_collectives_are_issued_as_soon_as_their_input_is_ready() {
+    let g = model("tiny-gpt.ron", &[]);
+    for (tp, dp, sp) in [(2, 1, false), (2, 2, false), (4, 2, true)] {
+        let plan = plan(&g, tp, dp, sp);
+        let pg = &plan.graph;
+        let position: std::collections::HashMap<_, _> =
+            pg.order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let is_collective = |op: &Op<ValueId, ferrotron_ir::Dim>| {
+            matches!(
+                op,
+                Op::AllReduce { .. }
+                    | Op::AllGather { .. }
+                    | Op::ReduceScatter { .. }
+                    | Op::G { .. }
+            )
+        };
+        let mut checked = 0;
+        for (i, &n) in pg.order.iter().enumerate().skip(plan.backward_start) {
+            let node = &pg.nodes[n];
+            if !is_collective(&node.op) {
+                continue;
+            }
+            let producer = node
+                .op
+                .inputs()
+                .into_iter()
+                .filter_map(|v| match pg.values[*v].def {
+                    ferrotron_ir::ValueDef::Node { node, .. } => Some(position[&node]),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0)
+                .max(plan.backward_start);
+            // Only other collectives may stand between the producer and the collective.
+            for &m in &pg.order[producer + 1..i] {
+                assert!(
+                    is_collective(&pg.nodes[m].op),
+                    "tp={tp} dp={dp} sp={sp}: `{}` waits behind `{}`",
+                    node.name,
+                    pg.nodes[m].name
+                );
+            }
+            checked += 1;
+        }
+        assert!(
+            checked > 4,
+            "tp={tp} dp={dp}: only {checked} backward collectives"
+        );
+    }
+}
