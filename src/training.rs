@@ -81,6 +81,13 @@ pub struct TrainArgs {
 
 /// `ferrotron train`.
 pub fn train(args: TrainArgs) -> Result<()> {
+    if ferrotron_runtime::launch::WorkerEnv::from_env()?.is_some() {
+        // Each worker would otherwise train the whole model by itself.
+        anyhow::bail!(
+            "train runs every rank in one process (threads, or virtual ranks on one GPU); \
+             under `ferrotron launch` only `run` executes one rank per process so far"
+        );
+    }
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
     let tokenizer = Tokenizer::named(&args.tokenizer)?;

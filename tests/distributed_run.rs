@@ -76,3 +76,30 @@ fn a_world_size_that_is_not_the_mesh_is_an_error() {
         "{all}"
     );
 }
+
+#[test]
+fn train_under_the_launcher_says_it_is_not_supported_yet() {
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let (ok, stdout, stderr) = ferrotron(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--timeout",
+        "30",
+        "--",
+        "train",
+        MODEL,
+        "--data",
+        readme,
+        "--steps",
+        "1",
+        "--dim",
+        "vocab=256",
+    ]);
+    assert!(!ok, "{stdout}");
+    let all = format!("{stdout}{stderr}");
+    assert!(
+        all.contains("under `ferrotron launch` only `run` executes one rank per process"),
+        "{all}"
+    );
+}
