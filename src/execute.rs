@@ -13,6 +13,7 @@ use ferrotron_ir::graph::EntityRef;
 use ferrotron_ir::Graph;
 use ferrotron_partitioner::{partition, Plan, Report};
 use ferrotron_runtime::backend::{Backend, Cpu, CpuGroup};
+use ferrotron_runtime::cuda::comm::CudaGroup;
 use ferrotron_runtime::cuda::{Cuda, DType};
 use ferrotron_runtime::exec::{run_rank, run_with, upload_params, Run};
 use ferrotron_runtime::hf::{load_gpt2, read_tokens, write_safetensors};
@@ -281,6 +282,28 @@ fn finish<B: Backend>(args: &RunArgs, step: &Step, backend: B) -> Result<()> {
 fn run_worker(args: &RunArgs, worker: &WorkerEnv) -> Result<()> {
     let step = args.step()?;
     let (tp, dp) = (step.plan.mesh.tp as usize, step.plan.mesh.dp as usize);
+    check_world(worker, tp, dp)?;
+    let rank = worker.rank;
+    let shards = shard_params(&step.plan, &step.params)?;
+    match args.backend {
+        BackendKind::Cpu => {
+            let groups = cpu_groups(worker, tp, dp)?;
+            worker_step(args, &step, Cpu, rank, &shards[rank], groups)
+        }
+        BackendKind::Cuda => {
+            let device = args.device.unwrap_or(worker.local_rank);
+            let cuda = Cuda::new(device, 1, args.storage())?;
+            let groups = nccl_groups(&cuda, worker, tp, dp)?;
+            let weights = upload_params(&cuda, &step.plan, &shards[rank..rank + 1])?
+                .pop()
+                .unwrap_or_default();
+            worker_step(args, &step, cuda, rank, &weights, groups)
+        }
+    }
+}
+
+/// Checks that the launcher started tp × dp ranks.
+pub(crate) fn check_world(worker: &WorkerEnv, tp: usize, dp: usize) -> Result<()> {
     if worker.world_size != tp * dp {
         bail!(
             "the launcher started {} ranks, the plan needs tp × dp = {tp} × {dp} = {}",
@@ -288,47 +311,55 @@ fn run_worker(args: &RunArgs, worker: &WorkerEnv) -> Result<()> {
             tp * dp
         );
     }
+    Ok(())
+}
+
+/// This worker's tensor- and data-parallel groups as CPU ranks in separate processes (TCP),
+/// formed through the launcher's store.
+pub(crate) fn cpu_groups(
+    worker: &WorkerEnv,
+    tp: usize,
+    dp: usize,
+) -> Result<(Arc<CpuGroup>, Arc<CpuGroup>)> {
     let store = worker
         .connect_store()
         .context("connecting to the launcher's store")?;
-    let rank = worker.rank;
-    let (t, d) = (rank % tp, rank / tp);
-    let shards = shard_params(&step.plan, &step.params)?;
-    match args.backend {
-        BackendKind::Cpu => {
-            let tp_group = TcpGroup::connect(&store, &format!("tp/dp{d}"), t, tp, worker.timeout)?;
-            let dp_group = TcpGroup::connect(&store, &format!("dp/tp{t}"), d, dp, worker.timeout)?;
-            let groups = (
-                Arc::new(CpuGroup::Tcp(tp_group)),
-                Arc::new(CpuGroup::Tcp(dp_group)),
-            );
-            worker_step(args, &step, Cpu, rank, &shards[rank], groups)
-        }
-        BackendKind::Cuda => {
-            let device = args.device.unwrap_or(worker.local_rank);
-            let cuda = Cuda::new(device, 1, args.storage())?;
-            let nccl = |name: String, member: usize, size: usize| -> Result<_> {
-                // Member 0 makes the group's unique id; the others read it from the store.
-                let key = format!("nccl/{name}");
-                let id = if member == 0 {
-                    let id = Cuda::new_nccl_id()?;
-                    store.set(&key, &id)?;
-                    id.to_vec()
-                } else {
-                    store.get(&key, worker.timeout)?
-                };
-                Ok(cuda.nccl_group(&id, member, size)?)
-            };
-            let groups = (
-                nccl(format!("tp/dp{d}"), t, tp)?,
-                nccl(format!("dp/tp{t}"), d, dp)?,
-            );
-            let weights = upload_params(&cuda, &step.plan, &shards[rank..rank + 1])?
-                .pop()
-                .unwrap_or_default();
-            worker_step(args, &step, cuda, rank, &weights, groups)
-        }
-    }
+    let (t, d) = (worker.rank % tp, worker.rank / tp);
+    let tp_group = TcpGroup::connect(&store, &format!("tp/dp{d}"), t, tp, worker.timeout)?;
+    let dp_group = TcpGroup::connect(&store, &format!("dp/tp{t}"), d, dp, worker.timeout)?;
+    Ok((
+        Arc::new(CpuGroup::Tcp(tp_group)),
+        Arc::new(CpuGroup::Tcp(dp_group)),
+    ))
+}
+
+/// This worker's tensor- and data-parallel NCCL groups, each group's unique id made by its
+/// member 0 and shared through the launcher's store.
+pub(crate) fn nccl_groups(
+    cuda: &Cuda,
+    worker: &WorkerEnv,
+    tp: usize,
+    dp: usize,
+) -> Result<(Arc<CudaGroup>, Arc<CudaGroup>)> {
+    let store = worker
+        .connect_store()
+        .context("connecting to the launcher's store")?;
+    let (t, d) = (worker.rank % tp, worker.rank / tp);
+    let nccl = |name: String, member: usize, size: usize| -> Result<_> {
+        let key = format!("nccl/{name}");
+        let id = if member == 0 {
+            let id = Cuda::new_nccl_id()?;
+            store.set(&key, &id)?;
+            id.to_vec()
+        } else {
+            store.get(&key, worker.timeout)?
+        };
+        Ok(cuda.nccl_group(&id, member, size)?)
+    };
+    Ok((
+        nccl(format!("tp/dp{d}"), t, tp)?,
+        nccl(format!("dp/tp{t}"), d, dp)?,
+    ))
 }
 
 /// One rank's step on any backend: run, sum the loss over the data-parallel group, report, and

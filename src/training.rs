@@ -5,7 +5,7 @@
 //! Data flow: text → tokenizer → [`Batches`] → [`Trainer::step`] (the partitioned step on the
 //! backend, the global gradient norm, clipping, AdamW) → progress line, CSV log, checkpoints.
 
-use crate::execute::{BackendKind, Precision};
+use crate::execute::{check_world, cpu_groups, nccl_groups, BackendKind, Precision};
 use crate::{batches_len, progress_bar, PlanArgs};
 use anyhow::Result;
 use clap::Args;
@@ -14,8 +14,9 @@ use ferrotron_partitioner::{partition, Plan};
 use ferrotron_runtime::backend::{Backend, Cpu};
 use ferrotron_runtime::cuda::{Cuda, DType};
 use ferrotron_runtime::init::init_params;
+use ferrotron_runtime::launch::WorkerEnv;
 use ferrotron_runtime::tokenizer::Tokenizer;
-use ferrotron_runtime::train::{Batches, TrainConfig, Trainer};
+use ferrotron_runtime::train::{Batches, RankTrainer, TrainConfig, Trainer};
 use ferrotron_runtime::RunOptions;
 use std::path::PathBuf;
 
@@ -71,23 +72,26 @@ pub struct TrainArgs {
     /// Where the ranks compute.
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     backend: BackendKind,
-    /// The GPU (CUDA backend); every rank runs on it as a virtual rank.
-    #[arg(long, default_value_t = 0)]
-    device: usize,
+    /// The GPU (CUDA backend): every rank runs on it as a virtual rank; under
+    /// `ferrotron launch` the default is the process's local rank.
+    #[arg(long)]
+    device: Option<usize>,
     /// What the step computes in on the CUDA backend (master weights stay `f32`).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,
 }
 
+impl TrainArgs {
+    fn storage(&self) -> DType {
+        match self.dtype {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::Bf16,
+        }
+    }
+}
+
 /// `ferrotron train`.
 pub fn train(args: TrainArgs) -> Result<()> {
-    if ferrotron_runtime::launch::WorkerEnv::from_env()?.is_some() {
-        // Each worker would otherwise train the whole model by itself.
-        anyhow::bail!(
-            "train runs every rank in one process (threads, or virtual ranks on one GPU); \
-             under `ferrotron launch` only `run` executes one rank per process so far"
-        );
-    }
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
     let tokenizer = Tokenizer::named(&args.tokenizer)?;
@@ -145,17 +149,114 @@ pub fn train(args: TrainArgs) -> Result<()> {
         config,
         run,
     };
+    if let Some(worker) = WorkerEnv::from_env()? {
+        return train_worker(&args, &worker, prepared);
+    }
     match args.backend {
         BackendKind::Cpu => train_on(&args, Cpu, prepared),
         BackendKind::Cuda => {
             let ranks = (plan.mesh.tp * plan.mesh.dp) as usize;
-            let dtype = match args.dtype {
-                Precision::F32 => DType::F32,
-                Precision::Bf16 => DType::Bf16,
-            };
-            train_on(&args, Cuda::new(args.device, ranks, dtype)?, prepared)
+            let dtype = args.storage();
+            train_on(
+                &args,
+                Cuda::new(args.device.unwrap_or(0), ranks, dtype)?,
+                prepared,
+            )
         }
     }
+}
+
+/// Under `ferrotron launch`: this process trains one rank (CPU ranks over TCP, GPU ranks over
+/// NCCL); rank 0 prints the progress and writes the log. Checkpoints are not written or read
+/// this way yet.
+fn train_worker(args: &TrainArgs, worker: &WorkerEnv, p: Prepared<'_>) -> Result<()> {
+    if args.save.is_some() || args.resume.is_some() {
+        anyhow::bail!(
+            "--save and --resume are not supported under `ferrotron launch` yet: train in one \
+             process (threads, or virtual ranks on one GPU) to checkpoint"
+        );
+    }
+    let (tp, dp) = (p.plan.mesh.tp as usize, p.plan.mesh.dp as usize);
+    check_world(worker, tp, dp)?;
+    let params = init_params(p.graph, args.seed);
+    match args.backend {
+        BackendKind::Cpu => {
+            let groups = cpu_groups(worker, tp, dp)?;
+            let trainer = RankTrainer::new(
+                Cpu,
+                p.plan,
+                p.config.clone(),
+                &params,
+                worker.rank,
+                groups,
+                p.run.clone(),
+            )?;
+            rank_loop(args, trainer, p)
+        }
+        BackendKind::Cuda => {
+            let cuda = Cuda::new(args.device.unwrap_or(worker.local_rank), 1, args.storage())?;
+            let groups = nccl_groups(&cuda, worker, tp, dp)?;
+            let trainer = RankTrainer::new(
+                cuda,
+                p.plan,
+                p.config.clone(),
+                &params,
+                worker.rank,
+                groups,
+                p.run.clone(),
+            )?;
+            rank_loop(args, trainer, p)
+        }
+    }
+}
+
+/// The training loop of one rank in its own process.
+fn rank_loop<B: Backend>(
+    args: &TrainArgs,
+    mut trainer: RankTrainer<'_, B>,
+    p: Prepared<'_>,
+) -> Result<()> {
+    let lead = trainer.rank == 0;
+    let mut log = match (&args.log, lead) {
+        (Some(path), true) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let mut batches = Batches::new(p.tokens, 0);
+    let input_name = p.graph.values[p.input].name.clone();
+    let steps = args.steps;
+    while trainer.step < steps {
+        let b = batches.next(&input_name, p.batch, p.seq);
+        let s = trainer.step(&b)?;
+        if lead {
+            let tps = (p.batch * p.seq) as f64 / s.seconds.max(1e-9);
+            eprint!(
+                "\r{} {:>5}/{steps}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s   ",
+                progress_bar(s.step + 1, steps, 24),
+                s.step + 1,
+                s.loss,
+                s.lr,
+                s.grad_norm,
+                tps
+            );
+            if let Some(f) = log.as_mut() {
+                use std::io::Write;
+                writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
+            }
+        }
+        if !s.loss.is_finite() {
+            anyhow::bail!("the loss became {} at step {}", s.loss, s.step);
+        }
+    }
+    if lead {
+        eprintln!();
+    }
+    Ok(())
 }
 
 /// What the training loop needs, made once whatever the backend.

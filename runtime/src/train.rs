@@ -201,35 +201,25 @@ impl<'p, B: Backend> Trainer<'p, B> {
             }
         }
         let norm = sumsq.sqrt();
-        let clip = if self.config.clip > 0.0 && norm > self.config.clip {
-            self.config.clip / norm
-        } else {
-            1.0
-        };
+        let clip = clip_factor(&self.config, norm);
         let lr = self.config.lr_at(self.step);
-        let c = &self.config;
         let step = u32::try_from(self.step + 1)
             .map_err(|_| ExecError::Plan("more than 2^32 steps".into()))?;
         for (r, rank_grads) in grads.into_iter().enumerate() {
-            let be = self.backend.on_rank(r);
-            for (i, g) in rank_grads.into_iter().enumerate() {
-                let Some(g) = g else { continue };
-                let w = &mut self.shards[r][i];
-                let decay = if be.shape(w).len() >= 2 {
-                    c.weight_decay
-                } else {
-                    0.0
-                };
-                let hyper = AdamW {
-                    lr,
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    eps: c.eps,
-                    weight_decay: decay,
-                };
-                let (m, v) = (&mut self.m[r][i], &mut self.v[r][i]);
-                be.adamw(w, &g, m, v, hyper, step, clip).map_err(device)?;
-            }
+            update_rank(
+                &self.backend.on_rank(r),
+                &self.config,
+                Moments {
+                    w: &mut self.shards[r],
+                    m: &mut self.m[r],
+                    v: &mut self.v[r],
+                },
+                rank_grads,
+                lr,
+                step,
+                clip,
+            )
+            .map_err(device)?;
         }
         self.step += 1;
         Ok(StepStats {
@@ -257,6 +247,214 @@ impl<'p, B: Backend> Trainer<'p, B> {
                     .collect()
             })
             .collect()
+    }
+}
+
+/// One rank's master weights and AdamW moments, in parameter order.
+struct Moments<'a, T> {
+    w: &'a mut [T],
+    m: &'a mut [T],
+    v: &'a mut [T],
+}
+
+/// AdamW on one rank's shards with its gradients (`None`: a parameter the loss ignores),
+/// clipped by `clip`; matrices and embeddings decay, biases and norm weights do not.
+#[allow(clippy::too_many_arguments)] // a rank's state and the step's settings
+fn update_rank<B: Backend>(
+    be: &B,
+    c: &TrainConfig,
+    state: Moments<'_, B::Tensor>,
+    grads: Vec<Option<B::Tensor>>,
+    lr: f64,
+    step: u32,
+    clip: f64,
+) -> Result<(), KernelError> {
+    for (i, g) in grads.into_iter().enumerate() {
+        let Some(g) = g else { continue };
+        let w = &mut state.w[i];
+        let decay = if be.shape(w).len() >= 2 {
+            c.weight_decay
+        } else {
+            0.0
+        };
+        let hyper = AdamW {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: decay,
+        };
+        be.adamw(w, &g, &mut state.m[i], &mut state.v[i], hyper, step, clip)?;
+    }
+    Ok(())
+}
+
+/// The clipping factor for a global gradient norm.
+fn clip_factor(config: &TrainConfig, norm: f64) -> f64 {
+    if config.clip > 0.0 && norm > config.clip {
+        config.clip / norm
+    } else {
+        1.0
+    }
+}
+
+/// One rank of a model being trained in its own process (under `ferrotron launch`): its weight
+/// shards and moments, its tensor- and data-parallel groups. Every rank of the job calls
+/// [`RankTrainer::step`] with the same batch; the global gradient norm is summed over the
+/// tensor-parallel group (replicated parameters counted on tp rank 0 only), so every rank clips
+/// by the same factor and the data-parallel replicas stay identical, as with [`Trainer`].
+pub struct RankTrainer<'p, B: Backend = Cpu> {
+    /// The plan it runs.
+    pub plan: &'p Plan,
+    /// The settings.
+    pub config: TrainConfig,
+    /// Where this rank computes.
+    pub backend: B,
+    /// This rank, `t + tp · d`.
+    pub rank: usize,
+    tp_group: std::sync::Arc<B::Group>,
+    dp_group: std::sync::Arc<B::Group>,
+    /// This rank's master weight shards, in parameter order.
+    pub shards: Vec<B::Tensor>,
+    /// AdamW's first moments.
+    pub m: Vec<B::Tensor>,
+    /// AdamW's second moments.
+    pub v: Vec<B::Tensor>,
+    /// Steps taken.
+    pub step: u64,
+    /// How to run each step.
+    pub run: RunOptions,
+}
+
+impl<'p, B: Backend> RankTrainer<'p, B> {
+    /// Rank `rank` of a trainer starting from full weights (model shapes, by name), with its
+    /// groups already formed.
+    pub fn new(
+        backend: B,
+        plan: &'p Plan,
+        config: TrainConfig,
+        params: &HashMap<String, Tensor>,
+        rank: usize,
+        (tp_group, dp_group): (std::sync::Arc<B::Group>, std::sync::Arc<B::Group>),
+        run: RunOptions,
+    ) -> Result<RankTrainer<'p, B>, ExecError> {
+        let (tp, dp) = (plan.mesh.tp as usize, plan.mesh.dp as usize);
+        if rank >= tp * dp {
+            return Err(ExecError::Plan(format!(
+                "rank {rank} of a {tp} × {dp} mesh"
+            )));
+        }
+        let host = shard_params(plan, params)?.swap_remove(rank);
+        let zeros: Vec<Tensor> = host
+            .iter()
+            .map(|t| Tensor::zeros(t.shape.clone()))
+            .collect();
+        let up = |h: Vec<Tensor>| -> Result<Vec<B::Tensor>, ExecError> {
+            Ok(upload_masters(&backend, plan, &[h])?.swap_remove(0))
+        };
+        let (shards, m, v) = (up(host)?, up(zeros.clone())?, up(zeros)?);
+        Ok(RankTrainer {
+            plan,
+            config,
+            backend,
+            rank,
+            tp_group,
+            dp_group,
+            shards,
+            m,
+            v,
+            step: 0,
+            run,
+        })
+    }
+
+    /// One step on the full batch (this rank takes its shard of it).
+    pub fn step(&mut self, batch: &HashMap<String, Tensor>) -> Result<StepStats, ExecError> {
+        let started = std::time::Instant::now();
+        let opts = RunOptions {
+            dropout_seed: self.step + 1,
+            ..self.run.clone()
+        };
+        let plan = self.plan;
+        let be = &self.backend;
+        let tp = plan.mesh.tp as usize;
+        let (t, d) = (self.rank % tp, self.rank / tp);
+        let device = |e: KernelError| ExecError::Plan(format!("the optimizer step failed: {e}"));
+        let comm = |e: crate::comm::CommError| ExecError::Plan(format!("the optimizer step: {e}"));
+        let weights = self
+            .shards
+            .iter()
+            .map(|w| be.compute_weights(w))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(device)?;
+        let result = crate::exec::run_rank(
+            be,
+            plan,
+            self.rank,
+            &weights,
+            batch,
+            self.tp_group.clone(),
+            self.dp_group.clone(),
+            &opts,
+        )?;
+        drop(weights);
+        let mut values = result.values;
+        // Each data-parallel rank holds its addend of the loss.
+        let loss_value = values
+            .get(&plan.loss)
+            .ok_or_else(|| ExecError::Plan("the loss was not kept".into()))?;
+        let mut loss = [be.read_scalar(loss_value).map_err(device)?];
+        be.all_reduce_host(&self.dp_group, d, &mut loss, crate::comm::ReduceOp::Sum)
+            .map_err(comm)?;
+        let mut mine = Vec::with_capacity(plan.grads.len());
+        for (p, g) in &plan.grads {
+            let x = values.remove(g).ok_or_else(|| {
+                ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[*p].name))
+            })?;
+            mine.push((p.index(), x));
+        }
+        let grads = sorted(mine, plan.graph.params.len());
+        // The global norm: split parameters' shards summed over the tp group, replicated ones
+        // counted once (on tp rank 0). Gradients are already reduced over dp.
+        let mut sumsq = 0.0f64;
+        for (p, _) in plan.graph.params.iter() {
+            let split = matches!(plan.shard(p).layout.tp, Layout::Split(_));
+            if let (Some(g), true) = (&grads[p.index()], split || t == 0) {
+                sumsq += be.sum_squares(g).map_err(device)?;
+            }
+        }
+        // Summed as two f32 halves, so the f64 total survives the f32 collective.
+        let hi = sumsq as f32;
+        let mut parts = [hi, (sumsq - f64::from(hi)) as f32];
+        be.all_reduce_host(&self.tp_group, t, &mut parts, crate::comm::ReduceOp::Sum)
+            .map_err(comm)?;
+        let norm = (f64::from(parts[0]) + f64::from(parts[1])).max(0.0).sqrt();
+        let clip = clip_factor(&self.config, norm);
+        let lr = self.config.lr_at(self.step);
+        let step = u32::try_from(self.step + 1)
+            .map_err(|_| ExecError::Plan("more than 2^32 steps".into()))?;
+        update_rank(
+            be,
+            &self.config,
+            Moments {
+                w: &mut self.shards,
+                m: &mut self.m,
+                v: &mut self.v,
+            },
+            grads,
+            lr,
+            step,
+            clip,
+        )
+        .map_err(device)?;
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step - 1,
+            loss: loss[0],
+            grad_norm: norm,
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 }
 
