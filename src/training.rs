@@ -19,6 +19,7 @@ use ferrotron_runtime::tokenizer::Tokenizer;
 use ferrotron_runtime::train::{Batches, RankTrainer, TrainConfig, Trainer};
 use ferrotron_runtime::RunOptions;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The arguments of `ferrotron train`.
 #[derive(Args, Debug)]
@@ -167,45 +168,20 @@ pub fn train(args: TrainArgs) -> Result<()> {
 }
 
 /// Under `ferrotron launch`: this process trains one rank (CPU ranks over TCP, GPU ranks over
-/// NCCL); rank 0 prints the progress and writes the log. Checkpoints are not written or read
-/// this way yet.
+/// NCCL); rank 0 prints the progress, writes the log and writes the checkpoints (gathered from
+/// the tensor-parallel ranks).
 fn train_worker(args: &TrainArgs, worker: &WorkerEnv, p: Prepared<'_>) -> Result<()> {
-    if args.save.is_some() || args.resume.is_some() {
-        anyhow::bail!(
-            "--save and --resume are not supported under `ferrotron launch` yet: train in one \
-             process (threads, or virtual ranks on one GPU) to checkpoint"
-        );
-    }
     let (tp, dp) = (p.plan.mesh.tp as usize, p.plan.mesh.dp as usize);
     check_world(worker, tp, dp)?;
-    let params = init_params(p.graph, args.seed);
     match args.backend {
         BackendKind::Cpu => {
             let groups = cpu_groups(worker, tp, dp)?;
-            let trainer = RankTrainer::new(
-                Cpu,
-                p.plan,
-                p.config.clone(),
-                &params,
-                worker.rank,
-                groups,
-                p.run.clone(),
-            )?;
-            rank_loop(args, trainer, p)
+            rank_loop(args, Cpu, worker.rank, groups, p)
         }
         BackendKind::Cuda => {
             let cuda = Cuda::new(args.device.unwrap_or(worker.local_rank), 1, args.storage())?;
             let groups = nccl_groups(&cuda, worker, tp, dp)?;
-            let trainer = RankTrainer::new(
-                cuda,
-                p.plan,
-                p.config.clone(),
-                &params,
-                worker.rank,
-                groups,
-                p.run.clone(),
-            )?;
-            rank_loop(args, trainer, p)
+            rank_loop(args, cuda, worker.rank, groups, p)
         }
     }
 }
@@ -213,9 +189,32 @@ fn train_worker(args: &TrainArgs, worker: &WorkerEnv, p: Prepared<'_>) -> Result
 /// The training loop of one rank in its own process.
 fn rank_loop<B: Backend>(
     args: &TrainArgs,
-    mut trainer: RankTrainer<'_, B>,
+    backend: B,
+    rank: usize,
+    groups: (Arc<B::Group>, Arc<B::Group>),
     p: Prepared<'_>,
 ) -> Result<()> {
+    let config = p.config.clone();
+    let run = p.run.clone();
+    let (mut trainer, position) = match &args.resume {
+        Some(dir) => {
+            let (t, meta) = RankTrainer::resume(backend, p.plan, dir, config, rank, groups, run)?;
+            if rank == 0 {
+                eprintln!("resuming from {} at step {}", dir.display(), meta.step);
+            }
+            (t, meta.data_position)
+        }
+        None => {
+            let params = init_params(p.graph, args.seed);
+            let t = RankTrainer::new(backend, p.plan, config, &params, rank, groups, run)?;
+            (t, 0)
+        }
+    };
+    let extra = serde_json::json!({
+        "data": args.data.display().to_string(),
+        "tokenizer": p.tokenizer.name(),
+        "config": trainer.config,
+    });
     let lead = trainer.rank == 0;
     let mut log = match (&args.log, lead) {
         (Some(path), true) => Some(
@@ -227,7 +226,7 @@ fn rank_loop<B: Backend>(
         ),
         _ => None,
     };
-    let mut batches = Batches::new(p.tokens, 0);
+    let mut batches = Batches::new(p.tokens, position);
     let input_name = p.graph.values[p.input].name.clone();
     let steps = args.steps;
     while trainer.step < steps {
@@ -252,9 +251,18 @@ fn rank_loop<B: Backend>(
         if !s.loss.is_finite() {
             anyhow::bail!("the loss became {} at step {}", s.loss, s.step);
         }
+        if let Some(dir) = &args.save {
+            let due = args.save_every > 0 && trainer.step % args.save_every == 0;
+            if due || trainer.step == steps {
+                trainer.save(dir, args.seed, batches.position, extra.clone())?;
+            }
+        }
     }
     if lead {
         eprintln!();
+        if let Some(dir) = &args.save {
+            eprintln!("checkpoint: {}", dir.display());
+        }
     }
     Ok(())
 }

@@ -126,13 +126,50 @@ fn training_with_a_rank_per_process_follows_training_in_one_process() {
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs {b:?}");
     }
-    // Checkpoints are not written across processes yet: a clear refusal.
-    let mut save = job.clone();
-    save.truncate(save.len() - 2);
+    // Checkpoints across processes: two steps saved by the launched job, two more resumed by
+    // it, follow the uninterrupted run; and a single process resumes the launched checkpoint.
     let ckpt = dir.join("ckpt");
-    save.extend(["--save", ckpt.to_str().unwrap()]);
-    let (ok, stdout, stderr) = ferrotron(&save);
-    assert!(!ok, "{stdout}");
-    assert!(format!("{stdout}{stderr}").contains("not supported under `ferrotron launch` yet"));
+    let resumed = dir.join("resumed.csv");
+    let with = |steps: &'static str, extra: Vec<&str>| {
+        let mut v: Vec<String> = train.iter().map(|s| s.to_string()).collect();
+        v[5] = steps.to_string(); // "--steps" N
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let ckpt_s = ckpt.to_str().unwrap();
+    let resumed_s = resumed.to_str().unwrap();
+    for (steps, extra) in [
+        ("2", vec!["--save", ckpt_s]),
+        ("4", vec!["--resume", ckpt_s, "--log", resumed_s]),
+    ] {
+        let mut job: Vec<String> = ["launch", "--nproc-per-node", "4", "--timeout", "60", "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        job.extend(with(steps, extra));
+        let job: Vec<&str> = job.iter().map(String::as_str).collect();
+        let (ok, stdout, stderr) = ferrotron(&job);
+        assert!(ok, "{job:?}\n{stdout}\n{stderr}");
+    }
+    let r = losses(&resumed);
+    assert_eq!(r.len(), 2, "steps 2 and 3 after resuming");
+    for (x, y) in a[2..].iter().zip(&r) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs resumed {r:?}");
+    }
+    let alone_resumed = dir.join("alone-resumed.csv");
+    let single = with(
+        "4",
+        vec!["--resume", ckpt_s, "--log", alone_resumed.to_str().unwrap()],
+    );
+    let single: Vec<&str> = single.iter().map(String::as_str).collect();
+    let (ok, _, stderr) = ferrotron(&single);
+    assert!(ok, "{stderr}");
+    let r = losses(&alone_resumed);
+    for (x, y) in a[2..].iter().zip(&r) {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "{a:?} vs resumed in one process {r:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -535,24 +535,138 @@ impl<'p, B: Backend> Trainer<'p, B> {
         config: TrainConfig,
         run: RunOptions,
     ) -> Result<(Trainer<'p, B>, CheckpointMeta), ResumeError> {
-        let (meta, mut groups) = checkpoint::load(dir)?;
-        if meta.model != plan.model {
-            return Err(ResumeError::Mismatch(format!(
-                "{}: a checkpoint of `{}`, not of `{}`",
-                dir.display(),
-                meta.model,
-                plan.model
-            )));
-        }
-        let mut take = |g: &str| {
-            groups.remove(g).ok_or_else(|| {
-                ResumeError::Mismatch(format!("{}: no `{g}` in the checkpoint", dir.display()))
-            })
-        };
-        let (params, m, v) = (take("params")?, take("adam_m")?, take("adam_v")?);
+        let (meta, [params, m, v]) = load_state(plan, dir)?;
         let mut trainer = Trainer::on(backend, plan, config, &params, run)?;
         trainer.m = upload_masters(&trainer.backend, plan, &shard_params(plan, &m)?)?;
         trainer.v = upload_masters(&trainer.backend, plan, &shard_params(plan, &v)?)?;
+        trainer.step = meta.step;
+        Ok((trainer, meta))
+    }
+}
+
+/// A checkpoint's metadata and its weights and AdamW moments (full tensors), checked to be of
+/// `plan`'s model.
+fn load_state(
+    plan: &Plan,
+    dir: &std::path::Path,
+) -> Result<(CheckpointMeta, [HashMap<String, Tensor>; 3]), ResumeError> {
+    let (meta, mut groups) = checkpoint::load(dir)?;
+    if meta.model != plan.model {
+        return Err(ResumeError::Mismatch(format!(
+            "{}: a checkpoint of `{}`, not of `{}`",
+            dir.display(),
+            meta.model,
+            plan.model
+        )));
+    }
+    let mut take = |g: &str| {
+        groups.remove(g).ok_or_else(|| {
+            ResumeError::Mismatch(format!("{}: no `{g}` in the checkpoint", dir.display()))
+        })
+    };
+    Ok((meta, [take("params")?, take("adam_m")?, take("adam_v")?]))
+}
+
+impl<'p, B: Backend> RankTrainer<'p, B> {
+    /// Writes the job's checkpoint (as [`Trainer::save`] does): every rank of the first
+    /// data-parallel replica sends its shards to tp rank 0 over the tensor-parallel group, and
+    /// rank 0 writes the files. Every rank of the job calls it (the others return at once).
+    pub fn save(
+        &self,
+        dir: &std::path::Path,
+        seed: u64,
+        data_position: u64,
+        extra: serde_json::Value,
+    ) -> Result<(), ResumeError> {
+        let tp = self.plan.mesh.tp as usize;
+        let (t, d) = (self.rank % tp, self.rank / tp);
+        if d != 0 {
+            return Ok(()); // data-parallel replicas hold the same shards
+        }
+        let mut state = Vec::with_capacity(3);
+        for which in [&self.shards, &self.m, &self.v] {
+            state.push(self.gather_to_first(which, t, tp)?);
+        }
+        if t != 0 {
+            return Ok(());
+        }
+        let full = state
+            .iter()
+            .map(|ranks| gather_params(self.plan, ranks))
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = CheckpointMeta {
+            model: self.plan.model.clone(),
+            step: self.step,
+            seed,
+            data_position,
+            extra,
+            ..CheckpointMeta::default()
+        };
+        checkpoint::save(
+            dir,
+            self.plan,
+            &meta,
+            &[
+                ("params", &full[0]),
+                ("adam_m", &full[1]),
+                ("adam_v", &full[2]),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every tp rank's tensors of `which`, on the host of tp rank 0 (`[tp][param]`; empty on
+    /// the others): an all-gather of each flattened shard over the tensor-parallel group.
+    fn gather_to_first(
+        &self,
+        which: &[B::Tensor],
+        t: usize,
+        tp: usize,
+    ) -> Result<Vec<Vec<Tensor>>, ResumeError> {
+        let be = &self.backend;
+        let failed = |e: String| ResumeError::Mismatch(format!("gathering the shards: {e}"));
+        let mut ranks: Vec<Vec<Tensor>> = vec![Vec::with_capacity(which.len()); tp];
+        for x in which {
+            let shape = be.shape(x).to_vec();
+            let n: usize = shape.iter().product();
+            let flat = be.reshape(x.clone(), vec![n]);
+            let all = be
+                .all_gather(&self.tp_group, t, &flat, 0)
+                .map_err(|e| failed(e.to_string()))?;
+            if t == 0 {
+                let all = be.download(&all).map_err(|e| failed(e.to_string()))?;
+                for (r, rank) in ranks.iter_mut().enumerate() {
+                    rank.push(Tensor {
+                        shape: shape.clone(),
+                        data: all.data[r * n..(r + 1) * n].to_vec(),
+                    });
+                }
+            }
+        }
+        Ok(if t == 0 { ranks } else { Vec::new() })
+    }
+
+    /// Rank `rank` continuing from a checkpoint written by [`Trainer::save`] or
+    /// [`RankTrainer::save`] (at any tp), and the checkpoint's metadata.
+    #[allow(clippy::too_many_arguments)] // a rank's whole context
+    pub fn resume(
+        backend: B,
+        plan: &'p Plan,
+        dir: &std::path::Path,
+        config: TrainConfig,
+        rank: usize,
+        groups: (std::sync::Arc<B::Group>, std::sync::Arc<B::Group>),
+        run: RunOptions,
+    ) -> Result<(RankTrainer<'p, B>, CheckpointMeta), ResumeError> {
+        let (meta, [params, m, v]) = load_state(plan, dir)?;
+        let mut trainer = RankTrainer::new(backend, plan, config, &params, rank, groups, run)?;
+        let mine = |full: &HashMap<String, Tensor>| -> Result<Vec<B::Tensor>, ResumeError> {
+            let host = shard_params(plan, full)?.swap_remove(rank);
+            Ok(upload_masters(&trainer.backend, plan, &[host])?.swap_remove(0))
+        };
+        let (m, v) = (mine(&m)?, mine(&v)?);
+        trainer.m = m;
+        trainer.v = v;
         trainer.step = meta.step;
         Ok((trainer, meta))
     }
