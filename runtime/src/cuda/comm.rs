@@ -419,6 +419,10 @@ impl NcclGroup {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         const OP: &str = "all_reduce";
+        if t.numel() == 0 {
+            // Nothing to reduce (every member holds the same empty shape, so all skip alike).
+            return Ok(());
+        }
         t.make_unique(&dev.stream)
             .map_err(|e| device_failure(OP, e))?;
         let r = match &mut t.data {
@@ -451,18 +455,25 @@ impl NcclGroup {
         flat_shape.insert(0, self.size);
         let mut flat =
             kernels::zeros(dev, &flat_shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
-        let r = match (&t.data, &mut flat.data) {
-            (DeviceData::F32(x), DeviceData::F32(out)) => {
-                let out = Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
-            }
-            (DeviceData::Bf16(x), DeviceData::Bf16(out)) => {
-                let out = Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
-            }
-            _ => return Err(device_failure(OP, "dtypes differ")),
-        };
-        r.map_err(|e| device_failure(OP, format!("{e:?}")))?;
+        // NCCL sends the whole send buffer: an empty tensor's one placeholder element would be
+        // gathered `size` times into the receive buffer's single element (a write past its
+        // end), so an empty tensor skips NCCL (every member holds the same empty shape).
+        if t.numel() > 0 {
+            let r = match (&t.data, &mut flat.data) {
+                (DeviceData::F32(x), DeviceData::F32(out)) => {
+                    let out =
+                        Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
+                    self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
+                }
+                (DeviceData::Bf16(x), DeviceData::Bf16(out)) => {
+                    let out =
+                        Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
+                    self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
+                }
+                _ => return Err(device_failure(OP, "dtypes differ")),
+            };
+            r.map_err(|e| device_failure(OP, format!("{e:?}")))?;
+        }
         kernels::interleave(dev, &flat, &t.shape, dim, self.size).map_err(|e| device_failure(OP, e))
     }
 
@@ -478,6 +489,12 @@ impl NcclGroup {
         let mut shape = t.shape.clone();
         shape[dim] /= self.size;
         let mut out = kernels::zeros(dev, &shape, t.dtype()).map_err(|e| device_failure(OP, e))?;
+        // NCCL reads `size` × the receive buffer's length: an empty result's one placeholder
+        // element would make it read past the empty input's single element, so an empty tensor
+        // skips NCCL (every member holds the same empty shape).
+        if out.numel() == 0 {
+            return Ok(out);
+        }
         let r = match (&chunks.data, &mut out.data) {
             (DeviceData::F32(x), DeviceData::F32(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
@@ -506,6 +523,11 @@ impl NcclGroup {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         const OP: &str = "all_reduce (host)";
+        if buf.is_empty() {
+            // CUDA cannot allocate 0 bytes; there is nothing to reduce (every member holds as
+            // many statistics, so all skip alike).
+            return Ok(());
+        }
         let mut d = dev
             .stream
             .clone_htod(buf)

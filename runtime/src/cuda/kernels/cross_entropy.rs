@@ -5,7 +5,7 @@
 //! classes global `class_offset + j`, classes at or past `real_classes` excluded; with `shift`
 //! row `t` predicts target `t + 1` and the last position of each sequence predicts nothing.
 
-use super::launch::{cfg_2d, cfg_rows, i64_of, on, scratch, Buf, Launch, Result};
+use super::launch::{cfg_2d, cfg_rows, i64_of, on, scratch, to_host, Buf, Launch, Result};
 use super::{as_dtype, check, first_bad_index, index_buffer, spec};
 use crate::cpu::kernels::{self as cpu, invalid, KernelError, Local, OrInvalid};
 use crate::cuda::device::RankDevice;
@@ -228,7 +228,7 @@ fn host(dev: &RankDevice, op: &'static str, s: &CudaSlice<f32>, rows: usize) -> 
     if rows == 0 {
         return Ok(Vec::new());
     }
-    dev.stream.clone_dtoh(&s.slice(..rows)).map_err(on(op))
+    to_host(dev, op, &s.slice(..rows))
 }
 
 /// A host vector of `rows` statistics on the device.

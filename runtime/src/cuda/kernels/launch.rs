@@ -6,7 +6,9 @@ use super::structs::{AdamWParams, DropShape, Gather, Inputs, Strided2, SumToShap
 use crate::cpu::kernels::KernelError;
 use crate::cuda::device::RankDevice;
 use crate::cuda::tensor::{CudaTensor, DType, DeviceData};
-use cudarc::driver::{CudaSlice, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use half::bf16;
 
 pub(crate) type Result<T, E = KernelError> = std::result::Result<T, E>;
@@ -73,6 +75,21 @@ impl Buf {
             Buf::Bf16(s) => CudaTensor::bf16(shape, s),
         }
     }
+}
+
+/// `src` copied to the host, on the rank's stream (after its pending writes), the stream then
+/// synchronized: cudarc's `clone_dtoh` into a `Vec` (pageable memory) issues
+/// `cuMemcpyDtoHAsync` and returns without waiting, relying on the driver making pageable copies
+/// synchronous, which CUDA documents only as "might be"; the explicit wait makes the result
+/// final before it is read (the stream is already drained in practice, so it costs nothing).
+pub(crate) fn to_host<T: DeviceRepr>(
+    dev: &RankDevice,
+    op: &'static str,
+    src: &CudaView<'_, T>,
+) -> Result<Vec<T>> {
+    let v = dev.stream.clone_dtoh(src).map_err(on(op))?;
+    dev.stream.synchronize().map_err(on(op))?;
+    Ok(v)
 }
 
 /// An f32 scratch buffer of `n` uninitialized elements (partial sums, row statistics).

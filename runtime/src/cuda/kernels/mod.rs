@@ -291,15 +291,24 @@ fn first_bad_index(
         .val(&seq64)
         .val(&skip)
         .launch(launch::cfg_1d(dev, n))?;
-    let at = dev.stream.clone_dtoh(&first).map_err(on(op))?[0];
+    let at = launch::to_host(dev, op, &first.as_view())?
+        .first()
+        .copied()
+        .unwrap_or(u64::MAX);
     if at == u64::MAX {
         return Ok(None);
     }
-    let at = at as usize;
-    let value = dev
-        .stream
-        .clone_dtoh(&values.slice(at..at + 1))
-        .map_err(on(op))?[0];
+    // A device-made index: checked before slicing with it (a bad one would panic).
+    let at = usize::try_from(at)
+        .ok()
+        .filter(|&at| at < n && at < values.len())
+        .ok_or_else(|| {
+            launch::device(op, format!("the index check reported element {at} of {n}"))
+        })?;
+    let value = launch::to_host(dev, op, &values.slice(at..at + 1))?
+        .first()
+        .copied()
+        .unwrap_or(f32::NAN);
     Ok(Some((at, value)))
 }
 
@@ -434,11 +443,8 @@ pub fn download(dev: &RankDevice, t: &CudaTensor) -> Result<Tensor, KernelError>
         Vec::new()
     } else {
         match &t.data {
-            DeviceData::F32(s) => dev.stream.clone_dtoh(&s.slice(..n)).map_err(on(OP))?,
-            DeviceData::Bf16(s) => dev
-                .stream
-                .clone_dtoh(&s.slice(..n))
-                .map_err(on(OP))?
+            DeviceData::F32(s) => launch::to_host(dev, OP, &s.slice(..n))?,
+            DeviceData::Bf16(s) => launch::to_host(dev, OP, &s.slice(..n))?
                 .into_iter()
                 .map(f32::from)
                 .collect(),

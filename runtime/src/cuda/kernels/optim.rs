@@ -3,7 +3,7 @@
 //! non-finite check. The in-place functions first make their tensors' buffers unique
 //! ([`CudaTensor::make_unique`]), so a buffer another tensor shares is never written.
 
-use super::launch::{cfg_1d, device, i64_of, on, Launch, Result};
+use super::launch::{cfg_1d, device, i64_of, on, to_host, Launch, Result};
 use super::structs::{AdamWParams, Inputs, MAX_INPUTS};
 use super::{check, spec};
 use crate::comm::ReduceOp;
@@ -273,25 +273,26 @@ pub fn first_non_finite(dev: &RankDevice, t: &CudaTensor) -> Result<Option<f32>,
         .input(&t.data)
         .val(&n64)
         .launch(cfg_1d(dev, n))?;
-    let at = dev.stream.clone_dtoh(&first).map_err(on(OP))?[0];
+    let at = to_host(dev, OP, &first.as_view())?
+        .first()
+        .copied()
+        .unwrap_or(u64::MAX);
     if at == u64::MAX {
         return Ok(None);
     }
-    let at = at as usize;
+    // A device-made index: checked before slicing with it (a bad one would panic); `check`
+    // above made the buffer hold at least `n` elements.
+    let at = usize::try_from(at)
+        .ok()
+        .filter(|&at| at < n)
+        .ok_or_else(|| device(OP, format!("the search reported element {at} of {n}")))?;
     let value = match &t.data {
-        DeviceData::F32(s) => dev
-            .stream
-            .clone_dtoh(&s.slice(at..at + 1))
-            .map_err(on(OP))?[0],
-        DeviceData::Bf16(s) => {
-            let v: Vec<bf16> = dev
-                .stream
-                .clone_dtoh(&s.slice(at..at + 1))
-                .map_err(on(OP))?;
-            f32::from(v[0])
-        }
+        DeviceData::F32(s) => to_host(dev, OP, &s.slice(at..at + 1))?.first().copied(),
+        DeviceData::Bf16(s) => to_host(dev, OP, &s.slice(at..at + 1))?
+            .first()
+            .map(|&v: &bf16| f32::from(v)),
     };
-    Ok(Some(value))
+    Ok(Some(value.unwrap_or(f32::NAN)))
 }
 
 /// Blocks of [`sum_squares`]: fixed, so the partial sums (and their total) do not depend on the
@@ -322,6 +323,6 @@ pub fn sum_squares(dev: &RankDevice, t: &CudaTensor) -> Result<f64, KernelError>
             block_dim: (super::launch::BLOCK, 1, 1),
             shared_mem_bytes: 0,
         })?;
-    let partial = dev.stream.clone_dtoh(&partial).map_err(on(OP))?;
+    let partial = to_host(dev, OP, &partial.as_view())?;
     Ok(partial.iter().sum())
 }
