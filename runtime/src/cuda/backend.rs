@@ -15,26 +15,22 @@ use crate::comm::{CommError, ReduceOp};
 use crate::cpu::kernels::{KernelError, Local};
 use crate::Tensor;
 use ferrotron_ir::{Dim, Op};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The CUDA backend.
 #[derive(Clone)]
 pub struct Cuda {
-    ranks: Arc<Vec<RankDevice>>,
-    current: usize,
+    /// Every rank's device made so far, by rank (shared by all the views).
+    ranks: Arc<Mutex<Vec<RankDevice>>>,
+    /// The rank this view computes for.
+    device: RankDevice,
     dtype: DType,
 }
 
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Cuda({:?}, {} ranks, {:?})",
-            self.ranks[0].gpu,
-            self.ranks.len(),
-            self.dtype
-        )
+        write!(f, "Cuda({:?}, {:?})", self.device.gpu, self.dtype)
     }
 }
 
@@ -47,20 +43,20 @@ impl Cuda {
             .map(|_| gpu.rank())
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Cuda {
-            ranks: Arc::new(ranks),
-            current: 0,
+            device: ranks[0].clone(),
+            ranks: Arc::new(Mutex::new(ranks)),
             dtype,
         })
     }
 
     /// The device of the rank this value computes for.
     pub fn device(&self) -> &RankDevice {
-        &self.ranks[self.current]
+        &self.device
     }
 
     /// The GPU.
     pub fn gpu(&self) -> &Gpu {
-        &self.ranks[0].gpu
+        &self.device.gpu
     }
 
     /// The storage type of weights and activations.
@@ -114,9 +110,24 @@ impl Backend for Cuda {
     }
 
     fn on_rank(&self, rank: usize) -> Self {
+        let mut ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
+        // A rank beyond those made at the start gets its own stream and cuBLAS handle now: two
+        // rank threads must never share a handle. A device that cannot make another stream has
+        // a broken context, whose next call fails anyway; the view then keeps this one's device.
+        while ranks.len() <= rank {
+            match self.device.gpu.rank() {
+                Ok(d) => ranks.push(d),
+                Err(_) => break,
+            }
+        }
+        let device = ranks
+            .get(rank)
+            .cloned()
+            .unwrap_or_else(|| self.device.clone());
         Cuda {
-            current: rank % self.ranks.len(),
-            ..self.clone()
+            ranks: self.ranks.clone(),
+            device,
+            dtype: self.dtype,
         }
     }
 
