@@ -70,6 +70,9 @@ fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" | tee "$OUT/env.txt"
 nvidia-smi >>"$OUT/env.txt" 2>&1 || echo "nvidia-smi not available" >>"$OUT/env.txt"
 export FERROTRON_REQUIRE_NVRTC=1 FERROTRON_REQUIRE_GPU=1 FERROTRON_MODELS="$PWD/models"
+# A writable kernel cache shared by every test process (compiling all sources takes seconds).
+export FERROTRON_CACHE_DIR="${FERROTRON_CACHE_DIR:-$PWD/target/kernel-cache}"
+mkdir -p "$FERROTRON_CACHE_DIR"
 
 status=0
 if command -v cargo >/dev/null 2>&1; then
