@@ -68,10 +68,12 @@ pub(crate) fn copied(xs: &[f32]) -> Vec<f32> {
 /// Row-major strides of a contiguous tensor of `shape`.
 pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut strides = vec![0; shape.len()];
-    let mut s = 1;
+    let mut s = 1usize;
     for (st, &n) in strides.iter_mut().zip(shape).rev() {
         *st = s;
-        s *= n;
+        // Wrapping: the stride past the first axis is never used, and may be past usize
+        // for a shape whose element count is checked separately.
+        s = s.wrapping_mul(n);
     }
     strides
 }

@@ -14,7 +14,7 @@
 //! crate (`runtime/benches/matmul.rs` races it against OpenBLAS).
 
 pub mod kernels;
-mod layout;
-mod math;
+pub(crate) mod layout;
+pub(crate) mod math;
 mod matmul;
 mod par;

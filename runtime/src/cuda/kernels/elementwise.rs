@@ -183,21 +183,8 @@ pub(super) fn fill(
     Ok(out.into_tensor(shape))
 }
 
-/// The smallest `u` with `u as f64 / 2^64 >= p` (the CPU's `keep_threshold`): an element is
-/// kept iff `splitmix64(index) >= u`, exactly `dropout_keeps`' test.
-pub(super) fn keep_threshold(p: f64) -> u64 {
-    let target = p * 2f64.powi(64);
-    let (mut lo, mut hi) = (0u64, u64::MAX);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if mid as f64 >= target {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    lo
-}
+/// The dropout threshold, exactly the CPU's (the masks must be the same bits).
+pub(super) use crate::cpu::math::keep_threshold;
 
 /// Where a dropout shard's elements sit in the full tensor: the local axes (merged) with the
 /// full tensor's strides, and the counter of local element 0 (the shard's corner plus the

@@ -312,32 +312,8 @@ fn first_bad_index(
     Ok(Some((at, value)))
 }
 
-/// Row-major strides of a contiguous tensor of `shape`.
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![0; shape.len()];
-    let mut s = 1usize;
-    for (st, &n) in strides.iter_mut().zip(shape).rev() {
-        *st = s;
-        s = s.wrapping_mul(n);
-    }
-    strides
-}
-
-/// The strides at which a contiguous tensor of `shape` is read when broadcast to `out` (NumPy
-/// rules): 0 along repeated axes.
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
-    let own = contiguous_strides(shape);
-    let skip = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| {
-            if i < skip || shape[i - skip] == 1 {
-                0
-            } else {
-                own[i - skip]
-            }
-        })
-        .collect()
-}
+// The CPU backend's stride arithmetic, shared.
+pub(crate) use crate::cpu::layout::{broadcast_strides, contiguous_strides};
 
 /// Whether `small` broadcast to `out` is `small`'s elements repeated (its shape without
 /// leading ones is a suffix of `out`).
