@@ -200,7 +200,12 @@ impl Report {
 }
 
 fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    human_bytes(u128::from(bytes), 2)
+}
+
+/// Bytes in binary units with `decimals` decimals (`121.40 MiB`); whole bytes below 1 KiB.
+pub fn human_bytes(bytes: u128, decimals: usize) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut x = bytes as f64;
     let mut u = 0;
     while x >= 1024.0 && u + 1 < UNITS.len() {
@@ -210,7 +215,7 @@ fn human(bytes: u64) -> String {
     if u == 0 {
         format!("{bytes} B")
     } else {
-        format!("{x:.2} {}", UNITS[u])
+        format!("{x:.decimals$} {}", UNITS[u])
     }
 }
 

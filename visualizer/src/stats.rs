@@ -148,18 +148,7 @@ pub struct SummaryChart {
 
 /// Bytes as `121.4 MiB` (binary units).
 pub fn human_bytes(bytes: u128) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut x = bytes as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
-    }
+    ferrotron_partitioner::report::human_bytes(bytes, 1)
 }
 
 /// A count as `1.21 G` (decimal units, three significant digits).
