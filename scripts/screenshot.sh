@@ -89,7 +89,9 @@ for i in $(seq 40); do
     if [ "$colours" -gt 16 ] && [ -n "$previous" ] &&
         compare -metric AE "$previous" "$work/shot$i.png" null: 2>/dev/null; then
         mkdir -p "$(dirname "$out")"
-        convert "$work/shot$i.png" -strip "$out"
+        # Whole or not at all: written beside the target, then renamed over it.
+        convert "$work/shot$i.png" -strip "$out.tmp.png"
+        mv -f "$out.tmp.png" "$out"
         echo "$out ($(identify -format '%wx%h' "$out"), $colours colours)"
         exit 0
     fi
