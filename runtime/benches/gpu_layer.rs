@@ -21,6 +21,8 @@ use ferrotron_runtime::{shard_params, RunOptions, Tensor};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+type BenchError = Box<dyn std::error::Error>;
+
 const BATCH: u64 = 8;
 const SEQ: u64 = 1024;
 const HIDDEN: u64 = 3072;
@@ -40,8 +42,42 @@ fn model(layers: u64) -> Graph {
     load_model(&path, &opts).expect("models/megatron-8.3b.ron")
 }
 
+/// Where one traced step of `g` spends its time, by op kind: `(mnemonic, ms, share)`, largest
+/// first. Tracing waits for the device after every op, so the step runs slower than untraced;
+/// the shares are what the profile is for.
+fn profile(cuda: &Cuda, g: &Graph) -> Result<Vec<(String, f64, f64)>, BenchError> {
+    let plan = partition(g, &PartitionOptions::default())?;
+    let params = init_params(g, 1);
+    let weights = upload_params(cuda, &plan, &shard_params(&plan, &params)?)?;
+    let batch = random_batch(g, 1);
+    let opts = RunOptions {
+        trace: true,
+        ..RunOptions::default()
+    };
+    let run = run_on(cuda.clone(), &plan, &weights, &batch, &opts)?;
+    let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
+    for &(n, _, took) in &run.ranks[0].events {
+        let node = &plan.graph.nodes[n];
+        let direction = if plan.graph.order[..plan.backward_start].contains(&n) {
+            "fwd"
+        } else {
+            "bwd"
+        };
+        *by_kind
+            .entry(format!("{} ({direction})", node.op.mnemonic()))
+            .or_default() += took.as_secs_f64() * 1e3;
+    }
+    let total: f64 = by_kind.values().sum();
+    let mut rows: Vec<_> = by_kind
+        .into_iter()
+        .map(|(k, ms)| (k, ms, ms / total.max(1e-12)))
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(rows)
+}
+
 /// The median of `runs` timed forward + backward steps of `g` (after two untimed ones).
-fn step_time(cuda: &Cuda, g: &Graph, runs: usize) -> Result<Duration, Box<dyn std::error::Error>> {
+fn step_time(cuda: &Cuda, g: &Graph, runs: usize) -> Result<Duration, BenchError> {
     let plan = partition(g, &PartitionOptions::default())?;
     let params = init_params(g, 1);
     let shards = shard_params(&plan, &params)?;
@@ -68,7 +104,7 @@ fn step_time(cuda: &Cuda, g: &Graph, runs: usize) -> Result<Duration, Box<dyn st
 }
 
 /// TFLOP/s of an n×n×n bf16 GEMM through the backend's MatMul (cuBLAS, f32 accumulation).
-fn gemm_tflops(cuda: &Cuda, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+fn gemm_tflops(cuda: &Cuda, n: usize) -> Result<f64, BenchError> {
     let mut rng = fastrand::Rng::with_seed(3);
     let host = Tensor {
         shape: vec![n, n],
@@ -117,6 +153,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (b, s, h) = (BATCH as f64, SEQ as f64, HIDDEN as f64);
     let flops = 72.0 * b * s * h * h * (1.0 + s / (6.0 * h));
     let layer_tflops = flops / layer.as_secs_f64().max(1e-9) / 1e12;
+    let profile = profile(&cuda, &model(2))?;
     let report = serde_json::json!({
         "device": cuda.gpu().name,
         "arch": cuda.gpu().arch,
@@ -129,6 +166,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "layer_tflop": flops / 1e12,
         "layer_tflops": layer_tflops,
         "ratio_to_gemm": layer_tflops / gemm,
+        "profile_2_layers_traced": profile
+            .iter()
+            .take(16)
+            .map(|(k, ms, share)| serde_json::json!({"op": k, "ms": ms, "share": share}))
+            .collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Ok(out) = std::env::var("OUT") {

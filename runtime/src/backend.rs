@@ -37,6 +37,11 @@ pub trait Backend: Clone + Send + Sync {
     fn upload(&self, t: &Tensor, dtype: DType) -> Result<Self::Tensor, KernelError>;
     /// Copies a device tensor to the host.
     fn download(&self, t: &Self::Tensor) -> Result<Tensor, KernelError>;
+    /// Waits until the device has finished the work queued so far (for timing; the CPU computes
+    /// synchronously).
+    fn synchronize(&self) -> Result<(), KernelError> {
+        Ok(())
+    }
     /// A tensor's shape.
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
     /// The bytes a tensor occupies.

@@ -593,8 +593,14 @@ impl<B: Backend> Rank<'_, B> {
         } else {
             g.order.len()
         };
+        // A device runs behind the host: times are taken once its queued work is done.
+        let fence = |at: &str| {
+            be.synchronize()
+                .map_err(|e| ExecError::Plan(format!("waiting for the device {at}: {e}")))
+        };
         for (i, &n) in g.order[..end].iter().enumerate() {
             if i == self.plan.backward_start {
+                fence("after the forward pass")?;
                 forward = start.elapsed();
             }
             let node = &g.nodes[n];
@@ -608,6 +614,7 @@ impl<B: Backend> Rank<'_, B> {
                 None => self.node(n, &values)?,
             };
             if self.opts.trace {
+                fence("for the trace")?;
                 events.push((n, began, start.elapsed() - began));
             }
             if self.opts.check_finite {
@@ -653,6 +660,7 @@ impl<B: Backend> Rank<'_, B> {
                 }
             }
         }
+        fence("at the end of the step")?;
         let total = start.elapsed();
         if end <= self.plan.backward_start {
             forward = total;

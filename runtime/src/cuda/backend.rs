@@ -93,11 +93,6 @@ impl Cuda {
         let comm = cudarc::nccl::Comm::from_rank(comm_stream, member, size, id)?;
         Ok(Arc::new(CudaGroup::Nccl(NcclGroup::new(comm))))
     }
-
-    /// Synchronizes the rank's stream (for timing).
-    pub fn synchronize(&self) -> Result<(), CudaError> {
-        Ok(self.device().stream.synchronize()?)
-    }
 }
 
 #[allow(clippy::too_many_arguments)] // the cross-entropy statistics take what the op takes
@@ -129,6 +124,16 @@ impl Backend for Cuda {
             device,
             dtype: self.dtype,
         }
+    }
+
+    fn synchronize(&self) -> Result<(), KernelError> {
+        self.device()
+            .stream
+            .synchronize()
+            .map_err(|e| KernelError::Device {
+                op: "synchronize",
+                msg: e.to_string(),
+            })
     }
 
     fn upload(&self, t: &Tensor, dtype: ferrotron_ir::DType) -> Result<CudaTensor, KernelError> {
