@@ -178,15 +178,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
         // Each rank's gradient shards, in parameter order.
         let mut grads: Vec<Vec<Option<B::Tensor>>> = Vec::with_capacity(tp * dp);
         for rank in result.ranks {
-            let mut values = rank.values;
-            let mut mine = Vec::with_capacity(plan.grads.len());
-            for (p, g) in &plan.grads {
-                let t = values.remove(g).ok_or_else(|| {
-                    ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[*p].name))
-                })?;
-                mine.push((p.index(), t));
-            }
-            grads.push(sorted(mine, plan.graph.params.len()));
+            grads.push(take_grads(plan, rank.values)?);
         }
         // The global norm: a split parameter's shards over the tp ranks, a replicated one once.
         let mut sumsq = 0.0f64;
@@ -398,7 +390,7 @@ impl<'p, B: Backend> RankTrainer<'p, B> {
             &opts,
         )?;
         drop(weights);
-        let mut values = result.values;
+        let values = result.values;
         // Each data-parallel rank holds its addend of the loss.
         let loss_value = values
             .get(&plan.loss)
@@ -406,14 +398,7 @@ impl<'p, B: Backend> RankTrainer<'p, B> {
         let mut loss = [be.read_scalar(loss_value).map_err(device)?];
         be.all_reduce_host(&self.dp_group, d, &mut loss, crate::comm::ReduceOp::Sum)
             .map_err(comm)?;
-        let mut mine = Vec::with_capacity(plan.grads.len());
-        for (p, g) in &plan.grads {
-            let x = values.remove(g).ok_or_else(|| {
-                ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[*p].name))
-            })?;
-            mine.push((p.index(), x));
-        }
-        let grads = sorted(mine, plan.graph.params.len());
+        let grads = take_grads(plan, values)?;
         // The global norm: split parameters' shards summed over the tp group, replicated ones
         // counted once (on tp rank 0). Gradients are already reduced over dp.
         let mut sumsq = 0.0f64;
@@ -672,13 +657,20 @@ impl<'p, B: Backend> RankTrainer<'p, B> {
     }
 }
 
-/// Gradients placed at their parameter's index (`None` for a parameter the loss ignores).
-fn sorted<T>(mut grads: Vec<(usize, T)>, n: usize) -> Vec<Option<T>> {
-    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
-    for (i, t) in grads.drain(..) {
-        out[i] = Some(t);
+/// A rank's gradient shards out of its kept values, at their parameter's index (`None` for a
+/// parameter the loss ignores).
+fn take_grads<T>(
+    plan: &Plan,
+    mut values: HashMap<ferrotron_ir::ValueId, T>,
+) -> Result<Vec<Option<T>>, ExecError> {
+    let mut out: Vec<Option<T>> = (0..plan.graph.params.len()).map(|_| None).collect();
+    for (p, g) in &plan.grads {
+        let x = values.remove(g).ok_or_else(|| {
+            ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[*p].name))
+        })?;
+        out[p.index()] = Some(x);
     }
-    out
+    Ok(out)
 }
 
 /// Consecutive windows of a token stream as `[batch, seq]` batches, from a position that a
