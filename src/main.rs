@@ -635,6 +635,7 @@ fn print_verification(v: &Verification) {
 }
 
 fn main() -> ExitCode {
+    ferrotron_runtime::cpu::tune_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

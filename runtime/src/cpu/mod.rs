@@ -18,3 +18,22 @@ pub(crate) mod layout;
 pub(crate) mod math;
 mod matmul;
 mod par;
+
+/// Tunes glibc's allocator for this process's pattern: the executor frees every activation at
+/// its last use and allocates the same sizes again in the next step. By default glibc serves
+/// large blocks with fresh `mmap`s and returns freed heap memory to the system, so every step
+/// page-faults its activations in again (a third of a training step's CPU time in system
+/// calls). Up to 32 MiB now comes from the heap, and freed memory is kept for reuse.
+/// `ferrotron train` on GPT-2 small (2 layers, tp 2, batch 4 × 256; BENCHMARKS.md): page
+/// faults 482k → 155k, system time 1.17 → 0.42 s, the step 30–37% faster. Call once at start-up, before the work; a library
+/// should leave the choice to its program, so only the CLI calls it.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc malloc parameters; any value is valid to pass, and a
+    // refused one leaves the default.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
