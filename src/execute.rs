@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// Threads each rank's matmuls may use (CPU backend).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Run every op on its own, without fusing bias + activation and scale + softmax into one
+    /// kernel each (for comparison; the results are the same to the bit on the CPU).
+    #[arg(long)]
+    no_fuse: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -149,6 +153,7 @@ impl RunArgs {
         let opts = RunOptions {
             threads_per_rank: self.threads,
             check_finite: self.check_finite,
+            fuse: !self.no_fuse,
             trace: self.trace.is_some(),
             ..RunOptions::default()
         };

@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// Threads each rank's matmuls may use.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Run every op on its own, without fusing bias + activation and scale + softmax into one
+    /// kernel each (for comparison; the results are the same to the bit on the CPU).
+    #[arg(long)]
+    no_fuse: bool,
     /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -137,6 +141,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     let run = RunOptions {
         threads_per_rank: args.threads,
+        fuse: !args.no_fuse,
         ..RunOptions::default()
     };
     let prepared = Prepared {

@@ -132,3 +132,42 @@ fn hugging_face_weights_and_token_files() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Fusion changes the kernels, not the results: the fused run (the default) and `--no-fuse`
+/// give the same loss, and the trace names the fused steps.
+#[test]
+fn no_fuse_gives_the_same_loss_and_the_trace_shows_the_fused_steps() {
+    let trace = std::env::temp_dir().join(format!(
+        "ferrotron-run-cli-trace-{}.json",
+        std::process::id()
+    ));
+    let trace_arg = trace.to_str().unwrap();
+    let common = ["run", "models/tiny-gpt.ron", "--tp", "2", "--json"];
+    let fused = ferrotron(&[&common[..], &["--trace", trace_arg]].concat());
+    let unfused = ferrotron(&[&common[..], &["--no-fuse"]].concat());
+    for out in [&fused, &unfused] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let loss = |out: &std::process::Output| {
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        j["loss"].as_f64().unwrap()
+    };
+    assert_eq!(loss(&fused), loss(&unfused));
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let _ = std::fs::remove_file(&trace);
+    for op in [
+        "BiasAct",
+        "BiasActGrad",
+        "ScaledSoftmax",
+        "ScaledSoftmaxGrad",
+    ] {
+        assert!(
+            text.contains(&format!("\"op\":\"{op}\"")),
+            "{op} missing from the trace"
+        );
+    }
+}

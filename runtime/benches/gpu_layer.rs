@@ -56,16 +56,15 @@ fn profile(cuda: &Cuda, g: &Graph) -> Result<Vec<(String, f64, f64)>, BenchError
     };
     let run = run_on(cuda.clone(), &plan, &weights, &batch, &opts)?;
     let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
-    for &(n, _, took) in &run.ranks[0].events {
-        let node = &plan.graph.nodes[n];
-        let direction = if plan.graph.order[..plan.backward_start].contains(&n) {
+    for e in &run.ranks[0].events {
+        let direction = if plan.graph.order[..plan.backward_start].contains(&e.node) {
             "fwd"
         } else {
             "bwd"
         };
         *by_kind
-            .entry(format!("{} ({direction})", node.op.mnemonic()))
-            .or_default() += took.as_secs_f64() * 1e3;
+            .entry(format!("{} ({direction})", e.op))
+            .or_default() += e.took.as_secs_f64() * 1e3;
     }
     let total: f64 = by_kind.values().sum();
     let mut rows: Vec<_> = by_kind

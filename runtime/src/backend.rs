@@ -8,6 +8,7 @@
 use crate::comm::{CommError, Group, ReduceOp};
 use crate::cpu::kernels::{self, KernelError, Local};
 use crate::exec::{deinterleave, interleave, slice};
+use crate::fuse::Fused;
 use crate::launch::TcpGroup;
 use crate::Tensor;
 use ferrotron_ir::{DType, Dim, Op};
@@ -60,6 +61,12 @@ pub trait Backend: Clone + Send + Sync {
         op: &Op<&Self::Tensor, Dim>,
         local: &Local,
     ) -> Result<Vec<Self::Tensor>, KernelError>;
+    /// A fused op's computation (see [`crate::fuse`]): what the two ops it replaces compute.
+    fn eval_fused(
+        &self,
+        op: &Fused<&Self::Tensor>,
+        local: &Local,
+    ) -> Result<Self::Tensor, KernelError>;
     /// The same elements under a new shape (the element count unchanged).
     fn reshape(&self, t: Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
     /// Part `index` of `parts` equal contiguous parts along `dim`.
@@ -315,6 +322,10 @@ impl Backend for Cpu {
 
     fn eval(&self, op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelError> {
         kernels::eval(op, local)
+    }
+
+    fn eval_fused(&self, op: &Fused<&Tensor>, local: &Local) -> Result<Tensor, KernelError> {
+        kernels::eval_fused(op, local)
     }
 
     fn reshape(&self, mut t: Tensor, shape: Vec<usize>) -> Tensor {

@@ -16,6 +16,7 @@
 use crate::backend::{Backend, Cpu};
 use crate::comm::{CommError, ReduceOp};
 use crate::cpu::kernels::{self, KernelError, Local};
+use crate::fuse::{Fused, Program, StepOp};
 use crate::Tensor;
 use ferrotron_ir::graph::{EntityRef, SecondaryMap};
 use ferrotron_ir::{Dim, MeshAxis, NodeId, Op, ValueDef, ValueId};
@@ -107,6 +108,9 @@ pub struct RunOptions {
     pub check_finite: bool,
     /// Record every node's start and duration on every rank (see [`Run::trace_json`]).
     pub trace: bool,
+    /// Run fusable op pairs (bias + activation, scale + softmax) as one kernel each
+    /// ([`crate::fuse`]). Off with `keep_all`, which must see every intermediate value.
+    pub fuse: bool,
 }
 
 impl Default for RunOptions {
@@ -119,6 +123,7 @@ impl Default for RunOptions {
             forward_only: false,
             check_finite: false,
             trace: false,
+            fuse: true,
         }
     }
 }
@@ -134,8 +139,21 @@ pub struct RankResult<T = Tensor> {
     pub forward: Duration,
     /// See `forward`.
     pub backward: Duration,
-    /// With `trace`: each node run, as (node, start, duration) from the rank's start.
-    pub events: Vec<(NodeId, Duration, Duration)>,
+    /// With `trace`: each step run, in order.
+    pub events: Vec<TraceEvent>,
+}
+
+/// One step of a traced run.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceEvent {
+    /// The node it ran as (a fused step: the node whose outputs it produced).
+    pub node: NodeId,
+    /// What ran: the node's op, or the fused op (`BiasAct`, `ScaledSoftmax`, ...).
+    pub op: &'static str,
+    /// When it started, from the rank's start.
+    pub start: Duration,
+    /// How long it took.
+    pub took: Duration,
 }
 
 /// A finished run: every rank's results, indexed `t + tp · d`.
@@ -232,7 +250,8 @@ pub fn run_on<'p, B: Backend>(
     }
     let shards = shard_inputs(plan, inputs, &blocks)?;
     let keep = kept_values(plan, opts.keep_all);
-    let last_use = last_uses(plan);
+    let program = program(plan, &keep, opts);
+    let last_use = last_uses(plan, &program);
     let tp_groups: Vec<Arc<B::Group>> = (0..dp).map(|_| backend.group(tp, opts.timeout)).collect();
     let dp_groups: Vec<Arc<B::Group>> = (0..tp).map(|_| backend.group(dp, opts.timeout)).collect();
 
@@ -252,6 +271,7 @@ pub fn run_on<'p, B: Backend>(
                 d,
                 tp_group: tp_groups[d].clone(),
                 dp_group: dp_groups[t].clone(),
+                program: &program,
                 blocks: &blocks,
                 keep: &keep,
                 last_use: &last_use,
@@ -344,7 +364,8 @@ pub fn run_rank<B: Backend>(
     }
     let feed = shard_inputs(plan, inputs, &blocks)?.swap_remove(index);
     let keep = kept_values(plan, opts.keep_all);
-    let last_use = last_uses(plan);
+    let program = program(plan, &keep, opts);
+    let last_use = last_uses(plan, &program);
     let rank = Rank {
         backend,
         plan,
@@ -352,6 +373,7 @@ pub fn run_rank<B: Backend>(
         d,
         tp_group: tp_group.clone(),
         dp_group: dp_group.clone(),
+        program: &program,
         blocks: &blocks,
         keep: &keep,
         last_use: &last_use,
@@ -517,12 +539,20 @@ fn kept_values(plan: &Plan, all: bool) -> SecondaryMap<ValueId, bool> {
     keep
 }
 
-/// For each value, the position in program order of its last reader.
-fn last_uses(plan: &Plan) -> SecondaryMap<ValueId, usize> {
-    let g = &plan.graph;
-    let mut last = SecondaryMap::with_capacity(g.values.len());
-    for (i, &n) in g.order.iter().enumerate() {
-        for &v in g.nodes[n].op.inputs() {
+/// The steps the ranks run: the plan's nodes, fused unless `opts` says not to.
+fn program(plan: &Plan, keep: &SecondaryMap<ValueId, bool>, opts: &RunOptions) -> Program {
+    if opts.fuse && !opts.keep_all {
+        Program::fused(plan, &|v| keep[v])
+    } else {
+        Program::unfused(plan)
+    }
+}
+
+/// For each value, the position in the program of its last reader.
+fn last_uses(plan: &Plan, program: &Program) -> SecondaryMap<ValueId, usize> {
+    let mut last = SecondaryMap::with_capacity(plan.graph.values.len());
+    for (i, step) in program.steps.iter().enumerate() {
+        for v in step.inputs(plan) {
             last[v] = i;
         }
     }
@@ -537,6 +567,7 @@ struct Rank<'a, B: Backend> {
     d: usize,
     tp_group: Arc<B::Group>,
     dp_group: Arc<B::Group>,
+    program: &'a Program,
     blocks: &'a SecondaryMap<ValueId, u32>,
     keep: &'a SecondaryMap<ValueId, bool>,
     last_use: &'a SecondaryMap<ValueId, usize>,
@@ -588,34 +619,47 @@ impl<B: Backend> Rank<'_, B> {
         let start = Instant::now();
         let mut forward = Duration::ZERO;
         let mut events = Vec::new();
+        let steps = &self.program.steps;
         let end = if self.opts.forward_only {
-            self.plan.backward_start
+            self.program.backward_start
         } else {
-            g.order.len()
+            steps.len()
         };
         // A device runs behind the host: times are taken once its queued work is done.
         let fence = |at: &str| {
             be.synchronize()
                 .map_err(|e| ExecError::Plan(format!("waiting for the device {at}: {e}")))
         };
-        for (i, &n) in g.order[..end].iter().enumerate() {
-            if i == self.plan.backward_start {
+        for (i, step) in steps[..end].iter().enumerate() {
+            if i == self.program.backward_start {
                 fence("after the forward pass")?;
                 forward = start.elapsed();
             }
+            let n = step.node;
             let node = &g.nodes[n];
             let began = start.elapsed();
-            let outs = match self.in_place(n, i, &mut values) {
-                Some(x) => {
-                    let x = x?;
-                    live -= be.bytes(&x); // the input's buffer, counted again as the output below
-                    vec![x]
-                }
-                None => self.node(n, &values)?,
+            let outs = match &step.op {
+                StepOp::Fused { op, .. } => vec![self.fused(n, op, &values)?],
+                StepOp::Node => match self.in_place(n, i, &mut values) {
+                    Some(x) => {
+                        let x = x?;
+                        live -= be.bytes(&x); // the input's buffer, counted again as the output
+                        vec![x]
+                    }
+                    None => self.node(n, &values)?,
+                },
             };
             if self.opts.trace {
                 fence("for the trace")?;
-                events.push((n, began, start.elapsed() - began));
+                events.push(TraceEvent {
+                    node: n,
+                    op: match &step.op {
+                        StepOp::Node => node.op.mnemonic(),
+                        StepOp::Fused { op, .. } => op.mnemonic(),
+                    },
+                    start: began,
+                    took: start.elapsed() - began,
+                });
             }
             if self.opts.check_finite {
                 if let Some(bad) = outs.iter().find_map(|x| be.first_non_finite(x)) {
@@ -644,17 +688,18 @@ impl<B: Backend> Rank<'_, B> {
                 values[v.index()] = Some(Cow::Owned(x));
             }
             peak = peak.max(live);
-            // Free what no later node reads (unless it is kept).
-            for &v in node.op.inputs() {
+            // Free what no later step reads (unless it is kept). A weight stays resident (the
+            // caller holds it): dropping the borrow frees nothing.
+            for v in step.inputs(self.plan) {
                 if self.last_use[v] == i && !self.keep[v] {
-                    if let Some(x) = values[v.index()].take() {
+                    if let Some(Cow::Owned(x)) = values[v.index()].take() {
                         live -= be.bytes(&x);
                     }
                 }
             }
             for &v in &node.outputs {
                 if self.last_use[v] <= i && !self.keep[v] && !self.is_read_later(v, i) {
-                    if let Some(x) = values[v.index()].take() {
+                    if let Some(Cow::Owned(x)) = values[v.index()].take() {
                         live -= be.bytes(&x);
                     }
                 }
@@ -662,7 +707,7 @@ impl<B: Backend> Rank<'_, B> {
         }
         fence("at the end of the step")?;
         let total = start.elapsed();
-        if end <= self.plan.backward_start {
+        if end <= self.program.backward_start {
             forward = total;
         }
         let kept = values
@@ -904,6 +949,34 @@ impl<B: Backend> Rank<'_, B> {
         }
     }
 
+    /// Runs a fused step (its node's outputs, computed by the fused op).
+    fn fused(
+        &self,
+        n: NodeId,
+        op: &Fused<ValueId>,
+        values: &[Option<Cow<B::Tensor>>],
+    ) -> Result<B::Tensor, ExecError> {
+        let g = &self.plan.graph;
+        let mut missing = None;
+        let mapped = op.map(|v| {
+            values[v.index()].as_deref().or_else(|| {
+                missing.get_or_insert(*v);
+                None
+            })
+        });
+        if let Some(v) = missing {
+            return Err(self.plan_error(n, format!("`{}` is not available", g.values[v].name)));
+        }
+        let mapped = mapped.map(|t| t.expect("checked above"));
+        let local = Local {
+            threads: self.opts.threads_per_rank.max(1),
+            ..Local::default()
+        };
+        self.backend
+            .eval_fused(&mapped, &local)
+            .map_err(|e| self.kernel_error(n, e))
+    }
+
     /// Whether a cross-entropy's logits are split over the classes (vocabulary-parallel).
     fn vocab_parallel(&self, logits: ValueId) -> bool {
         let rank = self.plan.graph.ty(logits).shape.rank();
@@ -1041,7 +1114,8 @@ impl<B: Backend> Run<'_, B> {
             }
             first = false;
             out.push_str(&meta);
-            for &(n, start, dur) in &r.events {
+            for e in &r.events {
+                let n = e.node;
                 let node = &self.plan.graph.nodes[n];
                 let cat = if node.op.is_collective() {
                     "collective"
@@ -1054,9 +1128,9 @@ impl<B: Backend> Run<'_, B> {
                 out.push_str(&format!(
                     ",{{\"name\":\"{name}\",\"cat\":\"{cat}\",\"ph\":\"X\",\"pid\":0,\
                      \"tid\":{i},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"op\":\"{}\"}}}}",
-                    start.as_secs_f64() * 1e6,
-                    dur.as_secs_f64() * 1e6,
-                    node.op.mnemonic()
+                    e.start.as_secs_f64() * 1e6,
+                    e.took.as_secs_f64() * 1e6,
+                    e.op
                 ));
             }
         }

@@ -1,11 +1,14 @@
-//! The runtimes: execute a partitioned [`ferrotron_partitioner::Plan`] on CPU threads (CUDA to
-//! come, issue 5), forward and backward, checked against the unpartitioned model.
+//! The runtimes: execute a partitioned [`ferrotron_partitioner::Plan`] on CPU threads or GPUs,
+//! forward and backward, checked against the unpartitioned model.
 //!
 //! ```text
-//! Plan ─► exec: one thread per rank runs the SPMD graph in order
-//!            ├─ cpu::kernels: every op's local computation (f32; matmuls through `gemm`)
-//!            └─ comm: in-process collectives over the tp and dp groups
-//!       ─► loss, outputs, gradients (gathered to full shape by `verify`)
+//! Plan ─► fuse: the program the ranks run (the plan's nodes; bias + activation and
+//!         scale + softmax pairs fused into one step each)
+//!      ─► exec: one thread per rank (or, under `launch`, one process) runs the program
+//!            ├─ backend: cpu::kernels (f32; matmuls through `gemm`) or cuda (NVRTC kernels,
+//!            │  cuBLAS), both behind the `Backend` trait
+//!            └─ comm: collectives over the tp and dp groups (threads, TCP, NCCL)
+//!      ─► loss, outputs, gradients (gathered to full shape by `verify`); `train` steps AdamW
 //! ```
 #![warn(missing_docs)]
 
@@ -15,6 +18,7 @@ pub mod comm;
 pub mod cpu;
 pub mod cuda;
 pub mod exec;
+pub mod fuse;
 pub mod generate;
 pub mod hf;
 pub mod init;
@@ -25,5 +29,7 @@ pub mod tokenizer;
 pub mod train;
 pub mod verify;
 
-pub use exec::{gather_params, run, run_sharded, shard_params, ExecError, Run, RunOptions};
+pub use exec::{
+    gather_params, run, run_sharded, shard_params, ExecError, Run, RunOptions, TraceEvent,
+};
 pub use tensor::Tensor;

@@ -8,6 +8,7 @@ use ferrotron_runtime::backend::{AdamW, Backend, Cpu, CpuGroup};
 use ferrotron_runtime::comm::{CommError, ReduceOp};
 use ferrotron_runtime::cpu::kernels::{KernelError, Local};
 use ferrotron_runtime::exec::run_on;
+use ferrotron_runtime::fuse::{Fused, Program};
 use ferrotron_runtime::init::{init_params, random_batch};
 use ferrotron_runtime::{run_sharded, shard_params, RunOptions, Tensor};
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::time::Duration;
 #[derive(Clone, Default)]
 struct Counting {
     evals: Arc<AtomicUsize>,
+    fused: Arc<AtomicUsize>,
     reshapes: Arc<AtomicUsize>,
     collectives: Arc<AtomicUsize>,
 }
@@ -57,6 +59,10 @@ impl Backend for Counting {
     ) -> Result<Vec<Tensor>, KernelError> {
         self.evals.fetch_add(1, Ordering::Relaxed);
         Cpu.eval(op, local)
+    }
+    fn eval_fused(&self, op: &Fused<&Tensor>, local: &Local) -> Result<Tensor, KernelError> {
+        self.fused.fetch_add(1, Ordering::Relaxed);
+        Cpu.eval_fused(op, local)
     }
     fn reshape(&self, t: Tensor, shape: Vec<usize>) -> Tensor {
         self.reshapes.fetch_add(1, Ordering::Relaxed);
@@ -204,7 +210,9 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     }
     // Two ranks: every node that is not communication or a vocabulary-parallel loss is one
     // `eval` per rank (or a `reshape` of its input's buffer, for a reshape at the input's last
-    // use); every all-gather, reduce-scatter, g and all-reduce one collective per rank.
+    // use), or part of an `eval_fused` (a fused step runs its own node and, the first to absorb
+    // it, a node the program drops); every all-gather, reduce-scatter, g and all-reduce one
+    // collective per rank.
     let g = &plan.graph;
     let comm = |op: &Op| {
         matches!(
@@ -230,8 +238,17 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     let collectives = g.order.iter().filter(|&&n| comm(&g.nodes[n].op)).count();
     let evals = counting.evals.load(Ordering::Relaxed);
     let reshapes = counting.reshapes.load(Ordering::Relaxed);
+    let fused = counting.fused.load(Ordering::Relaxed);
     assert!(reshapes > 0, "reshapes reuse buffers");
-    assert_eq!(evals + reshapes, 2 * local);
+    // Per layer and rank: bias + GeLU forward and backward, scale + softmax forward and backward.
+    assert_eq!(fused, 2 * 4 * 2, "fused steps");
+    let dropped = g.order.len() - Program::fused(&plan, &|_| false).steps.len();
+    assert_eq!(
+        dropped,
+        2 * 3,
+        "per layer: the bias add, the scale, the softmax gradient"
+    );
+    assert_eq!(evals + reshapes + fused + 2 * dropped, 2 * local);
     assert_eq!(
         counting.collectives.load(Ordering::Relaxed),
         2 * collectives

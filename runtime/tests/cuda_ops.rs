@@ -1,5 +1,6 @@
 //! The CUDA kernels against the CPU backend, op by op: every op `cpu::kernels::eval` handles,
-//! through `cuda::kernels::eval`, on random inputs (fixed seeds, odd and round sizes), in `f32`
+//! through `cuda::kernels::eval`, and every fused op through `cuda::kernels::eval_fused` (also
+//! against the GPU's unfused pair: to the bit in `f32`), on random inputs (fixed seeds, odd and round sizes), in `f32`
 //! storage (to `f32` rounding: relative 1e-5 with a floor of 1e-5 of the output's largest
 //! element, 1e-4 for matmuls) and in bf16 storage (the CPU computing on the same bf16-rounded
 //! inputs; relative 1e-2); the same errors for the same bad inputs; and the functions around
@@ -18,6 +19,7 @@ use ferrotron_runtime::comm::ReduceOp;
 use ferrotron_runtime::cpu::kernels::{self as cpu, KernelError, Local};
 use ferrotron_runtime::cuda::kernels as gpu;
 use ferrotron_runtime::cuda::{CudaError, CudaTensor, DType, Gpu, RankDevice};
+use ferrotron_runtime::fuse::Fused;
 use ferrotron_runtime::Tensor;
 use half::bf16;
 use std::sync::OnceLock;
@@ -228,6 +230,38 @@ fn check(
     tol: Tol,
     exact: bool,
 ) {
+    check_with(
+        dev,
+        name,
+        inputs,
+        tol,
+        exact,
+        |host| {
+            let op = op
+                .try_map(|&i| Ok::<_, ()>(&host[i]), |x| Ok(x.clone()))
+                .unwrap();
+            cpu::eval(&op, local)
+        },
+        |on_dev| {
+            let op = op
+                .try_map(|&i| Ok::<_, ()>(&on_dev[i]), |x| Ok(x.clone()))
+                .unwrap();
+            gpu::eval(dev, &op, local)
+        },
+    );
+}
+
+/// [`check`]'s comparison for any computation: `cpu` on the host inputs (bf16-rounded in the
+/// bf16 run), `gpu` on the uploaded ones.
+fn check_with(
+    dev: &RankDevice,
+    name: &str,
+    inputs: &[Input],
+    tol: Tol,
+    exact: bool,
+    cpu: impl Fn(&[Tensor]) -> Result<Vec<Tensor>, KernelError>,
+    gpu: impl Fn(&[CudaTensor]) -> Result<Vec<CudaTensor>, KernelError>,
+) {
     for dtype in [DType::F32, DType::Bf16] {
         let host: Vec<Tensor> = inputs
             .iter()
@@ -236,25 +270,9 @@ fn check(
                 _ => i.t.clone(),
             })
             .collect();
-        let on_dev: Vec<CudaTensor> = inputs
-            .iter()
-            .map(|i| {
-                let storage = if i.kind == Kind::Index {
-                    DType::F32
-                } else {
-                    dtype
-                };
-                gpu::upload(dev, &i.t, storage).expect("upload")
-            })
-            .collect();
-        let cpu_op = op
-            .try_map(|&i| Ok::<_, ()>(&host[i]), |x| Ok(x.clone()))
-            .unwrap();
-        let gpu_op = op
-            .try_map(|&i| Ok::<_, ()>(&on_dev[i]), |x| Ok(x.clone()))
-            .unwrap();
+        let on_dev = upload_all(dev, inputs, dtype);
         let what = format!("{name} ({dtype:?})");
-        match (cpu::eval(&cpu_op, local), gpu::eval(dev, &gpu_op, local)) {
+        match (cpu(&host), gpu(&on_dev)) {
             (Ok(want), Ok(got)) => {
                 assert_eq!(want.len(), got.len(), "{what}: outputs");
                 for (k, (w, g)) in want.iter().zip(&got).enumerate() {
@@ -286,6 +304,21 @@ fn check(
             (Err(e), Ok(_)) => panic!("{what}: the CPU refuses it ({e}), the GPU computes it"),
         }
     }
+}
+
+/// The inputs on the device: floats stored as `dtype`, ids and targets as `f32`.
+fn upload_all(dev: &RankDevice, inputs: &[Input], dtype: DType) -> Vec<CudaTensor> {
+    inputs
+        .iter()
+        .map(|i| {
+            let storage = if i.kind == Kind::Index {
+                DType::F32
+            } else {
+                dtype
+            };
+            gpu::upload(dev, &i.t, storage).expect("upload")
+        })
+        .collect()
 }
 
 fn local() -> Local {
@@ -788,6 +821,325 @@ fn softmax_and_its_gradient() {
         F32,
         false,
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused ops
+
+/// The two ops a fused op replaces, inputs by index: the first on `op`'s inputs, the second
+/// reading the first's output as input `n` (one past the fused op's inputs).
+fn unfused_pair(op: &Fused<usize>, n: usize) -> (Op<usize, Dim>, Op<usize, Dim>) {
+    let act_op = |act: Activation, x: usize| match act {
+        Activation::Gelu => Op::Gelu(x),
+        Activation::GeluTanh => Op::GeluTanh(x),
+        Activation::Silu => Op::Silu(x),
+        Activation::Relu => Op::Relu(x),
+    };
+    match *op {
+        Fused::BiasAct { act, x, bias } => (Op::Add(x, bias), act_op(act, n)),
+        Fused::BiasActGrad { act, x, bias, dy } => {
+            (Op::Add(x, bias), Op::ActGrad { act, x: n, dy })
+        }
+        Fused::ScaledSoftmax { x, factor, causal } => (
+            Op::Scale {
+                x,
+                factor: Factor::Const(factor),
+            },
+            Op::Softmax { x: n, causal },
+        ),
+        Fused::ScaledSoftmaxGrad { y, dy, factor } => (
+            Op::SoftmaxGrad { y, dy },
+            Op::Scale {
+                x: n,
+                factor: Factor::Const(factor),
+            },
+        ),
+    }
+}
+
+/// [`check`] for a fused op: `gpu::eval_fused` against `Cpu.eval_fused` (values, or the same
+/// error); then, in `f32` storage, against the GPU running the unfused pair, which it must
+/// equal to the bit (its intermediate is the `f32` value the pair's first kernel stores).
+fn check_fused(
+    dev: &RankDevice,
+    name: &str,
+    op: &Fused<usize>,
+    inputs: &[Input],
+    tol: Tol,
+    exact: bool,
+) {
+    let l = local();
+    check_with(
+        dev,
+        name,
+        inputs,
+        tol,
+        exact,
+        |host| Cpu.eval_fused(&op.map(|&i| &host[i]), &l).map(|t| vec![t]),
+        |on_dev| gpu::eval_fused(dev, &op.map(|&i| &on_dev[i]), &l).map(|t| vec![t]),
+    );
+    let on_dev = upload_all(dev, inputs, DType::F32);
+    let Ok(fused) = gpu::eval_fused(dev, &op.map(|&i| &on_dev[i]), &l) else {
+        return; // refused, as the CPU (checked above)
+    };
+    let (first, second) = unfused_pair(op, on_dev.len());
+    let first = first.try_map(|&i| Ok::<_, ()>(&on_dev[i]), |x| Ok(x.clone()));
+    let mid = gpu::eval(dev, &first.unwrap(), &l).expect("the pair's first op");
+    let mut with_mid: Vec<&CudaTensor> = on_dev.iter().collect();
+    with_mid.push(&mid[0]);
+    let second = second.try_map(|&i| Ok::<_, ()>(with_mid[i]), |x| Ok(x.clone()));
+    let pair = gpu::eval(dev, &second.unwrap(), &l).expect("the pair's second op");
+    let (got, want) = (
+        gpu::download(dev, &fused).expect("download"),
+        gpu::download(dev, &pair[0]).expect("download"),
+    );
+    assert_eq!(got.shape, want.shape, "{name}: fused vs unfused shape");
+    let differ = got
+        .data
+        .iter()
+        .zip(&want.data)
+        .position(|(g, w)| g.to_bits() != w.to_bits());
+    if let Some(i) = differ {
+        panic!(
+            "{name} (F32): fused element {i} is {}, the unfused pair's {}",
+            got.data[i], want.data[i]
+        );
+    }
+}
+
+#[test]
+fn fused_bias_activation_and_its_gradient() {
+    let Some(dev) = device("fused bias act") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(15);
+    let acts = [
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Silu,
+        Activation::Relu,
+    ];
+    // Extremes of the activations' ranges (the sum crosses them from both sides).
+    let special_x = t(
+        &[2, 12],
+        vec![
+            -100.0, -88.0, -87.5, -9.0, -1e-30, 0.0, 1e-30, 0.5, 9.0, 87.9, 88.5, 100.0, 1.0, -1.0,
+            0.25, -0.25, 3.0, -3.0, 50.0, -50.0, 0.0, -0.0, 2.0, -2.0,
+        ],
+    );
+    let special_bias = t(
+        &[12],
+        vec![
+            0.0, -0.5, 0.5, 9.0, 1e-30, -0.0, -1e-30, -0.5, -9.0, 0.1, -0.6, 0.0,
+        ],
+    );
+    let mut cases: Vec<(String, Tensor, Tensor)> =
+        vec![("special".into(), special_x.clone(), special_bias.clone())];
+    for shape in [
+        &[2, 50, 7][..],
+        &[3, 783],
+        &[4, 64],
+        &[1, 1],
+        &[0, 4],
+        &[5, 0],
+    ] {
+        let x = uniform(&mut rng, shape, -12.0, 12.0);
+        let bias = rand(&mut rng, &shape[shape.len() - 1..]);
+        cases.push((format!("{shape:?}"), x, bias));
+    }
+    for (label, x, bias) in &cases {
+        let dy = rand(&mut rng, &x.shape);
+        for act in acts {
+            let op = Fused::BiasAct { act, x: 0, bias: 1 };
+            let n = format!("BiasAct {act:?} {label}");
+            let inputs = [fl(x.clone()), fl(bias.clone())];
+            check_fused(&dev, &n, &op, &inputs, F32, true);
+            let op = Fused::BiasActGrad {
+                act,
+                x: 0,
+                bias: 1,
+                dy: 2,
+            };
+            let n = format!("BiasActGrad {act:?} {label}");
+            let inputs = [fl(x.clone()), fl(bias.clone()), fl(dy.clone())];
+            check_fused(&dev, &n, &op, &inputs, F32, true);
+        }
+    }
+    // Refused as on the CPU: a bias not along the last axis, a rank-1 input, a bias of rank 2,
+    // a gradient of another shape.
+    let x = rand(&mut rng, &[3, 4]);
+    for (label, xs, bs) in [
+        ("bias along the first axis", &[3, 4][..], &[3][..]),
+        ("rank-1 input", &[4], &[4]),
+        ("rank-2 bias", &[3, 4], &[1, 4]),
+    ] {
+        let (xt, bt) = (rand(&mut rng, xs), rand(&mut rng, bs));
+        let op = Fused::BiasAct {
+            act: Activation::Gelu,
+            x: 0,
+            bias: 1,
+        };
+        let inputs = [fl(xt.clone()), fl(bt.clone())];
+        check_fused(&dev, &format!("BiasAct {label}"), &op, &inputs, F32, true);
+        let op = Fused::BiasActGrad {
+            act: Activation::Silu,
+            x: 0,
+            bias: 1,
+            dy: 2,
+        };
+        let inputs = [fl(xt.clone()), fl(bt), fl(xt)];
+        check_fused(
+            &dev,
+            &format!("BiasActGrad {label}"),
+            &op,
+            &inputs,
+            F32,
+            true,
+        );
+    }
+    let op = Fused::BiasActGrad {
+        act: Activation::Relu,
+        x: 0,
+        bias: 1,
+        dy: 2,
+    };
+    let inputs = [
+        fl(x.clone()),
+        fl(rand(&mut rng, &[4])),
+        fl(rand(&mut rng, &[4, 3])),
+    ];
+    check_fused(
+        &dev,
+        "BiasActGrad gradient mismatch",
+        &op,
+        &inputs,
+        F32,
+        true,
+    );
+    // The error itself: the CPU's text.
+    let (xd, bd) = (
+        gpu::upload(&dev, &x, DType::F32).unwrap(),
+        gpu::upload(&dev, &rand(&mut rng, &[3]), DType::F32).unwrap(),
+    );
+    let op = Fused::BiasAct {
+        act: Activation::Gelu,
+        x: &xd,
+        bias: &bd,
+    };
+    match gpu::eval_fused(&dev, &op, &local()) {
+        Err(KernelError::Invalid { op, msg }) => {
+            assert_eq!(op, "BiasAct");
+            assert_eq!(
+                msg,
+                "the bias has shape [3], expected [4] (the last axis of the input [3, 4])"
+            );
+        }
+        other => panic!("a bias along the first axis: {other:?}"),
+    }
+    // Mixed storage (a bf16 input, an f32 bias) computes in f32, as Add does.
+    let (x, bias, dy) = (
+        rand(&mut rng, &[6, 10]),
+        rand(&mut rng, &[10]),
+        rand(&mut rng, &[6, 10]),
+    );
+    let (xd, bd, gd) = (
+        gpu::upload(&dev, &x, DType::Bf16).unwrap(),
+        gpu::upload(&dev, &bias, DType::F32).unwrap(),
+        gpu::upload(&dev, &dy, DType::Bf16).unwrap(),
+    );
+    let xr = round_bf16(&x);
+    let gr = round_bf16(&dy);
+    for act in acts {
+        let got = gpu::eval_fused(
+            &dev,
+            &Fused::BiasActGrad {
+                act,
+                x: &xd,
+                bias: &bd,
+                dy: &gd,
+            },
+            &local(),
+        )
+        .unwrap();
+        assert_eq!(got.dtype(), DType::F32, "bf16 x, f32 bias: stored as");
+        let want = Cpu
+            .eval_fused(
+                &Fused::BiasActGrad {
+                    act,
+                    x: &xr,
+                    bias: &bias,
+                    dy: &gr,
+                },
+                &local(),
+            )
+            .unwrap();
+        let got = gpu::download(&dev, &got).unwrap();
+        assert_close(&format!("BiasActGrad {act:?} bf16 + f32"), &got, &want, F32);
+    }
+}
+
+#[test]
+fn fused_scaled_softmax_and_its_gradient() {
+    let Some(dev) = device("fused softmax") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(16);
+    let cases: &[(&[usize], bool)] = &[
+        (&[3, 7], false),
+        (&[2, 3, 5, 7], true),
+        (&[2, 4, 4], true),
+        (&[2, 3000], false),
+        (&[1, 1], true),
+        (&[0, 5], false),
+        (&[3, 9, 9], true),
+        (&[5, 8], true),
+    ];
+    // 1/√64 (attention's), an awkward one, and one that pushes the scores past exp's range.
+    for factor in [0.125, 0.37, 30.0] {
+        for &(shape, causal) in cases {
+            let x = uniform(&mut rng, shape, -8.0, 8.0);
+            let op = Fused::ScaledSoftmax {
+                x: 0,
+                factor,
+                causal,
+            };
+            let n = format!("ScaledSoftmax {shape:?} causal {causal} factor {factor}");
+            check_fused(&dev, &n, &op, &[fl(x.clone())], F32, false);
+            // The gradient from the softmax's own output.
+            let y = Cpu.eval_fused(
+                &Fused::ScaledSoftmax {
+                    x: &x,
+                    factor,
+                    causal,
+                },
+                &local(),
+            );
+            if let Ok(y) = y {
+                let op = Fused::ScaledSoftmaxGrad {
+                    y: 0,
+                    dy: 1,
+                    factor,
+                };
+                let inputs = [fl(y), fl(rand(&mut rng, shape))];
+                check_fused(&dev, &format!("{n} grad"), &op, &inputs, F32, false);
+            }
+        }
+    }
+    // Refused: a causal softmax with more queries than keys; a gradient of another shape.
+    let op = Fused::ScaledSoftmax {
+        x: 0,
+        factor: 0.125,
+        causal: true,
+    };
+    let inputs = [fl(rand(&mut rng, &[5, 3]))];
+    check_fused(&dev, "ScaledSoftmax causal 5x3", &op, &inputs, F32, false);
+    let op = Fused::ScaledSoftmaxGrad {
+        y: 0,
+        dy: 1,
+        factor: 0.125,
+    };
+    let inputs = [fl(rand(&mut rng, &[3, 4])), fl(rand(&mut rng, &[4, 3]))];
+    check_fused(&dev, "ScaledSoftmaxGrad mismatch", &op, &inputs, F32, false);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ use super::layout::{
 use super::math::{self, exp, sum_map, sum_zip};
 use super::matmul::matmul;
 use super::par::{par_chunks, par_chunks_work};
+use crate::fuse::Fused;
 use crate::Tensor;
 use ferrotron_ir::index::{self, around, rows as rows_of};
 use ferrotron_ir::op::{Activation, Op};
@@ -232,7 +233,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
         Op::RmsNorm { x, weight, eps } => {
             one(norm_forward(name, x, *weight, None, *eps, false, th)?)
         }
-        Op::Softmax { x, causal } => one(softmax(name, x, *causal, th)?),
+        Op::Softmax { x, causal } => one(softmax(name, x, *causal, None, th)?),
         Op::Reshape { x, shape } => one(Tensor {
             shape: index::reshape(&x.shape, shape).or_invalid(name)?,
             data: copied(&x.data),
@@ -373,33 +374,131 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
         }
         Op::LayerNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, true, th),
         Op::RmsNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, false, th),
-        Op::SoftmaxGrad { y, dy } => {
-            index::min_rank("the softmax output", &y.shape, 1).or_invalid(name)?;
-            index::same_shape("the gradient", &y.shape, &dy.shape).or_invalid(name)?;
-            let (_, n) = rows_of(&y.shape);
-            let mut out = buffer(y.data.len());
-            par_chunks(
-                th,
-                &mut out,
-                n,
-                #[inline(always)]
-                |first, chunk| {
-                    for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
-                        let r = first + i;
-                        let (ys, gs) = (&y.data[r * n..(r + 1) * n], &dy.data[r * n..(r + 1) * n]);
-                        let dot = sum_zip(ys, gs, |y, g| y as f64 * g as f64);
-                        for (o, (&y, &g)) in o.iter_mut().zip(ys.iter().zip(gs)) {
-                            *o = (y as f64 * (g as f64 - dot)) as f32;
-                        }
-                    }
-                },
-            );
-            one(Tensor {
-                shape: y.shape.clone(),
-                data: out,
+        Op::SoftmaxGrad { y, dy } => one(softmax_grad(name, y, dy, None, th)?),
+        Op::EmbeddingGrad { table, ids, dy } => one(embedding_grad(name, table, ids, dy, local)?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused ops
+
+/// Evaluates a fused op (see [`crate::fuse`]): the unfused pair's arithmetic in the same order,
+/// the intermediate rounded to `f32` as it would have been stored, so the result is
+/// bit-identical to running the two ops, in one pass over memory.
+pub fn eval_fused(op: &Fused<&Tensor>, local: &Local) -> Result<Tensor> {
+    let name = op.mnemonic();
+    for t in op.inputs() {
+        check_tensor(name, t)?;
+    }
+    let th = local.n_threads();
+    match op {
+        Fused::BiasAct { act, x, bias } => {
+            check_bias(name, &x.shape, &bias.shape)?;
+            Ok(match act {
+                Activation::Gelu => bias_map(x, bias, th, math::gelu),
+                Activation::GeluTanh => bias_map(x, bias, th, math::gelu_tanh),
+                Activation::Silu => bias_map(x, bias, th, math::silu),
+                Activation::Relu => bias_map(x, bias, th, |v| v.max(0.0)),
             })
         }
-        Op::EmbeddingGrad { table, ids, dy } => one(embedding_grad(name, table, ids, dy, local)?),
+        Fused::BiasActGrad { act, x, bias, dy } => {
+            check_bias(name, &x.shape, &bias.shape)?;
+            index::same_shape("the gradient", &x.shape, &dy.shape).or_invalid(name)?;
+            Ok(match act {
+                Activation::Gelu => bias_zip(x, bias, dy, th, |x, g| {
+                    (g as f64 * math::gelu_grad(x)) as f32
+                }),
+                Activation::GeluTanh => {
+                    bias_zip(x, bias, dy, th, |x, g| g * math::gelu_tanh_grad(x))
+                }
+                Activation::Silu => bias_zip(x, bias, dy, th, |x, g| g * math::silu_grad(x)),
+                Activation::Relu => {
+                    bias_zip(x, bias, dy, th, |x, g| if x > 0.0 { g } else { g * 0.0 })
+                }
+            })
+        }
+        Fused::ScaledSoftmax { x, factor, causal } => softmax(name, x, *causal, Some(*factor), th),
+        Fused::ScaledSoftmaxGrad { y, dy, factor } => softmax_grad(name, y, dy, Some(*factor), th),
+    }
+}
+
+/// A bias (of shape `bias`) must be a vector along the last axis of `x` (a shape of rank ≥ 2).
+/// Shared with the CUDA backend (the same error for the same shapes).
+pub(crate) fn check_bias(name: &'static str, x: &[usize], bias: &[usize]) -> Result<()> {
+    match x.last() {
+        Some(&n) if x.len() >= 2 && bias == [n] => Ok(()),
+        _ => Err(invalid(
+            name,
+            format!(
+                "the bias has shape {:?}, expected [{}] (the last axis of the input {:?})",
+                bias,
+                x.last().copied().unwrap_or(0),
+                x
+            ),
+        )),
+    }
+}
+
+/// `f(x + bias)` row by row (the sum rounded to `f32`, as `Add` stores it).
+fn bias_map(x: &Tensor, bias: &Tensor, threads: usize, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
+    let n = bias.data.len();
+    let mut data = buffer(x.data.len());
+    if n > 0 {
+        par_chunks(
+            threads,
+            &mut data,
+            n,
+            #[inline(always)]
+            |first, chunk| {
+                let xs = &x.data[first * n..first * n + chunk.len()];
+                for (o, xr) in chunk.chunks_exact_mut(n).zip(xs.chunks_exact(n)) {
+                    for ((o, &v), &b) in o.iter_mut().zip(xr).zip(&bias.data) {
+                        *o = f(v + b);
+                    }
+                }
+            },
+        );
+    }
+    Tensor {
+        shape: x.shape.clone(),
+        data,
+    }
+}
+
+/// `f(x + bias, dy)` row by row.
+fn bias_zip(
+    x: &Tensor,
+    bias: &Tensor,
+    dy: &Tensor,
+    threads: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Tensor {
+    let n = bias.data.len();
+    let mut data = buffer(x.data.len());
+    if n > 0 {
+        par_chunks(
+            threads,
+            &mut data,
+            n,
+            #[inline(always)]
+            |first, chunk| {
+                let range = first * n..first * n + chunk.len();
+                let (xs, gs) = (&x.data[range.clone()], &dy.data[range]);
+                for ((o, xr), gr) in chunk
+                    .chunks_exact_mut(n)
+                    .zip(xs.chunks_exact(n))
+                    .zip(gs.chunks_exact(n))
+                {
+                    for (((o, &v), &b), &g) in o.iter_mut().zip(xr).zip(&bias.data).zip(gr) {
+                        *o = f(v + b, g);
+                    }
+                }
+            },
+        );
+    }
+    Tensor {
+        shape: x.shape.clone(),
+        data,
     }
 }
 
@@ -651,8 +750,15 @@ fn norm_grad(
 }
 
 /// Softmax over the last axis; `causal`: query `i` (axis −2) sees keys `0..=i + keys − queries`,
-/// the rest are 0.
-fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Result<Tensor> {
+/// the rest are 0. With `factor`, of `x · factor` (each product rounded to `f32`, as `Scale`
+/// stores it).
+fn softmax(
+    name: &'static str,
+    x: &Tensor,
+    causal: bool,
+    factor: Option<f64>,
+    threads: usize,
+) -> Result<Tensor> {
     let (_, keys, queries) = index::softmax(&x.shape, causal).or_invalid(name)?;
     let mut out = buffer(x.data.len());
     par_chunks(
@@ -661,6 +767,7 @@ fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Resu
         keys,
         #[inline(always)]
         |first, chunk| {
+            let mut scaled = Vec::new();
             for (i, o) in chunk.chunks_exact_mut(keys).enumerate() {
                 let r = first + i;
                 let visible = if causal {
@@ -668,7 +775,12 @@ fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Resu
                 } else {
                     keys
                 };
-                let row = &x.data[r * keys..r * keys + visible];
+                let mut row = &x.data[r * keys..r * keys + visible];
+                if let Some(f) = factor {
+                    scaled.clear();
+                    scaled.extend(row.iter().map(|&v| (v as f64 * f) as f32));
+                    row = &scaled;
+                }
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let (o, masked) = o.split_at_mut(visible);
                 let inv = (1.0 / math::exp_shifted(o, row, max)) as f32;
@@ -681,6 +793,46 @@ fn softmax(name: &'static str, x: &Tensor, causal: bool, threads: usize) -> Resu
     );
     Ok(Tensor {
         shape: x.shape.clone(),
+        data: out,
+    })
+}
+
+/// Softmax's VJP from its output, `y · (dy − Σ dy·y)` per row; with `factor`, that times
+/// `factor` (the result rounded to `f32` first, as `SoftmaxGrad` stores it).
+fn softmax_grad(
+    name: &'static str,
+    y: &Tensor,
+    dy: &Tensor,
+    factor: Option<f64>,
+    threads: usize,
+) -> Result<Tensor> {
+    index::min_rank("the softmax output", &y.shape, 1).or_invalid(name)?;
+    index::same_shape("the gradient", &y.shape, &dy.shape).or_invalid(name)?;
+    let (_, n) = rows_of(&y.shape);
+    let mut out = buffer(y.data.len());
+    par_chunks(
+        threads,
+        &mut out,
+        n,
+        #[inline(always)]
+        |first, chunk| {
+            for (i, o) in chunk.chunks_exact_mut(n).enumerate() {
+                let r = first + i;
+                let (ys, gs) = (&y.data[r * n..(r + 1) * n], &dy.data[r * n..(r + 1) * n]);
+                let dot = sum_zip(ys, gs, |y, g| y as f64 * g as f64);
+                for (o, (&y, &g)) in o.iter_mut().zip(ys.iter().zip(gs)) {
+                    *o = (y as f64 * (g as f64 - dot)) as f32;
+                }
+                if let Some(f) = factor {
+                    for o in o.iter_mut() {
+                        *o = (*o as f64 * f) as f32;
+                    }
+                }
+            }
+        },
+    );
+    Ok(Tensor {
+        shape: y.shape.clone(),
         data: out,
     })
 }

@@ -13,6 +13,7 @@ use super::CudaError;
 use crate::backend::{AdamW, Backend};
 use crate::comm::{CommError, ReduceOp};
 use crate::cpu::kernels::{KernelError, Local};
+use crate::fuse::Fused;
 use crate::Tensor;
 use ferrotron_ir::{Dim, Op};
 use std::sync::{Arc, Mutex};
@@ -178,6 +179,14 @@ impl Backend for Cuda {
         local: &Local,
     ) -> Result<Vec<CudaTensor>, KernelError> {
         kernels::eval(self.device(), op, local)
+    }
+
+    fn eval_fused(
+        &self,
+        op: &Fused<&CudaTensor>,
+        local: &Local,
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::eval_fused(self.device(), op, local)
     }
 
     fn reshape(&self, mut t: CudaTensor, shape: Vec<usize>) -> CudaTensor {

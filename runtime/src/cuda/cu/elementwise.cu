@@ -1,6 +1,7 @@
 // elementwise.cu: one output element per input element. Scale and the activations (Unary),
-// their gradients (ActGrad), the broadcasting binary ops (Add, Sub, Mul, Div), Fill, the dtype
-// casts and the dropout masks. Every formula is the CPU backend's (cpu/kernels.rs, cpu/math.rs).
+// their gradients (ActGrad), the fused bias + activation and its gradient (BiasAct,
+// BiasActGrad), the broadcasting binary ops (Add, Sub, Mul, Div), Fill, the dtype casts and the
+// dropout masks. Every formula is the CPU backend's (cpu/kernels.rs, cpu/math.rs).
 
 // Unary ops, chosen by `op` (the switch is outside the loop: one loop per op).
 #define FT_UNARY_SCALE 0
@@ -62,6 +63,68 @@ __device__ __forceinline__ void act_grad_impl(T* out, const T* x, const T* dy, i
 }
 #define ACT_GRAD_PARAMS(T) (T * out, const T* x, const T* dy, i64 n, int act)
 FT_TYPED(act_grad, ACT_GRAD_PARAMS, (out, x, dy, n, act))
+
+// act(x + bias), element i reading bias[i % nb] (a vector along the last axis): Megatron's fused
+// bias-GeLU. The sum is the f32 sum Add computes (not rounded to bf16 in bf16 storage); each
+// activation is exactly `unary`'s. `act` in the order of the IR's Activation enum.
+template <typename T>
+__device__ __forceinline__ void bias_act_impl(T* out, const T* x, const T* bias, i64 n, i64 nb,
+                                              int act) {
+    switch (act) {
+    case FT_ACT_GELU:
+        FT_GRID_LOOP(i, n) { st(out, i, ft_gelu(ld(x, i) + ld(bias, i % nb))); }
+        break;
+    case FT_ACT_GELU_TANH:
+        FT_GRID_LOOP(i, n) { st(out, i, ft_gelu_tanh(ld(x, i) + ld(bias, i % nb))); }
+        break;
+    case FT_ACT_SILU:
+        FT_GRID_LOOP(i, n) { st(out, i, ft_silu(ld(x, i) + ld(bias, i % nb))); }
+        break;
+    default:
+        // ReLU: f32::max(v, 0), as `unary`.
+        FT_GRID_LOOP(i, n) { st(out, i, fmaxf(ld(x, i) + ld(bias, i % nb), 0.0f)); }
+        break;
+    }
+}
+#define BIAS_ACT_PARAMS(T) (T * out, const T* x, const T* bias, i64 n, i64 nb, int act)
+FT_TYPED(bias_act, BIAS_ACT_PARAMS, (out, x, bias, n, nb, act))
+
+// dy * act'(x + bias): `act_grad`'s formulas at the recomputed pre-activation (an f32 sum, as
+// `bias_act`).
+template <typename T>
+__device__ __forceinline__ void bias_act_grad_impl(T* out, const T* x, const T* bias, const T* dy,
+                                                   i64 n, i64 nb, int act) {
+    switch (act) {
+    case FT_ACT_GELU:
+        FT_GRID_LOOP(i, n) {
+            float v = ld(x, i) + ld(bias, i % nb);
+            st(out, i, (float)((double)ld(dy, i) * ft_gelu_grad(v)));
+        }
+        break;
+    case FT_ACT_GELU_TANH:
+        FT_GRID_LOOP(i, n) {
+            float v = ld(x, i) + ld(bias, i % nb);
+            st(out, i, ld(dy, i) * ft_gelu_tanh_grad(v));
+        }
+        break;
+    case FT_ACT_SILU:
+        FT_GRID_LOOP(i, n) {
+            float v = ld(x, i) + ld(bias, i % nb);
+            st(out, i, ld(dy, i) * ft_silu_grad(v));
+        }
+        break;
+    default:
+        // ReLU: g where x + bias > 0, else g * 0 (as `act_grad`).
+        FT_GRID_LOOP(i, n) {
+            float g = ld(dy, i);
+            st(out, i, ld(x, i) + ld(bias, i % nb) > 0.0f ? g : g * 0.0f);
+        }
+        break;
+    }
+}
+#define BIAS_ACT_GRAD_PARAMS(T)                                                                \
+    (T * out, const T* x, const T* bias, const T* dy, i64 n, i64 nb, int act)
+FT_TYPED(bias_act_grad, BIAS_ACT_GRAD_PARAMS, (out, x, bias, dy, n, nb, act))
 
 #define FT_BIN_ADD 0
 #define FT_BIN_SUB 1

@@ -1,4 +1,5 @@
-// norm.cu: LayerNorm and RMSNorm over the last axis, forward and backward, and softmax.
+// norm.cu: LayerNorm and RMSNorm over the last axis, forward and backward, and softmax and its
+// gradient (optionally scaled: the fused ScaledSoftmax and ScaledSoftmaxGrad).
 //
 // One block per row (grid-stride over rows); the norms' statistics accumulate in f64 and the
 // norms normalize in f64 (as the CPU backend: f32 cancels too much for a short RMSNorm row's
@@ -151,38 +152,49 @@ __device__ __forceinline__ void norm_param_partial_impl(float* pw, float* pb, co
 FT_TYPED(norm_param_partial, NORM_PARAM_PARTIAL_PARAMS,
          (pw, pb, x, dy, stats, rows, n, chunk, centered))
 
+// Softmax's input j of a row: x, or (`scaled`) x * factor as Scale computes it
+// ((float)((double)v * factor)), kept in f32 (not rounded to bf16 in bf16 storage).
+template <typename T>
+__device__ __forceinline__ float ft_softmax_in(const T* xr, i64 j, int scaled, double factor) {
+    float v = ld(xr, j);
+    return scaled ? (float)((double)v * factor) : v;
+}
+
 // Softmax over rows of `keys`; `causal`: row r (query r % queries) sees keys
 // 0 ..= r % queries + keys - queries, the rest are 0. One kernel: max, sum of exponentials,
-// normalized store.
+// normalized store. `scaled` (the fused ScaledSoftmax): of x * factor, every read scaled.
 template <typename T>
 __device__ __forceinline__ void softmax_impl(T* out, const T* x, i64 rows, i64 keys, i64 queries,
-                                             int causal) {
+                                             int causal, int scaled, double factor) {
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + row * keys;
         T* o = out + row * keys;
         i64 visible = causal ? row % queries + (keys - queries) + 1 : keys;
         float m = -__int_as_float(0x7f800000);
         for (i64 j = threadIdx.x; j < visible; j += blockDim.x) {
-            m = fmaxf(m, ld(xr, j));
+            m = fmaxf(m, ft_softmax_in(xr, j, scaled, factor));
         }
         m = ft_block_max(m);
         float s = 0.0f;
         for (i64 j = threadIdx.x; j < visible; j += blockDim.x) {
-            s += ft_exp(ld(xr, j) - m);
+            s += ft_exp(ft_softmax_in(xr, j, scaled, factor) - m);
         }
         float inv = 1.0f / ft_block_sum(s);
         for (i64 j = threadIdx.x; j < keys; j += blockDim.x) {
-            st(o, j, j < visible ? ft_exp(ld(xr, j) - m) * inv : 0.0f);
+            st(o, j, j < visible ? ft_exp(ft_softmax_in(xr, j, scaled, factor) - m) * inv : 0.0f);
         }
     }
 }
-#define SOFTMAX_PARAMS(T) (T * out, const T* x, i64 rows, i64 keys, i64 queries, int causal)
-FT_TYPED(softmax, SOFTMAX_PARAMS, (out, x, rows, keys, queries, causal))
+#define SOFTMAX_PARAMS(T)                                                                      \
+    (T * out, const T* x, i64 rows, i64 keys, i64 queries, int causal, int scaled, double factor)
+FT_TYPED(softmax, SOFTMAX_PARAMS, (out, x, rows, keys, queries, causal, scaled, factor))
 
-// Softmax's VJP from its output: y * (dy - sum(dy * y)) per row.
+// Softmax's VJP from its output: y * (dy - sum(dy * y)) per row. `scaled` (the fused
+// ScaledSoftmaxGrad): that f32 result times `factor` as Scale does
+// ((float)((double)r * factor)), not rounded to bf16 in between.
 template <typename T>
-__device__ __forceinline__ void softmax_grad_impl(T* out, const T* y, const T* dy, i64 rows,
-                                                  i64 n) {
+__device__ __forceinline__ void softmax_grad_impl(T* out, const T* y, const T* dy, i64 rows, i64 n,
+                                                  int scaled, double factor) {
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* yr = y + row * n;
         const T* gr = dy + row * n;
@@ -193,9 +205,11 @@ __device__ __forceinline__ void softmax_grad_impl(T* out, const T* y, const T* d
         }
         float dot = ft_block_sum(s);
         for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            st(o, j, ld(yr, j) * (ld(gr, j) - dot));
+            float r = ld(yr, j) * (ld(gr, j) - dot);
+            st(o, j, scaled ? (float)((double)r * factor) : r);
         }
     }
 }
-#define SOFTMAX_GRAD_PARAMS(T) (T * out, const T* y, const T* dy, i64 rows, i64 n)
-FT_TYPED(softmax_grad, SOFTMAX_GRAD_PARAMS, (out, y, dy, rows, n))
+#define SOFTMAX_GRAD_PARAMS(T)                                                                 \
+    (T * out, const T* y, const T* dy, i64 rows, i64 n, int scaled, double factor)
+FT_TYPED(softmax_grad, SOFTMAX_GRAD_PARAMS, (out, y, dy, rows, n, scaled, factor))

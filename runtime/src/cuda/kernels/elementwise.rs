@@ -1,5 +1,5 @@
-//! Launches of `cu/elementwise.cu`: Scale and the activations, their gradients, the
-//! broadcasting binary ops, Fill and dropout.
+//! Launches of `cu/elementwise.cu`: Scale and the activations, their gradients, the fused bias
+//! and activation (BiasAct) and its gradient, the broadcasting binary ops, Fill and dropout.
 
 use super::launch::{cfg_1d, i64_of, Buf, Launch, Result};
 use super::structs::{DropShape, Strided2};
@@ -68,6 +68,68 @@ pub(super) fn act_grad(
             .input(&x.data)
             .input(&dy.data)
             .val(&n64)
+            .val(&act)
+            .launch(cfg_1d(dev, n))?;
+    }
+    Ok(out.into_tensor(x.shape.clone()))
+}
+
+/// `act(x + bias)` (the fused BiasAct), `bias` a vector along `x`'s last axis (checked by the
+/// caller); the sum stays `f32`.
+pub(super) fn bias_act(
+    dev: &RankDevice,
+    op: &'static str,
+    x: &CudaTensor,
+    bias: &CudaTensor,
+    act: i32,
+) -> Result<CudaTensor> {
+    let dtype = common_dtype(&[x, bias]);
+    let (x, bias) = (
+        as_dtype(dev, op, x, dtype)?,
+        as_dtype(dev, op, bias, dtype)?,
+    );
+    let n = x.numel();
+    let mut out = Buf::uninit(dev, op, dtype, n)?;
+    if n > 0 {
+        let (n64, nb) = (i64_of(op, n)?, i64_of(op, bias.numel())?);
+        Launch::new(dev, op, &spec::BIAS_ACT, dtype)?
+            .output(&mut out)
+            .input(&x.data)
+            .input(&bias.data)
+            .val(&n64)
+            .val(&nb)
+            .val(&act)
+            .launch(cfg_1d(dev, n))?;
+    }
+    Ok(out.into_tensor(x.shape.clone()))
+}
+
+/// `dy · act'(x + bias)` (the fused BiasActGrad; shapes checked by the caller).
+pub(super) fn bias_act_grad(
+    dev: &RankDevice,
+    op: &'static str,
+    x: &CudaTensor,
+    bias: &CudaTensor,
+    dy: &CudaTensor,
+    act: i32,
+) -> Result<CudaTensor> {
+    let dtype = common_dtype(&[x, bias, dy]);
+    let (x, bias, dy) = (
+        as_dtype(dev, op, x, dtype)?,
+        as_dtype(dev, op, bias, dtype)?,
+        as_dtype(dev, op, dy, dtype)?,
+    );
+    let n = x.numel();
+    let mut out = Buf::uninit(dev, op, dtype, n)?;
+    if n > 0 {
+        let (n64, nb) = (i64_of(op, n)?, i64_of(op, bias.numel())?);
+        Launch::new(dev, op, &spec::BIAS_ACT_GRAD, dtype)?
+            .output(&mut out)
+            .input(&x.data)
+            .input(&bias.data)
+            .input(&dy.data)
+            .val(&n64)
+            .val(&nb)
             .val(&act)
             .launch(cfg_1d(dev, n))?;
     }

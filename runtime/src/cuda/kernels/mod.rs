@@ -6,7 +6,10 @@
 //! [`crate::cpu::kernels::eval`] does, on device tensors ([`CudaTensor`], `f32` or bf16
 //! storage), on the rank's stream and cuBLAS handle ([`RankDevice`]). The same inputs are
 //! refused with the same [`KernelError`]s (the shape checks are [`ferrotron_ir::index`]'s, shared
-//! with the CPU; ids and targets are checked on the device, the first bad one reported). The
+//! with the CPU; ids and targets are checked on the device, the first bad one reported). Fused
+//! steps (`Backend::eval_fused`, see [`crate::fuse`]) go to [`eval_fused`], the CPU's
+//! [`crate::cpu::kernels::eval_fused`] on the GPU: bias + activation and its gradient in one
+//! elementwise kernel, the attention scale folded into the softmax kernels. The
 //! communicators use [`reduce_buffers`], [`interleave`], [`deinterleave`] and [`local_slice`];
 //! the vocabulary-parallel cross-entropy's phases are [`ce_row_max`], [`ce_row_sums`] and
 //! [`ce_grad`]; training uses [`adamw`] and [`scale_in_place`].
@@ -62,7 +65,8 @@ use super::device::RankDevice;
 use super::nvrtc::{self, Compiled};
 use super::tensor::{CudaTensor, DType, DeviceData};
 use super::CudaError;
-use crate::cpu::kernels::{invalid, KernelError, Local, OrInvalid};
+use crate::cpu::kernels::{check_bias, invalid, KernelError, Local, OrInvalid};
+use crate::fuse::Fused;
 use crate::Tensor;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice};
 use cudarc::nvrtc::Ptx;
@@ -607,7 +611,7 @@ pub fn eval(
         Op::RmsNorm { x, weight, eps } => {
             one(norm::forward(dev, name, x, *weight, None, *eps, false)?)
         }
-        Op::Softmax { x, causal } => one(norm::softmax(dev, name, x, *causal)?),
+        Op::Softmax { x, causal } => one(norm::softmax(dev, name, x, *causal, None)?),
         Op::Reshape { x, shape } => one(CudaTensor {
             // The same elements: the buffer is shared, never written through.
             shape: index::reshape(&x.shape, shape).or_invalid(name)?,
@@ -704,13 +708,7 @@ pub fn eval(
         }
         Op::ActGrad { act, x, dy } => {
             index::same_shape("the gradient", &x.shape, &dy.shape).or_invalid(name)?;
-            let code = match act {
-                Activation::Gelu => 0,
-                Activation::GeluTanh => 1,
-                Activation::Silu => 2,
-                Activation::Relu => 3,
-            };
-            one(elementwise::act_grad(dev, name, x, dy, code)?)
+            one(elementwise::act_grad(dev, name, x, dy, act_code(*act))?)
         }
         Op::LayerNormGrad { x, weight, dy, eps } => {
             norm::grad(dev, name, x, *weight, dy, *eps, true)
@@ -718,9 +716,53 @@ pub fn eval(
         Op::RmsNormGrad { x, weight, dy, eps } => {
             norm::grad(dev, name, x, *weight, dy, *eps, false)
         }
-        Op::SoftmaxGrad { y, dy } => one(norm::softmax_grad(dev, name, y, dy)?),
+        Op::SoftmaxGrad { y, dy } => one(norm::softmax_grad(dev, name, y, dy, None)?),
         Op::EmbeddingGrad { table, ids, dy } => {
             one(embedding::embedding_grad(dev, name, table, ids, dy, local)?)
+        }
+    }
+}
+
+/// An activation as the kernels number it (the order of the IR's `Activation`).
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::Gelu => 0,
+        Activation::GeluTanh => 1,
+        Activation::Silu => 2,
+        Activation::Relu => 3,
+    }
+}
+
+/// Evaluates a fused op (see [`crate::fuse`]) on the rank's stream, in one kernel: the same
+/// semantics and errors as [`crate::cpu::kernels::eval_fused`]. In `f32` storage the result is
+/// bit-identical to [`eval`] running the two ops (the intermediate is the `f32` value the first
+/// kernel would store); in bf16 storage the intermediate (`x + bias`, `x · factor`, the unscaled
+/// gradient) is not rounded to bf16. Fused ops do not depend on the shard's place, so `_local`
+/// is unused.
+pub fn eval_fused(
+    dev: &RankDevice,
+    op: &Fused<&CudaTensor>,
+    _local: &Local,
+) -> Result<CudaTensor, KernelError> {
+    let name = op.mnemonic();
+    for t in op.inputs() {
+        check(name, t)?;
+    }
+    match op {
+        Fused::BiasAct { act, x, bias } => {
+            check_bias(name, &x.shape, &bias.shape)?;
+            elementwise::bias_act(dev, name, x, bias, act_code(*act))
+        }
+        Fused::BiasActGrad { act, x, bias, dy } => {
+            check_bias(name, &x.shape, &bias.shape)?;
+            index::same_shape("the gradient", &x.shape, &dy.shape).or_invalid(name)?;
+            elementwise::bias_act_grad(dev, name, x, bias, dy, act_code(*act))
+        }
+        Fused::ScaledSoftmax { x, factor, causal } => {
+            norm::softmax(dev, name, x, *causal, Some(*factor))
+        }
+        Fused::ScaledSoftmaxGrad { y, dy, factor } => {
+            norm::softmax_grad(dev, name, y, dy, Some(*factor))
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Launches of `cu/norm.cu`: LayerNorm and RMSNorm forward and backward (row statistics and
-//! normalization in `f64`, as the CPU), softmax and its gradient, one block per row.
+//! normalization in `f64`, as the CPU), softmax and its gradient (optionally scaled: the fused
+//! ScaledSoftmax and ScaledSoftmaxGrad), one block per row.
 
 use super::launch::{cfg_1d, cfg_rows, i64_of, scratch, scratch_f64, Buf, Launch, Result};
 use super::{as_dtype, common_dtype, spec};
@@ -184,12 +185,15 @@ pub(super) fn grad(
     })
 }
 
-/// Softmax over the last axis (causal: query i sees keys 0 ..= i + keys − queries).
+/// Softmax over the last axis (causal: query i sees keys 0 ..= i + keys − queries); with
+/// `factor`, of `x · factor` (the fused ScaledSoftmax: each product as Scale computes it, kept
+/// in `f32`).
 pub(super) fn softmax(
     dev: &RankDevice,
     op: &'static str,
     x: &CudaTensor,
     causal: bool,
+    factor: Option<f64>,
 ) -> Result<CudaTensor> {
     let (rows, keys, queries) = index::softmax(&x.shape, causal).or_invalid(op)?;
     let total = x.numel();
@@ -201,6 +205,7 @@ pub(super) fn softmax(
             i64_of(op, queries.max(1))?,
         );
         let c = i32::from(causal);
+        let (scaled, f) = (i32::from(factor.is_some()), factor.unwrap_or(1.0));
         Launch::new(dev, op, &spec::SOFTMAX, x.dtype())?
             .output(&mut out)
             .input(&x.data)
@@ -208,17 +213,21 @@ pub(super) fn softmax(
             .val(&keys64)
             .val(&q64)
             .val(&c)
+            .val(&scaled)
+            .val(&f)
             .launch(cfg_rows(dev, rows, keys))?;
     }
     Ok(out.into_tensor(x.shape.clone()))
 }
 
-/// Softmax's VJP from its output: `y · (dy − Σ dy·y)` per row.
+/// Softmax's VJP from its output: `y · (dy − Σ dy·y)` per row; with `factor`, that times
+/// `factor` (the fused ScaledSoftmaxGrad: scaled as Scale does, from the `f32` result).
 pub(super) fn softmax_grad(
     dev: &RankDevice,
     op: &'static str,
     y: &CudaTensor,
     dy: &CudaTensor,
+    factor: Option<f64>,
 ) -> Result<CudaTensor> {
     index::min_rank("the softmax output", &y.shape, 1).or_invalid(op)?;
     index::same_shape("the gradient", &y.shape, &dy.shape).or_invalid(op)?;
@@ -229,12 +238,15 @@ pub(super) fn softmax_grad(
     let mut out = Buf::uninit(dev, op, dtype, total)?;
     if total > 0 {
         let (rows64, n64) = (i64_of(op, rows)?, i64_of(op, n)?);
+        let (scaled, f) = (i32::from(factor.is_some()), factor.unwrap_or(1.0));
         Launch::new(dev, op, &spec::SOFTMAX_GRAD, dtype)?
             .output(&mut out)
             .input(&y.data)
             .input(&dy.data)
             .val(&rows64)
             .val(&n64)
+            .val(&scaled)
+            .val(&f)
             .launch(cfg_rows(dev, rows, n))?;
     }
     Ok(out.into_tensor(y.shape.clone()))

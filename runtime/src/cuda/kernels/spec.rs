@@ -91,6 +91,9 @@ macro_rules! kernels {
 kernels! {
     UNARY = "unary" in "elementwise.cu", true, [Ptr, Ptr, I64, I32, F64];
     ACT_GRAD = "act_grad" in "elementwise.cu", true, [Ptr, Ptr, Ptr, I64, I32];
+    BIAS_ACT = "bias_act" in "elementwise.cu", true, [Ptr, Ptr, Ptr, I64, I64, I32];
+    BIAS_ACT_GRAD = "bias_act_grad" in "elementwise.cu", true,
+        [Ptr, Ptr, Ptr, Ptr, I64, I64, I32];
     BINARY = "binary" in "elementwise.cu", true, [Ptr, Ptr, Ptr, I64, I64, I64, I32];
     BINARY_STRIDED = "binary_strided" in "elementwise.cu", true,
         [Ptr, Ptr, Ptr, Struct(size_of::<Strided2>()), I64, I32];
@@ -105,8 +108,8 @@ kernels! {
         [Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, F64, I32, I32];
     NORM_PARAM_PARTIAL = "norm_param_partial" in "norm.cu", true,
         [Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I32];
-    SOFTMAX = "softmax" in "norm.cu", true, [Ptr, Ptr, I64, I64, I64, I32];
-    SOFTMAX_GRAD = "softmax_grad" in "norm.cu", true, [Ptr, Ptr, Ptr, I64, I64];
+    SOFTMAX = "softmax" in "norm.cu", true, [Ptr, Ptr, I64, I64, I64, I32, I32, F64];
+    SOFTMAX_GRAD = "softmax_grad" in "norm.cu", true, [Ptr, Ptr, Ptr, I64, I64, I32, F64];
     COPY_ROWS = "copy_rows" in "layout.cu", true, [Ptr, Ptr, I64, I64, I64, I64, I64, I64];
     GATHER = "gather" in "layout.cu", true, [Ptr, Ptr, Struct(size_of::<Gather>()), I64];
     TRANSPOSE_TILED = "transpose_tiled" in "layout.cu", true,
