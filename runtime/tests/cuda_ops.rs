@@ -1,14 +1,15 @@
 //! The CUDA kernels against the CPU backend, op by op: every op `cpu::kernels::eval` handles,
 //! through `cuda::kernels::eval`, and every fused op through `cuda::kernels::eval_fused` (also
-//! against the GPU's unfused pair: to the bit in `f32`), on random inputs (fixed seeds, odd and round sizes), in `f32`
-//! storage (to `f32` rounding: relative 1e-5 with a floor of 1e-5 of the output's largest
+//! against the GPU's unfused pair: to the bit in `f32`), on random inputs (fixed seeds, odd and
+//! round sizes), in `f32` storage (to `f32` rounding: relative 1e-5 with a floor of 1e-5 of the output's largest
 //! element, 1e-4 for matmuls) and in bf16 storage (the CPU computing on the same bf16-rounded
 //! inputs; relative 1e-2); the same errors for the same bad inputs; and the functions around
 //! `eval` (moving tensors, the communicators' reductions and layouts, the cross-entropy's
 //! phases, AdamW).
 //!
 //! Without a GPU each test prints `SKIPPED: no CUDA device (<reason>)` and passes, unless
-//! `FERROTRON_REQUIRE_GPU` is set. Elementwise kernels are ported operation for operation and
+//! `FERROTRON_REQUIRE_GPU` is set; `cuda_emulated.rs` runs them all on the CPU stand-in for the
+//! driver (`cuda-emu`). Elementwise kernels are ported operation for operation and
 //! should agree with the CPU to the bit in `f32`; where they do not, the test says how many
 //! elements differ (on stderr) without failing, as long as they are within tolerance.
 

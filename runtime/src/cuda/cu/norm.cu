@@ -189,9 +189,9 @@ __device__ __forceinline__ void softmax_impl(T* out, const T* x, i64 rows, i64 k
     (T * out, const T* x, i64 rows, i64 keys, i64 queries, int causal, int scaled, double factor)
 FT_TYPED(softmax, SOFTMAX_PARAMS, (out, x, rows, keys, queries, causal, scaled, factor))
 
-// Softmax's VJP from its output: y * (dy - sum(dy * y)) per row. `scaled` (the fused
-// ScaledSoftmaxGrad): that f32 result times `factor` as Scale does
-// ((float)((double)r * factor)), not rounded to bf16 in between.
+// Softmax's VJP from its output: y * (dy - sum(dy * y)) per row, accumulated and computed in f64
+// as the CPU does. `scaled` (the fused ScaledSoftmaxGrad): that result, rounded to f32, times
+// `factor` as Scale does ((float)((double)r * factor)), not rounded to bf16 in between.
 template <typename T>
 __device__ __forceinline__ void softmax_grad_impl(T* out, const T* y, const T* dy, i64 rows, i64 n,
                                                   int scaled, double factor) {
@@ -199,13 +199,15 @@ __device__ __forceinline__ void softmax_grad_impl(T* out, const T* y, const T* d
         const T* yr = y + row * n;
         const T* gr = dy + row * n;
         T* o = out + row * n;
-        float s = 0.0f;
+        // In f64, as the CPU: for a peaked row (a large scale) `dy - dot` cancels to nothing
+        // in f32 (found by the emulated tests: 0 where the CPU has 1.7e-11).
+        double s = 0.0;
         for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            s += ld(yr, j) * ld(gr, j);
+            s += (double)ld(yr, j) * (double)ld(gr, j);
         }
-        float dot = ft_block_sum(s);
+        double dot = ft_block_sum_d(s);
         for (i64 j = threadIdx.x; j < n; j += blockDim.x) {
-            float r = ld(yr, j) * (ld(gr, j) - dot);
+            float r = (float)((double)ld(yr, j) * ((double)ld(gr, j) - dot));
             st(o, j, scaled ? (float)((double)r * factor) : r);
         }
     }

@@ -24,7 +24,8 @@
 //! (no FMA contraction; the CPU's `exp`, normal CDF and SplitMix64 ported), so they agree to the
 //! bit in `f32`; the norms accumulate their row statistics and normalize in `f64`, as the CPU
 //! (an RMSNorm gradient of a short row, or a LayerNorm of values far from zero, cancels too
-//! much for `f32`); the other reductions (softmax and cross-entropy row sums, `SumTo`, the norms'
+//! much for `f32`), and so does softmax's gradient (a peaked row's `dy − Σ dy·y` cancels to
+//! nothing in `f32`); the other reductions (softmax and cross-entropy row sums, `SumTo`, the norms'
 //! parameter gradients across rows) accumulate in `f32` over warp and block trees where the CPU
 //! uses `f64`, and agree to a few `f32` ulps of the summands. Every reduction is deterministic
 //! (its order fixed by the launch shape, which depends on the shapes only) except

@@ -1,0 +1,156 @@
+// cublas.cpp: the cuBLAS calls cudarc's CudaBlas makes for ferrotron's MatMul, on the CPU, built
+// as `libcublas.so` (see build.rs): handles, streams, and column-major GEMMs (single and strided
+// batched) in f32 (`cublasSgemm_v2`) and with bf16 or f32 storage and f32 compute
+// (`cublasGemmEx`). Device pointers are host pointers (driver.cpp). Products accumulate in f32
+// over k in ascending order; bf16 results are rounded to nearest even, as cuBLAS stores them.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+typedef int cublasStatus_t;
+typedef struct BlasHandle* cublasHandle_t;
+struct BlasHandle {
+    void* stream;
+};
+
+namespace {
+
+enum : int { SUCCESS = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, NOT_SUPPORTED = 15 };
+enum : int { OP_N = 0, OP_T = 1 };
+enum : int { R_32F = 0, R_16BF = 14 };
+enum : int { COMPUTE_32F = 68, COMPUTE_32F_PEDANTIC = 69 };
+
+float load(const void* p, int type, int64_t i) {
+    if (type == R_32F) return static_cast<const float*>(p)[i];
+    uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+void store(void* p, int type, int64_t i, float v) {
+    if (type == R_32F) {
+        static_cast<float*>(p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    uint16_t h;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        h = uint16_t((u >> 16) | 0x0040u);
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);
+        h = uint16_t(u >> 16);
+    }
+    static_cast<uint16_t*>(p)[i] = h;
+}
+
+// C = alpha·op(A)·op(B) + beta·C, column-major: op(A) is m × k, op(B) k × n, C m × n.
+cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int at,
+                    int lda, int64_t sa, const void* b, int bt, int ldb, int64_t sb, float beta,
+                    void* c, int ct, int ldc, int64_t sc, int batch) {
+    if ((ta != OP_N && ta != OP_T) || (tb != OP_N && tb != OP_T)) return NOT_SUPPORTED;
+    if ((at != R_32F && at != R_16BF) || (bt != R_32F && bt != R_16BF) ||
+        (ct != R_32F && ct != R_16BF))
+        return NOT_SUPPORTED;
+    if (m < 0 || n < 0 || k < 0 || batch < 0) return INVALID_VALUE;
+    if (ldc < (m > 1 ? m : 1) || lda < ((ta == OP_N ? m : k) > 1 ? (ta == OP_N ? m : k) : 1) ||
+        ldb < ((tb == OP_N ? k : n) > 1 ? (tb == OP_N ? k : n) : 1))
+        return INVALID_VALUE;
+    for (int bi = 0; bi < batch; ++bi) {
+        const int64_t oa = sa * bi, ob = sb * bi, oc = sc * bi;
+        for (int j = 0; j < n; ++j) {
+            for (int i = 0; i < m; ++i) {
+                float acc = 0.0f;
+                for (int p = 0; p < k; ++p) {
+                    const int64_t ia = ta == OP_N ? int64_t(p) * lda + i : int64_t(i) * lda + p;
+                    const int64_t ib = tb == OP_N ? int64_t(j) * ldb + p : int64_t(p) * ldb + j;
+                    acc += load(a, at, oa + ia) * load(b, bt, ob + ib);
+                }
+                const int64_t ic = oc + int64_t(j) * ldc + i;
+                // beta = 0 ignores C (it may hold NaN), as cuBLAS does.
+                const float old = beta == 0.0f ? 0.0f : beta * load(c, ct, ic);
+                store(c, ct, ic, alpha * acc + old);
+            }
+        }
+    }
+    return SUCCESS;
+}
+
+} // namespace
+
+extern "C" {
+
+cublasStatus_t cublasCreate_v2(cublasHandle_t* h) {
+    if (!h) return INVALID_VALUE;
+    *h = new BlasHandle{nullptr};
+    return SUCCESS;
+}
+
+cublasStatus_t cublasDestroy_v2(cublasHandle_t h) {
+    if (!h) return NOT_INITIALIZED;
+    delete h;
+    return SUCCESS;
+}
+
+cublasStatus_t cublasSetStream_v2(cublasHandle_t h, void* stream) {
+    if (!h) return NOT_INITIALIZED;
+    h->stream = stream;
+    return SUCCESS;
+}
+
+cublasStatus_t cublasSetMathMode(cublasHandle_t h, int) { return h ? SUCCESS : NOT_INITIALIZED; }
+
+cublasStatus_t cublasSgemm_v2(cublasHandle_t h, int ta, int tb, int m, int n, int k,
+                              const float* alpha, const float* a, int lda, const float* b,
+                              int ldb, const float* beta, float* c, int ldc) {
+    if (!h) return NOT_INITIALIZED;
+    return gemm(ta, tb, m, n, k, *alpha, a, R_32F, lda, 0, b, R_32F, ldb, 0, *beta, c, R_32F,
+                ldc, 0, 1);
+}
+
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, int ta, int tb, int m, int n, int k,
+                                         const float* alpha, const float* a, int lda,
+                                         long long sa, const float* b, int ldb, long long sb,
+                                         const float* beta, float* c, int ldc, long long sc,
+                                         int batch) {
+    if (!h) return NOT_INITIALIZED;
+    return gemm(ta, tb, m, n, k, *alpha, a, R_32F, lda, sa, b, R_32F, ldb, sb, *beta, c, R_32F,
+                ldc, sc, batch);
+}
+
+cublasStatus_t cublasGemmEx(cublasHandle_t h, int ta, int tb, int m, int n, int k,
+                            const void* alpha, const void* a, int at, int lda, const void* b,
+                            int bt, int ldb, const void* beta, void* c, int ct, int ldc,
+                            int compute, int) {
+    if (!h) return NOT_INITIALIZED;
+    if (compute != COMPUTE_32F && compute != COMPUTE_32F_PEDANTIC) return NOT_SUPPORTED;
+    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, 0, b, bt, ldb,
+                0, *static_cast<const float*>(beta), c, ct, ldc, 0, 1);
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, int ta, int tb, int m, int n, int k,
+                                          const void* alpha, const void* a, int at, int lda,
+                                          long long sa, const void* b, int bt, int ldb,
+                                          long long sb, const void* beta, void* c, int ct,
+                                          int ldc, long long sc, int batch, int compute, int) {
+    if (!h) return NOT_INITIALIZED;
+    if (compute != COMPUTE_32F && compute != COMPUTE_32F_PEDANTIC) return NOT_SUPPORTED;
+    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, sa, b, bt, ldb,
+                sb, *static_cast<const float*>(beta), c, ct, ldc, sc, batch);
+}
+
+const char* cublasGetStatusString(cublasStatus_t s) {
+    switch (s) {
+    case SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "CUBLAS_STATUS_UNKNOWN";
+    }
+}
+
+const char* cublasGetStatusName(cublasStatus_t s) { return cublasGetStatusString(s); }
+
+} // extern "C"
