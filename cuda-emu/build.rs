@@ -5,6 +5,8 @@
 //!   of `runtime/src/cuda/cu/`, each compiled as C++ behind `csrc/cuda_shim.h`, one translation
 //!   unit per source (as NVRTC compiles them), every kernel registered by name;
 //! - `libcublas.so`: the GEMMs cudarc's `CudaBlas` calls (`csrc/cublas.cpp`);
+//! - `libnccl.so`: the collectives between processes cudarc's `Comm` calls (`csrc/nccl.cpp`,
+//!   over files in /dev/shm), for `ferrotron launch` with `--backend cuda`;
 //! - `engine-selftest`: the engine's own test (`csrc/selftest.cpp`: barriers, shuffles, deadlock
 //!   reports, two real kernels), run by `tests/engine.rs`.
 //!
@@ -70,6 +72,13 @@ fn main() {
                 &csrc,
                 &[csrc.join("cublas.cpp")],
                 &lib.join("libcublas.so"),
+                true,
+            )
+            && compile(
+                &c,
+                &csrc,
+                &[csrc.join("nccl.cpp")],
+                &lib.join("libnccl.so"),
                 true,
             )
             && compile(&c, &csrc, &selftest, &out.join("engine-selftest"), false);

@@ -1,6 +1,7 @@
 //! `ferrotron run` and `train` with `--backend cuda`, end to end through the CLI, on the CPU
-//! stand-in for the CUDA driver and cuBLAS (`cuda-emu`): the CUDA backend's code path as a user
-//! runs it (NVRTC compile, virtual ranks, verification against the CPU), with no GPU. Each
+//! stand-in for the CUDA driver, cuBLAS and NCCL (`cuda-emu`): the CUDA backend's code path as
+//! a user runs it (NVRTC compile, virtual ranks, verification against the CPU), and under
+//! `ferrotron launch` one rank per process with NCCL collectives between them, with no GPU. Each
 //! command runs with the stand-in first on `LD_LIBRARY_PATH`; NVRTC must be on it too (CI
 //! installs it). Without either, the tests say they are skipped (and fail under
 //! `FERROTRON_REQUIRE_NVRTC`, as in CI).
@@ -79,12 +80,13 @@ fn run_backend_cuda_verifies_against_the_cpu_in_f32_and_bf16() {
 }
 
 #[test]
-fn train_backend_cuda_follows_the_cpu() {
+fn train_backend_cuda_follows_the_cpu_in_one_process_and_launched() {
     let dir = std::env::temp_dir().join(format!("ferrotron-cuda-cli-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = |b: &str| dir.join(format!("{b}.csv"));
-    for backend in ["cuda", "cpu"] {
+    for backend in ["cuda", "cpu", "launched"] {
         let path = log(backend);
+        let launched = ["launch", "--nproc-per-node", "2", "--timeout", "120", "--"];
         let args = [
             "train",
             "models/tiny-gpt.ron",
@@ -97,11 +99,16 @@ fn train_backend_cuda_follows_the_cpu() {
             "--steps",
             "4",
             "--backend",
-            backend,
+            if backend == "cpu" { "cpu" } else { "cuda" },
             "--log",
             path.to_str().unwrap(),
         ];
-        let out = if backend == "cuda" {
+        let args = if backend == "launched" {
+            [&launched[..], &args[..]].concat()
+        } else {
+            args.to_vec()
+        };
+        let out = if backend != "cpu" {
             match on_emulated_gpu(&args) {
                 Some(out) => out,
                 None => return,
@@ -126,13 +133,92 @@ fn train_backend_cuda_follows_the_cpu() {
             .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
             .collect()
     };
-    let (gpu, cpu) = (losses("cuda"), losses("cpu"));
+    let cpu = losses("cpu");
+    for run in ["cuda", "launched"] {
+        let gpu = losses(run);
+        assert_eq!(gpu.len(), 4, "{run}");
+        for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            assert!(
+                (g - c).abs() <= 1e-4 * c.abs(),
+                "{run}, step {step}: loss {g} on the GPU, {c} on the CPU"
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(gpu.len(), 4);
-    for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+}
+
+/// The `loss N` figure of a `run` report.
+fn reported_loss(stdout: &str) -> f64 {
+    let at = stdout.find("loss ").expect("a loss is printed") + 5;
+    stdout[at..]
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("the loss parses")
+}
+
+#[test]
+fn launch_backend_cuda_runs_a_rank_per_process_over_nccl() {
+    for (procs, mesh, dtype) in [
+        ("2", &["--tp", "2"][..], "f32"),
+        (
+            "4",
+            &["--tp", "2", "--dp", "2", "--sequence-parallel"][..],
+            "f32",
+        ),
+        ("2", &["--tp", "2"][..], "bf16"),
+    ] {
+        let mut job = vec![
+            "launch",
+            "--nproc-per-node",
+            procs,
+            "--timeout",
+            "120",
+            "--",
+        ];
+        job.extend([
+            "run",
+            "models/tiny-gpt.ron",
+            "--backend",
+            "cuda",
+            "--verify",
+        ]);
+        job.extend(["--dtype", dtype]);
+        job.extend(mesh);
+        let Some(out) = on_emulated_gpu(&job) else {
+            return;
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            (g - c).abs() <= 1e-4 * c.abs(),
-            "step {step}: loss {g} on the GPU, {c} on the CPU"
+            out.status.success(),
+            "{job:?}\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        assert!(
+            stdout.contains(&format!("run (cuda, {procs} processes)")),
+            "{stdout}"
+        );
+        assert_eq!(
+            stdout.matches(": verified").count().to_string(),
+            procs,
+            "every rank verifies its shards: {stdout}"
+        );
+        if dtype == "f32" {
+            // The same loss as all ranks in one process on the CPU.
+            let mut alone = vec!["run", "models/tiny-gpt.ron", "--verify"];
+            alone.extend(mesh);
+            let cpu = Command::new(env!("CARGO_BIN_EXE_ferrotron"))
+                .args(&alone)
+                .output()
+                .unwrap();
+            let (a, b) = (
+                reported_loss(&stdout),
+                reported_loss(&String::from_utf8_lossy(&cpu.stdout)),
+            );
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{a} launched on the GPU, {b} on the CPU"
+            );
+        }
     }
 }

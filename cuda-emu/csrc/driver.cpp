@@ -1,6 +1,7 @@
 // driver.cpp: the part of the CUDA driver API that cudarc calls for ferrotron's CUDA backend,
-// on the CPU, built as `libcuda.so` (see build.rs). One emulated device ("ferrotron CPU
-// emulator", compute capability 9.0, 4 SMs); device memory is host memory; every operation is
+// on the CPU, built as `libcuda.so` (see build.rs). Eight emulated devices ("ferrotron CPU
+// emulator", compute capability 9.0, 4 SMs each, so that `ferrotron launch` can give each
+// process its own ordinal) that share one memory: device memory is host memory; every operation is
 // carried out when it is called, in the calling thread, so streams and events order nothing and
 // are only handles (queued work is always finished: synchronizing returns at once).
 //
@@ -51,6 +52,7 @@ enum : CUresult {
 };
 
 constexpr int kSmCount = 4;
+constexpr int kDevices = 8;
 constexpr size_t kTotalMemory = size_t(16) << 30;
 
 Handle the_context{1};
@@ -115,26 +117,26 @@ CUresult cuDriverGetVersion(int* v) {
 
 CUresult cuDeviceGetCount(int* n) {
     if (!n) return INVALID_VALUE;
-    *n = 1;
+    *n = kDevices;
     return SUCCESS;
 }
 
 CUresult cuDeviceGet(CUdevice* d, int ordinal) {
     if (!d) return INVALID_VALUE;
-    if (ordinal != 0) return INVALID_DEVICE;
-    *d = 0;
+    if (ordinal < 0 || ordinal >= kDevices) return INVALID_DEVICE;
+    *d = ordinal;
     return SUCCESS;
 }
 
 CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
-    if (d != 0) return INVALID_DEVICE;
+    if (d < 0 || d >= kDevices) return INVALID_DEVICE;
     if (!name || len <= 0) return INVALID_VALUE;
     snprintf(name, (size_t)len, "%s", "ferrotron CPU emulator");
     return SUCCESS;
 }
 
 CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice d) {
-    if (d != 0) return INVALID_DEVICE;
+    if (d < 0 || d >= kDevices) return INVALID_DEVICE;
     if (!value) return INVALID_VALUE;
     switch (attribute) {
     case 1: *value = 1024; break;     // max threads per block
@@ -154,7 +156,7 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice d) {
 }
 
 CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
-    if (d != 0) return INVALID_DEVICE;
+    if (d < 0 || d >= kDevices) return INVALID_DEVICE;
     if (!bytes) return INVALID_VALUE;
     *bytes = kTotalMemory;
     return SUCCESS;
@@ -167,13 +169,15 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) {
-    if (d != 0) return INVALID_DEVICE;
+    if (d < 0 || d >= kDevices) return INVALID_DEVICE;
     if (!ctx) return INVALID_VALUE;
     *ctx = &the_context;
     return SUCCESS;
 }
 
-CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) { return d == 0 ? SUCCESS : INVALID_DEVICE; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
+    return d >= 0 && d < kDevices ? SUCCESS : INVALID_DEVICE;
+}
 
 CUresult cuCtxSetCurrent(CUcontext ctx) {
     current = ctx;

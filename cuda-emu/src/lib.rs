@@ -1,26 +1,29 @@
-//! A CPU stand-in for the CUDA driver and cuBLAS, so that ferrotron's CUDA backend runs end to
-//! end without a GPU: in CI, and on any development machine.
+//! A CPU stand-in for the CUDA driver, cuBLAS and NCCL, so that ferrotron's CUDA backend runs
+//! end to end without a GPU: in CI, and on any development machine.
 //!
 //! ```text
 //! runtime/src/cuda/cu/*.cu ─► build.rs: each compiled as C++ behind csrc/cuda_shim.h
 //!                                  + csrc/kernel_emu.cpp (threads of a block as fibers:
 //!                                    __syncthreads, warp shuffles, static __shared__)
 //!                                  + csrc/driver.cpp (the driver API cudarc calls)
-//!                             ─► $OUT_DIR/lib/libcuda.so, libcublas.so (csrc/cublas.cpp)
+//!                             ─► $OUT_DIR/lib/libcuda.so, libcublas.so (csrc/cublas.cpp),
+//!                                 libnccl.so (csrc/nccl.cpp: collectives between processes)
 //! a test process started with LD_LIBRARY_PATH=lib_dir() ─► cudarc dlopens these instead of
 //!   NVIDIA's: the CUDA backend's own code (NVRTC compile, module load, launches with their
-//!   argument checks, cuBLAS calls, streams, events, virtual-rank collectives) runs unchanged
+//!   argument checks, cuBLAS calls, streams, events, virtual-rank collectives, NCCL
+//!   communicators under `ferrotron launch`) runs unchanged
 //! ```
 //!
 //! What it proves and what it cannot: the kernels' arithmetic and indexing, the launch code
 //! (grid shapes, arguments, strides), the GEMM geometry and the host-side protocol run exactly
 //! as on a GPU, and the results are compared with the CPU backend by the same tests a GPU
-//! session runs (`runtime/tests/cuda_emulated.rs`). Everything runs in call order, so it cannot
+//! session runs (`runtime/tests/cuda_emulated.rs`) and through the CLI (`tests/cuda_cli.rs`). Everything runs in call order, so it cannot
 //! find a missing stream synchronization or a race between streams; it does not execute the
 //! PTX NVRTC produced (the compile test checks that); and fresh and freed device memory is
 //! filled with NaN bytes, so an output element a kernel forgets to write shows up.
 
-/// The directory holding the stand-in `libcuda.so` and `libcublas.so`; `None` where the build
+/// The directory holding the stand-in `libcuda.so`, `libcublas.so` and `libnccl.so`; `None`
+/// where the build
 /// found no C++ compiler (the build printed a warning; the emulated tests then say they are
 /// skipped).
 pub fn lib_dir() -> Option<&'static str> {
