@@ -8,7 +8,8 @@
 //! - `libnccl.so`: the collectives between processes cudarc's `Comm` calls (`csrc/nccl.cpp`,
 //!   over files in /dev/shm), for `ferrotron launch` with `--backend cuda`;
 //! - `engine-selftest`: the engine's own test (`csrc/selftest.cpp`: barriers, shuffles, deadlock
-//!   reports, two real kernels), run by `tests/engine.rs`.
+//!   reports, two real kernels), and `driver-selftest`, the driver's (`csrc/driver_selftest.cpp`:
+//!   lazy streams, events, a missing wait showing as NaN), both run by `tests/engine.rs`.
 //!
 //! Tests put that directory first on `LD_LIBRARY_PATH` for a child process (the loader reads it
 //! at start-up), see `src/lib.rs`. Where no C++ compiler is found the libraries are not built:
@@ -81,7 +82,14 @@ fn main() {
                 &lib.join("libnccl.so"),
                 true,
             )
-            && compile(&c, &csrc, &selftest, &out.join("engine-selftest"), false);
+            && compile(&c, &csrc, &selftest, &out.join("engine-selftest"), false)
+            && compile(
+                &c,
+                &csrc,
+                &[csrc.join("driver_selftest.cpp")],
+                &out.join("driver-selftest"),
+                false,
+            );
         ok.then_some(())
     });
     match built {
@@ -91,12 +99,17 @@ fn main() {
                 "cargo:rustc-env=FERROTRON_CUDA_EMU_SELFTEST={}",
                 out.join("engine-selftest").display()
             );
+            println!(
+                "cargo:rustc-env=FERROTRON_CUDA_EMU_DRIVER_SELFTEST={}",
+                out.join("driver-selftest").display()
+            );
         }
         None => {
             println!("cargo:rustc-env=FERROTRON_CUDA_EMU_SELFTEST=");
+            println!("cargo:rustc-env=FERROTRON_CUDA_EMU_DRIVER_SELFTEST=");
             println!(
-                "cargo:warning=no C++ compiler could build the CUDA emulator: the emulated CUDA \
-                 tests will be skipped (install g++)"
+                "cargo:warning=the CUDA stand-in was not built (no C++ compiler, or the errors \
+                 above): the emulated CUDA tests will be skipped (install g++)"
             );
             println!("cargo:rustc-env=FERROTRON_CUDA_EMU_DIR=");
         }
@@ -109,6 +122,24 @@ fn compile(c: &cc::Tool, include: &Path, files: &[PathBuf], target: &Path, share
     let mut cmd: Command = c.to_command();
     if shared {
         cmd.args(["-fPIC", "-shared"]);
+    }
+    let dir = target.parent().unwrap();
+    let links_driver = target
+        .file_name()
+        .is_some_and(|n| n != "libcuda.so" && n != "engine-selftest");
+    if links_driver {
+        // cuBLAS and NCCL queue their work on the stand-in driver's streams; the driver's
+        // self-test calls it.
+        let lib = dir.join("lib");
+        let lib = if shared { dir } else { lib.as_path() };
+        cmd.arg(format!("-L{}", lib.display())).arg(format!(
+            "-Wl,-rpath,{}",
+            if shared {
+                "$ORIGIN".into()
+            } else {
+                lib.display().to_string()
+            }
+        ));
     }
     cmd.args([
         "-std=c++17",
@@ -123,8 +154,11 @@ fn compile(c: &cc::Tool, include: &Path, files: &[PathBuf], target: &Path, share
     .arg(format!("-I{}", include.display()))
     .args(files)
     .arg("-o")
-    .arg(target)
-    .arg("-lpthread");
+    .arg(target);
+    if links_driver {
+        cmd.arg("-lcuda");
+    }
+    cmd.arg("-lpthread");
     match cmd.output() {
         Ok(o) if o.status.success() => true,
         Ok(o) => {

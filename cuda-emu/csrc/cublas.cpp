@@ -1,14 +1,18 @@
 // cublas.cpp: the cuBLAS calls cudarc's CudaBlas makes for ferrotron's MatMul, on the CPU, built
 // as `libcublas.so` (see build.rs): handles, streams, and column-major GEMMs (single and strided
 // batched) in f32 (`cublasSgemm_v2`) and with bf16 or f32 storage and f32 compute
-// (`cublasGemmEx`). Device pointers are host pointers (driver.cpp). Products accumulate in f32
-// over k in ascending order; bf16 results are rounded to nearest even, as cuBLAS stores them.
+// (`cublasGemmEx`). Device pointers are host pointers (driver.cpp); each GEMM is queued on the
+// handle's stream and runs in stream order. Products accumulate in f32 over k in ascending
+// order; bf16 results are rounded to nearest even, as cuBLAS stores them.
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 typedef int cublasStatus_t;
+
+// The stand-in driver's stream queue (driver.cpp).
+extern "C" void ftemu_stream_enqueue(void* stream, void (*run)(void*), void* arg);
 typedef struct BlasHandle* cublasHandle_t;
 struct BlasHandle {
     void* stream;
@@ -46,35 +50,64 @@ void store(void* p, int type, int64_t i, float v) {
     static_cast<uint16_t*>(p)[i] = h;
 }
 
+struct Gemm {
+    int ta, tb, m, n, k;
+    float alpha, beta;
+    const void* a;
+    int at, lda;
+    int64_t sa;
+    const void* b;
+    int bt, ldb;
+    int64_t sb;
+    void* c;
+    int ct, ldc;
+    int64_t sc;
+    int batch;
+};
+
 // C = alpha·op(A)·op(B) + beta·C, column-major: op(A) is m × k, op(B) k × n, C m × n.
-cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int at,
-                    int lda, int64_t sa, const void* b, int bt, int ldb, int64_t sb, float beta,
-                    void* c, int ct, int ldc, int64_t sc, int batch) {
+void run(void* arg) {
+    Gemm* g = static_cast<Gemm*>(arg);
+    for (int bi = 0; bi < g->batch; ++bi) {
+        const int64_t oa = g->sa * bi, ob = g->sb * bi, oc = g->sc * bi;
+        for (int j = 0; j < g->n; ++j) {
+            for (int i = 0; i < g->m; ++i) {
+                float acc = 0.0f;
+                for (int p = 0; p < g->k; ++p) {
+                    const int64_t ia =
+                        g->ta == OP_N ? int64_t(p) * g->lda + i : int64_t(i) * g->lda + p;
+                    const int64_t ib =
+                        g->tb == OP_N ? int64_t(j) * g->ldb + p : int64_t(p) * g->ldb + j;
+                    acc += load(g->a, g->at, oa + ia) * load(g->b, g->bt, ob + ib);
+                }
+                const int64_t ic = oc + int64_t(j) * g->ldc + i;
+                // beta = 0 ignores C (it may hold NaN), as cuBLAS does.
+                const float old = g->beta == 0.0f ? 0.0f : g->beta * load(g->c, g->ct, ic);
+                store(g->c, g->ct, ic, g->alpha * acc + old);
+            }
+        }
+    }
+    delete g;
+}
+
+// Checks a GEMM and queues it on the handle's stream (the stand-in driver runs it in stream
+// order, like a kernel).
+cublasStatus_t gemm(cublasHandle_t h, int ta, int tb, int m, int n, int k, float alpha,
+                    const void* a, int at, int lda, int64_t sa, const void* b, int bt, int ldb,
+                    int64_t sb, float beta, void* c, int ct, int ldc, int64_t sc, int batch) {
+    if (!h) return NOT_INITIALIZED;
     if ((ta != OP_N && ta != OP_T) || (tb != OP_N && tb != OP_T)) return NOT_SUPPORTED;
     if ((at != R_32F && at != R_16BF) || (bt != R_32F && bt != R_16BF) ||
         (ct != R_32F && ct != R_16BF))
         return NOT_SUPPORTED;
     if (m < 0 || n < 0 || k < 0 || batch < 0) return INVALID_VALUE;
-    if (ldc < (m > 1 ? m : 1) || lda < ((ta == OP_N ? m : k) > 1 ? (ta == OP_N ? m : k) : 1) ||
-        ldb < ((tb == OP_N ? k : n) > 1 ? (tb == OP_N ? k : n) : 1))
+    const int rows_a = ta == OP_N ? m : k;
+    const int rows_b = tb == OP_N ? k : n;
+    if (ldc < (m > 1 ? m : 1) || lda < (rows_a > 1 ? rows_a : 1) || ldb < (rows_b > 1 ? rows_b : 1))
         return INVALID_VALUE;
-    for (int bi = 0; bi < batch; ++bi) {
-        const int64_t oa = sa * bi, ob = sb * bi, oc = sc * bi;
-        for (int j = 0; j < n; ++j) {
-            for (int i = 0; i < m; ++i) {
-                float acc = 0.0f;
-                for (int p = 0; p < k; ++p) {
-                    const int64_t ia = ta == OP_N ? int64_t(p) * lda + i : int64_t(i) * lda + p;
-                    const int64_t ib = tb == OP_N ? int64_t(j) * ldb + p : int64_t(p) * ldb + j;
-                    acc += load(a, at, oa + ia) * load(b, bt, ob + ib);
-                }
-                const int64_t ic = oc + int64_t(j) * ldc + i;
-                // beta = 0 ignores C (it may hold NaN), as cuBLAS does.
-                const float old = beta == 0.0f ? 0.0f : beta * load(c, ct, ic);
-                store(c, ct, ic, alpha * acc + old);
-            }
-        }
-    }
+    ftemu_stream_enqueue(h->stream, &run,
+                         new Gemm{ta, tb, m, n, k, alpha, beta, a, at, lda, sa, b, bt, ldb, sb,
+                                  c, ct, ldc, sc, batch});
     return SUCCESS;
 }
 
@@ -105,8 +138,7 @@ cublasStatus_t cublasSetMathMode(cublasHandle_t h, int) { return h ? SUCCESS : N
 cublasStatus_t cublasSgemm_v2(cublasHandle_t h, int ta, int tb, int m, int n, int k,
                               const float* alpha, const float* a, int lda, const float* b,
                               int ldb, const float* beta, float* c, int ldc) {
-    if (!h) return NOT_INITIALIZED;
-    return gemm(ta, tb, m, n, k, *alpha, a, R_32F, lda, 0, b, R_32F, ldb, 0, *beta, c, R_32F,
+    return gemm(h, ta, tb, m, n, k, *alpha, a, R_32F, lda, 0, b, R_32F, ldb, 0, *beta, c, R_32F,
                 ldc, 0, 1);
 }
 
@@ -115,8 +147,7 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, int ta, int tb, int m
                                          long long sa, const float* b, int ldb, long long sb,
                                          const float* beta, float* c, int ldc, long long sc,
                                          int batch) {
-    if (!h) return NOT_INITIALIZED;
-    return gemm(ta, tb, m, n, k, *alpha, a, R_32F, lda, sa, b, R_32F, ldb, sb, *beta, c, R_32F,
+    return gemm(h, ta, tb, m, n, k, *alpha, a, R_32F, lda, sa, b, R_32F, ldb, sb, *beta, c, R_32F,
                 ldc, sc, batch);
 }
 
@@ -124,9 +155,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, int ta, int tb, int m, int n, int 
                             const void* alpha, const void* a, int at, int lda, const void* b,
                             int bt, int ldb, const void* beta, void* c, int ct, int ldc,
                             int compute, int) {
-    if (!h) return NOT_INITIALIZED;
     if (compute != COMPUTE_32F && compute != COMPUTE_32F_PEDANTIC) return NOT_SUPPORTED;
-    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, 0, b, bt, ldb,
+    return gemm(h, ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, 0, b, bt, ldb,
                 0, *static_cast<const float*>(beta), c, ct, ldc, 0, 1);
 }
 
@@ -135,9 +165,8 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, int ta, int tb, int 
                                           long long sa, const void* b, int bt, int ldb,
                                           long long sb, const void* beta, void* c, int ct,
                                           int ldc, long long sc, int batch, int compute, int) {
-    if (!h) return NOT_INITIALIZED;
     if (compute != COMPUTE_32F && compute != COMPUTE_32F_PEDANTIC) return NOT_SUPPORTED;
-    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, sa, b, bt, ldb,
+    return gemm(h, ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, sa, b, bt, ldb,
                 sb, *static_cast<const float*>(beta), c, ct, ldc, sc, batch);
 }
 

@@ -169,9 +169,15 @@ template <typename... P> void trampoline(void* fn, void** args) {
 }
 // Registers a kernel from a static initializer; the trampoline (per translation unit: the
 // parameter types are the unit's own) calls it with cuLaunchKernel's kernelParams.
+// Each parameter's byte size (a leading 0, so that a kernel without parameters has an array).
+template <typename... P> struct ParamSizes {
+    static constexpr unsigned value[] = {0u, unsigned(sizeof(P))...};
+};
+
 struct Registrar {
     template <typename... P> Registrar(const char* name, void (*fn)(P...)) {
-        register_kernel(name, reinterpret_cast<void*>(fn), &trampoline<P...>);
+        register_kernel(name, reinterpret_cast<void*>(fn), &trampoline<P...>,
+                        ParamSizes<P...>::value + 1, unsigned(sizeof...(P)));
     }
 };
 } // namespace

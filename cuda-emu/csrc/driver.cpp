@@ -1,29 +1,46 @@
 // driver.cpp: the part of the CUDA driver API that cudarc calls for ferrotron's CUDA backend,
 // on the CPU, built as `libcuda.so` (see build.rs). Eight emulated devices ("ferrotron CPU
 // emulator", compute capability 9.0, 4 SMs each, so that `ferrotron launch` can give each
-// process its own ordinal) that share one memory: device memory is host memory; every operation is
-// carried out when it is called, in the calling thread, so streams and events order nothing and
-// are only handles (queued work is always finished: synchronizing returns at once).
+// process its own ordinal) that share one memory: device memory is host memory.
 //
-// What it checks that a GPU would not report as clearly:
+// Streams are asynchronous, as a GPU's: work queued on a stream (kernel launches, copies into
+// device memory, memsets, frees, cuBLAS GEMMs through `ftemu_stream_enqueue`) runs in stream
+// order, at a time FTEMU_SCHEDULE chooses:
+// * `lazy` (the default): only when something needs it: a synchronization of the stream, of an
+//   event recorded on it or of the context; a copy back to the host; a stream that waits on one
+//   of its events reaching that wait; an NCCL call on it. A reader on one stream that does not
+//   wait for a writer on another runs first and reads the unwritten buffer (NaN, below);
+// * `peers`: queuing work on a stream first runs everything queued on every other stream, so a
+//   buffer freed (or overwritten) on one stream is gone before a reader queued later on another
+//   stream runs, unless that reader waited for it properly;
+// * `eager`: every operation runs when it is queued.
+// The tests run under `lazy` and `peers`: between them, a missing wait either way shows.
+//
+// What else it checks that a GPU would not report as clearly:
 // * fresh allocations are filled with 0xFF bytes (a NaN in f32 and bf16), and freed ones too
-//   before they are released, so a kernel that leaves an output element unwritten, or a read of
-//   a freed buffer, shows up as NaN in the results;
+//   (kept from reuse for a while), so a kernel that leaves an output element unwritten, or a
+//   read of a freed buffer, shows up as NaN in the results;
 // * every copy and memset must lie inside one live allocation (CUDA_ERROR_INVALID_VALUE);
 // * cuModuleGetFunction finds kernels by name among those compiled from the sources; the
 //   module image NVRTC produced is not executed (it only has to exist);
-// * a kernel launch that deadlocks (a barrier not every thread reaches) fails the launch with
-//   CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString's text for it names the kernel.
+// * a kernel launch that deadlocks (a barrier not every thread reaches) fails with
+//   CUDA_ERROR_LAUNCH_FAILED, sticky as on a GPU (every later synchronization fails too), and
+//   cuGetErrorString's text for it names the kernel.
 
 #include "kernel_emu.h"
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -37,6 +54,23 @@ typedef const ftemu::Kernel* CUfunction;
 struct Handle {
     int kind;
 };
+
+namespace {
+
+// A stream: the operations queued on it and not yet run, and how many were queued and run.
+struct Stream : Handle {
+    std::deque<std::function<void()>> queue;
+    uint64_t queued = 0;
+    uint64_t done = 0;
+};
+
+// An event: the stream it was last recorded on and how much of that stream it marks.
+struct Event : Handle {
+    Stream* stream = nullptr;
+    uint64_t mark = 0;
+};
+
+} // namespace
 
 namespace {
 
@@ -61,7 +95,63 @@ thread_local CUcontext current = nullptr;
 std::mutex allocations_lock;
 std::map<uintptr_t, size_t> allocations; // start -> bytes
 
+// Queues and runs stream work (recursive: running a wait runs another stream's work).
+std::recursive_mutex queues_lock;
+Stream null_stream; // CUstream 0
+std::vector<Stream*> all_streams{&null_stream}; // never freed: a wait may still name one
+std::string sticky_error;                        // the first failed launch, under queues_lock
 thread_local std::string last_launch_error;
+
+enum Schedule { kLazy, kPeers, kEager };
+
+Schedule schedule() {
+    static const Schedule s = [] {
+        const char* v = getenv("FTEMU_SCHEDULE");
+        if (v && strcmp(v, "peers") == 0) return kPeers;
+        if (v && strcmp(v, "eager") == 0) return kEager;
+        if (v && *v && strcmp(v, "lazy") != 0)
+            fprintf(stderr, "ferrotron CUDA emulator: FTEMU_SCHEDULE=%s: using lazy\n", v);
+        return kLazy;
+    }();
+    return s;
+}
+
+Stream* stream_of(CUstream s) { return s ? static_cast<Stream*>(s) : &null_stream; }
+
+// Runs `s`'s queued work up to `mark` operations in all. Under queues_lock.
+void run_until(Stream* s, uint64_t mark) {
+    while (s->done < mark && !s->queue.empty()) {
+        std::function<void()> op = std::move(s->queue.front());
+        s->queue.pop_front();
+        ++s->done;
+        op();
+    }
+}
+
+void run_all(Stream* s) { run_until(s, s->queued); }
+
+// Queues `op` on `s` as the schedule says. Under queues_lock.
+void enqueue(Stream* s, std::function<void()> op) {
+    switch (schedule()) {
+    case kPeers:
+        for (Stream* other : all_streams) {
+            if (other != s) run_all(other);
+        }
+        break;
+    case kEager:
+        run_all(s);
+        ++s->queued;
+        ++s->done;
+        op();
+        return;
+    case kLazy:
+        break;
+    }
+    ++s->queued;
+    s->queue.push_back(std::move(op));
+}
+
+CUresult sticky() { return sticky_error.empty() ? 0 : 719; }
 
 CUresult allocate(CUdeviceptr* out, size_t bytes) {
     if (!out) return INVALID_VALUE;
@@ -78,17 +168,27 @@ CUresult allocate(CUdeviceptr* out, size_t bytes) {
     return SUCCESS;
 }
 
+// Freed blocks wait here, poisoned, before going back to the C allocator (which would reuse
+// them at once): a read after the free reads NaN, not whatever was allocated there next.
+std::deque<std::pair<void*, size_t>> quarantine;
+size_t quarantined = 0;
+constexpr size_t kQuarantineBytes = size_t(256) << 20;
+
 CUresult release(CUdeviceptr ptr) {
     size_t bytes;
-    {
-        std::lock_guard<std::mutex> g(allocations_lock);
-        auto it = allocations.find((uintptr_t)ptr);
-        if (it == allocations.end()) return INVALID_VALUE;
-        bytes = it->second;
-        allocations.erase(it);
-    }
+    std::lock_guard<std::mutex> g(allocations_lock);
+    auto it = allocations.find((uintptr_t)ptr);
+    if (it == allocations.end()) return INVALID_VALUE;
+    bytes = it->second;
+    allocations.erase(it);
     memset((void*)(uintptr_t)ptr, 0xFF, bytes);
-    free((void*)(uintptr_t)ptr);
+    quarantine.emplace_back((void*)(uintptr_t)ptr, bytes);
+    quarantined += bytes;
+    while (quarantined > kQuarantineBytes && !quarantine.empty()) {
+        free(quarantine.front().first);
+        quarantined -= quarantine.front().second;
+        quarantine.pop_front();
+    }
     return SUCCESS;
 }
 
@@ -196,42 +296,76 @@ CUresult cuCtxGetDevice(CUdevice* d) {
     return SUCCESS;
 }
 
-CUresult cuCtxSynchronize() { return SUCCESS; }
+CUresult cuCtxSynchronize() {
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    for (Stream* st : all_streams) run_all(st);
+    return sticky();
+}
 
-// Streams and events: handles only (work is done when it is queued).
+// Streams and events.
 CUresult cuStreamCreate(CUstream* s, unsigned) {
     if (!s) return INVALID_VALUE;
-    *s = new_handle(2);
+    auto* st = new Stream();
+    st->kind = 2;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    all_streams.push_back(st);
+    *s = st;
     return SUCCESS;
 }
 CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int) {
     return cuStreamCreate(s, flags);
 }
 CUresult cuStreamDestroy_v2(CUstream s) {
-    if (!s || s == &the_context) return INVALID_HANDLE;
-    delete s;
+    if (!s || s->kind != 2) return INVALID_HANDLE;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    run_all(stream_of(s)); // its work still completes; the object stays (waits may name it)
     return SUCCESS;
 }
-CUresult cuStreamSynchronize(CUstream) { return SUCCESS; }
-CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return SUCCESS; }
-CUresult cuStreamQuery(CUstream) { return SUCCESS; }
+CUresult cuStreamSynchronize(CUstream s) {
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    run_all(stream_of(s));
+    return sticky();
+}
+CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
+CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    if (!e || e->kind != 3) return INVALID_HANDLE;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    Event* ev = static_cast<Event*>(e);
+    Stream* other = ev->stream;
+    uint64_t mark = ev->mark;
+    if (other) enqueue(stream_of(s), [other, mark] { run_until(other, mark); });
+    return SUCCESS;
+}
 
 CUresult cuEventCreate(CUevent* e, unsigned) {
     if (!e) return INVALID_VALUE;
-    *e = new_handle(3);
+    auto* ev = new Event();
+    ev->kind = 3;
+    *e = ev;
     return SUCCESS;
 }
 CUresult cuEventDestroy_v2(CUevent e) {
-    if (!e) return INVALID_HANDLE;
-    delete e;
+    if (!e || e->kind != 3) return INVALID_HANDLE;
+    delete static_cast<Event*>(e);
     return SUCCESS;
 }
-CUresult cuEventRecord(CUevent e, CUstream) { return e ? SUCCESS : INVALID_HANDLE; }
-CUresult cuEventRecordWithFlags(CUevent e, CUstream, unsigned) {
-    return e ? SUCCESS : INVALID_HANDLE;
+CUresult cuEventRecord(CUevent e, CUstream s) {
+    if (!e || e->kind != 3) return INVALID_HANDLE;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    Event* ev = static_cast<Event*>(e);
+    ev->stream = stream_of(s);
+    ev->mark = ev->stream->queued;
+    return SUCCESS;
 }
-CUresult cuEventSynchronize(CUevent e) { return e ? SUCCESS : INVALID_HANDLE; }
-CUresult cuEventQuery(CUevent e) { return e ? SUCCESS : INVALID_HANDLE; }
+CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
+CUresult cuEventSynchronize(CUevent e) {
+    if (!e || e->kind != 3) return INVALID_HANDLE;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    Event* ev = static_cast<Event*>(e);
+    if (ev->stream) run_until(ev->stream, ev->mark);
+    return sticky();
+}
+CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
     if (!ms) return INVALID_VALUE;
     *ms = 0.0f;
@@ -241,11 +375,21 @@ CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
     return cuEventElapsedTime(ms, a, b);
 }
 
-// Memory.
+// Memory: allocations happen at once; copies into device memory, memsets and frees are queued
+// (a copy's host bytes are taken at once, as CUDA stages pageable memory); a copy to the host
+// first runs the stream's queued work.
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return allocate(p, bytes); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return allocate(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    cuCtxSynchronize();
+    return release(p);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    if (!inside(p, 0)) return INVALID_VALUE;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    enqueue(stream_of(s), [p] { release(p); });
+    return SUCCESS;
+}
 
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     if (!p) return INVALID_VALUE;
@@ -257,41 +401,56 @@ CUresult cuMemFreeHost(void* p) {
     return SUCCESS;
 }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
     if (n == 0) return SUCCESS;
     if (!inside(dst, n) || !src) return INVALID_VALUE;
-    memcpy((void*)(uintptr_t)dst, src, n);
+    auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
+                                                      static_cast<const char*>(src) + n);
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    enqueue(stream_of(s), [dst, staged] {
+        memcpy((void*)(uintptr_t)dst, staged->data(), staged->size());
+    });
     return SUCCESS;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
-    return cuMemcpyHtoD_v2(dst, src, n);
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    CUresult r = cuMemcpyHtoDAsync_v2(dst, src, n, nullptr);
+    return r == SUCCESS ? cuCtxSynchronize() : r;
 }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
     if (n == 0) return SUCCESS;
     if (!inside(src, n) || !dst) return INVALID_VALUE;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    run_all(stream_of(s));
     memcpy(dst, (const void*)(uintptr_t)src, n);
-    return SUCCESS;
+    return sticky();
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
-    return cuMemcpyDtoH_v2(dst, src, n);
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    cuCtxSynchronize();
+    return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr);
 }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     if (n == 0) return SUCCESS;
     if (!inside(dst, n) || !inside(src, n)) return INVALID_VALUE;
-    memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    enqueue(stream_of(s), [dst, src, n] {
+        memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
+    });
     return SUCCESS;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
-    return cuMemcpyDtoD_v2(dst, src, n);
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    CUresult r = cuMemcpyDtoDAsync_v2(dst, src, n, nullptr);
+    return r == SUCCESS ? cuCtxSynchronize() : r;
 }
-CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
     if (n == 0) return SUCCESS;
     if (!inside(dst, n)) return INVALID_VALUE;
-    memset((void*)(uintptr_t)dst, v, n);
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    enqueue(stream_of(s), [dst, v, n] { memset((void*)(uintptr_t)dst, v, n); });
     return SUCCESS;
 }
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
-    return cuMemsetD8_v2(dst, v, n);
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    CUresult r = cuMemsetD8Async(dst, v, n, nullptr);
+    return r == SUCCESS ? cuCtxSynchronize() : r;
 }
 
 // Modules: the image is NVRTC's real output (checked by the compile test); functions are looked
@@ -321,21 +480,50 @@ CUresult cuFuncGetAttribute(int* value, int, CUfunction f) {
 CUresult cuFuncSetAttribute(CUfunction f, int, int) { return f ? SUCCESS : INVALID_HANDLE; }
 
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                        unsigned by, unsigned bz, unsigned shared_bytes, CUstream, void** params,
+                        unsigned by, unsigned bz, unsigned shared_bytes, CUstream s, void** params,
                         void** extra) {
     if (!f) return INVALID_HANDLE;
     if (extra || shared_bytes != 0) return NOT_SUPPORTED;
     if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0 ||
         (unsigned long long)bx * by * bz > 1024)
         return INVALID_VALUE;
-    const char* error = ftemu::launch(f, gx, gy, gz, bx, by, bz, params);
-    if (error) {
-        last_launch_error = error;
-        fprintf(stderr, "ferrotron CUDA emulator: %s\n", error);
-        return LAUNCH_FAILED;
+    if (f->params > 0 && !params) return INVALID_VALUE;
+    // The arguments are copied now (kernelParams point at the caller's variables), each at a
+    // 16-byte aligned offset.
+    std::vector<size_t> offsets;
+    size_t total = 0;
+    for (unsigned i = 0; i < f->params; ++i) {
+        offsets.push_back(total);
+        total += (f->sizes[i] + 15) / 16 * 16;
     }
-    return SUCCESS;
+    auto blob = std::make_shared<std::vector<std::max_align_t>>(
+        (total + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t) + 1);
+    char* base = reinterpret_cast<char*>(blob->data());
+    for (unsigned i = 0; i < f->params; ++i) memcpy(base + offsets[i], params[i], f->sizes[i]);
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    if (!sticky_error.empty()) return LAUNCH_FAILED;
+    enqueue(stream_of(s), [=] {
+        if (!sticky_error.empty()) return; // the context is broken, as on a GPU
+        std::vector<void*> args(f->params);
+        char* b = reinterpret_cast<char*>(blob->data());
+        for (unsigned i = 0; i < f->params; ++i) args[i] = b + offsets[i];
+        const char* error = ftemu::launch(f, gx, gy, gz, bx, by, bz, args.data());
+        if (error) {
+            sticky_error = error;
+            fprintf(stderr, "ferrotron CUDA emulator: %s\n", error);
+        }
+    });
+    return sticky();
 }
+
+// For the stand-in cuBLAS (cublas.cpp): queues `run(arg)` on stream `s` like a kernel; `run`
+// owns `arg`. And for the stand-in NCCL (nccl.cpp): runs `s`'s queued work now.
+void ftemu_stream_enqueue(CUstream s, void (*run)(void*), void* arg) {
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    enqueue(stream_of(s), [run, arg] { run(arg); });
+}
+
+CUresult ftemu_stream_run(CUstream s) { return cuStreamSynchronize(s); }
 
 CUresult cuGetErrorName(CUresult e, const char** s) {
     if (!s) return INVALID_VALUE;
@@ -355,6 +543,10 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
     if (!s) return INVALID_VALUE;
+    {
+        std::lock_guard<std::recursive_mutex> g(queues_lock);
+        last_launch_error = sticky_error;
+    }
     if (e == LAUNCH_FAILED && !last_launch_error.empty()) {
         *s = last_launch_error.c_str();
         return SUCCESS;

@@ -286,9 +286,10 @@ void reset_fibers() {
 
 } // namespace
 
-void register_kernel(const char* name, void* fn, void (*call)(void*, void**)) {
+void register_kernel(const char* name, void* fn, void (*call)(void*, void**),
+                     const unsigned* sizes, unsigned params) {
     if (find_kernel(name) == nullptr) {
-        registry().push_back(Kernel{name, fn, call});
+        registry().push_back(Kernel{name, fn, call, sizes, params});
     }
 }
 

@@ -42,16 +42,20 @@ struct Dim3 {
 extern Dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 // A kernel registered by name: `call(fn, args)` calls `fn` with the arguments `args` points at
-// (cuLaunchKernel's kernelParams: one pointer per parameter, to its value).
+// (cuLaunchKernel's kernelParams: one pointer per parameter, to its value); `sizes` are the
+// parameters' byte sizes (so a queued launch can keep a copy of its arguments).
 struct Kernel {
     const char* name;
     void* fn;
     void (*call)(void* fn, void** args);
+    const unsigned* sizes;
+    unsigned params;
 };
 
 // Registers a kernel (from static initializers: see FTEMU_KERNEL in cuda_shim.h). The first
 // registration of a name wins.
-void register_kernel(const char* name, void* fn, void (*call)(void*, void**));
+void register_kernel(const char* name, void* fn, void (*call)(void*, void**),
+                     const unsigned* sizes, unsigned params);
 
 // The kernel registered as `name`, or nullptr. The pointer stays valid for the process.
 const Kernel* find_kernel(const char* name);

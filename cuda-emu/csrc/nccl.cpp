@@ -7,8 +7,8 @@
 // barrier; each collective has every member write its send buffer to `<name>.<rank>`, meet at
 // the barrier, read every member's buffer and compute its own result (reductions in rank order,
 // so every member gets the same bits), and meet again before the files are reused. Device
-// pointers are host pointers (driver.cpp); every call completes before it returns, so streams
-// and groups order nothing. A member that does not arrive within FTEMU_NCCL_TIMEOUT seconds
+// pointers are host pointers (driver.cpp); a collective first runs the work queued on its stream
+// (the stand-in driver's streams are lazy), then completes before it returns. A member that does not arrive within FTEMU_NCCL_TIMEOUT seconds
 // (default 120) fails the collective with ncclSystemError; ncclCommAbort makes the peers' waits
 // fail at once.
 
@@ -30,6 +30,9 @@
 #include <vector>
 
 typedef int ncclResult_t;
+
+// The stand-in driver (driver.cpp): runs a stream's queued work.
+extern "C" int ftemu_stream_run(void* stream);
 
 namespace {
 
@@ -211,8 +214,10 @@ ncclResult_t fetch(const ncclComm* c, int rank, std::vector<char>& out, size_t b
 
 // The shared shape of every collective: publish, meet, read all, compute, meet.
 template <typename F>
-ncclResult_t collective(ncclComm* c, const void* send, size_t send_bytes, F compute) {
+ncclResult_t collective(ncclComm* c, void* stream, const void* send, size_t send_bytes,
+                        F compute) {
     if (!c) return fail(kInvalidArgument, "no communicator");
+    if (ftemu_stream_run(stream) != 0) return fail(kSystemError, "the stream's work failed");
     if (c->control->aborted.load()) return fail(kRemoteError, "the communicator was aborted");
     ncclResult_t r = publish(c, send, send_bytes);
     if (r == kSuccess) r = barrier(c);
@@ -309,10 +314,10 @@ ncclResult_t ncclGroupStart() { return kSuccess; }
 ncclResult_t ncclGroupEnd() { return kSuccess; }
 
 ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int type, int op,
-                           ncclComm_t c, void*) {
+                           ncclComm_t c, void* stream) {
     size_t es = element_size(type);
     if (!es || op < kSum || op > kMin) return fail(kInvalidArgument, "unsupported type or op");
-    return collective(c, send, count * es, [&](const std::vector<std::vector<char>>& all) {
+    return collective(c, stream, send, count * es, [&](const std::vector<std::vector<char>>& all) {
         for (size_t i = 0; i < count; ++i) {
             double acc = load(all[0].data(), type, i);
             for (size_t r = 1; r < all.size(); ++r)
@@ -323,23 +328,23 @@ ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int type,
 }
 
 ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, int type, ncclComm_t c,
-                           void*) {
+                           void* stream) {
     size_t es = element_size(type);
     if (!es) return fail(kInvalidArgument, "unsupported type");
     size_t bytes = count * es;
-    return collective(c, send, bytes, [&](const std::vector<std::vector<char>>& all) {
+    return collective(c, stream, send, bytes, [&](const std::vector<std::vector<char>>& all) {
         for (size_t r = 0; r < all.size(); ++r)
             memcpy(static_cast<char*>(recv) + r * bytes, all[r].data(), bytes);
     });
 }
 
 ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t count, int type, int op,
-                               ncclComm_t c, void*) {
+                               ncclComm_t c, void* stream) {
     size_t es = element_size(type);
     if (!es || op < kSum || op > kMin) return fail(kInvalidArgument, "unsupported type or op");
     if (!c) return fail(kInvalidArgument, "no communicator");
     size_t first = size_t(c->rank) * count;
-    return collective(c, send, count * es * size_t(c->size),
+    return collective(c, stream, send, count * es * size_t(c->size),
                       [&](const std::vector<std::vector<char>>& all) {
                           for (size_t i = 0; i < count; ++i) {
                               double acc = load(all[0].data(), type, first + i);
@@ -352,11 +357,11 @@ ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t count, int t
 }
 
 ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, int type, int root,
-                           ncclComm_t c, void*) {
+                           ncclComm_t c, void* stream) {
     size_t es = element_size(type);
     if (!es || !c || root < 0 || root >= c->size) return fail(kInvalidArgument, "bad broadcast");
     size_t bytes = count * es;
-    return collective(c, send, bytes, [&](const std::vector<std::vector<char>>& all) {
+    return collective(c, stream, send, bytes, [&](const std::vector<std::vector<char>>& all) {
         memcpy(recv, all[size_t(root)].data(), bytes);
     });
 }

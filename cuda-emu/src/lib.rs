@@ -36,3 +36,9 @@ pub fn engine_selftest() -> Option<&'static str> {
     let exe = env!("FERROTRON_CUDA_EMU_SELFTEST");
     (!exe.is_empty()).then_some(exe)
 }
+
+/// The driver's self-test executable (`csrc/driver_selftest.cpp`), where it was built.
+pub fn driver_selftest() -> Option<&'static str> {
+    let exe = env!("FERROTRON_CUDA_EMU_DRIVER_SELFTEST");
+    (!exe.is_empty()).then_some(exe)
+}

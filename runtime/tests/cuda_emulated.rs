@@ -50,38 +50,50 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
         Ok(p) if !p.is_empty() => format!("{dir}:{p}"),
         _ => dir.to_owned(),
     };
-    let cache = std::env::temp_dir().join(format!("ferrotron-emu-kernels-{}", std::process::id()));
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["ops::", "equivalence::", "--test-threads", "2"])
-        // 24 GB of tensors past 2^31 elements: a GPU's test, not this machine's memory.
-        .args(["--skip", "tensors_past_two_to_the_31_elements"])
-        .env("LD_LIBRARY_PATH", path)
-        .env(CHILD, "1")
-        .env("FERROTRON_REQUIRE_GPU", "1")
-        .env("FERROTRON_CACHE_DIR", &cache)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&cache);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let _ = writeln!(std::io::stderr(), "{stdout}\n{stderr}");
-    assert!(out.status.success(), "the emulated GPU tests failed");
-    // Every included test ran there (none filtered away, none skipped).
-    let passed: usize = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("test result: ok. "))
-        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
-        .sum();
-    let listed = stdout
-        .lines()
-        .filter(|l| l.starts_with("test ops::") || l.starts_with("test equivalence::"))
-        .count();
-    assert!(
-        listed >= 25 && passed >= listed,
-        "{listed} tests listed, {passed} passed"
-    );
-    assert!(
-        !stderr.contains("SKIPPED"),
-        "a test skipped on the emulated device"
-    );
+    // Both stream schedules of the stand-in (cuda-emu/csrc/driver.cpp): `lazy` runs a stream's
+    // work only when something waits for it, `peers` runs every other stream's work before
+    // queuing more; a missing wait between streams reads NaN under one or the other.
+    for schedule in ["lazy", "peers"] {
+        let cache = std::env::temp_dir().join(format!(
+            "ferrotron-emu-kernels-{}-{schedule}",
+            std::process::id()
+        ));
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["ops::", "equivalence::", "--test-threads", "2"])
+            // 24 GB of tensors past 2^31 elements: a GPU's test, not this machine's memory.
+            .args(["--skip", "tensors_past_two_to_the_31_elements"])
+            .env("LD_LIBRARY_PATH", &path)
+            .env(CHILD, "1")
+            .env("FERROTRON_REQUIRE_GPU", "1")
+            .env("FERROTRON_CACHE_DIR", &cache)
+            .env("FTEMU_SCHEDULE", schedule)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&cache);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let _ = writeln!(std::io::stderr(), "[{schedule}]\n{stdout}\n{stderr}");
+        assert!(
+            out.status.success(),
+            "the emulated GPU tests failed ({schedule})"
+        );
+        // Every included test ran there (none filtered away, none skipped).
+        let passed: usize = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("test result: ok. "))
+            .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+            .sum();
+        let listed = stdout
+            .lines()
+            .filter(|l| l.starts_with("test ops::") || l.starts_with("test equivalence::"))
+            .count();
+        assert!(
+            listed >= 25 && passed >= listed,
+            "{schedule}: {listed} tests listed, {passed} passed"
+        );
+        assert!(
+            !stderr.contains("SKIPPED"),
+            "{schedule}: a test skipped on the emulated device"
+        );
+    }
 }
