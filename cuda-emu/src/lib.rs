@@ -17,10 +17,12 @@
 //! What it proves and what it cannot: the kernels' arithmetic and indexing, the launch code
 //! (grid shapes, arguments, strides), the GEMM geometry and the host-side protocol run exactly
 //! as on a GPU, and the results are compared with the CPU backend by the same tests a GPU
-//! session runs (`runtime/tests/cuda_emulated.rs`) and through the CLI (`tests/cuda_cli.rs`). Everything runs in call order, so it cannot
-//! find a missing stream synchronization or a race between streams; it does not execute the
-//! PTX NVRTC produced (the compile test checks that); and fresh and freed device memory is
-//! filled with NaN bytes, so an output element a kernel forgets to write shows up.
+//! session runs (`runtime/tests/cuda_emulated.rs`) and through the CLI (`tests/cuda_cli.rs`).
+//! Streams are asynchronous (`FTEMU_SCHEDULE`: `lazy` runs a stream's work only when something
+//! waits for it, `peers` runs every other stream's work before queuing more), and fresh and freed
+//! device memory reads as NaN, so a missing wait between streams, an output element a kernel
+//! forgets to write, or a read after a free shows up in the results. It does not execute the
+//! PTX NVRTC produced (the compile test checks that), and says nothing about speed.
 
 /// The directory holding the stand-in `libcuda.so`, `libcublas.so` and `libnccl.so`; `None`
 /// where the build
