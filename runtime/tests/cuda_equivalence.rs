@@ -1,5 +1,5 @@
 //! The CUDA backend computes what the CPU backend computes: the tiny GPT, BERT and Llama-style
-//! models, partitioned at tp = 1, 2 and 4 (virtual ranks on one GPU, each on its own stream),
+//! models, partitioned at tp = 1, 2, 4, 8 and 3 (virtual ranks on one GPU, each on its own stream),
 //! with data parallelism and sequence parallelism, run on the GPU and compared with the
 //! unpartitioned model on the CPU on the same weights and batch: the loss, every output and
 //! every gradient, within the `f32` tolerances; in bf16 storage within bf16's.
@@ -88,7 +88,7 @@ fn check(g: &Graph, tp: u64, dp: u64, sp: bool, dtype: DType) -> bool {
 }
 
 #[test]
-fn tiny_gpt_f32_at_tp_1_2_4() {
+fn tiny_gpt_f32_at_tp_1_2_4_8() {
     let g = model("tiny-gpt.ron", &[("batch", 4)]);
     for tp in [1, 2, 4] {
         if !check(&g, tp, 1, false, DType::F32) {
@@ -98,6 +98,9 @@ fn tiny_gpt_f32_at_tp_1_2_4() {
     check(&g, 2, 2, false, DType::F32);
     check(&g, 2, 1, true, DType::F32);
     check(&g, 4, 2, true, DType::F32);
+    // Eight ranks need eight heads.
+    let eight = model("tiny-gpt.ron", &[("batch", 4), ("heads", 8)]);
+    check(&eight, 8, 1, false, DType::F32);
 }
 
 #[test]
