@@ -6,6 +6,9 @@
 //! installs it). Without either, the tests say they are skipped (and fail under
 //! `FERROTRON_REQUIRE_NVRTC`, as in CI).
 
+mod common;
+
+use common::reported_loss;
 use std::process::{Command, Output};
 
 /// `ferrotron args…` on the emulated device, or `None` (after saying why) where it cannot run.
@@ -145,16 +148,6 @@ fn train_backend_cuda_follows_the_cpu_in_one_process_and_launched() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The `loss N` figure of a `run` report.
-fn reported_loss(stdout: &str) -> f64 {
-    let at = stdout.find("loss ").expect("a loss is printed") + 5;
-    stdout[at..]
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .next()
-        .and_then(|s| s.parse().ok())
-        .expect("the loss parses")
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! Each process verifies its own gradient shards against the unpartitioned model, and the loss
 //! the job reports is the in-process run's.
 
+mod common;
+
+use common::reported_loss as loss;
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrotron");
@@ -17,16 +20,6 @@ fn ferrotron(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// The `loss N` figure of a `run` report.
-fn loss(stdout: &str) -> f64 {
-    let at = stdout.find("loss ").expect("a loss is printed") + 5;
-    stdout[at..]
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .next()
-        .and_then(|s| s.parse().ok())
-        .expect("the loss parses")
 }
 
 #[test]

@@ -5,6 +5,8 @@
 // handle's stream and runs in stream order. Products accumulate in f32 over k in ascending
 // order; bf16 results are rounded to nearest even, as cuBLAS stores them.
 
+#include "bf16.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,27 +29,15 @@ enum : int { COMPUTE_32F = 68, COMPUTE_32F_PEDANTIC = 69 };
 
 float load(const void* p, int type, int64_t i) {
     if (type == R_32F) return static_cast<const float*>(p)[i];
-    uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return ftemu::bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
 void store(void* p, int type, int64_t i, float v) {
     if (type == R_32F) {
         static_cast<float*>(p)[i] = v;
-        return;
-    }
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    uint16_t h;
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        h = uint16_t((u >> 16) | 0x0040u);
     } else {
-        u += 0x7fffu + ((u >> 16) & 1u);
-        h = uint16_t(u >> 16);
+        static_cast<uint16_t*>(p)[i] = ftemu::f32_to_bf16(v);
     }
-    static_cast<uint16_t*>(p)[i] = h;
 }
 
 struct Gemm {

@@ -12,6 +12,8 @@
 // (default 120) fails the collective with ncclSystemError; ncclCommAbort makes the peers' waits
 // fail at once.
 
+#include "bf16.h"
+
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -84,12 +86,7 @@ double load(const void* p, int type, size_t i) {
     case kInt32: return static_cast<const int32_t*>(p)[i];
     case kFloat32: return static_cast<const float*>(p)[i];
     case kFloat64: return static_cast<const double*>(p)[i];
-    default: {
-        uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
+    default: return ftemu::bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
     }
 }
 
@@ -98,19 +95,7 @@ void store(void* p, int type, size_t i, double v) {
     case kInt32: static_cast<int32_t*>(p)[i] = int32_t(v); return;
     case kFloat32: static_cast<float*>(p)[i] = float(v); return;
     case kFloat64: static_cast<double*>(p)[i] = v; return;
-    default: {
-        float f = float(v);
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        uint16_t h;
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            h = uint16_t((u >> 16) | 0x0040u);
-        } else {
-            u += 0x7fffu + ((u >> 16) & 1u);
-            h = uint16_t(u >> 16);
-        }
-        static_cast<uint16_t*>(p)[i] = h;
-    }
+    default: static_cast<uint16_t*>(p)[i] = ftemu::f32_to_bf16(float(v)); return;
     }
 }
 

@@ -189,6 +189,31 @@ fn zip_map(
     }
 }
 
+/// `$body` with `$f` bound to activation `$act`'s function and `$vjp` to its vector-Jacobian
+/// product (`math.rs`), one copy per activation, so each loop is compiled for its function.
+macro_rules! per_activation {
+    ($act:expr, $f:ident, $vjp:ident => $body:expr) => {
+        match $act {
+            Activation::Gelu => {
+                let ($f, $vjp) = (math::gelu, math::gelu_vjp);
+                $body
+            }
+            Activation::GeluTanh => {
+                let ($f, $vjp) = (math::gelu_tanh, math::gelu_tanh_vjp);
+                $body
+            }
+            Activation::Silu => {
+                let ($f, $vjp) = (math::silu, math::silu_vjp);
+                $body
+            }
+            Activation::Relu => {
+                let ($f, $vjp) = (math::relu, math::relu_vjp);
+                $body
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // The dispatcher
 
@@ -223,7 +248,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
         Op::Gelu(x) => one(map(x, th, math::gelu)),
         Op::GeluTanh(x) => one(map(x, th, math::gelu_tanh)),
         Op::Silu(x) => one(map(x, th, math::silu)),
-        Op::Relu(x) => one(map(x, th, |v| v.max(0.0))),
+        Op::Relu(x) => one(map(x, th, math::relu)),
         Op::LayerNorm {
             x,
             weight,
@@ -359,18 +384,7 @@ pub fn eval(op: &Op<&Tensor, Dim>, local: &Local) -> Result<Vec<Tensor>, KernelE
             index::same_shape("the gradient", &x.shape, &dy.shape).or_invalid(name)?;
             let shape = &x.shape;
             let (x, dy) = (&x.data, &dy.data);
-            one(match a {
-                Activation::Gelu => zip_map(shape, x, dy, th, |x, g| {
-                    (g as f64 * math::gelu_grad(x)) as f32
-                }),
-                Activation::GeluTanh => {
-                    zip_map(shape, x, dy, th, |x, g| g * math::gelu_tanh_grad(x))
-                }
-                Activation::Silu => zip_map(shape, x, dy, th, |x, g| g * math::silu_grad(x)),
-                Activation::Relu => {
-                    zip_map(shape, x, dy, th, |x, g| if x > 0.0 { g } else { g * 0.0 })
-                }
-            })
+            one(per_activation!(a, _f, vjp => zip_map(shape, x, dy, th, vjp)))
         }
         Op::LayerNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, true, th),
         Op::RmsNormGrad { x, weight, dy, eps } => norm_grad(name, x, *weight, dy, *eps, false, th),
@@ -394,28 +408,12 @@ pub fn eval_fused(op: &Fused<&Tensor>, local: &Local) -> Result<Tensor> {
     match op {
         Fused::BiasAct { act, x, bias } => {
             check_bias(name, &x.shape, &bias.shape)?;
-            Ok(match act {
-                Activation::Gelu => bias_map(x, bias, th, math::gelu),
-                Activation::GeluTanh => bias_map(x, bias, th, math::gelu_tanh),
-                Activation::Silu => bias_map(x, bias, th, math::silu),
-                Activation::Relu => bias_map(x, bias, th, |v| v.max(0.0)),
-            })
+            Ok(per_activation!(act, f, _vjp => bias_map(x, bias, th, f)))
         }
         Fused::BiasActGrad { act, x, bias, dy } => {
             check_bias(name, &x.shape, &bias.shape)?;
             index::same_shape("the gradient", &x.shape, &dy.shape).or_invalid(name)?;
-            Ok(match act {
-                Activation::Gelu => bias_zip(x, bias, dy, th, |x, g| {
-                    (g as f64 * math::gelu_grad(x)) as f32
-                }),
-                Activation::GeluTanh => {
-                    bias_zip(x, bias, dy, th, |x, g| g * math::gelu_tanh_grad(x))
-                }
-                Activation::Silu => bias_zip(x, bias, dy, th, |x, g| g * math::silu_grad(x)),
-                Activation::Relu => {
-                    bias_zip(x, bias, dy, th, |x, g| if x > 0.0 { g } else { g * 0.0 })
-                }
-            })
+            Ok(per_activation!(act, _f, vjp => bias_zip(x, bias, dy, th, vjp)))
         }
         Fused::ScaledSoftmax { x, factor, causal } => softmax(name, x, *causal, Some(*factor), th),
         Fused::ScaledSoftmaxGrad { y, dy, factor } => softmax_grad(name, y, dy, Some(*factor), th),

@@ -151,6 +151,43 @@ pub(crate) fn silu_grad(x: f32) -> f32 {
     s * (1.0 + x * s_neg)
 }
 
+/// `f32::max(x, 0)` (a NaN gives 0).
+#[inline(always)]
+pub(crate) fn relu(x: f32) -> f32 {
+    x.max(0.0)
+}
+
+// Each activation's vector-Jacobian product `dy · act'(x)`, as `ActGrad` and the fused
+// `BiasActGrad` compute it.
+
+/// Exact GeLU's: the product in `f64`.
+#[inline(always)]
+pub(crate) fn gelu_vjp(x: f32, dy: f32) -> f32 {
+    (dy as f64 * gelu_grad(x)) as f32
+}
+
+/// GPT-2 GeLU's.
+#[inline(always)]
+pub(crate) fn gelu_tanh_vjp(x: f32, dy: f32) -> f32 {
+    dy * gelu_tanh_grad(x)
+}
+
+/// SiLU's.
+#[inline(always)]
+pub(crate) fn silu_vjp(x: f32, dy: f32) -> f32 {
+    dy * silu_grad(x)
+}
+
+/// ReLU's: `dy` where `x > 0`, else `dy · 0` (a NaN or infinite `dy` stays NaN).
+#[inline(always)]
+pub(crate) fn relu_vjp(x: f32, dy: f32) -> f32 {
+    if x > 0.0 {
+        dy
+    } else {
+        dy * 0.0
+    }
+}
+
 const LANES: usize = 8;
 
 /// `Σ f(x)` in `f64`, over eight independent lanes.
