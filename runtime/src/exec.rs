@@ -957,17 +957,11 @@ impl<B: Backend> Rank<'_, B> {
         values: &[Option<Cow<B::Tensor>>],
     ) -> Result<B::Tensor, ExecError> {
         let g = &self.plan.graph;
-        let mut missing = None;
-        let mapped = op.map(|v| {
-            values[v.index()].as_deref().or_else(|| {
-                missing.get_or_insert(*v);
-                None
+        let mapped = op.try_map(|v| {
+            values[v.index()].as_deref().ok_or_else(|| {
+                self.plan_error(n, format!("`{}` is not available", g.values[*v].name))
             })
-        });
-        if let Some(v) = missing {
-            return Err(self.plan_error(n, format!("`{}` is not available", g.values[v].name)));
-        }
-        let mapped = mapped.map(|t| t.expect("checked above"));
+        })?;
         let local = Local {
             threads: self.opts.threads_per_rank.max(1),
             ..Local::default()

@@ -98,29 +98,37 @@ impl<V> Fused<V> {
 
     /// The same op with each input mapped.
     pub fn map<W>(&self, mut f: impl FnMut(&V) -> W) -> Fused<W> {
-        match self {
+        match self.try_map(|v| Ok::<W, std::convert::Infallible>(f(v))) {
+            Ok(op) => op,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The same op with each input mapped, or the first error.
+    pub fn try_map<W, E>(&self, mut f: impl FnMut(&V) -> Result<W, E>) -> Result<Fused<W>, E> {
+        Ok(match self {
             Fused::BiasAct { act, x, bias } => Fused::BiasAct {
                 act: *act,
-                x: f(x),
-                bias: f(bias),
+                x: f(x)?,
+                bias: f(bias)?,
             },
             Fused::BiasActGrad { act, x, bias, dy } => Fused::BiasActGrad {
                 act: *act,
-                x: f(x),
-                bias: f(bias),
-                dy: f(dy),
+                x: f(x)?,
+                bias: f(bias)?,
+                dy: f(dy)?,
             },
             Fused::ScaledSoftmax { x, factor, causal } => Fused::ScaledSoftmax {
-                x: f(x),
+                x: f(x)?,
                 factor: *factor,
                 causal: *causal,
             },
             Fused::ScaledSoftmaxGrad { y, dy, factor } => Fused::ScaledSoftmaxGrad {
-                y: f(y),
-                dy: f(dy),
+                y: f(y)?,
+                dy: f(dy)?,
                 factor: *factor,
             },
-        }
+        })
     }
 }
 
