@@ -36,7 +36,10 @@ impl Lib {
     /// Where it usually comes from.
     fn hint(self) -> &'static str {
         match self {
-            Lib::Driver => "install the NVIDIA driver (libcuda.so.1 ships with it)",
+            Lib::Driver => {
+                "install the NVIDIA driver (libcuda.so.1 ships with it); without a GPU, the \
+                 CPU stand-in in cuda-emu/ runs the backend (README: \"Without a GPU\")"
+            }
             Lib::Nvrtc => "pip install nvidia-cuda-nvrtc (CUDA 13) and add its lib directory to LD_LIBRARY_PATH",
             Lib::Cublas | Lib::CublasLt => {
                 "pip install nvidia-cublas (CUDA 13) and add its lib directory to LD_LIBRARY_PATH"
