@@ -191,3 +191,35 @@ fn training_on_the_gpu_follows_the_cpu() {
         eprintln!("{dtype:?}: five steps follow the CPU trainer");
     }
 }
+
+/// The GPU benchmark's own code (`cuda::bench`, what `benches/gpu_layer.rs` runs at the 8.3B
+/// shape) at a small shape: it runs to a report with finite numbers and a per-op profile, so a
+/// GPU session does not spend its minutes finding a bug in it.
+#[test]
+fn the_gpu_layer_benchmark_runs_at_a_small_shape() {
+    use ferrotron_runtime::cuda::bench::{self, LayerBench};
+    let Some(cuda) = gpu(1, DType::Bf16) else {
+        return;
+    };
+    let dir = std::env::var("FERROTRON_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| bench::models_dir());
+    let report = bench::run(&cuda, &dir, &LayerBench::SMOKE).unwrap();
+    for key in [
+        "gemm_tflops",
+        "model_1_layer_step_ms",
+        "model_2_layer_step_ms",
+        "layer_tflop",
+    ] {
+        let v = report[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}: {report}");
+    }
+    assert_eq!(report["shape"]["hidden"], 64, "{report}");
+    let profile = report["profile_2_layers_traced"].as_array().unwrap();
+    assert!(
+        profile
+            .iter()
+            .any(|r| r["op"].as_str().is_some_and(|o| o.starts_with("MatMul"))),
+        "{report}"
+    );
+}
