@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::summary::Summary;
 use ferrotron_ir::{load_model, LoadOptions};
-use ferrotron_partitioner::cost::{simulate, weak_scaling_table, Cluster, SimOptions};
+use ferrotron_partitioner::cost::{estimate, weak_scaling_table, Cluster, EstimateOptions};
 use ferrotron_partitioner::{partition, verify_plan, Layout, PartitionOptions, Report};
 use ferrotron_runtime::tokenizer::Tokenizer;
 use ferrotron_runtime::train::Batches;
@@ -303,7 +303,7 @@ fn run(cli: Cli) -> Result<()> {
             verify_plan(&plan)?;
             let verified = start.elapsed() - loaded - partitioned;
             if let Some(path) = &output {
-                plan.save(path)?;
+                write_atomically(path, plan.to_ron().as_bytes())?;
             }
             let report = Report::of(&plan);
             if json {
@@ -339,23 +339,31 @@ fn run(cli: Cli) -> Result<()> {
             weak_scaling,
             json,
         } => {
-            let cluster = Cluster::load(&cluster)?;
+            let cluster = read_cluster(&cluster)?;
             let compute_dtype = parse_dtype(dtype.as_deref())?;
-            let opts = SimOptions {
+            let opts = EstimateOptions {
                 compute_dtype,
                 recompute,
                 overlap_dp: !no_overlap,
-                ..SimOptions::default()
+                ..EstimateOptions::default()
             };
             if weak_scaling {
-                let opts = SimOptions {
+                let opts = EstimateOptions {
                     compute_dtype: opts.compute_dtype.or(Some(ferrotron_ir::DType::F16)),
                     recompute: true,
                     ..opts
                 };
+                // The paper's models, from the zoo in the working directory.
+                let zoo = |file: &str, dims: &[(&str, u64)]| {
+                    let opts = LoadOptions {
+                        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
+                        ..LoadOptions::default()
+                    };
+                    let path = std::path::Path::new("models").join(file);
+                    load_model(&path, &opts).map_err(|e| e.to_string())
+                };
                 let (_, table) =
-                    weak_scaling_table(std::path::Path::new("models"), &cluster, &opts)
-                        .map_err(|e| anyhow::anyhow!(e))?;
+                    weak_scaling_table(zoo, &cluster, &opts).map_err(|e| anyhow::anyhow!(e))?;
                 print!("{table}");
                 return Ok(());
             }
@@ -382,7 +390,7 @@ fn run(cli: Cli) -> Result<()> {
             let plan = partition(&graph, &options)?;
             // Scaling efficiency against the one-GPU run of the same per-GPU work: this rank's
             // program, on the same shard shapes, with nothing to communicate.
-            let sim = simulate(&plan, &cluster, &opts);
+            let sim = estimate(&plan, &cluster, &opts);
             if json {
                 println!("{}", serde_json::to_string(&sim)?);
             } else {
@@ -424,15 +432,26 @@ fn run(cli: Cli) -> Result<()> {
             top,
             json,
         } => {
-            let cluster = Cluster::load(&cluster)?;
-            let opts = SimOptions {
+            let cluster = read_cluster(&cluster)?;
+            let opts = EstimateOptions {
                 compute_dtype: parse_dtype(dtype.as_deref())?,
-                ..SimOptions::default()
+                ..EstimateOptions::default()
             };
             let started = std::time::Instant::now();
-            let choice =
-                ferrotron_partitioner::planner::choose(&model, &dims, &cluster, gpus, batch, &opts)
-                    .map_err(|e| anyhow::anyhow!(e))?;
+            let load = |batch: Option<u64>| {
+                let mut overrides = dims.clone();
+                if let Some(b) = batch {
+                    overrides.retain(|(n, _)| n != "batch");
+                    overrides.push(("batch".into(), b));
+                }
+                let opts = LoadOptions {
+                    overrides,
+                    ..LoadOptions::default()
+                };
+                load_model(&model, &opts).map_err(|e| e.to_string())
+            };
+            let choice = ferrotron_partitioner::planner::choose(load, &cluster, gpus, batch, &opts)
+                .map_err(|e| anyhow::anyhow!(e))?;
             let took = started.elapsed();
             if json {
                 println!("{}", serde_json::to_string(&choice)?);
@@ -442,7 +461,7 @@ fn run(cli: Cli) -> Result<()> {
                     "tp", "dp", "SP", "recompute", "tokens/s", "step (s)", "GiB/GPU", "fits"
                 );
                 for c in choice.candidates.iter().take(top) {
-                    match &c.simulation {
+                    match &c.estimate {
                         Some(s) => println!(
                             "{:>5} {:>6} {:>3} {:>9} {:>12.0} {:>9.3} {:>10.1} {:>5}",
                             c.tp,
@@ -587,9 +606,16 @@ fn progress_bar(done: u64, total: u64, width: usize) -> String {
 }
 
 /// Writes a file whole or not at all: a temporary sibling, then a rename.
+/// A cluster file.
+fn read_cluster(path: &std::path::Path) -> Result<Cluster> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Cluster::from_ron(&text, &path.display().to_string())?)
+}
+
 fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         anyhow::anyhow!("{}: {e}", path.display())

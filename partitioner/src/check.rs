@@ -9,7 +9,8 @@
 //! backward graph; [`verify_plan`] uses it to re-check every node of a plan, read back from disk
 //! or edited by hand, and names the first node whose recorded layout does not follow.
 
-use crate::layout::{Layout, Mesh, MeshLayout};
+use crate::layout::{Layout, MeshLayout};
+use crate::mesh::Mesh;
 use crate::plan::Plan;
 use crate::rules::{output_layouts_on, RuleError, Sharded};
 use ferrotron_ir::graph::EntityRef;
@@ -27,16 +28,10 @@ pub(crate) struct In {
 
 /// The full type of a value held locally as `local` under `layout`.
 pub(crate) fn global_type(mesh: Mesh, local: &TensorType, layout: MeshLayout) -> TensorType {
+    let full = mesh.global_sizes(&local.shape.sizes(), layout);
     let mut shape = local.shape.clone();
-    for axis in [MeshAxis::Tp, MeshAxis::Dp] {
-        if let Layout::Split(d) = layout.on(axis) {
-            if let Some(dim) = shape.0.get_mut(d) {
-                *dim = Dim {
-                    size: dim.size * mesh.size(axis),
-                    name: dim.name.clone(),
-                };
-            }
-        }
+    for (dim, size) in shape.0.iter_mut().zip(full) {
+        dim.size = size;
     }
     TensorType::new(local.dtype, shape)
 }
@@ -114,16 +109,6 @@ fn globalize(mesh: Mesh, op: &Op, outs: &[(&TensorType, MeshLayout)]) -> Op {
     op
 }
 
-fn local_sizes(mesh: Mesh, x: &In) -> Vec<u64> {
-    let mut sizes = x.ty.shape.sizes();
-    for axis in [MeshAxis::Tp, MeshAxis::Dp] {
-        if let Layout::Split(d) = x.layout.on(axis) {
-            sizes[d] /= mesh.size(axis);
-        }
-    }
-    sizes
-}
-
 fn has_size_attributes(op: &Op) -> bool {
     matches!(
         op,
@@ -174,7 +159,7 @@ pub(crate) fn infer_local(
     // is tried first, then the guess from local sizes, then splits before the rest.
     if let Some(x) = ins.first() {
         if let (Layout::Split(d), Op::Reshape { .. } | Op::SumTo { .. }) = (x.layout.tp, op) {
-            let local_in = local_sizes(mesh, x);
+            let local_in = mesh.local_sizes(&x.ty.shape.sizes(), x.layout);
             let local_out = outs[0].shape.sizes();
             let mapped: Option<usize> = match op {
                 Op::SumTo { .. } => {

@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! clusters/*.ron ─► Cluster ─┐
-//! Plan (SPMD graph, mesh) ───┴─► simulate: one rank's program, node by node
+//! Plan (SPMD graph, mesh) ───┴─► estimate: one rank's program, node by node
 //!     compute stream: GEMMs, memory-bound ops, blocking tp collectives, recomputation
 //!     dp stream:      gradient all-reduces, started when their gradient is produced
-//!     ─► Simulation (step time, throughput, memory from Report)
+//!     ─► Estimate (step time, throughput, memory from Report)
 //! ```
 //!
 //! Every rank runs the same SPMD program on shard-local shapes, so one rank's time is the step
@@ -27,7 +27,7 @@
 //! - **Everything else** is memory-bound: the bytes of its inputs and outputs over
 //!   `memory_bandwidth × memory_efficiency`. Views (reshape, split, slice, expand, f) are free.
 //!   Every kernel and every collective pays `kernel_overhead_s`.
-//! - **Dtype**: values are priced at [`SimOptions::compute_dtype`] when given (the model files
+//! - **Dtype**: values are priced at [`EstimateOptions::compute_dtype`] when given (the model files
 //!   are f32; the paper trained in fp16), integers at their own size.
 //! - **Collectives** follow the ring model with NCCL's bus-bandwidth factors: all-reduce moves
 //!   `2(n−1)/n` of the buffer, all-gather and reduce-scatter `(n−1)/n`, plus `2(n−1)` resp.
@@ -44,13 +44,13 @@
 //!   produced on the compute stream (the finish time of the node defining it, wherever the plan
 //!   places the all-reduce) and the stream is busy one at a time; only what runs past the end of
 //!   the backward pass is exposed. Gradients are fused into buckets
-//!   ([`SimOptions::dp_bucket_bytes`], as PyTorch DDP does); a bucket starts when its last
-//!   gradient is ready. With [`SimOptions::overlap_dp`] off the gradients are fused into one flat
+//!   ([`EstimateOptions::dp_bucket_bytes`], as PyTorch DDP does); a bucket starts when its last
+//!   gradient is ready. With [`EstimateOptions::overlap_dp`] off the gradients are fused into one flat
 //!   buffer, all-reduced after the backward pass and all of it exposed (Megatron-LM 2019's local
 //!   DDP: `_flatten_dense_tensors`, divide, `all_reduce`, copy back). Fusing costs memory traffic:
 //!   6 bytes per gradient byte (copy in, scale, copy out). Contention between the two streams is
 //!   ignored.
-//! - **Recomputation** ([`SimOptions::recompute`]): every forward node inside a layer runs again
+//! - **Recomputation** ([`EstimateOptions::recompute`]): every forward node inside a layer runs again
 //!   during the backward pass (including its tp collectives); the extra time is spread over the
 //!   backward pass in proportion to each backward node's time, so gradients become ready later.
 //! - **Optimizer** ([`optimizer_traffic`]): global-norm clipping and Adam, memory-bound, per local
@@ -69,7 +69,7 @@
 //! **Throughput** counts the FLOPs the GPU executes ([`ferrotron_ir::count::node_flops`] over the
 //! forward and backward graph, plus the recomputed forward): the convention under which the
 //! paper's 39 TFLOP/s is reproduced here. **Scaling efficiency** is TFLOP/s per GPU over the
-//! baseline's ([`simulate_against`]). Without a baseline ([`simulate`]) the baseline is the
+//! baseline's ([`estimate_against`]). Without a baseline ([`estimate`]) the baseline is the
 //! one-GPU run of the same per-GPU work: this rank's program, op for op on the same shard shapes,
 //! on one GPU with nothing to communicate; the efficiency is then its step time over the plan's
 //! (communication is the only loss; the shards' own GEMM efficiency is in both).
@@ -80,10 +80,9 @@ use crate::report::Report;
 use crate::{partition, PartitionOptions};
 use ferrotron_ir::count::node_flops;
 use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::{DType, Graph, LoadOptions, MeshAxis, Op, ScopeId, ValueDef, ValueId};
+use ferrotron_ir::{DType, Graph, MeshAxis, Op, ScopeId, ValueDef, ValueId};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// Peak dense tensor rates of one GPU, FLOP/s, per dtype (0 where unsupported).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,17 +156,9 @@ pub struct Cluster {
     pub inter_node: Link,
 }
 
-/// Reading a cluster file.
+/// Why a cluster file's text is not a cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
     /// Not a cluster.
     #[error("{path}:{line}:{col}: {message}")]
     Parse {
@@ -230,15 +221,6 @@ impl Cluster {
             }
         }
         Ok(c)
-    }
-
-    /// Reads a cluster file.
-    pub fn load(path: &Path) -> Result<Cluster, ClusterError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ClusterError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Cluster::from_ron(&text, &path.display().to_string())
     }
 
     /// Peak FLOP/s at `dtype` (integers: the f32 rate).
@@ -395,7 +377,7 @@ pub fn collective_time(cluster: &Cluster, kind: Collective, group: Group, bytes:
 
 /// How to price a plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SimOptions {
+pub struct EstimateOptions {
     /// Price every float value at this dtype (GEMMs at its peak); `None`: as the plan says.
     pub compute_dtype: Option<DType>,
     /// Activation recomputation: keep only the layers' inputs, run each layer's forward again in
@@ -412,9 +394,9 @@ pub struct SimOptions {
     pub dp_bucket_bytes: u64,
 }
 
-impl Default for SimOptions {
+impl Default for EstimateOptions {
     fn default() -> Self {
-        SimOptions {
+        EstimateOptions {
             compute_dtype: None,
             recompute: false,
             overlap_dp: true,
@@ -424,18 +406,18 @@ impl Default for SimOptions {
     }
 }
 
-impl SimOptions {
+impl EstimateOptions {
     /// The paper's setting, as its 2019 code ran it: fp16 with dynamic loss scaling and an f32
     /// master copy, activation recomputation after every layer (§4.2), and the gradient
     /// all-reduce after the backward pass (`pretrain_gpt2.py` calls
     /// `model.allreduce_params(...)` after `optimizer.backward(loss)`; its local DDP flattens
     /// every gradient into one buffer).
-    pub fn megatron() -> SimOptions {
-        SimOptions {
+    pub fn megatron() -> EstimateOptions {
+        EstimateOptions {
             compute_dtype: Some(DType::F16),
             recompute: true,
             overlap_dp: false,
-            ..SimOptions::default()
+            ..EstimateOptions::default()
         }
     }
 }
@@ -483,7 +465,7 @@ pub struct Memory {
 
 /// What a plan does on a cluster.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Simulation {
+pub struct Estimate {
     /// The model.
     pub model: String,
     /// The cluster.
@@ -536,19 +518,19 @@ pub struct Simulation {
 
 /// Prices `plan` on `cluster`; scaling efficiency against the one-GPU run of the same per-GPU
 /// work (this rank's program with nothing to communicate, see the module docs).
-pub fn simulate(plan: &Plan, cluster: &Cluster, opts: &SimOptions) -> Simulation {
-    simulate_against(plan, None, cluster, opts)
+pub fn estimate(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions) -> Estimate {
+    estimate_against(plan, None, cluster, opts)
 }
 
 /// Prices `plan` on `cluster`, with scaling efficiency against `baseline` (the paper's weak
 /// scaling: a one-GPU plan of about the same per-GPU work) or, when `None`, against the one-GPU
 /// run of this plan's own per-GPU work (see the module docs).
-pub fn simulate_against(
+pub fn estimate_against(
     plan: &Plan,
     baseline: Option<&Plan>,
     cluster: &Cluster,
-    opts: &SimOptions,
-) -> Simulation {
+    opts: &EstimateOptions,
+) -> Estimate {
     let t = timeline(plan, cluster, opts, true);
     let memory = memory(plan, opts);
     let dtype = compute_dtype(plan, opts);
@@ -559,7 +541,7 @@ pub fn simulate_against(
         None => timeline(plan, cluster, opts, false),
     };
     let base = tb.flops / tb.step_time() / 1e12;
-    Simulation {
+    Estimate {
         model: plan.model.clone(),
         cluster: cluster.name.clone(),
         tp: plan.mesh.tp,
@@ -587,7 +569,7 @@ pub fn simulate_against(
     }
 }
 
-fn compute_dtype(plan: &Plan, opts: &SimOptions) -> DType {
+fn compute_dtype(plan: &Plan, opts: &EstimateOptions) -> DType {
     opts.compute_dtype.unwrap_or_else(|| {
         plan.graph
             .params
@@ -598,7 +580,7 @@ fn compute_dtype(plan: &Plan, opts: &SimOptions) -> DType {
 }
 
 /// Bytes of `v` at the compute dtype.
-fn priced_bytes(g: &Graph, v: ValueId, opts: &SimOptions) -> u64 {
+fn priced_bytes(g: &Graph, v: ValueId, opts: &EstimateOptions) -> u64 {
     let ty = g.ty(v);
     match opts.compute_dtype {
         Some(d) if ty.dtype.is_float() => ty.shape.numel().unwrap_or(0) * d.size_bytes(),
@@ -652,7 +634,7 @@ fn layer_of_node(
 }
 
 /// One rank's step; `comm` false: the same program on one GPU, every collective a no-op.
-fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions, comm: bool) -> Timeline {
+fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> Timeline {
     let g = &plan.graph;
     let dtype = compute_dtype(plan, opts);
     let peak = cluster.peak(dtype);
@@ -874,7 +856,7 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &SimOptions, comm: bool) -> Ti
 
 /// Memory per GPU: [`Report`]'s figures, re-priced at the compute dtype, with recomputation's
 /// approximation (see the module docs).
-pub fn memory(plan: &Plan, opts: &SimOptions) -> Memory {
+pub fn memory(plan: &Plan, opts: &EstimateOptions) -> Memory {
     let g = &plan.graph;
     let report = Report::of(plan);
     let r = &report.per_rank;
@@ -955,7 +937,7 @@ pub fn memory(plan: &Plan, opts: &SimOptions) -> Memory {
 pub fn calibrate_gemm(
     plan: &Plan,
     cluster: &Cluster,
-    opts: &SimOptions,
+    opts: &EstimateOptions,
     target_tflops: f64,
 ) -> f64 {
     let mut c = cluster.clone();
@@ -983,7 +965,8 @@ pub struct WeakScalingRow {
     /// Data-parallel degree.
     pub dp: u64,
     /// The prediction.
-    pub simulation: Simulation,
+    #[serde(rename = "simulation")]
+    pub estimate: Estimate,
     /// The paper's weak-scaling efficiency (Shoeybi et al. 2019, figure 5).
     pub paper_efficiency: f64,
 }
@@ -1007,18 +990,15 @@ pub const PAPER_STRONG_SCALING: [(u64, f64); 4] = [(1, 1.0), (2, 1.64), (4, 2.34
 /// 24 and 32 heads and its weak-scaling efficiency. An out-of-sample check too.
 pub const PAPER_HEADS: [(u64, f64); 3] = [(16, 0.82), (24, 0.80), (32, 0.77)];
 
+/// A paper model from `load`, with `dims` overridden, partitioned at `tp × dp`.
 fn load_and_partition(
-    dir: &Path,
+    load: &impl Fn(&str, &[(&str, u64)]) -> Result<Graph, String>,
     file: &str,
     dims: &[(&str, u64)],
     tp: u64,
     dp: u64,
 ) -> Result<Plan, String> {
-    let opts = LoadOptions {
-        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
-        ..LoadOptions::default()
-    };
-    let g = ferrotron_ir::load_model(&dir.join(file), &opts).map_err(|e| e.to_string())?;
+    let g = load(file, dims)?;
     partition(
         &g,
         &PartitionOptions {
@@ -1032,28 +1012,28 @@ fn load_and_partition(
 
 /// The paper's weak-scaling study on `cluster`: 1.2B on 1 GPU, 2.5B on 2, 4.2B on 4, 8.3B on 8
 /// (tp = GPUs, batch 8), and the same with 64-way data parallelism (global batch 512), each
-/// against the 1.2B model on one GPU with batch 8 (the paper's baseline). `models` is the
-/// directory holding `megatron-*.ron`. Returns the rows and a markdown report: the table, then
+/// against the 1.2B model on one GPU with batch 8 (the paper's baseline). `load` gives a model
+/// of the zoo by its file name (`megatron-1.2b.ron`) with the named dimensions overridden. Returns the rows and a markdown report: the table, then
 /// the paper's strong-scaling and attention-head tables predicted the same way.
 pub fn weak_scaling_table(
-    models: &Path,
+    load: impl Fn(&str, &[(&str, u64)]) -> Result<Graph, String>,
     cluster: &Cluster,
-    opts: &SimOptions,
+    opts: &EstimateOptions,
 ) -> Result<(Vec<WeakScalingRow>, String), String> {
-    let baseline = load_and_partition(models, PAPER_WEAK_SCALING[0].0, &[("batch", 8)], 1, 1)?;
+    let baseline = load_and_partition(&load, PAPER_WEAK_SCALING[0].0, &[("batch", 8)], 1, 1)?;
     let mut rows = Vec::new();
     for dp in [1u64, 64] {
         for &(file, tp, mp, mpdp) in &PAPER_WEAK_SCALING {
             let plan = if tp == 1 && dp == 1 {
                 baseline.clone()
             } else {
-                load_and_partition(models, file, &[("batch", 8 * dp)], tp, dp)?
+                load_and_partition(&load, file, &[("batch", 8 * dp)], tp, dp)?
             };
             rows.push(WeakScalingRow {
                 model: file.trim_end_matches(".ron").to_owned(),
                 tp,
                 dp,
-                simulation: simulate_against(&plan, Some(&baseline), cluster, opts),
+                estimate: estimate_against(&plan, Some(&baseline), cluster, opts),
                 paper_efficiency: if dp == 1 { mp } else { mpdp },
             });
         }
@@ -1094,7 +1074,7 @@ pub fn weak_scaling_table(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in &rows {
-        let s = &r.simulation;
+        let s = &r.estimate;
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1}{} | {:.0}% | {:.0}% | {:+.1} |",
@@ -1115,7 +1095,7 @@ pub fn weak_scaling_table(
     }
     let within = rows
         .iter()
-        .filter(|r| (r.simulation.scaling_efficiency - r.paper_efficiency).abs() <= 0.05)
+        .filter(|r| (r.estimate.scaling_efficiency - r.paper_efficiency).abs() <= 0.05)
         .count();
     let _ = writeln!(
         md,
@@ -1124,12 +1104,12 @@ pub fn weak_scaling_table(
     );
     // The largest configuration's floor: what every node must send across InfiniBand.
     if let (Some(big), Some(mp)) = (
-        rows.iter().max_by_key(|r| r.simulation.gpus),
+        rows.iter().max_by_key(|r| r.estimate.gpus),
         rows.iter()
-            .max_by_key(|r| r.simulation.gpus)
+            .max_by_key(|r| r.estimate.gpus)
             .and_then(|b| rows.iter().find(|r| r.model == b.model && r.dp == 1)),
     ) {
-        let s = &big.simulation;
+        let s = &big.estimate;
         let grp = Group {
             size: big.dp,
             stride: big.tp,
@@ -1141,7 +1121,7 @@ pub fn weak_scaling_table(
             let per_node = big.tp as f64 * s.memory.gradients as f64;
             let out = 2.0 * (nodes - 1) as f64 / nodes as f64 * per_node;
             let floor = out / cluster.inter_node.bandwidth;
-            let m = &mp.simulation;
+            let m = &mp.estimate;
             let ceiling = m.scaling_efficiency * m.step_time_s / (m.step_time_s + floor);
             let _ = writeln!(
                 md,
@@ -1171,14 +1151,14 @@ pub fn weak_scaling_table(
         "\n### Strong scaling of the 1.2B model, batch 8 (paper table 8)\n\n\
          | GPUs (tp) | step (s) | tp comm (s) | predicted speedup | paper |\n|---:|---:|---:|---:|---:|"
     );
-    let t1 = simulate_against(&baseline, None, cluster, opts).step_time_s;
+    let t1 = estimate_against(&baseline, None, cluster, opts).step_time_s;
     for &(tp, paper) in &PAPER_STRONG_SCALING {
         let plan = if tp == 1 {
             baseline.clone()
         } else {
-            load_and_partition(models, PAPER_WEAK_SCALING[0].0, &[("batch", 8)], tp, 1)?
+            load_and_partition(&load, PAPER_WEAK_SCALING[0].0, &[("batch", 8)], tp, 1)?
         };
-        let s = simulate_against(&plan, None, cluster, opts);
+        let s = estimate_against(&plan, None, cluster, opts);
         let _ = writeln!(
             md,
             "| {tp} | {:.3} | {:.3} | {:.2} | {paper:.2} |",
@@ -1195,13 +1175,13 @@ pub fn weak_scaling_table(
     );
     for &(heads, paper) in &PAPER_HEADS {
         let plan = load_and_partition(
-            models,
+            &load,
             PAPER_WEAK_SCALING[3].0,
             &[("batch", 8), ("heads", heads)],
             8,
             1,
         )?;
-        let s = simulate_against(&plan, Some(&baseline), cluster, opts);
+        let s = estimate_against(&plan, Some(&baseline), cluster, opts);
         let _ = writeln!(
             md,
             "| {heads} | {} | {:.3} | {:.0}% | {:.0}% |",

@@ -1,6 +1,6 @@
-//! The layout algebra (`../shared/DESIGN.md`): how one tensor is held across the ranks of one
-//! mesh axis. Everything the partitioner decides is a layout per value; every conversion between
-//! layouts is a known collective.
+//! The layout algebra: how one tensor is held across the ranks of one mesh axis. Everything the
+//! partitioner decides is a layout per value; every conversion between layouts is a known
+//! collective. Which indices a layout gives each rank is [`crate::mesh`]'s.
 
 use ferrotron_ir::op::MeshAxis;
 use serde::{Deserialize, Serialize};
@@ -74,25 +74,6 @@ pub enum Conversion {
     GatherThenKeepOnOneRank(usize),
 }
 
-/// The mesh of ranks: `tp × dp`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mesh {
-    /// Tensor-parallel degree.
-    pub tp: u64,
-    /// Data-parallel degree.
-    pub dp: u64,
-}
-
-impl Mesh {
-    /// Ranks along `axis`.
-    pub fn size(&self, axis: MeshAxis) -> u64 {
-        match axis {
-            MeshAxis::Tp => self.tp,
-            MeshAxis::Dp => self.dp,
-        }
-    }
-}
-
 /// A value's layout on both mesh axes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MeshLayout {
@@ -121,20 +102,5 @@ impl MeshLayout {
 impl fmt::Display for MeshLayout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "tp: {}, dp: {}", self.tp, self.dp)
-    }
-}
-
-impl Mesh {
-    /// The full (unpartitioned) shape of a value whose local shape is `local`.
-    pub fn global_sizes(&self, local: &[u64], layout: MeshLayout) -> Vec<u64> {
-        let mut sizes = local.to_vec();
-        for axis in [MeshAxis::Tp, MeshAxis::Dp] {
-            if let Layout::Split(d) = layout.on(axis) {
-                if let Some(s) = sizes.get_mut(d) {
-                    *s *= self.size(axis);
-                }
-            }
-        }
-        sizes
     }
 }

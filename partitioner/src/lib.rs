@@ -7,12 +7,15 @@
 //!       ─► check::verify_plan ─► Plan ─► report (collectives, memory per rank)
 //! ```
 //!
-//! - [`layout`]: the layout algebra (replicated / split / partial) and the mesh.
+//! - [`layout`]: the layout algebra (replicated / split / partial).
+//! - [`mesh`]: the device mesh (rank ↔ coordinates) and shard geometry (which indices a rank
+//!   holds): the one place that slices by rank.
 //! - [`rules`]: each op's sharding rules on one mesh axis.
 //! - [`strategy`]: phase 1, the Megatron strategy found from the dataflow.
 //! - [`lower`]: phase 2, the SPMD plan for a mesh, with autodiff.
 //! - [`check`]: layout inference with fused-weight blocks, and the plan verifier.
-//! - [`plan`]: the plan, its parameter shards, RON files.
+//! - [`plan`]: the plan and its parameter shards.
+//! - [`planfile`]: plans as RON text, verified when read.
 //! - [`planner`]: which tp × dp (× sequence parallelism × recomputation) to run on a cluster.
 //! - [`report`]: what a plan communicates and stores per rank.
 //! - [`simulate`]: the executable semantics of a plan, run on simulated ranks in `f64`.
@@ -23,7 +26,9 @@ pub mod check;
 pub mod cost;
 pub mod layout;
 pub mod lower;
+pub mod mesh;
 pub mod plan;
+pub mod planfile;
 pub mod planner;
 pub mod report;
 pub mod rules;
@@ -31,9 +36,11 @@ pub mod simulate;
 pub mod strategy;
 
 pub use check::{value_blocks, verify_plan, PlanError};
-pub use layout::{Layout, Mesh, MeshLayout};
+pub use layout::{Layout, MeshLayout};
 pub use lower::partition;
-pub use plan::{ParamShard, PartitionOptions, Plan, PlanFileError};
+pub use mesh::{Coord, Mesh, Region};
+pub use plan::{ParamShard, PartitionOptions, Plan};
+pub use planfile::PlanFileError;
 pub use report::Report;
 
 use ferrotron_ir::{AutodiffError, Dim};

@@ -19,7 +19,8 @@
 //! backward collectives are exactly the conjugates of the forward ones.
 
 use crate::check::{from_inputs, global_type, infer_local, node_layouts, verify_plan, In};
-use crate::layout::{Layout, Mesh, MeshLayout};
+use crate::layout::{Layout, MeshLayout};
+use crate::mesh::Mesh;
 use crate::plan::{ParamShard, PartitionOptions, Plan};
 use crate::strategy::{megatron, rule_on, Strategy};
 use crate::PartitionError;

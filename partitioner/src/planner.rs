@@ -5,18 +5,17 @@
 //! ```text
 //! model + cluster + GPUs ─► every tp dividing the GPUs that the model allows
 //!     × sequence parallelism × recomputation ─► partition (one plan per tp and SP; recomputation
-//!     is a pricing option) ─► cost::simulate ─► ranked candidates + explanation
+//!     is a pricing option) ─► cost::estimate ─► ranked candidates + explanation
 //! ```
 //!
 //! The global batch stays fixed (the model's `batch` dimension, unless given): dp = GPUs / tp
 //! replicas each take `batch / dp` sequences, so candidates are compared on the same work.
 
-use crate::cost::{simulate_against, Cluster, SimOptions, Simulation};
+use crate::cost::{estimate_against, Cluster, Estimate, EstimateOptions};
 use crate::{partition, PartitionError, PartitionOptions, Plan};
-use ferrotron_ir::{load_model, Graph, LoadOptions};
+use ferrotron_ir::Graph;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// One configuration the planner priced.
 #[derive(Clone, Debug, Serialize)]
@@ -32,7 +31,8 @@ pub struct Candidate {
     /// Predicted tokens per second over the whole cluster (0 when it cannot run).
     pub tokens_per_second: f64,
     /// The prediction, when the model partitions at this degree.
-    pub simulation: Option<Simulation>,
+    #[serde(rename = "simulation")]
+    pub estimate: Option<Estimate>,
     /// Why it cannot run (the partitioner's error), if so.
     pub error: Option<String>,
 }
@@ -40,7 +40,7 @@ pub struct Candidate {
 impl Candidate {
     /// Whether it partitions and fits in memory.
     pub fn feasible(&self) -> bool {
-        self.simulation.as_ref().is_some_and(|s| s.fits)
+        self.estimate.as_ref().is_some_and(|s| s.fits)
     }
 }
 
@@ -54,27 +54,15 @@ pub struct Choice {
 }
 
 /// Prices every (tp, sequence parallel, recompute) for `gpus` GPUs of `cluster`, with the global
-/// batch `batch` (the model's own when `None`).
+/// batch `batch` (the model's own when `None`). `load` gives the model graph with its `batch`
+/// dimension set to the value it is passed (left as the model says for `None`).
 pub fn choose(
-    model: &Path,
-    overrides: &[(String, u64)],
+    load: impl Fn(Option<u64>) -> Result<Graph, String>,
     cluster: &Cluster,
     gpus: u64,
     batch: Option<u64>,
-    base: &SimOptions,
+    base: &EstimateOptions,
 ) -> Result<Choice, String> {
-    let load = |batch: Option<u64>| -> Result<Graph, String> {
-        let mut overrides = overrides.to_vec();
-        if let Some(b) = batch {
-            overrides.retain(|(n, _)| n != "batch");
-            overrides.push(("batch".into(), b));
-        }
-        let opts = LoadOptions {
-            overrides,
-            ..LoadOptions::default()
-        };
-        load_model(model, &opts).map_err(|e| e.to_string())
-    };
     let graph = load(batch)?;
     let global = graph
         .dims
@@ -117,7 +105,7 @@ pub fn choose(
                             sequence_parallel: false,
                             recompute: false,
                             tokens_per_second: 0.0,
-                            simulation: None,
+                            estimate: None,
                             error: Some(error),
                         });
                     }
@@ -126,18 +114,18 @@ pub fn choose(
             };
             let Some(plan) = plan else { continue };
             for recompute in [false, true] {
-                let opts = SimOptions {
+                let opts = EstimateOptions {
                     recompute,
                     ..base.clone()
                 };
-                let sim = simulate_against(&plan, None, cluster, &opts);
+                let sim = estimate_against(&plan, None, cluster, &opts);
                 candidates.push(Candidate {
                     tp,
                     dp,
                     sequence_parallel: sp,
                     recompute,
                     tokens_per_second: tokens / sim.step_time_s.max(1e-12),
-                    simulation: Some(sim),
+                    estimate: Some(sim),
                     error: None,
                 });
             }
@@ -169,13 +157,13 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
             gib(cluster.memory_bytes),
             candidates
                 .iter()
-                .filter_map(|c| c.simulation.as_ref())
+                .filter_map(|c| c.estimate.as_ref())
                 .map(|s| gib(s.memory_bytes_per_gpu))
                 .fold(f64::INFINITY, f64::min)
         );
         return out;
     };
-    let s = best.simulation.as_ref().expect("feasible");
+    let s = best.estimate.as_ref().expect("feasible");
     let _ = write!(
         out,
         "tp = {}, dp = {}{}{}: {:.0} tokens/s, {:.3} s per step ({:.1} TFLOP/s per GPU), \
@@ -200,7 +188,7 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
     );
     let smaller_tp_fails = candidates
         .iter()
-        .filter(|c| c.tp < best.tp && c.simulation.as_ref().is_some_and(|s| !s.fits))
+        .filter(|c| c.tp < best.tp && c.estimate.as_ref().is_some_and(|s| !s.fits))
         .map(|c| c.tp)
         .max();
     if let Some(tp) = smaller_tp_fails {
@@ -214,7 +202,7 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
         .filter(|c| c.feasible() && c.tp > best.tp)
         .max_by(|a, b| a.tokens_per_second.total_cmp(&b.tokens_per_second))
     {
-        let ns = next.simulation.as_ref().expect("feasible");
+        let ns = next.estimate.as_ref().expect("feasible");
         let across = next.tp > cluster.gpus_per_node;
         let _ = write!(
             out,

@@ -41,6 +41,7 @@
 //! expose.
 
 use crate::layout::{Layout, MeshLayout};
+use crate::mesh::{self, Coord, Region};
 use crate::plan::Plan;
 use ferrotron_ir::graph::EntityRef;
 use ferrotron_ir::reference::{dropout_keeps, eval_op, EvalError, Tensor};
@@ -101,7 +102,7 @@ pub enum SimError {
 #[derive(Debug)]
 pub struct Simulation<'p> {
     plan: &'p Plan,
-    /// `values[rank][value]`, rank `d · tp + t`.
+    /// `values[rank][value]`, ranks numbered as [`crate::Mesh::coord`] numbers them.
     values: Vec<Vec<Option<Tensor>>>,
     /// The fused-weight blocks of each tensor-parallel split value (1: contiguous).
     blocks: Vec<u32>,
@@ -137,14 +138,10 @@ pub fn simulate<'p>(
         let layout = plan.layouts[v];
         let expected = plan.mesh.global_sizes(&g.ty(v).shape.sizes(), layout);
         check_feed("input", name, &expected, full)?;
-        for (t, d) in sim.ranks() {
-            let local = local_part(full, layout, 1, t, d, tp, dp).map_err(|what| {
-                SimError::Unsupported {
-                    node: name.clone(),
-                    what,
-                }
-            })?;
-            sim.store(v, t, d, local)?;
+        for c in plan.mesh.coords() {
+            let region = Region::of(&full.shape, layout, 1, plan.mesh, c);
+            let local = Tensor::new(region.shape(), region.extract(&full.data, &full.shape));
+            sim.store(v, c, local)?;
         }
     }
     for (p, data) in g.params.iter() {
@@ -164,27 +161,10 @@ pub fn simulate<'p>(
         check_feed("parameter", &shard.name, &shard.model_shape, model)?;
         let padded = pad_to(model, &shard.shape);
         sim.blocks[data.value.index()] = shard.blocks.max(1);
-        for (t, d) in sim.ranks() {
-            let local = match shard.ranges(t, tp) {
-                None => padded.clone(),
-                Some((dim, ranges)) => {
-                    let pieces: Vec<Tensor> = ranges
-                        .iter()
-                        .map(|r| slice(&padded, dim, r.start as usize, r.end as usize))
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| SimError::Unsupported {
-                            node: shard.name.clone(),
-                            what: e.to_string(),
-                        })?;
-                    concat(&pieces.iter().collect::<Vec<_>>(), dim).map_err(|e| {
-                        SimError::Unsupported {
-                            node: shard.name.clone(),
-                            what: e.to_string(),
-                        }
-                    })?
-                }
-            };
-            sim.store(data.value, t, d, local)?;
+        for c in plan.mesh.coords() {
+            let region = shard.region(plan.mesh, c);
+            let local = Tensor::new(region.shape(), region.extract(&padded.data, &padded.shape));
+            sim.store(data.value, c, local)?;
         }
     }
     for &n in &g.order {
@@ -283,35 +263,34 @@ impl<'p> Simulation<'p> {
             })
     }
 
-    /// What rank `(t, d)` holds of value `v` (its local shape), for comparing a runtime rank by
-    /// rank.
-    pub fn local(&self, t: u64, d: u64, v: ValueId) -> Option<&Tensor> {
-        if t >= self.plan.mesh.tp || d >= self.plan.mesh.dp {
+    /// What the rank at `c` holds of value `v` (its local shape), for comparing a runtime rank
+    /// by rank.
+    pub fn local(&self, c: Coord, v: ValueId) -> Option<&Tensor> {
+        let mesh = self.plan.mesh;
+        if c.tp as u64 >= mesh.tp || c.dp as u64 >= mesh.dp {
             return None;
         }
-        self.values[self.rank(t, d)].get(v.index())?.as_ref()
+        self.values[mesh.rank(c)].get(v.index())?.as_ref()
     }
 
-    fn rank(&self, t: u64, d: u64) -> usize {
-        (d * self.plan.mesh.tp + t) as usize
+    fn ranks(&self) -> Vec<Coord> {
+        self.plan.mesh.coords().collect()
     }
 
-    fn ranks(&self) -> Vec<(u64, u64)> {
-        let (tp, dp) = (self.plan.mesh.tp, self.plan.mesh.dp);
-        (0..dp).flat_map(|d| (0..tp).map(move |t| (t, d))).collect()
+    /// The groups of `axis`: each its members in group order.
+    fn groups(&self, axis: MeshAxis) -> Vec<Vec<Coord>> {
+        let mesh = self.plan.mesh;
+        mesh.coords()
+            .filter(|c| c.on(axis) == 0)
+            .map(|c| {
+                let members = mesh.group(axis, c);
+                members.into_iter().map(|r| mesh.coord(r)).collect()
+            })
+            .collect()
     }
 
-    /// The groups of `axis`: each a list of `(t, d)` in rank order.
-    fn groups(&self, axis: MeshAxis) -> Vec<Vec<(u64, u64)>> {
-        let (tp, dp) = (self.plan.mesh.tp, self.plan.mesh.dp);
-        match axis {
-            MeshAxis::Tp => (0..dp).map(|d| (0..tp).map(|t| (t, d)).collect()).collect(),
-            MeshAxis::Dp => (0..tp).map(|t| (0..dp).map(|d| (t, d)).collect()).collect(),
-        }
-    }
-
-    fn get(&self, v: ValueId, t: u64, d: u64) -> Result<&Tensor, SimError> {
-        self.values[self.rank(t, d)][v.index()]
+    fn get(&self, v: ValueId, c: Coord) -> Result<&Tensor, SimError> {
+        self.values[self.plan.mesh.rank(c)][v.index()]
             .as_ref()
             .ok_or_else(|| SimError::Unsupported {
                 node: self.plan.graph.values[v].name.clone(),
@@ -319,20 +298,20 @@ impl<'p> Simulation<'p> {
             })
     }
 
-    fn store(&mut self, v: ValueId, t: u64, d: u64, x: Tensor) -> Result<(), SimError> {
+    fn store(&mut self, v: ValueId, c: Coord, x: Tensor) -> Result<(), SimError> {
         let expected = self.plan.graph.ty(v).shape.sizes();
         let fits = x.shape.len() == expected.len()
             && x.shape.iter().zip(&expected).all(|(&a, &b)| a as u64 == b);
         if !fits {
             return Err(SimError::Shape {
                 value: self.plan.graph.values[v].name.clone(),
-                t,
-                d,
+                t: c.tp as u64,
+                d: c.dp as u64,
                 expected,
                 found: x.shape,
             });
         }
-        let r = self.rank(t, d);
+        let r = self.plan.mesh.rank(c);
         self.values[r][v.index()] = Some(x);
         Ok(())
     }
@@ -345,28 +324,28 @@ impl<'p> Simulation<'p> {
             node: node.name.clone(),
             what,
         };
-        let eval_err = |t: u64, d: u64| {
+        let eval_err = |c: Coord| {
             move |source: EvalError| SimError::Eval {
                 node: node.name.clone(),
-                t,
-                d,
+                t: c.tp as u64,
+                d: c.dp as u64,
                 source,
             }
         };
         let layout = |v: &ValueId| plan.layouts[*v];
         // Per rank (in `ranks()` order), the node's outputs.
         let ranks = self.ranks();
-        let mut outs: HashMap<(u64, u64), Vec<Tensor>> = HashMap::with_capacity(ranks.len());
+        let mut outs: HashMap<Coord, Vec<Tensor>> = HashMap::with_capacity(ranks.len());
         match &node.op {
             Op::F { x, .. } => {
-                for &(t, d) in &ranks {
-                    outs.insert((t, d), vec![self.get(*x, t, d)?.clone()]);
+                for &c in &ranks {
+                    outs.insert(c, vec![self.get(*x, c)?.clone()]);
                 }
             }
             Op::G { x, axis } | Op::AllReduce { x, axis } => {
                 for group in self.groups(*axis) {
                     let xs = self.gather_group(*x, &group)?;
-                    let sum = sum(&xs).map_err(eval_err(group[0].0, group[0].1))?;
+                    let sum = sum(&xs).map_err(eval_err(group[0]))?;
                     for &r in &group {
                         outs.insert(r, vec![sum.clone()]);
                     }
@@ -383,7 +362,7 @@ impl<'p> Simulation<'p> {
                     check_parts(&group, *parts).map_err(unsupported)?;
                     let xs = self.gather_group(*x, &group)?;
                     let a = resolve_axis(xs[0].rank(), *dim).map_err(unsupported)?;
-                    let all = concat(&xs, a).map_err(eval_err(group[0].0, group[0].1))?;
+                    let all = concat(&xs, a).map_err(eval_err(group[0]))?;
                     for &r in &group {
                         outs.insert(r, vec![all.clone()]);
                     }
@@ -399,10 +378,10 @@ impl<'p> Simulation<'p> {
                     check_parts(&group, *parts).map_err(unsupported)?;
                     let xs = self.gather_group(*x, &group)?;
                     let a = resolve_axis(xs[0].rank(), *dim).map_err(unsupported)?;
-                    let total = sum(&xs).map_err(eval_err(group[0].0, group[0].1))?;
-                    for (i, &(t, d)) in group.iter().enumerate() {
-                        let part = own_slice(&total, a, i, group.len()).map_err(eval_err(t, d))?;
-                        outs.insert((t, d), vec![part]);
+                    let total = sum(&xs).map_err(eval_err(group[0]))?;
+                    for (i, &c) in group.iter().enumerate() {
+                        let part = own_slice(&total, a, i, group.len()).map_err(eval_err(c))?;
+                        outs.insert(c, vec![part]);
                     }
                 }
             }
@@ -414,40 +393,40 @@ impl<'p> Simulation<'p> {
             } => {
                 for group in self.groups(*axis) {
                     check_parts(&group, *parts).map_err(unsupported)?;
-                    for (i, &(t, d)) in group.iter().enumerate() {
-                        let xt = self.get(*x, t, d)?;
+                    for (i, &c) in group.iter().enumerate() {
+                        let xt = self.get(*x, c)?;
                         let a = resolve_axis(xt.rank(), *dim).map_err(unsupported)?;
-                        let part = own_slice(xt, a, i, group.len()).map_err(eval_err(t, d))?;
-                        outs.insert((t, d), vec![part]);
+                        let part = own_slice(xt, a, i, group.len()).map_err(eval_err(c))?;
+                        outs.insert(c, vec![part]);
                     }
                 }
             }
             Op::Embedding { table, ids } if split_rows(layout(table)) => {
-                for &(t, d) in &ranks {
-                    let tab = self.get(*table, t, d)?;
+                for &c in &ranks {
+                    let tab = self.get(*table, c)?;
                     let off = self
-                        .offsets(*table, tab, t, d)
+                        .offsets(*table, c)
                         .map_err(unsupported)?
                         .first()
                         .copied()
                         .unwrap_or(0);
-                    let ids = self.get(*ids, t, d)?;
-                    let out = embedding_rows(tab, ids, off).map_err(eval_err(t, d))?;
-                    outs.insert((t, d), vec![out]);
+                    let ids = self.get(*ids, c)?;
+                    let out = embedding_rows(tab, ids, off).map_err(eval_err(c))?;
+                    outs.insert(c, vec![out]);
                 }
             }
             Op::EmbeddingGrad { table, ids, dy } if split_rows(layout(table)) => {
-                for &(t, d) in &ranks {
-                    let tab = self.get(*table, t, d)?;
+                for &c in &ranks {
+                    let tab = self.get(*table, c)?;
                     let off = self
-                        .offsets(*table, tab, t, d)
+                        .offsets(*table, c)
                         .map_err(unsupported)?
                         .first()
                         .copied()
                         .unwrap_or(0);
-                    let (ids, dy) = (self.get(*ids, t, d)?, self.get(*dy, t, d)?);
-                    let out = embedding_grad_rows(tab, ids, dy, off).map_err(eval_err(t, d))?;
-                    outs.insert((t, d), vec![out]);
+                    let (ids, dy) = (self.get(*ids, c)?, self.get(*dy, c)?);
+                    let out = embedding_grad_rows(tab, ids, dy, off).map_err(eval_err(c))?;
+                    outs.insert(c, vec![out]);
                 }
             }
             Op::CrossEntropy {
@@ -494,8 +473,8 @@ impl<'p> Simulation<'p> {
                     )));
                 };
                 if let Op::DropoutGrad { forward, .. } = &node.op {
-                    for &(t, d) in &ranks {
-                        let (f, g) = (self.get(*forward, t, d)?, self.get(*m, t, d)?);
+                    for &c in &ranks {
+                        let (f, g) = (self.get(*forward, c)?, self.get(*m, c)?);
                         if f.shape != g.shape {
                             return Err(unsupported(format!(
                                 "the gradient {:?} is not shaped like the forward {:?}",
@@ -504,37 +483,37 @@ impl<'p> Simulation<'p> {
                         }
                     }
                 }
-                for &(t, d) in &ranks {
-                    let x = self.get(*m, t, d)?;
-                    let out = self.dropout(*m, x, t, d, *p, scale).map_err(unsupported)?;
-                    outs.insert((t, d), vec![out]);
+                for &c in &ranks {
+                    let x = self.get(*m, c)?;
+                    let out = self.dropout(*m, x, c, *p, scale).map_err(unsupported)?;
+                    outs.insert(c, vec![out]);
                 }
             }
             op => {
-                for &(t, d) in &ranks {
+                for &c in &ranks {
                     let local = op.try_map::<&Tensor, Dim, SimError, _, _>(
-                        |v| self.get(*v, t, d),
+                        |v| self.get(*v, c),
                         |dim| Ok(dim.clone()),
                     )?;
-                    outs.insert((t, d), eval_op(&local).map_err(eval_err(t, d))?);
+                    outs.insert(c, eval_op(&local).map_err(eval_err(c))?);
                 }
             }
         }
-        for (&(t, d), results) in &outs {
+        for (c, results) in &outs {
             if results.len() != node.outputs.len() {
                 return Err(unsupported(format!(
-                    "{} outputs on rank (tp {t}, dp {d}), the node has {}",
+                    "{} outputs on rank ({c}), the node has {}",
                     results.len(),
                     node.outputs.len()
                 )));
             }
         }
-        for (t, d) in ranks {
+        for c in ranks {
             let results = outs
-                .remove(&(t, d))
-                .ok_or_else(|| unsupported(format!("rank (tp {t}, dp {d}) computed nothing")))?;
+                .remove(&c)
+                .ok_or_else(|| unsupported(format!("rank ({c}) computed nothing")))?;
             for (&v, x) in node.outputs.iter().zip(results) {
-                self.store(v, t, d, x)?;
+                self.store(v, c, x)?;
             }
         }
         let blocks = self.out_blocks(&node.op, &node.outputs);
@@ -544,8 +523,8 @@ impl<'p> Simulation<'p> {
         Ok(())
     }
 
-    fn gather_group(&self, v: ValueId, group: &[(u64, u64)]) -> Result<Vec<&Tensor>, SimError> {
-        group.iter().map(|&(t, d)| self.get(v, t, d)).collect()
+    fn gather_group(&self, v: ValueId, group: &[Coord]) -> Result<Vec<&Tensor>, SimError> {
+        group.iter().map(|&c| self.get(v, c)).collect()
     }
 
     /// The fused-weight blocks of a node's outputs (what `check::node_layouts` derives): a split
@@ -596,34 +575,33 @@ impl<'p> Simulation<'p> {
             .collect()
     }
 
-    /// Where rank `(t, d)`'s local tensor `x` of value `v` starts in the full tensor, per
-    /// dimension.
-    fn offsets(&self, v: ValueId, x: &Tensor, t: u64, d: u64) -> Result<Vec<usize>, String> {
+    /// What the rank at `c` holds of value `v`, which must be one box of the full tensor.
+    fn region(&self, v: ValueId, c: Coord) -> Result<Region, String> {
+        let g = &self.plan.graph;
         let layout = self.plan.layouts[v];
-        if self.blocks[v.index()] > 1 && matches!(layout.tp, Layout::Split(_)) {
+        let full: Vec<usize> = self
+            .plan
+            .mesh
+            .global_sizes(&g.ty(v).shape.sizes(), layout)
+            .into_iter()
+            .map(|s| s as usize)
+            .collect();
+        let region = Region::of(&full, layout, self.blocks[v.index()], self.plan.mesh, c);
+        if !region.is_box() {
             return Err(format!(
                 "`{}` is a fused value cut into {} blocks; its elements have no contiguous \
                  place in the full tensor",
-                self.plan.graph.values[v].name,
+                g.values[v].name,
                 self.blocks[v.index()]
             ));
         }
-        let mut off = vec![0usize; x.rank()];
-        let mut seen = vec![false; x.rank()];
-        for (l, index) in [(layout.tp, t), (layout.dp, d)] {
-            if let Layout::Split(k) = l {
-                if k >= x.rank() || std::mem::replace(&mut seen[k], true) {
-                    return Err(format!(
-                        "`{}` ({layout}) is split along dimension {k} of a rank-{} tensor \
-                         on both axes, or beyond its rank",
-                        self.plan.graph.values[v].name,
-                        x.rank()
-                    ));
-                }
-                off[k] = index as usize * x.shape[k];
-            }
-        }
-        Ok(off)
+        Ok(region)
+    }
+
+    /// Where the rank at `c`'s local tensor of value `v` starts in the full tensor, per
+    /// dimension.
+    fn offsets(&self, v: ValueId, c: Coord) -> Result<Vec<usize>, String> {
+        Ok(self.region(v, c)?.offsets())
     }
 
     /// The full shape of `v`, held locally as `x`.
@@ -642,12 +620,11 @@ impl<'p> Simulation<'p> {
         &self,
         v: ValueId,
         x: &Tensor,
-        t: u64,
-        d: u64,
+        c: Coord,
         p: f64,
         scale: f64,
     ) -> Result<Tensor, String> {
-        let off = self.offsets(v, x, t, d)?;
+        let off = self.offsets(v, c)?;
         let full = self.full_shape(v, x);
         let mut out = x.clone();
         let mut idx = vec![0usize; x.rank()];
@@ -684,7 +661,7 @@ impl<'p> Simulation<'p> {
         dloss: Option<ValueId>,
         shift: bool,
         classes: Option<&Dim>,
-        outs: &mut HashMap<(u64, u64), Vec<Tensor>>,
+        outs: &mut HashMap<Coord, Vec<Tensor>>,
     ) -> Result<(), SimError> {
         let plan = self.plan;
         let unsupported = |what: String| SimError::Unsupported {
@@ -712,8 +689,8 @@ impl<'p> Simulation<'p> {
         }
         if !vocab_parallel && spread == 1 {
             // Nothing depends on the rank: the reference op itself.
-            for (t, d) in self.ranks() {
-                let (l, y) = (self.get(logits, t, d)?, self.get(targets, t, d)?);
+            for c in self.ranks() {
+                let (l, y) = (self.get(logits, c)?, self.get(targets, c)?);
                 let op = match dloss {
                     None => Op::CrossEntropy {
                         logits: l,
@@ -724,18 +701,18 @@ impl<'p> Simulation<'p> {
                     Some(dl) => Op::CrossEntropyGrad {
                         logits: l,
                         targets: y,
-                        dloss: self.get(dl, t, d)?,
+                        dloss: self.get(dl, c)?,
                         shift,
                         classes: classes.cloned(),
                     },
                 };
                 let out = eval_op(&op).map_err(|source| SimError::Eval {
                     node: node.name.clone(),
-                    t,
-                    d,
+                    t: c.tp as u64,
+                    d: c.dp as u64,
                     source,
                 })?;
-                outs.insert((t, d), out);
+                outs.insert(c, out);
             }
             return Ok(());
         }
@@ -745,11 +722,11 @@ impl<'p> Simulation<'p> {
             self.ranks().into_iter().map(|r| vec![r]).collect()
         };
         for group in groups {
-            let (t0, d0) = group[0];
+            let c0 = group[0];
             let fail = |msg: String| SimError::Eval {
                 node: node.name.clone(),
-                t: t0,
-                d: d0,
+                t: c0.tp as u64,
+                d: c0.dp as u64,
                 source: EvalError::Invalid {
                     op: if dloss.is_some() {
                         "CrossEntropyGrad"
@@ -781,7 +758,7 @@ impl<'p> Simulation<'p> {
                     }
                 }
                 Some(dl) => {
-                    let dl = self.get(dl, t0, d0)?;
+                    let dl = self.get(dl, c0)?;
                     if !dl.shape.is_empty() {
                         return Err(fail(format!(
                             "the loss gradient has shape {:?}, expected a scalar",
@@ -798,25 +775,45 @@ impl<'p> Simulation<'p> {
         Ok(())
     }
 
-    /// Value `v` at full shape from every rank's local tensor.
+    /// Value `v` at full shape from every rank's local tensor, after checking that the copies
+    /// of a replicated value agree.
     fn assemble(&self, v: ValueId, blocks: u32) -> Result<Tensor, SimError> {
-        let (tp, dp) = (self.plan.mesh.tp, self.plan.mesh.dp);
+        let mesh = self.plan.mesh;
         let layout = self.plan.layouts[v];
-        let name = &self.plan.graph.values[v].name;
-        let mut per_t = Vec::with_capacity(tp as usize);
-        for t in 0..tp {
-            let parts = (0..dp)
-                .map(|d| self.get(v, t, d))
-                .collect::<Result<Vec<_>, _>>()?;
-            per_t.push(combine(&parts, layout.dp, 1, name, "dp")?);
+        let parts = self
+            .ranks()
+            .into_iter()
+            .map(|c| self.get(v, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        for axis in crate::Mesh::AXES {
+            if layout.on(axis) != Layout::Replicated {
+                continue;
+            }
+            for c in self.ranks().into_iter().filter(|c| c.on(axis) != 0) {
+                let first = parts[mesh.group(axis, c)[0]];
+                let copy = parts[mesh.rank(c)];
+                let diff = copy.max_abs_diff(first).unwrap_or(f64::INFINITY);
+                if diff > 1e-12 * first.max_abs().max(1.0) {
+                    return Err(SimError::Diverged {
+                        value: self.plan.graph.values[v].name.clone(),
+                        axis: match axis {
+                            MeshAxis::Tp => "tp",
+                            MeshAxis::Dp => "dp",
+                        },
+                        diff,
+                    });
+                }
+            }
         }
-        combine(
-            &per_t.iter().collect::<Vec<_>>(),
-            layout.tp,
-            blocks,
-            name,
-            "tp",
-        )
+        let local = self.plan.graph.ty(v).shape.sizes();
+        let full: Vec<usize> = mesh
+            .global_sizes(&local, layout)
+            .into_iter()
+            .map(|s| s as usize)
+            .collect();
+        let data: Vec<&[f64]> = parts.iter().map(|p| p.data.as_slice()).collect();
+        let data = mesh::assemble(mesh, layout, blocks, &full, &data);
+        Ok(Tensor::new(full, data))
     }
 }
 
@@ -825,7 +822,7 @@ fn split_rows(l: MeshLayout) -> bool {
     l.tp == Layout::Split(0) || l.dp == Layout::Split(0)
 }
 
-fn check_parts(group: &[(u64, u64)], parts: u64) -> Result<(), String> {
+fn check_parts(group: &[Coord], parts: u64) -> Result<(), String> {
     if group.len() as u64 == parts {
         Ok(())
     } else {
@@ -888,8 +885,8 @@ fn own_slice(x: &Tensor, axis: usize, i: usize, parts: usize) -> Result<Tensor, 
             msg: format!("axis {axis} of {:?} does not divide into {parts}", x.shape),
         });
     }
-    let part = n / parts;
-    slice(x, axis, i * part, (i + 1) * part)
+    let part = mesh::part(n, parts, i);
+    slice(x, axis, part.start, part.end)
 }
 
 /// `x` zero-padded at the end of each dimension up to `shape`.
@@ -913,90 +910,6 @@ fn crop(x: &Tensor, shape: &[usize]) -> Tensor {
         return x.clone();
     }
     Tensor::from_fn(shape.to_vec(), |idx| x.at(idx))
-}
-
-/// The slice of `full` that rank `(t, d)` holds under `layout` (a tensor-parallel split cut into
-/// `blocks` blocks holds its part of each).
-fn local_part(
-    full: &Tensor,
-    layout: MeshLayout,
-    blocks: u32,
-    t: u64,
-    d: u64,
-    tp: u64,
-    dp: u64,
-) -> Result<Tensor, String> {
-    let mut x = full.clone();
-    if let Layout::Split(k) = layout.dp {
-        x = own_slice(&x, k, d as usize, dp as usize).map_err(|e| e.to_string())?;
-    }
-    if let Layout::Split(k) = layout.tp {
-        if layout.dp == Layout::Split(k) {
-            return Err(format!("split along dimension {k} on both axes"));
-        }
-        let b = blocks.max(1) as usize;
-        let pieces = (0..b)
-            .map(|i| {
-                let block = own_slice(&x, k, i, b)?;
-                own_slice(&block, k, t as usize, tp as usize)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        x = concat(&pieces.iter().collect::<Vec<_>>(), k).map_err(|e| e.to_string())?;
-    }
-    Ok(x)
-}
-
-/// The parts of one value over one axis's group put back together.
-fn combine(
-    parts: &[&Tensor],
-    layout: Layout,
-    blocks: u32,
-    name: &str,
-    axis: &'static str,
-) -> Result<Tensor, SimError> {
-    let bad = |e: EvalError| SimError::Unsupported {
-        node: name.to_owned(),
-        what: e.to_string(),
-    };
-    match layout {
-        Layout::Replicated => {
-            let first = parts[0];
-            let scale = first.max_abs().max(1.0);
-            let mut diff = 0.0f64;
-            for p in &parts[1..] {
-                diff = diff.max(p.max_abs_diff(first).unwrap_or(f64::INFINITY));
-            }
-            if diff > 1e-12 * scale {
-                return Err(SimError::Diverged {
-                    value: name.to_owned(),
-                    axis,
-                    diff,
-                });
-            }
-            Ok(first.clone())
-        }
-        Layout::Partial => sum(parts).map_err(bad),
-        Layout::Split(k) => {
-            let b = blocks.max(1) as usize;
-            if b == 1 {
-                return concat(parts, k).map_err(bad);
-            }
-            // Each part holds its slice of every block: block i is the i-th pieces, in order.
-            let mut pieces: Vec<Vec<Tensor>> = vec![Vec::with_capacity(parts.len()); b];
-            for p in parts {
-                for (i, block) in pieces.iter_mut().enumerate() {
-                    block.push(own_slice(p, k, i, b).map_err(bad)?);
-                }
-            }
-            let blocks = pieces
-                .iter()
-                .map(|ps| concat(&ps.iter().collect::<Vec<_>>(), k))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(bad)?;
-            concat(&blocks.iter().collect::<Vec<_>>(), k).map_err(bad)
-        }
-    }
 }
 
 /// An id held in an `f64`, checked to be an integer in `0..bound`.

@@ -1,8 +1,8 @@
 //! The planner prices every tensor-parallel degree the GPUs allow (with and without sequence
 //! parallelism and recomputation), ranks the feasible ones by throughput, and says why.
 
-use ferrotron_ir::DType;
-use ferrotron_partitioner::cost::{Cluster, SimOptions};
+use ferrotron_ir::{load_model, DType, LoadOptions};
+use ferrotron_partitioner::cost::{Cluster, EstimateOptions};
 use ferrotron_partitioner::planner::choose;
 use std::path::Path;
 
@@ -12,26 +12,28 @@ fn root(p: &str) -> std::path::PathBuf {
 
 #[test]
 fn the_planner_ranks_every_degree_and_explains_the_winner() {
-    let cluster = Cluster::load(&root("clusters/dgx2h.ron")).unwrap();
-    let opts = SimOptions {
-        compute_dtype: Some(DType::F16),
-        ..SimOptions::default()
+    let text = std::fs::read_to_string(root("clusters/dgx2h.ron")).unwrap();
+    let cluster = Cluster::from_ron(&text, "dgx2h.ron").unwrap();
+    let load = |batch: Option<u64>| {
+        let mut overrides = vec![("layers".to_owned(), 8)];
+        overrides.extend(batch.map(|b| ("batch".to_owned(), b)));
+        let opts = LoadOptions {
+            overrides,
+            ..LoadOptions::default()
+        };
+        load_model(&root("models/megatron-8.3b.ron"), &opts).map_err(|e| e.to_string())
     };
-    let choice = choose(
-        &root("models/megatron-8.3b.ron"),
-        &[("layers".into(), 8)],
-        &cluster,
-        64,
-        Some(64),
-        &opts,
-    )
-    .unwrap();
+    let opts = EstimateOptions {
+        compute_dtype: Some(DType::F16),
+        ..EstimateOptions::default()
+    };
+    let choice = choose(load, &cluster, 64, Some(64), &opts).unwrap();
     // tp ∈ {1, 2, 4, 8, 16, 32} partition (× SP × recompute); 64 (more ranks than heads) is
     // listed with the partitioner's error.
     let priced: Vec<u64> = choice
         .candidates
         .iter()
-        .filter(|c| c.simulation.is_some())
+        .filter(|c| c.estimate.is_some())
         .map(|c| c.tp)
         .collect();
     for tp in [1, 2, 4, 8, 16, 32] {

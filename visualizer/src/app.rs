@@ -169,7 +169,11 @@ impl Viewer {
                 self.source = Source::Model(Box::new(g));
                 self.repartition();
             }
-            Err(model_err) => match Plan::load(path) {
+            Err(model_err) => match std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    Plan::from_ron(&text, &path.display().to_string()).map_err(|e| e.to_string())
+                }) {
                 Ok(plan) => {
                     self.options = plan.options.clone();
                     self.source = Source::Plan;

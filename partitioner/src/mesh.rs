@@ -1,0 +1,434 @@
+//! The device mesh and shard geometry: the one place that knows which part of a full tensor a
+//! rank holds.
+//!
+//! ```text
+//! rank ◄──► Coord { tp, dp }              (tp fastest, then dp: Megatron's numbering)
+//! full shape + MeshLayout + blocks + Coord ─► Region: per dimension, the full-index ranges held
+//! Region ─► extract (full → local), place (local → full); assemble (every rank → full)
+//! ```
+//!
+//! Everything that moves data between full tensors and shards asks here: the executor (weights,
+//! batches, dropout offsets, vocabulary offsets, gathering results), the `f64` plan simulator,
+//! checkpoints and resharding, verification, the viewer's rank slices. A split along a dimension
+//! gives rank `r` of the group the `r`-th of equal contiguous parts; a split of a fused weight
+//! cut into blocks (q|k|v) gives it the `r`-th part of every block; a data-parallel split is
+//! taken first and the tensor-parallel split within it. Partial and replicated layouts hold the
+//! whole extent on every rank.
+
+use crate::layout::{Layout, MeshLayout};
+use ferrotron_ir::MeshAxis;
+use serde::{Deserialize, Serialize};
+use std::ops::{AddAssign, Range};
+
+/// The mesh of ranks: `tp × dp`, numbered tensor-parallel index fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mesh {
+    /// Tensor-parallel degree.
+    pub tp: u64,
+    /// Data-parallel degree.
+    pub dp: u64,
+}
+
+/// A rank's position on every mesh axis.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Coord {
+    /// Index in the tensor-parallel group.
+    pub tp: usize,
+    /// Index in the data-parallel group.
+    pub dp: usize,
+}
+
+impl Coord {
+    /// The index along `axis`.
+    pub fn on(&self, axis: MeshAxis) -> usize {
+        match axis {
+            MeshAxis::Tp => self.tp,
+            MeshAxis::Dp => self.dp,
+        }
+    }
+}
+
+impl std::fmt::Display for Coord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tp {}, dp {}", self.tp, self.dp)
+    }
+}
+
+impl Mesh {
+    /// The axes from fastest-varying to slowest in the rank numbering.
+    pub const AXES: [MeshAxis; 2] = [MeshAxis::Tp, MeshAxis::Dp];
+
+    /// Ranks along `axis`.
+    pub fn size(&self, axis: MeshAxis) -> u64 {
+        match axis {
+            MeshAxis::Tp => self.tp,
+            MeshAxis::Dp => self.dp,
+        }
+    }
+
+    /// Ranks in the whole mesh.
+    pub fn ranks(&self) -> usize {
+        Self::AXES.iter().map(|&a| self.size(a) as usize).product()
+    }
+
+    /// Rank `rank`'s coordinates.
+    pub fn coord(&self, rank: usize) -> Coord {
+        let tp = self.tp.max(1) as usize;
+        Coord {
+            tp: rank % tp,
+            dp: rank / tp,
+        }
+    }
+
+    /// The rank at `c`.
+    pub fn rank(&self, c: Coord) -> usize {
+        c.tp + self.tp as usize * c.dp
+    }
+
+    /// Every rank's coordinates, in rank order.
+    pub fn coords(&self) -> impl Iterator<Item = Coord> + '_ {
+        (0..self.ranks()).map(|r| self.coord(r))
+    }
+
+    /// The ranks of `axis`'s group through `c`, by their index in the group.
+    pub fn group(&self, axis: MeshAxis, c: Coord) -> Vec<usize> {
+        (0..self.size(axis) as usize)
+            .map(|i| {
+                let mut member = c;
+                match axis {
+                    MeshAxis::Tp => member.tp = i,
+                    MeshAxis::Dp => member.dp = i,
+                }
+                self.rank(member)
+            })
+            .collect()
+    }
+
+    /// Which of `axis`'s groups `c` belongs to, as a name unique in the mesh (`tp/dp0`: the
+    /// tensor-parallel group of data-parallel replica 0); processes meet their groups by it.
+    pub fn group_name(&self, axis: MeshAxis, c: Coord) -> String {
+        match axis {
+            MeshAxis::Tp => format!("tp/dp{}", c.dp),
+            MeshAxis::Dp => format!("dp/tp{}", c.tp),
+        }
+    }
+
+    /// The full (unpartitioned) shape of a value whose local shape is `local`.
+    pub fn global_sizes(&self, local: &[u64], layout: MeshLayout) -> Vec<u64> {
+        let mut sizes = local.to_vec();
+        for axis in Self::AXES {
+            if let Layout::Split(d) = layout.on(axis) {
+                if let Some(s) = sizes.get_mut(d) {
+                    *s *= self.size(axis);
+                }
+            }
+        }
+        sizes
+    }
+
+    /// The shape each rank holds of a value whose full shape is `full`.
+    pub fn local_sizes(&self, full: &[u64], layout: MeshLayout) -> Vec<u64> {
+        let mut sizes = full.to_vec();
+        for axis in Self::AXES {
+            if let Layout::Split(d) = layout.on(axis) {
+                if let Some(s) = sizes.get_mut(d) {
+                    *s /= self.size(axis).max(1);
+                }
+            }
+        }
+        sizes
+    }
+}
+
+/// Part `index` of `parts` equal contiguous parts of `0..size` (what a rank holds of a split
+/// dimension, or takes in a local slice).
+pub fn part(size: usize, parts: usize, index: usize) -> Range<usize> {
+    let len = size / parts.max(1);
+    index * len..(index + 1) * len
+}
+
+/// The part of a full tensor one rank holds: for each dimension, the ranges of full indices it
+/// holds, in the order they are laid out locally (a local tensor is their product).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    dims: Vec<Vec<Range<usize>>>,
+}
+
+impl Region {
+    /// The whole of a tensor of shape `full`.
+    pub fn whole(full: &[usize]) -> Region {
+        Region {
+            dims: full.iter().map(|&s| vec![0..s]).collect(),
+        }
+    }
+
+    /// What the rank at `c` of `mesh` holds of a tensor of full shape `full` laid out as
+    /// `layout`, whose tensor-parallel split dimension is cut into `blocks` blocks (3 for a
+    /// fused q|k|v weight, 1 otherwise).
+    pub fn of(full: &[usize], layout: MeshLayout, blocks: u32, mesh: Mesh, c: Coord) -> Region {
+        let mut region = Region::whole(full);
+        if let Layout::Split(d) = layout.dp {
+            region.split(d, 1, mesh.dp as usize, c.dp);
+        }
+        if let Layout::Split(d) = layout.tp {
+            region.split(d, blocks.max(1) as usize, mesh.tp as usize, c.tp);
+        }
+        region
+    }
+
+    /// Keeps, of dimension `d` cut into `blocks` equal blocks, part `index` of `parts` of each.
+    fn split(&mut self, d: usize, blocks: usize, parts: usize, index: usize) {
+        let Some(ranges) = self.dims.get(d) else {
+            return;
+        };
+        let len: usize = ranges.iter().map(|r| r.len()).sum();
+        let block = len / blocks;
+        let kept = (0..blocks)
+            .flat_map(|b| {
+                let p = part(block, parts, index);
+                sub_ranges(ranges, b * block + p.start..b * block + p.end)
+            })
+            .collect();
+        self.dims[d] = kept;
+    }
+
+    /// The ranges of dimension `d`.
+    pub fn dim(&self, d: usize) -> &[Range<usize>] {
+        &self.dims[d]
+    }
+
+    /// The number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.dims.len()
+    }
+
+    /// The local tensor's shape.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims
+            .iter()
+            .map(|rs| rs.iter().map(|r| r.len()).sum())
+            .collect()
+    }
+
+    /// Where the local tensor starts in the full one, along each dimension.
+    pub fn offsets(&self) -> Vec<usize> {
+        self.dims
+            .iter()
+            .map(|rs| rs.first().map_or(0, |r| r.start))
+            .collect()
+    }
+
+    /// Whether the local tensor is one box of the full one (no dimension in blocks), so that
+    /// [`Region::offsets`] place it.
+    pub fn is_box(&self) -> bool {
+        self.dims.iter().all(|rs| rs.len() <= 1)
+    }
+
+    /// The local tensor cut out of `full` (row-major, of shape `full_shape`).
+    pub fn extract<T: Copy>(&self, full: &[T], full_shape: &[usize]) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.shape().iter().product());
+        self.visit(full_shape, &mut |at, len| {
+            out.extend_from_slice(&full[at..at + len])
+        });
+        out
+    }
+
+    /// Writes `local` into `full` (row-major, of shape `full_shape`) at this region.
+    pub fn place<T: Copy>(&self, local: &[T], full: &mut [T], full_shape: &[usize]) {
+        let mut from = 0;
+        self.visit(full_shape, &mut |at, len| {
+            full[at..at + len].copy_from_slice(&local[from..from + len]);
+            from += len;
+        });
+    }
+
+    /// Adds `local` into `full` at this region.
+    fn add<T: Copy + AddAssign>(&self, local: &[T], full: &mut [T], full_shape: &[usize]) {
+        let mut from = 0;
+        self.visit(full_shape, &mut |at, len| {
+            for (x, &y) in full[at..at + len].iter_mut().zip(&local[from..from + len]) {
+                *x += y;
+            }
+            from += len;
+        });
+    }
+
+    /// Calls `f(offset, len)` for every contiguous run of the full tensor the region covers, in
+    /// local row-major order.
+    fn visit(&self, full_shape: &[usize], f: &mut dyn FnMut(usize, usize)) {
+        let rank = self.dims.len();
+        if rank == 0 {
+            f(0, 1);
+            return;
+        }
+        let mut strides = vec![1usize; rank];
+        for d in (0..rank - 1).rev() {
+            strides[d] = strides[d + 1] * full_shape[d + 1];
+        }
+        // Trailing dimensions held whole are copied as one run with the last partial one.
+        let mut inner = rank - 1;
+        while inner > 0 && self.dims[inner] == [0..full_shape[inner]] {
+            inner -= 1;
+        }
+        let run_unit = strides[inner];
+        let walk = |base: usize, f: &mut dyn FnMut(usize, usize)| {
+            for r in &self.dims[inner] {
+                f(base + r.start * run_unit, r.len() * run_unit);
+            }
+        };
+        // Odometer over the outer dimensions' held indices.
+        let outer: Vec<Vec<usize>> = self.dims[..inner]
+            .iter()
+            .map(|rs| rs.iter().flat_map(|r| r.clone()).collect())
+            .collect();
+        if outer.iter().any(|ix| ix.is_empty()) {
+            return;
+        }
+        let mut pos = vec![0usize; inner];
+        loop {
+            let base: usize = (0..inner).map(|d| outer[d][pos[d]] * strides[d]).sum();
+            walk(base, f);
+            let mut d = inner;
+            loop {
+                if d == 0 {
+                    return;
+                }
+                d -= 1;
+                pos[d] += 1;
+                if pos[d] < outer[d].len() {
+                    break;
+                }
+                pos[d] = 0;
+            }
+        }
+    }
+}
+
+/// The full-index ranges of local indices `local` of a dimension laid out as `ranges`.
+fn sub_ranges(ranges: &[Range<usize>], local: Range<usize>) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for r in ranges {
+        let (lo, hi) = (at, at + r.len());
+        let (s, e) = (local.start.max(lo), local.end.min(hi));
+        if s < e {
+            out.push(r.start + (s - lo)..r.start + (e - lo));
+        }
+        at = hi;
+    }
+    out
+}
+
+/// A full tensor put back together from every rank's part (`parts[rank]`, each laid out as
+/// [`Region::of`] says): a split placed at each rank's region, a partial sum added over its
+/// group in rank order, a replicated value taken from the group's first rank.
+pub fn assemble<T: Copy + Default + AddAssign>(
+    mesh: Mesh,
+    layout: MeshLayout,
+    blocks: u32,
+    full_shape: &[usize],
+    parts: &[&[T]],
+) -> Vec<T> {
+    let mut full = vec![T::default(); full_shape.iter().product()];
+    let partial = Mesh::AXES.iter().any(|&a| layout.on(a) == Layout::Partial);
+    for c in mesh.coords() {
+        // A replicated copy, or a partial sum's addend on an axis that is merely replicated,
+        // is read once: from index 0 of that axis.
+        if Mesh::AXES
+            .iter()
+            .any(|&a| layout.on(a) == Layout::Replicated && c.on(a) != 0)
+        {
+            continue;
+        }
+        let region = Region::of(full_shape, layout, blocks, mesh, c);
+        let local = parts[mesh.rank(c)];
+        if partial {
+            region.add(local, &mut full, full_shape);
+        } else {
+            region.place(local, &mut full, full_shape);
+        }
+    }
+    full
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(tp: Layout, dp: Layout) -> MeshLayout {
+        MeshLayout { tp, dp }
+    }
+
+    #[test]
+    fn ranks_and_coordinates_round_trip_tp_fastest() {
+        let mesh = Mesh { tp: 3, dp: 2 };
+        assert_eq!(mesh.ranks(), 6);
+        assert_eq!(mesh.coord(4), Coord { tp: 1, dp: 1 });
+        for r in 0..6 {
+            assert_eq!(mesh.rank(mesh.coord(r)), r);
+        }
+        assert_eq!(mesh.group(MeshAxis::Tp, mesh.coord(4)), vec![3, 4, 5]);
+        assert_eq!(mesh.group(MeshAxis::Dp, mesh.coord(4)), vec![1, 4]);
+    }
+
+    #[test]
+    fn blocks_give_each_rank_its_part_of_every_block() {
+        let mesh = Mesh { tp: 2, dp: 1 };
+        let full = [4, 12];
+        let r = Region::of(
+            &full,
+            layout(Layout::Split(1), Layout::Replicated),
+            3,
+            mesh,
+            mesh.coord(1),
+        );
+        assert_eq!(r.dim(1), &[2..4, 6..8, 10..12]);
+        assert_eq!(r.shape(), vec![4, 6]);
+        assert!(!r.is_box());
+    }
+
+    #[test]
+    fn dp_then_tp_on_one_dimension_nest() {
+        let mesh = Mesh { tp: 2, dp: 2 };
+        let r = Region::of(
+            &[8],
+            layout(Layout::Split(0), Layout::Split(0)),
+            1,
+            mesh,
+            Coord { tp: 1, dp: 1 },
+        );
+        assert_eq!(r.dim(0), &[6..8]);
+    }
+
+    #[test]
+    fn extract_place_and_assemble_are_inverse() {
+        let full_shape = [3, 4, 6];
+        let full: Vec<f64> = (0..72).map(f64::from).collect();
+        for (l, blocks) in [
+            (layout(Layout::Split(2), Layout::Split(0)), 3),
+            (layout(Layout::Split(1), Layout::Replicated), 1),
+            (layout(Layout::Replicated, Layout::Split(1)), 1),
+            (layout(Layout::Replicated, Layout::Replicated), 1),
+        ] {
+            let mesh = Mesh {
+                tp: 2,
+                dp: if l.dp == Layout::Split(0) { 3 } else { 2 },
+            };
+            let parts: Vec<Vec<f64>> = mesh
+                .coords()
+                .map(|c| Region::of(&full_shape, l, blocks, mesh, c).extract(&full, &full_shape))
+                .collect();
+            let refs: Vec<&[f64]> = parts.iter().map(|p| p.as_slice()).collect();
+            assert_eq!(assemble(mesh, l, blocks, &full_shape, &refs), full, "{l}");
+        }
+    }
+
+    #[test]
+    fn partial_sums_are_added_once_per_replica() {
+        let mesh = Mesh { tp: 2, dp: 2 };
+        let l = layout(Layout::Replicated, Layout::Partial);
+        let parts = [[1.0f32], [9.0], [2.0], [9.0]];
+        let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+        assert_eq!(assemble(mesh, l, 1, &[], &refs), vec![3.0]);
+    }
+}
