@@ -1,5 +1,5 @@
 """numpy's (OpenBLAS) single-precision GEMM throughput, the baseline for
-runtime/benches/matmul.rs. Run through benches/sgemm_numpy.sh, which sets
+runtime/cpu/benches/matmul.rs. Run through benches/sgemm_numpy.sh, which sets
 OPENBLAS_NUM_THREADS before numpy starts (the thread count is read at import).
 
 Prints GFLOP/s, best of several runs, for the sizes the Rust benchmark uses.

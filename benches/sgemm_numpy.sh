@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # numpy's (OpenBLAS) sgemm GFLOP/s on 1 and 2 threads, the baseline for
-# `cargo bench -p ferrotron-runtime --bench matmul`. Run by hand (never by CI): it makes a
+# `cargo bench -p ferrotron-cpu --bench matmul`. Run by hand (never by CI): it makes a
 # Python virtual environment under target/ and installs numpy from PyPI the first time.
 #
 #   bash benches/sgemm_numpy.sh [--quick]

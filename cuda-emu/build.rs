@@ -2,7 +2,7 @@
 //!
 //! - `libcuda.so`: the driver API cudarc calls (`csrc/driver.cpp`), whose `cuLaunchKernel` runs
 //!   ferrotron's kernels on the CPU (`csrc/kernel_emu.cpp`); the kernels are the CUDA C sources
-//!   of `runtime/src/cuda/cu/`, each compiled as C++ behind `csrc/cuda_shim.h`, one translation
+//!   of `runtime/cuda/src/cu/`, each compiled as C++ behind `csrc/cuda_shim.h`, one translation
 //!   unit per source (as NVRTC compiles them), every kernel registered by name;
 //! - `libcublas.so`: the GEMMs cudarc's `CudaBlas` calls (`csrc/cublas.cpp`);
 //! - `libnccl.so`: the collectives between processes cudarc's `Comm` calls (`csrc/nccl.cpp`,
@@ -22,7 +22,7 @@ use std::process::Command;
 fn main() {
     let here = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let csrc = here.join("csrc");
-    let cu = here.join("../runtime/src/cuda/cu");
+    let cu = here.join("../runtime/cuda/src/cu");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let lib = out.join("lib");
     std::fs::create_dir_all(&lib).unwrap();

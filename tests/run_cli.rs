@@ -57,9 +57,9 @@ fn run_text_and_errors() {
 /// `lm_head`) and a token file, run at tp = 1 and tp = 2: the dumped gradients agree.
 #[test]
 fn hugging_face_weights_and_token_files() {
+    use ferrotron_exec::init::init_params;
+    use ferrotron_io::hf::{read_safetensors, to_hf_names, write_safetensors};
     use ferrotron_ir::{load_model, LoadOptions};
-    use ferrotron_runtime::hf::{read_safetensors, to_hf_names, write_safetensors};
-    use ferrotron_runtime::init::init_params;
 
     let dir = std::env::temp_dir().join(format!("ferrotron-hf-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

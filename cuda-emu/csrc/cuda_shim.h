@@ -1,5 +1,5 @@
 // cuda_shim.h: CUDA C's device-side language and built-ins for host C++17, so that the kernel
-// sources (runtime/src/cuda/cu/: common.cuh, then one .cu) compile natively and run on the CPU
+// sources (runtime/cuda/src/cu/: common.cuh, then one .cu) compile natively and run on the CPU
 // under the emulator's engine (kernel_emu.h). A translation unit is
 //
 //     #include "cuda_shim.h"

@@ -437,3 +437,32 @@ pub fn ce_classes(logits: &[usize], classes: Option<&Dim>) -> Result<usize, Stri
     }
     Ok(real)
 }
+
+/// Row-major strides of a contiguous tensor of `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut s = 1usize;
+    for (st, &n) in strides.iter_mut().zip(shape).rev() {
+        *st = s;
+        // Wrapping: the stride past the first axis is never used, and may be past usize
+        // for a shape whose element count is checked separately.
+        s = s.wrapping_mul(n);
+    }
+    strides
+}
+
+/// The strides, one per axis of `out`, at which a contiguous tensor of `shape` is read when
+/// broadcast to `out` (NumPy rules; `shape` must broadcast to `out`): 0 along repeated axes.
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let own = contiguous_strides(shape);
+    let skip = out.len() - shape.len();
+    (0..out.len())
+        .map(|i| {
+            if i < skip || shape[i - skip] == 1 {
+                0
+            } else {
+                own[i - skip]
+            }
+        })
+        .collect()
+}

@@ -427,6 +427,22 @@ pub fn dropout_keeps(i: u64, p: f64) -> bool {
     splitmix64(i) as f64 / 2f64.powi(64) >= p
 }
 
+/// The smallest `u` with `u as f64 / 2^64 >= p` (`u64` to `f64` is monotonic, so `h >= u` is
+/// exactly [`dropout_keeps`]' test `h as f64 / 2^64 >= p`); `p` in `[0, 1)`.
+pub fn keep_threshold(p: f64) -> u64 {
+    let target = p * 2f64.powi(64);
+    let (mut lo, mut hi) = (0u64, u64::MAX);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if mid as f64 >= target {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attribute helpers
 
@@ -1098,6 +1114,22 @@ mod tests {
 
     fn t(shape: &[usize], data: &[f64]) -> Tensor {
         Tensor::new(shape.to_vec(), data.to_vec())
+    }
+
+    #[test]
+    fn keep_threshold_matches_dropout_keeps() {
+        for p in [0.0, 1e-12, 0.1, 0.25, 0.5, 0.9, 0.999_999] {
+            let u = keep_threshold(p);
+            for h in [
+                u.wrapping_sub(1),
+                u,
+                u.wrapping_add(1),
+                u.saturating_add(1 << 20),
+            ] {
+                let keeps = h as f64 / 2f64.powi(64) >= p;
+                assert_eq!(h >= u, keeps, "p {p}, h {h}");
+            }
+        }
     }
 
     fn random(rng: &mut fastrand::Rng, shape: &[usize]) -> Tensor {

@@ -158,7 +158,10 @@ impl Region {
     /// The whole of a tensor of shape `full`.
     pub fn whole(full: &[usize]) -> Region {
         Region {
-            dims: full.iter().map(|&s| vec![0..s]).collect(),
+            dims: full
+                .iter()
+                .map(|&s| std::iter::once(0..s).collect())
+                .collect(),
         }
     }
 
@@ -172,6 +175,25 @@ impl Region {
         }
         if let Layout::Split(d) = layout.tp {
             region.split(d, blocks.max(1) as usize, mesh.tp as usize, c.tp);
+        }
+        region
+    }
+
+    /// Part `index` of `parts` equal contiguous parts along dimension `dim` of a tensor of shape
+    /// `full`: what a member of a group of `parts` takes in a local slice, keeps after a
+    /// reduce-scatter, or contributes to an all-gather.
+    pub fn part(full: &[usize], dim: usize, parts: usize, index: usize) -> Region {
+        let mut region = Region::whole(full);
+        region.split(dim, 1, parts, index);
+        region
+    }
+
+    /// The part of a tensor of shape `full` holding `ranges` of dimension `dim` (in that order)
+    /// and all of every other dimension: a shard as a checkpoint's metadata lists it.
+    pub fn along(full: &[usize], dim: usize, ranges: Vec<Range<usize>>) -> Region {
+        let mut region = Region::whole(full);
+        if let Some(d) = region.dims.get_mut(dim) {
+            *d = ranges;
         }
         region
     }
@@ -253,6 +275,11 @@ impl Region {
         });
     }
 
+    /// Whether dimension `d` (of size `size`) is held whole, in order.
+    fn holds_all(&self, d: usize, size: usize) -> bool {
+        matches!(&self.dims[d][..], [r] if *r == (0..size))
+    }
+
     /// Calls `f(offset, len)` for every contiguous run of the full tensor the region covers, in
     /// local row-major order.
     fn visit(&self, full_shape: &[usize], f: &mut dyn FnMut(usize, usize)) {
@@ -267,7 +294,7 @@ impl Region {
         }
         // Trailing dimensions held whole are copied as one run with the last partial one.
         let mut inner = rank - 1;
-        while inner > 0 && self.dims[inner] == [0..full_shape[inner]] {
+        while inner > 0 && self.holds_all(inner, full_shape[inner]) {
             inner -= 1;
         }
         let run_unit = strides[inner];
@@ -397,7 +424,7 @@ mod tests {
             mesh,
             Coord { tp: 1, dp: 1 },
         );
-        assert_eq!(r.dim(0), &[6..8]);
+        assert_eq!((r.dim(0).len(), r.dim(0)[0].clone()), (1, 6..8));
     }
 
     #[test]

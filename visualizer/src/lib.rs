@@ -10,9 +10,9 @@
 //! - [`layout`]: a layered, top-to-bottom layout of the plan's graph, each transformer layer
 //!   collapsed into one box unless expanded, forward only or forward + backward. The GUI will
 //!   draw the same [`layout::GraphLayout`].
-//! - [`app`]: the desktop viewer (egui/eframe): the same layout drawn with pan, zoom, search,
+//! - `app` (cargo feature `gui`, on by default): the desktop viewer (egui/eframe): the same layout drawn with pan, zoom, search,
 //!   live re-partitioning, a property panel (with the node's FLOPs and bytes) and a summary
-//!   chart; [`app::run`] opens the window.
+//!   chart; `app::run` opens the window.
 //! - [`stats`]: the numbers those panels show, from the IR's per-op FLOP counts and the
 //!   partitioner's [`Report`](ferrotron_partitioner::Report).
 //! - [`export`]: a self-contained SVG and Graphviz DOT, every op and parameter coloured by its
@@ -34,6 +34,7 @@
 //! [`Plan`]: ferrotron_partitioner::Plan
 #![warn(missing_docs)]
 
+#[cfg(feature = "gui")]
 pub mod app;
 pub mod export;
 pub mod layout;

@@ -1,0 +1,370 @@
+//! Launches of `cu/cross_entropy.cu`: the cross-entropy's per-row statistics and the logits'
+//! gradient, for a whole (`eval`) or vocabulary-parallel (the executor's phases around its
+//! reductions) cross-entropy. The same meaning, checks and errors as the CPU backend's: logits
+//! `[..., seq, vocab]`, this rank's classes global `class_offset + j`, classes at or past
+//! `real_classes` excluded ([`VocabShard`]); with `shift` row `t` predicts target `t + 1` and the
+//! last position of each sequence predicts nothing. The loss's mean is the core's
+//! ([`ce_loss`]), on the host in `f64`.
+
+use super::launch::{cfg_2d, cfg_rows, i64_of, on, scratch, to_host, Buf, Launch, Result};
+use super::{as_dtype, check, first_bad_index, index_buffer, spec};
+use crate::device::RankDevice;
+use crate::tensor::{CudaTensor, Storage};
+use cudarc::driver::CudaSlice;
+use ferrotron_exec::kernel::{
+    ce_loss, ce_rows, invalid, mean_count, KernelError, OrInvalid, Placement, RowStats, VocabShard,
+};
+use ferrotron_ir::index;
+use ferrotron_ir::Dim;
+
+/// The logits' shape facts: rows, seq, vocab, this rank's real classes.
+struct Geometry {
+    rows: usize,
+    seq: usize,
+    vocab: usize,
+    nr: usize,
+}
+
+fn geometry(op: &'static str, logits: &CudaTensor, shard: &VocabShard) -> Result<Geometry> {
+    check(op, logits)?;
+    let (rows, seq) = ce_rows(op, &logits.shape)?;
+    let vocab = logits.shape[logits.shape.len() - 1];
+    Ok(Geometry {
+        rows,
+        seq,
+        vocab,
+        nr: shard.local_real(vocab),
+    })
+}
+
+/// The targets' shape (the logits' leading axes) and buffer.
+fn targets_of<'t>(
+    op: &'static str,
+    logits: &CudaTensor,
+    targets: &'t CudaTensor,
+) -> Result<&'t CudaSlice<f32>> {
+    check(op, targets)?;
+    let r = logits.shape.len();
+    index::same_shape("the targets", &logits.shape[..r - 1], &targets.shape).or_invalid(op)?;
+    Ok(index_buffer(op, "targets", targets)?.as_ref())
+}
+
+/// That every target a row reads is an integer in `0..real_classes`: the first that is not.
+fn check_targets(
+    dev: &RankDevice,
+    op: &'static str,
+    targets: &CudaSlice<f32>,
+    g: &Geometry,
+    shift: bool,
+    real_classes: usize,
+) -> Result<()> {
+    match first_bad_index(dev, op, targets, g.rows, real_classes, g.seq, shift)? {
+        None => Ok(()),
+        Some((element, value)) => Err(KernelError::Index {
+            op,
+            what: "target",
+            value,
+            element,
+            bound: real_classes,
+        }),
+    }
+}
+
+fn row_max_dev(
+    dev: &RankDevice,
+    op: &'static str,
+    logits: &CudaTensor,
+    g: &Geometry,
+) -> Result<CudaSlice<f32>> {
+    let mut max = scratch(dev, op, g.rows)?;
+    if g.rows > 0 {
+        let v = [g.rows, g.vocab, g.nr]
+            .map(|x| i64_of(op, x))
+            .into_iter()
+            .collect::<Result<Vec<i64>>>()?;
+        Launch::new(dev, op, &spec::CE_ROW_MAX, logits.dtype())?
+            .slice_mut(&mut max)
+            .input(&logits.data)
+            .val(&v[0])
+            .val(&v[1])
+            .val(&v[2])
+            .launch(cfg_rows(dev, g.rows, g.nr))?;
+    }
+    Ok(max)
+}
+
+/// The statistics' row buffers on the device.
+struct Rows<'a> {
+    max: &'a CudaSlice<f32>,
+    targets: &'a CudaSlice<f32>,
+}
+
+fn row_sums_dev(
+    dev: &RankDevice,
+    op: &'static str,
+    logits: &CudaTensor,
+    rows: Rows,
+    g: &Geometry,
+    shard: &VocabShard,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let Rows { max, targets } = rows;
+    let (shift, class_offset) = (shard.shift, shard.class_offset);
+    let mut sum = scratch(dev, op, g.rows)?;
+    let mut tl = scratch(dev, op, g.rows)?;
+    if g.rows > 0 {
+        let v = [g.rows, g.seq.max(1), g.vocab, g.nr, class_offset]
+            .map(|x| i64_of(op, x))
+            .into_iter()
+            .collect::<Result<Vec<i64>>>()?;
+        let shift = i32::from(shift);
+        Launch::new(dev, op, &spec::CE_ROW_SUMS, logits.dtype())?
+            .slice_mut(&mut sum)
+            .slice_mut(&mut tl)
+            .input(&logits.data)
+            .slice(max)
+            .slice(targets)
+            .val(&v[0])
+            .val(&v[1])
+            .val(&v[2])
+            .val(&v[3])
+            .val(&v[4])
+            .val(&shift)
+            .launch(cfg_rows(dev, g.rows, g.nr))?;
+    }
+    Ok((sum, tl))
+}
+
+/// The statistics' inputs the kernels take, and the mean's denominator.
+struct GradInputs<'a> {
+    max: &'a CudaSlice<f32>,
+    sum: &'a CudaSlice<f32>,
+    targets: &'a CudaSlice<f32>,
+    dloss: &'a CudaSlice<f32>,
+    denom: f64,
+}
+
+fn grad_dev(
+    dev: &RankDevice,
+    op: &'static str,
+    logits: &CudaTensor,
+    g: &Geometry,
+    inputs: GradInputs,
+    shard: &VocabShard,
+) -> Result<CudaTensor> {
+    let (shift, class_offset) = (shard.shift, shard.class_offset);
+    let n = logits.numel();
+    let mut out = Buf::uninit(dev, op, logits.dtype(), n)?;
+    if n > 0 {
+        let v = [g.rows, g.seq.max(1), g.vocab, g.nr, class_offset]
+            .map(|x| i64_of(op, x))
+            .into_iter()
+            .collect::<Result<Vec<i64>>>()?;
+        let shift = i32::from(shift);
+        Launch::new(dev, op, &spec::CE_GRAD, logits.dtype())?
+            .output(&mut out)
+            .input(&logits.data)
+            .slice(inputs.max)
+            .slice(inputs.sum)
+            .slice(inputs.targets)
+            .slice(inputs.dloss)
+            .val(&v[0])
+            .val(&v[1])
+            .val(&v[2])
+            .val(&v[3])
+            .val(&v[4])
+            .val(&shift)
+            .val(&inputs.denom)
+            .launch(cfg_2d(dev, g.rows, g.vocab))?;
+    }
+    Ok(out.into_tensor(logits.shape.clone()))
+}
+
+/// The first `rows` elements of a device buffer, on the host.
+fn host(dev: &RankDevice, op: &'static str, s: &CudaSlice<f32>, rows: usize) -> Result<Vec<f32>> {
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    to_host(dev, op, &s.slice(..rows))
+}
+
+/// A host vector of `rows` statistics on the device.
+fn device_rows(
+    dev: &RankDevice,
+    op: &'static str,
+    v: &[f32],
+    rows: usize,
+    what: &str,
+) -> Result<CudaSlice<f32>> {
+    if v.len() != rows {
+        return Err(invalid(op, format!("{} {what} for {rows} rows", v.len())));
+    }
+    if v.is_empty() {
+        return scratch(dev, op, 0);
+    }
+    dev.stream.clone_htod(v).map_err(on(op))
+}
+
+/// Per row, the max over this rank's real classes (−∞ for a row with none).
+pub fn ce_row_max(
+    dev: &RankDevice,
+    logits: &CudaTensor,
+    shard: &VocabShard,
+) -> Result<Vec<f32>, KernelError> {
+    const OP: &str = "CrossEntropy";
+    let g = geometry(OP, logits, shard)?;
+    let max = row_max_dev(dev, OP, logits, &g)?;
+    host(dev, OP, &max, g.rows)
+}
+
+/// Per row, `Σ exp(logit − max[row])` over this rank's real classes, and the target's logit
+/// where this rank holds the target's class (else 0).
+pub fn ce_row_sums(
+    dev: &RankDevice,
+    logits: &CudaTensor,
+    max: &[f32],
+    targets: &CudaTensor,
+    shard: &VocabShard,
+) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+    const OP: &str = "CrossEntropy";
+    let g = geometry(OP, logits, shard)?;
+    let t = targets_of(OP, logits, targets)?;
+    if max.len() != g.rows {
+        return Err(invalid(
+            OP,
+            format!("{} row maxima for {} rows", max.len(), g.rows),
+        ));
+    }
+    check_targets(dev, OP, t, &g, shard.shift, shard.real_classes)?;
+    let max = device_rows(dev, OP, max, g.rows, "row maxima")?;
+    let rows = Rows {
+        max: &max,
+        targets: t,
+    };
+    let (sum, tl) = row_sums_dev(dev, OP, logits, rows, &g, shard)?;
+    Ok((host(dev, OP, &sum, g.rows)?, host(dev, OP, &tl, g.rows)?))
+}
+
+/// The local logits' gradient from the group-reduced statistics.
+pub fn ce_grad(
+    dev: &RankDevice,
+    logits: &CudaTensor,
+    targets: &CudaTensor,
+    stats: &RowStats,
+    shard: &VocabShard,
+    dloss: f32,
+) -> Result<CudaTensor, KernelError> {
+    const OP: &str = "CrossEntropyGrad";
+    let (max, sum) = (&stats.max, &stats.sum);
+    let g = geometry(OP, logits, shard)?;
+    let t = targets_of(OP, logits, targets)?;
+    if max.len() != g.rows || sum.len() != g.rows {
+        return Err(invalid(
+            OP,
+            format!(
+                "{} maxima and {} sums for {} rows",
+                max.len(),
+                sum.len(),
+                g.rows
+            ),
+        ));
+    }
+    let count = mean_count(
+        OP,
+        (g.rows, g.seq),
+        shard.shift,
+        shard.token_parts,
+        &logits.shape,
+    )?;
+    check_targets(dev, OP, t, &g, shard.shift, shard.real_classes)?;
+    let max = device_rows(dev, OP, max, g.rows, "maxima")?;
+    let sum = device_rows(dev, OP, sum, g.rows, "sums")?;
+    let dloss = dev.stream.clone_htod(&[dloss]).map_err(on(OP))?;
+    let inputs = GradInputs {
+        max: &max,
+        sum: &sum,
+        targets: t,
+        dloss: &dloss,
+        denom: count as f64 * shard.token_parts as f64,
+    };
+    grad_dev(dev, OP, logits, &g, inputs, shard)
+}
+
+/// The shard of a whole cross-entropy: every class, `classes` of them real.
+pub(super) fn whole(
+    op: &'static str,
+    logits: &CudaTensor,
+    classes: Option<&Dim>,
+    shift: bool,
+    local: &Placement,
+) -> Result<VocabShard> {
+    index::min_rank("the logits ([..., seq, vocab])", &logits.shape, 2).or_invalid(op)?;
+    Ok(VocabShard {
+        class_offset: 0,
+        real_classes: index::ce_classes(&logits.shape, classes).or_invalid(op)?,
+        shift,
+        token_parts: local.n_token_parts(),
+    })
+}
+
+/// `CrossEntropy` on whole logits: the statistics on the device, the mean on the host (in
+/// `f64`), returned as a device scalar.
+pub(super) fn loss_op(
+    dev: &RankDevice,
+    op: &'static str,
+    logits: &CudaTensor,
+    targets: &CudaTensor,
+    shard: &VocabShard,
+) -> Result<CudaTensor> {
+    let g = geometry(op, logits, shard)?;
+    let t = targets_of(op, logits, targets)?;
+    let max = row_max_dev(dev, op, logits, &g)?;
+    check_targets(dev, op, t, &g, shard.shift, shard.real_classes)?;
+    let rows = Rows {
+        max: &max,
+        targets: t,
+    };
+    let (sum, tl) = row_sums_dev(dev, op, logits, rows, &g, shard)?;
+    let stats = RowStats {
+        max: host(dev, op, &max, g.rows)?,
+        sum: host(dev, op, &sum, g.rows)?,
+        target: host(dev, op, &tl, g.rows)?,
+    };
+    let loss = ce_loss(&stats, &logits.shape, shard.shift, shard.token_parts)?;
+    super::scalar(dev, loss)
+}
+
+/// `CrossEntropyGrad` on whole logits, `dloss` read on the device.
+pub(super) fn grad_op(
+    dev: &RankDevice,
+    op: &'static str,
+    (logits, targets, dloss): (&CudaTensor, &CudaTensor, &CudaTensor),
+    shard: &VocabShard,
+) -> Result<CudaTensor> {
+    index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(op)?;
+    let g = geometry(op, logits, shard)?;
+    let t = targets_of(op, logits, targets)?;
+    let max = row_max_dev(dev, op, logits, &g)?;
+    check_targets(dev, op, t, &g, shard.shift, shard.real_classes)?;
+    let rows = Rows {
+        max: &max,
+        targets: t,
+    };
+    let (sum, _) = row_sums_dev(dev, op, logits, rows, &g, shard)?;
+    let count = mean_count(
+        op,
+        (g.rows, g.seq),
+        shard.shift,
+        shard.token_parts,
+        &logits.shape,
+    )?;
+    let dloss = as_dtype(dev, op, dloss, Storage::F32)?;
+    let dloss = index_buffer(op, "loss gradient", &dloss)?.as_ref();
+    let inputs = GradInputs {
+        max: &max,
+        sum: &sum,
+        targets: t,
+        dloss,
+        denom: count as f64 * shard.token_parts as f64,
+    };
+    grad_dev(dev, op, logits, &g, inputs, shard)
+}

@@ -1,0 +1,170 @@
+//! The backend abstraction: what the rank program needs from a device to compute. Kernels for
+//! every op's local computation, the vocabulary-parallel cross-entropy's per-row statistics,
+//! moving tensors to and from the host and the optimizer step, all on the device's own tensor
+//! type. Communication is apart ([`crate::comm::Comm`], the backend's [`Backend::Comm`]).
+//!
+//! The executor core implements no backend: `ferrotron-cpu` (host `f32` tensors, the
+//! reference) and `ferrotron-cuda` (NVRTC kernels, cuBLAS, NCCL) do, each in its own crate.
+
+use crate::comm::Comm;
+use crate::fuse::Fused;
+use crate::kernel::{KernelError, Placement, RowStats, VocabShard};
+use crate::Tensor;
+use ferrotron_ir::{DType, Dim, Op};
+
+/// A device the rank program computes on.
+pub trait Backend: Clone + Send + Sync {
+    /// A tensor held on the device.
+    type Tensor: Clone + Send + Sync;
+    /// A rank's membership of a group of ranks on this backend.
+    type Comm: Comm<Self>;
+
+    /// The backend's name (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+    /// The backend that rank `rank` of the job computes with: the CUDA backend gives each
+    /// virtual rank its own stream; the CPU backend is the same for every rank. Tensors a rank
+    /// uses should be uploaded through its own backend.
+    fn on_rank(&self, rank: usize) -> Self {
+        let _ = rank;
+        self.clone()
+    }
+    /// Copies a host tensor to the device. `dtype` is the IR's type of the value: integer ids
+    /// must stay exact whatever the backend's storage type (the CUDA backend keeps them `f32`
+    /// in bf16 mode).
+    fn upload(&self, t: &Tensor, dtype: DType) -> Result<Self::Tensor, KernelError>;
+    /// Copies a device tensor to the host.
+    fn download(&self, t: &Self::Tensor) -> Result<Tensor, KernelError>;
+    /// Waits until the device has finished the work queued so far (for timing; the CPU computes
+    /// synchronously).
+    fn synchronize(&self) -> Result<(), KernelError> {
+        Ok(())
+    }
+    /// A tensor's shape.
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
+    /// The bytes a tensor occupies.
+    fn bytes(&self, t: &Self::Tensor) -> usize;
+    /// The first NaN or infinity in a tensor, if any (`None` also when the check itself fails on
+    /// the device: the next device call reports that failure).
+    fn first_non_finite(&self, t: &Self::Tensor) -> Option<f32>;
+    /// A scalar tensor.
+    fn scalar(&self, value: f32) -> Result<Self::Tensor, KernelError>;
+    /// A scalar tensor's value.
+    fn read_scalar(&self, t: &Self::Tensor) -> Result<f32, KernelError>;
+
+    /// One op's local computation (no communication); `at` places the rank's tensors in the
+    /// full ones for the ops whose result depends on it.
+    fn eval(
+        &self,
+        op: &Op<&Self::Tensor, Dim>,
+        at: &Placement,
+    ) -> Result<Vec<Self::Tensor>, KernelError>;
+    /// A fused op's computation (see [`crate::fuse`]): what the two ops it replaces compute.
+    fn eval_fused(&self, op: &Fused<&Self::Tensor>) -> Result<Self::Tensor, KernelError>;
+    /// The same elements under a new shape (the element count unchanged).
+    fn reshape(&self, t: Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
+    /// Part `index` of `parts` equal contiguous parts along `dim`
+    /// ([`ferrotron_partitioner::mesh::part`]).
+    fn local_slice(
+        &self,
+        t: &Self::Tensor,
+        dim: usize,
+        index: usize,
+        parts: usize,
+    ) -> Result<Self::Tensor, KernelError>;
+
+    /// Per row (every position of the logits' leading dimensions), the max over this rank's real
+    /// classes (a row with no real local class gives −∞).
+    fn ce_row_max(
+        &self,
+        logits: &Self::Tensor,
+        shard: &VocabShard,
+    ) -> Result<Vec<f32>, KernelError>;
+    /// Per row, the sum over this rank's real classes of `exp(logit − max[row])`, and the logit
+    /// of the row's target if this rank holds that class (else 0). Targets must be integers in
+    /// `0..real_classes`.
+    fn ce_row_sums(
+        &self,
+        logits: &Self::Tensor,
+        max: &[f32],
+        targets: &Self::Tensor,
+        shard: &VocabShard,
+    ) -> Result<(Vec<f32>, Vec<f32>), KernelError>;
+    /// The local logits' gradient from the group-reduced statistics: `(softmax −
+    /// onehot(target)) · dloss / (predicting rows × token_parts)`, zero for padded classes and
+    /// rows that predict nothing.
+    fn ce_grad(
+        &self,
+        logits: &Self::Tensor,
+        targets: &Self::Tensor,
+        stats: &RowStats,
+        shard: &VocabShard,
+        dloss: f32,
+    ) -> Result<Self::Tensor, KernelError>;
+
+    /// `Σ x²` over a tensor, accumulated in `f64` (the global gradient norm).
+    fn sum_squares(&self, t: &Self::Tensor) -> Result<f64, KernelError>;
+    /// Copies full-precision weights to the device as the optimizer's master weights (`f32`
+    /// whatever the backend computes in).
+    fn upload_master(&self, t: &Tensor) -> Result<Self::Tensor, KernelError> {
+        self.upload(t, DType::F32)
+    }
+    /// The weights a step computes with, made from the master weights: the same tensor when
+    /// the backend computes in `f32`, a bf16 copy under mixed precision.
+    fn compute_weights(&self, master: &Self::Tensor) -> Result<Self::Tensor, KernelError> {
+        Ok(master.clone())
+    }
+    /// One AdamW update of master weights `w` with gradient `g` and moments `m`, `v` (`f32`,
+    /// shaped like `w`), in place; the arithmetic is [`adamw_host`]'s, in `f64`.
+    fn adamw(
+        &self,
+        w: &mut Self::Tensor,
+        g: &Self::Tensor,
+        moments: (&mut Self::Tensor, &mut Self::Tensor),
+        update: AdamW,
+    ) -> Result<(), KernelError>;
+}
+
+/// One AdamW update of one tensor: the settings and the step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    /// The learning rate of this step.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay (0 for biases and norm weights).
+    pub weight_decay: f64,
+    /// The step, counted from 1 (for the bias corrections).
+    pub step: u32,
+    /// The factor the gradient is multiplied by first (the clipping factor), in `f64`.
+    pub grad_scale: f64,
+}
+
+/// The AdamW update on host `f32` tensors, in `f64`: the CPU backend's, and the reference the
+/// CUDA kernel reproduces bit for bit.
+pub fn adamw_host(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], update: AdamW) {
+    let AdamW {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+        grad_scale,
+    } = update;
+    let t = step as i32;
+    let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+    for k in 0..w.len() {
+        let gk = f64::from(g[k]) * grad_scale;
+        let mk = beta1 * f64::from(m[k]) + (1.0 - beta1) * gk;
+        let vk = beta2 * f64::from(v[k]) + (1.0 - beta2) * gk * gk;
+        m[k] = mk as f32;
+        v[k] = vk as f32;
+        let update = (mk / bc1) / ((vk / bc2).sqrt() + eps);
+        let wk = f64::from(w[k]);
+        w[k] = (wk - lr * (update + weight_decay * wk)) as f32;
+    }
+}

@@ -1,0 +1,296 @@
+//! What every backend's kernels share: the error a kernel returns, where a rank's tensors sit in
+//! the full ones ([`Placement`], for the few ops whose result depends on it), the shard of the
+//! classes a vocabulary-parallel cross-entropy holds ([`VocabShard`]), and the argument checks
+//! and host arithmetic whose results must read the same on every backend (the same error for the
+//! same bad shapes, the same loss from the same statistics).
+
+use ferrotron_ir::index;
+
+/// Why a kernel cannot run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[allow(missing_docs)] // variant fields are named for what they hold
+pub enum KernelError {
+    /// Inputs or attributes the op is not defined on: shapes that do not fit, a bad dimension, a
+    /// tensor whose data does not fill its shape, a bad probability.
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+    /// An index (an embedding id, a class target) that is not an integer in its range.
+    #[error("{op}: {what} {value} (element {element}) is not an integer in 0..{bound}")]
+    Index {
+        op: &'static str,
+        what: &'static str,
+        value: f32,
+        element: usize,
+        bound: usize,
+    },
+    /// A collective or `LocalSlice`: the rank program runs those.
+    #[error("{op} is not a local computation: the executor runs it")]
+    NotLocal { op: &'static str },
+    /// The device failed to run the op (a driver, library or launch error).
+    #[error("{op}: on the device: {msg}")]
+    Device { op: &'static str, msg: String },
+}
+
+/// A [`KernelError::Invalid`] of `op`.
+pub fn invalid(op: &'static str, msg: impl Into<String>) -> KernelError {
+    KernelError::Invalid {
+        op,
+        msg: msg.into(),
+    }
+}
+
+/// An integer index held in an `f32` (an embedding id, a class target), checked to be in
+/// `0..bound`; `element` is its position in its tensor, for the message.
+pub fn checked_index(
+    op: &'static str,
+    what: &'static str,
+    value: f32,
+    element: usize,
+    bound: usize,
+) -> Result<usize, KernelError> {
+    index::integer(value as f64, bound).ok_or(KernelError::Index {
+        op,
+        what,
+        value,
+        element,
+        bound,
+    })
+}
+
+/// A shape check's message from [`ferrotron_ir::index`] as a [`KernelError::Invalid`] of `op`.
+pub trait OrInvalid<T> {
+    /// The value, or the message as `op`'s error.
+    fn or_invalid(self, op: &'static str) -> Result<T, KernelError>;
+}
+
+impl<T> OrInvalid<T> for Result<T, String> {
+    fn or_invalid(self, op: &'static str) -> Result<T, KernelError> {
+        self.map_err(|msg| invalid(op, msg))
+    }
+}
+
+/// Where this rank's tensors sit in the full ones, for the ops whose result depends on it.
+/// `Placement::default()` describes an unpartitioned run.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    /// Embedding / EmbeddingGrad with a vocabulary-parallel table: the first full-table row this
+    /// rank holds. Ids outside `[offset, offset + local rows)` look up zero rows (Embedding) or
+    /// scatter nothing (EmbeddingGrad). A non-zero offset marks the table vocabulary-parallel.
+    pub vocab_offset: usize,
+    /// Embedding / EmbeddingGrad: `Some(full table rows)` marks the table vocabulary-parallel
+    /// (needed on the rank whose offset is 0) and bounds the ids; `None` with offset 0: the
+    /// table is whole and every id must index it.
+    pub vocab_rows: Option<usize>,
+    /// Dropout / DropoutGrad: the full shape of the value, so that a shard's element masks are
+    /// those of the full tensor. `None`: the local tensor is the full one.
+    pub full_shape: Option<Vec<usize>>,
+    /// This shard's offset along each dimension of [`Placement::full_shape`] (all zero when
+    /// `None`). Rotary also reads it: positions start at the offset along dimension −3.
+    pub offsets: Option<Vec<usize>>,
+    /// Dropout / DropoutGrad: the element at flat full-tensor index `i` is kept iff
+    /// `dropout_keeps(i.wrapping_add(dropout_seed.wrapping_mul(1 << 40)), p)`
+    /// ([`ferrotron_ir::reference::dropout_keeps`]); 0 reproduces the reference evaluator.
+    pub dropout_seed: u64,
+    /// CrossEntropy / CrossEntropyGrad: the number of equal token shards the mean spans (the
+    /// data-parallel degree when the tokens are split over dp): the mean divides by local
+    /// predicting positions × token_parts. 0 and 1 mean a plain mean.
+    pub token_parts: usize,
+}
+
+impl Placement {
+    /// [`Placement::token_parts`], at least 1.
+    pub fn n_token_parts(&self) -> usize {
+        self.token_parts.max(1)
+    }
+}
+
+/// What one rank holds of a vocabulary-parallel cross-entropy's classes, and how its mean is
+/// taken: the phases of [`crate::Backend::ce_row_max`], [`crate::Backend::ce_row_sums`] and
+/// [`crate::Backend::ce_grad`] all read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabShard {
+    /// The full class index of this rank's first local class.
+    pub class_offset: usize,
+    /// Classes below this are real; the rest are vocabulary padding, excluded everywhere.
+    pub real_classes: usize,
+    /// Next-token prediction: row `t` of each sequence uses target `t + 1`, and the last
+    /// position of each sequence predicts nothing.
+    pub shift: bool,
+    /// As [`Placement::token_parts`].
+    pub token_parts: usize,
+}
+
+impl VocabShard {
+    /// The number of this rank's real classes among its `vocab` local ones.
+    pub fn local_real(&self, vocab: usize) -> usize {
+        self.real_classes
+            .saturating_sub(self.class_offset)
+            .min(vocab)
+    }
+}
+
+/// A bias (of shape `bias`) must be a vector along the last dimension of `x` (a shape of rank
+/// ≥ 2).
+pub fn check_bias(name: &'static str, x: &[usize], bias: &[usize]) -> Result<(), KernelError> {
+    match x.last() {
+        Some(&n) if x.len() >= 2 && bias == [n] => Ok(()),
+        _ => Err(invalid(
+            name,
+            format!(
+                "the bias has shape {:?}, expected [{}] (the last axis of the input {:?})",
+                bias,
+                x.last().copied().unwrap_or(0),
+                x
+            ),
+        )),
+    }
+}
+
+/// An embedding table's `(rows, width)` as this rank holds it, the first full-table id it holds
+/// and the bound every id must respect.
+pub struct Table {
+    /// Local rows.
+    pub rows: usize,
+    /// Row width.
+    pub width: usize,
+    /// The full-table id of local row 0.
+    pub offset: usize,
+    /// Ids must be below this.
+    pub bound: usize,
+}
+
+impl Table {
+    /// The local row of an id, or `None` when another rank holds it.
+    pub fn local_row(
+        &self,
+        name: &'static str,
+        id: f32,
+        element: usize,
+    ) -> Result<Option<usize>, KernelError> {
+        let id = checked_index(name, "id", id, element, self.bound)?;
+        Ok(id.checked_sub(self.offset).filter(|&r| r < self.rows))
+    }
+}
+
+/// The table of shape `table` as this rank holds it (`at`'s vocabulary offset and rows).
+pub fn table_of(name: &'static str, table: &[usize], at: &Placement) -> Result<Table, KernelError> {
+    let (rows, width) = index::embedding_table(table).or_invalid(name)?;
+    let offset = at.vocab_offset;
+    let end = offset
+        .checked_add(rows)
+        .ok_or_else(|| invalid(name, "the vocabulary offset overflows"))?;
+    let bound = match at.vocab_rows {
+        Some(full) if end > full => {
+            return Err(invalid(
+                name,
+                format!("rows {offset}..{end} of the table lie outside its {full} rows"),
+            ))
+        }
+        Some(full) => full,
+        None if offset > 0 => 1 << 24, // ids are exact in f32 up to here
+        None => rows,
+    };
+    Ok(Table {
+        rows,
+        width,
+        offset,
+        bound,
+    })
+}
+
+/// `(rows, seq)` of logits `[..., seq, vocab]`.
+pub fn ce_rows(name: &'static str, shape: &[usize]) -> Result<(usize, usize), KernelError> {
+    if shape.len() < 2 {
+        return Err(invalid(
+            name,
+            format!("the logits ([..., seq, vocab]) must have rank at least 2, found {shape:?}"),
+        ));
+    }
+    let r = shape.len();
+    let rows = shape[..r - 1]
+        .iter()
+        .try_fold(1usize, |n, &s| n.checked_mul(s))
+        .ok_or_else(|| invalid(name, format!("the logits {shape:?} are too large")))?;
+    Ok((rows, shape[r - 2]))
+}
+
+/// Where row `row`'s target is (`None`: the row predicts nothing).
+pub fn target_of(row: usize, seq: usize, shift: bool) -> Option<usize> {
+    if !shift {
+        Some(row)
+    } else if row % seq + 1 == seq {
+        None
+    } else {
+        Some(row + 1)
+    }
+}
+
+/// The number of positions a cross-entropy mean divides by on this rank (its predicting rows),
+/// checked to be non-zero, with `token_parts` checked too.
+pub fn mean_count(
+    name: &'static str,
+    (rows, seq): (usize, usize),
+    shift: bool,
+    token_parts: usize,
+    logits_shape: &[usize],
+) -> Result<usize, KernelError> {
+    if token_parts == 0 {
+        return Err(invalid(name, "token_parts must be at least 1"));
+    }
+    let count = if shift && seq > 0 {
+        rows - rows / seq
+    } else {
+        rows
+    };
+    if count == 0 {
+        return Err(invalid(
+            name,
+            format!(
+                "no position predicts a target (logits {logits_shape:?}, shift {shift}): no mean"
+            ),
+        ));
+    }
+    Ok(count)
+}
+
+/// A cross-entropy's per-row statistics, reduced over the vocabulary-parallel group.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowStats {
+    /// Each row's max over the real classes.
+    pub max: Vec<f32>,
+    /// Each row's `Σ exp(logit − max)` over the real classes.
+    pub sum: Vec<f32>,
+    /// Each row's target logit (0 where the row predicts nothing).
+    pub target: Vec<f32>,
+}
+
+/// The loss from the group-reduced statistics: `Σ` over predicting rows of
+/// `(ln sum + max − target_logit)`, divided by (predicting rows × `token_parts`). Only the
+/// leading dimensions of `logits_shape` are read (a shard's or the full logits' shape will do).
+pub fn ce_loss(
+    stats: &RowStats,
+    logits_shape: &[usize],
+    shift: bool,
+    token_parts: usize,
+) -> Result<f32, KernelError> {
+    const NAME: &str = "CrossEntropy";
+    let RowStats { max, sum, target } = stats;
+    let (rows, seq) = ce_rows(NAME, logits_shape)?;
+    if max.len() != rows || sum.len() != rows || target.len() != rows {
+        return Err(invalid(
+            NAME,
+            format!(
+                "{} maxima, {} sums and {} target logits for {rows} rows",
+                max.len(),
+                sum.len(),
+                target.len()
+            ),
+        ));
+    }
+    let count = mean_count(NAME, (rows, seq), shift, token_parts, logits_shape)?;
+    let total: f64 = (0..rows)
+        .filter(|&row| target_of(row, seq, shift).is_some())
+        .map(|row| (sum[row] as f64).ln() + max[row] as f64 - target[row] as f64)
+        .sum();
+    Ok((total / (count as f64 * token_parts as f64)) as f32)
+}

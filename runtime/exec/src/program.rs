@@ -1,0 +1,110 @@
+//! A plan prepared for its ranks: the steps they run (the plan's nodes, fused pairs merged by
+//! [`crate::fuse`]), the values every rank keeps to the end, where each value is last read (so it
+//! is freed there), and the fused-weight blocks of every value (for shard geometry). Made once
+//! and shared by every rank of a process; the rank program ([`crate::Rank::run`]) walks it.
+
+use crate::error::ExecError;
+use crate::fuse::Program;
+use ferrotron_ir::graph::SecondaryMap;
+use ferrotron_ir::ValueId;
+use ferrotron_partitioner::{value_blocks, Plan};
+use std::time::Duration;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The longest any rank waits for the others at a collective (groups the in-process
+    /// launcher forms).
+    pub timeout: Duration,
+    /// Dropout masks differ per seed (0 gives the reference evaluator's masks).
+    pub dropout_seed: u64,
+    /// Keep every value (to find where two runs diverge), not only those asked for.
+    pub keep_all: bool,
+    /// Run only the forward part (inference: the loss and the outputs, no gradients).
+    pub forward_only: bool,
+    /// Fail at the first node that produces a NaN or an infinity, naming it.
+    pub check_finite: bool,
+    /// Record every node's start and duration on every rank (see [`crate::Run::trace_json`]).
+    pub trace: bool,
+    /// Run fusable op pairs (bias + activation, scale + softmax) as one kernel each
+    /// ([`crate::fuse`]). Off with `keep_all`, which must see every intermediate value.
+    pub fuse: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            timeout: Duration::from_secs(60),
+            dropout_seed: 0,
+            keep_all: false,
+            forward_only: false,
+            check_finite: false,
+            trace: false,
+            fuse: true,
+        }
+    }
+}
+
+/// A plan prepared for execution with given options.
+#[derive(Debug)]
+pub struct Executable<'p> {
+    /// The plan.
+    pub plan: &'p Plan,
+    /// The options.
+    pub opts: RunOptions,
+    /// The steps, in order.
+    pub program: Program,
+    /// The values every rank keeps to the end: the loss, the outputs, the gradients (everything
+    /// with `keep_all`).
+    pub keep: SecondaryMap<ValueId, bool>,
+    /// For each value, the position in the program of its last reader (0 also for "never
+    /// read"; see [`Executable::is_read_after`]).
+    pub last_use: SecondaryMap<ValueId, usize>,
+    /// The fused-weight blocks of every value's tensor-parallel split (1: contiguous).
+    pub blocks: SecondaryMap<ValueId, u32>,
+}
+
+impl<'p> Executable<'p> {
+    /// `plan` prepared to run with `opts`.
+    pub fn new(plan: &'p Plan, opts: &RunOptions) -> Result<Executable<'p>, ExecError> {
+        let blocks = value_blocks(plan).map_err(|e| ExecError::Plan(e.to_string()))?;
+        let g = &plan.graph;
+        let mut keep = SecondaryMap::with_capacity(g.values.len());
+        if opts.keep_all {
+            for (v, _) in g.values.iter() {
+                keep[v] = true;
+            }
+        }
+        keep[plan.loss] = true;
+        for &(_, v) in &g.outputs {
+            keep[v] = true;
+        }
+        for &(_, v) in &plan.grads {
+            keep[v] = true;
+        }
+        let program = if opts.fuse && !opts.keep_all {
+            Program::fused(plan, &|v| keep[v])
+        } else {
+            Program::unfused(plan)
+        };
+        let mut last_use = SecondaryMap::with_capacity(g.values.len());
+        for (i, step) in program.steps.iter().enumerate() {
+            for v in step.inputs(plan) {
+                last_use[v] = i;
+            }
+        }
+        Ok(Executable {
+            plan,
+            opts: opts.clone(),
+            program,
+            keep,
+            last_use,
+            blocks,
+        })
+    }
+
+    /// Whether `v` is read by a step after step `i`.
+    pub fn is_read_after(&self, v: ValueId, i: usize) -> bool {
+        self.last_use[v] > i
+    }
+}

@@ -1,0 +1,376 @@
+//! A step of a plan with every rank in this process, and its results put back at full shape.
+//!
+//! ```text
+//! full weights ─► shard_params (each rank's regions, vocabulary padding as zeros) ─► upload
+//!   ─► launch::ranks + each: Rank::run on every rank ─► Run: gather any value, the loss, the
+//!      outputs, every gradient (mesh::assemble), times, peak memory, a trace
+//! ```
+
+use crate::backend::Backend;
+use crate::error::ExecError;
+use crate::launch;
+use crate::program::{Executable, RunOptions};
+use crate::rank::{Rank, RankResult};
+use crate::Tensor;
+use ferrotron_ir::graph::{EntityRef, SecondaryMap};
+use ferrotron_ir::{NodeId, ValueDef, ValueId};
+use ferrotron_partitioner::{mesh, Coord, Mesh, ParamShard, Plan};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// A finished step: every rank's results, in rank order.
+#[derive(Clone, Debug)]
+pub struct Run<'p, B: Backend> {
+    /// The plan that ran.
+    pub plan: &'p Plan,
+    /// Each rank's results.
+    pub ranks: Vec<RankResult<B::Tensor>>,
+    blocks: SecondaryMap<ValueId, u32>,
+    backend: B,
+}
+
+/// Runs `plan` on `backend` from full host weights (model shapes, by name) and a full batch:
+/// shards the weights, uploads each rank's through the rank's own backend, then runs as
+/// [`run_sharded`].
+pub fn run<'p, B: Backend>(
+    backend: B,
+    plan: &'p Plan,
+    params: &HashMap<String, Tensor>,
+    inputs: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Run<'p, B>, ExecError> {
+    let shards = shard_params(plan, params)?;
+    let on_device = upload_params(&backend, plan, &shards)?;
+    run_sharded(backend, plan, &on_device, inputs, opts)
+}
+
+/// Runs `plan` with every rank a thread of this process, on weights already sharded and on the
+/// device (`params[rank][param]`) and a full host batch (each rank takes its shard).
+pub fn run_sharded<'p, B: Backend>(
+    backend: B,
+    plan: &'p Plan,
+    params: &[Vec<B::Tensor>],
+    inputs: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Run<'p, B>, ExecError> {
+    let exe = Executable::new(plan, opts)?;
+    if params.len() != plan.mesh.ranks() {
+        return Err(ExecError::Plan(format!(
+            "{} ranks of weights given for a {} × {} mesh",
+            params.len(),
+            plan.mesh.tp,
+            plan.mesh.dp
+        )));
+    }
+    let mut ranks = launch::ranks(&backend, plan.mesh, opts.timeout);
+    let results = launch::each(&mut ranks, |rank| {
+        rank.run(&exe, &params[rank.index()], inputs)
+    })?;
+    Ok(Run::new(&exe, backend, results))
+}
+
+/// The rank's shards of full weights (model shapes, by name), on its device.
+pub fn weights_for<B: Backend>(
+    rank: &Rank<B>,
+    plan: &Plan,
+    params: &HashMap<String, Tensor>,
+) -> Result<Vec<B::Tensor>, ExecError> {
+    let host = shard_params_for(plan, params, rank.coord)?;
+    upload_rank(&rank.backend, plan, &host, false)
+}
+
+/// The full (vocabulary-padded) shape of a parameter, and its shape in the model.
+fn param_shapes(shard: &ParamShard) -> (Vec<usize>, Vec<usize>) {
+    let to = |s: &[u64]| s.iter().map(|&x| x as usize).collect();
+    (to(&shard.shape), to(&shard.model_shape))
+}
+
+/// The rank at `c`'s shards of full weights (model shapes, by name), in the plan's parameter
+/// order. The vocabulary padding is zero.
+pub fn shard_params_for(
+    plan: &Plan,
+    params: &HashMap<String, Tensor>,
+    c: Coord,
+) -> Result<Vec<Tensor>, ExecError> {
+    let g = &plan.graph;
+    let mut out = Vec::with_capacity(g.params.len());
+    for (p, data) in g.params.iter() {
+        let shard = plan.shard(p);
+        let full = params.get(&data.name).ok_or_else(|| ExecError::Feed {
+            what: "parameter",
+            name: data.name.clone(),
+            problem: "missing".into(),
+        })?;
+        let (padded, model) = param_shapes(shard);
+        if full.shape != model || full.data.len() != model.iter().product::<usize>() {
+            return Err(ExecError::Feed {
+                what: "parameter",
+                name: data.name.clone(),
+                problem: format!("has shape {:?}, the model says {:?}", full.shape, model),
+            });
+        }
+        out.push(full.padded(&padded).take(&shard.region(plan.mesh, c)));
+    }
+    Ok(out)
+}
+
+/// Every rank's shards of full weights (model shapes, by name): `[rank][param]`.
+pub fn shard_params(
+    plan: &Plan,
+    params: &HashMap<String, Tensor>,
+) -> Result<Vec<Vec<Tensor>>, ExecError> {
+    plan.mesh
+        .coords()
+        .map(|c| shard_params_for(plan, params, c))
+        .collect()
+}
+
+/// Full weights (model shapes, by name) from shards as [`shard_params`] makes them: the inverse.
+/// Data-parallel replicas hold the same shards, so the first replica's (`shards[..tp]`) is all
+/// it reads.
+pub fn gather_params(
+    plan: &Plan,
+    shards: &[Vec<Tensor>],
+) -> Result<HashMap<String, Tensor>, ExecError> {
+    let g = &plan.graph;
+    let replica = Mesh {
+        tp: plan.mesh.tp,
+        dp: 1,
+    };
+    if shards.len() < replica.ranks() {
+        return Err(ExecError::Plan(format!(
+            "{} ranks of shards for tp = {}",
+            shards.len(),
+            plan.mesh.tp
+        )));
+    }
+    let mut out = HashMap::with_capacity(g.params.len());
+    for (p, data) in g.params.iter() {
+        let shard = plan.shard(p);
+        let (padded, model) = param_shapes(shard);
+        let parts: Vec<&[f32]> = (0..replica.ranks())
+            .map(|r| shards[r][p.index()].data.as_slice())
+            .collect();
+        let full = mesh::assemble(replica, shard.layout, shard.blocks, &padded, &parts);
+        let full = Tensor {
+            shape: padded,
+            data: full,
+        };
+        out.insert(data.name.clone(), full.cropped(&model));
+    }
+    Ok(out)
+}
+
+/// Copies every rank's weight shards to the device, each through its rank's backend.
+pub fn upload_params<B: Backend>(
+    backend: &B,
+    plan: &Plan,
+    shards: &[Vec<Tensor>],
+) -> Result<Vec<Vec<B::Tensor>>, ExecError> {
+    shards
+        .iter()
+        .enumerate()
+        .map(|(r, rank)| upload_rank(&backend.on_rank(r), plan, rank, false))
+        .collect()
+}
+
+/// One rank's host shards on its device: as the weights a step computes with, or, with
+/// `master`, as the optimizer's `f32` master weights.
+pub(crate) fn upload_rank<B: Backend>(
+    be: &B,
+    plan: &Plan,
+    shards: &[Tensor],
+    master: bool,
+) -> Result<Vec<B::Tensor>, ExecError> {
+    shards
+        .iter()
+        .zip(plan.graph.params.values())
+        .map(|(t, data)| {
+            let up = if master {
+                be.upload_master(t)
+            } else {
+                be.upload(t, plan.graph.ty(data.value).dtype)
+            };
+            up.map_err(|e| ExecError::Feed {
+                what: "parameter",
+                name: data.name.clone(),
+                problem: format!("could not be copied to the device: {e}"),
+            })
+        })
+        .collect()
+}
+
+impl<'p, B: Backend> Run<'p, B> {
+    /// Every rank's results of one step of `exe`, in rank order, computed on `backend`.
+    pub fn new(exe: &Executable<'p>, backend: B, ranks: Vec<RankResult<B::Tensor>>) -> Self {
+        Run {
+            plan: exe.plan,
+            ranks,
+            blocks: exe.blocks.clone(),
+            backend,
+        }
+    }
+
+    /// The recorded events as a Chrome / Perfetto trace (`chrome://tracing`, ui.perfetto.dev):
+    /// one thread per rank, one slice per node, collectives in their own category.
+    pub fn trace_json(&self) -> String {
+        let mut forward: SecondaryMap<NodeId, bool> = SecondaryMap::new();
+        for &n in &self.plan.graph.order[..self.plan.backward_start] {
+            forward[n] = true;
+        }
+        let mut out = String::from("{\"traceEvents\":[");
+        let mut first = true;
+        for (i, r) in self.ranks.iter().enumerate() {
+            let c = self.plan.mesh.coord(i);
+            let meta = format!(
+                "{{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":0,\"tid\":{i},\
+                 \"args\":{{\"name\":\"rank tp {} dp {}\"}}}}",
+                c.tp, c.dp
+            );
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&meta);
+            for e in &r.events {
+                let n = e.node;
+                let node = &self.plan.graph.nodes[n];
+                let cat = if node.op.is_collective() {
+                    "collective"
+                } else if forward[n] {
+                    "forward"
+                } else {
+                    "backward"
+                };
+                let name = node.name.replace('\\', "\\\\").replace('"', "\\\"");
+                out.push_str(&format!(
+                    ",{{\"name\":\"{name}\",\"cat\":\"{cat}\",\"ph\":\"X\",\"pid\":0,\
+                     \"tid\":{i},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"op\":\"{}\"}}}}",
+                    e.start.as_secs_f64() * 1e6,
+                    e.took.as_secs_f64() * 1e6,
+                    e.op
+                ));
+            }
+        }
+        out.push_str("]}");
+        out
+    }
+
+    /// Every rank's value `v`, on the host.
+    fn parts(&self, v: ValueId) -> Result<Vec<Tensor>, ExecError> {
+        let name = &self.plan.graph.values[v].name;
+        self.ranks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let x = r.values.get(&v).ok_or_else(|| {
+                    let c = self.plan.mesh.coord(i);
+                    ExecError::Plan(format!("`{name}` was not kept by rank ({c})"))
+                })?;
+                self.download(x)
+            })
+            .collect()
+    }
+
+    /// Value `v` put back together at full shape from the ranks that kept it (a partial sum is
+    /// summed, a split placed, a replicated value taken from the first rank).
+    pub fn gather(&self, v: ValueId) -> Result<Tensor, ExecError> {
+        let plan = self.plan;
+        let layout = plan.layouts[v];
+        let full: Vec<usize> = plan
+            .mesh
+            .global_sizes(&plan.graph.ty(v).shape.sizes(), layout)
+            .into_iter()
+            .map(|s| s as usize)
+            .collect();
+        let parts = self.parts(v)?;
+        let parts: Vec<&[f32]> = parts.iter().map(|p| p.data.as_slice()).collect();
+        let data = mesh::assemble(plan.mesh, layout, self.blocks[v].max(1), &full, &parts);
+        Ok(Tensor { shape: full, data })
+    }
+
+    /// The backend the run computed on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A parameter's gradient at its model shape (vocabulary padding cropped).
+    pub fn grad(&self, name: &str) -> Result<Tensor, ExecError> {
+        let g = &self.plan.graph;
+        let (p, grad) = self
+            .plan
+            .grads
+            .iter()
+            .find(|(p, _)| g.params[*p].name == name)
+            .ok_or_else(|| ExecError::Plan(format!("no gradient for `{name}`")))?;
+        // A gradient is laid out as its parameter is sharded.
+        let shard = self.plan.shard(*p);
+        let (padded, model) = param_shapes(shard);
+        let parts = self.parts(*grad)?;
+        let parts: Vec<&[f32]> = parts.iter().map(|p| p.data.as_slice()).collect();
+        let data = mesh::assemble(self.plan.mesh, shard.layout, shard.blocks, &padded, &parts);
+        Ok(Tensor {
+            shape: padded,
+            data,
+        }
+        .cropped(&model))
+    }
+
+    fn download(&self, x: &B::Tensor) -> Result<Tensor, ExecError> {
+        self.backend
+            .download(x)
+            .map_err(|e| ExecError::Plan(format!("copying a result to the host: {e}")))
+    }
+
+    /// The loss (summed over the data-parallel group where each rank holds its addend).
+    pub fn loss(&self) -> Result<f32, ExecError> {
+        Ok(self
+            .gather(self.plan.loss)?
+            .data
+            .first()
+            .copied()
+            .unwrap_or(f32::NAN))
+    }
+
+    /// A graph output at full shape, by name.
+    pub fn output(&self, name: &str) -> Result<Tensor, ExecError> {
+        let v = self
+            .plan
+            .graph
+            .output(name)
+            .ok_or_else(|| ExecError::Plan(format!("no output `{name}`")))?;
+        self.gather(v)
+    }
+
+    /// The largest peak of live tensor bytes over the ranks.
+    pub fn peak_bytes(&self) -> usize {
+        self.ranks.iter().map(|r| r.peak_bytes).max().unwrap_or(0)
+    }
+
+    /// The slowest rank's forward and backward times.
+    pub fn times(&self) -> (Duration, Duration) {
+        let f = self
+            .ranks
+            .iter()
+            .map(|r| r.forward)
+            .max()
+            .unwrap_or_default();
+        let b = self
+            .ranks
+            .iter()
+            .map(|r| r.backward)
+            .max()
+            .unwrap_or_default();
+        (f, b)
+    }
+
+    /// The value ids of a graph's values by name, for comparing runs.
+    pub fn value_named(&self, name: &str) -> Option<ValueId> {
+        self.plan.graph.value_named(name)
+    }
+
+    /// Whether value `v` is a parameter.
+    pub fn is_param(&self, v: ValueId) -> bool {
+        matches!(self.plan.graph.values[v].def, ValueDef::Param(_))
+    }
+}

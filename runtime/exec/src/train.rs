@@ -1,0 +1,408 @@
+//! Training: AdamW with decoupled weight decay, a linear warm-up then cosine learning-rate
+//! schedule, and gradient clipping by the global norm, on weights that stay sharded across the
+//! ranks between steps.
+//!
+//! ```text
+//! tokens ─► Batches (consecutive windows, a resumable position)
+//!        ─► Trainer::step on every rank: its part of the step (Rank::run) ─► its gradient shards
+//!        ─► global norm (split parameters summed over tp, replicated ones counted once)
+//!        ─► clip ─► AdamW on its shards, in place, on its device (Backend::adamw)
+//! ```
+//!
+//! Every rank's gradients are already reduced over both mesh axes and laid out like its
+//! parameters (the plan does that), so each rank updates its own shards with no further
+//! communication, and data-parallel replicas stay identical. Dropout masks change with the
+//! step, so a run resumed at step `k` replays exactly the masks of the uninterrupted one.
+
+use crate::backend::{AdamW, Backend};
+use crate::comm::Comm;
+use crate::error::ExecError;
+use crate::kernel::KernelError;
+use crate::program::{Executable, RunOptions};
+use crate::rank::Rank;
+use crate::run::{gather_params, shard_params_for, upload_rank};
+use crate::Tensor;
+use ferrotron_ir::graph::EntityRef;
+use ferrotron_ir::MeshAxis;
+use ferrotron_partitioner::{Layout, Plan};
+use std::collections::HashMap;
+
+/// Optimizer and schedule settings.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup: u64,
+    /// Total steps (the cosine reaches `min_lr` here).
+    pub steps: u64,
+    /// Decoupled weight decay, applied to matrices and embeddings (rank ≥ 2), not to biases or
+    /// norm weights.
+    pub weight_decay: f64,
+    /// Adam's β₁.
+    pub beta1: f64,
+    /// Adam's β₂.
+    pub beta2: f64,
+    /// Adam's ε.
+    pub eps: f64,
+    /// Largest global gradient norm; larger gradients are scaled down to it (0: no clipping).
+    pub clip: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 10,
+            steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip: 1.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate at `step` (counted from 0).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.min_lr + (self.lr - self.min_lr) * cosine
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct StepStats {
+    /// The step's index (from 0).
+    pub step: u64,
+    /// The loss before the update.
+    pub loss: f32,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// Wall time of the step in seconds.
+    pub seconds: f64,
+}
+
+/// One rank of a model being trained: its weight shards and AdamW moments on its device, and
+/// its groups. Every rank of the job (threads of this process under [`crate::launch`], or
+/// processes under `ferrotron launch`) runs the same trainer with the same batches: each takes its
+/// shard of the batch, the global gradient norm is summed over the tensor-parallel group
+/// (replicated parameters counted on tp rank 0 only), so every rank clips by the same factor,
+/// and each updates its own shards (the plan already reduced the gradients over both axes), so
+/// data-parallel replicas stay identical.
+pub struct Trainer<'p, B: Backend> {
+    /// The plan it runs.
+    pub plan: &'p Plan,
+    /// The settings.
+    pub config: TrainConfig,
+    /// This rank.
+    pub rank: Rank<B>,
+    /// The plan prepared to run (its options: how to run each step).
+    exe: Executable<'p>,
+    /// This rank's master weight shards (`f32`), in parameter order.
+    pub weights: Vec<B::Tensor>,
+    /// AdamW's first moments, laid out like `weights`.
+    pub m: Vec<B::Tensor>,
+    /// AdamW's second moments, laid out like `weights`.
+    pub v: Vec<B::Tensor>,
+    /// Steps taken.
+    pub step: u64,
+}
+
+impl<'p, B: Backend> Trainer<'p, B> {
+    /// `rank`'s trainer, starting from full weights (model shapes, by name) with zero moments.
+    pub fn new(
+        rank: Rank<B>,
+        plan: &'p Plan,
+        config: TrainConfig,
+        params: &HashMap<String, Tensor>,
+        run: RunOptions,
+    ) -> Result<Trainer<'p, B>, ExecError> {
+        if rank.mesh != plan.mesh {
+            return Err(ExecError::Plan(format!(
+                "a rank of a {} × {} mesh for a {} × {} plan",
+                rank.mesh.tp, rank.mesh.dp, plan.mesh.tp, plan.mesh.dp
+            )));
+        }
+        let host = shard_params_for(plan, params, rank.coord)?;
+        let zeros: Vec<Tensor> = host
+            .iter()
+            .map(|t| Tensor::zeros(t.shape.clone()))
+            .collect();
+        let weights = upload_rank(&rank.backend, plan, &host, true)?;
+        let m = upload_rank(&rank.backend, plan, &zeros, true)?;
+        let v = upload_rank(&rank.backend, plan, &zeros, true)?;
+        Ok(Trainer {
+            plan,
+            config,
+            exe: Executable::new(plan, &run)?,
+            rank,
+            weights,
+            m,
+            v,
+            step: 0,
+        })
+    }
+
+    /// One step on a full batch (every graph input, by name; this rank takes its shard): the
+    /// forward and backward pass, the global gradient norm, clipping, AdamW. On failure the
+    /// rank's groups are aborted, so its peers stop too.
+    pub fn step(&mut self, batch: &HashMap<String, Tensor>) -> Result<StepStats, ExecError> {
+        let started = std::time::Instant::now();
+        // Dropout masks change with the step (a resumed run replays the same ones).
+        self.exe.opts.dropout_seed = self.step + 1;
+        let (plan, rank) = (self.plan, &self.rank);
+        let be = &rank.backend;
+        let device = |e: KernelError| ExecError::Plan(format!("the optimizer step failed: {e}"));
+        // The weights the step computes with (a bf16 copy of the masters under mixed precision).
+        let weights = self
+            .weights
+            .iter()
+            .map(|w| be.compute_weights(w))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(device)?;
+        let result = rank.run(&self.exe, &weights, batch)?;
+        drop(weights);
+        let (config, step) = (&self.config, self.step);
+        let (w, m, v) = (&mut self.weights, &mut self.m, &mut self.v);
+        let stats = rank.guard(|| {
+            let values = result.values;
+            // Each data-parallel rank holds its addend of the loss.
+            let loss_value = values
+                .get(&plan.loss)
+                .ok_or_else(|| ExecError::Plan("the loss was not kept".into()))?;
+            let mut loss = [be.read_scalar(loss_value).map_err(device)?];
+            rank.sum_over(MeshAxis::Dp, &mut loss, "the loss")?;
+            let grads = take_grads(plan, values)?;
+            // The global norm: split parameters' shards summed over the tp group, replicated ones
+            // counted once (on tp rank 0). Gradients are already reduced over dp.
+            let mut sumsq = 0.0f64;
+            for (p, _) in plan.graph.params.iter() {
+                let split = matches!(plan.shard(p).layout.tp, Layout::Split(_));
+                if let (Some(g), true) = (&grads[p.index()], split || rank.coord.tp == 0) {
+                    sumsq += be.sum_squares(g).map_err(device)?;
+                }
+            }
+            let norm = all_gather_f64(rank, MeshAxis::Tp, sumsq)?
+                .into_iter()
+                .sum::<f64>()
+                .sqrt();
+            let clip = clip_factor(config, norm);
+            let lr = config.lr_at(step);
+            let step1 = u32::try_from(step + 1)
+                .map_err(|_| ExecError::Plan("more than 2^32 steps".into()))?;
+            for (i, g) in grads.into_iter().enumerate() {
+                let Some(g) = g else { continue };
+                // Matrices and embeddings decay; biases and norm weights do not.
+                let decay = if be.shape(&w[i]).len() >= 2 {
+                    config.weight_decay
+                } else {
+                    0.0
+                };
+                let update = AdamW {
+                    lr,
+                    beta1: config.beta1,
+                    beta2: config.beta2,
+                    eps: config.eps,
+                    weight_decay: decay,
+                    step: step1,
+                    grad_scale: clip,
+                };
+                be.adamw(&mut w[i], &g, (&mut m[i], &mut v[i]), update)
+                    .map_err(device)?;
+            }
+            Ok(StepStats {
+                step,
+                loss: loss[0],
+                grad_norm: norm,
+                lr,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        })?;
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// The whole model's state, for a checkpoint: the weights and the AdamW moments as full
+    /// tensors (model shapes, by name), gathered over the tensor-parallel group to its rank 0.
+    /// Every rank of the job calls it; the rank at tp 0, dp 0 gets `Some`, the others `None`
+    /// (data-parallel replicas hold the same shards and do not take part).
+    pub fn gather_state(&self) -> Result<Option<[HashMap<String, Tensor>; 3]>, ExecError> {
+        if self.rank.coord.dp != 0 {
+            return Ok(None);
+        }
+        let mut state = Vec::with_capacity(3);
+        for which in [&self.weights, &self.m, &self.v] {
+            state.push(self.gather_to_first(which)?);
+        }
+        if self.rank.coord.tp != 0 {
+            return Ok(None);
+        }
+        let mut full = state
+            .iter()
+            .map(|ranks| gather_params(self.plan, ranks))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let mut next = || full.next().unwrap_or_default();
+        Ok(Some([next(), next(), next()]))
+    }
+
+    /// Every tp rank's tensors of `which`, on the host of tp rank 0 (`[tp][param]`; empty on
+    /// the others): an all-gather of each flattened shard over the tensor-parallel group.
+    fn gather_to_first(&self, which: &[B::Tensor]) -> Result<Vec<Vec<Tensor>>, ExecError> {
+        let rank = &self.rank;
+        let (be, tp) = (&rank.backend, self.plan.mesh.tp as usize);
+        let first = rank.coord.tp == 0;
+        let failed = |e: String| ExecError::Plan(format!("gathering the shards: {e}"));
+        let mut ranks: Vec<Vec<Tensor>> = vec![Vec::with_capacity(which.len()); tp];
+        rank.guard(|| {
+            for x in which {
+                let shape = be.shape(x).to_vec();
+                let n: usize = shape.iter().product();
+                let flat = be.reshape(x.clone(), vec![n]);
+                let all = rank
+                    .groups
+                    .tp
+                    .all_gather(&flat, 0)
+                    .map_err(|e| failed(e.to_string()))?;
+                if first {
+                    let all = be.download(&all).map_err(|e| failed(e.to_string()))?;
+                    for (r, shards) in ranks.iter_mut().enumerate() {
+                        shards.push(Tensor {
+                            shape: shape.clone(),
+                            data: all.data[r * n..(r + 1) * n].to_vec(),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(if first { ranks } else { Vec::new() })
+    }
+
+    /// Replaces the AdamW moments with this rank's shards of full ones (model shapes, by name),
+    /// as a checkpoint holds them, and sets the step count.
+    pub fn restore(
+        &mut self,
+        m: &HashMap<String, Tensor>,
+        v: &HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<(), ExecError> {
+        let c = self.rank.coord;
+        let be = &self.rank.backend;
+        self.m = upload_rank(be, self.plan, &shard_params_for(self.plan, m, c)?, true)?;
+        self.v = upload_rank(be, self.plan, &shard_params_for(self.plan, v, c)?, true)?;
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Every member's `x` over this rank's group along `axis`, in group order, exactly: each `f64`
+/// travels as four 16-bit pieces, which `f32` sums of zeros and one piece keep exact.
+fn all_gather_f64<B: Backend>(
+    rank: &Rank<B>,
+    axis: MeshAxis,
+    x: f64,
+) -> Result<Vec<f64>, ExecError> {
+    let (size, me) = {
+        let g = rank.groups.on(axis);
+        (g.size(), g.index())
+    };
+    let mut buf = vec![0f32; 4 * size];
+    let bits = x.to_bits();
+    for k in 0..4 {
+        buf[4 * me + k] = ((bits >> (16 * k)) & 0xffff) as f32;
+    }
+    rank.sum_over(axis, &mut buf, "the gradient norm")?;
+    Ok(buf
+        .chunks_exact(4)
+        .map(|p| {
+            let bits = p
+                .iter()
+                .enumerate()
+                .fold(0u64, |b, (k, &x)| b | ((x as u64) << (16 * k)));
+            f64::from_bits(bits)
+        })
+        .collect())
+}
+
+/// The clipping factor for a global gradient norm.
+fn clip_factor(config: &TrainConfig, norm: f64) -> f64 {
+    if config.clip > 0.0 && norm > config.clip {
+        config.clip / norm
+    } else {
+        1.0
+    }
+}
+
+/// A rank's gradient shards out of its kept values, at their parameter's index (`None` for a
+/// parameter the loss ignores).
+fn take_grads<T>(
+    plan: &Plan,
+    mut values: HashMap<ferrotron_ir::ValueId, T>,
+) -> Result<Vec<Option<T>>, ExecError> {
+    let mut out: Vec<Option<T>> = (0..plan.graph.params.len()).map(|_| None).collect();
+    for (p, g) in &plan.grads {
+        let x = values.remove(g).ok_or_else(|| {
+            ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[*p].name))
+        })?;
+        out[p.index()] = Some(x);
+    }
+    Ok(out)
+}
+
+/// Consecutive windows of a token stream as `[batch, seq]` batches, from a position that a
+/// checkpoint records (so a resumed run reads the same batches).
+pub struct Batches {
+    tokens: Vec<u32>,
+    /// Where the next batch starts.
+    pub position: u64,
+}
+
+impl Batches {
+    /// Batches over `tokens`, starting at `position`.
+    pub fn new(tokens: Vec<u32>, position: u64) -> Batches {
+        Batches { tokens, position }
+    }
+
+    /// Tokens in the stream.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether the stream is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The next `[batch, seq]` window (wrapping around the stream), as the value of the graph
+    /// input `input`.
+    pub fn next(&mut self, input: &str, batch: usize, seq: usize) -> HashMap<String, Tensor> {
+        let n = self.tokens.len().max(1);
+        let mut data = Vec::with_capacity(batch * seq);
+        for _ in 0..batch * seq {
+            let i = (self.position % n as u64) as usize;
+            data.push(self.tokens.get(i).copied().unwrap_or(0) as f32);
+            self.position += 1;
+        }
+        HashMap::from([(
+            input.to_owned(),
+            Tensor {
+                shape: vec![batch, seq],
+                data,
+            },
+        )])
+    }
+}

@@ -1,0 +1,18 @@
+//! What crosses the process boundary: checkpoints, safetensors files, Hugging Face weights,
+//! tokenizers, and generation from a checkpoint. Every function takes the paths its caller
+//! gives it.
+//!
+//! ```text
+//! safetensors_io ─► checkpoint (sharded rank files + meta.json, atomic; reshard) ─► training
+//!                                                          (a Trainer's save and resume)
+//!               └─► hf (GPT-2 weights in, gradients out, token batches)
+//! tokenizer (bytes, GPT-2 BPE) ─► generate (a checkpoint's forward pass, token by token)
+//! ```
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod generate;
+pub mod hf;
+pub mod safetensors_io;
+pub mod tokenizer;
+pub mod training;

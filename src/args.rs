@@ -1,0 +1,132 @@
+//! What several subcommands take or do alike: the model and how to partition it
+//! ([`PlanArgs`]), the backend a step runs on ([`BackendArgs`]), and writing a file whole.
+
+use anyhow::{anyhow, Result};
+use clap::{Args, ValueEnum};
+use ferrotron_ir::lang::parse_dim_override;
+use ferrotron_ir::{load_model, Graph, LoadOptions};
+use ferrotron_partitioner::{Layout, PartitionOptions};
+use std::path::{Path, PathBuf};
+
+/// The model and how to partition it.
+#[derive(Args, Clone, Debug)]
+pub struct PlanArgs {
+    /// The model file.
+    pub model: PathBuf,
+    /// Tensor-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    pub tp: u64,
+    /// Data-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    pub dp: u64,
+    /// Split the activations between tensor-parallel regions along the sequence.
+    #[arg(long)]
+    pub sequence_parallel: bool,
+    /// Pad the vocabulary to a multiple of this × tp.
+    #[arg(long, default_value_t = 128)]
+    pub vocab_multiple: u64,
+    /// Fix a parameter's layout: `--pin h.0.mlp.c_fc.weight=replicated` (or `split(1)`).
+    #[arg(long = "pin", value_name = "PARAM=LAYOUT", value_parser = parse_pin)]
+    pub pins: Vec<(String, Layout)>,
+    /// Override a named dimension: `--dim layers=2`.
+    #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim_override)]
+    pub dims: Vec<(String, u64)>,
+}
+
+impl PlanArgs {
+    /// The model, with the dimensions overridden.
+    pub fn load(&self) -> Result<Graph> {
+        Ok(load_model(&self.model, &load_options(&self.dims))?)
+    }
+
+    /// The partitioner's options.
+    pub fn options(&self) -> PartitionOptions {
+        PartitionOptions {
+            tp: self.tp,
+            dp: self.dp,
+            sequence_parallel: self.sequence_parallel,
+            vocab_multiple: self.vocab_multiple,
+            pins: self.pins.clone(),
+        }
+    }
+}
+
+/// Loading options overriding `dims`.
+pub fn load_options(dims: &[(String, u64)]) -> LoadOptions {
+    LoadOptions {
+        overrides: dims.to_vec(),
+        ..LoadOptions::default()
+    }
+}
+
+fn parse_pin(s: &str) -> Result<(String, Layout), String> {
+    let (name, layout) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("`{s}`: expected PARAM=LAYOUT"))?;
+    let layout = match layout.trim() {
+        "replicated" => Layout::Replicated,
+        other => {
+            let d = other
+                .strip_prefix("split(")
+                .and_then(|r| r.strip_suffix(')'))
+                .and_then(|d| d.trim().parse().ok())
+                .ok_or_else(|| {
+                    format!("`{other}`: a layout is `replicated` or `split(D)` (D a dimension)")
+                })?;
+            Layout::Split(d)
+        }
+    };
+    Ok((name.trim().to_owned(), layout))
+}
+
+/// Where the ranks compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// CPU threads (the reference).
+    Cpu,
+    /// NVIDIA GPUs: cuBLAS, NVRTC kernels, NCCL.
+    Cuda,
+}
+
+/// The element type of weights and activations on the CUDA backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// `f32` throughout (verification).
+    F32,
+    /// bf16 storage, `f32` arithmetic and statistics (mixed precision).
+    Bf16,
+}
+
+/// The backend a step runs on.
+#[derive(Args, Clone, Debug)]
+pub struct BackendArgs {
+    /// Where the ranks compute.
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    /// The GPU (CUDA backend): every rank runs on it as a virtual rank; under
+    /// `ferrotron launch` the default is the process's local rank.
+    #[arg(long)]
+    pub device: Option<usize>,
+    /// Weights and activations on the CUDA backend (master weights stay `f32` in training).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
+    /// Threads each rank's matmuls may use (CPU backend).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// A file written whole or not at all: a temporary sibling, then a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("{}: {e}", path.display())
+    })
+}
+
+/// `[#######.........]`: `done` of `total` in `width` characters.
+pub fn progress_bar(done: u64, total: u64, width: usize) -> String {
+    let filled = (done.min(total) as usize * width) / total.max(1) as usize;
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}

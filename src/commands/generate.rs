@@ -1,0 +1,58 @@
+//! `ferrotron generate`: text continued from a prompt with a trained checkpoint, the forward
+//! pass on the plan's ranks (CPU threads).
+
+use crate::args::PlanArgs;
+use anyhow::Result;
+use clap::Args;
+use ferrotron_cpu::Cpu;
+use ferrotron_io::generate::{generate as continue_text, Sampling};
+use ferrotron_io::tokenizer::Tokenizer;
+use ferrotron_partitioner::partition;
+use std::path::PathBuf;
+
+/// The arguments of `ferrotron generate`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// The checkpoint.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// `bytes` or `gpt2`, as trained.
+    #[arg(long, default_value = "bytes")]
+    tokenizer: String,
+    /// Softmax temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `ferrotron generate`.
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let graph = args.plan.load()?;
+    let plan = partition(&graph, &args.plan.options())?;
+    let tokenizer = Tokenizer::named(&args.tokenizer)?;
+    let sampling = Sampling {
+        tokens: args.tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+    };
+    let text = continue_text(
+        Cpu::default(),
+        (&graph, &plan),
+        &args.checkpoint,
+        &tokenizer,
+        &args.prompt,
+        sampling,
+    )?;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! One module per subcommand, named after it: its arguments and what it does with them.
+
+pub mod check;
+pub mod export;
+pub mod generate;
+pub mod launch;
+pub mod partition;
+pub mod plan;
+pub mod reshard;
+pub mod run;
+pub mod simulate;
+pub mod train;
+pub mod view;

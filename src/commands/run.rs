@@ -1,0 +1,383 @@
+//! `ferrotron run`: one forward + backward step of a partitioned model, on the CPU backend or the
+//! CUDA backend, every rank a thread of this process or, under `ferrotron launch`, one rank per
+//! process; with `--verify`, checked against the unpartitioned model on the CPU on the same
+//! weights and batch.
+//!
+//! Data flow: model file → partition → weights (seeded, test-scaled, or Hugging Face) and batch
+//! → this process's ranks ([`crate::ranks`]) → the rank program on each → with every rank here,
+//! their results gathered (loss, times, memory, trace, gradients, the comparison); with one,
+//! its own loss and gradient shards checked.
+
+use crate::args::{write_atomically, BackendArgs, PlanArgs};
+use crate::ranks::{tolerances, with_ranks, Job, OnRanks};
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use ferrotron_cpu::Cpu;
+use ferrotron_exec::init::{init_params, random_batch, test_params};
+use ferrotron_exec::verify::{compare, compare_rank, reference_plan, Entry, Verification};
+use ferrotron_exec::{launch, run as run_all, weights_for, Backend, Executable, Rank, Run};
+use ferrotron_exec::{RunOptions, Tensor};
+use ferrotron_io::hf::{load_gpt2, read_tokens, write_safetensors};
+use ferrotron_ir::{Graph, MeshAxis};
+use ferrotron_partitioner::{partition, Plan, Report};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// The arguments of `ferrotron run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Compare with the unpartitioned model; exit non-zero on a mismatch.
+    #[arg(long)]
+    verify: bool,
+    /// Seed of the weights and the batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run every op on its own, without fusing bias + activation and scale + softmax into one
+    /// kernel each (for comparison; the results are the same to the bit on the CPU).
+    #[arg(long)]
+    no_fuse: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Stop at the first op that produces a NaN or an infinity, naming it.
+    #[arg(long)]
+    check_finite: bool,
+    /// Write a Chrome / Perfetto trace of every op and collective on every rank.
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
+    /// Weights from a Hugging Face GPT2LMHeadModel safetensors file
+    /// (`transformer.h.0.attn.c_attn.weight`, ...) instead of the seeded initialisation.
+    #[arg(long, value_name = "FILE.safetensors")]
+    weights: Option<PathBuf>,
+    /// The batch: one sequence per line, space-separated token ids, equal lengths (sets
+    /// the model's `batch` and `seq` dimensions).
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<PathBuf>,
+    /// Write every gradient (full shape, unpadded, under the parameters' names).
+    #[arg(long, value_name = "OUT.safetensors")]
+    dump_grads: Option<PathBuf>,
+}
+
+/// What a step needs, made the same way in every process.
+struct Step {
+    graph: Graph,
+    plan: Plan,
+    params: HashMap<String, Tensor>,
+    batch: HashMap<String, Tensor>,
+    opts: RunOptions,
+}
+
+impl RunArgs {
+    /// Loads and partitions the model, and makes the weights and the batch.
+    fn step(&self) -> Result<Step> {
+        let mut args = self.plan.clone();
+        let token_batch = match &self.tokens {
+            Some(path) => {
+                let t = read_tokens(path)?;
+                // The file decides the batch: its lines and their length.
+                args.dims.retain(|(n, _)| n != "batch" && n != "seq");
+                args.dims.push(("batch".into(), t.shape[0] as u64));
+                args.dims.push(("seq".into(), t.shape[1] as u64));
+                Some(t)
+            }
+            None => None,
+        };
+        let graph = args.load()?;
+        let plan = partition(&graph, &args.options())?;
+        let params = match (&self.weights, self.verify) {
+            (Some(path), _) => load_gpt2(path, &graph)?,
+            (None, true) => test_params(&graph, self.seed),
+            (None, false) => init_params(&graph, self.seed),
+        };
+        let mut batch = random_batch(&graph, self.seed);
+        if let Some(t) = token_batch {
+            let input = graph
+                .inputs
+                .iter()
+                .find(|&&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
+                .map(|&v| graph.values[v].name.clone())
+                .ok_or_else(|| anyhow!("the model has no [batch, seq] token input"))?;
+            batch.insert(input, t);
+        }
+        let opts = RunOptions {
+            check_finite: self.check_finite,
+            fuse: !self.no_fuse,
+            trace: self.trace.is_some(),
+            ..RunOptions::default()
+        };
+        Ok(Step {
+            graph,
+            plan,
+            params,
+            batch,
+            opts,
+        })
+    }
+}
+
+/// `ferrotron run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let job = Job::from_env()?;
+    let step = args.step()?;
+    let (mesh, timeout) = (step.plan.mesh, step.opts.timeout);
+    let work = StepOnRanks {
+        args: &args,
+        step: &step,
+        whole: job.is_whole(),
+    };
+    with_ranks(&job, &args.backend, mesh, timeout, work)
+}
+
+/// One step on this process's ranks, then its report.
+struct StepOnRanks<'a> {
+    args: &'a RunArgs,
+    step: &'a Step,
+    whole: bool,
+}
+
+impl OnRanks for StepOnRanks<'_> {
+    fn on<B: Backend>(self, ranks: Vec<Rank<B>>) -> Result<()> {
+        let Step {
+            plan,
+            params,
+            batch,
+            opts,
+            ..
+        } = self.step;
+        let exe = Executable::new(plan, opts)?;
+        let mut ranks = ranks
+            .into_iter()
+            .map(|r| Ok((weights_for(&r, plan, params)?, r)))
+            .collect::<Result<Vec<_>>>()?;
+        let started = std::time::Instant::now();
+        // The rank program, on every rank of this process at once.
+        let results = launch::each(&mut ranks, |(weights, rank)| rank.run(&exe, weights, batch))?;
+        let wall = started.elapsed();
+        if self.whole {
+            let backend = ranks.swap_remove(0).1.backend;
+            report_job(
+                self.args,
+                self.step,
+                &Run::new(&exe, backend, results),
+                wall,
+            )
+        } else {
+            let (result, rank) = (&results[0], &ranks[0].1);
+            report_rank(self.args, self.step, rank, result, wall)
+        }
+    }
+}
+
+/// Every rank ran here: the gathered results, and with `--verify` the full comparison.
+fn report_job<B: Backend>(
+    args: &RunArgs,
+    step: &Step,
+    run: &Run<B>,
+    wall: std::time::Duration,
+) -> Result<()> {
+    let Step {
+        graph,
+        plan,
+        params,
+        batch,
+        opts,
+    } = step;
+    let report = Report::of(plan);
+    let loss = run.loss()?;
+    if let Some(path) = &args.trace {
+        write_atomically(path, run.trace_json().as_bytes())?;
+    }
+    if let Some(path) = &args.dump_grads {
+        let grads = plan
+            .grads
+            .iter()
+            .map(|(p, _)| {
+                let name = plan.graph.params[*p].name.clone();
+                run.grad(&name).map(|g| (name, g))
+            })
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        write_safetensors(path, &grads)?;
+    }
+    let (fwd, bwd) = run.times();
+    let tokens = ferrotron_ir::count::tokens_per_step(graph).unwrap_or(0);
+    let tokens_per_second = tokens as f64 / (fwd + bwd).as_secs_f64().max(1e-9);
+    let checked = if args.verify {
+        // The reference: the unpartitioned model, on the CPU, on the same weights and batch.
+        let reference = reference_plan(graph)?;
+        let theirs = run_all(Cpu::default(), &reference, params, batch, opts)?;
+        Some(compare(
+            run,
+            &theirs,
+            params,
+            batch,
+            opts,
+            tolerances(&args.backend),
+        )?)
+    } else {
+        None
+    };
+    let estimate = report.per_rank.memory_bytes - report.per_rank.optimizer_bytes;
+    if args.json {
+        let mut j = serde_json::json!({
+            "model": graph.name,
+            "backend": run.backend().name(),
+            "tp": plan.mesh.tp,
+            "dp": plan.mesh.dp,
+            "loss": loss,
+            "forward_ms": fwd.as_secs_f64() * 1e3,
+            "backward_ms": bwd.as_secs_f64() * 1e3,
+            "tokens_per_second": tokens_per_second,
+            "peak_bytes_per_rank": run.peak_bytes(),
+            "estimated_bytes_per_rank": estimate,
+            "report": report,
+        });
+        if let Some(v) = &checked {
+            j["verified"] = v.passed().into();
+            j["max_rel_error"] = v.max_rel_error().into();
+            j["comparison"] = serde_json::to_value(v)?;
+        }
+        println!("{j}");
+    } else {
+        print!("{report}");
+        println!(
+            "run ({}): loss {loss:.6}, forward {:.1} ms, backward {:.1} ms ({:.1} ms wall), \
+             {tokens_per_second:.0} tokens/s",
+            run.backend().name(),
+            fwd.as_secs_f64() * 1e3,
+            bwd.as_secs_f64() * 1e3,
+            wall.as_secs_f64() * 1e3
+        );
+        println!(
+            "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB estimated \
+             (weights + gradients + saved activations)",
+            run.peak_bytes() as f64 / (1 << 20) as f64,
+            estimate as f64 / (1 << 20) as f64
+        );
+        if let Some(v) = &checked {
+            print_verification(v);
+        }
+    }
+    if let Some(v) = checked {
+        if !v.passed() {
+            bail!(
+                "the partitioned run differs from the unpartitioned model (max relative \
+                 error {:.3e})",
+                v.max_rel_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// This process is one rank of the job: rank 0 prints the loss (summed over the data-parallel
+/// group), and with `--verify` every rank checks its own shards of every gradient against the
+/// unpartitioned model run here on the CPU.
+fn report_rank<B: Backend>(
+    args: &RunArgs,
+    step: &Step,
+    rank: &Rank<B>,
+    result: &ferrotron_exec::RankResult<B::Tensor>,
+    wall: std::time::Duration,
+) -> Result<()> {
+    let plan = &step.plan;
+    let be = &rank.backend;
+    let loss_value = result
+        .values
+        .get(&plan.loss)
+        .ok_or_else(|| anyhow!("the loss was not kept"))?;
+    // Each data-parallel rank holds its addend of the loss.
+    let mut loss = [be.read_scalar(loss_value)?];
+    rank.sum_over(MeshAxis::Dp, &mut loss, "the loss")?;
+    let index = rank.index();
+    if index == 0 {
+        println!(
+            "run ({}, {} processes): loss {:.6}, forward {:.1} ms, backward {:.1} ms ({:.1} ms wall)",
+            be.name(),
+            plan.mesh.ranks(),
+            loss[0],
+            result.forward.as_secs_f64() * 1e3,
+            result.backward.as_secs_f64() * 1e3,
+            wall.as_secs_f64() * 1e3
+        );
+    }
+    if !args.verify {
+        return Ok(());
+    }
+    // The reference: the unpartitioned model, here on the CPU, on the same weights and batch.
+    let reference = reference_plan(&step.graph)?;
+    let theirs = run_all(
+        Cpu::default(),
+        &reference,
+        &step.params,
+        &step.batch,
+        &step.opts,
+    )?;
+    let v = compare_rank(
+        (plan, rank.coord),
+        &result.values,
+        loss[0],
+        be,
+        &theirs,
+        tolerances(&args.backend),
+    )?;
+    let c = rank.coord;
+    println!(
+        "rank {index} (tp {}, dp {}): {} gradients and the loss against the unpartitioned \
+         model: {} (max relative error {:.3e}, loss {:.3e})",
+        c.tp,
+        c.dp,
+        v.gradients,
+        if v.failures.is_empty() {
+            "verified"
+        } else {
+            "MISMATCH"
+        },
+        v.max_rel_error,
+        v.loss_error
+    );
+    if !v.failures.is_empty() {
+        bail!(
+            "rank {index} differs from the unpartitioned model: {}",
+            v.failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn print_verification(v: &Verification) {
+    println!(
+        "verify against the unpartitioned model: loss {:.6} vs {:.6}",
+        v.loss, v.reference_loss
+    );
+    let mut worst: Vec<&Entry> = v.entries.iter().collect();
+    worst.sort_by(|a, b| b.max_rel_error.total_cmp(&a.max_rel_error));
+    println!(
+        "  {:<44} {:>12} {:>10}",
+        "tensor (largest errors first)", "rel. error", "tolerance"
+    );
+    for e in worst.iter().take(12) {
+        println!(
+            "  {:<44} {:>12.3e} {:>10.0e} {}",
+            e.name,
+            e.max_rel_error,
+            e.tolerance,
+            if e.ok() { "ok" } else { "MISMATCH" }
+        );
+    }
+    if worst.len() > 12 {
+        println!("  ... and {} more, all within tolerance", worst.len() - 12);
+    }
+    if let Some((node, err)) = &v.first_divergence {
+        println!("  first op whose output diverges: `{node}` (relative error {err:.3e})");
+    }
+    println!(
+        "  {} ({} tensors, max relative error {:.3e})",
+        if v.passed() { "verified" } else { "MISMATCH" },
+        v.entries.len(),
+        v.max_rel_error()
+    );
+}

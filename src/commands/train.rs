@@ -1,0 +1,268 @@
+//! `ferrotron train`: a model trained on a text file, every rank a thread of this process or,
+//! under `ferrotron launch`, one rank per process; on CPU threads or a GPU (master weights,
+//! moments and the AdamW update on the device, in `f32`, the step computing in bf16 with
+//! `--dtype bf16`).
+//!
+//! Data flow: text → tokenizer → [`Batches`] → on every rank, the same loop: [`Trainer::step`]
+//! (its part of the step, the global gradient norm, clipping, AdamW) → rank 0: the progress
+//! line and the CSV log; every rank: checkpoints (written by rank 0, [`ferrotron_io::training`]).
+
+use crate::args::{progress_bar, BackendArgs, PlanArgs};
+use crate::ranks::{with_ranks, Job, OnRanks};
+use anyhow::Result;
+use clap::Args;
+use ferrotron_exec::init::init_params;
+use ferrotron_exec::{launch, Backend, Batches, Rank, RunOptions, TrainConfig, Trainer};
+use ferrotron_io::tokenizer::Tokenizer;
+use ferrotron_io::training::{resume, save};
+use ferrotron_ir::{Graph, ValueId};
+use ferrotron_partitioner::{partition, Plan};
+use std::path::PathBuf;
+
+/// The arguments of `ferrotron train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// The training text.
+    #[arg(long)]
+    data: PathBuf,
+    /// `bytes` (any vocabulary ≥ 256) or `gpt2` (GPT-2's BPE, vocabulary 50,257).
+    #[arg(long, default_value = "bytes")]
+    tokenizer: String,
+    /// Steps to take.
+    #[arg(long, default_value_t = 100)]
+    steps: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Final learning rate of the cosine decay.
+    #[arg(long, default_value_t = 1e-4)]
+    min_lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// Decoupled weight decay (matrices and embeddings).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0: never).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Seed of the initial weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run every op on its own, without fusing bias + activation and scale + softmax into one
+    /// kernel each (for comparison; the results are the same to the bit on the CPU).
+    #[arg(long)]
+    no_fuse: bool,
+    /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Write a checkpoint here at the end (and every `--save-every` steps).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Steps between checkpoints (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Continue from this checkpoint (its weights, optimizer state, step and data
+    /// position; it may have been written at another tp).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// `ferrotron train`.
+pub fn train(args: TrainArgs) -> Result<()> {
+    let job = Job::from_env()?;
+    let graph = args.plan.load()?;
+    let plan = partition(&graph, &args.plan.options())?;
+    let tokenizer = Tokenizer::named(&args.tokenizer)?;
+    let input = graph
+        .inputs
+        .iter()
+        .copied()
+        .find(|&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
+        .ok_or_else(|| anyhow::anyhow!("the model has no [batch, seq] token input"))?;
+    let dims = graph.ty(input).shape.sizes();
+    let (batch, seq) = (dims[0] as usize, dims[1] as usize);
+    // The classes the loss predicts over: what every token must index.
+    let vocab = graph
+        .order
+        .iter()
+        .find_map(|&n| match &graph.nodes[n].op {
+            ferrotron_ir::Op::CrossEntropy { logits, .. } => {
+                graph.ty(*logits).shape.last().map(|d| d.size)
+            }
+            _ => None,
+        })
+        .ok_or_else(|| anyhow::anyhow!("the model has no cross-entropy loss to train"))?;
+    tokenizer.check(vocab)?;
+    let text = std::fs::read_to_string(&args.data)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.data.display()))?;
+    let tokens = tokenizer.encode(&text);
+    if tokens.len() < batch * seq {
+        anyhow::bail!(
+            "{}: {} tokens, fewer than one batch ({batch} × {seq})",
+            args.data.display(),
+            tokens.len()
+        );
+    }
+    let config = TrainConfig {
+        lr: args.lr,
+        min_lr: args.min_lr,
+        warmup: args.warmup,
+        steps: args.steps,
+        weight_decay: args.weight_decay,
+        clip: args.clip,
+        ..TrainConfig::default()
+    };
+    let run = RunOptions {
+        fuse: !args.no_fuse,
+        ..RunOptions::default()
+    };
+    if job.is_whole() {
+        eprintln!(
+            "training {} at tp = {}, dp = {}: {} tokens of {}, batch {batch} × {seq}",
+            graph.name,
+            plan.mesh.tp,
+            plan.mesh.dp,
+            tokens.len(),
+            args.data.display()
+        );
+    }
+    let prepared = Prepared {
+        args: &args,
+        graph: &graph,
+        plan: &plan,
+        tokenizer: &tokenizer,
+        tokens: &tokens,
+        input,
+        batch,
+        seq,
+        config,
+        run,
+    };
+    let timeout = prepared.run.timeout;
+    with_ranks(&job, &args.backend, plan.mesh, timeout, prepared)
+}
+
+/// What the training loop needs, made once in every process.
+struct Prepared<'a> {
+    args: &'a TrainArgs,
+    graph: &'a Graph,
+    plan: &'a Plan,
+    tokenizer: &'a Tokenizer,
+    tokens: &'a [u32],
+    input: ValueId,
+    batch: usize,
+    seq: usize,
+    config: TrainConfig,
+    run: RunOptions,
+}
+
+impl OnRanks for Prepared<'_> {
+    fn on<B: Backend>(self, ranks: Vec<Rank<B>>) -> Result<()> {
+        let mut ranks: Vec<Option<Rank<B>>> = ranks.into_iter().map(Some).collect();
+        launch::each(&mut ranks, |rank| {
+            let rank = rank.take().expect("each rank runs once");
+            train_rank(&self, rank).map_err(|e| ferrotron_exec::ExecError::Plan(e.to_string()))
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+}
+
+/// The training loop of one rank (every rank of the job runs it): rank 0 prints the progress,
+/// writes the log, and writes the checkpoints the ranks gather to it. If the rank fails, its
+/// groups are aborted so the other ranks stop too.
+fn train_rank<B: Backend>(p: &Prepared<'_>, rank: Rank<B>) -> Result<()> {
+    let args = p.args;
+    let (config, run) = (p.config.clone(), p.run.clone());
+    let lead = rank.index() == 0;
+    let (mut trainer, position) = match &args.resume {
+        Some(dir) => {
+            let (t, meta) = resume(rank, p.plan, dir, config, run)?;
+            if lead {
+                eprintln!("resuming from {} at step {}", dir.display(), meta.step);
+            }
+            (t, meta.data_position)
+        }
+        None => {
+            let params = init_params(p.graph, args.seed);
+            (Trainer::new(rank, p.plan, config, &params, run)?, 0)
+        }
+    };
+    let outcome = train_loop(p, &mut trainer, position, lead);
+    if let Err(e) = &outcome {
+        trainer.rank.abort(&e.to_string());
+    }
+    outcome
+}
+
+fn train_loop<B: Backend>(
+    p: &Prepared<'_>,
+    trainer: &mut Trainer<'_, B>,
+    position: u64,
+    lead: bool,
+) -> Result<()> {
+    let args = p.args;
+    let extra = serde_json::json!({
+        "data": args.data.display().to_string(),
+        "tokenizer": p.tokenizer.name(),
+        "config": trainer.config,
+    });
+    let mut log = match (&args.log, lead) {
+        (Some(path), true) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let mut batches = Batches::new(p.tokens.to_vec(), position);
+    let input_name = p.graph.values[p.input].name.clone();
+    let steps = args.steps;
+    while trainer.step < steps {
+        let b = batches.next(&input_name, p.batch, p.seq);
+        let s = trainer.step(&b)?;
+        if lead {
+            let tps = (p.batch * p.seq) as f64 / s.seconds.max(1e-9);
+            eprint!(
+                "\r{} {:>5}/{steps}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s   ",
+                progress_bar(s.step + 1, steps, 24),
+                s.step + 1,
+                s.loss,
+                s.lr,
+                s.grad_norm,
+                tps
+            );
+            if let Some(f) = log.as_mut() {
+                use std::io::Write;
+                writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
+            }
+        }
+        if !s.loss.is_finite() {
+            if lead {
+                eprintln!();
+            }
+            anyhow::bail!("the loss became {} at step {}", s.loss, s.step);
+        }
+        if let Some(dir) = &args.save {
+            let due = args.save_every > 0 && trainer.step.is_multiple_of(args.save_every);
+            if due || trainer.step == steps {
+                save(trainer, dir, args.seed, batches.position, extra.clone())?;
+            }
+        }
+    }
+    if lead {
+        eprintln!();
+        if let Some(dir) = &args.save {
+            eprintln!("checkpoint: {}", dir.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Which ranks of a job this process runs, and on which backend: every rank as a thread (the
+//! in-process launcher of `ferrotron-exec`), or, under `ferrotron launch`, the one rank the
+//! launcher gave it, its groups formed through the launcher's store (TCP between CPU ranks,
+//! NCCL between GPUs). Either way the subcommand then runs the same rank program on them.
+
+use crate::args::{BackendArgs, BackendKind, Precision};
+use anyhow::{bail, Context, Result};
+use ferrotron_cpu::{Cpu, CpuComm};
+use ferrotron_exec::{launch, Backend, Groups, Rank};
+use ferrotron_ir::MeshAxis;
+use ferrotron_launch::{TcpGroup, WorkerEnv};
+use ferrotron_partitioner::Mesh;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// This process's part of a job.
+pub enum Job {
+    /// Every rank, as threads of this process.
+    Threads,
+    /// One rank, under `ferrotron launch`.
+    Worker(WorkerEnv),
+}
+
+impl Job {
+    /// The launcher's worker, if this process is one; else every rank here.
+    pub fn from_env() -> Result<Job> {
+        Ok(match WorkerEnv::from_env()? {
+            Some(w) => Job::Worker(w),
+            None => Job::Threads,
+        })
+    }
+
+    /// Whether this process runs every rank of the job.
+    pub fn is_whole(&self) -> bool {
+        matches!(self, Job::Threads)
+    }
+}
+
+/// What a subcommand does with this process's ranks, whatever their backend (a generic
+/// function over backends cannot be a closure).
+pub trait OnRanks {
+    /// Runs with the ranks, in rank order.
+    fn on<B: Backend>(self, ranks: Vec<Rank<B>>) -> Result<()>;
+}
+
+/// Calls `work` with this process's ranks of `mesh` on the backend `args` asks for; `timeout`
+/// bounds every wait of in-process groups (a worker's groups take the launcher's).
+pub fn with_ranks(
+    job: &Job,
+    args: &BackendArgs,
+    mesh: Mesh,
+    timeout: Duration,
+    work: impl OnRanks,
+) -> Result<()> {
+    if let Job::Worker(w) = job {
+        if w.world_size != mesh.ranks() {
+            bail!(
+                "the launcher started {} ranks, the plan needs tp × dp = {} × {} = {}",
+                w.world_size,
+                mesh.tp,
+                mesh.dp,
+                mesh.ranks()
+            );
+        }
+    }
+    match args.backend {
+        BackendKind::Cpu => {
+            let cpu = Cpu::with_threads(args.threads);
+            let ranks = match job {
+                Job::Threads => launch::ranks(&cpu, mesh, timeout),
+                Job::Worker(w) => vec![cpu_rank(w, mesh, cpu)?],
+            };
+            work.on(ranks)
+        }
+        BackendKind::Cuda => cuda::with_ranks(job, args, mesh, timeout, work),
+    }
+}
+
+/// This worker's rank on the CPU backend: its groups are TCP groups met through the store.
+fn cpu_rank(w: &WorkerEnv, mesh: Mesh, cpu: Cpu) -> Result<Rank<Cpu>> {
+    let store = w
+        .connect_store()
+        .context("connecting to the launcher's store")?;
+    let coord = mesh.coord(w.rank);
+    let group = |axis: MeshAxis| -> Result<CpuComm> {
+        let name = mesh.group_name(axis, coord);
+        let size = mesh.size(axis) as usize;
+        let tcp = TcpGroup::connect(&store, &name, coord.on(axis), size, w.timeout)?;
+        Ok(CpuComm::new(Arc::new(tcp), coord.on(axis)))
+    };
+    let groups = Groups {
+        tp: group(MeshAxis::Tp)?,
+        dp: group(MeshAxis::Dp)?,
+    };
+    Ok(Rank::new(mesh, coord, cpu, groups)?)
+}
+
+/// The CUDA backend's ranks: virtual ranks on one GPU, or one GPU per worker with NCCL.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{Job, OnRanks};
+    use crate::args::{BackendArgs, Precision};
+    use anyhow::{Context, Result};
+    use ferrotron_cuda::{Cuda, CudaComm, Storage};
+    use ferrotron_exec::{launch, Groups, Rank};
+    use ferrotron_ir::MeshAxis;
+    use ferrotron_launch::WorkerEnv;
+    use ferrotron_partitioner::Mesh;
+    use std::time::Duration;
+
+    pub fn with_ranks(
+        job: &Job,
+        args: &BackendArgs,
+        mesh: Mesh,
+        timeout: Duration,
+        work: impl OnRanks,
+    ) -> Result<()> {
+        let storage = match args.dtype {
+            Precision::F32 => Storage::F32,
+            Precision::Bf16 => Storage::Bf16,
+        };
+        let ranks = match job {
+            Job::Threads => {
+                let cuda = Cuda::new(args.device.unwrap_or(0), mesh.ranks(), storage)?;
+                launch::ranks(&cuda, mesh, timeout)
+            }
+            Job::Worker(w) => {
+                let cuda = Cuda::new(args.device.unwrap_or(w.local_rank), 1, storage)?;
+                vec![nccl_rank(w, mesh, cuda)?]
+            }
+        };
+        work.on(ranks)
+    }
+
+    /// This worker's rank with NCCL groups, each group's unique id made by its member 0 and
+    /// shared through the launcher's store.
+    fn nccl_rank(w: &WorkerEnv, mesh: Mesh, cuda: Cuda) -> Result<Rank<Cuda>> {
+        let store = w
+            .connect_store()
+            .context("connecting to the launcher's store")?;
+        let coord = mesh.coord(w.rank);
+        let group = |axis: MeshAxis| -> Result<CudaComm> {
+            let key = format!("nccl/{}", mesh.group_name(axis, coord));
+            let member = coord.on(axis);
+            let id = match member {
+                0 => Some(Cuda::new_nccl_id()?),
+                _ => None,
+            };
+            let id = store.broadcast(&key, id.as_ref().map(|i| &i[..]), w.timeout)?;
+            Ok(cuda.nccl_group(&id, member, mesh.size(axis) as usize)?)
+        };
+        let groups = Groups {
+            tp: group(MeshAxis::Tp)?,
+            dp: group(MeshAxis::Dp)?,
+        };
+        Ok(Rank::new(mesh, coord, cuda, groups)?)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use super::{Job, OnRanks};
+    use crate::args::BackendArgs;
+    use anyhow::{bail, Result};
+    use ferrotron_partitioner::Mesh;
+    use std::time::Duration;
+
+    pub fn with_ranks(
+        _: &Job,
+        _: &BackendArgs,
+        _: Mesh,
+        _: Duration,
+        _: impl OnRanks,
+    ) -> Result<()> {
+        bail!(
+            "this ferrotron was built without the CUDA backend: build it with the cargo feature \
+             `cuda` (on by default)"
+        )
+    }
+}
+
+/// The precision a step's verification is held to.
+pub fn tolerances(args: &BackendArgs) -> ferrotron_exec::verify::Tolerances {
+    match (args.backend, args.dtype) {
+        (BackendKind::Cuda, Precision::Bf16) => ferrotron_exec::verify::Tolerances::BF16,
+        _ => ferrotron_exec::verify::Tolerances::F32,
+    }
+}
