@@ -14,12 +14,31 @@
 //! Tests put that directory first on `LD_LIBRARY_PATH` for a child process (the loader reads it
 //! at start-up), see `src/lib.rs`. Where no C++ compiler is found the libraries are not built:
 //! `FERROTRON_CUDA_EMU_DIR` is then empty and the emulated tests say they are skipped.
+//!
+//! It also provides NVRTC, which the CUDA backend compiles its kernels with, here as on a GPU:
+//! `$FERROTRON_NVRTC_DIR` if set (a directory holding `libnvrtc.so.13`), else NVIDIA's wheel
+//! from PyPI (`nvidia-cuda-nvrtc`, CUDA 13) installed with pip into `$OUT_DIR/nvrtc` once, so
+//! that `cargo test --workspace` on a fresh clone runs the CUDA tests too. Where neither works
+//! (no python3 with pip, no network), `FERROTRON_NVRTC_DIR` is empty and the tests that need
+//! NVRTC say they are skipped.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// NVIDIA's NVRTC wheel for CUDA 13: the version CI has always tested with.
+const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc==13.2.86";
+
 fn main() {
+    let nvrtc = provide_nvrtc(&PathBuf::from(std::env::var("OUT_DIR").unwrap()));
+    println!(
+        "cargo:rustc-env=FERROTRON_NVRTC_DIR={}",
+        nvrtc
+            .as_deref()
+            .map(Path::display)
+            .map(|d| d.to_string())
+            .unwrap_or_default()
+    );
     let here = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let csrc = here.join("csrc");
     let cu = here.join("../runtime/cuda/src/cu");
@@ -192,4 +211,51 @@ fn kernel_names(text: &str) -> Vec<String> {
         }
     }
     names
+}
+
+/// The directory of `libnvrtc.so.13`: `$FERROTRON_NVRTC_DIR`, or the wheel installed under `out`
+/// (installed now if it is not there yet); `None`, with a warning, where there is none.
+fn provide_nvrtc(out: &Path) -> Option<PathBuf> {
+    println!("cargo:rerun-if-env-changed=FERROTRON_NVRTC_DIR");
+    if let Some(dir) = std::env::var_os("FERROTRON_NVRTC_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    let target = out.join("nvrtc");
+    if let Some(dir) = find_file(&target, "libnvrtc.so.13") {
+        return Some(dir);
+    }
+    let installed = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--no-warn-script-location", "--target"])
+        .arg(&target)
+        .arg(NVRTC_WHEEL)
+        .status();
+    match installed {
+        Ok(s) if s.success() => {}
+        Ok(s) => println!("cargo:warning=pip install {NVRTC_WHEEL} failed ({s}): the tests that compile the CUDA kernels will be skipped"),
+        Err(e) => println!("cargo:warning=python3 for pip install {NVRTC_WHEEL}: {e}: the tests that compile the CUDA kernels will be skipped"),
+    }
+    find_file(&target, "libnvrtc.so.13")
+}
+
+/// The directory under `root` holding a file named `name`.
+fn find_file(root: &Path, name: &str) -> Option<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == name) {
+                return Some(dir);
+            }
+        }
+    }
+    None
 }

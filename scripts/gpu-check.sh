@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of the CUDA runtime, one command on a machine with an NVIDIA GPU (issue 5):
+# The GPU check of the CUDA backend, one command on a machine with an NVIDIA GPU:
 #   1. builds the CUDA tests and the GPU benchmark (with cargo if the machine has it; otherwise
 #      from a bundle made beforehand on a build machine with `scripts/gpu-check.sh --bundle`,
 #      which writes target/gpu-bundle: test and bench executables plus the model files),
-#   2. runs every CUDA kernel against the CPU backend (cuda_ops), the CUDA-vs-CPU equivalence
-#      tests of the tiny models at tp = 1, 2, 4 on virtual ranks (cuda_equivalence) and the NVRTC
-#      compile test (cuda_compile),
+#   2. runs every CUDA kernel against the CPU backend (ferrotron-backend-tests' cuda_ops), the
+#      CUDA-vs-CPU equivalence tests of the tiny models at tp = 1, 2, 4 on virtual ranks
+#      (cuda_equivalence) and the NVRTC compile test (ferrotron-cuda's compile),
 #   3. runs the benchmark: forward + backward of one GPT layer at the 8.3B shape in bf16 against
 #      a large cuBLAS bf16 GEMM.
 # Everything is logged under $OUT (default target/gpu-check). Exits non-zero if a test fails.
@@ -16,23 +16,24 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-target/gpu-check}
 mkdir -p "$OUT"
 BUNDLE=target/gpu-bundle
-TESTS=(cuda_compile cuda_ops cuda_equivalence)
+# package:test
+TESTS=(ferrotron-cuda:compile ferrotron-backend-tests:cuda_ops ferrotron-backend-tests:cuda_equivalence)
 
 if [[ "${1:-}" == "--bundle" ]]; then
     # On the build machine: release executables of the tests and the benchmark, stripped.
     set -e
     rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/bin"
-    args=()
-    for t in "${TESTS[@]}"; do args+=(--test "$t"); done
-    cargo test --release -p ferrotron-runtime "${args[@]}" --no-run --message-format=json 2>/dev/null |
-        python3 -c '
+    for pt in "${TESTS[@]}"; do
+        cargo test --release -p "${pt%%:*}" --test "${pt#*:}" --no-run --message-format=json 2>/dev/null |
+            python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         shutil.copy(m["executable"], sys.argv[1] + "/bin/" + m["target"]["name"])
 ' "$BUNDLE"
-    cargo bench -p ferrotron-runtime --bench gpu_layer --no-run --message-format=json 2>/dev/null |
+    done
+    cargo bench -p ferrotron-cuda --bench gpu_layer --no-run --message-format=json 2>/dev/null |
         python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
@@ -77,15 +78,17 @@ mkdir -p "$FERROTRON_CACHE_DIR"
 status=0
 if command -v cargo >/dev/null 2>&1; then
     # Build once, then run each test binary (its output in its own log).
-    for t in "${TESTS[@]}"; do
-        cargo test --release -p ferrotron-runtime --test "$t" -- --test-threads=1 2>&1 |
+    for pt in "${TESTS[@]}"; do
+        t=${pt#*:}
+        cargo test --release -p "${pt%%:*}" --test "$t" -- --test-threads=1 2>&1 |
             tee "$OUT/$t.log" || status=1
     done
-    cargo bench -p ferrotron-runtime --bench gpu_layer 2>&1 | tee "$OUT/gpu_layer.log" || status=1
+    cargo bench -p ferrotron-cuda --bench gpu_layer 2>&1 | tee "$OUT/gpu_layer.log" || status=1
 else
     [[ -d "$BUNDLE/bin" ]] || { echo "no cargo and no $BUNDLE: run scripts/gpu-check.sh --bundle on a build machine first"; exit 2; }
     # The tests find the model files relative to their build tree; run them from the repository.
-    for t in "${TESTS[@]}"; do
+    for pt in "${TESTS[@]}"; do
+        t=${pt#*:}
         "$BUNDLE/bin/$t" --test-threads=1 2>&1 | tee "$OUT/$t.log" || status=1
     done
     OUT="$OUT" "$BUNDLE/bin/gpu_layer" 2>&1 | tee "$OUT/gpu_layer.log" || status=1

@@ -2,8 +2,8 @@
 //! stand-in for the CUDA driver, cuBLAS and NCCL (`cuda-emu`): the CUDA backend's code path as
 //! a user runs it (NVRTC compile, virtual ranks, verification against the CPU), and under
 //! `ferrotron launch` one rank per process with NCCL collectives between them, with no GPU. Each
-//! command runs with the stand-in first on `LD_LIBRARY_PATH`; NVRTC must be on it too (CI
-//! installs it). Without either, the tests say they are skipped (and fail under
+//! command runs with the stand-in first on `LD_LIBRARY_PATH`, then NVRTC (which the stand-in's
+//! build provides). Without either, the tests say they are skipped (and fail under
 //! `FERROTRON_REQUIRE_NVRTC`, as in CI).
 
 mod common;
@@ -13,14 +13,12 @@ use std::process::{Command, Output};
 
 /// `ferrotron args…` on the emulated device, or `None` (after saying why) where it cannot run.
 fn on_emulated_gpu(args: &[&str]) -> Option<Output> {
-    let why = match ferrotron_cuda_emu::lib_dir() {
+    let existing = std::env::var("LD_LIBRARY_PATH").ok();
+    let nvrtc = ferrotron_cuda_emu::nvrtc_dir().is_some() || nvrtc_on_path();
+    let why = match ferrotron_cuda_emu::library_path(existing.as_deref()) {
         None => "no C++ compiler was found to build the stand-in libraries",
-        Some(_) if !nvrtc_on_path() => "NVRTC is not on LD_LIBRARY_PATH",
-        Some(dir) => {
-            let path = match std::env::var("LD_LIBRARY_PATH") {
-                Ok(p) if !p.is_empty() => format!("{dir}:{p}"),
-                _ => dir.to_owned(),
-            };
+        Some(_) if !nvrtc => "no NVRTC: the build could not pip install nvidia-cuda-nvrtc",
+        Some(path) => {
             let cache = std::env::temp_dir()
                 .join(format!("ferrotron-cuda-cli-kernels-{}", std::process::id()));
             let out = Command::new(env!("CARGO_BIN_EXE_ferrotron"))

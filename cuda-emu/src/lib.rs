@@ -44,3 +44,41 @@ pub fn driver_selftest() -> Option<&'static str> {
     let exe = env!("FERROTRON_CUDA_EMU_DRIVER_SELFTEST");
     (!exe.is_empty()).then_some(exe)
 }
+
+/// The directory holding NVRTC's `libnvrtc.so.13` (CUDA 13), which the CUDA backend compiles its
+/// kernels with: `$FERROTRON_NVRTC_DIR` at build time, else NVIDIA's PyPI wheel the build
+/// installed; `None` where the build could not (it printed a warning).
+pub fn nvrtc_dir() -> Option<&'static str> {
+    let dir = env!("FERROTRON_NVRTC_DIR");
+    (!dir.is_empty()).then_some(dir)
+}
+
+/// The dynamic loader's search path for a child process that runs the CUDA backend on the
+/// stand-in: its libraries first, then NVRTC, then `existing` (the caller's
+/// `LD_LIBRARY_PATH`). `None` where the stand-in was not built.
+pub fn library_path(existing: Option<&str>) -> Option<String> {
+    let mut dirs = vec![lib_dir()?];
+    dirs.extend(nvrtc_dir());
+    dirs.extend(existing.filter(|p| !p.is_empty()));
+    Some(dirs.join(":"))
+}
+
+/// Makes NVRTC loadable in this process: unless the loader finds `libnvrtc.so.13` already, loads
+/// it from [`nvrtc_dir`] by its full path, so that a later load by name (cudarc's) finds it
+/// loaded. Returns whether NVRTC is loadable now.
+pub fn load_nvrtc() -> bool {
+    const NAME: &std::ffi::CStr = c"libnvrtc.so.13";
+    // SAFETY: dlopen with a NUL-terminated name; the handle is kept for the process's life
+    // (never closed), as cudarc keeps its own.
+    if !unsafe { libc::dlopen(NAME.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null() {
+        return true;
+    }
+    let Some(dir) = nvrtc_dir() else {
+        return false;
+    };
+    let Ok(path) = std::ffi::CString::new(format!("{dir}/libnvrtc.so.13")) else {
+        return false;
+    };
+    // SAFETY: as above, with the library's full path.
+    !unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null()
+}

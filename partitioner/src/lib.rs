@@ -1,5 +1,5 @@
 //! The partitioner: turns the one-device [`ferrotron_ir::Graph`] into a tensor-parallel ×
-//! data-parallel [`Plan`] (`../shared/DESIGN.md`).
+//! data-parallel [`Plan`]: an SPMD graph every rank runs, a layout for every value.
 //!
 //! ```text
 //! Graph ─► strategy (Megatron layouts from the dataflow, user pins) ─► lower (SPMD graph,

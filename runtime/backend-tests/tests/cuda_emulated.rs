@@ -7,8 +7,9 @@
 //! same executable again with the stand-in libraries first on the path and runs the included
 //! GPU tests in it (`ops::…`, `equivalence::…`), with `FERROTRON_REQUIRE_GPU` set so that none
 //! of them may skip. In this first process those included tests return at once without a word
-//! (their helpers check for it). NVRTC must be on the path too (CI installs it): the backend compiles its kernels
-//! with it as on a GPU, and the stand-in then runs their natively compiled twins.
+//! (their helpers check for it). NVRTC goes on the path too (`cuda-emu`'s build provides it): the
+//! backend compiles its kernels with it as on a GPU, and the stand-in then runs their natively
+//! compiled twins.
 
 #[path = "cuda_ops.rs"]
 mod ops;
@@ -38,18 +39,15 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
     if std::env::var_os(CHILD).is_some() {
         return; // the started process runs the included tests themselves
     }
-    let Some(dir) = ferrotron_cuda_emu::lib_dir() else {
+    let existing = std::env::var("LD_LIBRARY_PATH").ok();
+    let Some(path) = ferrotron_cuda_emu::library_path(existing.as_deref()) else {
         skip("no C++ compiler was found to build the stand-in libraries");
         return;
     };
-    if !ferrotron_cuda::libs::Lib::Nvrtc.present() {
-        skip("NVRTC is not on LD_LIBRARY_PATH: pip install nvidia-cuda-nvrtc (CUDA 13)");
+    if ferrotron_cuda_emu::nvrtc_dir().is_none() && !ferrotron_cuda::libs::Lib::Nvrtc.present() {
+        skip("no NVRTC: the build could not pip install nvidia-cuda-nvrtc (CUDA 13)");
         return;
     }
-    let path = match std::env::var("LD_LIBRARY_PATH") {
-        Ok(p) if !p.is_empty() => format!("{dir}:{p}"),
-        _ => dir.to_owned(),
-    };
     // Both stream schedules of the stand-in (cuda-emu/csrc/driver.cpp): `lazy` runs a stream's
     // work only when something waits for it, `peers` runs every other stream's work before
     // queuing more; a missing wait between streams reads NaN under one or the other.

@@ -51,7 +51,15 @@ fn gpu(ranks: usize, dtype: Storage) -> Option<Cuda> {
             );
             // Straight to stderr: the test harness captures `eprintln!`, and a skip must show.
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
+            let elsewhere = if ferrotron_cuda_emu::lib_dir().is_some() {
+                "; cuda_emulated runs it on the CPU stand-in"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED here: no CUDA device ({why}){elsewhere}"
+            );
             None
         }
         Err(e) => panic!("the GPU is there but the backend could not start: {e}"),

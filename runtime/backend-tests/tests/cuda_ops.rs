@@ -138,10 +138,17 @@ fn device(test: &str) -> Option<RankDevice> {
             );
             // The reason once per run, then one short line per test.
             static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                say(&format!("SKIPPED: no CUDA device [{test}]"));
+            let elsewhere = if ferrotron_cuda_emu::lib_dir().is_some() {
+                "; cuda_emulated runs it on the CPU stand-in"
             } else {
-                say(&format!("SKIPPED: no CUDA device ({why}) [{test}]"));
+                ""
+            };
+            if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                say(&format!("SKIPPED here: no CUDA device{elsewhere} [{test}]"));
+            } else {
+                say(&format!(
+                    "SKIPPED here: no CUDA device ({why}){elsewhere} [{test}]"
+                ));
             }
             None
         }

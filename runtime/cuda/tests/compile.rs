@@ -5,9 +5,10 @@
 //! round-trips and recompiles a corrupted entry; and opening a GPU where there is none is a
 //! clean `CudaError::Unavailable`.
 //!
-//! NVRTC comes from PyPI (`nvidia-cuda-nvrtc`, CUDA 13: `.ci/run` installs it and points
-//! `LD_LIBRARY_PATH` at it). Without it the NVRTC tests print `SKIPPED: libnvrtc not found` and
-//! pass, unless `FERROTRON_REQUIRE_NVRTC=1` (CI), where they fail.
+//! NVRTC comes from PyPI (`nvidia-cuda-nvrtc`, CUDA 13), which the CUDA stand-in's build
+//! installs (`cuda-emu`); it is loaded from there unless the loader finds one already. Without
+//! it the NVRTC tests print `SKIPPED: libnvrtc not found` and pass, unless
+//! `FERROTRON_REQUIRE_NVRTC=1` (CI), where they fail.
 
 use ferrotron_cuda::kernels::{Param, KERNELS};
 use ferrotron_cuda::libs::Lib;
@@ -26,7 +27,7 @@ fn say(line: &str) {
 
 /// Whether NVRTC is there; without it, fail under `FERROTRON_REQUIRE_NVRTC=1`, else say so.
 fn nvrtc_available(test: &str) -> bool {
-    if Lib::Nvrtc.present() {
+    if ferrotron_cuda_emu::load_nvrtc() && Lib::Nvrtc.present() {
         return true;
     }
     let why = "libnvrtc not found (pip install nvidia-cuda-nvrtc and add its lib directory \
