@@ -544,7 +544,7 @@ impl Autodiff<'_> {
             }
             Op::Slice {
                 x,
-                axis,
+                dim: axis,
                 start,
                 end,
             } => {
@@ -552,14 +552,14 @@ impl Autodiff<'_> {
                 let size = shape.axis(*axis).map_or(end.size, |a| shape.size(a));
                 let op = Op::Pad {
                     x: dy,
-                    axis: *axis,
+                    dim: *axis,
                     before: start.clone(),
                     after: Dim::new(size.saturating_sub(end.size)),
                 };
                 let d = self.emit1(cx, op)?;
                 self.contribute(cx, *x, d)?;
             }
-            Op::Split { x, axis, .. } => {
+            Op::Split { x, dim: axis, .. } => {
                 // The outputs without a gradient contribute zeros.
                 let outputs = outputs.clone();
                 let mut parts = Vec::with_capacity(outputs.len());
@@ -585,13 +585,13 @@ impl Autodiff<'_> {
                         cx,
                         Op::Concat {
                             xs: parts,
-                            axis: *axis,
+                            dim: *axis,
                         },
                     )?
                 };
                 self.contribute(cx, *x, d)?;
             }
-            Op::Concat { xs, axis } => {
+            Op::Concat { xs, dim: axis } => {
                 if let [x] = xs[..] {
                     self.contribute(cx, x, dy)?;
                 } else {
@@ -611,7 +611,7 @@ impl Autodiff<'_> {
                         })?;
                     let op = Op::Split {
                         x: dy,
-                        axis: *axis,
+                        dim: *axis,
                         sizes,
                     };
                     let n = self.emit(cx, op)?;

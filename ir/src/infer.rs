@@ -64,19 +64,21 @@ pub enum OpError {
     #[error("{perm:?} is not a permutation of the {rank} axes of the input")]
     Perm { perm: Vec<usize>, rank: usize },
     /// A slice outside its axis.
-    #[error("slice {start}..{end} is out of range for axis {axis} of {shape}")]
+    #[error("slice {start}..{end} is out of range for dimension {dim} of {shape}")]
     Slice {
         start: u64,
         end: u64,
-        axis: i64,
+        dim: i64,
         shape: Shape,
     },
     /// Split sizes that do not add up to the axis.
-    #[error("split sizes {sizes:?} add up to {sum}, but axis {axis} of {shape} has size {size}")]
+    #[error(
+        "split sizes {sizes:?} add up to {sum}, but dimension {dim} of {shape} has size {size}"
+    )]
     Split {
         sizes: Vec<u64>,
         sum: u64,
-        axis: i64,
+        dim: i64,
         shape: Shape,
         size: u64,
     },
@@ -362,7 +364,7 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
         }
         Op::Slice {
             x,
-            axis,
+            dim: axis,
             start,
             end,
         } => {
@@ -371,7 +373,7 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
                 return Err(OpError::Slice {
                     start: start.size,
                     end: end.size,
-                    axis: *axis,
+                    dim: *axis,
                     shape: x.shape.clone(),
                 });
             }
@@ -383,7 +385,11 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
             };
             one(TensorType::new(x.dtype, out))
         }
-        Op::Split { x, axis, sizes } => {
+        Op::Split {
+            x,
+            dim: axis,
+            sizes,
+        } => {
             let a = axis_of(&x.shape, *axis)?;
             let sum = sizes.iter().try_fold(0u64, |s, d| s.checked_add(d.size));
             let size = x.shape.size(a);
@@ -391,7 +397,7 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
                 return Err(OpError::Split {
                     sizes: sizes.iter().map(|d| d.size).collect(),
                     sum: sum.unwrap_or(u64::MAX),
-                    axis: *axis,
+                    dim: *axis,
                     shape: x.shape.clone(),
                     size,
                 });
@@ -405,7 +411,7 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
                 })
                 .collect())
         }
-        Op::Concat { xs, axis } => {
+        Op::Concat { xs, dim: axis } => {
             let first = xs
                 .first()
                 .ok_or_else(|| OpError::Attribute("Concat needs at least one input".into()))?;
@@ -545,7 +551,7 @@ pub fn infer(op: &Op<TensorType, Dim>) -> Result<Vec<TensorType>, OpError> {
         }
         Op::Pad {
             x,
-            axis,
+            dim: axis,
             before,
             after,
         } => {

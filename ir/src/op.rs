@@ -129,12 +129,28 @@ pub enum Op<V = ValueId, D = Dim> {
     Reshape { x: V, shape: Vec<D> },
     /// Axis permutation: output axis `i` is input axis `perm[i]`.
     Transpose { x: V, perm: Vec<usize> },
-    /// `x[start..end]` along `axis`.
-    Slice { x: V, axis: i64, start: D, end: D },
-    /// Consecutive pieces of `x` along `axis`, one output per size.
-    Split { x: V, axis: i64, sizes: Vec<D> },
-    /// The inputs joined along `axis`.
-    Concat { xs: Vec<V>, axis: i64 },
+    /// `x[start..end]` along dimension `dim` (negative: from the end). Model files may spell the
+    /// field `axis`, as earlier versions did.
+    Slice {
+        x: V,
+        #[serde(alias = "axis")]
+        dim: i64,
+        start: D,
+        end: D,
+    },
+    /// Consecutive pieces of `x` along dimension `dim`, one output per size.
+    Split {
+        x: V,
+        #[serde(alias = "axis")]
+        dim: i64,
+        sizes: Vec<D>,
+    },
+    /// The inputs joined along dimension `dim`.
+    Concat {
+        xs: Vec<V>,
+        #[serde(alias = "axis")]
+        dim: i64,
+    },
     /// Rotary position embedding (see the module docs for the layout).
     Rotary {
         x: V,
@@ -202,10 +218,12 @@ pub enum Op<V = ValueId, D = Dim> {
         value: f64,
         dtype: crate::DType,
     },
-    /// Zero padding along `axis`: `before` zeros, `x`, `after` zeros (the VJP of `Slice`).
+    /// Zero padding along dimension `dim`: `before` zeros, `x`, `after` zeros (the VJP of
+    /// `Slice`).
     Pad {
         x: V,
-        axis: i64,
+        #[serde(alias = "axis")]
+        dim: i64,
         before: D,
         after: D,
     },
@@ -477,25 +495,20 @@ impl<V, D> Op<V, D> {
                 x: fv(x)?,
                 perm: perm.clone(),
             },
-            Op::Slice {
-                x,
-                axis,
-                start,
-                end,
-            } => Op::Slice {
+            Op::Slice { x, dim, start, end } => Op::Slice {
                 x: fv(x)?,
-                axis: *axis,
+                dim: *dim,
                 start: fd(start)?,
                 end: fd(end)?,
             },
-            Op::Split { x, axis, sizes } => Op::Split {
+            Op::Split { x, dim, sizes } => Op::Split {
                 x: fv(x)?,
-                axis: *axis,
+                dim: *dim,
                 sizes: sizes.iter().map(&mut fd).collect::<Result<_, _>>()?,
             },
-            Op::Concat { xs, axis } => Op::Concat {
+            Op::Concat { xs, dim } => Op::Concat {
                 xs: xs.iter().map(&mut fv).collect::<Result<_, _>>()?,
-                axis: *axis,
+                dim: *dim,
             },
             Op::Rotary { x, base, inverse } => Op::Rotary {
                 x: fv(x)?,
@@ -576,12 +589,12 @@ impl<V, D> Op<V, D> {
             },
             Op::Pad {
                 x,
-                axis,
+                dim,
                 before,
                 after,
             } => Op::Pad {
                 x: fv(x)?,
-                axis: *axis,
+                dim: *dim,
                 before: fd(before)?,
                 after: fd(after)?,
             },

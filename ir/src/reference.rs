@@ -508,21 +508,21 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
         Op::Transpose { x, perm } => one(transpose(name, x, perm)?),
         Op::Slice {
             x,
-            axis: ax,
+            dim: ax,
             start,
             end,
         } => {
             let (a, start, end) = index::slice(&x.shape, *ax, start, end).or_invalid(name)?;
             one(slice_axis(x, a, start, end))
         }
-        Op::Split { x, axis: ax, sizes } => {
+        Op::Split { x, dim: ax, sizes } => {
             let (a, parts) = index::split(&x.shape, *ax, sizes).or_invalid(name)?;
             Ok(parts
                 .into_iter()
                 .map(|p| slice_axis(x, a, p.start, p.end))
                 .collect())
         }
-        Op::Concat { xs, axis: ax } => one(concat(name, xs, *ax)?),
+        Op::Concat { xs, dim: ax } => one(concat(name, xs, *ax)?),
         Op::Rotary { x, base, inverse } => one(rotary(name, x, *base, *inverse)?),
         Op::Dropout { x, p } => {
             let scale = index::dropout_scale(*p).or_invalid(name)?;
@@ -594,7 +594,7 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
         }
         Op::Pad {
             x,
-            axis: ax,
+            dim: ax,
             before,
             after,
         } => {
@@ -1417,7 +1417,7 @@ mod tests {
         let junk = Tensor::full(vec![2, 4, 3], 40.0);
         let padded = eval1(Op::Concat {
             xs: vec![&real, &junk],
-            axis: -1,
+            dim: -1,
         });
         let targets = Tensor::from_fn(vec![2, 4], |_| rng.usize(0..5) as f64);
         let dloss = Tensor::scalar(0.7);
@@ -1451,7 +1451,7 @@ mod tests {
             });
             let expected = eval1(Op::Concat {
                 xs: vec![&g_full, &Tensor::zeros(vec![2, 4, 3])],
-                axis: -1,
+                dim: -1,
             });
             assert_close(&g_pad, &expected, 1e-14);
         }
@@ -1524,7 +1524,7 @@ mod tests {
         let pad = |axis, before, after| {
             eval1(Op::Pad {
                 x: &x,
-                axis,
+                dim: axis,
                 before: d(before),
                 after: d(after),
             })
@@ -1543,13 +1543,13 @@ mod tests {
         let small = random(&mut rng, &[3, 4, 2]);
         let sliced = eval1(Op::Slice {
             x: &big,
-            axis: 1,
+            dim: 1,
             start: d(2),
             end: d(6),
         });
         let padded = eval1(Op::Pad {
             x: &small,
-            axis: -2,
+            dim: -2,
             before: d(2),
             after: d(1),
         });
@@ -1567,7 +1567,7 @@ mod tests {
         assert_eq!(y.at(&[3, 1, 2]), 123.0);
         let parts = eval_op(&Op::Split {
             x: &x,
-            axis: 1,
+            dim: 1,
             sizes: vec![d(1), d(2)],
         })
         .unwrap();
@@ -1575,7 +1575,7 @@ mod tests {
         assert_eq!(parts[1].at(&[1, 0, 3]), 113.0);
         let joined = eval1(Op::Concat {
             xs: parts.iter().collect(),
-            axis: -2,
+            dim: -2,
         });
         assert_eq!(joined, x);
         let r = eval1(Op::Reshape {
@@ -1595,7 +1595,7 @@ mod tests {
         .is_err());
         assert!(eval_op(&Op::Slice {
             x: &x,
-            axis: 3,
+            dim: 3,
             start: d(0),
             end: d(1)
         })

@@ -443,7 +443,7 @@ fn split_outputs_without_a_gradient_contribute_zeros() {
             "s",
             Op::Split {
                 x: w,
-                axis: -1,
+                dim: -1,
                 sizes: vec![3u64.into(), 2u64.into(), 4u64.into()],
             },
             vec!["s.0".into(), "s.1".into(), "s.2".into()],
@@ -454,7 +454,7 @@ fn split_outputs_without_a_gradient_contribute_zeros() {
     ce_loss(&mut g, parts[1]);
     let bwd = differentiate(&mut g);
     let dw = grad_of(&g, &bwd, w);
-    let Op::Concat { xs, axis } = &g.nodes[def(&g, dw)].op else {
+    let Op::Concat { xs, dim: axis } = &g.nodes[def(&g, dw)].op else {
         panic!()
     };
     assert_eq!(*axis, -1);
@@ -911,7 +911,7 @@ mod numeric {
         ] {
             acts.push(n.op(name, op));
         }
-        let y = n.op("cat", Op::Concat { xs: acts, axis: -1 });
+        let y = n.op("cat", Op::Concat { xs: acts, dim: -1 });
         n.check(y, 2);
     }
 
@@ -955,7 +955,7 @@ mod numeric {
             "split",
             Op::Split {
                 x,
-                axis: -1,
+                dim: -1,
                 sizes: vec![3u64.into(), 3u64.into(), 4u64.into()],
             },
         );
@@ -964,7 +964,7 @@ mod numeric {
             "cat",
             Op::Concat {
                 xs: vec![s[2], s[0]],
-                axis: -1,
+                dim: -1,
             },
         );
         let p = n.param("p", &[2, 9]);
@@ -972,7 +972,7 @@ mod numeric {
             "slice",
             Op::Slice {
                 x: p,
-                axis: 1,
+                dim: 1,
                 start: 2u64.into(),
                 end: 9u64.into(),
             },
@@ -983,7 +983,7 @@ mod numeric {
             "rows",
             Op::Concat {
                 xs: vec![y, q, y],
-                axis: 0,
+                dim: 0,
             },
         );
         let y = n.op(
@@ -1004,7 +1004,7 @@ mod numeric {
             "head",
             Op::Slice {
                 x: y,
-                axis: 0,
+                dim: 0,
                 start: 0u64.into(),
                 end: 5u64.into(),
             },

@@ -195,7 +195,7 @@ fn movement_ops() {
     let slice = |start, end| {
         one(Op::Slice {
             x: f32(&[32, 64]),
-            axis: 0,
+            dim: 0,
             start: Dim::new(start),
             end: Dim::new(end),
         })
@@ -206,7 +206,7 @@ fn movement_ops() {
     assert!(matches!(slice(5, 4), Err(OpError::Slice { .. })));
     let split = infer(&Op::Split {
         x: f32(&[2, 16, 192]),
-        axis: -1,
+        dim: -1,
         sizes: dims(&[64, 64, 64]),
     })
     .unwrap();
@@ -215,7 +215,7 @@ fn movement_ops() {
     assert!(matches!(
         infer(&Op::Split {
             x: f32(&[2, 16, 192]),
-            axis: -1,
+            dim: -1,
             sizes: dims(&[64, 64]),
         }),
         Err(OpError::Split { .. })
@@ -223,19 +223,19 @@ fn movement_ops() {
     assert!(matches!(
         infer(&Op::Split {
             x: f32(&[2, 16, 192]),
-            axis: 3,
+            dim: 3,
             sizes: dims(&[192]),
         }),
         Err(OpError::Axis { .. })
     ));
     let cat = one(Op::Concat {
         xs: vec![f32(&[2, 3]), f32(&[2, 5])],
-        axis: 1,
+        dim: 1,
     });
     assert_eq!(cat.unwrap(), [2, 8]);
     assert!(one(Op::Concat {
         xs: vec![f32(&[2, 3]), f32(&[3, 5])],
-        axis: 1
+        dim: 1
     })
     .is_err());
 }

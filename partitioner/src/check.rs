@@ -97,7 +97,9 @@ fn globalize(mesh: Mesh, op: &Op, outs: &[(&TensorType, MeshLayout)]) -> Op {
         | Op::SumTo { shape, .. }
         | Op::Fill { shape, .. }
         | Op::Expand { shape, .. } => *shape = full(0),
-        Op::Split { axis, sizes, .. } => {
+        Op::Split {
+            dim: axis, sizes, ..
+        } => {
             if let Some(a) = outs[0].0.shape.axis(*axis) {
                 for (i, size) in sizes.iter_mut().enumerate() {
                     *size = full(i)[a].clone();
@@ -234,7 +236,9 @@ fn keeps_blocks(op: &Op, ins: &[In], outs: &[Layout]) -> bool {
 /// value (the gradient of that split), along the tensor-parallel split axis.
 fn blocked(op: &Op, ins: &[In]) -> Option<Vec<(Layout, u32)>> {
     match op {
-        Op::Split { axis, sizes, .. } => {
+        Op::Split {
+            dim: axis, sizes, ..
+        } => {
             let x = &ins[0];
             let Layout::Split(d) = x.layout.tp else {
                 return None;
@@ -244,7 +248,7 @@ fn blocked(op: &Op, ins: &[In]) -> Option<Vec<(Layout, u32)>> {
             (x.ty.shape.axis(*axis) == Some(d) && k > 1 && x.blocks == k && equal)
                 .then(|| vec![(Layout::Split(d), 1); sizes.len()])
         }
-        Op::Concat { axis, .. } => {
+        Op::Concat { dim: axis, .. } => {
             let Layout::Split(d) = ins.first()?.layout.tp else {
                 return None;
             };

@@ -681,7 +681,11 @@ impl Lower<'_> {
             Op::Reshape { shape, .. } | Op::Expand { shape, .. } => {
                 *shape = local_dims(outputs[0], layouts[0])
             }
-            Op::Split { x, axis, sizes } => {
+            Op::Split {
+                x,
+                dim: axis,
+                sizes,
+            } => {
                 if let Some(a) = self.g.ty(*x).shape.axis(*axis) {
                     for (size, (&v, &l)) in sizes.iter_mut().zip(outputs.iter().zip(layouts)) {
                         *size = local_dims(v, l)[a].clone();

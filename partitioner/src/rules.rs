@@ -210,15 +210,19 @@ pub fn output_layouts_on(on: MeshAxis, op: &Op<Sharded, Dim>) -> Result<Vec<Layo
             // Linear in x; needs the position (axis −3) and both halves of the last axis.
             one(along(name, x, &last_dims(x, &[3, 1]), true)?)
         }
-        Op::Slice { x, axis, .. } => {
+        Op::Slice { x, dim: axis, .. } => {
             let a = x.ty.shape.axis(*axis).unwrap_or(usize::MAX);
             one(along(name, x, &[a], true)?)
         }
-        Op::Split { x, axis, sizes } => {
+        Op::Split {
+            x,
+            dim: axis,
+            sizes,
+        } => {
             let a = x.ty.shape.axis(*axis).unwrap_or(usize::MAX);
             Ok(vec![along(name, x, &[a], true)?; sizes.len()])
         }
-        Op::Concat { xs, axis } => {
+        Op::Concat { xs, dim: axis } => {
             let first = xs.first().map_or(Replicated, |x| x.layout);
             let a = xs
                 .first()
@@ -310,7 +314,7 @@ pub fn output_layouts_on(on: MeshAxis, op: &Op<Sharded, Dim>) -> Result<Vec<Layo
                 l => l,
             })
         }
-        Op::Pad { x, axis, .. } => {
+        Op::Pad { x, dim: axis, .. } => {
             let a = x.ty.shape.axis(*axis).unwrap_or(usize::MAX);
             one(along(name, x, &[a], true)?)
         }

@@ -535,7 +535,11 @@ impl<'p> Simulation<'p> {
         let ins: Vec<ValueId> = op.inputs().into_iter().copied().collect();
         let rank_of = |v: ValueId| plan.graph.ty(v).shape.rank();
         match op {
-            Op::Split { x, axis, sizes } => {
+            Op::Split {
+                x,
+                dim: axis,
+                sizes,
+            } => {
                 if let Layout::Split(d) = plan.layouts[*x].tp {
                     let k = sizes.len() as u32;
                     let equal = sizes.iter().all(|s| s.size == sizes[0].size);
@@ -545,7 +549,7 @@ impl<'p> Simulation<'p> {
                     }
                 }
             }
-            Op::Concat { xs, axis } if xs.len() > 1 => {
+            Op::Concat { xs, dim: axis } if xs.len() > 1 => {
                 if let Layout::Split(d) = plan.layouts[xs[0]].tp {
                     let along = resolve_axis(rank_of(xs[0]), *axis) == Ok(d);
                     let same = xs.iter().all(|&x| {
@@ -863,14 +867,14 @@ fn sum(xs: &[&Tensor]) -> Result<Tensor, EvalError> {
 fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor, EvalError> {
     Ok(one(eval_op(&Op::Concat {
         xs: xs.to_vec(),
-        axis: axis as i64,
+        dim: axis as i64,
     })?))
 }
 
 fn slice(x: &Tensor, axis: usize, start: usize, end: usize) -> Result<Tensor, EvalError> {
     Ok(one(eval_op(&Op::Slice {
         x,
-        axis: axis as i64,
+        dim: axis as i64,
         start: Dim::new(start as u64),
         end: Dim::new(end as u64),
     })?))

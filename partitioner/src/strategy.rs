@@ -330,7 +330,12 @@ impl<'a> Pass<'a> {
     /// A `Split` along the axis its input is split on: legal when the input is a column-parallel
     /// output cut into equal pieces, which makes that output blocked.
     fn blocked_split(&mut self, n: NodeId, ins: &[ValueId], lay: &[Layout]) -> Option<Vec<Layout>> {
-        let Op::Split { x, axis, sizes } = &self.g.nodes[n].op else {
+        let Op::Split {
+            x,
+            dim: axis,
+            sizes,
+        } = &self.g.nodes[n].op
+        else {
             return None;
         };
         let Layout::Split(d) = lay[0] else {

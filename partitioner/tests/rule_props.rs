@@ -267,7 +267,7 @@ fn chunk(x: &Tensor, d: usize, r: usize, p: usize) -> Tensor {
     let n = x.shape[d] / p;
     eval1(Op::Slice {
         x,
-        axis: d as i64,
+        dim: d as i64,
         start: Dim::new((r * n) as u64),
         end: Dim::new(((r + 1) * n) as u64),
     })
@@ -304,7 +304,7 @@ fn combine(layout: Layout, parts: &[Tensor], full: &Tensor) -> Result<Tensor, St
             }
             eval_op(&Op::Concat {
                 xs: parts.iter().collect(),
-                axis: d as i64,
+                dim: d as i64,
             })
             .map(|mut v| v.remove(0))
             .map_err(|e| format!("the rank results do not concatenate: {e}"))
@@ -742,7 +742,7 @@ fn slice_split_concat_pad() {
                     Case {
                         op: Op::Slice {
                             x: 0,
-                            axis: written,
+                            dim: written,
                             start: d(start),
                             end: d(end),
                         },
@@ -763,7 +763,7 @@ fn slice_split_concat_pad() {
                     Case {
                         op: Op::Split {
                             x: 0,
-                            axis: written,
+                            dim: written,
                             sizes,
                         },
                         inputs: vec![g.float_input(&shape)],
@@ -793,7 +793,7 @@ fn slice_split_concat_pad() {
                     Case {
                         op: Op::Concat {
                             xs: (0..count).collect(),
-                            axis: written,
+                            dim: written,
                         },
                         inputs,
                     }
@@ -801,7 +801,7 @@ fn slice_split_concat_pad() {
                 _ => Case {
                     op: Op::Pad {
                         x: 0,
-                        axis: written,
+                        dim: written,
                         before: d(g.rng.usize(0..=3)),
                         after: d(g.rng.usize(0..=3)),
                     },

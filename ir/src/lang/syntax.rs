@@ -10,7 +10,7 @@
 //!     body: {
 //!         "x0": Embedding(table: "wte", ids: "tokens"),
 //!         "h": Repeat(block: "layer", times: "layers", inputs: ["x0"]),
-//!         "q, k, v": Split(x: "qkv", axis: -1, sizes: ["hidden", "hidden", "hidden"]),
+//!         "q, k, v": Split(x: "qkv", dim: -1, sizes: ["hidden", "hidden", "hidden"]),
 //!     },
 //!     outputs: ["loss"],
 //! )

@@ -1281,7 +1281,7 @@ fn layout_ops_move_the_same_elements() {
     ] {
         let op = Op::Slice {
             x: 0,
-            axis,
+            dim: axis,
             start: d(start),
             end: d(end),
         };
@@ -1296,7 +1296,7 @@ fn layout_ops_move_the_same_elements() {
     ] {
         let op = Op::Split {
             x: 0,
-            axis,
+            dim: axis,
             sizes: ds(&sizes),
         };
         let n = format!("Split axis {axis} {sizes:?}");
@@ -1313,7 +1313,7 @@ fn layout_ops_move_the_same_elements() {
         let inputs: Vec<Input> = shapes.iter().map(|s| fl(rand(&mut rng, s))).collect();
         let op = Op::Concat {
             xs: (0..inputs.len()).collect(),
-            axis,
+            dim: axis,
         };
         let n = format!("Concat {shapes:?} axis {axis}");
         check(&dev, &n, &op, &inputs, &local(), F32, true);
@@ -1321,7 +1321,7 @@ fn layout_ops_move_the_same_elements() {
     for (axis, before, after) in [(1, 2, 1), (-1, 0, 3), (0, 1, 0), (2, 0, 0)] {
         let op = Op::Pad {
             x: 0,
-            axis,
+            dim: axis,
             before: d(before),
             after: d(after),
         };
@@ -1764,7 +1764,7 @@ fn refusals_match_the_cpu() {
             "Slice",
             Op::Slice {
                 x: 0,
-                axis: 2,
+                dim: 2,
                 start: d(0),
                 end: d(1),
             },
@@ -1773,7 +1773,7 @@ fn refusals_match_the_cpu() {
             "Split",
             Op::Split {
                 x: 0,
-                axis: 1,
+                dim: 1,
                 sizes: ds(&[1, 2]),
             },
         ),
@@ -2150,7 +2150,7 @@ fn tensors_past_two_to_the_31_elements() {
     // [0.5, ..., 0.5, 0]
     let z = one(Op::Pad {
         x: &x,
-        axis: 0,
+        dim: 0,
         before: d(0),
         after: d(1),
     });
@@ -2161,7 +2161,7 @@ fn tensors_past_two_to_the_31_elements() {
     assert!(found.is_some_and(|v| v.is_nan()), "{found:?}");
     let tail = one(Op::Slice {
         x: &q,
-        axis: 0,
+        dim: 0,
         start: d(n - 1000),
         end: d(n),
     });

@@ -198,21 +198,21 @@ pub fn eval(
         Op::Transpose { x, perm } => one(transpose(name, x, perm, th)?),
         Op::Slice {
             x,
-            axis: ax,
+            dim: ax,
             start,
             end,
         } => {
             let (a, start, end) = index::slice(&x.shape, *ax, start, end).or_invalid(name)?;
             one(slice_axis(x, a, start, end))
         }
-        Op::Split { x, axis: ax, sizes } => {
+        Op::Split { x, dim: ax, sizes } => {
             let (a, parts) = index::split(&x.shape, *ax, sizes).or_invalid(name)?;
             Ok(parts
                 .into_iter()
                 .map(|p| slice_axis(x, a, p.start, p.end))
                 .collect())
         }
-        Op::Concat { xs, axis: ax } => one(concat(name, xs, *ax)?),
+        Op::Concat { xs, dim: ax } => one(concat(name, xs, *ax)?),
         Op::Rotary { x, base, inverse } => one(rotary(name, x, *base, *inverse, local)?),
         Op::Dropout { x, p } => one(dropout(name, x, *p, local)?),
         Op::DropoutGrad { dy, forward, p } => {
@@ -282,7 +282,7 @@ pub fn eval(
         }
         Op::Pad {
             x,
-            axis: ax,
+            dim: ax,
             before,
             after,
         } => {

@@ -476,7 +476,7 @@ fn reshape_slice_split_concat_pad() {
     for (axis, start, end) in [(0, 0, 1), (1, 1, 3), (-1, 2, 4), (2, 2, 2), (-3, 0, 2)] {
         check(Op::Slice {
             x: &x,
-            axis,
+            dim: axis,
             start: d(start),
             end: d(end),
         });
@@ -489,25 +489,25 @@ fn reshape_slice_split_concat_pad() {
     ] {
         let parts = check(Op::Split {
             x: &x,
-            axis,
+            dim: axis,
             sizes: ds(&sizes),
         });
         assert_eq!(parts.len(), sizes.len());
         let joined = check(Op::Concat {
             xs: parts.iter().collect(),
-            axis,
+            dim: axis,
         });
         assert_eq!(joined[0], x);
     }
     let y = rand(&mut rng, &[2, 5, 4]);
     check(Op::Concat {
         xs: vec![&x, &y, &x],
-        axis: -2,
+        dim: -2,
     });
     for (axis, before, after) in [(0, 1, 0), (1, 2, 3), (-1, 0, 2), (2, 0, 0)] {
         check(Op::Pad {
             x: &x,
-            axis,
+            dim: axis,
             before: d(before),
             after: d(after),
         });
@@ -638,7 +638,7 @@ fn rotary_and_its_inverse() {
     let shard = eval1(
         Op::Slice {
             x: &x,
-            axis: 1,
+            dim: 1,
             start: d(4),
             end: d(8),
         },
@@ -660,7 +660,7 @@ fn rotary_and_its_inverse() {
     let want = eval1(
         Op::Slice {
             x: &full,
-            axis: 1,
+            dim: 1,
             start: d(4),
             end: d(8),
         },
@@ -676,7 +676,7 @@ fn sub_block(full: &Tensor, offsets: &[usize], shape: &[usize]) -> Tensor {
         t = eval1(
             Op::Slice {
                 x: &t,
-                axis: a as i64,
+                dim: a as i64,
                 start: d(o),
                 end: d(o + n),
             },
@@ -972,7 +972,7 @@ fn vocab_parallel_ce(
             eval1(
                 Op::Slice {
                     x: &logits,
-                    axis: -1,
+                    dim: -1,
                     start: d(p * width),
                     end: d((p + 1) * width),
                 },
@@ -1032,7 +1032,7 @@ fn vocab_parallel_ce(
     let joined = eval1(
         Op::Concat {
             xs: grads.iter().collect(),
-            axis: -1,
+            dim: -1,
         },
         &Local::default(),
     );
@@ -1240,32 +1240,29 @@ fn bad_inputs_are_errors_not_panics() {
     });
     err(Op::Slice {
         x: &a,
-        axis: 2,
+        dim: 2,
         start: d(0),
         end: d(1),
     });
     err(Op::Slice {
         x: &a,
-        axis: 1,
+        dim: 1,
         start: d(2),
         end: d(4),
     });
     err(Op::Split {
         x: &a,
-        axis: 1,
+        dim: 1,
         sizes: ds(&[1, 1]),
     });
     err(Op::Concat {
         xs: vec![&a, &b],
-        axis: 0,
+        dim: 0,
     });
-    err(Op::Concat {
-        xs: vec![],
-        axis: 0,
-    });
+    err(Op::Concat { xs: vec![], dim: 0 });
     err(Op::Pad {
         x: &a,
-        axis: -3,
+        dim: -3,
         before: d(1),
         after: d(1),
     });
@@ -1385,7 +1382,7 @@ fn bad_inputs_are_errors_not_panics() {
     let e = eval(
         &Op::Pad {
             x: &a,
-            axis: 0,
+            dim: 0,
             before: d(usize::MAX),
             after: d(1),
         },

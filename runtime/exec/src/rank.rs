@@ -704,9 +704,10 @@ impl<B: Backend> Runner<'_, B> {
         classes: &Option<Dim>,
     ) -> Result<VocabStats, ExecError> {
         let be = &self.rank.backend;
+        let plan = self.exe.plan;
         let region = self.region(v);
         let last = region.rank() - 1;
-        let full: usize = region.shape()[last] * self.exe.plan.mesh.tp as usize;
+        let full = full_shape(plan.mesh, &plan.graph.ty(v).shape.sizes(), self.layout(v))[last];
         let shard = VocabShard {
             class_offset: region.dim(last).first().map_or(0, |r| r.start),
             real_classes: classes.as_ref().map_or(full, |c| c.size as usize),

@@ -624,21 +624,25 @@ pub fn eval(
         Op::Transpose { x, perm } => one(layout::transpose(dev, name, x, perm)?),
         Op::Slice {
             x,
-            axis,
+            dim: axis,
             start,
             end,
         } => {
             let (a, start, end) = index::slice(&x.shape, *axis, start, end).or_invalid(name)?;
             one(layout::slice_axis(dev, name, x, a, start, end)?)
         }
-        Op::Split { x, axis, sizes } => {
+        Op::Split {
+            x,
+            dim: axis,
+            sizes,
+        } => {
             let (a, parts) = index::split(&x.shape, *axis, sizes).or_invalid(name)?;
             parts
                 .into_iter()
                 .map(|p| layout::slice_axis(dev, name, x, a, p.start, p.end))
                 .collect()
         }
-        Op::Concat { xs, axis } => one(layout::concat(dev, name, xs, *axis)?),
+        Op::Concat { xs, dim: axis } => one(layout::concat(dev, name, xs, *axis)?),
         Op::Rotary { x, base, inverse } => {
             one(embedding::rotary(dev, name, x, *base, *inverse, local)?)
         }
@@ -697,7 +701,7 @@ pub fn eval(
         }
         Op::Pad {
             x,
-            axis,
+            dim: axis,
             before,
             after,
         } => {

@@ -333,7 +333,7 @@ fn row_copies_slice_join_pad_and_interleave_as_the_reference() {
         let end = rng.usize(start..=shape[a]);
         let want = one(&Op::Slice {
             x: &x,
-            axis: a as i64,
+            dim: a as i64,
             start: d(start),
             end: d(end),
         });
@@ -351,7 +351,7 @@ fn row_copies_slice_join_pad_and_interleave_as_the_reference() {
         let refs: Vec<&Tensor> = xs.iter().collect();
         let want = one(&Op::Concat {
             xs: refs,
-            axis: a as i64,
+            dim: a as i64,
         });
         let shape_refs: Vec<&[usize]> = shapes.iter().map(|s| &s[..]).collect();
         let mut got = vec![f32::NAN; want.data.len()];
@@ -363,7 +363,7 @@ fn row_copies_slice_join_pad_and_interleave_as_the_reference() {
         let (before, after) = (rng.usize(0..3), rng.usize(0..3));
         let want = one(&Op::Pad {
             x: &x,
-            axis: a as i64,
+            dim: a as i64,
             before: d(before),
             after: d(after),
         });
@@ -381,7 +381,7 @@ fn row_copies_slice_join_pad_and_interleave_as_the_reference() {
         let refs: Vec<&Tensor> = parts.iter().collect();
         let joined = one(&Op::Concat {
             xs: refs,
-            axis: a as i64,
+            dim: a as i64,
         });
         let mut got = vec![f32::NAN; flat.len()];
         for r in interleave_rows(&shape, a, members) {
