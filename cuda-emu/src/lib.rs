@@ -17,7 +17,8 @@
 //! What it proves and what it cannot: the kernels' arithmetic and indexing, the launch code
 //! (grid shapes, arguments, strides), the GEMM geometry and the host-side protocol run exactly
 //! as on a GPU, and the results are compared with the CPU backend by the same tests a GPU
-//! session runs (`runtime/backend-tests/tests/cuda_emulated.rs`) and through the CLI (`tests/cuda_cli.rs`).
+//! session runs (`runtime/backend-tests/tests/cuda_emulated.rs`) and through the CLI
+//! (`tests/cuda_cli.rs`).
 //! Streams are asynchronous (`FTEMU_SCHEDULE`: `lazy` runs a stream's work only when something
 //! waits for it, `peers` runs every other stream's work before queuing more), and fresh and freed
 //! device memory reads as NaN, so a missing wait between streams, an output element a kernel

@@ -9,7 +9,7 @@ use std::fmt;
 /// A named, typed graph input or output.
 #[derive(Clone, Debug, Serialize)]
 pub struct Port {
-    /// Its name.
+    /// The name the model file gives it.
     pub name: String,
     /// Its dtype (`"i64"`).
     pub dtype: String,
@@ -44,7 +44,7 @@ pub struct Summary {
     pub forward_matmul_flops_per_step: u128,
     /// Tokens per step (elements of the token-id input).
     pub tokens_per_step: Option<u64>,
-    /// Forward FLOPs per token.
+    /// Forward FLOPs per step over tokens per step (where the model has a token input).
     pub forward_flops_per_token: Option<u128>,
     /// Graph inputs.
     pub inputs: Vec<Port>,

@@ -287,7 +287,7 @@ pub enum PlanError {
     /// A node cannot run on the layouts its inputs have.
     #[error("node `{node}`: {error}")]
     Rule {
-        /// The node.
+        /// The node's name.
         node: String,
         /// Why.
         error: RuleError,
@@ -295,7 +295,7 @@ pub enum PlanError {
     /// A recorded layout is not the one the inputs give.
     #[error("value `{value}` is recorded as {recorded}, but its inputs make it {inferred}")]
     Layout {
-        /// The value.
+        /// The value's name.
         value: String,
         /// What the plan says.
         recorded: MeshLayout,

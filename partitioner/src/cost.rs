@@ -132,7 +132,7 @@ pub struct Cluster {
     pub description: String,
     /// The GPU model.
     pub gpu: String,
-    /// GPUs per node.
+    /// GPUs per node, connected by the intra-node link.
     pub gpus_per_node: u64,
     /// Streaming multiprocessors per GPU (the tiles of a GEMM run in waves of this many); 0: no
     /// wave quantization.
@@ -468,13 +468,13 @@ pub struct Memory {
 pub struct Estimate {
     /// The model.
     pub model: String,
-    /// The cluster.
+    /// The cluster's GPU model (`Tesla V100-SXM3-32GB`).
     pub cluster: String,
     /// Tensor-parallel degree.
     pub tp: u64,
     /// Data-parallel degree.
     pub dp: u64,
-    /// GPUs.
+    /// GPUs in all: tp × dp.
     pub gpus: u64,
     /// One training step.
     pub step_time_s: f64,

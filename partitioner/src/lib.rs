@@ -81,9 +81,9 @@ pub enum PartitionError {
     /// No op can run on its inputs' layouts, even after conversions.
     #[error("node `{node}` ({op}): {error}")]
     Rule {
-        /// The node.
+        /// The node's name.
         node: String,
-        /// Its op.
+        /// Its op's name (`MatMul`).
         op: &'static str,
         /// Why.
         error: RuleError,
@@ -99,7 +99,7 @@ pub enum PartitionError {
     Internal {
         /// Where.
         node: String,
-        /// What.
+        /// What went wrong.
         what: String,
     },
 }

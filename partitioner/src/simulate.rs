@@ -435,15 +435,14 @@ impl<'p> Simulation<'p> {
                 shift,
                 classes,
             } => {
-                self.cross_entropy(
-                    node,
-                    *logits,
-                    *targets,
-                    None,
-                    *shift,
-                    classes.as_ref(),
-                    &mut outs,
-                )?;
+                let ce = CrossEntropyArgs {
+                    logits: *logits,
+                    targets: *targets,
+                    dloss: None,
+                    shift: *shift,
+                    classes: classes.as_ref(),
+                };
+                self.cross_entropy(node, ce, &mut outs)?;
             }
             Op::CrossEntropyGrad {
                 logits,
@@ -452,15 +451,14 @@ impl<'p> Simulation<'p> {
                 shift,
                 classes,
             } => {
-                self.cross_entropy(
-                    node,
-                    *logits,
-                    *targets,
-                    Some(*dloss),
-                    *shift,
-                    classes.as_ref(),
-                    &mut outs,
-                )?;
+                let ce = CrossEntropyArgs {
+                    logits: *logits,
+                    targets: *targets,
+                    dloss: Some(*dloss),
+                    shift: *shift,
+                    classes: classes.as_ref(),
+                };
+                self.cross_entropy(node, ce, &mut outs)?;
             }
             // The masked tensor's own layout places its elements in the full tensor: a gradient
             // is laid out like its forward value, or is a full-shaped partial sum of it.
@@ -656,17 +654,19 @@ impl<'p> Simulation<'p> {
     }
 
     /// `CrossEntropy` (no `dloss`) or `CrossEntropyGrad` on every rank.
-    #[allow(clippy::too_many_arguments)]
     fn cross_entropy(
         &self,
         node: &ferrotron_ir::graph::NodeData,
-        logits: ValueId,
-        targets: ValueId,
-        dloss: Option<ValueId>,
-        shift: bool,
-        classes: Option<&Dim>,
+        ce: CrossEntropyArgs,
         outs: &mut HashMap<Coord, Vec<Tensor>>,
     ) -> Result<(), SimError> {
+        let CrossEntropyArgs {
+            logits,
+            targets,
+            dloss,
+            shift,
+            classes,
+        } = ce;
         let plan = self.plan;
         let unsupported = |what: String| SimError::Unsupported {
             node: node.name.clone(),
@@ -819,6 +819,15 @@ impl<'p> Simulation<'p> {
         let data = mesh::assemble(mesh, layout, blocks, &full, &data);
         Ok(Tensor::new(full, data))
     }
+}
+
+/// A cross-entropy node's inputs and attributes (`dloss` for its gradient).
+struct CrossEntropyArgs<'a> {
+    logits: ValueId,
+    targets: ValueId,
+    dloss: Option<ValueId>,
+    shift: bool,
+    classes: Option<&'a Dim>,
 }
 
 /// Whether a table is held by rows (vocabulary-parallel) on some axis.

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 pub struct GenerateArgs {
     #[command(flatten)]
     plan: PlanArgs,
-    /// The checkpoint.
+    /// The checkpoint directory (`train --save`) whose weights generate.
     #[arg(long)]
     checkpoint: PathBuf,
     /// The text to continue.

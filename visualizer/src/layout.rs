@@ -119,7 +119,7 @@ pub struct Edge {
 pub struct GraphLayout {
     /// The boxes.
     pub nodes: Vec<Node>,
-    /// The edges.
+    /// The edges between the boxes, with their routes.
     pub edges: Vec<Edge>,
     /// Number of ranks (rows).
     pub ranks: usize,

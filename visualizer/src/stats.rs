@@ -130,7 +130,7 @@ pub struct Bar {
 pub struct BarGroup {
     /// The group's title with its total (`memory per rank: 5.7 GiB`).
     pub title: String,
-    /// The bars.
+    /// The bars, in drawing order.
     pub bars: Vec<Bar>,
 }
 

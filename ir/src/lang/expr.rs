@@ -83,7 +83,7 @@ impl DimExpr {
         })
     }
 
-    /// A literal.
+    /// The expression that is the number `n`.
     pub fn literal(n: u64) -> DimExpr {
         DimExpr {
             text: n.to_string(),

@@ -67,9 +67,9 @@ pub struct ModelFile {
 #[derive(Debug, Deserialize)]
 #[serde(rename = "Input", deny_unknown_fields)]
 pub struct InputSpec {
-    /// Its shape.
+    /// Its dimensions, each a number or an expression over the named dimensions.
     pub shape: Vec<DimExpr>,
-    /// Its dtype.
+    /// Its element type (`I64` for token ids).
     pub dtype: DType,
 }
 
@@ -77,7 +77,7 @@ pub struct InputSpec {
 #[derive(Debug, Deserialize)]
 #[serde(rename = "Param", deny_unknown_fields)]
 pub struct ParamSpec {
-    /// Its shape.
+    /// Its dimensions, each a number or an expression over the named dimensions.
     pub shape: Vec<DimExpr>,
     /// How it is initialised.
     pub init: Init,

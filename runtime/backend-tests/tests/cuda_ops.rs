@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 /// Where a shard sits in the full tensors, and the CPU's threads: the one context these tests
 /// give both backends' kernels.
 #[derive(Clone, Debug, Default)]
-struct Local {
+struct KernelCtx {
     vocab_offset: usize,
     vocab_rows: Option<usize>,
     full_shape: Option<Vec<usize>>,
@@ -37,7 +37,7 @@ struct Local {
     threads: usize,
 }
 
-impl Local {
+impl KernelCtx {
     fn at(&self) -> Placement {
         Placement {
             vocab_offset: self.vocab_offset,
@@ -50,18 +50,18 @@ impl Local {
     }
 }
 
-/// The CPU backend's kernels, given a [`Local`].
+/// The CPU backend's kernels, given a [`KernelCtx`].
 mod cpu {
     pub use ferrotron_cpu::kernels::*;
     use ferrotron_exec::{KernelError, Tensor};
     use ferrotron_ir::{Dim, Op};
 
-    pub fn eval(op: &Op<&Tensor, Dim>, l: &super::Local) -> Result<Vec<Tensor>, KernelError> {
+    pub fn eval(op: &Op<&Tensor, Dim>, l: &super::KernelCtx) -> Result<Vec<Tensor>, KernelError> {
         ferrotron_cpu::kernels::eval(op, &l.at(), l.threads)
     }
 }
 
-/// The CUDA backend's kernels, given a [`Local`].
+/// The CUDA backend's kernels, given a [`KernelCtx`].
 mod gpu {
     pub use ferrotron_cuda::kernels::*;
     use ferrotron_cuda::{CudaTensor, RankDevice};
@@ -72,7 +72,7 @@ mod gpu {
     pub fn eval(
         dev: &RankDevice,
         op: &Op<&CudaTensor, Dim>,
-        l: &super::Local,
+        l: &super::KernelCtx,
     ) -> Result<Vec<CudaTensor>, KernelError> {
         ferrotron_cuda::kernels::eval(dev, op, &l.at())
     }
@@ -80,7 +80,7 @@ mod gpu {
     pub fn eval_fused(
         dev: &RankDevice,
         op: &Fused<&CudaTensor>,
-        _: &super::Local,
+        _: &super::KernelCtx,
     ) -> Result<CudaTensor, KernelError> {
         ferrotron_cuda::kernels::eval_fused(dev, op)
     }
@@ -315,7 +315,7 @@ fn check(
     name: &str,
     op: &Op<usize, Dim>,
     inputs: &[Input],
-    local: &Local,
+    local: &KernelCtx,
     tol: Tol,
     exact: bool,
 ) {
@@ -410,8 +410,8 @@ fn upload_all(dev: &RankDevice, inputs: &[Input], dtype: Storage) -> Vec<CudaTen
         .collect()
 }
 
-fn local() -> Local {
-    Local::default()
+fn local() -> KernelCtx {
+    KernelCtx::default()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,11 +603,11 @@ fn fill_expand_and_dropout() {
         (Some(vec![4, 6, 10]), None, 5),
     ];
     for (full, offsets, seed) in cases {
-        let l = Local {
+        let l = KernelCtx {
             full_shape: full.clone(),
             offsets: offsets.clone(),
             dropout_seed: seed,
-            ..Local::default()
+            ..KernelCtx::default()
         };
         for p in [0.3, 0.0, 0.9] {
             let n = format!("Dropout p {p} full {full:?} at {offsets:?} seed {seed}");
@@ -634,15 +634,15 @@ fn fill_expand_and_dropout() {
         true,
     );
     let op = Op::Dropout { x: 0, p: 0.5 };
-    let l = Local {
+    let l = KernelCtx {
         full_shape: Some(vec![4, 6, 10]),
         offsets: Some(vec![0, 1, 0]),
-        ..Local::default()
+        ..KernelCtx::default()
     };
     check(&dev, "Dropout misfit", &op, &[fl(x.clone())], &l, F32, true);
-    let l = Local {
+    let l = KernelCtx {
         offsets: Some(vec![0, 0, 0]),
-        ..Local::default()
+        ..KernelCtx::default()
     };
     check(&dev, "Dropout no full shape", &op, &[fl(x)], &l, F32, true);
 }
@@ -1380,19 +1380,19 @@ fn embedding_lookup_and_gradient() {
     };
     let mut rng = fastrand::Rng::with_seed(10);
     // (table rows, width, ids bound, local)
-    let whole = Local::default();
-    let parallel = Local {
+    let whole = KernelCtx::default();
+    let parallel = KernelCtx {
         vocab_offset: 20,
         vocab_rows: Some(60),
-        ..Local::default()
+        ..KernelCtx::default()
     };
-    let first_shard = Local {
+    let first_shard = KernelCtx {
         vocab_rows: Some(60),
-        ..Local::default()
+        ..KernelCtx::default()
     };
-    let unbounded = Local {
+    let unbounded = KernelCtx {
         vocab_offset: 40,
-        ..Local::default()
+        ..KernelCtx::default()
     };
     let cases = [
         (50, 16, 50, &whole),
@@ -1472,10 +1472,10 @@ fn embedding_lookup_and_gradient() {
             true,
         );
     }
-    let outside = Local {
+    let outside = KernelCtx {
         vocab_offset: 55,
         vocab_rows: Some(60),
-        ..Local::default()
+        ..KernelCtx::default()
     };
     let op = Op::Embedding { table: 0, ids: 1 };
     let inputs = [fl(table), ix(ints(&mut rng, &[4], 10))];
@@ -1501,9 +1501,9 @@ fn rotary_rotates_from_the_shards_position() {
         (&[3, 4, 1, 128], Some(vec![0, 1000, 0, 0])),
     ] {
         let x = rand(&mut rng, shape);
-        let l = Local {
+        let l = KernelCtx {
             offsets: offsets.clone(),
-            ..Local::default()
+            ..KernelCtx::default()
         };
         for inverse in [false, true] {
             for base in [10000.0, 500000.0] {
@@ -1554,9 +1554,9 @@ fn cross_entropy_loss_and_gradient() {
         let real = classes.unwrap_or(vocab);
         let logits = uniform(&mut rng, shape, -6.0, 6.0);
         let targets = ints(&mut rng, &shape[..shape.len() - 1], real);
-        let l = Local {
+        let l = KernelCtx {
             token_parts: parts,
-            ..Local::default()
+            ..KernelCtx::default()
         };
         let label = format!("{shape:?} classes {classes:?} shift {shift} parts {parts}");
         let op = Op::CrossEntropy {

@@ -172,7 +172,7 @@ pub(crate) fn gelu_tanh_vjp(x: f32, dy: f32) -> f32 {
     dy * gelu_tanh_grad(x)
 }
 
-/// SiLU's.
+/// SiLU's vector-Jacobian product, `dy · silu'(x)`.
 #[inline(always)]
 pub(crate) fn silu_vjp(x: f32, dy: f32) -> f32 {
     dy * silu_grad(x)

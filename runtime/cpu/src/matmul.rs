@@ -18,20 +18,25 @@ struct Operand<'a> {
     data: &'a [f32],
     rs: usize,
     cs: usize,
+    offset: usize,
 }
 
-/// `dst[m × n]` (row-major, contiguous) `= A[m × k] · B[k × n]` with `A` at `a_off` in `a`, `B` at
-/// `b_off` in `b`.
-#[allow(clippy::too_many_arguments)]
+impl<'a> Operand<'a> {
+    /// The same strides, starting at `offset` (one matrix of a batch).
+    fn at(self, offset: usize) -> Operand<'a> {
+        Operand { offset, ..self }
+    }
+}
+
+/// `dst[m × n]` (row-major, contiguous) `= A[m × k] · B[k × n]`.
 fn gemm_into(
     dst: &mut [f32],
     a: Operand,
-    a_off: usize,
     b: Operand,
-    b_off: usize,
     (m, n, k): (usize, usize, usize),
     threads: usize,
 ) {
+    let (a_off, b_off) = (a.offset, b.offset);
     assert_eq!(dst.len(), m * n);
     if m == 0 || n == 0 {
         return;
@@ -91,12 +96,14 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize)
             data: &a.data,
             rs: 1,
             cs: a_cols,
+            offset: 0,
         }
     } else {
         Operand {
             data: &a.data,
             rs: a_cols,
             cs: 1,
+            offset: 0,
         }
     };
     let bo = if tb {
@@ -104,12 +111,14 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize)
             data: &b.data,
             rs: 1,
             cs: b_cols,
+            offset: 0,
         }
     } else {
         Operand {
             data: &b.data,
             rs: b_cols,
             cs: 1,
+            offset: 0,
         }
     };
     let nbatch: usize = batch.iter().product();
@@ -117,7 +126,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize)
     let nbatch_b: usize = batch_b.iter().product();
     // `[..., m, k] · [k, n]`: one `[batch · m, k] · [k, n]` product.
     if nbatch_b == 1 && !ta && nbatch_a == nbatch {
-        gemm_into(&mut out.data, ao, 0, bo, 0, (nbatch * m, n, k), threads);
+        gemm_into(&mut out.data, ao, bo, (nbatch * m, n, k), threads);
         return Ok(out);
     }
     let (a_mat, b_mat) = (a_rows * a_cols, b_rows * b_cols);
@@ -140,12 +149,12 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize)
         par_chunks_work(threads, &mut out.data, mn, work, |first, chunk| {
             for (i, dst) in chunk.chunks_exact_mut(mn).enumerate() {
                 let (oa, ob) = offsets[first + i];
-                gemm_into(dst, ao, oa, bo, ob, (m, n, k), 1);
+                gemm_into(dst, ao.at(oa), bo.at(ob), (m, n, k), 1);
             }
         });
     } else {
         for (dst, &(oa, ob)) in out.data.chunks_exact_mut(mn).zip(&offsets) {
-            gemm_into(dst, ao, oa, bo, ob, (m, n, k), threads);
+            gemm_into(dst, ao.at(oa), bo.at(ob), (m, n, k), threads);
         }
     }
     Ok(out)

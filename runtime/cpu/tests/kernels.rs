@@ -14,7 +14,7 @@ use ferrotron_ir::{DType, Dim};
 
 /// A kernel's context as these tests set it: where the shard sits, and the threads.
 #[derive(Clone, Debug, Default)]
-struct Local {
+struct KernelCtx {
     vocab_offset: usize,
     vocab_rows: Option<usize>,
     full_shape: Option<Vec<usize>>,
@@ -24,7 +24,7 @@ struct Local {
     threads: usize,
 }
 
-fn eval(op: &Op<&Tensor, Dim>, l: &Local) -> Result<Vec<Tensor>, KernelError> {
+fn eval(op: &Op<&Tensor, Dim>, l: &KernelCtx) -> Result<Vec<Tensor>, KernelError> {
     let at = Placement {
         vocab_offset: l.vocab_offset,
         vocab_rows: l.vocab_rows,
@@ -87,10 +87,10 @@ fn to64(t: &Tensor) -> T64 {
     }
 }
 
-fn local(threads: usize) -> Local {
-    Local {
+fn local(threads: usize) -> KernelCtx {
+    KernelCtx {
         threads,
-        ..Local::default()
+        ..KernelCtx::default()
     }
 }
 
@@ -137,7 +137,7 @@ fn assert_close(got: &Tensor, want: &T64, floor: f64, what: &str) {
 }
 
 /// Runs `op` through the kernels and the reference and compares every output.
-fn check_with(op: Op<&Tensor, Dim>, l: &Local, floor: f64) -> Vec<Tensor> {
+fn check_with(op: Op<&Tensor, Dim>, l: &KernelCtx, floor: f64) -> Vec<Tensor> {
     let what = format!("{} {:?}", op.mnemonic(), shapes(&op));
     let got = eval(&op, l).unwrap_or_else(|e| panic!("{what}: {e}"));
     let want = reference(&op).unwrap_or_else(|e| panic!("{what}: reference: {e}"));
@@ -149,7 +149,7 @@ fn check_with(op: Op<&Tensor, Dim>, l: &Local, floor: f64) -> Vec<Tensor> {
 }
 
 fn check(op: Op<&Tensor, Dim>) -> Vec<Tensor> {
-    check_with(op, &Local::default(), FLOOR)
+    check_with(op, &KernelCtx::default(), FLOOR)
 }
 
 /// Each op on one thread and on two (the parallel paths).
@@ -166,7 +166,7 @@ fn shapes(op: &Op<&Tensor, Dim>) -> Vec<Vec<usize>> {
     op.inputs().iter().map(|t| t.shape.clone()).collect()
 }
 
-fn eval1(op: Op<&Tensor, Dim>, l: &Local) -> Tensor {
+fn eval1(op: Op<&Tensor, Dim>, l: &KernelCtx) -> Tensor {
     let mut out = eval(&op, l).unwrap_or_else(|e| panic!("{}: {e}", op.mnemonic()));
     assert_eq!(out.len(), 1);
     out.pop().unwrap()
@@ -322,13 +322,13 @@ fn scale_and_activations() {
         shape: vec![6],
         data: vec![-3.0, -5.0, -7.5, -9.0, -12.0, -20.0],
     };
-    check_with(Op::Gelu(&x), &Local::default(), 0.0);
-    check_with(Op::Silu(&x), &Local::default(), 0.0);
+    check_with(Op::Gelu(&x), &KernelCtx::default(), 0.0);
+    check_with(Op::Silu(&x), &KernelCtx::default(), 0.0);
     let x = Tensor {
         shape: vec![3],
         data: vec![-2.0, -3.0, -4.0],
     };
-    check_with(Op::GeluTanh(&x), &Local::default(), 0.0);
+    check_with(Op::GeluTanh(&x), &KernelCtx::default(), 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -633,7 +633,7 @@ fn rotary_and_its_inverse() {
             base: 10000.0,
             inverse: false,
         },
-        &Local::default(),
+        &KernelCtx::default(),
     );
     let shard = eval1(
         Op::Slice {
@@ -642,12 +642,12 @@ fn rotary_and_its_inverse() {
             start: d(4),
             end: d(8),
         },
-        &Local::default(),
+        &KernelCtx::default(),
     );
-    let l = Local {
+    let l = KernelCtx {
         full_shape: Some(vec![2, 8, 3, 4]),
         offsets: Some(vec![0, 4, 0, 0]),
-        ..Local::default()
+        ..KernelCtx::default()
     };
     let got = eval1(
         Op::Rotary {
@@ -664,7 +664,7 @@ fn rotary_and_its_inverse() {
             start: d(4),
             end: d(8),
         },
-        &Local::default(),
+        &KernelCtx::default(),
     );
     assert_eq!(got, want);
 }
@@ -680,7 +680,7 @@ fn sub_block(full: &Tensor, offsets: &[usize], shape: &[usize]) -> Tensor {
                 start: d(o),
                 end: d(o + n),
             },
-            &Local::default(),
+            &KernelCtx::default(),
         );
     }
     t
@@ -704,9 +704,9 @@ fn dropout_masks_follow_the_full_tensor() {
             0.0,
         );
         for seed in [0, 7] {
-            let whole = Local {
+            let whole = KernelCtx {
                 dropout_seed: seed,
-                ..Local::default()
+                ..KernelCtx::default()
             };
             let y = eval1(Op::Dropout { x: &x, p }, &whole);
             let g = eval1(
@@ -729,12 +729,12 @@ fn dropout_masks_follow_the_full_tensor() {
                 ([0, 4, 0], [6, 4, 10]),
                 ([3, 2, 5], [3, 2, 5]),
             ] {
-                let l = Local {
+                let l = KernelCtx {
                     full_shape: Some(full_shape.to_vec()),
                     offsets: Some(offsets.to_vec()),
                     dropout_seed: seed,
                     threads: 2,
-                    ..Local::default()
+                    ..KernelCtx::default()
                 };
                 let xs = sub_block(&x, &offsets, &shape);
                 let ys = eval1(Op::Dropout { x: &xs, p }, &l);
@@ -795,7 +795,7 @@ fn vocabulary_parallel_embedding() {
             table: &table,
             ids: &ids,
         },
-        &Local::default(),
+        &KernelCtx::default(),
     );
     let full_grad = eval1(
         Op::EmbeddingGrad {
@@ -803,17 +803,17 @@ fn vocabulary_parallel_embedding() {
             ids: &ids,
             dy: &dy,
         },
-        &Local::default(),
+        &KernelCtx::default(),
     );
     for parts in [2, 3, 4] {
         let rows = vocab / parts;
         let mut sum = Tensor::zeros(full.shape.clone());
         for rank in 0..parts {
             let shard = sub_block(&table, &[rank * rows, 0], &[rows, width]);
-            let l = Local {
+            let l = KernelCtx {
                 vocab_offset: rank * rows,
                 vocab_rows: Some(vocab),
-                ..Local::default()
+                ..KernelCtx::default()
             };
             let y = eval1(
                 Op::Embedding {
@@ -846,9 +846,9 @@ fn vocabulary_parallel_embedding() {
             assert_eq!(g, sub_block(&full_grad, &[rank * rows, 0], &[rows, width]));
             // A non-zero offset alone marks the table vocabulary-parallel.
             if rank > 0 {
-                let l = Local {
+                let l = KernelCtx {
                     vocab_offset: rank * rows,
-                    ..Local::default()
+                    ..KernelCtx::default()
                 };
                 let y2 = eval1(
                     Op::Embedding {
@@ -864,9 +864,9 @@ fn vocabulary_parallel_embedding() {
     }
     // Out of the full vocabulary, negative or fractional: errors.
     let shard = sub_block(&table, &[0, 0], &[6, width]);
-    let l = Local {
+    let l = KernelCtx {
         vocab_rows: Some(vocab),
-        ..Local::default()
+        ..KernelCtx::default()
     };
     for bad in [12.0, -1.0, 2.5, f32::NAN] {
         let ids = Tensor {
@@ -925,9 +925,9 @@ fn cross_entropy_and_its_grad() {
                     1e-2,
                 );
                 // token_parts = 2: half the local mean.
-                let l = Local {
+                let l = KernelCtx {
                     token_parts: 2,
-                    ..Local::default()
+                    ..KernelCtx::default()
                 };
                 let half = eval1(
                     Op::CrossEntropy {
@@ -976,7 +976,7 @@ fn vocab_parallel_ce(
                     start: d(p * width),
                     end: d((p + 1) * width),
                 },
-                &Local::default(),
+                &KernelCtx::default(),
             )
         })
         .collect();
@@ -1034,7 +1034,7 @@ fn vocab_parallel_ce(
             xs: grads.iter().collect(),
             dim: -1,
         },
-        &Local::default(),
+        &KernelCtx::default(),
     );
     let mut want = reference(&Op::CrossEntropyGrad {
         logits: &logits,
@@ -1144,7 +1144,7 @@ fn collectives_are_not_local() {
             parts: 2,
         },
     ] {
-        let r = eval(&op, &Local::default());
+        let r = eval(&op, &KernelCtx::default());
         assert!(matches!(r, Err(KernelError::NotLocal { .. })), "{r:?}");
     }
 }
@@ -1155,7 +1155,7 @@ fn t(shape: &[usize]) -> Tensor {
 
 #[test]
 fn bad_inputs_are_errors_not_panics() {
-    let l = Local::default();
+    let l = KernelCtx::default();
     let err = |op: Op<&Tensor, Dim>| {
         let r = eval(&op, &l);
         assert!(r.is_err(), "{}: {r:?}", op.mnemonic());
@@ -1396,28 +1396,28 @@ fn bad_local_context_and_phase_inputs_are_errors() {
     let x = t(&[4, 6]);
     // Shard offsets that do not fit the full shape, or without it.
     for l in [
-        Local {
+        KernelCtx {
             full_shape: Some(vec![4, 6]),
             offsets: Some(vec![0, 1]),
-            ..Local::default()
+            ..KernelCtx::default()
         },
-        Local {
+        KernelCtx {
             full_shape: Some(vec![4]),
             offsets: None,
-            ..Local::default()
+            ..KernelCtx::default()
         },
-        Local {
+        KernelCtx {
             offsets: Some(vec![0, 0]),
-            ..Local::default()
+            ..KernelCtx::default()
         },
     ] {
         assert!(eval(&Op::Dropout { x: &x, p: 0.1 }, &l).is_err(), "{l:?}");
     }
     // A table shard past the declared vocabulary.
-    let l = Local {
+    let l = KernelCtx {
         vocab_offset: 4,
         vocab_rows: Some(5),
-        ..Local::default()
+        ..KernelCtx::default()
     };
     let r = eval(
         &Op::Embedding {

@@ -1,9 +1,10 @@
-//! [`Cuda`]: the [`Backend`] the executor runs a plan with on NVIDIA GPUs.
+//! [`Cuda`]: the [`Backend`] the rank program computes with on NVIDIA GPUs.
 //!
 //! One `Cuda` value holds a GPU and a [`RankDevice`] (stream + cuBLAS handle) per rank that runs
-//! on it; [`Backend::on_rank`] picks the rank's. Every op goes to [`super::kernels`], every
-//! collective to the group's [`CudaGroup`]: virtual ranks when the ranks share the GPU, NCCL when
-//! each rank has its own (one process per GPU under `ferrotron launch`).
+//! on it; [`Backend::on_rank`] picks the rank's. Every op goes to [`super::kernels`]; the
+//! collectives are the rank's [`CudaComm`]s: virtual ranks when the ranks share the GPU
+//! ([`ferrotron_exec::Comm::in_process`]), NCCL when each rank has its own (one process per GPU
+//! under `ferrotron launch`, [`Cuda::nccl_group`]).
 
 use super::comm::{CudaComm, CudaGroup, NcclGroup};
 use super::device::{Gpu, RankDevice};
@@ -53,7 +54,7 @@ impl Cuda {
         &self.device
     }
 
-    /// The GPU.
+    /// The GPU every rank of this backend computes on.
     pub fn gpu(&self) -> &Gpu {
         &self.device.gpu
     }

@@ -88,7 +88,7 @@ pub struct RankDevice {
 }
 
 impl RankDevice {
-    /// The kernels.
+    /// The GPU's kernels, compiled for it by NVRTC.
     pub fn kernels(&self) -> &Kernels {
         &self.gpu.kernels
     }

@@ -102,7 +102,7 @@ pub struct Compiled {
     /// What NVRTC compiled for: the architecture itself, or `compute_XX` (PTX only) for a
     /// device newer than this NVRTC.
     pub target: String,
-    /// NVRTC's version.
+    /// NVRTC's version, `(major, minor)`: it is part of the cache key.
     pub nvrtc_version: (i32, i32),
     /// One module per entry of [`SOURCES`], in order.
     pub modules: Vec<Module>,

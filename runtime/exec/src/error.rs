@@ -14,7 +14,7 @@ pub enum ExecError {
     Feed {
         /// `parameter` or `input`.
         what: &'static str,
-        /// Its name.
+        /// The parameter's or input's name.
         name: String,
         /// What is wrong (with both shapes).
         problem: String,
@@ -24,7 +24,7 @@ pub enum ExecError {
     Kernel {
         /// The rank.
         at: Coord,
-        /// The node.
+        /// The node's name.
         node: String,
         /// What the kernel said.
         error: KernelError,
@@ -47,9 +47,9 @@ pub enum ExecError {
     NonFinite {
         /// The rank.
         at: Coord,
-        /// The node.
+        /// The node's name.
         node: String,
-        /// The value.
+        /// The non-finite value (NaN or ±∞).
         value: f32,
     },
     /// A rank's thread panicked.

@@ -49,7 +49,7 @@ pub enum Fused<V> {
         act: Activation,
         /// The GEMM's output.
         x: V,
-        /// The bias.
+        /// The bias, shaped like `x`'s last dimension.
         bias: V,
         /// The gradient of the activation's output.
         dy: V,

@@ -1,6 +1,6 @@
 //! Deterministic weights and batches: the same seed gives the same full tensors whatever the
 //! mesh, so runs at different tp and dp start from identical weights and data (each rank then
-//! takes its shard, in [`crate::exec`]).
+//! takes its shard: [`crate::shard_params`]).
 //!
 //! Each parameter's values come from its own stream, seeded by the run's seed and the
 //! parameter's name, so adding or reordering parameters does not change the others.

@@ -48,7 +48,7 @@ impl Default for RunOptions {
 /// A plan prepared for execution with given options.
 #[derive(Debug)]
 pub struct Executable<'p> {
-    /// The plan.
+    /// The plan the steps come from.
     pub plan: &'p Plan,
     /// The options.
     pub opts: RunOptions,

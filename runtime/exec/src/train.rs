@@ -107,7 +107,7 @@ pub struct Trainer<'p, B: Backend> {
     pub plan: &'p Plan,
     /// The settings.
     pub config: TrainConfig,
-    /// This rank.
+    /// The rank this trainer is: its place in the mesh, its device and its groups.
     pub rank: Rank<B>,
     /// The plan prepared to run (its options: how to run each step).
     exe: Executable<'p>,

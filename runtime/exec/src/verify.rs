@@ -53,7 +53,7 @@ impl Tolerances {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
-    /// The loss.
+    /// The scalar loss.
     Loss,
     /// A graph output.
     Output,

@@ -200,7 +200,7 @@ pub enum CheckpointError {
         path: String,
         /// The tensor's key.
         key: String,
-        /// Its dtype.
+        /// Its safetensors dtype.
         dtype: String,
     },
     /// What [`save`] was given does not fit the plan (a missing tensor, a wrong shape, a
@@ -209,7 +209,7 @@ pub enum CheckpointError {
     Input {
         /// The checkpoint directory.
         dir: String,
-        /// The group.
+        /// The group of tensors (`params`, `adam_m`, ...).
         group: String,
         /// The tensor, if the problem is one tensor.
         name: Option<String>,

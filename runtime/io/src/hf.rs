@@ -66,7 +66,7 @@ pub enum HfError {
         path: String,
         /// The tensor's name in the file.
         tensor: String,
-        /// Its dtype.
+        /// Its safetensors dtype.
         dtype: String,
     },
     /// `lm_head.weight` is present but is not the token embedding (the model ties them).
@@ -85,7 +85,7 @@ pub enum HfError {
         path: String,
         /// The first such tensor, by name.
         tensor: String,
-        /// Its shape.
+        /// Its shape in the file.
         shape: Vec<usize>,
         /// The model.
         model: String,

@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-/// A tokenizer.
+/// How training text becomes token ids, and back.
 pub enum Tokenizer {
     /// Token = byte value.
     Bytes,
@@ -15,7 +15,7 @@ pub enum Tokenizer {
 /// A tokenizer that cannot be made or used.
 #[derive(Debug, Error)]
 pub enum TokenizerError {
-    /// Unknown name.
+    /// A name that is neither `bytes` nor `gpt2`.
     #[error("unknown tokenizer `{0}` (expected `bytes` or `gpt2`)")]
     Unknown(String),
     /// The BPE tables could not be loaded.
@@ -65,7 +65,7 @@ impl Tokenizer {
         Ok(())
     }
 
-    /// Its name.
+    /// Its name, as `--tokenizer` takes it and a checkpoint records it.
     pub fn name(&self) -> &'static str {
         match self {
             Tokenizer::Bytes => "bytes",

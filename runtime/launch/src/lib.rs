@@ -100,7 +100,7 @@ pub enum LaunchError {
     Env {
         /// The variable.
         var: &'static str,
-        /// Its value.
+        /// The value it has.
         value: String,
         /// What is wrong with it.
         what: String,
@@ -111,7 +111,7 @@ pub enum LaunchError {
     /// A worker could not be started.
     #[error("cannot start worker `{program}`: {source}")]
     Spawn {
-        /// The program.
+        /// The program that could not be started.
         program: String,
         /// Why.
         source: io::Error,
@@ -139,7 +139,7 @@ pub struct WorkerEnv {
     pub local_rank: usize,
     /// Workers on this node.
     pub local_world_size: usize,
-    /// This node's rank.
+    /// This node's index, 0..nnodes (node 0 hosts the store).
     pub node_rank: usize,
     /// Nodes in the job.
     pub nnodes: usize,

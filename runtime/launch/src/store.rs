@@ -173,7 +173,7 @@ pub enum StoreError {
     /// disagree, an unreachable peer.
     #[error("group `{group}`: {what}")]
     Group {
-        /// The group's name.
+        /// The group's name (`tp/dp0`).
         group: String,
         /// What went wrong.
         what: String,

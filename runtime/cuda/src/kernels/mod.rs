@@ -1,14 +1,14 @@
 //! Every op's local computation on the GPU, and the device-side pieces of the communicators and
 //! the optimizer.
 //!
-//! Where it sits: the CUDA backend ([`crate::cuda`]'s `Cuda`) answers the executor's
-//! `eval` with [`eval`], which does exactly what the CPU backend's
-//! [`crate::cpu::kernels::eval`] does, on device tensors ([`CudaTensor`], `f32` or bf16
+//! Where it sits: the CUDA backend ([`crate::Cuda`]) answers the rank program's `eval` with
+//! [`eval`], which does exactly what the CPU backend's `eval` does (`ferrotron-cpu`, the
+//! reference the backend tests hold it to), on device tensors ([`CudaTensor`], `f32` or bf16
 //! storage), on the rank's stream and cuBLAS handle ([`RankDevice`]). The same inputs are
-//! refused with the same [`KernelError`]s (the shape checks are [`ferrotron_ir::index`]'s, shared
-//! with the CPU; ids and targets are checked on the device, the first bad one reported). Fused
-//! steps (`Backend::eval_fused`, see [`crate::fuse`]) go to [`eval_fused`], the CPU's
-//! [`crate::cpu::kernels::eval_fused`] on the GPU: bias + activation and its gradient in one
+//! refused with the same [`KernelError`]s (the shape checks are [`ferrotron_ir::index`]'s and
+//! `ferrotron_exec::kernel`'s, shared with the CPU; ids and targets are checked on the device,
+//! the first bad one reported). Fused steps (`Backend::eval_fused`, see
+//! [`ferrotron_exec::fuse`]) go to [`eval_fused`]: bias + activation and its gradient in one
 //! elementwise kernel, the attention scale folded into the softmax kernels. The
 //! communicators use [`reduce_buffers`], [`interleave`], [`deinterleave`] and [`local_slice`];
 //! the vocabulary-parallel cross-entropy's phases are [`ce_row_max`], [`ce_row_sums`] and
@@ -573,7 +573,7 @@ pub fn deinterleave(
 // The dispatcher
 
 /// Evaluates one op's local computation on the rank's stream; one tensor per output. The same
-/// ops, semantics and errors as [`crate::cpu::kernels::eval`]: collectives and `LocalSlice`
+/// ops, semantics and errors as the CPU backend's `eval`: collectives and `LocalSlice`
 /// return [`KernelError::NotLocal`].
 pub fn eval(
     dev: &RankDevice,
@@ -735,8 +735,8 @@ fn act_code(act: Activation) -> i32 {
     }
 }
 
-/// Evaluates a fused op (see [`crate::fuse`]) on the rank's stream, in one kernel: the same
-/// semantics and errors as [`crate::cpu::kernels::eval_fused`]. In `f32` storage the result is
+/// Evaluates a fused op (see [`ferrotron_exec::fuse`]) on the rank's stream, in one kernel: the
+/// same semantics and errors as the CPU backend's `eval_fused`. In `f32` storage the result is
 /// bit-identical to [`eval`] running the two ops (the intermediate is the `f32` value the first
 /// kernel would store); in bf16 storage the intermediate (`x + bias`, `x · factor`, the unscaled
 /// gradient) is not rounded to bf16. Fused ops do not depend on the shard's place, so `_local`

@@ -3,7 +3,7 @@
 //!
 //! This list is the contract between the Rust launches and the CUDA sources. [`super::Kernels`]
 //! loads exactly these functions; every launch goes through `Launch` (`launch.rs`), which
-//! refuses (with a [`crate::cpu::kernels::KernelError::Device`] naming the kernel) an argument
+//! refuses (with a [`ferrotron_exec::KernelError::Device`] naming the kernel) an argument
 //! whose kind or position differs from the entry; and `runtime/cuda/tests/compile.rs` compiles
 //! the sources with NVRTC and checks every entry against the PTX's `.entry` signature (names,
 //! parameter count, each parameter's PTX type, and the byte size of struct parameters), without
