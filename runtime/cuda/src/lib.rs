@@ -16,8 +16,8 @@
 //! * [`device`] owns a GPU (context, compiled module) and each rank's stream and cuBLAS handle;
 //! * [`comm`] is the communicator: virtual ranks on one GPU (a stream each, device-side
 //!   reductions) and NCCL across GPUs and processes;
-//! * [`bench`] is the GPU benchmark (one 8.3B-shaped layer against a large GEMM), run by
-//!   `benches/gpu_layer.rs` and, at a small shape, by the tests.
+//! * [`bench`](mod@bench) is the GPU benchmark (one 8.3B-shaped layer against a large GEMM),
+//!   run by `benches/gpu_layer.rs` and, at a small shape, by the tests.
 
 pub mod backend;
 pub mod bench;
