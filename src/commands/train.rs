@@ -12,7 +12,7 @@ use crate::ranks::{with_ranks, Job, OnRanks};
 use anyhow::Result;
 use clap::Args;
 use ferrotron_exec::init::init_params;
-use ferrotron_exec::{launch, Backend, Batches, Rank, RunOptions, TrainConfig, Trainer};
+use ferrotron_exec::{launch, Backend, Batches, ExecError, Rank, RunOptions, TrainConfig, Trainer};
 use ferrotron_io::tokenizer::Tokenizer;
 use ferrotron_io::training::{resume, save};
 use ferrotron_ir::{Graph, ValueId};
@@ -167,9 +167,13 @@ impl OnRanks for Prepared<'_> {
         let mut ranks: Vec<Option<Rank<B>>> = ranks.into_iter().map(Some).collect();
         launch::each(&mut ranks, |rank| {
             let rank = rank.take().expect("each rank runs once");
-            train_rank(&self, rank).map_err(|e| ferrotron_exec::ExecError::Plan(e.to_string()))
-        })
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // A rank's own error stays what it is, so that the one that started a failure is
+            // reported rather than a peer's that stopped because of it.
+            train_rank(&self, rank).map_err(|e| match e.downcast::<ExecError>() {
+                Ok(e) => e,
+                Err(e) => ExecError::Plan(e.to_string()),
+            })
+        })?;
         Ok(())
     }
 }
