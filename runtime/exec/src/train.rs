@@ -167,12 +167,13 @@ impl<'p, B: Backend> Trainer<'p, B> {
         let be = &rank.backend;
         let device = |e: KernelError| ExecError::Plan(format!("the optimizer step failed: {e}"));
         // The weights the step computes with (a bf16 copy of the masters under mixed precision).
-        let weights = self
-            .weights
-            .iter()
-            .map(|w| be.compute_weights(w))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(device)?;
+        let weights = rank.guard(|| {
+            self.weights
+                .iter()
+                .map(|w| be.compute_weights(w))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(device)
+        })?;
         let result = rank.run(&self.exe, &weights, batch)?;
         drop(weights);
         let (config, step) = (&self.config, self.step);
