@@ -54,6 +54,10 @@ pub struct Backward {
     /// of such contributions, with that forward value (it has the same shape). The partitioner
     /// lays these out like their forward values.
     pub grad_of: Vec<(ValueId, ValueId)>,
+    /// Each backward node (the seed aside) with the forward node whose vector-Jacobian product
+    /// it belongs to (for a running sum: the node whose contribution it adds). Pipeline stages
+    /// place a backward node on its forward node's stage.
+    pub origin: Vec<(NodeId, NodeId)>,
 }
 
 /// Why the backward pass cannot be built.
@@ -97,6 +101,7 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Backward, AutodiffError>
         names,
         g,
         grad_of: Vec::new(),
+        origin: Vec::new(),
     };
 
     let seed = ad
@@ -144,6 +149,7 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Backward, AutodiffError>
         start,
         seed,
         grad_of: ad.grad_of,
+        origin: ad.origin,
     })
 }
 
@@ -301,6 +307,7 @@ struct Autodiff<'g> {
     needs: SecondaryMap<ValueId, bool>,
     names: Names,
     grad_of: Vec<(ValueId, ValueId)>,
+    origin: Vec<(NodeId, NodeId)>,
 }
 
 impl Autodiff<'_> {
@@ -325,8 +332,11 @@ impl Autodiff<'_> {
         name.push_str(&cx.prefix);
         let _ = write!(name, "{}", cx.k);
         cx.k += 1;
-        self.add(name, op, cx.scope)
-            .map_err(|error| self.ill_typed(cx, error))
+        let n = self
+            .add(name, op, cx.scope)
+            .map_err(|error| self.ill_typed(cx, error))?;
+        self.origin.push((n, cx.node));
+        Ok(n)
     }
 
     /// Emits a single-output node and returns its output.
@@ -368,6 +378,7 @@ impl Autodiff<'_> {
         let n = self
             .add(name, Op::Add(prev, c), cx.scope)
             .map_err(|error| self.ill_typed(cx, error))?;
+        self.origin.push((n, cx.node));
         self.grad[v] = Some(self.g.nodes[n].outputs[0]);
         self.grad_of.push((self.g.nodes[n].outputs[0], v));
         Ok(())

@@ -163,6 +163,26 @@ fn backward_nodes_share_the_forward_nodes_scope_and_names() {
     assert!(g.value_named("bwd.h.0.y.acc0").is_some());
     // The 3-output LayerNormGrad's outputs are numbered after their node.
     assert!(g.value_named("bwd.h.0.ln1.0.2").is_some());
+    // Every backward node but the seed has the forward node it belongs to: the node it
+    // differentiates, or, for a sum, the node whose contribution it adds (the tied embedding's
+    // sum: the lookup, reached last in reverse order).
+    let origin: std::collections::HashMap<_, _> = bwd.origin.iter().copied().collect();
+    for &n in &g.order[bwd.start..] {
+        let name = &g.nodes[n].name;
+        if name == "bwd.seed" {
+            assert!(!origin.contains_key(&n));
+            continue;
+        }
+        let f = origin[&n];
+        assert!(g.order[..bwd.start].contains(&f), "{name}");
+        if !name.contains(".acc") {
+            assert!(
+                name.starts_with(&format!("bwd.{}.", g.nodes[f].name)),
+                "{name}"
+            );
+        }
+    }
+    assert_eq!(g.nodes[origin[&def(&g, d)]].name, "tok_emb");
 }
 
 #[test]
