@@ -5,7 +5,7 @@ use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::{load_model, Graph, LoadOptions};
-use ferrotron_partitioner::{Layout, PartitionOptions};
+use ferrotron_partitioner::{Layout, PartitionOptions, Schedule};
 use std::path::{Path, PathBuf};
 
 /// The model and how to partition it.
@@ -31,11 +31,55 @@ pub struct PlanArgs {
     /// Override a named dimension: `--dim layers=2`.
     #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim_override)]
     pub dims: Vec<(String, u64)>,
+    /// Pipeline stages: the layers cut into this many stages, each on its own tp × dp ranks.
+    #[arg(long, default_value_t = 1)]
+    pub pp: u64,
+    /// Micro-batches per step: the model's `batch` (the global batch) is split into this many,
+    /// run through the stages in the schedule's order, their gradients summed.
+    #[arg(long, default_value_t = 1)]
+    pub micro_batches: u64,
+    /// The pipeline schedule: `1f1b` (one forward, one backward) or `gpipe`.
+    #[arg(long, default_value = "1f1b")]
+    pub schedule: Schedule,
+    /// Layers per stage (`--stage-layers 5,4,4,3`) instead of balancing them by their work.
+    #[arg(long, value_delimiter = ',')]
+    pub stage_layers: Vec<u32>,
 }
 
 impl PlanArgs {
-    /// The model, with the dimensions overridden.
+    /// The model as the plan runs it: with the dimensions overridden, and its `batch` one
+    /// micro-batch's.
     pub fn load(&self) -> Result<Graph> {
+        let global = self.load_global()?;
+        if self.micro_batches <= 1 {
+            return Ok(global);
+        }
+        let batch = global
+            .dims
+            .iter()
+            .find(|(n, _)| n == "batch")
+            .map(|&(_, b)| b)
+            .ok_or_else(|| anyhow!("--micro-batches needs the model's `batch` dimension"))?;
+        if !batch.is_multiple_of(self.micro_batches) {
+            let valid: Vec<String> = (1..=batch)
+                .filter(|m| batch.is_multiple_of(*m))
+                .map(|m| m.to_string())
+                .collect();
+            anyhow::bail!(
+                "--micro-batches {}: the batch of {batch} does not split into that many equal \
+                 micro-batches; valid: {}",
+                self.micro_batches,
+                valid.join(", ")
+            );
+        }
+        let mut dims = self.dims.clone();
+        dims.retain(|(n, _)| n != "batch");
+        dims.push(("batch".into(), batch / self.micro_batches));
+        Ok(load_model(&self.model, &load_options(&dims))?)
+    }
+
+    /// The model with the dimensions overridden: the whole batch of a step.
+    pub fn load_global(&self) -> Result<Graph> {
         Ok(load_model(&self.model, &load_options(&self.dims))?)
     }
 
@@ -47,6 +91,10 @@ impl PlanArgs {
             sequence_parallel: self.sequence_parallel,
             vocab_multiple: self.vocab_multiple,
             pins: self.pins.clone(),
+            pp: self.pp,
+            micro_batches: self.micro_batches,
+            schedule: self.schedule,
+            stage_layers: (!self.stage_layers.is_empty()).then(|| self.stage_layers.clone()),
         }
     }
 }

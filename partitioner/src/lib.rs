@@ -14,6 +14,7 @@
 //! - [`strategy`]: phase 1, the Megatron strategy found from the dataflow.
 //! - [`lower`]: phase 2, the SPMD plan for a mesh, with autodiff.
 //! - [`check`]: layout inference with fused-weight blocks, and the plan verifier.
+//! - [`pipeline`]: the program cut into pipeline stages, and each stage's schedule.
 //! - [`plan`]: the plan and its parameter shards.
 //! - [`planfile`]: plans as RON text, verified when read.
 //! - [`planner`]: which tp × dp (× sequence parallelism × recomputation) to run on a cluster.
@@ -27,6 +28,7 @@ pub mod cost;
 pub mod layout;
 pub mod lower;
 pub mod mesh;
+pub mod pipeline;
 pub mod plan;
 pub mod planfile;
 pub mod planner;
@@ -39,6 +41,7 @@ pub use check::{value_blocks, verify_plan, PlanError};
 pub use layout::{Layout, MeshLayout};
 pub use lower::partition;
 pub use mesh::{Coord, Mesh, Region};
+pub use pipeline::{Pipeline, Schedule};
 pub use plan::{ParamShard, PartitionOptions, Plan};
 pub use planfile::PlanFileError;
 pub use report::Report;

@@ -119,6 +119,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
     let mesh = Mesh {
         tp: opts.tp,
         dp: opts.dp,
+        pp: opts.pp,
     };
     let batch_seq = batch_and_seq(g)?;
     let vocab = s.vocab.map(|v| {
@@ -178,7 +179,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         .map(|&(p, grad)| lw.reduce_grad(p, grad))
         .collect::<Result<Vec<_>, _>>()?;
     issue_collectives_early(&mut lw.pg, bw.start);
-    let plan = Plan {
+    let mut plan = Plan {
         model: g.name.clone(),
         mesh,
         options: opts.clone(),
@@ -189,7 +190,11 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         loss,
         grads,
         vocab_padding: vocab.filter(|(v, p)| v != p),
+        pipeline: None,
     };
+    if opts.pp > 1 || opts.micro_batches > 1 {
+        plan.pipeline = Some(crate::pipeline::cut(&plan, &bw.origin, opts)?);
+    }
     // Every node's layouts came from its rule as it was added, so the plan is checked by
     // construction; `verify_plan` re-checks one from scratch (plan files, tests, the CLI).
     if cfg!(debug_assertions) {

@@ -2,7 +2,7 @@
 //! rank holds.
 //!
 //! ```text
-//! rank ◄──► Coord { tp, dp }              (tp fastest, then dp: Megatron's numbering)
+//! rank ◄──► Coord { tp, dp, pp }          (tp fastest, then dp, then pp: Megatron's numbering)
 //! full shape + MeshLayout + blocks + Coord ─► Region: per dimension, the full-index ranges held
 //! Region ─► extract (full → local), place (local → full); assemble (every rank → full)
 //! ```
@@ -13,29 +13,42 @@
 //! gives rank `r` of the group the `r`-th of equal contiguous parts; a split of a fused weight
 //! cut into blocks (q|k|v) gives it the `r`-th part of every block; a data-parallel split is
 //! taken first and the tensor-parallel split within it. Partial and replicated layouts hold the
-//! whole extent on every rank.
+//! whole extent on every rank. The pipeline axis splits no tensor: the ranks of one stage hold
+//! its part of the program (see [`crate::pipeline`]), and the tp and dp groups are those of one
+//! stage.
 
 use crate::layout::{Layout, MeshLayout};
 use ferrotron_ir::MeshAxis;
 use serde::{Deserialize, Serialize};
 use std::ops::{AddAssign, Range};
 
-/// The mesh of ranks: `tp × dp`, numbered tensor-parallel index fastest.
+/// The mesh of ranks: `tp × dp × pp`, numbered tensor-parallel index fastest, then
+/// data-parallel, then pipeline stage (as Megatron numbers them: a stage's ranks are
+/// consecutive, so a tensor-parallel group sits within one node).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mesh {
     /// Tensor-parallel degree.
     pub tp: u64,
     /// Data-parallel degree.
     pub dp: u64,
+    /// Pipeline stages.
+    #[serde(default = "one")]
+    pub pp: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// A rank's position on every mesh axis.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Coord {
     /// Index in the tensor-parallel group.
     pub tp: usize,
     /// Index in the data-parallel group.
     pub dp: usize,
+    /// Pipeline stage.
+    pub pp: usize,
 }
 
 impl Coord {
@@ -50,13 +63,23 @@ impl Coord {
 
 impl std::fmt::Display for Coord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "tp {}, dp {}", self.tp, self.dp)
+        write!(f, "tp {}, dp {}", self.tp, self.dp)?;
+        if self.pp > 0 {
+            write!(f, ", pp {}", self.pp)?;
+        }
+        Ok(())
     }
 }
 
 impl Mesh {
-    /// The axes from fastest-varying to slowest in the rank numbering.
+    /// The axes a tensor is laid out over and collectives run over, from fastest-varying to
+    /// slowest in the rank numbering (the pipeline axis comes after them).
     pub const AXES: [MeshAxis; 2] = [MeshAxis::Tp, MeshAxis::Dp];
+
+    /// A `tp × dp` mesh of one stage.
+    pub fn new(tp: u64, dp: u64) -> Mesh {
+        Mesh { tp, dp, pp: 1 }
+    }
 
     /// Ranks along `axis`.
     pub fn size(&self, axis: MeshAxis) -> u64 {
@@ -66,23 +89,29 @@ impl Mesh {
         }
     }
 
+    /// Ranks in one stage: `tp × dp`.
+    pub fn stage_ranks(&self) -> usize {
+        Self::AXES.iter().map(|&a| self.size(a) as usize).product()
+    }
+
     /// Ranks in the whole mesh.
     pub fn ranks(&self) -> usize {
-        Self::AXES.iter().map(|&a| self.size(a) as usize).product()
+        self.stage_ranks() * self.pp.max(1) as usize
     }
 
     /// Rank `rank`'s coordinates.
     pub fn coord(&self, rank: usize) -> Coord {
-        let tp = self.tp.max(1) as usize;
+        let (tp, dp) = (self.tp.max(1) as usize, self.dp.max(1) as usize);
         Coord {
             tp: rank % tp,
-            dp: rank / tp,
+            dp: rank / tp % dp,
+            pp: rank / (tp * dp),
         }
     }
 
     /// The rank at `c`.
     pub fn rank(&self, c: Coord) -> usize {
-        c.tp + self.tp as usize * c.dp
+        c.tp + self.tp as usize * (c.dp + self.dp as usize * c.pp)
     }
 
     /// Every rank's coordinates, in rank order.
@@ -105,12 +134,24 @@ impl Mesh {
     }
 
     /// Which of `axis`'s groups `c` belongs to, as a name unique in the mesh (`tp/dp0`: the
-    /// tensor-parallel group of data-parallel replica 0); processes meet their groups by it.
+    /// tensor-parallel group of data-parallel replica 0; `tp/dp0/pp1` in stage 1); processes
+    /// meet their groups by it.
     pub fn group_name(&self, axis: MeshAxis, c: Coord) -> String {
-        match axis {
+        let name = match axis {
             MeshAxis::Tp => format!("tp/dp{}", c.dp),
             MeshAxis::Dp => format!("dp/tp{}", c.tp),
+        };
+        if self.pp > 1 {
+            format!("{name}/pp{}", c.pp)
+        } else {
+            name
         }
+    }
+
+    /// The rank of stage `pp` at the same tensor- and data-parallel place as `c`: the peer `c`
+    /// sends a stage boundary to or receives one from.
+    pub fn peer(&self, c: Coord, pp: usize) -> usize {
+        self.rank(Coord { pp, ..c })
     }
 
     /// The full (unpartitioned) shape of a value whose local shape is `local`.
@@ -388,19 +429,48 @@ mod tests {
 
     #[test]
     fn ranks_and_coordinates_round_trip_tp_fastest() {
-        let mesh = Mesh { tp: 3, dp: 2 };
+        let mesh = Mesh::new(3, 2);
         assert_eq!(mesh.ranks(), 6);
-        assert_eq!(mesh.coord(4), Coord { tp: 1, dp: 1 });
+        assert_eq!(
+            mesh.coord(4),
+            Coord {
+                tp: 1,
+                dp: 1,
+                pp: 0
+            }
+        );
         for r in 0..6 {
             assert_eq!(mesh.rank(mesh.coord(r)), r);
         }
         assert_eq!(mesh.group(MeshAxis::Tp, mesh.coord(4)), vec![3, 4, 5]);
         assert_eq!(mesh.group(MeshAxis::Dp, mesh.coord(4)), vec![1, 4]);
+        // Then the stages: tp fastest, then dp, then pp.
+        let mesh = Mesh {
+            tp: 2,
+            dp: 2,
+            pp: 3,
+        };
+        assert_eq!(mesh.ranks(), 12);
+        assert_eq!(
+            mesh.coord(7),
+            Coord {
+                tp: 1,
+                dp: 1,
+                pp: 1
+            }
+        );
+        for r in 0..12 {
+            assert_eq!(mesh.rank(mesh.coord(r)), r);
+        }
+        assert_eq!(mesh.group(MeshAxis::Tp, mesh.coord(7)), vec![6, 7]);
+        assert_eq!(mesh.group(MeshAxis::Dp, mesh.coord(7)), vec![5, 7]);
+        assert_eq!(mesh.peer(mesh.coord(7), 2), 11);
+        assert_eq!(mesh.group_name(MeshAxis::Tp, mesh.coord(7)), "tp/dp1/pp1");
     }
 
     #[test]
     fn blocks_give_each_rank_its_part_of_every_block() {
-        let mesh = Mesh { tp: 2, dp: 1 };
+        let mesh = Mesh::new(2, 1);
         let full = [4, 12];
         let r = Region::of(
             &full,
@@ -416,13 +486,17 @@ mod tests {
 
     #[test]
     fn dp_then_tp_on_one_dimension_nest() {
-        let mesh = Mesh { tp: 2, dp: 2 };
+        let mesh = Mesh::new(2, 2);
         let r = Region::of(
             &[8],
             layout(Layout::Split(0), Layout::Split(0)),
             1,
             mesh,
-            Coord { tp: 1, dp: 1 },
+            Coord {
+                tp: 1,
+                dp: 1,
+                pp: 0,
+            },
         );
         assert_eq!((r.dim(0).len(), r.dim(0)[0].clone()), (1, 6..8));
     }
@@ -437,10 +511,7 @@ mod tests {
             (layout(Layout::Replicated, Layout::Split(1)), 1),
             (layout(Layout::Replicated, Layout::Replicated), 1),
         ] {
-            let mesh = Mesh {
-                tp: 2,
-                dp: if l.dp == Layout::Split(0) { 3 } else { 2 },
-            };
+            let mesh = Mesh::new(2, if l.dp == Layout::Split(0) { 3 } else { 2 });
             let parts: Vec<Vec<f64>> = mesh
                 .coords()
                 .map(|c| Region::of(&full_shape, l, blocks, mesh, c).extract(&full, &full_shape))
@@ -452,7 +523,7 @@ mod tests {
 
     #[test]
     fn partial_sums_are_added_once_per_replica() {
-        let mesh = Mesh { tp: 2, dp: 2 };
+        let mesh = Mesh::new(2, 2);
         let l = layout(Layout::Replicated, Layout::Partial);
         let parts = [[1.0f32], [9.0], [2.0], [9.0]];
         let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();

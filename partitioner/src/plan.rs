@@ -8,6 +8,7 @@
 
 use crate::layout::{Layout, MeshLayout};
 use crate::mesh::{Coord, Mesh, Region};
+use crate::pipeline::{Pipeline, Schedule};
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{Graph, ParamId, ValueId};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,23 @@ pub struct PartitionOptions {
     pub vocab_multiple: u64,
     /// Parameters whose tensor-parallel layout the user fixed, by name.
     pub pins: Vec<(String, Layout)>,
+    /// Pipeline stages the layers are cut into.
+    #[serde(default = "one")]
+    pub pp: u64,
+    /// Micro-batches per step: the model's batch is one micro-batch's, and a step's gradients
+    /// are summed over them (over the pipeline, or as gradient accumulation at pp = 1).
+    #[serde(default = "one")]
+    pub micro_batches: u64,
+    /// The order the stages run their micro-batches in.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Layers per stage, fixed by hand; `None`: balanced by the plan's work per layer.
+    #[serde(default)]
+    pub stage_layers: Option<Vec<u32>>,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl Default for PartitionOptions {
@@ -36,6 +54,10 @@ impl Default for PartitionOptions {
             sequence_parallel: false,
             vocab_multiple: 128,
             pins: Vec::new(),
+            pp: 1,
+            micro_batches: 1,
+            schedule: Schedule::default(),
+            stage_layers: None,
         }
     }
 }
@@ -75,10 +97,10 @@ impl ParamShard {
         let Layout::Split(d) = self.layout.tp else {
             return None;
         };
-        let mesh = Mesh { tp, dp: 1 };
+        let mesh = Mesh::new(tp, 1);
         let coord = Coord {
             tp: rank as usize,
-            dp: 0,
+            ..Coord::default()
         };
         let region = self.region(mesh, coord);
         let ranges = region.dim(d).iter();
@@ -109,6 +131,10 @@ pub struct Plan {
     pub grads: Vec<(ParamId, ValueId)>,
     /// The vocabulary size and what it was padded to, if padded.
     pub vocab_padding: Option<(u64, u64)>,
+    /// How the program is cut into pipeline stages and run over micro-batches; `None`: one
+    /// stage, one micro-batch (the program as it is).
+    #[serde(default)]
+    pub pipeline: Option<Pipeline>,
 }
 
 impl Plan {

@@ -67,6 +67,11 @@ pub struct Executable<'p> {
 impl<'p> Executable<'p> {
     /// `plan` prepared to run with `opts`.
     pub fn new(plan: &'p Plan, opts: &RunOptions) -> Result<Executable<'p>, ExecError> {
+        if plan.pipeline.is_some() {
+            return Err(ExecError::Plan(
+                "this runtime does not run pipelined plans (--pp or --micro-batches) yet".into(),
+            ));
+        }
         let blocks = value_blocks(plan).map_err(|e| ExecError::Plan(e.to_string()))?;
         let g = &plan.graph;
         let mut keep = SecondaryMap::with_capacity(g.values.len());

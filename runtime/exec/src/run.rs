@@ -133,10 +133,7 @@ pub fn gather_params(
     shards: &[Vec<Tensor>],
 ) -> Result<HashMap<String, Tensor>, ExecError> {
     let g = &plan.graph;
-    let replica = Mesh {
-        tp: plan.mesh.tp,
-        dp: 1,
-    };
+    let replica = Mesh::new(plan.mesh.tp, 1);
     if shards.len() < replica.ranks() {
         return Err(ExecError::Plan(format!(
             "{} ranks of shards for tp = {}",

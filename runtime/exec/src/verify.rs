@@ -164,11 +164,8 @@ pub fn reference_plan(g: &Graph) -> Result<Plan, PartitionError> {
     partition(
         g,
         &PartitionOptions {
-            tp: 1,
-            dp: 1,
-            sequence_parallel: false,
             vocab_multiple: 1,
-            pins: Vec::new(),
+            ..PartitionOptions::default()
         },
     )
 }

@@ -1,0 +1,502 @@
+//! Pipeline parallelism: the plan's program cut into stages, and the order each stage runs its
+//! micro-batches in. Data in the plan, as the layouts are, so the runtime executes it, the cost
+//! model prices it and the viewer draws it.
+//!
+//! ```text
+//! Plan (one SPMD program: forward + backward of one micro-batch)
+//!   ─► layers (the Repeat's copies) cut into P contiguous stages, balanced by work per layer;
+//!      what precedes the layers (the embedding) on the first, what follows (the final norm,
+//!      the output layer, the loss) on the last; every backward node on its forward node's
+//!      stage (autodiff's origin)
+//!   ─► transfers: each value produced on one stage and read on another (a forward activation,
+//!      a backward gradient), per micro-batch
+//!   ─► tied parameters: a parameter read on several stages (GPT-2's embedding, also the output
+//!      layer) is held by each; its gradient is summed on one and sent to the others
+//!   ─► schedule: per stage, its forward and backward micro-batch steps (GPipe or 1F1B)
+//! ```
+//!
+//! Every rank of stage `s` (its tp × dp ranks) runs stage `s`'s nodes of the program, in program
+//! order, once forward and once backward per micro-batch, and sums its parameters' gradients
+//! over the micro-batches. A stage receives a value just before the step that first needs it and
+//! sends one as soon as its step made it; a send never waits, so a schedule whose steps respect
+//! the data dependencies cannot deadlock.
+
+use crate::mesh::Mesh;
+use crate::plan::{PartitionOptions, Plan};
+use crate::PartitionError;
+use ferrotron_ir::count::node_flops;
+use ferrotron_ir::graph::{EntityRef, SecondaryMap};
+use ferrotron_ir::{Graph, NodeId, ParamId, ScopeId, ValueDef, ValueId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+
+/// The order the stages run their micro-batches in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Schedule {
+    /// Every micro-batch forward, then every one backward (GPipe): the first stage holds all
+    /// `M` micro-batches' activations.
+    GPipe,
+    /// One forward, one backward (PipeDream-flush, Megatron's default): after `P − 1 − s`
+    /// warm-up forwards, stage `s` alternates, holding at most `P − s` micro-batches.
+    #[default]
+    OneFOneB,
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::GPipe => "gpipe",
+            Schedule::OneFOneB => "1f1b",
+        })
+    }
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Schedule, String> {
+        match s {
+            "gpipe" => Ok(Schedule::GPipe),
+            "1f1b" => Ok(Schedule::OneFOneB),
+            "interleaved" => {
+                Err("the interleaved 1F1B schedule is not built yet: use `1f1b` or `gpipe`".into())
+            }
+            other => Err(format!(
+                "`{other}`: a schedule is `1f1b` (the default) or `gpipe`"
+            )),
+        }
+    }
+}
+
+/// One step of a stage's schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PipeStep {
+    /// The stage's forward nodes on micro-batch `m`.
+    Forward(u32),
+    /// The stage's backward nodes on micro-batch `m`.
+    Backward(u32),
+}
+
+/// A value produced on one stage and read on another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The value (shard-local, as the plan's graph types it).
+    pub value: ValueId,
+    /// The stage that makes it.
+    pub from: u32,
+    /// The stage that reads it.
+    pub to: u32,
+    /// Made in the backward part (a gradient) rather than the forward part.
+    pub backward: bool,
+}
+
+/// A parameter several stages hold (tied weights): each computes with its copy, the gradient is
+/// summed on `owner` (the stage where the program sums its contributions), and the sum is sent
+/// to the others before the optimizer step, so the copies stay identical.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tied {
+    /// The parameter.
+    pub param: ParamId,
+    /// The stage whose program completes its gradient.
+    pub owner: u32,
+    /// Every stage holding it, `owner` included.
+    pub holders: Vec<u32>,
+}
+
+/// How a plan's program is cut into stages and run over micro-batches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pipeline {
+    /// Stages (the mesh's `pp`).
+    pub stages: u32,
+    /// Micro-batches per step.
+    pub micro_batches: u32,
+    /// The schedule's kind.
+    pub schedule: Schedule,
+    /// Layers (the Repeat's copies, in order) on each stage.
+    pub layers: Vec<u32>,
+    /// Each node's stage.
+    pub stage_of: SecondaryMap<NodeId, u32>,
+    /// Each parameter's stages (those that read it).
+    pub holders: Vec<Vec<u32>>,
+    /// Parameters held by more than one stage.
+    pub tied: Vec<Tied>,
+    /// Values crossing stages, in the program order of their first reader.
+    pub transfers: Vec<Transfer>,
+    /// Each stage's steps, in order.
+    pub steps: Vec<Vec<PipeStep>>,
+}
+
+impl Pipeline {
+    /// Whether stage `s` holds parameter `p`.
+    pub fn holds(&self, s: u32, p: ParamId) -> bool {
+        self.holders[p.index()].contains(&s)
+    }
+
+    /// The stage whose program completes `p`'s gradient (where it is summed, for a tied one).
+    pub fn grad_owner(&self, p: ParamId) -> Option<u32> {
+        match self.tied.iter().find(|t| t.param == p) {
+            Some(t) => Some(t.owner),
+            None => self.holders[p.index()].first().copied(),
+        }
+    }
+
+    /// The fraction of a step a stage idles in the fill and drain of the pipeline, for equal
+    /// stages: `(P − 1) / (M + P − 1)` of the step (GPipe and 1F1B alike), so `(P − 1) / M`
+    /// of the ideal time.
+    pub fn bubble_fraction(&self) -> f64 {
+        let (p, m) = (f64::from(self.stages), f64::from(self.micro_batches));
+        (p - 1.0) / (m + p - 1.0)
+    }
+}
+
+/// The steps of stage `s` of `p` under `schedule` with `m` micro-batches.
+pub fn steps(schedule: Schedule, p: u32, s: u32, m: u32) -> Vec<PipeStep> {
+    match schedule {
+        Schedule::GPipe => (0..m)
+            .map(PipeStep::Forward)
+            .chain((0..m).map(PipeStep::Backward))
+            .collect(),
+        Schedule::OneFOneB => {
+            let warmup = (p - 1 - s).min(m);
+            let mut out: Vec<PipeStep> = (0..warmup).map(PipeStep::Forward).collect();
+            for i in 0..m - warmup {
+                out.push(PipeStep::Forward(warmup + i));
+                out.push(PipeStep::Backward(i));
+            }
+            out.extend((m - warmup..m).map(PipeStep::Backward));
+            out
+        }
+    }
+}
+
+/// Cuts `plan`'s program into `opts.pp` stages with `opts.micro_batches` micro-batches;
+/// `origin` maps each backward node to its forward node (autodiff's).
+pub fn cut(
+    plan: &Plan,
+    origin: &[(NodeId, NodeId)],
+    opts: &PartitionOptions,
+) -> Result<Pipeline, PartitionError> {
+    let (p, m) = (opts.pp, opts.micro_batches);
+    let bad = |msg: String| PartitionError::Options(msg);
+    if p == 0 || m == 0 {
+        return Err(bad(format!(
+            "--pp {p} --micro-batches {m}: both must be at least 1"
+        )));
+    }
+    let (p, m) = (
+        u32::try_from(p).map_err(|_| bad(format!("--pp {p} is too large")))?,
+        u32::try_from(m).map_err(|_| bad(format!("--micro-batches {m} is too large")))?,
+    );
+    let g = &plan.graph;
+    let fwd = &g.order[..plan.backward_start];
+    let layer_of = layer_index(g);
+    let layers = g.layers().count();
+    if p > 1 && layers == 0 {
+        return Err(bad(format!(
+            "`{}` has no repeated layers (a `Repeat` of a block) to cut into {p} stages",
+            g.name
+        )));
+    }
+    if p as usize > layers.max(1) {
+        return Err(bad(format!(
+            "{p} stages for {layers} layers: every stage needs a layer (valid --pp: 1 to \
+             {layers})"
+        )));
+    }
+    // Work per layer, and before and after the layers: the program's FLOPs on one rank,
+    // forward and backward (each node counted where the stage cut will put it).
+    let region = forward_regions(g, fwd, &layer_of);
+    let mut work = vec![0f64; layers + 2];
+    let origins: HashMap<NodeId, NodeId> = origin.iter().copied().collect();
+    for &n in &g.order {
+        let f = origins.get(&n).copied().unwrap_or(n);
+        if let Some(&r) = region.get(&f) {
+            let (mm, other) = node_flops(g, &g.nodes[n].op, &g.nodes[n].outputs);
+            work[r] += (mm + other) as f64;
+        }
+    }
+    let counts = match &opts.stage_layers {
+        Some(counts) => {
+            let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+            if counts.len() != p as usize || total != layers as u64 || counts.contains(&0) {
+                return Err(bad(format!(
+                    "--stage-layers {}: {p} positive counts adding up to the model's {layers} \
+                     layers",
+                    counts
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )));
+            }
+            counts.clone()
+        }
+        None => balance(&work, p as usize),
+    };
+    // Region r (0: before the layers, 1..=L: layer r − 1, L + 1: after) → stage.
+    let mut stage_of_region = vec![0u32; layers + 2];
+    let mut at = 1;
+    for (s, &c) in counts.iter().enumerate() {
+        for _ in 0..c {
+            stage_of_region[at] = s as u32;
+            at += 1;
+        }
+    }
+    stage_of_region[layers + 1] = p - 1;
+    let mut stage_of: SecondaryMap<NodeId, u32> = SecondaryMap::with_capacity(g.nodes.len());
+    for &n in fwd {
+        stage_of[n] = stage_of_region[region[&n]];
+    }
+    // Backward nodes on their forward node's stage; the seed on the loss's, and what the
+    // partitioner added after autodiff (gradient reductions) on its inputs' lowest stage (a
+    // gradient flows down the stages).
+    let loss_stage = match g.values[plan.loss].def {
+        ValueDef::Node { node, .. } => stage_of[node],
+        _ => p - 1,
+    };
+    for &n in &g.order[plan.backward_start..] {
+        stage_of[n] = match origins.get(&n) {
+            Some(f) => stage_of[*f],
+            None => g.nodes[n]
+                .op
+                .inputs()
+                .iter()
+                .filter_map(|&&v| match g.values[v].def {
+                    ValueDef::Node { node, .. } => Some(stage_of[node]),
+                    _ => None,
+                })
+                .min()
+                .unwrap_or(loss_stage),
+        };
+    }
+    // Who reads what.
+    let mut holders: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); g.params.len()];
+    let param_of: HashMap<ValueId, ParamId> = g.params.iter().map(|(p, d)| (d.value, p)).collect();
+    let mut position: SecondaryMap<NodeId, usize> = SecondaryMap::with_capacity(g.nodes.len());
+    for (i, &n) in g.order.iter().enumerate() {
+        position[n] = i;
+    }
+    let mut transfers = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, &n) in g.order.iter().enumerate() {
+        let s = stage_of[n];
+        for &&v in g.nodes[n].op.inputs().iter() {
+            match g.values[v].def {
+                ValueDef::Param(_) => {
+                    holders[param_of[&v].index()].insert(s);
+                }
+                ValueDef::Node { node, .. } if stage_of[node] != s && seen.insert((v, s)) => {
+                    let made_at = position[node];
+                    let (made_bw, read_bw) =
+                        (made_at >= plan.backward_start, i >= plan.backward_start);
+                    let from = stage_of[node];
+                    // Forward activations flow up the stages, gradients down; a forward value
+                    // may be read by any stage's backward part (every forward of a micro-batch
+                    // precedes its backward). Anything else would wait on itself.
+                    let flows = match (made_bw, read_bw) {
+                        (false, false) => from < s,
+                        (true, true) => from > s,
+                        (false, true) => true,
+                        (true, false) => false,
+                    };
+                    if !flows {
+                        return Err(bad(format!(
+                            "`{}` is made on stage {from} and read by `{}` on stage {s}, against \
+                             the pipeline's flow: this model's layers cannot be cut into stages \
+                             there",
+                            g.values[v].name, g.nodes[n].name
+                        )));
+                    }
+                    transfers.push(Transfer {
+                        value: v,
+                        from,
+                        to: s,
+                        backward: made_bw,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    let holders: Vec<Vec<u32>> = holders
+        .into_iter()
+        .map(|h| h.into_iter().collect())
+        .collect();
+    let mut tied = Vec::new();
+    for &(param, grad) in &plan.grads {
+        let h = &holders[param.index()];
+        let owner = match g.values[grad].def {
+            ValueDef::Node { node, .. } => stage_of[node],
+            _ => continue,
+        };
+        if h.len() > 1 || h.first() != Some(&owner) {
+            let mut all = h.clone();
+            if !all.contains(&owner) {
+                all.push(owner);
+                all.sort_unstable();
+            }
+            tied.push(Tied {
+                param,
+                owner,
+                holders: all,
+            });
+        }
+    }
+    Ok(Pipeline {
+        stages: p,
+        micro_batches: m,
+        schedule: opts.schedule,
+        layers: counts,
+        stage_of,
+        holders,
+        tied,
+        transfers,
+        steps: (0..p).map(|s| steps(opts.schedule, p, s, m)).collect(),
+    })
+}
+
+/// The index of each scope's layer (the Repeat copy it is in), in layer order.
+fn layer_index(g: &Graph) -> SecondaryMap<ScopeId, Option<usize>> {
+    let index: HashMap<ScopeId, usize> = g.layers().enumerate().map(|(i, (s, _))| (s, i)).collect();
+    let mut out: SecondaryMap<ScopeId, Option<usize>> = SecondaryMap::new();
+    for (s, _) in g.scopes.iter() {
+        let mut cur = Some(s);
+        while let Some(c) = cur {
+            if let Some(&i) = index.get(&c) {
+                out[s] = Some(i);
+                break;
+            }
+            cur = g.scopes[c].parent;
+        }
+    }
+    out
+}
+
+/// Each forward node's region: 0 before the first layer, `i + 1` in layer `i`, `L + 1` after
+/// the last. A node outside every layer between two layers' nodes (a collective the
+/// partitioner placed there) goes with the layer before it.
+fn forward_regions(
+    g: &Graph,
+    fwd: &[NodeId],
+    layer_of: &SecondaryMap<ScopeId, Option<usize>>,
+) -> HashMap<NodeId, usize> {
+    let layer = |n: NodeId| g.nodes[n].scope.and_then(|s| layer_of[s]);
+    let layers = g.layers().count();
+    let last = fwd.iter().rposition(|&n| layer(n).is_some());
+    let mut current = 0;
+    fwd.iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let r = match layer(n) {
+                Some(l) => {
+                    current = l + 1;
+                    current
+                }
+                None if last.is_some_and(|last| i > last) => layers + 1,
+                None => current,
+            };
+            (n, r)
+        })
+        .collect()
+}
+
+/// Layers per stage: the contiguous split of the layers into `p` stages, each with at least one,
+/// that makes the most loaded stage (the first counting `work[0]`, the last `work[L + 1]`) as
+/// light as it can be; of equally light splits, the one with the fewest layers early (an earlier
+/// stage holds more micro-batches' activations under 1F1B).
+fn balance(work: &[f64], p: usize) -> Vec<u32> {
+    let layers = work.len() - 2;
+    let w = &work[1..=layers];
+    let prefix: Vec<f64> = std::iter::once(0.0)
+        .chain(w.iter().scan(0.0, |acc, x| {
+            *acc += x;
+            Some(*acc)
+        }))
+        .collect();
+    let load = |s: usize, from: usize, to: usize| {
+        let mut x = prefix[to] - prefix[from];
+        if s == 0 {
+            x += work[0];
+        }
+        if s == p - 1 {
+            x += work[layers + 1];
+        }
+        x
+    };
+    // best[s][i]: the lightest maximum load of stages 0..=s holding layers 0..i.
+    let inf = f64::INFINITY;
+    let mut best = vec![vec![inf; layers + 1]; p];
+    let mut cut = vec![vec![0usize; layers + 1]; p];
+    for (i, b) in best[0].iter_mut().enumerate().skip(1) {
+        *b = load(0, 0, i);
+    }
+    for s in 1..p {
+        for i in s + 1..=layers {
+            for j in s..i {
+                let v = best[s - 1][j].max(load(s, j, i));
+                if v < best[s][i] {
+                    best[s][i] = v;
+                    cut[s][i] = j;
+                }
+            }
+        }
+    }
+    let mut counts = vec![0u32; p];
+    let mut i = layers;
+    for s in (0..p).rev() {
+        let j = if s == 0 { 0 } else { cut[s][i] };
+        counts[s] = (i - j) as u32;
+        i = j;
+    }
+    counts
+}
+
+/// Every rank's coordinates in `mesh`, for reports: `(rank, tp, dp, pp)`.
+pub fn rank_coordinates(mesh: Mesh) -> Vec<(usize, usize, usize, usize)> {
+    mesh.coords()
+        .enumerate()
+        .map(|(r, c)| (r, c.tp, c.dp, c.pp))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_f_one_b_warms_up_then_alternates_and_drains() {
+        use PipeStep::{Backward as B, Forward as F};
+        assert_eq!(
+            steps(Schedule::OneFOneB, 3, 0, 4),
+            vec![F(0), F(1), F(2), B(0), F(3), B(1), B(2), B(3)]
+        );
+        assert_eq!(
+            steps(Schedule::OneFOneB, 3, 2, 4),
+            vec![F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3)]
+        );
+        // Fewer micro-batches than the warm-up would take.
+        assert_eq!(
+            steps(Schedule::OneFOneB, 4, 0, 2),
+            vec![F(0), F(1), B(0), B(1)]
+        );
+        assert_eq!(
+            steps(Schedule::GPipe, 2, 1, 2),
+            vec![F(0), F(1), B(0), B(1)]
+        );
+    }
+
+    #[test]
+    fn balance_gives_lighter_end_stages_fewer_layers() {
+        // Eight equal layers, a heavy embedding and a heavier head.
+        let mut work = vec![1.0; 10];
+        work[0] = 2.0;
+        work[9] = 4.0;
+        let counts = balance(&work, 2);
+        assert_eq!(counts.iter().sum::<u32>(), 8);
+        assert_eq!(counts, vec![5, 3]);
+        assert_eq!(balance(&[0.0, 1.0, 1.0, 1.0, 0.0], 3), vec![1, 1, 1]);
+        // A tie goes to fewer layers on the earlier stage, which holds more micro-batches'
+        // activations under 1F1B.
+        assert_eq!(balance(&[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0], 2), vec![2, 3]);
+    }
+}
