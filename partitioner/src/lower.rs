@@ -164,6 +164,15 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         .collect();
     let loss = lw.loss()?;
     let bw = backward(&mut lw.pg, loss).map_err(PartitionError::Autodiff)?;
+    // A step's loss is the mean of its micro-batches' losses: each micro-batch's backward pass
+    // starts from d(step loss) / d(its loss) = 1 / M, and the step's gradient is their sum.
+    if opts.micro_batches > 1 {
+        if let ValueDef::Node { node, .. } = lw.pg.values[bw.seed].def {
+            if let Op::Fill { value, .. } = &mut lw.pg.nodes[node].op {
+                *value = 1.0 / opts.micro_batches as f64;
+            }
+        }
+    }
     // A gradient is laid out like its forward value, or as a partial sum of it: the hint that
     // settles what shard-local sizes alone leave ambiguous.
     for &(grad, of) in &bw.grad_of {

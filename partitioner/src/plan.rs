@@ -142,4 +142,41 @@ impl Plan {
     pub fn shard(&self, p: ParamId) -> &ParamShard {
         &self.params[ferrotron_ir::graph::EntityRef::index(p)]
     }
+
+    /// The parameters the ranks of pipeline stage `stage` hold, in parameter order: every one
+    /// without a pipeline. A rank's weights, gradients and optimizer state are these.
+    pub fn params_on(&self, stage: usize) -> Vec<ParamId> {
+        self.graph
+            .params
+            .keys()
+            .filter(|&p| {
+                self.pipeline
+                    .as_ref()
+                    .is_none_or(|pipe| pipe.holds(stage as u32, p))
+            })
+            .collect()
+    }
+
+    /// Micro-batches per step (1 without a pipeline).
+    pub fn micro_batches(&self) -> u32 {
+        self.pipeline.as_ref().map_or(1, |p| p.micro_batches)
+    }
+
+    /// The stage that computes value `v` (0 for inputs and without a pipeline; a parameter's
+    /// first holder; a gradient's owner).
+    pub fn stage_of_value(&self, v: ValueId) -> usize {
+        let Some(pipe) = &self.pipeline else {
+            return 0;
+        };
+        let stage = match self.graph.values[v].def {
+            ferrotron_ir::ValueDef::Node { node, .. } => pipe.stage_of[node],
+            ferrotron_ir::ValueDef::Param(p) => pipe.holders
+                [ferrotron_ir::graph::EntityRef::index(p)]
+            .first()
+            .copied()
+            .unwrap_or(0),
+            ferrotron_ir::ValueDef::Input => 0,
+        };
+        stage as usize
+    }
 }

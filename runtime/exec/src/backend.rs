@@ -15,7 +15,7 @@ use ferrotron_ir::{DType, Dim, Op};
 /// A device the rank program computes on.
 pub trait Backend: Clone + Send + Sync {
     /// A tensor held on the device.
-    type Tensor: Clone + Send + Sync;
+    type Tensor: Clone + Send + Sync + 'static;
     /// A rank's membership of a group of ranks on this backend.
     type Comm: Comm<Self>;
 

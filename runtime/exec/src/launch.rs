@@ -4,15 +4,18 @@
 //! runs the same rank program as a process rank would ([`crate::Rank`], [`crate::Trainer`]).
 //!
 //! ```text
-//! ranks(backend, mesh) ─► [Rank; tp × dp] ─► each(ranks or their trainers, f): f on every rank,
+//! ranks(backend, mesh) ─► [Rank; tp × dp × pp] (the stages linked by one Mailbox)
+//!   ─► each(ranks or their trainers, f): f on every rank,
 //!     each on its own thread, all at once (ranks meet at their collectives) ─► results in order
 //! ```
 
 use crate::backend::Backend;
 use crate::comm::Comm;
 use crate::error::ExecError;
+use crate::link::{Link, Mailbox};
 use crate::rank::{Groups, Rank};
 use ferrotron_partitioner::Mesh;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Every rank of `mesh` in this process, computing on `backend`, its groups' waits bounded by
@@ -30,6 +33,9 @@ pub fn ranks<B: Backend>(backend: &B, mesh: Mesh, timeout: Duration) -> Vec<Rank
             }
         }
     }
+    // The stages' mailboxes: a transfer moves its tensor from sender to receiver.
+    let link: Option<Arc<dyn Link<B::Tensor>>> =
+        (mesh.pp > 1).then(|| Arc::new(Mailbox::new(timeout)) as Arc<dyn Link<B::Tensor>>);
     devices
         .into_iter()
         .zip(groups)
@@ -42,6 +48,7 @@ pub fn ranks<B: Backend>(backend: &B, mesh: Mesh, timeout: Duration) -> Vec<Rank
                 tp: tp.expect("every rank is in one tp group"),
                 dp: dp.expect("every rank is in one dp group"),
             },
+            link: link.clone(),
         })
         .collect()
 }

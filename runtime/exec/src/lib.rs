@@ -21,6 +21,7 @@ pub mod fuse;
 pub mod init;
 pub mod kernel;
 pub mod launch;
+pub mod link;
 pub mod program;
 pub mod rank;
 pub mod run;
@@ -33,6 +34,7 @@ pub use backend::{AdamW, Backend};
 pub use comm::{Comm, CommError, HostCollectives, ReduceOp};
 pub use error::ExecError;
 pub use kernel::{KernelError, Placement, VocabShard};
+pub use link::{Link, Mailbox, Tag};
 pub use program::{Executable, RunOptions};
 pub use rank::{Groups, Rank, RankResult, TraceEvent};
 pub use run::{

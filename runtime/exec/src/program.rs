@@ -1,10 +1,11 @@
 //! A plan prepared for its ranks: the steps they run (the plan's nodes, fused pairs merged by
-//! [`crate::fuse`]), the values every rank keeps to the end, where each value is last read (so it
-//! is freed there), and the fused-weight blocks of every value (for shard geometry). Made once
+//! [`crate::fuse`]), each step's pipeline stage, the values every rank keeps to the end, where
+//! each value is last read on each stage (so it is freed there), and the fused-weight blocks of
+//! every value (for shard geometry). Made once
 //! and shared by every rank of a process; the rank program ([`crate::Rank::run`]) walks it.
 
 use crate::error::ExecError;
-use crate::fuse::Program;
+use crate::fuse::{Program, StepOp};
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::ValueId;
 use ferrotron_partitioner::{value_blocks, Plan};
@@ -57,9 +58,11 @@ pub struct Executable<'p> {
     /// The values every rank keeps to the end: the loss, the outputs, the gradients (everything
     /// with `keep_all`).
     pub keep: SecondaryMap<ValueId, bool>,
-    /// For each value, the position in the program of its last reader (0 also for "never
-    /// read"; see [`Executable::is_read_after`]).
-    pub last_use: SecondaryMap<ValueId, usize>,
+    /// The pipeline stage of each step (0 without a pipeline).
+    pub stage_of: Vec<usize>,
+    /// Per pipeline stage, for each value, the position in the program of its last reader on
+    /// that stage (0 also for "never read"; see [`Executable::is_read_after`]).
+    pub last_use: Vec<SecondaryMap<ValueId, usize>>,
     /// The fused-weight blocks of every value's tensor-parallel split (1: contiguous).
     pub blocks: SecondaryMap<ValueId, u32>,
 }
@@ -67,9 +70,11 @@ pub struct Executable<'p> {
 impl<'p> Executable<'p> {
     /// `plan` prepared to run with `opts`.
     pub fn new(plan: &'p Plan, opts: &RunOptions) -> Result<Executable<'p>, ExecError> {
-        if plan.pipeline.is_some() {
+        if opts.keep_all && plan.micro_batches() > 1 {
             return Err(ExecError::Plan(
-                "this runtime does not run pipelined plans (--pp or --micro-batches) yet".into(),
+                "keeping every value is for one micro-batch per step (a step of several keeps \
+                 its loss, outputs and gradients)"
+                    .into(),
             ));
         }
         let blocks = value_blocks(plan).map_err(|e| ExecError::Plan(e.to_string()))?;
@@ -92,10 +97,24 @@ impl<'p> Executable<'p> {
         } else {
             Program::unfused(plan)
         };
-        let mut last_use = SecondaryMap::with_capacity(g.values.len());
+        let stages = plan.mesh.pp.max(1) as usize;
+        let mut stage_of = Vec::with_capacity(program.steps.len());
+        for step in &program.steps {
+            let stage = |n| plan.pipeline.as_ref().map_or(0, |p| p.stage_of[n] as usize);
+            if let StepOp::Fused { absorbed, .. } = &step.op {
+                if stage(*absorbed) != stage(step.node) {
+                    return Err(ExecError::Plan(format!(
+                        "`{}` is fused with `{}` across a pipeline stage boundary",
+                        g.nodes[step.node].name, g.nodes[*absorbed].name
+                    )));
+                }
+            }
+            stage_of.push(stage(step.node));
+        }
+        let mut last_use = vec![SecondaryMap::with_capacity(g.values.len()); stages];
         for (i, step) in program.steps.iter().enumerate() {
             for v in step.inputs(plan) {
-                last_use[v] = i;
+                last_use[stage_of[i]][v] = i;
             }
         }
         Ok(Executable {
@@ -103,13 +122,19 @@ impl<'p> Executable<'p> {
             opts: opts.clone(),
             program,
             keep,
+            stage_of,
             last_use,
             blocks,
         })
     }
 
-    /// Whether `v` is read by a step after step `i`.
-    pub fn is_read_after(&self, v: ValueId, i: usize) -> bool {
-        self.last_use[v] > i
+    /// Whether `v` is read by a step of `stage` after step `i`.
+    pub fn is_read_after(&self, stage: usize, v: ValueId, i: usize) -> bool {
+        self.last_use[stage][v] > i
+    }
+
+    /// Whether step `i` is the last of `stage` to read `v`.
+    pub fn is_last_use(&self, stage: usize, v: ValueId, i: usize) -> bool {
+        self.last_use[stage][v] == i
     }
 }

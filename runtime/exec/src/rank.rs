@@ -21,13 +21,17 @@ use crate::comm::{Comm, CommError, ReduceOp};
 use crate::error::ExecError;
 use crate::fuse::{Fused, StepOp};
 use crate::kernel::{ce_loss, KernelError, Placement, RowStats, VocabShard};
+use crate::link::{Link, Tag};
 use crate::program::Executable;
 use crate::Tensor;
-use ferrotron_ir::graph::EntityRef;
-use ferrotron_ir::{Dim, MeshAxis, NodeId, Op, ValueId};
+use ferrotron_ir::graph::{EntityRef, SecondaryMap};
+use ferrotron_ir::{Dim, MeshAxis, NodeId, Op, ParamId, ValueId};
+use ferrotron_partitioner::pipeline::PipeStep;
 use ferrotron_partitioner::{Coord, Layout, Mesh, MeshLayout, Region};
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A rank's groups, one per mesh axis.
@@ -59,13 +63,18 @@ pub struct Rank<B: Backend> {
     pub backend: B,
     /// Its groups, each member index its coordinate along that axis.
     pub groups: Groups<B::Comm>,
+    /// Its link to the other pipeline stages (`None` without a pipeline).
+    pub link: Option<Arc<dyn Link<B::Tensor>>>,
 }
 
 /// One rank's results.
 #[derive(Clone, Debug)]
 pub struct RankResult<T = Tensor> {
-    /// The values kept, by value.
+    /// The values kept, by value: a step of several micro-batches keeps the loss (their mean)
+    /// and the gradients (their sum) here.
     pub values: HashMap<ValueId, T>,
+    /// A step of several micro-batches: each one's graph outputs (empty for a step of one).
+    pub micro_batches: Vec<HashMap<ValueId, T>>,
     /// The most bytes of tensors alive at once (weights and inputs included).
     pub peak_bytes: usize,
     /// Time spent in the forward and the backward part.
@@ -83,6 +92,8 @@ pub struct TraceEvent {
     pub node: NodeId,
     /// What ran: the node's op, or the fused op (`BiasAct`, `ScaledSoftmax`, ...).
     pub op: &'static str,
+    /// The micro-batch it ran on.
+    pub micro_batch: u32,
     /// When it started, from the rank's start.
     pub start: Duration,
     /// How long it took.
@@ -115,7 +126,16 @@ impl<B: Backend> Rank<B> {
             coord,
             backend,
             groups,
+            link: None,
         })
+    }
+
+    /// The rank with `link` to the other pipeline stages.
+    pub fn with_link(self, link: Arc<dyn Link<B::Tensor>>) -> Rank<B> {
+        Rank {
+            link: Some(link),
+            ..self
+        }
     }
 
     /// The rank's number in the job.
@@ -127,6 +147,9 @@ impl<B: Backend> Rank<B> {
     pub fn abort(&self, why: &str) {
         self.groups.tp.abort(why);
         self.groups.dp.abort(why);
+        if let Some(link) = &self.link {
+            link.abort(self.index(), why);
+        }
     }
 
     /// Runs `f` as this rank's part of the job: an error, or a panic (which becomes
@@ -151,8 +174,9 @@ impl<B: Backend> Rank<B> {
     }
 
     /// Runs one step of `exe` on this rank: forward and backward (or forward only) on its weight
-    /// shards (`weights`, in the plan's parameter order, on this rank's device) and its shard of
-    /// the full batch `batch`. The other ranks of the job run the same call at the same time.
+    /// shards (`weights`: its stage's parameters, [`Plan::params_on`], on this rank's device)
+    /// and its shard of the full batch `batch`, every micro-batch in its stage's schedule order.
+    /// The other ranks of the job run the same call at the same time.
     pub fn run(
         &self,
         exe: &Executable,
@@ -161,21 +185,32 @@ impl<B: Backend> Rank<B> {
     ) -> Result<RankResult<B::Tensor>, ExecError> {
         self.guard(|| {
             let plan = exe.plan;
-            if plan.mesh != self.mesh || weights.len() != plan.graph.params.len() {
+            let params = plan.params_on(self.coord.pp);
+            if plan.mesh != self.mesh || weights.len() != params.len() {
                 return Err(ExecError::Plan(format!(
-                    "rank ({}) of a {} × {} mesh with {} weights, for a {} × {} plan of {} \
-                     parameters",
+                    "rank ({}) of a {} mesh with {} weights, for a {} plan whose stage {} holds \
+                     {} parameters",
                     self.coord,
-                    self.mesh.tp,
-                    self.mesh.dp,
+                    mesh_name(self.mesh),
                     weights.len(),
-                    plan.mesh.tp,
-                    plan.mesh.dp,
-                    plan.graph.params.len()
+                    mesh_name(plan.mesh),
+                    self.coord.pp,
+                    params.len()
                 )));
             }
-            let feed = shard_inputs(exe, batch, self.coord)?;
-            Runner { rank: self, exe }.run(weights, feed)
+            if self.mesh.pp > 1 && self.link.is_none() {
+                return Err(ExecError::Plan(format!(
+                    "rank ({}) of a pipeline has no link to the other stages",
+                    self.coord
+                )));
+            }
+            Runner {
+                rank: self,
+                exe,
+                stage: self.coord.pp,
+                micro_batch: Cell::new(0),
+            }
+            .run(&params, weights, batch)
         })
     }
 
@@ -192,14 +227,27 @@ impl<B: Backend> Rank<B> {
     }
 }
 
-/// What the rank at `c` holds of every graph input of a full batch.
+/// `2 × 2` or `2 × 2 × 2` (tp × dp, then pp when there are stages).
+fn mesh_name(mesh: Mesh) -> String {
+    if mesh.pp > 1 {
+        format!("{} × {} × {}", mesh.tp, mesh.dp, mesh.pp)
+    } else {
+        format!("{} × {}", mesh.tp, mesh.dp)
+    }
+}
+
+/// What the rank at `c` holds of micro-batch `m` of every graph input of a full batch that
+/// `reads` (the step's micro-batches are equal runs of each input's first dimension, `batch`).
 fn shard_inputs(
     exe: &Executable,
     batch: &HashMap<String, Tensor>,
     c: Coord,
+    m: u32,
+    reads: &SecondaryMap<ValueId, bool>,
 ) -> Result<Vec<(ValueId, Tensor)>, ExecError> {
     let plan = exe.plan;
     let g = &plan.graph;
+    let micro = plan.micro_batches() as usize;
     let mut feed = Vec::with_capacity(g.inputs.len());
     for &v in &g.inputs {
         let name = &g.values[v].name;
@@ -208,20 +256,40 @@ fn shard_inputs(
             name: name.clone(),
             problem: "missing".into(),
         })?;
+        if !reads[v] {
+            continue;
+        }
         let layout = plan.layouts[v];
-        let full_shape = full_shape(plan.mesh, &g.ty(v).shape.sizes(), layout);
-        if full.shape != full_shape || full.data.len() != full_shape.iter().product::<usize>() {
+        let micro_shape = full_shape(plan.mesh, &g.ty(v).shape.sizes(), layout);
+        let mut step_shape = micro_shape.clone();
+        if micro > 1 {
+            if g.ty(v).shape.0.first().and_then(|d| d.name.as_deref()) != Some("batch") {
+                return Err(ExecError::Feed {
+                    what: "input",
+                    name: name.clone(),
+                    problem: "has no leading `batch` dimension to cut micro-batches from".into(),
+                });
+            }
+            step_shape[0] *= micro;
+        }
+        if full.shape != step_shape || full.data.len() != step_shape.iter().product::<usize>() {
             return Err(ExecError::Feed {
                 what: "input",
                 name: name.clone(),
                 problem: format!(
                     "has shape {:?}, the model says {:?}",
-                    full.shape, full_shape
+                    full.shape, step_shape
                 ),
             });
         }
-        let region = Region::of(&full_shape, layout, exe.blocks[v].max(1), plan.mesh, c);
-        feed.push((v, full.take(&region)));
+        // The first dimension is outermost: micro-batch `m` is one contiguous run.
+        let rows = full.data.len() / micro;
+        let part = Tensor {
+            shape: micro_shape.clone(),
+            data: full.data[m as usize * rows..(m as usize + 1) * rows].to_vec(),
+        };
+        let region = Region::of(&micro_shape, layout, exe.blocks[v].max(1), plan.mesh, c);
+        feed.push((v, part.take(&region)));
     }
     Ok(feed)
 }
@@ -238,6 +306,10 @@ fn full_shape(mesh: Mesh, local: &[u64], layout: MeshLayout) -> Vec<usize> {
 struct Runner<'a, B: Backend> {
     rank: &'a Rank<B>,
     exe: &'a Executable<'a>,
+    /// The rank's pipeline stage: it runs the steps of that stage only.
+    stage: usize,
+    /// The micro-batch being run (dropout masks are those of its rows of the full batch).
+    micro_batch: Cell<u32>,
 }
 
 /// The vocabulary-parallel cross-entropy's statistics on this rank, reduced over the group.
@@ -246,20 +318,52 @@ struct VocabStats {
     shard: VocabShard,
 }
 
+/// A micro-batch's values on this rank, by value index; weights are borrowed.
+type Store<'w, T> = Vec<Option<Cow<'w, T>>>;
+
+/// What a rank keeps of its micro-batches as they finish.
+struct Kept<T> {
+    /// Values as they are (one micro-batch per step).
+    values: HashMap<ValueId, T>,
+    /// The sum of the micro-batches' losses.
+    loss: Option<f64>,
+    /// Each micro-batch's graph outputs.
+    outputs: Vec<HashMap<ValueId, T>>,
+}
+
+/// Live tensor bytes on the rank, and their peak.
+#[derive(Default)]
+struct Bytes {
+    live: usize,
+    peak: usize,
+}
+
+impl Bytes {
+    fn add(&mut self, n: usize) {
+        self.live += n;
+        self.peak = self.peak.max(self.live);
+    }
+
+    fn sub(&mut self, n: usize) {
+        self.live = self.live.saturating_sub(n);
+    }
+}
+
 impl<B: Backend> Runner<'_, B> {
     fn run<'w>(
         &self,
+        params: &[ParamId],
         weights: &'w [B::Tensor],
-        feed: Vec<(ValueId, Tensor)>,
+        batch: &HashMap<String, Tensor>,
     ) -> Result<RankResult<B::Tensor>, ExecError> {
         let exe = self.exe;
-        let g = &exe.plan.graph;
+        let plan = exe.plan;
+        let g = &plan.graph;
         let be = &self.rank.backend;
-        let mut values: Vec<Option<Cow<'w, B::Tensor>>> = vec![None; g.values.len()];
-        let mut live = 0usize;
-        let mut peak = 0usize;
-        for (p, data) in g.params.iter() {
-            let x = &weights[p.index()];
+        let mut bytes = Bytes::default();
+        let mut base: Store<'w, B::Tensor> = vec![None; g.values.len()];
+        for (&p, x) in params.iter().zip(weights) {
+            let data = &g.params[p];
             if be
                 .shape(x)
                 .iter()
@@ -276,60 +380,153 @@ impl<B: Backend> Runner<'_, B> {
                     ),
                 });
             }
-            live += be.bytes(x);
-            values[data.value.index()] = Some(Cow::Borrowed(x));
+            bytes.add(be.bytes(x));
+            base[data.value.index()] = Some(Cow::Borrowed(x));
         }
-        for (v, x) in feed {
-            let x = be.upload(&x, g.ty(v).dtype).map_err(|e| ExecError::Feed {
-                what: "input",
-                name: g.values[v].name.clone(),
-                problem: e.to_string(),
-            })?;
-            live += be.bytes(&x);
-            values[v.index()] = Some(Cow::Owned(x));
+        // The inputs this stage reads.
+        let mut reads: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
+        for (i, step) in exe.program.steps.iter().enumerate() {
+            if exe.stage_of[i] == self.stage {
+                for v in step.inputs(plan) {
+                    reads[v] = true;
+                }
+            }
         }
-        peak = peak.max(live);
-        let start = Instant::now();
-        let mut forward = Duration::ZERO;
-        let mut events = Vec::new();
-        let steps = &exe.program.steps;
-        let end = if exe.opts.forward_only {
-            exe.program.backward_start
-        } else {
-            steps.len()
+        let schedule: Vec<PipeStep> = match &plan.pipeline {
+            Some(pipe) => pipe.steps[self.stage].clone(),
+            None => vec![PipeStep::Forward(0), PipeStep::Backward(0)],
         };
+        let micro = plan.micro_batches();
+        let mut kept = Kept {
+            values: HashMap::new(),
+            loss: None,
+            outputs: (0..micro).map(|_| HashMap::new()).collect(),
+        };
+        let mut stores: HashMap<u32, Store<'w, B::Tensor>> = HashMap::new();
+        let start = Instant::now();
+        let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
+        let mut events = Vec::new();
+        let steps = exe.program.steps.len();
+        let bw = exe.program.backward_start;
         // A device runs behind the host: times are taken once its queued work is done.
         let fence = |at: &str| {
             be.synchronize()
                 .map_err(|e| ExecError::Plan(format!("waiting for the device {at}: {e}")))
         };
-        for (i, step) in steps[..end].iter().enumerate() {
-            if i == exe.program.backward_start {
-                fence("after the forward pass")?;
-                forward = start.elapsed();
+        for step in schedule {
+            match step {
+                PipeStep::Forward(m) => {
+                    self.micro_batch.set(m);
+                    let began = start.elapsed();
+                    let mut values = base.clone();
+                    for (v, x) in shard_inputs(exe, batch, self.rank.coord, m, &reads)? {
+                        let x = be.upload(&x, g.ty(v).dtype).map_err(|e| ExecError::Feed {
+                            what: "input",
+                            name: g.values[v].name.clone(),
+                            problem: e.to_string(),
+                        })?;
+                        bytes.add(be.bytes(&x));
+                        values[v.index()] = Some(Cow::Owned(x));
+                    }
+                    self.walk(0..bw, &mut values, &mut bytes, &mut events, start)?;
+                    fence("after the forward pass")?;
+                    forward += start.elapsed() - began;
+                    if exe.opts.forward_only {
+                        self.keep(m, values, &mut kept, &mut bytes)?;
+                    } else {
+                        stores.insert(m, values);
+                    }
+                }
+                PipeStep::Backward(_) if exe.opts.forward_only => {}
+                PipeStep::Backward(m) => {
+                    self.micro_batch.set(m);
+                    let began = start.elapsed();
+                    let mut values = stores.remove(&m).ok_or_else(|| {
+                        ExecError::Plan(format!(
+                            "stage {}'s schedule runs micro-batch {m} backward before forward",
+                            self.stage
+                        ))
+                    })?;
+                    self.walk(bw..steps, &mut values, &mut bytes, &mut events, start)?;
+                    fence("after the backward pass")?;
+                    backward += start.elapsed() - began;
+                    self.keep(m, values, &mut kept, &mut bytes)?;
+                }
             }
+        }
+        let mut values = kept.values;
+        if let Some(sum) = kept.loss {
+            let loss = be
+                .scalar((sum / f64::from(micro)) as f32)
+                .map_err(|e| ExecError::Plan(format!("the step's loss: {e}")))?;
+            values.insert(plan.loss, loss);
+        }
+        if !exe.opts.forward_only {
+            self.share_tied_grads(&mut values)?;
+        }
+        Ok(RankResult {
+            values,
+            micro_batches: if micro > 1 { kept.outputs } else { Vec::new() },
+            peak_bytes: bytes.peak,
+            forward,
+            backward,
+            events,
+        })
+    }
+
+    /// Runs this stage's steps in `range` on one micro-batch's `values`: receives what another
+    /// stage made just before a step first reads it, sends what it makes for another stage as
+    /// soon as it is made, and frees each value after its last reader on this stage.
+    fn walk(
+        &self,
+        range: std::ops::Range<usize>,
+        values: &mut Store<'_, B::Tensor>,
+        bytes: &mut Bytes,
+        events: &mut Vec<TraceEvent>,
+        start: Instant,
+    ) -> Result<(), ExecError> {
+        let exe = self.exe;
+        let g = &exe.plan.graph;
+        let be = &self.rank.backend;
+        let stage = self.stage;
+        let m = self.micro_batch.get();
+        for i in range {
+            if exe.stage_of[i] != stage {
+                continue;
+            }
+            let step = &exe.program.steps[i];
             let n = step.node;
             let node = &g.nodes[n];
+            for v in step.inputs(exe.plan) {
+                if values[v.index()].is_none() {
+                    if let Some(x) = self.receive(n, v)? {
+                        bytes.add(be.bytes(&x));
+                        values[v.index()] = Some(Cow::Owned(x));
+                    }
+                }
+            }
             let began = start.elapsed();
             let outs = match &step.op {
-                StepOp::Fused { op, .. } => vec![self.fused(n, op, &values)?],
-                StepOp::Node => match self.in_place(n, i, &mut values) {
+                StepOp::Fused { op, .. } => vec![self.fused(n, op, values)?],
+                StepOp::Node => match self.in_place(n, i, values) {
                     Some(x) => {
                         let x = x?;
-                        live -= be.bytes(&x); // the input's buffer, counted again as the output
+                        bytes.sub(be.bytes(&x)); // the input's buffer, counted again as the output
                         vec![x]
                     }
-                    None => self.node(n, &values)?,
+                    None => self.node(n, values)?,
                 },
             };
             if exe.opts.trace {
-                fence("for the trace")?;
+                be.synchronize()
+                    .map_err(|e| ExecError::Plan(format!("waiting for the device: {e}")))?;
                 events.push(TraceEvent {
                     node: n,
                     op: match &step.op {
                         StepOp::Node => node.op.mnemonic(),
                         StepOp::Fused { op, .. } => op.mnemonic(),
                     },
+                    micro_batch: m,
                     start: began,
                     took: start.elapsed() - began,
                 });
@@ -356,49 +553,204 @@ impl<B: Backend> Runner<'_, B> {
                         format!("produced {:?}, the plan says {:?}", be.shape(&x), want),
                     ));
                 }
-                live += be.bytes(&x);
-                values[v.index()] = Some(Cow::Owned(x));
+                let size = be.bytes(&x);
+                bytes.add(size);
+                let needed_here = exe.keep[v] || exe.is_read_after(stage, v, i);
+                match self.send(n, v, x, needed_here)? {
+                    Some(x) => values[v.index()] = Some(Cow::Owned(x)),
+                    None => bytes.sub(size),
+                }
             }
-            peak = peak.max(live);
-            // Free what no later step reads (unless it is kept). A weight stays resident (the
-            // caller holds it): dropping the borrow frees nothing.
+            // Free what no later step of this stage reads (unless it is kept). A weight stays
+            // resident (the caller holds it): dropping the borrow frees nothing.
             for v in step.inputs(exe.plan) {
-                if exe.last_use[v] == i && !exe.keep[v] {
+                if exe.is_last_use(stage, v, i) && !exe.keep[v] {
                     if let Some(Cow::Owned(x)) = values[v.index()].take() {
-                        live -= be.bytes(&x);
+                        bytes.sub(be.bytes(&x));
                     }
                 }
             }
             for &v in &node.outputs {
-                if exe.last_use[v] <= i && !exe.keep[v] && !exe.is_read_after(v, i) {
+                if !exe.keep[v] && !exe.is_read_after(stage, v, i) {
                     if let Some(Cow::Owned(x)) = values[v.index()].take() {
-                        live -= be.bytes(&x);
+                        bytes.sub(be.bytes(&x));
                     }
                 }
             }
         }
-        fence("at the end of the step")?;
-        let total = start.elapsed();
-        if end <= exe.program.backward_start {
-            forward = total;
+        Ok(())
+    }
+
+    /// Takes what is kept of micro-batch `m`'s finished `values` (the rest is dropped): as they
+    /// are for a step of one micro-batch; else the loss summed on the host, the gradients summed
+    /// on the device, and the graph outputs per micro-batch.
+    fn keep(
+        &self,
+        m: u32,
+        values: Store<'_, B::Tensor>,
+        kept: &mut Kept<B::Tensor>,
+        bytes: &mut Bytes,
+    ) -> Result<(), ExecError> {
+        let exe = self.exe;
+        let plan = exe.plan;
+        let be = &self.rank.backend;
+        let several = plan.micro_batches() > 1;
+        for (i, x) in values.into_iter().enumerate() {
+            // A borrowed weight is the caller's: nothing to keep or free.
+            let Some(Cow::Owned(x)) = x else { continue };
+            let v = ValueId::new(i);
+            if !exe.keep[v] {
+                bytes.sub(be.bytes(&x));
+                continue;
+            }
+            if !several {
+                kept.values.insert(v, x);
+            } else if v == plan.loss {
+                let loss = be
+                    .read_scalar(&x)
+                    .map_err(|e| ExecError::Plan(format!("reading the loss: {e}")))?;
+                *kept.loss.get_or_insert(0.0) += f64::from(loss);
+                bytes.sub(be.bytes(&x));
+            } else if plan.grads.iter().any(|&(_, g)| g == v) {
+                let sum = match kept.values.remove(&v) {
+                    None => x,
+                    Some(acc) => {
+                        bytes.sub(be.bytes(&x));
+                        be.eval(&Op::Add(&acc, &x), &Placement::default())
+                            .map_err(|e| {
+                                ExecError::Plan(format!(
+                                    "summing `{}` over micro-batches: {e}",
+                                    plan.graph.values[v].name
+                                ))
+                            })?
+                            .swap_remove(0)
+                    }
+                };
+                kept.values.insert(v, sum);
+            } else {
+                kept.outputs[m as usize].insert(v, x);
+            }
         }
-        let kept = values
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, x)| {
-                let v = ValueId::new(i);
-                (exe.keep[v])
-                    .then_some(x.map(|x| (v, x.into_owned())))
-                    .flatten()
+        Ok(())
+    }
+
+    /// The value `v` another stage made for this one (micro-batch being run), if `v` crosses
+    /// into this stage.
+    fn receive(&self, n: NodeId, v: ValueId) -> Result<Option<B::Tensor>, ExecError> {
+        let (Some(pipe), Some(link)) = (&self.exe.plan.pipeline, &self.rank.link) else {
+            return Ok(None);
+        };
+        let Some(k) = pipe
+            .transfers
+            .iter()
+            .position(|t| t.value == v && t.to as usize == self.stage)
+        else {
+            return Ok(None);
+        };
+        let mesh = self.rank.mesh;
+        let from = mesh.peer(self.rank.coord, pipe.transfers[k].from as usize);
+        let tag = Tag {
+            transfer: k as u32,
+            micro_batch: self.micro_batch.get(),
+        };
+        link.recv(from, self.rank.index(), tag)
+            .map(Some)
+            .map_err(|e| self.comm_error(n, e))
+    }
+
+    /// Sends `x` (value `v`, just made) to every stage that reads it, moving it to the last one
+    /// unless this stage still needs it; returns it if it stays.
+    fn send(
+        &self,
+        n: NodeId,
+        v: ValueId,
+        x: B::Tensor,
+        needed_here: bool,
+    ) -> Result<Option<B::Tensor>, ExecError> {
+        let (Some(pipe), Some(link)) = (&self.exe.plan.pipeline, &self.rank.link) else {
+            return Ok(Some(x));
+        };
+        let out: Vec<usize> = (0..pipe.transfers.len())
+            .filter(|&k| {
+                pipe.transfers[k].value == v && pipe.transfers[k].from as usize == self.stage
             })
             .collect();
-        Ok(RankResult {
-            values: kept,
-            peak_bytes: peak,
-            forward,
-            backward: total - forward,
-            events,
-        })
+        if out.is_empty() {
+            return Ok(Some(x));
+        }
+        // The receiver's device work may run on another queue: the tensor must be complete.
+        self.rank
+            .backend
+            .synchronize()
+            .map_err(|e| self.plan_error(n, format!("waiting for the device to send: {e}")))?;
+        let me = self.rank.index();
+        let mut x = Some(x);
+        for (j, &k) in out.iter().enumerate() {
+            let to = self
+                .rank
+                .mesh
+                .peer(self.rank.coord, pipe.transfers[k].to as usize);
+            let tag = Tag {
+                transfer: k as u32,
+                micro_batch: self.micro_batch.get(),
+            };
+            let last = j + 1 == out.len() && !needed_here;
+            let t = if last {
+                x.take().expect("sent once")
+            } else {
+                x.as_ref().expect("kept until the last send").clone()
+            };
+            link.send(me, to, tag, t)
+                .map_err(|e| self.comm_error(n, e))?;
+        }
+        Ok(x)
+    }
+
+    /// After the last micro-batch: each tied parameter's summed gradient, sent from the stage
+    /// that completed it to every other stage holding the parameter, so the copies get the same
+    /// update.
+    fn share_tied_grads(&self, values: &mut HashMap<ValueId, B::Tensor>) -> Result<(), ExecError> {
+        let plan = self.exe.plan;
+        let (Some(pipe), Some(link)) = (&plan.pipeline, &self.rank.link) else {
+            return Ok(());
+        };
+        let stage = self.stage as u32;
+        let me = self.rank.index();
+        for (k, tied) in pipe.tied.iter().enumerate() {
+            let Some(&(_, grad)) = plan.grads.iter().find(|(p, _)| *p == tied.param) else {
+                continue;
+            };
+            let name = &plan.graph.params[tied.param].name;
+            let tag = Tag {
+                transfer: (pipe.transfers.len() + k) as u32,
+                micro_batch: 0,
+            };
+            let comm = |error| ExecError::Comm {
+                at: self.rank.coord,
+                node: format!("the tied gradient of `{name}`"),
+                error,
+            };
+            if stage == tied.owner {
+                let x = values.get(&grad).ok_or_else(|| {
+                    ExecError::Plan(format!(
+                        "stage {stage} did not complete the gradient of `{name}`"
+                    ))
+                })?;
+                self.rank
+                    .backend
+                    .synchronize()
+                    .map_err(|e| ExecError::Plan(format!("waiting for the device: {e}")))?;
+                for &h in tied.holders.iter().filter(|&&h| h != stage) {
+                    let to = self.rank.mesh.peer(self.rank.coord, h as usize);
+                    link.send(me, to, tag, x.clone()).map_err(comm)?;
+                }
+            } else if tied.holders.contains(&stage) {
+                let from = self.rank.mesh.peer(self.rank.coord, tied.owner as usize);
+                let x = link.recv(from, me, tag).map_err(comm)?;
+                values.insert(grad, x);
+            }
+        }
+        Ok(())
     }
 
     /// Ops that only relabel or reduce their single input — a reshape, f, g, an all-reduce —
@@ -421,7 +773,7 @@ impl<B: Backend> Runner<'_, B> {
             _ => return None,
         };
         let owned = matches!(values[x.index()], Some(Cow::Owned(_)));
-        if exe.last_use[x] != i || exe.keep[x] || !owned {
+        if !exe.is_last_use(self.stage, x, i) || exe.keep[x] || !owned {
             return None;
         }
         let Some(Cow::Owned(mut t)) = values[x.index()].take() else {
@@ -689,7 +1041,21 @@ impl<B: Backend> Runner<'_, B> {
             &plan.graph.ty(v).shape.sizes(),
             self.layout(v),
         ));
-        at.offsets = Some(region.offsets());
+        let mut offsets = region.offsets();
+        // A micro-batch is its rows of the step's batch: its masks are theirs.
+        let micro = plan.micro_batches() as usize;
+        if micro > 1 {
+            let shape = &plan.graph.ty(v).shape.0;
+            let d = shape
+                .iter()
+                .position(|d| d.name.as_deref() == Some("batch"))
+                .unwrap_or(0);
+            if let Some(full) = at.full_shape.as_mut() {
+                offsets[d] += self.micro_batch.get() as usize * full[d];
+                full[d] *= micro;
+            }
+        }
+        at.offsets = Some(offsets);
         Ok(())
     }
 

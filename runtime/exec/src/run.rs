@@ -12,8 +12,8 @@ use crate::launch;
 use crate::program::{Executable, RunOptions};
 use crate::rank::{Rank, RankResult};
 use crate::Tensor;
-use ferrotron_ir::graph::{EntityRef, SecondaryMap};
-use ferrotron_ir::{NodeId, ValueDef, ValueId};
+use ferrotron_ir::graph::SecondaryMap;
+use ferrotron_ir::{NodeId, ParamId, ValueDef, ValueId};
 use ferrotron_partitioner::{mesh, Coord, Mesh, ParamShard, Plan};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -56,10 +56,9 @@ pub fn run_sharded<'p, B: Backend>(
     let exe = Executable::new(plan, opts)?;
     if params.len() != plan.mesh.ranks() {
         return Err(ExecError::Plan(format!(
-            "{} ranks of weights given for a {} × {} mesh",
+            "{} ranks of weights given for a mesh of {}",
             params.len(),
-            plan.mesh.tp,
-            plan.mesh.dp
+            plan.mesh.ranks()
         )));
     }
     let mut ranks = launch::ranks(&backend, plan.mesh, opts.timeout);
@@ -76,7 +75,7 @@ pub fn weights_for<B: Backend>(
     params: &HashMap<String, Tensor>,
 ) -> Result<Vec<B::Tensor>, ExecError> {
     let host = shard_params_for(plan, params, rank.coord)?;
-    upload_rank(&rank.backend, plan, &host, false)
+    upload_rank(&rank.backend, plan, rank.coord, &host, false)
 }
 
 /// The full (vocabulary-padded) shape of a parameter, and its shape in the model.
@@ -85,16 +84,19 @@ fn param_shapes(shard: &ParamShard) -> (Vec<usize>, Vec<usize>) {
     (to(&shard.shape), to(&shard.model_shape))
 }
 
-/// The rank at `c`'s shards of full weights (model shapes, by name), in the plan's parameter
-/// order. The vocabulary padding is zero.
+/// The rank at `c`'s shards of full weights (model shapes, by name): those of its pipeline
+/// stage's parameters ([`Plan::params_on`]), in the plan's order. The vocabulary padding is
+/// zero.
 pub fn shard_params_for(
     plan: &Plan,
     params: &HashMap<String, Tensor>,
     c: Coord,
 ) -> Result<Vec<Tensor>, ExecError> {
     let g = &plan.graph;
-    let mut out = Vec::with_capacity(g.params.len());
-    for (p, data) in g.params.iter() {
+    let held = plan.params_on(c.pp);
+    let mut out = Vec::with_capacity(held.len());
+    for p in held {
+        let data = &g.params[p];
         let shard = plan.shard(p);
         let full = params.get(&data.name).ok_or_else(|| ExecError::Feed {
             what: "parameter",
@@ -126,28 +128,43 @@ pub fn shard_params(
 }
 
 /// Full weights (model shapes, by name) from shards as [`shard_params`] makes them: the inverse.
-/// Data-parallel replicas hold the same shards, so the first replica's (`shards[..tp]`) is all
-/// it reads.
+/// Data-parallel replicas hold the same shards, so each parameter is read from the first
+/// replica of the first stage that holds it (`shards` may stop after the last rank read: at
+/// `shards[..tp]` without a pipeline).
 pub fn gather_params(
     plan: &Plan,
     shards: &[Vec<Tensor>],
 ) -> Result<HashMap<String, Tensor>, ExecError> {
     let g = &plan.graph;
     let replica = Mesh::new(plan.mesh.tp, 1);
-    if shards.len() < replica.ranks() {
-        return Err(ExecError::Plan(format!(
-            "{} ranks of shards for tp = {}",
-            shards.len(),
-            plan.mesh.tp
-        )));
-    }
+    let held: Vec<Vec<ParamId>> = (0..plan.mesh.pp.max(1) as usize)
+        .map(|s| plan.params_on(s))
+        .collect();
     let mut out = HashMap::with_capacity(g.params.len());
     for (p, data) in g.params.iter() {
         let shard = plan.shard(p);
         let (padded, model) = param_shapes(shard);
-        let parts: Vec<&[f32]> = (0..replica.ranks())
-            .map(|r| shards[r][p.index()].data.as_slice())
-            .collect();
+        // From the first stage holding it: its first data-parallel replica's tp ranks.
+        let stage = plan.stage_of_value(data.value);
+        let Some(at) = held[stage].iter().position(|&q| q == p) else {
+            return Err(ExecError::Plan(format!("no stage holds `{}`", data.name)));
+        };
+        let first = stage * plan.mesh.stage_ranks();
+        let parts = (first..first + replica.ranks())
+            .map(|r| {
+                shards
+                    .get(r)
+                    .and_then(|s| s.get(at))
+                    .map(|t| t.data.as_slice())
+                    .ok_or_else(|| {
+                        ExecError::Plan(format!(
+                            "`{}`: {} ranks of shards given, rank {r} holds it",
+                            data.name,
+                            shards.len()
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<&[f32]>, _>>()?;
         let full = mesh::assemble(replica, shard.layout, shard.blocks, &padded, &parts);
         let full = Tensor {
             shape: padded,
@@ -167,7 +184,7 @@ pub fn upload_params<B: Backend>(
     shards
         .iter()
         .enumerate()
-        .map(|(r, rank)| upload_rank(&backend.on_rank(r), plan, rank, false))
+        .map(|(r, rank)| upload_rank(&backend.on_rank(r), plan, plan.mesh.coord(r), rank, false))
         .collect()
 }
 
@@ -176,13 +193,15 @@ pub fn upload_params<B: Backend>(
 pub(crate) fn upload_rank<B: Backend>(
     be: &B,
     plan: &Plan,
+    at: Coord,
     shards: &[Tensor],
     master: bool,
 ) -> Result<Vec<B::Tensor>, ExecError> {
     shards
         .iter()
-        .zip(plan.graph.params.values())
-        .map(|(t, data)| {
+        .zip(plan.params_on(at.pp))
+        .map(|(t, p)| {
+            let data = &plan.graph.params[p];
             let up = if master {
                 be.upload_master(t)
             } else {
@@ -253,15 +272,39 @@ impl<'p, B: Backend> Run<'p, B> {
         out
     }
 
-    /// Every rank's value `v`, on the host.
-    fn parts(&self, v: ValueId) -> Result<Vec<Tensor>, ExecError> {
+    /// The tp × dp ranks of the stage that computes `v` (all of them without a pipeline): the
+    /// ranks holding it, and the mesh they form.
+    fn holders(&self, v: ValueId) -> (std::ops::Range<usize>, Mesh) {
+        let plan = self.plan;
+        let stage = match plan.grads.iter().find(|&&(_, g)| g == v) {
+            Some(&(p, _)) => plan
+                .pipeline
+                .as_ref()
+                .and_then(|pipe| pipe.grad_owner(p))
+                .unwrap_or(0) as usize,
+            None => plan.stage_of_value(v),
+        };
+        let n = plan.mesh.stage_ranks();
+        (
+            stage * n..(stage + 1) * n,
+            Mesh::new(plan.mesh.tp, plan.mesh.dp),
+        )
+    }
+
+    /// The holders' value `v` (of micro-batch `micro`: a step of several keeps its outputs per
+    /// micro-batch), on the host.
+    fn parts(&self, v: ValueId, micro: Option<usize>) -> Result<Vec<Tensor>, ExecError> {
         let name = &self.plan.graph.values[v].name;
-        self.ranks
+        self.ranks[self.holders(v).0]
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let x = r.values.get(&v).ok_or_else(|| {
-                    let c = self.plan.mesh.coord(i);
+                let kept = match micro {
+                    Some(m) => r.micro_batches.get(m),
+                    None => Some(&r.values),
+                };
+                let x = kept.and_then(|k| k.get(&v)).ok_or_else(|| {
+                    let c = self.plan.mesh.coord(self.holders(v).0.start + i);
                     ExecError::Plan(format!("`{name}` was not kept by rank ({c})"))
                 })?;
                 self.download(x)
@@ -270,7 +313,9 @@ impl<'p, B: Backend> Run<'p, B> {
     }
 
     /// Value `v` put back together at full shape from the ranks that kept it (a partial sum is
-    /// summed, a split placed, a replicated value taken from the first rank).
+    /// summed, a split placed, a replicated value taken from the first rank). A graph output of
+    /// a step of several micro-batches is each one's, joined along the batch (its first
+    /// dimension).
     pub fn gather(&self, v: ValueId) -> Result<Tensor, ExecError> {
         let plan = self.plan;
         let layout = plan.layouts[v];
@@ -280,10 +325,35 @@ impl<'p, B: Backend> Run<'p, B> {
             .into_iter()
             .map(|s| s as usize)
             .collect();
-        let parts = self.parts(v)?;
-        let parts: Vec<&[f32]> = parts.iter().map(|p| p.data.as_slice()).collect();
-        let data = mesh::assemble(plan.mesh, layout, self.blocks[v].max(1), &full, &parts);
-        Ok(Tensor { shape: full, data })
+        let mesh = self.holders(v).1;
+        let assemble = |micro| -> Result<Vec<f32>, ExecError> {
+            let parts = self.parts(v, micro)?;
+            let parts: Vec<&[f32]> = parts.iter().map(|p| p.data.as_slice()).collect();
+            Ok(mesh::assemble(
+                mesh,
+                layout,
+                self.blocks[v].max(1),
+                &full,
+                &parts,
+            ))
+        };
+        let micro = plan.micro_batches() as usize;
+        let per_micro_batch = micro > 1 && plan.graph.outputs.iter().any(|&(_, o)| o == v);
+        if v == plan.loss || !per_micro_batch {
+            return Ok(Tensor {
+                data: assemble(None)?,
+                shape: full,
+            });
+        }
+        let mut data = Vec::with_capacity(full.iter().product::<usize>() * micro);
+        for m in 0..micro {
+            data.extend(assemble(Some(m))?);
+        }
+        let mut shape = full.clone();
+        if let Some(rows) = shape.first_mut() {
+            *rows *= micro;
+        }
+        Ok(Tensor { shape, data })
     }
 
     /// The backend the run computed on.
@@ -303,9 +373,15 @@ impl<'p, B: Backend> Run<'p, B> {
         // A gradient is laid out as its parameter is sharded.
         let shard = self.plan.shard(*p);
         let (padded, model) = param_shapes(shard);
-        let parts = self.parts(*grad)?;
+        let parts = self.parts(*grad, None)?;
         let parts: Vec<&[f32]> = parts.iter().map(|p| p.data.as_slice()).collect();
-        let data = mesh::assemble(self.plan.mesh, shard.layout, shard.blocks, &padded, &parts);
+        let data = mesh::assemble(
+            self.holders(*grad).1,
+            shard.layout,
+            shard.blocks,
+            &padded,
+            &parts,
+        );
         Ok(Tensor {
             shape: padded,
             data,

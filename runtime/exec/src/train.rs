@@ -136,14 +136,21 @@ impl<'p, B: Backend> Trainer<'p, B> {
                 rank.mesh.tp, rank.mesh.dp, plan.mesh.tp, plan.mesh.dp
             )));
         }
+        if plan.mesh.pp > 1 {
+            return Err(ExecError::Plan(
+                "training over pipeline stages is not built yet: train with --pp 1 (run and \
+                 verify take --pp)"
+                    .into(),
+            ));
+        }
         let host = shard_params_for(plan, params, rank.coord)?;
         let zeros: Vec<Tensor> = host
             .iter()
             .map(|t| Tensor::zeros(t.shape.clone()))
             .collect();
-        let weights = upload_rank(&rank.backend, plan, &host, true)?;
-        let m = upload_rank(&rank.backend, plan, &zeros, true)?;
-        let v = upload_rank(&rank.backend, plan, &zeros, true)?;
+        let weights = upload_rank(&rank.backend, plan, rank.coord, &host, true)?;
+        let m = upload_rank(&rank.backend, plan, rank.coord, &zeros, true)?;
+        let v = upload_rank(&rank.backend, plan, rank.coord, &zeros, true)?;
         Ok(Trainer {
             plan,
             config,
@@ -303,8 +310,8 @@ impl<'p, B: Backend> Trainer<'p, B> {
     ) -> Result<(), ExecError> {
         let c = self.rank.coord;
         let be = &self.rank.backend;
-        self.m = upload_rank(be, self.plan, &shard_params_for(self.plan, m, c)?, true)?;
-        self.v = upload_rank(be, self.plan, &shard_params_for(self.plan, v, c)?, true)?;
+        self.m = upload_rank(be, self.plan, c, &shard_params_for(self.plan, m, c)?, true)?;
+        self.v = upload_rank(be, self.plan, c, &shard_params_for(self.plan, v, c)?, true)?;
         self.step = step;
         Ok(())
     }

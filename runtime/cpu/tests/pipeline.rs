@@ -1,0 +1,155 @@
+//! Pipelined plans run on threads give the unpartitioned model's loss, outputs and every
+//! gradient on the whole batch, within the f32 tolerances: tiny GPT (its embedding tied across
+//! the first and last stage), BERT and Llama, at (tp, pp, dp) = (1,2,1), (2,2,1), (1,3,1) with
+//! uneven layers, (2,2,2), under each schedule, with sequence parallelism, and with dropout
+//! (each micro-batch's masks are its rows' of the whole batch).
+
+use ferrotron_cpu::Cpu;
+use ferrotron_exec::init::{random_batch, test_params};
+use ferrotron_exec::verify::{self, reference_plan, Tolerances};
+use ferrotron_exec::{run, RunOptions};
+use ferrotron_ir::{load_model, Graph, LoadOptions};
+use ferrotron_partitioner::{partition, PartitionOptions, Schedule};
+use std::path::PathBuf;
+
+fn model(name: &str, dims: &[(&str, u64)]) -> Graph {
+    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/")).join(name);
+    let opts = LoadOptions {
+        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
+        ..LoadOptions::default()
+    };
+    load_model(&path, &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+struct Case {
+    tp: u64,
+    pp: u64,
+    dp: u64,
+    micro_batches: u64,
+    schedule: Schedule,
+    sequence_parallel: bool,
+}
+
+fn case(tp: u64, pp: u64, dp: u64, micro_batches: u64) -> Case {
+    Case {
+        tp,
+        pp,
+        dp,
+        micro_batches,
+        schedule: Schedule::OneFOneB,
+        sequence_parallel: false,
+    }
+}
+
+/// `file` at `dims` with its whole batch `batch`, pipelined as `c` and compared with the
+/// unpartitioned model on the whole batch.
+fn check(file: &str, dims: &[(&str, u64)], batch: u64, c: Case, dropout_seed: u64) {
+    let mut whole = dims.to_vec();
+    whole.push(("batch", batch));
+    let g = model(file, &whole);
+    let mut micro = dims.to_vec();
+    micro.push(("batch", batch / c.micro_batches));
+    let gm = model(file, &micro);
+    let cfg = format!(
+        "{file} tp={} pp={} dp={} M={} {} sp={}",
+        c.tp, c.pp, c.dp, c.micro_batches, c.schedule, c.sequence_parallel
+    );
+    let plan = partition(
+        &gm,
+        &PartitionOptions {
+            tp: c.tp,
+            dp: c.dp,
+            pp: c.pp,
+            micro_batches: c.micro_batches,
+            schedule: c.schedule,
+            sequence_parallel: c.sequence_parallel,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    let reference = reference_plan(&g).unwrap();
+    let params = test_params(&g, 11);
+    let inputs = random_batch(&g, 11);
+    let opts = RunOptions {
+        dropout_seed,
+        ..RunOptions::default()
+    };
+    let ours = run(Cpu::default(), &plan, &params, &inputs, &opts)
+        .unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    let theirs = run(Cpu::default(), &reference, &params, &inputs, &opts).unwrap();
+    let v = verify::compare(&ours, &theirs, &params, &inputs, &opts, Tolerances::F32)
+        .unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    assert!(
+        v.passed(),
+        "{cfg}: {:#?}",
+        v.entries.iter().filter(|e| !e.ok()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        v.entries.len(),
+        2 + plan.grads.len(),
+        "{cfg}: loss, logits, every gradient"
+    );
+    eprintln!("{cfg}: max relative error {:.2e}", v.max_rel_error());
+}
+
+#[test]
+fn tiny_gpt_over_stages_with_its_tied_embedding() {
+    let dims = [("layers", 4)];
+    check("tiny-gpt.ron", &dims, 4, case(1, 2, 1, 1), 0);
+    check("tiny-gpt.ron", &dims, 4, case(1, 2, 1, 4), 0);
+    check("tiny-gpt.ron", &dims, 4, case(2, 2, 1, 2), 0);
+    check("tiny-gpt.ron", &dims, 8, case(2, 2, 2, 2), 0);
+    check("tiny-gpt.ron", &[("layers", 5)], 6, case(1, 3, 1, 3), 0);
+}
+
+#[test]
+fn every_schedule_and_sequence_parallelism() {
+    let dims = [("layers", 4)];
+    for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
+        check(
+            "tiny-gpt.ron",
+            &dims,
+            8,
+            Case {
+                schedule,
+                ..case(1, 4, 1, 8)
+            },
+            0,
+        );
+        check(
+            "tiny-gpt.ron",
+            &dims,
+            4,
+            Case {
+                schedule,
+                sequence_parallel: true,
+                ..case(2, 2, 1, 2)
+            },
+            0,
+        );
+    }
+}
+
+#[test]
+fn micro_batches_see_their_rows_dropout_masks() {
+    check("tiny-gpt.ron", &[("layers", 2)], 4, case(2, 2, 1, 4), 3);
+    check("tiny-gpt.ron", &[("layers", 2)], 4, case(1, 1, 2, 2), 5);
+}
+
+#[test]
+fn tiny_bert_and_llama_over_stages() {
+    check("tiny-bert.ron", &[("layers", 3)], 4, case(1, 3, 1, 2), 0);
+    check("tiny-bert.ron", &[("layers", 2)], 8, case(2, 2, 2, 2), 0);
+    check("tiny-llama.ron", &[("layers", 3)], 4, case(1, 3, 1, 2), 0);
+    check("tiny-llama.ron", &[("layers", 2)], 8, case(2, 2, 2, 2), 0);
+    check(
+        "tiny-llama.ron",
+        &[("layers", 2)],
+        4,
+        Case {
+            sequence_parallel: true,
+            ..case(2, 2, 1, 2)
+        },
+        0,
+    );
+}
