@@ -11,6 +11,7 @@
 //! and sum again for the gradient) are counted with the cross-entropy node that runs them.
 
 use crate::layout::Layout;
+use crate::pipeline::{PipeStep, Pipeline};
 use crate::plan::Plan;
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
@@ -66,8 +67,83 @@ pub struct Report {
     pub nodes: (usize, usize),
     /// Collectives per step.
     pub collectives: Vec<Collectives>,
-    /// Memory and parameters per rank.
+    /// Memory and parameters per rank (with pipeline stages: on the most loaded stage).
     pub per_rank: PerRank,
+    /// Every rank's coordinates, in rank order (tp fastest, then dp, then pp).
+    pub ranks: Vec<RankCoord>,
+    /// How the layers are cut into stages and run over micro-batches, if they are.
+    pub pipeline: Option<PipelineReport>,
+}
+
+/// A rank's place in the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RankCoord {
+    /// Its number in the job.
+    pub rank: usize,
+    /// Index in its tensor-parallel group.
+    pub tp: usize,
+    /// Index in its data-parallel group.
+    pub dp: usize,
+    /// Its pipeline stage.
+    pub pp: usize,
+}
+
+/// The pipeline part of a plan's costs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PipelineReport {
+    /// Stages.
+    pub stages: u32,
+    /// Micro-batches per step.
+    pub micro_batches: u32,
+    /// `1f1b` or `gpipe`.
+    pub schedule: String,
+    /// The fraction of a step a stage idles while the pipeline fills and drains.
+    pub bubble_fraction: f64,
+    /// Each stage's layers, parameters and memory per rank.
+    pub per_stage: Vec<StageReport>,
+    /// The values sent between stages, per micro-batch.
+    pub transfers: Vec<TransferReport>,
+    /// Parameters held on several stages, and how their gradients agree.
+    pub tied: Vec<TiedReport>,
+}
+
+/// One stage.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageReport {
+    /// Its layers (indices into the Repeat's copies), `[first, end)`.
+    pub layers: (u32, u32),
+    /// Micro-batches whose activations it holds at once under the schedule.
+    pub in_flight: u32,
+    /// Memory and parameters per rank of the stage (activations: all those in flight).
+    pub per_rank: PerRank,
+}
+
+/// A value one stage sends another, each micro-batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TransferReport {
+    /// The value.
+    pub value: String,
+    /// Its shape on a rank (what each rank sends: its own slice of a split value).
+    pub shape: String,
+    /// The sending stage.
+    pub from: u32,
+    /// The receiving stage.
+    pub to: u32,
+    /// `forward` (an activation) or `backward` (a gradient).
+    pub direction: &'static str,
+    /// Bytes each sending rank sends per micro-batch.
+    pub bytes: u64,
+}
+
+/// A parameter several stages hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TiedReport {
+    /// The parameter.
+    pub param: String,
+    /// The stages holding a copy.
+    pub holders: Vec<u32>,
+    /// The stage its gradient is summed on, which sends the sum to the others.
+    pub owner: u32,
 }
 
 impl Report {
@@ -152,17 +228,7 @@ impl Report {
             activations_bytes: 0,
         };
         for (_, p) in g.params.iter() {
-            let ty = g.ty(p.value);
-            let n = ty.shape.numel().unwrap_or(0);
-            per_rank.parameters += n;
-            per_rank.weights_bytes += ty.size_bytes();
-            per_rank.gradients_bytes += ty.size_bytes();
-            let master = if ty.dtype == ferrotron_ir::DType::F32 {
-                0
-            } else {
-                4
-            };
-            per_rank.optimizer_bytes += n * (8 + master);
+            add_param(&mut per_rank, g.ty(p.value));
         }
         let mut saved: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
         for &n in &g.order[plan.backward_start..] {
@@ -179,6 +245,16 @@ impl Report {
             + per_rank.gradients_bytes
             + per_rank.optimizer_bytes
             + per_rank.activations_bytes;
+        let pipeline = plan
+            .pipeline
+            .as_ref()
+            .map(|pipe| pipeline_report(plan, pipe, &forward));
+        if let Some(heaviest) = pipeline
+            .as_ref()
+            .and_then(|p| p.per_stage.iter().max_by_key(|s| s.per_rank.memory_bytes))
+        {
+            per_rank = heaviest.per_rank.clone();
+        }
         Report {
             model: plan.model.clone(),
             tp: plan.mesh.tp,
@@ -188,6 +264,18 @@ impl Report {
             nodes: (plan.backward_start, g.order.len() - plan.backward_start),
             collectives: groups,
             per_rank,
+            ranks: plan
+                .mesh
+                .coords()
+                .enumerate()
+                .map(|(rank, c)| RankCoord {
+                    rank,
+                    tp: c.tp,
+                    dp: c.dp,
+                    pp: c.pp,
+                })
+                .collect(),
+            pipeline,
         }
     }
 
@@ -196,6 +284,108 @@ impl Report {
         self.collectives
             .iter()
             .find(|c| c.kind == kind && c.direction == direction && c.axis == axis)
+    }
+}
+
+/// A parameter's memory per rank: weights, gradients, Adam's moments (and an f32 master copy
+/// for lower-precision weights).
+fn add_param(r: &mut PerRank, ty: &ferrotron_ir::TensorType) {
+    let n = ty.shape.numel().unwrap_or(0);
+    r.parameters += n;
+    r.weights_bytes += ty.size_bytes();
+    r.gradients_bytes += ty.size_bytes();
+    let master = if ty.dtype == ferrotron_ir::DType::F32 {
+        0
+    } else {
+        4
+    };
+    r.optimizer_bytes += n * (8 + master);
+}
+
+/// The stages' layers, memory, transfers and tied parameters.
+fn pipeline_report(
+    plan: &Plan,
+    pipe: &Pipeline,
+    forward: &SecondaryMap<NodeId, bool>,
+) -> PipelineReport {
+    let g = &plan.graph;
+    let stages = pipe.stages as usize;
+    let mut per_stage: Vec<StageReport> = Vec::with_capacity(stages);
+    let mut first = 0;
+    for s in 0..stages {
+        let steps = &pipe.steps[s];
+        let mut live = 0i64;
+        let mut in_flight = 0i64;
+        for step in steps {
+            live += match step {
+                PipeStep::Forward(_) => 1,
+                PipeStep::Backward(_) => -1,
+            };
+            in_flight = in_flight.max(live);
+        }
+        let mut r = PerRank {
+            parameters: 0,
+            memory_bytes: 0,
+            weights_bytes: 0,
+            gradients_bytes: 0,
+            optimizer_bytes: 0,
+            activations_bytes: 0,
+        };
+        for p in plan.params_on(s) {
+            add_param(&mut r, g.ty(g.params[p].value));
+        }
+        // Forward values this stage's backward nodes read, each micro-batch in flight.
+        let mut saved: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
+        for &n in &g.order[plan.backward_start..] {
+            if pipe.stage_of[n] as usize != s {
+                continue;
+            }
+            for &v in g.nodes[n].op.inputs() {
+                if let ValueDef::Node { node, .. } = g.values[v].def {
+                    if forward[node] && !saved[v] {
+                        saved[v] = true;
+                        r.activations_bytes += g.ty(v).size_bytes() * in_flight as u64;
+                    }
+                }
+            }
+        }
+        r.memory_bytes =
+            r.weights_bytes + r.gradients_bytes + r.optimizer_bytes + r.activations_bytes;
+        let layers = pipe.layers[s];
+        per_stage.push(StageReport {
+            layers: (first, first + layers),
+            in_flight: in_flight as u32,
+            per_rank: r,
+        });
+        first += layers;
+    }
+    PipelineReport {
+        stages: pipe.stages,
+        micro_batches: pipe.micro_batches,
+        schedule: pipe.schedule.to_string(),
+        bubble_fraction: pipe.bubble_fraction(),
+        per_stage,
+        transfers: pipe
+            .transfers
+            .iter()
+            .map(|t| TransferReport {
+                value: g.values[t.value].name.clone(),
+                shape: g.ty(t.value).shape.to_string(),
+                from: t.from,
+                to: t.to,
+                direction: if t.backward { "backward" } else { "forward" },
+                bytes: g.ty(t.value).size_bytes(),
+            })
+            .collect(),
+        tied: pipe
+            .tied
+            .iter()
+            .map(|t| TiedReport {
+                param: g.params[t.param].name.clone(),
+                holders: t.holders.clone(),
+                owner: t.owner,
+            })
+            .collect(),
     }
 }
 
@@ -223,10 +413,14 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{}: tp = {}, dp = {}{}",
+            "{}: tp = {}, dp = {}{}{}",
             self.model,
             self.tp,
             self.dp,
+            match &self.pipeline {
+                Some(p) => format!(", pp = {}", p.stages),
+                None => String::new(),
+            },
             if self.sequence_parallel {
                 ", sequence parallel"
             } else {
@@ -263,6 +457,78 @@ impl fmt::Display for Report {
         writeln!(f, "  gradients    {:>16}", human(r.gradients_bytes))?;
         writeln!(f, "  Adam state   {:>16}", human(r.optimizer_bytes))?;
         writeln!(f, "  activations  {:>16}", human(r.activations_bytes))?;
-        writeln!(f, "  total        {:>16}", human(r.memory_bytes))
+        writeln!(f, "  total        {:>16}", human(r.memory_bytes))?;
+        if let Some(p) = &self.pipeline {
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PipelineReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pipeline: {} stages, {} micro-batches, {} schedule, bubble {:.1}% of the step",
+            self.stages,
+            self.micro_batches,
+            self.schedule,
+            100.0 * self.bubble_fraction
+        )?;
+        writeln!(
+            f,
+            "  {:<6} {:<12} {:>9} {:>12} {:>12} {:>12}",
+            "stage", "layers", "in flight", "parameters", "activations", "total/rank"
+        )?;
+        for (s, st) in self.per_stage.iter().enumerate() {
+            let layers = if st.layers.1 == st.layers.0 + 1 {
+                format!("{}", st.layers.0)
+            } else {
+                format!("{}-{}", st.layers.0, st.layers.1 - 1)
+            };
+            writeln!(
+                f,
+                "  {s:<6} {layers:<12} {:>9} {:>12} {:>12} {:>12}",
+                st.in_flight,
+                st.per_rank.parameters,
+                human(st.per_rank.activations_bytes),
+                human(st.per_rank.memory_bytes)
+            )?;
+        }
+        writeln!(f, "  sent between stages, per micro-batch and rank:")?;
+        for t in &self.transfers {
+            writeln!(
+                f,
+                "    {:<8} stage {} → {}  {:<28} {:<24} {:>12}",
+                t.direction,
+                t.from,
+                t.to,
+                t.value,
+                t.shape,
+                human(t.bytes)
+            )?;
+        }
+        for t in &self.tied {
+            let others: Vec<String> = t
+                .holders
+                .iter()
+                .filter(|&&h| h != t.owner)
+                .map(|h| h.to_string())
+                .collect();
+            writeln!(
+                f,
+                "  tied: `{}` is held by stages {}; its gradient is summed on stage {} and sent \
+                 to stage {} before the optimizer step",
+                t.param,
+                t.holders
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                t.owner,
+                others.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }

@@ -64,6 +64,7 @@ pub struct RunArgs {
 
 /// What a step needs, made the same way in every process.
 struct Step {
+    /// The model at the step's whole batch (the reference, the weights and the batch).
     graph: Graph,
     plan: Plan,
     params: HashMap<String, Tensor>,
@@ -86,8 +87,9 @@ impl RunArgs {
             }
             None => None,
         };
-        let graph = args.load()?;
-        let plan = partition(&graph, &args.options())?;
+        // The plan runs one micro-batch's graph; the step is the whole batch.
+        let plan = partition(&args.load()?, &args.options())?;
+        let graph = args.load_global()?;
         let params = match (&self.weights, self.verify) {
             (Some(path), _) => load_gpt2(path, &graph)?,
             (None, true) => test_params(&graph, self.seed),
@@ -227,6 +229,8 @@ fn report_job<B: Backend>(
             "backend": run.backend().name(),
             "tp": plan.mesh.tp,
             "dp": plan.mesh.dp,
+            "pp": plan.mesh.pp,
+            "micro_batches": plan.micro_batches(),
             "loss": loss,
             "forward_ms": fwd.as_secs_f64() * 1e3,
             "backward_ms": bwd.as_secs_f64() * 1e3,
@@ -235,6 +239,16 @@ fn report_job<B: Backend>(
             "estimated_bytes_per_rank": estimate,
             "report": report,
         });
+        if let Some(p) = &report.pipeline {
+            j["bubble_fraction"] = p.bubble_fraction.into();
+            j["peak_bytes_per_stage"] = stage_peaks(run).into();
+            j["estimated_bytes_per_stage"] = p
+                .per_stage
+                .iter()
+                .map(|s| s.per_rank.memory_bytes - s.per_rank.optimizer_bytes)
+                .collect::<Vec<_>>()
+                .into();
+        }
         if let Some(v) = &checked {
             j["verified"] = v.passed().into();
             j["max_rel_error"] = v.max_rel_error().into();
@@ -251,12 +265,29 @@ fn report_job<B: Backend>(
             bwd.as_secs_f64() * 1e3,
             wall.as_secs_f64() * 1e3
         );
-        println!(
-            "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB estimated \
-             (weights + gradients + saved activations)",
-            run.peak_bytes() as f64 / (1 << 20) as f64,
-            estimate as f64 / (1 << 20) as f64
-        );
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        match &report.pipeline {
+            None => println!(
+                "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB estimated \
+                 (weights + gradients + saved activations)",
+                mib(run.peak_bytes() as u64),
+                mib(estimate)
+            ),
+            Some(p) => {
+                println!(
+                    "peak tensor memory per rank of each stage, measured / estimated (weights + \
+                     gradients + saved activations of the micro-batches in flight):"
+                );
+                for (s, (peak, st)) in stage_peaks(run).iter().zip(&p.per_stage).enumerate() {
+                    println!(
+                        "  stage {s}: {:.2} MiB / {:.2} MiB ({} micro-batches in flight)",
+                        mib(*peak as u64),
+                        mib(st.per_rank.memory_bytes - st.per_rank.optimizer_bytes),
+                        st.in_flight
+                    );
+                }
+            }
+        }
         if let Some(v) = &checked {
             print_verification(v);
         }
@@ -271,6 +302,15 @@ fn report_job<B: Backend>(
         }
     }
     Ok(())
+}
+
+/// The measured peak of live tensor bytes on each stage's ranks (the largest over its ranks).
+fn stage_peaks<B: Backend>(run: &Run<B>) -> Vec<usize> {
+    let per = run.plan.mesh.stage_ranks();
+    run.ranks
+        .chunks(per)
+        .map(|stage| stage.iter().map(|r| r.peak_bytes).max().unwrap_or(0))
+        .collect()
 }
 
 /// This process is one rank of the job: rank 0 prints the loss (summed over the data-parallel
