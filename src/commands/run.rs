@@ -242,6 +242,7 @@ fn report_job<B: Backend>(
         if let Some(p) = &report.pipeline {
             j["bubble_fraction"] = p.bubble_fraction.into();
             j["peak_bytes_per_stage"] = stage_peaks(run).into();
+            j["idle_fraction_per_stage"] = stage_idle(run).into();
             j["estimated_bytes_per_stage"] = p
                 .per_stage
                 .iter()
@@ -286,6 +287,15 @@ fn report_job<B: Backend>(
                         st.in_flight
                     );
                 }
+                let idle: Vec<String> = stage_idle(run)
+                    .iter()
+                    .map(|f| format!("{:.1}%", 100.0 * f))
+                    .collect();
+                println!(
+                    "idle per stage: {} (the bubble of equal stages: {:.1}%)",
+                    idle.join(", "),
+                    100.0 * p.bubble_fraction
+                );
             }
         }
         if let Some(v) = &checked {
@@ -310,6 +320,15 @@ fn stage_peaks<B: Backend>(run: &Run<B>) -> Vec<usize> {
     run.ranks
         .chunks(per)
         .map(|stage| stage.iter().map(|r| r.peak_bytes).max().unwrap_or(0))
+        .collect()
+}
+
+/// Each stage's measured idle fraction of the step (the mean over its ranks).
+fn stage_idle<B: Backend>(run: &Run<B>) -> Vec<f64> {
+    let per = run.plan.mesh.stage_ranks();
+    run.idle_fractions()
+        .chunks(per)
+        .map(|stage| stage.iter().sum::<f64>() / stage.len().max(1) as f64)
         .collect()
 }
 

@@ -86,7 +86,17 @@ pub fn train(args: TrainArgs) -> Result<()> {
         .find(|&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
         .ok_or_else(|| anyhow::anyhow!("the model has no [batch, seq] token input"))?;
     let dims = graph.ty(input).shape.sizes();
-    let (batch, seq) = (dims[0] as usize, dims[1] as usize);
+    // The graph is one micro-batch's; a step reads them all.
+    let (batch, seq) = (
+        dims[0] as usize * plan.micro_batches() as usize,
+        dims[1] as usize,
+    );
+    if plan.mesh.pp > 1 && (args.save.is_some() || args.resume.is_some()) {
+        anyhow::bail!(
+            "checkpoints of training over pipeline stages are not built yet: train with --pp 1 \
+             to --save or --resume"
+        );
+    }
     // The classes the loss predicts over: what every token must index.
     let vocab = graph
         .order
@@ -124,12 +134,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     if job.is_whole() {
         eprintln!(
-            "training {} at tp = {}, dp = {}: {} tokens of {}, batch {batch} × {seq}",
+            "training {} at tp = {}, dp = {}, pp = {}: {} tokens of {}, batch {batch} × {seq} \
+             in {} micro-batches",
             graph.name,
             plan.mesh.tp,
             plan.mesh.dp,
+            plan.mesh.pp,
             tokens.len(),
-            args.data.display()
+            args.data.display(),
+            plan.micro_batches()
         );
     }
     let prepared = Prepared {

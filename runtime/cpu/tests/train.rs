@@ -1,6 +1,7 @@
 //! Training: twenty AdamW steps at tp = 2 (and tp = 2 × dp = 2) follow tp = 1's loss curve,
 //! every rank (a thread each, running the one rank program) reporting the same step and the
-//! data-parallel replicas staying identical; a trainer resumed from a copy of its state
+//! data-parallel replicas staying identical; so do two pipeline stages (with tp and dp, over
+//! micro-batches), whose tied embedding copies stay identical; a trainer resumed from a copy of its state
 //! continues bit-identically; the schedule and clipping behave as documented.
 
 use ferrotron_cpu::Cpu;
@@ -92,6 +93,81 @@ fn curve(g: &Graph, tp: u64, dp: u64) -> Vec<(f32, f64)> {
         assert!(t.weights == ranks[i % tp].weights && t.m == ranks[i % tp].m);
     }
     curve
+}
+
+/// The loss curve of `g` (its whole batch 4) cut into `pp` stages of `micro_batches`.
+fn pipelined_curve(tp: u64, pp: u64, dp: u64, micro_batches: u64) -> Vec<(f32, f64)> {
+    let whole = tiny_gpt();
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/tiny-gpt.ron"
+    ));
+    let opts = LoadOptions {
+        overrides: vec![("batch".into(), 4 / micro_batches), ("seq".into(), 16)],
+        ..LoadOptions::default()
+    };
+    let g = load_model(&path, &opts).unwrap();
+    let plan = partition(
+        &g,
+        &PartitionOptions {
+            tp,
+            dp,
+            pp,
+            micro_batches,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    let mut ranks = trainers(&plan, &init_params(&whole, 5));
+    let mut data = Batches::new(corpus(), 0);
+    let curve = (0..20)
+        .map(|_| {
+            let s = step(&mut ranks, &data.next("tokens", 4, 16));
+            (s.loss, s.grad_norm)
+        })
+        .collect();
+    let per_stage = (tp * dp) as usize;
+    for (i, t) in ranks.iter().enumerate() {
+        // Data-parallel replicas hold the same shards, to the bit.
+        let first = i - i % per_stage + i % tp as usize;
+        assert!(t.weights == ranks[first].weights && t.m == ranks[first].m);
+    }
+    // The embedding's copies on the first and last stage, to the bit.
+    let pipe = plan.pipeline.as_ref().unwrap();
+    for tied in &pipe.tied {
+        let at = |s: u32| {
+            let held = plan.params_on(s as usize);
+            let k = held.iter().position(|&p| p == tied.param).unwrap();
+            &ranks[s as usize * per_stage].weights[k]
+        };
+        for &h in &tied.holders {
+            assert!(at(h) == at(tied.owner), "tied copies differ");
+        }
+    }
+    curve
+}
+
+#[test]
+fn pipelined_training_follows_the_one_rank_curve() {
+    let one = curve(&tiny_gpt(), 1, 1);
+    for (tp, pp, dp, m) in [(1, 2, 1, 2), (2, 2, 1, 4), (1, 2, 2, 2)] {
+        let other = pipelined_curve(tp, pp, dp, m);
+        for (step, (a, b)) in one.iter().zip(&other).enumerate() {
+            let cfg = format!("tp={tp} pp={pp} dp={dp} M={m} step {step}");
+            assert!(
+                ((a.0 - b.0) / a.0).abs() < 1e-3,
+                "{cfg}: loss {} vs {}",
+                b.0,
+                a.0
+            );
+            assert!(
+                ((a.1 - b.1) / a.1).abs() < 1e-2,
+                "{cfg}: norm {} vs {}",
+                b.1,
+                a.1
+            );
+        }
+    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub use error::ExecError;
 pub use kernel::{KernelError, Placement, VocabShard};
 pub use link::{Link, Mailbox, Tag};
 pub use program::{Executable, RunOptions};
-pub use rank::{Groups, Rank, RankResult, TraceEvent};
+pub use rank::{Groups, Rank, RankResult, Span, TraceEvent};
 pub use run::{
     gather_params, run, run_sharded, shard_params, shard_params_for, upload_params, weights_for,
     Run,

@@ -81,8 +81,24 @@ pub struct RankResult<T = Tensor> {
     pub forward: Duration,
     /// See `forward`.
     pub backward: Duration,
+    /// Each pipeline step run (a micro-batch's forward or backward part), in order; one
+    /// forward and one backward without a pipeline.
+    pub spans: Vec<Span>,
     /// With `trace`: each step run, in order.
     pub events: Vec<TraceEvent>,
+}
+
+/// One micro-batch's forward or backward part on a rank, as it ran.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    /// Which.
+    pub step: PipeStep,
+    /// When it started, from the rank's start.
+    pub start: Duration,
+    /// How long it took.
+    pub took: Duration,
+    /// Of that, the time spent waiting for another stage's transfer.
+    pub waited: Duration,
 }
 
 /// One step of a traced run.
@@ -209,9 +225,74 @@ impl<B: Backend> Rank<B> {
                 exe,
                 stage: self.coord.pp,
                 micro_batch: Cell::new(0),
+                waited: Cell::new(Duration::ZERO),
             }
             .run(&params, weights, batch)
         })
+    }
+
+    /// Sums `x` over the pipeline stages (this rank and its peers at the same tensor- and
+    /// data-parallel place), exactly and in stage order, so every stage gets the same sums: the
+    /// gradient norm's addends, the last stage's loss. `seq` tells successive calls apart.
+    pub fn sum_over_stages<const N: usize>(
+        &self,
+        x: [f64; N],
+        seq: u32,
+    ) -> Result<[f64; N], ExecError> {
+        let (Some(link), true) = (&self.link, self.mesh.pp > 1) else {
+            return Ok(x);
+        };
+        let be = &self.backend;
+        let failed = |e: String| ExecError::Plan(format!("summing over the stages: {e}"));
+        let comm = |error| ExecError::Comm {
+            at: self.coord,
+            node: "the sums over the stages".into(),
+            error,
+        };
+        // Each f64 travels as four 16-bit pieces in an integer tensor: exact on any backend.
+        let pieces: Vec<f32> = x
+            .iter()
+            .flat_map(|v| (0..4).map(move |k| ((v.to_bits() >> (16 * k)) & 0xffff) as f32))
+            .collect();
+        let tensor = Tensor {
+            shape: vec![pieces.len()],
+            data: pieces,
+        };
+        let tag = Tag {
+            transfer: u32::MAX,
+            micro_batch: seq,
+        };
+        let me = self.index();
+        let stages = self.mesh.pp as usize;
+        for s in (0..stages).filter(|&s| s != self.coord.pp) {
+            let t = be
+                .upload(&tensor, ferrotron_ir::DType::I32)
+                .map_err(|e| failed(e.to_string()))?;
+            link.send(me, self.mesh.peer(self.coord, s), tag, t)
+                .map_err(comm)?;
+        }
+        let mut sums = [0f64; N];
+        for s in 0..stages {
+            let part = if s == self.coord.pp {
+                x
+            } else {
+                let t = link
+                    .recv(self.mesh.peer(self.coord, s), me, tag)
+                    .map_err(comm)?;
+                let t = be.download(&t).map_err(|e| failed(e.to_string()))?;
+                let mut part = [0f64; N];
+                for (i, v) in part.iter_mut().enumerate() {
+                    let bits =
+                        (0..4).fold(0u64, |b, k| b | ((t.data[4 * i + k] as u64) << (16 * k)));
+                    *v = f64::from_bits(bits);
+                }
+                part
+            };
+            for (sum, v) in sums.iter_mut().zip(part) {
+                *sum += v;
+            }
+        }
+        Ok(sums)
     }
 
     /// Sums a host scalar over this rank's group along `axis` (a loss addend, a norm).
@@ -310,6 +391,8 @@ struct Runner<'a, B: Backend> {
     stage: usize,
     /// The micro-batch being run (dropout masks are those of its rows of the full batch).
     micro_batch: Cell<u32>,
+    /// Time spent waiting for other stages' transfers so far.
+    waited: Cell<Duration>,
 }
 
 /// The vocabulary-parallel cross-entropy's statistics on this rank, reduced over the group.
@@ -406,6 +489,7 @@ impl<B: Backend> Runner<'_, B> {
         let start = Instant::now();
         let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
         let mut events = Vec::new();
+        let mut spans = Vec::new();
         let steps = exe.program.steps.len();
         let bw = exe.program.backward_start;
         // A device runs behind the host: times are taken once its queued work is done.
@@ -431,6 +515,7 @@ impl<B: Backend> Runner<'_, B> {
                     self.walk(0..bw, &mut values, &mut bytes, &mut events, start)?;
                     fence("after the forward pass")?;
                     forward += start.elapsed() - began;
+                    spans.push(self.span(step, began, start));
                     if exe.opts.forward_only {
                         self.keep(m, values, &mut kept, &mut bytes)?;
                     } else {
@@ -450,6 +535,7 @@ impl<B: Backend> Runner<'_, B> {
                     self.walk(bw..steps, &mut values, &mut bytes, &mut events, start)?;
                     fence("after the backward pass")?;
                     backward += start.elapsed() - began;
+                    spans.push(self.span(step, began, start));
                     self.keep(m, values, &mut kept, &mut bytes)?;
                 }
             }
@@ -468,10 +554,21 @@ impl<B: Backend> Runner<'_, B> {
             values,
             micro_batches: if micro > 1 { kept.outputs } else { Vec::new() },
             peak_bytes: bytes.peak,
+            spans,
             forward,
             backward,
             events,
         })
+    }
+
+    /// The span of `step`, begun at `began` (from `start`), ending now; the wait it saw.
+    fn span(&self, step: PipeStep, began: Duration, start: Instant) -> Span {
+        Span {
+            step,
+            start: began,
+            took: start.elapsed() - began,
+            waited: self.waited.replace(Duration::ZERO),
+        }
     }
 
     /// Runs this stage's steps in `range` on one micro-batch's `values`: receives what another
@@ -653,9 +750,10 @@ impl<B: Backend> Runner<'_, B> {
             transfer: k as u32,
             micro_batch: self.micro_batch.get(),
         };
-        link.recv(from, self.rank.index(), tag)
-            .map(Some)
-            .map_err(|e| self.comm_error(n, e))
+        let began = Instant::now();
+        let x = link.recv(from, self.rank.index(), tag);
+        self.waited.set(self.waited.get() + began.elapsed());
+        x.map(Some).map_err(|e| self.comm_error(n, e))
     }
 
     /// Sends `x` (value `v`, just made) to every stage that reads it, moving it to the last one

@@ -14,6 +14,7 @@ use crate::rank::{Rank, RankResult};
 use crate::Tensor;
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{NodeId, ParamId, ValueDef, ValueId};
+use ferrotron_partitioner::pipeline::PipeStep;
 use ferrotron_partitioner::{mesh, Coord, Mesh, ParamShard, Plan};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -240,14 +241,28 @@ impl<'p, B: Backend> Run<'p, B> {
             let c = self.plan.mesh.coord(i);
             let meta = format!(
                 "{{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":0,\"tid\":{i},\
-                 \"args\":{{\"name\":\"rank tp {} dp {}\"}}}}",
-                c.tp, c.dp
+                 \"args\":{{\"name\":\"rank {i} ({c})\"}}}}"
             );
             if !first {
                 out.push(',');
             }
             first = false;
             out.push_str(&meta);
+            // With several micro-batches, each one's forward and backward part as a slice
+            // around its ops: the schedule's pattern.
+            for span in r.spans.iter().filter(|_| self.plan.pipeline.is_some()) {
+                let (name, cat) = match span.step {
+                    PipeStep::Forward(m) => (format!("F{m}"), "forward step"),
+                    PipeStep::Backward(m) => (format!("B{m}"), "backward step"),
+                };
+                out.push_str(&format!(
+                    ",{{\"name\":\"{name}\",\"cat\":\"{cat}\",\"ph\":\"X\",\"pid\":0,\
+                     \"tid\":{i},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"waited_ms\":{:.3}}}}}",
+                    span.start.as_secs_f64() * 1e6,
+                    span.took.as_secs_f64() * 1e6,
+                    span.waited.as_secs_f64() * 1e3
+                ));
+            }
             for e in &r.events {
                 let n = e.node;
                 let node = &self.plan.graph.nodes[n];
@@ -261,10 +276,12 @@ impl<'p, B: Backend> Run<'p, B> {
                 let name = node.name.replace('\\', "\\\\").replace('"', "\\\"");
                 out.push_str(&format!(
                     ",{{\"name\":\"{name}\",\"cat\":\"{cat}\",\"ph\":\"X\",\"pid\":0,\
-                     \"tid\":{i},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"op\":\"{}\"}}}}",
+                     \"tid\":{i},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"op\":\"{}\",\
+                     \"micro_batch\":{}}}}}",
                     e.start.as_secs_f64() * 1e6,
                     e.took.as_secs_f64() * 1e6,
-                    e.op
+                    e.op,
+                    e.micro_batch
                 ));
             }
         }
@@ -413,6 +430,26 @@ impl<'p, B: Backend> Run<'p, B> {
             .output(name)
             .ok_or_else(|| ExecError::Plan(format!("no output `{name}`")))?;
         self.gather(v)
+    }
+
+    /// Each rank's idle fraction of the step: the time it did not compute (it waited for
+    /// another stage, or had nothing to run yet or any more) over the step's span, from the
+    /// first rank's start to the last rank's end.
+    pub fn idle_fractions(&self) -> Vec<f64> {
+        let end =
+            |r: &RankResult<B::Tensor>| r.spans.last().map_or(Duration::ZERO, |s| s.start + s.took);
+        let step = self.ranks.iter().map(end).max().unwrap_or_default();
+        self.ranks
+            .iter()
+            .map(|r| {
+                let busy: Duration = r
+                    .spans
+                    .iter()
+                    .map(|s| s.took.saturating_sub(s.waited))
+                    .sum();
+                1.0 - busy.as_secs_f64() / step.as_secs_f64().max(1e-12)
+            })
+            .collect()
     }
 
     /// The largest peak of live tensor bytes over the ranks.

@@ -22,8 +22,7 @@ use crate::program::{Executable, RunOptions};
 use crate::rank::Rank;
 use crate::run::{gather_params, shard_params_for, upload_rank};
 use crate::Tensor;
-use ferrotron_ir::graph::EntityRef;
-use ferrotron_ir::MeshAxis;
+use ferrotron_ir::{MeshAxis, ParamId};
 use ferrotron_partitioner::{Layout, Plan};
 use std::collections::HashMap;
 
@@ -136,13 +135,6 @@ impl<'p, B: Backend> Trainer<'p, B> {
                 rank.mesh.tp, rank.mesh.dp, plan.mesh.tp, plan.mesh.dp
             )));
         }
-        if plan.mesh.pp > 1 {
-            return Err(ExecError::Plan(
-                "training over pipeline stages is not built yet: train with --pp 1 (run and \
-                 verify take --pp)"
-                    .into(),
-            ));
-        }
         let host = shard_params_for(plan, params, rank.coord)?;
         let zeros: Vec<Tensor> = host
             .iter()
@@ -187,32 +179,46 @@ impl<'p, B: Backend> Trainer<'p, B> {
         let (w, m, v) = (&mut self.weights, &mut self.m, &mut self.v);
         let stats = rank.guard(|| {
             let values = result.values;
-            // Each data-parallel rank holds its addend of the loss.
-            let loss_value = values
-                .get(&plan.loss)
-                .ok_or_else(|| ExecError::Plan("the loss was not kept".into()))?;
-            let mut loss = [be.read_scalar(loss_value).map_err(device)?];
+            // Each data-parallel rank of the last stage holds its addend of the loss.
+            let mut loss = [match values.get(&plan.loss) {
+                Some(x) => be.read_scalar(x).map_err(device)?,
+                None if rank.coord.pp + 1 < plan.mesh.pp as usize => 0.0,
+                None => return Err(ExecError::Plan("the loss was not kept".into())),
+            }];
             rank.sum_over(MeshAxis::Dp, &mut loss, "the loss")?;
-            let grads = take_grads(plan, values)?;
+            let params = plan.params_on(rank.coord.pp);
+            let grads = take_grads(plan, &params, values)?;
             // The global norm: split parameters' shards summed over the tp group, replicated ones
-            // counted once (on tp rank 0). Gradients are already reduced over dp.
+            // counted once (on tp rank 0), a tied one once (on the stage that summed it), then
+            // the stages' sums added. Gradients are already reduced over dp.
             let mut sumsq = 0.0f64;
-            for (p, _) in plan.graph.params.iter() {
+            for (&p, g) in params.iter().zip(&grads) {
                 let split = matches!(plan.shard(p).layout.tp, Layout::Split(_));
-                if let (Some(g), true) = (&grads[p.index()], split || rank.coord.tp == 0) {
+                let owner = plan
+                    .pipeline
+                    .as_ref()
+                    .and_then(|pipe| pipe.grad_owner(p))
+                    .is_none_or(|s| s as usize == rank.coord.pp);
+                if let (Some(g), true) = (g, (split || rank.coord.tp == 0) && owner) {
                     sumsq += be.sum_squares(g).map_err(device)?;
                 }
             }
-            let norm = all_gather_f64(rank, MeshAxis::Tp, sumsq)?
+            let stage_sumsq = all_gather_f64(rank, MeshAxis::Tp, sumsq)?
                 .into_iter()
-                .sum::<f64>()
-                .sqrt();
+                .sum::<f64>();
+            // Every stage learns the others' sums and the last stage's loss.
+            let seq = u32::try_from(step).unwrap_or(u32::MAX);
+            let [stage_sumsq, stage_loss] =
+                rank.sum_over_stages([stage_sumsq, f64::from(loss[0])], seq)?;
+            let norm = stage_sumsq.sqrt();
+            loss[0] = stage_loss as f32;
             let clip = clip_factor(config, norm);
             let lr = config.lr_at(step);
             let step1 = u32::try_from(step + 1)
                 .map_err(|_| ExecError::Plan("more than 2^32 steps".into()))?;
             for (i, g) in grads.into_iter().enumerate() {
                 let Some(g) = g else { continue };
+                // Tied copies receive the same summed gradient: they stay identical.
                 // Matrices and embeddings decay; biases and norm weights do not.
                 let decay = if be.shape(&w[i]).len() >= 2 {
                     config.weight_decay
@@ -248,6 +254,11 @@ impl<'p, B: Backend> Trainer<'p, B> {
     /// Every rank of the job calls it; the rank at tp 0, dp 0 gets `Some`, the others `None`
     /// (data-parallel replicas hold the same shards and do not take part).
     pub fn gather_state(&self) -> Result<Option<[HashMap<String, Tensor>; 3]>, ExecError> {
+        if self.plan.mesh.pp > 1 {
+            return Err(ExecError::Plan(
+                "gathering the state of pipeline stages is not built yet".into(),
+            ));
+        }
         if self.rank.coord.dp != 0 {
             return Ok(None);
         }
@@ -355,20 +366,22 @@ fn clip_factor(config: &TrainConfig, norm: f64) -> f64 {
     }
 }
 
-/// A rank's gradient shards out of its kept values, at their parameter's index (`None` for a
-/// parameter the loss ignores).
+/// A rank's gradient shards out of its kept values, one per parameter of `params` (its stage's),
+/// `None` for a parameter the loss ignores.
 fn take_grads<T>(
     plan: &Plan,
+    params: &[ParamId],
     mut values: HashMap<ferrotron_ir::ValueId, T>,
 ) -> Result<Vec<Option<T>>, ExecError> {
-    let mut out: Vec<Option<T>> = (0..plan.graph.params.len()).map(|_| None).collect();
-    for (p, g) in &plan.grads {
-        let x = values.remove(g).ok_or_else(|| {
-            ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[*p].name))
-        })?;
-        out[p.index()] = Some(x);
-    }
-    Ok(out)
+    params
+        .iter()
+        .map(|&p| match plan.grads.iter().find(|(q, _)| *q == p) {
+            None => Ok(None),
+            Some((_, g)) => values.remove(g).map(Some).ok_or_else(|| {
+                ExecError::Plan(format!("no gradient for `{}`", plan.graph.params[p].name))
+            }),
+        })
+        .collect()
 }
 
 /// Consecutive windows of a token stream as `[batch, seq]` batches, from a position that a
