@@ -230,3 +230,90 @@ fn export_writes_svg_and_dot() {
     assert!(!out.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn pipeline_stages_rank_coordinates_and_plan_files() {
+    let j = json(&ferrotron(&[
+        "partition",
+        "models/tiny-gpt.ron",
+        "--dim",
+        "layers=4",
+        "--dim",
+        "batch=4",
+        "--tp",
+        "2",
+        "--dp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batches",
+        "2",
+        "--json",
+    ]));
+    // Ranks: tp fastest, then dp, then pp.
+    let ranks = j["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 8);
+    assert_eq!(
+        (&ranks[5]["tp"], &ranks[5]["dp"], &ranks[5]["pp"]),
+        (&1.into(), &0.into(), &1.into())
+    );
+    let p = &j["pipeline"];
+    assert_eq!(p["stages"], 2);
+    assert_eq!(p["micro_batches"], 2);
+    assert_eq!(p["schedule"], "1f1b");
+    assert!((p["bubble_fraction"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-12);
+    assert_eq!(p["tied"][0]["param"], "wte");
+    assert_eq!(p["per_stage"].as_array().unwrap().len(), 2);
+    // The text report says where the tied gradient is summed.
+    let out = ferrotron(&[
+        "partition",
+        "models/tiny-gpt.ron",
+        "--dim",
+        "layers=3",
+        "--pp",
+        "3",
+        "--micro-batches",
+        "2",
+        "--stage-layers",
+        "1,1,1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("tied: `wte` is held by stages 0 and 2; its gradient is summed on stage 0"),
+        "{text}"
+    );
+    // A pipelined plan round-trips through a plan file.
+    let dir = std::env::temp_dir().join(format!("ferrotron-pp-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plan.ron");
+    let out = ferrotron(&[
+        "partition",
+        "models/tiny-gpt.ron",
+        "--pp",
+        "2",
+        "--micro-batches",
+        "2",
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let plan = ferrotron_partitioner::Plan::from_ron(&text, "plan.ron").unwrap();
+    assert_eq!(plan.pipeline.as_ref().unwrap().stages, 2);
+    std::fs::remove_dir_all(&dir).ok();
+    // Impossible cuts say what would be valid.
+    let out = ferrotron(&["partition", "models/tiny-gpt.ron", "--pp", "3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("valid --pp: 1 to 2"));
+    let out = ferrotron(&["partition", "models/tiny-gpt.ron", "--micro-batches", "3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("valid: 1, 2"));
+}

@@ -35,6 +35,91 @@ fn run_verify_json() {
 }
 
 #[test]
+fn pipelined_run_verify_json_reports_the_bubble_and_each_stage() {
+    let out = ferrotron(&[
+        "run",
+        "models/tiny-gpt.ron",
+        "--dim",
+        "layers=4",
+        "--dim",
+        "batch=4",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batches",
+        "4",
+        "--verify",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["verified"], true, "{j}");
+    assert!(j["max_rel_error"].as_f64().unwrap() < 1e-4);
+    assert_eq!(
+        (j["pp"].as_u64(), j["micro_batches"].as_u64()),
+        (Some(2), Some(4))
+    );
+    assert!((j["bubble_fraction"].as_f64().unwrap() - 0.2).abs() < 1e-12);
+    for key in ["peak_bytes_per_stage", "estimated_bytes_per_stage"] {
+        let per = j[key].as_array().unwrap_or_else(|| panic!("{key}: {j}"));
+        assert_eq!(per.len(), 2);
+        assert!(per.iter().all(|b| b.as_u64().unwrap() > 0), "{key}: {j}");
+    }
+    let idle = j["idle_fraction_per_stage"].as_array().unwrap();
+    assert!(idle
+        .iter()
+        .all(|f| (0.0..1.0).contains(&f.as_f64().unwrap())));
+    // A trace shows each micro-batch's forward and backward part on every rank.
+    let dir = std::env::temp_dir().join(format!("ferrotron-pp-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("trace.json");
+    let out = ferrotron(&[
+        "run",
+        "models/tiny-gpt.ron",
+        "--pp",
+        "2",
+        "--micro-batches",
+        "2",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let steps: Vec<(u64, String)> = t["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cat"].as_str().is_some_and(|c| c.ends_with(" step")))
+        .map(|e| {
+            (
+                e["tid"].as_u64().unwrap(),
+                e["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let on = |tid| -> Vec<&str> {
+        steps
+            .iter()
+            .filter(|(t, _)| *t == tid)
+            .map(|(_, n)| n.as_str())
+            .collect()
+    };
+    assert_eq!(on(0), ["F0", "F1", "B0", "B1"], "stage 0 warms up");
+    assert_eq!(on(1), ["F0", "B0", "F1", "B1"], "stage 1 alternates");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn run_text_and_errors() {
     let out = ferrotron(&["run", "models/tiny-llama.ron", "--tp", "2", "--verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
