@@ -91,12 +91,6 @@ pub fn train(args: TrainArgs) -> Result<()> {
         dims[0] as usize * plan.micro_batches() as usize,
         dims[1] as usize,
     );
-    if plan.mesh.pp > 1 && (args.save.is_some() || args.resume.is_some()) {
-        anyhow::bail!(
-            "checkpoints of training over pipeline stages are not built yet: train with --pp 1 \
-             to --save or --resume"
-        );
-    }
     // The classes the loss predicts over: what every token must index.
     let vocab = graph
         .order

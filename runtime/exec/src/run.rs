@@ -13,7 +13,7 @@ use crate::program::{Executable, RunOptions};
 use crate::rank::{Rank, RankResult};
 use crate::Tensor;
 use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::{NodeId, ParamId, ValueDef, ValueId};
+use ferrotron_ir::{NodeId, ValueDef, ValueId};
 use ferrotron_partitioner::pipeline::PipeStep;
 use ferrotron_partitioner::{mesh, Coord, Mesh, ParamShard, Plan};
 use std::collections::HashMap;
@@ -129,39 +129,54 @@ pub fn shard_params(
 }
 
 /// Full weights (model shapes, by name) from shards as [`shard_params`] makes them: the inverse.
-/// Data-parallel replicas hold the same shards, so each parameter is read from the first
-/// replica of the first stage that holds it (`shards` may stop after the last rank read: at
-/// `shards[..tp]` without a pipeline).
+/// Data-parallel replicas hold the same shards, so each stage's parameters are read from its
+/// first replica (`shards` may stop after the last rank read: at `shards[..tp]` without a
+/// pipeline); a parameter several stages hold, from the first of them.
 pub fn gather_params(
     plan: &Plan,
     shards: &[Vec<Tensor>],
 ) -> Result<HashMap<String, Tensor>, ExecError> {
-    let g = &plan.graph;
+    let tp = plan.mesh.tp as usize;
+    let mut out = HashMap::with_capacity(plan.graph.params.len());
+    for stage in (0..plan.mesh.pp.max(1) as usize).rev() {
+        let first = stage * plan.mesh.stage_ranks();
+        let Some(ranks) = shards.get(first..first + tp) else {
+            return Err(ExecError::Plan(format!(
+                "{} ranks of shards given, stage {stage}'s first are {first} to {}",
+                shards.len(),
+                first + tp - 1
+            )));
+        };
+        out.extend(gather_stage_params(plan, stage, ranks)?);
+    }
+    Ok(out)
+}
+
+/// Full weights of stage `stage`'s parameters ([`Plan::params_on`]) from the shards of its
+/// first data-parallel replica's tensor-parallel ranks (`shards[tp][k]`, the stage's `k`-th
+/// parameter).
+pub fn gather_stage_params(
+    plan: &Plan,
+    stage: usize,
+    shards: &[Vec<Tensor>],
+) -> Result<HashMap<String, Tensor>, ExecError> {
     let replica = Mesh::new(plan.mesh.tp, 1);
-    let held: Vec<Vec<ParamId>> = (0..plan.mesh.pp.max(1) as usize)
-        .map(|s| plan.params_on(s))
-        .collect();
-    let mut out = HashMap::with_capacity(g.params.len());
-    for (p, data) in g.params.iter() {
+    let held = plan.params_on(stage);
+    let mut out = HashMap::with_capacity(held.len());
+    for (k, &p) in held.iter().enumerate() {
+        let data = &plan.graph.params[p];
         let shard = plan.shard(p);
         let (padded, model) = param_shapes(shard);
-        // From the first stage holding it: its first data-parallel replica's tp ranks.
-        let stage = plan.stage_of_value(data.value);
-        let Some(at) = held[stage].iter().position(|&q| q == p) else {
-            return Err(ExecError::Plan(format!("no stage holds `{}`", data.name)));
-        };
-        let first = stage * plan.mesh.stage_ranks();
-        let parts = (first..first + replica.ranks())
+        let parts = (0..replica.ranks())
             .map(|r| {
                 shards
                     .get(r)
-                    .and_then(|s| s.get(at))
+                    .and_then(|s| s.get(k))
                     .map(|t| t.data.as_slice())
                     .ok_or_else(|| {
                         ExecError::Plan(format!(
-                            "`{}`: {} ranks of shards given, rank {r} holds it",
-                            data.name,
-                            shards.len()
+                            "`{}`: no shard from tp rank {r} of stage {stage}",
+                            data.name
                         ))
                     })
             })

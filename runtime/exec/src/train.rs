@@ -18,12 +18,13 @@ use crate::backend::{AdamW, Backend};
 use crate::comm::Comm;
 use crate::error::ExecError;
 use crate::kernel::KernelError;
+use crate::link::Tag;
 use crate::program::{Executable, RunOptions};
 use crate::rank::Rank;
-use crate::run::{gather_params, shard_params_for, upload_rank};
+use crate::run::{gather_stage_params, shard_params_for, upload_rank};
 use crate::Tensor;
 use ferrotron_ir::{MeshAxis, ParamId};
-use ferrotron_partitioner::{Layout, Plan};
+use ferrotron_partitioner::{Coord, Layout, Plan};
 use std::collections::HashMap;
 
 /// Optimizer and schedule settings.
@@ -254,11 +255,6 @@ impl<'p, B: Backend> Trainer<'p, B> {
     /// Every rank of the job calls it; the rank at tp 0, dp 0 gets `Some`, the others `None`
     /// (data-parallel replicas hold the same shards and do not take part).
     pub fn gather_state(&self) -> Result<Option<[HashMap<String, Tensor>; 3]>, ExecError> {
-        if self.plan.mesh.pp > 1 {
-            return Err(ExecError::Plan(
-                "gathering the state of pipeline stages is not built yet".into(),
-            ));
-        }
         if self.rank.coord.dp != 0 {
             return Ok(None);
         }
@@ -269,13 +265,69 @@ impl<'p, B: Backend> Trainer<'p, B> {
         if self.rank.coord.tp != 0 {
             return Ok(None);
         }
+        let stage = self.rank.coord.pp;
         let mut full = state
             .iter()
-            .map(|ranks| gather_params(self.plan, ranks))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter();
+            .map(|ranks| gather_stage_params(self.plan, stage, ranks))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.plan.mesh.pp > 1 {
+            self.gather_stages(&mut full)?;
+            if stage != 0 {
+                return Ok(None);
+            }
+        }
+        let mut full = full.into_iter();
         let mut next = || full.next().unwrap_or_default();
         Ok(Some([next(), next(), next()]))
+    }
+
+    /// The stages' full tensors (`full`: this stage's, one map per group) brought to the first
+    /// stage's leader: every other stage's leader (tp 0, dp 0) sends its own, the first adds
+    /// them to `full`.
+    fn gather_stages(&self, full: &mut [HashMap<String, Tensor>]) -> Result<(), ExecError> {
+        let rank = &self.rank;
+        let Some(link) = &rank.link else {
+            return Err(ExecError::Plan(format!(
+                "rank ({}) of a pipeline has no link to the other stages",
+                rank.coord
+            )));
+        };
+        let be = &rank.backend;
+        let plan = self.plan;
+        let failed = |e: String| ExecError::Plan(format!("gathering the stages' state: {e}"));
+        let comm = |error| ExecError::Comm {
+            at: rank.coord,
+            node: "the stages' state".into(),
+            error,
+        };
+        let leader = |pp| rank.mesh.rank(Coord { tp: 0, dp: 0, pp });
+        let tag = |group: usize, k: usize| Tag {
+            transfer: u32::MAX - 1 - group as u32,
+            micro_batch: k as u32,
+        };
+        let me = rank.index();
+        if rank.coord.pp != 0 {
+            for (group, tensors) in full.iter().enumerate() {
+                for (k, p) in plan.params_on(rank.coord.pp).into_iter().enumerate() {
+                    let t = &tensors[&plan.graph.params[p].name];
+                    let t = be.upload_master(t).map_err(|e| failed(e.to_string()))?;
+                    link.send(me, leader(0), tag(group, k), t).map_err(comm)?;
+                }
+            }
+            return Ok(());
+        }
+        for stage in 1..plan.mesh.pp as usize {
+            for (group, tensors) in full.iter_mut().enumerate() {
+                for (k, p) in plan.params_on(stage).into_iter().enumerate() {
+                    let t = link.recv(leader(stage), me, tag(group, k)).map_err(comm)?;
+                    let t = be.download(&t).map_err(|e| failed(e.to_string()))?;
+                    tensors
+                        .entry(plan.graph.params[p].name.clone())
+                        .or_insert(t);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every tp rank's tensors of `which`, on the host of tp rank 0 (`[tp][param]`; empty on

@@ -1,15 +1,20 @@
 //! Sharded checkpoints: groups of full tensors (weights, Adam's moments) saved as each
-//! tensor-parallel rank holds them, read back whole, and rewritten for another plan.
+//! tensor-parallel rank of each pipeline stage holds them, read back whole, and rewritten for
+//! another plan (any other tp and pp).
 //!
 //! ```text
 //! dir/
 //!   meta.json              CheckpointMeta: step, seed, data position, trainer config (`extra`),
 //!                          and for every parameter its model shape, padded shape, split
-//!                          dimension, blocks and each rank's ranges of that dimension
+//!                          dimension, blocks, each rank's ranges of that dimension and the
+//!                          stages holding it
 //!   rank-0.safetensors     rank 0's shard of every group's tensors, keys `{group}/{param}`
 //!   ...
 //!   rank-{tp-1}.safetensors
 //! ```
+//!
+//! With pipeline stages the files are per stage too, `stage-{s}-rank-{t}.safetensors`, each
+//! holding the stage's parameters (a tied one in each of its stages' files).
 //!
 //! A rank file holds exactly what [`ferrotron_exec::shard_params`] hands that rank (vocabulary
 //! padding included, as zeros), so a rank can start from its own file alone; replicated
@@ -47,6 +52,9 @@ pub struct CheckpointMeta {
     pub tp: u64,
     /// The data-parallel degree it was written at.
     pub dp: u64,
+    /// The pipeline stages it was written for (one set of rank files each).
+    #[serde(default = "one")]
+    pub pp: u64,
     /// The run's seed.
     pub seed: u64,
     /// Where the data loader is (samples or tokens consumed, as the trainer counts).
@@ -82,9 +90,25 @@ pub struct TensorLayout {
     /// For each rank, the ranges of the split dimension it holds, in the order laid out in its
     /// file (empty for a replicated parameter).
     pub ranges: Vec<Vec<Range<u64>>>,
+    /// The pipeline stages whose files hold it (empty: stage 0, the only one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<u32>,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl TensorLayout {
+    /// The stages whose files hold it.
+    pub fn stages(&self) -> Vec<u32> {
+        if self.stages.is_empty() {
+            vec![0]
+        } else {
+            self.stages.clone()
+        }
+    }
+
     /// The layout of `shard` over `tp` ranks.
     pub fn of(shard: &ParamShard, tp: u64) -> TensorLayout {
         let split = match shard.layout.tp {
@@ -101,6 +125,7 @@ impl TensorLayout {
             split,
             blocks: shard.blocks.max(1),
             ranges,
+            stages: Vec::new(),
         }
     }
 
@@ -269,9 +294,18 @@ impl From<SafetensorsError> for CheckpointError {
     }
 }
 
-/// The file of tensor-parallel rank `t` in checkpoint `dir`.
+/// The file of tensor-parallel rank `t` in checkpoint `dir` (of one pipeline stage).
 pub fn rank_file(dir: &Path, t: u64) -> PathBuf {
     dir.join(format!("rank-{t}.safetensors"))
+}
+
+/// The file of tensor-parallel rank `t` of stage `s` in a checkpoint of `pp` stages.
+pub fn stage_file(dir: &Path, pp: u64, s: u64, t: u64) -> PathBuf {
+    if pp <= 1 {
+        rank_file(dir, t)
+    } else {
+        dir.join(format!("stage-{s}-rank-{t}.safetensors"))
+    }
 }
 
 /// The description file of checkpoint `dir`.
@@ -299,12 +333,20 @@ pub fn save(
     let mut meta = meta.clone();
     meta.tp = tp;
     meta.dp = plan.mesh.dp.max(1);
+    meta.pp = plan.mesh.pp.max(1);
     meta.format = FORMAT;
     meta.groups = groups.iter().map(|(g, _)| (*g).to_owned()).collect();
     meta.tensors = plan
         .params
         .iter()
-        .map(|s| TensorLayout::of(s, tp))
+        .enumerate()
+        .map(|(i, s)| TensorLayout {
+            stages: match &plan.pipeline {
+                Some(pipe) => pipe.holders[i].clone(),
+                None => Vec::new(),
+            },
+            ..TensorLayout::of(s, tp)
+        })
         .collect();
 
     if let Ok(m) = std::fs::symlink_metadata(dir) {
@@ -397,22 +439,25 @@ fn write_files(
     meta: &CheckpointMeta,
     groups: &[(&str, &HashMap<String, Tensor>)],
 ) -> Result<(), CheckpointError> {
-    for t in 0..meta.tp {
-        let mut shards: Vec<(String, Tensor)> =
-            Vec::with_capacity(groups.len() * meta.tensors.len());
-        for &(group, tensors) in groups {
-            for layout in &meta.tensors {
-                let full = &tensors[&layout.name];
-                shards.push((key(group, &layout.name), shard_of(full, layout, t as usize)));
+    for s in 0..meta.pp {
+        for t in 0..meta.tp {
+            let mut shards: Vec<(String, Tensor)> =
+                Vec::with_capacity(groups.len() * meta.tensors.len());
+            for &(group, tensors) in groups {
+                for layout in held_by(meta, s) {
+                    let full = &tensors[&layout.name];
+                    shards.push((key(group, &layout.name), shard_of(full, layout, t as usize)));
+                }
             }
+            let refs: Vec<(&str, &Tensor)> = shards.iter().map(|(k, t)| (k.as_str(), t)).collect();
+            let header = HashMap::from([
+                ("format".to_owned(), "ferrotron-checkpoint".to_owned()),
+                ("rank".to_owned(), t.to_string()),
+                ("tp".to_owned(), meta.tp.to_string()),
+                ("stage".to_owned(), s.to_string()),
+            ]);
+            safetensors_io::write(&stage_file(tmp, meta.pp, s, t), &refs, Some(header))?;
         }
-        let refs: Vec<(&str, &Tensor)> = shards.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let header = HashMap::from([
-            ("format".to_owned(), "ferrotron-checkpoint".to_owned()),
-            ("rank".to_owned(), t.to_string()),
-            ("tp".to_owned(), meta.tp.to_string()),
-        ]);
-        safetensors_io::write(&rank_file(tmp, t), &refs, Some(header))?;
     }
     let path = meta_file(tmp);
     let text = serde_json::to_string_pretty(meta).map_err(|e| CheckpointError::InvalidMeta {
@@ -421,6 +466,13 @@ fn write_files(
     })?;
     write_synced(&path, text.as_bytes())?;
     sync_dir(tmp).map_err(|e| CheckpointError::io(tmp, e))
+}
+
+/// The tensors stage `s`'s files hold.
+fn held_by(meta: &CheckpointMeta, s: u64) -> impl Iterator<Item = &TensorLayout> {
+    meta.tensors
+        .iter()
+        .filter(move |l| l.stages().contains(&(s as u32)))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
@@ -460,13 +512,14 @@ pub fn load(
 ) -> Result<(CheckpointMeta, HashMap<String, HashMap<String, Tensor>>), CheckpointError> {
     let meta = read_meta(dir)?;
     let tp = meta.tp;
+    let files = || (0..meta.pp).flat_map(move |s| (0..tp).map(move |t| (s, t)));
     // Check every rank file's header first: a missing tensor or a wrong shape is reported
     // before anything large is allocated or read.
-    for t in 0..tp {
-        let path = rank_file(dir, t);
+    for (s, t) in files() {
+        let path = stage_file(dir, meta.pp, s, t);
         let shapes = read_header(&path, tp)?;
         for group in &meta.groups {
-            for layout in &meta.tensors {
+            for layout in held_by(&meta, s) {
                 let k = key(group, &layout.name);
                 let expected = layout.local_shape(t as usize);
                 match shapes.get(&k) {
@@ -495,10 +548,14 @@ pub fn load(
         .iter()
         .map(|_| meta.tensors.iter().map(|_| None).collect())
         .collect();
-    for t in 0..tp {
-        let file = SafetensorsFile::open(&rank_file(dir, t))?;
+    for (s, t) in files() {
+        let file = SafetensorsFile::open(&stage_file(dir, meta.pp, s, t))?;
         for (gi, group) in meta.groups.iter().enumerate() {
             for (pi, layout) in meta.tensors.iter().enumerate() {
+                // Each tensor is read from the first stage holding it.
+                if layout.stages()[0] as u64 != s {
+                    continue;
+                }
                 let slot = &mut full[gi][pi];
                 match layout.split {
                     None if t == 0 => *slot = Some(file.tensor(&key(group, &layout.name))?),
@@ -580,6 +637,19 @@ fn check_meta(meta: &CheckpointMeta) -> Result<(), String> {
     }
     if meta.tp == 0 || meta.tp > 1 << 20 {
         return Err(format!("tp = {} is not a rank count", meta.tp));
+    }
+    if meta.pp == 0 || meta.pp > 1 << 20 {
+        return Err(format!("pp = {} is not a stage count", meta.pp));
+    }
+    if let Some(l) = meta
+        .tensors
+        .iter()
+        .find(|l| l.stages().iter().any(|&s| u64::from(s) >= meta.pp))
+    {
+        return Err(format!(
+            "tensor `{}`: stages {:?} of {}",
+            l.name, l.stages, meta.pp
+        ));
     }
     let mut groups = HashSet::new();
     for g in &meta.groups {

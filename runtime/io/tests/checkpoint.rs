@@ -163,6 +163,73 @@ fn reshard_through_other_degrees_is_exact() {
     assert_eq!(tmp.entries(), ["tp1", "tp2", "tp4"]);
 }
 
+/// `g` partitioned at `tp` into `pp` stages.
+fn staged(g: &Graph, tp: u64, pp: u64) -> Plan {
+    partition(
+        g,
+        &PartitionOptions {
+            tp,
+            pp,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn reshard_between_tensor_and_pipeline_degrees_is_exact() {
+    let g = model(&[("layers", 4)]);
+    let s = state(&g);
+    let tmp = TempDir::new("reshard-pp");
+    let (a, b, c, d) = (
+        tmp.join("tp2pp2"),
+        tmp.join("tp1pp4"),
+        tmp.join("tp4pp1"),
+        tmp.join("back"),
+    );
+    checkpoint::save(&a, &staged(&g, 2, 2), &meta(), &refs(&s)).unwrap();
+    // Per stage and tp rank; the tied embedding in the first and last stage's files.
+    assert!(checkpoint::stage_file(&a, 2, 1, 1).exists());
+    let wte = |dir: &PathBuf, pp: u64, stage: u64| {
+        SafetensorsFile::open(&checkpoint::stage_file(dir, pp, stage, 0))
+            .unwrap()
+            .tensor("params/wte")
+            .is_ok()
+    };
+    assert!(wte(&a, 2, 0) && wte(&a, 2, 1));
+    checkpoint::reshard(&a, &b, &staged(&g, 1, 4)).unwrap();
+    assert!(wte(&b, 4, 0) && !wte(&b, 4, 1) && wte(&b, 4, 3));
+    checkpoint::reshard(&b, &c, &staged(&g, 4, 1)).unwrap();
+    checkpoint::reshard(&c, &d, &staged(&g, 2, 2)).unwrap();
+    for (dir, tp, pp) in [(&a, 2, 2), (&b, 1, 4), (&c, 4, 1), (&d, 2, 2)] {
+        let (m, groups) = checkpoint::load(dir).unwrap();
+        assert_meta_kept(&m, tp);
+        assert_eq!(m.pp, pp);
+        assert_same(&groups, &s);
+    }
+    // The round trip (2, 2) → (1, 4) → (4, 1) → (2, 2) wrote the same shards, bit for bit.
+    for stage in 0..2 {
+        for t in 0..2 {
+            let open = |dir: &PathBuf| {
+                SafetensorsFile::open(&checkpoint::stage_file(dir, 2, stage, t)).unwrap()
+            };
+            let (x, y) = (open(&a), open(&d));
+            let mut names = x.names();
+            names.sort();
+            let mut other = y.names();
+            other.sort();
+            assert_eq!(names, other, "stage {stage} rank {t}");
+            for n in names {
+                let bits = |t: Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(x.tensor(&n).unwrap()) == bits(y.tensor(&n).unwrap()),
+                    "{n}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn each_rank_file_holds_its_share() {
     let g = model(&[]);
