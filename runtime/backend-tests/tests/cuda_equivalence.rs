@@ -2,7 +2,8 @@
 //! models, partitioned at tp = 1, 2, 4, 8 and 3 (virtual ranks on one GPU, each on its own stream),
 //! with data parallelism and sequence parallelism, run on the GPU and compared with the
 //! unpartitioned model on the CPU on the same weights and batch: the loss, every output and
-//! every gradient, within the `f32` tolerances; in bf16 storage within bf16's.
+//! every gradient, within the `f32` tolerances; in bf16 storage within bf16's. Pipelined plans
+//! too: stages of virtual ranks passing their activations and gradients on the device.
 //!
 //! Without a GPU (or without the CUDA libraries) every test prints why it was skipped, on
 //! stderr, and returns; `cuda_emulated.rs` runs them all again on the CPU stand-in for the driver
@@ -117,6 +118,41 @@ fn tiny_gpt_f32_at_tp_1_2_4_8() {
     // Eight ranks need eight heads.
     let eight = model("tiny-gpt.ron", &[("batch", 4), ("heads", 8)]);
     check(&eight, 8, 1, false, Storage::F32);
+}
+
+#[test]
+fn pipeline_stages_on_virtual_ranks() {
+    // The whole batch of 4 in two micro-batches of 2, over two stages of two tp ranks each.
+    let whole = model("tiny-gpt.ron", &[("batch", 4), ("layers", 4)]);
+    let micro = model("tiny-gpt.ron", &[("batch", 2), ("layers", 4)]);
+    for (tp, pp) in [(2, 2), (1, 4)] {
+        let cfg = format!("tiny-gpt tp={tp} pp={pp} M=2");
+        let Some(cuda) = gpu((tp * pp) as usize, Storage::F32) else {
+            return;
+        };
+        let o = PartitionOptions {
+            tp,
+            pp,
+            micro_batches: 2,
+            ..PartitionOptions::default()
+        };
+        let plan = partition(&micro, &o).unwrap_or_else(|e| panic!("{cfg}: {e}"));
+        let reference = reference_plan(&whole).unwrap();
+        let params = test_params(&whole, 7);
+        let batch = random_batch(&whole, 7);
+        let opts = RunOptions::default();
+        let ours =
+            run(cuda, &plan, &params, &batch, &opts).unwrap_or_else(|e| panic!("{cfg}: {e}"));
+        let theirs = run(Cpu::default(), &reference, &params, &batch, &opts).unwrap();
+        let v = compare(&ours, &theirs, &params, &batch, &opts, Tolerances::F32)
+            .unwrap_or_else(|e| panic!("{cfg}: {e}"));
+        assert!(
+            v.passed(),
+            "{cfg}: {:#?}",
+            v.entries.iter().filter(|e| !e.ok()).collect::<Vec<_>>()
+        );
+        eprintln!("{cfg}: max relative error {:.2e}", v.max_rel_error());
+    }
 }
 
 #[test]
