@@ -1,15 +1,16 @@
 //! Which ranks of a job this process runs, and on which backend: every rank as a thread (the
 //! in-process launcher of `ferrotron-exec`), or, under `ferrotron launch`, the one rank the
 //! launcher gave it, its groups formed through the launcher's store (TCP between CPU ranks,
-//! NCCL between GPUs). Either way the subcommand then runs the same rank program on them.
+//! NCCL between GPUs) and, with pipeline stages, its link to the other stages (TCP, through host
+//! copies on a GPU). Either way the subcommand then runs the same rank program on them.
 
 use crate::args::{BackendArgs, BackendKind, Precision};
 use anyhow::{bail, Context, Result};
 use ferrotron_cpu::{Cpu, CpuComm};
 use ferrotron_exec::{launch, Backend, Groups, Rank};
 use ferrotron_ir::MeshAxis;
-use ferrotron_launch::{TcpGroup, WorkerEnv};
-use ferrotron_partitioner::Mesh;
+use ferrotron_launch::{Store, TcpGroup, TcpLink, WorkerEnv};
+use ferrotron_partitioner::{Coord, Mesh};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,10 +56,11 @@ pub fn with_ranks(
     if let Job::Worker(w) = job {
         if w.world_size != mesh.ranks() {
             bail!(
-                "the launcher started {} ranks, the plan needs tp × dp = {} × {} = {}",
+                "the launcher started {} ranks, the plan needs tp × dp × pp = {} × {} × {} = {}",
                 w.world_size,
                 mesh.tp,
                 mesh.dp,
+                mesh.pp,
                 mesh.ranks()
             );
         }
@@ -76,7 +78,8 @@ pub fn with_ranks(
     }
 }
 
-/// This worker's rank on the CPU backend: its groups are TCP groups met through the store.
+/// This worker's rank on the CPU backend: its groups are TCP groups met through the store, and
+/// its link to the other stages (with a pipeline) a TCP link.
 fn cpu_rank(w: &WorkerEnv, mesh: Mesh, cpu: Cpu) -> Result<Rank<Cpu>> {
     let store = w
         .connect_store()
@@ -92,20 +95,38 @@ fn cpu_rank(w: &WorkerEnv, mesh: Mesh, cpu: Cpu) -> Result<Rank<Cpu>> {
         tp: group(MeshAxis::Tp)?,
         dp: group(MeshAxis::Dp)?,
     };
-    Ok(Rank::new(mesh, coord, cpu, groups)?)
+    let rank = Rank::new(mesh, coord, cpu, groups)?;
+    Ok(match stage_link(&store, w, mesh, coord)? {
+        Some(link) => rank.with_link(Arc::new(link)),
+        None => rank,
+    })
+}
+
+/// With pipeline stages, this worker's link to the ranks of the other stages at its tensor- and
+/// data-parallel place (the ones it sends to and receives from), met through the store.
+fn stage_link(store: &Store, w: &WorkerEnv, mesh: Mesh, coord: Coord) -> Result<Option<TcpLink>> {
+    if mesh.pp <= 1 {
+        return Ok(None);
+    }
+    let members: Vec<usize> = (0..mesh.pp as usize).map(|s| mesh.peer(coord, s)).collect();
+    let name = format!("pp/tp{}/dp{}", coord.tp, coord.dp);
+    let link = TcpLink::connect(store, &name, &members, w.rank, w.timeout)
+        .context("joining the other pipeline stages")?;
+    Ok(Some(link))
 }
 
 /// The CUDA backend's ranks: virtual ranks on one GPU, or one GPU per worker with NCCL.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{Job, OnRanks};
+    use super::{stage_link, Job, OnRanks};
     use crate::args::{BackendArgs, Precision};
     use anyhow::{Context, Result};
     use ferrotron_cuda::{Cuda, CudaComm, Storage};
-    use ferrotron_exec::{launch, Groups, Rank};
-    use ferrotron_ir::MeshAxis;
-    use ferrotron_launch::WorkerEnv;
+    use ferrotron_exec::{launch, Backend, CommError, Groups, Link, Rank, Tag};
+    use ferrotron_ir::{DType, MeshAxis};
+    use ferrotron_launch::{TcpLink, WorkerEnv};
     use ferrotron_partitioner::Mesh;
+    use std::sync::Arc;
     use std::time::Duration;
 
     pub fn with_ranks(
@@ -133,7 +154,8 @@ mod cuda {
     }
 
     /// This worker's rank with NCCL groups, each group's unique id made by its member 0 and
-    /// shared through the launcher's store.
+    /// shared through the launcher's store; with pipeline stages, linked to the other stages by
+    /// a TCP link through host copies.
     fn nccl_rank(w: &WorkerEnv, mesh: Mesh, cuda: Cuda) -> Result<Rank<Cuda>> {
         let store = w
             .connect_store()
@@ -153,7 +175,57 @@ mod cuda {
             tp: group(MeshAxis::Tp)?,
             dp: group(MeshAxis::Dp)?,
         };
-        Ok(Rank::new(mesh, coord, cuda, groups)?)
+        let link = stage_link(&store, w, mesh, coord)?;
+        let rank = Rank::new(mesh, coord, cuda.clone(), groups)?;
+        Ok(match link {
+            Some(link) => rank.with_link(Arc::new(HostLink {
+                backend: cuda,
+                link,
+            })),
+            None => rank,
+        })
+    }
+
+    /// A [`TcpLink`] for device tensors: a send copies the tensor to the host, a receive copies
+    /// it to the device, held as its sender held it (`f32`, or the backend's compute type).
+    struct HostLink<B> {
+        backend: B,
+        link: TcpLink,
+    }
+
+    impl<B: Backend> HostLink<B> {
+        fn device_error(rank: usize, what: &str, e: impl std::fmt::Display) -> CommError {
+            CommError::PeerFailed {
+                rank,
+                why: format!("copying a pipeline transfer {what}: {e}"),
+            }
+        }
+    }
+
+    impl<B: Backend> Link<B::Tensor> for HostLink<B> {
+        fn send(&self, from: usize, to: usize, tag: Tag, t: B::Tensor) -> Result<(), CommError> {
+            let be = &self.backend;
+            let numel: usize = be.shape(&t).iter().product();
+            let kept_f32 = be.bytes(&t) >= 4 * numel;
+            let host = be
+                .download(&t)
+                .map_err(|e| Self::device_error(from, "to the host", e))?;
+            self.link.send_host(from, to, tag, host, kept_f32)
+        }
+
+        fn recv(&self, from: usize, to: usize, tag: Tag) -> Result<B::Tensor, CommError> {
+            let (host, kept_f32) = self.link.recv_host(from, to, tag)?;
+            // Backends keep integer-typed values exact, in `f32`: what the sender held in `f32`
+            // (ids, statistics, the stages' host sums) stays so.
+            let dtype = if kept_f32 { DType::I32 } else { DType::F32 };
+            self.backend
+                .upload(&host, dtype)
+                .map_err(|e| Self::device_error(to, "to the device", e))
+        }
+
+        fn abort(&self, rank: usize, why: &str) {
+            self.link.abort(rank, why);
+        }
     }
 }
 

@@ -65,7 +65,7 @@ fn a_world_size_that_is_not_the_mesh_is_an_error() {
     assert!(!ok, "{stdout}");
     let all = format!("{stdout}{stderr}");
     assert!(
-        all.contains("the launcher started 3 ranks, the plan needs tp × dp = 2 × 1 = 2"),
+        all.contains("the launcher started 3 ranks, the plan needs tp × dp × pp = 2 × 1 × 1 = 2"),
         "{all}"
     );
 }
@@ -163,6 +163,66 @@ fn training_with_a_rank_per_process_follows_training_in_one_process() {
             (x - y).abs() <= 1e-5 * x.abs(),
             "{a:?} vs resumed in one process {r:?}"
         );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pipeline_stages_as_processes_verify_and_train() {
+    // Every rank verifies its own stage's gradient shards; the loss crosses from the last stage.
+    let mesh = ["--tp", "2", "--pp", "2", "--micro-batches", "2"];
+    let mut job = vec!["launch", "--nproc-per-node", "4", "--timeout", "60", "--"];
+    job.extend(["run", MODEL, "--verify"]);
+    job.extend(mesh);
+    let (ok, stdout, stderr) = ferrotron(&job);
+    assert!(ok, "{job:?}\n{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.matches("verified").count(),
+        4,
+        "every rank: {stdout}"
+    );
+    assert!(stdout.contains("pp 1)"), "{stdout}");
+    let mut single = vec!["run", MODEL, "--verify"];
+    single.extend(mesh);
+    let (ok, alone, stderr) = ferrotron(&single);
+    assert!(ok, "{stderr}");
+    let (a, b) = (loss(&stdout), loss(&alone));
+    assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+
+    // Training: the launched job's log follows the one-process run's.
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let dir = std::env::temp_dir().join(format!("ferrotron-pp-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (alone, launched) = (dir.join("alone.csv"), dir.join("launched.csv"));
+    let train = [
+        "train",
+        MODEL,
+        "--data",
+        readme,
+        "--steps",
+        "2",
+        "--dim",
+        "vocab=256",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+    ];
+    let mut single: Vec<&str> = train.to_vec();
+    single.extend(["--log", alone.to_str().unwrap()]);
+    let (ok, _, stderr) = ferrotron(&single);
+    assert!(ok, "{stderr}");
+    let mut job = vec!["launch", "--nproc-per-node", "4", "--timeout", "60", "--"];
+    job.extend(train);
+    job.extend(["--log", launched.to_str().unwrap()]);
+    let (ok, stdout, stderr) = ferrotron(&job);
+    assert!(ok, "{stdout}\n{stderr}");
+    let (a, b) = (losses(&alone), losses(&launched));
+    assert_eq!(a.len(), 2);
+    assert_eq!(a.len(), b.len(), "one log line per step, from rank 0 only");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(y.is_finite(), "{b:?}");
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs {b:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,7 +1,7 @@
 //! `ferrotron launch` end to end, through the real binary: ranks learn their identity, output is
-//! relayed with rank prefixes, a failing rank stops every other rank quickly (none left behind),
-//! two launchers rendezvous as two nodes (and a failure on one stops the other), and bad
-//! arguments get clear errors.
+//! relayed with rank prefixes, a failing rank stops every other rank quickly (none left behind;
+//! a failing pipeline stage too), two launchers rendezvous as two nodes (and a failure on one
+//! stops the other; pipeline stages link across them), and bad arguments get clear errors.
 
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
@@ -236,6 +236,96 @@ fn a_failing_rank_stops_every_other_rank() {
         err.contains("rank 0 (") && err.contains("signal 9"),
         "{err}"
     );
+}
+
+/// A stage that fails mid-step (rank 3, on the last stage, reads a target outside the
+/// vocabulary) stops the ranks of the other stage, which wait for its transfers, and its own.
+#[test]
+fn a_failing_stage_stops_the_pipeline() {
+    let dir = scratch_dir("pipeline");
+    let row = |bad: bool| -> String {
+        (0..16)
+            .map(|i| if bad && i == 5 { 500 } else { (i * 7 + 3) % 97 }.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let good = format!("{}\n{}\n", row(false), row(false));
+    let bad = format!("{}\n{}\n", row(false), row(true));
+    std::fs::write(dir.join("good"), good).unwrap();
+    std::fs::write(dir.join("bad"), bad).unwrap();
+    let script = r#"
+        T="$DIR/good"; if [ "$FERROTRON_RANK" = 3 ]; then T="$DIR/bad"; fi
+        exec "$BIN" run models/tiny-gpt.ron --tp 2 --pp 2 --micro-batches 2 --tokens "$T""#;
+    let (out, took) = ferrotron(
+        &[
+            "launch",
+            "--nproc-per-node",
+            "4",
+            "--timeout",
+            "60",
+            "--exec",
+            "sh",
+            "--",
+            "-c",
+            script,
+        ],
+        &[
+            ("DIR", dir.to_str().unwrap()),
+            ("BIN", env!("CARGO_BIN_EXE_ferrotron")),
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+    assert!(
+        err.contains("[rank 3] error:") && err.contains("target 500"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two launchers, one pipeline stage each: the stages' link crosses the nodes.
+#[test]
+fn pipeline_stages_on_two_nodes() {
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        start(
+            &[
+                "launch",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+                "--master-port",
+                &port,
+                "--nproc-per-node",
+                "2",
+                "--timeout",
+                "15",
+                "--",
+                "run",
+                "models/tiny-gpt.ron",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--micro-batches",
+                "2",
+                "--verify",
+            ],
+            &[],
+        )
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    let (o0, _) = finish(n0);
+    let (o1, _) = finish(n1);
+    assert!(o0.status.success(), "node 0: {}", text(&o0.stderr));
+    assert!(o1.status.success(), "node 1: {}", text(&o1.stderr));
+    let (s0, s1) = (text(&o0.stdout), text(&o1.stdout));
+    assert!(s0.contains("[rank 0] run (cpu, 4 processes): loss"), "{s0}");
+    assert_eq!(s0.matches("verified").count(), 2, "{s0}");
+    assert_eq!(s1.matches("verified").count(), 2, "{s1}");
+    assert!(s0.contains("pp 0)") && s1.contains("pp 1)"), "{s0}{s1}");
 }
 
 #[test]

@@ -332,9 +332,9 @@ fn stage_idle<B: Backend>(run: &Run<B>) -> Vec<f64> {
         .collect()
 }
 
-/// This process is one rank of the job: rank 0 prints the loss (summed over the data-parallel
-/// group), and with `--verify` every rank checks its own shards of every gradient against the
-/// unpartitioned model run here on the CPU.
+/// This process is one rank of the job: rank 0 prints the loss (the last stage's, summed over
+/// its data-parallel group and shared with every stage), and with `--verify` every rank checks
+/// its own shards of its stage's gradients against the unpartitioned model run here on the CPU.
 fn report_rank<B: Backend>(
     args: &RunArgs,
     step: &Step,
@@ -344,13 +344,16 @@ fn report_rank<B: Backend>(
 ) -> Result<()> {
     let plan = &step.plan;
     let be = &rank.backend;
-    let loss_value = result
-        .values
-        .get(&plan.loss)
-        .ok_or_else(|| anyhow!("the loss was not kept"))?;
-    // Each data-parallel rank holds its addend of the loss.
-    let mut loss = [be.read_scalar(loss_value)?];
+    // Each data-parallel rank of the last stage holds its addend of the loss; the other stages
+    // learn the sum from it.
+    let mut loss = [match result.values.get(&plan.loss) {
+        Some(x) => be.read_scalar(x)?,
+        None if rank.coord.pp + 1 < plan.mesh.pp as usize => 0.0,
+        None => bail!("the loss was not kept"),
+    }];
     rank.sum_over(MeshAxis::Dp, &mut loss, "the loss")?;
+    let [stages] = rank.sum_over_stages([f64::from(loss[0])], 0)?;
+    loss[0] = stages as f32;
     let index = rank.index();
     if index == 0 {
         println!(
@@ -384,8 +387,12 @@ fn report_rank<B: Backend>(
         tolerances(&args.backend),
     )?;
     let c = rank.coord;
+    let stage = match plan.mesh.pp {
+        1 => String::new(),
+        _ => format!(", pp {}", c.pp),
+    };
     println!(
-        "rank {index} (tp {}, dp {}): {} gradients and the loss against the unpartitioned \
+        "rank {index} (tp {}, dp {}{stage}): {} gradients and the loss against the unpartitioned \
          model: {} (max relative error {:.3e}, loss {:.3e})",
         c.tp,
         c.dp,

@@ -1,6 +1,7 @@
 //! Ranks as processes: the launcher behind `ferrotron launch` (like `torchrun`), the rendezvous
-//! [`store`] and the cross-process host collectives [`TcpGroup`]. Each process then runs one
-//! rank of the same rank program the in-process launcher runs as threads (`ferrotron-exec`).
+//! [`store`], the cross-process host collectives [`TcpGroup`] and the pipeline stages'
+//! point-to-point [`TcpLink`]. Each process then runs one rank of the same rank program the
+//! in-process launcher runs as threads (`ferrotron-exec`).
 //!
 //! ```text
 //! node 0: launcher ── hosts the store (master-addr:master-port) ─┐
@@ -17,7 +18,9 @@
 //!   line by line (`[rank R] …`), and watches them.
 //! * A worker calls [`WorkerEnv::from_env`], connects to the store ([`WorkerEnv::connect_store`])
 //!   and builds its communicators from it: [`TcpGroup::connect`] on the CPU backend; on the CUDA
-//!   backend the NCCL unique id travels through [`Store::broadcast`].
+//!   backend the NCCL unique id travels through [`Store::broadcast`]. With pipeline stages, it
+//!   also joins the ranks of the other stages at its tensor- and data-parallel place with
+//!   [`TcpLink::connect`] (host tensors; a device's go through host copies).
 //! * Failure: a rank that exits non-zero (or is killed) makes its launcher record the job's
 //!   [`Failure`] in the store, stop its other workers (SIGTERM, SIGKILL after a grace period) and
 //!   exit with an error naming the rank. Every other launcher sees the record (or loses node 0)
@@ -28,10 +31,10 @@
 //!   or is stopped; on Linux the worker itself also dies with the launcher, even if the launcher
 //!   is SIGKILLed.
 //!
-//! The store and the group sockets are unauthenticated plain TCP, like `torchrun`'s: on several
+//! The store, the group and the link sockets are unauthenticated plain TCP, like `torchrun`'s: on several
 //! nodes node 0's store listens on every interface, so run jobs on a trusted network. The store
 //! serves each connection on a thread of node 0's launcher (a worker opens one, plus one per
-//! `TcpGroup`), which suits jobs of up to a few thousand ranks.
+//! `TcpGroup` and one for its `TcpLink`), which suits jobs of up to a few thousand ranks.
 //!
 //! ```no_run
 //! use ferrotron_exec::{HostCollectives, ReduceOp};
@@ -48,9 +51,11 @@
 
 pub mod store;
 pub mod tcp_group;
+pub mod tcp_link;
 
 pub use store::{Failure, Store, StoreError, StoreServer};
 pub use tcp_group::TcpGroup;
+pub use tcp_link::TcpLink;
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};

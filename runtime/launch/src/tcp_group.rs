@@ -121,7 +121,7 @@ impl Header {
 
 /// A group failure as written to the store (`kind`, then its fields, one per line), so that
 /// peers report the originator's error rather than "connection lost".
-fn encode_failure(err: &CommError) -> String {
+pub(crate) fn encode_failure(err: &CommError) -> String {
     match err {
         CommError::PeerFailed { rank, why } => format!("peer\n{rank}\n{why}"),
         CommError::Timeout { op, waited } => format!("timeout\n{op}\n{}", waited.as_millis()),
@@ -129,7 +129,7 @@ fn encode_failure(err: &CommError) -> String {
     }
 }
 
-fn decode_failure(s: &str) -> Option<CommError> {
+pub(crate) fn decode_failure(s: &str) -> Option<CommError> {
     let mut parts = s.splitn(3, '\n');
     match parts.next()? {
         "peer" => Some(CommError::PeerFailed {
@@ -140,6 +140,7 @@ fn decode_failure(s: &str) -> Option<CommError> {
             let op = parts.next()?;
             let op = OPS
                 .iter()
+                .chain(&[crate::tcp_link::RECEIVE])
                 .find(|o| **o == op)
                 .copied()
                 .unwrap_or("collective");
@@ -714,11 +715,11 @@ impl Drop for Inner {
     }
 }
 
-fn addr_key(name: &str, rank: usize) -> String {
+pub(crate) fn addr_key(name: &str, rank: usize) -> String {
     format!("group/{name}/addr/{rank}")
 }
 
-fn failure_key(name: &str) -> String {
+pub(crate) fn failure_key(name: &str) -> String {
     format!("group/{name}/failure")
 }
 
@@ -760,7 +761,7 @@ fn read_hello(s: &mut TcpStream) -> io::Result<(usize, usize, String)> {
 }
 
 /// Connects to lower rank `peer`, retrying until `deadline` (its listener may not be up yet).
-fn dial(
+pub(crate) fn dial(
     store: &Store,
     name: &str,
     rank: usize,
@@ -815,7 +816,7 @@ fn dial(
 }
 
 /// Accepts every higher rank's connection into `readers`, until `deadline`.
-fn accept(
+pub(crate) fn accept(
     listener: &TcpListener,
     name: &str,
     rank: usize,
