@@ -38,9 +38,14 @@ pub struct PlanArgs {
     /// run through the stages in the schedule's order, their gradients summed.
     #[arg(long, default_value_t = 1)]
     pub micro_batches: u64,
-    /// The pipeline schedule: `1f1b` (one forward, one backward) or `gpipe`.
+    /// The pipeline schedule: `1f1b` (one forward, one backward), `gpipe`, or `interleaved`
+    /// (1F1B over model chunks, with --virtual-stages).
     #[arg(long, default_value = "1f1b")]
     pub schedule: Schedule,
+    /// Model chunks per stage for the interleaved schedule (layers are dealt to the stages in
+    /// `pp × virtual-stages` contiguous chunks, round robin).
+    #[arg(long, default_value_t = 1)]
+    pub virtual_stages: u64,
     /// Layers per stage (`--stage-layers 5,4,4,3`) instead of balancing them by their work.
     #[arg(long, value_delimiter = ',')]
     pub stage_layers: Vec<u32>,
@@ -94,6 +99,7 @@ impl PlanArgs {
             pp: self.pp,
             micro_batches: self.micro_batches,
             schedule: self.schedule,
+            virtual_stages: self.virtual_stages,
             stage_layers: (!self.stage_layers.is_empty()).then(|| self.stage_layers.clone()),
         }
     }

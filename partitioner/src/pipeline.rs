@@ -40,6 +40,11 @@ pub enum Schedule {
     /// warm-up forwards, stage `s` alternates, holding at most `P − s` micro-batches.
     #[default]
     OneFOneB,
+    /// Interleaved 1F1B (Narayanan et al. 2021): each stage holds `V` chunks of layers (model
+    /// chunk `c` of stage `s` is virtual stage `c·P + s`) and runs 1F1B over (micro-batch,
+    /// chunk) pairs, in groups of `P` micro-batches: the bubble shrinks `V`-fold for `V` times
+    /// the transfers.
+    Interleaved,
 }
 
 impl std::fmt::Display for Schedule {
@@ -47,6 +52,7 @@ impl std::fmt::Display for Schedule {
         f.write_str(match self {
             Schedule::GPipe => "gpipe",
             Schedule::OneFOneB => "1f1b",
+            Schedule::Interleaved => "interleaved",
         })
     }
 }
@@ -58,11 +64,10 @@ impl std::str::FromStr for Schedule {
         match s {
             "gpipe" => Ok(Schedule::GPipe),
             "1f1b" => Ok(Schedule::OneFOneB),
-            "interleaved" => {
-                Err("the interleaved 1F1B schedule is not built yet: use `1f1b` or `gpipe`".into())
-            }
+            "interleaved" => Ok(Schedule::Interleaved),
             other => Err(format!(
-                "`{other}`: a schedule is `1f1b` (the default) or `gpipe`"
+                "`{other}`: a schedule is `1f1b` (the default), `gpipe` or `interleaved` (with \
+                 --virtual-stages)"
             )),
         }
     }
@@ -112,10 +117,17 @@ pub struct Pipeline {
     pub micro_batches: u32,
     /// The schedule's kind.
     pub schedule: Schedule,
-    /// Layers (the Repeat's copies, in order) on each stage.
+    /// Model chunks per stage (`V` of the interleaved schedule; 1 otherwise).
+    #[serde(default = "one")]
+    pub virtual_stages: u32,
+    /// Layers (the Repeat's copies, in order) on each virtual stage `c·P + s` (chunk `c` of
+    /// stage `s`); with one chunk per stage, on each stage.
     pub layers: Vec<u32>,
     /// Each node's stage.
     pub stage_of: SecondaryMap<NodeId, u32>,
+    /// Each node's model chunk on its stage (all 0 with one chunk per stage).
+    #[serde(default)]
+    pub chunk_of: SecondaryMap<NodeId, u32>,
     /// Each parameter's stages (those that read it).
     pub holders: Vec<Vec<u32>>,
     /// Parameters held by more than one stage.
@@ -124,6 +136,13 @@ pub struct Pipeline {
     pub transfers: Vec<Transfer>,
     /// Each stage's steps, in order.
     pub steps: Vec<Vec<PipeStep>>,
+    /// The model chunk of each step of `steps` (interleaved schedule); empty: chunk 0.
+    #[serde(default)]
+    pub chunks: Vec<Vec<u32>>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Pipeline {
@@ -142,10 +161,21 @@ impl Pipeline {
 
     /// The fraction of a step a stage idles in the fill and drain of the pipeline, for equal
     /// stages: `(P − 1) / (M + P − 1)` of the step (GPipe and 1F1B alike), so `(P − 1) / M`
-    /// of the ideal time.
+    /// of the ideal time; `(P − 1) / (V·M + P − 1)` interleaved, `(P − 1) / (V·M)` of the
+    /// ideal.
     pub fn bubble_fraction(&self) -> f64 {
         let (p, m) = (f64::from(self.stages), f64::from(self.micro_batches));
-        (p - 1.0) / (m + p - 1.0)
+        let v = f64::from(self.virtual_stages.max(1));
+        (p - 1.0) / (v * m + p - 1.0)
+    }
+
+    /// The model chunk step `i` of stage `s` runs.
+    pub fn chunk(&self, s: usize, i: usize) -> u32 {
+        self.chunks
+            .get(s)
+            .and_then(|c| c.get(i))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -156,7 +186,8 @@ pub fn steps(schedule: Schedule, p: u32, s: u32, m: u32) -> Vec<PipeStep> {
             .map(PipeStep::Forward)
             .chain((0..m).map(PipeStep::Backward))
             .collect(),
-        Schedule::OneFOneB => {
+        // One chunk per stage: interleaving has nothing to interleave.
+        Schedule::OneFOneB | Schedule::Interleaved => {
             let warmup = (p - 1 - s).min(m);
             let mut out: Vec<PipeStep> = (0..warmup).map(PipeStep::Forward).collect();
             for i in 0..m - warmup {
@@ -167,6 +198,38 @@ pub fn steps(schedule: Schedule, p: u32, s: u32, m: u32) -> Vec<PipeStep> {
             out
         }
     }
+}
+
+/// The steps of stage `s` of `p` under the interleaved schedule with `m` micro-batches (a
+/// multiple of `p`) and `v` model chunks per stage, each with its chunk: Megatron's order.
+/// Forward step `k` runs chunk `(k mod pv) / p` on micro-batch `(k / pv)·p + k mod p`; backward
+/// step `k` the same micro-batch on chunk `v − 1 − (k mod pv) / p`. After
+/// `2(p − 1 − s) + (v − 1)·p` warm-up forwards (all of them when `m = p`), one forward and one
+/// backward alternate.
+pub fn interleaved_steps(p: u32, s: u32, m: u32, v: u32) -> Vec<(PipeStep, u32)> {
+    let total = m * v;
+    let group = p * v;
+    let place = |k: u32| ((k / group) * p + k % p, (k % group) / p);
+    let forward = |k: u32| {
+        let (mb, c) = place(k);
+        (PipeStep::Forward(mb), c)
+    };
+    let backward = |k: u32| {
+        let (mb, c) = place(k);
+        (PipeStep::Backward(mb), v - 1 - c)
+    };
+    let warmup = if m == p {
+        total
+    } else {
+        (2 * (p - 1 - s) + (v - 1) * p).min(total)
+    };
+    let mut out: Vec<(PipeStep, u32)> = (0..warmup).map(forward).collect();
+    for i in 0..total - warmup {
+        out.push(forward(warmup + i));
+        out.push(backward(i));
+    }
+    out.extend((total - warmup..total).map(backward));
+    out
 }
 
 /// Cuts `plan`'s program into `opts.pp` stages with `opts.micro_batches` micro-batches;
@@ -187,21 +250,60 @@ pub fn cut(
         u32::try_from(p).map_err(|_| bad(format!("--pp {p} is too large")))?,
         u32::try_from(m).map_err(|_| bad(format!("--micro-batches {m} is too large")))?,
     );
+    let v = u32::try_from(opts.virtual_stages.max(1)).map_err(|_| {
+        bad(format!(
+            "--virtual-stages {} is too large",
+            opts.virtual_stages
+        ))
+    })?;
+    match opts.schedule {
+        Schedule::Interleaved if v < 2 || p < 2 => {
+            return Err(bad(format!(
+                "the interleaved schedule needs --pp 2 or more and --virtual-stages 2 or more \
+                 (model chunks per stage); given --pp {p} --virtual-stages {v}"
+            )))
+        }
+        Schedule::Interleaved if !m.is_multiple_of(p) => {
+            return Err(bad(format!(
+                "the interleaved schedule runs micro-batches in groups of --pp {p}: \
+                 --micro-batches {m} is not a multiple of {p} (valid: {p}, {}, {}, ...)",
+                2 * p,
+                3 * p
+            )))
+        }
+        Schedule::GPipe | Schedule::OneFOneB if v > 1 => {
+            return Err(bad(format!(
+                "--virtual-stages {v} is for --schedule interleaved, not {}",
+                opts.schedule
+            )))
+        }
+        _ => {}
+    }
     let g = &plan.graph;
     let fwd = &g.order[..plan.backward_start];
     let layer_of = layer_index(g);
     let layers = g.layers().count();
+    // Virtual stage `c·P + s` is model chunk `c` of stage `s`: layers go to virtual stages in
+    // order, so each stage holds `V` chunks spread through the model.
+    let nv = p * v;
     if p > 1 && layers == 0 {
         return Err(bad(format!(
             "`{}` has no repeated layers (a `Repeat` of a block) to cut into {p} stages",
             g.name
         )));
     }
-    if p as usize > layers.max(1) {
-        return Err(bad(format!(
-            "{p} stages for {layers} layers: every stage needs a layer (valid --pp: 1 to \
-             {layers})"
-        )));
+    if nv as usize > layers.max(1) {
+        return Err(bad(if v > 1 {
+            format!(
+                "{p} stages of {v} chunks for {layers} layers: every chunk needs a layer (valid: \
+                 --pp × --virtual-stages up to {layers})"
+            )
+        } else {
+            format!(
+                "{p} stages for {layers} layers: every stage needs a layer (valid --pp: 1 to \
+                 {layers})"
+            )
+        }));
     }
     // Work per layer, and before and after the layers: the program's FLOPs on one rank,
     // forward and backward (each node counted where the stage cut will put it).
@@ -218,56 +320,63 @@ pub fn cut(
     let counts = match &opts.stage_layers {
         Some(counts) => {
             let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
-            if counts.len() != p as usize || total != layers as u64 || counts.contains(&0) {
+            if counts.len() != nv as usize || total != layers as u64 || counts.contains(&0) {
                 return Err(bad(format!(
-                    "--stage-layers {}: {p} positive counts adding up to the model's {layers} \
-                     layers",
+                    "--stage-layers {}: {nv} positive counts (one per stage{}) adding up to the \
+                     model's {layers} layers",
                     counts
                         .iter()
                         .map(u32::to_string)
                         .collect::<Vec<_>>()
-                        .join(",")
+                        .join(","),
+                    if v > 1 { " and chunk" } else { "" }
                 )));
             }
             counts.clone()
         }
-        None => balance(&work, p as usize),
+        None => balance(&work, nv as usize),
     };
-    // Region r (0: before the layers, 1..=L: layer r − 1, L + 1: after) → stage.
-    let mut stage_of_region = vec![0u32; layers + 2];
+    // Region r (0: before the layers, 1..=L: layer r − 1, L + 1: after) → virtual stage.
+    let mut virtual_of_region = vec![0u32; layers + 2];
     let mut at = 1;
-    for (s, &c) in counts.iter().enumerate() {
+    for (vs, &c) in counts.iter().enumerate() {
         for _ in 0..c {
-            stage_of_region[at] = s as u32;
+            virtual_of_region[at] = vs as u32;
             at += 1;
         }
     }
-    stage_of_region[layers + 1] = p - 1;
-    let mut stage_of: SecondaryMap<NodeId, u32> = SecondaryMap::with_capacity(g.nodes.len());
+    virtual_of_region[layers + 1] = nv - 1;
+    let mut virtual_of: SecondaryMap<NodeId, u32> = SecondaryMap::with_capacity(g.nodes.len());
     for &n in fwd {
-        stage_of[n] = stage_of_region[region[&n]];
+        virtual_of[n] = virtual_of_region[region[&n]];
     }
     // Backward nodes on their forward node's stage; the seed on the loss's, and what the
     // partitioner added after autodiff (gradient reductions) on its inputs' lowest stage (a
     // gradient flows down the stages).
     let loss_stage = match g.values[plan.loss].def {
-        ValueDef::Node { node, .. } => stage_of[node],
-        _ => p - 1,
+        ValueDef::Node { node, .. } => virtual_of[node],
+        _ => nv - 1,
     };
     for &n in &g.order[plan.backward_start..] {
-        stage_of[n] = match origins.get(&n) {
-            Some(f) => stage_of[*f],
+        virtual_of[n] = match origins.get(&n) {
+            Some(f) => virtual_of[*f],
             None => g.nodes[n]
                 .op
                 .inputs()
                 .iter()
                 .filter_map(|&&v| match g.values[v].def {
-                    ValueDef::Node { node, .. } => Some(stage_of[node]),
+                    ValueDef::Node { node, .. } => Some(virtual_of[node]),
                     _ => None,
                 })
                 .min()
                 .unwrap_or(loss_stage),
         };
+    }
+    let mut stage_of: SecondaryMap<NodeId, u32> = SecondaryMap::with_capacity(g.nodes.len());
+    let mut chunk_of: SecondaryMap<NodeId, u32> = SecondaryMap::with_capacity(g.nodes.len());
+    for &n in &g.order {
+        stage_of[n] = virtual_of[n] % p;
+        chunk_of[n] = virtual_of[n] / p;
     }
     // Who reads what.
     let mut holders: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); g.params.len()];
@@ -280,41 +389,44 @@ pub fn cut(
     let mut seen = std::collections::HashSet::new();
     for (i, &n) in g.order.iter().enumerate() {
         let s = stage_of[n];
-        for &&v in g.nodes[n].op.inputs().iter() {
-            match g.values[v].def {
-                ValueDef::Param(_) => {
-                    holders[param_of[&v].index()].insert(s);
+        for &&value in g.nodes[n].op.inputs().iter() {
+            let ValueDef::Node { node, .. } = g.values[value].def else {
+                if let ValueDef::Param(_) = g.values[value].def {
+                    holders[param_of[&value].index()].insert(s);
                 }
-                ValueDef::Node { node, .. } if stage_of[node] != s && seen.insert((v, s)) => {
-                    let made_at = position[node];
-                    let (made_bw, read_bw) =
-                        (made_at >= plan.backward_start, i >= plan.backward_start);
-                    let from = stage_of[node];
-                    // Forward activations flow up the stages, gradients down; a forward value
-                    // may be read by any stage's backward part (every forward of a micro-batch
-                    // precedes its backward). Anything else would wait on itself.
-                    let flows = match (made_bw, read_bw) {
-                        (false, false) => from < s,
-                        (true, true) => from > s,
-                        (false, true) => true,
-                        (true, false) => false,
-                    };
-                    if !flows {
-                        return Err(bad(format!(
-                            "`{}` is made on stage {from} and read by `{}` on stage {s}, against \
-                             the pipeline's flow: this model's layers cannot be cut into stages \
-                             there",
-                            g.values[v].name, g.nodes[n].name
-                        )));
-                    }
-                    transfers.push(Transfer {
-                        value: v,
-                        from,
-                        to: s,
-                        backward: made_bw,
-                    });
-                }
-                _ => {}
+                continue;
+            };
+            if virtual_of[node] == virtual_of[n] {
+                continue;
+            }
+            let made_bw = position[node] >= plan.backward_start;
+            let read_bw = i >= plan.backward_start;
+            let (from, to) = (virtual_of[node], virtual_of[n]);
+            // Forward activations flow up the (virtual) stages, gradients down; a forward
+            // value may be read by any stage's backward part (every forward of a micro-batch
+            // precedes its backward). Anything else would wait on itself.
+            let flows = match (made_bw, read_bw) {
+                (false, false) => from < to,
+                (true, true) => from > to,
+                (false, true) => true,
+                (true, false) => false,
+            };
+            if !flows {
+                return Err(bad(format!(
+                    "`{}` is made on stage {} and read by `{}` on stage {s}, against the \
+                     pipeline's flow: this model's layers cannot be cut into stages there",
+                    g.values[value].name, stage_of[node], g.nodes[n].name
+                )));
+            }
+            // Another chunk of the same stage has it already (a micro-batch's values are one
+            // store on a stage); another stage receives it once.
+            if stage_of[node] != s && seen.insert((value, s)) {
+                transfers.push(Transfer {
+                    value,
+                    from: stage_of[node],
+                    to: s,
+                    backward: made_bw,
+                });
             }
         }
     }
@@ -342,16 +454,28 @@ pub fn cut(
             });
         }
     }
+    let (steps, chunks) = match opts.schedule {
+        Schedule::Interleaved => (0..p)
+            .map(|s| interleaved_steps(p, s, m, v).into_iter().unzip())
+            .unzip(),
+        schedule => (
+            (0..p).map(|s| steps(schedule, p, s, m)).collect(),
+            Vec::new(),
+        ),
+    };
     Ok(Pipeline {
         stages: p,
         micro_batches: m,
         schedule: opts.schedule,
+        virtual_stages: v,
         layers: counts,
         stage_of,
+        chunk_of,
         holders,
         tied,
         transfers,
-        steps: (0..p).map(|s| steps(opts.schedule, p, s, m)).collect(),
+        steps,
+        chunks,
     })
 }
 
@@ -483,6 +607,100 @@ mod tests {
             steps(Schedule::GPipe, 2, 1, 2),
             vec![F(0), F(1), B(0), B(1)]
         );
+    }
+
+    #[test]
+    fn interleaved_groups_p_micro_batches_over_the_chunks() {
+        use PipeStep::{Backward as B, Forward as F};
+        assert_eq!(
+            interleaved_steps(2, 0, 4, 2),
+            vec![
+                (F(0), 0),
+                (F(1), 0),
+                (F(0), 1),
+                (F(1), 1),
+                (F(2), 0),
+                (B(0), 1),
+                (F(3), 0),
+                (B(1), 1),
+                (F(2), 1),
+                (B(0), 0),
+                (F(3), 1),
+                (B(1), 0),
+                (B(2), 1),
+                (B(3), 1),
+                (B(2), 0),
+                (B(3), 0),
+            ]
+        );
+    }
+
+    /// Runs every stage's steps in order, each as soon as what it needs is done (the previous
+    /// virtual stage's forward, the next one's backward); panics on a deadlock.
+    fn runs_to_the_end(p: u32, m: u32, v: u32, per_stage: &[Vec<(PipeStep, u32)>]) {
+        let nv = (p * v) as usize;
+        let mut fwd = vec![vec![false; nv]; m as usize];
+        let mut bwd = vec![vec![false; nv]; m as usize];
+        let mut next = vec![0usize; p as usize];
+        loop {
+            let mut progressed = false;
+            for s in 0..p as usize {
+                let Some(&(step, c)) = per_stage[s].get(next[s]) else {
+                    continue;
+                };
+                let vs = c as usize * p as usize + s;
+                let ready = match step {
+                    PipeStep::Forward(mb) => vs == 0 || fwd[mb as usize][vs - 1],
+                    PipeStep::Backward(mb) => {
+                        fwd[mb as usize][vs] && (vs + 1 == nv || bwd[mb as usize][vs + 1])
+                    }
+                };
+                if ready {
+                    match step {
+                        PipeStep::Forward(mb) => fwd[mb as usize][vs] = true,
+                        PipeStep::Backward(mb) => bwd[mb as usize][vs] = true,
+                    }
+                    next[s] += 1;
+                    progressed = true;
+                }
+            }
+            if next.iter().zip(per_stage).all(|(n, st)| *n == st.len()) {
+                break;
+            }
+            assert!(progressed, "p={p} m={m} v={v}: deadlock at {next:?}");
+        }
+        assert!(bwd.iter().flatten().all(|&b| b), "every step ran");
+    }
+
+    #[test]
+    fn every_schedule_respects_the_dependencies() {
+        for (p, m) in [(2, 2), (2, 4), (3, 3), (4, 8), (4, 2), (3, 7)] {
+            for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
+                let per: Vec<Vec<(PipeStep, u32)>> = (0..p)
+                    .map(|s| {
+                        steps(schedule, p, s, m)
+                            .into_iter()
+                            .map(|x| (x, 0))
+                            .collect()
+                    })
+                    .collect();
+                runs_to_the_end(p, m, 1, &per);
+            }
+        }
+        for (p, m, v) in [
+            (2, 2, 2),
+            (2, 4, 2),
+            (4, 8, 2),
+            (4, 4, 3),
+            (3, 6, 2),
+            (2, 8, 4),
+        ] {
+            let per: Vec<_> = (0..p).map(|s| interleaved_steps(p, s, m, v)).collect();
+            for st in &per {
+                assert_eq!(st.len(), (2 * m * v) as usize);
+            }
+            runs_to_the_end(p, m, v, &per);
+        }
     }
 
     #[test]

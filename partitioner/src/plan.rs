@@ -37,6 +37,9 @@ pub struct PartitionOptions {
     /// The order the stages run their micro-batches in.
     #[serde(default)]
     pub schedule: Schedule,
+    /// Model chunks per stage, for the interleaved schedule.
+    #[serde(default = "one")]
+    pub virtual_stages: u64,
     /// Layers per stage, fixed by hand; `None`: balanced by the plan's work per layer.
     #[serde(default)]
     pub stage_layers: Option<Vec<u32>>,
@@ -57,6 +60,7 @@ impl Default for PartitionOptions {
             pp: 1,
             micro_batches: 1,
             schedule: Schedule::default(),
+            virtual_stages: 1,
             stage_layers: None,
         }
     }

@@ -16,6 +16,7 @@ use crate::plan::Plan;
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::fmt;
 
 /// One group of identical collectives.
@@ -95,8 +96,10 @@ pub struct PipelineReport {
     pub stages: u32,
     /// Micro-batches per step.
     pub micro_batches: u32,
-    /// `1f1b` or `gpipe`.
+    /// `1f1b`, `gpipe` or `interleaved`.
     pub schedule: String,
+    /// Model chunks per stage (the interleaved schedule's; 1 otherwise).
+    pub virtual_stages: u32,
     /// The fraction of a step a stage idles while the pipeline fills and drains.
     pub bubble_fraction: f64,
     /// Each stage's layers, parameters and memory per rank.
@@ -110,8 +113,9 @@ pub struct PipelineReport {
 /// One stage.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StageReport {
-    /// Its layers (indices into the Repeat's copies), `[first, end)`.
-    pub layers: (u32, u32),
+    /// Its layers (indices into the Repeat's copies), `[first, end)`, one range per model
+    /// chunk (one but for the interleaved schedule).
+    pub layers: Vec<(u32, u32)>,
     /// Micro-batches whose activations it holds at once under the schedule.
     pub in_flight: u32,
     /// Memory and parameters per rank of the stage (activations: all those in flight).
@@ -311,18 +315,17 @@ fn pipeline_report(
     let g = &plan.graph;
     let stages = pipe.stages as usize;
     let mut per_stage: Vec<StageReport> = Vec::with_capacity(stages);
-    let mut first = 0;
+    // Where each virtual stage's layers start.
+    let starts: Vec<u32> = pipe
+        .layers
+        .iter()
+        .scan(0, |at, &n| {
+            let first = *at;
+            *at += n;
+            Some(first)
+        })
+        .collect();
     for s in 0..stages {
-        let steps = &pipe.steps[s];
-        let mut live = 0i64;
-        let mut in_flight = 0i64;
-        for step in steps {
-            live += match step {
-                PipeStep::Forward(_) => 1,
-                PipeStep::Backward(_) => -1,
-            };
-            in_flight = in_flight.max(live);
-        }
         let mut r = PerRank {
             parameters: 0,
             memory_bytes: 0,
@@ -334,7 +337,10 @@ fn pipeline_report(
         for p in plan.params_on(s) {
             add_param(&mut r, g.ty(g.params[p].value));
         }
-        // Forward values this stage's backward nodes read, each micro-batch in flight.
+        // Forward values this stage's backward nodes read, per model chunk: held from the
+        // chunk's forward step of a micro-batch to its backward step.
+        let chunks = pipe.virtual_stages.max(1) as usize;
+        let mut saved_bytes = vec![0u64; chunks];
         let mut saved: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
         for &n in &g.order[plan.backward_start..] {
             if pipe.stage_of[n] as usize != s {
@@ -344,25 +350,55 @@ fn pipeline_report(
                 if let ValueDef::Node { node, .. } = g.values[v].def {
                     if forward[node] && !saved[v] {
                         saved[v] = true;
-                        r.activations_bytes += g.ty(v).size_bytes() * in_flight as u64;
+                        saved_bytes[pipe.chunk_of[node] as usize] += g.ty(v).size_bytes();
                     }
                 }
             }
         }
+        let mut live = vec![0u64; chunks];
+        let mut in_flight: HashMap<u32, u32> = HashMap::new();
+        let (mut peak_bytes, mut peak_micro) = (0u64, 0usize);
+        for (i, step) in pipe.steps[s].iter().enumerate() {
+            let c = pipe.chunk(s, i) as usize;
+            match *step {
+                PipeStep::Forward(m) => {
+                    live[c] += 1;
+                    *in_flight.entry(m).or_default() += 1;
+                }
+                PipeStep::Backward(m) => {
+                    live[c] = live[c].saturating_sub(1);
+                    if let Some(k) = in_flight.get_mut(&m) {
+                        *k -= 1;
+                        if *k == 0 {
+                            in_flight.remove(&m);
+                        }
+                    }
+                }
+            }
+            let bytes: u64 = live.iter().zip(&saved_bytes).map(|(n, b)| n * b).sum();
+            peak_bytes = peak_bytes.max(bytes);
+            peak_micro = peak_micro.max(in_flight.len());
+        }
+        r.activations_bytes = peak_bytes;
+        let in_flight = peak_micro;
         r.memory_bytes =
             r.weights_bytes + r.gradients_bytes + r.optimizer_bytes + r.activations_bytes;
-        let layers = pipe.layers[s];
+        let layers = (0..pipe.virtual_stages.max(1) as usize)
+            .map(|c| c * stages + s)
+            .filter(|&vs| vs < pipe.layers.len())
+            .map(|vs| (starts[vs], starts[vs] + pipe.layers[vs]))
+            .collect();
         per_stage.push(StageReport {
-            layers: (first, first + layers),
+            layers,
             in_flight: in_flight as u32,
             per_rank: r,
         });
-        first += layers;
     }
     PipelineReport {
         stages: pipe.stages,
         micro_batches: pipe.micro_batches,
         schedule: pipe.schedule.to_string(),
+        virtual_stages: pipe.virtual_stages,
         bubble_fraction: pipe.bubble_fraction(),
         per_stage,
         transfers: pipe
@@ -469,10 +505,15 @@ impl fmt::Display for PipelineReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pipeline: {} stages, {} micro-batches, {} schedule, bubble {:.1}% of the step",
+            "pipeline: {} stages, {} micro-batches, {} schedule{}, bubble {:.1}% of the step",
             self.stages,
             self.micro_batches,
             self.schedule,
+            if self.virtual_stages > 1 {
+                format!(" over {} model chunks per stage", self.virtual_stages)
+            } else {
+                String::new()
+            },
             100.0 * self.bubble_fraction
         )?;
         writeln!(
@@ -481,11 +522,18 @@ impl fmt::Display for PipelineReport {
             "stage", "layers", "in flight", "parameters", "activations", "total/rank"
         )?;
         for (s, st) in self.per_stage.iter().enumerate() {
-            let layers = if st.layers.1 == st.layers.0 + 1 {
-                format!("{}", st.layers.0)
-            } else {
-                format!("{}-{}", st.layers.0, st.layers.1 - 1)
-            };
+            let layers: Vec<String> = st
+                .layers
+                .iter()
+                .map(|&(a, b)| {
+                    if b == a + 1 {
+                        format!("{a}")
+                    } else {
+                        format!("{a}-{}", b - 1)
+                    }
+                })
+                .collect();
+            let layers = layers.join(",");
             writeln!(
                 f,
                 "  {s:<6} {layers:<12} {:>9} {:>12} {:>12} {:>12}",

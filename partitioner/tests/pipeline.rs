@@ -219,6 +219,41 @@ fn schedules_are_in_the_plan_and_every_stage_runs_every_micro_batch_both_ways() 
 }
 
 #[test]
+fn interleaving_gives_each_stage_chunks_spread_through_the_model() {
+    let g = model("tiny-gpt.ron", &[("layers", 8)]);
+    let opts = PartitionOptions {
+        schedule: Schedule::Interleaved,
+        virtual_stages: 2,
+        stage_layers: Some(vec![2, 2, 2, 2]),
+        ..options(1, 2, 4)
+    };
+    let (plan, pipe) = pipelined(&g, &opts);
+    // Virtual stage c·P + s: layers 0-1 on stage 0 chunk 0, 2-3 on stage 1 chunk 0, 4-5 on
+    // stage 0 chunk 1, 6-7 on stage 1 chunk 1.
+    for (layer, stage, chunk) in [(0, 0, 0), (3, 1, 0), (4, 0, 1), (7, 1, 1)] {
+        let name = format!("h.{layer}.fc_mm");
+        let n = plan.graph.node_named(&name).unwrap();
+        assert_eq!(
+            (pipe.stage_of[n], pipe.chunk_of[n]),
+            (stage, chunk),
+            "{name}"
+        );
+    }
+    // The residual stream crosses stages three times each way, the last hop from stage 1
+    // back to stage 0.
+    let fwd: Vec<(u32, u32)> = pipe
+        .transfers
+        .iter()
+        .filter(|t| !t.backward && plan.graph.values[t.value].name.ends_with(".y"))
+        .map(|t| (t.from, t.to))
+        .collect();
+    assert_eq!(fwd, [(0, 1), (1, 0), (0, 1)]);
+    assert_eq!(pipe.steps[0].len(), 2 * 4 * 2);
+    assert_eq!(pipe.chunks[0].len(), pipe.steps[0].len());
+    assert!((pipe.bubble_fraction() - 1.0 / 9.0).abs() < 1e-12);
+}
+
+#[test]
 fn impossible_cuts_say_what_would_be_valid() {
     let g = model("tiny-gpt.ron", &[("layers", 2)]);
     let err = partition(&g, &options(1, 3, 3)).unwrap_err().to_string();
@@ -234,8 +269,33 @@ fn impossible_cuts_say_what_would_be_valid() {
         ..options(1, 2, 2)
     };
     assert!(partition(&g, &opts).is_err());
-    assert!("interleaved"
-        .parse::<Schedule>()
+    let interleaved = |pp, m, v| PartitionOptions {
+        schedule: Schedule::Interleaved,
+        virtual_stages: v,
+        ..options(1, pp, m)
+    };
+    let g = model("tiny-gpt.ron", &[("layers", 4)]);
+    let err = partition(&g, &interleaved(2, 3, 2))
         .unwrap_err()
-        .contains("not built yet"));
+        .to_string();
+    assert!(err.contains("not a multiple of 2 (valid: 2, 4, 6"), "{err}");
+    let err = partition(&g, &interleaved(2, 2, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--virtual-stages 2 or more"), "{err}");
+    let err = partition(&g, &interleaved(2, 2, 3))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("every chunk needs a layer"), "{err}");
+    let err = partition(
+        &g,
+        &PartitionOptions {
+            virtual_stages: 2,
+            ..options(1, 2, 2)
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("is for --schedule interleaved"), "{err}");
+    assert!("zigzag".parse::<Schedule>().is_err());
 }

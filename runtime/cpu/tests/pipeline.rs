@@ -1,8 +1,9 @@
 //! Pipelined plans run on threads give the unpartitioned model's loss, outputs and every
 //! gradient on the whole batch, within the f32 tolerances: tiny GPT (its embedding tied across
 //! the first and last stage), BERT and Llama, at (tp, pp, dp) = (1,2,1), (2,2,1), (1,3,1) with
-//! uneven layers, (2,2,2), under each schedule, with sequence parallelism, and with dropout
-//! (each micro-batch's masks are its rows' of the whole batch).
+//! uneven layers, (2,2,2), under each schedule (interleaved too, over 2 and 3 model chunks per
+//! stage), with sequence parallelism, and with dropout (each micro-batch's masks are its rows'
+//! of the whole batch).
 
 use ferrotron_cpu::Cpu;
 use ferrotron_exec::init::{random_batch, test_params};
@@ -44,29 +45,46 @@ fn case(tp: u64, pp: u64, dp: u64, micro_batches: u64) -> Case {
 /// `file` at `dims` with its whole batch `batch`, pipelined as `c` and compared with the
 /// unpartitioned model on the whole batch.
 fn check(file: &str, dims: &[(&str, u64)], batch: u64, c: Case, dropout_seed: u64) {
+    check_with(
+        file,
+        dims,
+        batch,
+        |o| {
+            *o = PartitionOptions {
+                tp: c.tp,
+                dp: c.dp,
+                pp: c.pp,
+                micro_batches: c.micro_batches,
+                schedule: c.schedule,
+                sequence_parallel: c.sequence_parallel,
+                ..PartitionOptions::default()
+            }
+        },
+        dropout_seed,
+    )
+}
+
+/// As [`check`], with the options `set` makes.
+fn check_with(
+    file: &str,
+    dims: &[(&str, u64)],
+    batch: u64,
+    set: impl Fn(&mut PartitionOptions),
+    dropout_seed: u64,
+) {
+    let mut o = PartitionOptions::default();
+    set(&mut o);
     let mut whole = dims.to_vec();
     whole.push(("batch", batch));
     let g = model(file, &whole);
     let mut micro = dims.to_vec();
-    micro.push(("batch", batch / c.micro_batches));
+    micro.push(("batch", batch / o.micro_batches));
     let gm = model(file, &micro);
     let cfg = format!(
-        "{file} tp={} pp={} dp={} M={} {} sp={}",
-        c.tp, c.pp, c.dp, c.micro_batches, c.schedule, c.sequence_parallel
+        "{file} tp={} pp={} dp={} M={} {} V={} sp={}",
+        o.tp, o.pp, o.dp, o.micro_batches, o.schedule, o.virtual_stages, o.sequence_parallel
     );
-    let plan = partition(
-        &gm,
-        &PartitionOptions {
-            tp: c.tp,
-            dp: c.dp,
-            pp: c.pp,
-            micro_batches: c.micro_batches,
-            schedule: c.schedule,
-            sequence_parallel: c.sequence_parallel,
-            ..PartitionOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    let plan = partition(&gm, &o).unwrap_or_else(|e| panic!("{cfg}: {e}"));
     let reference = reference_plan(&g).unwrap();
     let params = test_params(&g, 11);
     let inputs = random_batch(&g, 11);
@@ -128,6 +146,52 @@ fn every_schedule_and_sequence_parallelism() {
             0,
         );
     }
+}
+
+#[test]
+fn the_interleaved_schedule_over_model_chunks() {
+    let interleaved = |tp, pp, dp, m, v, sp| {
+        move |o: &mut PartitionOptions| {
+            *o = PartitionOptions {
+                tp,
+                pp,
+                dp,
+                micro_batches: m,
+                schedule: Schedule::Interleaved,
+                virtual_stages: v,
+                sequence_parallel: sp,
+                ..PartitionOptions::default()
+            }
+        }
+    };
+    check_with(
+        "tiny-gpt.ron",
+        &[("layers", 4)],
+        4,
+        interleaved(1, 2, 1, 4, 2, false),
+        0,
+    );
+    check_with(
+        "tiny-gpt.ron",
+        &[("layers", 6)],
+        4,
+        interleaved(2, 2, 1, 2, 3, false),
+        0,
+    );
+    check_with(
+        "tiny-gpt.ron",
+        &[("layers", 4)],
+        8,
+        interleaved(2, 2, 2, 2, 2, true),
+        3,
+    );
+    check_with(
+        "tiny-llama.ron",
+        &[("layers", 4)],
+        4,
+        interleaved(1, 2, 1, 4, 2, false),
+        0,
+    );
 }
 
 #[test]

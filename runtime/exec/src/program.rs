@@ -60,6 +60,8 @@ pub struct Executable<'p> {
     pub keep: SecondaryMap<ValueId, bool>,
     /// The pipeline stage of each step (0 without a pipeline).
     pub stage_of: Vec<usize>,
+    /// The model chunk of each step on its stage (interleaved schedule; 0 otherwise).
+    pub chunk_of: Vec<u32>,
     /// Per pipeline stage, for each value, the position in the program of its last reader on
     /// that stage (0 also for "never read"; see [`Executable::is_read_after`]).
     pub last_use: Vec<SecondaryMap<ValueId, usize>>,
@@ -99,8 +101,13 @@ impl<'p> Executable<'p> {
         };
         let stages = plan.mesh.pp.max(1) as usize;
         let mut stage_of = Vec::with_capacity(program.steps.len());
+        let mut chunk_of = Vec::with_capacity(program.steps.len());
         for step in &program.steps {
-            let stage = |n| plan.pipeline.as_ref().map_or(0, |p| p.stage_of[n] as usize);
+            let stage = |n| {
+                plan.pipeline
+                    .as_ref()
+                    .map_or((0, 0), |p| (p.stage_of[n] as usize, p.chunk_of[n]))
+            };
             if let StepOp::Fused { absorbed, .. } = &step.op {
                 if stage(*absorbed) != stage(step.node) {
                     return Err(ExecError::Plan(format!(
@@ -109,7 +116,9 @@ impl<'p> Executable<'p> {
                     )));
                 }
             }
-            stage_of.push(stage(step.node));
+            let (s, c) = stage(step.node);
+            stage_of.push(s);
+            chunk_of.push(c);
         }
         let mut last_use = vec![SecondaryMap::with_capacity(g.values.len()); stages];
         for (i, step) in program.steps.iter().enumerate() {
@@ -123,6 +132,7 @@ impl<'p> Executable<'p> {
             program,
             keep,
             stage_of,
+            chunk_of,
             last_use,
             blocks,
         })

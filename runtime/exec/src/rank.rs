@@ -93,6 +93,8 @@ pub struct RankResult<T = Tensor> {
 pub struct Span {
     /// Which.
     pub step: PipeStep,
+    /// The model chunk it ran (interleaved schedule; 0 otherwise).
+    pub chunk: u32,
     /// When it started, from the rank's start.
     pub start: Duration,
     /// How long it took.
@@ -475,10 +477,19 @@ impl<B: Backend> Runner<'_, B> {
                 }
             }
         }
-        let schedule: Vec<PipeStep> = match &plan.pipeline {
-            Some(pipe) => pipe.steps[self.stage].clone(),
-            None => vec![PipeStep::Forward(0), PipeStep::Backward(0)],
+        // (step, model chunk) in the stage's order.
+        let schedule: Vec<(PipeStep, u32)> = match &plan.pipeline {
+            Some(pipe) => pipe.steps[self.stage]
+                .iter()
+                .enumerate()
+                .map(|(i, &step)| (step, pipe.chunk(self.stage, i)))
+                .collect(),
+            None => vec![(PipeStep::Forward(0), 0), (PipeStep::Backward(0), 0)],
         };
+        let chunks = plan
+            .pipeline
+            .as_ref()
+            .map_or(1, |p| p.virtual_stages.max(1));
         let micro = plan.micro_batches();
         let mut kept = Kept {
             values: HashMap::new(),
@@ -497,26 +508,36 @@ impl<B: Backend> Runner<'_, B> {
             be.synchronize()
                 .map_err(|e| ExecError::Plan(format!("waiting for the device {at}: {e}")))
         };
-        for step in schedule {
+        // A micro-batch's values are one store on the stage, whichever chunk made them: its
+        // forward chunks run in order, then its backward chunks in reverse, so the program's
+        // order still tells when a value is read last.
+        for (step, chunk) in schedule {
             match step {
                 PipeStep::Forward(m) => {
                     self.micro_batch.set(m);
                     let began = start.elapsed();
-                    let mut values = base.clone();
-                    for (v, x) in shard_inputs(exe, batch, self.rank.coord, m, &reads)? {
-                        let x = be.upload(&x, g.ty(v).dtype).map_err(|e| ExecError::Feed {
-                            what: "input",
-                            name: g.values[v].name.clone(),
-                            problem: e.to_string(),
-                        })?;
-                        bytes.add(be.bytes(&x));
-                        values[v.index()] = Some(Cow::Owned(x));
-                    }
-                    self.walk(0..bw, &mut values, &mut bytes, &mut events, start)?;
+                    let mut values = match stores.remove(&m) {
+                        Some(values) => values,
+                        None => {
+                            let mut values = base.clone();
+                            for (v, x) in shard_inputs(exe, batch, self.rank.coord, m, &reads)? {
+                                let x =
+                                    be.upload(&x, g.ty(v).dtype).map_err(|e| ExecError::Feed {
+                                        what: "input",
+                                        name: g.values[v].name.clone(),
+                                        problem: e.to_string(),
+                                    })?;
+                                bytes.add(be.bytes(&x));
+                                values[v.index()] = Some(Cow::Owned(x));
+                            }
+                            values
+                        }
+                    };
+                    self.walk(0..bw, chunk, &mut values, &mut bytes, &mut events, start)?;
                     fence("after the forward pass")?;
                     forward += start.elapsed() - began;
-                    spans.push(self.span(step, began, start));
-                    if exe.opts.forward_only {
+                    spans.push(self.span(step, chunk, began, start));
+                    if exe.opts.forward_only && chunk + 1 == chunks {
                         self.keep(m, values, &mut kept, &mut bytes)?;
                     } else {
                         stores.insert(m, values);
@@ -532,11 +553,22 @@ impl<B: Backend> Runner<'_, B> {
                             self.stage
                         ))
                     })?;
-                    self.walk(bw..steps, &mut values, &mut bytes, &mut events, start)?;
+                    self.walk(
+                        bw..steps,
+                        chunk,
+                        &mut values,
+                        &mut bytes,
+                        &mut events,
+                        start,
+                    )?;
                     fence("after the backward pass")?;
                     backward += start.elapsed() - began;
-                    spans.push(self.span(step, began, start));
-                    self.keep(m, values, &mut kept, &mut bytes)?;
+                    spans.push(self.span(step, chunk, began, start));
+                    if chunk == 0 {
+                        self.keep(m, values, &mut kept, &mut bytes)?;
+                    } else {
+                        stores.insert(m, values);
+                    }
                 }
             }
         }
@@ -562,21 +594,23 @@ impl<B: Backend> Runner<'_, B> {
     }
 
     /// The span of `step`, begun at `began` (from `start`), ending now; the wait it saw.
-    fn span(&self, step: PipeStep, began: Duration, start: Instant) -> Span {
+    fn span(&self, step: PipeStep, chunk: u32, began: Duration, start: Instant) -> Span {
         Span {
             step,
+            chunk,
             start: began,
             took: start.elapsed() - began,
             waited: self.waited.replace(Duration::ZERO),
         }
     }
 
-    /// Runs this stage's steps in `range` on one micro-batch's `values`: receives what another
+    /// Runs this stage's steps of model chunk `chunk` in `range` on one micro-batch's `values`: receives what another
     /// stage made just before a step first reads it, sends what it makes for another stage as
     /// soon as it is made, and frees each value after its last reader on this stage.
     fn walk(
         &self,
         range: std::ops::Range<usize>,
+        chunk: u32,
         values: &mut Store<'_, B::Tensor>,
         bytes: &mut Bytes,
         events: &mut Vec<TraceEvent>,
@@ -588,7 +622,7 @@ impl<B: Backend> Runner<'_, B> {
         let stage = self.stage;
         let m = self.micro_batch.get();
         for i in range {
-            if exe.stage_of[i] != stage {
+            if exe.stage_of[i] != stage || exe.chunk_of[i] != chunk {
                 continue;
             }
             let step = &exe.program.steps[i];

@@ -266,10 +266,18 @@ impl<'p, B: Backend> Run<'p, B> {
             // With several micro-batches, each one's forward and backward part as a slice
             // around its ops: the schedule's pattern.
             for span in r.spans.iter().filter(|_| self.plan.pipeline.is_some()) {
-                let (name, cat) = match span.step {
+                let (mut name, cat) = match span.step {
                     PipeStep::Forward(m) => (format!("F{m}"), "forward step"),
                     PipeStep::Backward(m) => (format!("B{m}"), "backward step"),
                 };
+                if self
+                    .plan
+                    .pipeline
+                    .as_ref()
+                    .is_some_and(|p| p.virtual_stages > 1)
+                {
+                    name.push_str(&format!(" chunk {}", span.chunk));
+                }
                 out.push_str(&format!(
                     ",{{\"name\":\"{name}\",\"cat\":\"{cat}\",\"ph\":\"X\",\"pid\":0,\
                      \"tid\":{i},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"waited_ms\":{:.3}}}}}",
