@@ -55,10 +55,19 @@ impl PlanArgs {
     /// The model as the plan runs it: with the dimensions overridden, and its `batch` one
     /// micro-batch's.
     pub fn load(&self) -> Result<Graph> {
-        let global = self.load_global()?;
         if self.micro_batches <= 1 {
-            return Ok(global);
+            return self.load_global();
         }
+        Ok(load_model(&self.model, &load_options(&self.micro_batch_dims()?))?)
+    }
+
+    /// The dimension overrides of one micro-batch's model: `--dim`s, with `batch` the step's
+    /// divided by `--micro-batches`.
+    pub fn micro_batch_dims(&self) -> Result<Vec<(String, u64)>> {
+        if self.micro_batches <= 1 {
+            return Ok(self.dims.clone());
+        }
+        let global = self.load_global()?;
         let batch = global
             .dims
             .iter()
@@ -80,7 +89,7 @@ impl PlanArgs {
         let mut dims = self.dims.clone();
         dims.retain(|(n, _)| n != "batch");
         dims.push(("batch".into(), batch / self.micro_batches));
-        Ok(load_model(&self.model, &load_options(&dims))?)
+        Ok(dims)
     }
 
     /// The model with the dimensions overridden: the whole batch of a step.

@@ -15,6 +15,7 @@
 //! - [`lower`]: phase 2, the SPMD plan for a mesh, with autodiff.
 //! - [`check`]: layout inference with fused-weight blocks, and the plan verifier.
 //! - [`pipeline`]: the program cut into pipeline stages, and each stage's schedule.
+//! - [`timeline`]: the pipeline schedule in time: each stage's steps priced by FLOPs, its bubble.
 //! - [`plan`]: the plan and its parameter shards.
 //! - [`planfile`]: plans as RON text, verified when read.
 //! - [`planner`]: which tp × dp (× sequence parallelism × recomputation) to run on a cluster.
@@ -36,6 +37,7 @@ pub mod report;
 pub mod rules;
 pub mod simulate;
 pub mod strategy;
+pub mod timeline;
 
 pub use check::{value_blocks, verify_plan, PlanError};
 pub use layout::{Layout, MeshLayout};

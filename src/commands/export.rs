@@ -1,4 +1,5 @@
-//! `ferrotron export`: a plan drawn as SVG and/or Graphviz DOT, headless.
+//! `ferrotron export`: a plan drawn as SVG and/or Graphviz DOT, headless; with `--timeline`, its
+//! pipeline schedule drawn in time instead.
 
 use crate::args::{write_atomically, PlanArgs};
 use anyhow::{anyhow, bail, Result};
@@ -6,6 +7,7 @@ use clap::Args;
 use ferrotron_partitioner::partition;
 use ferrotron_visualizer::export::{self as draw, ExportOptions};
 use ferrotron_visualizer::layout::LayoutOptions;
+use ferrotron_visualizer::schedule::schedule_svg;
 use std::path::PathBuf;
 
 /// The arguments of `ferrotron export`.
@@ -25,6 +27,11 @@ pub struct ExportArgs {
     /// Draw the backward pass too.
     #[arg(long)]
     backward: bool,
+    /// Draw the pipeline schedule in time instead of the graph (SVG only): a row per stage, a
+    /// box per micro-batch's forward and backward step, the bubble. Needs `--pp` and/or
+    /// `--micro-batches`.
+    #[arg(long)]
+    timeline: bool,
 }
 
 /// `ferrotron export`.
@@ -32,8 +39,19 @@ pub fn export(args: ExportArgs) -> Result<()> {
     if args.svg.is_none() && args.dot.is_none() {
         bail!("nothing to write: give --svg OUT.svg and/or --dot OUT.dot");
     }
+    if args.timeline && args.dot.is_some() {
+        bail!("--timeline draws SVG only: give --svg OUT.svg, not --dot");
+    }
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
+    if args.timeline {
+        let doc = schedule_svg(&plan).map_err(anyhow::Error::msg)?;
+        if let Some(path) = &args.svg {
+            write_atomically(path, doc.as_bytes())?;
+            println!("{}", path.display());
+        }
+        return Ok(());
+    }
     let expand_all = args.expand.iter().any(|e| e == "all");
     let expand = args
         .expand

@@ -31,7 +31,8 @@ pub fn view(args: ViewArgs) -> Result<()> {
         backward: args.backward,
         bench_frames: args.bench_frames,
     };
-    let load = load_options(&args.plan.dims);
+    // The plan runs one micro-batch's model.
+    let load = load_options(&args.plan.micro_batch_dims()?);
     app::run(args.plan.model.clone(), load, args.plan.options(), view).map_err(anyhow::Error::msg)
 }
 

@@ -2,18 +2,21 @@
 //! as the SVG export ([`TpClass`], [`collective_label`], [`shape_text`], [`export::title`]), a
 //! control panel (tp, dp, sequence parallelism, forward or forward + backward, search), a
 //! property panel for the selected box (with its FLOPs and bytes, full and per rank, from
-//! [`stats`]) and the plan's summary ([`Report`]) drawn as a small bar chart.
+//! [`stats`]) and the plan's summary ([`Report`]) drawn as a small bar chart. With pipeline
+//! stages every box has a band in its stage's colour, and the schedule view ([`View::Schedule`])
+//! draws the pipeline's timeline as the SVG of [`schedule`] does.
 //!
 //! All state lives in [`Viewer`]; [`Viewer::show`] draws it into any [`egui::Ui`], so the tests
 //! drive it headless with `egui_kittest`, and [`run`] opens it in a native window (OpenGL through
 //! glow, which Mesa's llvmpipe renders in software). [`RunOptions::bench_frames`] times the
 //! window's frames while the graph pans.
 
-use crate::export::{self, ExportOptions};
+use crate::export::{self, ExportOptions, STAGE_BAND_W};
 use crate::layout::{
     collective_label, is_collective_like, layout, shape_text, GraphLayout, Item, LayoutOptions,
     TpClass, LINE_H,
 };
+use crate::schedule::{self, stage_colour, stage_label};
 use crate::stats::{self, human_bytes, human_count, Cost, Costs, NodeCosts, SummaryChart};
 use eframe::egui::{
     self, Align2, Color32, FontId, Pos2, Rect, Sense, Shape, Stroke, StrokeKind, Vec2,
@@ -31,6 +34,8 @@ const EDGE: Color32 = Color32::from_rgb(0x66, 0x66, 0x66);
 /// The canvas's background.
 const CANVAS: Color32 = Color32::WHITE;
 const SELECTED: Color32 = Color32::from_rgb(0xe0, 0x1e, 0x5a);
+/// Under the schedule's hatching.
+const IDLE_FILL: Color32 = Color32::WHITE;
 
 /// Parses the SVG export's `#rrggbb` colours.
 fn hex(c: &str) -> Color32 {
@@ -41,6 +46,16 @@ fn hex(c: &str) -> Color32 {
 /// A [`TpClass`]'s colour, as in the SVG.
 pub fn class_colour(c: TpClass) -> Color32 {
     hex(c.colour())
+}
+
+/// What the central area draws.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum View {
+    /// The plan's graph.
+    #[default]
+    Graph,
+    /// The pipeline schedule in time: a row per stage, a box per step.
+    Schedule,
 }
 
 /// What is loaded: a model (re-partitioned on every change) or a saved plan (fixed).
@@ -58,6 +73,8 @@ pub struct Viewer {
     pub options: PartitionOptions,
     /// Draw the backward pass too.
     pub backward: bool,
+    /// The graph or the pipeline schedule.
+    pub view: View,
     /// Layers drawn op by op.
     pub expand: Vec<usize>,
     /// How model files are read (`--dim` overrides).
@@ -137,6 +154,7 @@ impl Viewer {
         let mut v = Viewer {
             options,
             backward: false,
+            view: View::Graph,
             expand: Vec::new(),
             load_options,
             source: Source::None,
@@ -612,6 +630,7 @@ impl Viewer {
                     ui.heading("error");
                     ui.label(egui::RichText::new(e).color(ui.visuals().error_fg_color));
                 }
+                None if self.view == View::Schedule => self.schedule_view(ui),
                 None => self.canvas(ui),
             });
     }
@@ -664,6 +683,14 @@ impl Viewer {
             }
         });
         ui.horizontal(|ui| {
+            ui.radio_value(&mut self.view, View::Graph, "graph");
+            let pipelined = self.plan().is_some_and(|p| p.pipeline.is_some());
+            ui.add_enabled_ui(pipelined, |ui| {
+                ui.radio_value(&mut self.view, View::Schedule, "schedule")
+                    .on_disabled_hover_text("needs pipeline stages (--pp) or micro-batches");
+            });
+        });
+        ui.horizontal(|ui| {
             if ui.button("fit to window").clicked() {
                 self.fit_to_window();
             }
@@ -706,6 +733,16 @@ impl Viewer {
             );
             ui.label("collective (f, g, all-reduce, ...)");
         });
+        if let Some(plan) = self.plan() {
+            let p = plan.pipeline.as_ref().map_or(0, |p| p.stages);
+            for st in (0..p).filter(|_| p > 1) {
+                ui.horizontal(|ui| {
+                    let (rect, _) = ui.allocate_exact_size(Vec2::new(5.0, 12.0), Sense::hover());
+                    ui.painter().rect_filled(rect, 0.0, hex(stage_colour(st)));
+                    ui.label(format!("band: {}", stage_label(plan, st)));
+                });
+            }
+        }
         ui.separator();
 
         ui.heading("selected");
@@ -746,6 +783,153 @@ impl Viewer {
                 ui.label("no plan");
             }
         }
+    }
+
+    /// The schedule view: the pipeline's timeline (what [`schedule::schedule_svg`] draws), a row
+    /// per stage scaled to the panel's width, the idle time hatched.
+    fn schedule_view(&mut self, ui: &mut egui::Ui) {
+        let Ok(plan) = &self.plan else {
+            return;
+        };
+        let (pipe, t) = match schedule::plan_timeline(plan) {
+            Ok(x) => x,
+            Err(e) => {
+                ui.label(e);
+                return;
+            }
+        };
+        ui.heading(schedule::schedule_title(plan, pipe));
+        ui.label(schedule::bubble_text(pipe, &t));
+        ui.horizontal(|ui| {
+            for (fill, text) in [
+                (hex(schedule::FORWARD_FILL[0]), "forward of micro-batch n"),
+                (hex(schedule::BACKWARD_FILL[0]), "backward of micro-batch n"),
+                (IDLE_FILL, "idle (the bubble)"),
+            ] {
+                let (rect, _) = ui.allocate_exact_size(Vec2::new(24.0, 14.0), Sense::hover());
+                ui.painter().rect(
+                    rect,
+                    0.0,
+                    fill,
+                    Stroke::new(1.0, Color32::from_gray(70)),
+                    StrokeKind::Inside,
+                );
+                ui.label(text);
+            }
+        });
+        let (response, painter) = ui.allocate_painter(ui.available_size(), Sense::hover());
+        let rect = response.rect;
+        if self.paint_background {
+            painter.rect_filled(rect, 0.0, CANVAS);
+        }
+        let font = FontId::monospace(11.0);
+        let ink = Color32::from_gray(30);
+        let labels: Vec<String> = (0..pipe.stages).map(|s| stage_label(plan, s)).collect();
+        let label_w = labels
+            .iter()
+            .map(|l| {
+                painter
+                    .layout_no_wrap(l.clone(), font.clone(), ink)
+                    .size()
+                    .x
+            })
+            .fold(0.0, f32::max)
+            + 16.0;
+        let (left, right) = (rect.left() + 8.0 + label_w, rect.right() - 90.0);
+        let makespan = if t.makespan > 0.0 { t.makespan } else { 1.0 };
+        let scale = ((right - left).max(40.0) as f64 / makespan) as f32;
+        let x_at = |time: f64| left + time as f32 * scale;
+        let (row_h, gap) = (28.0, 8.0);
+        let mut y = rect.top() + 12.0;
+        for (stage, slots) in t.stages.iter().enumerate() {
+            let row = Rect::from_min_max(Pos2::new(left, y), Pos2::new(x_at(makespan), y + row_h));
+            painter.text(
+                Pos2::new(left - 8.0, row.center().y),
+                Align2::RIGHT_CENTER,
+                &labels[stage],
+                font.clone(),
+                ink,
+            );
+            // Idle: the row hatched; the steps cover what is not idle.
+            painter.rect_filled(row, 0.0, IDLE_FILL);
+            let hatch = painter.with_clip_rect(row.intersect(rect));
+            let mut hx = row.left() - row_h;
+            while hx < row.right() {
+                hatch.line_segment(
+                    [
+                        Pos2::new(hx, row.bottom()),
+                        Pos2::new(hx + row_h, row.top()),
+                    ],
+                    Stroke::new(1.0, hex(schedule::IDLE_STROKE)),
+                );
+                hx += 7.0;
+            }
+            for b in slots {
+                let r = Rect::from_min_max(
+                    Pos2::new(x_at(b.start), row.top()),
+                    Pos2::new(x_at(b.end), row.bottom()),
+                );
+                painter.rect(
+                    r,
+                    0.0,
+                    hex(schedule::step_fill(b.step, b.chunk, pipe.virtual_stages)),
+                    Stroke::new(0.8, Color32::from_gray(50)),
+                    StrokeKind::Inside,
+                );
+                if r.width() >= 10.0 {
+                    painter.text(
+                        r.center(),
+                        Align2::CENTER_CENTER,
+                        schedule::step_text(b.step),
+                        font.clone(),
+                        ink,
+                    );
+                }
+            }
+            painter.rect_stroke(
+                row,
+                0.0,
+                Stroke::new(1.0, Color32::from_gray(140)),
+                StrokeKind::Outside,
+            );
+            painter.text(
+                Pos2::new(row.right() + 8.0, row.center().y),
+                Align2::LEFT_CENTER,
+                format!("idle {:.1}%", 100.0 * t.idle_fraction(stage)),
+                font.clone(),
+                Color32::from_gray(90),
+            );
+            y += row_h + gap;
+        }
+        // The time axis.
+        let axis = y + 2.0;
+        let stroke = Stroke::new(1.0, Color32::from_gray(70));
+        painter.line_segment(
+            [Pos2::new(left, axis), Pos2::new(x_at(makespan), axis)],
+            stroke,
+        );
+        let step = schedule::tick_step(makespan, 10.0);
+        let mut k = 0u32;
+        while f64::from(k) * step <= makespan * (1.0 + 1e-9) {
+            let tv = f64::from(k) * step;
+            let x = x_at(tv);
+            painter.line_segment([Pos2::new(x, axis), Pos2::new(x, axis + 5.0)], stroke);
+            painter.text(
+                Pos2::new(x, axis + 7.0),
+                Align2::CENTER_TOP,
+                format!("{}", (tv * 100.0).round() / 100.0),
+                font.clone(),
+                ink,
+            );
+            k += 1;
+        }
+        painter.text(
+            Pos2::new((left + x_at(makespan)) / 2.0, axis + 24.0),
+            Align2::CENTER_TOP,
+            "time (1 = a stage's mean forward of one micro-batch)",
+            font,
+            ink,
+        );
     }
 
     fn to_screen(&self, origin: Pos2, x: f64, y: f64) -> Pos2 {
@@ -975,6 +1159,15 @@ impl Viewer {
                         StrokeKind::Inside,
                     );
                 }
+            }
+            // As in the SVG: right to left from the box, a tied parameter's holders side by side.
+            for (j, st) in export::stages_of(plan, n).into_iter().enumerate() {
+                let right = r.left() - (j as f32 * (STAGE_BAND_W as f32 + 2.0) + 2.0) * z;
+                let band = Rect::from_min_max(
+                    Pos2::new(right - STAGE_BAND_W as f32 * z, r.top()),
+                    Pos2::new(right, r.bottom()),
+                );
+                painter.rect_filled(band, 0.0, hex(stage_colour(st)));
             }
             if text {
                 let top = r.top() + (r.height() - n.lines.len() as f32 * LINE_H as f32 * z) / 2.0;

@@ -9,6 +9,9 @@
 //! - A collapsed layer is a double-outlined box with its op count and its collectives.
 //! - Edges carry the shard-local shape of the value they carry (`[8,1024,384]`, `×k` when one
 //!   edge stands for `k` values).
+//! - With pipeline stages, a band left of every box in its stage's colour
+//!   ([`stage_colour`](crate::schedule::stage_colour)), one per holding stage for a tied
+//!   parameter, and a legend entry per stage.
 //!
 //! In the SVG every box is a `<g class="node KIND" id="vI">` with KIND one of `op`, `collective`,
 //! `param`, `input`, `layer`, so tools and tests can find them.
@@ -17,6 +20,8 @@ use crate::layout::{
     collective_label, is_collective_like, layout, shape_text, GraphLayout, Item, LayoutOptions,
     Node, TpClass, CHAR_W, FONT_SIZE, LINE_H,
 };
+use crate::schedule::{stage_colour, stage_label};
+use ferrotron_ir::graph::EntityRef;
 use ferrotron_partitioner::Plan;
 use std::fmt::Write;
 
@@ -66,10 +71,17 @@ fn dot_escape(s: &str) -> String {
 /// The title line: model, mesh, view.
 pub fn title(plan: &Plan, opts: &ExportOptions) -> String {
     format!(
-        "{}: tp = {}, dp = {}{}, {}",
+        "{}: tp = {}, dp = {}{}{}, {}",
         plan.model,
         plan.mesh.tp,
         plan.mesh.dp,
+        match &plan.pipeline {
+            Some(p) => format!(
+                ", pp = {} ({} micro-batches, {})",
+                p.stages, p.micro_batches, p.schedule
+            ),
+            None => String::new(),
+        },
         if plan.options.sequence_parallel {
             ", sequence parallel"
         } else {
@@ -94,6 +106,21 @@ pub fn kind(plan: &Plan, node: &Node) -> &'static str {
     }
 }
 
+/// The pipeline stages whose ranks run a box: one for an op or a layer, every holder of a
+/// parameter (several for a tied one); none for a graph input, and none without pipeline
+/// stages.
+pub fn stages_of(plan: &Plan, node: &Node) -> Vec<u32> {
+    let Some(pipe) = plan.pipeline.as_ref().filter(|p| p.stages > 1) else {
+        return Vec::new();
+    };
+    match &node.item {
+        Item::Op(n) => vec![pipe.stage_of[*n]],
+        Item::Layer { nodes, .. } => nodes.iter().take(1).map(|&n| pipe.stage_of[n]).collect(),
+        Item::Param(p) => pipe.holders[p.index()].clone(),
+        Item::Input(_) => Vec::new(),
+    }
+}
+
 /// The layout class a box is coloured by (`None` for layers and inputs).
 pub fn class_of(plan: &Plan, node: &Node) -> Option<TpClass> {
     let g = &plan.graph;
@@ -112,8 +139,17 @@ fn fill_of(plan: &Plan, node: &Node) -> &'static str {
     }
 }
 
-/// A tooltip: the layouts and shapes of what the box defines.
+/// A tooltip: the layouts and shapes of what the box defines, and its pipeline stage.
 fn tooltip(plan: &Plan, node: &Node) -> String {
+    let mut s = item_tooltip(plan, node);
+    for st in stages_of(plan, node) {
+        s.push('\n');
+        s.push_str(&stage_label(plan, st));
+    }
+    s
+}
+
+fn item_tooltip(plan: &Plan, node: &Node) -> String {
     let g = &plan.graph;
     let value_line = |v| {
         format!(
@@ -163,6 +199,15 @@ fn edge_label(plan: &Plan, l: &GraphLayout, e: usize) -> String {
 }
 
 const LEGEND_ROW: f64 = 18.0;
+/// Width of the stage band left of a box (within the layout's gap between boxes).
+pub const STAGE_BAND_W: f64 = 5.0;
+
+/// The pipeline stages the graph drawing marks (none for one stage).
+fn stages(plan: &Plan) -> impl Iterator<Item = u32> {
+    let p = plan.pipeline.as_ref().map_or(0, |p| p.stages);
+    let marked = if p > 1 { p } else { 0 };
+    0..marked
+}
 
 /// The graph as a self-contained SVG document.
 pub fn svg(plan: &Plan, opts: &ExportOptions) -> String {
@@ -188,13 +233,15 @@ pub fn svg_of_layout(plan: &Plan, opts: &ExportOptions, l: &GraphLayout) -> Stri
             ),
             ("edge", "edge: shard-local shape on each rank".to_string()),
         ])
+        .chain(stages(plan).map(|s| ("stage", format!("band: {}", stage_label(plan, s)))))
         .collect();
     let header = 40.0 + legend.len() as f64 * LEGEND_ROW + 16.0;
     let legend_w = legend
         .iter()
         .map(|(_, t)| t.chars().count() as f64 * CHAR_W + 60.0)
         .fold(0.0, f64::max);
-    let title_w = title.chars().count() as f64 * CHAR_W * 1.3 + 40.0;
+    // The title is set at 15 px, the rest at FONT_SIZE.
+    let title_w = title.chars().count() as f64 * CHAR_W * 15.0 / FONT_SIZE + 40.0;
     let width = l.width.max(legend_w + 40.0).max(title_w).ceil();
     let height = (l.height + header).ceil();
 
@@ -218,9 +265,17 @@ pub fn svg_of_layout(plan: &Plan, opts: &ExportOptions, l: &GraphLayout) -> Stri
 
     // Legend.
     let _ = writeln!(s, r#"<g class="legend" transform="translate(20,40)">"#);
+    let mut stage = 0u32;
     for (i, (k, text)) in legend.iter().enumerate() {
         let y = i as f64 * LEGEND_ROW;
         let swatch = match *k {
+            "stage" => {
+                stage += 1;
+                format!(
+                    r#"<rect x="0" y="{y}" width="5" height="13" fill="{}"/>"#,
+                    stage_colour(stage - 1)
+                )
+            }
             "class" => format!(
                 r##"<rect x="0" y="{y}" width="28" height="13" rx="2" fill="{}" stroke="#444"/>"##,
                 TpClass::ALL[i].colour()
@@ -326,6 +381,15 @@ pub fn svg_of_layout(plan: &Plan, opts: &ExportOptions, l: &GraphLayout) -> Stri
                     r##"<rect x="{x:.1}" y="{y:.1}" width="{w:.1}" height="{h:.1}" rx="3" fill="{fill}" stroke="#444"/>"##
                 );
             }
+        }
+        // Right to left from the box: a tied parameter's holders side by side.
+        for (j, st) in stages_of(plan, node).into_iter().enumerate() {
+            let _ = write!(
+                s,
+                r#"<rect class="stage-band" data-stage="{st}" x="{:.1}" y="{y:.1}" width="{STAGE_BAND_W}" height="{h:.1}" fill="{}"/>"#,
+                x - (j as f64 + 1.0) * (STAGE_BAND_W + 2.0),
+                stage_colour(st)
+            );
         }
         let cx = x + w / 2.0;
         let top = y + (h - node.lines.len() as f64 * LINE_H) / 2.0;

@@ -5,20 +5,25 @@
 //! ```text
 //! Plan ─► layout (layered DAG: layers collapsed, ranks, barycentre order, x/y) ─► export: SVG, DOT
 //!                                                                            └─► GUI (app)
+//!      ─► partitioner::timeline (the pipeline schedule in time) ─► schedule: SVG, GUI (app)
 //! ```
 //!
 //! - [`layout`]: a layered, top-to-bottom layout of the plan's graph, each transformer layer
 //!   collapsed into one box unless expanded, forward only or forward + backward. The GUI will
 //!   draw the same [`layout::GraphLayout`].
 //! - `app` (cargo feature `gui`, on by default): the desktop viewer (egui/eframe): the same layout drawn with pan, zoom, search,
-//!   live re-partitioning, a property panel (with the node's FLOPs and bytes) and a summary
-//!   chart; `app::run` opens the window.
+//!   live re-partitioning, a property panel (with the node's FLOPs and bytes), a summary
+//!   chart, and for a pipelined plan a schedule view; `app::run` opens the window.
 //! - [`stats`]: the numbers those panels show, from the IR's per-op FLOP counts and the
 //!   partitioner's [`Report`](ferrotron_partitioner::Report).
 //! - [`export`]: a self-contained SVG and Graphviz DOT, every op and parameter coloured by its
 //!   tensor-parallel layout with a legend, the collectives as distinctive nodes labelled with the
 //!   paper's f and g and with what they do forward and backward, edges labelled with shard-local
-//!   shapes (what `ferrotron export` writes).
+//!   shapes (what `ferrotron export` writes); with pipeline stages, a band per box in its
+//!   stage's colour.
+//! - [`schedule`]: the pipeline schedule in time (a row per stage, a box per micro-batch's forward
+//!   and backward step, the bubble hatched), from the partitioner's timeline (what
+//!   `ferrotron export --timeline` writes, and the viewer's schedule view).
 //!
 //! ```no_run
 //! # use ferrotron_visualizer::{export, layout::LayoutOptions};
@@ -38,4 +43,5 @@
 pub mod app;
 pub mod export;
 pub mod layout;
+pub mod schedule;
 pub mod stats;

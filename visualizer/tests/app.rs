@@ -366,3 +366,28 @@ fn a_72_layer_model_opens_readable_at_the_top() {
         h.state().zoom()
     );
 }
+
+#[test]
+fn the_schedule_view_draws_the_pipeline_with_its_bubble() {
+    let load = ferrotron_ir::LoadOptions {
+        overrides: vec![("layers".into(), 4)],
+        ..Default::default()
+    };
+    let options = ferrotron_partitioner::PartitionOptions {
+        pp: 2,
+        micro_batches: 2,
+        ..Default::default()
+    };
+    let mut h = harness(Viewer::with_options(TINY_GPT, load, options));
+    h.run();
+    // The graph's boxes carry their stage's band, and the legend says which stage is which.
+    h.get_by_label_contains("band: stage 1 (rank 1)");
+    h.get_by_label("schedule").click();
+    h.run();
+    assert_eq!(h.state().view, ferrotron_visualizer::app::View::Schedule);
+    h.get_by_label_contains("bubble (P − 1)/(M + P − 1) = 1/3 = 33.3%");
+    h.get_by_label_contains("pp = 2, M = 2 micro-batches, 1F1B schedule");
+    h.get_by_label("graph").click();
+    h.run();
+    assert_eq!(h.state().view, ferrotron_visualizer::app::View::Graph);
+}
