@@ -317,3 +317,45 @@ fn pipeline_stages_rank_coordinates_and_plan_files() {
     let out = ferrotron(&["partition", "models/tiny-gpt.ron", "--micro-batches", "3"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("valid: 1, 2"));
 }
+
+#[test]
+fn export_draws_the_schedule_timeline() {
+    let dir = std::env::temp_dir().join(format!("ferrotron-timeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("schedule.svg");
+    let out = ferrotron(&[
+        "export",
+        "models/tiny-gpt.ron",
+        "--dim",
+        "layers=4",
+        "--pp",
+        "2",
+        "--micro-batches",
+        "2",
+        "--timeline",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") || text.contains("<svg"), "an SVG");
+    assert!(
+        text.contains("1F1B") && text.contains("bubble"),
+        "titled with its schedule"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    // Without stages there is no schedule to draw.
+    let out = ferrotron(&[
+        "export",
+        "models/tiny-gpt.ron",
+        "--timeline",
+        "--svg",
+        "x.svg",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pp"));
+}
