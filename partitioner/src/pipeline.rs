@@ -21,6 +21,7 @@
 //! sends one as soon as its step made it; a send never waits, so a schedule whose steps respect
 //! the data dependencies cannot deadlock.
 
+use crate::layout::Layout;
 use crate::mesh::Mesh;
 use crate::plan::{PartitionOptions, Plan};
 use crate::PartitionError;
@@ -93,6 +94,23 @@ pub struct Transfer {
     pub to: u32,
     /// Made in the backward part (a gradient) rather than the forward part.
     pub backward: bool,
+    /// A value every tensor-parallel rank holds whole goes in pieces (the 2021 paper's
+    /// scatter/gather): each sender sends its `1/tp` part along this dimension, and the
+    /// receivers all-gather the parts over their tp group. `None`: each rank sends what it
+    /// holds (its own slice of a split value, or a whole value at tp = 1).
+    #[serde(default)]
+    pub scatter: Option<usize>,
+}
+
+impl Transfer {
+    /// The bytes each sending rank sends per micro-batch.
+    pub fn bytes(&self, plan: &Plan) -> u64 {
+        let size = plan.graph.ty(self.value).size_bytes();
+        match self.scatter {
+            Some(_) => size / plan.mesh.tp.max(1),
+            None => size,
+        }
+    }
 }
 
 /// A parameter several stages hold (tied weights): each computes with its copy, the gradient is
@@ -421,11 +439,20 @@ pub fn cut(
             // Another chunk of the same stage has it already (a micro-batch's values are one
             // store on a stage); another stage receives it once.
             if stage_of[node] != s && seen.insert((value, s)) {
+                // Whole on every tp rank: its last dimension cut over them, if it divides.
+                let ty = g.ty(value);
+                let tp = plan.mesh.tp.max(1);
+                let scatter = (tp > 1
+                    && plan.layouts[value].tp == Layout::Replicated
+                    && ty.shape.rank() > 0
+                    && ty.shape.size(ty.shape.rank() - 1).is_multiple_of(tp))
+                .then(|| ty.shape.rank() - 1);
                 transfers.push(Transfer {
                     value,
                     from: stage_of[node],
                     to: s,
                     backward: made_bw,
+                    scatter,
                 });
             }
         }

@@ -135,8 +135,11 @@ pub struct TransferReport {
     pub to: u32,
     /// `forward` (an activation) or `backward` (a gradient).
     pub direction: &'static str,
-    /// Bytes each sending rank sends per micro-batch.
+    /// Bytes each sending rank sends per micro-batch (its `1/tp` part of a value every tp rank
+    /// holds whole: the receivers gather the parts).
     pub bytes: u64,
+    /// The dimension a whole value is cut along for sending, if it is.
+    pub scatter: Option<usize>,
 }
 
 /// A parameter several stages hold.
@@ -410,7 +413,8 @@ fn pipeline_report(
                 from: t.from,
                 to: t.to,
                 direction: if t.backward { "backward" } else { "forward" },
-                bytes: g.ty(t.value).size_bytes(),
+                bytes: t.bytes(plan),
+                scatter: t.scatter,
             })
             .collect(),
         tied: pipe
@@ -547,13 +551,18 @@ impl fmt::Display for PipelineReport {
         for t in &self.transfers {
             writeln!(
                 f,
-                "    {:<8} stage {} → {}  {:<28} {:<24} {:>12}",
+                "    {:<8} stage {} → {}  {:<28} {:<24} {:>12}{}",
                 t.direction,
                 t.from,
                 t.to,
                 t.value,
                 t.shape,
-                human(t.bytes)
+                human(t.bytes),
+                if t.scatter.is_some() {
+                    "  (a 1/tp part each; gathered on arrival)"
+                } else {
+                    ""
+                }
             )?;
         }
         for t in &self.tied {

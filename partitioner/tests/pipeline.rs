@@ -151,6 +151,33 @@ fn transfers_go_forward_in_the_forward_part_and_back_in_the_backward() {
 }
 
 #[test]
+fn a_boundary_every_tp_rank_holds_whole_is_sent_in_parts() {
+    let g = model("tiny-gpt.ron", &[("layers", 4)]);
+    let (plan, pipe) = pipelined(&g, &options(2, 2, 2));
+    let residual = |pipe: &Pipeline, plan: &Plan| {
+        pipe.transfers
+            .iter()
+            .find(|t| !t.backward && plan.graph.values[t.value].name.ends_with(".y"))
+            .cloned()
+            .unwrap()
+    };
+    // Replicated over tp: each rank sends half of the hidden dimension.
+    let t = residual(&pipe, &plan);
+    assert_eq!(t.scatter, Some(2));
+    assert_eq!(t.bytes(&plan) * 2, plan.graph.ty(t.value).size_bytes());
+    // With sequence parallelism it is already split along the sequence: sent as held.
+    let sp = PartitionOptions {
+        sequence_parallel: true,
+        ..options(2, 2, 2)
+    };
+    let (plan, pipe) = pipelined(&g, &sp);
+    assert_eq!(residual(&pipe, &plan).scatter, None);
+    // At tp = 1 there is nothing to scatter.
+    let (plan, pipe) = pipelined(&g, &options(1, 2, 2));
+    assert_eq!(residual(&pipe, &plan).scatter, None);
+}
+
+#[test]
 fn uneven_and_hand_fixed_splits() {
     let g = model("tiny-gpt.ron", &[("layers", 5)]);
     let (_, pipe) = pipelined(&g, &options(1, 3, 3));

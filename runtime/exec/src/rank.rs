@@ -29,7 +29,7 @@ use ferrotron_ir::{Dim, MeshAxis, NodeId, Op, ParamId, ValueId};
 use ferrotron_partitioner::pipeline::PipeStep;
 use ferrotron_partitioner::{Coord, Layout, Mesh, MeshLayout, Region};
 use std::borrow::Cow;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,6 +228,7 @@ impl<B: Backend> Rank<B> {
                 stage: self.coord.pp,
                 micro_batch: Cell::new(0),
                 waited: Cell::new(Duration::ZERO),
+                landed: RefCell::new(Vec::new()),
             }
             .run(&params, weights, batch)
         })
@@ -395,6 +396,10 @@ struct Runner<'a, B: Backend> {
     micro_batch: Cell<u32>,
     /// Time spent waiting for other stages' transfers so far.
     waited: Cell<Duration>,
+    /// Received tensors this rank is done with. A tensor is freed on the device queue of the
+    /// rank that made it, which does not wait for this rank's queue: they are dropped once this
+    /// rank's queue has finished the step that read them.
+    landed: RefCell<Vec<B::Tensor>>,
 }
 
 /// The vocabulary-parallel cross-entropy's statistics on this rank, reduced over the group.
@@ -535,6 +540,7 @@ impl<B: Backend> Runner<'_, B> {
                     };
                     self.walk(0..bw, chunk, &mut values, &mut bytes, &mut events, start)?;
                     fence("after the forward pass")?;
+                    self.landed.borrow_mut().clear();
                     forward += start.elapsed() - began;
                     spans.push(self.span(step, chunk, began, start));
                     if exe.opts.forward_only && chunk + 1 == chunks {
@@ -562,6 +568,7 @@ impl<B: Backend> Runner<'_, B> {
                         start,
                     )?;
                     fence("after the backward pass")?;
+                    self.landed.borrow_mut().clear();
                     backward += start.elapsed() - began;
                     spans.push(self.span(step, chunk, began, start));
                     if chunk == 0 {
@@ -698,6 +705,9 @@ impl<B: Backend> Runner<'_, B> {
                 if exe.is_last_use(stage, v, i) && !exe.keep[v] {
                     if let Some(Cow::Owned(x)) = values[v.index()].take() {
                         bytes.sub(be.bytes(&x));
+                        if self.received(v) {
+                            self.landed.borrow_mut().push(x);
+                        }
                     }
                 }
             }
@@ -765,6 +775,15 @@ impl<B: Backend> Runner<'_, B> {
         Ok(())
     }
 
+    /// Whether `v` comes from another stage.
+    fn received(&self, v: ValueId) -> bool {
+        self.exe.plan.pipeline.as_ref().is_some_and(|p| {
+            p.transfers
+                .iter()
+                .any(|t| t.value == v && t.to as usize == self.stage)
+        })
+    }
+
     /// The value `v` another stage made for this one (micro-batch being run), if `v` crosses
     /// into this stage.
     fn receive(&self, n: NodeId, v: ValueId) -> Result<Option<B::Tensor>, ExecError> {
@@ -787,7 +806,19 @@ impl<B: Backend> Runner<'_, B> {
         let began = Instant::now();
         let x = link.recv(from, self.rank.index(), tag);
         self.waited.set(self.waited.get() + began.elapsed());
-        x.map(Some).map_err(|e| self.comm_error(n, e))
+        let x = x.map_err(|e| self.comm_error(n, e))?;
+        match pipe.transfers[k].scatter {
+            // Each tp rank received its part: the whole is their concatenation.
+            Some(d) => {
+                let whole = self
+                    .group(MeshAxis::Tp)
+                    .all_gather(&x, d)
+                    .map_err(|e| self.comm_error(n, e))?;
+                self.landed.borrow_mut().push(x);
+                Ok(Some(whole))
+            }
+            None => Ok(Some(x)),
+        }
     }
 
     /// Sends `x` (value `v`, just made) to every stage that reads it, moving it to the last one
@@ -810,30 +841,34 @@ impl<B: Backend> Runner<'_, B> {
         if out.is_empty() {
             return Ok(Some(x));
         }
-        // The receiver's device work may run on another queue: the tensor must be complete.
-        self.rank
-            .backend
-            .synchronize()
-            .map_err(|e| self.plan_error(n, format!("waiting for the device to send: {e}")))?;
+        let be = &self.rank.backend;
         let me = self.rank.index();
+        let tp = self.rank.mesh.tp as usize;
         let mut x = Some(x);
         for (j, &k) in out.iter().enumerate() {
-            let to = self
-                .rank
-                .mesh
-                .peer(self.rank.coord, pipe.transfers[k].to as usize);
+            let transfer = &pipe.transfers[k];
+            let to = self.rank.mesh.peer(self.rank.coord, transfer.to as usize);
             let tag = Tag {
                 transfer: k as u32,
                 micro_batch: self.micro_batch.get(),
             };
-            let last = j + 1 == out.len() && !needed_here;
-            let t = if last {
-                x.take().expect("sent once")
-            } else {
-                x.as_ref().expect("kept until the last send").clone()
+            let whole = x.as_ref().expect("kept until the last send");
+            let t = match transfer.scatter {
+                // Its part of a value every tp rank holds whole.
+                Some(d) => be
+                    .local_slice(whole, d, self.rank.coord.tp, tp)
+                    .map_err(|e| self.kernel_error(n, e))?,
+                None if j + 1 == out.len() && !needed_here => x.take().expect("sent once"),
+                None => whole.clone(),
             };
+            // The receiver's device work may run on another queue: the tensor must be complete.
+            be.synchronize()
+                .map_err(|e| self.plan_error(n, format!("waiting for the device to send: {e}")))?;
             link.send(me, to, tag, t)
                 .map_err(|e| self.comm_error(n, e))?;
+        }
+        if !needed_here {
+            x = None;
         }
         Ok(x)
     }

@@ -217,7 +217,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
             let lr = config.lr_at(step);
             let step1 = u32::try_from(step + 1)
                 .map_err(|_| ExecError::Plan("more than 2^32 steps".into()))?;
-            for (i, g) in grads.into_iter().enumerate() {
+            for (i, g) in grads.iter().enumerate() {
                 let Some(g) = g else { continue };
                 // Tied copies receive the same summed gradient: they stay identical.
                 // Matrices and embeddings decay; biases and norm weights do not.
@@ -235,9 +235,15 @@ impl<'p, B: Backend> Trainer<'p, B> {
                     step: step1,
                     grad_scale: clip,
                 };
-                be.adamw(&mut w[i], &g, (&mut m[i], &mut v[i]), update)
+                be.adamw(&mut w[i], g, (&mut m[i], &mut v[i]), update)
                     .map_err(device)?;
             }
+            // A tied gradient came from another stage's device queue, which frees it when it
+            // is dropped: the updates must have read it first.
+            if plan.pipeline.as_ref().is_some_and(|p| !p.tied.is_empty()) {
+                be.synchronize().map_err(device)?;
+            }
+            drop(grads);
             Ok(StepStats {
                 step,
                 loss: loss[0],
