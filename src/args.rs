@@ -58,7 +58,10 @@ impl PlanArgs {
         if self.micro_batches <= 1 {
             return self.load_global();
         }
-        Ok(load_model(&self.model, &load_options(&self.micro_batch_dims()?))?)
+        Ok(load_model(
+            &self.model,
+            &load_options(&self.micro_batch_dims()?),
+        )?)
     }
 
     /// The dimension overrides of one micro-batch's model: `--dim`s, with `batch` the step's
