@@ -26,10 +26,11 @@ pub fn reshard(args: ReshardArgs) -> Result<()> {
     let plan = partition(&graph, &args.plan.options())?;
     checkpoint::reshard(&args.from, &args.to, &plan)?;
     println!(
-        "{} → {} for tp = {}",
+        "{} → {} for tp = {}, pp = {}",
         args.from.display(),
         args.to.display(),
-        plan.mesh.tp
+        plan.mesh.tp,
+        plan.mesh.pp
     );
     Ok(())
 }

@@ -281,7 +281,7 @@ fn report_job<B: Backend>(
                 );
                 for (s, (peak, st)) in stage_peaks(run).iter().zip(&p.per_stage).enumerate() {
                     println!(
-                        "  stage {s}: {:.2} MiB / {:.2} MiB ({} micro-batches in flight)",
+                        "  stage {s}: {:.2} MiB / {:.2} MiB ({} in flight)",
                         mib(*peak as u64),
                         mib(st.per_rank.memory_bytes - st.per_rank.optimizer_bytes),
                         st.in_flight
