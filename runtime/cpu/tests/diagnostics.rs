@@ -53,6 +53,57 @@ fn one_failing_rank_stops_all_of_them_with_its_error() {
 }
 
 #[test]
+fn a_failing_stage_stops_every_stage_with_its_error() {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/tiny-gpt.ron"
+    ));
+    let opts = LoadOptions {
+        overrides: vec![("layers".into(), 4)],
+        ..LoadOptions::default()
+    };
+    let g = load_model(&path, &opts).unwrap();
+    let plan = partition(
+        &g,
+        &PartitionOptions {
+            tp: 2,
+            pp: 2,
+            micro_batches: 2,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    let mut shards = shard_params(&plan, &init_params(&g, 0)).unwrap();
+    // Rank 3 (tp 1 of the last stage) gets a malformed shard of its last parameter: it fails at
+    // once, its tp peer at its first collective, and the first stage at its first receive.
+    let bad = shards[3].len() - 1;
+    let name = plan.graph.params[plan.params_on(1)[bad]].name.clone();
+    shards[3][bad] = Tensor::zeros(vec![3]);
+    let mut batch = random_batch(&g, 0);
+    batch.insert("tokens".into(), {
+        let mut t = batch["tokens"].clone();
+        t.shape[0] *= 2;
+        t.data.extend_from_within(..);
+        t
+    });
+    let run_opts = RunOptions {
+        timeout: Duration::from_secs(60),
+        ..RunOptions::default()
+    };
+    let started = Instant::now();
+    let err = run_sharded(Cpu::default(), &plan, &shards, &batch, &run_opts).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    match err {
+        ExecError::Feed { name: n, .. } => assert_eq!(n, name),
+        other => panic!("expected the failing rank's own error, got {other}"),
+    }
+}
+
+#[test]
 fn check_finite_names_the_first_op_that_overflows() {
     let g = tiny_gpt();
     let plan = partition(&g, &tp(2)).unwrap();
