@@ -158,6 +158,13 @@ fn launch_backend_cuda_runs_a_rank_per_process_over_nccl() {
             "f32",
         ),
         ("2", &["--tp", "2"][..], "bf16"),
+        // Pipeline stages in processes of their own, passing activations through host copies.
+        (
+            "4",
+            &["--tp", "2", "--pp", "2", "--micro-batches", "2"][..],
+            "f32",
+        ),
+        ("2", &["--pp", "2", "--micro-batches", "2"][..], "bf16"),
     ] {
         let mut job = vec![
             "launch",
