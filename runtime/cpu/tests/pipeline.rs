@@ -202,10 +202,23 @@ fn micro_batches_see_their_rows_dropout_masks() {
 
 #[test]
 fn tiny_bert_and_llama_over_stages() {
-    check("tiny-bert.ron", &[("layers", 3)], 4, case(1, 3, 1, 2), 0);
-    check("tiny-bert.ron", &[("layers", 2)], 8, case(2, 2, 2, 2), 0);
-    check("tiny-llama.ron", &[("layers", 3)], 4, case(1, 3, 1, 2), 0);
-    check("tiny-llama.ron", &[("layers", 2)], 8, case(2, 2, 2, 2), 0);
+    for file in ["tiny-bert.ron", "tiny-llama.ron"] {
+        check(file, &[("layers", 2)], 4, case(1, 2, 1, 2), 0);
+        check(file, &[("layers", 2)], 4, case(2, 2, 1, 2), 0);
+        // Four layers over three stages: uneven.
+        check(file, &[("layers", 4)], 6, case(1, 3, 1, 3), 0);
+        check(file, &[("layers", 2)], 8, case(2, 2, 2, 2), 0);
+        check(
+            file,
+            &[("layers", 2)],
+            4,
+            Case {
+                schedule: Schedule::GPipe,
+                ..case(1, 2, 1, 4)
+            },
+            0,
+        );
+    }
     check(
         "tiny-llama.ron",
         &[("layers", 2)],
