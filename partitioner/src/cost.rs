@@ -3,14 +3,17 @@
 //!
 //! ```text
 //! clusters/*.ron ─► Cluster ─┐
-//! Plan (SPMD graph, mesh) ───┴─► estimate: one rank's program, node by node
+//! Plan (SPMD graph, mesh) ───┴─► estimate: one rank's program, node by node, per pipeline stage
 //!     compute stream: GEMMs, memory-bound ops, blocking tp collectives, recomputation
 //!     dp stream:      gradient all-reduces, started when their gradient is produced
-//!     ─► Estimate (step time, throughput, memory from Report)
+//!     pipeline:       (M + P − 1) × the slowest stage's micro-batch, transfers at fill and
+//!                     drain, then each stage's dp all-reduces and optimizer
+//!     ─► Estimate (step time, bubble, throughput, memory per stage as Report counts it)
 //! ```
 //!
 //! Every rank runs the same SPMD program on shard-local shapes, so one rank's time is the step
-//! time. The rules, each a deliberate simplification:
+//! time (with pipeline stages, one rank of each stage's; see **Pipelines** below). The rules,
+//! each a deliberate simplification:
 //!
 //! - **GEMMs** ([`Op::MatMul`]): `flops / (peak × efficiency)`, floored by the bytes they touch
 //!   over memory bandwidth. The efficiency is `max × W/(W + half_at) × shape` with `W = m·n·k`
@@ -59,29 +62,63 @@
 //!   kernel per pass per parameter tensor.
 //! - **Vocabulary-parallel cross-entropy**: its per-token all-reduces (3 forward, 2 backward, of
 //!   `tokens × 4 bytes` each — the statistics stay f32) block the compute stream.
+//! - **Pipelines** (the plan cut into `P` stages run over `M` micro-batches, see
+//!   [`crate::pipeline`]; the plan's graph is one micro-batch's): each stage's forward and
+//!   backward of one micro-batch are priced as above from the nodes on that stage, its tp
+//!   collectives included. The stages run `M + P − 1` rounds of the slowest stage's micro-batch
+//!   (`t_max`): with equal stages a GPU idles `(P − 1)/(M + P − 1)` of them, GPipe and 1F1B
+//!   alike (the bubble, `(P − 1)/M` of the ideal time); uneven stages idle more. With an
+//!   interleaved schedule (`V` model chunks per stage) the fill and drain take `(P − 1)/V`
+//!   rounds. Transfers: a stage's peer is the rank with the same tp and dp index, `tp·dp` ranks
+//!   away (the mesh numbers tp fastest, then dp, then pp), reached over the intra-node link when
+//!   every such pair shares a node, else over the node's adapters shared by all its GPUs
+//!   ([`p2p_time`]); a value every tp rank holds whole goes as `1/tp` parts, all-gathered over
+//!   tp on arrival. Sends never wait, so in the steady state they overlap compute; on the
+//!   critical path each value crossing between neighbouring stages (interleaved, also from the
+//!   last stage back to the first) is sent once at fill and once at drain, and values between
+//!   stages further apart (a tied weight's gradient contribution) have the drain to arrive and
+//!   are taken as hidden. After the last micro-batch each tied gradient goes from its owner to
+//!   the other holders, then every stage all-reduces its gradients over dp (overlapped with its
+//!   last micro-batch's backward, as above) and runs Adam on the parameters it holds; the stage
+//!   with the longest such tail ends the step. Gradient accumulation (`P = 1`, `M > 1`) is the
+//!   same without a bubble. The bubble fraction reported is the share of the span, transfers
+//!   included, that the average GPU idles.
 //!
 //! **Memory** is [`Report`]'s per-rank figures (weights, gradients, Adam state, saved
 //! activations), with values re-priced at the compute dtype when one is given. With
 //! recomputation only the layers' inputs are kept (the values a layer reads that are defined
 //! outside it) plus, for the one layer being recomputed at a time, everything its backward reads:
 //! `Σ layer inputs + max over layers of its saved set + saved values outside every layer`.
+//! With pipeline stages it is the heaviest stage's ([`stage_memory`], [`Report`]'s per-stage
+//! figures): the parameters it holds, and its saved activations times the micro-batches its
+//! schedule keeps in flight (GPipe: `M`; 1F1B: `P − s` on stage `s`; interleaved: each model
+//! chunk's from its forward step of a micro-batch to its backward step), with recomputation the
+//! layer inputs of those in flight plus one layer's saved set.
 //!
 //! **Throughput** counts the FLOPs the GPU executes ([`ferrotron_ir::count::node_flops`] over the
-//! forward and backward graph, plus the recomputed forward): the convention under which the
-//! paper's 39 TFLOP/s is reproduced here. **Scaling efficiency** is TFLOP/s per GPU over the
-//! baseline's ([`estimate_against`]). Without a baseline ([`estimate`]) the baseline is the
-//! one-GPU run of the same per-GPU work: this rank's program, op for op on the same shard shapes,
-//! on one GPU with nothing to communicate; the efficiency is then its step time over the plan's
-//! (communication is the only loss; the shards' own GEMM efficiency is in both).
+//! forward and backward graph, plus the recomputed forward; with stages, every stage's over the
+//! step divided by `P`): the convention under which the paper's 39 TFLOP/s is reproduced here.
+//! **Scaling efficiency** is TFLOP/s per GPU over the baseline's ([`estimate_against`]).
+//! Without a baseline ([`estimate`]) the baseline is the one-GPU run of the same per-GPU work:
+//! this rank's program, op for op on the same shard shapes, on one GPU with nothing to
+//! communicate; the efficiency is then its step time over the plan's (communication is the only
+//! loss; the shards' own GEMM efficiency is in both). With stages the baseline runs every
+//! stage's work back to back, so the bubble is a loss too.
+//!
+//! [`Work`] is a floor under a step from one priced plan, for the planner to skip what cannot
+//! beat a step it has.
 
 use crate::layout::Layout;
+use crate::mesh::Mesh;
+use crate::pipeline::{steps, PipeStep, Pipeline, Schedule};
 use crate::plan::Plan;
 use crate::report::Report;
 use crate::{partition, PartitionOptions};
 use ferrotron_ir::count::node_flops;
-use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::{DType, Graph, MeshAxis, Op, ScopeId, ValueDef, ValueId};
+use ferrotron_ir::graph::{EntityRef, SecondaryMap};
+use ferrotron_ir::{DType, Graph, MeshAxis, NodeId, Op, ParamId, ScopeId, ValueDef, ValueId};
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 /// Peak dense tensor rates of one GPU, FLOP/s, per dtype (0 where unsupported).
@@ -463,7 +500,34 @@ pub struct Memory {
     pub total: u64,
 }
 
-/// What a plan does on a cluster.
+/// One pipeline stage's share of a step, on each of its ranks.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageEstimate {
+    /// Its layers (indices into the Repeat's copies), `[first, end)`: one range, or one per
+    /// model chunk under an interleaved schedule.
+    pub layers: Vec<(u32, u32)>,
+    /// Micro-batches whose activations it holds at once under the schedule.
+    pub in_flight: u32,
+    /// One micro-batch's forward part (compute and blocking tp collectives).
+    pub forward_s: f64,
+    /// One micro-batch's backward part, recomputation included.
+    pub backward_s: f64,
+    /// Sending one micro-batch's values to the other stages (with the receivers' all-gather of
+    /// a value sent in `1/tp` parts).
+    pub send_s: f64,
+    /// Its dp gradient all-reduces, once per step (with their bucket copies).
+    pub dp_comm_s: f64,
+    /// The part of them its last micro-batch's backward does not hide.
+    pub dp_exposed_s: f64,
+    /// Adam on the parameters it holds.
+    pub optimizer_s: f64,
+    /// Memory per rank.
+    pub memory: Memory,
+}
+
+/// What a plan does on a cluster. With pipeline stages the per-step figures (forward, backward,
+/// GEMM, tp communication) are the slowest stage's over all the micro-batches, the dp and
+/// optimizer figures those of the stage that finishes last, and the memory the heaviest stage's.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Estimate {
     /// The model.
@@ -474,7 +538,16 @@ pub struct Estimate {
     pub tp: u64,
     /// Data-parallel degree.
     pub dp: u64,
-    /// GPUs in all: tp × dp.
+    /// Pipeline stages.
+    pub pp: u64,
+    /// Micro-batches per step.
+    pub micro_batches: u32,
+    /// The pipeline schedule (`1f1b`, `gpipe`, `interleaved`); `None` without a pipeline.
+    #[serde(serialize_with = "schedule_name")]
+    pub schedule: Option<Schedule>,
+    /// Model chunks per stage (the interleaved schedule's `V`; 1 otherwise).
+    pub virtual_stages: u32,
+    /// GPUs in all: tp × dp × pp.
     pub gpus: u64,
     /// One training step.
     pub step_time_s: f64,
@@ -496,7 +569,17 @@ pub struct Estimate {
     pub dp_comm_s: f64,
     /// The part of them the backward pass does not hide.
     pub dp_exposed_s: f64,
-    /// FLOPs one GPU executes per step (recomputation included).
+    /// The pipeline's fill and drain: `P − 1` times the slowest stage's forward and backward of
+    /// one micro-batch.
+    pub bubble_s: f64,
+    /// Point-to-point transfers on the critical path: between neighbouring stages at fill and
+    /// drain, and the tied parameters' gradients once per step.
+    pub p2p_s: f64,
+    /// The share of the pipeline's span (first forward to last backward, transfers included) a
+    /// GPU idles on average: `(P − 1)/(V·M + P − 1)` for equal stages and free transfers; 0
+    /// without a pipeline.
+    pub bubble_fraction: f64,
+    /// FLOPs one GPU executes per step (recomputation included; averaged over the stages).
     pub flops_per_gpu: f64,
     /// Executed TFLOP/s per GPU.
     pub tflops_per_gpu: f64,
@@ -514,6 +597,15 @@ pub struct Estimate {
     pub memory_capacity_bytes: u64,
     /// Whether it fits.
     pub fits: bool,
+    /// Each pipeline stage (empty without a pipeline).
+    pub stages: Vec<StageEstimate>,
+}
+
+fn schedule_name<S: serde::Serializer>(s: &Option<Schedule>, ser: S) -> Result<S::Ok, S::Error> {
+    match s {
+        Some(s) => ser.serialize_some(&s.to_string()),
+        None => ser.serialize_none(),
+    }
 }
 
 /// Prices `plan` on `cluster`; scaling efficiency against the one-GPU run of the same per-GPU
@@ -531,33 +623,158 @@ pub fn estimate_against(
     cluster: &Cluster,
     opts: &EstimateOptions,
 ) -> Estimate {
-    let t = timeline(plan, cluster, opts, true);
-    let memory = memory(plan, opts);
-    let dtype = compute_dtype(plan, opts);
-    let step = t.step_time();
-    let tflops = t.flops / step / 1e12;
-    let tb = match baseline {
-        Some(b) => timeline(b, cluster, opts, true),
-        None => timeline(plan, cluster, opts, false),
+    let pr = price(plan, cluster, opts, true);
+    let base = baseline_tflops(plan, baseline, cluster, opts);
+    let schedule = plan.pipeline.as_ref().map(|p| p.schedule);
+    let steps = plan
+        .pipeline
+        .as_ref()
+        .map(chunked_steps)
+        .unwrap_or_default();
+    assemble(plan, cluster, opts, &pr, base, schedule, &steps)
+}
+
+/// [`estimate`] of `plan` run under each of `schedules` (GPipe or 1F1B, one model chunk per
+/// stage): the order a pipeline's stages run their micro-batches in changes what they hold, not
+/// the step (see the module docs), so the step is priced once. Without a pipeline, the one
+/// estimate for each.
+pub fn estimate_schedules(
+    plan: &Plan,
+    schedules: &[Schedule],
+    cluster: &Cluster,
+    opts: &EstimateOptions,
+) -> Vec<Estimate> {
+    let pr = price(plan, cluster, opts, true);
+    let base = baseline_tflops(plan, None, cluster, opts);
+    schedules
+        .iter()
+        .map(|&schedule| match &plan.pipeline {
+            None => assemble(plan, cluster, opts, &pr, base, None, &[]),
+            Some(pipe) => {
+                let order: Vec<Vec<(PipeStep, u32)>> = (0..pipe.stages)
+                    .map(|s| {
+                        let order = steps(schedule, pipe.stages, s, pipe.micro_batches);
+                        order.into_iter().map(|step| (step, 0)).collect()
+                    })
+                    .collect();
+                assemble(plan, cluster, opts, &pr, base, Some(schedule), &order)
+            }
+        })
+        .collect()
+}
+
+/// The baseline's TFLOP/s per GPU (see the module docs).
+fn baseline_tflops(
+    plan: &Plan,
+    baseline: Option<&Plan>,
+    cluster: &Cluster,
+    opts: &EstimateOptions,
+) -> f64 {
+    if let Some(b) = baseline {
+        let pb = price(b, cluster, opts, true);
+        return pb.flops / pb.step / 1e12;
+    }
+    let stages = timelines(plan, cluster, opts, false);
+    match &plan.pipeline {
+        None => stages[0].flops / stages[0].step_time() / 1e12,
+        // Every stage's work, back to back on one GPU.
+        Some(pipe) => {
+            let m = f64::from(pipe.micro_batches);
+            let flops: f64 = stages.iter().map(|t| m * t.flops).sum();
+            let time: f64 = stages
+                .iter()
+                .map(|t| m * t.pace() + t.dp_exposed + t.optimizer)
+                .sum();
+            flops / time / 1e12
+        }
+    }
+}
+
+/// The estimate from a priced step, the baseline's TFLOP/s, and each stage's steps (with their
+/// model chunks) under `schedule`.
+fn assemble(
+    plan: &Plan,
+    cluster: &Cluster,
+    opts: &EstimateOptions,
+    pr: &Priced,
+    base: f64,
+    schedule: Option<Schedule>,
+    order: &[Vec<(PipeStep, u32)>],
+) -> Estimate {
+    let (memories, live) = match &plan.pipeline {
+        None => (vec![memory(plan, opts)], Vec::new()),
+        Some(_) => stage_memory_holding(plan, opts, order),
     };
-    let base = tb.flops / tb.step_time() / 1e12;
+    let dtype = compute_dtype(plan, opts);
+    let step = pr.step;
+    let tflops = pr.flops / step / 1e12;
+    let memory = memories
+        .iter()
+        .max_by_key(|m| m.total)
+        .cloned()
+        .unwrap_or_else(|| memory(plan, opts));
+    let (t, tail, m) = (
+        &pr.stages[pr.slowest],
+        &pr.stages[pr.tail],
+        pr.micro_batches,
+    );
+    let stages = match &plan.pipeline {
+        None => Vec::new(),
+        Some(pipe) => {
+            // `layers` holds the virtual stages `c·P + s` in layer order.
+            let p = pipe.stages as usize;
+            let mut ranges = vec![Vec::new(); p];
+            let mut first = 0;
+            for (vs, &n) in pipe.layers.iter().enumerate() {
+                ranges[vs % p].push((first, first + n));
+                first += n;
+            }
+            pr.stages
+                .iter()
+                .zip(memories)
+                .zip(ranges)
+                .enumerate()
+                .map(|(s, ((t, memory), layers))| StageEstimate {
+                    layers,
+                    in_flight: live[s],
+                    forward_s: t.forward,
+                    backward_s: t.backward,
+                    send_s: pr.send[s],
+                    dp_comm_s: t.dp_comm,
+                    dp_exposed_s: t.dp_exposed,
+                    optimizer_s: t.optimizer,
+                    memory,
+                })
+                .collect()
+        }
+    };
     Estimate {
         model: plan.model.clone(),
         cluster: cluster.name.clone(),
         tp: plan.mesh.tp,
         dp: plan.mesh.dp,
-        gpus: plan.mesh.tp * plan.mesh.dp,
+        pp: plan.mesh.pp.max(1),
+        micro_batches: plan.micro_batches(),
+        schedule,
+        virtual_stages: plan
+            .pipeline
+            .as_ref()
+            .map_or(1, |p| p.virtual_stages.max(1)),
+        gpus: plan.mesh.tp * plan.mesh.dp * plan.mesh.pp.max(1),
         step_time_s: step,
-        forward_s: t.forward,
-        backward_s: t.backward,
-        recompute_s: t.recompute,
-        optimizer_s: t.optimizer,
-        gemm_s: t.gemm,
-        memory_bound_s: t.memory_bound,
-        tp_comm_s: t.tp_comm,
-        dp_comm_s: t.dp_comm,
-        dp_exposed_s: t.dp_exposed,
-        flops_per_gpu: t.flops,
+        forward_s: m * t.forward,
+        backward_s: m * t.backward,
+        recompute_s: m * t.recompute,
+        optimizer_s: tail.optimizer,
+        gemm_s: m * t.gemm,
+        memory_bound_s: m * t.memory_bound,
+        tp_comm_s: m * t.tp_comm,
+        dp_comm_s: tail.dp_comm,
+        dp_exposed_s: tail.dp_exposed,
+        bubble_s: pr.bubble,
+        p2p_s: pr.p2p,
+        bubble_fraction: pr.bubble_fraction,
+        flops_per_gpu: pr.flops,
         tflops_per_gpu: tflops,
         share_of_peak: tflops * 1e12 / cluster.peak(dtype),
         scaling_efficiency: tflops / base,
@@ -566,7 +783,122 @@ pub fn estimate_against(
         fits: memory.total <= cluster.memory_bytes,
         memory,
         memory_capacity_bytes: cluster.memory_bytes,
+        stages,
     }
+}
+
+/// One micro-batch's work on one rank of every stage (its recomputation included when asked
+/// for), as a floor under it for [`Work::floor`]: the part that grows in proportion to the
+/// micro-batch (GEMM FLOPs at the efficiency ceiling, `gemm.max` of the peak; the bytes of
+/// values with a `batch` dimension through memory-bound ops and blocking tp collectives) and the
+/// rest (kernel launches, collective latencies, values without a `batch` dimension), which does
+/// not shrink when the micro-batch grows. The dp all-reduces, transfers and optimizer are not
+/// part of it, so it is the same wherever the program is cut into stages and however many
+/// replicas run it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Work {
+    /// The part in proportion to the micro-batch, seconds.
+    pub grows_s: f64,
+    /// The rest, seconds.
+    pub fixed_s: f64,
+}
+
+impl Work {
+    /// A floor under the step of the same program cut into `p` stages and run as `m`
+    /// micro-batches of `scale ≥ 1` times this one's size under GPipe or 1F1B: the pipeline
+    /// runs `m + p − 1` rounds of its slowest stage, which takes at least the stages' average,
+    /// `(scale × grows + fixed) / p`.
+    pub fn floor(&self, p: u64, m: u64, scale: f64) -> f64 {
+        let (p, m) = (p.max(1) as f64, m.max(1) as f64);
+        (m + p - 1.0) / p * (scale * self.grows_s + self.fixed_s)
+    }
+}
+
+/// `plan`'s [`Work`] on `cluster`.
+pub fn work(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions) -> Work {
+    let stages = timelines(plan, cluster, opts, true);
+    let floor: f64 = stages.iter().map(|t| t.floor).sum();
+    let grows: f64 = stages.iter().map(|t| t.grows).sum();
+    Work {
+        grows_s: grows,
+        fixed_s: (floor - grows).max(0.0),
+    }
+}
+
+/// Each stage's steps with the model chunk each runs.
+fn chunked_steps(pipe: &Pipeline) -> Vec<Vec<(PipeStep, u32)>> {
+    pipe.steps
+        .iter()
+        .enumerate()
+        .map(|(s, steps)| {
+            let chunk = |i: usize| pipe.chunk(s, i);
+            steps
+                .iter()
+                .enumerate()
+                .map(|(i, &st)| (st, chunk(i)))
+                .collect()
+        })
+        .collect()
+}
+
+/// A stage running `order` with `bytes[c]` saved per micro-batch of model chunk `c`: the most
+/// micro-batches in flight at once, and the most bytes held at once (each chunk's forward step
+/// of a micro-batch holds them until its backward step), as [`Report`] counts them.
+fn holding(order: &[(PipeStep, u32)], bytes: &[u64]) -> (u32, u64) {
+    // Per micro-batch, its chunks in flight.
+    let mut open: Vec<u32> = Vec::new();
+    let (mut micro, mut held) = (0u32, 0u64);
+    let (mut most, mut peak) = (0u32, 0u64);
+    for &(step, c) in order {
+        let b = bytes.get(c as usize).or(bytes.last()).copied().unwrap_or(0);
+        match step {
+            PipeStep::Forward(m) => {
+                let m = m as usize;
+                if open.len() <= m {
+                    open.resize(m + 1, 0);
+                }
+                micro += u32::from(open[m] == 0);
+                open[m] += 1;
+                held += b;
+            }
+            PipeStep::Backward(m) => {
+                if let Some(k) = open.get_mut(m as usize).filter(|k| **k > 0) {
+                    *k -= 1;
+                    micro -= u32::from(*k == 0);
+                    held = held.saturating_sub(b);
+                }
+            }
+        }
+        most = most.max(micro);
+        peak = peak.max(held);
+    }
+    (most, peak)
+}
+
+/// Seconds for every rank of pipeline stage `from` to send `bytes` to its peer on stage `to`
+/// (the rank with the same tp and dp index, `tp·dp` ranks per stage away): over the intra-node
+/// link when every such pair shares a node, else over the node's adapters, shared by all its
+/// GPUs as for collectives; plus one hop's latency and a kernel launch.
+pub fn p2p_time(cluster: &Cluster, mesh: Mesh, from: u32, to: u32, bytes: f64) -> f64 {
+    if from == to {
+        return 0.0;
+    }
+    let per_stage = mesh.tp.max(1) * mesh.dp.max(1);
+    let gpn = cluster.gpus_per_node.max(1);
+    let (a, b) = (u64::from(from) * per_stage, u64::from(to) * per_stage);
+    let same_node = per_stage < gpn && (0..per_stage).all(|r| (a + r) / gpn == (b + r) / gpn);
+    let link = if same_node {
+        &cluster.intra_node
+    } else {
+        &cluster.inter_node
+    };
+    let bandwidth = if same_node {
+        link.bandwidth * link.efficiency
+    } else {
+        let world = per_stage * mesh.pp.max(1);
+        link.bandwidth * link.efficiency / gpn.min(world).max(1) as f64
+    };
+    bytes / bandwidth + link.latency_s + cluster.kernel_overhead_s
 }
 
 fn compute_dtype(plan: &Plan, opts: &EstimateOptions) -> DType {
@@ -588,6 +920,8 @@ fn priced_bytes(g: &Graph, v: ValueId, opts: &EstimateOptions) -> u64 {
     }
 }
 
+/// One stage's share of a step (the whole program without a pipeline): `forward` to `flops`
+/// for one micro-batch, the dp all-reduces and the optimizer once per step.
 #[derive(Default)]
 struct Timeline {
     forward: f64,
@@ -600,11 +934,124 @@ struct Timeline {
     dp_comm: f64,
     dp_exposed: f64,
     flops: f64,
+    /// [`Work`]'s parts of `forward + backward`.
+    floor: f64,
+    grows: f64,
 }
 
 impl Timeline {
+    /// The step of one stage running one micro-batch.
     fn step_time(&self) -> f64 {
         self.forward + self.backward + self.dp_exposed + self.optimizer
+    }
+
+    /// One micro-batch's forward and backward: the pipeline's pace is its slowest stage's.
+    fn pace(&self) -> f64 {
+        self.forward + self.backward
+    }
+}
+
+/// A plan's step: its stages' timelines put together (see the module docs).
+struct Priced {
+    stages: Vec<Timeline>,
+    /// Each stage's sends of one micro-batch.
+    send: Vec<f64>,
+    micro_batches: f64,
+    /// The stage that sets the pipeline's pace.
+    slowest: usize,
+    /// The stage whose dp all-reduces and optimizer end the step.
+    tail: usize,
+    bubble: f64,
+    p2p: f64,
+    bubble_fraction: f64,
+    step: f64,
+    /// FLOPs per GPU per step (the stages' average).
+    flops: f64,
+}
+
+/// Prices `plan`'s step; `comm` false: nothing is communicated.
+fn price(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> Priced {
+    let stages = timelines(plan, cluster, opts, comm);
+    let Some(pipe) = &plan.pipeline else {
+        let t = &stages[0];
+        return Priced {
+            step: t.step_time(),
+            flops: t.flops,
+            send: vec![0.0],
+            micro_batches: 1.0,
+            slowest: 0,
+            tail: 0,
+            bubble: 0.0,
+            p2p: 0.0,
+            bubble_fraction: 0.0,
+            stages,
+        };
+    };
+    let g = &plan.graph;
+    let (m, p) = (f64::from(pipe.micro_batches), f64::from(pipe.stages));
+    let last = pipe.stages.saturating_sub(1);
+    let v = pipe.virtual_stages.max(1);
+    let argmax = |f: &dyn Fn(&Timeline) -> f64| {
+        (0..stages.len())
+            .max_by(|&a, &b| f(&stages[a]).total_cmp(&f(&stages[b])))
+            .unwrap_or(0)
+    };
+    let slowest = argmax(&Timeline::pace);
+    let tail = argmax(&|t: &Timeline| t.dp_exposed + t.optimizer);
+    let pace = stages[slowest].pace();
+    // Each micro-batch's transfers; those between neighbours (and, interleaved, from the last
+    // stage back to the first) are on the critical path once at fill and once at drain.
+    let mut send = vec![0.0; stages.len()];
+    let mut critical = 0.0;
+    let mut tied = 0.0;
+    if comm {
+        let tp = plan.mesh.tp.max(1);
+        let tp_group = Group {
+            size: tp,
+            stride: 1,
+            world: tp * plan.mesh.dp.max(1) * plan.mesh.pp.max(1),
+        };
+        for t in &pipe.transfers {
+            let bytes = priced_bytes(g, t.value, opts) as f64;
+            // A value every tp rank holds whole goes as `1/tp` parts, gathered on arrival.
+            let time = match t.scatter {
+                Some(_) if tp > 1 => {
+                    p2p_time(cluster, plan.mesh, t.from, t.to, bytes / tp as f64)
+                        + collective_time(cluster, Collective::AllGather, tp_group, bytes)
+                        + cluster.kernel_overhead_s
+                }
+                _ => p2p_time(cluster, plan.mesh, t.from, t.to, bytes),
+            };
+            send[t.from as usize] += time;
+            let wraps = v > 1 && t.from.max(t.to) == last && t.from.min(t.to) == 0;
+            if t.from.abs_diff(t.to) == 1 || wraps {
+                critical += time;
+            }
+        }
+        for t in &pipe.tied {
+            let bytes = priced_bytes(g, g.params[t.param].value, opts) as f64;
+            for &h in t.holders.iter().filter(|&&h| h != t.owner) {
+                tied += p2p_time(cluster, plan.mesh, t.owner, h, bytes);
+            }
+        }
+    }
+    // Interleaved, a stage runs each micro-batch as `V` chunks, so the fill and drain take
+    // `(P − 1)/V` of a micro-batch's time.
+    let fill = (p - 1.0) / v as f64;
+    let span = (m + fill) * pace + critical;
+    let busy = m * stages.iter().map(Timeline::pace).sum::<f64>() / p;
+    let end = &stages[tail];
+    Priced {
+        send,
+        micro_batches: m,
+        slowest,
+        tail,
+        bubble: fill * pace,
+        p2p: critical + tied,
+        bubble_fraction: if span > 0.0 { 1.0 - busy / span } else { 0.0 },
+        step: span + tied + end.dp_exposed + end.optimizer,
+        flops: m * stages.iter().map(|t| t.flops).sum::<f64>() / p,
+        stages,
     }
 }
 
@@ -633,14 +1080,17 @@ fn layer_of_node(
     g.nodes[n].scope.and_then(|s| layers[s])
 }
 
-/// One rank's step; `comm` false: the same program on one GPU, every collective a no-op.
-fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> Timeline {
+/// One rank's step on each pipeline stage (one timeline without a pipeline); `comm` false: the
+/// same program on one GPU, every collective a no-op.
+fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> Vec<Timeline> {
     let g = &plan.graph;
     let dtype = compute_dtype(plan, opts);
     let peak = cluster.peak(dtype);
     let mem_bw = cluster.memory_bandwidth * cluster.memory_efficiency;
     let overhead = cluster.kernel_overhead_s;
-    let world = plan.mesh.tp * plan.mesh.dp;
+    let world = plan.mesh.tp * plan.mesh.dp * plan.mesh.pp.max(1);
+    let stages = plan.pipeline.as_ref().map_or(1, |p| p.stages as usize);
+    let stage = |n: NodeId| plan.pipeline.as_ref().map_or(0, |p| p.stage_of[n] as usize);
     let group = |axis: MeshAxis| match axis {
         MeshAxis::Tp => Group {
             size: plan.mesh.tp,
@@ -665,7 +1115,19 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
         flops: f64,
         /// A dp all-reduce to put on the dp stream: (its input, its bytes).
         dp: Option<(ValueId, f64)>,
+        /// A floor under `time` ([`Work`]) and the part of it that grows with the micro-batch.
+        floor: f64,
+        grows: f64,
     }
+    // A value grows with the micro-batch when one of its dimensions is the model's `batch`.
+    let batched = |v: ValueId| {
+        g.ty(v)
+            .shape
+            .0
+            .iter()
+            .any(|d| d.name.as_deref() == Some("batch"))
+    };
+    let gemm_rate = peak * cluster.gemm.max;
     let cost = |n: ferrotron_ir::NodeId| -> Cost {
         let node = &g.nodes[n];
         let mut c = Cost {
@@ -675,6 +1137,8 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
             tp_comm: 0.0,
             flops: 0.0,
             dp: None,
+            floor: 0.0,
+            grows: 0.0,
         };
         let (mm, other) = node_flops(g, &node.op, &node.outputs);
         c.flops = (mm + other) as f64;
@@ -682,40 +1146,56 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
             node.op.inputs().iter().map(|&&v| bytes(v)).sum::<f64>()
                 + node.outputs.iter().map(|&v| bytes(v)).sum::<f64>()
         };
-        // A collective: `(time, bytes, on the dp stream)`, or `None` for a group of one.
-        let coll = |kind: Collective, axis: MeshAxis, buf: f64| -> Option<(f64, f64, bool)> {
+        // A collective on a buffer of `buf` bytes (growing with the micro-batch when `grows`):
+        // `(time, bytes, on the dp stream, the time's part in proportion to the bytes)`, or
+        // `None` for a group of one.
+        type CollCost = Option<(f64, f64, bool, f64)>;
+        let coll = |kind: Collective, axis: MeshAxis, buf: f64, grows: bool| -> CollCost {
             let grp = group(axis);
             if grp.size <= 1 || !comm {
                 return None;
             }
             let t = collective_time(cluster, kind, grp, buf);
+            let part = if grows {
+                t - collective_time(cluster, kind, grp, 0.0)
+            } else {
+                0.0
+            };
             Some((
                 t,
                 buf,
                 axis == MeshAxis::Dp && kind == Collective::AllReduce,
+                part,
             ))
         };
-        let add = |c: &mut Cost, r: Option<(f64, f64, bool)>| {
-            if let Some((t, buf, dp)) = r {
+        let add = |c: &mut Cost, r: CollCost| {
+            if let Some((t, buf, dp, part)) = r {
                 if dp {
                     c.dp = Some((*node.op.inputs()[0], buf));
                 } else {
                     c.tp_comm += t;
                     c.time += t + overhead;
+                    c.floor += t + overhead;
+                    c.grows += part;
                 }
             }
         };
         match &node.op {
-            Op::G { x, axis } | Op::AllReduce { x, axis } => {
-                add(&mut c, coll(Collective::AllReduce, *axis, bytes(*x)))
-            }
-            Op::AllGather { axis, .. } => add(
+            Op::G { x, axis } | Op::AllReduce { x, axis } => add(
                 &mut c,
-                coll(Collective::AllGather, *axis, bytes(node.outputs[0])),
+                coll(Collective::AllReduce, *axis, bytes(*x), batched(*x)),
             ),
-            Op::ReduceScatter { x, axis, .. } => {
-                add(&mut c, coll(Collective::ReduceScatter, *axis, bytes(*x)))
+            Op::AllGather { axis, .. } => {
+                let out = node.outputs[0];
+                add(
+                    &mut c,
+                    coll(Collective::AllGather, *axis, bytes(out), batched(out)),
+                )
             }
+            Op::ReduceScatter { x, axis, .. } => add(
+                &mut c,
+                coll(Collective::ReduceScatter, *axis, bytes(*x), batched(*x)),
+            ),
             Op::F { .. }
             | Op::Reshape { .. }
             | Op::Split { .. }
@@ -732,11 +1212,24 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
                 let t = (mm as f64 / (peak * eff)).max(io() / cluster.memory_bandwidth) + overhead;
                 c.gemm += t;
                 c.time += t;
+                c.grows += mm as f64 / gemm_rate;
+                c.floor += mm as f64 / gemm_rate + overhead;
             }
             op => {
                 let t = io() / mem_bw + overhead;
                 c.memory_bound += t;
                 c.time += t;
+                c.floor += t;
+                c.grows += node
+                    .op
+                    .inputs()
+                    .iter()
+                    .map(|&&v| v)
+                    .chain(node.outputs.iter().copied())
+                    .filter(|&v| batched(v))
+                    .map(&bytes)
+                    .sum::<f64>()
+                    / mem_bw;
                 // The vocabulary-parallel cross-entropy's per-token all-reduces (f32 statistics).
                 if let Op::CrossEntropy { logits, .. } | Op::CrossEntropyGrad { logits, .. } = op {
                     let ty = g.ty(*logits);
@@ -750,7 +1243,9 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
                             2
                         };
                         for _ in 0..count {
-                            let r = coll(Collective::AllReduce, MeshAxis::Tp, tokens as f64 * 4.0);
+                            let buf = tokens as f64 * 4.0;
+                            let r =
+                                coll(Collective::AllReduce, MeshAxis::Tp, buf, batched(*logits));
                             add(&mut c, r);
                         }
                     }
@@ -760,19 +1255,25 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
         c
     };
 
-    let mut tl = Timeline::default();
+    let mut tls: Vec<Timeline> = (0..stages).map(|_| Timeline::default()).collect();
     // Recomputation: every forward node inside a layer runs again.
-    let mut recompute = 0.0;
-    let mut forward = 0.0;
+    let mut recompute = vec![0.0; stages];
+    let mut forward = vec![0.0; stages];
     for &n in &g.order[..plan.backward_start] {
+        let s = stage(n);
+        let tl = &mut tls[s];
         let c = cost(n);
-        forward += c.time;
+        forward[s] += c.time;
+        tl.floor += c.floor;
+        tl.grows += c.grows;
         tl.gemm += c.gemm;
         tl.memory_bound += c.memory_bound;
         tl.tp_comm += c.tp_comm;
         tl.flops += c.flops;
         if opts.recompute && layer_of_node(g, &layers, n).is_some() {
-            recompute += c.time;
+            recompute[s] += c.time;
+            tl.floor += c.floor;
+            tl.grows += c.grows;
             tl.gemm += c.gemm;
             tl.memory_bound += c.memory_bound;
             tl.tp_comm += c.tp_comm;
@@ -783,14 +1284,14 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
         .iter()
         .map(|&n| cost(n))
         .collect();
-    let backward_compute: f64 = backward.iter().map(|c| c.time).sum();
-    // The backward timeline, with the dp stream beside it.
+    let mut backward_compute = vec![0.0; stages];
+    for (&n, c) in g.order[plan.backward_start..].iter().zip(&backward) {
+        backward_compute[stage(n)] += c.time;
+    }
+    // Each stage's backward timeline, with its dp stream beside it.
     let mut ready: SecondaryMap<ValueId, f64> = SecondaryMap::with_capacity(g.values.len());
-    let mut clock = forward;
-    let mut dp_clock: f64 = 0.0;
-    // The open bucket: (bytes, when its last gradient is ready).
-    let mut bucket = (0.0f64, 0.0f64);
-    let mut grads: Vec<(f64, f64)> = Vec::new();
+    let mut clock = forward.clone();
+    let mut grads: Vec<Vec<(f64, f64)>> = vec![Vec::new(); stages];
     let dp_group = group(MeshAxis::Dp);
     let flush = |b: &mut (f64, f64), clock: &mut f64, total: &mut f64| {
         if b.0 > 0.0 {
@@ -803,60 +1304,82 @@ fn timeline(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) 
         *b = (0.0, 0.0);
     };
     for (&n, c) in g.order[plan.backward_start..].iter().zip(&backward) {
-        if backward_compute > 0.0 {
-            clock += recompute * c.time / backward_compute;
+        let s = stage(n);
+        let tl = &mut tls[s];
+        if backward_compute[s] > 0.0 {
+            clock[s] += recompute[s] * c.time / backward_compute[s];
         }
-        clock += c.time;
+        clock[s] += c.time;
+        tl.floor += c.floor;
+        tl.grows += c.grows;
         tl.gemm += c.gemm;
         tl.memory_bound += c.memory_bound;
         tl.tp_comm += c.tp_comm;
         tl.flops += c.flops;
         for &v in &g.nodes[n].outputs {
-            ready[v] = clock;
+            ready[v] = clock[s];
         }
         if let Some((x, buf)) = c.dp {
             let at = match g.values[x].def {
                 ValueDef::Node { .. } => ready[x],
-                _ => forward,
+                _ => forward[s],
             };
-            grads.push((at, buf));
+            grads[s].push((at, buf));
         }
     }
-    // The plan may list the gradient all-reduces anywhere after their gradients: bucket them in
-    // the order the gradients become ready.
-    grads.sort_by(|a, b| a.0.total_cmp(&b.0));
-    for (at, buf) in grads {
-        bucket.0 += buf;
-        bucket.1 = bucket.1.max(at);
-        if opts.overlap_dp && bucket.0 >= opts.dp_bucket_bytes as f64 {
-            flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
+    for (s, (tl, mut grads)) in tls.iter_mut().zip(grads).enumerate() {
+        let mut dp_clock: f64 = 0.0;
+        // The open bucket: (bytes, when its last gradient is ready).
+        let mut bucket = (0.0f64, 0.0f64);
+        // The plan may list the gradient all-reduces anywhere after their gradients: bucket
+        // them in the order the gradients become ready.
+        grads.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (at, buf) in grads {
+            bucket.0 += buf;
+            bucket.1 = bucket.1.max(at);
+            if opts.overlap_dp && bucket.0 >= opts.dp_bucket_bytes as f64 {
+                flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
+            }
+        }
+        flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
+        tl.forward = forward[s];
+        tl.recompute = recompute[s];
+        tl.backward = clock[s] - forward[s];
+        tl.dp_exposed = if opts.overlap_dp {
+            (dp_clock - clock[s]).clamp(0.0, tl.dp_comm)
+        } else {
+            tl.dp_comm
+        };
+        if opts.optimizer {
+            let held = |p: ParamId| {
+                plan.pipeline
+                    .as_ref()
+                    .is_none_or(|pipe| pipe.holds(s as u32, p))
+            };
+            let (params, count) = g
+                .params
+                .iter()
+                .filter(|&(p, _)| held(p))
+                .fold((0u64, 0u64), |(n, k), (_, p)| {
+                    (n + g.ty(p.value).shape.numel().unwrap_or(0), k + 1)
+                });
+            let (bytes, passes) = optimizer_traffic(dtype.size_bytes() < 4);
+            let kernels = (passes * count) as f64;
+            tl.optimizer = params as f64 * bytes / mem_bw + kernels * overhead;
         }
     }
-    flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
-    tl.forward = forward;
-    tl.recompute = recompute;
-    tl.backward = clock - forward;
-    tl.dp_exposed = if opts.overlap_dp {
-        (dp_clock - clock).clamp(0.0, tl.dp_comm)
-    } else {
-        tl.dp_comm
-    };
-    if opts.optimizer {
-        let params: u64 = g
-            .params
-            .iter()
-            .map(|(_, p)| g.ty(p.value).shape.numel().unwrap_or(0))
-            .sum();
-        let (bytes, passes) = optimizer_traffic(dtype.size_bytes() < 4);
-        let kernels = (passes * g.params.len() as u64) as f64;
-        tl.optimizer = params as f64 * bytes / mem_bw + kernels * overhead;
-    }
-    tl
+    tls
 }
 
 /// Memory per GPU: [`Report`]'s figures, re-priced at the compute dtype, with recomputation's
-/// approximation (see the module docs).
+/// approximation (see the module docs); with pipeline stages, the heaviest stage's
+/// ([`stage_memory`]).
 pub fn memory(plan: &Plan, opts: &EstimateOptions) -> Memory {
+    if plan.pipeline.is_some() {
+        if let Some(m) = stage_memory(plan, opts).into_iter().max_by_key(|m| m.total) {
+            return m;
+        }
+    }
     let g = &plan.graph;
     let report = Report::of(plan);
     let r = &report.per_rank;
@@ -931,6 +1454,114 @@ pub fn memory(plan: &Plan, opts: &EstimateOptions) -> Memory {
     }
 }
 
+/// Memory per rank of each pipeline stage: the parameters it holds (weights, gradients, Adam
+/// state) and the activations its backward part reads, times the micro-batches in flight (with
+/// recomputation: the layers' inputs of those in flight and one layer's saved set, see the
+/// module docs); without a pipeline, one entry, [`memory`]'s. At the plan's dtype and without
+/// recomputation these are [`Report`]'s per-stage figures.
+pub fn stage_memory(plan: &Plan, opts: &EstimateOptions) -> Vec<Memory> {
+    let Some(pipe) = &plan.pipeline else {
+        return vec![memory(plan, opts)];
+    };
+    stage_memory_holding(plan, opts, &chunked_steps(pipe)).0
+}
+
+/// [`stage_memory`] with stage `s` running `order[s]`, and the micro-batches each holds at once.
+fn stage_memory_holding(
+    plan: &Plan,
+    opts: &EstimateOptions,
+    order: &[Vec<(PipeStep, u32)>],
+) -> (Vec<Memory>, Vec<u32>) {
+    let Some(pipe) = &plan.pipeline else {
+        return (vec![memory(plan, opts)], Vec::new());
+    };
+    let g = &plan.graph;
+    let stages = pipe.stages as usize;
+    let mut out = vec![
+        Memory {
+            weights: 0,
+            gradients: 0,
+            optimizer: 0,
+            activations: 0,
+            total: 0,
+        };
+        stages
+    ];
+    for (p, def) in g.params.iter() {
+        let ty = g.ty(def.value);
+        let n = ty.shape.numel().unwrap_or(0);
+        let (weights, state) = match opts.compute_dtype {
+            None => (ty.size_bytes(), ty.dtype),
+            Some(d) => (n * d.size_bytes(), d),
+        };
+        let master = if state == DType::F32 { 0 } else { 4 };
+        for &s in &pipe.holders[p.index()] {
+            let m = &mut out[s as usize];
+            m.weights += weights;
+            m.gradients += weights;
+            m.optimizer += n * (8 + master);
+        }
+    }
+    let mut forward: SecondaryMap<NodeId, bool> = SecondaryMap::with_capacity(g.nodes.len());
+    for &n in &g.order[..plan.backward_start] {
+        forward[n] = true;
+    }
+    let layers = layer_of_scope(g);
+    let chunks = pipe.virtual_stages.max(1) as usize;
+    // Per stage and model chunk: what its backward part reads from the forward (by the chunk
+    // that made it), kept per micro-batch in flight; with recomputation only the values outside
+    // every layer, and per layer what is recomputed one layer at a time.
+    let mut kept: HashSet<(ValueId, u32)> = HashSet::new();
+    let mut held = vec![vec![0u64; chunks]; stages];
+    let mut per_layer: Vec<HashMap<ScopeId, u64>> = vec![HashMap::new(); stages];
+    for &n in &g.order[plan.backward_start..] {
+        let s = pipe.stage_of[n];
+        for &v in g.nodes[n].op.inputs() {
+            if let ValueDef::Node { node, .. } = g.values[v].def {
+                if forward[node] && kept.insert((v, s)) {
+                    let bytes = priced_bytes(g, v, opts);
+                    match layer_of_node(g, &layers, node).filter(|_| opts.recompute) {
+                        Some(l) => *per_layer[s as usize].entry(l).or_default() += bytes,
+                        None => held[s as usize][chunk_of(pipe, node, chunks)] += bytes,
+                    }
+                }
+            }
+        }
+    }
+    // With recomputation, each layer's inputs: values its forward nodes read that forward
+    // nodes outside it made, kept with the layer's chunk.
+    if opts.recompute {
+        let mut counted: HashSet<(ValueId, u32)> = HashSet::new();
+        for &n in &g.order[..plan.backward_start] {
+            let Some(l) = layer_of_node(g, &layers, n) else {
+                continue;
+            };
+            let s = pipe.stage_of[n];
+            for &v in g.nodes[n].op.inputs() {
+                if let ValueDef::Node { node, .. } = g.values[v].def {
+                    if layer_of_node(g, &layers, node) != Some(l) && counted.insert((v, s)) {
+                        held[s as usize][chunk_of(pipe, n, chunks)] += priced_bytes(g, v, opts);
+                    }
+                }
+            }
+        }
+    }
+    let mut live = Vec::with_capacity(stages);
+    for (s, m) in out.iter_mut().enumerate() {
+        let (in_flight, bytes) = holding(order.get(s).map_or(&[], |o| o), &held[s]);
+        let one_layer = per_layer[s].values().copied().max().unwrap_or(0);
+        m.activations = bytes + one_layer;
+        m.total = m.weights + m.gradients + m.optimizer + m.activations;
+        live.push(in_flight);
+    }
+    (out, live)
+}
+
+/// Node `n`'s model chunk on its stage, below `chunks`.
+fn chunk_of(pipe: &Pipeline, n: NodeId, chunks: usize) -> usize {
+    (pipe.chunk_of.get(n).copied().unwrap_or(0) as usize).min(chunks - 1)
+}
+
 /// The GEMM efficiency `max` that makes `plan` sustain `target_tflops` per GPU on `cluster`
 /// (bisection; everything else in the cluster held fixed). Run it once, on the one-GPU baseline,
 /// and write the result into the cluster file.
@@ -945,8 +1576,8 @@ pub fn calibrate_gemm(
     for _ in 0..60 {
         let mid = 0.5 * (lo + hi);
         c.gemm.max = mid;
-        let t = timeline(plan, &c, opts, true);
-        if t.flops / t.step_time() / 1e12 < target_tflops {
+        let t = price(plan, &c, opts, true);
+        if t.flops / t.step / 1e12 < target_tflops {
             lo = mid;
         } else {
             hi = mid;

@@ -1,21 +1,83 @@
-//! The planner: which tp × dp (with or without sequence parallelism and activation
-//! recomputation) to run a model with on a number of GPUs, ranked by the cost model's predicted
-//! throughput among the candidates that fit in memory, with the reasons the winner wins.
+//! The planner: how to run a model on a number of GPUs — tensor parallelism × pipeline stages ×
+//! data parallelism, micro-batches and schedule, with or without sequence parallelism and
+//! activation recomputation — ranked by the cost model's predicted throughput among the
+//! candidates that fit in memory, with the reasons the winner wins.
 //!
 //! ```text
 //! model + cluster + GPUs ─► every tp dividing the GPUs that the model allows
-//!     × sequence parallelism × recomputation ─► partition (one plan per tp and SP; recomputation
-//!     is a pricing option) ─► cost::estimate ─► ranked candidates + explanation
+//!     × pp (any stage count up to the layers, tp·pp dividing the GPUs; dp = GPUs / (tp·pp))
+//!     × micro-batches M (a few divisors of the replica's batch, from pp up, most first)
+//!     × sequence parallelism ─► partition: one plan per (tp, pp, M, SP)
+//!     × recomputation × schedule (pricing options: the schedule only changes the steps' order)
+//!     ─► cost::estimate ─► ranked candidates + explanation
 //! ```
 //!
-//! The global batch stays fixed (the model's `batch` dimension, unless given): dp = GPUs / tp
-//! replicas each take `batch / dp` sequences, so candidates are compared on the same work.
+//! The global batch stays fixed (the model's `batch` dimension, unless given): dp replicas each
+//! take `batch / dp` sequences, run as `M` micro-batches, so the plan's graph is one
+//! micro-batch's (`batch / M` sequences over the dp replicas) and candidates are compared on the
+//! same work.
+//!
+//! What keeps the search short (a 128-layer model on thousands of GPUs has hundreds of
+//! configurations, each a partition of the whole graph):
+//!
+//! - a (tp, pp) whose parameters alone, spread evenly over its `tp · pp` GPUs, exceed a GPU's
+//!   memory is not partitioned (no cut of the layers beats the even spread);
+//! - one micro-batch's work on one rank of every stage ([`Work`]) is the same for every stage
+//!   count and replica count with the same tp, sequence parallelism and micro-batch size, and
+//!   bounds it for larger micro-batches; it puts a floor under the step of every configuration
+//!   sharing them. The search prices one chain per tp and sequence parallelism first (the fewest
+//!   stages whose parameters take at most half a GPU), then the others, fewest-floor first, a
+//!   few at a time, skipping any whose floor is above the best step so far — skipped ones are
+//!   provably slower than the winner, not listed, and counted in [`Choice::skipped`];
+//! - micro-batch counts are tried most first (the least memory and bubble); fewer are tried
+//!   only while the last one fit, and with recomputation's floor once only recomputation fit;
+//! - each micro-batch size's graph is loaded once; recomputation and the schedule re-price one
+//!   plan ([`estimate_schedules`]) instead of partitioning again; chains run on every core.
+//!
+//! [`choose`] keeps the one-stage search (tp × dp); [`choose_in`] takes the [`Space`].
 
-use crate::cost::{estimate_against, Cluster, Estimate, EstimateOptions};
-use crate::{partition, PartitionError, PartitionOptions, Plan};
-use ferrotron_ir::Graph;
+use crate::cost::{estimate_schedules, work, Cluster, Estimate, EstimateOptions, Work};
+use crate::pipeline::Schedule;
+use crate::{partition, PartitionError, PartitionOptions};
+use ferrotron_ir::{DType, Graph};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Which configurations the planner tries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Space {
+    /// Pipeline stages and micro-batches (with both schedules); off: one stage, one
+    /// micro-batch (tp × dp only).
+    pub pipeline: bool,
+    /// Micro-batch counts tried per (tp, pp) at most, besides one sequence per micro-batch.
+    pub micro_batch_counts: usize,
+}
+
+impl Space {
+    /// tp × dp (× sequence parallelism × recomputation): one stage, one micro-batch.
+    pub fn one_stage() -> Space {
+        Space {
+            pipeline: false,
+            micro_batch_counts: 1,
+        }
+    }
+
+    /// tp × pp × dp × micro-batches × schedule (× sequence parallelism × recomputation).
+    pub fn full() -> Space {
+        Space {
+            pipeline: true,
+            micro_batch_counts: 4,
+        }
+    }
+}
+
+impl Default for Space {
+    fn default() -> Space {
+        Space::full()
+    }
+}
 
 /// One configuration the planner priced.
 #[derive(Clone, Debug, Serialize)]
@@ -24,6 +86,13 @@ pub struct Candidate {
     pub tp: u64,
     /// Data-parallel degree.
     pub dp: u64,
+    /// Pipeline stages.
+    pub pp: u64,
+    /// Micro-batches per step.
+    pub micro_batches: u64,
+    /// The pipeline schedule, for a plan with several micro-batches.
+    #[serde(serialize_with = "schedule_name")]
+    pub schedule: Option<Schedule>,
     /// Sequence parallelism.
     pub sequence_parallel: bool,
     /// Activation recomputation.
@@ -33,8 +102,15 @@ pub struct Candidate {
     /// The prediction, when the model partitions at this degree.
     #[serde(rename = "simulation")]
     pub estimate: Option<Estimate>,
-    /// Why it cannot run (the partitioner's error), if so.
+    /// Why it cannot run (the partitioner's error, or memory the parameters alone exceed), if so.
     pub error: Option<String>,
+}
+
+fn schedule_name<S: serde::Serializer>(s: &Option<Schedule>, ser: S) -> Result<S::Ok, S::Error> {
+    match s {
+        Some(s) => ser.serialize_some(&s.to_string()),
+        None => ser.serialize_none(),
+    }
 }
 
 impl Candidate {
@@ -42,26 +118,77 @@ impl Candidate {
     pub fn feasible(&self) -> bool {
         self.estimate.as_ref().is_some_and(|s| s.fits)
     }
+
+    /// Whether it was priced and does not fit, or was refused for its parameters alone.
+    pub fn exceeds_memory(&self) -> bool {
+        self.estimate.as_ref().is_some_and(|s| !s.fits)
+            || self
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(PARAMETERS_ALONE))
+    }
+
+    /// GPUs holding one copy of the model: tp × pp.
+    pub fn model_parallel(&self) -> u64 {
+        self.tp * self.pp
+    }
+
+    fn refused(tp: u64, dp: u64, pp: u64, error: String) -> Candidate {
+        Candidate {
+            tp,
+            dp,
+            pp,
+            micro_batches: 0,
+            schedule: None,
+            sequence_parallel: false,
+            recompute: false,
+            tokens_per_second: 0.0,
+            estimate: None,
+            error: Some(error),
+        }
+    }
 }
+
+/// How a configuration refused for its parameters alone says so.
+const PARAMETERS_ALONE: &str = "the parameters alone need";
 
 /// The planner's answer.
 #[derive(Clone, Debug, Serialize)]
 pub struct Choice {
     /// Every candidate, best first (feasible ones before the rest).
     pub candidates: Vec<Candidate>,
+    /// Configurations not partitioned: a floor under their step (see [`crate::cost::Work`])
+    /// is above a step already found, or fewer micro-batches of theirs would hold more than
+    /// already did not fit.
+    pub skipped: usize,
     /// Why the first one wins, in a few sentences.
     pub explanation: String,
 }
 
-/// Prices every (tp, sequence parallel, recompute) for `gpus` GPUs of `cluster`, with the global
-/// batch `batch` (the model's own when `None`). `load` gives the model graph with its `batch`
-/// dimension set to the value it is passed (left as the model says for `None`).
+/// Prices every (tp, sequence parallel, recompute) for `gpus` GPUs of `cluster` at one pipeline
+/// stage and one micro-batch ([`Space::one_stage`]), with the global batch `batch` (the model's
+/// own when `None`). `load` gives the model graph with its `batch` dimension set to the value
+/// it is passed (left as the model says for `None`). [`choose_in`] searches pipelines too.
 pub fn choose(
     load: impl Fn(Option<u64>) -> Result<Graph, String>,
     cluster: &Cluster,
     gpus: u64,
     batch: Option<u64>,
     base: &EstimateOptions,
+) -> Result<Choice, String> {
+    choose_in(load, cluster, gpus, batch, base, &Space::one_stage())
+}
+
+/// Prices every configuration of `space` for `gpus` GPUs of `cluster` with the global batch
+/// `batch` (the model's own when `None`); `load` as for [`choose`] (it is asked for one
+/// micro-batch's graph: `batch / M` sequences).
+pub fn choose_in(
+    load: impl Fn(Option<u64>) -> Result<Graph, String>,
+    cluster: &Cluster,
+    gpus: u64,
+    batch: Option<u64>,
+    base: &EstimateOptions,
+    space: &Space,
 ) -> Result<Choice, String> {
     let graph = load(batch)?;
     let global = graph
@@ -71,7 +198,13 @@ pub fn choose(
         .map(|&(_, b)| b)
         .ok_or("the model has no `batch` dimension")?;
     let tokens = ferrotron_ir::count::tokens_per_step(&graph).unwrap_or(0) as f64;
+    let layers = graph.layers().count() as u64;
+    let param_bytes = parameter_bytes(&graph, base.compute_dtype);
+    // One micro-batch's graph by its batch, loaded once.
+    let mut graphs: HashMap<u64, Graph> = HashMap::new();
+    graphs.insert(global, graph);
     let mut candidates = Vec::new();
+    let mut chains = Vec::new();
     for tp in (0..=gpus.trailing_zeros().min(12))
         .map(|k| 1u64 << k)
         .chain((3..=gpus).filter(|t| gpus.is_multiple_of(*t) && !t.is_power_of_two()))
@@ -79,58 +212,111 @@ pub fn choose(
         if !gpus.is_multiple_of(tp) {
             continue;
         }
-        let dp = gpus / tp;
-        for sp in [false, true] {
-            let opts = PartitionOptions {
-                tp,
-                dp,
-                sequence_parallel: sp,
-                ..PartitionOptions::default()
-            };
-            let planned = if global.is_multiple_of(dp) {
-                partition(&graph, &opts).map_err(|e: PartitionError| e.to_string())
-            } else {
-                Err(format!(
-                    "the global batch {global} does not divide into {dp} replicas"
-                ))
-            };
-            let plan: Option<Plan> = match planned {
-                Ok(p) => Some(p),
-                Err(error) => {
-                    // Degrees the model does not allow are listed once, not per option.
-                    if !sp {
-                        candidates.push(Candidate {
-                            tp,
-                            dp,
-                            sequence_parallel: false,
-                            recompute: false,
-                            tokens_per_second: 0.0,
-                            estimate: None,
-                            error: Some(error),
-                        });
-                    }
-                    None
-                }
-            };
-            let Some(plan) = plan else { continue };
-            for recompute in [false, true] {
-                let opts = EstimateOptions {
-                    recompute,
-                    ..base.clone()
-                };
-                let sim = estimate_against(&plan, None, cluster, &opts);
-                candidates.push(Candidate {
+        let stage_counts: Vec<u64> = if space.pipeline {
+            (1..=layers.max(1))
+                .filter(|pp| (gpus / tp).is_multiple_of(*pp))
+                .collect()
+        } else {
+            vec![1]
+        };
+        for pp in stage_counts {
+            let dp = gpus / (tp * pp);
+            if !global.is_multiple_of(dp) {
+                candidates.push(vec![Candidate::refused(
                     tp,
                     dp,
-                    sequence_parallel: sp,
-                    recompute,
-                    tokens_per_second: tokens / sim.step_time_s.max(1e-12),
-                    estimate: Some(sim),
-                    error: None,
+                    pp,
+                    format!("the global batch {global} does not divide into {dp} replicas"),
+                )]);
+                continue;
+            }
+            // No cut of the layers holds fewer parameters per GPU than an even spread.
+            let least = param_bytes / (tp * pp) as f64;
+            if space.pipeline && least > cluster.memory_bytes as f64 {
+                candidates.push(vec![Candidate::refused(
+                    tp,
+                    dp,
+                    pp,
+                    format!(
+                        "{PARAMETERS_ALONE} {:.1} GiB per GPU at tp × pp = {}",
+                        gib_f(least),
+                        tp * pp
+                    ),
+                )]);
+                continue;
+            }
+            for sp in [false, true] {
+                chains.push(Chain {
+                    tp,
+                    pp,
+                    dp,
+                    sp,
+                    per_replica: global / dp,
+                    counts: micro_batch_counts(global / dp, pp, space),
+                    slot: candidates.len(),
                 });
+                candidates.push(Vec::new());
             }
         }
     }
+    let mut search = Search {
+        chains: &chains,
+        global,
+        tokens,
+        cluster,
+        base,
+        graphs,
+        works: HashMap::new(),
+        best: f64::INFINITY,
+        refused_tp: Vec::new(),
+        skipped: 0,
+    };
+    // First, for each tp and sequence parallelism, one chain at its most micro-batches: a step
+    // to beat, and the work per micro-batch that bounds the others. Fewer stages are faster
+    // (less bubble for the same micro-batch) and more hold less, so the one with the fewest
+    // stages whose parameters take at most half a GPU, or else the most stages.
+    let mut leads: Vec<usize> = Vec::new();
+    let roomy = |c: &Chain| param_bytes / (c.tp * c.pp) as f64 <= 0.5 * cluster.memory_bytes as f64;
+    for (i, c) in chains.iter().enumerate() {
+        let better = |j: usize| {
+            let l = &chains[j];
+            match (roomy(l), roomy(c)) {
+                (false, true) => true,
+                (true, true) => c.pp < l.pp,
+                (false, false) => c.pp > l.pp,
+                (true, false) => false,
+            }
+        };
+        match leads
+            .iter_mut()
+            .find(|&&mut j| (chains[j].tp, chains[j].sp) == (c.tp, c.sp))
+        {
+            Some(j) if better(*j) => *j = i,
+            Some(_) => {}
+            None => leads.push(i),
+        }
+    }
+    let first = search.round(&load, &leads)?;
+    // Then every other chain's most micro-batches, unless a floor under its step (from the work
+    // of the same tp, sequence parallelism and micro-batch size) is above the best step.
+    let others: Vec<usize> = (0..chains.len()).filter(|i| !leads.contains(i)).collect();
+    let second = search.round(&load, &others)?;
+    // Then fewer, larger micro-batches, while they might fit and might beat the best step.
+    let fit: Vec<(usize, bool)> = first
+        .iter()
+        .chain(&second)
+        .filter(|(_, t)| t.fits)
+        .map(|(i, t)| (*i, !t.fits_plain))
+        .collect();
+    let third = search.fewer(&load, &fit)?;
+    for (i, tried) in first.into_iter().chain(second) {
+        candidates[chains[i].slot].extend(tried.candidates);
+    }
+    for (i, found) in third {
+        candidates[chains[i].slot].extend(found);
+    }
+    let skipped = search.skipped;
+    let mut candidates: Vec<Candidate> = candidates.into_iter().flatten().collect();
     candidates.sort_by(|a, b| {
         b.feasible()
             .cmp(&a.feasible())
@@ -139,12 +325,385 @@ pub fn choose(
     let explanation = explain(&candidates, cluster);
     Ok(Choice {
         candidates,
+        skipped,
         explanation,
     })
 }
 
+/// The state of a search over chains: the graphs loaded, the work per micro-batch found, the
+/// best step so far.
+struct Search<'a> {
+    chains: &'a [Chain],
+    global: u64,
+    tokens: f64,
+    cluster: &'a Cluster,
+    base: &'a EstimateOptions,
+    graphs: HashMap<u64, Graph>,
+    /// [`Work`] by (tp, sequence parallel, sequences per replica and micro-batch,
+    /// recomputation).
+    works: HashMap<(u64, bool, u64, bool), Work>,
+    best: f64,
+    refused_tp: Vec<u64>,
+    skipped: usize,
+}
+
+impl Search<'_> {
+    /// The highest floor the known work (`recompute`: with recomputation) puts under chain
+    /// `c`'s step at `m` micro-batches (0 when nothing is known).
+    fn floor(&self, c: &Chain, m: u64, recompute: bool, own: &[(u64, Work)]) -> f64 {
+        let b = c.per_replica / m;
+        self.works
+            .iter()
+            .filter(|(&(tp, sp, _, r), _)| (tp, sp, r) == (c.tp, c.sp, recompute))
+            .map(|(&(_, _, b0, _), &w)| (b0, w))
+            .chain(own.iter().copied())
+            .filter(|&(b0, _)| b0 <= b)
+            .map(|(b0, w)| w.floor(c.pp, m, b as f64 / b0 as f64))
+            .fold(0.0, f64::max)
+    }
+
+    fn load(
+        &mut self,
+        load: &impl Fn(Option<u64>) -> Result<Graph, String>,
+        m: u64,
+    ) -> Result<(), String> {
+        let batch = self.global / m;
+        if let std::collections::hash_map::Entry::Vacant(e) = self.graphs.entry(batch) {
+            e.insert(load(Some(batch))?);
+        }
+        Ok(())
+    }
+
+    /// Tries `chains`' most micro-batches, the lowest floor first, a few at a time in parallel,
+    /// skipping those whose floor is above the best step so far or whose tp the model refused;
+    /// takes in what each few found before the next.
+    fn round(
+        &mut self,
+        load: &impl Fn(Option<u64>) -> Result<Graph, String>,
+        chains: &[usize],
+    ) -> Result<Vec<(usize, Tried)>, String> {
+        let mut order: Vec<(f64, usize)> = chains
+            .iter()
+            .map(|&i| {
+                let c = &self.chains[i];
+                (self.floor(c, c.counts[0], false, &[]), i)
+            })
+            .collect();
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut out = Vec::new();
+        for few in order.chunks(BATCH) {
+            let mut run = Vec::new();
+            for &(_, i) in few {
+                let c = &self.chains[i];
+                if self.refused_tp.contains(&c.tp) {
+                    continue;
+                }
+                if self.floor(c, c.counts[0], false, &[]) > self.best {
+                    self.skipped += c.counts.len();
+                    continue;
+                }
+                self.load(load, c.counts[0])?;
+                run.push(i);
+            }
+            let this = &*self;
+            let tried = parallel_map(&run, |&i| {
+                let c = &this.chains[i];
+                let m = c.counts[0];
+                c.try_count(&this.graphs[&(this.global / m)], m, this)
+            });
+            for (i, mut t) in run.into_iter().zip(tried) {
+                let c = &self.chains[i];
+                if let Some((error, whole_tp)) = t.error.take() {
+                    // A degree the model does not allow is listed once, not per stage count.
+                    if !c.sp && !self.refused_tp.contains(&c.tp) {
+                        t.candidates
+                            .push(Candidate::refused(c.tp, c.dp, c.pp, error));
+                        if whole_tp {
+                            self.refused_tp.push(c.tp);
+                        }
+                    }
+                }
+                self.take(c, &t);
+                out.push((i, t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tries the later micro-batch counts of `chains` (each in order, the chains in parallel),
+    /// each while its floor is under the best step so far and the one before fit. A chain that
+    /// fit only with recomputation at more micro-batches needs it at fewer (they hold more), so
+    /// its floors are those with recomputation.
+    fn fewer(
+        &mut self,
+        load: &impl Fn(Option<u64>) -> Result<Graph, String>,
+        chains: &[(usize, bool)],
+    ) -> Result<Vec<(usize, Vec<Candidate>)>, String> {
+        let mut run = Vec::new();
+        for &(i, recompute) in chains {
+            let c = &self.chains[i];
+            let open: Vec<u64> = c.counts[1..]
+                .iter()
+                .copied()
+                .take_while(|&m| self.floor(c, m, recompute, &[]) <= self.best)
+                .collect();
+            self.skipped += c.counts.len() - 1 - open.len();
+            for &m in &open {
+                self.load(load, m)?;
+            }
+            if !open.is_empty() {
+                run.push((i, recompute, open));
+            }
+        }
+        let this = &*self;
+        let found = parallel_map(&run, |(i, recompute, open)| {
+            let c = &this.chains[*i];
+            let mut recompute = *recompute;
+            // The work of the counts tried here: (sequences per micro-batch, plain, recomputed).
+            let mut own: Vec<(u64, Work, Work)> = Vec::new();
+            let mut out = Vec::new();
+            let mut skipped = 0;
+            for (k, &m) in open.iter().enumerate() {
+                let known: Vec<(u64, Work)> = own
+                    .iter()
+                    .map(|&(b, plain, re)| (b, if recompute { re } else { plain }))
+                    .collect();
+                if this.floor(c, m, recompute, &known) > this.best {
+                    skipped = open.len() - k;
+                    break;
+                }
+                let t = c.try_count(&this.graphs[&(this.global / m)], m, this);
+                recompute |= !t.fits_plain;
+                own.extend(t.works.map(|(plain, re)| (c.per_replica / m, plain, re)));
+                out.extend(t.candidates);
+                // Fewer, larger micro-batches only hold more activations.
+                if !t.fits {
+                    skipped = open.len() - k - 1;
+                    break;
+                }
+            }
+            (out, skipped)
+        });
+        let mut out = Vec::new();
+        for ((i, _, _), (found, skipped)) in run.into_iter().zip(found) {
+            self.skipped += skipped;
+            out.push((i, found));
+        }
+        Ok(out)
+    }
+
+    /// Takes in a tried count's work and best step.
+    fn take(&mut self, c: &Chain, t: &Tried) {
+        if let (Some((plain, re)), Some(m)) = (t.works, t.m) {
+            let b = c.per_replica / m;
+            self.works.insert((c.tp, c.sp, b, false), plain);
+            self.works.insert((c.tp, c.sp, b, true), re);
+        }
+        for cand in t.candidates.iter().filter(|c| c.feasible()) {
+            if let Some(e) = &cand.estimate {
+                self.best = self.best.min(e.step_time_s);
+            }
+        }
+    }
+}
+
+/// Chains tried at once between updates of the best step: enough for every core here, few
+/// enough that a good step found early spares the rest.
+const BATCH: usize = 4;
+
+/// One (tp, pp, sequence parallelism) and the micro-batch counts to try, most first.
+struct Chain {
+    tp: u64,
+    pp: u64,
+    dp: u64,
+    sp: bool,
+    /// Sequences per data-parallel replica in a step.
+    per_replica: u64,
+    /// Micro-batch counts to try, most first.
+    counts: Vec<u64>,
+    /// Where its candidates go in the listing (the order the search enumerates them in).
+    slot: usize,
+}
+
+/// What partitioning and pricing one micro-batch count gave.
+struct Tried {
+    candidates: Vec<Candidate>,
+    /// Whether any pricing of it fits in memory.
+    fits: bool,
+    /// Whether one without recomputation fits.
+    fits_plain: bool,
+    /// The partitioner's error, and whether it refuses the tp degree itself.
+    error: Option<(String, bool)>,
+    /// The micro-batch count tried and its plan's work without and with recomputation, when
+    /// it partitioned.
+    m: Option<u64>,
+    works: Option<(Work, Work)>,
+}
+
+impl Chain {
+    /// Partitions `graph` (one micro-batch's) for `m` micro-batches and prices it with and
+    /// without recomputation, under each schedule.
+    fn try_count(&self, graph: &Graph, m: u64, search: &Search) -> Tried {
+        let (cluster, base, tokens) = (search.cluster, search.base, search.tokens);
+        let opts = PartitionOptions {
+            tp: self.tp,
+            dp: self.dp,
+            sequence_parallel: self.sp,
+            pp: self.pp,
+            micro_batches: m,
+            ..PartitionOptions::default()
+        };
+        let plan = match partition(graph, &opts) {
+            Ok(p) => p,
+            Err(error) => {
+                let whole_tp = matches!(error, PartitionError::Indivisible { axis: "tp", .. });
+                return Tried {
+                    candidates: Vec::new(),
+                    fits: false,
+                    fits_plain: false,
+                    error: Some((error.to_string(), whole_tp)),
+                    m: None,
+                    works: None,
+                };
+            }
+        };
+        let schedules: &[Schedule] = if self.pp > 1 {
+            &[Schedule::OneFOneB, Schedule::GPipe]
+        } else {
+            &[Schedule::OneFOneB]
+        };
+        let mut candidates = Vec::new();
+        for recompute in [false, true] {
+            let opts = EstimateOptions {
+                recompute,
+                ..base.clone()
+            };
+            for sim in estimate_schedules(&plan, schedules, cluster, &opts) {
+                candidates.push(Candidate {
+                    tp: self.tp,
+                    dp: self.dp,
+                    pp: self.pp,
+                    micro_batches: m,
+                    schedule: sim.schedule,
+                    sequence_parallel: self.sp,
+                    recompute,
+                    tokens_per_second: tokens / sim.step_time_s.max(1e-12),
+                    estimate: Some(sim),
+                    error: None,
+                });
+            }
+        }
+        let works = (self.pp > 1 || self.counts.len() > 1).then(|| {
+            let with = |recompute| {
+                let opts = EstimateOptions {
+                    recompute,
+                    ..base.clone()
+                };
+                work(&plan, cluster, &opts)
+            };
+            (with(false), with(true))
+        });
+        Tried {
+            fits: candidates.iter().any(Candidate::feasible),
+            fits_plain: candidates.iter().any(|c| !c.recompute && c.feasible()),
+            candidates,
+            error: None,
+            m: Some(m),
+            works,
+        }
+    }
+}
+
+/// `f` over `items` on every core, results in `items`' order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len());
+    if workers <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(done) => {
+                    for (i, r) in done {
+                        out[i] = Some(r);
+                    }
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    out.into_iter().flatten().collect()
+}
+
+/// The micro-batch counts to try for `per_replica` sequences per data-parallel replica on `pp`
+/// stages, most first: divisors of `per_replica` from the first that is at least `pp` (fewer
+/// leave stages idle the whole step), each at least twice the one before, up to
+/// `space.micro_batch_counts` of them, and always one sequence per micro-batch (the smallest
+/// bubble and activations). One stage, one micro-batch without pipelines.
+pub fn micro_batch_counts(per_replica: u64, pp: u64, space: &Space) -> Vec<u64> {
+    if !space.pipeline || per_replica == 0 {
+        return vec![1];
+    }
+    let divisors: Vec<u64> = (1..=per_replica)
+        .filter(|d| per_replica.is_multiple_of(*d))
+        .collect();
+    let mut out = Vec::new();
+    let mut next = divisors
+        .iter()
+        .copied()
+        .find(|&d| d >= pp)
+        .unwrap_or(per_replica);
+    for &d in &divisors {
+        if d >= next && out.len() < space.micro_batch_counts {
+            out.push(d);
+            next = 2 * d;
+        }
+    }
+    if !out.contains(&per_replica) {
+        out.push(per_replica);
+    }
+    out.reverse();
+    out
+}
+
+/// Bytes the model's parameters take with their gradients and Adam state, priced as the cost
+/// model prices them (at `dtype` when given).
+fn parameter_bytes(g: &Graph, dtype: Option<DType>) -> f64 {
+    g.params
+        .iter()
+        .map(|(_, p)| {
+            let ty = g.ty(p.value);
+            let n = ty.shape.numel().unwrap_or(0);
+            let d = dtype.unwrap_or(ty.dtype);
+            let master = if d == DType::F32 { 0 } else { 4 };
+            (n * (2 * d.size_bytes() + 8 + master)) as f64
+        })
+        .sum()
+}
+
 fn gib(b: u64) -> f64 {
     b as f64 / f64::from(1 << 30)
+}
+
+fn gib_f(b: f64) -> f64 {
+    b / f64::from(1 << 30)
 }
 
 /// Why the first candidate wins: what it costs, and what stops the alternatives.
@@ -166,10 +725,21 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
     let s = best.estimate.as_ref().expect("feasible");
     let _ = write!(
         out,
-        "tp = {}, dp = {}{}{}: {:.0} tokens/s, {:.3} s per step ({:.1} TFLOP/s per GPU), \
+        "tp = {}, dp = {}{}{}{}: {:.0} tokens/s, {:.3} s per step ({:.1} TFLOP/s per GPU), \
          {:.1} of {:.0} GiB per GPU.",
         best.tp,
         best.dp,
+        match best.schedule {
+            Some(schedule) if best.pp > 1 => format!(
+                ", pp = {}, {} micro-batches ({schedule})",
+                best.pp, best.micro_batches
+            ),
+            Some(_) => format!(
+                ", pp = 1, {} micro-batches (gradient accumulation)",
+                best.micro_batches
+            ),
+            None => String::new(),
+        },
         if best.sequence_parallel {
             ", sequence parallel"
         } else {
@@ -186,20 +756,69 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
         gib(s.memory_bytes_per_gpu),
         gib(cluster.memory_bytes),
     );
-    let smaller_tp_fails = candidates
-        .iter()
-        .filter(|c| c.tp < best.tp && c.estimate.as_ref().is_some_and(|s| !s.fits))
-        .map(|c| c.tp)
-        .max();
-    if let Some(tp) = smaller_tp_fails {
+    if best.pp > 1 {
+        let (p, m) = (best.pp as f64, best.micro_batches as f64);
         let _ = write!(
             out,
-            " At tp = {tp} or below the model does not fit in memory."
+            " The pipeline idles {:.1}% of its span ((P − 1)/(M + P − 1) = {:.1}%; the rest is \
+             uneven stages and transfers).",
+            100.0 * s.bubble_fraction,
+            100.0 * (p - 1.0) / (m + p - 1.0)
+        );
+    }
+    // What less model parallelism would need.
+    let smaller: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.model_parallel() < best.model_parallel())
+        .filter(|c| c.estimate.is_some() || c.exceeds_memory())
+        .collect();
+    if best.pp > 1 && !smaller.is_empty() && smaller.iter().all(|c| !c.feasible()) {
+        let _ = write!(
+            out,
+            " Nothing with fewer than {} GPUs per model replica (tp × pp) fits in memory.",
+            best.model_parallel()
+        );
+    } else {
+        // The largest tp up to which nothing priced at this pp fits.
+        let mut tps: Vec<u64> = candidates
+            .iter()
+            .filter(|c| c.tp < best.tp && c.pp == best.pp)
+            .filter(|c| c.estimate.is_some() || c.exceeds_memory())
+            .map(|c| c.tp)
+            .collect();
+        tps.sort_unstable();
+        tps.dedup();
+        let fits_at = |tp: u64| {
+            candidates
+                .iter()
+                .any(|c| c.tp == tp && c.pp == best.pp && c.feasible())
+        };
+        if let Some(tp) = tps.iter().copied().take_while(|&tp| !fits_at(tp)).last() {
+            let _ = write!(
+                out,
+                " At tp = {tp} or below the model does not fit in memory."
+            );
+        }
+    }
+    if let Some(lower) = candidates
+        .iter()
+        .find(|c| c.feasible() && c.tp < best.tp && c.pp == best.pp)
+    {
+        let _ = write!(
+            out,
+            " tp = {} is {:.0}% slower{}.",
+            lower.tp,
+            (1.0 - lower.tokens_per_second / best.tokens_per_second) * 100.0,
+            if lower.recompute && !best.recompute {
+                ": it fits only with recomputation"
+            } else {
+                ""
+            }
         );
     }
     if let Some(next) = candidates
         .iter()
-        .filter(|c| c.feasible() && c.tp > best.tp)
+        .filter(|c| c.feasible() && c.tp > best.tp && c.pp == best.pp)
         .max_by(|a, b| a.tokens_per_second.total_cmp(&b.tokens_per_second))
     {
         let ns = next.estimate.as_ref().expect("feasible");
@@ -222,6 +841,47 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
                 String::new()
             }
         );
+    }
+    let same = |c: &&Candidate| {
+        c.tp == best.tp
+            && c.pp == best.pp
+            && c.sequence_parallel == best.sequence_parallel
+            && c.recompute == best.recompute
+    };
+    if best.schedule == Some(Schedule::OneFOneB) && best.pp > 1 {
+        if let Some(gpipe) = candidates
+            .iter()
+            .filter(same)
+            .find(|c| c.micro_batches == best.micro_batches && c.schedule == Some(Schedule::GPipe))
+            .and_then(|c| c.estimate.as_ref())
+        {
+            let _ = write!(
+                out,
+                " GPipe would need {:.1} GiB per GPU (all {} micro-batches in flight on the \
+                 first stage, against at most {} under 1F1B).",
+                gib(gpipe.memory_bytes_per_gpu),
+                best.micro_batches,
+                best.pp.min(best.micro_batches)
+            );
+        }
+    }
+    if best.pp > 1 {
+        if let Some((c, e)) = candidates
+            .iter()
+            .filter(same)
+            .filter(|c| c.schedule == best.schedule && c.micro_batches < best.micro_batches)
+            .filter_map(|c| c.estimate.as_ref().map(|e| (c, e)))
+            .max_by_key(|(c, _)| c.micro_batches)
+        {
+            let _ = write!(
+                out,
+                " With {} micro-batches the pipeline idles {:.1}% and a step takes {:.3} s{}.",
+                c.micro_batches,
+                100.0 * e.bubble_fraction,
+                e.step_time_s,
+                if e.fits { "" } else { ", but it does not fit" }
+            );
+        }
     }
     if best.recompute {
         let _ = write!(

@@ -1,5 +1,6 @@
-//! `ferrotron plan`: every tp × dp (× sequence parallelism × recomputation) for a number of GPUs
-//! priced by the cost model, the best that fits first, and why it wins.
+//! `ferrotron plan`: every tp × pp × dp × micro-batches × schedule (× sequence parallelism ×
+//! recomputation) for a number of GPUs priced by the cost model, the best that fits first, and
+//! why it wins.
 
 use crate::args::load_options;
 use crate::commands::simulate::{parse_dtype, read_cluster};
@@ -8,7 +9,7 @@ use clap::Args;
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::load_model;
 use ferrotron_partitioner::cost::EstimateOptions;
-use ferrotron_partitioner::planner::choose;
+use ferrotron_partitioner::planner::{choose_in, Space};
 use std::path::PathBuf;
 
 /// The arguments of `ferrotron plan`.
@@ -31,6 +32,9 @@ pub struct PlanCommandArgs {
     /// Override a named dimension.
     #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_dim_override)]
     dims: Vec<(String, u64)>,
+    /// One pipeline stage and one micro-batch only (tp × dp).
+    #[arg(long)]
+    no_pipeline: bool,
     /// Candidates to list.
     #[arg(long, default_value_t = 10)]
     top: usize,
@@ -55,32 +59,54 @@ pub fn plan(args: PlanCommandArgs) -> Result<()> {
         }
         load_model(&args.model, &load_options(&dims)).map_err(|e| e.to_string())
     };
-    let choice = choose(load, &cluster, args.gpus, args.batch, &opts).map_err(|e| anyhow!(e))?;
+    let space = if args.no_pipeline {
+        Space::one_stage()
+    } else {
+        Space::full()
+    };
+    let choice =
+        choose_in(load, &cluster, args.gpus, args.batch, &opts, &space).map_err(|e| anyhow!(e))?;
     let took = started.elapsed();
     if args.json {
         println!("{}", serde_json::to_string(&choice)?);
         return Ok(());
     }
     println!(
-        "{:>5} {:>6} {:>3} {:>9} {:>12} {:>9} {:>10} {:>5}",
-        "tp", "dp", "SP", "recompute", "tokens/s", "step (s)", "GiB/GPU", "fits"
+        "{:>5} {:>4} {:>6} {:>6} {:>8} {:>3} {:>9} {:>12} {:>9} {:>7} {:>10} {:>5}",
+        "tp",
+        "pp",
+        "dp",
+        "micro",
+        "schedule",
+        "SP",
+        "recompute",
+        "tokens/s",
+        "step (s)",
+        "bubble",
+        "GiB/GPU",
+        "fits"
     );
     for c in choice.candidates.iter().take(args.top) {
         match &c.estimate {
             Some(s) => println!(
-                "{:>5} {:>6} {:>3} {:>9} {:>12.0} {:>9.3} {:>10.1} {:>5}",
+                "{:>5} {:>4} {:>6} {:>6} {:>8} {:>3} {:>9} {:>12.0} {:>9.3} {:>6.1}% {:>10.1} {:>5}",
                 c.tp,
+                c.pp,
                 c.dp,
+                c.micro_batches,
+                c.schedule.map_or("-".to_owned(), |s| s.to_string()),
                 if c.sequence_parallel { "yes" } else { "no" },
                 if c.recompute { "yes" } else { "no" },
                 c.tokens_per_second,
                 s.step_time_s,
+                100.0 * s.bubble_fraction,
                 s.memory_bytes_per_gpu as f64 / f64::from(1 << 30),
                 if s.fits { "yes" } else { "no" }
             ),
             None => println!(
-                "{:>5} {:>6}  -- {}",
+                "{:>5} {:>4} {:>6}  -- {}",
                 c.tp,
+                c.pp,
                 c.dp,
                 c.error.as_deref().unwrap_or("")
             ),
@@ -88,9 +114,10 @@ pub fn plan(args: PlanCommandArgs) -> Result<()> {
     }
     println!("\n{}", choice.explanation);
     eprintln!(
-        "{} candidates priced in {:.0} ms",
+        "{} candidates priced in {:.0} ms ({} more skipped: they could not be faster or fit)",
         choice.candidates.len(),
-        took.as_secs_f64() * 1e3
+        took.as_secs_f64() * 1e3,
+        choice.skipped
     );
     Ok(())
 }

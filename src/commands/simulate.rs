@@ -1,5 +1,6 @@
 //! `ferrotron simulate`: the cost model's estimate of a plan's step time, throughput and
-//! memory on a cluster; or, with `--weak-scaling`, the Megatron paper's weak-scaling study.
+//! memory on a cluster (with pipeline stages: the bubble, and each stage's time and memory); or,
+//! with `--weak-scaling`, the Megatron paper's weak-scaling study.
 
 use crate::args::load_options;
 use anyhow::{anyhow, Result};
@@ -7,7 +8,7 @@ use clap::Args;
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::{load_model, DType};
 use ferrotron_partitioner::cost::{estimate, weak_scaling_table, Cluster, EstimateOptions};
-use ferrotron_partitioner::{partition, PartitionOptions};
+use ferrotron_partitioner::{partition, PartitionOptions, Schedule};
 use std::path::{Path, PathBuf};
 
 /// The arguments of `ferrotron simulate`.
@@ -24,9 +25,25 @@ pub struct SimulateArgs {
     /// Data-parallel degree.
     #[arg(long, default_value_t = 1)]
     dp: u64,
-    /// Sequences per data-parallel replica (the model's `batch` becomes this × dp).
+    /// Sequences per data-parallel replica in one micro-batch (the model's `batch`, the global
+    /// batch, becomes this × dp × micro-batches).
     #[arg(long)]
     micro_batch: Option<u64>,
+    /// Pipeline stages: the layers cut into this many stages, each on its own tp × dp ranks.
+    #[arg(long, default_value_t = 1)]
+    pp: u64,
+    /// Micro-batches per step: the model's `batch` (the global batch) is split into this many.
+    #[arg(long, default_value_t = 1)]
+    micro_batches: u64,
+    /// The pipeline schedule: `1f1b` (one forward, one backward), `gpipe` or `interleaved`.
+    #[arg(long, default_value = "1f1b")]
+    schedule: Schedule,
+    /// Model chunks per stage for `--schedule interleaved`.
+    #[arg(long, default_value_t = 1)]
+    virtual_stages: u64,
+    /// Layers per stage (`--stage-layers 5,4,4,3`) instead of balancing them by their work.
+    #[arg(long, value_delimiter = ',')]
+    stage_layers: Vec<u32>,
     /// Split the activations between regions along the sequence.
     #[arg(long)]
     sequence_parallel: bool,
@@ -101,12 +118,40 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
     if let Some(b) = args.micro_batch {
         dims.retain(|(n, _)| n != "batch");
         dims.push(("batch".into(), b * args.dp));
+    } else if args.micro_batches > 1 {
+        // The model's batch is the step's: the plan's graph is one micro-batch's.
+        let global = load_model(&model, &load_options(&dims))?;
+        let batch = global
+            .dims
+            .iter()
+            .find(|(n, _)| n == "batch")
+            .map(|&(_, b)| b)
+            .ok_or_else(|| anyhow!("--micro-batches needs the model's `batch` dimension"))?;
+        if !batch.is_multiple_of(args.micro_batches) {
+            let valid: Vec<String> = (1..=batch)
+                .filter(|m| batch.is_multiple_of(*m))
+                .map(|m| m.to_string())
+                .collect();
+            anyhow::bail!(
+                "--micro-batches {}: the batch of {batch} does not split into that many equal \
+                 micro-batches; valid: {}",
+                args.micro_batches,
+                valid.join(", ")
+            );
+        }
+        dims.retain(|(n, _)| n != "batch");
+        dims.push(("batch".into(), batch / args.micro_batches));
     }
     let graph = load_model(&model, &load_options(&dims))?;
     let options = PartitionOptions {
         tp: args.tp,
         dp: args.dp,
         sequence_parallel: args.sequence_parallel,
+        pp: args.pp,
+        micro_batches: args.micro_batches,
+        schedule: args.schedule,
+        virtual_stages: args.virtual_stages,
+        stage_layers: (!args.stage_layers.is_empty()).then(|| args.stage_layers.clone()),
         ..PartitionOptions::default()
     };
     let plan = partition(&graph, &options)?;
@@ -117,8 +162,19 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&sim)?);
     } else {
         println!(
-            "{} on {} × {} (tp = {}, dp = {}):",
-            sim.model, sim.gpus, cluster.gpu, sim.tp, sim.dp
+            "{} on {} × {} (tp = {}, dp = {}{}):",
+            sim.model,
+            sim.gpus,
+            cluster.gpu,
+            sim.tp,
+            sim.dp,
+            match sim.schedule {
+                Some(s) => format!(
+                    ", pp = {}, {} micro-batches, {s}",
+                    sim.pp, sim.micro_batches
+                ),
+                None => String::new(),
+            }
         );
         println!(
             "  step {:.3} s (forward {:.3}, backward {:.3}, tp communication {:.3}, \
@@ -142,6 +198,46 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
             sim.memory_capacity_bytes as f64 / f64::from(1 << 30),
             if sim.fits { "fits" } else { "does NOT fit" }
         );
+        if !sim.stages.is_empty() {
+            let (p, m) = (sim.pp as f64, f64::from(sim.micro_batches));
+            let v = f64::from(sim.virtual_stages);
+            println!(
+                "  pipeline: bubble {:.3} s, transfers {:.3} s; idle {:.1}% of the span \
+                 ((P − 1)/({}M + P − 1) = {:.1}%)",
+                sim.bubble_s,
+                sim.p2p_s,
+                100.0 * sim.bubble_fraction,
+                if sim.virtual_stages > 1 { "V·" } else { "" },
+                100.0 * (p - 1.0) / (v * m + p - 1.0)
+            );
+            println!(
+                "  {:<6} {:<12} {:>9} {:>12} {:>12} {:>10} {:>11} {:>10}",
+                "stage",
+                "layers",
+                "in flight",
+                "fwd/mb (s)",
+                "bwd/mb (s)",
+                "send (s)",
+                "dp+opt (s)",
+                "GiB/GPU"
+            );
+            for (s, st) in sim.stages.iter().enumerate() {
+                println!(
+                    "  {s:<6} {:<12} {:>9} {:>12.4} {:>12.4} {:>10.4} {:>11.3} {:>10.2}",
+                    st.layers
+                        .iter()
+                        .map(|&(a, b)| format!("{a}-{}", b.saturating_sub(1)))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    st.in_flight,
+                    st.forward_s,
+                    st.backward_s,
+                    st.send_s,
+                    st.dp_exposed_s + st.optimizer_s,
+                    st.memory.total as f64 / f64::from(1 << 30)
+                );
+            }
+        }
     }
     Ok(())
 }
