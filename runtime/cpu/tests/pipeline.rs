@@ -230,3 +230,57 @@ fn tiny_bert_and_llama_over_stages() {
         0,
     );
 }
+
+#[test]
+fn gradients_are_reduced_over_the_groups_once_a_step() {
+    use ferrotron_exec::Executable;
+    use ferrotron_ir::{MeshAxis, Op};
+    let g = model("tiny-gpt.ron", &[("layers", 2), ("batch", 2)]);
+    let plan = partition(
+        &g,
+        &PartitionOptions {
+            tp: 2,
+            dp: 2,
+            pp: 2,
+            micro_batches: 4,
+            sequence_parallel: true,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    let dp_reductions = |exe: &Executable| {
+        exe.program
+            .steps
+            .iter()
+            .filter(|s| {
+                matches!(
+                    plan.graph.nodes[s.node].op,
+                    Op::AllReduce {
+                        axis: MeshAxis::Dp,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let exe = Executable::new(&plan, &RunOptions::default()).unwrap();
+    // Every gradient's reductions wait for the micro-batches' sum: none runs per micro-batch.
+    assert_eq!(dp_reductions(&exe), 0);
+    assert!(exe.deferred.len() >= plan.graph.params.len() - 1);
+    assert!(exe
+        .deferred
+        .iter()
+        .any(|d| d.reductions.iter().any(|&(_, a)| a == MeshAxis::Tp)));
+    // One micro-batch a step: the plan as it is.
+    let one = partition(
+        &g,
+        &PartitionOptions {
+            tp: 2,
+            dp: 2,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    let exe = Executable::new(&one, &RunOptions::default()).unwrap();
+    assert!(exe.deferred.is_empty());
+}

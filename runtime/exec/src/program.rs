@@ -7,7 +7,7 @@
 use crate::error::ExecError;
 use crate::fuse::{Program, StepOp};
 use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::ValueId;
+use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
 use ferrotron_partitioner::{value_blocks, Plan};
 use std::time::Duration;
 
@@ -58,6 +58,12 @@ pub struct Executable<'p> {
     /// The values every rank keeps to the end: the loss, the outputs, the gradients (everything
     /// with `keep_all`).
     pub keep: SecondaryMap<ValueId, bool>,
+    /// Gradients whose reductions run once a step, after the micro-batches (their steps are
+    /// not in `program`).
+    pub deferred: Vec<Deferred>,
+    /// Values summed over a step's micro-batches: the gradients, or where a gradient's
+    /// reductions are deferred, the unreduced gradient they start from.
+    pub accumulate: SecondaryMap<ValueId, bool>,
     /// The pipeline stage of each step (0 without a pipeline).
     pub stage_of: Vec<usize>,
     /// The model chunk of each step on its stage (interleaved schedule; 0 otherwise).
@@ -67,6 +73,17 @@ pub struct Executable<'p> {
     pub last_use: Vec<SecondaryMap<ValueId, usize>>,
     /// The fused-weight blocks of every value's tensor-parallel split (1: contiguous).
     pub blocks: SecondaryMap<ValueId, u32>,
+}
+
+/// A gradient whose reductions run once a step.
+#[derive(Clone, Debug)]
+pub struct Deferred {
+    /// The unreduced gradient, summed over the micro-batches.
+    pub sum: ValueId,
+    /// The gradient the plan makes of it.
+    pub grad: ValueId,
+    /// The plan's all-reduces from `sum` to `grad`, in order: the node and its group's axis.
+    pub reductions: Vec<(NodeId, MeshAxis)>,
 }
 
 impl<'p> Executable<'p> {
@@ -94,10 +111,58 @@ impl<'p> Executable<'p> {
         for &(_, v) in &plan.grads {
             keep[v] = true;
         }
+        // With several micro-batches, a gradient's reductions over the groups (the plan's
+        // all-reduces that end at it) run once a step on the sum of the micro-batches'
+        // unreduced gradients, not once a micro-batch: a sum of sums is the sum.
+        let mut deferred = Vec::new();
+        let mut accumulate: SecondaryMap<ValueId, bool> =
+            SecondaryMap::with_capacity(g.values.len());
+        for &(_, grad) in &plan.grads {
+            let mut chain = Vec::new();
+            let mut v = grad;
+            while let ValueDef::Node { node, .. } = g.values[v].def {
+                let Op::AllReduce { x, axis } = g.nodes[node].op else {
+                    break;
+                };
+                if plan.micro_batches() <= 1 {
+                    break;
+                }
+                chain.push((node, axis));
+                v = x;
+            }
+            if chain.is_empty() {
+                accumulate[grad] = true;
+            } else {
+                chain.reverse();
+                keep[v] = true;
+                accumulate[v] = true;
+                deferred.push(Deferred {
+                    sum: v,
+                    grad,
+                    reductions: chain,
+                });
+            }
+        }
         let program = if opts.fuse && !opts.keep_all {
             Program::fused(plan, &|v| keep[v])
         } else {
             Program::unfused(plan)
+        };
+        let skipped: std::collections::HashSet<NodeId> = deferred
+            .iter()
+            .flat_map(|d| d.reductions.iter().map(|&(n, _)| n))
+            .collect();
+        let program = Program {
+            backward_start: program.backward_start
+                - program.steps[..program.backward_start]
+                    .iter()
+                    .filter(|s| skipped.contains(&s.node))
+                    .count(),
+            steps: program
+                .steps
+                .into_iter()
+                .filter(|s| !skipped.contains(&s.node))
+                .collect(),
         };
         let stages = plan.mesh.pp.max(1) as usize;
         let mut stage_of = Vec::with_capacity(program.steps.len());
@@ -131,6 +196,8 @@ impl<'p> Executable<'p> {
             opts: opts.clone(),
             program,
             keep,
+            deferred,
+            accumulate,
             stage_of,
             chunk_of,
             last_use,

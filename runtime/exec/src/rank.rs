@@ -587,6 +587,7 @@ impl<B: Backend> Runner<'_, B> {
             values.insert(plan.loss, loss);
         }
         if !exe.opts.forward_only {
+            self.reduce_deferred(&mut values)?;
             self.share_tied_grads(&mut values)?;
         }
         Ok(RankResult {
@@ -752,7 +753,7 @@ impl<B: Backend> Runner<'_, B> {
                     .map_err(|e| ExecError::Plan(format!("reading the loss: {e}")))?;
                 *kept.loss.get_or_insert(0.0) += f64::from(loss);
                 bytes.sub(be.bytes(&x));
-            } else if plan.grads.iter().any(|&(_, g)| g == v) {
+            } else if exe.accumulate[v] {
                 let sum = match kept.values.remove(&v) {
                     None => x,
                     Some(acc) => {
@@ -871,6 +872,40 @@ impl<B: Backend> Runner<'_, B> {
             x = None;
         }
         Ok(x)
+    }
+
+    /// After the last micro-batch: the reductions of the gradients this stage makes, on their
+    /// sums over the micro-batches.
+    fn reduce_deferred(&self, values: &mut HashMap<ValueId, B::Tensor>) -> Result<(), ExecError> {
+        let exe = self.exe;
+        for d in &exe.deferred {
+            let stage = |n| {
+                exe.plan
+                    .pipeline
+                    .as_ref()
+                    .map_or(0, |p| p.stage_of[n] as usize)
+            };
+            if d.reductions
+                .first()
+                .is_none_or(|&(n, _)| stage(n) != self.stage)
+            {
+                continue;
+            }
+            let Some(mut t) = values.remove(&d.sum) else {
+                let name = &exe.plan.graph.values[d.sum].name;
+                return Err(ExecError::Plan(format!(
+                    "rank ({}): `{name}` was not summed over the micro-batches",
+                    self.rank.coord
+                )));
+            };
+            for &(node, axis) in &d.reductions {
+                self.group(axis)
+                    .all_reduce(&mut t, ReduceOp::Sum)
+                    .map_err(|e| self.comm_error(node, e))?;
+            }
+            values.insert(d.grad, t);
+        }
+        Ok(())
     }
 
     /// After the last micro-batch: each tied parameter's summed gradient, sent from the stage
