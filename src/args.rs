@@ -67,32 +67,7 @@ impl PlanArgs {
     /// The dimension overrides of one micro-batch's model: `--dim`s, with `batch` the step's
     /// divided by `--micro-batches`.
     pub fn micro_batch_dims(&self) -> Result<Vec<(String, u64)>> {
-        if self.micro_batches <= 1 {
-            return Ok(self.dims.clone());
-        }
-        let global = self.load_global()?;
-        let batch = global
-            .dims
-            .iter()
-            .find(|(n, _)| n == "batch")
-            .map(|&(_, b)| b)
-            .ok_or_else(|| anyhow!("--micro-batches needs the model's `batch` dimension"))?;
-        if !batch.is_multiple_of(self.micro_batches) {
-            let valid: Vec<String> = (1..=batch)
-                .filter(|m| batch.is_multiple_of(*m))
-                .map(|m| m.to_string())
-                .collect();
-            anyhow::bail!(
-                "--micro-batches {}: the batch of {batch} does not split into that many equal \
-                 micro-batches; valid: {}",
-                self.micro_batches,
-                valid.join(", ")
-            );
-        }
-        let mut dims = self.dims.clone();
-        dims.retain(|(n, _)| n != "batch");
-        dims.push(("batch".into(), batch / self.micro_batches));
-        Ok(dims)
+        micro_batch_dims(&self.model, &self.dims, self.micro_batches)
     }
 
     /// The model with the dimensions overridden: the whole batch of a step.
@@ -115,6 +90,41 @@ impl PlanArgs {
             stage_layers: (!self.stage_layers.is_empty()).then(|| self.stage_layers.clone()),
         }
     }
+}
+
+/// The dimension overrides `dims` of `model` for one of `micro_batches` equal micro-batches:
+/// its `batch` (the step's) divided by their number, or a clear error listing the counts that
+/// divide it.
+pub fn micro_batch_dims(
+    model: &Path,
+    dims: &[(String, u64)],
+    micro_batches: u64,
+) -> Result<Vec<(String, u64)>> {
+    if micro_batches <= 1 {
+        return Ok(dims.to_vec());
+    }
+    let global = load_model(model, &load_options(dims))?;
+    let batch = global
+        .dims
+        .iter()
+        .find(|(n, _)| n == "batch")
+        .map(|&(_, b)| b)
+        .ok_or_else(|| anyhow!("--micro-batches needs the model's `batch` dimension"))?;
+    if !batch.is_multiple_of(micro_batches) {
+        let valid: Vec<String> = (1..=batch)
+            .filter(|m| batch.is_multiple_of(*m))
+            .map(|m| m.to_string())
+            .collect();
+        anyhow::bail!(
+            "--micro-batches {micro_batches}: the batch of {batch} does not split into that many \
+             equal micro-batches; valid: {}",
+            valid.join(", ")
+        );
+    }
+    let mut dims = dims.to_vec();
+    dims.retain(|(n, _)| n != "batch");
+    dims.push(("batch".into(), batch / micro_batches));
+    Ok(dims)
 }
 
 /// Loading options overriding `dims`.

@@ -2,7 +2,7 @@
 //! memory on a cluster (with pipeline stages: the bubble, and each stage's time and memory); or,
 //! with `--weak-scaling`, the Megatron paper's weak-scaling study.
 
-use crate::args::load_options;
+use crate::args::{load_options, micro_batch_dims};
 use anyhow::{anyhow, Result};
 use clap::Args;
 use ferrotron_ir::lang::parse_dim_override;
@@ -118,29 +118,9 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
     if let Some(b) = args.micro_batch {
         dims.retain(|(n, _)| n != "batch");
         dims.push(("batch".into(), b * args.dp));
-    } else if args.micro_batches > 1 {
+    } else {
         // The model's batch is the step's: the plan's graph is one micro-batch's.
-        let global = load_model(&model, &load_options(&dims))?;
-        let batch = global
-            .dims
-            .iter()
-            .find(|(n, _)| n == "batch")
-            .map(|&(_, b)| b)
-            .ok_or_else(|| anyhow!("--micro-batches needs the model's `batch` dimension"))?;
-        if !batch.is_multiple_of(args.micro_batches) {
-            let valid: Vec<String> = (1..=batch)
-                .filter(|m| batch.is_multiple_of(*m))
-                .map(|m| m.to_string())
-                .collect();
-            anyhow::bail!(
-                "--micro-batches {}: the batch of {batch} does not split into that many equal \
-                 micro-batches; valid: {}",
-                args.micro_batches,
-                valid.join(", ")
-            );
-        }
-        dims.retain(|(n, _)| n != "batch");
-        dims.push(("batch".into(), batch / args.micro_batches));
+        dims = micro_batch_dims(&model, &dims, args.micro_batches)?;
     }
     let graph = load_model(&model, &load_options(&dims))?;
     let options = PartitionOptions {

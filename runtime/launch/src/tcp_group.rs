@@ -226,21 +226,7 @@ impl TcpGroup {
         if size == 0 || rank >= size {
             return Err(group_err(format!("rank {rank} of a group of {size}")));
         }
-        let mut readers: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
-        let mut own_store = None;
-        if size > 1 {
-            let deadline = Instant::now() + timeout;
-            let listener = TcpListener::bind((store.local_ip(), 0))
-                .and_then(|l| Ok((l.local_addr()?, l)))
-                .map_err(|e| group_err(format!("cannot listen on {}: {e}", store.local_ip())));
-            let (addr, listener) = listener?;
-            store.set(&addr_key(name, rank), addr.to_string().as_bytes())?;
-            for (peer, slot) in readers.iter_mut().enumerate().take(rank) {
-                *slot = Some(dial(store, name, rank, size, peer, deadline)?);
-            }
-            accept(&listener, name, rank, size, &mut readers, deadline)?;
-            own_store = Some(store.reconnect()?);
-        }
+        let (readers, own_store) = connect_all(store, name, rank, size, timeout)?;
         let mut links = Vec::with_capacity(size);
         for (peer, reader) in readers.iter().enumerate() {
             let Some(reader) = reader else {
@@ -252,21 +238,12 @@ impl TcpGroup {
             reader.set_read_timeout(Some(READ_SLICE)).map_err(setup)?;
             // Writes are bounded too: a peer that stops reading fails us within `timeout`.
             reader.set_write_timeout(Some(timeout)).map_err(setup)?;
-            let mut out = reader.try_clone().map_err(setup)?;
             let stream = reader.try_clone().map_err(setup)?;
-            let (tx, rx) = mpsc::channel::<Vec<u8>>();
-            let writer = std::thread::Builder::new()
-                .name(format!("{name}-{rank}->{peer}"))
-                .spawn(move || {
-                    for msg in rx {
-                        if out.write_all(&msg).is_err() {
-                            // The reader side notices (and says why); stop sending.
-                            let _ = out.shutdown(Shutdown::Both);
-                            return;
-                        }
-                    }
-                })
-                .map_err(setup)?;
+            let (tx, writer) = spawn_writer(
+                reader.try_clone().map_err(setup)?,
+                format!("{name}-{rank}->{peer}"),
+            )
+            .map_err(setup)?;
             links.push(Some(Link {
                 tx: Some(tx),
                 writer: Some(writer),
@@ -713,6 +690,56 @@ impl Drop for Inner {
             }
         }
     }
+}
+
+/// Connects member `me` of the `size` members of `name` to every other one: it listens on the
+/// interface that reaches the store, publishes its address there, dials every lower member and
+/// accepts every higher one, so each pair shares one socket. Returns the sockets by member
+/// (`None` at `me`) and a store connection of its own for the failure records (`None` for a
+/// group of one). Every wait is bounded by `timeout`.
+pub(crate) fn connect_all(
+    store: &Store,
+    name: &str,
+    me: usize,
+    size: usize,
+    timeout: Duration,
+) -> Result<(Vec<Option<TcpStream>>, Option<Store>), StoreError> {
+    let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
+    if size <= 1 {
+        return Ok((streams, None));
+    }
+    let deadline = Instant::now() + timeout;
+    let (addr, listener) = TcpListener::bind((store.local_ip(), 0))
+        .and_then(|l| Ok((l.local_addr()?, l)))
+        .map_err(|e| StoreError::Group {
+            group: name.to_string(),
+            what: format!("cannot listen on {}: {e}", store.local_ip()),
+        })?;
+    store.set(&addr_key(name, me), addr.to_string().as_bytes())?;
+    for (peer, slot) in streams.iter_mut().enumerate().take(me) {
+        *slot = Some(dial(store, name, me, size, peer, deadline)?);
+    }
+    accept(&listener, name, me, size, &mut streams, deadline)?;
+    Ok((streams, Some(store.reconnect()?)))
+}
+
+/// A thread named `name` that writes every message sent to it on `out`, in order, until the
+/// sender is dropped; on a write error it shuts the socket down (the reading side notices and
+/// says why) and stops.
+pub(crate) fn spawn_writer(
+    mut out: TcpStream,
+    name: String,
+) -> io::Result<(mpsc::Sender<Vec<u8>>, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let writer = std::thread::Builder::new().name(name).spawn(move || {
+        for msg in rx {
+            if out.write_all(&msg).is_err() {
+                let _ = out.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    })?;
+    Ok((tx, writer))
 }
 
 pub(crate) fn addr_key(name: &str, rank: usize) -> String {

@@ -37,15 +37,15 @@
 //! that wait for a message from it, with [`CommError::PeerFailed`] naming it.
 
 use std::collections::hash_map::{Entry, HashMap};
-use std::io::{self, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{self, BufReader, Read};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::store::{Store, StoreError};
-use crate::tcp_group::{accept, addr_key, decode_failure, dial, encode_failure, failure_key};
+use crate::tcp_group::{connect_all, decode_failure, encode_failure, failure_key, spawn_writer};
 use ferrotron_exec::{CommError, Link, Tag, Tensor};
 
 /// A message's magic.
@@ -191,21 +191,8 @@ impl TcpLink {
             return Err(link_err(format!("members {members:?} repeat a rank")));
         }
         let size = members.len();
-        let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
-        let mut own_store = None;
-        if size > 1 {
-            let deadline = Instant::now() + timeout;
-            let listener = TcpListener::bind((store.local_ip(), 0))
-                .and_then(|l| Ok((l.local_addr()?, l)))
-                .map_err(|e| link_err(format!("cannot listen on {}: {e}", store.local_ip())));
-            let (addr, listener) = listener?;
-            store.set(&addr_key(name, me), addr.to_string().as_bytes())?;
-            for (m, slot) in streams.iter_mut().enumerate().take(me) {
-                *slot = Some(dial(store, name, me, size, m, deadline)?);
-            }
-            accept(&listener, name, me, size, &mut streams, deadline)?;
-            own_store = Some(Arc::new(store.reconnect()?));
-        }
+        let (streams, own_store) = connect_all(store, name, me, size, timeout)?;
+        let own_store = own_store.map(Arc::new);
         // Built before its threads start, so that an error below still stops those started.
         let mut link = TcpLink {
             name: name.to_string(),
@@ -226,21 +213,12 @@ impl TcpLink {
             stream.set_read_timeout(None).map_err(setup)?;
             // Writes are bounded: a peer that stops reading fails us within `timeout`.
             stream.set_write_timeout(Some(timeout)).map_err(setup)?;
-            let mut out = stream.try_clone().map_err(setup)?;
             let input = stream.try_clone().map_err(setup)?;
-            let (tx, rx) = mpsc::channel::<Vec<u8>>();
-            let writer = std::thread::Builder::new()
-                .name(format!("link-{rank}->{peer}"))
-                .spawn(move || {
-                    for msg in rx {
-                        if out.write_all(&msg).is_err() {
-                            // The reader side notices the socket close (and says why).
-                            let _ = out.shutdown(Shutdown::Both);
-                            return;
-                        }
-                    }
-                })
-                .map_err(setup)?;
+            let (tx, writer) = spawn_writer(
+                stream.try_clone().map_err(setup)?,
+                format!("link-{rank}->{peer}"),
+            )
+            .map_err(setup)?;
             link.peers[m] = Some(Peer {
                 tx: Some(tx),
                 writer: Some(writer),
