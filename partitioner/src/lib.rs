@@ -14,7 +14,8 @@
 //! - [`strategy`]: phase 1, the Megatron strategy found from the dataflow.
 //! - [`lower`]: phase 2, the SPMD plan for a mesh, with autodiff.
 //! - [`check`]: layout inference with fused-weight blocks, and the plan verifier.
-//! - [`pipeline`]: the program cut into pipeline stages, and each stage's schedule.
+//! - [`cut`]: the program cut into pipeline stages, balanced by work.
+//! - [`pipeline`]: the stages, the values crossing them, and each stage's schedule.
 //! - [`timeline`]: the pipeline schedule in time: each stage's steps priced by FLOPs, its bubble.
 //! - [`plan`]: the plan and its parameter shards.
 //! - [`planfile`]: plans as RON text, verified when read.
@@ -26,6 +27,7 @@
 
 pub mod check;
 pub mod cost;
+pub mod cut;
 pub mod layout;
 pub mod lower;
 pub mod mesh;

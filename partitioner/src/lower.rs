@@ -202,7 +202,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         pipeline: None,
     };
     if opts.pp > 1 || opts.micro_batches > 1 {
-        plan.pipeline = Some(crate::pipeline::cut(&plan, &bw.origin, opts)?);
+        plan.pipeline = Some(crate::cut::cut(&plan, &bw.origin, opts)?);
     }
     // Every node's layouts came from its rule as it was added, so the plan is checked by
     // construction; `verify_plan` re-checks one from scratch (plan files, tests, the CLI).

@@ -413,7 +413,7 @@ fn pipeline_report(
                 from: t.from,
                 to: t.to,
                 direction: if t.backward { "backward" } else { "forward" },
-                bytes: t.bytes(plan),
+                bytes: t.bytes(g, plan.mesh.tp),
                 scatter: t.scatter,
             })
             .collect(),

@@ -164,7 +164,10 @@ fn a_boundary_every_tp_rank_holds_whole_is_sent_in_parts() {
     // Replicated over tp: each rank sends half of the hidden dimension.
     let t = residual(&pipe, &plan);
     assert_eq!(t.scatter, Some(2));
-    assert_eq!(t.bytes(&plan) * 2, plan.graph.ty(t.value).size_bytes());
+    assert_eq!(
+        t.bytes(&plan.graph, plan.mesh.tp) * 2,
+        plan.graph.ty(t.value).size_bytes()
+    );
     // With sequence parallelism it is already split along the sequence: sent as held.
     let sp = PartitionOptions {
         sequence_parallel: true,

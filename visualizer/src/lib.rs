@@ -21,6 +21,7 @@
 //!   paper's f and g and with what they do forward and backward, edges labelled with shard-local
 //!   shapes (what `ferrotron export` writes); with pipeline stages, a band per box in its
 //!   stage's colour.
+//! - [`svg`]: the SVG text both pictures share.
 //! - [`schedule`]: the pipeline schedule in time (a row per stage, a box per micro-batch's forward
 //!   and backward step, the bubble hatched), from the partitioner's timeline (what
 //!   `ferrotron export --timeline` writes, and the viewer's schedule view).
@@ -45,3 +46,4 @@ pub mod export;
 pub mod layout;
 pub mod schedule;
 pub mod stats;
+pub mod svg;

@@ -16,8 +16,8 @@
 //! `data-stage`, `data-chunk` and `data-micro-batch` (from 0), so tools and tests can find them;
 //! the numbers drawn count micro-batches from 1, as the paper's figures do.
 
-use crate::export::xml_escape;
 use crate::layout::{CHAR_W, FONT_SIZE};
+use crate::svg::xml_escape;
 use ferrotron_partitioner::pipeline::{PipeStep, Pipeline, Schedule};
 use ferrotron_partitioner::timeline::{self, Timeline, TimelineOptions};
 use ferrotron_partitioner::Plan;

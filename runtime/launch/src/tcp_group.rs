@@ -129,6 +129,10 @@ pub(crate) fn encode_failure(err: &CommError) -> String {
     }
 }
 
+/// What a pipeline link's receive that times out names as the operation (failure records of
+/// groups and links are read by the same decoder).
+pub(crate) const RECEIVE: &str = "pipeline receive";
+
 pub(crate) fn decode_failure(s: &str) -> Option<CommError> {
     let mut parts = s.splitn(3, '\n');
     match parts.next()? {
@@ -140,7 +144,7 @@ pub(crate) fn decode_failure(s: &str) -> Option<CommError> {
             let op = parts.next()?;
             let op = OPS
                 .iter()
-                .chain(&[crate::tcp_link::RECEIVE])
+                .chain(&[RECEIVE])
                 .find(|o| **o == op)
                 .copied()
                 .unwrap_or("collective");

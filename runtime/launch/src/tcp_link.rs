@@ -45,13 +45,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::store::{Store, StoreError};
-use crate::tcp_group::{connect_all, decode_failure, encode_failure, failure_key, spawn_writer};
+use crate::tcp_group::{
+    connect_all, decode_failure, encode_failure, failure_key, spawn_writer, RECEIVE,
+};
 use ferrotron_exec::{CommError, Link, Tag, Tensor};
 
 /// A message's magic.
 const MAGIC: u32 = u32::from_le_bytes(*b"FTLM");
-/// What a receive that times out names as the operation.
-pub(crate) const RECEIVE: &str = "pipeline receive";
 /// How often a waiting receive polls the job's failure record.
 const STORE_POLL: Duration = Duration::from_millis(200);
 /// The most dimensions and elements a message may claim (a guard against garbage: the elements
