@@ -85,15 +85,21 @@ fn train_backend_cuda_follows_the_cpu_in_one_process_and_launched() {
     let dir = std::env::temp_dir().join(format!("ferrotron-cuda-cli-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = |b: &str| dir.join(format!("{b}.csv"));
-    for backend in ["cuda", "cpu", "launched"] {
+    // `launched-pp`: two pipeline stages, a process each, instead of two tp ranks.
+    for backend in ["cuda", "cpu", "launched", "launched-pp"] {
         let path = log(backend);
         let launched = ["launch", "--nproc-per-node", "2", "--timeout", "120", "--"];
+        let mesh = if backend == "launched-pp" {
+            "--pp"
+        } else {
+            "--tp"
+        };
         let args = [
             "train",
             "models/tiny-gpt.ron",
             "--dim",
             "vocab=256",
-            "--tp",
+            mesh,
             "2",
             "--data",
             "README.md",
@@ -104,7 +110,7 @@ fn train_backend_cuda_follows_the_cpu_in_one_process_and_launched() {
             "--log",
             path.to_str().unwrap(),
         ];
-        let args = if backend == "launched" {
+        let args = if backend.starts_with("launched") {
             [&launched[..], &args[..]].concat()
         } else {
             args.to_vec()
@@ -135,7 +141,7 @@ fn train_backend_cuda_follows_the_cpu_in_one_process_and_launched() {
             .collect()
     };
     let cpu = losses("cpu");
-    for run in ["cuda", "launched"] {
+    for run in ["cuda", "launched", "launched-pp"] {
         let gpu = losses(run);
         assert_eq!(gpu.len(), 4, "{run}");
         for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {

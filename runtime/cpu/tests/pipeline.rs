@@ -192,6 +192,13 @@ fn the_interleaved_schedule_over_model_chunks() {
         interleaved(1, 2, 1, 4, 2, false),
         0,
     );
+    check_with(
+        "tiny-bert.ron",
+        &[("layers", 4)],
+        4,
+        interleaved(2, 2, 1, 2, 2, false),
+        0,
+    );
 }
 
 #[test]
@@ -215,6 +222,16 @@ fn tiny_bert_and_llama_over_stages() {
             Case {
                 schedule: Schedule::GPipe,
                 ..case(1, 2, 1, 4)
+            },
+            0,
+        );
+        check(
+            file,
+            &[("layers", 2)],
+            8,
+            Case {
+                sequence_parallel: true,
+                ..case(2, 2, 2, 2)
             },
             0,
         );
