@@ -19,7 +19,8 @@
 //! - [`timeline`]: the pipeline schedule in time: each stage's steps priced by FLOPs, its bubble.
 //! - [`plan`]: the plan and its parameter shards.
 //! - [`planfile`]: plans as RON text, verified when read.
-//! - [`planner`]: which tp × dp (× sequence parallelism × recomputation) to run on a cluster.
+//! - [`planner`]: which tp × pp × dp (× micro-batches × schedule × sequence parallelism ×
+//!   recomputation) to run on a cluster.
 //! - [`report`]: what a plan communicates and stores per rank.
 //! - [`simulate`]: the executable semantics of a plan, run on simulated ranks in `f64`.
 //! - [`cost`]: the cost model: cluster files, step time, throughput, memory, weak scaling.
