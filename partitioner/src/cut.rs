@@ -221,6 +221,7 @@ pub fn cut(
                     to: s,
                     backward: made_bw,
                     scatter,
+                    once_a_step: false,
                 });
             }
         }
@@ -247,6 +248,44 @@ pub fn cut(
                 owner,
                 holders: all,
             });
+        }
+    }
+    // A tied parameter's contribution from another stage goes once a step: the node that adds
+    // it to the owner's sum (the gradient, or what its reductions start from) is its only
+    // reader.
+    if m > 1 {
+        for t in &tied {
+            let Some(&(_, grad)) = plan.grads.iter().find(|(p, _)| *p == t.param) else {
+                continue;
+            };
+            let mut sum = grad;
+            while let ValueDef::Node { node, .. } = g.values[sum].def {
+                match g.nodes[node].op {
+                    ferrotron_ir::Op::AllReduce { x, .. } => sum = x,
+                    _ => break,
+                }
+            }
+            let ValueDef::Node { node: add, .. } = g.values[sum].def else {
+                continue;
+            };
+            let ferrotron_ir::Op::Add(a, b) = g.nodes[add].op else {
+                continue;
+            };
+            for tr in transfers.iter_mut() {
+                let only_reader = g
+                    .order
+                    .iter()
+                    .filter(|&&n| g.nodes[n].op.inputs().contains(&&tr.value))
+                    .all(|&n| n == add);
+                if (tr.value == a || tr.value == b)
+                    && tr.to == stage_of[add]
+                    && tr.backward
+                    && tr.scatter.is_none()
+                    && only_reader
+                {
+                    tr.once_a_step = true;
+                }
+            }
         }
     }
     let (steps, chunks) = match opts.schedule {

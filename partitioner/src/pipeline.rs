@@ -92,10 +92,16 @@ pub struct Transfer {
     /// holds (its own slice of a split value, or a whole value at tp = 1).
     #[serde(default)]
     pub scatter: Option<usize>,
+    /// Sent once a step rather than once a micro-batch: a tied parameter's gradient
+    /// contribution, summed over the micro-batches where it is made and added to the owner's
+    /// sum after the last one (each micro-batch the owner's sum takes its own part only).
+    #[serde(default)]
+    pub once_a_step: bool,
 }
 
 impl Transfer {
-    /// The bytes each sending rank sends per micro-batch, for a plan of graph `g` at `tp`.
+    /// The bytes each sending rank sends per micro-batch (per step, `once_a_step`), for a plan
+    /// of graph `g` at `tp`.
     pub fn bytes(&self, g: &Graph, tp: u64) -> u64 {
         let size = g.ty(self.value).size_bytes();
         match self.scatter {

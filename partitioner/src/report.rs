@@ -140,6 +140,8 @@ pub struct TransferReport {
     pub bytes: u64,
     /// The dimension a whole value is cut along for sending, if it is.
     pub scatter: Option<usize>,
+    /// Summed over the micro-batches where it is made and sent once a step.
+    pub once_a_step: bool,
 }
 
 /// A parameter several stages hold.
@@ -415,6 +417,7 @@ fn pipeline_report(
                 direction: if t.backward { "backward" } else { "forward" },
                 bytes: t.bytes(g, plan.mesh.tp),
                 scatter: t.scatter,
+                once_a_step: t.once_a_step,
             })
             .collect(),
         tied: pipe
@@ -560,6 +563,8 @@ impl fmt::Display for PipelineReport {
                 human(t.bytes),
                 if t.scatter.is_some() {
                     "  (a 1/tp part each; gathered on arrival)"
+                } else if t.once_a_step {
+                    "  (summed over the micro-batches, sent once a step)"
                 } else {
                     ""
                 }

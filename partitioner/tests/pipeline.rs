@@ -103,6 +103,17 @@ fn the_tied_embedding_is_held_by_the_first_and_last_stage() {
     assert_eq!(tied, vec![wte], "only the embedding is tied");
     assert_eq!(pipe.tied[0].holders, vec![0, 2]);
     assert!(pipe.holders.iter().all(|h| !h.is_empty()));
+    // The last stage's part of its gradient goes to the first once a step, not per micro-batch.
+    let once: Vec<_> = pipe.transfers.iter().filter(|t| t.once_a_step).collect();
+    assert_eq!(once.len(), 1);
+    assert_eq!((once[0].from, once[0].to, once[0].backward), (2, 0, true));
+    assert_eq!(
+        plan.graph.ty(once[0].value).shape.sizes(),
+        plan.graph.ty(plan.graph.params[wte].value).shape.sizes()
+    );
+    // With one micro-batch there is nothing to save.
+    let (_, pipe) = pipelined(&g, &options(1, 3, 1));
+    assert!(pipe.transfers.iter().all(|t| !t.once_a_step));
 }
 
 #[test]

@@ -61,6 +61,8 @@ pub struct Executable<'p> {
     /// Gradients whose reductions run once a step, after the micro-batches (their steps are
     /// not in `program`).
     pub deferred: Vec<Deferred>,
+    /// Transfers that go once a step, after the micro-batches.
+    pub late: Vec<Late>,
     /// Values summed over a step's micro-batches: the gradients, or where a gradient's
     /// reductions are deferred, the unreduced gradient they start from.
     pub accumulate: SecondaryMap<ValueId, bool>,
@@ -86,7 +88,33 @@ pub struct Deferred {
     pub reductions: Vec<(NodeId, MeshAxis)>,
 }
 
+/// A tied parameter's gradient contribution made on another stage than the one that sums it:
+/// summed where it is made and sent once a step.
+#[derive(Clone, Debug)]
+pub struct Late {
+    /// Its transfer in the plan's pipeline.
+    pub transfer: usize,
+    /// The contribution.
+    pub contribution: ValueId,
+    /// The node that adds it to the owner's sum; each micro-batch it passes `other` on.
+    pub add: NodeId,
+    /// The owner's own part of that sum.
+    pub other: ValueId,
+    /// The sum (the gradient, or the value its deferred reductions start from).
+    pub sum: ValueId,
+}
+
 impl<'p> Executable<'p> {
+    /// The late transfer whose sum `n` adds, if `n` is one's.
+    pub fn late_add(&self, n: NodeId) -> Option<&Late> {
+        self.late.iter().find(|l| l.add == n)
+    }
+
+    /// Whether transfer `k` goes once a step.
+    pub fn is_late(&self, k: usize) -> bool {
+        self.late.iter().any(|l| l.transfer == k)
+    }
+
     /// `plan` prepared to run with `opts`.
     pub fn new(plan: &'p Plan, opts: &RunOptions) -> Result<Executable<'p>, ExecError> {
         if opts.keep_all && plan.micro_batches() > 1 {
@@ -140,6 +168,38 @@ impl<'p> Executable<'p> {
                     sum: v,
                     grad,
                     reductions: chain,
+                });
+            }
+        }
+        // Transfers the plan sends once a step: summed where they are made, their adding node
+        // passing the owner's own part on each micro-batch.
+        let mut late = Vec::new();
+        if let Some(pipe) = &plan.pipeline {
+            for (transfer, t) in pipe.transfers.iter().enumerate() {
+                if !t.once_a_step {
+                    continue;
+                }
+                let add = g
+                    .order
+                    .iter()
+                    .copied()
+                    .find(|&n| g.nodes[n].op.inputs().contains(&&t.value));
+                let Some((add, Op::Add(a, b))) = add.map(|n| (n, &g.nodes[n].op)) else {
+                    return Err(ExecError::Plan(format!(
+                        "`{}` is sent once a step but no sum adds it",
+                        g.values[t.value].name
+                    )));
+                };
+                let other = if *a == t.value { *b } else { *a };
+                let sum = g.nodes[add].outputs[0];
+                keep[t.value] = true;
+                accumulate[t.value] = true;
+                late.push(Late {
+                    transfer,
+                    contribution: t.value,
+                    add,
+                    other,
+                    sum,
                 });
             }
         }
@@ -197,6 +257,7 @@ impl<'p> Executable<'p> {
             program,
             keep,
             deferred,
+            late,
             accumulate,
             stage_of,
             chunk_of,

@@ -587,6 +587,7 @@ impl<B: Backend> Runner<'_, B> {
             values.insert(plan.loss, loss);
         }
         if !exe.opts.forward_only {
+            self.join_late(&mut values)?;
             self.reduce_deferred(&mut values)?;
             self.share_tied_grads(&mut values)?;
         }
@@ -646,6 +647,31 @@ impl<B: Backend> Runner<'_, B> {
             }
             let began = start.elapsed();
             let outs = match &step.op {
+                // The owner's own part, passed on: the other stage's joins once a step.
+                _ if exe.late_add(n).is_some() => {
+                    let other = exe.late_add(n).map(|l| l.other).unwrap_or(node.outputs[0]);
+                    let moved = exe.is_last_use(stage, other, i)
+                        && !exe.keep[other]
+                        && matches!(values[other.index()], Some(Cow::Owned(_)));
+                    let x = if moved {
+                        let Some(Cow::Owned(x)) = values[other.index()].take() else {
+                            unreachable!("checked to be owned")
+                        };
+                        bytes.sub(be.bytes(&x));
+                        x
+                    } else {
+                        values[other.index()]
+                            .as_deref()
+                            .ok_or_else(|| {
+                                self.plan_error(
+                                    n,
+                                    format!("`{}` is not available", g.values[other].name),
+                                )
+                            })?
+                            .clone()
+                    };
+                    vec![x]
+                }
                 StepOp::Fused { op, .. } => vec![self.fused(n, op, values)?],
                 StepOp::Node => match self.in_place(n, i, values) {
                     Some(x) => {
@@ -795,6 +821,7 @@ impl<B: Backend> Runner<'_, B> {
             .transfers
             .iter()
             .position(|t| t.value == v && t.to as usize == self.stage)
+            .filter(|&k| !self.exe.is_late(k))
         else {
             return Ok(None);
         };
@@ -836,7 +863,9 @@ impl<B: Backend> Runner<'_, B> {
         };
         let out: Vec<usize> = (0..pipe.transfers.len())
             .filter(|&k| {
-                pipe.transfers[k].value == v && pipe.transfers[k].from as usize == self.stage
+                pipe.transfers[k].value == v
+                    && pipe.transfers[k].from as usize == self.stage
+                    && !self.exe.is_late(k)
             })
             .collect();
         if out.is_empty() {
@@ -872,6 +901,55 @@ impl<B: Backend> Runner<'_, B> {
             x = None;
         }
         Ok(x)
+    }
+
+    /// After the last micro-batch: each late contribution, summed over the micro-batches where
+    /// it is made, sent to the stage that owns its sum and added there.
+    fn join_late(&self, values: &mut HashMap<ValueId, B::Tensor>) -> Result<(), ExecError> {
+        let exe = self.exe;
+        let (Some(pipe), Some(link)) = (&exe.plan.pipeline, &self.rank.link) else {
+            return Ok(());
+        };
+        let be = &self.rank.backend;
+        let me = self.rank.index();
+        for l in &exe.late {
+            let t = &pipe.transfers[l.transfer];
+            let tag = Tag {
+                transfer: l.transfer as u32,
+                micro_batch: pipe.micro_batches,
+            };
+            let name = &exe.plan.graph.values[l.contribution].name;
+            let missing = |v: ValueId| {
+                ExecError::Plan(format!(
+                    "rank ({}): `{}` was not summed over the micro-batches",
+                    self.rank.coord, exe.plan.graph.values[v].name
+                ))
+            };
+            let device = |e: KernelError| ExecError::Plan(format!("adding `{name}`: {e}"));
+            if t.from as usize == self.stage {
+                let x = values
+                    .remove(&l.contribution)
+                    .ok_or_else(|| missing(l.contribution))?;
+                be.synchronize().map_err(device)?;
+                let to = self.rank.mesh.peer(self.rank.coord, t.to as usize);
+                link.send(me, to, tag, x)
+                    .map_err(|e| self.comm_error(l.add, e))?;
+            } else if t.to as usize == self.stage {
+                let from = self.rank.mesh.peer(self.rank.coord, t.from as usize);
+                let x = link
+                    .recv(from, me, tag)
+                    .map_err(|e| self.comm_error(l.add, e))?;
+                let own = values.remove(&l.sum).ok_or_else(|| missing(l.sum))?;
+                let sum = be
+                    .eval(&Op::Add(&own, &x), &Placement::default())
+                    .map_err(device)?
+                    .swap_remove(0);
+                // `x` is freed on its sender's device queue: the sum must have read it.
+                be.synchronize().map_err(device)?;
+                values.insert(l.sum, sum);
+            }
+        }
+        Ok(())
     }
 
     /// After the last micro-batch: the reductions of the gradients this stage makes, on their
