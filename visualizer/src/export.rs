@@ -10,7 +10,7 @@
 //! - Edges carry the shard-local shape of the value they carry (`[8,1024,384]`, `×k` when one
 //!   edge stands for `k` values).
 //! - With pipeline stages, a band left of every box in its stage's colour
-//!   ([`stage_colour`](crate::schedule::stage_colour)), one per holding stage for a tied
+//!   ([`crate::schedule::stage_colour`]), one per holding stage for a tied
 //!   parameter, and a legend entry per stage.
 //!
 //! In the SVG every box is a `<g class="node KIND" id="vI">` with KIND one of `op`, `collective`,

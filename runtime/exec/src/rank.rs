@@ -192,9 +192,9 @@ impl<B: Backend> Rank<B> {
     }
 
     /// Runs one step of `exe` on this rank: forward and backward (or forward only) on its weight
-    /// shards (`weights`: its stage's parameters, [`Plan::params_on`], on this rank's device)
-    /// and its shard of the full batch `batch`, every micro-batch in its stage's schedule order.
-    /// The other ranks of the job run the same call at the same time.
+    /// shards (`weights`: its stage's parameters, [`ferrotron_partitioner::Plan::params_on`],
+    /// on this rank's device) and its shard of the full batch `batch`, every micro-batch in its
+    /// stage's schedule order. The other ranks of the job run the same call at the same time.
     pub fn run(
         &self,
         exe: &Executable,
