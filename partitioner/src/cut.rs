@@ -120,6 +120,7 @@ pub fn cut(
             }
             counts.clone()
         }
+        None if v > 1 => rebalance_stages(&work, balance(&work, nv as usize), p as usize),
         None => balance(&work, nv as usize),
     };
     // Region r (0: before the layers, 1..=L: layer r − 1, L + 1: after) → virtual stage.
@@ -409,6 +410,65 @@ fn balance(work: &[f64], p: usize) -> Vec<u32> {
     counts
 }
 
+/// Each stage's load: the work of its chunks (virtual stages `c·p + s`) under `counts` layers
+/// per virtual stage, the first counting `work[0]`, the last `work[L + 1]`.
+fn stage_loads(work: &[f64], counts: &[u32], p: usize) -> Vec<f64> {
+    let layers = work.len() - 2;
+    let mut loads = vec![0.0; p];
+    let mut at = 1;
+    for (vs, &c) in counts.iter().enumerate() {
+        let mut w: f64 = work[at..at + c as usize].iter().sum();
+        if vs == 0 {
+            w += work[0];
+        }
+        if vs + 1 == counts.len() {
+            w += work[layers + 1];
+        }
+        loads[vs % p] += w;
+        at += c as usize;
+    }
+    loads
+}
+
+/// With several chunks per stage, a stage runs all of them: starting from virtual stages
+/// balanced one by one, layers move across chunk boundaries while that lightens the most loaded
+/// stage (ties: the spread of the loads), each chunk keeping a layer.
+fn rebalance_stages(work: &[f64], mut counts: Vec<u32>, p: usize) -> Vec<u32> {
+    let score = |counts: &[u32]| {
+        let loads = stage_loads(work, counts, p);
+        let max = loads.iter().copied().fold(0.0, f64::max);
+        let spread = loads.iter().map(|l| l * l).sum::<f64>();
+        (max, spread)
+    };
+    let mut best = score(&counts);
+    // Each accepted move lowers the score, and there are finitely many splits: this ends; the
+    // bound keeps it quick on deep models.
+    for _ in 0..4 * work.len() {
+        let mut improved = false;
+        for b in 0..counts.len() - 1 {
+            for (from, to) in [(b, b + 1), (b + 1, b)] {
+                if counts[from] <= 1 {
+                    continue;
+                }
+                counts[from] -= 1;
+                counts[to] += 1;
+                let s = score(&counts);
+                if s.0 < best.0 - 1e-9 * best.0 || (s.0 <= best.0 && s.1 < best.1 - 1e-9 * best.1) {
+                    best = s;
+                    improved = true;
+                } else {
+                    counts[to] -= 1;
+                    counts[from] += 1;
+                }
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
+    counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,5 +486,23 @@ mod tests {
         // A tie goes to fewer layers on the earlier stage, which holds more micro-batches'
         // activations under 1F1B.
         assert_eq!(balance(&[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0], 2), vec![2, 3]);
+    }
+
+    #[test]
+    fn interleaved_chunks_balance_the_stages_not_the_chunks() {
+        // Sixteen equal layers, a head worth three of them, two stages of two chunks: chunk by
+        // chunk the last (virtual) stage gets fewer layers, but stage 1 also holds chunk 0's
+        // second quarter; what counts is each stage's sum.
+        let mut work = vec![1.0; 18];
+        work[0] = 0.0;
+        work[17] = 3.0;
+        let counts = rebalance_stages(&work, balance(&work, 4), 2);
+        assert_eq!(counts.iter().sum::<u32>(), 16);
+        assert!(counts.iter().all(|&c| c >= 1));
+        let loads = stage_loads(&work, &counts, 2);
+        assert!((loads[0] - loads[1]).abs() <= 1.0, "{counts:?}: {loads:?}");
+        let before = stage_loads(&work, &balance(&work, 4), 2);
+        let max = |l: &[f64]| l.iter().copied().fold(0.0, f64::max);
+        assert!(max(&loads) <= max(&before));
     }
 }
