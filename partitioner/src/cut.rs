@@ -27,11 +27,6 @@ pub fn cut(
 ) -> Result<Pipeline, PartitionError> {
     let (p, m) = (opts.pp, opts.micro_batches);
     let bad = |msg: String| PartitionError::Options(msg);
-    if p == 0 || m == 0 {
-        return Err(bad(format!(
-            "--pp {p} --micro-batches {m}: both must be at least 1"
-        )));
-    }
     let (p, m) = (
         u32::try_from(p).map_err(|_| bad(format!("--pp {p} is too large")))?,
         u32::try_from(m).map_err(|_| bad(format!("--micro-batches {m} is too large")))?,

@@ -33,10 +33,22 @@ use std::collections::HashMap;
 
 /// Partitions `g` for `opts`: strategy, lowering, autodiff, verification.
 pub fn partition(g: &Graph, opts: &PartitionOptions) -> Result<Plan, PartitionError> {
-    if opts.tp == 0 || opts.dp == 0 || opts.vocab_multiple == 0 {
+    let counts = [
+        ("tp", opts.tp),
+        ("dp", opts.dp),
+        ("pp", opts.pp),
+        ("micro-batches", opts.micro_batches),
+        ("virtual stages", opts.virtual_stages),
+        ("the vocabulary multiple", opts.vocab_multiple),
+    ];
+    if counts.iter().any(|&(_, n)| n == 0) {
+        let all: Vec<String> = counts
+            .iter()
+            .map(|(name, n)| format!("{name} ({n})"))
+            .collect();
         return Err(PartitionError::Options(format!(
-            "tp ({}), dp ({}) and the vocabulary multiple ({}) must be at least 1",
-            opts.tp, opts.dp, opts.vocab_multiple
+            "{} must each be at least 1",
+            all.join(", ")
         )));
     }
     let pins = resolve_pins(g, &opts.pins)?;

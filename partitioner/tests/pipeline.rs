@@ -339,4 +339,8 @@ fn impossible_cuts_say_what_would_be_valid() {
     .to_string();
     assert!(err.contains("is for --schedule interleaved"), "{err}");
     assert!("zigzag".parse::<Schedule>().is_err());
+    for zero in [options(1, 0, 1), options(1, 1, 0)] {
+        let err = partition(&g, &zero).unwrap_err().to_string();
+        assert!(err.contains("must each be at least 1"), "{err}");
+    }
 }

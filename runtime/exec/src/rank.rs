@@ -646,10 +646,11 @@ impl<B: Backend> Runner<'_, B> {
                 }
             }
             let began = start.elapsed();
-            let outs = match &step.op {
+            let late = exe.late_add(n);
+            let outs = match (&step.op, late) {
                 // The owner's own part, passed on: the other stage's joins once a step.
-                _ if exe.late_add(n).is_some() => {
-                    let other = exe.late_add(n).map(|l| l.other).unwrap_or(node.outputs[0]);
+                (_, Some(late)) => {
+                    let other = late.other;
                     let moved = exe.is_last_use(stage, other, i)
                         && !exe.keep[other]
                         && matches!(values[other.index()], Some(Cow::Owned(_)));
@@ -672,8 +673,8 @@ impl<B: Backend> Runner<'_, B> {
                     };
                     vec![x]
                 }
-                StepOp::Fused { op, .. } => vec![self.fused(n, op, values)?],
-                StepOp::Node => match self.in_place(n, i, values) {
+                (StepOp::Fused { op, .. }, None) => vec![self.fused(n, op, values)?],
+                (StepOp::Node, None) => match self.in_place(n, i, values) {
                     Some(x) => {
                         let x = x?;
                         bytes.sub(be.bytes(&x)); // the input's buffer, counted again as the output
