@@ -84,7 +84,27 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            if stopped_by_peer(&e) {
+                ExitCode::from(ferrotron_launch::PEER_FAILED_EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Whether this rank failed only because another rank did: the launcher then reports the other.
+fn stopped_by_peer(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ferrotron_exec::ExecError>(),
+            Some(ferrotron_exec::ExecError::Comm {
+                error: ferrotron_exec::CommError::PeerFailed { .. },
+                ..
+            })
+        ) || matches!(
+            cause.downcast_ref::<ferrotron_exec::CommError>(),
+            Some(ferrotron_exec::CommError::PeerFailed { .. })
+        )
+    })
 }

@@ -23,7 +23,8 @@
 //!   [`TcpLink::connect`] (host tensors; a device's go through host copies).
 //! * Failure: a rank that exits non-zero (or is killed) makes its launcher record the job's
 //!   [`Failure`] in the store, stop its other workers (SIGTERM, SIGKILL after a grace period) and
-//!   exit with an error naming the rank. Every other launcher sees the record (or loses node 0)
+//!   exit with an error naming the rank. A worker that exits with [`PEER_FAILED_EXIT`] says it
+//!   only lost a peer: the launcher then waits a moment for the cause to exit and names it. Every other launcher sees the record (or loses node 0)
 //!   within a fraction of a second and does the same; a worker blocked in a `TcpGroup`
 //!   collective sees it too, or loses its peer, and returns an error. A launcher exits cleanly
 //!   only when every rank of every node exited 0.
@@ -86,8 +87,15 @@ pub const ENV_RUN_ID: &str = "FERROTRON_RUN_ID";
 /// Seconds a worker should wait for peers (store requests, group set-up, collectives).
 pub const ENV_TIMEOUT: &str = "FERROTRON_TIMEOUT_SECS";
 
+/// The exit code by which a worker says it stopped only because another rank failed (as
+/// `ferrotron` does): the launcher then names another rank, one that failed on its own account,
+/// as the job's failure when one exits within the grace period.
+pub const PEER_FAILED_EXIT: u8 = 86;
+
 /// How often a launcher checks its workers and the store.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a launcher whose first failed worker only lost a peer waits for the cause to exit.
+const SETTLE: Duration = Duration::from_secs(2);
 /// How often a launcher polls the store's failure record.
 const STORE_POLL: Duration = Duration::from_millis(100);
 
@@ -422,15 +430,18 @@ pub fn launch(cfg: &LaunchConfig) -> Result<(), LaunchError> {
 
     let result = match workers.monitor(&store, &signals) {
         Outcome::Done => finish(cfg, &store, &signals),
-        Outcome::RankFailed(f) => match store.fail(&f) {
-            // Another node's failure came first: ours is most likely its consequence (a worker
-            // that lost a peer), so report the cause.
-            Ok(first) if first != f => {
-                eprintln!("ferrotron launch: {f}, after the job had failed");
-                Err(LaunchError::JobFailed(first))
+        Outcome::RankFailed(f) => {
+            let f = workers.settle(f, cfg.grace.min(SETTLE));
+            match store.fail(&f) {
+                // Another node's failure came first: ours is most likely its consequence (a
+                // worker that lost a peer), so report the cause.
+                Ok(first) if first != f => {
+                    eprintln!("ferrotron launch: {f}, after the job had failed");
+                    Err(LaunchError::JobFailed(first))
+                }
+                _ => Err(LaunchError::RankFailed(f)),
             }
-            _ => Err(LaunchError::RankFailed(f)),
-        },
+        }
         Outcome::JobFailed(f) => Err(LaunchError::JobFailed(f)),
         Outcome::Interrupted(sig) => {
             let _ = store.fail(&Failure {
@@ -634,20 +645,24 @@ impl Workers {
         self.list.iter().filter(|w| w.status.is_none()).count()
     }
 
-    /// Waits up to `wait` for exits; records them and returns the earliest failure among them.
+    /// Waits up to `wait` for exits; records them and returns the earliest failure among them,
+    /// a rank's own failure before one that only says a peer failed ([`PEER_FAILED_EXIT`]).
     fn collect(&mut self, wait: Duration) -> Option<Failure> {
         let mut batch: Vec<Exit> = self.exits.recv_timeout(wait).into_iter().collect();
         batch.extend(self.exits.try_iter());
         batch.sort_by_key(|(_, at, _)| *at);
         let mut failure = None;
+        let mut downstream = None;
         for (i, _, status) in batch {
             let w = &mut self.list[i];
+            let mut secondary = false;
             let why = match status {
                 Ok(st) => {
                     w.status = Some(st);
                     if st.success() {
                         continue;
                     }
+                    secondary = st.code() == Some(i32::from(PEER_FAILED_EXIT));
                     describe_status(st)
                 }
                 Err(e) => {
@@ -657,12 +672,46 @@ impl Workers {
                     format!("cannot be waited for ({e})")
                 }
             };
-            failure.get_or_insert(Failure {
+            let f = Failure {
                 rank: Some(w.env.rank),
                 why: format!("{} failed: {why}", w.describe()),
-            });
+            };
+            if secondary {
+                downstream.get_or_insert(f);
+            } else {
+                failure.get_or_insert(f);
+            }
         }
-        failure
+        failure.or(downstream)
+    }
+
+    /// After `first` failed: waits up to `settle` for the other workers to exit on their own (a
+    /// worker that lost a peer stops within moments, and its last words, or the cause's, are
+    /// worth more than a SIGTERM), then names the cause: the first rank that failed on its own
+    /// account, else `first`.
+    fn settle(&mut self, first: Failure, settle: Duration) -> Failure {
+        if !self.stopped_by_peer(&first) {
+            return first;
+        }
+        let deadline = Instant::now() + settle;
+        while self.running() > 0 && Instant::now() < deadline {
+            let wait = POLL.min(deadline.saturating_duration_since(Instant::now()));
+            if let Some(f) = self.collect(wait) {
+                if !self.stopped_by_peer(&f) {
+                    return f;
+                }
+            }
+        }
+        first
+    }
+
+    /// Whether the failed rank said it only stopped because a peer failed.
+    fn stopped_by_peer(&self, f: &Failure) -> bool {
+        self.list
+            .iter()
+            .find(|w| Some(w.env.rank) == f.rank)
+            .and_then(|w| w.status)
+            .is_some_and(|st| st.code() == Some(i32::from(PEER_FAILED_EXIT)))
     }
 
     /// Watches the workers, the store's failure record and our signals until one says stop.

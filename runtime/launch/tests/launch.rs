@@ -820,3 +820,41 @@ fn launcher_blames_the_rank_that_died_first() {
         "{err}"
     );
 }
+
+/// Rank 0 exits at once saying only that a peer failed; rank 1 fails on its own account a
+/// moment later; rank 2 would run on.
+#[test]
+fn worker_outlives_a_peer_failure() {
+    let Some(env) = WorkerEnv::from_env().unwrap() else {
+        return;
+    };
+    match env.rank {
+        0 => std::process::exit(i32::from(ferrotron_launch::PEER_FAILED_EXIT)),
+        1 => {
+            thread::sleep(Duration::from_millis(300));
+            std::process::exit(5);
+        }
+        _ => thread::sleep(Duration::from_secs(30)),
+    }
+}
+
+#[test]
+fn launcher_names_the_cause_not_the_rank_that_lost_a_peer() {
+    use ferrotron_launch::{launch, LaunchConfig};
+    let exe = std::env::current_exe().unwrap();
+    let args = [
+        "--exact",
+        "worker_outlives_a_peer_failure",
+        "--quiet",
+        "--test-threads=1",
+    ];
+    let mut cfg = LaunchConfig::new(exe, args.iter().map(Into::into).collect(), 3);
+    cfg.timeout = LONG;
+    let start = Instant::now();
+    let err = launch(&cfg).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        matches!(&err, LaunchError::RankFailed(f) if f.rank == Some(1) && f.why.contains("exit status: 5")),
+        "{err}"
+    );
+}
