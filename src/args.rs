@@ -49,6 +49,11 @@ pub struct PlanArgs {
     /// Layers per stage (`--stage-layers 5,4,4,3`) instead of balancing them by their work.
     #[arg(long, value_delimiter = ',')]
     pub stage_layers: Vec<u32>,
+    /// ZeRO stage: 1 is the distributed optimizer (each data-parallel rank keeps the Adam state
+    /// and master weights of 1/dp of every parameter; gradients are reduce-scattered over dp
+    /// and the updated weights all-gathered), 0 replicates the optimizer state.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub zero: u8,
 }
 
 impl PlanArgs {
@@ -88,6 +93,7 @@ impl PlanArgs {
             schedule: self.schedule,
             virtual_stages: self.virtual_stages,
             stage_layers: (!self.stage_layers.is_empty()).then(|| self.stage_layers.clone()),
+            zero: self.zero,
         }
     }
 }

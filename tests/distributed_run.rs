@@ -119,6 +119,18 @@ fn training_with_a_rank_per_process_follows_training_in_one_process() {
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs {b:?}");
     }
+    // The distributed optimizer across processes: reduce-scatter and all-gather over TCP.
+    let zero = dir.join("zero.csv");
+    let mut job = vec!["launch", "--nproc-per-node", "4", "--timeout", "60", "--"];
+    job.extend(train);
+    job.extend(["--zero", "1", "--log", zero.to_str().unwrap()]);
+    let (ok, stdout, stderr) = ferrotron(&job);
+    assert!(ok, "{stdout}\n{stderr}");
+    let z = losses(&zero);
+    assert_eq!(a.len(), z.len());
+    for (x, y) in a.iter().zip(&z) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs --zero 1 {z:?}");
+    }
     // Checkpoints across processes: two steps saved by the launched job, two more resumed by
     // it, follow the uninterrupted run; and a single process resumes the launched checkpoint.
     let ckpt = dir.join("ckpt");

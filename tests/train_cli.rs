@@ -107,3 +107,45 @@ fn resume_is_bit_identical_and_checkpoints_reshard() {
     assert!(text.starts_with("ferrotron") && text.trim_end().len() >= "ferrotron".len());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint written with the distributed optimizer holds whole tensors: it resumes without
+/// it, at another dp, where the uninterrupted replicated run would have been.
+#[test]
+fn a_distributed_optimizer_checkpoint_resumes_without_it_at_another_dp() {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("ferrotron-train-zero-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    train(&["--steps", "6", "--dp", "2", "--log", &p("straight.csv")]);
+    train(&[
+        "--steps",
+        "3",
+        "--dp",
+        "2",
+        "--zero",
+        "1",
+        "--save",
+        &p("ck3"),
+        "--log",
+        &p("resumed.csv"),
+    ]);
+    train(&[
+        "--steps",
+        "6",
+        "--dp",
+        "4",
+        "--resume",
+        &p("ck3"),
+        "--log",
+        &p("resumed.csv"),
+    ]);
+    let loss = |l: &String| -> f64 { l.split(',').nth(1).unwrap().parse().unwrap() };
+    let straight = log(Path::new(&p("straight.csv")));
+    let resumed = log(Path::new(&p("resumed.csv")));
+    assert_eq!(straight.len(), 6);
+    assert_eq!(resumed.len(), 6);
+    for (a, b) in straight.iter().zip(&resumed) {
+        assert!((loss(a) - loss(b)).abs() < 1e-5, "{a} vs {b}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

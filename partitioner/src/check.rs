@@ -414,7 +414,14 @@ pub fn value_blocks(plan: &Plan) -> Result<SecondaryMap<ValueId, u32>, PlanError
             dp: Layout::Replicated,
             ..plan.layouts[param.value]
         };
-        if plan.layouts[grad] != want || g.ty(grad) != g.ty(param.value) {
+        // The distributed optimizer sums the data-parallel partial sums itself.
+        let partial = MeshLayout {
+            dp: Layout::Partial,
+            ..want
+        };
+        let laid_out = plan.layouts[grad] == want
+            || (plan.distributed_optimizer() && plan.layouts[grad] == partial);
+        if !laid_out || g.ty(grad) != g.ty(param.value) {
             return Err(PlanError::Param {
                 param: param.name.clone(),
                 problem: format!(

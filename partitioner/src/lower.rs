@@ -51,6 +51,13 @@ pub fn partition(g: &Graph, opts: &PartitionOptions) -> Result<Plan, PartitionEr
             all.join(", ")
         )));
     }
+    if opts.zero > 1 {
+        return Err(PartitionError::Options(format!(
+            "ZeRO stage {}: only 0 (replicated optimizer state) and 1 (the distributed \
+             optimizer) are supported",
+            opts.zero
+        )));
+    }
     let pins = resolve_pins(g, &opts.pins)?;
     let strategy = megatron(g, &pins, opts.tp)?;
     lower(g, &strategy, opts)
@@ -125,6 +132,8 @@ struct Lower<'a> {
     /// (batch, seq): the leading axes of a sequence-parallel stream value.
     stream: Option<(u64, u64)>,
     vocab: Option<(u64, u64)>,
+    /// Gradients stay partial sums over dp (ZeRO stage 1 at dp > 1).
+    distributed_optimizer: bool,
 }
 
 fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, PartitionError> {
@@ -153,6 +162,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         from_inputs: from_inputs(g),
         stream: opts.sequence_parallel.then_some(batch_seq).flatten(),
         vocab,
+        distributed_optimizer: opts.zero >= 1 && opts.dp > 1,
     };
     if opts.sequence_parallel && lw.stream.is_none() {
         return Err(PartitionError::Options(
@@ -1002,7 +1012,8 @@ impl Lower<'_> {
                 })
             }
         }
-        if self.layouts[v].dp == Layout::Partial {
+        // The distributed optimizer reduce-scatters the partial sums itself.
+        if self.layouts[v].dp == Layout::Partial && !self.distributed_optimizer {
             v = self.add(
                 format!("{name}.grad.dp_sum"),
                 Op::AllReduce {

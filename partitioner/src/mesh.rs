@@ -188,6 +188,15 @@ pub fn part(size: usize, parts: usize, index: usize) -> Range<usize> {
     index * len..(index + 1) * len
 }
 
+/// Share `index` of `parts` of a flattened tensor of `n` elements, as the distributed optimizer
+/// cuts it: the tensor zero-padded to a multiple of `parts`, then cut into equal contiguous
+/// shares of `n.div_ceil(parts)`; the range is the real elements the share covers (shorter than
+/// the share, or empty, at the end).
+pub fn flat_share(n: usize, parts: usize, index: usize) -> Range<usize> {
+    let len = n.div_ceil(parts.max(1));
+    (index * len).min(n)..((index + 1) * len).min(n)
+}
+
 /// The part of a full tensor one rank holds: for each dimension, the ranges of full indices it
 /// holds, in the order they are laid out locally (a local tensor is their product).
 #[derive(Clone, Debug, PartialEq, Eq)]

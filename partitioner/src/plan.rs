@@ -43,6 +43,13 @@ pub struct PartitionOptions {
     /// Layers per stage, fixed by hand; `None`: balanced by the plan's work per layer.
     #[serde(default)]
     pub stage_layers: Option<Vec<u32>>,
+    /// The ZeRO stage: 0 keeps the optimizer state replicated over the data-parallel group
+    /// (gradients all-reduced); 1 is the distributed optimizer (Megatron's
+    /// `--use-distributed-optimizer`): each data-parallel rank keeps the master weights and
+    /// Adam moments of only its share of every parameter, the gradients are reduce-scattered
+    /// over dp instead of all-reduced, and the updated shares are all-gathered after the step.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 fn one() -> u64 {
@@ -62,6 +69,7 @@ impl Default for PartitionOptions {
             schedule: Schedule::default(),
             virtual_stages: 1,
             stage_layers: None,
+            zero: 0,
         }
     }
 }
@@ -131,7 +139,10 @@ pub struct Plan {
     pub backward_start: usize,
     /// The scalar loss.
     pub loss: ValueId,
-    /// Each trainable parameter's gradient, reduced over both axes and laid out like it.
+    /// Each trainable parameter's gradient, laid out like it: reduced over the tensor-parallel
+    /// group, and over the data-parallel group unless the optimizer is distributed
+    /// ([`Plan::distributed_optimizer`]: then still a partial sum over dp, which the optimizer
+    /// step reduce-scatters into each rank's [`Plan::optimizer_share`]).
     pub grads: Vec<(ParamId, ValueId)>,
     /// The vocabulary size and what it was padded to, if padded.
     pub vocab_padding: Option<(u64, u64)>,
@@ -159,6 +170,30 @@ impl Plan {
                     .is_none_or(|pipe| pipe.holds(stage as u32, p))
             })
             .collect()
+    }
+
+    /// Whether the optimizer state is sharded over the data-parallel group (ZeRO stage 1 at
+    /// dp > 1): the gradients leave the step as partial sums over dp.
+    pub fn distributed_optimizer(&self) -> bool {
+        self.options.zero >= 1 && self.mesh.dp > 1
+    }
+
+    /// The elements of parameter `p`'s local shard (flattened) whose master weights and Adam
+    /// moments data-parallel rank `dp` keeps, and the length of every rank's share (the shard
+    /// zero-padded to a multiple of dp, cut into equal shares): the whole shard when the
+    /// optimizer is not distributed.
+    pub fn optimizer_share(&self, p: ParamId, dp: usize) -> (Range<usize>, usize) {
+        let n: usize = self
+            .shard(p)
+            .local_shape(self.mesh)
+            .iter()
+            .map(|&d| d as usize)
+            .product();
+        if !self.distributed_optimizer() {
+            return (0..n, n);
+        }
+        let parts = self.mesh.dp as usize;
+        (crate::mesh::flat_share(n, parts, dp), n.div_ceil(parts))
     }
 
     /// Micro-batches per step (1 without a pipeline).

@@ -14,7 +14,7 @@ use crate::layout::Layout;
 use crate::pipeline::{PipeStep, Pipeline};
 use crate::plan::Plan;
 use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
+use ferrotron_ir::{MeshAxis, NodeId, Op, ParamId, ValueDef, ValueId};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -164,11 +164,10 @@ impl Report {
             forward[n] = true;
         }
         let mut groups: Vec<Collectives> = Vec::new();
-        let mut add = |kind, fwd: bool, axis: MeshAxis, count: u64, bytes: u64| {
+        let mut add = |kind, direction: &'static str, axis: MeshAxis, count: u64, bytes: u64| {
             if plan.mesh.size(axis) <= 1 {
                 return; // a group of one communicates nothing
             }
-            let direction = if fwd { "forward" } else { "backward" };
             let axis = match axis {
                 MeshAxis::Tp => "tp",
                 MeshAxis::Dp => "dp",
@@ -193,7 +192,7 @@ impl Report {
         let bytes = |v: ValueId| g.ty(v).size_bytes();
         for &n in &g.order {
             let node = &g.nodes[n];
-            let fwd = forward[n];
+            let fwd = if forward[n] { "forward" } else { "backward" };
             match &node.op {
                 Op::G { x, axis } | Op::AllReduce { x, axis } => {
                     add("all_reduce", fwd, *axis, 1, bytes(*x))
@@ -227,6 +226,18 @@ impl Report {
                 _ => {}
             }
         }
+        // The distributed optimizer's pair per parameter: its gradient reduce-scattered over
+        // dp (unless every dp rank already holds the same one), the updated shares gathered.
+        if plan.distributed_optimizer() {
+            for &(p, grad) in &plan.grads {
+                let (_, share) = plan.optimizer_share(p, 0);
+                let padded = share as u64 * plan.mesh.dp * g.ty(grad).dtype.size_bytes();
+                if plan.layouts[grad].dp == Layout::Partial {
+                    add("reduce_scatter", "backward", MeshAxis::Dp, 1, padded);
+                }
+                add("all_gather", "optimizer", MeshAxis::Dp, 1, padded);
+            }
+        }
 
         let mut per_rank = PerRank {
             parameters: 0,
@@ -236,8 +247,8 @@ impl Report {
             optimizer_bytes: 0,
             activations_bytes: 0,
         };
-        for (_, p) in g.params.iter() {
-            add_param(&mut per_rank, g.ty(p.value));
+        for p in g.params.keys() {
+            add_param(&mut per_rank, plan, p);
         }
         let mut saved: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
         for &n in &g.order[plan.backward_start..] {
@@ -297,8 +308,9 @@ impl Report {
 }
 
 /// A parameter's memory per rank: weights, gradients, Adam's moments (and an f32 master copy
-/// for lower-precision weights).
-fn add_param(r: &mut PerRank, ty: &ferrotron_ir::TensorType) {
+/// for lower-precision weights), those of its share under the distributed optimizer.
+fn add_param(r: &mut PerRank, plan: &Plan, p: ParamId) {
+    let ty = plan.graph.ty(plan.graph.params[p].value);
     let n = ty.shape.numel().unwrap_or(0);
     r.parameters += n;
     r.weights_bytes += ty.size_bytes();
@@ -308,7 +320,8 @@ fn add_param(r: &mut PerRank, ty: &ferrotron_ir::TensorType) {
     } else {
         4
     };
-    r.optimizer_bytes += n * (8 + master);
+    let (_, share) = plan.optimizer_share(p, 0);
+    r.optimizer_bytes += share as u64 * (8 + master);
 }
 
 /// The stages' layers, memory, transfers and tied parameters.
@@ -340,7 +353,7 @@ fn pipeline_report(
             activations_bytes: 0,
         };
         for p in plan.params_on(s) {
-            add_param(&mut r, g.ty(g.params[p].value));
+            add_param(&mut r, plan, p);
         }
         // Forward values this stage's backward nodes read, per model chunk: held from the
         // chunk's forward step of a micro-batch to its backward step.

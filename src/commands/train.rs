@@ -16,6 +16,7 @@ use ferrotron_exec::{launch, Backend, Batches, ExecError, Rank, RunOptions, Trai
 use ferrotron_io::tokenizer::Tokenizer;
 use ferrotron_io::training::{resume, save};
 use ferrotron_ir::{Graph, ValueId};
+use ferrotron_partitioner::report::human_bytes;
 use ferrotron_partitioner::{partition, Plan};
 use std::path::PathBuf;
 
@@ -205,6 +206,17 @@ fn train_rank<B: Backend>(p: &Prepared<'_>, rank: Rank<B>) -> Result<()> {
             (Trainer::new(rank, p.plan, config, &params, run)?, 0)
         }
     };
+    if lead {
+        let share = if p.plan.distributed_optimizer() {
+            format!(", its 1/{} share (--zero 1)", p.plan.mesh.dp)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "Adam state on rank 0: {}{share}",
+            human_bytes(trainer.optimizer_bytes() as u128, 2)
+        );
+    }
     let outcome = train_loop(p, &mut trainer, position, lead);
     if let Err(e) = &outcome {
         trainer.rank.abort(&e.to_string());

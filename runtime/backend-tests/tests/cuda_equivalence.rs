@@ -243,6 +243,55 @@ fn training_on_the_gpu_follows_the_cpu() {
     }
 }
 
+/// The distributed optimizer on the GPU (tp = 2 × dp = 2, `--zero 1`: the gradients
+/// reduce-scattered and the updated shares all-gathered by NCCL) follows the CPU trainer with
+/// replicated optimizer state.
+#[test]
+fn the_distributed_optimizer_on_the_gpu_follows_the_cpu() {
+    use ferrotron_exec::init::init_params;
+    use ferrotron_exec::TrainConfig;
+    let g = model("tiny-gpt.ron", &[("batch", 4)]);
+    let plan = |zero| {
+        partition(
+            &g,
+            &PartitionOptions {
+                tp: 2,
+                dp: 2,
+                zero,
+                ..PartitionOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let (replicated, sharded) = (plan(0), plan(1));
+    let config = TrainConfig {
+        steps: 4,
+        warmup: 2,
+        ..TrainConfig::default()
+    };
+    let params = init_params(&g, 3);
+    let batches: Vec<_> = (0..4).map(|i| random_batch(&g, 200 + i)).collect();
+    let mut cpu = trainers(Cpu::default(), &replicated, &config, &params);
+    let cpu_stats: Vec<_> = batches.iter().map(|b| step(&mut cpu, b)).collect();
+    let Some(cuda) = gpu(4, Storage::F32) else {
+        return;
+    };
+    let mut gpu_trainer = trainers(cuda, &sharded, &config, &params);
+    for (b, want) in batches.iter().zip(&cpu_stats) {
+        let got = step(&mut gpu_trainer, b);
+        let rel = ((got.loss - want.loss) / want.loss).abs();
+        assert!(
+            rel <= 1e-4,
+            "step {}: loss {} vs {}",
+            want.step,
+            got.loss,
+            want.loss
+        );
+    }
+    let ratio = cpu[0].optimizer_bytes() as f64 / gpu_trainer[0].optimizer_bytes() as f64;
+    assert!((ratio - 2.0).abs() < 0.02, "the state shrinks {ratio}×");
+}
+
 /// The GPU benchmark's own code (`cuda::bench`, what `benches/gpu_layer.rs` runs at the 8.3B
 /// shape) at a small shape: it runs to a report with finite numbers and a per-op profile, so a
 /// GPU session does not spend its minutes finding a bug in it.

@@ -236,3 +236,132 @@ fn schedule_warms_up_then_decays_to_the_minimum() {
     assert!((c.lr_at(20) - c.min_lr).abs() < 1e-12);
     assert!(c.lr_at(12) < c.lr && c.lr_at(12) > c.min_lr);
 }
+
+/// Twenty steps with every rank's trainer of `opts`: the loss per step, and the trainers.
+fn train_with(g: &Graph, opts: &PartitionOptions) -> (Plan, Vec<f32>) {
+    let plan = partition(g, opts).unwrap();
+    let mut ranks = trainers(&plan, &init_params(g, 5));
+    let mut data = Batches::new(corpus(), 0);
+    let losses = (0..20)
+        .map(|_| step(&mut ranks, &data.next("tokens", 4, 16)).loss)
+        .collect();
+    (plan, losses)
+}
+
+#[test]
+fn the_distributed_optimizer_follows_the_replicated_one_with_1_over_dp_of_its_state() {
+    let g = tiny_gpt();
+    for (tp, dp) in [(2, 2), (1, 4), (4, 2)] {
+        let opts = |zero| PartitionOptions {
+            tp,
+            dp,
+            zero,
+            ..PartitionOptions::default()
+        };
+        let (_, replicated) = train_with(&g, &opts(0));
+        let (_, sharded) = train_with(&g, &opts(1));
+        for (step, (a, b)) in replicated.iter().zip(&sharded).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "tp={tp} dp={dp} step {step}: loss {b} with --zero 1, {a} without"
+            );
+        }
+        // The state each rank holds: the moments of its share only.
+        let replicated_plan = plan(&g, tp, dp);
+        let full = trainers(&replicated_plan, &init_params(&g, 5));
+        let zero = partition(&g, &opts(1)).unwrap();
+        let shared = trainers(&zero, &init_params(&g, 5));
+        for (a, b) in full.iter().zip(&shared) {
+            let expected: usize = zero
+                .params_on(0)
+                .into_iter()
+                .map(|p| 2 * 4 * zero.optimizer_share(p, b.rank.coord.dp).1)
+                .sum();
+            assert_eq!(b.optimizer_bytes(), expected);
+            let ratio = a.optimizer_bytes() as f64 / b.optimizer_bytes() as f64;
+            assert!(
+                (ratio - dp as f64).abs() < 0.01 * dp as f64,
+                "tp={tp} dp={dp}: the state shrinks {ratio}×"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_distributed_optimizer_checkpoints_whole_tensors() {
+    let g = tiny_gpt();
+    let run = |zero: u8| {
+        let plan = partition(
+            &g,
+            &PartitionOptions {
+                tp: 2,
+                dp: 2,
+                zero,
+                ..PartitionOptions::default()
+            },
+        )
+        .unwrap();
+        let mut ranks = trainers(&plan, &init_params(&g, 5));
+        let mut data = Batches::new(corpus(), 0);
+        for _ in 0..3 {
+            step(&mut ranks, &data.next("tokens", 4, 16));
+        }
+        let states = launch::each(&mut ranks, |t| t.gather_state()).unwrap();
+        states.into_iter().flatten().next().unwrap()
+    };
+    let (replicated, sharded) = (run(0), run(1));
+    for (which, (a, b)) in ["weights", "m", "v"]
+        .iter()
+        .zip(replicated.iter().zip(&sharded))
+    {
+        assert_eq!(a.len(), b.len(), "{which}");
+        for (name, x) in a {
+            let y = &b[name];
+            assert_eq!(x.shape, y.shape, "{which} {name}");
+            let diff = x
+                .data
+                .iter()
+                .zip(&y.data)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-6, "{which} {name}: differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn the_distributed_optimizer_runs_under_a_pipeline() {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/tiny-gpt.ron"
+    ));
+    let opts = LoadOptions {
+        overrides: vec![("batch".into(), 2), ("seq".into(), 16)],
+        ..LoadOptions::default()
+    };
+    let micro = load_model(&path, &opts).unwrap();
+    let whole = tiny_gpt();
+    let curve = |zero: u8| {
+        let plan = partition(
+            &micro,
+            &PartitionOptions {
+                tp: 2,
+                dp: 2,
+                pp: 2,
+                micro_batches: 2,
+                zero,
+                ..PartitionOptions::default()
+            },
+        )
+        .unwrap();
+        let mut ranks = trainers(&plan, &init_params(&whole, 5));
+        let mut data = Batches::new(corpus(), 0);
+        (0..10)
+            .map(|_| step(&mut ranks, &data.next("tokens", 4, 16)).loss)
+            .collect::<Vec<_>>()
+    };
+    let (replicated, sharded) = (curve(0), curve(1));
+    for (step, (a, b)) in replicated.iter().zip(&sharded).enumerate() {
+        assert!((a - b).abs() < 1e-5, "step {step}: {b} vs {a}");
+    }
+}

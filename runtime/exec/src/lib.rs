@@ -10,7 +10,8 @@
 //!            ├─ Backend: per-op compute on the device's tensors (kernel: what kernels share)
 //!            └─ Comm: collectives over the rank's tp and dp groups (ThreadGroup in process)
 //!      ─► run: every rank's results put back at full shape (the mesh's regions)
-//!      ─► train: AdamW on each rank's shards; verify: compare with the unpartitioned model
+//!      ─► train: AdamW on each rank's shards (zero: on its share of them, the distributed
+//!         optimizer); verify: compare with the unpartitioned model
 //! ```
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod tensor;
 pub mod thread_group;
 pub mod train;
 pub mod verify;
+pub mod zero;
 
 pub use backend::{AdamW, Backend};
 pub use comm::{Comm, CommError, HostCollectives, ReduceOp};

@@ -15,7 +15,7 @@ use crate::Tensor;
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{NodeId, ValueDef, ValueId};
 use ferrotron_partitioner::pipeline::PipeStep;
-use ferrotron_partitioner::{mesh, Coord, Mesh, ParamShard, Plan};
+use ferrotron_partitioner::{mesh, Coord, Mesh, MeshLayout, ParamShard, Plan};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -410,18 +410,17 @@ impl<'p, B: Backend> Run<'p, B> {
             .iter()
             .find(|(p, _)| g.params[*p].name == name)
             .ok_or_else(|| ExecError::Plan(format!("no gradient for `{name}`")))?;
-        // A gradient is laid out as its parameter is sharded.
+        // A gradient is laid out as its parameter is sharded, but for a partial sum over dp
+        // under the distributed optimizer (summed here as the optimizer's reduce-scatter would).
         let shard = self.plan.shard(*p);
+        let layout = MeshLayout {
+            dp: self.plan.layouts[*grad].dp,
+            ..shard.layout
+        };
         let (padded, model) = param_shapes(shard);
         let parts = self.parts(*grad, None)?;
         let parts: Vec<&[f32]> = parts.iter().map(|p| p.data.as_slice()).collect();
-        let data = mesh::assemble(
-            self.holders(*grad).1,
-            shard.layout,
-            shard.blocks,
-            &padded,
-            &parts,
-        );
+        let data = mesh::assemble(self.holders(*grad).1, layout, shard.blocks, &padded, &parts);
         Ok(Tensor {
             shape: padded,
             data,

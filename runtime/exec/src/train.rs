@@ -22,6 +22,7 @@ use crate::link::Tag;
 use crate::program::{Executable, RunOptions};
 use crate::rank::Rank;
 use crate::run::{gather_stage_params, shard_params_for, upload_rank};
+use crate::zero;
 use crate::Tensor;
 use ferrotron_ir::{MeshAxis, ParamId};
 use ferrotron_partitioner::{Coord, Layout, Plan};
@@ -113,9 +114,10 @@ pub struct Trainer<'p, B: Backend> {
     exe: Executable<'p>,
     /// This rank's master weight shards (`f32`), in parameter order.
     pub weights: Vec<B::Tensor>,
-    /// AdamW's first moments, laid out like `weights`.
+    /// AdamW's first moments, laid out like `weights`; under the distributed optimizer, of
+    /// this rank's share of each (1-D, [`Plan::optimizer_share`]).
     pub m: Vec<B::Tensor>,
-    /// AdamW's second moments, laid out like `weights`.
+    /// AdamW's second moments, laid out like `m`.
     pub v: Vec<B::Tensor>,
     /// Steps taken.
     pub step: u64,
@@ -142,8 +144,8 @@ impl<'p, B: Backend> Trainer<'p, B> {
             .map(|t| Tensor::zeros(t.shape.clone()))
             .collect();
         let weights = upload_rank(&rank.backend, plan, rank.coord, &host, true)?;
-        let m = upload_rank(&rank.backend, plan, rank.coord, &zeros, true)?;
-        let v = upload_rank(&rank.backend, plan, rank.coord, &zeros, true)?;
+        let m = upload_moments(&rank, plan, &zeros)?;
+        let v = upload_moments(&rank, plan, &zeros)?;
         Ok(Trainer {
             plan,
             config,
@@ -188,10 +190,22 @@ impl<'p, B: Backend> Trainer<'p, B> {
             }];
             rank.sum_over(MeshAxis::Dp, &mut loss, "the loss")?;
             let params = plan.params_on(rank.coord.pp);
-            let grads = take_grads(plan, &params, values)?;
+            let mut grads = take_grads(plan, &params, values)?;
+            let distributed = plan.distributed_optimizer();
+            if distributed {
+                // Each dp rank's share of the summed gradients.
+                for (&p, g) in params.iter().zip(&mut grads) {
+                    if let Some(t) = g.take() {
+                        let summed = plan.grads.iter().find(|(q, _)| *q == p).map(|(_, v)| *v);
+                        let dp_layout = summed.map_or(Layout::Replicated, |v| plan.layouts[v].dp);
+                        *g = Some(zero::share(rank, plan, p, &t, dp_layout)?);
+                    }
+                }
+            }
             // The global norm: split parameters' shards summed over the tp group, replicated ones
             // counted once (on tp rank 0), a tied one once (on the stage that summed it), then
-            // the stages' sums added. Gradients are already reduced over dp.
+            // the stages' sums added. Gradients are already reduced over dp (or, with the
+            // distributed optimizer, each dp rank's shares summed over dp).
             let mut sumsq = 0.0f64;
             for (&p, g) in params.iter().zip(&grads) {
                 let split = matches!(plan.shard(p).layout.tp, Layout::Split(_));
@@ -204,9 +218,14 @@ impl<'p, B: Backend> Trainer<'p, B> {
                     sumsq += be.sum_squares(g).map_err(device)?;
                 }
             }
-            let stage_sumsq = all_gather_f64(rank, MeshAxis::Tp, sumsq)?
+            let mut stage_sumsq = all_gather_f64(rank, MeshAxis::Tp, sumsq)?
                 .into_iter()
                 .sum::<f64>();
+            if distributed {
+                stage_sumsq = all_gather_f64(rank, MeshAxis::Dp, stage_sumsq)?
+                    .into_iter()
+                    .sum::<f64>();
+            }
             // Every stage learns the others' sums and the last stage's loss.
             let seq = u32::try_from(step).unwrap_or(u32::MAX);
             let [stage_sumsq, stage_loss] =
@@ -235,8 +254,18 @@ impl<'p, B: Backend> Trainer<'p, B> {
                     step: step1,
                     grad_scale: clip,
                 };
-                be.adamw(&mut w[i], g, (&mut m[i], &mut v[i]), update)
-                    .map_err(device)?;
+                if distributed {
+                    // The share of the weights updated, then every dp rank's gathered.
+                    let p = params[i];
+                    let mut own = zero::share(rank, plan, p, &w[i], Layout::Replicated)?;
+                    be.adamw(&mut own, g, (&mut m[i], &mut v[i]), update)
+                        .map_err(device)?;
+                    let shape = be.shape(&w[i]).to_vec();
+                    w[i] = zero::unshare(rank, plan, p, &own, &shape)?;
+                } else {
+                    be.adamw(&mut w[i], g, (&mut m[i], &mut v[i]), update)
+                        .map_err(device)?;
+                }
             }
             // A tied gradient came from another stage's device queue, which frees it when it
             // is dropped: the updates must have read it first.
@@ -261,11 +290,23 @@ impl<'p, B: Backend> Trainer<'p, B> {
     /// Every rank of the job calls it; the rank at tp 0, dp 0 gets `Some`, the others `None`
     /// (data-parallel replicas hold the same shards and do not take part).
     pub fn gather_state(&self) -> Result<Option<[HashMap<String, Tensor>; 3]>, ExecError> {
+        // The distributed optimizer's moment shares are gathered over dp first (by every dp
+        // rank), so a checkpoint holds whole tensors and loads at any dp, with or without it.
+        let (m, v) = if self.plan.distributed_optimizer() {
+            (self.unshare(&self.m)?, self.unshare(&self.v)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         if self.rank.coord.dp != 0 {
             return Ok(None);
         }
+        let (m, v) = if self.plan.distributed_optimizer() {
+            (&m, &v)
+        } else {
+            (&self.m, &self.v)
+        };
         let mut state = Vec::with_capacity(3);
-        for which in [&self.weights, &self.m, &self.v] {
+        for which in [&self.weights, m, v] {
             state.push(self.gather_to_first(which)?);
         }
         if self.rank.coord.tp != 0 {
@@ -369,6 +410,33 @@ impl<'p, B: Backend> Trainer<'p, B> {
         Ok(if first { ranks } else { Vec::new() })
     }
 
+    /// The whole local shards of the moments `shares` (this rank's shares of them): every dp
+    /// rank's gathered.
+    fn unshare(&self, shares: &[B::Tensor]) -> Result<Vec<B::Tensor>, ExecError> {
+        let (plan, rank) = (self.plan, &self.rank);
+        rank.guard(|| {
+            plan.params_on(rank.coord.pp)
+                .into_iter()
+                .zip(shares)
+                .map(|(p, share)| {
+                    let shape: Vec<usize> = plan
+                        .shard(p)
+                        .local_shape(plan.mesh)
+                        .iter()
+                        .map(|&d| d as usize)
+                        .collect();
+                    zero::unshare(rank, plan, p, share, &shape)
+                })
+                .collect()
+        })
+    }
+
+    /// Bytes of optimizer state (the Adam moments) this rank holds.
+    pub fn optimizer_bytes(&self) -> usize {
+        let be = &self.rank.backend;
+        self.m.iter().chain(&self.v).map(|t| be.bytes(t)).sum()
+    }
+
     /// Replaces the AdamW moments with this rank's shards of full ones (model shapes, by name),
     /// as a checkpoint holds them, and sets the step count.
     pub fn restore(
@@ -378,12 +446,30 @@ impl<'p, B: Backend> Trainer<'p, B> {
         step: u64,
     ) -> Result<(), ExecError> {
         let c = self.rank.coord;
-        let be = &self.rank.backend;
-        self.m = upload_rank(be, self.plan, c, &shard_params_for(self.plan, m, c)?, true)?;
-        self.v = upload_rank(be, self.plan, c, &shard_params_for(self.plan, v, c)?, true)?;
+        self.m = upload_moments(&self.rank, self.plan, &shard_params_for(self.plan, m, c)?)?;
+        self.v = upload_moments(&self.rank, self.plan, &shard_params_for(self.plan, v, c)?)?;
         self.step = step;
         Ok(())
     }
+}
+
+/// Moments on `rank`'s device from its host shards of them (its stage's parameters, in order):
+/// their shares under the distributed optimizer.
+fn upload_moments<B: Backend>(
+    rank: &Rank<B>,
+    plan: &Plan,
+    shards: &[Tensor],
+) -> Result<Vec<B::Tensor>, ExecError> {
+    if !plan.distributed_optimizer() {
+        return upload_rank(&rank.backend, plan, rank.coord, shards, true);
+    }
+    let shares: Vec<Tensor> = plan
+        .params_on(rank.coord.pp)
+        .into_iter()
+        .zip(shards)
+        .map(|(p, t)| zero::host_share(plan, p, rank.coord.dp, t))
+        .collect();
+    upload_rank(&rank.backend, plan, rank.coord, &shares, true)
 }
 
 /// Every member's `x` over this rank's group along `axis`, in group order, exactly: each `f64`
