@@ -5,7 +5,7 @@ use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::{load_model, Graph, LoadOptions};
-use ferrotron_partitioner::{Layout, PartitionOptions, Schedule};
+use ferrotron_partitioner::{Layout, PartitionOptions, Recompute, Schedule};
 use std::path::{Path, PathBuf};
 
 /// The model and how to partition it.
@@ -54,6 +54,10 @@ pub struct PlanArgs {
     /// and the updated weights all-gathered), 0 replicates the optimizer state.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub zero: u8,
+    /// What the backward pass recomputes instead of keeping: `none`, `selective` (each layer's
+    /// attention core: scores, softmax, dropout) or `full` (each layer but its input).
+    #[arg(long, default_value = "none")]
+    pub recompute: Recompute,
 }
 
 impl PlanArgs {
@@ -94,6 +98,7 @@ impl PlanArgs {
             virtual_stages: self.virtual_stages,
             stage_layers: (!self.stage_layers.is_empty()).then(|| self.stage_layers.clone()),
             zero: self.zero,
+            recompute: self.recompute,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! Graph ─► strategy (Megatron layouts from the dataflow, user pins) ─► lower (SPMD graph,
 //!       conversions, f/g, sequence parallelism) ─► ir::autodiff ─► gradient reductions
-//!       ─► check::verify_plan ─► Plan ─► report (collectives, memory per rank)
+//!       ─► recompute ─► cut (pipeline stages) ─► check::verify_plan ─► Plan ─► report (collectives, memory per rank)
 //! ```
 //!
 //! - [`layout`]: the layout algebra (replicated / split / partial).
@@ -17,6 +17,7 @@
 //! - [`cut`]: the program cut into pipeline stages, balanced by work.
 //! - [`pipeline`]: the stages, the values crossing them, and each stage's schedule.
 //! - [`timeline`]: the pipeline schedule in time: each stage's steps priced by FLOPs, its bubble.
+//! - [`recompute`]: activation recomputation (full, selective) as a rewrite of the plan graph.
 //! - [`plan`]: the plan and its parameter shards.
 //! - [`planfile`]: plans as RON text, verified when read.
 //! - [`planner`]: which tp × pp × dp (× micro-batches × schedule × sequence parallelism ×
@@ -36,6 +37,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod planfile;
 pub mod planner;
+pub mod recompute;
 pub mod report;
 pub mod rules;
 pub mod simulate;
@@ -49,6 +51,7 @@ pub use mesh::{Coord, Mesh, Region};
 pub use pipeline::{Pipeline, Schedule};
 pub use plan::{ParamShard, PartitionOptions, Plan};
 pub use planfile::PlanFileError;
+pub use recompute::Recompute;
 pub use report::Report;
 
 use ferrotron_ir::{AutodiffError, Dim};

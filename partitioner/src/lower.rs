@@ -210,6 +210,21 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         .map(|&(p, grad)| lw.reduce_grad(p, grad))
         .collect::<Result<Vec<_>, _>>()?;
     issue_collectives_early(&mut lw.pg, bw.start);
+    let mut origin = bw.origin.clone();
+    let copies = crate::recompute::apply(&mut lw.pg, bw.start, opts.recompute).map_err(|e| {
+        PartitionError::Internal {
+            node: String::new(),
+            what: format!("recomputation: {e}"),
+        }
+    })?;
+    for (copy, original) in copies {
+        let outs = lw.pg.nodes[copy].outputs.clone();
+        for (c, o) in outs.into_iter().zip(lw.pg.nodes[original].outputs.clone()) {
+            lw.layouts[c] = lw.layouts[o];
+            lw.blocks[c] = lw.blocks[o];
+        }
+        origin.push((copy, original));
+    }
     let mut plan = Plan {
         model: g.name.clone(),
         mesh,
@@ -224,7 +239,7 @@ fn lower(g: &Graph, s: &Strategy, opts: &PartitionOptions) -> Result<Plan, Parti
         pipeline: None,
     };
     if opts.pp > 1 || opts.micro_batches > 1 {
-        plan.pipeline = Some(crate::cut::cut(&plan, &bw.origin, opts)?);
+        plan.pipeline = Some(crate::cut::cut(&plan, &origin, opts)?);
     }
     // Every node's layouts came from its rule as it was added, so the plan is checked by
     // construction; `verify_plan` re-checks one from scratch (plan files, tests, the CLI).

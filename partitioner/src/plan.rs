@@ -9,6 +9,7 @@
 use crate::layout::{Layout, MeshLayout};
 use crate::mesh::{Coord, Mesh, Region};
 use crate::pipeline::{Pipeline, Schedule};
+use crate::recompute::Recompute;
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{Graph, ParamId, ValueId};
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,10 @@ pub struct PartitionOptions {
     /// over dp instead of all-reduced, and the updated shares are all-gathered after the step.
     #[serde(default)]
     pub zero: u8,
+    /// What the backward pass recomputes instead of keeping from the forward
+    /// ([`crate::recompute`]).
+    #[serde(default)]
+    pub recompute: Recompute,
 }
 
 fn one() -> u64 {
@@ -70,6 +75,7 @@ impl Default for PartitionOptions {
             virtual_stages: 1,
             stage_layers: None,
             zero: 0,
+            recompute: Recompute::None,
         }
     }
 }
