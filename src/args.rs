@@ -103,6 +103,63 @@ impl PlanArgs {
     }
 }
 
+/// The dimension overrides `dims` of `model` for one micro-batch, and the micro-batches per
+/// step, from Megatron's terms: the global batch (`global`, else the model's `batch`), the
+/// sequences per replica in a micro-batch (`micro_batch_size`) over `dp` replicas, and the
+/// micro-batch count (`micro_batches`, implied by the other two when both are given). With the
+/// micro-batch size alone, the global batch is it × dp × micro-batches.
+pub fn megatron_batch(
+    model: &Path,
+    dims: &[(String, u64)],
+    dp: u64,
+    global: Option<u64>,
+    micro_batch_size: Option<u64>,
+    micro_batches: Option<u64>,
+) -> Result<(Vec<(String, u64)>, u64)> {
+    let with_batch = |batch: u64| {
+        let mut dims = dims.to_vec();
+        dims.retain(|(n, _)| n != "batch");
+        dims.push(("batch".into(), batch));
+        dims
+    };
+    match (global, micro_batch_size) {
+        (Some(b), Some(mbs)) => {
+            let per_step = mbs.saturating_mul(dp);
+            if per_step == 0 || !b.is_multiple_of(per_step) {
+                let valid: Vec<String> = (1..=b / dp.max(1))
+                    .filter(|s| b.is_multiple_of(s * dp.max(1)))
+                    .map(|s| s.to_string())
+                    .collect();
+                anyhow::bail!(
+                    "--micro-batch-size {mbs}: the global batch of {b} does not split into \
+                     micro-batches of {mbs} sequences on each of {dp} replicas; valid sizes: {}",
+                    valid.join(", ")
+                );
+            }
+            let m = b / per_step;
+            if let Some(given) = micro_batches.filter(|&g| g != m) {
+                anyhow::bail!(
+                    "--micro-batches {given}: the global batch of {b} in micro-batches of {mbs} \
+                     on {dp} replicas makes {m}"
+                );
+            }
+            Ok((with_batch(per_step), m))
+        }
+        (None, Some(mbs)) => {
+            let m = micro_batches.unwrap_or(1);
+            Ok((with_batch(mbs.saturating_mul(dp)), m))
+        }
+        (global, None) => {
+            let dims = match global {
+                Some(b) => with_batch(b),
+                None => dims.to_vec(),
+            };
+            let m = micro_batches.unwrap_or(1);
+            Ok((micro_batch_dims(model, &dims, m)?, m))
+        }
+    }
+}
+
 /// The dimension overrides `dims` of `model` for one of `micro_batches` equal micro-batches:
 /// its `batch` (the step's) divided by their number, or a clear error listing the counts that
 /// divide it.

@@ -359,3 +359,139 @@ fn export_draws_the_schedule_timeline() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pp"));
 }
+
+/// A published configuration typed in Megatron's terms: the global batch and the micro-batch
+/// size give the micro-batch count, and recomputation and the ZeRO stage are priced as asked.
+#[test]
+fn simulate_and_plan_take_megatrons_terms() {
+    let small = [
+        "--dim",
+        "layers=4",
+        "--dim",
+        "hidden=512",
+        "--dim",
+        "heads=8",
+        "--dim",
+        "seq=256",
+        "--dim",
+        "positions=256",
+    ];
+    let simulate = |extra: &[&str]| {
+        let mut args = vec![
+            "simulate",
+            "models/megatron-8.3b.ron",
+            "--cluster",
+            "clusters/dgx-a100.ron",
+            "--dtype",
+            "f16",
+            "--tp",
+            "2",
+            "--dp",
+            "4",
+            "--pp",
+            "2",
+            "--global-batch",
+            "64",
+            "--json",
+        ];
+        args.extend_from_slice(&small);
+        args.extend_from_slice(extra);
+        ferrotron(&args)
+    };
+    let plain = json(&simulate(&["--micro-batch-size", "2"]));
+    // 64 sequences in micro-batches of 2 on each of 4 replicas: 8 micro-batches.
+    assert_eq!(plain["micro_batches"], 8, "{plain}");
+    assert_eq!(
+        (plain["recompute"].as_str(), plain["zero"].as_u64()),
+        (Some("none"), Some(0))
+    );
+    let lean = json(&simulate(&[
+        "--micro-batch-size",
+        "2",
+        "--recompute",
+        "selective",
+        "--zero",
+        "1",
+    ]));
+    assert_eq!(
+        (lean["recompute"].as_str(), lean["zero"].as_u64()),
+        (Some("selective"), Some(1))
+    );
+    assert!(lean["recompute_s"].as_f64().unwrap() > 0.0, "{lean}");
+    assert!(lean["dp_gather_s"].as_f64().unwrap() > 0.0, "{lean}");
+    let bytes = |j: &serde_json::Value| j["memory_bytes_per_gpu"].as_u64().unwrap();
+    assert!(bytes(&lean) < bytes(&plain), "{lean}\n{plain}");
+    // A micro-batch size that does not divide the replica's share names the valid ones.
+    let out = simulate(&["--micro-batch-size", "3"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("valid sizes: 1, 2, 4, 8, 16"), "{err}");
+
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "models/megatron-8.3b.ron",
+            "--cluster",
+            "clusters/dgx-a100.ron",
+            "--dtype",
+            "f16",
+            "--gpus",
+            "16",
+            "--global-batch",
+            "32",
+        ];
+        args.extend_from_slice(&small);
+        args.extend_from_slice(extra);
+        ferrotron(&args)
+    };
+    // Fixed dimensions are kept in every candidate priced.
+    let fixed = json(&plan(&[
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--recompute",
+        "full",
+        "--zero",
+        "1",
+        "--json",
+    ]));
+    let priced: Vec<&serde_json::Value> = fixed["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["simulation"].is_null())
+        .collect();
+    assert!(!priced.is_empty(), "{fixed}");
+    for c in priced {
+        assert_eq!(
+            (
+                &c["tp"],
+                &c["pp"],
+                &c["dp"],
+                &c["micro_batch_size"],
+                &c["micro_batches"]
+            ),
+            (&2.into(), &2.into(), &4.into(), &2.into(), &4.into()),
+            "{c}"
+        );
+        assert_eq!(
+            (c["recompute"].as_str(), c["zero"].as_u64()),
+            (Some("full"), Some(1))
+        );
+    }
+    // The table names why the rejected ones cannot run.
+    let out = plan(&["--tp", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cannot run") && text.contains("tp = 3 does not divide the 16 GPUs"),
+        "{text}"
+    );
+}

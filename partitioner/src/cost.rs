@@ -112,7 +112,7 @@ use crate::layout::Layout;
 use crate::mesh::Mesh;
 use crate::pipeline::{steps, PipeStep, Pipeline, Schedule};
 use crate::plan::Plan;
-use crate::report::Report;
+use crate::recompute::{attention_cores, layer_of_scope, Recompute};
 use crate::{partition, PartitionOptions};
 use ferrotron_ir::count::node_flops;
 use ferrotron_ir::graph::{EntityRef, SecondaryMap};
@@ -417,17 +417,27 @@ pub fn collective_time(cluster: &Cluster, kind: Collective, group: Group, bytes:
 pub struct EstimateOptions {
     /// Price every float value at this dtype (GEMMs at its peak); `None`: as the plan says.
     pub compute_dtype: Option<DType>,
-    /// Activation recomputation: keep only the layers' inputs, run each layer's forward again in
-    /// the backward pass.
-    pub recompute: bool,
-    /// Overlap the dp gradient all-reduces with the backward pass; off: one flat all-reduce
-    /// after it.
+    /// Activation recomputation to price on a plan partitioned without it:
+    /// [`Recompute::Full`] keeps only the layers' inputs and runs each layer's forward again in
+    /// the backward pass, [`Recompute::Selective`] remakes the attention cores. A plan
+    /// partitioned with recomputation (`PartitionOptions::recompute`) holds its duplicates
+    /// already and is priced as it is, whatever this says ([`priced_recompute`]).
+    pub recompute: Recompute,
+    /// The ZeRO stage to price a plan partitioned without the distributed optimizer at: 1
+    /// prices its dp gradient all-reduces as the distributed optimizer's reduce-scatters, Adam
+    /// on each rank's share and the all-gather after it (the step a plan partitioned with
+    /// `zero = 1` has). A plan partitioned with the distributed optimizer is priced with it
+    /// whatever this says ([`distributed_optimizer`]).
+    #[serde(default)]
+    pub zero: u8,
+    /// Overlap the dp gradient reductions with the backward pass; off: one flat buffer after
+    /// it.
     pub overlap_dp: bool,
     /// Count the optimizer step (global-norm clipping and Adam, see [`optimizer_traffic`]).
     pub optimizer: bool,
-    /// With overlap, dp gradient all-reduces are fused, in the order their gradients are
+    /// With overlap, dp gradient reductions are fused, in the order their gradients are
     /// produced, into buckets of at least this many bytes (PyTorch DDP's default 25 MiB); 0: one
-    /// per gradient.
+    /// per gradient. The distributed optimizer's all-gathers are fused the same way.
     pub dp_bucket_bytes: u64,
 }
 
@@ -435,7 +445,8 @@ impl Default for EstimateOptions {
     fn default() -> Self {
         EstimateOptions {
             compute_dtype: None,
-            recompute: false,
+            recompute: Recompute::None,
+            zero: 0,
             overlap_dp: true,
             optimizer: true,
             dp_bucket_bytes: 25 << 20,
@@ -445,17 +456,54 @@ impl Default for EstimateOptions {
 
 impl EstimateOptions {
     /// The paper's setting, as its 2019 code ran it: fp16 with dynamic loss scaling and an f32
-    /// master copy, activation recomputation after every layer (§4.2), and the gradient
+    /// master copy, full activation recomputation after every layer (§4.2), and the gradient
     /// all-reduce after the backward pass (`pretrain_gpt2.py` calls
     /// `model.allreduce_params(...)` after `optimizer.backward(loss)`; its local DDP flattens
     /// every gradient into one buffer).
     pub fn megatron() -> EstimateOptions {
         EstimateOptions {
             compute_dtype: Some(DType::F16),
-            recompute: true,
+            recompute: Recompute::Full,
             overlap_dp: false,
             ..EstimateOptions::default()
         }
+    }
+}
+
+/// The recomputation an estimate of `plan` under `opts` prices: the plan's own when it was
+/// partitioned with recomputation (its duplicates are nodes of its graph, priced as any other),
+/// else what `opts` asks to add.
+pub fn priced_recompute(plan: &Plan, opts: &EstimateOptions) -> Recompute {
+    match plan.options.recompute {
+        Recompute::None => opts.recompute,
+        own => own,
+    }
+}
+
+/// The recomputation the estimate adds to `plan`'s graph: none when the plan holds its own.
+fn added_recompute(plan: &Plan, opts: &EstimateOptions) -> Recompute {
+    match plan.options.recompute {
+        Recompute::None => opts.recompute,
+        _ => Recompute::None,
+    }
+}
+
+/// Whether an estimate of `plan` under `opts` prices the distributed optimizer: the plan's own
+/// ([`Plan::distributed_optimizer`]), or asked for by `opts.zero` at dp > 1.
+pub fn distributed_optimizer(plan: &Plan, opts: &EstimateOptions) -> bool {
+    plan.distributed_optimizer() || (opts.zero >= 1 && plan.mesh.dp > 1)
+}
+
+/// Elements of parameter `p`'s local shard whose master weights and Adam moments one rank
+/// keeps: its share under the distributed optimizer (the shard zero-padded to a multiple of dp,
+/// over dp, as [`Plan::optimizer_share`] cuts it), else all of them.
+fn optimizer_elements(plan: &Plan, p: ParamId, distributed: bool) -> u64 {
+    let g = &plan.graph;
+    let n = g.ty(g.params[p].value).shape.numel().unwrap_or(0);
+    if distributed {
+        n.div_ceil(plan.mesh.dp.max(1))
+    } else {
+        n
     }
 }
 
@@ -485,8 +533,15 @@ pub fn optimizer_traffic(mixed_precision: bool) -> (f64, u64) {
 /// (read and write).
 pub const BUCKET_TRAFFIC: f64 = 6.0;
 
+/// [`BUCKET_TRAFFIC`] of the distributed optimizer's reduce-scatter over `dp` ranks, per
+/// gradient byte: copy in (read and write), then only the rank's reduced share, `1/dp` of it,
+/// divided and copied out.
+pub fn shard_bucket_traffic(dp: u64) -> f64 {
+    2.0 + 4.0 / dp.max(1) as f64
+}
+
 /// Memory per GPU, bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Memory {
     /// Parameters.
     pub weights: u64,
@@ -515,12 +570,15 @@ pub struct StageEstimate {
     /// Sending one micro-batch's values to the other stages (with the receivers' all-gather of
     /// a value sent in `1/tp` parts).
     pub send_s: f64,
-    /// Its dp gradient all-reduces, once per step (with their bucket copies).
+    /// Its dp gradient reductions, once per step (with their bucket copies): all-reduces, or
+    /// the distributed optimizer's reduce-scatters.
     pub dp_comm_s: f64,
     /// The part of them its last micro-batch's backward does not hide.
     pub dp_exposed_s: f64,
-    /// Adam on the parameters it holds.
+    /// Adam on the parameters it holds (on its share of them under the distributed optimizer).
     pub optimizer_s: f64,
+    /// The distributed optimizer's all-gather of the updated parameters it holds; 0 without it.
+    pub dp_gather_s: f64,
     /// Memory per rank.
     pub memory: Memory,
 }
@@ -547,6 +605,12 @@ pub struct Estimate {
     pub schedule: Option<Schedule>,
     /// Model chunks per stage (the interleaved schedule's `V`; 1 otherwise).
     pub virtual_stages: u32,
+    /// The ZeRO stage priced: 1 with the distributed optimizer ([`distributed_optimizer`]),
+    /// else 0.
+    pub zero: u8,
+    /// The recomputation priced ([`priced_recompute`]): `none`, `selective` or `full`.
+    #[serde(serialize_with = "recompute_name")]
+    pub recompute: Recompute,
     /// GPUs in all: tp × dp × pp.
     pub gpus: u64,
     /// One training step.
@@ -557,7 +621,7 @@ pub struct Estimate {
     pub backward_s: f64,
     /// Of which recomputation.
     pub recompute_s: f64,
-    /// Adam.
+    /// Adam (on each rank's share under the distributed optimizer).
     pub optimizer_s: f64,
     /// GEMM time.
     pub gemm_s: f64,
@@ -565,10 +629,14 @@ pub struct Estimate {
     pub memory_bound_s: f64,
     /// Blocking tp collectives (including the cross-entropy's).
     pub tp_comm_s: f64,
-    /// dp gradient all-reduces, all of them (with their bucket copies).
+    /// dp gradient reductions, all of them (with their bucket copies): all-reduces, or the
+    /// distributed optimizer's reduce-scatters.
     pub dp_comm_s: f64,
     /// The part of them the backward pass does not hide.
     pub dp_exposed_s: f64,
+    /// The distributed optimizer's all-gather of the updated parameters after the optimizer
+    /// step (all of it exposed: it ends the step); 0 without it.
+    pub dp_gather_s: f64,
     /// The pipeline's fill and drain: `P − 1` times the slowest stage's forward and backward of
     /// one micro-batch.
     pub bubble_s: f64,
@@ -608,6 +676,10 @@ fn schedule_name<S: serde::Serializer>(s: &Option<Schedule>, ser: S) -> Result<S
     }
 }
 
+fn recompute_name<S: serde::Serializer>(r: &Recompute, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(&r.to_string())
+}
+
 /// Prices `plan` on `cluster`; scaling efficiency against the one-GPU run of the same per-GPU
 /// work (this rank's program with nothing to communicate, see the module docs).
 pub fn estimate(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions) -> Estimate {
@@ -626,41 +698,127 @@ pub fn estimate_against(
     let pr = price(plan, cluster, opts, true);
     let base = baseline_tflops(plan, baseline, cluster, opts);
     let schedule = plan.pipeline.as_ref().map(|p| p.schedule);
-    let steps = plan
-        .pipeline
-        .as_ref()
-        .map(chunked_steps)
-        .unwrap_or_default();
-    assemble(plan, cluster, opts, &pr, base, schedule, &steps)
+    let order = schedule.map_or_else(Vec::new, |s| schedule_order(plan, s));
+    let (memories, live) = stage_memory_holding(plan, opts, &order);
+    assemble(plan, cluster, opts, &pr, base, schedule, memories, live)
 }
 
-/// [`estimate`] of `plan` run under each of `schedules` (GPipe or 1F1B, one model chunk per
-/// stage): the order a pipeline's stages run their micro-batches in changes what they hold, not
-/// the step (see the module docs), so the step is priced once. Without a pipeline, the one
-/// estimate for each.
+/// [`estimate`] of `plan` run under each of `schedules`: the order a pipeline's stages run their
+/// micro-batches in changes what they hold, not the step (see the module docs), so the step is
+/// priced once. A schedule other than the plan's own runs one model chunk per stage (GPipe or
+/// 1F1B). Without a pipeline, the one estimate for each.
 pub fn estimate_schedules(
     plan: &Plan,
     schedules: &[Schedule],
     cluster: &Cluster,
     opts: &EstimateOptions,
 ) -> Vec<Estimate> {
-    let pr = price(plan, cluster, opts, true);
-    let base = baseline_tflops(plan, None, cluster, opts);
-    schedules
+    let mut v = estimate_variants(
+        plan,
+        schedules,
+        cluster,
+        opts,
+        &[(opts.recompute, opts.zero)],
+    );
+    v.estimates.pop().unwrap_or_default()
+}
+
+/// One plan priced under several pricing options ([`estimate_variants`]).
+#[derive(Clone, Debug)]
+pub struct Variants {
+    /// For each variant asked for, in order, its estimate under each schedule, in order.
+    pub estimates: Vec<Vec<Estimate>>,
+    /// The plan's [`Work`] under each recomputation among the variants.
+    pub works: Vec<(Recompute, Work)>,
+}
+
+/// `plan` priced under each of `variants` (recomputation, ZeRO stage: `base` with those two
+/// replaced) and each of `schedules` (as [`estimate_schedules`]), and its [`Work`] under each
+/// recomputation among them: what the variants share (the compute stream under one
+/// recomputation, the activations one keeps) is priced once. The planner's way to price one
+/// partitioned plan every way it can run.
+pub fn estimate_variants(
+    plan: &Plan,
+    schedules: &[Schedule],
+    cluster: &Cluster,
+    base: &EstimateOptions,
+    variants: &[(Recompute, u8)],
+) -> Variants {
+    let orders: Vec<(Schedule, StageOrders)> = schedules
         .iter()
-        .map(|&schedule| match &plan.pipeline {
-            None => assemble(plan, cluster, opts, &pr, base, None, &[]),
-            Some(pipe) => {
-                let order: Vec<Vec<(PipeStep, u32)>> = (0..pipe.stages)
-                    .map(|s| {
-                        let order = steps(schedule, pipe.stages, s, pipe.micro_batches);
-                        order.into_iter().map(|step| (step, 0)).collect()
-                    })
-                    .collect();
-                assemble(plan, cluster, opts, &pr, base, Some(schedule), &order)
+        .map(|&s| (s, schedule_order(plan, s)))
+        .collect();
+    // Per recomputation: the compute stream with and without communication, what is kept.
+    let mut shared: Vec<(Recompute, Compute, Compute, Saved)> = Vec::new();
+    let mut estimates = Vec::with_capacity(variants.len());
+    for &(recompute, zero) in variants {
+        let opts = EstimateOptions {
+            recompute,
+            zero,
+            ..base.clone()
+        };
+        let i = match shared.iter().position(|(r, ..)| *r == recompute) {
+            Some(i) => i,
+            None => {
+                shared.push((
+                    recompute,
+                    compute_stream(plan, cluster, &opts, true),
+                    compute_stream(plan, cluster, &opts, false),
+                    saved(plan, &opts),
+                ));
+                shared.len() - 1
             }
-        })
-        .collect()
+        };
+        let (_, with, alone, kept) = &shared[i];
+        let dist = distributed_optimizer(plan, &opts);
+        let stages = finish(plan, cluster, &opts, true, with, dist);
+        let pr = put_together(plan, cluster, &opts, true, stages);
+        let base_tflops = baseline_of(plan, &finish(plan, cluster, &opts, false, alone, dist));
+        let params = parameter_memory(plan, &opts);
+        estimates.push(
+            orders
+                .iter()
+                .map(|(s, order)| {
+                    let (memories, live) = combine(plan, &params, kept, order);
+                    let schedule = plan.pipeline.as_ref().map(|_| *s);
+                    assemble(
+                        plan,
+                        cluster,
+                        &opts,
+                        &pr,
+                        base_tflops,
+                        schedule,
+                        memories,
+                        live,
+                    )
+                })
+                .collect(),
+        );
+    }
+    let works = shared
+        .iter()
+        .map(|(r, with, ..)| (*r, work_of(with)))
+        .collect();
+    Variants { estimates, works }
+}
+
+/// Each stage's steps in the order it runs them, each with the model chunk it runs.
+type StageOrders = Vec<Vec<(PipeStep, u32)>>;
+
+/// Each stage's steps with the model chunk each runs under `schedule`: the plan's own steps
+/// for its own schedule, else `schedule`'s over one model chunk per stage; empty without a
+/// pipeline.
+fn schedule_order(plan: &Plan, schedule: Schedule) -> StageOrders {
+    match &plan.pipeline {
+        None => Vec::new(),
+        Some(pipe) if pipe.schedule == schedule => chunked_steps(pipe),
+        Some(pipe) => (0..pipe.stages)
+            .map(|s| {
+                let order = steps(schedule, pipe.stages, s, pipe.micro_batches);
+                order.into_iter().map(|step| (step, 0)).collect()
+            })
+            .collect(),
+    }
 }
 
 /// The baseline's TFLOP/s per GPU (see the module docs).
@@ -674,24 +832,28 @@ fn baseline_tflops(
         let pb = price(b, cluster, opts, true);
         return pb.flops / pb.step / 1e12;
     }
-    let stages = timelines(plan, cluster, opts, false);
+    let alone = compute_stream(plan, cluster, opts, false);
+    let dist = distributed_optimizer(plan, opts);
+    baseline_of(plan, &finish(plan, cluster, opts, false, &alone, dist))
+}
+
+/// The TFLOP/s per GPU of `stages`, `plan`'s stages priced with nothing to communicate, run
+/// back to back on one GPU.
+fn baseline_of(plan: &Plan, stages: &[Timeline]) -> f64 {
     match &plan.pipeline {
         None => stages[0].flops / stages[0].step_time() / 1e12,
-        // Every stage's work, back to back on one GPU.
         Some(pipe) => {
             let m = f64::from(pipe.micro_batches);
             let flops: f64 = stages.iter().map(|t| m * t.flops).sum();
-            let time: f64 = stages
-                .iter()
-                .map(|t| m * t.pace() + t.dp_exposed + t.optimizer)
-                .sum();
+            let time: f64 = stages.iter().map(|t| m * t.pace() + t.tail()).sum();
             flops / time / 1e12
         }
     }
 }
 
-/// The estimate from a priced step, the baseline's TFLOP/s, and each stage's steps (with their
-/// model chunks) under `schedule`.
+/// The estimate from a priced step, the baseline's TFLOP/s, and each stage's memory and the
+/// micro-batches it holds at once under `schedule`.
+#[allow(clippy::too_many_arguments)]
 fn assemble(
     plan: &Plan,
     cluster: &Cluster,
@@ -699,12 +861,9 @@ fn assemble(
     pr: &Priced,
     base: f64,
     schedule: Option<Schedule>,
-    order: &[Vec<(PipeStep, u32)>],
+    memories: Vec<Memory>,
+    live: Vec<u32>,
 ) -> Estimate {
-    let (memories, live) = match &plan.pipeline {
-        None => (vec![memory(plan, opts)], Vec::new()),
-        Some(_) => stage_memory_holding(plan, opts, order),
-    };
     let dtype = compute_dtype(plan, opts);
     let step = pr.step;
     let tflops = pr.flops / step / 1e12;
@@ -743,6 +902,7 @@ fn assemble(
                     dp_comm_s: t.dp_comm,
                     dp_exposed_s: t.dp_exposed,
                     optimizer_s: t.optimizer,
+                    dp_gather_s: t.dp_gather,
                     memory,
                 })
                 .collect()
@@ -760,6 +920,8 @@ fn assemble(
             .pipeline
             .as_ref()
             .map_or(1, |p| p.virtual_stages.max(1)),
+        zero: u8::from(distributed_optimizer(plan, opts)),
+        recompute: priced_recompute(plan, opts),
         gpus: plan.mesh.tp * plan.mesh.dp * plan.mesh.pp.max(1),
         step_time_s: step,
         forward_s: m * t.forward,
@@ -771,6 +933,7 @@ fn assemble(
         tp_comm_s: m * t.tp_comm,
         dp_comm_s: tail.dp_comm,
         dp_exposed_s: tail.dp_exposed,
+        dp_gather_s: tail.dp_gather,
         bubble_s: pr.bubble,
         p2p_s: pr.p2p,
         bubble_fraction: pr.bubble_fraction,
@@ -792,9 +955,9 @@ fn assemble(
 /// micro-batch (GEMM FLOPs at the efficiency ceiling, `gemm.max` of the peak; the bytes of
 /// values with a `batch` dimension through memory-bound ops and blocking tp collectives) and the
 /// rest (kernel launches, collective latencies, values without a `batch` dimension), which does
-/// not shrink when the micro-batch grows. The dp all-reduces, transfers and optimizer are not
-/// part of it, so it is the same wherever the program is cut into stages and however many
-/// replicas run it.
+/// not shrink when the micro-batch grows. The dp reductions, transfers and optimizer are not
+/// part of it, so it is the same wherever the program is cut into stages (model chunks
+/// included), however many replicas run it and whatever the ZeRO stage.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Work {
     /// The part in proportion to the micro-batch, seconds.
@@ -809,16 +972,25 @@ impl Work {
     /// runs `m + p − 1` rounds of its slowest stage, which takes at least the stages' average,
     /// `(scale × grows + fixed) / p`.
     pub fn floor(&self, p: u64, m: u64, scale: f64) -> f64 {
-        let (p, m) = (p.max(1) as f64, m.max(1) as f64);
-        (m + p - 1.0) / p * (scale * self.grows_s + self.fixed_s)
+        self.floor_interleaved(p, 1, m, scale)
+    }
+
+    /// [`Work::floor`] under the interleaved schedule with `v` model chunks per stage, whose
+    /// fill and drain take `(p − 1)/v` rounds: `(m + (p − 1)/v) / p × (scale × grows + fixed)`.
+    pub fn floor_interleaved(&self, p: u64, v: u64, m: u64, scale: f64) -> f64 {
+        let (p, v, m) = (p.max(1) as f64, v.max(1) as f64, m.max(1) as f64);
+        (m + (p - 1.0) / v) / p * (scale * self.grows_s + self.fixed_s)
     }
 }
 
 /// `plan`'s [`Work`] on `cluster`.
 pub fn work(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions) -> Work {
-    let stages = timelines(plan, cluster, opts, true);
-    let floor: f64 = stages.iter().map(|t| t.floor).sum();
-    let grows: f64 = stages.iter().map(|t| t.grows).sum();
+    work_of(&compute_stream(plan, cluster, opts, true))
+}
+
+fn work_of(c: &Compute) -> Work {
+    let floor: f64 = c.stages.iter().map(|t| t.floor).sum();
+    let grows: f64 = c.stages.iter().map(|t| t.grows).sum();
     Work {
         grows_s: grows,
         fixed_s: (floor - grows).max(0.0),
@@ -826,7 +998,7 @@ pub fn work(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions) -> Work {
 }
 
 /// Each stage's steps with the model chunk each runs.
-fn chunked_steps(pipe: &Pipeline) -> Vec<Vec<(PipeStep, u32)>> {
+fn chunked_steps(pipe: &Pipeline) -> StageOrders {
     pipe.steps
         .iter()
         .enumerate()
@@ -921,8 +1093,8 @@ fn priced_bytes(g: &Graph, v: ValueId, opts: &EstimateOptions) -> u64 {
 }
 
 /// One stage's share of a step (the whole program without a pipeline): `forward` to `flops`
-/// for one micro-batch, the dp all-reduces and the optimizer once per step.
-#[derive(Default)]
+/// for one micro-batch, the dp reductions, the optimizer and the all-gather once per step.
+#[derive(Clone, Default)]
 struct Timeline {
     forward: f64,
     backward: f64,
@@ -933,6 +1105,7 @@ struct Timeline {
     tp_comm: f64,
     dp_comm: f64,
     dp_exposed: f64,
+    dp_gather: f64,
     flops: f64,
     /// [`Work`]'s parts of `forward + backward`.
     floor: f64,
@@ -942,12 +1115,18 @@ struct Timeline {
 impl Timeline {
     /// The step of one stage running one micro-batch.
     fn step_time(&self) -> f64 {
-        self.forward + self.backward + self.dp_exposed + self.optimizer
+        self.pace() + self.tail()
     }
 
     /// One micro-batch's forward and backward: the pipeline's pace is its slowest stage's.
     fn pace(&self) -> f64 {
         self.forward + self.backward
+    }
+
+    /// What follows the last micro-batch's backward: the dp reductions it does not hide, the
+    /// optimizer, the distributed optimizer's all-gather.
+    fn tail(&self) -> f64 {
+        self.dp_exposed + self.optimizer + self.dp_gather
     }
 }
 
@@ -959,7 +1138,7 @@ struct Priced {
     micro_batches: f64,
     /// The stage that sets the pipeline's pace.
     slowest: usize,
-    /// The stage whose dp all-reduces and optimizer end the step.
+    /// The stage whose dp reductions, optimizer and all-gather end the step.
     tail: usize,
     bubble: f64,
     p2p: f64,
@@ -971,7 +1150,26 @@ struct Priced {
 
 /// Prices `plan`'s step; `comm` false: nothing is communicated.
 fn price(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> Priced {
-    let stages = timelines(plan, cluster, opts, comm);
+    let c = compute_stream(plan, cluster, opts, comm);
+    let stages = finish(
+        plan,
+        cluster,
+        opts,
+        comm,
+        &c,
+        distributed_optimizer(plan, opts),
+    );
+    put_together(plan, cluster, opts, comm, stages)
+}
+
+/// The step of `plan` whose stages' timelines are `stages` (see the module docs).
+fn put_together(
+    plan: &Plan,
+    cluster: &Cluster,
+    opts: &EstimateOptions,
+    comm: bool,
+    stages: Vec<Timeline>,
+) -> Priced {
     let Some(pipe) = &plan.pipeline else {
         let t = &stages[0];
         return Priced {
@@ -997,7 +1195,7 @@ fn price(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> 
             .unwrap_or(0)
     };
     let slowest = argmax(&Timeline::pace);
-    let tail = argmax(&|t: &Timeline| t.dp_exposed + t.optimizer);
+    let tail = argmax(&Timeline::tail);
     let pace = stages[slowest].pace();
     // Each micro-batch's transfers; those between neighbours (and, interleaved, from the last
     // stage back to the first) are on the critical path once at fill and once at drain.
@@ -1049,40 +1247,161 @@ fn price(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> 
         bubble: fill * pace,
         p2p: critical + tied,
         bubble_fraction: if span > 0.0 { 1.0 - busy / span } else { 0.0 },
-        step: span + tied + end.dp_exposed + end.optimizer,
+        step: span + tied + end.tail(),
         flops: m * stages.iter().map(|t| t.flops).sum::<f64>() / p,
         stages,
     }
 }
 
-/// The layer (top-level repeated scope) of every scope.
-fn layer_of_scope(g: &Graph) -> SecondaryMap<ScopeId, Option<ScopeId>> {
-    let mut map: SecondaryMap<ScopeId, Option<ScopeId>> = SecondaryMap::new();
-    let layers: std::collections::HashSet<ScopeId> = g.layers().map(|(s, _)| s).collect();
-    for (s, _) in g.scopes.iter() {
-        let mut cur = Some(s);
-        while let Some(c) = cur {
-            if layers.contains(&c) {
-                map[s] = Some(c);
-                break;
-            }
-            cur = g.scopes[c].parent;
-        }
-    }
-    map
-}
-
+/// The layer (a copy made by `Repeat`, [`Graph::layers`]) node `n` belongs to.
 fn layer_of_node(
     g: &Graph,
     layers: &SecondaryMap<ScopeId, Option<ScopeId>>,
-    n: ferrotron_ir::NodeId,
+    n: NodeId,
 ) -> Option<ScopeId> {
     g.nodes[n].scope.and_then(|s| layers[s])
 }
 
-/// One rank's step on each pipeline stage (one timeline without a pipeline); `comm` false: the
-/// same program on one GPU, every collective a no-op.
-fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> Vec<Timeline> {
+/// How [`crate::recompute`] names the duplicates it puts in a plan: `recompute.<node>`.
+const DUPLICATE_PREFIX: &str = "recompute.";
+
+/// Whether node `n` of a plan partitioned with recomputation is one of its duplicates.
+fn is_duplicate(g: &Graph, n: NodeId) -> bool {
+    g.nodes[n].name.starts_with(DUPLICATE_PREFIX)
+}
+
+/// The node defining `v`, if a node does.
+fn producer(g: &Graph, v: ValueId) -> Option<NodeId> {
+    match g.values[v].def {
+        ValueDef::Node { node, .. } => Some(node),
+        _ => None,
+    }
+}
+
+/// What recomputation added by the estimate remakes (see the module docs).
+struct Remade {
+    /// Forward nodes that run again in the backward pass.
+    again: SecondaryMap<NodeId, bool>,
+    /// Forward values no longer kept from the forward pass, each with its group (the layer or
+    /// attention core whose recomputation remakes it): held only while that group's backward
+    /// runs.
+    dropped: SecondaryMap<ValueId, Option<u32>>,
+    /// Values kept for the recomputation to start from, each with a forward node that reads it.
+    inputs: Vec<(ValueId, NodeId)>,
+}
+
+/// What recomputing `mode` on `plan`'s graph remakes: for [`Recompute::Full`], every forward
+/// node inside a layer runs again, every value made inside a layer is dropped and the layers'
+/// inputs are kept; for [`Recompute::Selective`], what [`crate::recompute`] would remake of each
+/// attention core (the values of the core the backward reads and only the core reads in the
+/// forward, and what they are made from inside the core and not kept anyway), keeping what those
+/// nodes read from outside. `None` for [`Recompute::None`].
+fn remade(plan: &Plan, mode: Recompute) -> Option<Remade> {
+    let g = &plan.graph;
+    let forward = &g.order[..plan.backward_start];
+    let mut again: SecondaryMap<NodeId, bool> = SecondaryMap::with_capacity(g.nodes.len());
+    let mut dropped: SecondaryMap<ValueId, Option<u32>> =
+        SecondaryMap::with_capacity(g.values.len());
+    let mut inputs = Vec::new();
+    match mode {
+        Recompute::None => return None,
+        Recompute::Full => {
+            let layers = layer_of_scope(g);
+            for &n in forward {
+                let Some(l) = layer_of_node(g, &layers, n) else {
+                    continue;
+                };
+                again[n] = true;
+                for &v in &g.nodes[n].outputs {
+                    dropped[v] = Some(l.index() as u32);
+                }
+                for &v in g.nodes[n].op.inputs() {
+                    if producer(g, v).is_some_and(|p| layer_of_node(g, &layers, p) != Some(l)) {
+                        inputs.push((v, n));
+                    }
+                }
+            }
+        }
+        Recompute::Selective => {
+            let mut core: SecondaryMap<NodeId, Option<u32>> =
+                SecondaryMap::with_capacity(g.nodes.len());
+            for (i, nodes) in attention_cores(g, plan.backward_start).iter().enumerate() {
+                for &n in nodes {
+                    core[n] = Some(i as u32);
+                }
+            }
+            let mut backward_reads: SecondaryMap<ValueId, bool> =
+                SecondaryMap::with_capacity(g.values.len());
+            for &n in &g.order[plan.backward_start..] {
+                for &v in g.nodes[n].op.inputs() {
+                    backward_reads[v] = true;
+                }
+            }
+            // Read in the forward outside the core that makes it (or a graph output): alive
+            // through the backward anyway.
+            let mut outside: SecondaryMap<ValueId, bool> =
+                SecondaryMap::with_capacity(g.values.len());
+            for &n in forward {
+                for &v in g.nodes[n].op.inputs() {
+                    if producer(g, v).is_some_and(|p| core[p].is_some() && core[p] != core[n]) {
+                        outside[v] = true;
+                    }
+                }
+            }
+            for &(_, v) in &g.outputs {
+                outside[v] = true;
+            }
+            let mut stack = Vec::new();
+            for &n in forward {
+                let Some(c) = core[n] else { continue };
+                for &v in &g.nodes[n].outputs {
+                    if backward_reads[v] && !outside[v] {
+                        dropped[v] = Some(c);
+                        if !again[n] {
+                            again[n] = true;
+                            stack.push(n);
+                        }
+                    }
+                }
+            }
+            while let Some(n) = stack.pop() {
+                for &v in g.nodes[n].op.inputs() {
+                    let Some(p) = producer(g, v) else { continue };
+                    if core[p] == core[n] && !outside[v] && dropped[v].is_none() && !again[p] {
+                        again[p] = true;
+                        stack.push(p);
+                    }
+                }
+            }
+            for &n in forward.iter().filter(|&&n| again[n]) {
+                for &v in g.nodes[n].op.inputs() {
+                    if producer(g, v).is_some_and(|p| !again[p]) {
+                        inputs.push((v, n));
+                    }
+                }
+            }
+        }
+    }
+    Some(Remade {
+        again,
+        dropped,
+        inputs,
+    })
+}
+
+/// Each stage's compute stream, and the gradients it hands the dp stream: what pricing under
+/// either ZeRO stage shares.
+struct Compute {
+    /// Each stage's timeline, its dp, optimizer and all-gather parts still empty.
+    stages: Vec<Timeline>,
+    /// Each stage's gradients to reduce over dp: (when the compute stream has made it, its
+    /// elements, bytes per element).
+    grads: Vec<Vec<(f64, u64, u64)>>,
+}
+
+/// One rank's compute stream on each pipeline stage (one without a pipeline), recomputation
+/// included; `comm` false: the same program on one GPU, every collective a no-op.
+fn compute_stream(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool) -> Compute {
     let g = &plan.graph;
     let dtype = compute_dtype(plan, opts);
     let peak = cluster.peak(dtype);
@@ -1104,7 +1423,8 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
         },
     };
     let bytes = |v: ValueId| priced_bytes(g, v, opts) as f64;
-    let layers = layer_of_scope(g);
+    let remade = remade(plan, added_recompute(plan, opts));
+    let own = plan.options.recompute != Recompute::None;
 
     struct Cost {
         /// Time on the compute stream.
@@ -1113,8 +1433,8 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
         memory_bound: f64,
         tp_comm: f64,
         flops: f64,
-        /// A dp all-reduce to put on the dp stream: (its input, its bytes).
-        dp: Option<(ValueId, f64)>,
+        /// A dp gradient all-reduce for the dp stream: the gradient it reduces.
+        dp: Option<ValueId>,
         /// A floor under `time` ([`Work`]) and the part of it that grows with the micro-batch.
         floor: f64,
         grows: f64,
@@ -1147,9 +1467,9 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
                 + node.outputs.iter().map(|&v| bytes(v)).sum::<f64>()
         };
         // A collective on a buffer of `buf` bytes (growing with the micro-batch when `grows`):
-        // `(time, bytes, on the dp stream, the time's part in proportion to the bytes)`, or
-        // `None` for a group of one.
-        type CollCost = Option<(f64, f64, bool, f64)>;
+        // `(time, on the dp stream, the time's part in proportion to the bytes)`, or `None` for
+        // a group of one.
+        type CollCost = Option<(f64, bool, f64)>;
         let coll = |kind: Collective, axis: MeshAxis, buf: f64, grows: bool| -> CollCost {
             let grp = group(axis);
             if grp.size <= 1 || !comm {
@@ -1163,15 +1483,14 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
             };
             Some((
                 t,
-                buf,
                 axis == MeshAxis::Dp && kind == Collective::AllReduce,
                 part,
             ))
         };
         let add = |c: &mut Cost, r: CollCost| {
-            if let Some((t, buf, dp, part)) = r {
+            if let Some((t, dp, part)) = r {
                 if dp {
-                    c.dp = Some((*node.op.inputs()[0], buf));
+                    c.dp = Some(*node.op.inputs()[0]);
                 } else {
                     c.tp_comm += t;
                     c.time += t + overhead;
@@ -1256,7 +1575,7 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
     };
 
     let mut tls: Vec<Timeline> = (0..stages).map(|_| Timeline::default()).collect();
-    // Recomputation: every forward node inside a layer runs again.
+    // Recomputation the estimate adds: the remade forward nodes run again.
     let mut recompute = vec![0.0; stages];
     let mut forward = vec![0.0; stages];
     for &n in &g.order[..plan.backward_start] {
@@ -1270,7 +1589,7 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
         tl.memory_bound += c.memory_bound;
         tl.tp_comm += c.tp_comm;
         tl.flops += c.flops;
-        if opts.recompute && layer_of_node(g, &layers, n).is_some() {
+        if remade.as_ref().is_some_and(|r| r.again[n]) {
             recompute[s] += c.time;
             tl.floor += c.floor;
             tl.grows += c.grows;
@@ -1288,20 +1607,18 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
     for (&n, c) in g.order[plan.backward_start..].iter().zip(&backward) {
         backward_compute[stage(n)] += c.time;
     }
-    // Each stage's backward timeline, with its dp stream beside it.
+    // Each stage's backward timeline, and when each gradient is ready for the dp stream.
     let mut ready: SecondaryMap<ValueId, f64> = SecondaryMap::with_capacity(g.values.len());
     let mut clock = forward.clone();
-    let mut grads: Vec<Vec<(f64, f64)>> = vec![Vec::new(); stages];
-    let dp_group = group(MeshAxis::Dp);
-    let flush = |b: &mut (f64, f64), clock: &mut f64, total: &mut f64| {
-        if b.0 > 0.0 {
-            let t = collective_time(cluster, Collective::AllReduce, dp_group, b.0)
-                + BUCKET_TRAFFIC * b.0 / mem_bw
-                + overhead;
-            *clock = clock.max(b.1) + t;
-            *total += t;
+    let mut own_recompute = vec![0.0; stages];
+    let mut grads: Vec<Vec<(f64, u64, u64)>> = vec![Vec::new(); stages];
+    let numel = |v: ValueId| g.ty(v).shape.numel().unwrap_or(0);
+    let element = |v: ValueId| {
+        let ty = g.ty(v);
+        match opts.compute_dtype {
+            Some(d) if ty.dtype.is_float() => d.size_bytes(),
+            _ => ty.dtype.size_bytes(),
         }
-        *b = (0.0, 0.0);
     };
     for (&n, c) in g.order[plan.backward_start..].iter().zip(&backward) {
         let s = stage(n);
@@ -1310,6 +1627,9 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
             clock[s] += recompute[s] * c.time / backward_compute[s];
         }
         clock[s] += c.time;
+        if own && is_duplicate(g, n) {
+            own_recompute[s] += c.time;
+        }
         tl.floor += c.floor;
         tl.grows += c.grows;
         tl.gemm += c.gemm;
@@ -1319,20 +1639,89 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
         for &v in &g.nodes[n].outputs {
             ready[v] = clock[s];
         }
-        if let Some((x, buf)) = c.dp {
+        if let Some(x) = c.dp {
             let at = match g.values[x].def {
                 ValueDef::Node { .. } => ready[x],
                 _ => forward[s],
             };
-            grads[s].push((at, buf));
+            grads[s].push((at, numel(x), element(x)));
         }
     }
-    for (s, (tl, mut grads)) in tls.iter_mut().zip(grads).enumerate() {
+    // Under its own distributed optimizer a plan has no dp all-reduces: every gradient it
+    // leaves partial over dp goes to the dp stream when it is ready.
+    if comm && plan.distributed_optimizer() {
+        for &(_, grad) in &plan.grads {
+            if plan.layouts[grad].dp != Layout::Partial {
+                continue;
+            }
+            let s = plan.stage_of_value(grad);
+            let at = match g.values[grad].def {
+                ValueDef::Node { .. } => ready[grad],
+                _ => forward[s],
+            };
+            grads[s].push((at, numel(grad), element(grad)));
+        }
+    }
+    for (s, tl) in tls.iter_mut().enumerate() {
+        tl.forward = forward[s];
+        tl.recompute = recompute[s] + own_recompute[s];
+        tl.backward = clock[s] - forward[s];
+    }
+    Compute { stages: tls, grads }
+}
+
+/// `c`'s stages with what follows their backward pass: the dp gradient reductions (all-reduces,
+/// or with the `distributed` optimizer reduce-scatters of each gradient's padded shard), bucketed
+/// and overlapped as the module docs say; the optimizer on what each rank keeps of the
+/// parameters it holds (its share when `distributed`); and, when `distributed`, the all-gather
+/// of the updated shares. `comm` false: nothing is communicated.
+fn finish(
+    plan: &Plan,
+    cluster: &Cluster,
+    opts: &EstimateOptions,
+    comm: bool,
+    c: &Compute,
+    distributed: bool,
+) -> Vec<Timeline> {
+    let g = &plan.graph;
+    let dtype = compute_dtype(plan, opts);
+    let mem_bw = cluster.memory_bandwidth * cluster.memory_efficiency;
+    let overhead = cluster.kernel_overhead_s;
+    let dp = plan.mesh.dp.max(1);
+    let dp_group = Group {
+        size: plan.mesh.dp,
+        stride: plan.mesh.tp,
+        world: plan.mesh.tp * plan.mesh.dp * plan.mesh.pp.max(1),
+    };
+    let (kind, traffic) = if distributed {
+        (Collective::ReduceScatter, shard_bucket_traffic(dp))
+    } else {
+        (Collective::AllReduce, BUCKET_TRAFFIC)
+    };
+    // The distributed optimizer works on each shard zero-padded to a multiple of dp.
+    let padded = |n: u64| if distributed { n.div_ceil(dp) * dp } else { n };
+    let flush = |b: &mut (f64, f64), clock: &mut f64, total: &mut f64| {
+        if b.0 > 0.0 {
+            let t =
+                collective_time(cluster, kind, dp_group, b.0) + traffic * b.0 / mem_bw + overhead;
+            *clock = clock.max(b.1) + t;
+            *total += t;
+        }
+        *b = (0.0, 0.0);
+    };
+    let mut out = Vec::with_capacity(c.stages.len());
+    for (s, (tl, grads)) in c.stages.iter().zip(&c.grads).enumerate() {
+        let mut tl = tl.clone();
+        let end = tl.pace();
         let mut dp_clock: f64 = 0.0;
         // The open bucket: (bytes, when its last gradient is ready).
         let mut bucket = (0.0f64, 0.0f64);
-        // The plan may list the gradient all-reduces anywhere after their gradients: bucket
+        // The plan may list the gradient reductions anywhere after their gradients: bucket
         // them in the order the gradients become ready.
+        let mut grads: Vec<(f64, f64)> = grads
+            .iter()
+            .map(|&(at, n, e)| (at, (padded(n) * e) as f64))
+            .collect();
         grads.sort_by(|a, b| a.0.total_cmp(&b.0));
         for (at, buf) in grads {
             bucket.0 += buf;
@@ -1342,151 +1731,98 @@ fn timelines(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: bool)
             }
         }
         flush(&mut bucket, &mut dp_clock, &mut tl.dp_comm);
-        tl.forward = forward[s];
-        tl.recompute = recompute[s];
-        tl.backward = clock[s] - forward[s];
         tl.dp_exposed = if opts.overlap_dp {
-            (dp_clock - clock[s]).clamp(0.0, tl.dp_comm)
+            (dp_clock - end).clamp(0.0, tl.dp_comm)
         } else {
             tl.dp_comm
         };
+        let held = plan.params_on(s);
         if opts.optimizer {
-            let held = |p: ParamId| {
-                plan.pipeline
-                    .as_ref()
-                    .is_none_or(|pipe| pipe.holds(s as u32, p))
-            };
-            let (params, count) = g
-                .params
+            let elements: u64 = held
                 .iter()
-                .filter(|&(p, _)| held(p))
-                .fold((0u64, 0u64), |(n, k), (_, p)| {
-                    (n + g.ty(p.value).shape.numel().unwrap_or(0), k + 1)
-                });
+                .map(|&p| optimizer_elements(plan, p, distributed))
+                .sum();
             let (bytes, passes) = optimizer_traffic(dtype.size_bytes() < 4);
-            let kernels = (passes * count) as f64;
-            tl.optimizer = params as f64 * bytes / mem_bw + kernels * overhead;
+            let kernels = (passes * held.len() as u64) as f64;
+            tl.optimizer = elements as f64 * bytes / mem_bw + kernels * overhead;
         }
+        if distributed && comm {
+            // Every rank's updated share gathered into the parameters, fused like the
+            // reductions (the weights at the compute dtype).
+            let gather =
+                |b: f64| collective_time(cluster, Collective::AllGather, dp_group, b) + overhead;
+            let mut bucket = 0.0f64;
+            for &p in &held {
+                let v = g.params[p].value;
+                let ty = g.ty(v);
+                let element = match opts.compute_dtype {
+                    Some(d) if ty.dtype.is_float() => d.size_bytes(),
+                    _ => ty.dtype.size_bytes(),
+                };
+                bucket += (padded(ty.shape.numel().unwrap_or(0)) * element) as f64;
+                if opts.overlap_dp && bucket >= opts.dp_bucket_bytes as f64 {
+                    tl.dp_gather += gather(bucket);
+                    bucket = 0.0;
+                }
+            }
+            if bucket > 0.0 {
+                tl.dp_gather += gather(bucket);
+            }
+        }
+        out.push(tl);
     }
-    tls
+    out
 }
 
-/// Memory per GPU: [`Report`]'s figures, re-priced at the compute dtype, with recomputation's
-/// approximation (see the module docs); with pipeline stages, the heaviest stage's
-/// ([`stage_memory`]).
+/// Memory per GPU: the parameters' weights, gradients and Adam state as [`crate::Report`]
+/// counts them (the Adam state and master weights of each rank's share under the distributed
+/// optimizer) and the activations the backward pass reads from the forward, re-priced at the
+/// compute dtype, with recomputation's (see the module docs); with pipeline stages, the
+/// heaviest stage's ([`stage_memory`]).
 pub fn memory(plan: &Plan, opts: &EstimateOptions) -> Memory {
-    if plan.pipeline.is_some() {
-        if let Some(m) = stage_memory(plan, opts).into_iter().max_by_key(|m| m.total) {
-            return m;
-        }
-    }
-    let g = &plan.graph;
-    let report = Report::of(plan);
-    let r = &report.per_rank;
-    let (weights, gradients, optimizer) = match opts.compute_dtype {
-        None => (r.weights_bytes, r.gradients_bytes, r.optimizer_bytes),
-        Some(d) => {
-            let master = if d == DType::F32 { 0 } else { 4 };
-            (
-                r.parameters * d.size_bytes(),
-                r.parameters * d.size_bytes(),
-                r.parameters * (8 + master),
-            )
-        }
-    };
-    // The values the backward pass reads from the forward, as Report counts them.
-    let mut forward: SecondaryMap<ferrotron_ir::NodeId, bool> = SecondaryMap::new();
-    for &n in &g.order[..plan.backward_start] {
-        forward[n] = true;
-    }
-    let mut saved: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
-    let mut saved_list = Vec::new();
-    for &n in &g.order[plan.backward_start..] {
-        for &v in g.nodes[n].op.inputs() {
-            if let ValueDef::Node { node, .. } = g.values[v].def {
-                if forward[node] && !saved[v] {
-                    saved[v] = true;
-                    saved_list.push((v, node));
-                }
-            }
-        }
-    }
-    let activations = if !opts.recompute {
-        saved_list
-            .iter()
-            .map(|&(v, _)| priced_bytes(g, v, opts))
-            .sum()
-    } else {
-        let layers = layer_of_scope(g);
-        let mut outside = 0u64;
-        let mut per_layer: std::collections::HashMap<ScopeId, u64> = Default::default();
-        for &(v, node) in &saved_list {
-            match layer_of_node(g, &layers, node) {
-                Some(l) => *per_layer.entry(l).or_default() += priced_bytes(g, v, opts),
-                None => outside += priced_bytes(g, v, opts),
-            }
-        }
-        // Each layer's inputs: values its forward nodes read that are defined by forward nodes
-        // outside it.
-        let mut inputs = 0u64;
-        let mut counted: SecondaryMap<ValueId, bool> = SecondaryMap::new();
-        for &n in &g.order[..plan.backward_start] {
-            let Some(l) = layer_of_node(g, &layers, n) else {
-                continue;
-            };
-            for &v in g.nodes[n].op.inputs() {
-                if let ValueDef::Node { node, .. } = g.values[v].def {
-                    if layer_of_node(g, &layers, node) != Some(l) && !counted[v] {
-                        counted[v] = true;
-                        inputs += priced_bytes(g, v, opts);
-                    }
-                }
-            }
-        }
-        outside + inputs + per_layer.values().copied().max().unwrap_or(0)
-    };
-    Memory {
-        weights,
-        gradients,
-        optimizer,
-        activations,
-        total: weights + gradients + optimizer + activations,
-    }
+    stage_memory(plan, opts)
+        .into_iter()
+        .max_by_key(|m| m.total)
+        .unwrap_or_default()
 }
 
 /// Memory per rank of each pipeline stage: the parameters it holds (weights, gradients, Adam
 /// state) and the activations its backward part reads, times the micro-batches in flight (with
-/// recomputation: the layers' inputs of those in flight and one layer's saved set, see the
-/// module docs); without a pipeline, one entry, [`memory`]'s. At the plan's dtype and without
-/// recomputation these are [`Report`]'s per-stage figures.
+/// recomputation: what is kept of those in flight and what one group's recomputation holds, see
+/// the module docs); without a pipeline, one entry, [`memory`]'s. At the plan's dtype and
+/// without recomputation added these are [`crate::Report`]'s per-stage figures.
 pub fn stage_memory(plan: &Plan, opts: &EstimateOptions) -> Vec<Memory> {
-    let Some(pipe) = &plan.pipeline else {
-        return vec![memory(plan, opts)];
-    };
-    stage_memory_holding(plan, opts, &chunked_steps(pipe)).0
+    let order = plan
+        .pipeline
+        .as_ref()
+        .map(chunked_steps)
+        .unwrap_or_default();
+    stage_memory_holding(plan, opts, &order).0
 }
 
-/// [`stage_memory`] with stage `s` running `order[s]`, and the micro-batches each holds at once.
+/// [`stage_memory`] with stage `s` running `order[s]`, and the micro-batches each holds at once
+/// (empty without a pipeline).
 fn stage_memory_holding(
     plan: &Plan,
     opts: &EstimateOptions,
     order: &[Vec<(PipeStep, u32)>],
 ) -> (Vec<Memory>, Vec<u32>) {
-    let Some(pipe) = &plan.pipeline else {
-        return (vec![memory(plan, opts)], Vec::new());
-    };
+    combine(
+        plan,
+        &parameter_memory(plan, opts),
+        &saved(plan, opts),
+        order,
+    )
+}
+
+/// Each stage's parameter memory per rank (its activations left at 0): weights and gradients at
+/// the compute dtype, Adam's two f32 moments and, below f32, an f32 master copy, of each rank's
+/// share under the distributed optimizer.
+fn parameter_memory(plan: &Plan, opts: &EstimateOptions) -> Vec<Memory> {
     let g = &plan.graph;
-    let stages = pipe.stages as usize;
-    let mut out = vec![
-        Memory {
-            weights: 0,
-            gradients: 0,
-            optimizer: 0,
-            activations: 0,
-            total: 0,
-        };
-        stages
-    ];
+    let distributed = distributed_optimizer(plan, opts);
+    let stages = plan.pipeline.as_ref().map_or(1, |p| p.stages as usize);
+    let mut out = vec![Memory::default(); stages];
     for (p, def) in g.params.iter() {
         let ty = g.ty(def.value);
         let n = ty.shape.numel().unwrap_or(0);
@@ -1495,64 +1831,129 @@ fn stage_memory_holding(
             Some(d) => (n * d.size_bytes(), d),
         };
         let master = if state == DType::F32 { 0 } else { 4 };
-        for &s in &pipe.holders[p.index()] {
+        let share = optimizer_elements(plan, p, distributed);
+        let holders = plan
+            .pipeline
+            .as_ref()
+            .map_or(&[0u32][..], |pipe| &pipe.holders[p.index()]);
+        for &s in holders {
             let m = &mut out[s as usize];
             m.weights += weights;
             m.gradients += weights;
-            m.optimizer += n * (8 + master);
+            m.optimizer += share * (8 + master);
         }
     }
+    out
+}
+
+/// What each stage keeps for its backward part: per model chunk, the bytes of one micro-batch
+/// (held from the chunk's forward step to its backward step), and the most one group's
+/// recomputation holds at once.
+struct Saved {
+    held: Vec<Vec<u64>>,
+    transient: Vec<u64>,
+}
+
+/// The activations of `plan` under `opts` (see the module docs): the forward values each
+/// stage's backward nodes read, by the model chunk that made them, those recomputation drops
+/// set apart by group, and what it keeps to start from.
+fn saved(plan: &Plan, opts: &EstimateOptions) -> Saved {
+    let g = &plan.graph;
+    let pipe = plan.pipeline.as_ref();
+    let stages = pipe.map_or(1, |p| p.stages as usize);
+    let chunks = pipe.map_or(1, |p| p.virtual_stages.max(1) as usize);
+    let stage = |n: NodeId| pipe.map_or(0, |p| p.stage_of[n] as usize);
+    let chunk = |n: NodeId| pipe.map_or(0, |p| chunk_of(p, n, chunks));
+    let bytes = |v: ValueId| priced_bytes(g, v, opts);
     let mut forward: SecondaryMap<NodeId, bool> = SecondaryMap::with_capacity(g.nodes.len());
     for &n in &g.order[..plan.backward_start] {
         forward[n] = true;
     }
-    let layers = layer_of_scope(g);
-    let chunks = pipe.virtual_stages.max(1) as usize;
-    // Per stage and model chunk: what its backward part reads from the forward (by the chunk
-    // that made it), kept per micro-batch in flight; with recomputation only the values outside
-    // every layer, and per layer what is recomputed one layer at a time.
-    let mut kept: HashSet<(ValueId, u32)> = HashSet::new();
+    let remade = remade(plan, added_recompute(plan, opts));
     let mut held = vec![vec![0u64; chunks]; stages];
-    let mut per_layer: Vec<HashMap<ScopeId, u64>> = vec![HashMap::new(); stages];
+    let mut groups: Vec<HashMap<u32, u64>> = vec![HashMap::new(); stages];
+    // A value read on several stages is held on each.
+    let mut kept: HashSet<(ValueId, usize)> = HashSet::new();
+    let mut remaking: HashSet<(ValueId, usize)> = HashSet::new();
     for &n in &g.order[plan.backward_start..] {
-        let s = pipe.stage_of[n];
+        let s = stage(n);
         for &v in g.nodes[n].op.inputs() {
-            if let ValueDef::Node { node, .. } = g.values[v].def {
-                if forward[node] && kept.insert((v, s)) {
-                    let bytes = priced_bytes(g, v, opts);
-                    match layer_of_node(g, &layers, node).filter(|_| opts.recompute) {
-                        Some(l) => *per_layer[s as usize].entry(l).or_default() += bytes,
-                        None => held[s as usize][chunk_of(pipe, node, chunks)] += bytes,
-                    }
-                }
-            }
-        }
-    }
-    // With recomputation, each layer's inputs: values its forward nodes read that forward
-    // nodes outside it made, kept with the layer's chunk.
-    if opts.recompute {
-        let mut counted: HashSet<(ValueId, u32)> = HashSet::new();
-        for &n in &g.order[..plan.backward_start] {
-            let Some(l) = layer_of_node(g, &layers, n) else {
+            let Some(node) = producer(g, v).filter(|&p| forward[p]) else {
                 continue;
             };
-            let s = pipe.stage_of[n];
-            for &v in g.nodes[n].op.inputs() {
-                if let ValueDef::Node { node, .. } = g.values[v].def {
-                    if layer_of_node(g, &layers, node) != Some(l) && counted.insert((v, s)) {
-                        held[s as usize][chunk_of(pipe, n, chunks)] += priced_bytes(g, v, opts);
+            match remade.as_ref().and_then(|r| r.dropped[v]) {
+                Some(group) => {
+                    if remaking.insert((v, s)) {
+                        *groups[s].entry(group).or_default() += bytes(v);
+                    }
+                }
+                None => {
+                    if kept.insert((v, s)) {
+                        held[s][chunk(node)] += bytes(v);
                     }
                 }
             }
         }
     }
-    let mut live = Vec::with_capacity(stages);
+    if let Some(r) = &remade {
+        for &(v, reader) in &r.inputs {
+            let s = stage(reader);
+            if kept.insert((v, s)) {
+                held[s][chunk(reader)] += bytes(v);
+            }
+        }
+    }
+    // A plan's own duplicates: what they remake for the backward lives while its layer's
+    // backward runs, one layer at a time.
+    if plan.options.recompute != Recompute::None {
+        let layers = layer_of_scope(g);
+        let mut counted: HashSet<(ValueId, usize)> = HashSet::new();
+        for &n in &g.order[plan.backward_start..] {
+            if is_duplicate(g, n) {
+                continue;
+            }
+            let s = stage(n);
+            for &v in g.nodes[n].op.inputs() {
+                let Some(p) = producer(g, v).filter(|&p| !forward[p] && is_duplicate(g, p)) else {
+                    continue;
+                };
+                if counted.insert((v, s)) {
+                    let group = layer_of_node(g, &layers, p).map_or(u32::MAX, |l| l.index() as u32);
+                    *groups[s].entry(group).or_default() += bytes(v);
+                }
+            }
+        }
+    }
+    Saved {
+        held,
+        transient: groups
+            .iter()
+            .map(|m| m.values().copied().max().unwrap_or(0))
+            .collect(),
+    }
+}
+
+/// Each stage's memory from its parameters (`params`) and what it keeps (`kept`), running
+/// `order` (the micro-batches in flight at once, as [`crate::Report`] counts them), and those
+/// micro-batch counts (empty without a pipeline).
+fn combine(
+    plan: &Plan,
+    params: &[Memory],
+    kept: &Saved,
+    order: &[Vec<(PipeStep, u32)>],
+) -> (Vec<Memory>, Vec<u32>) {
+    let mut out = params.to_vec();
+    let mut live = Vec::new();
     for (s, m) in out.iter_mut().enumerate() {
-        let (in_flight, bytes) = holding(order.get(s).map_or(&[], |o| o), &held[s]);
-        let one_layer = per_layer[s].values().copied().max().unwrap_or(0);
-        m.activations = bytes + one_layer;
+        let bytes = if plan.pipeline.is_some() {
+            let (in_flight, bytes) = holding(order.get(s).map_or(&[], |o| o), &kept.held[s]);
+            live.push(in_flight);
+            bytes
+        } else {
+            kept.held[s].iter().sum()
+        };
+        m.activations = bytes + kept.transient[s];
         m.total = m.weights + m.gradients + m.optimizer + m.activations;
-        live.push(in_flight);
     }
     (out, live)
 }
@@ -1684,10 +2085,10 @@ pub fn weak_scaling_table(
          figure 5's bar labels (§5.1.1 states the 77% and the 74%).\n",
         cluster.name,
         if opts.overlap_dp { "" } else { " --no-overlap" },
-        if opts.recompute {
-            "activation recomputation"
-        } else {
-            "no recomputation"
+        match opts.recompute {
+            Recompute::None => "no recomputation",
+            Recompute::Selective => "selective recomputation (the attention cores)",
+            Recompute::Full => "activation recomputation",
         },
         if opts.overlap_dp {
             "overlapped with the backward pass"

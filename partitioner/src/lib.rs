@@ -8,6 +8,7 @@
 //! ```
 //!
 //! - [`layout`]: the layout algebra (replicated / split / partial).
+//! - [`liveness`]: a rank's peak memory by liveness over the plan's program.
 //! - [`mesh`]: the device mesh (rank ↔ coordinates) and shard geometry (which indices a rank
 //!   holds): the one place that slices by rank.
 //! - [`rules`]: each op's sharding rules on one mesh axis.
@@ -25,18 +26,21 @@
 //! - [`report`]: what a plan communicates and stores per rank.
 //! - [`simulate`]: the executable semantics of a plan, run on simulated ranks in `f64`.
 //! - [`cost`]: the cost model: cluster files, step time, throughput, memory, weak scaling.
+//! - [`published`]: the cost model and the planner against published runs (the PTD-P table).
 #![warn(missing_docs)]
 
 pub mod check;
 pub mod cost;
 pub mod cut;
 pub mod layout;
+pub mod liveness;
 pub mod lower;
 pub mod mesh;
 pub mod pipeline;
 pub mod plan;
 pub mod planfile;
 pub mod planner;
+pub mod published;
 pub mod recompute;
 pub mod report;
 pub mod rules;

@@ -1,43 +1,54 @@
-//! The planner: how to run a model on a number of GPUs — tensor parallelism × pipeline stages ×
-//! data parallelism, micro-batches and schedule, with or without sequence parallelism and
-//! activation recomputation — ranked by the cost model's predicted throughput among the
-//! candidates that fit in memory, with the reasons the winner wins.
+//! The planner: how to run a model on a number of GPUs — tensor parallelism × pipeline stages
+//! (with model chunks, interleaved) × data parallelism, the micro-batch size and schedule,
+//! sequence parallelism, activation recomputation (none, selective, full) and the distributed
+//! optimizer (ZeRO stage 0 or 1) — ranked by the cost model's predicted throughput among the
+//! candidates that fit in memory, with the reasons the winner wins and why the others do not
+//! run.
 //!
 //! ```text
 //! model + cluster + GPUs ─► every tp dividing the GPUs that the model allows
 //!     × pp (any stage count up to the layers, tp·pp dividing the GPUs; dp = GPUs / (tp·pp))
-//!     × micro-batches M (a few divisors of the replica's batch, from pp up, most first)
-//!     × sequence parallelism ─► partition: one plan per (tp, pp, M, SP)
-//!     × recomputation × schedule (pricing options: the schedule only changes the steps' order)
-//!     ─► cost::estimate ─► ranked candidates + explanation
+//!     × V model chunks per stage (1, or interleaved where the layers divide into pp·V chunks)
+//!     × micro-batches M (a few divisors of the replica's batch, from pp up, most first: the
+//!       micro-batch size is the replica's batch / M)
+//!     × sequence parallelism ─► partition: one plan per (tp, pp, V, M, SP)
+//!     × recomputation × ZeRO stage × schedule (pricing options of the one plan:
+//!       cost::estimate_variants)
+//!     ─► ranked candidates + explanation
 //! ```
 //!
 //! The global batch stays fixed (the model's `batch` dimension, unless given): dp replicas each
 //! take `batch / dp` sequences, run as `M` micro-batches, so the plan's graph is one
 //! micro-batch's (`batch / M` sequences over the dp replicas) and candidates are compared on the
-//! same work.
+//! same work. Any of the dimensions can be fixed ([`Space`]), so a published configuration is
+//! priced as written.
 //!
-//! What keeps the search short (a 128-layer model on thousands of GPUs has hundreds of
+//! What keeps the search short (a 128-layer model on thousands of GPUs has thousands of
 //! configurations, each a partition of the whole graph):
 //!
-//! - a (tp, pp) whose parameters alone, spread evenly over its `tp · pp` GPUs, exceed a GPU's
-//!   memory is not partitioned (no cut of the layers beats the even spread);
+//! - recomputation and the ZeRO stage are priced on one plan partitioned without them (the cost
+//!   model prices both analytically, [`EstimateOptions`]), and so is the schedule;
+//! - a (tp, pp) whose parameters alone, spread evenly over its `tp · pp` GPUs (their Adam state
+//!   over dp too where the distributed optimizer is searched), exceed a GPU's memory is not
+//!   partitioned (no cut of the layers beats the even spread);
 //! - one micro-batch's work on one rank of every stage ([`Work`]) is the same for every stage
-//!   count and replica count with the same tp, sequence parallelism and micro-batch size, and
-//!   bounds it for larger micro-batches; it puts a floor under the step of every configuration
-//!   sharing them. The search prices one chain per tp and sequence parallelism first (the fewest
-//!   stages whose parameters take at most half a GPU), then the others, fewest-floor first, a
-//!   few at a time, skipping any whose floor is above the best step so far — skipped ones are
-//!   provably slower than the winner, not listed, and counted in [`Choice::skipped`];
+//!   count, model chunk count, replica count and ZeRO stage with the same tp, sequence
+//!   parallelism, recomputation and micro-batch size, and bounds it for larger micro-batches;
+//!   it puts a floor under the step of every configuration sharing them. The search prices one
+//!   chain per tp and sequence parallelism first (the fewest stages whose parameters take at
+//!   most half a GPU), then the others, fewest-floor first, a few at a time, skipping any whose
+//!   floor (with the lightest recomputation searched) is above the best step so far — skipped
+//!   ones are provably slower than the winner, not listed, and counted in [`Choice::skipped`];
 //! - micro-batch counts are tried most first (the least memory and bubble); fewer are tried
-//!   only while the last one fit, and with recomputation's floor once only recomputation fit;
-//! - each micro-batch size's graph is loaded once; recomputation and the schedule re-price one
-//!   plan ([`estimate_schedules`]) instead of partitioning again; chains run on every core.
+//!   only while the last one fit, and with the floor of the lightest recomputation that fit;
+//! - each micro-batch size's graph is loaded once; chains run on every core.
 //!
-//! [`choose`] keeps the one-stage search (tp × dp); [`choose_in`] takes the [`Space`].
+//! [`choose`] keeps the one-stage search of the 2019 paper (tp × dp × sequence parallelism ×
+//! full recomputation or none); [`choose_in`] takes the [`Space`].
 
-use crate::cost::{estimate_schedules, work, Cluster, Estimate, EstimateOptions, Work};
+use crate::cost::{estimate_variants, Cluster, Estimate, EstimateOptions, Work};
 use crate::pipeline::Schedule;
+use crate::recompute::Recompute;
 use crate::{partition, PartitionError, PartitionOptions};
 use ferrotron_ir::{DType, Graph};
 use serde::Serialize;
@@ -45,37 +56,87 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Which configurations the planner tries.
+/// Which configurations the planner tries. The `Option` fields fix a dimension (`None`: search
+/// it); the lists are the choices searched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Space {
-    /// Pipeline stages and micro-batches (with both schedules); off: one stage, one
-    /// micro-batch (tp × dp only).
+    /// Pipeline stages and micro-batches (with every schedule); off: one stage, one
+    /// micro-batch (tp × dp only) unless the micro-batch size is fixed.
     pub pipeline: bool,
     /// Micro-batch counts tried per (tp, pp) at most, besides one sequence per micro-batch.
     pub micro_batch_counts: usize,
+    /// The most model chunks per stage tried for the interleaved schedule (every `V` from 2 up
+    /// to it where the layers divide into `pp × V` equal chunks); 1: no interleaving.
+    pub max_virtual_stages: u64,
+    /// The recomputation choices.
+    pub recompute: Vec<Recompute>,
+    /// The ZeRO stages (1, the distributed optimizer, only where dp > 1).
+    pub zero: Vec<u8>,
+    /// Sequence parallelism, without and with.
+    pub sequence_parallel: Vec<bool>,
+    /// Tensor-parallel degree, fixed.
+    pub tp: Option<u64>,
+    /// Pipeline stages, fixed.
+    pub pp: Option<u64>,
+    /// Model chunks per stage, fixed (above 1: the interleaved schedule).
+    pub virtual_stages: Option<u64>,
+    /// Sequences per micro-batch on each replica (Megatron's `--micro-batch-size`), fixed.
+    pub micro_batch_size: Option<u64>,
 }
 
 impl Space {
-    /// tp × dp (× sequence parallelism × recomputation): one stage, one micro-batch.
+    /// tp × dp × sequence parallelism × full recomputation or none, one stage, one micro-batch,
+    /// the optimizer state replicated: the 2019 paper's choices.
     pub fn one_stage() -> Space {
         Space {
             pipeline: false,
             micro_batch_counts: 1,
+            max_virtual_stages: 1,
+            recompute: vec![Recompute::None, Recompute::Full],
+            zero: vec![0],
+            ..Space::full()
         }
     }
 
-    /// tp × pp × dp × micro-batches × schedule (× sequence parallelism × recomputation).
+    /// tp × pp × V × dp × micro-batch size × schedule × sequence parallelism × recomputation
+    /// (none, selective, full) × ZeRO stage (0, 1).
     pub fn full() -> Space {
         Space {
             pipeline: true,
             micro_batch_counts: 4,
+            max_virtual_stages: 4,
+            recompute: vec![Recompute::None, Recompute::Selective, Recompute::Full],
+            zero: vec![0, 1],
+            sequence_parallel: vec![false, true],
+            tp: None,
+            pp: None,
+            virtual_stages: None,
+            micro_batch_size: None,
         }
+    }
+
+    /// The recomputation searched with the least work (and the most memory).
+    fn lightest(&self) -> Recompute {
+        self.recompute
+            .iter()
+            .copied()
+            .min_by_key(|&r| weight(r))
+            .unwrap_or(Recompute::None)
     }
 }
 
 impl Default for Space {
     fn default() -> Space {
         Space::full()
+    }
+}
+
+/// Recomputation modes by the work they add (and, the other way round, the memory they keep).
+fn weight(r: Recompute) -> u8 {
+    match r {
+        Recompute::None => 0,
+        Recompute::Selective => 1,
+        Recompute::Full => 2,
     }
 }
 
@@ -88,21 +149,29 @@ pub struct Candidate {
     pub dp: u64,
     /// Pipeline stages.
     pub pp: u64,
+    /// Model chunks per stage (above 1: the interleaved schedule).
+    pub virtual_stages: u64,
     /// Micro-batches per step.
     pub micro_batches: u64,
+    /// Sequences per micro-batch on each replica: the global batch / (dp × micro-batches).
+    pub micro_batch_size: u64,
     /// The pipeline schedule, for a plan with several micro-batches.
     #[serde(serialize_with = "schedule_name")]
     pub schedule: Option<Schedule>,
     /// Sequence parallelism.
     pub sequence_parallel: bool,
     /// Activation recomputation.
-    pub recompute: bool,
+    #[serde(serialize_with = "recompute_name")]
+    pub recompute: Recompute,
+    /// The ZeRO stage (1: the distributed optimizer).
+    pub zero: u8,
     /// Predicted tokens per second over the whole cluster (0 when it cannot run).
     pub tokens_per_second: f64,
     /// The prediction, when the model partitions at this degree.
     #[serde(rename = "simulation")]
     pub estimate: Option<Estimate>,
-    /// Why it cannot run (the partitioner's error, or memory the parameters alone exceed), if so.
+    /// Why it cannot run (the partitioner's error, a dimension that does not divide, or memory
+    /// the parameters alone exceed), if so.
     pub error: Option<String>,
 }
 
@@ -111,6 +180,10 @@ fn schedule_name<S: serde::Serializer>(s: &Option<Schedule>, ser: S) -> Result<S
         Some(s) => ser.serialize_some(&s.to_string()),
         None => ser.serialize_none(),
     }
+}
+
+fn recompute_name<S: serde::Serializer>(r: &Recompute, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(&r.to_string())
 }
 
 impl Candidate {
@@ -133,15 +206,33 @@ impl Candidate {
         self.tp * self.pp
     }
 
+    /// Why it cannot run, in a few words: memory (by how much it is over) or the refusal;
+    /// `None` when it runs.
+    pub fn why_not(&self) -> Option<String> {
+        match (&self.estimate, &self.error) {
+            (Some(s), _) if !s.fits => Some(format!(
+                "needs {:.1} GiB per GPU, {:.1} GiB over the {:.0} GiB it has",
+                gib(s.memory_bytes_per_gpu),
+                gib(s.memory_bytes_per_gpu - s.memory_capacity_bytes),
+                gib(s.memory_capacity_bytes)
+            )),
+            (Some(_), _) => None,
+            (None, e) => Some(e.clone().unwrap_or_default()),
+        }
+    }
+
     fn refused(tp: u64, dp: u64, pp: u64, error: String) -> Candidate {
         Candidate {
             tp,
             dp,
             pp,
+            virtual_stages: 1,
             micro_batches: 0,
+            micro_batch_size: 0,
             schedule: None,
             sequence_parallel: false,
-            recompute: false,
+            recompute: Recompute::None,
+            zero: 0,
             tokens_per_second: 0.0,
             estimate: None,
             error: Some(error),
@@ -179,9 +270,25 @@ pub fn choose(
     choose_in(load, cluster, gpus, batch, base, &Space::one_stage())
 }
 
+/// The first few of `values`, comma-separated, with `…` when there are more.
+fn listed(values: impl IntoIterator<Item = u64>) -> String {
+    let values: Vec<u64> = values.into_iter().collect();
+    let mut out: Vec<String> = values.iter().take(12).map(u64::to_string).collect();
+    if values.len() > 12 {
+        out.push("…".into());
+    }
+    out.join(", ")
+}
+
+/// The divisors of `n`.
+fn divisors(n: u64) -> impl Iterator<Item = u64> {
+    (1..=n).filter(move |d| n.is_multiple_of(*d))
+}
+
 /// Prices every configuration of `space` for `gpus` GPUs of `cluster` with the global batch
 /// `batch` (the model's own when `None`); `load` as for [`choose`] (it is asked for one
-/// micro-batch's graph: `batch / M` sequences).
+/// micro-batch's graph: `batch / M` sequences). Recomputation and the ZeRO stage come from
+/// `space`, whatever `base` says.
 pub fn choose_in(
     load: impl Fn(Option<u64>) -> Result<Graph, String>,
     cluster: &Cluster,
@@ -199,63 +306,177 @@ pub fn choose_in(
         .ok_or("the model has no `batch` dimension")?;
     let tokens = ferrotron_ir::count::tokens_per_step(&graph).unwrap_or(0) as f64;
     let layers = graph.layers().count() as u64;
-    let param_bytes = parameter_bytes(&graph, base.compute_dtype);
+    let (param_bytes, state_bytes) = parameter_bytes(&graph, base.compute_dtype);
+    let zero_one = space.zero.iter().any(|&z| z >= 1);
+    // What a GPU holds of the parameters at least, spread evenly over tp × pp GPUs (the Adam
+    // state over the replicas too where the distributed optimizer is searched).
+    let least = |tp: u64, pp: u64, dp: u64| {
+        let state = if zero_one {
+            state_bytes / dp.max(1) as f64
+        } else {
+            state_bytes
+        };
+        (param_bytes + state) / (tp * pp) as f64
+    };
     // One micro-batch's graph by its batch, loaded once.
     let mut graphs: HashMap<u64, Graph> = HashMap::new();
     graphs.insert(global, graph);
     let mut candidates = Vec::new();
     let mut chains = Vec::new();
-    for tp in (0..=gpus.trailing_zeros().min(12))
-        .map(|k| 1u64 << k)
-        .chain((3..=gpus).filter(|t| gpus.is_multiple_of(*t) && !t.is_power_of_two()))
-    {
-        if !gpus.is_multiple_of(tp) {
+    let tps: Vec<u64> = match space.tp {
+        Some(tp) => vec![tp],
+        None => (0..=gpus.trailing_zeros().min(12))
+            .map(|k| 1u64 << k)
+            .chain((3..=gpus).filter(|t| gpus.is_multiple_of(*t) && !t.is_power_of_two()))
+            .collect(),
+    };
+    for tp in tps {
+        if tp == 0 || !gpus.is_multiple_of(tp) {
+            candidates.push(vec![Candidate::refused(
+                tp,
+                0,
+                space.pp.unwrap_or(1),
+                format!(
+                    "tp = {tp} does not divide the {gpus} GPUs (valid tp: {})",
+                    listed(divisors(gpus))
+                ),
+            )]);
             continue;
         }
-        let stage_counts: Vec<u64> = if space.pipeline {
-            (1..=layers.max(1))
+        let stage_counts: Vec<u64> = match space.pp {
+            Some(pp) => vec![pp],
+            None if space.pipeline => (1..=layers.max(1))
                 .filter(|pp| (gpus / tp).is_multiple_of(*pp))
-                .collect()
-        } else {
-            vec![1]
+                .collect(),
+            None => vec![1],
         };
         for pp in stage_counts {
+            if pp == 0 || !(gpus / tp).is_multiple_of(pp) || pp > layers.max(1) {
+                candidates.push(vec![Candidate::refused(
+                    tp,
+                    0,
+                    pp,
+                    format!(
+                        "pp = {pp} does not divide the {} GPUs per tp rank into stages of at \
+                         least a layer (valid pp: {})",
+                        gpus / tp,
+                        listed(divisors(gpus / tp).filter(|&p| p <= layers.max(1)))
+                    ),
+                )]);
+                continue;
+            }
             let dp = gpus / (tp * pp);
             if !global.is_multiple_of(dp) {
                 candidates.push(vec![Candidate::refused(
                     tp,
                     dp,
                     pp,
-                    format!("the global batch {global} does not divide into {dp} replicas"),
+                    format!(
+                        "the global batch {global} does not divide into {dp} replicas (dp: \
+                         GPUs / (tp × pp); dp dividing both {global} and {gpus}: {})",
+                        listed(divisors(gcd(global, gpus)))
+                    ),
                 )]);
                 continue;
             }
             // No cut of the layers holds fewer parameters per GPU than an even spread.
-            let least = param_bytes / (tp * pp) as f64;
-            if space.pipeline && least > cluster.memory_bytes as f64 {
+            let at_least = least(tp, pp, dp);
+            if space.pipeline && at_least > cluster.memory_bytes as f64 {
                 candidates.push(vec![Candidate::refused(
                     tp,
                     dp,
                     pp,
                     format!(
-                        "{PARAMETERS_ALONE} {:.1} GiB per GPU at tp × pp = {}",
-                        gib_f(least),
-                        tp * pp
+                        "{PARAMETERS_ALONE} {:.1} GiB per GPU at tp × pp = {}, {:.1} GiB over \
+                         the {:.0} GiB it has",
+                        gib_f(at_least),
+                        tp * pp,
+                        gib_f(at_least - cluster.memory_bytes as f64),
+                        gib(cluster.memory_bytes)
                     ),
                 )]);
                 continue;
             }
-            for sp in [false, true] {
-                chains.push(Chain {
-                    tp,
-                    pp,
-                    dp,
-                    sp,
-                    per_replica: global / dp,
-                    counts: micro_batch_counts(global / dp, pp, space),
-                    slot: candidates.len(),
-                });
-                candidates.push(Vec::new());
+            let per_replica = global / dp;
+            let counts = match space.micro_batch_size {
+                Some(b) if b == 0 || !per_replica.is_multiple_of(b) => {
+                    candidates.push(vec![Candidate::refused(
+                        tp,
+                        dp,
+                        pp,
+                        format!(
+                            "micro-batch size {b} does not divide the {per_replica} sequences \
+                             of a replica (global batch {global} / dp {dp}; valid: {})",
+                            listed(divisors(per_replica))
+                        ),
+                    )]);
+                    continue;
+                }
+                Some(b) => vec![per_replica / b],
+                None => micro_batch_counts(per_replica, pp, space),
+            };
+            let chunk_counts: Vec<u64> = match space.virtual_stages {
+                Some(v) => vec![v],
+                None if space.pipeline && pp > 1 => std::iter::once(1)
+                    .chain((2..=space.max_virtual_stages).filter(|v| layers.is_multiple_of(pp * v)))
+                    .collect(),
+                None => vec![1],
+            };
+            for v in chunk_counts {
+                if v > 1 && (pp < 2 || !layers.is_multiple_of(pp * v)) {
+                    candidates.push(vec![Candidate::refused(
+                        tp,
+                        dp,
+                        pp,
+                        format!(
+                            "{v} model chunks per stage: the interleaved schedule needs pp ≥ 2 \
+                             and the {layers} layers in pp × V equal chunks (valid V at pp = \
+                             {pp}: {})",
+                            listed(
+                                divisors(layers / pp.max(1))
+                                    .filter(|_| pp >= 2 && layers.is_multiple_of(pp))
+                            )
+                        ),
+                    )]);
+                    continue;
+                }
+                // The interleaved schedule runs micro-batches in groups of pp.
+                let counts: Vec<u64> = counts
+                    .iter()
+                    .copied()
+                    .filter(|m| v == 1 || m.is_multiple_of(pp))
+                    .collect();
+                if counts.is_empty() {
+                    if space.virtual_stages.is_some() || space.micro_batch_size.is_some() {
+                        candidates.push(vec![Candidate::refused(
+                            tp,
+                            dp,
+                            pp,
+                            format!(
+                                "the interleaved schedule runs micro-batches in groups of pp = \
+                                 {pp}: {per_replica} sequences per replica give no multiple of \
+                                 {pp} micro-batches{}",
+                                space
+                                    .micro_batch_size
+                                    .map_or(String::new(), |b| format!(" of {b}"))
+                            ),
+                        )]);
+                    }
+                    continue;
+                }
+                for &sp in &space.sequence_parallel {
+                    chains.push(Chain {
+                        tp,
+                        pp,
+                        dp,
+                        v,
+                        sp,
+                        per_replica,
+                        counts: counts.clone(),
+                        slot: candidates.len(),
+                    });
+                    candidates.push(Vec::new());
+                }
             }
         }
     }
@@ -265,6 +486,7 @@ pub fn choose_in(
         tokens,
         cluster,
         base,
+        space,
         graphs,
         works: HashMap::new(),
         best: f64::INFINITY,
@@ -274,13 +496,16 @@ pub fn choose_in(
     // First, for each tp and sequence parallelism, one chain at its most micro-batches: a step
     // to beat, and the work per micro-batch that bounds the others. Fewer stages are faster
     // (less bubble for the same micro-batch) and more hold less, so the one with the fewest
-    // stages whose parameters take at most half a GPU, or else the most stages.
+    // stages whose parameters take at most half a GPU, or else the most stages; one model
+    // chunk per stage before several.
     let mut leads: Vec<usize> = Vec::new();
-    let roomy = |c: &Chain| param_bytes / (c.tp * c.pp) as f64 <= 0.5 * cluster.memory_bytes as f64;
+    let roomy = |c: &Chain| least(c.tp, c.pp, c.dp) <= 0.5 * cluster.memory_bytes as f64;
     for (i, c) in chains.iter().enumerate() {
         let better = |j: usize| {
             let l = &chains[j];
             match (roomy(l), roomy(c)) {
+                _ if l.v == 1 && c.v > 1 => false,
+                _ if l.v > 1 && c.v == 1 => true,
                 (false, true) => true,
                 (true, true) => c.pp < l.pp,
                 (false, false) => c.pp > l.pp,
@@ -302,11 +527,10 @@ pub fn choose_in(
     let others: Vec<usize> = (0..chains.len()).filter(|i| !leads.contains(i)).collect();
     let second = search.round(&load, &others)?;
     // Then fewer, larger micro-batches, while they might fit and might beat the best step.
-    let fit: Vec<(usize, bool)> = first
+    let fit: Vec<(usize, Recompute)> = first
         .iter()
         .chain(&second)
-        .filter(|(_, t)| t.fits)
-        .map(|(i, t)| (*i, !t.fits_plain))
+        .filter_map(|(i, t)| t.lightest_fit.map(|r| (*i, r)))
         .collect();
     let third = search.fewer(&load, &fit)?;
     for (i, tried) in first.into_iter().chain(second) {
@@ -330,6 +554,14 @@ pub fn choose_in(
     })
 }
 
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// The state of a search over chains: the graphs loaded, the work per micro-batch found, the
 /// best step so far.
 struct Search<'a> {
@@ -338,19 +570,20 @@ struct Search<'a> {
     tokens: f64,
     cluster: &'a Cluster,
     base: &'a EstimateOptions,
+    space: &'a Space,
     graphs: HashMap<u64, Graph>,
     /// [`Work`] by (tp, sequence parallel, sequences per replica and micro-batch,
     /// recomputation).
-    works: HashMap<(u64, bool, u64, bool), Work>,
+    works: HashMap<(u64, bool, u64, Recompute), Work>,
     best: f64,
     refused_tp: Vec<u64>,
     skipped: usize,
 }
 
 impl Search<'_> {
-    /// The highest floor the known work (`recompute`: with recomputation) puts under chain
+    /// The highest floor the known work (with recomputation `recompute`) puts under chain
     /// `c`'s step at `m` micro-batches (0 when nothing is known).
-    fn floor(&self, c: &Chain, m: u64, recompute: bool, own: &[(u64, Work)]) -> f64 {
+    fn floor(&self, c: &Chain, m: u64, recompute: Recompute, own: &[(u64, Work)]) -> f64 {
         let b = c.per_replica / m;
         self.works
             .iter()
@@ -358,7 +591,7 @@ impl Search<'_> {
             .map(|(&(_, _, b0, _), &w)| (b0, w))
             .chain(own.iter().copied())
             .filter(|&(b0, _)| b0 <= b)
-            .map(|(b0, w)| w.floor(c.pp, m, b as f64 / b0 as f64))
+            .map(|(b0, w)| w.floor_interleaved(c.pp, c.v, m, b as f64 / b0 as f64))
             .fold(0.0, f64::max)
     }
 
@@ -382,11 +615,12 @@ impl Search<'_> {
         load: &impl Fn(Option<u64>) -> Result<Graph, String>,
         chains: &[usize],
     ) -> Result<Vec<(usize, Tried)>, String> {
+        let lightest = self.space.lightest();
         let mut order: Vec<(f64, usize)> = chains
             .iter()
             .map(|&i| {
                 let c = &self.chains[i];
-                (self.floor(c, c.counts[0], false, &[]), i)
+                (self.floor(c, c.counts[0], lightest, &[]), i)
             })
             .collect();
         order.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -398,7 +632,7 @@ impl Search<'_> {
                 if self.refused_tp.contains(&c.tp) {
                     continue;
                 }
-                if self.floor(c, c.counts[0], false, &[]) > self.best {
+                if self.floor(c, c.counts[0], lightest, &[]) > self.best {
                     self.skipped += c.counts.len();
                     continue;
                 }
@@ -432,12 +666,12 @@ impl Search<'_> {
 
     /// Tries the later micro-batch counts of `chains` (each in order, the chains in parallel),
     /// each while its floor is under the best step so far and the one before fit. A chain that
-    /// fit only with recomputation at more micro-batches needs it at fewer (they hold more), so
-    /// its floors are those with recomputation.
+    /// fit only with some recomputation at more micro-batches needs at least as much at fewer
+    /// (they hold more), so its floors are those of the lightest recomputation that fit.
     fn fewer(
         &mut self,
         load: &impl Fn(Option<u64>) -> Result<Graph, String>,
-        chains: &[(usize, bool)],
+        chains: &[(usize, Recompute)],
     ) -> Result<Vec<(usize, Vec<Candidate>)>, String> {
         let mut run = Vec::new();
         for &(i, recompute) in chains {
@@ -459,25 +693,32 @@ impl Search<'_> {
         let found = parallel_map(&run, |(i, recompute, open)| {
             let c = &this.chains[*i];
             let mut recompute = *recompute;
-            // The work of the counts tried here: (sequences per micro-batch, plain, recomputed).
-            let mut own: Vec<(u64, Work, Work)> = Vec::new();
+            // The work of the counts tried here: (sequences per micro-batch, per recomputation).
+            let mut own: Vec<(u64, Vec<(Recompute, Work)>)> = Vec::new();
             let mut out = Vec::new();
             let mut skipped = 0;
             for (k, &m) in open.iter().enumerate() {
                 let known: Vec<(u64, Work)> = own
                     .iter()
-                    .map(|&(b, plain, re)| (b, if recompute { re } else { plain }))
+                    .filter_map(|(b, works)| {
+                        works
+                            .iter()
+                            .find(|(r, _)| *r == recompute)
+                            .map(|&(_, w)| (*b, w))
+                    })
                     .collect();
                 if this.floor(c, m, recompute, &known) > this.best {
                     skipped = open.len() - k;
                     break;
                 }
                 let t = c.try_count(&this.graphs[&(this.global / m)], m, this);
-                recompute |= !t.fits_plain;
-                own.extend(t.works.map(|(plain, re)| (c.per_replica / m, plain, re)));
+                if let Some(r) = t.lightest_fit.filter(|&r| weight(r) > weight(recompute)) {
+                    recompute = r;
+                }
+                own.push((c.per_replica / m, t.works.clone()));
                 out.extend(t.candidates);
                 // Fewer, larger micro-batches only hold more activations.
-                if !t.fits {
+                if t.lightest_fit.is_none() {
                     skipped = open.len() - k - 1;
                     break;
                 }
@@ -494,10 +735,11 @@ impl Search<'_> {
 
     /// Takes in a tried count's work and best step.
     fn take(&mut self, c: &Chain, t: &Tried) {
-        if let (Some((plain, re)), Some(m)) = (t.works, t.m) {
+        if let Some(m) = t.m {
             let b = c.per_replica / m;
-            self.works.insert((c.tp, c.sp, b, false), plain);
-            self.works.insert((c.tp, c.sp, b, true), re);
+            for &(r, w) in &t.works {
+                self.works.insert((c.tp, c.sp, b, r), w);
+            }
         }
         for cand in t.candidates.iter().filter(|c| c.feasible()) {
             if let Some(e) = &cand.estimate {
@@ -511,11 +753,14 @@ impl Search<'_> {
 /// enough that a good step found early spares the rest.
 const BATCH: usize = 4;
 
-/// One (tp, pp, sequence parallelism) and the micro-batch counts to try, most first.
+/// One (tp, pp, model chunks, sequence parallelism) and the micro-batch counts to try, most
+/// first.
 struct Chain {
     tp: u64,
     pp: u64,
     dp: u64,
+    /// Model chunks per stage (above 1: interleaved).
+    v: u64,
     sp: bool,
     /// Sequences per data-parallel replica in a step.
     per_replica: u64,
@@ -528,29 +773,35 @@ struct Chain {
 /// What partitioning and pricing one micro-batch count gave.
 struct Tried {
     candidates: Vec<Candidate>,
-    /// Whether any pricing of it fits in memory.
-    fits: bool,
-    /// Whether one without recomputation fits.
-    fits_plain: bool,
+    /// The recomputation with the least work among the pricings that fit in memory, if any
+    /// does.
+    lightest_fit: Option<Recompute>,
     /// The partitioner's error, and whether it refuses the tp degree itself.
     error: Option<(String, bool)>,
-    /// The micro-batch count tried and its plan's work without and with recomputation, when
-    /// it partitioned.
+    /// The micro-batch count tried and its plan's work under each recomputation searched,
+    /// when it partitioned.
     m: Option<u64>,
-    works: Option<(Work, Work)>,
+    works: Vec<(Recompute, Work)>,
 }
 
 impl Chain {
-    /// Partitions `graph` (one micro-batch's) for `m` micro-batches and prices it with and
-    /// without recomputation, under each schedule.
+    /// Partitions `graph` (one micro-batch's) for `m` micro-batches and prices it under every
+    /// recomputation, ZeRO stage and schedule the space searches.
     fn try_count(&self, graph: &Graph, m: u64, search: &Search) -> Tried {
-        let (cluster, base, tokens) = (search.cluster, search.base, search.tokens);
+        let (cluster, base, tokens, space) =
+            (search.cluster, search.base, search.tokens, search.space);
         let opts = PartitionOptions {
             tp: self.tp,
             dp: self.dp,
             sequence_parallel: self.sp,
             pp: self.pp,
             micro_batches: m,
+            schedule: if self.v > 1 {
+                Schedule::Interleaved
+            } else {
+                Schedule::OneFOneB
+            },
+            virtual_stages: self.v,
             ..PartitionOptions::default()
         };
         let plan = match partition(graph, &opts) {
@@ -559,57 +810,63 @@ impl Chain {
                 let whole_tp = matches!(error, PartitionError::Indivisible { axis: "tp", .. });
                 return Tried {
                     candidates: Vec::new(),
-                    fits: false,
-                    fits_plain: false,
+                    lightest_fit: None,
                     error: Some((error.to_string(), whole_tp)),
                     m: None,
-                    works: None,
+                    works: Vec::new(),
                 };
             }
         };
-        let schedules: &[Schedule] = if self.pp > 1 {
+        let schedules: &[Schedule] = if self.v > 1 {
+            &[Schedule::Interleaved]
+        } else if self.pp > 1 {
             &[Schedule::OneFOneB, Schedule::GPipe]
         } else {
             &[Schedule::OneFOneB]
         };
+        // The distributed optimizer is the same as none on one replica.
+        let mut zeros: Vec<u8> = space
+            .zero
+            .iter()
+            .map(|&z| if self.dp > 1 { z.min(1) } else { 0 })
+            .collect();
+        zeros.dedup();
+        let variants: Vec<(Recompute, u8)> = space
+            .recompute
+            .iter()
+            .flat_map(|&r| zeros.iter().map(move |&z| (r, z)))
+            .collect();
+        let priced = estimate_variants(&plan, schedules, cluster, base, &variants);
         let mut candidates = Vec::new();
-        for recompute in [false, true] {
-            let opts = EstimateOptions {
-                recompute,
-                ..base.clone()
-            };
-            for sim in estimate_schedules(&plan, schedules, cluster, &opts) {
+        for (&(recompute, zero), estimates) in variants.iter().zip(priced.estimates) {
+            for sim in estimates {
                 candidates.push(Candidate {
                     tp: self.tp,
                     dp: self.dp,
                     pp: self.pp,
+                    virtual_stages: self.v,
                     micro_batches: m,
+                    micro_batch_size: self.per_replica / m,
                     schedule: sim.schedule,
                     sequence_parallel: self.sp,
                     recompute,
+                    zero,
                     tokens_per_second: tokens / sim.step_time_s.max(1e-12),
                     estimate: Some(sim),
                     error: None,
                 });
             }
         }
-        let works = (self.pp > 1 || self.counts.len() > 1).then(|| {
-            let with = |recompute| {
-                let opts = EstimateOptions {
-                    recompute,
-                    ..base.clone()
-                };
-                work(&plan, cluster, &opts)
-            };
-            (with(false), with(true))
-        });
         Tried {
-            fits: candidates.iter().any(Candidate::feasible),
-            fits_plain: candidates.iter().any(|c| !c.recompute && c.feasible()),
+            lightest_fit: candidates
+                .iter()
+                .filter(|c| c.feasible())
+                .map(|c| c.recompute)
+                .min_by_key(|&r| weight(r)),
             candidates,
             error: None,
             m: Some(m),
-            works,
+            works: priced.works,
         }
     }
 }
@@ -683,9 +940,10 @@ pub fn micro_batch_counts(per_replica: u64, pp: u64, space: &Space) -> Vec<u64> 
     out
 }
 
-/// Bytes the model's parameters take with their gradients and Adam state, priced as the cost
-/// model prices them (at `dtype` when given).
-fn parameter_bytes(g: &Graph, dtype: Option<DType>) -> f64 {
+/// Bytes the model's parameters take, priced as the cost model prices them (at `dtype` when
+/// given): their weights and gradients, and their Adam state (with an f32 master copy below
+/// f32), which the distributed optimizer spreads over the replicas.
+fn parameter_bytes(g: &Graph, dtype: Option<DType>) -> (f64, f64) {
     g.params
         .iter()
         .map(|(_, p)| {
@@ -693,9 +951,9 @@ fn parameter_bytes(g: &Graph, dtype: Option<DType>) -> f64 {
             let n = ty.shape.numel().unwrap_or(0);
             let d = dtype.unwrap_or(ty.dtype);
             let master = if d == DType::F32 { 0 } else { 4 };
-            (n * (2 * d.size_bytes() + 8 + master)) as f64
+            ((2 * n * d.size_bytes()) as f64, (n * (8 + master)) as f64)
         })
-        .sum()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
 }
 
 fn gib(b: u64) -> f64 {
@@ -704,6 +962,15 @@ fn gib(b: u64) -> f64 {
 
 fn gib_f(b: f64) -> f64 {
     b / f64::from(1 << 30)
+}
+
+/// How a recomputation reads in a sentence.
+fn recompute_words(r: Recompute) -> &'static str {
+    match r {
+        Recompute::None => "no recomputation",
+        Recompute::Selective => "selective recomputation",
+        Recompute::Full => "full recomputation",
+    }
 }
 
 /// Why the first candidate wins: what it costs, and what stops the alternatives.
@@ -725,18 +992,25 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
     let s = best.estimate.as_ref().expect("feasible");
     let _ = write!(
         out,
-        "tp = {}, dp = {}{}{}{}: {:.0} tokens/s, {:.3} s per step ({:.1} TFLOP/s per GPU), \
+        "tp = {}, dp = {}{}{}{}{}: {:.0} tokens/s, {:.3} s per step ({:.1} TFLOP/s per GPU), \
          {:.1} of {:.0} GiB per GPU.",
         best.tp,
         best.dp,
         match best.schedule {
             Some(schedule) if best.pp > 1 => format!(
-                ", pp = {}, {} micro-batches ({schedule})",
-                best.pp, best.micro_batches
+                ", pp = {}{}, {} micro-batches of {} ({schedule})",
+                best.pp,
+                if best.virtual_stages > 1 {
+                    format!(" × {} model chunks", best.virtual_stages)
+                } else {
+                    String::new()
+                },
+                best.micro_batches,
+                best.micro_batch_size
             ),
             Some(_) => format!(
-                ", pp = 1, {} micro-batches (gradient accumulation)",
-                best.micro_batches
+                ", pp = 1, {} micro-batches of {} (gradient accumulation)",
+                best.micro_batches, best.micro_batch_size
             ),
             None => String::new(),
         },
@@ -745,8 +1019,13 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
         } else {
             ""
         },
-        if best.recompute {
-            ", recomputation"
+        if best.recompute == Recompute::None {
+            String::new()
+        } else {
+            format!(", {}", recompute_words(best.recompute))
+        },
+        if best.zero >= 1 {
+            ", distributed optimizer"
         } else {
             ""
         },
@@ -757,13 +1036,18 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
         gib(cluster.memory_bytes),
     );
     if best.pp > 1 {
-        let (p, m) = (best.pp as f64, best.micro_batches as f64);
+        let (p, m, v) = (
+            best.pp as f64,
+            best.micro_batches as f64,
+            best.virtual_stages as f64,
+        );
         let _ = write!(
             out,
-            " The pipeline idles {:.1}% of its span ((P − 1)/(M + P − 1) = {:.1}%; the rest is \
+            " The pipeline idles {:.1}% of its span ((P − 1)/({}M + P − 1) = {:.1}%; the rest is \
              uneven stages and transfers).",
             100.0 * s.bubble_fraction,
-            100.0 * (p - 1.0) / (m + p - 1.0)
+            if best.virtual_stages > 1 { "V·" } else { "" },
+            100.0 * (p - 1.0) / (v * m + p - 1.0)
         );
     }
     // What less model parallelism would need.
@@ -809,10 +1093,10 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
             " tp = {} is {:.0}% slower{}.",
             lower.tp,
             (1.0 - lower.tokens_per_second / best.tokens_per_second) * 100.0,
-            if lower.recompute && !best.recompute {
-                ": it fits only with recomputation"
+            if weight(lower.recompute) > weight(best.recompute) {
+                format!(": it fits only with {}", recompute_words(lower.recompute))
             } else {
-                ""
+                String::new()
             }
         );
     }
@@ -842,16 +1126,21 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
             }
         );
     }
+    // The same configuration but for the pricing options.
     let same = |c: &&Candidate| {
         c.tp == best.tp
             && c.pp == best.pp
+            && c.virtual_stages == best.virtual_stages
             && c.sequence_parallel == best.sequence_parallel
-            && c.recompute == best.recompute
+    };
+    let twin = |c: &&Candidate| {
+        same(c) && c.micro_batches == best.micro_batches && c.schedule == best.schedule
     };
     if best.schedule == Some(Schedule::OneFOneB) && best.pp > 1 {
         if let Some(gpipe) = candidates
             .iter()
             .filter(same)
+            .filter(|c| (c.recompute, c.zero) == (best.recompute, best.zero))
             .find(|c| c.micro_batches == best.micro_batches && c.schedule == Some(Schedule::GPipe))
             .and_then(|c| c.estimate.as_ref())
         {
@@ -869,6 +1158,7 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
         if let Some((c, e)) = candidates
             .iter()
             .filter(same)
+            .filter(|c| (c.recompute, c.zero) == (best.recompute, best.zero))
             .filter(|c| c.schedule == best.schedule && c.micro_batches < best.micro_batches)
             .filter_map(|c| c.estimate.as_ref().map(|e| (c, e)))
             .max_by_key(|(c, _)| c.micro_batches)
@@ -883,12 +1173,80 @@ fn explain(candidates: &[Candidate], cluster: &Cluster) -> String {
             );
         }
     }
-    if best.recompute {
+    if best.recompute != Recompute::None {
+        // Lighter recomputation of the same configuration does not fit (or it would win).
+        let lighter = candidates
+            .iter()
+            .filter(twin)
+            .filter(|c| c.zero == best.zero && weight(c.recompute) < weight(best.recompute))
+            .filter_map(|c| c.estimate.as_ref().map(|e| (c.recompute, e)))
+            .max_by_key(|(r, _)| weight(*r));
         let _ = write!(
             out,
-            " Recomputation is needed to fit, and costs {:.3} s per step.",
+            " {} is needed to fit{}, and costs {:.3} s per step.",
+            if best.recompute == Recompute::Selective {
+                "Selective recomputation"
+            } else {
+                "Full recomputation"
+            },
+            match lighter {
+                Some((r, e)) if !e.fits => format!(
+                    " ({} would need {:.1} GiB per GPU)",
+                    if r == Recompute::None {
+                        "without it the configuration"
+                    } else {
+                        "selective recomputation"
+                    },
+                    gib(e.memory_bytes_per_gpu)
+                ),
+                _ => String::new(),
+            },
             s.recompute_s
         );
+    }
+    let other_zero = candidates
+        .iter()
+        .filter(twin)
+        .filter(|c| c.recompute == best.recompute && c.zero != best.zero)
+        .find_map(|c| c.estimate.as_ref());
+    match other_zero {
+        Some(e) if best.zero >= 1 && !e.fits => {
+            let _ = write!(
+                out,
+                " The distributed optimizer is needed to fit: with the optimizer state on every \
+                 replica it would need {:.1} GiB per GPU.",
+                gib(e.memory_bytes_per_gpu)
+            );
+        }
+        Some(e) if best.zero >= 1 => {
+            let _ = write!(
+                out,
+                " The distributed optimizer saves {:.1} GiB per GPU and is {:.1}% faster than \
+                 replicating the optimizer state: Adam on 1/{} of the parameters takes {:.3} s \
+                 (against {:.3} s) and the all-gather after it {:.3} s.",
+                gib(e
+                    .memory_bytes_per_gpu
+                    .saturating_sub(s.memory_bytes_per_gpu)),
+                100.0 * (1.0 - s.step_time_s / e.step_time_s),
+                best.dp,
+                s.optimizer_s,
+                e.optimizer_s,
+                s.dp_gather_s
+            );
+        }
+        Some(e) if e.fits => {
+            let _ = write!(
+                out,
+                " The distributed optimizer would hold {:.1} GiB less per GPU but is {:.1}% \
+                 slower (its all-gather after the step takes {:.3} s).",
+                gib(s
+                    .memory_bytes_per_gpu
+                    .saturating_sub(e.memory_bytes_per_gpu)),
+                100.0 * (e.step_time_s / s.step_time_s - 1.0),
+                e.dp_gather_s
+            );
+        }
+        _ => {}
     }
     out
 }

@@ -91,9 +91,11 @@ fn producer(g: &Graph, v: ValueId) -> Option<NodeId> {
 }
 
 /// Each attention core among the forward nodes `g.order[..forward_end]`: the nodes from the
-/// scores matmul through the softmax and what follows it elementwise (dropout) up to the
-/// matmul with the values, that matmul excluded (its output, the context, is kept). One group
-/// per softmax that sits between two matmuls; a softmax elsewhere (a classifier) is not a core.
+/// scores matmul through the softmax and what follows it elementwise (dropout) to the matmul
+/// with the values. That last matmul is a member so that its input (the dropped-out
+/// probabilities, which its backward reads) is recomputed; its output, the context, is read
+/// outside the core and so kept. One group per softmax that sits between two matmuls; a
+/// softmax elsewhere (a classifier) is not a core.
 pub fn attention_cores(g: &Graph, forward_end: usize) -> Vec<Vec<NodeId>> {
     let forward = &g.order[..forward_end];
     let mut readers: HashMap<ValueId, Vec<NodeId>> = HashMap::new();
@@ -139,6 +141,7 @@ pub fn attention_cores(g: &Graph, forward_end: usize) -> Vec<Vec<NodeId>> {
             let next = readers.get(&at).map(Vec::as_slice).unwrap_or(&[]);
             let [m] = next else { break false };
             if matches!(g.nodes[*m].op, Op::MatMul { .. }) {
+                down.push(*m);
                 break true;
             }
             if elementwise_on(*m).is_none() {

@@ -14,7 +14,7 @@ use crate::layout::Layout;
 use crate::pipeline::{PipeStep, Pipeline};
 use crate::plan::Plan;
 use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::{MeshAxis, NodeId, Op, ParamId, ValueDef, ValueId};
+use ferrotron_ir::{DType, MeshAxis, NodeId, Op, ParamId, ScopeId, ValueDef, ValueId};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -305,6 +305,58 @@ impl Report {
             .iter()
             .find(|c| c.kind == kind && c.direction == direction && c.axis == axis)
     }
+}
+
+/// The forward values the backward pass reads, each once, in the order the forward makes them:
+/// the values [`PerRank::activations_bytes`] counts (for a plan without pipeline stages, whose
+/// activations are those of one micro-batch). A value a recomputed duplicate replaces is no
+/// longer read by the backward, so it is not among them; the duplicates themselves are backward
+/// nodes and never are.
+pub fn saved_activations(plan: &Plan) -> Vec<ValueId> {
+    let g = &plan.graph;
+    let mut read: SecondaryMap<ValueId, bool> = SecondaryMap::with_capacity(g.values.len());
+    for &n in &g.order[plan.backward_start..] {
+        for &v in g.nodes[n].op.inputs() {
+            read[v] = true;
+        }
+    }
+    g.order[..plan.backward_start]
+        .iter()
+        .flat_map(|&n| g.nodes[n].outputs.iter().copied())
+        .filter(|&v| read[v])
+        .collect()
+}
+
+/// The saved activations ([`saved_activations`]) made inside one layer: by nodes whose scope is
+/// `layer` (one of [`ferrotron_ir::Graph::layers`]) or nested in it. The layer's input is made by
+/// the layer before (or the embedding) and counted there; its output, which the next layer's
+/// backward (or the head's) reads, is counted here.
+pub fn layer_activations(plan: &Plan, layer: ScopeId) -> Vec<ValueId> {
+    let g = &plan.graph;
+    let layer_of = crate::recompute::layer_of_scope(g);
+    saved_activations(plan)
+        .into_iter()
+        .filter(|&v| match g.values[v].def {
+            ValueDef::Node { node, .. } => {
+                g.nodes[node].scope.and_then(|s| layer_of[s]) == Some(layer)
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+/// Bytes of one layer's saved activations ([`layer_activations`]) on a rank, every element
+/// priced at `dtype` whatever the plan's own dtype (the model files are `f32`; Korthikanti et
+/// al. count 16-bit activations). Dropout keeps no mask here (the backward regenerates it from
+/// the element's index, [`ferrotron_ir::reference::dropout_keeps`]), so there is no 1-byte mask
+/// term to price; its gradient does name the forward output (for its shape and place in the full
+/// tensor), so that output is counted at full price.
+pub fn layer_activation_bytes(plan: &Plan, layer: ScopeId, dtype: DType) -> u64 {
+    let g = &plan.graph;
+    layer_activations(plan, layer)
+        .into_iter()
+        .map(|v| g.ty(v).shape.numel().unwrap_or(0) * dtype.size_bytes())
+        .sum()
 }
 
 /// A parameter's memory per rank: weights, gradients, Adam's moments (and an f32 master copy

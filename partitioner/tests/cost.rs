@@ -10,7 +10,7 @@ use ferrotron_partitioner::cost::{
     wave_efficiency, weak_scaling_table, Cluster, ClusterError, Collective, EstimateOptions, Group,
     BUCKET_TRAFFIC, PAPER_WEAK_SCALING,
 };
-use ferrotron_partitioner::{partition, PartitionOptions, Plan, Report};
+use ferrotron_partitioner::{partition, PartitionOptions, Plan, Recompute, Report};
 use std::path::PathBuf;
 
 fn root() -> PathBuf {
@@ -190,7 +190,7 @@ fn the_calibrated_baseline_sustains_39_tflops() {
             &p,
             &c,
             &EstimateOptions {
-                recompute: false,
+                recompute: Recompute::None,
                 ..EstimateOptions::megatron()
             }
         )

@@ -9,8 +9,8 @@ use ferrotron_ir::{load_model, DType, Graph, LoadOptions};
 use ferrotron_partitioner::cost::{
     estimate, memory, p2p_time, stage_memory, work, Cluster, Estimate, EstimateOptions,
 };
-use ferrotron_partitioner::planner::{choose_in, micro_batch_counts, Space};
-use ferrotron_partitioner::{partition, Mesh, PartitionOptions, Plan, Report, Schedule};
+use ferrotron_partitioner::planner::{choose_in, micro_batch_counts, Candidate, Space};
+use ferrotron_partitioner::{partition, Mesh, PartitionOptions, Plan, Recompute, Report, Schedule};
 use std::path::PathBuf;
 
 fn root() -> PathBuf {
@@ -124,10 +124,11 @@ fn interleaving_divides_the_fill_and_drain_by_the_chunks() {
         .unwrap_or_else(|e| panic!("{e}"));
         let s = estimate(&plan, &c, &f16());
         let want = (p - 1) as f64 / (v * m + p - 1) as f64;
-        // Within 2% (the same small imbalance against a smaller bubble, and `V·P − 1`
-        // boundaries to cross at fill and drain).
+        // Within 3% (the same small imbalance against a smaller bubble, and `V·P − 1`
+        // boundaries to cross at fill and drain, whose transfers weigh more the faster the
+        // GEMMs).
         assert!(
-            near(s.bubble_fraction, want, 0.01, 1e-4),
+            near(s.bubble_fraction, want, 0.015, 1e-4),
             "P = {p}, V = {v}, M = {m}: {} against {want}",
             s.bubble_fraction
         );
@@ -222,7 +223,7 @@ fn stage_memory_equals_the_reports_per_stage_figures() {
         let re = stage_memory(
             &plan,
             &EstimateOptions {
-                recompute: true,
+                recompute: Recompute::Full,
                 ..EstimateOptions::default()
             },
         );
@@ -321,8 +322,9 @@ fn one_stage_and_one_micro_batch_is_priced_as_before() {
         // Bit for bit the one-stage sum.
         assert_eq!(
             s.step_time_s,
-            s.forward_s + s.backward_s + s.dp_exposed_s + s.optimizer_s
+            s.forward_s + s.backward_s + (s.dp_exposed_s + s.optimizer_s + s.dp_gather_s)
         );
+        assert_eq!(s.dp_gather_s, 0.0);
         assert_eq!(s.memory, memory(&plan, &opts));
     }
 }
@@ -344,7 +346,7 @@ fn the_work_floor_is_under_every_step() {
         };
         // One sequence per replica and micro-batch, 2 replicas, 2 stages, 4 micro-batches.
         let at_one = partition(&balanced(8, 2), &options(2, 2, 4)).unwrap();
-        for recompute in [false, true] {
+        for recompute in [Recompute::None, Recompute::Full] {
             let opts = EstimateOptions {
                 recompute,
                 ..EstimateOptions::megatron()
@@ -420,12 +422,21 @@ fn the_planner_cuts_a_model_that_tp_inside_a_node_cannot_hold() {
         "{}",
         choice.explanation
     );
-    // Every configuration with fewer GPUs per replica is refused or does not fit.
+    // Every configuration with fewer GPUs per replica is refused or does not fit with the Adam
+    // state on every replica; the distributed optimizer lets some fit, slower.
+    let smaller = |c: &&Candidate| c.tp * c.pp < best.tp * best.pp;
     assert!(choice
         .candidates
         .iter()
-        .filter(|c| c.tp * c.pp < best.tp * best.pp)
+        .filter(smaller)
+        .filter(|c| c.zero == 0)
         .all(|c| !c.feasible()));
+    assert!(choice
+        .candidates
+        .iter()
+        .filter(smaller)
+        .filter(|c| c.feasible())
+        .all(|c| c.zero == 1 && c.tokens_per_second <= best.tokens_per_second));
     // 1F1B wins on memory: where both schedules were priced, it never holds more.
     for c in choice
         .candidates
@@ -440,12 +451,14 @@ fn the_planner_cuts_a_model_that_tp_inside_a_node_cannot_hold() {
                     g.micro_batches,
                     g.sequence_parallel,
                     g.recompute,
+                    g.zero,
                 ) == (
                     c.tp,
                     c.pp,
                     c.micro_batches,
                     c.sequence_parallel,
                     c.recompute,
+                    c.zero,
                 )
         });
         let (a, b) = (

@@ -223,6 +223,8 @@ fn report_job<B: Backend>(
         None
     };
     let estimate = report.per_rank.memory_bytes - report.per_rank.optimizer_bytes;
+    // Without stages, the peak by liveness over the plan's program (transients included).
+    let live_peak = ferrotron_partitioner::liveness::peak_bytes(plan);
     if args.json {
         let mut j = serde_json::json!({
             "model": graph.name,
@@ -237,6 +239,7 @@ fn report_job<B: Backend>(
             "tokens_per_second": tokens_per_second,
             "peak_bytes_per_rank": run.peak_bytes(),
             "estimated_bytes_per_rank": estimate,
+            "liveness_peak_bytes_per_rank": live_peak,
             "report": report,
         });
         if let Some(p) = &report.pipeline {
@@ -269,9 +272,11 @@ fn report_job<B: Backend>(
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         match &report.pipeline {
             None => println!(
-                "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB estimated \
-                 (weights + gradients + saved activations)",
+                "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB by liveness over \
+                 the plan, {:.2} MiB held through the step (weights + gradients + saved \
+                 activations)",
                 mib(run.peak_bytes() as u64),
+                mib(live_peak.unwrap_or(estimate)),
                 mib(estimate)
             ),
             Some(p) => {

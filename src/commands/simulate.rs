@@ -1,20 +1,22 @@
 //! `ferrotron simulate`: the cost model's estimate of a plan's step time, throughput and
 //! memory on a cluster (with pipeline stages: the bubble, and each stage's time and memory); or,
-//! with `--weak-scaling`, the Megatron paper's weak-scaling study.
+//! with `--weak-scaling`, the Megatron paper's weak-scaling study; with `--ptd-p`, the PTD-P
+//! paper's (`docs/ptd-p.md`).
 
-use crate::args::{load_options, micro_batch_dims};
+use crate::args::{load_options, megatron_batch};
 use anyhow::{anyhow, Result};
 use clap::Args;
 use ferrotron_ir::lang::parse_dim_override;
 use ferrotron_ir::{load_model, DType};
 use ferrotron_partitioner::cost::{estimate, weak_scaling_table, Cluster, EstimateOptions};
-use ferrotron_partitioner::{partition, PartitionOptions, Schedule};
+use ferrotron_partitioner::published::{ptd_p_table, StudyOptions, TABLE_1};
+use ferrotron_partitioner::{partition, PartitionOptions, Recompute, Schedule};
 use std::path::{Path, PathBuf};
 
 /// The arguments of `ferrotron simulate`.
 #[derive(Args)]
 pub struct SimulateArgs {
-    /// The model file (not needed with `--weak-scaling`).
+    /// The model file (not needed with `--weak-scaling` or `--ptd-p`).
     model: Option<PathBuf>,
     /// The cluster specification (`clusters/dgx2h.ron`).
     #[arg(long)]
@@ -25,16 +27,21 @@ pub struct SimulateArgs {
     /// Data-parallel degree.
     #[arg(long, default_value_t = 1)]
     dp: u64,
-    /// Sequences per data-parallel replica in one micro-batch (the model's `batch`, the global
-    /// batch, becomes this × dp × micro-batches).
-    #[arg(long)]
-    micro_batch: Option<u64>,
+    /// The global batch: sequences per step over all replicas (default: the model's `batch`).
+    #[arg(long, alias = "batch")]
+    global_batch: Option<u64>,
+    /// Sequences per data-parallel replica in one micro-batch (Megatron's `--micro-batch-size`):
+    /// micro-batches per step become the global batch / (dp × this); without
+    /// `--global-batch`, the global batch becomes this × dp × micro-batches.
+    #[arg(long, alias = "micro-batch")]
+    micro_batch_size: Option<u64>,
     /// Pipeline stages: the layers cut into this many stages, each on its own tp × dp ranks.
     #[arg(long, default_value_t = 1)]
     pp: u64,
-    /// Micro-batches per step: the model's `batch` (the global batch) is split into this many.
-    #[arg(long, default_value_t = 1)]
-    micro_batches: u64,
+    /// Micro-batches per step: the global batch is split into this many (implied by
+    /// `--global-batch` with `--micro-batch-size`).
+    #[arg(long)]
+    micro_batches: Option<u64>,
     /// The pipeline schedule: `1f1b` (one forward, one backward), `gpipe` or `interleaved`.
     #[arg(long, default_value = "1f1b")]
     schedule: Schedule,
@@ -50,9 +57,14 @@ pub struct SimulateArgs {
     /// Price every float at this dtype (`f16`, `bf16`, `f32`; default: the model's).
     #[arg(long)]
     dtype: Option<String>,
-    /// Recompute activations in the backward pass (keep only layer inputs).
-    #[arg(long)]
-    recompute: bool,
+    /// Activation recomputation to price: `none`, `selective` (the attention cores) or `full`
+    /// (each layer but its input; a bare `--recompute` means this).
+    #[arg(long, default_value = "none", default_missing_value = "full", num_args = 0..=1)]
+    recompute: Recompute,
+    /// ZeRO stage: 1 prices the distributed optimizer (reduce-scattered gradients, Adam on each
+    /// replica's 1/dp share, the all-gather after it).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    zero: u8,
     /// Run the data-parallel gradient all-reduce after the backward pass instead of
     /// overlapping it.
     #[arg(long)]
@@ -64,6 +76,10 @@ pub struct SimulateArgs {
     /// as a markdown table, fp16 with recomputation.
     #[arg(long)]
     weak_scaling: bool,
+    /// The PTD-P paper's weak-scaling table (1.7B on 32 A100s … 1T on 3,072), each row as the
+    /// paper's script ran it, with the planner's pick for each, as markdown.
+    #[arg(long)]
+    ptd_p: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -92,13 +108,26 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
     let opts = EstimateOptions {
         compute_dtype: parse_dtype(args.dtype.as_deref())?,
         recompute: args.recompute,
+        zero: args.zero,
         overlap_dp: !args.no_overlap,
         ..EstimateOptions::default()
     };
+    if args.ptd_p {
+        // The zoo in the working directory; each row's options are the paper's, not the flags.
+        let zoo = |file: &str, dims: &[(&str, u64)]| {
+            let dims: Vec<(String, u64)> = dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect();
+            load_model(&Path::new("models").join(file), &load_options(&dims))
+                .map_err(|e| e.to_string())
+        };
+        let (_, doc) =
+            ptd_p_table(zoo, &cluster, &TABLE_1, StudyOptions::full()).map_err(|e| anyhow!(e))?;
+        print!("{doc}");
+        return Ok(());
+    }
     if args.weak_scaling {
         let opts = EstimateOptions {
             compute_dtype: opts.compute_dtype.or(Some(DType::F16)),
-            recompute: true,
+            recompute: Recompute::Full,
             ..opts
         };
         // The paper's models, from the zoo in the working directory.
@@ -114,21 +143,21 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
     let model = args
         .model
         .ok_or_else(|| anyhow!("simulate needs a model file"))?;
-    let mut dims = args.dims.clone();
-    if let Some(b) = args.micro_batch {
-        dims.retain(|(n, _)| n != "batch");
-        dims.push(("batch".into(), b * args.dp));
-    } else {
-        // The model's batch is the step's: the plan's graph is one micro-batch's.
-        dims = micro_batch_dims(&model, &dims, args.micro_batches)?;
-    }
+    let (dims, micro_batches) = megatron_batch(
+        &model,
+        &args.dims,
+        args.dp,
+        args.global_batch,
+        args.micro_batch_size,
+        args.micro_batches,
+    )?;
     let graph = load_model(&model, &load_options(&dims))?;
     let options = PartitionOptions {
         tp: args.tp,
         dp: args.dp,
         sequence_parallel: args.sequence_parallel,
         pp: args.pp,
-        micro_batches: args.micro_batches,
+        micro_batches,
         schedule: args.schedule,
         virtual_stages: args.virtual_stages,
         stage_layers: (!args.stage_layers.is_empty()).then(|| args.stage_layers.clone()),
@@ -157,14 +186,25 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
             }
         );
         println!(
-            "  step {:.3} s (forward {:.3}, backward {:.3}, tp communication {:.3}, \
-             exposed dp {:.3} of {:.3})",
+            "  step {:.3} s (forward {:.3}, backward {:.3} with recomputation ({}) {:.3}, tp \
+             communication {:.3}, exposed dp {:.3} of {:.3}, optimizer {:.3}{})",
             sim.step_time_s,
             sim.forward_s,
             sim.backward_s,
+            sim.recompute,
+            sim.recompute_s,
             sim.tp_comm_s,
             sim.dp_exposed_s,
-            sim.dp_comm_s
+            sim.dp_comm_s,
+            sim.optimizer_s,
+            if sim.zero >= 1 {
+                format!(
+                    " on each replica's share, all-gather {:.3}",
+                    sim.dp_gather_s
+                )
+            } else {
+                String::new()
+            }
         );
         println!(
             "  {:.1} TFLOP/s per GPU ({:.0}% of peak), scaling efficiency {:.0}%",
@@ -213,7 +253,7 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
                     st.forward_s,
                     st.backward_s,
                     st.send_s,
-                    st.dp_exposed_s + st.optimizer_s,
+                    st.dp_exposed_s + st.optimizer_s + st.dp_gather_s,
                     st.memory.total as f64 / f64::from(1 << 30)
                 );
             }
