@@ -53,9 +53,16 @@
 //!   DDP: `_flatten_dense_tensors`, divide, `all_reduce`, copy back). Fusing costs memory traffic:
 //!   6 bytes per gradient byte (copy in, scale, copy out). Contention between the two streams is
 //!   ignored.
-//! - **Recomputation** ([`EstimateOptions::recompute`]): every forward node inside a layer runs again
-//!   during the backward pass (including its tp collectives); the extra time is spread over the
-//!   backward pass in proportion to each backward node's time, so gradients become ready later.
+//! - **Recomputation** ([`EstimateOptions::recompute`]): under `full` every forward node inside a
+//!   layer runs again during the backward pass (including its tp collectives); under `selective`
+//!   the nodes [`crate::recompute`] would remake of each attention core (scores, softmax,
+//!   dropout, the context matmul). The extra time is spread over the backward pass in proportion
+//!   to each backward node's time, so gradients become ready later. A plan partitioned with
+//!   recomputation holds its duplicates as nodes and is priced as it is.
+//! - **Distributed optimizer** ([`EstimateOptions::zero`], or a plan partitioned with it): the
+//!   dp gradient all-reduces become reduce-scatters (bucketed and overlapped the same way, their
+//!   bucket copies [`shard_bucket_traffic`]), Adam runs on each rank's `1/dp` share, and an
+//!   all-gather of the updated parameters, bucketed the same way, ends the step.
 //! - **Optimizer** ([`optimizer_traffic`]): global-norm clipping and Adam, memory-bound, per local
 //!   parameter; below f32 also the mixed-precision bookkeeping of dynamic loss scaling (overflow
 //!   check, fp16 gradients to the f32 master copy, unscale, master weights back to fp16). One
@@ -84,16 +91,18 @@
 //!   same without a bubble. The bubble fraction reported is the share of the span, transfers
 //!   included, that the average GPU idles.
 //!
-//! **Memory** is [`Report`]'s per-rank figures (weights, gradients, Adam state, saved
-//! activations), with values re-priced at the compute dtype when one is given. With
-//! recomputation only the layers' inputs are kept (the values a layer reads that are defined
-//! outside it) plus, for the one layer being recomputed at a time, everything its backward reads:
-//! `Σ layer inputs + max over layers of its saved set + saved values outside every layer`.
-//! With pipeline stages it is the heaviest stage's ([`stage_memory`], [`Report`]'s per-stage
+//! **Memory** is [`crate::Report`]'s per-rank figures (weights, gradients, Adam state, saved
+//! activations), with values re-priced at the compute dtype when one is given; under the
+//! distributed optimizer the Adam state (and master weights) of each rank's share only. With
+//! recomputation the values it remakes are not kept; what it starts from is (under `full` the
+//! layers' inputs: the values a layer reads that are defined outside it), plus, for the one
+//! layer or attention core being recomputed at a time, what its recomputation remakes:
+//! `Σ kept + max over groups of the remade set + saved values outside every group`.
+//! With pipeline stages it is the heaviest stage's ([`stage_memory`], [`crate::Report`]'s per-stage
 //! figures): the parameters it holds, and its saved activations times the micro-batches its
 //! schedule keeps in flight (GPipe: `M`; 1F1B: `P − s` on stage `s`; interleaved: each model
-//! chunk's from its forward step of a micro-batch to its backward step), with recomputation the
-//! layer inputs of those in flight plus one layer's saved set.
+//! chunk's from its forward step of a micro-batch to its backward step), with recomputation what
+//! is kept of those in flight plus one group's remade set.
 //!
 //! **Throughput** counts the FLOPs the GPU executes ([`ferrotron_ir::count::node_flops`] over the
 //! forward and backward graph, plus the recomputed forward; with stages, every stage's over the

@@ -445,3 +445,117 @@ fn calibration_reproduces_the_files_figure() {
         c.gemm.max
     );
 }
+
+/// The distributed optimizer priced on a plain plan: the Adam state of each rank's 1/dp share
+/// (padded to a multiple of dp), an all-gather after the step, and the same prices as a plan
+/// partitioned with it.
+#[test]
+fn the_distributed_optimizer_keeps_a_share_of_the_adam_state_and_gathers_after_the_step() {
+    let g = model("megatron-1.2b.ron", &[("layers", 2), ("batch", 8)]);
+    let c = cluster("dgx-a100.ron");
+    let plain = plan(&g, 2, 4);
+    let replicated = estimate(&plain, &c, &EstimateOptions::default());
+    let zero = EstimateOptions {
+        zero: 1,
+        ..EstimateOptions::default()
+    };
+    let sharded = estimate(&plain, &c, &zero);
+    assert_eq!((replicated.zero, sharded.zero), (0, 1));
+    let (m0, m1) = (&replicated.memory, &sharded.memory);
+    assert_eq!((m0.weights, m0.gradients), (m1.weights, m1.gradients));
+    let r = Report::of(&plain).per_rank;
+    assert_eq!(m0.optimizer, r.optimizer_bytes);
+    // A quarter of every parameter's elements, rounded up: at most 8 bytes more per tensor.
+    let tensors = plain.graph.params.len() as u64;
+    assert!(m1.optimizer >= m0.optimizer / 4, "{m1:?}");
+    assert!(m1.optimizer <= m0.optimizer / 4 + 8 * tensors, "{m1:?}");
+    assert_eq!(replicated.dp_gather_s, 0.0);
+    assert!(sharded.dp_gather_s > 0.0);
+    assert!(sharded.optimizer_s < replicated.optimizer_s);
+    // One replica: nothing to share.
+    let alone = estimate(&plan(&g, 2, 1), &c, &zero);
+    assert_eq!((alone.zero, alone.dp_gather_s), (0, 0.0));
+    // A plan partitioned with the distributed optimizer is priced with it, whatever the options.
+    let own = partition(
+        &g,
+        &PartitionOptions {
+            tp: 2,
+            dp: 4,
+            zero: 1,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    let priced = estimate(&own, &c, &EstimateOptions::default());
+    assert_eq!(priced.zero, 1);
+    assert_eq!(priced.memory, sharded.memory);
+    assert!(
+        close(priced.step_time_s, sharded.step_time_s),
+        "{} {}",
+        priced.step_time_s,
+        sharded.step_time_s
+    );
+}
+
+/// Selective recomputation costs less time than full and keeps more, and less than none; the
+/// estimate's recomputation of a plain plan prices what a plan partitioned with the same
+/// recomputation runs.
+#[test]
+fn selective_recomputation_lies_between_none_and_full() {
+    let g = model("megatron-1.2b.ron", &[("layers", 2), ("batch", 4)]);
+    let c = cluster("dgx-a100.ron");
+    for (tp, sp) in [(1, false), (2, false), (2, true)] {
+        let plain = plan_sp(&g, tp, 1, sp);
+        let priced = |r: Recompute| {
+            estimate(
+                &plain,
+                &c,
+                &EstimateOptions {
+                    recompute: r,
+                    ..EstimateOptions::default()
+                },
+            )
+        };
+        let (none, selective, full) = (
+            priced(Recompute::None),
+            priced(Recompute::Selective),
+            priced(Recompute::Full),
+        );
+        assert_eq!(none.recompute_s, 0.0);
+        assert!(0.0 < selective.recompute_s && selective.recompute_s < full.recompute_s);
+        let act = |e: &ferrotron_partitioner::cost::Estimate| e.memory.activations;
+        assert!(
+            act(&full) < act(&selective) && act(&selective) < act(&none),
+            "tp {tp} sp {sp}"
+        );
+        for (r, analytic) in [(Recompute::Selective, &selective), (Recompute::Full, &full)] {
+            let rewritten = partition(
+                &g,
+                &PartitionOptions {
+                    tp,
+                    sequence_parallel: sp,
+                    recompute: r,
+                    ..PartitionOptions::default()
+                },
+            )
+            .unwrap();
+            let own = estimate(&rewritten, &c, &EstimateOptions::default());
+            assert_eq!(own.recompute, r);
+            // The same values kept; the rewrite remakes only the forward nodes some backward
+            // reader needs, the estimate under `full` every forward node of a layer.
+            assert_eq!(
+                own.memory.activations, analytic.memory.activations,
+                "tp {tp} {r}"
+            );
+            let near = |x: f64, y: f64, rtol: f64| (x - y).abs() <= rtol * y;
+            assert!(
+                near(own.step_time_s, analytic.step_time_s, 0.01),
+                "tp {tp} {r}"
+            );
+            assert!(
+                near(own.recompute_s, analytic.recompute_s, 0.03),
+                "tp {tp} {r}"
+            );
+        }
+    }
+}
