@@ -254,9 +254,21 @@ pub struct BackendArgs {
     /// Weights and activations on the CUDA backend (master weights stay `f32` in training).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
-    /// Threads each rank's matmuls may use (CPU backend).
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
+    /// Threads each rank's kernels may use (CPU backend); default: the machine's cores split
+    /// between the ranks that share it (at least one each).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl BackendArgs {
+    /// Threads for each of `sharing` ranks on this machine: `--threads`, else the cores split
+    /// evenly between them.
+    pub fn threads_per_rank(&self, sharing: usize) -> usize {
+        self.threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / sharing.max(1)).max(1)
+        })
+    }
 }
 
 /// A file written whole or not at all: a temporary sibling, then a rename.

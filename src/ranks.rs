@@ -67,7 +67,13 @@ pub fn with_ranks(
     }
     match args.backend {
         BackendKind::Cpu => {
-            let cpu = Cpu::with_threads(args.threads);
+            // Ranks as threads share this machine's cores; launched workers share them with the
+            // other workers of their node.
+            let sharing = match job {
+                Job::Threads => mesh.ranks(),
+                Job::Worker(w) => w.local_world_size,
+            };
+            let cpu = Cpu::with_threads(args.threads_per_rank(sharing));
             let ranks = match job {
                 Job::Threads => launch::ranks(&cpu, mesh, timeout),
                 Job::Worker(w) => vec![cpu_rank(w, mesh, cpu)?],

@@ -256,3 +256,40 @@ fn no_fuse_gives_the_same_loss_and_the_trace_shows_the_fused_steps() {
         );
     }
 }
+
+/// `--steps N` repeats the step: the same loss as one step (the weights do not change), the
+/// first step apart, tokens/s from the median of the rest; the thread count does not change the
+/// results.
+#[test]
+fn repeated_steps_report_the_steady_state() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "models/tiny-gpt.ron", "--tp", "2", "--json"];
+        args.extend_from_slice(extra);
+        let out = ferrotron(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let once = run(&["--threads", "1"]);
+    assert_eq!(once["steps"], 1);
+    let repeated = run(&["--steps", "4", "--threads", "2"]);
+    assert_eq!(repeated["steps"], 4);
+    assert_eq!(repeated["loss"], once["loss"], "{repeated}\n{once}");
+    let (first, step) = (
+        repeated["first_step_s"].as_f64().unwrap(),
+        repeated["step_s"].as_f64().unwrap(),
+    );
+    assert!(first > 0.0 && step > 0.0);
+    let tokens = repeated["tokens_per_second"].as_f64().unwrap();
+    let per_step = tokens * step;
+    // tiny-gpt's step is batch × seq tokens; tokens/s is that over the median step.
+    assert!(
+        per_step > 1.0 && (per_step - per_step.round()).abs() < 1e-6 * per_step,
+        "{repeated}"
+    );
+    let out = ferrotron(&["run", "models/tiny-gpt.ron", "--steps", "0"]);
+    assert!(!out.status.success());
+}

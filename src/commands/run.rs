@@ -60,6 +60,34 @@ pub struct RunArgs {
     /// Write every gradient (full shape, unpadded, under the parameters' names).
     #[arg(long, value_name = "OUT.safetensors")]
     dump_grads: Option<PathBuf>,
+    /// Run the step this many times on the same weights and batch: tokens/s is then the median
+    /// step after the first (the steady state), the first reported apart (it pays for the first
+    /// allocations and page faults); the results reported are the last step's.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    steps: u32,
+}
+
+/// The wall time of each repeated step ([`RunArgs::steps`]).
+struct Timing {
+    walls: Vec<std::time::Duration>,
+}
+
+impl Timing {
+    fn first(&self) -> std::time::Duration {
+        self.walls[0]
+    }
+
+    /// The median step after the first; `None` for a single step.
+    fn steady(&self) -> Option<std::time::Duration> {
+        let mut rest = self.walls.get(1..).filter(|r| !r.is_empty())?.to_vec();
+        rest.sort();
+        Some(rest[rest.len() / 2])
+    }
+
+    /// The last step's wall time.
+    fn last(&self) -> std::time::Duration {
+        *self.walls.last().expect("at least one step")
+    }
 }
 
 /// What a step needs, made the same way in every process.
@@ -155,10 +183,15 @@ impl OnRanks for StepOnRanks<'_> {
             .into_iter()
             .map(|r| Ok((weights_for(&r, plan, params)?, r)))
             .collect::<Result<Vec<_>>>()?;
-        let started = std::time::Instant::now();
-        // The rank program, on every rank of this process at once.
-        let results = launch::each(&mut ranks, |(weights, rank)| rank.run(&exe, weights, batch))?;
-        let wall = started.elapsed();
+        // The rank program, on every rank of this process at once, `--steps` times.
+        let mut walls = Vec::new();
+        let mut results = Vec::new();
+        for _ in 0..self.args.steps {
+            let started = std::time::Instant::now();
+            results = launch::each(&mut ranks, |(weights, rank)| rank.run(&exe, weights, batch))?;
+            walls.push(started.elapsed());
+        }
+        let wall = Timing { walls };
         if self.whole {
             let backend = ranks.swap_remove(0).1.backend;
             report_job(
@@ -175,12 +208,8 @@ impl OnRanks for StepOnRanks<'_> {
 }
 
 /// Every rank ran here: the gathered results, and with `--verify` the full comparison.
-fn report_job<B: Backend>(
-    args: &RunArgs,
-    step: &Step,
-    run: &Run<B>,
-    wall: std::time::Duration,
-) -> Result<()> {
+fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Timing) -> Result<()> {
+    let wall = timing.last();
     let Step {
         graph,
         plan,
@@ -206,7 +235,11 @@ fn report_job<B: Backend>(
     }
     let (fwd, bwd) = run.times();
     let tokens = ferrotron_ir::count::tokens_per_step(graph).unwrap_or(0);
-    let tokens_per_second = tokens as f64 / (fwd + bwd).as_secs_f64().max(1e-9);
+    // One step: its forward and backward (the slowest rank's); repeated: the steady step's wall.
+    let tokens_per_second = match timing.steady() {
+        Some(steady) => tokens as f64 / steady.as_secs_f64().max(1e-9),
+        None => tokens as f64 / (fwd + bwd).as_secs_f64().max(1e-9),
+    };
     let checked = if args.verify {
         // The reference: the unpartitioned model, on the CPU, on the same weights and batch.
         let reference = reference_plan(graph)?;
@@ -237,6 +270,9 @@ fn report_job<B: Backend>(
             "forward_ms": fwd.as_secs_f64() * 1e3,
             "backward_ms": bwd.as_secs_f64() * 1e3,
             "tokens_per_second": tokens_per_second,
+            "steps": timing.walls.len(),
+            "first_step_s": timing.first().as_secs_f64(),
+            "step_s": timing.steady().unwrap_or(wall).as_secs_f64(),
             "peak_bytes_per_rank": run.peak_bytes(),
             "estimated_bytes_per_rank": estimate,
             "liveness_peak_bytes_per_rank": live_peak,
@@ -269,6 +305,14 @@ fn report_job<B: Backend>(
             bwd.as_secs_f64() * 1e3,
             wall.as_secs_f64() * 1e3
         );
+        if let Some(steady) = timing.steady() {
+            println!(
+                "{} steps: the first {:.1} ms, the median of the rest {:.1} ms",
+                timing.walls.len(),
+                timing.first().as_secs_f64() * 1e3,
+                steady.as_secs_f64() * 1e3
+            );
+        }
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         match &report.pipeline {
             None => println!(
@@ -345,8 +389,9 @@ fn report_rank<B: Backend>(
     step: &Step,
     rank: &Rank<B>,
     result: &ferrotron_exec::RankResult<B::Tensor>,
-    wall: std::time::Duration,
+    timing: Timing,
 ) -> Result<()> {
+    let wall = timing.last();
     let plan = &step.plan;
     let be = &rank.backend;
     // Each data-parallel rank of the last stage holds its addend of the loss; the other stages
@@ -370,6 +415,14 @@ fn report_rank<B: Backend>(
             result.backward.as_secs_f64() * 1e3,
             wall.as_secs_f64() * 1e3
         );
+        if let Some(steady) = timing.steady() {
+            println!(
+                "{} steps: the first {:.1} ms, the median of the rest {:.1} ms",
+                timing.walls.len(),
+                timing.first().as_secs_f64() * 1e3,
+                steady.as_secs_f64() * 1e3
+            );
+        }
     }
     if !args.verify {
         return Ok(());
