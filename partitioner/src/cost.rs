@@ -67,8 +67,9 @@
 //!   parameter; below f32 also the mixed-precision bookkeeping of dynamic loss scaling (overflow
 //!   check, fp16 gradients to the f32 master copy, unscale, master weights back to fp16). One
 //!   kernel per pass per parameter tensor.
-//! - **Vocabulary-parallel cross-entropy**: its per-token all-reduces (3 forward, 2 backward, of
-//!   `tokens × 4 bytes` each — the statistics stay f32) block the compute stream.
+//! - **Vocabulary-parallel cross-entropy**: its per-token all-reduces in the forward (the row
+//!   maxima, `tokens × 4` bytes, then the sums of exponentials with the target logits, `tokens ×
+//!   8`: the statistics stay f32) block the compute stream; the backward reuses them.
 //! - **Pipelines** (the plan cut into `P` stages run over `M` micro-batches, see
 //!   [`crate::pipeline`]; the plan's graph is one micro-batch's): each stage's forward and
 //!   backward of one micro-batch are priced as above from the nodes on that stage, its tp
@@ -1558,20 +1559,17 @@ fn compute_stream(plan: &Plan, cluster: &Cluster, opts: &EstimateOptions, comm: 
                     .map(&bytes)
                     .sum::<f64>()
                     / mem_bw;
-                // The vocabulary-parallel cross-entropy's per-token all-reduces (f32 statistics).
-                if let Op::CrossEntropy { logits, .. } | Op::CrossEntropyGrad { logits, .. } = op {
+                // The vocabulary-parallel cross-entropy's per-token all-reduces of f32 statistics
+                // (the row maxima, then the sums of exponentials with the target logits); its
+                // gradient reuses them.
+                if let Op::CrossEntropy { logits, .. } = op {
                     let ty = g.ty(*logits);
                     if matches!(plan.layouts[*logits].tp, Layout::Split(d) if d + 1 == ty.shape.rank())
                     {
                         let tokens = ty.shape.numel().unwrap_or(0)
                             / ty.shape.last().map_or(1, |d| d.size.max(1));
-                        let count = if matches!(op, Op::CrossEntropy { .. }) {
-                            3
-                        } else {
-                            2
-                        };
-                        for _ in 0..count {
-                            let buf = tokens as f64 * 4.0;
+                        for stats in [1.0, 2.0] {
+                            let buf = tokens as f64 * 4.0 * stats;
                             let r =
                                 coll(Collective::AllReduce, MeshAxis::Tp, buf, batched(*logits));
                             add(&mut c, r);

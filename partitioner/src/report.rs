@@ -203,25 +203,17 @@ impl Report {
                 Op::ReduceScatter { x, axis, .. } => {
                     add("reduce_scatter", fwd, *axis, 1, bytes(*x))
                 }
-                Op::CrossEntropy { logits, .. } | Op::CrossEntropyGrad { logits, .. }
+                // The vocabulary-parallel cross-entropy's f32 row statistics: the row maxima,
+                // then the sums of exponentials with the target logits in one call. Its
+                // gradient reuses them: no collective.
+                Op::CrossEntropy { logits, .. }
                     if matches!(plan.layouts[*logits].tp, Layout::Split(d)
                         if d + 1 == g.ty(*logits).shape.rank()) =>
                 {
                     let ty = g.ty(*logits);
                     let tokens = ty.shape.numel().unwrap_or(0)
                         / ty.shape.last().map_or(1, |d| d.size.max(1));
-                    let count = if matches!(node.op, Op::CrossEntropy { .. }) {
-                        3
-                    } else {
-                        2
-                    };
-                    add(
-                        "all_reduce",
-                        fwd,
-                        MeshAxis::Tp,
-                        count,
-                        count * tokens * ty.dtype.size_bytes(),
-                    );
+                    add("all_reduce", fwd, MeshAxis::Tp, 2, 3 * tokens * 4);
                 }
                 _ => {}
             }

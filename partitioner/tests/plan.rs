@@ -148,20 +148,19 @@ fn gpt_layer_has_two_all_reduces_each_way() {
         // Nothing else communicates, and no node ever gathers the logits.
         assert_eq!(colls.len(), 3 * 4 + 2, "tp={tp}: {colls:?}");
 
-        // The report adds the vocabulary-parallel cross-entropy's per-token all-reduces.
+        // The report adds the vocabulary-parallel cross-entropy's per-token all-reduces of its
+        // f32 row statistics, in the forward only: the maxima, then the sums of exponentials
+        // with the target logits.
         let report = Report::of(&plan);
         let fwd = report.find("all_reduce", "forward", "tp").unwrap();
-        assert_eq!(fwd.count, 2 * 3 + 1 + 3);
+        assert_eq!(fwd.count, 2 * 3 + 1 + 2);
         assert_eq!(
             fwd.bytes_per_rank,
             (2 * 3 + 1) * b * s * h * 4 + 3 * b * s * 4
         );
         let bwd = report.find("all_reduce", "backward", "tp").unwrap();
-        assert_eq!(bwd.count, 2 * 3 + 1 + 2);
-        assert_eq!(
-            bwd.bytes_per_rank,
-            (2 * 3 + 1) * b * s * h * 4 + 2 * b * s * 4
-        );
+        assert_eq!(bwd.count, 2 * 3 + 1);
+        assert_eq!(bwd.bytes_per_rank, (2 * 3 + 1) * b * s * h * 4);
         assert!(report.find("all_gather", "forward", "tp").is_none());
     }
 }
@@ -753,4 +752,27 @@ fn backward_collectives_are_issued_as_soon_as_their_input_is_ready() {
             "tp={tp} dp={dp}: only {checked} backward collectives"
         );
     }
+}
+
+/// Megatron's count of tensor-parallel all-reduces for GPT-2 small at tp = 4: backward `2L + 1`
+/// (each layer's two f, the output layer's f; the vocabulary-parallel loss's gradient reuses the
+/// row statistics its forward reduced), forward `2L + 1` (each layer's two g, the
+/// vocabulary-parallel embedding's) and the loss's two (the row maxima, then the sums of
+/// exponentials with the target logits in one call).
+#[test]
+fn gpt2_small_at_tp_4_has_megatrons_all_reduce_count() {
+    let g = model("gpt2-small.ron", &[]);
+    let layers = dim(&g, "layers");
+    let report = Report::of(&plan(&g, 4, 1, false));
+    let count = |direction: &str| {
+        report
+            .collectives
+            .iter()
+            .filter(|c| c.kind == "all_reduce" && c.axis == "tp" && c.direction == direction)
+            .map(|c| c.count)
+            .sum::<u64>()
+    };
+    assert_eq!(layers, 12);
+    assert_eq!(count("backward"), 2 * layers + 1);
+    assert_eq!(count("forward"), 2 * layers + 1 + 2);
 }

@@ -23,12 +23,14 @@ struct Counting {
     fused: Arc<AtomicUsize>,
     reshapes: Arc<AtomicUsize>,
     collectives: Arc<AtomicUsize>,
+    host: Arc<AtomicUsize>,
 }
 
-/// The CPU's communicator, counting the collectives on tensors.
+/// The CPU's communicator, counting the collectives on tensors and on host buffers.
 struct CountingComm {
     cpu: CpuComm,
     collectives: Arc<AtomicUsize>,
+    host: Arc<AtomicUsize>,
 }
 
 impl Comm<Counting> for CountingComm {
@@ -40,6 +42,7 @@ impl Comm<Counting> for CountingComm {
             .map(|(cpu, m)| CountingComm {
                 cpu,
                 collectives: m.collectives.clone(),
+                host: m.host.clone(),
             })
             .collect()
     }
@@ -54,6 +57,7 @@ impl Comm<Counting> for CountingComm {
         self.cpu.all_reduce(t, op)
     }
     fn all_reduce_host(&self, b: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.host.fetch_add(1, Ordering::Relaxed);
         self.cpu.all_reduce_host(b, op)
     }
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor, CommError> {
@@ -232,4 +236,12 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
         counting.collectives.load(Ordering::Relaxed),
         2 * collectives
     );
+    // The vocabulary-parallel loss reduces its row statistics in the forward (the maxima, then
+    // the sums with the target logits) and its gradient reuses them: two host all-reduces per
+    // rank, none in the backward.
+    assert!(g
+        .order
+        .iter()
+        .any(|&n| matches!(g.nodes[n].op, Op::CrossEntropyGrad { .. })));
+    assert_eq!(counting.host.load(Ordering::Relaxed), 2 * 2);
 }

@@ -229,6 +229,7 @@ impl<B: Backend> Rank<B> {
                 micro_batch: Cell::new(0),
                 waited: Cell::new(Duration::ZERO),
                 landed: RefCell::new(Vec::new()),
+                ce_stats: RefCell::new(HashMap::new()),
             }
             .run(&params, weights, batch)
         })
@@ -400,6 +401,10 @@ struct Runner<'a, B: Backend> {
     /// rank that made it, which does not wait for this rank's queue: they are dropped once this
     /// rank's queue has finished the step that read them.
     landed: RefCell<Vec<B::Tensor>>,
+    /// The vocabulary-parallel cross-entropy's statistics from its forward, by its logits and
+    /// micro-batch, for its backward: reduced over the tp group once, in the forward, so the
+    /// backward needs no collective (as Megatron's saves them).
+    ce_stats: RefCell<HashMap<(ValueId, u32), VocabStats>>,
 }
 
 /// The vocabulary-parallel cross-entropy's statistics on this rank, reduced over the group.
@@ -1213,6 +1218,9 @@ impl<B: Backend> Runner<'_, B> {
                     ce.shard.token_parts,
                 )
                 .map_err(|e| self.kernel_error(n, e))?;
+                self.ce_stats
+                    .borrow_mut()
+                    .insert((*logits, self.micro_batch.get()), ce);
                 Ok(vec![be
                     .scalar(loss)
                     .map_err(|e| self.kernel_error(n, e))?])
@@ -1225,7 +1233,16 @@ impl<B: Backend> Runner<'_, B> {
                 classes,
             } if self.vocab_parallel(*logits) => {
                 let x = get(logits)?;
-                let ce = self.vocab_ce(n, *logits, x, get(targets)?, *shift, classes)?;
+                // The forward's statistics of these logits; reduced again only where the forward
+                // did not run here (a plan holding the gradient alone).
+                let saved = self
+                    .ce_stats
+                    .borrow_mut()
+                    .remove(&(*logits, self.micro_batch.get()));
+                let ce = match saved {
+                    Some(ce) => ce,
+                    None => self.vocab_ce(n, *logits, x, get(targets)?, *shift, classes)?,
+                };
                 let dl = be
                     .read_scalar(get(dloss)?)
                     .map_err(|e| self.kernel_error(n, e))?;
