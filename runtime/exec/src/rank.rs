@@ -230,6 +230,7 @@ impl<B: Backend> Rank<B> {
                 waited: Cell::new(Duration::ZERO),
                 landed: RefCell::new(Vec::new()),
                 ce_stats: RefCell::new(HashMap::new()),
+                sums: RefCell::new(HashMap::new()),
             }
             .run(&params, weights, batch)
         })
@@ -405,6 +406,10 @@ struct Runner<'a, B: Backend> {
     /// micro-batch, for its backward: reduced over the tp group once, in the forward, so the
     /// backward needs no collective (as Megatron's saves them).
     ce_stats: RefCell<HashMap<(ValueId, u32), VocabStats>>,
+    /// With several micro-batches, the values summed over them so far (the gradients): each
+    /// micro-batch's is added in as soon as nothing else on the stage reads it, so a stage
+    /// never holds two sets of gradients.
+    sums: RefCell<HashMap<ValueId, B::Tensor>>,
 }
 
 /// The vocabulary-parallel cross-entropy's statistics on this rank, reduced over the group.
@@ -585,6 +590,7 @@ impl<B: Backend> Runner<'_, B> {
             }
         }
         let mut values = kept.values;
+        values.extend(self.sums.take());
         if let Some(sum) = kept.loss {
             let loss = be
                 .scalar((sum / f64::from(micro)) as f32)
@@ -728,6 +734,7 @@ impl<B: Backend> Runner<'_, B> {
                 bytes.add(size);
                 let needed_here = exe.keep[v] || exe.is_read_after(stage, v, i);
                 match self.send(n, v, x, needed_here)? {
+                    Some(x) if self.sums_now(v, i) => self.add_to_sum(v, x, bytes)?,
                     Some(x) => values[v.index()] = Some(Cow::Owned(x)),
                     None => bytes.sub(size),
                 }
@@ -786,25 +793,49 @@ impl<B: Backend> Runner<'_, B> {
                 *kept.loss.get_or_insert(0.0) += f64::from(loss);
                 bytes.sub(be.bytes(&x));
             } else if exe.accumulate[v] {
-                let sum = match kept.values.remove(&v) {
-                    None => x,
-                    Some(acc) => {
-                        bytes.sub(be.bytes(&x));
-                        be.eval(&Op::Add(&acc, &x), &Placement::default())
-                            .map_err(|e| {
-                                ExecError::Plan(format!(
-                                    "summing `{}` over micro-batches: {e}",
-                                    plan.graph.values[v].name
-                                ))
-                            })?
-                            .swap_remove(0)
-                    }
-                };
-                kept.values.insert(v, sum);
+                self.add_to_sum(v, x, bytes)?;
             } else {
                 kept.outputs[m as usize].insert(v, x);
             }
         }
+        Ok(())
+    }
+
+    /// Whether value `v`, made at step `i`, goes into its sum over the micro-batches as soon as
+    /// it is made: it is summed, and no later step of this stage reads it.
+    fn sums_now(&self, v: ValueId, i: usize) -> bool {
+        let exe = self.exe;
+        exe.plan.micro_batches() > 1
+            && exe.accumulate[v]
+            && !exe.is_read_after(self.stage, v, i)
+            && !exe.opts.forward_only
+    }
+
+    /// Adds one micro-batch's `x` of value `v` into its sum over the micro-batches (the first
+    /// becomes the sum).
+    fn add_to_sum(&self, v: ValueId, x: B::Tensor, bytes: &mut Bytes) -> Result<(), ExecError> {
+        let be = &self.rank.backend;
+        let mut sums = self.sums.borrow_mut();
+        let sum = match sums.remove(&v) {
+            None => x,
+            Some(acc) => {
+                let sum = be
+                    .eval(&Op::Add(&acc, &x), &Placement::default())
+                    .map_err(|e| {
+                        ExecError::Plan(format!(
+                            "summing `{}` over micro-batches: {e}",
+                            self.exe.plan.graph.values[v].name
+                        ))
+                    })?
+                    .swap_remove(0);
+                // The new sum replaces the old one; this micro-batch's part is dropped.
+                bytes.add(be.bytes(&sum));
+                bytes.sub(be.bytes(&acc));
+                bytes.sub(be.bytes(&x));
+                sum
+            }
+        };
+        sums.insert(v, sum);
         Ok(())
     }
 
