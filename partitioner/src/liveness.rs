@@ -90,6 +90,8 @@ mod tests {
         load_model(std::path::Path::new(path), &opts).expect("tiny-gpt loads")
     }
 
+    /// On a model whose activations outweigh its weights and gradients, each mode's peak is
+    /// below the one before.
     #[test]
     fn the_peak_holds_what_is_kept_and_drops_with_recomputation() {
         let g = tiny_gpt(8);
