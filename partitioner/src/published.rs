@@ -9,14 +9,17 @@
 //!   micro-batches, schedule, equal layers per model chunk (Megatron's split)
 //!   ─► cost::estimate (fp16, full recomputation, the row's gradient all-reduce) ─► step time
 //!   ─► the paper's FLOPs (its equation 3) / step / GPUs, beside the paper's TFLOP/s
-//!   └► planner::choose_in on the same GPUs and global batch ─► its pick, and its step against
-//!      the paper's configuration's
+//!   └► planner::choose_in on the same GPUs and global batch (tp × pp × V × dp × micro-batch
+//!      size × schedule × SP × recomputation × ZeRO stage 0/1) ─► its pick, its step against the
+//!      paper's configuration's, and the pick's plan priced with the paper's settings
 //! ```
 //!
 //! Each row runs as the paper's own script ran it (Megatron-LM's `examples/sc21/run_table_1.sh`:
 //! micro-batch size, model chunks per stage, PyTorch's overlapped DDP or Megatron's local DDP).
 //! Both throughput columns count FLOPs the paper's way (equation 3), so they compare the same
-//! thing; the model's own count of what the GPU executes is shown beside them.
+//! thing; the model's own count of what the GPU executes is shown beside them. The paper's
+//! comparison with ZeRO-3 (its §5.2) is quoted in the report, not predicted: the cost model
+//! prices ZeRO stages 0 and 1 only.
 
 use crate::cost::{calibrate_gemm, estimate, Cluster, Estimate, EstimateOptions};
 use crate::pipeline::Schedule;
@@ -318,7 +321,8 @@ pub struct PtdpRow {
 /// What [`ptd_p_table`] runs besides the rows' predictions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StudyOptions {
-    /// Ask the planner for every row (about a second each for the largest, in release builds).
+    /// Ask the planner for every row (seconds each for the largest in release builds, tens of
+    /// seconds in debug builds).
     pub planner: bool,
     /// Re-run the calibration on [`CALIBRATION_ROW`] and report it beside the cluster's value,
     /// and the [`FUSED_SPEED`] sensitivity.
@@ -727,10 +731,6 @@ fn report(rows: &[PtdpRow], cluster: &Cluster, calibration: Option<&Calibration>
 /// The planner's pick for each row, against the paper's configuration.
 fn planner_section(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
     let space = Space::full();
-    let listed = |values: Vec<String>| match values.split_last() {
-        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
-        _ => values.concat(),
-    };
     let _ = writeln!(
         md,
         "\n## What the planner would run\n\n\
@@ -738,9 +738,10 @@ fn planner_section(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
          same pricing (fp16, the row's gradient all-reduce), choosing everything else itself: \
          tp × pp × model chunks per stage V (1, or up to {} where the layers divide into pp × \
          V equal chunks: the interleaved schedule) × dp × micro-batch size (up to {} \
-         micro-batch counts per configuration, each at least twice the one before, and always \
-         one sequence per micro-batch) × 1F1B/GPipe × sequence parallelism × recomputation \
-         ({}) × ZeRO stage ({}; 1 is the distributed optimizer: Adam's state and the f32 \
+         micro-batch counts per configuration, from the first at least pp, each at least twice \
+         the one before, and always one sequence per micro-batch) × 1F1B/GPipe × sequence \
+         parallelism × recomputation ({}) × ZeRO stage ({}; 1 is the distributed optimizer: \
+         Adam's state and the f32 \
          master weights split over the data-parallel replicas, the gradients reduce-scattered \
          and the updated parameters all-gathered). Its stages are cut by the plan's work per \
          layer rather than Megatron's equal layers per chunk. The paper's runs are full \
@@ -757,8 +758,8 @@ fn planner_section(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
          |---:|---:|---|---:|---:|---:|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
         space.max_virtual_stages,
         space.micro_batch_counts,
-        listed(space.recompute.iter().map(Recompute::to_string).collect()),
-        listed(space.zero.iter().map(u8::to_string).collect()),
+        join_or(space.recompute.iter().map(Recompute::to_string).collect()),
+        join_or(space.zero.iter().map(u8::to_string).collect()),
     );
     for r in rows {
         let p = &r.paper;
@@ -901,37 +902,48 @@ fn planner_notes(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
     if n == 0 {
         return;
     }
-    let count =
-        |f: &dyn Fn(&PtdpRow, &PlannerPick) -> bool| pairs.iter().filter(|(r, k)| f(r, k)).count();
-    let names = |f: &dyn Fn(&PtdpRow, &PlannerPick) -> bool| {
-        join(
-            pairs
-                .iter()
-                .filter(|(r, k)| f(r, k))
-                .map(|(r, _)| r.paper.name())
-                .collect(),
-        )
+    type Test<'a> = &'a dyn Fn(&PtdpRow, &PlannerPick) -> bool;
+    let count = |f: Test| pairs.iter().filter(|(r, k)| f(r, k)).count();
+    // The rows whose pick passes `f`, when some but not all do.
+    let which = |f: Test| {
+        let names: Vec<String> = pairs
+            .iter()
+            .filter(|(r, k)| f(r, k))
+            .map(|(r, _)| r.paper.name())
+            .collect();
+        if names.is_empty() || names.len() == n {
+            String::new()
+        } else {
+            format!(" ({})", join(names))
+        }
+    };
+    // "all 10" where every pick does it; the verb agreeing.
+    let how_many = |k: usize, one: &str, many: &str| match k {
+        1 => format!("1 {one}"),
+        _ if k == n => format!("all {n} {many}"),
+        _ => format!("{k} {many}"),
     };
     // What the picks change.
     let mut changes = Vec::new();
-    let same = count(&|r, k| k.same_layout(&r.paper));
-    if same > 0 {
+    let same: Test = &|r, k| k.same_layout(&r.paper);
+    if count(same) > 0 {
         changes.push(format!(
-            "{same} keep the paper's tp, pp, dp, model chunks and micro-batch size ({})",
-            names(&|r, k| k.same_layout(&r.paper))
+            "{} the paper's tp, pp, dp, model chunks and micro-batch size{}",
+            how_many(count(same), "keeps", "keep"),
+            which(same)
         ));
     }
     let lower_tp = count(&|r, k| k.tp < r.paper.tp);
     if lower_tp > 0 {
-        let deeper = count(&|r, k| k.tp < r.paper.tp && k.pp > r.paper.pp);
         let wider = count(&|r, k| k.tp < r.paper.tp && k.dp > r.paper.dp());
+        let deeper = count(&|r, k| k.tp < r.paper.tp && k.pp > r.paper.pp);
         changes.push(format!(
-            "{lower_tp} run a smaller tp than the paper, trading tensor-parallel all-reduces \
-             for {}",
+            "{} a smaller tp than the paper, trading tensor-parallel all-reduces for {}",
+            how_many(lower_tp, "runs", "run"),
             join(
                 [
-                    (deeper > 0).then(|| format!("a deeper pipeline ({deeper})")),
                     (wider > 0).then(|| format!("more replicas ({wider})")),
+                    (deeper > 0).then(|| format!("a deeper pipeline ({deeper})")),
                 ]
                 .into_iter()
                 .flatten()
@@ -943,7 +955,8 @@ fn planner_notes(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
     if higher_tp > 0 {
         let across = count(&|_, k| k.tp > cluster.gpus_per_node);
         changes.push(format!(
-            "{higher_tp} a larger tp{}",
+            "{} a larger tp{}",
+            how_many(higher_tp, "runs", "run"),
             if across > 0 {
                 format!(
                     " ({across} beyond a node's {} GPUs, priced as hierarchical collectives \
@@ -955,8 +968,8 @@ fn planner_notes(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
             }
         ));
     }
-    let interleaved = count(&|_, k| k.virtual_stages > 1);
-    if interleaved > 0 {
+    let interleaved: Test = &|_, k| k.virtual_stages > 1;
+    if count(interleaved) > 0 {
         let mut vs: Vec<u64> = pairs
             .iter()
             .map(|(_, k)| k.virtual_stages)
@@ -965,21 +978,22 @@ fn planner_notes(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
         vs.sort_unstable();
         vs.dedup();
         changes.push(format!(
-            "{interleaved} interleave (V = {})",
-            join(vs.iter().map(u64::to_string).collect())
+            "{} the model in chunks (V = {})",
+            how_many(count(interleaved), "interleaves", "interleave"),
+            join_or(vs.iter().map(u64::to_string).collect())
         ));
     }
     let smaller = count(&|r, k| k.micro_batch_size < r.paper.micro_batch);
     let larger = count(&|r, k| k.micro_batch_size > r.paper.micro_batch);
     if smaller + larger > 0 {
+        let which_way = match (smaller, larger) {
+            (_, 0) => "smaller".to_owned(),
+            (0, _) => "larger".to_owned(),
+            (s, l) => format!("smaller ({s}) or larger ({l})"),
+        };
         changes.push(format!(
-            "{} run {} micro-batches than the paper",
-            smaller + larger,
-            match (smaller, larger) {
-                (_, 0) => "smaller".to_owned(),
-                (0, _) => "larger".to_owned(),
-                (s, l) => format!("smaller ({s}) or larger ({l})"),
-            }
+            "{} {which_way} micro-batches than the paper",
+            how_many(smaller + larger, "runs", "run"),
         ));
     }
     let by_recompute = |mode: Recompute| count(&|_, k| k.recompute == mode);
@@ -994,51 +1008,79 @@ fn planner_notes(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
         ]
         .into_iter()
         .filter(|&(mode, _)| by_recompute(mode) > 0)
-        .map(|(mode, how)| format!("{} {how}", by_recompute(mode)))
+        .enumerate()
+        .map(|(i, (mode, how))| match (i, by_recompute(mode)) {
+            (0, k) => format!("{} {how}", how_many(k, "runs", "run")),
+            (_, k) => format!("{k} {how}"),
+        })
         .collect(),
     );
-    let sp = count(&|_, k| k.sequence_parallel);
-    let zero = count(&|_, k| k.zero >= 1);
+    let sp: Test = &|_, k| k.sequence_parallel;
+    let zero: Test = &|_, k| k.zero >= 1;
     let _ = writeln!(
         md,
-        "\nOf the {n} picks, {}. {recompute}; {sp} use sequence parallelism and {zero} the \
-         distributed optimizer (ZeRO stage 1){}.",
+        "\nOf the {n} picks, {}. {}; {} sequence parallelism{} and {} the distributed \
+         optimizer (ZeRO stage 1){}.",
         join(changes),
-        if zero > 0 {
-            format!(" ({})", names(&|_, k| k.zero >= 1))
-        } else {
-            String::new()
-        },
+        capitalized(&recompute),
+        how_many(count(sp), "uses", "use"),
+        which(sp),
+        how_many(count(zero), "uses", "use"),
+        which(zero),
     );
     // Where the speed-ups come from.
-    let range = |xs: &[f64]| {
-        xs.iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
-                (lo.min(x), hi.max(x))
-            })
+    let range = |xs: &mut dyn Iterator<Item = f64>| {
+        xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        })
     };
-    let (lo, hi) = range(&pairs.iter().map(|(_, k)| k.speedup).collect::<Vec<_>>());
-    let layouts: Vec<(f64, f64, bool)> = pairs
+    let (lo, hi) = range(&mut pairs.iter().map(|(_, k)| k.speedup));
+    let mut text =
+        format!("The picks are predicted {lo:.2}–{hi:.2}× faster than the paper's configurations.");
+    // (layout alone, what the pick's recomputation and ZeRO stage add, whether it fits, row)
+    let layouts: Vec<(f64, f64, bool, String)> = pairs
         .iter()
         .filter_map(|(r, k)| {
             let s = k.paper_settings.as_ref()?;
             let x = k.layout_speedup(&r.estimate)?;
-            Some((x, k.speedup / x, s.fits))
+            Some((x, k.speedup / x, s.fits, r.paper.name()))
         })
         .collect();
-    let mut speedups =
-        format!("The picks are predicted {lo:.2}–{hi:.2}× faster than the paper's configurations.");
     if !layouts.is_empty() {
-        let (llo, lhi) = range(&layouts.iter().map(|l| l.0).collect::<Vec<_>>());
-        let (rlo, rhi) = range(&layouts.iter().map(|l| l.1).collect::<Vec<_>>());
-        let fit = layouts.iter().filter(|l| l.2).count();
+        let (llo, lhi) = range(&mut layouts.iter().map(|l| l.0));
+        let (rlo, rhi) = range(&mut layouts.iter().map(|l| l.1));
         let _ = write!(
-            speedups,
+            text,
             " Their layouts alone, with the paper's full recomputation and ZeRO stage 0, are \
-             {llo:.2}–{lhi:.2}× faster ({fit} of {} of them fit in memory so); the pick's \
-             recomputation and ZeRO stage multiply that by {rlo:.2}–{rhi:.2}×.",
-            layouts.len()
+             {llo:.2}–{lhi:.2}× faster; the picks' recomputation and ZeRO stage multiply that \
+             by {rlo:.2}–{rhi:.2}×."
         );
+        let unfit: Vec<String> = layouts
+            .iter()
+            .filter(|l| !l.2)
+            .map(|l| l.3.clone())
+            .collect();
+        if !unfit.is_empty() {
+            // Full recomputation holds the least: a layout that fits with the pick's
+            // recomputation and not with full fits only by the distributed optimizer.
+            let _ = write!(
+                text,
+                " {} ({}) {} not fit that way: {} with the optimizer state split over \
+                 the replicas.",
+                if unfit.len() == 1 {
+                    "One layout".to_owned()
+                } else {
+                    format!("{} layouts", unfit.len())
+                },
+                join(unfit.clone()),
+                if unfit.len() == 1 { "does" } else { "do" },
+                if unfit.len() == 1 {
+                    "it fits only"
+                } else {
+                    "they fit only"
+                },
+            );
+        }
     }
     let lighter: Vec<f64> = pairs
         .iter()
@@ -1046,39 +1088,50 @@ fn planner_notes(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
         .map(|(r, _)| pct(r.estimate.recompute_s, r.estimate.step_time_s))
         .collect();
     if !lighter.is_empty() {
-        let (plo, phi) = range(&lighter);
+        let (plo, phi) = range(&mut lighter.iter().copied());
         let _ = write!(
-            speedups,
-            " Recomputing less saves part or all of the recomputed forward pass, {plo:.0}–{phi:.0}% \
-             of the paper's predicted step in the {} rows whose pick does so.",
+            text,
+            " Recomputing less saves part or all of the recomputed forward pass: \
+             {plo:.0}–{phi:.0}% of the paper's predicted step in the {} rows whose pick does \
+             so.",
             lighter.len()
         );
     }
-    // What the paper's code lacked.
-    let later: Vec<&str> = [
-        (sp > 0, "sequence parallelism"),
+    // What the paper's runs lacked.
+    let later: Vec<String> = [
+        (count(sp) > 0, "sequence parallelism"),
         (
             by_recompute(Recompute::Selective) > 0,
             "selective recomputation",
         ),
     ]
     .into_iter()
-    .filter_map(|(used, what)| used.then_some(what))
+    .filter(|&(used, _)| used)
+    .map(|(_, what)| what.to_owned())
     .collect();
-    if !later.is_empty() {
+    let mut unused = later.clone();
+    if count(zero) > 0 {
+        unused.push("distributed optimizer".to_owned());
+    }
+    if !unused.is_empty() {
+        let _ = write!(text, " The paper's runs use no {}", join_or(unused));
         let _ = write!(
-            speedups,
-            " {} {} from Korthikanti et al. 2022, after the paper; its runs have neither{}.",
-            capitalized(&join(later.iter().map(|s| s.to_string()).collect())),
-            if later.len() > 1 { "are" } else { "is" },
-            if zero > 0 {
-                ", nor the distributed optimizer (ZeRO stage 1, Rajbhandari et al. 2020)"
-            } else {
-                ""
+            text,
+            "{}.",
+            match later.len() {
+                0 => String::new(),
+                1 => format!(
+                    " ({} is from Korthikanti et al. 2022, after the paper)",
+                    later[0]
+                ),
+                _ => format!(
+                    " ({} are from Korthikanti et al. 2022, after the paper)",
+                    join(later)
+                ),
             }
         );
     }
-    let _ = writeln!(md, "\n{speedups}");
+    let _ = writeln!(md, "\n{text}");
     let tightest = pairs
         .iter()
         .map(|(_, k)| k.estimate.memory_bytes_per_gpu)
@@ -1086,9 +1139,9 @@ fn planner_notes(md: &mut String, rows: &[PtdpRow], cluster: &Cluster) {
         .unwrap_or(0);
     let _ = writeln!(
         md,
-        "The picks' memory is the cost model's estimate, up to {:.1} GiB of the {:.0} GiB a GPU \
-         has; allocator fragmentation and library workspaces are not in it, so the tightest \
-         picks may not fit in practice.",
+        "\nThe picks' memory is the cost model's estimate, up to {:.1} GiB of the {:.0} GiB a \
+         GPU has; allocator fragmentation and library workspaces are not in it, so the \
+         tightest picks may not fit in practice.",
         gib(tightest),
         gib(cluster.memory_bytes),
     );
@@ -1099,7 +1152,7 @@ fn zero_3(md: &mut String) {
     let _ = writeln!(
         md,
         "\n## The paper's comparison with ZeRO-3: not predicted\n\n\
-         The paper's §5.2 (table 2, figure 10) compares PTD-P with DeepSpeed's ZeRO-3 without \
+         The paper's §5.2 (table 2, figure 10) compares PTD-P with ZeRO-3 without \
          model parallelism on its 175B and 530B models, the global batch held as the GPUs \
          double. ferrotron does not predict that comparison. Its partitioner and cost model \
          have ZeRO stages 0 and 1 only (stage 1 splits the optimizer state over the \
@@ -1115,8 +1168,8 @@ fn zero_3(md: &mut String) {
          recomputation that is 1.5× data parallelism's traffic (the ZeRO paper's count, \
          Rajbhandari et al. 2020: two all-gathers and a reduce-scatter of the parameters \
          against an all-reduce's reduce-scatter and all-gather), and without model \
-         parallelism the data-parallel group is every GPU, so all of it crosses the \
-         InfiniBand network.\n\n\
+         parallelism the data-parallel group is every GPU, so every one of those collectives \
+         spans the nodes and is bound by InfiniBand.\n\n\
          The paper's table 2, quoted, not predicted (TFLOP/s per GPU):\n\n\
          | model (B) | global batch | GPUs | ZeRO-3, no model parallelism | PTD-P |\n\
          |---:|---:|---:|---:|---:|\n\
@@ -1137,6 +1190,14 @@ fn zero_3(md: &mut String) {
 fn join(items: Vec<String>) -> String {
     match items.split_last() {
         Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => items.concat(),
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn join_or(items: Vec<String>) -> String {
+    match items.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
         _ => items.concat(),
     }
 }

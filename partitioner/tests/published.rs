@@ -7,7 +7,7 @@ use ferrotron_partitioner::cost::Cluster;
 use ferrotron_partitioner::published::{
     ptd_p_table, StudyOptions, MODEL_FILE, SEQUENCE, TABLE_1, VOCABULARY,
 };
-use ferrotron_partitioner::Schedule;
+use ferrotron_partitioner::{Recompute, Schedule};
 use std::path::PathBuf;
 
 fn root() -> PathBuf {
@@ -121,4 +121,57 @@ fn the_two_smallest_rows_are_predicted() {
         md.contains(MODEL_FILE) && md.contains("rows within 10%"),
         "{md}"
     );
+}
+
+/// The planner's pick for the trillion-parameter row is priced no slower than the paper's own
+/// configuration of it. The paper's tp, pp, dp, model chunks, micro-batch size and
+/// recomputation are in the planner's space (its stages cut by work rather than into equal
+/// layers), so a slower pick is a search that missed them.
+#[test]
+fn the_planner_beats_the_paper_on_the_largest_row() {
+    let c = cluster("dgx-a100.ron");
+    let runs = &TABLE_1[TABLE_1.len() - 1..];
+    let study = StudyOptions {
+        planner: true,
+        calibration: false,
+    };
+    let (rows, md) = ptd_p_table(zoo, &c, runs, study).unwrap_or_else(|e| panic!("{e}"));
+    let r = &rows[0];
+    let k = r
+        .planner
+        .as_ref()
+        .expect("the planner finds a configuration that fits");
+    let (paper, pick) = (r.estimate.step_time_s, k.estimate.step_time_s);
+    assert!(
+        paper.is_finite() && pick.is_finite() && pick > 0.0,
+        "{paper} {pick}"
+    );
+    assert!(
+        pick <= paper,
+        "the pick ({} × {} × {}, V = {}, micro-batch {}, {}, ZeRO {}) takes {pick:.3} s, the \
+         paper's configuration {paper:.3} s",
+        k.tp,
+        k.pp,
+        k.dp,
+        k.virtual_stages,
+        k.micro_batch_size,
+        k.recompute,
+        k.zero
+    );
+    assert!(k.estimate.fits);
+    // The pick runs the row's GPUs and global batch.
+    assert_eq!(k.tp * k.pp * k.dp, runs[0].gpus);
+    assert_eq!(k.micro_batch_size * k.micro_batches * k.dp, runs[0].batch);
+    assert_eq!(k.estimate.recompute, k.recompute);
+    assert_eq!(k.estimate.zero, k.zero);
+    assert!(near(k.speedup, paper / pick, 1e-12, 0.0));
+    // The layout alone is priced with the paper's settings and is no faster than the pick.
+    let alone = k
+        .paper_settings
+        .as_ref()
+        .expect("the pick's plan at full recomputation");
+    assert_eq!((alone.recompute, alone.zero), (Recompute::Full, 0));
+    assert!(alone.step_time_s >= pick * (1.0 - 1e-12));
+    assert!(md.contains("## What the planner would run"), "{md}");
+    assert!(md.contains("ZeRO-3: not predicted"), "{md}");
 }

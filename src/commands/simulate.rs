@@ -77,7 +77,9 @@ pub struct SimulateArgs {
     #[arg(long)]
     weak_scaling: bool,
     /// The PTD-P paper's weak-scaling table (1.7B on 32 A100s … 1T on 3,072), each row as the
-    /// paper's script ran it, with the planner's pick for each, as markdown.
+    /// paper's script ran it, with the planner's pick for each (tp × pp × model chunks × dp ×
+    /// micro-batch size × SP × recomputation × ZeRO stage) and how much faster it is predicted
+    /// to be, as markdown; the paper's ZeRO-3 comparison is quoted, not predicted.
     #[arg(long)]
     ptd_p: bool,
     /// Print one JSON object instead of text.
