@@ -88,6 +88,18 @@ impl Timing {
     fn last(&self) -> std::time::Duration {
         *self.walls.last().expect("at least one step")
     }
+
+    /// With several steps, the first and the steady one.
+    fn print(&self) {
+        if let Some(steady) = self.steady() {
+            println!(
+                "{} steps: the first {:.1} ms, the median of the rest {:.1} ms",
+                self.walls.len(),
+                self.first().as_secs_f64() * 1e3,
+                steady.as_secs_f64() * 1e3
+            );
+        }
+    }
 }
 
 /// What a step needs, made the same way in every process.
@@ -305,14 +317,7 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
             bwd.as_secs_f64() * 1e3,
             wall.as_secs_f64() * 1e3
         );
-        if let Some(steady) = timing.steady() {
-            println!(
-                "{} steps: the first {:.1} ms, the median of the rest {:.1} ms",
-                timing.walls.len(),
-                timing.first().as_secs_f64() * 1e3,
-                steady.as_secs_f64() * 1e3
-            );
-        }
+        timing.print();
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         match &report.pipeline {
             None => println!(
@@ -415,14 +420,7 @@ fn report_rank<B: Backend>(
             result.backward.as_secs_f64() * 1e3,
             wall.as_secs_f64() * 1e3
         );
-        if let Some(steady) = timing.steady() {
-            println!(
-                "{} steps: the first {:.1} ms, the median of the rest {:.1} ms",
-                timing.walls.len(),
-                timing.first().as_secs_f64() * 1e3,
-                steady.as_secs_f64() * 1e3
-            );
-        }
+        timing.print();
     }
     if !args.verify {
         return Ok(());
