@@ -344,3 +344,56 @@ fn trainers<'p, B: Backend>(
 fn step<B: Backend>(trainers: &mut [Trainer<B>], batch: &HashMap<String, Tensor>) -> StepStats {
     launch::each(trainers, |t| t.step(batch)).unwrap()[0]
 }
+
+/// A rank that never arrives at a collective: the one waiting for it on the GPU stops after the
+/// timeout, naming the plan node, the group, the collective and the missing rank, as on the CPU.
+#[test]
+fn a_collective_a_rank_never_joins_names_the_missing_rank() {
+    let Some(cuda) = gpu(2, Storage::F32) else {
+        return;
+    };
+    let g = model("tiny-gpt.ron", &[]);
+    let plan = partition(
+        &g,
+        &PartitionOptions {
+            tp: 2,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    let timeout = std::time::Duration::from_millis(500);
+    let opts = RunOptions {
+        timeout,
+        ..RunOptions::default()
+    };
+    let exe = ferrotron_exec::Executable::new(&plan, &opts).unwrap();
+    let mut ranks = launch::ranks(&cuda, plan.mesh, timeout);
+    // Rank 1 is kept (its groups stay open) but never runs.
+    let _stuck = ranks.pop().unwrap();
+    let waiting = ranks.pop().unwrap();
+    let weights = ferrotron_exec::weights_for(&waiting, &plan, &test_params(&g, 0)).unwrap();
+    let started = std::time::Instant::now();
+    let err = waiting
+        .run(&exe, &weights, &random_batch(&g, 0))
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(took >= timeout && took < 20 * timeout, "took {took:?}");
+    let text = err.to_string();
+    match &err {
+        ferrotron_exec::ExecError::Comm {
+            node,
+            group: Some(group),
+            error: ferrotron_exec::CommError::Timeout { missing, .. },
+            ..
+        } => {
+            assert!(plan.graph.nodes.values().any(|n| &n.name == node), "{text}");
+            assert_eq!(group.ranks, [0, 1]);
+            assert_eq!(missing, &[1]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        text.contains("tp group of ranks 0, 1") && text.contains("rank 1 had not arrived"),
+        "{text}"
+    );
+}

@@ -4,7 +4,10 @@
 
 use ferrotron_cpu::Cpu;
 use ferrotron_exec::init::{init_params, random_batch};
-use ferrotron_exec::{run, run_sharded, shard_params, ExecError, RunOptions, Tensor};
+use ferrotron_exec::{
+    launch, run, run_sharded, shard_params, weights_for, CommError, ExecError, Executable,
+    RunOptions, Tensor,
+};
 use ferrotron_ir::{load_model, Graph, LoadOptions};
 use ferrotron_partitioner::{partition, PartitionOptions};
 use std::path::PathBuf;
@@ -160,4 +163,47 @@ fn a_trace_has_every_rank_and_every_node() {
             .iter()
             .any(|e| e["cat"] == "collective" && e["tid"] == 1));
     }
+}
+
+/// A rank that never arrives at a collective (stuck elsewhere): the rank waiting for it stops
+/// after the timeout, naming the plan node, the group, the collective and the missing rank.
+#[test]
+fn a_collective_a_rank_never_joins_names_the_missing_rank() {
+    let g = tiny_gpt();
+    let plan = partition(&g, &tp(2)).unwrap();
+    let timeout = Duration::from_millis(500);
+    let opts = RunOptions {
+        timeout,
+        ..RunOptions::default()
+    };
+    let exe = Executable::new(&plan, &opts).unwrap();
+    let mut ranks = launch::ranks(&Cpu::default(), plan.mesh, timeout);
+    // Rank 1 is kept (its groups stay open) but never runs.
+    let _stuck = ranks.pop().unwrap();
+    let waiting = ranks.pop().unwrap();
+    let weights = weights_for(&waiting, &plan, &init_params(&g, 0)).unwrap();
+    let started = Instant::now();
+    let err = waiting
+        .run(&exe, &weights, &random_batch(&g, 0))
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(took >= timeout && took < 10 * timeout, "took {took:?}");
+    let text = err.to_string();
+    match &err {
+        ExecError::Comm {
+            node,
+            group: Some(group),
+            error: CommError::Timeout { missing, .. },
+            ..
+        } => {
+            assert!(plan.graph.nodes.values().any(|n| &n.name == node), "{text}");
+            assert_eq!(group.ranks, [0, 1]);
+            assert_eq!(missing, &[1]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        text.contains("tp group of ranks 0, 1") && text.contains("rank 1 had not arrived"),
+        "{text}"
+    );
 }

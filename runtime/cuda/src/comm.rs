@@ -150,9 +150,13 @@ impl<T: Clone> Exchange<T> {
             }
             let now = Instant::now();
             if now >= deadline {
+                let missing = (0..self.size)
+                    .filter(|&r| st.deposited[r].is_none())
+                    .collect();
                 let e = CommError::Timeout {
                     op,
                     waited: now - start,
+                    missing,
                 };
                 st.failure = Some(e.clone());
                 self.wake.notify_all();

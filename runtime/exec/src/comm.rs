@@ -39,12 +39,15 @@ pub enum CommError {
         why: String,
     },
     /// Members did not all arrive within the group's timeout.
-    #[error("{op}: not every member arrived within {waited:?}")]
+    #[error("{op}: {} within {waited:?}", absent(missing))]
     Timeout {
         /// The collective that was waiting.
         op: &'static str,
         /// How long it waited.
         waited: Duration,
+        /// The members that had not arrived, as far as the waiting member can tell (empty when
+        /// it cannot): their index in the group; for a pipeline receive, the sending rank.
+        missing: Vec<usize>,
     },
     /// Members called different collectives or sizes (a plan bug, never a hang).
     #[error("collective mismatch: {what}")]
@@ -52,6 +55,21 @@ pub enum CommError {
         /// What differed.
         what: String,
     },
+}
+
+/// How a timeout names the members that had not arrived.
+fn absent(missing: &[usize]) -> String {
+    match missing {
+        [] => "not every member arrived".to_string(),
+        [one] => format!("member {one} did not arrive"),
+        more => format!(
+            "members {} did not arrive",
+            more.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Collectives on host `f32` buffers over a group of ranks, each member naming itself by its

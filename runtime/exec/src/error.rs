@@ -3,6 +3,7 @@
 
 use crate::comm::CommError;
 use crate::kernel::KernelError;
+use ferrotron_ir::MeshAxis;
 use ferrotron_partitioner::Coord;
 use thiserror::Error;
 
@@ -29,13 +30,15 @@ pub enum ExecError {
         /// What the kernel said.
         error: KernelError,
     },
-    /// A collective failed (another rank failed, or they disagree).
-    #[error("rank ({at}), node `{node}`: {error}")]
+    /// A collective failed (another rank failed, they disagree, or not all arrived in time).
+    #[error("rank ({at}), node `{node}`{}", comm_text(group, error))]
     Comm {
         /// The rank.
         at: Coord,
         /// The node (or the step of the program that communicated).
         node: String,
+        /// The group the collective ran over, when it was one of the rank's groups.
+        group: Option<GroupRanks>,
         /// What the communicator said.
         error: CommError,
     },
@@ -60,6 +63,50 @@ pub enum ExecError {
         /// The panic message.
         why: String,
     },
+}
+
+/// One of a rank's groups: its mesh axis and the job ranks of its members, in member order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRanks {
+    /// The mesh axis.
+    pub axis: MeshAxis,
+    /// Member `i`'s job rank at `i`.
+    pub ranks: Vec<usize>,
+}
+
+/// The group and the communicator's error; a timeout names the job ranks that had not arrived.
+fn comm_text(group: &Option<GroupRanks>, error: &CommError) -> String {
+    let Some(g) = group else {
+        return format!(": {error}");
+    };
+    let axis = match g.axis {
+        MeshAxis::Tp => "tp",
+        MeshAxis::Dp => "dp",
+    };
+    let list = |ranks: &mut dyn Iterator<Item = usize>| {
+        ranks.map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    let of = format!(
+        ", {axis} group of ranks {}",
+        list(&mut g.ranks.iter().copied())
+    );
+    match error {
+        CommError::Timeout {
+            op,
+            waited,
+            missing,
+        } if !missing.is_empty() => {
+            let mut ranks = missing.iter().filter_map(|&m| g.ranks.get(m).copied());
+            let who = list(&mut ranks);
+            let verb = if missing.len() == 1 {
+                format!("rank {who} had")
+            } else {
+                format!("ranks {who} had")
+            };
+            format!("{of}: {op}: {verb} not arrived after {waited:?}")
+        }
+        _ => format!("{of}: {error}"),
+    }
 }
 
 impl ExecError {

@@ -34,7 +34,7 @@ pub mod zero;
 
 pub use backend::{AdamW, Backend};
 pub use comm::{Comm, CommError, HostCollectives, ReduceOp};
-pub use error::ExecError;
+pub use error::{ExecError, GroupRanks};
 pub use kernel::{KernelError, Placement, VocabShard};
 pub use link::{Link, Mailbox, Tag};
 pub use program::{Executable, RunOptions};

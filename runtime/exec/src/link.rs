@@ -104,6 +104,7 @@ impl<T: Send> Link<T> for Mailbox<T> {
                 return Err(CommError::Timeout {
                     op: "pipeline receive",
                     waited: self.timeout,
+                    missing: vec![from],
                 });
             }
             letters = self

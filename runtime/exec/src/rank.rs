@@ -18,7 +18,7 @@
 
 use crate::backend::Backend;
 use crate::comm::{Comm, CommError, ReduceOp};
-use crate::error::ExecError;
+use crate::error::{ExecError, GroupRanks};
 use crate::fuse::{Fused, StepOp};
 use crate::kernel::{ce_loss, KernelError, Placement, RowStats, VocabShard};
 use crate::link::{Link, Tag};
@@ -252,6 +252,7 @@ impl<B: Backend> Rank<B> {
         let comm = |error| ExecError::Comm {
             at: self.coord,
             node: "the sums over the stages".into(),
+            group: None,
             error,
         };
         // Each f64 travels as four 16-bit pieces in an integer tensor: exact on any backend.
@@ -300,6 +301,14 @@ impl<B: Backend> Rank<B> {
         Ok(sums)
     }
 
+    /// This rank's group along `axis`, by its members' job ranks.
+    pub fn group_ranks(&self, axis: MeshAxis) -> GroupRanks {
+        GroupRanks {
+            axis,
+            ranks: self.mesh.group(axis, self.coord),
+        }
+    }
+
     /// Sums a host scalar over this rank's group along `axis` (a loss addend, a norm).
     pub fn sum_over(&self, axis: MeshAxis, x: &mut [f32], what: &str) -> Result<(), ExecError> {
         self.groups
@@ -308,6 +317,7 @@ impl<B: Backend> Rank<B> {
             .map_err(|error| ExecError::Comm {
                 at: self.coord,
                 node: what.to_owned(),
+                group: Some(self.group_ranks(axis)),
                 error,
             })
     }
@@ -878,7 +888,7 @@ impl<B: Backend> Runner<'_, B> {
                 let whole = self
                     .group(MeshAxis::Tp)
                     .all_gather(&x, d)
-                    .map_err(|e| self.comm_error(n, e))?;
+                    .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
                 self.landed.borrow_mut().push(x);
                 Ok(Some(whole))
             }
@@ -1016,7 +1026,7 @@ impl<B: Backend> Runner<'_, B> {
             for &(node, axis) in &d.reductions {
                 self.group(axis)
                     .all_reduce(&mut t, ReduceOp::Sum)
-                    .map_err(|e| self.comm_error(node, e))?;
+                    .map_err(|e| self.group_error(node, axis, e))?;
             }
             values.insert(d.grad, t);
         }
@@ -1045,6 +1055,7 @@ impl<B: Backend> Runner<'_, B> {
             let comm = |error| ExecError::Comm {
                 at: self.rank.coord,
                 node: format!("the tied gradient of `{name}`"),
+                group: None,
                 error,
             };
             if stage == tied.owner {
@@ -1115,7 +1126,7 @@ impl<B: Backend> Runner<'_, B> {
                 .group(*axis)
                 .all_reduce(&mut t, ReduceOp::Sum)
                 .map(|()| t)
-                .map_err(|e| self.comm_error(n, e)),
+                .map_err(|e| self.group_error(n, *axis, e)),
             _ => Ok(t),
         })
     }
@@ -1139,7 +1150,23 @@ impl<B: Backend> Runner<'_, B> {
         ExecError::Comm {
             at: self.rank.coord,
             node: self.exe.plan.graph.nodes[n].name.clone(),
+            group: None,
             error,
+        }
+    }
+
+    /// [`Runner::comm_error`] of a collective over the rank's group along `axis`.
+    fn group_error(&self, n: NodeId, axis: MeshAxis, error: CommError) -> ExecError {
+        match self.comm_error(n, error) {
+            ExecError::Comm {
+                at, node, error, ..
+            } => ExecError::Comm {
+                at,
+                node,
+                group: Some(self.rank.group_ranks(axis)),
+                error,
+            },
+            other => other,
         }
     }
 
@@ -1192,7 +1219,7 @@ impl<B: Backend> Runner<'_, B> {
                 let mut out = get(x)?.clone();
                 self.group(*axis)
                     .all_reduce(&mut out, ReduceOp::Sum)
-                    .map_err(|e| self.comm_error(n, e))?;
+                    .map_err(|e| self.group_error(n, *axis, e))?;
                 Ok(vec![out])
             }
             Op::AllGather { x, dim, axis, .. } => {
@@ -1201,7 +1228,7 @@ impl<B: Backend> Runner<'_, B> {
                 let out = self
                     .group(*axis)
                     .all_gather(x, dim)
-                    .map_err(|e| self.comm_error(n, e))?;
+                    .map_err(|e| self.group_error(n, *axis, e))?;
                 Ok(vec![out])
             }
             Op::ReduceScatter { x, dim, axis, .. } => {
@@ -1215,7 +1242,7 @@ impl<B: Backend> Runner<'_, B> {
                 }
                 let out = group
                     .reduce_scatter(x, dim)
-                    .map_err(|e| self.comm_error(n, e))?;
+                    .map_err(|e| self.group_error(n, *axis, e))?;
                 Ok(vec![out])
             }
             Op::LocalSlice {
@@ -1414,7 +1441,7 @@ impl<B: Backend> Runner<'_, B> {
             .ce_row_max(logits, &shard)
             .map_err(|e| self.kernel_error(n, e))?;
         tp.all_reduce_host(&mut max, ReduceOp::Max)
-            .map_err(|e| self.comm_error(n, e))?;
+            .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
         let (sum, target) = be
             .ce_row_sums(logits, &max, targets, &shard)
             .map_err(|e| self.kernel_error(n, e))?;
@@ -1422,7 +1449,7 @@ impl<B: Backend> Runner<'_, B> {
         let mut both = sum;
         both.extend_from_slice(&target);
         tp.all_reduce_host(&mut both, ReduceOp::Sum)
-            .map_err(|e| self.comm_error(n, e))?;
+            .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
         let target = both.split_off(rows);
         Ok(VocabStats {
             stats: RowStats {

@@ -329,11 +329,15 @@ impl ThreadGroup {
             }
             let now = Instant::now();
             if now >= deadline {
+                let missing = (0..self.size)
+                    .filter(|&r| st.marks[r] != st.generation + 1)
+                    .collect();
                 let err = self.fail(
                     &mut st,
                     CommError::Timeout {
                         op: call.op,
                         waited: now - start,
+                        missing,
                     },
                 );
                 return Err(self.leave_failed(st, err));

@@ -345,6 +345,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
         let comm = |error| ExecError::Comm {
             at: rank.coord,
             node: "the stages' state".into(),
+            group: None,
             error,
         };
         let leader = |pp| rank.mesh.rank(Coord { tp: 0, dp: 0, pp });

@@ -118,6 +118,7 @@ fn comm<B: Backend>(rank: &Rank<B>, plan: &Plan, p: ParamId, error: crate::CommE
             "the distributed optimizer's share of `{}`",
             plan.graph.params[p].name
         ),
+        group: None,
         error,
     }
 }

@@ -370,9 +370,15 @@ fn missing_member_times_out() {
     });
     for (rank, (result, took)) in results.iter().enumerate() {
         match result {
-            Err(CommError::Timeout { op, waited }) => {
+            Err(CommError::Timeout {
+                op,
+                waited,
+                missing,
+            }) => {
                 assert_eq!(*op, "all_reduce");
                 assert!(*waited >= timeout, "waited {waited:?}");
+                // The late member learns the error of the first to time out: it names itself.
+                assert_eq!(missing, &[2], "rank {rank}");
             }
             other => panic!("rank {rank}: {other:?}"),
         }

@@ -124,7 +124,19 @@ impl Header {
 pub(crate) fn encode_failure(err: &CommError) -> String {
     match err {
         CommError::PeerFailed { rank, why } => format!("peer\n{rank}\n{why}"),
-        CommError::Timeout { op, waited } => format!("timeout\n{op}\n{}", waited.as_millis()),
+        CommError::Timeout {
+            op,
+            waited,
+            missing,
+        } => format!(
+            "timeout\n{op}\n{}\n{}",
+            waited.as_millis(),
+            missing
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         CommError::Mismatch { what } => format!("mismatch\n{what}"),
     }
 }
@@ -148,9 +160,18 @@ pub(crate) fn decode_failure(s: &str) -> Option<CommError> {
                 .find(|o| **o == op)
                 .copied()
                 .unwrap_or("collective");
+            let mut rest = parts.next()?.split('\n');
+            let waited = Duration::from_millis(rest.next()?.parse().ok()?);
+            let missing = rest
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|m| m.parse().ok())
+                .collect();
             Some(CommError::Timeout {
                 op,
-                waited: Duration::from_millis(parts.next()?.parse().ok()?),
+                waited,
+                missing,
             })
         }
         "mismatch" => Some(CommError::Mismatch {
@@ -652,6 +673,7 @@ impl Inner {
                         return Err(self.fail(CommError::Timeout {
                             op,
                             waited: now - progress,
+                            missing: vec![peer],
                         }));
                     }
                     if now - polled >= STORE_POLL {

@@ -329,6 +329,7 @@ impl TcpLink {
                 return Err(CommError::Timeout {
                     op: RECEIVE,
                     waited: now - started,
+                    missing: vec![from],
                 });
             }
             if now - polled >= STORE_POLL {

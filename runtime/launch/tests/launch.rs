@@ -565,13 +565,15 @@ fn tcp_group_timeout() {
         );
     });
     for (err, took) in errs {
+        // The member that waited names the one it waited for, member 0.
         assert!(
             matches!(
-                err,
+                &err,
                 CommError::Timeout {
                     op: "all_reduce",
+                    missing,
                     ..
-                }
+                } if missing == &[0]
             ),
             "{err}"
         );
