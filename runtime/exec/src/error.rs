@@ -37,8 +37,9 @@ pub enum ExecError {
         at: Coord,
         /// The node (or the step of the program that communicated).
         node: String,
-        /// The group the collective ran over, when it was one of the rank's groups.
-        group: Option<GroupRanks>,
+        /// The group the collective ran over, when it was one of the rank's groups (boxed: an
+        /// error travels in every `Result` of the run).
+        group: Option<Box<GroupRanks>>,
         /// What the communicator said.
         error: CommError,
     },
@@ -75,7 +76,7 @@ pub struct GroupRanks {
 }
 
 /// The group and the communicator's error; a timeout names the job ranks that had not arrived.
-fn comm_text(group: &Option<GroupRanks>, error: &CommError) -> String {
+fn comm_text(group: &Option<Box<GroupRanks>>, error: &CommError) -> String {
     let Some(g) = group else {
         return format!(": {error}");
     };

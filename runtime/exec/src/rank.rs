@@ -317,7 +317,7 @@ impl<B: Backend> Rank<B> {
             .map_err(|error| ExecError::Comm {
                 at: self.coord,
                 node: what.to_owned(),
-                group: Some(self.group_ranks(axis)),
+                group: Some(Box::new(self.group_ranks(axis))),
                 error,
             })
     }
@@ -1163,7 +1163,7 @@ impl<B: Backend> Runner<'_, B> {
             } => ExecError::Comm {
                 at,
                 node,
-                group: Some(self.rank.group_ranks(axis)),
+                group: Some(Box::new(self.rank.group_ranks(axis))),
                 error,
             },
             other => other,
