@@ -1,5 +1,6 @@
 //! What several subcommands take or do alike: the model and how to partition it
-//! ([`PlanArgs`]), the backend a step runs on ([`BackendArgs`]), and writing a file whole.
+//! ([`PlanArgs`], with its dropout override), the backend a step runs on
+//! ([`BackendArgs`]), and writing a file whole.
 
 use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
@@ -58,6 +59,11 @@ pub struct PlanArgs {
     /// attention core: scores, softmax, dropout) or `full` (each layer but its input).
     #[arg(long, default_value = "none")]
     pub recompute: Recompute,
+    /// Every dropout's probability instead of the model file's, 0 taking the dropouts out of
+    /// the graph: set by the subcommand (`run --dropout`, `train --dropout`; `generate` always
+    /// 0), never parsed here.
+    #[arg(skip)]
+    pub dropout: Option<f64>,
 }
 
 impl PlanArgs {
@@ -67,10 +73,8 @@ impl PlanArgs {
         if self.micro_batches <= 1 {
             return self.load_global();
         }
-        Ok(load_model(
-            &self.model,
-            &load_options(&self.micro_batch_dims()?),
-        )?)
+        let g = load_model(&self.model, &load_options(&self.micro_batch_dims()?))?;
+        self.with_dropout(g)
     }
 
     /// The dimension overrides of one micro-batch's model: `--dim`s, with `batch` the step's
@@ -81,7 +85,16 @@ impl PlanArgs {
 
     /// The model with the dimensions overridden: the whole batch of a step.
     pub fn load_global(&self) -> Result<Graph> {
-        Ok(load_model(&self.model, &load_options(&self.dims))?)
+        let g = load_model(&self.model, &load_options(&self.dims))?;
+        self.with_dropout(g)
+    }
+
+    /// `g` with [`PlanArgs::dropout`] applied, if set.
+    fn with_dropout(&self, g: Graph) -> Result<Graph> {
+        match self.dropout {
+            Some(p) => Ok(ferrotron_ir::dropout::with_dropout(&g, p)?),
+            None => Ok(g),
+        }
     }
 
     /// The partitioner's options.
@@ -281,8 +294,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// `[#######.........]`: `done` of `total` in `width` characters.
-pub fn progress_bar(done: u64, total: u64, width: usize) -> String {
-    let filled = (done.min(total) as usize * width) / total.max(1) as usize;
-    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+/// `--dropout P`: a drop probability in `[0, 1)` (clap names the flag and the value).
+pub fn parse_dropout(s: &str) -> Result<f64, String> {
+    const RANGE: &str = "a drop probability is at least 0 and below 1 (0 turns dropout off)";
+    match s.trim().parse::<f64>() {
+        Ok(p) if (0.0..1.0).contains(&p) => Ok(p),
+        Ok(_) => Err(RANGE.into()),
+        Err(_) => Err(format!("not a number; {RANGE}")),
+    }
 }

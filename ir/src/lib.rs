@@ -12,6 +12,7 @@
 //! - [`infer`]: shape and dtype inference per op.
 //! - [`verify`]: the invariants every pass must keep.
 //! - [`autodiff`]: reverse-mode autodiff, appending a scalar loss's backward pass to the graph.
+//! - [`dropout`]: a model at another dropout rate, or without dropout (evaluation).
 //! - [`count`]: parameters and FLOPs; [`summary`]: what `ferrotron check` prints.
 //! - [`reference`](mod@reference): the reference evaluator, the executable semantics of every op.
 //! - [`index`]: the shape and index arithmetic every evaluator of the op set shares: the `f64`
@@ -20,6 +21,7 @@
 
 pub mod autodiff;
 pub mod count;
+pub mod dropout;
 pub mod dtype;
 pub mod graph;
 pub mod index;

@@ -1,5 +1,5 @@
 //! `ferrotron generate`: text continued from a prompt with a trained checkpoint, the forward
-//! pass on the plan's ranks (CPU threads).
+//! pass on the plan's ranks (CPU threads), without dropout whatever the model file says.
 
 use crate::args::PlanArgs;
 use anyhow::Result;
@@ -36,7 +36,9 @@ pub struct GenerateArgs {
 }
 
 /// `ferrotron generate`.
-pub fn generate(args: GenerateArgs) -> Result<()> {
+pub fn generate(mut args: GenerateArgs) -> Result<()> {
+    // Inference: whatever rates the model file gives its dropouts, none is applied.
+    args.plan.dropout = Some(0.0);
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
     let tokenizer = Tokenizer::named(&args.tokenizer)?;

@@ -8,7 +8,7 @@
 //! their results gathered (loss, times, memory, trace, gradients, the comparison); with one,
 //! its own loss and gradient shards checked.
 
-use crate::args::{write_atomically, BackendArgs, PlanArgs};
+use crate::args::{parse_dropout, write_atomically, BackendArgs, PlanArgs};
 use crate::ranks::{tolerances, with_ranks, Job, OnRanks};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
@@ -17,7 +17,7 @@ use ferrotron_exec::init::{init_params, random_batch, test_params};
 use ferrotron_exec::verify::{compare, compare_rank, reference_plan, Entry, Verification};
 use ferrotron_exec::{launch, run as run_all, weights_for, Backend, Executable, Rank, Run};
 use ferrotron_exec::{RunOptions, Tensor};
-use ferrotron_io::hf::{load_gpt2, read_tokens, write_safetensors};
+use ferrotron_io::hf::{load_gpt2_named, read_tokens, write_safetensors, FileNames};
 use ferrotron_ir::{Graph, MeshAxis};
 use ferrotron_partitioner::{partition, Plan, Report};
 use std::collections::HashMap;
@@ -57,7 +57,8 @@ pub struct RunArgs {
     /// the model's `batch` and `seq` dimensions).
     #[arg(long, value_name = "FILE")]
     tokens: Option<PathBuf>,
-    /// Write every gradient (full shape, unpadded, under the parameters' names).
+    /// Write every gradient (full shape, unpadded): under the names the `--weights` file gave
+    /// the parameters (`transformer.wte.weight`, in the file's layout), else the model's.
     #[arg(long, value_name = "OUT.safetensors")]
     dump_grads: Option<PathBuf>,
     /// Run the step this many times on the same weights and batch: tokens/s is then the median
@@ -65,6 +66,11 @@ pub struct RunArgs {
     /// allocations and page faults); the results reported are the last step's.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     steps: u32,
+    /// Every dropout's probability instead of the model file's, in [0, 1); 0 takes the
+    /// dropouts out (evaluation: the loss of the model without dropout). `--verify` compares
+    /// with the unpartitioned model at the same rate.
+    #[arg(long, value_name = "P", value_parser = parse_dropout)]
+    dropout: Option<f64>,
 }
 
 /// The wall time of each repeated step ([`RunArgs::steps`]).
@@ -110,12 +116,15 @@ struct Step {
     params: HashMap<String, Tensor>,
     batch: HashMap<String, Tensor>,
     opts: RunOptions,
+    /// With `--weights`, the file's name of each parameter (what `--dump-grads` writes).
+    file_names: Option<FileNames>,
 }
 
 impl RunArgs {
     /// Loads and partitions the model, and makes the weights and the batch.
     fn step(&self) -> Result<Step> {
         let mut args = self.plan.clone();
+        args.dropout = self.dropout;
         let token_batch = match &self.tokens {
             Some(path) => {
                 let t = read_tokens(path)?;
@@ -130,10 +139,13 @@ impl RunArgs {
         // The plan runs one micro-batch's graph; the step is the whole batch.
         let plan = partition(&args.load()?, &args.options())?;
         let graph = args.load_global()?;
-        let params = match (&self.weights, self.verify) {
-            (Some(path), _) => load_gpt2(path, &graph)?,
-            (None, true) => test_params(&graph, self.seed),
-            (None, false) => init_params(&graph, self.seed),
+        let (params, file_names) = match (&self.weights, self.verify) {
+            (Some(path), _) => {
+                let (params, names) = load_gpt2_named(path, &graph)?;
+                (params, Some(names))
+            }
+            (None, true) => (test_params(&graph, self.seed), None),
+            (None, false) => (init_params(&graph, self.seed), None),
         };
         let mut batch = random_batch(&graph, self.seed);
         if let Some(t) = token_batch {
@@ -157,6 +169,7 @@ impl RunArgs {
             params,
             batch,
             opts,
+            file_names,
         })
     }
 }
@@ -228,6 +241,7 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
         params,
         batch,
         opts,
+        file_names,
     } = step;
     let report = Report::of(plan);
     let loss = run.loss()?;
@@ -243,6 +257,10 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
                 run.grad(&name).map(|g| (name, g))
             })
             .collect::<Result<HashMap<_, _>, _>>()?;
+        let grads = match file_names {
+            Some(names) => names.rename(grads),
+            None => grads,
+        };
         write_safetensors(path, &grads)?;
     }
     let (fwd, bwd) = run.times();

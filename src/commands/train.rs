@@ -5,9 +5,10 @@
 //!
 //! Data flow: text → tokenizer → [`Batches`] → on every rank, the same loop: [`Trainer::step`]
 //! (its part of the step, the global gradient norm, clipping, AdamW) → rank 0: the progress
-//! line and the CSV log; every rank: checkpoints (written by rank 0, [`ferrotron_io::training`]).
+//! bar (on a terminal only) and the CSV log; every rank: checkpoints (written by rank 0,
+//! [`ferrotron_io::training`]).
 
-use crate::args::{progress_bar, BackendArgs, PlanArgs};
+use crate::args::{parse_dropout, BackendArgs, PlanArgs};
 use crate::ranks::{with_ranks, Job, OnRanks};
 use anyhow::Result;
 use clap::Args;
@@ -18,6 +19,7 @@ use ferrotron_io::training::{resume, save};
 use ferrotron_ir::{Graph, ValueId};
 use ferrotron_partitioner::report::human_bytes;
 use ferrotron_partitioner::{partition, Plan};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 /// The arguments of `ferrotron train`.
@@ -69,14 +71,19 @@ pub struct TrainArgs {
     /// position; it may have been written at another tp).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Every dropout's probability instead of the model file's, in [0, 1); 0 takes the
+    /// dropouts out.
+    #[arg(long, value_name = "P", value_parser = parse_dropout)]
+    dropout: Option<f64>,
 
     #[command(flatten)]
     backend: BackendArgs,
 }
 
 /// `ferrotron train`.
-pub fn train(args: TrainArgs) -> Result<()> {
+pub fn train(mut args: TrainArgs) -> Result<()> {
     let job = Job::from_env()?;
+    args.plan.dropout = args.dropout;
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
     let tokenizer = Tokenizer::named(&args.tokenizer)?;
@@ -224,6 +231,16 @@ fn train_rank<B: Backend>(p: &Prepared<'_>, rank: Rank<B>) -> Result<()> {
     outcome
 }
 
+/// Rank 0's progress bar on standard error, from step `at` of `steps`: drawn only on a
+/// terminal (piped or redirected, it prints nothing per step).
+fn progress(steps: u64, at: u64) -> Result<ProgressBar> {
+    let style = ProgressStyle::with_template(
+        "[{bar:24}] {pos:>5}/{len}  {msg}  ({elapsed} elapsed, {eta} left)",
+    )?
+    .progress_chars("#>.");
+    Ok(ProgressBar::new(steps).with_style(style).with_position(at))
+}
+
 fn train_loop<B: Backend>(
     p: &Prepared<'_>,
     trainer: &mut Trainer<'_, B>,
@@ -249,29 +266,30 @@ fn train_loop<B: Backend>(
     let mut batches = Batches::new(p.tokens.to_vec(), position);
     let input_name = p.graph.values[p.input].name.clone();
     let steps = args.steps;
+    let bar = match lead {
+        true => progress(steps, trainer.step)?,
+        false => ProgressBar::hidden(),
+    };
+    let mut last = None;
     while trainer.step < steps {
         let b = batches.next(&input_name, p.batch, p.seq);
         let s = trainer.step(&b)?;
         if lead {
             let tps = (p.batch * p.seq) as f64 / s.seconds.max(1e-9);
-            eprint!(
-                "\r{} {:>5}/{steps}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s   ",
-                progress_bar(s.step + 1, steps, 24),
-                s.step + 1,
-                s.loss,
-                s.lr,
-                s.grad_norm,
-                tps
+            let line = format!(
+                "loss {:.4}  lr {:.2e}  |g| {:.3}  {tps:.0} tokens/s",
+                s.loss, s.lr, s.grad_norm
             );
+            bar.set_message(line.clone());
+            bar.set_position(s.step + 1);
+            last = Some((s.step + 1, line));
             if let Some(f) = log.as_mut() {
                 use std::io::Write;
                 writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
             }
         }
         if !s.loss.is_finite() {
-            if lead {
-                eprintln!();
-            }
+            bar.abandon();
             anyhow::bail!("the loss became {} at step {}", s.loss, s.step);
         }
         if let Some(dir) = &args.save {
@@ -282,7 +300,11 @@ fn train_loop<B: Backend>(
         }
     }
     if lead {
-        eprintln!();
+        bar.finish();
+        // Without a terminal nothing was drawn: where training ended, once.
+        if let (true, Some((step, line))) = (bar.is_hidden(), last) {
+            eprintln!("step {step}/{steps}  {line}");
+        }
         if let Some(dir) = &args.save {
             eprintln!("checkpoint: {}", dir.display());
         }

@@ -6,7 +6,9 @@
 //! than `wte.weight` and `wpe.weight`; the output layer is tied to `wte`. [`load_gpt2`] finds
 //! each parameter of a graph under `transformer.{name}` or `{name}`, or, for a name not ending
 //! in `.weight` or `.bias`, also `transformer.{name}.weight` or `{name}.weight` (so `wte` is
-//! `transformer.wte.weight`), checks its shape, and converts F16, BF16 or F32 to `f32`.
+//! `transformer.wte.weight`), checks its shape, and converts F16, BF16 or F32 to `f32`;
+//! [`load_gpt2_named`] also says where it found each ([`FileNames`]), so that gradients are
+//! written under the file's names.
 
 use crate::safetensors_io::{self, SafetensorsError, SafetensorsFile};
 use ferrotron_exec::Tensor;
@@ -158,6 +160,38 @@ fn is_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
 }
 
+/// Where [`load_gpt2_named`] found each parameter in the file, to write tensors of the
+/// parameters (their gradients) under the names the file gave them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileNames {
+    /// Our parameter name → the file's tensor name.
+    of: HashMap<String, String>,
+}
+
+impl FileNames {
+    /// The file's name of parameter `param` (`transformer.wte.weight` for `wte`), if it was
+    /// read from the file.
+    pub fn get(&self, param: &str) -> Option<&str> {
+        self.of.get(param).map(String::as_str)
+    }
+
+    /// `tensors` by our parameter names (gradients, say) under the file's names instead. Each
+    /// parameter was read at exactly the file tensor's shape (q|k|v fused and in Conv1D
+    /// orientation, as the file has them), so a tensor of a parameter's shape is already in the
+    /// file's layout and only its name changes. Names not read from the file stay. The tied
+    /// `lm_head.weight` gets no tensor of its own: it is the token embedding, whose entry holds
+    /// the whole gradient, as the loader read it only to check it equals the embedding.
+    pub fn rename(&self, tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+        tensors
+            .into_iter()
+            .map(|(name, t)| match self.of.get(&name) {
+                Some(file) => (file.clone(), t),
+                None => (name, t),
+            })
+            .collect()
+    }
+}
+
 /// Reads a `GPT2LMHeadModel` safetensors file into `g`'s parameters, by our names.
 ///
 /// Every parameter of `g` must be in the file at exactly its shape. An `lm_head.weight` must
@@ -165,6 +199,14 @@ fn is_buffer(name: &str) -> bool {
 /// `*.attn.masked_bias`) are ignored; any other tensor is an error (a file for a bigger model).
 /// F16, BF16 and F32 are converted to `f32`.
 pub fn load_gpt2(path: &Path, g: &Graph) -> Result<HashMap<String, Tensor>, HfError> {
+    Ok(load_gpt2_named(path, g)?.0)
+}
+
+/// [`load_gpt2`], with the name each parameter had in the file.
+pub fn load_gpt2_named(
+    path: &Path,
+    g: &Graph,
+) -> Result<(HashMap<String, Tensor>, FileNames), HfError> {
     let file = SafetensorsFile::open(path)?;
     let file_name = path.display().to_string();
     let mut out = HashMap::with_capacity(g.params.len());
@@ -221,7 +263,12 @@ pub fn load_gpt2(path: &Path, g: &Graph) -> Result<HashMap<String, Tensor>, HfEr
             others: unexpected.len() - 1,
         });
     }
-    Ok(out)
+    let of = used
+        .into_iter()
+        .filter(|(_, ours)| !ours.is_empty())
+        .map(|(file, ours)| (ours, file))
+        .collect();
+    Ok((out, FileNames { of }))
 }
 
 fn check_dtype(file: &SafetensorsFile, name: &str) -> Result<(), HfError> {

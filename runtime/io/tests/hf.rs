@@ -9,7 +9,8 @@ use ferrotron_cpu::Cpu;
 use ferrotron_exec::init::init_params;
 use ferrotron_exec::{run, RunOptions, Tensor};
 use ferrotron_io::hf::{
-    load_gpt2, read_safetensors, read_tokens, to_hf_names, write_safetensors, HfError,
+    load_gpt2, load_gpt2_named, read_safetensors, read_tokens, to_hf_names, write_safetensors,
+    HfError,
 };
 use ferrotron_ir::Graph;
 use ferrotron_partitioner::{partition, PartitionOptions};
@@ -355,4 +356,37 @@ fn a_ragged_tokens_file_names_the_line() {
     let t = read_tokens(&path).unwrap();
     assert_eq!(t.shape, [2, 3]);
     assert_eq!(t.data, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+}
+
+#[test]
+fn the_file_names_each_parameter_was_read_from_name_its_gradient() {
+    let g = tiny_gpt();
+    let tmp = TempDir::new("names");
+    let params = init_params(&g, 4);
+    let mut hf = hf_state(&g, &params);
+    let wte = hf.remove("transformer.wte.weight").unwrap();
+    hf.insert("wte.weight".into(), wte);
+    let path = tmp.join("model.safetensors");
+    write_safetensors(&path, &hf).unwrap();
+    let (loaded, names) = load_gpt2_named(&path, &g).unwrap();
+    assert_eq!(loaded, params);
+    assert_eq!(names.get("wte"), Some("wte.weight"));
+    assert_eq!(names.get("wpe"), Some("transformer.wpe.weight"));
+    assert_eq!(
+        names.get("h.0.attn.c_attn.weight"),
+        Some("transformer.h.0.attn.c_attn.weight")
+    );
+    assert_eq!(names.get("lm_head.weight"), None);
+    let renamed = names.rename(params.clone());
+    // Every tensor read, under its name in the file and at its shape there; no gradient for the
+    // tied head or the buffers.
+    assert_eq!(renamed.len(), params.len());
+    for (name, t) in &renamed {
+        assert_eq!(t.shape, hf[name].shape, "{name}");
+    }
+    let extra = names.rename(HashMap::from([(
+        "not_a_param".to_owned(),
+        Tensor::zeros(vec![2]),
+    )]));
+    assert!(extra.contains_key("not_a_param"), "unknown names stay");
 }
