@@ -271,9 +271,19 @@ pub struct BackendArgs {
     /// between the ranks that share it (at least one each).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Seconds a collective or transfer waits for the other ranks before the run stops, naming
+    /// the collective, its node and the ranks that had not arrived (ranks as threads; a
+    /// launched job takes its launcher's `--timeout`).
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
 }
 
 impl BackendArgs {
+    /// [`BackendArgs::timeout`].
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout)
+    }
+
     /// Threads for each of `sharing` ranks on this machine: `--threads`, else the cores split
     /// evenly between them.
     pub fn threads_per_rank(&self, sharing: usize) -> usize {

@@ -161,6 +161,7 @@ impl RunArgs {
             check_finite: self.check_finite,
             fuse: !self.no_fuse,
             trace: self.trace.is_some(),
+            timeout: self.backend.timeout(),
             ..RunOptions::default()
         };
         Ok(Step {

@@ -132,6 +132,7 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     };
     let run = RunOptions {
         fuse: !args.no_fuse,
+        timeout: args.backend.timeout(),
         ..RunOptions::default()
     };
     if job.is_whole() {
