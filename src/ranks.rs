@@ -1,15 +1,16 @@
 //! Which ranks of a job this process runs, and on which backend: every rank as a thread (the
-//! in-process launcher of `ferrotron-exec`), or, under `ferrotron launch`, the one rank the
-//! launcher gave it, its groups formed through the launcher's store (TCP between CPU ranks,
-//! NCCL between GPUs) and, with pipeline stages, its link to the other stages (TCP, through host
-//! copies on a GPU). Either way the subcommand then runs the same rank program on them.
+//! in-process launcher of `ferrotron-exec`), or, under `ferrotron launch` (or `srun`,
+//! `torchrun`, `mpirun`: `ferrotron_launch::cluster`), the one rank the launcher gave it, its
+//! groups formed through the job's store (TCP between CPU ranks, NCCL between GPUs) and, with
+//! pipeline stages, its link to the other stages (TCP, through host copies on a GPU). Either way
+//! the subcommand then runs the same rank program on them.
 
 use crate::args::{BackendArgs, BackendKind, Precision};
 use anyhow::{bail, Context, Result};
 use ferrotron_cpu::{Cpu, CpuComm};
 use ferrotron_exec::{launch, Backend, Groups, Rank};
 use ferrotron_ir::MeshAxis;
-use ferrotron_launch::{Store, TcpGroup, TcpLink, WorkerEnv};
+use ferrotron_launch::{RankEnv, Store, TcpGroup, TcpLink, WorkerEnv};
 use ferrotron_partitioner::{Coord, Mesh};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,14 +19,15 @@ use std::time::Duration;
 pub enum Job {
     /// Every rank, as threads of this process.
     Threads,
-    /// One rank, under `ferrotron launch`.
-    Worker(WorkerEnv),
+    /// One rank, under `ferrotron launch` or another launcher (`srun`, `torchrun`, `mpirun`).
+    Worker(RankEnv),
 }
 
 impl Job {
-    /// The launcher's worker, if this process is one; else every rank here.
+    /// The launcher's worker, if a launcher started this process (its variables say so); else
+    /// every rank here.
     pub fn from_env() -> Result<Job> {
-        Ok(match WorkerEnv::from_env()? {
+        Ok(match RankEnv::from_env()? {
             Some(w) => Job::Worker(w),
             None => Job::Threads,
         })
@@ -46,6 +48,10 @@ pub trait OnRanks {
 
 /// Calls `work` with this process's ranks of `mesh` on the backend `args` asks for; `timeout`
 /// bounds every wait of in-process groups (a worker's groups take the launcher's).
+///
+/// A worker meets the job's store first (under another launcher than ferrotron's, rank 0 hosts
+/// it), and leaves it after `work`, saying why if it failed on its own account (not because a
+/// peer did), so that the other ranks stop at once.
 pub fn with_ranks(
     job: &Job,
     args: &BackendArgs,
@@ -53,48 +59,79 @@ pub fn with_ranks(
     timeout: Duration,
     work: impl OnRanks,
 ) -> Result<()> {
-    if let Job::Worker(w) = job {
-        if w.world_size != mesh.ranks() {
-            bail!(
-                "the launcher started {} ranks, the plan needs tp × dp × pp = {} × {} × {} = {}",
-                w.world_size,
-                mesh.tp,
-                mesh.dp,
-                mesh.pp,
-                mesh.ranks()
-            );
-        }
+    let Job::Worker(env) = job else {
+        return on_ranks(None, args, mesh, timeout, work);
+    };
+    let w = &env.worker;
+    if w.world_size != mesh.ranks() {
+        bail!(
+            "{} started {} ranks, the plan needs tp × dp × pp = {} × {} × {} = {}",
+            env.convention.launcher(),
+            w.world_size,
+            mesh.tp,
+            mesh.dp,
+            mesh.pp,
+            mesh.ranks()
+        );
     }
+    let joined = env.join().context("meeting the job's other ranks")?;
+    let member = Member {
+        env: w,
+        store: joined.store(),
+    };
+    let result = on_ranks(Some(member), args, mesh, timeout, work);
+    let failure = match &result {
+        Err(e) if !crate::stopped_by_peer(e) => Some(format!("rank {} failed: {e:#}", w.rank)),
+        _ => None,
+    };
+    let left = joined.leave(failure);
+    result?;
+    left.context("leaving the job's store")
+}
+
+/// This process's one rank of a job of processes, and the job's store.
+#[derive(Clone, Copy)]
+struct Member<'a> {
+    env: &'a WorkerEnv,
+    store: &'a Store,
+}
+
+/// [`with_ranks`], once a worker has met the store.
+fn on_ranks(
+    member: Option<Member>,
+    args: &BackendArgs,
+    mesh: Mesh,
+    timeout: Duration,
+    work: impl OnRanks,
+) -> Result<()> {
     match args.backend {
         BackendKind::Cpu => {
             // Ranks as threads share this machine's cores; launched workers share them with the
             // other workers of their node.
-            let sharing = match job {
-                Job::Threads => mesh.ranks(),
-                Job::Worker(w) => w.local_world_size,
+            let sharing = match member {
+                None => mesh.ranks(),
+                Some(m) => m.env.local_world_size,
             };
             let cpu = Cpu::with_threads(args.threads_per_rank(sharing));
-            let ranks = match job {
-                Job::Threads => launch::ranks(&cpu, mesh, timeout),
-                Job::Worker(w) => vec![cpu_rank(w, mesh, cpu)?],
+            let ranks = match member {
+                None => launch::ranks(&cpu, mesh, timeout),
+                Some(m) => vec![cpu_rank(m, mesh, cpu)?],
             };
             work.on(ranks)
         }
-        BackendKind::Cuda => cuda::with_ranks(job, args, mesh, timeout, work),
+        BackendKind::Cuda => cuda::with_ranks(member, args, mesh, timeout, work),
     }
 }
 
 /// This worker's rank on the CPU backend: its groups are TCP groups met through the store, and
 /// its link to the other stages (with a pipeline) a TCP link.
-fn cpu_rank(w: &WorkerEnv, mesh: Mesh, cpu: Cpu) -> Result<Rank<Cpu>> {
-    let store = w
-        .connect_store()
-        .context("connecting to the launcher's store")?;
+fn cpu_rank(m: Member, mesh: Mesh, cpu: Cpu) -> Result<Rank<Cpu>> {
+    let (w, store) = (m.env, m.store);
     let coord = mesh.coord(w.rank);
     let group = |axis: MeshAxis| -> Result<CpuComm> {
         let name = mesh.group_name(axis, coord);
         let size = mesh.size(axis) as usize;
-        let tcp = TcpGroup::connect(&store, &name, coord.on(axis), size, w.timeout)?;
+        let tcp = TcpGroup::connect(store, &name, coord.on(axis), size, w.timeout)?;
         Ok(CpuComm::new(Arc::new(tcp), coord.on(axis)))
     };
     let groups = Groups {
@@ -102,7 +139,7 @@ fn cpu_rank(w: &WorkerEnv, mesh: Mesh, cpu: Cpu) -> Result<Rank<Cpu>> {
         dp: group(MeshAxis::Dp)?,
     };
     let rank = Rank::new(mesh, coord, cpu, groups)?;
-    Ok(match stage_link(&store, w, mesh, coord)? {
+    Ok(match stage_link(store, w, mesh, coord)? {
         Some(link) => rank.with_link(Arc::new(link)),
         None => rank,
     })
@@ -124,19 +161,19 @@ fn stage_link(store: &Store, w: &WorkerEnv, mesh: Mesh, coord: Coord) -> Result<
 /// The CUDA backend's ranks: virtual ranks on one GPU, or one GPU per worker with NCCL.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{stage_link, Job, OnRanks};
+    use super::{stage_link, Member, OnRanks};
     use crate::args::{BackendArgs, Precision};
-    use anyhow::{Context, Result};
+    use anyhow::Result;
     use ferrotron_cuda::{Cuda, CudaComm, Storage};
     use ferrotron_exec::{launch, Backend, CommError, Groups, Link, Rank, Tag};
     use ferrotron_ir::{DType, MeshAxis};
-    use ferrotron_launch::{TcpLink, WorkerEnv};
+    use ferrotron_launch::TcpLink;
     use ferrotron_partitioner::Mesh;
     use std::sync::Arc;
     use std::time::Duration;
 
     pub fn with_ranks(
-        job: &Job,
+        member: Option<Member>,
         args: &BackendArgs,
         mesh: Mesh,
         timeout: Duration,
@@ -146,26 +183,36 @@ mod cuda {
             Precision::F32 => Storage::F32,
             Precision::Bf16 => Storage::Bf16,
         };
-        let ranks = match job {
-            Job::Threads => {
+        let ranks = match member {
+            None => {
                 let cuda = Cuda::new(args.device.unwrap_or(0), mesh.ranks(), storage)?;
                 launch::ranks(&cuda, mesh, timeout)
             }
-            Job::Worker(w) => {
-                let cuda = Cuda::new(args.device.unwrap_or(w.local_rank), 1, storage)?;
-                vec![nccl_rank(w, mesh, cuda)?]
+            Some(m) => {
+                let device = args
+                    .device
+                    .unwrap_or_else(|| worker_device(m.env.local_rank));
+                let cuda = Cuda::new(device, 1, storage)?;
+                vec![nccl_rank(m, mesh, cuda)?]
             }
         };
         work.on(ranks)
     }
 
+    /// A worker's GPU: its local rank, unless the launcher lets each task see a single GPU
+    /// (Slurm's `--gpus-per-task=1` or `--gpu-bind`), which is then device 0.
+    fn worker_device(local_rank: usize) -> usize {
+        match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(v) if !v.trim().is_empty() && !v.contains(',') => 0,
+            _ => local_rank,
+        }
+    }
+
     /// This worker's rank with NCCL groups, each group's unique id made by its member 0 and
     /// shared through the launcher's store; with pipeline stages, linked to the other stages by
     /// a TCP link through host copies.
-    fn nccl_rank(w: &WorkerEnv, mesh: Mesh, cuda: Cuda) -> Result<Rank<Cuda>> {
-        let store = w
-            .connect_store()
-            .context("connecting to the launcher's store")?;
+    fn nccl_rank(m: Member, mesh: Mesh, cuda: Cuda) -> Result<Rank<Cuda>> {
+        let (w, store) = (m.env, m.store);
         let coord = mesh.coord(w.rank);
         let group = |axis: MeshAxis| -> Result<CudaComm> {
             let key = format!("nccl/{}", mesh.group_name(axis, coord));
@@ -181,7 +228,7 @@ mod cuda {
             tp: group(MeshAxis::Tp)?,
             dp: group(MeshAxis::Dp)?,
         };
-        let link = stage_link(&store, w, mesh, coord)?;
+        let link = stage_link(store, w, mesh, coord)?;
         let rank = Rank::new(mesh, coord, cuda.clone(), groups)?;
         Ok(match link {
             Some(link) => rank.with_link(Arc::new(HostLink {
@@ -237,14 +284,14 @@ mod cuda {
 
 #[cfg(not(feature = "cuda"))]
 mod cuda {
-    use super::{Job, OnRanks};
+    use super::{Member, OnRanks};
     use crate::args::BackendArgs;
     use anyhow::{bail, Result};
     use ferrotron_partitioner::Mesh;
     use std::time::Duration;
 
     pub fn with_ranks(
-        _: &Job,
+        _: Option<Member>,
         _: &BackendArgs,
         _: Mesh,
         _: Duration,

@@ -28,6 +28,10 @@
 //!   within a fraction of a second and does the same; a worker blocked in a `TcpGroup`
 //!   collective sees it too, or loses its peer, and returns an error. A launcher exits cleanly
 //!   only when every rank of every node exited 0.
+//! * Other launchers: a rank that `srun`, `torchrun` or `mpirun` started (no `FERROTRON_*`
+//!   variables) reads their variables instead ([`cluster`]: [`RankEnv::from_env`]); there
+//!   global rank 0 hosts the store in its own process, and [`RankEnv::join`] /
+//!   [`JobStore::leave`] keep it up until every rank is done with it.
 //! * Orphans: each worker runs in its own process group, which is killed when the worker exits
 //!   or is stopped; on Linux the worker itself also dies with the launcher, even if the launcher
 //!   is SIGKILLed.
@@ -50,10 +54,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod store;
 pub mod tcp_group;
 pub mod tcp_link;
 
+pub use cluster::{Convention, JobStore, RankEnv};
 pub use store::{Failure, Store, StoreError, StoreServer};
 pub use tcp_group::TcpGroup;
 pub use tcp_link::TcpLink;
@@ -115,6 +121,19 @@ pub enum LaunchError {
         var: &'static str,
         /// The value it has.
         value: String,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// A variable of another launcher's convention (`srun`'s, `torchrun`'s, `mpirun`'s) is
+    /// missing, does not parse, or contradicts another.
+    #[error("{convention}: {var}{}: {what}", .value.as_ref().map(|v| format!("={v:?}")).unwrap_or_default())]
+    Cluster {
+        /// Whose variables were read.
+        convention: Convention,
+        /// The variable.
+        var: &'static str,
+        /// Its value, when it is set.
+        value: Option<String>,
         /// What is wrong with it.
         what: String,
     },
