@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Parse a model file, expand its blocks, infer every shape, verify, and print a summary.
     Check(check::CheckArgs),
+    /// Write a model file from a Hugging Face `config.json` (GPT-2, Llama, Mistral, Qwen2,
+    /// BERT) with the zoo's blocks, and check that it loads.
+    Import(commands::import::ImportArgs),
     /// Partition a model for tensor (× data) parallelism, differentiate it, verify the plan,
     /// and print what it communicates and stores per rank.
     Partition(partition::PartitionArgs),
@@ -65,6 +68,7 @@ enum Command {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check(a) => check::check(a),
+        Command::Import(a) => commands::import::import(a),
         Command::Partition(a) => partition::partition(a),
         Command::Run(a) => run::run(a),
         Command::Train(a) => train::train(a),

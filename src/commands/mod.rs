@@ -3,6 +3,7 @@
 pub mod check;
 pub mod export;
 pub mod generate;
+pub mod import;
 pub mod launch;
 pub mod partition;
 pub mod plan;

@@ -7,12 +7,14 @@
 //!                                                          (a Trainer's save and resume)
 //!               └─► hf (GPT-2 weights in, gradients out, token batches)
 //! tokenizer (bytes, GPT-2 BPE) ─► generate (a checkpoint's forward pass, token by token)
+//! import (a transformers config.json ─► a model file; each family's weight names)
 //! ```
 #![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod generate;
 pub mod hf;
+pub mod import;
 pub mod safetensors_io;
 pub mod tokenizer;
 pub mod training;
