@@ -1416,8 +1416,8 @@ fn embedding_lookup_and_gradient() {
             F32,
             true,
         );
-        // Repeated ids around the shard's first row (some held here, some not): the scatter
-        // adds.
+        // Repeated ids around the shard's first row (some held here, some not): each row's
+        // sum, added in position order as the CPU adds it, so the bits are the CPU's.
         let mut ids = ints(&mut rng, &[3, 9], 6);
         let lo = l.vocab_offset.saturating_sub(2);
         for id in &mut ids.data {
@@ -1437,8 +1437,33 @@ fn embedding_lookup_and_gradient() {
             &inputs,
             l,
             F32,
-            false,
+            true,
         );
+        // No atomics: the CPU's bits, every run.
+        let host: Vec<Tensor> = inputs.iter().map(|i| i.t.clone()).collect();
+        let want = cpu::eval(
+            &op.try_map(|&i| Ok::<_, ()>(&host[i]), |x| Ok(x.clone()))
+                .unwrap(),
+            l,
+        )
+        .unwrap();
+        let on_dev = upload_all(&dev, &inputs, Storage::F32);
+        for run in 0..2 {
+            let got = gpu::eval(
+                &dev,
+                &op.try_map(|&i| Ok::<_, ()>(&on_dev[i]), |x| Ok(x.clone()))
+                    .unwrap(),
+                l,
+            )
+            .unwrap();
+            let got = gpu::download(&dev, &got[0]).expect("download");
+            let bits = |t: &Tensor| t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got),
+                bits(&want[0]),
+                "EmbeddingGrad {label}, run {run}"
+            );
+        }
     }
     // Refused, with the CPU's error naming the first bad id: out of range, not an integer,
     // negative, NaN; a shard outside the table.

@@ -38,26 +38,58 @@ __device__ __forceinline__ void embedding_impl(T* out, const T* table, const flo
     (T * out, const T* table, const float* ids, i64 n_ids, i64 width, i64 offset, i64 rows)
 FT_TYPED(embedding, EMBEDDING_PARAMS, (out, table, ids, n_ids, width, offset, rows))
 
-// acc[ids[k] - offset, :] += dy[k, :] for the ids this rank holds: an f32 scatter-add into a
-// zeroed table (atomics: the order of the additions is not fixed, the only such kernel).
-template <typename T>
-__device__ __forceinline__ void embedding_grad_impl(float* acc, const T* dy, const float* ids,
-                                                    i64 n_ids, i64 width, i64 offset, i64 rows) {
-    for (i64 k = (i64)blockIdx.y * blockDim.y + threadIdx.y; k < n_ids;
-         k += (i64)gridDim.y * blockDim.y) {
+// The positions k of the ids this rank holds, grouped by local row r = ids[k] - offset and in
+// ascending order within a row: row r's are order[start[r] .. start[r + 1]]. A counting sort on
+// one thread (no atomics, so the gradient below adds in a fixed order); `cursor` is scratch of
+// `rows` elements, `start` has `rows + 1`.
+extern "C" __global__ void embedding_grad_order(i64* start, i64* cursor, i64* order,
+                                                const float* ids, i64 n_ids, i64 offset,
+                                                i64 rows) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) {
+        return;
+    }
+    for (i64 r = 0; r <= rows; ++r) {
+        start[r] = 0;
+    }
+    for (i64 k = 0; k < n_ids; ++k) {
         i64 r = (i64)ids[k] - offset;
-        if (r < 0 || r >= rows) {
-            continue;
+        if (r >= 0 && r < rows) {
+            start[r + 1] += 1;
         }
+    }
+    for (i64 r = 0; r < rows; ++r) {
+        start[r + 1] += start[r];
+        cursor[r] = start[r];
+    }
+    for (i64 k = 0; k < n_ids; ++k) {
+        i64 r = (i64)ids[k] - offset;
+        if (r >= 0 && r < rows) {
+            order[cursor[r]++] = k;
+        }
+    }
+}
+
+// acc[r, :] = the sum of dy[k, :] over the positions k of row r (embedding_grad_order), in f64
+// and in ascending k, as the CPU adds them: deterministic, and bit-identical to the CPU in f32.
+// Every element is written (0 for a row no id hits). Block (x over the width, y over rows).
+template <typename T>
+__device__ __forceinline__ void embedding_grad_impl(float* acc, const T* dy, const i64* start,
+                                                    const i64* order, i64 width, i64 rows) {
+    for (i64 r = (i64)blockIdx.y * blockDim.y + threadIdx.y; r < rows;
+         r += (i64)gridDim.y * blockDim.y) {
         for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < width;
              j += (i64)gridDim.x * blockDim.x) {
-            atomicAdd(&acc[r * width + j], ld(dy, k * width + j));
+            double sum = 0.0;
+            for (i64 i = start[r]; i < start[r + 1]; ++i) {
+                sum += (double)ld(dy, order[i] * width + j);
+            }
+            acc[r * width + j] = (float)sum;
         }
     }
 }
 #define EMBEDDING_GRAD_PARAMS(T)                                                               \
-    (float* acc, const T* dy, const float* ids, i64 n_ids, i64 width, i64 offset, i64 rows)
-FT_TYPED(embedding_grad, EMBEDDING_GRAD_PARAMS, (acc, dy, ids, n_ids, width, offset, rows))
+    (float* acc, const T* dy, const i64* start, const i64* order, i64 width, i64 rows)
+FT_TYPED(embedding_grad, EMBEDDING_GRAD_PARAMS, (acc, dy, start, order, width, rows))
 
 // The rotation of each (position, pair): cs[2 * (pos * half + k)] = cos, [.. + 1] = sin of
 // sign * (first_pos + pos) * base^(-2k / head_dim), computed in f64 as the CPU does.

@@ -1,7 +1,7 @@
 //! Launches of `cu/embedding.cu`: the table lookup, its gradient (vocabulary-parallel tables
 //! look up and scatter only the rows they hold) and rotary position embedding.
 
-use super::launch::{cfg_1d, cfg_2d, i64_of, scratch, Buf, Launch, Result};
+use super::launch::{cfg_1d, cfg_2d, i64_of, scratch, scratch_i64, Buf, Launch, Result};
 use super::{as_dtype, first_bad_index, index_buffer, numel, spec};
 use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, Storage};
@@ -56,8 +56,9 @@ pub(super) fn embedding(
     Ok(out.into_tensor(shape))
 }
 
-/// The table's gradient: `dy` rows scatter-added (in `f32`) at the ids this rank holds, into a
-/// zero table of the table's shape and storage type.
+/// The table's gradient: for each row this rank holds, the sum of the `dy` rows at its ids, in
+/// `f64` and in position order as the CPU adds them (no atomics: the same bits every run), in
+/// the table's shape and storage type.
 pub(super) fn embedding_grad(
     dev: &RankDevice,
     op: &'static str,
@@ -72,22 +73,39 @@ pub(super) fn embedding_grad(
     index::same_shape("the output gradient", &expected, &dy.shape).or_invalid(op)?;
     check_ids(dev, op, ids, &t)?;
     let n = numel(op, &table.shape)?;
-    let mut acc = Buf::zeros(dev, op, Storage::F32, n)?;
+    // Every element is written when there are ids; with none, the gradient is zero.
+    let mut acc = if dy.numel() > 0 {
+        Buf::uninit(dev, op, Storage::F32, n)?
+    } else {
+        Buf::zeros(dev, op, Storage::F32, n)?
+    };
     if n > 0 && dy.numel() > 0 {
         let n_ids = ids.numel();
         let v = [n_ids, t.width, t.offset, t.rows]
             .map(|x| i64_of(op, x))
             .into_iter()
             .collect::<Result<Vec<i64>>>()?;
+        // Each row's positions, in order; then each row's sum over them.
+        let mut start = scratch_i64(dev, op, t.rows + 1)?;
+        let mut cursor = scratch_i64(dev, op, t.rows)?;
+        let mut order = scratch_i64(dev, op, n_ids)?;
+        Launch::new(dev, op, &spec::EMBEDDING_GRAD_ORDER, Storage::F32)?
+            .slice_mut(&mut start)
+            .slice_mut(&mut cursor)
+            .slice_mut(&mut order)
+            .input(&ids.data)
+            .val(&v[0])
+            .val(&v[2])
+            .val(&v[3])
+            .launch(cfg_1d(dev, 1))?;
         Launch::new(dev, op, &spec::EMBEDDING_GRAD, dy.dtype())?
             .output(&mut acc)
             .input(&dy.data)
-            .input(&ids.data)
-            .val(&v[0])
+            .slice(&start)
+            .slice(&order)
             .val(&v[1])
-            .val(&v[2])
             .val(&v[3])
-            .launch(cfg_2d(dev, n_ids, t.width))?;
+            .launch(cfg_2d(dev, t.rows, t.width))?;
     }
     let acc = acc.into_tensor(table.shape.clone());
     Ok(as_dtype(dev, op, &acc, table.dtype())?.into_owned())

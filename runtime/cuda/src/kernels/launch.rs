@@ -103,6 +103,12 @@ pub(crate) fn scratch(dev: &RankDevice, op: &'static str, n: usize) -> Result<Cu
     unsafe { dev.stream.alloc::<f32>(alloc_len(n)) }.map_err(on(op))
 }
 
+/// An i64 scratch buffer of `n` uninitialized elements (the embedding gradient's row order).
+pub(crate) fn scratch_i64(dev: &RankDevice, op: &'static str, n: usize) -> Result<CudaSlice<i64>> {
+    // SAFETY: as in `Buf::uninit`: the kernel that receives it writes what is later read.
+    unsafe { dev.stream.alloc::<i64>(alloc_len(n)) }.map_err(on(op))
+}
+
 /// An f64 scratch buffer of `n` uninitialized elements (the norms' row statistics).
 pub(crate) fn scratch_f64(dev: &RankDevice, op: &'static str, n: usize) -> Result<CudaSlice<f64>> {
     // SAFETY: as in `Buf::uninit`: the kernel that receives it writes what is later read.

@@ -119,8 +119,9 @@ kernels! {
     SUM_PARTIALS = "sum_partials" in "layout.cu", true, [Ptr, Ptr, I64, I64];
     CHECK_INDICES = "check_indices" in "embedding.cu", false, [Ptr, Ptr, I64, F64, I64, I32];
     EMBEDDING = "embedding" in "embedding.cu", true, [Ptr, Ptr, Ptr, I64, I64, I64, I64];
-    EMBEDDING_GRAD = "embedding_grad" in "embedding.cu", true,
-        [Ptr, Ptr, Ptr, I64, I64, I64, I64];
+    EMBEDDING_GRAD_ORDER = "embedding_grad_order" in "embedding.cu", false,
+        [Ptr, Ptr, Ptr, Ptr, I64, I64, I64];
+    EMBEDDING_GRAD = "embedding_grad" in "embedding.cu", true, [Ptr, Ptr, Ptr, Ptr, I64, I64];
     ROTARY_TABLE = "rotary_table" in "embedding.cu", false, [Ptr, I64, I64, I64, I64, F64, F64];
     ROTARY = "rotary" in "embedding.cu", true, [Ptr, Ptr, Ptr, I64, I64, I64, I64];
     CE_ROW_MAX = "ce_row_max" in "cross_entropy.cu", true, [Ptr, Ptr, I64, I64, I64];
