@@ -1,6 +1,7 @@
 //! Data parallelism for the non-matmul kernels: an op's output split into chunks of whole rows,
-//! one chunk per scoped thread (`std::thread::scope`), when the tensor is large enough that the
-//! spawns pay for themselves. Matmuls use `gemm`'s own rayon parallelism instead.
+//! one chunk per task on rayon's pool (the one `gemm` runs its matmuls on), when the tensor is
+//! large enough that splitting pays. The pool's threads live for the process: no thread is
+//! started per op. The chunks are the same whatever runs them, so are the results.
 //!
 //! Each chunk's work also runs through [`simd`], which compiles it (the kernel's closure, marked
 //! `#[inline(always)]`, is inlined into a function built for the extension) for AVX-512 or AVX2
@@ -9,10 +10,10 @@
 //! with the wider vectors. No fused multiply-adds are formed (Rust does not contract `a * b + c`),
 //! so every path computes bit-identical results.
 
+use rayon::prelude::*;
 use std::ops::Range;
 
-/// Fewer elements than this per thread are not worth a thread (a spawn costs ~10–20 µs, about
-/// what this many elements of a simple kernel take).
+/// Fewer elements than this per chunk are not worth handing to another thread.
 const MIN_PER_THREAD: usize = 1 << 15;
 
 /// Runs `f`, compiled for the widest vector extension this CPU has (see the module docs).
@@ -93,32 +94,15 @@ where
         )];
     }
     let per = rows.div_ceil(t);
-    std::thread::scope(|s| {
-        let mut chunks = out.chunks_mut(per * row_len).enumerate();
-        let first = chunks.next();
-        let handles: Vec<_> = chunks
-            .map(|(i, c)| {
-                let f = &f;
-                s.spawn(move || {
-                    simd(
-                        #[inline(always)]
-                        || f(i * per, c),
-                    )
-                })
-            })
-            .collect();
-        let mut results = Vec::with_capacity(t);
-        if let Some((_, c)) = first {
-            results.push(simd(
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .map(|(i, c)| {
+            simd(
                 #[inline(always)]
-                || f(0, c),
-            ));
-        }
-        for h in handles {
-            results.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        }
-        results
-    })
+                || f(i * per, c),
+            )
+        })
+        .collect()
 }
 
 /// Calls `f(range)` on consecutive ranges covering `0..items` (`work` elements in all), on up
@@ -136,27 +120,14 @@ where
         )];
     }
     let per = items.div_ceil(t);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (1..t)
-            .map(|i| {
-                let f = &f;
-                let range = (i * per).min(items)..((i + 1) * per).min(items);
-                s.spawn(move || {
-                    simd(
-                        #[inline(always)]
-                        || f(range),
-                    )
-                })
-            })
-            .collect();
-        let mut results = Vec::with_capacity(t);
-        results.push(simd(
-            #[inline(always)]
-            || f(0..per.min(items)),
-        ));
-        for h in handles {
-            results.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        }
-        results
-    })
+    (0..t)
+        .into_par_iter()
+        .map(|i| {
+            let range = (i * per).min(items)..((i + 1) * per).min(items);
+            simd(
+                #[inline(always)]
+                || f(range),
+            )
+        })
+        .collect()
 }
