@@ -90,6 +90,32 @@ fn map(x: &Tensor, threads: usize, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
     }
 }
 
+/// `acc + x` written over `acc` (one shape), split over threads: `Add`'s sums, without a new
+/// buffer.
+pub(crate) fn add_into(mut acc: Tensor, x: &Tensor, threads: usize) -> Result<Tensor> {
+    if acc.shape != x.shape {
+        return Err(invalid(
+            "Add",
+            format!(
+                "adding in place needs one shape, got {:?} and {:?}",
+                acc.shape, x.shape
+            ),
+        ));
+    }
+    par_chunks(
+        threads,
+        &mut acc.data,
+        1,
+        #[inline(always)]
+        |first, chunk| {
+            for (o, &y) in chunk.iter_mut().zip(&x.data[first..]) {
+                *o += y;
+            }
+        },
+    );
+    Ok(acc)
+}
+
 /// `f(a, b)` elementwise over two tensors of one shape, split over threads.
 fn zip_map(
     shape: &[usize],

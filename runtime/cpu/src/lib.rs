@@ -34,7 +34,7 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug)]
 pub struct Cpu {
     /// Threads each rank's kernels may use (matmuls through `gemm`'s rayon pool, large
-    /// elementwise and row-wise ops over scoped threads).
+    /// elementwise and row-wise ops split into that many chunks on the same pool).
     pub threads: usize,
 }
 
@@ -169,6 +169,10 @@ impl Backend for Cpu {
 
     fn eval_fused(&self, op: &Fused<&Tensor>) -> Result<Tensor, KernelError> {
         kernels::eval_fused(op, self.threads)
+    }
+
+    fn add_into(&self, acc: Tensor, x: &Tensor) -> Result<Tensor, KernelError> {
+        kernels::add_into(acc, x, self.threads)
     }
 
     fn reshape(&self, mut t: Tensor, shape: Vec<usize>) -> Tensor {

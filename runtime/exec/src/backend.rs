@@ -60,6 +60,14 @@ pub trait Backend: Clone + Send + Sync {
     ) -> Result<Vec<Self::Tensor>, KernelError>;
     /// A fused op's computation (see [`crate::fuse`]): what the two ops it replaces compute.
     fn eval_fused(&self, op: &Fused<&Self::Tensor>) -> Result<Self::Tensor, KernelError>;
+    /// `acc + x` (two tensors of one shape), which may be written over `acc`: the executor
+    /// passes a value at its last use. The sum is [`Backend::eval`]'s `Add`, to the bit. By
+    /// default a new tensor.
+    fn add_into(&self, acc: Self::Tensor, x: &Self::Tensor) -> Result<Self::Tensor, KernelError> {
+        Ok(self
+            .eval(&Op::Add(&acc, x), &Placement::default())?
+            .swap_remove(0))
+    }
     /// The same elements under a new shape (the element count unchanged).
     fn reshape(&self, t: Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
     /// Part `index` of `parts` equal contiguous parts along `dim`

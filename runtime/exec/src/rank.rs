@@ -1094,14 +1094,43 @@ impl<B: Backend> Runner<'_, B> {
         let exe = self.exe;
         let g = &exe.plan.graph;
         let node = &g.nodes[n];
+        // A value this step may take over: owned here, read for the last time, not kept.
+        let free = |v: ValueId, values: &[Option<Cow<B::Tensor>>]| {
+            matches!(values[v.index()], Some(Cow::Owned(_)))
+                && exe.is_last_use(self.stage, v, i)
+                && !exe.keep[v]
+        };
         let x = match &node.op {
             Op::Reshape { x, .. } | Op::F { x, .. } | Op::G { x, .. } | Op::AllReduce { x, .. } => {
                 *x
             }
+            // A sum of two values of the output's shape, into whichever is free (a + b and b + a
+            // are the same bits); not when one is both addends, nor into a value another stage
+            // sent (its buffer is released with the step's other arrivals).
+            Op::Add(a, b) if a != b => {
+                let out = g.ty(node.outputs[0]);
+                let whole = |v: ValueId| {
+                    g.ty(v).shape == out.shape && g.ty(v).dtype == out.dtype && !self.received(v)
+                };
+                let (acc, other) = if whole(*a) && whole(*b) && free(*a, values) {
+                    (*a, *b)
+                } else if whole(*a) && whole(*b) && free(*b, values) {
+                    (*b, *a)
+                } else {
+                    return None;
+                };
+                let Some(Cow::Owned(t)) = values[acc.index()].take() else {
+                    return None;
+                };
+                let Some(y) = values[other.index()].as_deref() else {
+                    values[acc.index()] = Some(Cow::Owned(t));
+                    return None;
+                };
+                return Some(be.add_into(t, y).map_err(|e| self.kernel_error(n, e)));
+            }
             _ => return None,
         };
-        let owned = matches!(values[x.index()], Some(Cow::Owned(_)));
-        if !exe.is_last_use(self.stage, x, i) || exe.keep[x] || !owned {
+        if !free(x, values) {
             return None;
         }
         let Some(Cow::Owned(mut t)) = values[x.index()].take() else {
