@@ -58,6 +58,9 @@ enum Command {
     View(view::ViewArgs),
     /// Rewrite a checkpoint for another tensor-parallel degree.
     Reshard(reshard::ReshardArgs),
+    /// Write a checkpoint as a Hugging Face model directory (`config.json` +
+    /// `model.safetensors`, the family's names) that `transformers` and `run --weights` load.
+    ExportHf(commands::export_hf::ExportHfArgs),
     /// Sample text from a trained checkpoint (greedy, or with `--temperature`).
     Generate(generate::GenerateArgs),
     /// Start N worker processes on this node (like torchrun), each told its rank, meeting the
@@ -77,6 +80,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Export(a) => export::export(a),
         Command::View(a) => view::view(a),
         Command::Reshard(a) => reshard::reshard(a),
+        Command::ExportHf(a) => commands::export_hf::export_hf(a),
         Command::Generate(a) => generate::generate(a),
         Command::Launch(a) => launch::launch(a),
     }

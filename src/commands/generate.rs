@@ -24,8 +24,9 @@ pub struct GenerateArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
-    /// `bytes` or `gpt2`, as trained.
-    #[arg(long, default_value = "bytes")]
+    /// `bytes`, `gpt2`, or a Hugging Face tokenizer's directory or `tokenizer.json`, as
+    /// trained: it encodes the prompt and decodes what is printed.
+    #[arg(long, default_value = "bytes", value_name = "NAME|PATH")]
     tokenizer: String,
     /// Softmax temperature (0: greedy).
     #[arg(long, default_value_t = 0.0)]
@@ -42,6 +43,14 @@ pub fn generate(mut args: GenerateArgs) -> Result<()> {
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
     let tokenizer = Tokenizer::named(&args.tokenizer)?;
+    // Every prompt token must index the embedding, and every id the model predicts is one the
+    // tokenizer may decode.
+    if let Some(d) = graph
+        .output("logits")
+        .and_then(|v| graph.ty(v).shape.last().map(|d| d.size))
+    {
+        tokenizer.check(d)?;
+    }
     let sampling = Sampling {
         tokens: args.tokens,
         temperature: args.temperature,

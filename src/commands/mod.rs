@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod export;
+pub mod export_hf;
 pub mod generate;
 pub mod import;
 pub mod launch;

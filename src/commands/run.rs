@@ -17,7 +17,7 @@ use ferrotron_exec::init::{init_params, random_batch, test_params};
 use ferrotron_exec::verify::{compare, compare_rank, reference_plan, Entry, Verification};
 use ferrotron_exec::{launch, run as run_all, weights_for, Backend, Executable, Rank, Run};
 use ferrotron_exec::{RunOptions, Tensor};
-use ferrotron_io::hf::{load_gpt2_named, read_tokens, write_safetensors, FileNames};
+use ferrotron_io::hf::{read_tokens, write_safetensors, FileNames};
 use ferrotron_ir::{Graph, MeshAxis};
 use ferrotron_partitioner::{partition, Plan, Report};
 use std::collections::HashMap;
@@ -49,12 +49,16 @@ pub struct RunArgs {
     /// Write a Chrome / Perfetto trace of every op and collective on every rank.
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
-    /// Weights from a Hugging Face GPT2LMHeadModel safetensors file
-    /// (`transformer.h.0.attn.c_attn.weight`, ...) instead of the seeded initialisation.
-    #[arg(long, value_name = "FILE.safetensors")]
+    /// Weights from a Hugging Face checkpoint instead of the seeded initialisation: a model
+    /// directory (`config.json` + `model.safetensors` or a sharded
+    /// `model.safetensors.index.json`; GPT-2, Llama, Mistral, Qwen2, BERT) or one
+    /// `.safetensors` file (its family from the model's parameter names).
+    #[arg(long, value_name = "DIR|FILE.safetensors")]
     weights: Option<PathBuf>,
     /// The batch: one sequence per line, space-separated token ids, equal lengths (sets
-    /// the model's `batch` and `seq` dimensions).
+    /// the model's `batch` and `seq` dimensions). A model whose loss reads its targets from
+    /// another input of that shape (BERT's `labels`) gets the same ids there, every position a
+    /// target; any other integer input of that shape (`token_types`) gets zeros.
     #[arg(long, value_name = "FILE")]
     tokens: Option<PathBuf>,
     /// Write every gradient (full shape, unpadded): under the names the `--weights` file gave
@@ -141,7 +145,7 @@ impl RunArgs {
         let graph = args.load_global()?;
         let (params, file_names) = match (&self.weights, self.verify) {
             (Some(path), _) => {
-                let (params, names) = load_gpt2_named(path, &graph)?;
+                let (params, names) = ferrotron_io::weights::load(path, &graph)?;
                 (params, Some(names))
             }
             (None, true) => (test_params(&graph, self.seed), None),
@@ -149,12 +153,32 @@ impl RunArgs {
         };
         let mut batch = random_batch(&graph, self.seed);
         if let Some(t) = token_batch {
-            let input = graph
+            let mut ids = graph
                 .inputs
                 .iter()
-                .find(|&&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
-                .map(|&v| graph.values[v].name.clone())
+                .filter(|&&v| graph.ty(v).dtype.is_int() && graph.ty(v).shape.rank() == 2)
+                .map(|&v| graph.values[v].name.clone());
+            let input = ids
+                .next()
                 .ok_or_else(|| anyhow!("the model has no [batch, seq] token input"))?;
+            // The loss's targets, where they are an input of their own (BERT's `labels`).
+            let targets: Vec<&str> = graph
+                .order
+                .iter()
+                .filter_map(|&n| match &graph.nodes[n].op {
+                    ferrotron_ir::Op::CrossEntropy { targets, .. } => {
+                        Some(graph.values[*targets].name.as_str())
+                    }
+                    _ => None,
+                })
+                .collect();
+            for other in ids {
+                let value = match targets.contains(&other.as_str()) {
+                    true => t.clone(),
+                    false => Tensor::zeros(t.shape.clone()),
+                };
+                batch.insert(other, value);
+            }
             batch.insert(input, t);
         }
         let opts = RunOptions {

@@ -13,13 +13,16 @@ use crate::ranks::{with_ranks, Job, OnRanks};
 use anyhow::Result;
 use clap::Args;
 use ferrotron_exec::init::init_params;
-use ferrotron_exec::{launch, Backend, Batches, ExecError, Rank, RunOptions, TrainConfig, Trainer};
+use ferrotron_exec::{
+    launch, Backend, Batches, ExecError, Rank, RunOptions, Tensor, TrainConfig, Trainer,
+};
 use ferrotron_io::tokenizer::Tokenizer;
 use ferrotron_io::training::{resume, save};
 use ferrotron_ir::{Graph, ValueId};
 use ferrotron_partitioner::report::human_bytes;
 use ferrotron_partitioner::{partition, Plan};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// The arguments of `ferrotron train`.
@@ -30,8 +33,9 @@ pub struct TrainArgs {
     /// The training text.
     #[arg(long)]
     data: PathBuf,
-    /// `bytes` (any vocabulary ≥ 256) or `gpt2` (GPT-2's BPE, vocabulary 50,257).
-    #[arg(long, default_value = "bytes")]
+    /// `bytes` (any vocabulary ≥ 256), `gpt2` (GPT-2's BPE, vocabulary 50,257), or a Hugging
+    /// Face tokenizer: a directory holding `tokenizer.json` (Llama 3, Qwen2, …) or the file.
+    #[arg(long, default_value = "bytes", value_name = "NAME|PATH")]
     tokenizer: String,
     /// Steps to take.
     #[arg(long, default_value_t = 100)]
@@ -71,6 +75,11 @@ pub struct TrainArgs {
     /// position; it may have been written at another tp).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start from a Hugging Face checkpoint instead of the seeded initialisation: a model
+    /// directory (`config.json` + `model.safetensors` or a sharded index) or one
+    /// `.safetensors` file, as `run --weights` reads it.
+    #[arg(long, value_name = "DIR|FILE.safetensors", conflicts_with = "resume")]
+    weights: Option<PathBuf>,
     /// Every dropout's probability instead of the model file's, in [0, 1); 0 takes the
     /// dropouts out.
     #[arg(long, value_name = "P", value_parser = parse_dropout)]
@@ -86,6 +95,11 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     args.plan.dropout = args.dropout;
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
+    // Read once here; every rank takes its shards of it.
+    let weights = match &args.weights {
+        Some(path) => Some(ferrotron_io::weights::load(path, &graph)?.0),
+        None => None,
+    };
     let tokenizer = Tokenizer::named(&args.tokenizer)?;
     let input = graph
         .inputs
@@ -113,7 +127,9 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     tokenizer.check(vocab)?;
     let text = std::fs::read_to_string(&args.data)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.data.display()))?;
-    let tokens = tokenizer.encode(&text);
+    let tokens = tokenizer
+        .encode(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.data.display()))?;
     if tokens.len() < batch * seq {
         anyhow::bail!(
             "{}: {} tokens, fewer than one batch ({batch} × {seq})",
@@ -151,6 +167,7 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     let prepared = Prepared {
         args: &args,
         graph: &graph,
+        weights: weights.as_ref(),
         plan: &plan,
         tokenizer: &tokenizer,
         tokens: &tokens,
@@ -168,6 +185,8 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
 struct Prepared<'a> {
     args: &'a TrainArgs,
     graph: &'a Graph,
+    /// `--weights`, by parameter name.
+    weights: Option<&'a HashMap<String, Tensor>>,
     plan: &'a Plan,
     tokenizer: &'a Tokenizer,
     tokens: &'a [u32],
@@ -210,8 +229,15 @@ fn train_rank<B: Backend>(p: &Prepared<'_>, rank: Rank<B>) -> Result<()> {
             (t, meta.data_position)
         }
         None => {
-            let params = init_params(p.graph, args.seed);
-            (Trainer::new(rank, p.plan, config, &params, run)?, 0)
+            let seeded;
+            let params = match p.weights {
+                Some(w) => w,
+                None => {
+                    seeded = init_params(p.graph, args.seed);
+                    &seeded
+                }
+            };
+            (Trainer::new(rank, p.plan, config, params, run)?, 0)
         }
     };
     if lead {

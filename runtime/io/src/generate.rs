@@ -6,7 +6,7 @@
 //! `t`, so the padding never changes the prediction that is read.
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Tokenizer, TokenizerError};
 use ferrotron_exec::Tensor;
 use ferrotron_exec::{run_sharded, shard_params, upload_params, Backend, ExecError, RunOptions};
 use ferrotron_ir::reference::splitmix64;
@@ -25,6 +25,9 @@ pub enum GenerateError {
     /// A run failed.
     #[error(transparent)]
     Exec(#[from] ExecError),
+    /// The prompt could not be encoded.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
     /// The model cannot generate (no logits output, no token input) or the checkpoint lacks
     /// weights.
     #[error("{0}")]
@@ -82,9 +85,16 @@ pub fn generate<B: Backend>(
         },
         |(v, _)| v,
     ) as usize;
-    let mut tokens = tokenizer.encode(prompt);
+    let mut tokens = tokenizer.encode(prompt)?;
     if tokens.is_empty() {
-        tokens.push(u32::from(b'\n'));
+        // An empty prompt starts from a line break, in the tokenizer's own ids.
+        tokens = tokenizer.encode("\n")?;
+    }
+    if tokens.is_empty() {
+        return Err(GenerateError::Model(format!(
+            "the {} tokenizer gives no token for an empty prompt (nor a line break)",
+            tokenizer.name()
+        )));
     }
     let opts = RunOptions {
         forward_only: true,

@@ -79,6 +79,35 @@ pub enum HfError {
         /// How it differs.
         why: String,
     },
+    /// A parameter that the checkpoint's family names no tensor for: a model of another
+    /// family than the checkpoint's `config.json` says.
+    #[error(
+        "{path}: parameter `{param}` of `{model}` has no tensor name in a {} checkpoint \
+         (`ferrotron_io::import::hf_names`): the checkpoint is `{family}`, the model is not \
+         (import the checkpoint's config.json to get its model)",
+        .family.architecture()
+    )]
+    Family {
+        /// The checkpoint.
+        path: String,
+        /// Our parameter name.
+        param: String,
+        /// The model.
+        model: String,
+        /// The checkpoint's family.
+        family: crate::import::Family,
+    },
+    /// A tied copy in a checkpoint (BERT's decoder, an `lm_head.weight` the model ties) that is
+    /// not the parameter it copies.
+    #[error("{path}: tensor `{tensor}` {why}")]
+    Tied {
+        /// The checkpoint.
+        path: String,
+        /// The copy's name in the checkpoint.
+        tensor: String,
+        /// How it differs.
+        why: String,
+    },
     /// A tensor that is neither a parameter of the model nor a known buffer (a file for a
     /// model with more layers, say).
     #[error("{path}: tensor `{tensor}` {shape:?} is not a parameter of `{model}`{}", more(*.others))]
@@ -169,6 +198,11 @@ pub struct FileNames {
 }
 
 impl FileNames {
+    /// From our parameter names to the file's tensor names.
+    pub(crate) fn new(of: HashMap<String, String>) -> FileNames {
+        FileNames { of }
+    }
+
     /// The file's name of parameter `param` (`transformer.wte.weight` for `wte`), if it was
     /// read from the file.
     pub fn get(&self, param: &str) -> Option<&str> {
