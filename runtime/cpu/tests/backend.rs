@@ -22,6 +22,7 @@ struct Counting {
     evals: Arc<AtomicUsize>,
     fused: Arc<AtomicUsize>,
     reshapes: Arc<AtomicUsize>,
+    adds_in_place: Arc<AtomicUsize>,
     collectives: Arc<AtomicUsize>,
     host: Arc<AtomicUsize>,
 }
@@ -112,6 +113,10 @@ impl Backend for Counting {
         self.fused.fetch_add(1, Ordering::Relaxed);
         self.cpu.eval_fused(op)
     }
+    fn add_into(&self, acc: Tensor, x: &Tensor) -> Result<Tensor, KernelError> {
+        self.adds_in_place.fetch_add(1, Ordering::Relaxed);
+        self.cpu.add_into(acc, x)
+    }
     fn reshape(&self, t: Tensor, shape: Vec<usize>) -> Tensor {
         self.reshapes.fetch_add(1, Ordering::Relaxed);
         self.cpu.reshape(t, shape)
@@ -193,7 +198,8 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     }
     // Two ranks: every node that is not communication or a vocabulary-parallel loss is one
     // `eval` per rank (or a `reshape` of its input's buffer, for a reshape at the input's last
-    // use), or part of an `eval_fused` (a fused step runs its own node and, the first to absorb
+    // use, or an `add_into` an addend's buffer, for a sum at an addend's last use), or part of an
+    // `eval_fused` (a fused step runs its own node and, the first to absorb
     // it, a node the program drops); every all-gather, reduce-scatter, g and all-reduce one
     // collective per rank.
     let g = &plan.graph;
@@ -223,6 +229,8 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     let reshapes = counting.reshapes.load(Ordering::Relaxed);
     let fused = counting.fused.load(Ordering::Relaxed);
     assert!(reshapes > 0, "reshapes reuse buffers");
+    let adds = counting.adds_in_place.load(Ordering::Relaxed);
+    assert!(adds > 0, "sums reuse an addend's buffer");
     // Per layer and rank: bias + GeLU forward and backward, scale + softmax forward and backward.
     assert_eq!(fused, 2 * 4 * 2, "fused steps");
     let dropped = g.order.len() - Program::fused(&plan, &|_| false).steps.len();
@@ -231,7 +239,7 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
         2 * 3,
         "per layer: the bias add, the scale, the softmax gradient"
     );
-    assert_eq!(evals + reshapes + fused + 2 * dropped, 2 * local);
+    assert_eq!(evals + reshapes + adds + fused + 2 * dropped, 2 * local);
     assert_eq!(
         counting.collectives.load(Ordering::Relaxed),
         2 * collectives
