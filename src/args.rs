@@ -294,6 +294,14 @@ impl BackendArgs {
     }
 }
 
+/// The steady state of repeated steps taking `seconds` each: the median step after the first
+/// (which pays for the first allocations); `None` for fewer than two.
+pub fn steady_step(seconds: &[f64]) -> Option<f64> {
+    let mut rest = seconds.get(1..).filter(|r| !r.is_empty())?.to_vec();
+    rest.sort_by(f64::total_cmp);
+    Some(rest[rest.len() / 2])
+}
+
 /// A file written whole or not at all: a temporary sibling, then a rename.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));

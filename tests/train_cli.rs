@@ -149,3 +149,57 @@ fn a_distributed_optimizer_checkpoint_resumes_without_it_at_another_dp() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--json`: one object at the end, its losses those the log records, the steady step the
+/// median after the first.
+#[test]
+fn json_summary_matches_the_log() {
+    let dir = std::env::temp_dir().join(format!("ferrotron-train-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("log.csv");
+    let mut args = vec!["train"];
+    args.extend(MODEL);
+    let csv_arg = csv.display().to_string();
+    args.extend([
+        "--data",
+        "README.md",
+        "--steps",
+        "4",
+        "--json",
+        "--log",
+        &csv_arg,
+    ]);
+    let out = ferrotron(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    // f32 losses, printed shortest in the log.
+    let losses: Vec<f32> = j["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(losses.len(), 4, "{j}");
+    let logged: Vec<f32> = std::fs::read_to_string(&csv)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(losses, logged);
+    assert_eq!(
+        (j["step"].as_u64(), j["steps_taken"].as_u64()),
+        (Some(4), Some(4))
+    );
+    let (first, step) = (
+        j["first_step_s"].as_f64().unwrap(),
+        j["step_s"].as_f64().unwrap(),
+    );
+    assert!(first > 0.0 && step > 0.0, "{j}");
+    let tps = j["tokens_per_second"].as_f64().unwrap();
+    assert!((tps * step - 4.0 * 16.0).abs() < 1e-6, "{j}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -8,7 +8,7 @@
 //! their results gathered (loss, times, memory, trace, gradients, the comparison); with one,
 //! its own loss and gradient shards checked.
 
-use crate::args::{parse_dropout, write_atomically, BackendArgs, PlanArgs};
+use crate::args::{parse_dropout, steady_step, write_atomically, BackendArgs, PlanArgs};
 use crate::ranks::{tolerances, with_ranks, Job, OnRanks};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
@@ -89,9 +89,8 @@ impl Timing {
 
     /// The median step after the first; `None` for a single step.
     fn steady(&self) -> Option<std::time::Duration> {
-        let mut rest = self.walls.get(1..).filter(|r| !r.is_empty())?.to_vec();
-        rest.sort();
-        Some(rest[rest.len() / 2])
+        let seconds: Vec<f64> = self.walls.iter().map(|w| w.as_secs_f64()).collect();
+        steady_step(&seconds).map(std::time::Duration::from_secs_f64)
     }
 
     /// The last step's wall time.

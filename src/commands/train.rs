@@ -8,7 +8,7 @@
 //! bar (on a terminal only) and the CSV log; every rank: checkpoints (written by rank 0,
 //! [`ferrotron_io::training`]).
 
-use crate::args::{parse_dropout, BackendArgs, PlanArgs};
+use crate::args::{parse_dropout, steady_step, BackendArgs, PlanArgs};
 use crate::ranks::{with_ranks, Job, OnRanks};
 use anyhow::Result;
 use clap::Args;
@@ -65,6 +65,11 @@ pub struct TrainArgs {
     /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// At the end, print one JSON object: the steps taken, every loss, the last gradient norm,
+    /// and the speed: the median step after the first (`step_s`, `tokens_per_second`), the first
+    /// apart (`first_step_s`: it pays for the first allocations).
+    #[arg(long)]
+    json: bool,
     /// Write a checkpoint here at the end (and every `--save-every` steps).
     #[arg(long)]
     save: Option<PathBuf>,
@@ -298,6 +303,8 @@ fn train_loop<B: Backend>(
         false => ProgressBar::hidden(),
     };
     let mut last = None;
+    // Rank 0's record of the steps taken here: (loss, gradient norm, seconds).
+    let mut taken: Vec<(f32, f64, f64)> = Vec::new();
     while trainer.step < steps {
         let b = batches.next(&input_name, p.batch, p.seq);
         let s = trainer.step(&b)?;
@@ -310,6 +317,7 @@ fn train_loop<B: Backend>(
             bar.set_message(line.clone());
             bar.set_position(s.step + 1);
             last = Some((s.step + 1, line));
+            taken.push((s.loss, s.grad_norm, s.seconds));
             if let Some(f) = log.as_mut() {
                 use std::io::Write;
                 writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
@@ -335,6 +343,27 @@ fn train_loop<B: Backend>(
         if let Some(dir) = &args.save {
             eprintln!("checkpoint: {}", dir.display());
         }
+        if args.json {
+            println!("{}", summary(&taken, p.batch * p.seq, trainer.step));
+        }
     }
     Ok(())
+}
+
+/// `train --json`: the steps taken (`(loss, gradient norm, seconds)` each) of `tokens` tokens,
+/// ending at step `step`.
+fn summary(taken: &[(f32, f64, f64)], tokens: usize, step: u64) -> serde_json::Value {
+    let seconds: Vec<f64> = taken.iter().map(|t| t.2).collect();
+    // The only step, if there is one.
+    let steady = steady_step(&seconds).unwrap_or(seconds.first().copied().unwrap_or(0.0));
+    serde_json::json!({
+        "step": step,
+        "steps_taken": taken.len(),
+        "losses": taken.iter().map(|t| t.0).collect::<Vec<_>>(),
+        "loss": taken.last().map(|t| t.0),
+        "grad_norm": taken.last().map(|t| t.1),
+        "first_step_s": seconds.first(),
+        "step_s": steady,
+        "tokens_per_second": tokens as f64 / steady.max(1e-9),
+    })
 }
