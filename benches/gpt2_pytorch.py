@@ -10,7 +10,11 @@ loss, and the backward pass; 2 warm-up steps, then the median of 5.
 
 Prints one JSON object: tokens_per_second, seconds_per_step (median), all step times, versions.
 
+With --train, each step is a whole training step, as `ferrotron train` takes one: forward, loss,
+backward, gradient clipping to norm 1 and torch.optim.AdamW (decoupled weight decay 0.1).
+
     python benches/gpt2_pytorch.py [--threads 2] [--batch 4] [--seq 128] [--warmup 2] [--runs 5]
+                                   [--train]
 """
 
 import argparse
@@ -29,6 +33,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", action="store_true")
     args = ap.parse_args()
 
     # Before torch reads them (the shell script sets them too).
@@ -49,12 +54,16 @@ def main():
     params = sum(p.numel() for p in model.parameters())
 
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1) if args.train else None
 
     def step():
-        model.zero_grad(set_to_none=True)
         t = time.perf_counter()
+        model.zero_grad(set_to_none=True)
         loss = model(ids, labels=ids).loss
         loss.backward()
+        if optimizer is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
         dt = time.perf_counter() - t
         return dt, loss.detach().item()
 
@@ -69,6 +78,7 @@ def main():
     tokens = args.batch * args.seq
     print(json.dumps({
         "implementation": "pytorch-eager",
+        "step": "training (AdamW)" if args.train else "forward + backward",
         "tokens_per_second": tokens / median,
         "seconds_per_step": median,
         "step_seconds": times,
