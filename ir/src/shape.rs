@@ -121,6 +121,11 @@ impl Shape {
         self.0.iter().map(|d| d.size).collect()
     }
 
+    /// The sizes as a host tensor's shape (`usize`).
+    pub fn extents(&self) -> Vec<usize> {
+        self.0.iter().map(|d| d.size as usize).collect()
+    }
+
     /// Size of dimension `i` (must be in range).
     pub fn size(&self, i: usize) -> u64 {
         self.0[i].size

@@ -1138,13 +1138,7 @@ impl<B: Backend> Runner<'_, B> {
         };
         Some(match &node.op {
             Op::Reshape { .. } => {
-                let shape: Vec<usize> = g
-                    .ty(node.outputs[0])
-                    .shape
-                    .sizes()
-                    .iter()
-                    .map(|&s| s as usize)
-                    .collect();
+                let shape: Vec<usize> = g.ty(node.outputs[0]).shape.extents();
                 if shape.iter().product::<usize>() == be.shape(&t).iter().product::<usize>() {
                     Ok(be.reshape(t, shape))
                 } else {

@@ -113,13 +113,7 @@ pub fn export_hf(checkpoint: &Path, config: &Path, out: &Path) -> Result<Exporte
     };
     let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(params.len());
     for p in graph.params.values() {
-        let expected: Vec<usize> = graph
-            .ty(p.value)
-            .shape
-            .sizes()
-            .iter()
-            .map(|&s| s as usize)
-            .collect();
+        let expected: Vec<usize> = graph.ty(p.value).shape.extents();
         let Some(t) = params.get(&p.name) else {
             return Err(mismatch(
                 &p.name,

@@ -246,13 +246,7 @@ pub fn load_gpt2_named(
     let mut out = HashMap::with_capacity(g.params.len());
     let mut used: HashMap<String, String> = HashMap::new(); // file name -> our name
     for p in g.params.values() {
-        let expected: Vec<usize> = g
-            .ty(p.value)
-            .shape
-            .sizes()
-            .iter()
-            .map(|&s| s as usize)
-            .collect();
+        let expected: Vec<usize> = g.ty(p.value).shape.extents();
         let tried = candidates(&p.name);
         let Some(found) = tried.iter().find(|c| file.contains(c)) else {
             return Err(HfError::Missing {

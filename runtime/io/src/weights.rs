@@ -404,13 +404,7 @@ pub fn load_family(
     // Our name → the file's, and its expected shape.
     let mut wanted: Vec<(String, String, Vec<usize>)> = Vec::with_capacity(g.params.len());
     for p in g.params.values() {
-        let expected: Vec<usize> = g
-            .ty(p.value)
-            .shape
-            .sizes()
-            .iter()
-            .map(|&s| s as usize)
-            .collect();
+        let expected: Vec<usize> = g.ty(p.value).shape.extents();
         let Some(hf) = hf_name(family, &p.name) else {
             return Err(HfError::Family {
                 path,
