@@ -73,6 +73,22 @@ fn train_and_generate(fixture: &str, vocab: u64) {
     let printed = printed
         .strip_suffix('\n')
         .expect("one line break at the end");
+    // Without `--tokenizer`, the one the checkpoint was trained with.
+    let recorded: Vec<&str> = cli
+        .iter()
+        .copied()
+        .filter(|a| *a != "--tokenizer" && *a != tokenizer.as_str())
+        .collect();
+    let out = ferrotron(&recorded);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'),
+        printed
+    );
 
     let mut g = load_model(
         Path::new(MODEL),

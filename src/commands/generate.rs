@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use ferrotron_cpu::Cpu;
 use ferrotron_io::generate::{generate as continue_text, Sampling};
+use ferrotron_io::checkpoint;
 use ferrotron_io::tokenizer::Tokenizer;
 use ferrotron_partitioner::partition;
 use std::path::PathBuf;
@@ -25,9 +26,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     tokens: usize,
     /// `bytes`, `gpt2`, or a Hugging Face tokenizer's directory or `tokenizer.json`, as
-    /// trained: it encodes the prompt and decodes what is printed.
-    #[arg(long, default_value = "bytes", value_name = "NAME|PATH")]
-    tokenizer: String,
+    /// trained: it encodes the prompt and decodes what is printed. Default: the one the
+    /// checkpoint was trained with (its `meta.json`), else `bytes`.
+    #[arg(long, value_name = "NAME|PATH")]
+    tokenizer: Option<String>,
     /// Softmax temperature (0: greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -42,7 +44,16 @@ pub fn generate(mut args: GenerateArgs) -> Result<()> {
     args.plan.dropout = Some(0.0);
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
-    let tokenizer = Tokenizer::named(&args.tokenizer)?;
+    let name = match &args.tokenizer {
+        Some(name) => name.clone(),
+        None => checkpoint::read_meta(&args.checkpoint)?
+            .extra
+            .get("tokenizer")
+            .and_then(|t| t.as_str())
+            .unwrap_or("bytes")
+            .to_owned(),
+    };
+    let tokenizer = Tokenizer::named(&name)?;
     // Every prompt token must index the embedding, and every id the model predicts is one the
     // tokenizer may decode.
     if let Some(d) = graph

@@ -46,7 +46,8 @@ pub struct Sampling {
 }
 
 /// Continues `prompt` with the weights in checkpoint `dir`, running `plan`'s forward pass on
-/// `backend` with every rank in this process.
+/// `backend` with every rank in this process. The plan must hold no dropout (partition
+/// [`ferrotron_ir::dropout::with_dropout`]`(g, 0.0)`): generation is evaluation.
 pub fn generate<B: Backend>(
     backend: B,
     (g, plan): (&Graph, &Plan),
@@ -60,6 +61,15 @@ pub fn generate<B: Backend>(
         temperature,
         seed,
     } = sampling;
+    if let Some(n) = plan.graph.nodes.values().find(|n| {
+        matches!(n.op, ferrotron_ir::Op::Dropout { p, .. } if p > 0.0)
+    }) {
+        return Err(GenerateError::Model(format!(
+            "`{}` drops activations: generate from a model without dropout \
+             (ferrotron_ir::dropout::with_dropout(graph, 0.0) before partitioning)",
+            n.name
+        )));
+    }
     let (_, mut groups) = checkpoint::load(dir)?;
     let params = groups
         .remove("params")
