@@ -61,9 +61,12 @@ pub fn generate<B: Backend>(
         temperature,
         seed,
     } = sampling;
-    if let Some(n) = plan.graph.nodes.values().find(|n| {
-        matches!(n.op, ferrotron_ir::Op::Dropout { p, .. } if p > 0.0)
-    }) {
+    if let Some(n) = plan
+        .graph
+        .nodes
+        .values()
+        .find(|n| matches!(n.op, ferrotron_ir::Op::Dropout { p, .. } if p > 0.0))
+    {
         return Err(GenerateError::Model(format!(
             "`{}` drops activations: generate from a model without dropout \
              (ferrotron_ir::dropout::with_dropout(graph, 0.0) before partitioning)",
