@@ -10,7 +10,7 @@
 //!   fallback (`<0x00>`…`<0xFF>`) for characters outside the vocabulary, `<s>` first.
 //!
 //! Both are built by this file with the `tokenizers` crate, trained on [`CORPUS`]; to write them
-//! again: `cargo test -p ferrotron-io --test tokenizer -- --ignored write_fixtures`.
+//! again: `FERROTRON_WRITE_FIXTURES=1 cargo test -p ferrotron-io --test tokenizer fixtures`.
 
 use ferrotron_io::tokenizer::{Tokenizer, TokenizerError};
 use std::path::PathBuf;
@@ -189,35 +189,28 @@ fn fixture(name: &str) -> Tokenizer {
     Tokenizer::named(dir.to_str().expect("a UTF-8 path")).expect("the fixture loads")
 }
 
-/// Writes the fixtures again (run by hand; see the module's documentation).
+/// The committed fixtures are what the builders make (training is deterministic), so they can
+/// be made again: with `FERROTRON_WRITE_FIXTURES=1` this writes them instead of comparing.
 #[test]
-#[ignore = "writes tests/fixtures/tokenizers"]
-fn write_fixtures() {
+fn the_fixtures_are_what_the_builders_make() {
+    let write = std::env::var_os("FERROTRON_WRITE_FIXTURES").is_some();
     for (name, json) in [
         ("byte-level", byte_level_json()),
         ("metaspace", metaspace_json()),
     ] {
         let dir = fixtures().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("tokenizer.json"), json + "\n").unwrap();
-    }
-}
-
-/// The committed fixtures are what the builders make (training is deterministic), so they can
-/// be made again.
-#[test]
-fn the_fixtures_are_what_the_builders_make() {
-    for (name, json) in [
-        ("byte-level", byte_level_json()),
-        ("metaspace", metaspace_json()),
-    ] {
-        let file = fixtures().join(name).join("tokenizer.json");
+        let file = dir.join("tokenizer.json");
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&file, json + "\n").unwrap();
+            continue;
+        }
         let committed: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         let built: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert!(
             committed == built,
-            "{} differs from what `write_fixtures` makes",
+            "{} differs from what the builder makes (FERROTRON_WRITE_FIXTURES=1 rewrites it)",
             file.display()
         );
     }
