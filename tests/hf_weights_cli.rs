@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The fixtures with weights, and their families.
-const FIXTURES: [(&str, Family); 6] = [
+const FIXTURES: [(&str, Family); 7] = [
     ("gpt2", Family::Gpt2),
     ("llama2", Family::Llama),
     ("llama3", Family::Llama),
+    ("llama3.1", Family::Llama),
     ("mistral", Family::Mistral),
     ("qwen2", Family::Qwen2),
     ("bert", Family::Bert),

@@ -193,8 +193,20 @@ fn check_constants(g: &Graph, c: &Value) {
                 assert_eq!(*e, eps, "{}: {eps_key}", node.name);
                 norms += 1;
             }
-            Op::Rotary { base, .. } => {
+            Op::Rotary { base, scaling, .. } => {
                 assert_eq!(*base, theta, "{}: rope_theta", node.name);
+                // Llama 3.1's rescaling, as the config gives it.
+                let want = c.get("rope_scaling").filter(|s| !s.is_null()).map(|s| {
+                    ferrotron_ir::RopeScaling {
+                        factor: s["factor"].as_f64().unwrap(),
+                        low_freq_factor: s["low_freq_factor"].as_f64().unwrap(),
+                        high_freq_factor: s["high_freq_factor"].as_f64().unwrap(),
+                        original_max_position: s["original_max_position_embeddings"]
+                            .as_u64()
+                            .unwrap(),
+                    }
+                });
+                assert_eq!(*scaling, want, "{}: rope_scaling", node.name);
                 rotaries += 1;
             }
             _ => {}
@@ -469,17 +481,28 @@ fn assert_refused(input: &Path, extra: &[&str], names: &[&str]) {
     assert_eq!(left, ["kept.ron"], "files left behind");
 }
 
+/// Llama 3.1's `llama3` rope scaling becomes the rotary ops' rescaling.
 #[test]
-fn llama3_1_rope_scaling_is_refused() {
-    assert_refused(
-        Path::new("tests/fixtures/hf/llama3.1"),
-        &[],
-        &[
-            "`rope_scaling`",
-            "\"rope_type\":\"llama3\"",
-            "\"factor\":8.0",
-        ],
-    );
+fn llama3_1_with_its_rope_scaling_imports_and_verifies_at_tp_2() {
+    fixture_imports_and_verifies("llama3.1");
+}
+
+/// A `llama3` rescaling without one of its figures, or with its thresholds the wrong way
+/// round, is refused naming the key.
+#[test]
+fn an_incomplete_llama3_rope_scaling_is_refused() {
+    let dir = scratch("rope-scaling");
+    let mut config = fixture("llama3.1");
+    config["rope_scaling"]
+        .as_object_mut()
+        .unwrap()
+        .remove("low_freq_factor");
+    let input = write_config(&dir, &config);
+    assert_refused(&input, &[], &["`rope_scaling`", "low_freq_factor"]);
+    let mut config = fixture("llama3.1");
+    config["rope_scaling"]["high_freq_factor"] = json!(0.5);
+    let input = write_config(&dir, &config);
+    assert_refused(&input, &[], &["`rope_scaling`", "high_freq_factor"]);
 }
 
 #[test]

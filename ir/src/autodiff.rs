@@ -634,12 +634,18 @@ impl Autodiff<'_> {
                     }
                 }
             }
-            Op::Rotary { x, base, inverse } => {
+            Op::Rotary {
+                x,
+                base,
+                inverse,
+                scaling,
+            } => {
                 // A rotation's transpose is the rotation by the negative angles.
                 let op = Op::Rotary {
                     x: dy,
                     base: *base,
                     inverse: !inverse,
+                    scaling: *scaling,
                 };
                 let d = self.emit1(cx, op)?;
                 self.contribute(cx, *x, d)?;

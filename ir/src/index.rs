@@ -9,7 +9,7 @@
 //! except [`integer`] (per id or target) and [`broadcast_offset`] (the reference's loops).
 
 use crate::dtype::DType;
-use crate::op::Factor;
+use crate::op::{Factor, RopeScaling};
 use crate::shape::Dim;
 use std::ops::Range;
 
@@ -403,6 +403,48 @@ pub fn rotary(x: &[usize], base: f64) -> Result<(usize, usize, usize), String> {
         return Err(format!("base {base} must be positive"));
     }
     Ok((seq, heads, head_dim))
+}
+
+/// The angle per position of rotary pair `i` (of `head_dim / 2`): `base^(−2i / head_dim)`,
+/// rescaled as Llama 3.1 does when `scaling` is given (Hugging Face's
+/// `_compute_llama3_parameters`).
+pub fn rotary_frequency(
+    i: usize,
+    head_dim: usize,
+    base: f64,
+    scaling: Option<&RopeScaling>,
+) -> f64 {
+    let freq = base.powf(-2.0 * i as f64 / head_dim as f64);
+    let Some(s) = scaling else {
+        return freq;
+    };
+    let context = s.original_max_position as f64;
+    let wavelength = 2.0 * std::f64::consts::PI / freq;
+    if wavelength < context / s.high_freq_factor {
+        freq
+    } else if wavelength > context / s.low_freq_factor {
+        freq / s.factor
+    } else {
+        let smooth =
+            (context / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+/// A rotary rescaling's figures are usable: factors positive, thresholds ordered.
+pub fn rope_scaling(s: &RopeScaling) -> Result<(), String> {
+    let ok = s.factor > 0.0
+        && s.low_freq_factor > 0.0
+        && s.high_freq_factor > s.low_freq_factor
+        && s.original_max_position > 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "rope scaling {s:?}: factor and low_freq_factor must be positive, high_freq_factor \
+             above low_freq_factor, original_max_position positive"
+        ))
+    }
 }
 
 /// `Dropout` with drop probability `p`: the scale `1/(1 − p)` of kept elements.

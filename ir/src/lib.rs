@@ -38,6 +38,6 @@ pub use dtype::DType;
 pub use graph::{Graph, Init, NodeId, ParamId, Pin, ScopeId, ValueDef, ValueId};
 pub use infer::{infer, OpError};
 pub use lang::{load_model, parse_model, LoadOptions, ModelError};
-pub use op::{Activation, Factor, MeshAxis, Op};
+pub use op::{Activation, Factor, MeshAxis, Op, RopeScaling};
 pub use shape::{Dim, Shape, TensorType};
 pub use verify::{verify, VerifyError};

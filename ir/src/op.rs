@@ -14,7 +14,8 @@
 //! - Normalizations and softmax work over the last axis.
 //! - `Rotary` takes `[..., seq, heads, head_dim]` and rotates the pairs `(i, i + head_dim/2)` by
 //!   `position · base^(−2i/head_dim)`, position being the index along axis −3 (the Llama / GPT-NeoX
-//!   "rotate half" form).
+//!   "rotate half" form); with `scaling`, the frequencies are rescaled as Llama 3.1's are
+//!   ([`crate::index::rotary_frequency`]).
 //! - `CrossEntropy` takes logits `[..., seq, vocab]` and integer targets `[..., seq]` and returns the
 //!   mean loss as a scalar; with `shift` (next-token prediction) position `t` predicts target
 //!   `t + 1` and the last position predicts nothing.
@@ -159,6 +160,9 @@ pub enum Op<V = ValueId, D = Dim> {
         /// Rotate by the negative angles (the transpose: rotary's vector-Jacobian product).
         #[serde(default, skip_serializing_if = "is_false")]
         inverse: bool,
+        /// Llama 3.1's rescaling of the frequencies, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scaling: Option<RopeScaling>,
     },
     /// Zeroes each element with probability `p` and scales the rest by `1/(1−p)` in training.
     Dropout { x: V, p: f64 },
@@ -277,6 +281,22 @@ pub enum Activation {
     GeluTanh,
     Silu,
     Relu,
+}
+
+/// Llama 3.1's frequency rescaling of rotary position embedding (`rope_scaling` with
+/// `rope_type: "llama3"`): frequencies whose wavelength exceeds the original context over
+/// `low_freq_factor` are divided by `factor`, those under the context over `high_freq_factor`
+/// are kept, and the ones between are blended ([`crate::index::rotary_frequency`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// How much longer the context became.
+    pub factor: f64,
+    /// The wavelength threshold (in contexts) above which frequencies are divided by `factor`.
+    pub low_freq_factor: f64,
+    /// The threshold below which frequencies are kept.
+    pub high_freq_factor: f64,
+    /// The context the model was first trained at.
+    pub original_max_position: u64,
 }
 
 fn default_rope_base() -> f64 {
@@ -510,10 +530,16 @@ impl<V, D> Op<V, D> {
                 xs: xs.iter().map(&mut fv).collect::<Result<_, _>>()?,
                 dim: *dim,
             },
-            Op::Rotary { x, base, inverse } => Op::Rotary {
+            Op::Rotary {
+                x,
+                base,
+                inverse,
+                scaling,
+            } => Op::Rotary {
                 x: fv(x)?,
                 base: *base,
                 inverse: *inverse,
+                scaling: *scaling,
             },
             Op::Dropout { x, p } => Op::Dropout { x: fv(x)?, p: *p },
             Op::CrossEntropy {

@@ -29,7 +29,7 @@
 
 use crate::graph::{Graph, NodeId, ValueId};
 use crate::index::{self, around, broadcast_offset};
-use crate::op::{Activation, Op};
+use crate::op::{Activation, Op, RopeScaling};
 use crate::shape::Dim;
 use std::collections::HashMap;
 use thiserror::Error;
@@ -523,7 +523,12 @@ pub fn eval_op(op: &Op<&Tensor, Dim>) -> Result<Vec<Tensor>, EvalError> {
                 .collect())
         }
         Op::Concat { xs, dim: ax } => one(concat(name, xs, *ax)?),
-        Op::Rotary { x, base, inverse } => one(rotary(name, x, *base, *inverse)?),
+        Op::Rotary {
+            x,
+            base,
+            inverse,
+            scaling,
+        } => one(rotary(name, x, *base, *inverse, scaling.as_ref())?),
         Op::Dropout { x, p } => {
             let scale = index::dropout_scale(*p).or_invalid(name)?;
             Ok(vec![dropout_mask(x, *p, scale)])
@@ -896,8 +901,17 @@ fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
     Ok(out)
 }
 
-fn rotary(name: &'static str, x: &Tensor, base: f64, inverse: bool) -> Result<Tensor> {
+fn rotary(
+    name: &'static str,
+    x: &Tensor,
+    base: f64,
+    inverse: bool,
+    scaling: Option<&RopeScaling>,
+) -> Result<Tensor> {
     let (seq, heads, head_dim) = index::rotary(&x.shape, base).or_invalid(name)?;
+    if let Some(s) = scaling {
+        index::rope_scaling(s).or_invalid(name)?;
+    }
     let r = x.rank();
     let half = head_dim / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
@@ -908,7 +922,8 @@ fn rotary(name: &'static str, x: &Tensor, base: f64, inverse: bool) -> Result<Te
             for h in 0..heads {
                 let at = ((o * seq + pos) * heads + h) * head_dim;
                 for i in 0..half {
-                    let theta = sign * pos as f64 * base.powf(-2.0 * i as f64 / head_dim as f64);
+                    let theta =
+                        sign * pos as f64 * index::rotary_frequency(i, head_dim, base, scaling);
                     let (sin, cos) = theta.sin_cos();
                     let (x1, x2) = (x.data[at + i], x.data[at + i + half]);
                     out.data[at + i] = x1 * cos - x2 * sin;
@@ -1318,6 +1333,72 @@ mod tests {
         .is_err());
     }
 
+    /// Llama 3.1's rescaling (its published figures): the high frequencies kept, the low ones
+    /// divided by the factor, the band between blended; the rotation
+    /// with it is still undone by its inverse.
+    #[test]
+    fn rotary_frequencies_follow_the_llama3_bands() {
+        let s = RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        };
+        let (d, base) = (128, 500000.0f64);
+        let plain = |i: usize| base.powf(-2.0 * i as f64 / d as f64);
+        let scaled = |i: usize| index::rotary_frequency(i, d, base, Some(&s));
+        // Wavelength 2π: under 8192 / 4.
+        assert_eq!(scaled(0), plain(0));
+        // Wavelength ~4.1e5: over 8192 / 1.
+        assert_eq!(scaled(60), plain(60) / 8.0);
+        // Wavelength ~2,950, between: (1 − t)·f/8 + t·f with t = (8192/λ − 1)/(4 − 1).
+        let f = plain(30);
+        let wavelength = 2.0 * std::f64::consts::PI / f;
+        assert!(2048.0 < wavelength && wavelength < 8192.0, "{wavelength}");
+        let smooth = (8192.0 / wavelength - 1.0) / 3.0;
+        assert!((scaled(30) - ((1.0 - smooth) * f / 8.0 + smooth * f)).abs() < 1e-18);
+        assert!(plain(30) / 8.0 < scaled(30) && scaled(30) < plain(30));
+        // Without rescaling, the plain frequency to the bit.
+        assert_eq!(index::rotary_frequency(30, d, base, None), f);
+
+        let x = t(
+            &[3, 1, 8],
+            &(0..24).map(|i| i as f64 * 0.1).collect::<Vec<_>>(),
+        );
+        let small = RopeScaling {
+            original_max_position: 16,
+            ..s
+        };
+        let op = |x, inverse| Op::Rotary {
+            x,
+            base: 10.0,
+            inverse,
+            scaling: Some(small),
+        };
+        let y = eval1(op(&x, false));
+        assert_ne!(
+            y,
+            eval1(Op::Rotary {
+                x: &x,
+                base: 10.0,
+                inverse: false,
+                scaling: None
+            })
+        );
+        assert_close(&eval1(op(&y, true)), &x, 1e-12);
+        let bad = RopeScaling {
+            high_freq_factor: 0.5,
+            ..s
+        };
+        assert!(eval_op(&Op::Rotary {
+            x: &x,
+            base: 10.0,
+            inverse: false,
+            scaling: Some(bad)
+        })
+        .is_err());
+    }
+
     #[test]
     fn rotary_rotates_half_pairs_and_inverts() {
         // [seq 2, heads 1, head_dim 4]: position 0 is unchanged; at position 1 the pair (0, 2)
@@ -1327,6 +1408,7 @@ mod tests {
             x: &x,
             base: 10000.0,
             inverse: false,
+            scaling: None,
         });
         let (s1, c1) = 1f64.sin_cos();
         let (s2, c2) = 0.01f64.sin_cos();
@@ -1351,11 +1433,13 @@ mod tests {
             x: &x,
             base: 500.0,
             inverse: false,
+            scaling: None,
         });
         let back = eval1(Op::Rotary {
             x: &y,
             base: 500.0,
             inverse: true,
+            scaling: None,
         });
         assert_close(&back, &x, 1e-14);
         // The inverse is the transpose: ⟨R x, dy⟩ = ⟨x, R⁻¹ dy⟩.
@@ -1364,12 +1448,14 @@ mod tests {
             x: &dy,
             base: 500.0,
             inverse: true,
+            scaling: None,
         });
         assert!((dot(&y, &dy) - dot(&x, &rdy)).abs() < 1e-12);
         assert!(eval_op(&Op::Rotary {
             x: &Tensor::zeros(vec![2, 1, 3]),
             base: 10000.0,
-            inverse: false
+            inverse: false,
+            scaling: None,
         })
         .is_err());
     }

@@ -1043,6 +1043,7 @@ mod numeric {
                     x,
                     base: 100.0,
                     inverse,
+                    scaling: None,
                 },
             );
             n.check(y, 4 + inverse as u64);

@@ -142,14 +142,16 @@ fn norms_softmax_rotary_dropout() {
     assert!(one(Op::Rotary {
         inverse: false,
         x: f32(&[2, 12, 6, 8]),
-        base: 1e4
+        base: 1e4,
+        scaling: None,
     })
     .is_ok());
     assert!(matches!(
         one(Op::Rotary {
             inverse: false,
             x: f32(&[2, 12, 6, 7]),
-            base: 1e4
+            base: 1e4,
+            scaling: None,
         }),
         Err(OpError::Indivisible { .. })
     ));

@@ -823,6 +823,7 @@ fn rotary_and_its_inverse() {
                 x: 0,
                 base: if g.rng.bool() { 10000.0 } else { 7.0 },
                 inverse: g.rng.bool(),
+                scaling: None,
             },
             inputs: vec![g.float_input(&shape)],
         }

@@ -265,6 +265,7 @@ fn reductions_over_a_split_dimension_are_rejected() {
         inverse: false,
         x: t(&[B, S, 4, 16], Split(d)),
         base: 1e4,
+        scaling: None,
     };
     assert_eq!(out(rotary(2)), Split(2));
     assert!(output_layouts(&rotary(1)).is_err());
@@ -358,6 +359,7 @@ fn ill_formed_inputs_are_errors_not_panics() {
             inverse: false,
             x: x.clone(),
             base: 1e4,
+            scaling: None,
         });
         let _ = output_layouts(&Op::RmsNorm {
             x,

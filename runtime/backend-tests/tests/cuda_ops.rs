@@ -1530,14 +1530,24 @@ fn rotary_rotates_from_the_shards_position() {
             offsets: offsets.clone(),
             ..KernelCtx::default()
         };
+        // Llama 3.1's rescaling, its context short enough that every band is met.
+        let llama3 = ferrotron_ir::RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 256,
+        };
         for inverse in [false, true] {
-            for base in [10000.0, 500000.0] {
+            for (base, scaling) in [(10000.0, None), (500000.0, None), (500000.0, Some(llama3))] {
                 let op = Op::Rotary {
                     x: 0,
                     base,
                     inverse,
+                    scaling,
                 };
-                let n = format!("Rotary {shape:?} at {offsets:?} base {base} inverse {inverse}");
+                let n = format!(
+                    "Rotary {shape:?} at {offsets:?} base {base} {scaling:?} inverse {inverse}"
+                );
                 check(&dev, &n, &op, &[fl(x.clone())], &l, F32, false);
             }
         }
@@ -1546,6 +1556,7 @@ fn rotary_rotates_from_the_shards_position() {
         x: 0,
         base: 10000.0,
         inverse: false,
+        scaling: None,
     };
     check(
         &dev,

@@ -37,7 +37,7 @@ use ferrotron_exec::kernel::{
 };
 use ferrotron_exec::Tensor;
 use ferrotron_ir::index::{self, around, rows as rows_of};
-use ferrotron_ir::op::{Activation, Op};
+use ferrotron_ir::op::{Activation, Op, RopeScaling};
 use ferrotron_ir::Dim;
 use std::ops::Deref;
 
@@ -239,7 +239,12 @@ pub fn eval(
                 .collect())
         }
         Op::Concat { xs, dim: ax } => one(concat(name, xs, *ax)?),
-        Op::Rotary { x, base, inverse } => one(rotary(name, x, *base, *inverse, local)?),
+        Op::Rotary {
+            x,
+            base,
+            inverse,
+            scaling,
+        } => one(rotary(name, x, (*base, scaling.as_ref()), *inverse, local)?),
         Op::Dropout { x, p } => one(dropout(name, x, *p, local)?),
         Op::DropoutGrad { dy, forward, p } => {
             index::same_shape("the gradient", &forward.shape, &dy.shape).or_invalid(name)?;
@@ -874,11 +879,14 @@ fn embedding_grad(
 fn rotary(
     name: &'static str,
     x: &Tensor,
-    base: f64,
+    (base, scaling): (f64, Option<&RopeScaling>),
     inverse: bool,
     local: &Local,
 ) -> Result<Tensor> {
     let (seq, heads, head_dim) = index::rotary(&x.shape, base).or_invalid(name)?;
+    if let Some(s) = scaling {
+        index::rope_scaling(s).or_invalid(name)?;
+    }
     let r = x.rank();
     let first_pos = match &local.offsets {
         None => 0,
@@ -897,7 +905,7 @@ fn rotary(
     for pos in 0..seq {
         let p = (first_pos + pos) as f64;
         for i in 0..half {
-            let theta = sign * p * base.powf(-2.0 * i as f64 / head_dim as f64);
+            let theta = sign * p * index::rotary_frequency(i, head_dim, base, scaling);
             let (s, c) = theta.sin_cos();
             table.push((c as f32, s as f32));
         }

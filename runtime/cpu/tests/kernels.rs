@@ -603,12 +603,20 @@ fn rotary_and_its_inverse() {
         &[64, 12, 64],
     ] {
         let x = rand(&mut rng, shape);
-        for base in [10000.0, 500.0] {
+        // Llama 3.1's rescaling with a context short enough that every band is met.
+        let llama3 = ferrotron_ir::RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 64,
+        };
+        for (base, scaling) in [(10000.0, None), (500.0, None), (500000.0, Some(llama3))] {
             let y = check_threads(
                 Op::Rotary {
                     x: &x,
                     base,
                     inverse: false,
+                    scaling,
                 },
                 1e-2,
             )
@@ -618,6 +626,7 @@ fn rotary_and_its_inverse() {
                     x: &y,
                     base,
                     inverse: true,
+                    scaling,
                 },
                 1e-2,
             )
@@ -632,6 +641,7 @@ fn rotary_and_its_inverse() {
             x: &x,
             base: 10000.0,
             inverse: false,
+            scaling: None,
         },
         &KernelCtx::default(),
     );
@@ -654,6 +664,7 @@ fn rotary_and_its_inverse() {
             x: &shard,
             base: 10000.0,
             inverse: false,
+            scaling: None,
         },
         &l,
     );
@@ -1270,11 +1281,13 @@ fn bad_inputs_are_errors_not_panics() {
         x: &t(&[2, 3, 5]),
         base: 10000.0,
         inverse: false,
+        scaling: None,
     });
     err(Op::Rotary {
         x: &t(&[3, 4]),
         base: 10000.0,
         inverse: false,
+        scaling: None,
     });
     err(Op::Dropout { x: &a, p: 1.0 });
     err(Op::DropoutGrad {

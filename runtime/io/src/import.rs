@@ -16,13 +16,13 @@
 //!
 //! Llama, Mistral and Qwen2 share one template: they are the same decoder and differ only in
 //! which projections carry biases (Qwen2: q, k, v; Llama with `attention_bias`: q, k, v, o) and
-//! in Mistral's and Qwen2's sliding window. A config the IR cannot express exactly is refused
-//! with the key and value that make it so (Llama 3.1's `rope_scaling`, a sliding window shorter
-//! than the sequence, a `head_dim` that is not `hidden_size / num_attention_heads`, ...): the
+//! in Mistral's and Qwen2's sliding window; Llama 3.1's `llama3` `rope_scaling` becomes the
+//! rotary ops' `scaling`. A config the IR cannot express exactly is refused with the key and
+//! value that make it so (any other `rope_scaling`, a sliding window shorter than the sequence, a `head_dim` that is not `hidden_size / num_attention_heads`, ...): the
 //! import never writes a model that computes something else than the checkpoint's.
 
 use crate::safetensors_io::{parent_dir, sync_dir, temp_sibling};
-use ferrotron_ir::{load_model, Graph, LoadOptions, ModelError};
+use ferrotron_ir::{load_model, Graph, LoadOptions, ModelError, RopeScaling};
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -928,7 +928,7 @@ fn gpt2(cfg: &mut Config, opts: &ImportOptions) -> Result<ModelText, ImportError
 
 /// Multi-head attention from `q`, `k`, `v` (`[batch, seq, hidden]`) to `ctx_flat`, as the zoo
 /// writes it: heads apart, scores scaled by `1/sqrt(head_dim)`, softmax, dropout of the
-/// probabilities, heads together. With a rotary base (the Llama family), q and k are rotated
+/// probabilities, heads together. With rotary arguments (`base: …`, the Llama family), q and k are rotated
 /// and each of the `kv_heads` key/value heads is expanded to its `group` of query heads
 /// (Hugging Face's `repeat_kv`) first.
 fn attention_core(b: &mut Vec<Line>, rotary: Option<&str>, p: f64, causal: bool) {
@@ -951,15 +951,9 @@ fn attention_core(b: &mut Vec<Line>, rotary: Option<&str>, p: f64, causal: bool)
     }
     let (q, k, v) = match rotary {
         None => ("q_heads", "k_heads", "v_heads"),
-        Some(base) => {
-            b.push(entry(
-                "q_rot",
-                format!("Rotary(x: \"q_heads\", base: {base})"),
-            ));
-            b.push(entry(
-                "k_rot",
-                format!("Rotary(x: \"k_heads\", base: {base})"),
-            ));
+        Some(args) => {
+            b.push(entry("q_rot", format!("Rotary(x: \"q_heads\", {args})")));
+            b.push(entry("k_rot", format!("Rotary(x: \"k_heads\", {args})")));
             for (y, x) in [("k", "k_rot"), ("v", "v_heads")] {
                 b.push(entry(
                     format!("{y}_grouped"),
@@ -1053,27 +1047,52 @@ fn decoder(
         1.0..f64::INFINITY,
         "a number of at least 1",
     )?;
-    if let Some(v) = cfg.get("rope_scaling") {
-        let kind = v
-            .get("rope_type")
-            .or_else(|| v.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("?");
-        let why = match kind {
-            "llama3" => {
-                "Llama 3.1's rope_scaling divides the low rotary frequencies by `factor` and \
-                 blends the middle band (low_freq_factor, high_freq_factor, \
-                 original_max_position_embeddings); the IR's Rotary rotates by \
-                 position · theta^(-2i/head_dim) only, so the model would rotate differently \
-                 at every position"
+    // Llama 3.1's frequency rescaling; any other rope_scaling is refused.
+    let scaling = match cfg.get("rope_scaling") {
+        None => None,
+        Some(v) => {
+            let kind = v
+                .get("rope_type")
+                .or_else(|| v.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            if kind != "llama3" {
+                return Err(unsupported(
+                    "rope_scaling",
+                    v,
+                    "only Llama 3.1's `llama3` rescaling of the rotary frequencies is \
+                     supported: the IR's Rotary rotates by position · frequency",
+                ));
             }
-            _ => {
-                "the IR's Rotary rotates by position · theta^(-2i/head_dim) only: no scaling \
-                 of positions or frequencies"
+            let field = |name: &str| v.get(name).and_then(Value::as_f64);
+            let scaling = match (
+                field("factor"),
+                field("low_freq_factor"),
+                field("high_freq_factor"),
+                v.get("original_max_position_embeddings")
+                    .and_then(Value::as_u64),
+            ) {
+                (Some(factor), Some(low), Some(high), Some(context)) => RopeScaling {
+                    factor,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position: context,
+                },
+                _ => {
+                    return Err(unsupported(
+                        "rope_scaling",
+                        v,
+                        "`llama3` rescaling needs factor, low_freq_factor, high_freq_factor \
+                         and original_max_position_embeddings",
+                    ))
+                }
+            };
+            if let Err(why) = ferrotron_ir::index::rope_scaling(&scaling) {
+                return Err(unsupported("rope_scaling", v, why));
             }
-        };
-        return Err(unsupported("rope_scaling", v, why));
-    }
+            Some(scaling)
+        }
+    };
     let act = activation("hidden_act", cfg.str_or("hidden_act", "silu")?)?;
     let attn_drop = cfg.dropout_or("attention_dropout", 0.0)?;
     let std = cfg.std()?;
@@ -1238,6 +1257,18 @@ fn decoder(
 
     let e = num(eps);
     let base = num(theta);
+    // The rotary op's arguments after its input.
+    let rotary_args = match scaling {
+        None => format!("base: {base}"),
+        Some(s) => format!(
+            "base: {base}, scaling: Some((factor: {}, low_freq_factor: {}, high_freq_factor: {}, \
+             original_max_position: {}))",
+            num(s.factor),
+            num(s.low_freq_factor),
+            num(s.high_freq_factor),
+            s.original_max_position
+        ),
+    };
     let bias_of = |on: bool, x: &str| on.then(|| format!("self_attn.{x}_proj.bias"));
     let mut b = vec![
         comment("Attention."),
@@ -1253,7 +1284,7 @@ fn decoder(
             None => linear(&mut b, x, "xn", &weight),
         }
     }
-    attention_core(&mut b, Some(&base), attn_drop, true);
+    attention_core(&mut b, Some(&rotary_args), attn_drop, true);
     match bias_of(o_bias, "o") {
         Some(bias) => linear_bias(
             &mut b,

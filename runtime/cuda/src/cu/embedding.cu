@@ -91,15 +91,38 @@ __device__ __forceinline__ void embedding_grad_impl(float* acc, const T* dy, con
     (float* acc, const T* dy, const i64* start, const i64* order, i64 width, i64 rows)
 FT_TYPED(embedding_grad, EMBEDDING_GRAD_PARAMS, (acc, dy, start, order, width, rows))
 
+// The angle per position of pair k: base^(-2k / head_dim), rescaled as Llama 3.1 does when
+// factor > 0 (the CPU's index::rotary_frequency, in f64).
+__device__ __forceinline__ double rotary_frequency(i64 k, i64 head_dim, double base,
+                                                   double factor, double low, double high,
+                                                   double context) {
+    double freq = pow(base, -2.0 * (double)k / (double)head_dim);
+    if (factor <= 0.0) {
+        return freq;
+    }
+    double wavelength = 2.0 * 3.14159265358979323846 / freq;
+    if (wavelength < context / high) {
+        return freq;
+    }
+    if (wavelength > context / low) {
+        return freq / factor;
+    }
+    double smooth = (context / wavelength - low) / (high - low);
+    return (1.0 - smooth) * freq / factor + smooth * freq;
+}
+
 // The rotation of each (position, pair): cs[2 * (pos * half + k)] = cos, [.. + 1] = sin of
-// sign * (first_pos + pos) * base^(-2k / head_dim), computed in f64 as the CPU does.
+// sign * (first_pos + pos) * rotary_frequency(k), computed in f64 as the CPU does. `scaling`:
+// factor, low_freq_factor, high_freq_factor, original context (factor 0: none).
 extern "C" __global__ void rotary_table(float* cs, i64 seq, i64 half, i64 first_pos,
-                                        i64 head_dim, double base, double sign) {
+                                        i64 head_dim, double base, double sign, double factor,
+                                        double low, double high, double context) {
     FT_GRID_LOOP(i, seq * half) {
         i64 pos = i / half;
         i64 k = i - pos * half;
         double p = (double)(first_pos + pos);
-        double theta = sign * p * pow(base, -2.0 * (double)k / (double)head_dim);
+        double theta =
+            sign * p * rotary_frequency(k, head_dim, base, factor, low, high, context);
         double s;
         double c;
         sincos(theta, &s, &c);

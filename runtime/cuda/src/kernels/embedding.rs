@@ -6,7 +6,7 @@ use super::{as_dtype, first_bad_index, index_buffer, numel, spec};
 use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, Storage};
 use ferrotron_exec::kernel::{invalid, table_of, KernelError, OrInvalid, Placement, Table};
-use ferrotron_ir::index;
+use ferrotron_ir::{index, RopeScaling};
 
 /// That every id is an integer in `0..bound`: the first that is not, as the CPU reports it.
 fn check_ids(dev: &RankDevice, op: &'static str, ids: &CudaTensor, t: &Table) -> Result<()> {
@@ -112,16 +112,29 @@ pub(super) fn embedding_grad(
 }
 
 /// Rotary position embedding of `[..., seq, heads, head_dim]`, positions starting at the
-/// shard's offset along axis −3 (`local.offsets`); `inverse` rotates by the negative angles.
+/// shard's offset along axis −3 (`local.offsets`), its frequencies rescaled by `scaling` if
+/// given; `inverse` rotates by the negative angles.
 pub(super) fn rotary(
     dev: &RankDevice,
     op: &'static str,
     x: &CudaTensor,
-    base: f64,
+    (base, scaling): (f64, Option<&RopeScaling>),
     inverse: bool,
     local: &Placement,
 ) -> Result<CudaTensor> {
     let (seq, heads, head_dim) = index::rotary(&x.shape, base).or_invalid(op)?;
+    if let Some(s) = scaling {
+        index::rope_scaling(s).or_invalid(op)?;
+    }
+    // Factor 0: no rescaling.
+    let (factor, low, high, context) = scaling.map_or((0.0, 1.0, 2.0, 1.0), |s| {
+        (
+            s.factor,
+            s.low_freq_factor,
+            s.high_freq_factor,
+            s.original_max_position as f64,
+        )
+    });
     let r = x.shape.len();
     let first_pos = match &local.offsets {
         None => 0,
@@ -155,6 +168,10 @@ pub(super) fn rotary(
         .val(&v[3])
         .val(&base)
         .val(&sign)
+        .val(&factor)
+        .val(&low)
+        .val(&high)
+        .val(&context)
         .launch(cfg_1d(dev, seq * half))?;
     let slabs = n / head_dim;
     let (slabs64, heads64) = (i64_of(op, slabs)?, i64_of(op, heads)?);

@@ -643,9 +643,19 @@ pub fn eval(
                 .collect()
         }
         Op::Concat { xs, dim: axis } => one(layout::concat(dev, name, xs, *axis)?),
-        Op::Rotary { x, base, inverse } => {
-            one(embedding::rotary(dev, name, x, *base, *inverse, local)?)
-        }
+        Op::Rotary {
+            x,
+            base,
+            inverse,
+            scaling,
+        } => one(embedding::rotary(
+            dev,
+            name,
+            x,
+            (*base, scaling.as_ref()),
+            *inverse,
+            local,
+        )?),
         Op::Dropout { x, p } => one(elementwise::dropout(dev, name, x, *p, local)?),
         Op::DropoutGrad { dy, forward, p } => {
             index::same_shape("the gradient", &forward.shape, &dy.shape).or_invalid(name)?;

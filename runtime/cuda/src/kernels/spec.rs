@@ -122,7 +122,8 @@ kernels! {
     EMBEDDING_GRAD_ORDER = "embedding_grad_order" in "embedding.cu", false,
         [Ptr, Ptr, Ptr, Ptr, I64, I64, I64];
     EMBEDDING_GRAD = "embedding_grad" in "embedding.cu", true, [Ptr, Ptr, Ptr, Ptr, I64, I64];
-    ROTARY_TABLE = "rotary_table" in "embedding.cu", false, [Ptr, I64, I64, I64, I64, F64, F64];
+    ROTARY_TABLE = "rotary_table" in "embedding.cu", false,
+        [Ptr, I64, I64, I64, I64, F64, F64, F64, F64, F64, F64];
     ROTARY = "rotary" in "embedding.cu", true, [Ptr, Ptr, Ptr, I64, I64, I64, I64];
     CE_ROW_MAX = "ce_row_max" in "cross_entropy.cu", true, [Ptr, Ptr, I64, I64, I64];
     CE_ROW_SUMS = "ce_row_sums" in "cross_entropy.cu", true,
