@@ -382,6 +382,40 @@ fn every_family_exports_what_it_loaded() {
             original, exported,
             "{name}: the export loads to the same numbers"
         );
+        // And the export's logits are the ones transformers computed for the fixture.
+        let outputs = dir.0.join("outputs.safetensors");
+        ok(&[
+            "run",
+            model.to_str().unwrap(),
+            "--weights",
+            out.to_str().unwrap(),
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--tp",
+            "2",
+            "--dropout",
+            "0",
+            "--dump-outputs",
+            outputs.to_str().unwrap(),
+        ]);
+        let ours = read_safetensors(&outputs)
+            .unwrap()
+            .remove("logits")
+            .unwrap();
+        let theirs = read_safetensors(&fixture(name).join("expected.safetensors"))
+            .unwrap()
+            .remove("logits")
+            .unwrap();
+        assert_eq!(ours.shape, theirs.shape, "{name}: logits");
+        let worst = ours
+            .data
+            .iter()
+            .zip(&theirs.data)
+            .fold(0.0f64, |m, (&a, &b)| m.max(f64::from(a - b).abs()));
+        assert!(
+            worst <= 1e-5 * max_abs(&theirs),
+            "{name}: the export's logits differ from transformers' by {worst:e}"
+        );
     }
 }
 

@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// the parameters (`transformer.wte.weight`, in the file's layout), else the model's.
     #[arg(long, value_name = "OUT.safetensors")]
     dump_grads: Option<PathBuf>,
+    /// Write every graph output (the logits, the loss) at the model's full shape (a padded
+    /// vocabulary cropped), under its name.
+    #[arg(long, value_name = "OUT.safetensors")]
+    dump_outputs: Option<PathBuf>,
     /// Run the step this many times on the same weights and batch: tokens/s is then the median
     /// step after the first (the steady state), the first reported apart (it pays for the first
     /// allocations and page faults); the results reported are the last step's.
@@ -286,6 +290,18 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
             None => grads,
         };
         write_safetensors(path, &grads)?;
+    }
+    if let Some(path) = &args.dump_outputs {
+        // The unpartitioned model's shapes: without the plan's vocabulary padding.
+        let outputs = graph
+            .outputs
+            .iter()
+            .map(|(name, v)| {
+                let t = run.output(name)?;
+                Ok((name.clone(), t.cropped(&graph.ty(*v).shape.extents())))
+            })
+            .collect::<Result<HashMap<_, _>, ferrotron_exec::ExecError>>()?;
+        write_safetensors(path, &outputs)?;
     }
     let (fwd, bwd) = run.times();
     let tokens = ferrotron_ir::count::tokens_per_step(graph).unwrap_or(0);
