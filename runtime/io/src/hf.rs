@@ -198,9 +198,31 @@ pub struct FileNames {
 }
 
 impl FileNames {
-    /// From our parameter names to the file's tensor names.
-    pub(crate) fn new(of: HashMap<String, String>) -> FileNames {
-        FileNames { of }
+    /// What a load of `path` into model `model` read: `used`, each file tensor read with the
+    /// parameter it went to (empty: a copy only checked), unless `unexpected` (tensors of the
+    /// file, with their shapes, that no parameter reads and the family does not skip) names
+    /// one: then the error naming the first.
+    pub(crate) fn of_read(
+        used: HashMap<String, String>,
+        unexpected: Vec<(String, Vec<usize>)>,
+        path: String,
+        model: &str,
+    ) -> Result<FileNames, HfError> {
+        if let Some((tensor, shape)) = unexpected.first() {
+            return Err(HfError::Unexpected {
+                path,
+                tensor: tensor.clone(),
+                shape: shape.clone(),
+                model: model.to_owned(),
+                others: unexpected.len() - 1,
+            });
+        }
+        let of = used
+            .into_iter()
+            .filter(|(_, ours)| !ours.is_empty())
+            .map(|(file, ours)| (ours, file))
+            .collect();
+        Ok(FileNames { of })
     }
 
     /// The file's name of parameter `param` (`transformer.wte.weight` for `wte`), if it was
@@ -277,26 +299,17 @@ pub fn load_gpt2_named(
         used.insert(LM_HEAD.to_owned(), String::new());
     }
 
-    let unexpected: Vec<String> = file
+    let unexpected = file
         .names()
         .into_iter()
         .filter(|n| !used.contains_key(n) && !is_buffer(n))
+        .map(|n| {
+            let shape = file.shape(&n).unwrap_or_default().to_vec();
+            (n, shape)
+        })
         .collect();
-    if let Some(first) = unexpected.first() {
-        return Err(HfError::Unexpected {
-            path: file_name,
-            tensor: first.clone(),
-            shape: file.shape(first).unwrap_or_default().to_vec(),
-            model: g.name.clone(),
-            others: unexpected.len() - 1,
-        });
-    }
-    let of = used
-        .into_iter()
-        .filter(|(_, ours)| !ours.is_empty())
-        .map(|(file, ours)| (ours, file))
-        .collect();
-    Ok((out, FileNames { of }))
+    let names = FileNames::of_read(used, unexpected, file_name, &g.name)?;
+    Ok((out, names))
 }
 
 fn check_dtype(file: &SafetensorsFile, name: &str) -> Result<(), HfError> {

@@ -78,20 +78,15 @@ impl Index {
             return Ok(index);
         }
         let shown = index_file.display().to_string();
-        let text = std::fs::read_to_string(&index_file).map_err(|source| HfError::Io {
-            path: format!(
-                "{}: neither {WEIGHTS_FILE} nor {INDEX_FILE} ({})",
-                dir.display(),
-                index_file.display()
-            ),
-            source,
-        })?;
+        let missing = format!(
+            "{}: neither {WEIGHTS_FILE} nor {INDEX_FILE} ({shown})",
+            dir.display()
+        );
+        let json = read_json(&index_file, missing)?;
         let format = |why: String| HfError::Format {
             path: shown.clone(),
             why,
         };
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format(format!("not JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -283,20 +278,27 @@ fn to_f32(raw: &[u8], dtype: &str) -> Option<Vec<f32>> {
     })
 }
 
+/// A JSON file's contents; `missing` is how an error names the file when it cannot be read.
+fn read_json(path: &Path, missing: String) -> Result<serde_json::Value, HfError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HfError::Io {
+        path: missing,
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| HfError::Format {
+        path: path.display().to_string(),
+        why: format!("not JSON: {e}"),
+    })
+}
+
 /// The family a model directory's `config.json` names, by its `model_type`.
 pub fn dir_family(dir: &Path) -> Result<Family, HfError> {
     let path = dir.join("config.json");
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(|source| HfError::Io {
-        path: shown.clone(),
-        source,
-    })?;
+    let json = read_json(&path, shown.clone())?;
     let format = |why: String| HfError::Format {
         path: shown.clone(),
         why,
     };
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format(format!("not JSON: {e}")))?;
     let model_type = json
         .get("model_type")
         .and_then(|t| t.as_str())
@@ -507,25 +509,13 @@ pub fn load_family(
             .iter()
             .any(|u| fits(u, n) || u.strip_prefix(prefix).is_some_and(|bare| fits(bare, n)))
     };
-    let unexpected: Vec<&str> = index
+    let unexpected = index
         .names()
         .filter(|n| !used.contains_key(*n) && !skipped(n))
+        .map(|n| (n.to_owned(), index.shape(n).unwrap_or_default().to_vec()))
         .collect();
-    if let Some(first) = unexpected.first() {
-        return Err(HfError::Unexpected {
-            path,
-            tensor: (*first).to_owned(),
-            shape: index.shape(first).unwrap_or_default().to_vec(),
-            model: g.name.clone(),
-            others: unexpected.len() - 1,
-        });
-    }
-    let of = used
-        .into_iter()
-        .filter(|(_, ours)| !ours.is_empty())
-        .map(|(file, ours)| (ours, file))
-        .collect();
-    Ok((params, FileNames::new(of)))
+    let names = FileNames::of_read(used, unexpected, path, &g.name)?;
+    Ok((params, names))
 }
 
 #[cfg(test)]
