@@ -164,10 +164,10 @@ mod cuda {
     use super::{stage_link, Member, OnRanks};
     use crate::args::{BackendArgs, Precision};
     use anyhow::Result;
-    use ferrotron_cuda::{Cuda, CudaComm, Storage};
-    use ferrotron_exec::{launch, Backend, CommError, Groups, Link, Rank, Tag};
+    use ferrotron_cuda::{Cuda, CudaComm, Hang, Storage, Watchdog};
+    use ferrotron_exec::{launch, Backend, CommError, ExecError, Groups, Link, Rank, Tag};
     use ferrotron_ir::{DType, MeshAxis};
-    use ferrotron_launch::TcpLink;
+    use ferrotron_launch::{Failure, TcpLink};
     use ferrotron_partitioner::Mesh;
     use std::sync::Arc;
     use std::time::Duration;
@@ -193,10 +193,60 @@ mod cuda {
                     .device
                     .unwrap_or_else(|| worker_device(m.env.local_rank));
                 let cuda = Cuda::new(device, 1, storage)?;
-                vec![nccl_rank(m, mesh, cuda)?]
+                let watchdog = watchdog(m, mesh, &cuda)?;
+                let ranks = vec![nccl_rank(m, mesh, cuda, &watchdog)?];
+                return work.on(ranks);
             }
         };
         work.on(ranks)
+    }
+
+    /// The watchdog of this worker's NCCL groups (their collectives run on the device, where
+    /// nothing on the host bounds a wait): a collective that has not completed within the job's
+    /// timeout is recorded as the job's failure, naming the node, the group and the ranks that
+    /// had not arrived, and this process exits, so the launcher stops the job.
+    fn watchdog(m: Member, mesh: Mesh, cuda: &Cuda) -> Result<Watchdog> {
+        let (w, coord) = (m.env, mesh.coord(m.env.rank));
+        // Its own connection: the watchdog's thread must not wait behind the rank's requests.
+        let store = Arc::new(m.store.reconnect()?);
+        let rank = w.rank;
+        let groups: Vec<(String, MeshAxis, Vec<usize>)> = [MeshAxis::Tp, MeshAxis::Dp]
+            .into_iter()
+            .map(|a| (mesh.group_name(a, coord), a, mesh.group(a, coord)))
+            .collect();
+        let reporter = store.clone();
+        Ok(cuda.watchdog(w.timeout, store, move |hang: Hang| {
+            let group =
+                groups
+                    .iter()
+                    .find(|(name, ..)| *name == hang.group)
+                    .map(|(_, axis, ranks)| {
+                        Box::new(ferrotron_exec::GroupRanks {
+                            axis: *axis,
+                            ranks: ranks.clone(),
+                        })
+                    });
+            let error = ExecError::Comm {
+                at: coord,
+                node: hang.node,
+                group,
+                error: CommError::Timeout {
+                    op: hang.op,
+                    waited: hang.waited,
+                    missing: hang.missing,
+                },
+            };
+            let why = format!(
+                "rank {rank} failed: {error} (NCCL watchdog: collective {} of the group)",
+                hang.seq
+            );
+            let _ = reporter.fail(&Failure {
+                rank: Some(rank),
+                why: why.clone(),
+            });
+            eprintln!("error: {why}");
+            std::process::exit(1);
+        }))
     }
 
     /// A worker's GPU: its local rank, unless the launcher lets each task see a single GPU
@@ -211,18 +261,20 @@ mod cuda {
     /// This worker's rank with NCCL groups, each group's unique id made by its member 0 and
     /// shared through the launcher's store; with pipeline stages, linked to the other stages by
     /// a TCP link through host copies.
-    fn nccl_rank(m: Member, mesh: Mesh, cuda: Cuda) -> Result<Rank<Cuda>> {
+    fn nccl_rank(m: Member, mesh: Mesh, cuda: Cuda, watchdog: &Watchdog) -> Result<Rank<Cuda>> {
         let (w, store) = (m.env, m.store);
         let coord = mesh.coord(w.rank);
         let group = |axis: MeshAxis| -> Result<CudaComm> {
-            let key = format!("nccl/{}", mesh.group_name(axis, coord));
+            let name = mesh.group_name(axis, coord);
+            let key = format!("nccl/{name}");
             let member = coord.on(axis);
             let id = match member {
                 0 => Some(Cuda::new_nccl_id()?),
                 _ => None,
             };
             let id = store.broadcast(&key, id.as_ref().map(|i| &i[..]), w.timeout)?;
-            Ok(cuda.nccl_group(&id, member, mesh.size(axis) as usize)?)
+            let size = mesh.size(axis) as usize;
+            Ok(cuda.nccl_group(&id, member, size, Some((watchdog, &name)))?)
         };
         let groups = Groups {
             tp: group(MeshAxis::Tp)?,

@@ -80,6 +80,7 @@ enum : CUresult {
     OUT_OF_MEMORY = 2,
     INVALID_DEVICE = 101,
     INVALID_HANDLE = 400,
+    NOT_READY = 600,
     NOT_FOUND = 500,
     LAUNCH_FAILED = 719,
     NOT_SUPPORTED = 801,
@@ -365,7 +366,15 @@ CUresult cuEventSynchronize(CUevent e) {
     if (ev->stream) run_until(ev->stream, ev->mark);
     return sticky();
 }
-CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
+// A query only reports: it never runs the stream's queued work, so a watchdog thread polling
+// an event does not execute a rank's kernels on its own thread.
+CUresult cuEventQuery(CUevent e) {
+    if (!e || e->kind != 3) return INVALID_HANDLE;
+    std::lock_guard<std::recursive_mutex> g(queues_lock);
+    Event* ev = static_cast<Event*>(e);
+    if (ev->stream && ev->stream->done < ev->mark) return NOT_READY;
+    return sticky();
+}
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
     if (!ms) return INVALID_VALUE;
     *ms = 0.0f;

@@ -397,3 +397,96 @@ fn a_collective_a_rank_never_joins_names_the_missing_rank() {
         "{text}"
     );
 }
+
+/// A rendezvous store in memory, standing in for the launcher's.
+#[derive(Default)]
+struct MemoryStore(std::sync::Mutex<HashMap<String, Vec<u8>>>);
+
+impl ferrotron_exec::Rendezvous for MemoryStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), String> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.0.lock().unwrap().get(key).cloned())
+    }
+}
+
+/// Two NCCL members on GPUs 0 and 1, each with its own watchdog: a collective both join is never
+/// reported; one that member 1 joins only long after the timeout is reported by member 0's
+/// watchdog, naming the op, the node noted before it, its sequence number and member 1 as
+/// missing; and it still completes once member 1 arrives.
+#[test]
+fn the_nccl_watchdog_names_a_collective_a_member_did_not_join() {
+    use ferrotron_exec::{Comm, ReduceOp};
+    use std::sync::{mpsc, Arc};
+    use std::time::{Duration, Instant};
+    let Some(first) = gpu(1, Storage::F32) else {
+        return;
+    };
+    let Ok(second) = Cuda::new(1, 1, Storage::F32) else {
+        // One GPU cannot hold two members of an NCCL group.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED here: an NCCL group needs two GPUs"
+        );
+        return;
+    };
+    let timeout = Duration::from_millis(400);
+    let store: Arc<MemoryStore> = Arc::default();
+    let id = Cuda::new_nccl_id().unwrap();
+    let (hangs, reported) = mpsc::channel();
+    let member = |cuda: Cuda, index: usize, late: Duration| {
+        let (store, id, hangs) = (store.clone(), id, hangs.clone());
+        std::thread::spawn(move || {
+            let dog = cuda.watchdog(timeout, store, move |h| {
+                let _ = hangs.send(h);
+            });
+            let comm = cuda
+                .nccl_group(&id, index, 2, Some((&dog, "tp/dp0")))
+                .unwrap();
+            let mut sums = Vec::new();
+            for (step, wait) in [Duration::ZERO, late].into_iter().enumerate() {
+                std::thread::sleep(wait);
+                comm.note(&format!("node{step}"));
+                let host = Tensor {
+                    shape: vec![3],
+                    data: vec![1.0 + index as f32; 3],
+                };
+                let mut t = cuda.upload(&host, ferrotron_ir::DType::F32).unwrap();
+                comm.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                sums.push(cuda.download(&t).unwrap().data);
+                if step == 0 {
+                    // Long enough for the first collective's completion to be seen.
+                    std::thread::sleep(3 * timeout);
+                }
+            }
+            drop(dog);
+            sums
+        })
+    };
+    let started = Instant::now();
+    let a = member(first, 0, Duration::ZERO);
+    let b = member(second, 1, 5 * timeout);
+    let hang = reported
+        .recv_timeout(20 * timeout)
+        .expect("no hang reported");
+    let when = started.elapsed();
+    for sums in [a.join().unwrap(), b.join().unwrap()] {
+        assert_eq!(sums, [vec![3.0; 3], vec![3.0; 3]]);
+    }
+    assert_eq!(hang.group, "tp/dp0");
+    assert_eq!((hang.member, hang.op, hang.seq), (0, "all_reduce", 2));
+    assert_eq!(hang.node, "node1");
+    assert_eq!(hang.missing, [1]);
+    assert!(hang.waited >= timeout, "{:?}", hang.waited);
+    // Reported after the second collective began (past the first's wait), before member 1 came.
+    assert!(when < 3 * timeout + 5 * timeout, "{when:?}");
+    // Nothing else: the first collective completed, and member 1 was never left waiting.
+    assert!(reported.try_recv().is_err());
+}

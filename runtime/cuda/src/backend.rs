@@ -10,6 +10,7 @@ use super::comm::{CudaComm, CudaGroup, NcclGroup};
 use super::device::{Gpu, RankDevice};
 use super::kernels;
 use super::tensor::{CudaTensor, Storage};
+use super::watchdog::{Hang, Watchdog};
 use super::CudaError;
 use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::fuse::Fused;
@@ -72,9 +73,26 @@ impl Cuda {
         Ok(id.internal().map(|c| c as u8))
     }
 
+    /// A watchdog for this backend's NCCL groups (see [`Watchdog`]).
+    pub fn watchdog(
+        &self,
+        timeout: std::time::Duration,
+        store: Arc<dyn ferrotron_exec::Rendezvous>,
+        on_hang: impl Fn(Hang) + Send + Sync + 'static,
+    ) -> Watchdog {
+        Watchdog::new(self.gpu().ctx.clone(), timeout, store, on_hang)
+    }
+
     /// This rank's membership (`member` of `size`) of an NCCL group, from the unique id every
-    /// member was given (`ferrotron launch` shares it through its rendezvous store).
-    pub fn nccl_group(&self, id: &[u8], member: usize, size: usize) -> Result<CudaComm, CudaError> {
+    /// member was given (`ferrotron launch` shares it through its rendezvous store); with a
+    /// watchdog, its collectives are watched under the group's name `name`.
+    pub fn nccl_group(
+        &self,
+        id: &[u8],
+        member: usize,
+        size: usize,
+        watched: Option<(&Watchdog, &str)>,
+    ) -> Result<CudaComm, CudaError> {
         super::libs::require(&[super::libs::Lib::Nccl])?;
         let internal: [u8; 128] = id.try_into().map_err(|_| {
             CudaError::Unavailable(format!("an NCCL id has 128 bytes, this one {}", id.len()))
@@ -86,7 +104,8 @@ impl Cuda {
         // writes and reads across the two streams.
         let comm_stream = self.gpu().ctx.new_stream()?;
         let comm = cudarc::nccl::Comm::from_rank(comm_stream, member, size, id)?;
-        let group = Arc::new(CudaGroup::Nccl(NcclGroup::new(comm)));
+        let watch = watched.map(|(dog, name)| dog.watch(name, member, size));
+        let group = Arc::new(CudaGroup::Nccl(NcclGroup::new(comm, watch)));
         Ok(CudaComm::new(group, member, self.device.clone()))
     }
 }

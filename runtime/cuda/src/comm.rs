@@ -25,6 +25,7 @@
 use super::device::RankDevice;
 use super::kernels;
 use super::tensor::{CudaTensor, DeviceData};
+use super::watchdog::Watch;
 use super::Cuda;
 use cudarc::driver::CudaEvent;
 use cudarc::nccl::{Comm as NcclComm, ReduceOp as NcclOp};
@@ -388,6 +389,8 @@ fn record(dev: &RankDevice) -> Result<Arc<CudaEvent>, cudarc::driver::DriverErro
 pub struct NcclGroup {
     size: usize,
     comm: Mutex<SendComm>,
+    /// This member's registration with the process's watchdog, when the job has one.
+    watch: Option<Arc<Watch>>,
 }
 
 /// An NCCL communicator that may move between threads.
@@ -398,16 +401,37 @@ struct SendComm(NcclComm);
 unsafe impl Send for SendComm {}
 
 impl NcclGroup {
-    /// Wraps this rank's communicator.
-    pub fn new(comm: NcclComm) -> NcclGroup {
+    /// Wraps this rank's communicator; with `watch`, every collective is reported to its
+    /// watchdog.
+    pub fn new(comm: NcclComm, watch: Option<Arc<Watch>>) -> NcclGroup {
         NcclGroup {
             size: comm.world_size(),
             comm: Mutex::new(SendComm(comm)),
+            watch,
         }
     }
 
     fn comm(&self) -> MutexGuard<'_, SendComm> {
         self.comm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one NCCL call, registered with the watchdog from before the call until the event
+    /// recorded after it on the collective stream completes.
+    fn call(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&NcclComm) -> Result<(), cudarc::nccl::result::NcclError>,
+    ) -> Result<(), CommError> {
+        let comm = self.comm();
+        let seq = self.watch.as_ref().map(|w| w.begin(op));
+        let r = f(&comm.0);
+        if let (Some(w), Some(seq)) = (&self.watch, seq) {
+            match (&r, comm.0.stream().record_event(None)) {
+                (Ok(()), Ok(event)) => w.queued(seq, event),
+                _ => w.cancel(seq),
+            }
+        }
+        r.map_err(|e| device_failure(op, format!("{e:?}")))
     }
 
     fn nccl_op(op: ReduceOp) -> NcclOp {
@@ -430,23 +454,17 @@ impl NcclGroup {
         }
         t.make_unique(&dev.stream)
             .map_err(|e| device_failure(OP, e))?;
-        let r = match &mut t.data {
+        let nccl_op = Self::nccl_op(op);
+        match &mut t.data {
             DeviceData::F32(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm()
-                    .0
-                    .all_reduce_in_place(b, &Self::nccl_op(op))
-                    .map(|_| ())
+                self.call(OP, |c| c.all_reduce_in_place(b, &nccl_op).map(|_| ()))
             }
             DeviceData::Bf16(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm()
-                    .0
-                    .all_reduce_in_place(b, &Self::nccl_op(op))
-                    .map(|_| ())
+                self.call(OP, |c| c.all_reduce_in_place(b, &nccl_op).map(|_| ()))
             }
-        };
-        r.map_err(|e| device_failure(OP, format!("{e:?}")))
+        }
     }
 
     fn all_gather(
@@ -464,20 +482,19 @@ impl NcclGroup {
         // gathered `size` times into the receive buffer's single element (a write past its
         // end), so an empty tensor skips NCCL (every member holds the same empty shape).
         if t.numel() > 0 {
-            let r = match (&t.data, &mut flat.data) {
+            match (&t.data, &mut flat.data) {
                 (DeviceData::F32(x), DeviceData::F32(out)) => {
                     let out =
                         Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                    self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
+                    self.call(OP, |c| c.all_gather(x.as_ref(), out).map(|_| ()))?;
                 }
                 (DeviceData::Bf16(x), DeviceData::Bf16(out)) => {
                     let out =
                         Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                    self.comm().0.all_gather(x.as_ref(), out).map(|_| ())
+                    self.call(OP, |c| c.all_gather(x.as_ref(), out).map(|_| ()))?;
                 }
                 _ => return Err(device_failure(OP, "dtypes differ")),
-            };
-            r.map_err(|e| device_failure(OP, format!("{e:?}")))?;
+            }
         }
         kernels::interleave(dev, &flat, &t.shape, dim, self.size).map_err(|e| device_failure(OP, e))
     }
@@ -500,24 +517,21 @@ impl NcclGroup {
         if out.numel() == 0 {
             return Ok(out);
         }
-        let r = match (&chunks.data, &mut out.data) {
+        match (&chunks.data, &mut out.data) {
             (DeviceData::F32(x), DeviceData::F32(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm()
-                    .0
-                    .reduce_scatter(x.as_ref(), o, &NcclOp::Sum)
-                    .map(|_| ())
+                self.call(OP, |c| {
+                    c.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                })?;
             }
             (DeviceData::Bf16(x), DeviceData::Bf16(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.comm()
-                    .0
-                    .reduce_scatter(x.as_ref(), o, &NcclOp::Sum)
-                    .map(|_| ())
+                self.call(OP, |c| {
+                    c.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                })?;
             }
             _ => return Err(device_failure(OP, "dtypes differ")),
-        };
-        r.map_err(|e| device_failure(OP, format!("{e:?}")))?;
+        }
         Ok(out)
     }
 
@@ -537,10 +551,8 @@ impl NcclGroup {
             .stream
             .clone_htod(buf)
             .map_err(|e| device_failure(OP, e))?;
-        self.comm()
-            .0
-            .all_reduce_in_place(&mut d, &Self::nccl_op(op))
-            .map_err(|e| device_failure(OP, format!("{e:?}")))?;
+        let nccl_op = Self::nccl_op(op);
+        self.call(OP, |c| c.all_reduce_in_place(&mut d, &nccl_op).map(|_| ()))?;
         dev.stream
             .memcpy_dtoh(&d, buf)
             .map_err(|e| device_failure(OP, e))?;
@@ -629,6 +641,12 @@ impl Comm<Cuda> for CudaComm {
             // NCCL has no cross-process abort notice here: the launcher stops the other ranks
             // when this process exits with the error.
             CudaGroup::Nccl(_) => {}
+        }
+    }
+
+    fn note(&self, node: &str) {
+        if let CudaGroup::Nccl(NcclGroup { watch: Some(w), .. }) = &*self.group {
+            w.note(node);
         }
     }
 }

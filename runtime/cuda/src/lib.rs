@@ -27,11 +27,13 @@ pub mod kernels;
 pub mod libs;
 pub mod nvrtc;
 pub mod tensor;
+pub mod watchdog;
 
 pub use backend::Cuda;
 pub use comm::CudaComm;
 pub use device::{Gpu, RankDevice};
 pub use tensor::{CudaTensor, DeviceData, Storage};
+pub use watchdog::{Hang, Watchdog};
 
 /// Why the CUDA backend could not start or run.
 #[derive(Debug, thiserror::Error)]

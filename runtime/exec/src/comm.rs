@@ -111,6 +111,18 @@ pub trait Comm<B: Backend>: Send + Sync + Sized {
     fn reduce_scatter(&self, t: &B::Tensor, dim: usize) -> Result<B::Tensor, CommError>;
     /// Fails the group (see [`HostCollectives::abort`]).
     fn abort(&self, why: &str);
+    /// The plan node whose collectives come next, for a communicator that reports a hang from
+    /// outside the waiting call (a watchdog); the others ignore it.
+    fn note(&self, _node: &str) {}
+}
+
+/// A job-wide key-value store the ranks share (the launcher's rendezvous store), as a
+/// communicator's watchdog uses it to learn how far the peers of a stuck collective got.
+pub trait Rendezvous: Send + Sync {
+    /// Sets `key` to `value`.
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), String>;
+    /// The value of `key`, if it is set, without waiting.
+    fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
 }
 
 /// One collective call, as the members of a host group must all agree on it.

@@ -33,7 +33,7 @@ pub mod verify;
 pub mod zero;
 
 pub use backend::{AdamW, Backend};
-pub use comm::{Comm, CommError, HostCollectives, ReduceOp};
+pub use comm::{Comm, CommError, HostCollectives, ReduceOp, Rendezvous};
 pub use error::{ExecError, GroupRanks};
 pub use kernel::{KernelError, Placement, VocabShard};
 pub use link::{Link, Mailbox, Tag};

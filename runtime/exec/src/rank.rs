@@ -311,8 +311,9 @@ impl<B: Backend> Rank<B> {
 
     /// Sums a host scalar over this rank's group along `axis` (a loss addend, a norm).
     pub fn sum_over(&self, axis: MeshAxis, x: &mut [f32], what: &str) -> Result<(), ExecError> {
-        self.groups
-            .on(axis)
+        let group = self.groups.on(axis);
+        group.note(what);
+        group
             .all_reduce_host(x, ReduceOp::Sum)
             .map_err(|error| ExecError::Comm {
                 at: self.coord,
@@ -1223,6 +1224,10 @@ impl<B: Backend> Runner<'_, B> {
         let g = &self.exe.plan.graph;
         let be = &self.rank.backend;
         let node = &g.nodes[n];
+        // A watchdog that reports a stuck collective names the node it belongs to.
+        for group in [&self.rank.groups.tp, &self.rank.groups.dp] {
+            group.note(&node.name);
+        }
         let get = |v: &ValueId| -> Result<&B::Tensor, ExecError> {
             values[v.index()].as_deref().ok_or_else(|| {
                 self.plan_error(n, format!("`{}` is not available", g.values[*v].name))

@@ -900,3 +900,14 @@ impl Store {
         Ok(())
     }
 }
+
+/// The store as the rendezvous of a communicator's watchdog.
+impl ferrotron_exec::Rendezvous for Store {
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), String> {
+        Store::set(self, key, value).map_err(|e| e.to_string())
+    }
+
+    fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        Store::try_get(self, key).map_err(|e| e.to_string())
+    }
+}
