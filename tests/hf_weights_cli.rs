@@ -501,3 +501,45 @@ fn a_trained_checkpoint_exports_to_its_own_loss() {
     );
     assert!(!dir.0.join("wrong").exists(), "nothing written");
 }
+
+/// Under `ferrotron launch`, each process opens the checkpoint and reads only its rank's shards
+/// (a Llama with a gate|up MLP and a Qwen2 with q/k/v biases, at tp 2): the loss is
+/// transformers'.
+#[test]
+fn launched_ranks_read_their_own_shards_to_transformers_loss() {
+    let dir = scratch("launched");
+    for name in ["llama2", "qwen2"] {
+        let model = import(name, &dir.0);
+        let weights = fixture(name);
+        let tokens = weights.join("tokens.txt");
+        let stdout = ok(&[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "run",
+            model.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--tp",
+            "2",
+            "--dropout",
+            "0",
+        ]);
+        let loss: f64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("[rank 0] ")?.split("loss ").nth(1))
+            .and_then(|rest| rest.split(',').next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no loss in {stdout}"));
+        let expected = read_safetensors(&weights.join("expected.safetensors")).unwrap();
+        let want = f64::from(expected["loss"].data[0]);
+        let err = (loss - want).abs() / want.abs();
+        // Printed to 6 decimals.
+        assert!(
+            err <= LOSS_TOLERANCE.max(1e-6 / want.abs()),
+            "{name}: loss {loss} vs transformers' {want} ({err:.2e})"
+        );
+    }
+}

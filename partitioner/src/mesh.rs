@@ -5,14 +5,16 @@
 //! rank ◄──► Coord { tp, dp, pp }          (tp fastest, then dp, then pp: Megatron's numbering)
 //! full shape + MeshLayout + blocks + Coord ─► Region: per dimension, the full-index ranges held
 //! Region ─► extract (full → local), place (local → full); assemble (every rank → full)
+//!        ─► clipped (the part inside the unpadded tensor) ─► runs (flat ranges: a file's reads)
 //! ```
 //!
 //! Everything that moves data between full tensors and shards asks here: the executor (weights,
 //! batches, dropout offsets, vocabulary offsets, gathering results), the `f64` plan simulator,
-//! checkpoints and resharding, verification, the viewer's rank slices. A split along a dimension
-//! gives rank `r` of the group the `r`-th of equal contiguous parts; a split of a fused weight
-//! cut into blocks (q|k|v) gives it the `r`-th part of every block; a data-parallel split is
-//! taken first and the tensor-parallel split within it. Partial and replicated layouts hold the
+//! checkpoints and resharding, the Hugging Face loader (each rank's shard read from the file),
+//! verification, the viewer's rank slices. A split along a dimension gives rank `r` of the group
+//! the `r`-th of equal contiguous parts; a split of a fused weight cut into blocks (q|k|v) gives
+//! it the `r`-th part of every block; a data-parallel split is taken first and the
+//! tensor-parallel split within it. Partial and replicated layouts hold the
 //! whole extent on every rank. The pipeline axis splits no tensor: the ranks of one stage hold
 //! its part of the program (see [`crate::pipeline`]), and the tp and dp groups are those of one
 //! stage.
@@ -296,6 +298,43 @@ impl Region {
         self.dims.iter().all(|rs| rs.len() <= 1)
     }
 
+    /// The part of this region that lies inside a tensor of shape `shape` (same rank): each
+    /// dimension's ranges intersected with `0..shape[d]`, the empty ones dropped. Over a
+    /// vocabulary-padded full shape, clipped at the model's shape, it is what a checkpoint (which
+    /// has no padding) holds of a rank's shard. The ranges of [`Region::of`] increase along each
+    /// dimension, so what clipping removes is the end of each local dimension: the clipped local
+    /// tensor is the leading corner of the local one, and `Tensor::padded` to [`Region::shape`]
+    /// restores the padding as zeros.
+    pub fn clipped(&self, shape: &[usize]) -> Region {
+        let dims = self
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(d, rs)| {
+                let size = shape.get(d).copied().unwrap_or(0);
+                rs.iter()
+                    .filter(|r| r.start < size)
+                    .map(|r| r.start..r.end.min(size))
+                    .filter(|r| !r.is_empty())
+                    .collect()
+            })
+            .collect();
+        Region { dims }
+    }
+
+    /// The contiguous runs of the row-major full tensor of shape `full_shape` the region covers,
+    /// as flat element ranges in local order: the local tensor is their concatenation, so a
+    /// reader of a file can fetch a shard with one read per run (adjacent runs merged).
+    pub fn runs(&self, full_shape: &[usize]) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        self.visit(full_shape, &mut |at, len| match out.last_mut() {
+            Some(last) if last.end == at => last.end += len,
+            _ if len > 0 => out.push(at..at + len),
+            _ => {}
+        });
+        out
+    }
+
     /// The local tensor cut out of `full` (row-major, of shape `full_shape`).
     pub fn extract<T: Copy>(&self, full: &[T], full_shape: &[usize]) -> Vec<T> {
         let mut out = Vec::with_capacity(self.shape().iter().product());
@@ -528,6 +567,69 @@ mod tests {
             let refs: Vec<&[f64]> = parts.iter().map(|p| p.as_slice()).collect();
             assert_eq!(assemble(mesh, l, blocks, &full_shape, &refs), full, "{l}");
         }
+    }
+
+    #[test]
+    fn clipped_runs_read_a_padded_shard_from_the_unpadded_tensor() {
+        // A vocabulary of 10 rows padded to 12 for tp = 4: rank 3 holds rows 9..12, of which
+        // only row 9 is in the model's tensor.
+        let (model, padded) = ([10usize, 6], [12usize, 6]);
+        let data: Vec<i32> = (0..60).collect();
+        let mut padded_data = vec![-1; 72];
+        Region::whole(&model).place(&data, &mut padded_data, &padded);
+        padded_data[60..].fill(0);
+        let mesh = Mesh::new(4, 1);
+        for c in mesh.coords() {
+            let l = layout(Layout::Split(0), Layout::Replicated);
+            let region = Region::of(&padded, l, 1, mesh, c);
+            let clipped = region.clipped(&model);
+            let read: Vec<i32> = clipped
+                .runs(&model)
+                .into_iter()
+                .flat_map(|r| data[r].to_vec())
+                .collect();
+            assert_eq!(read, clipped.extract(&data, &model), "{c}");
+            // Zero-padded at the end of each local dimension, it is the padded shard.
+            let mut local = vec![0; region.shape().iter().product()];
+            Region::whole(&clipped.shape()).place(&read, &mut local, &region.shape());
+            assert_eq!(local, region.extract(&padded_data, &padded), "{c}");
+        }
+        let last = Region::of(
+            &padded,
+            layout(Layout::Split(0), Layout::Replicated),
+            1,
+            mesh,
+            mesh.coord(3),
+        );
+        assert_eq!(last.clipped(&model).shape(), vec![1, 6]);
+    }
+
+    #[test]
+    fn runs_are_the_extracted_elements_merged_where_adjacent() {
+        let full_shape = [3, 4, 12];
+        let full: Vec<usize> = (0..144).collect();
+        let mesh = Mesh::new(2, 1);
+        for (l, blocks) in [
+            (layout(Layout::Split(2), Layout::Replicated), 3),
+            (layout(Layout::Split(1), Layout::Replicated), 1),
+            (layout(Layout::Split(0), Layout::Replicated), 1),
+            (layout(Layout::Replicated, Layout::Replicated), 1),
+        ] {
+            for c in mesh.coords() {
+                let region = Region::of(&full_shape, l, blocks, mesh, c);
+                let runs = region.runs(&full_shape);
+                let read: Vec<usize> = runs.iter().flat_map(|r| full[r.clone()].to_vec()).collect();
+                assert_eq!(read, region.extract(&full, &full_shape), "{l} at {c}");
+                assert!(
+                    runs.windows(2).all(|w| w[0].end != w[1].start),
+                    "{l} at {c}"
+                );
+            }
+        }
+        // A split of the first dimension is one run; the whole tensor too.
+        let half = Region::part(&full_shape, 0, 3, 1);
+        assert_eq!(half.runs(&full_shape), vec![48..96]);
+        assert_eq!(Region::whole(&full_shape).runs(&full_shape), vec![0..144]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use ferrotron_exec::verify::{compare, compare_rank, reference_plan, Entry, Verif
 use ferrotron_exec::{launch, run as run_all, weights_for, Backend, Executable, Rank, Run};
 use ferrotron_exec::{RunOptions, Tensor};
 use ferrotron_io::hf::{read_tokens, write_safetensors, FileNames};
+use ferrotron_io::weights::Weights;
 use ferrotron_ir::{Graph, MeshAxis};
 use ferrotron_partitioner::{partition, Plan, Report};
 use std::collections::HashMap;
@@ -120,7 +121,9 @@ struct Step {
     /// The model at the step's whole batch (the reference, the weights and the batch).
     graph: Graph,
     plan: Plan,
-    params: HashMap<String, Tensor>,
+    /// Whole in memory (seeded, or read whole for `--verify`'s reference), or a checkpoint
+    /// each rank reads its own shards of.
+    params: Weights,
     batch: HashMap<String, Tensor>,
     opts: RunOptions,
     /// With `--weights`, the file's name of each parameter (what `--dump-grads` writes).
@@ -148,11 +151,17 @@ impl RunArgs {
         let graph = args.load_global()?;
         let (params, file_names) = match (&self.weights, self.verify) {
             (Some(path), _) => {
-                let (params, names) = ferrotron_io::weights::load(path, &graph)?;
-                (params, Some(names))
+                let (weights, names) = ferrotron_io::weights::open(path, &graph)?;
+                // The unpartitioned reference runs on the whole model; the ranks alone read
+                // only their shards.
+                let weights = match self.verify {
+                    true => Weights::Full(weights.into_full()?),
+                    false => weights,
+                };
+                (weights, Some(names))
             }
-            (None, true) => (test_params(&graph, self.seed), None),
-            (None, false) => (init_params(&graph, self.seed), None),
+            (None, true) => (Weights::Full(test_params(&graph, self.seed)), None),
+            (None, false) => (Weights::Full(init_params(&graph, self.seed)), None),
         };
         let mut batch = random_batch(&graph, self.seed);
         if let Some(t) = token_batch {
@@ -199,6 +208,17 @@ impl RunArgs {
             opts,
             file_names,
         })
+    }
+}
+
+impl Step {
+    /// The weights whole, as `--verify`'s reference needs them ([`RunArgs::step`] reads them
+    /// so then).
+    fn whole(&self) -> Result<&HashMap<String, Tensor>> {
+        match &self.params {
+            Weights::Full(params) => Ok(params),
+            Weights::Checkpoint(_) => bail!("the weights were not read whole for the reference"),
+        }
     }
 }
 
@@ -266,10 +286,10 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
     let Step {
         graph,
         plan,
-        params,
         batch,
         opts,
         file_names,
+        ..
     } = step;
     let report = Report::of(plan);
     let loss = run.loss()?;
@@ -312,6 +332,7 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
     };
     let checked = if args.verify {
         // The reference: the unpartitioned model, on the CPU, on the same weights and batch.
+        let params = step.whole()?;
         let reference = reference_plan(graph)?;
         let theirs = run_all(Cpu::default(), &reference, params, batch, opts)?;
         Some(compare(
@@ -488,7 +509,7 @@ fn report_rank<B: Backend>(
     let theirs = run_all(
         Cpu::default(),
         &reference,
-        &step.params,
+        step.whole()?,
         &step.batch,
         &step.opts,
     )?;

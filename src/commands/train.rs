@@ -14,7 +14,7 @@ use anyhow::Result;
 use clap::Args;
 use ferrotron_exec::init::init_params;
 use ferrotron_exec::{
-    launch, Backend, Batches, ExecError, Rank, RunOptions, Tensor, TrainConfig, Trainer,
+    launch, Backend, Batches, ExecError, ParamSource, Rank, RunOptions, TrainConfig, Trainer,
 };
 use ferrotron_io::tokenizer::Tokenizer;
 use ferrotron_io::training::{resume, save};
@@ -22,7 +22,6 @@ use ferrotron_ir::{Graph, ValueId};
 use ferrotron_partitioner::report::human_bytes;
 use ferrotron_partitioner::{partition, Plan};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// The arguments of `ferrotron train`.
@@ -100,9 +99,9 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     args.plan.dropout = args.dropout;
     let graph = args.plan.load()?;
     let plan = partition(&graph, &args.plan.options())?;
-    // Read once here; every rank takes its shards of it.
+    // Opened and checked once here; every rank reads its own shards of it.
     let weights = match &args.weights {
-        Some(path) => Some(ferrotron_io::weights::load(path, &graph)?.0),
+        Some(path) => Some(ferrotron_io::weights::open(path, &graph)?.0),
         None => None,
     };
     let tokenizer = Tokenizer::named(&args.tokenizer)?;
@@ -172,7 +171,7 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     let prepared = Prepared {
         args: &args,
         graph: &graph,
-        weights: weights.as_ref(),
+        weights: weights.as_ref().map(|w| w as &dyn ParamSource),
         plan: &plan,
         tokenizer: &tokenizer,
         tokens: &tokens,
@@ -190,8 +189,8 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
 struct Prepared<'a> {
     args: &'a TrainArgs,
     graph: &'a Graph,
-    /// `--weights`, by parameter name.
-    weights: Option<&'a HashMap<String, Tensor>>,
+    /// `--weights`: where each rank reads its shards from.
+    weights: Option<&'a dyn ParamSource>,
     plan: &'a Plan,
     tokenizer: &'a Tokenizer,
     tokens: &'a [u32],
@@ -235,7 +234,7 @@ fn train_rank<B: Backend>(p: &Prepared<'_>, rank: Rank<B>) -> Result<()> {
         }
         None => {
             let seeded;
-            let params = match p.weights {
+            let params: &dyn ParamSource = match p.weights {
                 Some(w) => w,
                 None => {
                     seeded = init_params(p.graph, args.seed);

@@ -41,7 +41,7 @@ pub use program::{Executable, RunOptions};
 pub use rank::{Groups, Rank, RankResult, Span, TraceEvent};
 pub use run::{
     gather_params, gather_stage_params, run, run_sharded, shard_params, shard_params_for,
-    upload_params, weights_for, Run,
+    upload_params, weights_for, ParamSource, Run,
 };
 pub use tensor::Tensor;
 pub use thread_group::ThreadGroup;

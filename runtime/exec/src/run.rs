@@ -1,7 +1,8 @@
 //! A step of a plan with every rank in this process, and its results put back at full shape.
 //!
 //! ```text
-//! full weights ─► shard_params (each rank's regions, vocabulary padding as zeros) ─► upload
+//! ParamSource (full weights in memory, or a checkpoint read region by region)
+//!   ─► shard_params (each rank's regions, vocabulary padding as zeros) ─► upload
 //!   ─► launch::ranks + each: Rank::run on every rank ─► Run: gather any value, the loss, the
 //!      outputs, every gradient (mesh::assemble), times, peak memory, a trace
 //! ```
@@ -15,7 +16,7 @@ use crate::Tensor;
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{NodeId, ValueDef, ValueId};
 use ferrotron_partitioner::pipeline::PipeStep;
-use ferrotron_partitioner::{mesh, Coord, Mesh, MeshLayout, ParamShard, Plan};
+use ferrotron_partitioner::{mesh, Coord, Mesh, MeshLayout, ParamShard, Plan, Region};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -30,13 +31,13 @@ pub struct Run<'p, B: Backend> {
     backend: B,
 }
 
-/// Runs `plan` on `backend` from full host weights (model shapes, by name) and a full batch:
-/// shards the weights, uploads each rank's through the rank's own backend, then runs as
-/// [`run_sharded`].
-pub fn run<'p, B: Backend>(
+/// Runs `plan` on `backend` from host weights (full tensors by name, or a checkpoint) and a
+/// full batch: shards the weights, uploads each rank's through the rank's own backend, then
+/// runs as [`run_sharded`].
+pub fn run<'p, B: Backend, S: ParamSource + ?Sized>(
     backend: B,
     plan: &'p Plan,
-    params: &HashMap<String, Tensor>,
+    params: &S,
     inputs: &HashMap<String, Tensor>,
     opts: &RunOptions,
 ) -> Result<Run<'p, B>, ExecError> {
@@ -69,11 +70,53 @@ pub fn run_sharded<'p, B: Backend>(
     Ok(Run::new(&exe, backend, results))
 }
 
-/// The rank's shards of full weights (model shapes, by name), on its device.
-pub fn weights_for<B: Backend>(
+/// Where a rank's weight shards come from: full tensors in memory, or a checkpoint read region
+/// by region (so that a rank of a launched job never holds more of the model than its shards).
+/// Shared by the ranks of a process, which take their shards concurrently.
+pub trait ParamSource: Sync {
+    /// The part `region` of parameter `name`'s full tensor, whose shape in the model is `model`
+    /// and in the plan `padded` (the vocabulary padded: `region` is over `padded`, and what lies
+    /// outside `model` is zero). A missing parameter, or one of another shape than `model`, is
+    /// an [`ExecError::Feed`].
+    fn shard(
+        &self,
+        name: &str,
+        model: &[usize],
+        padded: &[usize],
+        region: &Region,
+    ) -> Result<Tensor, ExecError>;
+}
+
+/// Full weights, model shapes, by name.
+impl ParamSource for HashMap<String, Tensor> {
+    fn shard(
+        &self,
+        name: &str,
+        model: &[usize],
+        padded: &[usize],
+        region: &Region,
+    ) -> Result<Tensor, ExecError> {
+        let full = self.get(name).ok_or_else(|| ExecError::Feed {
+            what: "parameter",
+            name: name.to_owned(),
+            problem: "missing".into(),
+        })?;
+        if full.shape != model || full.data.len() != model.iter().product::<usize>() {
+            return Err(ExecError::Feed {
+                what: "parameter",
+                name: name.to_owned(),
+                problem: format!("has shape {:?}, the model says {:?}", full.shape, model),
+            });
+        }
+        Ok(full.padded(padded).take(region))
+    }
+}
+
+/// The rank's shards of the weights, on its device.
+pub fn weights_for<B: Backend, S: ParamSource + ?Sized>(
     rank: &Rank<B>,
     plan: &Plan,
-    params: &HashMap<String, Tensor>,
+    params: &S,
 ) -> Result<Vec<B::Tensor>, ExecError> {
     let host = shard_params_for(plan, params, rank.coord)?;
     upload_rank(&rank.backend, plan, rank.coord, &host, false)
@@ -85,42 +128,29 @@ fn param_shapes(shard: &ParamShard) -> (Vec<usize>, Vec<usize>) {
     (to(&shard.shape), to(&shard.model_shape))
 }
 
-/// The rank at `c`'s shards of full weights (model shapes, by name): those of its pipeline
-/// stage's parameters ([`Plan::params_on`]), in the plan's order. The vocabulary padding is
-/// zero.
-pub fn shard_params_for(
+/// The rank at `c`'s shards of the weights: those of its pipeline stage's parameters
+/// ([`Plan::params_on`]), in the plan's order. The vocabulary padding is zero.
+pub fn shard_params_for<S: ParamSource + ?Sized>(
     plan: &Plan,
-    params: &HashMap<String, Tensor>,
+    params: &S,
     c: Coord,
 ) -> Result<Vec<Tensor>, ExecError> {
     let g = &plan.graph;
-    let held = plan.params_on(c.pp);
-    let mut out = Vec::with_capacity(held.len());
-    for p in held {
-        let data = &g.params[p];
-        let shard = plan.shard(p);
-        let full = params.get(&data.name).ok_or_else(|| ExecError::Feed {
-            what: "parameter",
-            name: data.name.clone(),
-            problem: "missing".into(),
-        })?;
-        let (padded, model) = param_shapes(shard);
-        if full.shape != model || full.data.len() != model.iter().product::<usize>() {
-            return Err(ExecError::Feed {
-                what: "parameter",
-                name: data.name.clone(),
-                problem: format!("has shape {:?}, the model says {:?}", full.shape, model),
-            });
-        }
-        out.push(full.padded(&padded).take(&shard.region(plan.mesh, c)));
-    }
-    Ok(out)
+    plan.params_on(c.pp)
+        .into_iter()
+        .map(|p| {
+            let shard = plan.shard(p);
+            let (padded, model) = param_shapes(shard);
+            let region = shard.region(plan.mesh, c);
+            params.shard(&g.params[p].name, &model, &padded, &region)
+        })
+        .collect()
 }
 
-/// Every rank's shards of full weights (model shapes, by name): `[rank][param]`.
-pub fn shard_params(
+/// Every rank's shards of the weights: `[rank][param]`.
+pub fn shard_params<S: ParamSource + ?Sized>(
     plan: &Plan,
-    params: &HashMap<String, Tensor>,
+    params: &S,
 ) -> Result<Vec<Vec<Tensor>>, ExecError> {
     plan.mesh
         .coords()

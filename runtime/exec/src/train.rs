@@ -21,7 +21,7 @@ use crate::kernel::KernelError;
 use crate::link::Tag;
 use crate::program::{Executable, RunOptions};
 use crate::rank::Rank;
-use crate::run::{gather_stage_params, shard_params_for, upload_rank};
+use crate::run::{gather_stage_params, shard_params_for, upload_rank, ParamSource};
 use crate::zero;
 use crate::Tensor;
 use ferrotron_ir::{MeshAxis, ParamId};
@@ -124,12 +124,12 @@ pub struct Trainer<'p, B: Backend> {
 }
 
 impl<'p, B: Backend> Trainer<'p, B> {
-    /// `rank`'s trainer, starting from full weights (model shapes, by name) with zero moments.
-    pub fn new(
+    /// `rank`'s trainer, starting from its shards of the weights `params` with zero moments.
+    pub fn new<S: ParamSource + ?Sized>(
         rank: Rank<B>,
         plan: &'p Plan,
         config: TrainConfig,
-        params: &HashMap<String, Tensor>,
+        params: &S,
         run: RunOptions,
     ) -> Result<Trainer<'p, B>, ExecError> {
         if rank.mesh != plan.mesh {

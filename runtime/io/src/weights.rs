@@ -5,12 +5,14 @@
 //! PATH ─► a directory: config.json (`model_type` ─► Family)
 //!                      + model.safetensors, or model.safetensors.index.json + its shards
 //!      └► a single .safetensors file: the family from the model's parameter names
-//!         (GPT-2's through hf::load_gpt2_named, which also accepts unprefixed names)
+//!         (of none: GPT-2's names through hf::load_gpt2_named, read whole: Weights::Full)
 //!   ─► Index: every file's header only (names, dtypes, shapes, where the bytes are)
-//!   ─► each parameter of the graph ─► import::hf_names(family) ─► its tensor, checked against
-//!      the parameter's shape, read from its file (a seek and a read: one file open at a time,
-//!      only the tensors the model uses) and converted to f32
-//!   ─► (parameters by our names, FileNames) ─► run / train; FileNames renames gradients back
+//!   ─► open: each parameter of the graph ─► import::hf_names(family) ─► its tensor, checked
+//!      against the parameter's shape and dtype; tied copies compared a chunk at a time;
+//!      anything else unexpected refused ─► (Opened, FileNames), no parameter read yet
+//!   ─► each rank: ParamSource::shard ─► its region, clipped to the unpadded tensor ─► the
+//!      contiguous runs of the file it covers (a seek and a read each) ─► f32, zero-padded
+//!   ─► run / train; FileNames renames gradients back
 //! ```
 //!
 //! Every family's model keeps the checkpoint's layout (GPT-2's fused q|k|v in Conv1D
@@ -19,18 +21,22 @@
 //! gradient written under the file's name is already in the file's layout. A tensor whose
 //! shape differs from the parameter's is an error naming both, never reshaped.
 //!
-//! The whole model is materialised on the host in `f32` before the ranks take their shards
-//! (each rank's slice is cut from it by the runtime).
+//! A rank reads only its shards (a replicated parameter whole, a split one its part), so no
+//! process materialises the whole model unless it asks for it: [`load`] reads every parameter
+//! whole (the unpartitioned reference of `run --verify`), through the same checks.
 
 use crate::hf::{load_gpt2_named, FileNames, HfError};
 use crate::import::{hf_name, hf_names, Family, Transform};
 use crate::safetensors_io::f16_to_f32;
-use ferrotron_exec::Tensor;
+use ferrotron_exec::{ExecError, ParamSource, Tensor};
 use ferrotron_ir::Graph;
+use ferrotron_partitioner::Region;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The single-file checkpoint of a model directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -214,10 +220,7 @@ impl Index {
     fn read(&self, names: &[&str]) -> Result<Vec<Tensor>, HfError> {
         let mut by_file: BTreeMap<&Path, Vec<(usize, &str, &Entry)>> = BTreeMap::new();
         for (i, &n) in names.iter().enumerate() {
-            let e = self.tensors.get(n).ok_or_else(|| HfError::Format {
-                path: self.shown.clone(),
-                why: format!("tensor `{n}` is missing"),
-            })?;
+            let e = self.entry(n)?;
             by_file.entry(e.file.as_path()).or_default().push((i, n, e));
         }
         let mut out: Vec<Tensor> = vec![Tensor::zeros(Vec::new()); names.len()];
@@ -246,6 +249,69 @@ impl Index {
             }
         }
         Ok(out)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, HfError> {
+        self.tensors.get(name).ok_or_else(|| HfError::Format {
+            path: self.shown.clone(),
+            why: format!("tensor `{name}` is missing"),
+        })
+    }
+
+    /// An error unless tensor `name` is F32, F16 or BF16 (what the loader converts to `f32`).
+    fn check_dtype(&self, name: &str) -> Result<(), HfError> {
+        let e = self.entry(name)?;
+        match e.dtype.as_str() {
+            "F32" | "F16" | "BF16" => Ok(()),
+            _ => Err(HfError::Dtype {
+                path: e.file.display().to_string(),
+                tensor: name.to_owned(),
+                dtype: e.dtype.clone(),
+            }),
+        }
+    }
+
+    /// Elements `range` of tensor `name` (flat, row-major) as `f32`: a part of a tensor read
+    /// without the rest.
+    pub fn read_elements(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, HfError> {
+        Ok(self.read_runs(name, std::slice::from_ref(&range))?.0)
+    }
+
+    /// Elements `runs` (flat ranges, row-major) of tensor `name` as `f32`, one after another:
+    /// the file opened once, a seek and a read per run. Also the bytes read.
+    fn read_runs(&self, name: &str, runs: &[Range<usize>]) -> Result<(Vec<f32>, u64), HfError> {
+        self.check_dtype(name)?;
+        let e = self.entry(name)?;
+        let shown = e.file.display().to_string();
+        let size = dtype_size(&e.dtype).unwrap_or(1);
+        let numel = e.len / size;
+        if let Some(r) = runs.iter().find(|r| r.start > r.end || r.end > numel) {
+            return Err(HfError::Format {
+                path: shown,
+                why: format!("elements {r:?} of tensor `{name}`, which has {numel}"),
+            });
+        }
+        let io = |source| HfError::Io {
+            path: shown.clone(),
+            source,
+        };
+        let mut f = File::open(&e.file).map_err(io)?;
+        let mut out = Vec::with_capacity(runs.iter().map(|r| r.len()).sum());
+        let mut raw = Vec::new();
+        let mut bytes = 0u64;
+        for r in runs {
+            raw.resize(r.len() * size, 0);
+            f.seek(SeekFrom::Start(e.start + (r.start * size) as u64))
+                .map_err(io)?;
+            f.read_exact(&mut raw).map_err(io)?;
+            bytes += raw.len() as u64;
+            out.extend(to_f32(&raw, &e.dtype).ok_or_else(|| HfError::Dtype {
+                path: shown.clone(),
+                tensor: name.to_owned(),
+                dtype: e.dtype.clone(),
+            })?);
+        }
+        Ok((out, bytes))
     }
 }
 
@@ -376,35 +442,169 @@ impl Source {
     }
 }
 
-/// Reads a Hugging Face checkpoint (a model directory or a safetensors file) into `g`'s
-/// parameters, by our names, with the file's name of each.
-///
-/// A directory's family is its `config.json`'s; a single file's is the one whose names `g`'s
-/// parameters have, GPT-2 read as [`load_gpt2_named`] reads it. Every parameter must be in the
-/// checkpoint at exactly its shape; a tied copy ([`Transform::Tied`]: `lm_head.weight` beside
-/// the embedding, BERT's decoder bias) must equal its parameter; the family's buffers and
-/// unused heads are skipped; any other tensor is an error (a checkpoint for a bigger model).
-pub fn load(path: &Path, g: &Graph) -> Result<(HashMap<String, Tensor>, FileNames), HfError> {
-    match Source::of(path)? {
-        Source::Dir { dir, family } => load_family(&Index::of_dir(&dir)?, family, g),
-        Source::File(file) => match graph_family(g) {
-            Some(Family::Gpt2) | None => load_gpt2_named(&file, g),
-            Some(family) => load_family(&Index::of_file(&file)?, family, g),
-        },
+/// A checkpoint's weights for a model, as the ranks take their shards of them.
+#[derive(Debug)]
+pub enum Weights {
+    /// Every parameter whole, in memory: seeded weights, a reference's, or a single file of a
+    /// model whose names are no family's, read as [`load_gpt2_named`] reads GPT-2's.
+    Full(HashMap<String, Tensor>),
+    /// Checked against the model; each rank reads where its shards are.
+    Checkpoint(Opened),
+}
+
+impl Weights {
+    /// Every parameter whole, by our names (what an unpartitioned reference runs on).
+    pub fn into_full(self) -> Result<HashMap<String, Tensor>, HfError> {
+        match self {
+            Weights::Full(params) => Ok(params),
+            Weights::Checkpoint(opened) => opened.read_all(),
+        }
     }
 }
 
-/// [`load`] from an [`Index`] already read, with the family given.
-pub fn load_family(
-    index: &Index,
+impl ParamSource for Weights {
+    fn shard(
+        &self,
+        name: &str,
+        model: &[usize],
+        padded: &[usize],
+        region: &Region,
+    ) -> Result<Tensor, ExecError> {
+        match self {
+            Weights::Full(params) => params.shard(name, model, padded, region),
+            Weights::Checkpoint(opened) => opened.shard(name, model, padded, region),
+        }
+    }
+}
+
+/// A checkpoint checked against a model (every parameter found at its shape and in a dtype the
+/// loader converts, tied copies equal, nothing unexpected) with no parameter read yet: a rank
+/// reads the region it holds of each ([`ParamSource`]), a seek and a read per contiguous run
+/// of the file, so that no process holds more of the model than its ranks' shards.
+#[derive(Debug)]
+pub struct Opened {
+    index: Index,
+    /// Our parameter name → the checkpoint's tensor it is read from.
+    file_of: HashMap<String, String>,
+    /// Tensor bytes read for parameters since the checkpoint was opened (the checks at opening
+    /// not counted), over every rank that read.
+    bytes_read: AtomicU64,
+}
+
+impl Opened {
+    /// Bytes of the checkpoint's tensor data read for parameters so far, by every rank that
+    /// took its shards from it; the reads that checked tied copies at opening are not counted.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Every parameter whole, by our names.
+    pub fn read_all(&self) -> Result<HashMap<String, Tensor>, HfError> {
+        let (ours, files): (Vec<&str>, Vec<&str>) = self
+            .file_of
+            .iter()
+            .map(|(o, f)| (o.as_str(), f.as_str()))
+            .unzip();
+        let read = self.index.read(&files)?;
+        let bytes: usize = files
+            .iter()
+            .filter_map(|f| self.index.tensors.get(*f))
+            .map(|e| e.len)
+            .sum();
+        self.bytes_read.fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(ours.into_iter().map(str::to_owned).zip(read).collect())
+    }
+}
+
+impl ParamSource for Opened {
+    /// Reads only the part of `region` inside the checkpoint's tensor (a padded vocabulary's
+    /// rows are in no file) and pads it with zeros to the region's shape.
+    fn shard(
+        &self,
+        name: &str,
+        model: &[usize],
+        padded: &[usize],
+        region: &Region,
+    ) -> Result<Tensor, ExecError> {
+        let feed = |problem: String| ExecError::Feed {
+            what: "parameter",
+            name: name.to_owned(),
+            problem,
+        };
+        let Some(file) = self.file_of.get(name) else {
+            return Err(feed(format!(
+                "missing: not among the parameters {} was opened for",
+                self.index.shown
+            )));
+        };
+        let shape = self.index.shape(file).unwrap_or_default();
+        if shape != model || padded.len() != model.len() || region.rank() != model.len() {
+            return Err(feed(format!(
+                "has shape {shape:?} in {} (`{file}`), the model says {model:?} (padded to \
+                 {padded:?})",
+                self.index.shown
+            )));
+        }
+        let inside = region.clipped(model);
+        let (data, bytes) = self
+            .index
+            .read_runs(file, &inside.runs(model))
+            .map_err(|e| feed(e.to_string()))?;
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        Ok(Tensor {
+            shape: inside.shape(),
+            data,
+        }
+        .padded(&region.shape()))
+    }
+}
+
+/// Opens a Hugging Face checkpoint (a model directory or a safetensors file) for `g`'s
+/// parameters, checked but not read, with the file's name of each.
+///
+/// A directory's family is its `config.json`'s; a single file's is the one whose names `g`'s
+/// parameters have, or, of none, GPT-2's as [`load_gpt2_named`] reads it (read whole:
+/// [`Weights::Full`]). Every parameter must be in the checkpoint at exactly its shape; a tied
+/// copy ([`Transform::Tied`]: `lm_head.weight` beside the embedding, BERT's decoder bias) must
+/// equal its parameter (compared a chunk at a time); the family's buffers and unused heads are
+/// skipped; any other tensor is an error (a checkpoint for a bigger model).
+pub fn open(path: &Path, g: &Graph) -> Result<(Weights, FileNames), HfError> {
+    let (index, family) = match Source::of(path)? {
+        Source::Dir { dir, family } => (Index::of_dir(&dir)?, family),
+        Source::File(file) => match graph_family(g) {
+            Some(family) => (Index::of_file(&file)?, family),
+            None => {
+                let (params, names) = load_gpt2_named(&file, g)?;
+                return Ok((Weights::Full(params), names));
+            }
+        },
+    };
+    let (opened, names) = open_family(index, family, g)?;
+    Ok((Weights::Checkpoint(opened), names))
+}
+
+/// Reads a Hugging Face checkpoint into `g`'s parameters, whole, by our names, with the file's
+/// name of each: [`open`], then every parameter read.
+pub fn load(path: &Path, g: &Graph) -> Result<(HashMap<String, Tensor>, FileNames), HfError> {
+    let (weights, names) = open(path, g)?;
+    Ok((weights.into_full()?, names))
+}
+
+/// Elements compared at a time when checking a tied copy: two such chunks in memory, never two
+/// whole embeddings.
+const TIED_CHUNK: usize = 1 << 20;
+
+/// [`open`] on an [`Index`] already read, with the family given.
+pub fn open_family(
+    index: Index,
     family: Family,
     g: &Graph,
-) -> Result<(HashMap<String, Tensor>, FileNames), HfError> {
+) -> Result<(Opened, FileNames), HfError> {
     let table = hf_names(family);
     let prefix = base_prefix(family);
     let path = index.shown.clone();
-    // Our name → the file's, and its expected shape.
-    let mut wanted: Vec<(String, String, Vec<usize>)> = Vec::with_capacity(g.params.len());
+    // Our name → the file's, in the graph's order.
+    let mut wanted: Vec<(String, String)> = Vec::with_capacity(g.params.len());
     for p in g.params.values() {
         let expected: Vec<usize> = g.ty(p.value).shape.extents();
         let Some(hf) = hf_name(family, &p.name) else {
@@ -438,24 +638,21 @@ pub fn load_family(
                 expected,
             });
         }
-        wanted.push((p.name.clone(), found, expected));
+        index.check_dtype(&found)?;
+        wanted.push((p.name.clone(), found));
     }
-    let names: Vec<&str> = wanted.iter().map(|(_, f, _)| f.as_str()).collect();
-    let read = index.read(&names)?;
-    let mut params = HashMap::with_capacity(wanted.len());
-    let mut used: HashMap<String, String> = HashMap::new(); // file name → ours
-    for ((ours, file, _), t) in wanted.into_iter().zip(read) {
-        params.insert(ours.clone(), t);
-        used.insert(file, ours);
-    }
+    let mut used: HashMap<String, String> = wanted
+        .iter()
+        .map(|(ours, file)| (file.clone(), ours.clone()))
+        .collect(); // file name → ours
 
     // Tied copies: not loaded, but they must be the parameter they copy.
-    let mut tied: Vec<(String, String)> = Vec::new(); // (file tensor, our parameter)
+    let mut tied: Vec<(String, &str, &str)> = Vec::new(); // (copy, our parameter, its tensor)
     for (param_pat, tensor_pat, transform) in table.params {
         if *transform != Transform::Tied {
             continue;
         }
-        for ours in params.keys() {
+        for (ours, file) in &wanted {
             if !fits(param_pat, ours) {
                 continue;
             }
@@ -466,41 +663,14 @@ pub fn load_family(
             let bare = tensor.strip_prefix(prefix).map(str::to_owned);
             for t in std::iter::once(tensor).chain(bare) {
                 if index.shape(&t).is_some() && !used.contains_key(&t) {
-                    tied.push((t, ours.clone()));
+                    tied.push((t, ours, file));
                 }
             }
         }
     }
-    for (tensor, ours) in &tied {
-        let Some(copy) = index.read(&[tensor.as_str()])?.pop() else {
-            continue;
-        };
-        let param = &params[ours];
-        let untied = |why: String| HfError::Tied {
-            path: path.clone(),
-            tensor: tensor.clone(),
-            why,
-        };
-        if copy.shape != param.shape {
-            return Err(untied(format!(
-                "has shape {:?}, the parameter `{ours}` it is tied to {:?}",
-                copy.shape, param.shape
-            )));
-        }
-        if let Some(i) = copy
-            .data
-            .iter()
-            .zip(&param.data)
-            .position(|(a, b)| a != b && !(a.is_nan() && b.is_nan()))
-        {
-            return Err(untied(format!(
-                "differs from the parameter `{ours}` it is tied to (first at flat index {i}: \
-                 {} vs {}); the model ties them (an untied checkpoint needs a model with its \
-                 own parameter for it: `tie_word_embeddings: false`)",
-                copy.data[i], param.data[i]
-            )));
-        }
-        used.insert(tensor.clone(), String::new());
+    for (copy, ours, file) in &tied {
+        check_tied(&index, copy, ours, file)?;
+        used.insert(copy.clone(), String::new());
     }
 
     let skipped = |n: &str| {
@@ -515,7 +685,53 @@ pub fn load_family(
         .map(|n| (n.to_owned(), index.shape(n).unwrap_or_default().to_vec()))
         .collect();
     let names = FileNames::of_read(used, unexpected, path, &g.name)?;
-    Ok((params, names))
+    let opened = Opened {
+        index,
+        file_of: wanted.into_iter().collect(),
+        bytes_read: AtomicU64::new(0),
+    };
+    Ok((opened, names))
+}
+
+/// Tied copy `copy` equals tensor `file`, which parameter `ours` is read from: the same shape,
+/// and element by element (NaN equal to NaN), read a chunk of each at a time.
+fn check_tied(index: &Index, copy: &str, ours: &str, file: &str) -> Result<(), HfError> {
+    let untied = |why: String| HfError::Tied {
+        path: index.shown.clone(),
+        tensor: copy.to_owned(),
+        why,
+    };
+    let (copy_shape, shape) = (
+        index.shape(copy).unwrap_or_default(),
+        index.shape(file).unwrap_or_default(),
+    );
+    if copy_shape != shape {
+        return Err(untied(format!(
+            "has shape {copy_shape:?}, the parameter `{ours}` it is tied to {shape:?}"
+        )));
+    }
+    index.check_dtype(copy)?;
+    let n: usize = shape.iter().product();
+    for start in (0..n).step_by(TIED_CHUNK) {
+        let chunk = start..(start + TIED_CHUNK).min(n);
+        let a = index.read_elements(copy, chunk.clone())?;
+        let b = index.read_elements(file, chunk)?;
+        if let Some(i) = a
+            .iter()
+            .zip(&b)
+            .position(|(x, y)| x != y && !(x.is_nan() && y.is_nan()))
+        {
+            return Err(untied(format!(
+                "differs from the parameter `{ours}` it is tied to (first at flat index {}: \
+                 {} vs {}); the model ties them (an untied checkpoint needs a model with its \
+                 own parameter for it: `tie_word_embeddings: false`)",
+                start + i,
+                a[i],
+                b[i]
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

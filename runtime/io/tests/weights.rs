@@ -1,12 +1,17 @@
 //! `ferrotron_io::weights` on the committed transformers fixtures (tests/fixtures/hf/): a
 //! checkpoint saved from the base model (no `transformer.` prefix) loads to the same weights
 //! and names its gradients as it names its tensors; a shard that lacks what its index says, a
-//! tied copy that differs, and a model of another family are refused, named.
+//! tied copy that differs, and a model of another family are refused, named. Every rank's
+//! shards read from the opened checkpoint are, to the bit, those cut from the whole model (at
+//! tp 1, 2, 4, a padded vocabulary, two pipeline stages), and a rank reads only its shards.
 
+use ferrotron_exec::{shard_params_for, Tensor};
 use ferrotron_io::hf::{read_safetensors, write_safetensors};
 use ferrotron_io::import::{model_text, ImportOptions};
-use ferrotron_io::weights::load;
+use ferrotron_io::weights::{load, open, Index, Weights};
 use ferrotron_ir::{parse_model, Graph, LoadOptions};
+use ferrotron_partitioner::{partition, Layout, PartitionOptions, Plan};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// A scratch directory, removed on drop.
@@ -121,4 +126,131 @@ fn a_tied_copy_that_differs_or_another_family_is_refused() {
         msg.contains("LlamaForCausalLM") && msg.contains("`llama`"),
         "{msg}"
     );
+}
+
+/// The fixtures with a checkpoint of their own (a directory each), and gpt2's sharded copy.
+const CHECKPOINTS: [(&str, &str); 8] = [
+    ("gpt2", "gpt2"),
+    ("gpt2", "gpt2-sharded"),
+    ("llama2", "llama2"),
+    ("llama3", "llama3"),
+    ("llama3.1", "llama3.1"),
+    ("mistral", "mistral"),
+    ("qwen2", "qwen2"),
+    ("bert", "bert"),
+];
+
+/// The checkpoint at `path` opened for `g`, as the ranks read it.
+fn opened(path: &Path, g: &Graph) -> ferrotron_io::weights::Opened {
+    match open(path, g).unwrap().0 {
+        Weights::Checkpoint(o) => o,
+        Weights::Full(_) => panic!("{}: read whole, not opened", path.display()),
+    }
+}
+
+/// `g` partitioned at `tp` (and `pp` stages), or `None` where the model does not divide.
+fn plan(g: &Graph, tp: u64, pp: u64) -> Option<Plan> {
+    let opts = PartitionOptions {
+        tp,
+        pp,
+        micro_batches: pp,
+        ..PartitionOptions::default()
+    };
+    partition(g, &opts).ok()
+}
+
+fn bits(shards: &[Tensor]) -> Vec<(Vec<usize>, Vec<u32>)> {
+    shards
+        .iter()
+        .map(|t| {
+            (
+                t.shape.clone(),
+                t.data.iter().map(|x| x.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_rank_reads_the_shards_cut_from_the_whole_model() {
+    let mut padded = 0;
+    let mut plans = 0;
+    for (model, dir) in CHECKPOINTS {
+        let g = imported(model);
+        let path = fixture(dir);
+        let (full, _) = load(&path, &g).unwrap();
+        for (tp, pp) in [(1, 1), (2, 1), (4, 1), (2, 2)] {
+            let Some(plan) = plan(&g, tp, pp) else {
+                assert!(tp > 1, "{dir} partitions at tp {tp}, pp {pp}");
+                continue;
+            };
+            plans += 1;
+            padded += plan
+                .params
+                .iter()
+                .filter(|s| s.shape != s.model_shape)
+                .count();
+            let from_file = opened(&path, &g);
+            for c in plan.mesh.coords() {
+                let want = shard_params_for(&plan, &full, c).unwrap();
+                let got = shard_params_for(&plan, &from_file, c).unwrap();
+                assert!(
+                    !got.is_empty(),
+                    "{dir} at tp {tp}, pp {pp}: rank ({c}) holds nothing"
+                );
+                assert!(
+                    bits(&got) == bits(&want),
+                    "{dir} at tp {tp}, pp {pp}: rank ({c})'s shards differ from those cut from \
+                     the whole model"
+                );
+            }
+        }
+    }
+    // tp 1 of every checkpoint, and most at tp 2 and 4; vocabularies padded among them.
+    assert!(plans >= 3 * CHECKPOINTS.len(), "{plans} plans");
+    assert!(padded > 0, "no plan padded a vocabulary");
+}
+
+#[test]
+fn a_rank_at_tp2_reads_its_shards_and_not_the_model() {
+    let g = imported("gpt2");
+    let path = fixture("gpt2");
+    let plan = plan(&g, 2, 1).unwrap();
+    let index = Index::of_dir(&path).unwrap();
+    let (_, names) = load(&path, &g).unwrap();
+    // Every parameter's bytes in the file (all F32 here), and what the two ranks read together:
+    // a replicated parameter twice, a split one once (its vocabulary padding in no file).
+    let (mut checkpoint, mut expected) = (0u64, 0u64);
+    for shard in plan.params.iter() {
+        let file = names.get(&shard.name).unwrap();
+        let bytes = 4 * index.shape(file).unwrap().iter().product::<usize>() as u64;
+        checkpoint += bytes;
+        expected += match shard.layout.tp {
+            Layout::Split(_) => bytes,
+            _ => 2 * bytes,
+        };
+    }
+    assert!(plan
+        .params
+        .iter()
+        .any(|s| matches!(s.layout.tp, Layout::Split(_))));
+    let mut total = 0;
+    for c in plan.mesh.coords() {
+        // One process per rank: each opens the checkpoint and reads its own shards.
+        let from_file = opened(&path, &g);
+        shard_params_for(&plan, &from_file, c).unwrap();
+        let read = from_file.bytes_read();
+        assert!(
+            read < checkpoint * 3 / 4,
+            "rank ({c}) read {read} bytes of a {checkpoint}-byte model"
+        );
+        total += read;
+    }
+    assert_eq!(total, expected);
+
+    // Read whole, it is the checkpoint.
+    let from_file = opened(&path, &g);
+    let whole: HashMap<String, Tensor> = from_file.read_all().unwrap();
+    assert_eq!(whole.len(), plan.params.len());
+    assert_eq!(from_file.bytes_read(), checkpoint);
 }
