@@ -456,6 +456,26 @@ fn a_trained_checkpoint_exports_to_its_own_loss() {
     ]);
     let out = dir.0.join("hf");
     export(&ck, "llama3", &out);
+    // Trained from the model directory, the checkpoint recorded its config.json: an export
+    // without --config writes the same weights and an equal config.
+    let recorded = dir.0.join("hf-recorded");
+    ok(&[
+        "export-hf",
+        ck.to_str().unwrap(),
+        "-o",
+        recorded.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(recorded.join("model.safetensors")).unwrap()
+    );
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        json(recorded.join("config.json")),
+        json(fixture("llama3").join("config.json"))
+    );
     let tokens_file = fixture("llama3").join("tokens.txt");
     let (loss, _) = run(&model, &out, &tokens_file, 2, &dir.0.join("g.safetensors"));
 
@@ -542,4 +562,43 @@ fn launched_ranks_read_their_own_shards_to_transformers_loss() {
             "{name}: loss {loss} vs transformers' {want} ({err:.2e})"
         );
     }
+}
+
+/// A checkpoint trained from seeded weights records no config.json: `export-hf` without
+/// `--config` says so, and writes nothing.
+#[test]
+fn export_without_a_recorded_config_asks_for_one() {
+    let dir = scratch("unrecorded");
+    let model = import("llama3", &dir.0);
+    let text = dir.0.join("text.txt");
+    std::fs::write(&text, "abcdefgh ".repeat(20)).unwrap();
+    let ck = dir.0.join("ck");
+    ok(&[
+        "train",
+        model.to_str().unwrap(),
+        "--dim",
+        "batch=2",
+        "--dim",
+        "seq=8",
+        "--data",
+        text.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--save",
+        ck.to_str().unwrap(),
+    ]);
+    let out = dir.0.join("hf");
+    let run = ferrotron(&[
+        "export-hf",
+        ck.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("does not record the config.json") && stderr.contains("--config"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
 }

@@ -12,10 +12,11 @@ use std::path::PathBuf;
 pub struct ExportHfArgs {
     /// The checkpoint directory (`meta.json` and the rank files), at any tp.
     checkpoint: PathBuf,
-    /// The `config.json` the checkpoint's model was imported from (or its directory): the
-    /// hyper-parameters a checkpoint does not record; it is copied into the output.
+    /// The `config.json` the checkpoint's model was imported from (or its directory), copied
+    /// into the output: the hyper-parameters the weights do not carry. Without it, the one the
+    /// checkpoint recorded when it was trained from `--weights DIR`.
     #[arg(long, value_name = "DIR|config.json")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// The model directory to write (created if missing; its two files replaced atomically).
     #[arg(short, long, value_name = "DIR")]
     output: PathBuf,
@@ -23,7 +24,7 @@ pub struct ExportHfArgs {
 
 /// `ferrotron export-hf`.
 pub fn export_hf(args: ExportHfArgs) -> Result<()> {
-    let e = export(&args.checkpoint, &args.config, &args.output)?;
+    let e = export(&args.checkpoint, args.config.as_deref(), &args.output)?;
     println!(
         "wrote {} ({} {} tensors, step {}): config.json, model.safetensors",
         args.output.display(),

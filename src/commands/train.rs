@@ -279,11 +279,16 @@ fn train_loop<B: Backend>(
     lead: bool,
 ) -> Result<()> {
     let args = p.args;
-    let extra = serde_json::json!({
+    let mut extra = serde_json::json!({
         "data": args.data.display().to_string(),
         "tokenizer": p.tokenizer.name(),
         "config": trainer.config,
     });
+    // Started from a model directory: its config.json (or, resumed, what the checkpoint
+    // recorded), so that `export-hf` needs no --config.
+    if let Some(config) = hf_config(args) {
+        extra[ferrotron_io::export::HF_CONFIG] = config;
+    }
     let mut log = match (&args.log, lead) {
         (Some(path), true) => Some(
             std::fs::OpenOptions::new()
@@ -365,4 +370,17 @@ fn summary(taken: &[(f32, f64, f64)], tokens: usize, step: u64) -> serde_json::V
         "step_s": steady,
         "tokens_per_second": tokens as f64 / steady.max(1e-9),
     })
+}
+
+/// The `config.json` the model was imported from, where it is known: that of `--weights` when
+/// it is a model directory, or the one the `--resume` checkpoint recorded.
+fn hf_config(args: &TrainArgs) -> Option<serde_json::Value> {
+    use ferrotron_io::export::HF_CONFIG;
+    if let Some(dir) = &args.resume {
+        let meta = ferrotron_io::checkpoint::read_meta(dir).ok()?;
+        return meta.extra.get(HF_CONFIG).cloned();
+    }
+    let dir = args.weights.as_deref().filter(|w| w.is_dir())?;
+    let text = std::fs::read_to_string(ferrotron_io::import::config_path(dir)).ok()?;
+    serde_json::from_str(&text).ok()
 }

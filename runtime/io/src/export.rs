@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! checkpoint dir ─► checkpoint::load (full tensors, padding cropped) ─► the `params` group
-//! config.json ─► Family (`model_type`) ─► import::model_text ─► the graph the config imports to
+//! config.json (`--config`, else the checkpoint's `extra.hf_config`, recorded by `train
+//!   --weights DIR`) ─► Family (`model_type`) ─► import::model_text ─► the graph it imports to
 //!   ─► every parameter of that graph in the checkpoint at its shape (each mismatch named)
 //!   ─► import::hf_name (the family's table) ─► DIR/model.safetensors (f32, tied copies left
 //!      out as `save_pretrained` leaves them out) + DIR/config.json (the config, as given)
@@ -52,6 +53,15 @@ pub enum ExportError {
         /// The groups it holds.
         groups: Vec<String>,
     },
+    /// No `--config` was given and the checkpoint records none.
+    #[error(
+        "{path}: the checkpoint does not record the config.json its model was imported from \
+         (it was not trained from `--weights DIR`); pass it with --config"
+    )]
+    NoConfig {
+        /// The checkpoint.
+        path: String,
+    },
     /// The checkpoint and the model the config imports to disagree on a parameter.
     #[error("{checkpoint}: parameter `{param}` {why} (the model {config} imports to)")]
     Mismatch {
@@ -66,6 +76,10 @@ pub enum ExportError {
     },
 }
 
+/// Where a checkpoint records the `config.json` its model was imported from: the key of its
+/// metadata's `extra` that `train --weights DIR` writes.
+pub const HF_CONFIG: &str = "hf_config";
+
 /// What [`export_hf`] wrote.
 #[derive(Clone, Debug)]
 pub struct Exported {
@@ -78,10 +92,15 @@ pub struct Exported {
 }
 
 /// Writes checkpoint `checkpoint`'s weights to `out/model.safetensors` under the family's
-/// checkpoint names, and `config` (a model directory or its `config.json`) to
-/// `out/config.json`. Every parameter of the model the config imports to must be in the
-/// checkpoint at its shape, and no other. The files are written atomically, one each.
-pub fn export_hf(checkpoint: &Path, config: &Path, out: &Path) -> Result<Exported, ExportError> {
+/// checkpoint names, and the config to `out/config.json`: `config` (a model directory or its
+/// `config.json`), or without it the one the checkpoint recorded ([`HF_CONFIG`]). Every
+/// parameter of the model the config imports to must be in the checkpoint at its shape, and no
+/// other. The files are written atomically, one each.
+pub fn export_hf(
+    checkpoint: &Path,
+    config: Option<&Path>,
+    out: &Path,
+) -> Result<Exported, ExportError> {
     let (meta, mut groups) = checkpoint::load(checkpoint)?;
     let shown = checkpoint.display().to_string();
     let Some(params) = groups.remove("params") else {
@@ -91,13 +110,28 @@ pub fn export_hf(checkpoint: &Path, config: &Path, out: &Path) -> Result<Exporte
         });
     };
 
-    let config = config_path(config);
-    let config_shown = config.display().to_string();
+    let (config_shown, text) = match config {
+        Some(config) => {
+            let config = config_path(config);
+            let shown = config.display().to_string();
+            let text = std::fs::read_to_string(&config).map_err(|e| ImportError {
+                file: shown.clone(),
+                kind: Box::new(e.into()),
+            })?;
+            (shown, text)
+        }
+        None => match meta.extra.get(HF_CONFIG) {
+            Some(json) => (
+                format!("{shown} (its recorded config.json)"),
+                serde_json::to_string_pretty(json).unwrap_or_default() + "\n",
+            ),
+            None => return Err(ExportError::NoConfig { path: shown }),
+        },
+    };
     let import_err = |kind| ImportError {
         file: config_shown.clone(),
         kind: Box::new(kind),
     };
-    let text = std::fs::read_to_string(&config).map_err(|e| import_err(e.into()))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| import_err(e.into()))?;
     let imported = model_text(&json, &config_shown, &meta.model, &ImportOptions::default())
         .map_err(import_err)?;
