@@ -222,7 +222,7 @@ fn every_family_gives_transformers_loss_and_gradients_at_tp1_and_tp2() {
 }
 
 #[test]
-fn bf16_and_sharded_checkpoints_load_to_the_same_numbers() {
+fn f16_bf16_and_sharded_checkpoints_load_to_the_same_numbers() {
     let dir = scratch("copies");
     // llama2's weights are bf16 values, so its bf16 copy is the same checkpoint.
     let model = import("llama2", &dir.0);
@@ -242,6 +242,46 @@ fn bf16_and_sharded_checkpoints_load_to_the_same_numbers() {
         &dir.0.join("b.safetensors"),
     );
     assert_eq!(f32_run, bf16_run, "llama2 from its bf16 single file");
+
+    // An f16 copy reads as the f32 checkpoint of the same (f16-rounded) values: the loss and
+    // every gradient.
+    let f32_file = fixture("llama2").join("model.safetensors");
+    let rounded: HashMap<String, Tensor> = read_safetensors(&f32_file)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let data = t.data.iter().map(|&x| half::f16::from_f32(x).to_f32());
+            let data = data.collect();
+            (k, Tensor { data, ..t })
+        })
+        .collect();
+    let rounded_file = dir.0.join("rounded.safetensors");
+    write_safetensors(&rounded_file, &rounded).unwrap();
+    let f16_file = dir.0.join("model.f16.safetensors");
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = rounded
+        .iter()
+        .map(|(k, t)| {
+            let b = t
+                .data
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes());
+            (k.clone(), t.shape.clone(), b.collect())
+        })
+        .collect();
+    let views = bytes.iter().map(|(k, shape, b)| {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F16, shape.clone(), b);
+        (k.as_str(), view.unwrap())
+    });
+    safetensors::tensor::serialize_to_file(views, &None, &f16_file).unwrap();
+    let from_f16 = run(&model, &f16_file, &tokens, 2, &dir.0.join("e.safetensors"));
+    let from_rounded = run(
+        &model,
+        &rounded_file,
+        &tokens,
+        2,
+        &dir.0.join("f.safetensors"),
+    );
+    assert_eq!(from_f16, from_rounded, "llama2 from an f16 single file");
 
     let model = import("gpt2", &dir.0);
     let tokens = fixture("gpt2").join("tokens.txt");
