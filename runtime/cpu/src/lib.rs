@@ -20,7 +20,7 @@ pub(crate) mod math;
 mod matmul;
 mod par;
 
-use ferrotron_exec::backend::{adamw_host, AdamW, Backend};
+use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::comm::{Comm, CommError, HostCollectives, ReduceOp};
 use ferrotron_exec::fuse::Fused;
 use ferrotron_exec::kernel::{invalid, KernelError, Placement, RowStats, VocabShard};
@@ -222,7 +222,7 @@ impl Backend for Cpu {
     }
 
     fn sum_squares(&self, t: &Tensor) -> Result<f64, KernelError> {
-        Ok(t.data.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+        Ok(par::sum_squares(self.threads, &t.data))
     }
 
     fn adamw(
@@ -244,7 +244,12 @@ impl Backend for Cpu {
                 ),
             ));
         }
-        adamw_host(&mut w.data, &g.data, &mut m.data, &mut v.data, update);
+        par::adamw(
+            self.threads,
+            (&mut w.data, &g.data),
+            (&mut m.data, &mut v.data),
+            update,
+        );
         Ok(())
     }
 }

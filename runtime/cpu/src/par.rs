@@ -10,6 +10,7 @@
 //! with the wider vectors. No fused multiply-adds are formed (Rust does not contract `a * b + c`),
 //! so every path computes bit-identical results.
 
+use ferrotron_exec::backend::{adamw_host, AdamW};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -130,4 +131,114 @@ where
             )
         })
         .collect()
+}
+
+/// The elements a partial sum of [`sum_squares`] covers: fixed, so the sum is the same on any
+/// number of threads.
+const SUM_BLOCK: usize = 1 << 16;
+
+/// `Σ x²` in `f64`: each block of [`SUM_BLOCK`] elements summed in eight interleaved lanes
+/// (vectorisable, where one running sum waits on each addition), the lanes and then the blocks
+/// added in order.
+pub(crate) fn sum_squares(threads: usize, x: &[f32]) -> f64 {
+    #[inline(always)]
+    fn block(x: &[f32]) -> f64 {
+        let mut lanes = [0.0f64; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l += f64::from(v) * f64::from(v);
+            }
+        }
+        for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+            *l += f64::from(v) * f64::from(v);
+        }
+        lanes.iter().sum()
+    }
+    let blocks = x.len().div_ceil(SUM_BLOCK);
+    par_ranges(threads, blocks, x.len(), |range| {
+        range
+            .map(|b| block(&x[b * SUM_BLOCK..((b + 1) * SUM_BLOCK).min(x.len())]))
+            .collect::<Vec<f64>>()
+    })
+    .into_iter()
+    .flatten()
+    .sum()
+}
+
+/// AdamW ([`adamw_host`]'s arithmetic, elementwise, so bit-identical however it is split) on
+/// up to `threads` threads: weights `w` with gradient `g`, moments `m` and `v`.
+pub(crate) fn adamw(
+    threads: usize,
+    (w, g): (&mut [f32], &[f32]),
+    (m, v): (&mut [f32], &mut [f32]),
+    update: AdamW,
+) {
+    let t = threads_for(threads, w.len(), w.len());
+    let per = w.len().div_ceil(t).max(1);
+    w.par_chunks_mut(per)
+        .zip(g.par_chunks(per))
+        .zip(m.par_chunks_mut(per))
+        .zip(v.par_chunks_mut(per))
+        .for_each(|(((w, g), m), v)| {
+            simd(
+                #[inline(always)]
+                || adamw_host(w, g, m, v, update),
+            )
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn adamw_on_threads_is_the_host_update_bit_for_bit() {
+        let update = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 3,
+            grad_scale: 0.5,
+        };
+        // Past the size one thread keeps to itself, and not a multiple of any split.
+        let n = 5 * MIN_PER_THREAD + 7;
+        let (w0, g, m0, v0) = (
+            values(n, 1),
+            values(n, 2),
+            values(n, 3),
+            values(n, 4).iter().map(|x| x.abs()).collect::<Vec<_>>(),
+        );
+        let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
+        adamw_host(&mut w, &g, &mut m, &mut v, update);
+        for threads in [1, 2, 3] {
+            let (mut w2, mut m2, mut v2) = (w0.clone(), m0.clone(), v0.clone());
+            adamw(threads, (&mut w2, &g), (&mut m2, &mut v2), update);
+            assert_eq!((&w2, &m2, &v2), (&w, &m, &v), "{threads} threads");
+        }
+        assert_ne!(w, w0, "the update changed the weights");
+    }
+
+    #[test]
+    fn sum_squares_is_the_same_on_any_thread_count() {
+        let x = values(3 * SUM_BLOCK + 11, 5);
+        let sequential: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let one = sum_squares(1, &x);
+        for threads in [2, 3, 4] {
+            assert_eq!(sum_squares(threads, &x).to_bits(), one.to_bits());
+        }
+        assert!(
+            (one - sequential).abs() <= 1e-12 * sequential,
+            "{one} vs {sequential}"
+        );
+        assert_eq!(sum_squares(2, &[]), 0.0);
+        assert_eq!(sum_squares(2, &[3.0]), 9.0);
+    }
 }

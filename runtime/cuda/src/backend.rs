@@ -246,11 +246,11 @@ impl Backend for Cuda {
         kernels::upload(self.device(), t, Storage::F32)
     }
 
-    fn compute_weights(&self, master: &CudaTensor) -> Result<CudaTensor, KernelError> {
+    fn compute_weights(&self, master: &CudaTensor) -> Result<Option<CudaTensor>, KernelError> {
         if master.dtype() == self.dtype {
-            Ok(master.clone())
+            Ok(None)
         } else {
-            kernels::cast(self.device(), master, self.dtype)
+            kernels::cast(self.device(), master, self.dtype).map(Some)
         }
     }
 

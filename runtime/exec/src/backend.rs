@@ -116,10 +116,11 @@ pub trait Backend: Clone + Send + Sync {
     fn upload_master(&self, t: &Tensor) -> Result<Self::Tensor, KernelError> {
         self.upload(t, DType::F32)
     }
-    /// The weights a step computes with, made from the master weights: the same tensor when
-    /// the backend computes in `f32`, a bf16 copy under mixed precision.
-    fn compute_weights(&self, master: &Self::Tensor) -> Result<Self::Tensor, KernelError> {
-        Ok(master.clone())
+    /// The weights a step computes with, made from the master weights: `None` when the step
+    /// computes with the master itself (`f32`; no copy of the weights each step), a bf16 copy
+    /// under mixed precision.
+    fn compute_weights(&self, _master: &Self::Tensor) -> Result<Option<Self::Tensor>, KernelError> {
+        Ok(None)
     }
     /// One AdamW update of master weights `w` with gradient `g` and moments `m`, `v` (`f32`,
     /// shaped like `w`), in place; the arithmetic is [`adamw_host`]'s, in `f64`.
@@ -153,6 +154,7 @@ pub struct AdamW {
 
 /// The AdamW update on host `f32` tensors, in `f64`: the CPU backend's, and the reference the
 /// CUDA kernel reproduces bit for bit.
+#[inline]
 pub fn adamw_host(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], update: AdamW) {
     let AdamW {
         lr,

@@ -168,16 +168,27 @@ impl<'p, B: Backend> Trainer<'p, B> {
         let (plan, rank) = (self.plan, &self.rank);
         let be = &rank.backend;
         let device = |e: KernelError| ExecError::Plan(format!("the optimizer step failed: {e}"));
-        // The weights the step computes with (a bf16 copy of the masters under mixed precision).
-        let weights = rank.guard(|| {
+        // The weights the step computes with: the masters themselves, or (under mixed
+        // precision) a bf16 copy of them.
+        let copies = rank.guard(|| {
             self.weights
                 .iter()
                 .map(|w| be.compute_weights(w))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(device)
         })?;
-        let result = rank.run(&self.exe, &weights, batch)?;
-        drop(weights);
+        let copies: Option<Vec<B::Tensor>> = match copies.iter().any(Option::is_some) {
+            true => Some(
+                copies
+                    .into_iter()
+                    .zip(&self.weights)
+                    .map(|(c, w)| c.unwrap_or_else(|| w.clone()))
+                    .collect(),
+            ),
+            false => None,
+        };
+        let result = rank.run(&self.exe, copies.as_deref().unwrap_or(&self.weights), batch)?;
+        drop(copies);
         let (config, step) = (&self.config, self.step);
         let (w, m, v) = (&mut self.weights, &mut self.m, &mut self.v);
         let stats = rank.guard(|| {
