@@ -4,8 +4,11 @@
 //! square 1024³ and 2048³ products on 1 and 2 threads, two ways: `kernels::eval` of a `MatMul`
 //! node (what the executor runs: output allocation included) and a raw `gemm::gemm` call into a
 //! preallocated buffer (the library's ceiling). A GPT-2-small-shaped product (tokens × hidden ·
-//! hidden × 4·hidden) is shown too. `benches/sgemm_numpy.sh` prints numpy's numbers for the same
-//! sizes.
+//! hidden × 4·hidden) is shown too. Then every product GPT-2 small's training step multiplies
+//! (batch 4 × 128 tokens at tp = 1: the layer's forward GEMMs and their two gradients each, with
+//! the transposes the step uses; the per-head attention products, batched over batch × heads;
+//! the tied 50,257-wide output layer and its gradients), through `eval`.
+//! `benches/sgemm_numpy.sh` prints numpy's numbers for the same sizes and products.
 //!
 //! Options (after `--`): `--quick` (one size, fewer runs: a smoke test).
 
@@ -82,6 +85,108 @@ fn raw_gemm(
     }
 }
 
+/// One product of GPT-2 small's training step: `batch` independent `m × k · k × n` products,
+/// `a` stored as `[k, m]` when `ta`, `b` as `[n, k]` when `tb`.
+struct Product {
+    name: &'static str,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+}
+
+/// GPT-2 small's step at batch 4 × 128 (512 tokens), tp = 1: a linear layer `y = x·W`
+/// (`x` `[512, i]`, `W` `[i, o]`) multiplies `x·W` forward, `dy·Wᵀ` and `xᵀ·dy` backward.
+fn gpt2_products() -> Vec<Product> {
+    let t = 512;
+    let p = |name, batch, (m, n, k), ta, tb| Product {
+        name,
+        batch,
+        m,
+        n,
+        k,
+        ta,
+        tb,
+    };
+    let mut out = Vec::new();
+    for (name, i, o) in [
+        ("c_attn", 768, 2304),
+        ("attn c_proj", 768, 768),
+        ("c_fc", 768, 3072),
+        ("mlp c_proj", 3072, 768),
+    ] {
+        out.push(p(name, 1, (t, o, i), false, false));
+        out.push(p(name, 1, (t, i, o), false, true));
+        out.push(p(name, 1, (i, o, t), true, false));
+    }
+    // Attention, 4 × 12 heads of 128 × 64: scores q·kᵀ, context p·v, and their gradients.
+    out.push(p("scores q·kᵀ", 48, (128, 128, 64), false, true));
+    out.push(p("context p·v", 48, (128, 64, 128), false, false));
+    out.push(p("d p = dctx·vᵀ", 48, (128, 128, 64), false, true));
+    out.push(p("d v = pᵀ·dctx", 48, (128, 64, 128), true, false));
+    out.push(p("d q = ds·k", 48, (128, 64, 128), false, false));
+    out.push(p("d k = dsᵀ·q", 48, (128, 64, 128), true, false));
+    // The tied output layer: logits = h·wteᵀ, d h = dlogits·wte, d wte = dlogitsᵀ·h.
+    out.push(p("logits h·wteᵀ", 1, (t, 50257, 768), false, true));
+    out.push(p("d h = dlogits·wte", 1, (t, 768, 50257), false, false));
+    out.push(p("d wte = dlogitsᵀ·h", 1, (50257, 768, t), true, false));
+    out
+}
+
+fn gpt2_step(rng: &mut u64) {
+    println!("\nGPT-2 small's training step (batch 4 × 128, tp = 1), eval MatMul, GFLOP/s");
+    println!(
+        "{:>22} {:>20} {:>5} {:>8} {:>8}",
+        "product", "batch × m × n × k", "a b", "1 thread", "2 threads"
+    );
+    for p in gpt2_products() {
+        let shape = |batch: usize, rows: usize, cols: usize| match batch {
+            1 => vec![rows, cols],
+            b => vec![b, rows, cols],
+        };
+        let a = match p.ta {
+            true => random(rng, &shape(p.batch, p.k, p.m)),
+            false => random(rng, &shape(p.batch, p.m, p.k)),
+        };
+        let b = match p.tb {
+            true => random(rng, &shape(p.batch, p.n, p.k)),
+            false => random(rng, &shape(p.batch, p.k, p.n)),
+        };
+        let flops = 2.0 * (p.batch * p.m * p.n * p.k) as f64;
+        let op = Op::MatMul {
+            a: &a,
+            b: &b,
+            transpose_a: p.ta,
+            transpose_b: p.tb,
+        };
+        let rates: Vec<f64> = [1, 2]
+            .into_iter()
+            .map(|threads| {
+                let t = best(6, || {
+                    let out = eval(&op, &Placement::default(), threads).expect("matmul");
+                    std::hint::black_box(out);
+                });
+                flops / t / 1e9
+            })
+            .collect();
+        let flags = format!(
+            "{}{}",
+            if p.ta { "T" } else { "N" },
+            if p.tb { "T" } else { "N" }
+        );
+        println!(
+            "{:>22} {:>20} {:>5} {:>8.1} {:>8.1}",
+            p.name,
+            format!("{}×{}×{}×{}", p.batch, p.m, p.n, p.k),
+            flags,
+            rates[0],
+            rates[1]
+        );
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
@@ -132,5 +237,8 @@ fn main() {
                 flops / t_raw / 1e9
             );
         }
+    }
+    if !quick {
+        gpt2_step(&mut rng);
     }
 }
