@@ -1711,6 +1711,38 @@ fn vocabulary_parallel_phases_match_the_cpu() {
                 let want = cpu::ce_grad(&host, &targets, &stats, &sh, 0.7, 1).unwrap();
                 let got = gpu::download(&dev, &got).unwrap();
                 assert_close(&format!("{what}: grad shift {shift}"), &got, &want, tol);
+
+                // The same phases with the statistics kept on the device, the loss computed there
+                // and the backward's seed a device scalar.
+                let max_d = gpu::ce_row_max_dev(&dev, &ld, &sh).unwrap();
+                let back = |x: &CudaTensor| gpu::download(&dev, x).unwrap().data;
+                assert_eq!(back(&max_d), max, "{what}: row max on the device");
+                let (sum_d, tl_d) = gpu::ce_row_sums_dev(&dev, &ld, &max_d, &td, &sh).unwrap();
+                assert_eq!(back(&sum_d), sum, "{what}: sums on the device");
+                assert_eq!(back(&tl_d), tl, "{what}: target logits on the device");
+                let up = |v: &[f32]| gpu::upload(&dev, &as_t(v), Storage::F32).unwrap();
+                let stats_d = RowStats {
+                    max: up(&stats.max),
+                    sum: up(&stats.sum),
+                    target: up(&stats.target),
+                };
+                let loss = gpu::ce_loss_dev(&dev, &stats_d, &logits.shape, &sh).unwrap();
+                let want_loss =
+                    ferrotron_exec::kernel::ce_loss(&stats, &logits.shape, shift, 2).unwrap();
+                assert_close(
+                    &format!("{what}: loss shift {shift}"),
+                    &gpu::download(&dev, &loss).unwrap(),
+                    &t(&[], vec![want_loss]),
+                    F32,
+                );
+                for seed_dtype in [Storage::F32, Storage::Bf16] {
+                    let seed = gpu::upload(&dev, &t(&[], vec![0.75]), seed_dtype).unwrap();
+                    let got = gpu::ce_grad_dev(&dev, &ld, &td, &stats_d, &sh, &seed).unwrap();
+                    let want = cpu::ce_grad(&host, &targets, &stats, &sh, 0.75, 1).unwrap();
+                    let got = gpu::download(&dev, &got).unwrap();
+                    let what = format!("{what}: device grad shift {shift} seed {seed_dtype:?}");
+                    assert_close(&what, &got, &want, tol);
+                }
             }
         }
     }
@@ -1728,10 +1760,17 @@ fn vocabulary_parallel_phases_match_the_cpu() {
         cpu::ce_row_sums(&logits, &[0.0; 5], &targets, &shifted, 1).unwrap_err()
     );
     let e = gpu::ce_row_sums(&dev, &ld, &[0.0; 6], &td, &plain).unwrap_err();
-    assert_eq!(
-        e,
-        cpu::ce_row_sums(&logits, &[0.0; 6], &targets, &plain, 1).unwrap_err()
-    );
+    let want = cpu::ce_row_sums(&logits, &[0.0; 6], &targets, &plain, 1).unwrap_err();
+    assert_eq!(e, want);
+    // Kept on the device, the target check does not wait: the same error comes from the rank's
+    // next read from the device, once.
+    let max = gpu::upload(&dev, &t(&[6], vec![0.0; 6]), Storage::F32).unwrap();
+    let (sum, _) = gpu::ce_row_sums_dev(&dev, &ld, &max, &td, &plain).unwrap();
+    assert_eq!(gpu::download(&dev, &sum).unwrap_err(), want);
+    assert_eq!(gpu::download(&dev, &sum).unwrap().shape, [6]);
+    // Good targets: nothing to report.
+    let (sum, _) = gpu::ce_row_sums_dev(&dev, &ld, &max, &td, &shard(0, 5, false, 1)).unwrap();
+    assert!(gpu::download(&dev, &sum).is_ok());
     let stats = RowStats {
         max: vec![0.0; 6],
         sum: vec![1.0; 6],

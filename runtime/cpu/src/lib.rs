@@ -23,7 +23,7 @@ mod par;
 use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::comm::{Comm, CommError, HostCollectives, ReduceOp};
 use ferrotron_exec::fuse::Fused;
-use ferrotron_exec::kernel::{invalid, KernelError, Placement, RowStats, VocabShard};
+use ferrotron_exec::kernel::{ce_loss, invalid, KernelError, Placement, RowStats, VocabShard};
 use ferrotron_exec::{Tensor, ThreadGroup};
 use ferrotron_ir::{DType, Dim, Op};
 use ferrotron_partitioner::Region;
@@ -196,29 +196,57 @@ impl Backend for Cpu {
         Ok(t.take(&Region::part(&t.shape, dim, parts, index)))
     }
 
-    fn ce_row_max(&self, logits: &Tensor, shard: &VocabShard) -> Result<Vec<f32>, KernelError> {
-        kernels::ce_row_max(logits, shard, self.threads)
+    fn ce_row_max(&self, logits: &Tensor, shard: &VocabShard) -> Result<Tensor, KernelError> {
+        Ok(rows_tensor(kernels::ce_row_max(
+            logits,
+            shard,
+            self.threads,
+        )?))
     }
 
     fn ce_row_sums(
         &self,
         logits: &Tensor,
-        max: &[f32],
+        max: &Tensor,
         targets: &Tensor,
         shard: &VocabShard,
-    ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
-        kernels::ce_row_sums(logits, max, targets, shard, self.threads)
+    ) -> Result<(Tensor, Tensor), KernelError> {
+        let (sum, target) = kernels::ce_row_sums(logits, &max.data, targets, shard, self.threads)?;
+        Ok((rows_tensor(sum), rows_tensor(target)))
+    }
+
+    fn ce_loss(
+        &self,
+        stats: &RowStats<Tensor>,
+        logits_shape: &[usize],
+        shard: &VocabShard,
+    ) -> Result<Tensor, KernelError> {
+        let loss = ce_loss(
+            &host_stats(stats),
+            logits_shape,
+            shard.shift,
+            shard.token_parts,
+        )?;
+        Ok(Tensor::full(Vec::new(), loss))
     }
 
     fn ce_grad(
         &self,
         logits: &Tensor,
         targets: &Tensor,
-        stats: &RowStats,
+        stats: &RowStats<Tensor>,
         shard: &VocabShard,
-        dloss: f32,
+        dloss: &Tensor,
     ) -> Result<Tensor, KernelError> {
-        kernels::ce_grad(logits, targets, stats, shard, dloss, self.threads)
+        let dloss = self.read_scalar(dloss)?;
+        kernels::ce_grad(
+            logits,
+            targets,
+            &host_stats(stats),
+            shard,
+            dloss,
+            self.threads,
+        )
     }
 
     fn sum_squares(&self, t: &Tensor) -> Result<f64, KernelError> {
@@ -251,6 +279,23 @@ impl Backend for Cpu {
             update,
         );
         Ok(())
+    }
+}
+
+/// Per-row statistics as a `[rows]` tensor.
+fn rows_tensor(v: Vec<f32>) -> Tensor {
+    Tensor {
+        shape: vec![v.len()],
+        data: v,
+    }
+}
+
+/// The statistics' vectors (a row's statistics: a few floats, copied).
+fn host_stats(stats: &RowStats<Tensor>) -> RowStats {
+    RowStats {
+        max: stats.max.data.clone(),
+        sum: stats.sum.data.clone(),
+        target: stats.target.data.clone(),
     }
 }
 

@@ -130,25 +130,33 @@ impl Backend for Counting {
     ) -> Result<Tensor, KernelError> {
         self.cpu.local_slice(t, dim, index, parts)
     }
-    fn ce_row_max(&self, l: &Tensor, shard: &VocabShard) -> Result<Vec<f32>, KernelError> {
+    fn ce_row_max(&self, l: &Tensor, shard: &VocabShard) -> Result<Tensor, KernelError> {
         self.cpu.ce_row_max(l, shard)
     }
     fn ce_row_sums(
         &self,
         l: &Tensor,
-        m: &[f32],
+        m: &Tensor,
         t: &Tensor,
         shard: &VocabShard,
-    ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+    ) -> Result<(Tensor, Tensor), KernelError> {
         self.cpu.ce_row_sums(l, m, t, shard)
+    }
+    fn ce_loss(
+        &self,
+        stats: &RowStats<Tensor>,
+        shape: &[usize],
+        shard: &VocabShard,
+    ) -> Result<Tensor, KernelError> {
+        self.cpu.ce_loss(stats, shape, shard)
     }
     fn ce_grad(
         &self,
         l: &Tensor,
         t: &Tensor,
-        stats: &RowStats,
+        stats: &RowStats<Tensor>,
         shard: &VocabShard,
-        d: f32,
+        d: &Tensor,
     ) -> Result<Tensor, KernelError> {
         self.cpu.ce_grad(l, t, stats, shard, d)
     }
@@ -240,16 +248,16 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
         "per layer: the bias add, the scale, the softmax gradient"
     );
     assert_eq!(evals + reshapes + adds + fused + 2 * dropped, 2 * local);
-    assert_eq!(
-        counting.collectives.load(Ordering::Relaxed),
-        2 * collectives
-    );
-    // The vocabulary-parallel loss reduces its row statistics in the forward (the maxima, then
-    // the sums with the target logits) and its gradient reuses them: two host all-reduces per
-    // rank, none in the backward.
+    // The vocabulary-parallel loss reduces its row statistics in the forward, as the backend's
+    // tensors (the maxima, then the sums and the target logits: three all-reduces per rank,
+    // none of a host buffer), and its gradient reuses them: none in the backward.
     assert!(g
         .order
         .iter()
         .any(|&n| matches!(g.nodes[n].op, Op::CrossEntropyGrad { .. })));
-    assert_eq!(counting.host.load(Ordering::Relaxed), 2 * 2);
+    assert_eq!(
+        counting.collectives.load(Ordering::Relaxed),
+        2 * (collectives + 3)
+    );
+    assert_eq!(counting.host.load(Ordering::Relaxed), 0);
 }

@@ -147,7 +147,8 @@ impl Backend for Cuda {
             .map_err(|e| KernelError::Device {
                 op: "synchronize",
                 msg: e.to_string(),
-            })
+            })?;
+        kernels::read_checks(self.device())
     }
 
     fn upload(&self, t: &Tensor, dtype: ferrotron_ir::DType) -> Result<CudaTensor, KernelError> {
@@ -213,29 +214,42 @@ impl Backend for Cuda {
         kernels::local_slice(self.device(), t, dim, index, parts)
     }
 
-    fn ce_row_max(&self, logits: &CudaTensor, shard: &VocabShard) -> Result<Vec<f32>, KernelError> {
-        kernels::ce_row_max(self.device(), logits, shard)
+    fn ce_row_max(
+        &self,
+        logits: &CudaTensor,
+        shard: &VocabShard,
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::ce_row_max_dev(self.device(), logits, shard)
     }
 
     fn ce_row_sums(
         &self,
         logits: &CudaTensor,
-        max: &[f32],
+        max: &CudaTensor,
         targets: &CudaTensor,
         shard: &VocabShard,
-    ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
-        kernels::ce_row_sums(self.device(), logits, max, targets, shard)
+    ) -> Result<(CudaTensor, CudaTensor), KernelError> {
+        kernels::ce_row_sums_dev(self.device(), logits, max, targets, shard)
+    }
+
+    fn ce_loss(
+        &self,
+        stats: &RowStats<CudaTensor>,
+        logits_shape: &[usize],
+        shard: &VocabShard,
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::ce_loss_dev(self.device(), stats, logits_shape, shard)
     }
 
     fn ce_grad(
         &self,
         logits: &CudaTensor,
         targets: &CudaTensor,
-        stats: &RowStats,
+        stats: &RowStats<CudaTensor>,
         shard: &VocabShard,
-        dloss: f32,
+        dloss: &CudaTensor,
     ) -> Result<CudaTensor, KernelError> {
-        kernels::ce_grad(self.device(), logits, targets, stats, shard, dloss)
+        kernels::ce_grad_dev(self.device(), logits, targets, stats, shard, dloss)
     }
 
     fn sum_squares(&self, t: &CudaTensor) -> Result<f64, KernelError> {

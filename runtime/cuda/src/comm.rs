@@ -19,8 +19,9 @@
 //! * [`NcclGroup`]: one rank per GPU (one process per GPU under `ferrotron launch`, or one
 //!   thread per GPU), NCCL collectives on the rank's stream.
 //!
-//! The per-row statistics of the vocabulary-parallel cross-entropy are host buffers: virtual
-//! ranks reduce them with the CPU communicator, NCCL ranks through a small device buffer.
+//! The vocabulary-parallel cross-entropy's per-row statistics are device tensors, reduced like
+//! any other (no host round trip inside a step); host buffers (a norm, a loss addend) go through
+//! the CPU communicator on virtual ranks and through a small device buffer on NCCL.
 
 use super::device::RankDevice;
 use super::kernels;

@@ -10,8 +10,8 @@ use super::kernels::Kernels;
 use super::libs::{self, Lib};
 use super::CudaError;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaStream};
-use std::sync::Arc;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use std::sync::{Arc, Mutex};
 
 /// One GPU: its context and compiled kernels.
 #[derive(Clone)]
@@ -72,6 +72,7 @@ impl Gpu {
             gpu: self.clone(),
             stream,
             blas,
+            checks: Arc::default(),
         })
     }
 }
@@ -85,6 +86,26 @@ pub struct RankDevice {
     pub stream: Arc<CudaStream>,
     /// cuBLAS, on [`RankDevice::stream`].
     pub blas: Arc<CudaBlas>,
+    /// Index checks queued on the stream and not yet read: read at the rank's next read from
+    /// the device, so that checking a step's targets costs no synchronisation of its own.
+    pub checks: Arc<Mutex<Vec<DeferredCheck>>>,
+}
+
+/// An index check whose result is still on the device: the first element of `values` (of `n`)
+/// that is not an integer in `0..bound`, `u64::MAX` for none.
+pub struct DeferredCheck {
+    /// The op that checked.
+    pub op: &'static str,
+    /// What the values are (`target`).
+    pub what: &'static str,
+    /// The exclusive bound.
+    pub bound: usize,
+    /// The values' count.
+    pub n: usize,
+    /// The first bad element's index, written by the check's kernel.
+    pub first: CudaSlice<u64>,
+    /// The values checked (kept alive until the result is read, to report the bad value).
+    pub values: Arc<CudaSlice<f32>>,
 }
 
 impl RankDevice {

@@ -81,32 +81,41 @@ pub trait Backend: Clone + Send + Sync {
     ) -> Result<Self::Tensor, KernelError>;
 
     /// Per row (every position of the logits' leading dimensions), the max over this rank's real
-    /// classes (a row with no real local class gives −∞).
+    /// classes (a row with no real local class gives −∞): an `f32` tensor `[rows]`, kept where
+    /// the backend computes (the statistics never leave a GPU inside a step).
     fn ce_row_max(
         &self,
         logits: &Self::Tensor,
         shard: &VocabShard,
-    ) -> Result<Vec<f32>, KernelError>;
+    ) -> Result<Self::Tensor, KernelError>;
     /// Per row, the sum over this rank's real classes of `exp(logit − max[row])`, and the logit
-    /// of the row's target if this rank holds that class (else 0). Targets must be integers in
-    /// `0..real_classes`.
+    /// of the row's target if this rank holds that class (else 0): two `f32` tensors `[rows]`.
+    /// Targets must be integers in `0..real_classes`.
     fn ce_row_sums(
         &self,
         logits: &Self::Tensor,
-        max: &[f32],
+        max: &Self::Tensor,
         targets: &Self::Tensor,
         shard: &VocabShard,
-    ) -> Result<(Vec<f32>, Vec<f32>), KernelError>;
+    ) -> Result<(Self::Tensor, Self::Tensor), KernelError>;
+    /// The loss from the group-reduced statistics, a scalar tensor ([`crate::kernel::ce_loss`]'s
+    /// arithmetic); `logits_shape`'s leading dimensions give the rows.
+    fn ce_loss(
+        &self,
+        stats: &RowStats<Self::Tensor>,
+        logits_shape: &[usize],
+        shard: &VocabShard,
+    ) -> Result<Self::Tensor, KernelError>;
     /// The local logits' gradient from the group-reduced statistics: `(softmax −
     /// onehot(target)) · dloss / (predicting rows × token_parts)`, zero for padded classes and
-    /// rows that predict nothing.
+    /// rows that predict nothing; `dloss` is the loss's gradient, a scalar tensor.
     fn ce_grad(
         &self,
         logits: &Self::Tensor,
         targets: &Self::Tensor,
-        stats: &RowStats,
+        stats: &RowStats<Self::Tensor>,
         shard: &VocabShard,
-        dloss: f32,
+        dloss: &Self::Tensor,
     ) -> Result<Self::Tensor, KernelError>;
 
     /// `Σ x²` over a tensor, accumulated in `f64` (the global gradient norm).

@@ -253,15 +253,17 @@ pub fn mean_count(
     Ok(count)
 }
 
-/// A cross-entropy's per-row statistics, reduced over the vocabulary-parallel group.
+/// A cross-entropy's per-row statistics, reduced over the vocabulary-parallel group: host
+/// vectors, or (`T` = a backend's tensor, `[rows]` each) where the backend keeps them, on the
+/// device for a GPU, so that a step needs no host round trip for them.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct RowStats {
+pub struct RowStats<T = Vec<f32>> {
     /// Each row's max over the real classes.
-    pub max: Vec<f32>,
+    pub max: T,
     /// Each row's `Σ exp(logit − max)` over the real classes.
-    pub sum: Vec<f32>,
+    pub sum: T,
     /// Each row's target logit (0 where the row predicts nothing).
-    pub target: Vec<f32>,
+    pub target: T,
 }
 
 /// The loss from the group-reduced statistics: `Σ` over predicting rows of

@@ -20,7 +20,7 @@ use crate::backend::Backend;
 use crate::comm::{Comm, CommError, ReduceOp};
 use crate::error::{ExecError, GroupRanks};
 use crate::fuse::{Fused, StepOp};
-use crate::kernel::{ce_loss, KernelError, Placement, RowStats, VocabShard};
+use crate::kernel::{KernelError, Placement, RowStats, VocabShard};
 use crate::link::{Link, Tag};
 use crate::program::Executable;
 use crate::Tensor;
@@ -416,16 +416,19 @@ struct Runner<'a, B: Backend> {
     /// The vocabulary-parallel cross-entropy's statistics from its forward, by its logits and
     /// micro-batch, for its backward: reduced over the tp group once, in the forward, so the
     /// backward needs no collective (as Megatron's saves them).
-    ce_stats: RefCell<HashMap<(ValueId, u32), VocabStats>>,
+    ce_stats: RefCell<HashMap<LogitsOf, VocabStats<B::Tensor>>>,
     /// With several micro-batches, the values summed over them so far (the gradients): each
     /// micro-batch's is added in as soon as nothing else on the stage reads it, so a stage
     /// never holds two sets of gradients.
     sums: RefCell<HashMap<ValueId, B::Tensor>>,
 }
 
+/// Which logits a cross-entropy's statistics are of: the value and the micro-batch.
+type LogitsOf = (ValueId, u32);
+
 /// The vocabulary-parallel cross-entropy's statistics on this rank, reduced over the group.
-struct VocabStats {
-    stats: RowStats,
+struct VocabStats<T> {
+    stats: RowStats<T>,
     shard: VocabShard,
 }
 
@@ -1297,19 +1300,13 @@ impl<B: Backend> Runner<'_, B> {
                 classes,
             } if self.vocab_parallel(*logits) => {
                 let ce = self.vocab_ce(n, *logits, get(logits)?, get(targets)?, *shift, classes)?;
-                let loss = ce_loss(
-                    &ce.stats,
-                    be.shape(get(logits)?),
-                    *shift,
-                    ce.shard.token_parts,
-                )
-                .map_err(|e| self.kernel_error(n, e))?;
+                let loss = be
+                    .ce_loss(&ce.stats, be.shape(get(logits)?), &ce.shard)
+                    .map_err(|e| self.kernel_error(n, e))?;
                 self.ce_stats
                     .borrow_mut()
                     .insert((*logits, self.micro_batch.get()), ce);
-                Ok(vec![be
-                    .scalar(loss)
-                    .map_err(|e| self.kernel_error(n, e))?])
+                Ok(vec![loss])
             }
             Op::CrossEntropyGrad {
                 logits,
@@ -1329,11 +1326,8 @@ impl<B: Backend> Runner<'_, B> {
                     Some(ce) => ce,
                     None => self.vocab_ce(n, *logits, x, get(targets)?, *shift, classes)?,
                 };
-                let dl = be
-                    .read_scalar(get(dloss)?)
-                    .map_err(|e| self.kernel_error(n, e))?;
                 let grad = be
-                    .ce_grad(x, get(targets)?, &ce.stats, &ce.shard, dl)
+                    .ce_grad(x, get(targets)?, &ce.stats, &ce.shard, get(dloss)?)
                     .map_err(|e| self.kernel_error(n, e))?;
                 Ok(vec![grad])
             }
@@ -1452,7 +1446,7 @@ impl<B: Backend> Runner<'_, B> {
         targets: &B::Tensor,
         shift: bool,
         classes: &Option<Dim>,
-    ) -> Result<VocabStats, ExecError> {
+    ) -> Result<VocabStats<B::Tensor>, ExecError> {
         let be = &self.rank.backend;
         let plan = self.exe.plan;
         let region = self.region(v);
@@ -1464,27 +1458,23 @@ impl<B: Backend> Runner<'_, B> {
             shift,
             token_parts: self.token_parts(v),
         };
+        // The statistics stay backend tensors, reduced by the group's tensor collectives: on a
+        // GPU they never reach the host.
         let tp = self.group(MeshAxis::Tp);
         let mut max = be
             .ce_row_max(logits, &shard)
             .map_err(|e| self.kernel_error(n, e))?;
-        tp.all_reduce_host(&mut max, ReduceOp::Max)
+        tp.all_reduce(&mut max, ReduceOp::Max)
             .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
-        let (sum, target) = be
+        let (mut sum, mut target) = be
             .ce_row_sums(logits, &max, targets, &shard)
             .map_err(|e| self.kernel_error(n, e))?;
-        let rows = sum.len();
-        let mut both = sum;
-        both.extend_from_slice(&target);
-        tp.all_reduce_host(&mut both, ReduceOp::Sum)
-            .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
-        let target = both.split_off(rows);
+        for x in [&mut sum, &mut target] {
+            tp.all_reduce(x, ReduceOp::Sum)
+                .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
+        }
         Ok(VocabStats {
-            stats: RowStats {
-                max,
-                sum: both,
-                target,
-            },
+            stats: RowStats { max, sum, target },
             shard,
         })
     }

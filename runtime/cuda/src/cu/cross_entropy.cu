@@ -98,3 +98,21 @@ __device__ __forceinline__ void ce_grad_impl(T* out, const T* logits, const floa
      double denom)
 FT_TYPED(ce_grad, CE_GRAD_PARAMS,
          (out, logits, max, sum, targets, dloss, rows, seq, vocab, nr, class_offset, shift, denom))
+
+// The loss from the group-reduced statistics, on the device (no host round trip inside a step):
+// the sum over the rows that predict something of ln(sum) + max - target logit, divided by
+// denom (predicting rows * token parts). One block: each thread sums its rows in f64, then the
+// block's sums are added in a fixed order, so the result is the same on every run.
+extern "C" __global__ void ce_loss(float* out, const float* max, const float* sum, const float* tl,
+                                   i64 rows, i64 seq, int shift, double denom) {
+    double acc = 0.0;
+    for (i64 row = threadIdx.x; row < rows; row += blockDim.x) {
+        if (!shift || row % seq + 1 != seq) {
+            acc += log((double)sum[row]) + (double)max[row] - (double)tl[row];
+        }
+    }
+    acc = ft_block_sum_d(acc);
+    if (threadIdx.x == 0) {
+        out[0] = (float)(acc / denom);
+    }
+}

@@ -3,11 +3,14 @@
 //! reductions) cross-entropy. The same meaning, checks and errors as the CPU backend's: logits
 //! `[..., seq, vocab]`, this rank's classes global `class_offset + j`, classes at or past
 //! `real_classes` excluded ([`VocabShard`]); with `shift` row `t` predicts target `t + 1` and the
-//! last position of each sequence predicts nothing. The loss's mean is the core's
-//! ([`ce_loss`]), on the host in `f64`.
+//! last position of each sequence predicts nothing. For the executor's phases the statistics stay
+//! on the device ([`ce_row_max_dev`], [`ce_row_sums_dev`], [`ce_loss_dev`], [`ce_grad_dev`]: the
+//! group reduces them as tensors, the loss is computed by a kernel, the backward's seed is read
+//! where it is); the host forms ([`ce_row_max`], ...) serve `eval` and the op tests, with the
+//! loss's mean the core's ([`ce_loss`]), on the host in `f64`.
 
 use super::launch::{cfg_2d, cfg_rows, i64_of, on, scratch, to_host, Buf, Launch, Result};
-use super::{as_dtype, check, first_bad_index, index_buffer, spec};
+use super::{as_dtype, check, defer_index_check, first_bad_index, index_buffer, spec};
 use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, Storage};
 use cudarc::driver::CudaSlice;
@@ -367,4 +370,148 @@ pub(super) fn grad_op(
         denom: count as f64 * shard.token_parts as f64,
     };
     grad_dev(dev, op, logits, &g, inputs, shard)
+}
+
+/// A statistics tensor's buffer: `f32`, `[rows]`.
+fn stats_buffer<'t>(
+    op: &'static str,
+    what: &str,
+    t: &'t CudaTensor,
+    rows: usize,
+) -> Result<&'t CudaSlice<f32>> {
+    if t.shape != [rows] {
+        return Err(invalid(
+            op,
+            format!("the {what} have shape {:?}, not [{rows}]", t.shape),
+        ));
+    }
+    Ok(index_buffer(op, what, t)?.as_ref())
+}
+
+/// [`ce_row_max`], kept on the device: `[rows]`.
+pub fn ce_row_max_dev(
+    dev: &RankDevice,
+    logits: &CudaTensor,
+    shard: &VocabShard,
+) -> Result<CudaTensor> {
+    const OP: &str = "CrossEntropy";
+    let g = geometry(OP, logits, shard)?;
+    let max = row_max_dev(dev, OP, logits, &g)?;
+    Ok(CudaTensor::f32(vec![g.rows], max))
+}
+
+/// [`ce_row_sums`] from device maxima, kept on the device: the sums and the target logits,
+/// `[rows]` each.
+pub fn ce_row_sums_dev(
+    dev: &RankDevice,
+    logits: &CudaTensor,
+    max: &CudaTensor,
+    targets: &CudaTensor,
+    shard: &VocabShard,
+) -> Result<(CudaTensor, CudaTensor)> {
+    const OP: &str = "CrossEntropy";
+    let g = geometry(OP, logits, shard)?;
+    let t = targets_of(OP, logits, targets)?;
+    let max = stats_buffer(OP, "row maxima", max, g.rows)?;
+    // Checked without waiting: a bad target is reported by the rank's next read from the
+    // device (the loss, at the latest); the kernels skip it meanwhile.
+    let buffer = index_buffer(OP, "targets", targets)?;
+    let range = (g.rows, shard.real_classes, g.seq);
+    defer_index_check(dev, OP, "target", buffer, range, shard.shift)?;
+    let rows = Rows { max, targets: t };
+    let (sum, tl) = row_sums_dev(dev, OP, logits, rows, &g, shard)?;
+    Ok((
+        CudaTensor::f32(vec![g.rows], sum),
+        CudaTensor::f32(vec![g.rows], tl),
+    ))
+}
+
+/// The loss from device statistics, a device scalar ([`ce_loss`]'s arithmetic, by a kernel).
+pub fn ce_loss_dev(
+    dev: &RankDevice,
+    stats: &RowStats<CudaTensor>,
+    logits_shape: &[usize],
+    shard: &VocabShard,
+) -> Result<CudaTensor> {
+    const OP: &str = "CrossEntropy";
+    let (rows, seq) = ce_rows(OP, logits_shape)?;
+    let count = mean_count(
+        OP,
+        (rows, seq),
+        shard.shift,
+        shard.token_parts,
+        logits_shape,
+    )?;
+    let max = stats_buffer(OP, "row maxima", &stats.max, rows)?;
+    let sum = stats_buffer(OP, "row sums", &stats.sum, rows)?;
+    let tl = stats_buffer(OP, "target logits", &stats.target, rows)?;
+    let mut out = scratch(dev, OP, 1)?;
+    let v = [rows, seq.max(1)]
+        .map(|x| i64_of(OP, x))
+        .into_iter()
+        .collect::<Result<Vec<i64>>>()?;
+    let shift = i32::from(shard.shift);
+    let denom = count as f64 * shard.token_parts as f64;
+    Launch::new(dev, OP, &spec::CE_LOSS, Storage::F32)?
+        .slice_mut(&mut out)
+        .slice(max)
+        .slice(sum)
+        .slice(tl)
+        .val(&v[0])
+        .val(&v[1])
+        .val(&shift)
+        .val(&denom)
+        .launch(cudarc::driver::LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (super::launch::BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        })?;
+    Ok(CudaTensor::f32(Vec::new(), out))
+}
+
+/// The local logits' gradient from device statistics and the loss's gradient as a device
+/// scalar (the backward's seed is never read back).
+pub fn ce_grad_dev(
+    dev: &RankDevice,
+    logits: &CudaTensor,
+    targets: &CudaTensor,
+    stats: &RowStats<CudaTensor>,
+    shard: &VocabShard,
+    dloss: &CudaTensor,
+) -> Result<CudaTensor> {
+    const OP: &str = "CrossEntropyGrad";
+    let g = geometry(OP, logits, shard)?;
+    let t = targets_of(OP, logits, targets)?;
+    let max = stats_buffer(OP, "maxima", &stats.max, g.rows)?;
+    let sum = stats_buffer(OP, "sums", &stats.sum, g.rows)?;
+    if dloss.numel() != 1 {
+        return Err(invalid(
+            OP,
+            format!(
+                "the loss's gradient has shape {:?}, not a scalar",
+                dloss.shape
+            ),
+        ));
+    }
+    // The seed in f32 (under bf16 storage it may be held in bf16).
+    let dloss = match dloss.dtype() {
+        Storage::F32 => dloss.clone(),
+        Storage::Bf16 => super::cast(dev, dloss, Storage::F32)?,
+    };
+    let count = mean_count(
+        OP,
+        (g.rows, g.seq),
+        shard.shift,
+        shard.token_parts,
+        &logits.shape,
+    )?;
+    // The targets were checked with the statistics ([`ce_row_sums_dev`]).
+    let inputs = GradInputs {
+        max,
+        sum,
+        targets: t,
+        dloss: index_buffer(OP, "loss's gradient", &dloss)?.as_ref(),
+        denom: count as f64 * shard.token_parts as f64,
+    };
+    grad_dev(dev, OP, logits, &g, inputs, shard)
 }

@@ -92,6 +92,18 @@ pub(crate) fn to_host<T: DeviceRepr>(
     op: &'static str,
     src: &CudaView<'_, T>,
 ) -> Result<Vec<T>> {
+    let v = read_back(dev, op, src)?;
+    // The checks queued before this read are done too: report the first that failed.
+    super::read_checks(dev)?;
+    Ok(v)
+}
+
+/// A copy of `src` on the host, waiting for the stream (without reading the deferred checks).
+pub(crate) fn read_back<T: DeviceRepr>(
+    dev: &RankDevice,
+    op: &'static str,
+    src: &CudaView<'_, T>,
+) -> Result<Vec<T>> {
     let v = dev.stream.clone_dtoh(src).map_err(on(op))?;
     dev.stream.synchronize().map_err(on(op))?;
     Ok(v)

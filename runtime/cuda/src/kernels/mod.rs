@@ -56,7 +56,9 @@ mod structs;
 #[cfg(test)]
 mod tests;
 
-pub use cross_entropy::{ce_grad, ce_row_max, ce_row_sums};
+pub use cross_entropy::{
+    ce_grad, ce_grad_dev, ce_loss_dev, ce_row_max, ce_row_max_dev, ce_row_sums, ce_row_sums_dev,
+};
 pub use optim::{adamw, first_non_finite, reduce_buffers, scale_in_place, sum_squares};
 pub use spec::{KernelSpec, Param, KERNELS};
 
@@ -280,6 +282,21 @@ fn first_bad_index(
     seq: usize,
     skip_first: bool,
 ) -> Result<Option<(usize, f32)>> {
+    match check_indices(dev, op, values, (n, bound, seq), skip_first)? {
+        Some(first) => first_bad(dev, op, &first, values, n),
+        None => Ok(None),
+    }
+}
+
+/// Queues the index check of [`first_bad_index`]: its result buffer (`None` when there is
+/// nothing to check).
+fn check_indices(
+    dev: &RankDevice,
+    op: &'static str,
+    values: &CudaSlice<f32>,
+    (n, bound, seq): (usize, usize, usize),
+    skip_first: bool,
+) -> Result<Option<CudaSlice<u64>>> {
     if n == 0 {
         return Ok(None);
     }
@@ -294,7 +311,18 @@ fn first_bad_index(
         .val(&seq64)
         .val(&skip)
         .launch(launch::cfg_1d(dev, n))?;
-    let at = launch::to_host(dev, op, &first.as_view())?
+    Ok(Some(first))
+}
+
+/// The result of a queued index check, read back: the first bad element and its value.
+fn first_bad(
+    dev: &RankDevice,
+    op: &'static str,
+    first: &CudaSlice<u64>,
+    values: &CudaSlice<f32>,
+    n: usize,
+) -> Result<Option<(usize, f32)>> {
+    let at = launch::read_back(dev, op, &first.as_view())?
         .first()
         .copied()
         .unwrap_or(u64::MAX);
@@ -308,11 +336,62 @@ fn first_bad_index(
         .ok_or_else(|| {
             launch::device(op, format!("the index check reported element {at} of {n}"))
         })?;
-    let value = launch::to_host(dev, op, &values.slice(at..at + 1))?
+    let value = launch::read_back(dev, op, &values.slice(at..at + 1))?
         .first()
         .copied()
         .unwrap_or(f32::NAN);
     Ok(Some((at, value)))
+}
+
+/// Checks that the indices `values` are integers in `0..bound` without waiting for the answer
+/// ([`RankDevice::checks`]): a bad one is reported by the rank's next read from the device.
+/// (An index the kernels would read past their tensors with is never used: they skip it.)
+fn defer_index_check(
+    dev: &RankDevice,
+    op: &'static str,
+    what: &'static str,
+    values: &Arc<CudaSlice<f32>>,
+    (n, bound, seq): (usize, usize, usize),
+    skip_first: bool,
+) -> Result<()> {
+    /// Past this many unread checks (a loop that never reads from the device), they are read.
+    const MAX_UNREAD: usize = 64;
+    if let Some(first) = check_indices(dev, op, values, (n, bound, seq), skip_first)? {
+        let unread = {
+            let mut checks = dev.checks.lock().unwrap_or_else(|e| e.into_inner());
+            checks.push(crate::device::DeferredCheck {
+                op,
+                what,
+                bound,
+                n,
+                first,
+                values: values.clone(),
+            });
+            checks.len()
+        };
+        if unread > MAX_UNREAD {
+            read_checks(dev)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the rank's deferred index checks (they ran before anything read after them): the
+/// first that failed, as the error its op would have given at once.
+pub(crate) fn read_checks(dev: &RankDevice) -> Result<()> {
+    let checks = std::mem::take(&mut *dev.checks.lock().unwrap_or_else(|e| e.into_inner()));
+    for c in checks {
+        if let Some((element, value)) = first_bad(dev, c.op, &c.first, &c.values, c.n)? {
+            return Err(KernelError::Index {
+                op: c.op,
+                what: c.what,
+                value,
+                element,
+                bound: c.bound,
+            });
+        }
+    }
+    Ok(())
 }
 
 // The CPU backend's stride arithmetic, shared.

@@ -130,6 +130,8 @@ kernels! {
         [Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I32];
     CE_GRAD = "ce_grad" in "cross_entropy.cu", true,
         [Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I32, F64];
+    CE_LOSS = "ce_loss" in "cross_entropy.cu", false,
+        [Ptr, Ptr, Ptr, Ptr, I64, I64, I32, F64];
     REDUCE_N = "reduce_n" in "reduce.cu", true,
         [Ptr, Struct(size_of::<Inputs>()), I32, I32, I64];
     FIRST_NON_FINITE = "first_non_finite" in "reduce.cu", true, [Ptr, Ptr, I64];
