@@ -226,3 +226,148 @@ fn launch_backend_cuda_runs_a_rank_per_process_over_nccl() {
         }
     }
 }
+
+/// The process ids of `parent`'s children.
+fn children(parent: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{parent}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether process `pid` has a thread named `name`.
+fn has_thread(pid: u32, name: &str) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .any(|comm| comm.trim() == name)
+}
+
+/// The `FERROTRON_RANK` process `pid` was started with.
+fn rank_of(pid: u32) -> Option<usize> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("FERROTRON_RANK="))
+        .and_then(|r| r.parse().ok())
+}
+
+/// One rank of a launched job on NCCL stops (SIGSTOP) in the middle of its steps: the other's
+/// watchdog reports the collective it waits in (the op, the node, the group) and the rank that
+/// had not arrived, within the timeout, records it as the job's failure and exits, and the
+/// launcher stops the job.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stopped_rank_is_named_by_the_nccl_watchdog() {
+    use std::time::{Duration, Instant};
+    // Where the stand-in cannot run, this says so (and fails where it must run).
+    if on_emulated_gpu(&["--version"]).is_none() {
+        return;
+    }
+    let existing = std::env::var("LD_LIBRARY_PATH").ok();
+    let path = ferrotron_cuda_emu::library_path(existing.as_deref()).unwrap();
+    let cache =
+        std::env::temp_dir().join(format!("ferrotron-cuda-cli-kernels-{}", std::process::id()));
+    let timeout_s = 3;
+    let mut job = Command::new(env!("CARGO_BIN_EXE_ferrotron"))
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--grace",
+            "1",
+            "--timeout",
+        ])
+        .arg(timeout_s.to_string())
+        .args([
+            "--",
+            "run",
+            "models/tiny-gpt.ron",
+            "--backend",
+            "cuda",
+            "--tp",
+            "2",
+        ])
+        .args(["--steps", "1000000"])
+        .env("LD_LIBRARY_PATH", path)
+        .env("FERROTRON_CACHE_DIR", cache)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both workers have made their watchdog (just before their NCCL groups); a second later
+    // they are in their steps.
+    let started = Instant::now();
+    let workers = loop {
+        let w = children(job.id());
+        if w.len() == 2 && w.iter().all(|&p| has_thread(p, "nccl-watchdog")) {
+            break w;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120) && job.try_wait().unwrap().is_none(),
+            "the workers did not start their NCCL groups"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = *workers.iter().find(|&&p| rank_of(p) == Some(1)).unwrap();
+    // SAFETY: a signal to a child process of this test.
+    assert_eq!(unsafe { libc::kill(stopped as i32, libc::SIGSTOP) }, 0);
+    let at = Instant::now();
+    let out = job.wait_with_output().unwrap();
+    let took = at.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("NCCL watchdog"), "{stderr}");
+    assert!(stderr.contains("rank 0 failed"), "{stderr}");
+    assert!(stderr.contains("tp group of ranks 0, 1"), "{stderr}");
+    // Stopped between collectives (nearly always), rank 1 is named; stopped inside one, it had
+    // begun it and only its absence is.
+    assert!(
+        stderr.contains("rank 1 had not arrived") || stderr.contains("not every member arrived"),
+        "{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(timeout_s + 20),
+        "the job took {took:?} to stop"
+    );
+    // The node named is one of the plan's communicating nodes.
+    let node = stderr
+        .split("node `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or_else(|| panic!("no node named: {stderr}"));
+    let graph =
+        ferrotron_ir::load_model("models/tiny-gpt.ron".as_ref(), &Default::default()).unwrap();
+    let options = ferrotron_partitioner::PartitionOptions {
+        tp: 2,
+        ..Default::default()
+    };
+    let plan = ferrotron_partitioner::partition(&graph, &options).unwrap();
+    let op = plan
+        .graph
+        .nodes
+        .values()
+        .find(|n| n.name == node)
+        .map(|n| &n.op)
+        .unwrap_or_else(|| panic!("`{node}` is not a node of the plan"));
+    assert!(
+        op.is_collective()
+            || matches!(
+                op,
+                ferrotron_ir::Op::CrossEntropy { .. } | ferrotron_ir::Op::CrossEntropyGrad { .. }
+            ),
+        "`{node}` does not communicate"
+    );
+}

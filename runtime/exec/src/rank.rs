@@ -670,6 +670,16 @@ impl<B: Backend> Runner<'_, B> {
                     }
                 }
             }
+            // A watchdog that reports a stuck collective names the node it belongs to.
+            let communicates = matches!(
+                node.op,
+                Op::CrossEntropy { .. } | Op::CrossEntropyGrad { .. }
+            );
+            if node.op.is_collective() || communicates {
+                for group in [&self.rank.groups.tp, &self.rank.groups.dp] {
+                    group.note(&node.name);
+                }
+            }
             let began = start.elapsed();
             let late = exe.late_add(n);
             let outs = match (&step.op, late) {
@@ -1227,10 +1237,6 @@ impl<B: Backend> Runner<'_, B> {
         let g = &self.exe.plan.graph;
         let be = &self.rank.backend;
         let node = &g.nodes[n];
-        // A watchdog that reports a stuck collective names the node it belongs to.
-        for group in [&self.rank.groups.tp, &self.rank.groups.dp] {
-            group.note(&node.name);
-        }
         let get = |v: &ValueId| -> Result<&B::Tensor, ExecError> {
             values[v.index()].as_deref().ok_or_else(|| {
                 self.plan_error(n, format!("`{}` is not available", g.values[*v].name))
