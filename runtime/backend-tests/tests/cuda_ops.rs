@@ -17,7 +17,7 @@ use ferrotron_cpu::Cpu;
 use ferrotron_cuda::{CudaError, CudaTensor, Gpu, RankDevice, Storage};
 use ferrotron_exec::backend::{adamw_host, AdamW};
 use ferrotron_exec::fuse::Fused;
-use ferrotron_exec::kernel::{RowStats, VocabShard};
+use ferrotron_exec::kernel::{CeStats, RowStats, VocabShard};
 use ferrotron_exec::{Backend, KernelError, Placement, ReduceOp, Tensor};
 use ferrotron_ir::op::{Activation, Factor, MeshAxis, Op};
 use ferrotron_ir::{DType as IrDType, Dim};
@@ -1717,14 +1717,17 @@ fn vocabulary_parallel_phases_match_the_cpu() {
                 let max_d = gpu::ce_row_max_dev(&dev, &ld, &sh).unwrap();
                 let back = |x: &CudaTensor| gpu::download(&dev, x).unwrap().data;
                 assert_eq!(back(&max_d), max, "{what}: row max on the device");
-                let (sum_d, tl_d) = gpu::ce_row_sums_dev(&dev, &ld, &max_d, &td, &sh).unwrap();
-                assert_eq!(back(&sum_d), sum, "{what}: sums on the device");
-                assert_eq!(back(&tl_d), tl, "{what}: target logits on the device");
-                let up = |v: &[f32]| gpu::upload(&dev, &as_t(v), Storage::F32).unwrap();
-                let stats_d = RowStats {
-                    max: up(&stats.max),
-                    sum: up(&stats.sum),
-                    target: up(&stats.target),
+                let sums_d = gpu::ce_row_sums_dev(&dev, &ld, &max_d, &td, &sh).unwrap();
+                assert_eq!(sums_d.shape, [2, sum.len()], "{what}");
+                assert_eq!(
+                    back(&sums_d),
+                    [&sum[..], &tl[..]].concat(),
+                    "{what}: on the device"
+                );
+                let both = [&stats.sum[..], &stats.target[..]].concat();
+                let stats_d = CeStats {
+                    max: gpu::upload(&dev, &as_t(&stats.max), Storage::F32).unwrap(),
+                    sums: gpu::upload(&dev, &t(&[2, sum.len()], both), Storage::F32).unwrap(),
                 };
                 let loss = gpu::ce_loss_dev(&dev, &stats_d, &logits.shape, &sh).unwrap();
                 let want_loss =
@@ -1765,12 +1768,12 @@ fn vocabulary_parallel_phases_match_the_cpu() {
     // Kept on the device, the target check does not wait: the same error comes from the rank's
     // next read from the device, once.
     let max = gpu::upload(&dev, &t(&[6], vec![0.0; 6]), Storage::F32).unwrap();
-    let (sum, _) = gpu::ce_row_sums_dev(&dev, &ld, &max, &td, &plain).unwrap();
-    assert_eq!(gpu::download(&dev, &sum).unwrap_err(), want);
-    assert_eq!(gpu::download(&dev, &sum).unwrap().shape, [6]);
+    let sums = gpu::ce_row_sums_dev(&dev, &ld, &max, &td, &plain).unwrap();
+    assert_eq!(gpu::download(&dev, &sums).unwrap_err(), want);
+    assert_eq!(gpu::download(&dev, &sums).unwrap().shape, [2, 6]);
     // Good targets: nothing to report.
-    let (sum, _) = gpu::ce_row_sums_dev(&dev, &ld, &max, &td, &shard(0, 5, false, 1)).unwrap();
-    assert!(gpu::download(&dev, &sum).is_ok());
+    let sums = gpu::ce_row_sums_dev(&dev, &ld, &max, &td, &shard(0, 5, false, 1)).unwrap();
+    assert!(gpu::download(&dev, &sums).is_ok());
     let stats = RowStats {
         max: vec![0.0; 6],
         sum: vec![1.0; 6],

@@ -23,7 +23,9 @@ mod par;
 use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::comm::{Comm, CommError, HostCollectives, ReduceOp};
 use ferrotron_exec::fuse::Fused;
-use ferrotron_exec::kernel::{ce_loss, invalid, KernelError, Placement, RowStats, VocabShard};
+use ferrotron_exec::kernel::{
+    ce_loss, invalid, CeStats, KernelError, Placement, RowStats, VocabShard,
+};
 use ferrotron_exec::{Tensor, ThreadGroup};
 use ferrotron_ir::{DType, Dim, Op};
 use ferrotron_partitioner::Region;
@@ -210,23 +212,25 @@ impl Backend for Cpu {
         max: &Tensor,
         targets: &Tensor,
         shard: &VocabShard,
-    ) -> Result<(Tensor, Tensor), KernelError> {
-        let (sum, target) = kernels::ce_row_sums(logits, &max.data, targets, shard, self.threads)?;
-        Ok((rows_tensor(sum), rows_tensor(target)))
+    ) -> Result<Tensor, KernelError> {
+        let (mut sums, target) =
+            kernels::ce_row_sums(logits, &max.data, targets, shard, self.threads)?;
+        let rows = sums.len();
+        sums.extend_from_slice(&target);
+        Ok(Tensor {
+            shape: vec![2, rows],
+            data: sums,
+        })
     }
 
     fn ce_loss(
         &self,
-        stats: &RowStats<Tensor>,
+        stats: &CeStats<Tensor>,
         logits_shape: &[usize],
         shard: &VocabShard,
     ) -> Result<Tensor, KernelError> {
-        let loss = ce_loss(
-            &host_stats(stats),
-            logits_shape,
-            shard.shift,
-            shard.token_parts,
-        )?;
+        let stats = RowStats::of(&stats.max.data, &stats.sums.data);
+        let loss = ce_loss(&stats, logits_shape, shard.shift, shard.token_parts)?;
         Ok(Tensor::full(Vec::new(), loss))
     }
 
@@ -234,19 +238,13 @@ impl Backend for Cpu {
         &self,
         logits: &Tensor,
         targets: &Tensor,
-        stats: &RowStats<Tensor>,
+        stats: &CeStats<Tensor>,
         shard: &VocabShard,
         dloss: &Tensor,
     ) -> Result<Tensor, KernelError> {
         let dloss = self.read_scalar(dloss)?;
-        kernels::ce_grad(
-            logits,
-            targets,
-            &host_stats(stats),
-            shard,
-            dloss,
-            self.threads,
-        )
+        let stats = RowStats::of(&stats.max.data, &stats.sums.data);
+        kernels::ce_grad(logits, targets, &stats, shard, dloss, self.threads)
     }
 
     fn sum_squares(&self, t: &Tensor) -> Result<f64, KernelError> {
@@ -287,15 +285,6 @@ fn rows_tensor(v: Vec<f32>) -> Tensor {
     Tensor {
         shape: vec![v.len()],
         data: v,
-    }
-}
-
-/// The statistics' vectors (a row's statistics: a few floats, copied).
-fn host_stats(stats: &RowStats<Tensor>) -> RowStats {
-    RowStats {
-        max: stats.max.data.clone(),
-        sum: stats.sum.data.clone(),
-        target: stats.target.data.clone(),
     }
 }
 

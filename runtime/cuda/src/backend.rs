@@ -14,7 +14,7 @@ use super::watchdog::{Hang, Watchdog};
 use super::CudaError;
 use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::fuse::Fused;
-use ferrotron_exec::kernel::{KernelError, Placement, RowStats, VocabShard};
+use ferrotron_exec::kernel::{CeStats, KernelError, Placement, VocabShard};
 use ferrotron_exec::Tensor;
 use ferrotron_ir::{Dim, Op};
 use std::sync::{Arc, Mutex};
@@ -228,13 +228,13 @@ impl Backend for Cuda {
         max: &CudaTensor,
         targets: &CudaTensor,
         shard: &VocabShard,
-    ) -> Result<(CudaTensor, CudaTensor), KernelError> {
+    ) -> Result<CudaTensor, KernelError> {
         kernels::ce_row_sums_dev(self.device(), logits, max, targets, shard)
     }
 
     fn ce_loss(
         &self,
-        stats: &RowStats<CudaTensor>,
+        stats: &CeStats<CudaTensor>,
         logits_shape: &[usize],
         shard: &VocabShard,
     ) -> Result<CudaTensor, KernelError> {
@@ -245,7 +245,7 @@ impl Backend for Cuda {
         &self,
         logits: &CudaTensor,
         targets: &CudaTensor,
-        stats: &RowStats<CudaTensor>,
+        stats: &CeStats<CudaTensor>,
         shard: &VocabShard,
         dloss: &CudaTensor,
     ) -> Result<CudaTensor, KernelError> {

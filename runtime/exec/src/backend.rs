@@ -8,7 +8,7 @@
 
 use crate::comm::Comm;
 use crate::fuse::Fused;
-use crate::kernel::{KernelError, Placement, RowStats, VocabShard};
+use crate::kernel::{CeStats, KernelError, Placement, VocabShard};
 use crate::Tensor;
 use ferrotron_ir::{DType, Dim, Op};
 
@@ -88,21 +88,22 @@ pub trait Backend: Clone + Send + Sync {
         logits: &Self::Tensor,
         shard: &VocabShard,
     ) -> Result<Self::Tensor, KernelError>;
-    /// Per row, the sum over this rank's real classes of `exp(logit − max[row])`, and the logit
-    /// of the row's target if this rank holds that class (else 0): two `f32` tensors `[rows]`.
-    /// Targets must be integers in `0..real_classes`.
+    /// Per row, the sum over this rank's real classes of `exp(logit − max[row])`, then per row
+    /// the logit of the row's target if this rank holds that class (else 0): an `f32` tensor
+    /// `[2, rows]`, so that the group reduces both at once. Targets must be integers in
+    /// `0..real_classes`.
     fn ce_row_sums(
         &self,
         logits: &Self::Tensor,
         max: &Self::Tensor,
         targets: &Self::Tensor,
         shard: &VocabShard,
-    ) -> Result<(Self::Tensor, Self::Tensor), KernelError>;
+    ) -> Result<Self::Tensor, KernelError>;
     /// The loss from the group-reduced statistics, a scalar tensor ([`crate::kernel::ce_loss`]'s
     /// arithmetic); `logits_shape`'s leading dimensions give the rows.
     fn ce_loss(
         &self,
-        stats: &RowStats<Self::Tensor>,
+        stats: &CeStats<Self::Tensor>,
         logits_shape: &[usize],
         shard: &VocabShard,
     ) -> Result<Self::Tensor, KernelError>;
@@ -113,7 +114,7 @@ pub trait Backend: Clone + Send + Sync {
         &self,
         logits: &Self::Tensor,
         targets: &Self::Tensor,
-        stats: &RowStats<Self::Tensor>,
+        stats: &CeStats<Self::Tensor>,
         shard: &VocabShard,
         dloss: &Self::Tensor,
     ) -> Result<Self::Tensor, KernelError>;

@@ -253,17 +253,38 @@ pub fn mean_count(
     Ok(count)
 }
 
-/// A cross-entropy's per-row statistics, reduced over the vocabulary-parallel group: host
-/// vectors, or (`T` = a backend's tensor, `[rows]` each) where the backend keeps them, on the
-/// device for a GPU, so that a step needs no host round trip for them.
+/// A cross-entropy's per-row statistics, reduced over the vocabulary-parallel group.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct RowStats<T = Vec<f32>> {
+pub struct RowStats {
     /// Each row's max over the real classes.
-    pub max: T,
+    pub max: Vec<f32>,
     /// Each row's `Σ exp(logit − max)` over the real classes.
-    pub sum: T,
+    pub sum: Vec<f32>,
     /// Each row's target logit (0 where the row predicts nothing).
-    pub target: T,
+    pub target: Vec<f32>,
+}
+
+/// [`RowStats`] as a backend's `f32` tensors, kept where it computes (on the device for a GPU,
+/// so that a step needs no host round trip for them), in the two tensors the group reduces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CeStats<T> {
+    /// Each row's max: `[rows]`, reduced by max.
+    pub max: T,
+    /// Each row's `Σ exp(logit − max)`, then each row's target logit: `[2, rows]`, reduced by
+    /// sum.
+    pub sums: T,
+}
+
+impl RowStats {
+    /// The statistics of host [`CeStats`]: `max` `[rows]` and `sums` `[2, rows]`.
+    pub fn of(max: &[f32], sums: &[f32]) -> RowStats {
+        let (sum, target) = sums.split_at(sums.len() / 2);
+        RowStats {
+            max: max.to_vec(),
+            sum: sum.to_vec(),
+            target: target.to_vec(),
+        }
+    }
 }
 
 /// The loss from the group-reduced statistics: `Σ` over predicting rows of

@@ -20,7 +20,7 @@ use crate::backend::Backend;
 use crate::comm::{Comm, CommError, ReduceOp};
 use crate::error::{ExecError, GroupRanks};
 use crate::fuse::{Fused, StepOp};
-use crate::kernel::{KernelError, Placement, RowStats, VocabShard};
+use crate::kernel::{CeStats, KernelError, Placement, VocabShard};
 use crate::link::{Link, Tag};
 use crate::program::Executable;
 use crate::Tensor;
@@ -428,7 +428,7 @@ type LogitsOf = (ValueId, u32);
 
 /// The vocabulary-parallel cross-entropy's statistics on this rank, reduced over the group.
 struct VocabStats<T> {
-    stats: RowStats<T>,
+    stats: CeStats<T>,
     shard: VocabShard,
 }
 
@@ -1464,23 +1464,21 @@ impl<B: Backend> Runner<'_, B> {
             shift,
             token_parts: self.token_parts(v),
         };
-        // The statistics stay backend tensors, reduced by the group's tensor collectives: on a
-        // GPU they never reach the host.
+        // The statistics stay backend tensors, reduced by the group's tensor collectives (the
+        // maxima, then the sums with the target logits): on a GPU they never reach the host.
         let tp = self.group(MeshAxis::Tp);
         let mut max = be
             .ce_row_max(logits, &shard)
             .map_err(|e| self.kernel_error(n, e))?;
         tp.all_reduce(&mut max, ReduceOp::Max)
             .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
-        let (mut sum, mut target) = be
+        let mut sums = be
             .ce_row_sums(logits, &max, targets, &shard)
             .map_err(|e| self.kernel_error(n, e))?;
-        for x in [&mut sum, &mut target] {
-            tp.all_reduce(x, ReduceOp::Sum)
-                .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
-        }
+        tp.all_reduce(&mut sums, ReduceOp::Sum)
+            .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
         Ok(VocabStats {
-            stats: RowStats { max, sum, target },
+            stats: CeStats { max, sums },
             shard,
         })
     }

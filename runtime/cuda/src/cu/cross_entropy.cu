@@ -35,13 +35,15 @@ __device__ __forceinline__ void ce_row_max_impl(float* max, const T* logits, i64
 #define CE_ROW_MAX_PARAMS(T) (float* max, const T* logits, i64 rows, i64 vocab, i64 nr)
 FT_TYPED(ce_row_max, CE_ROW_MAX_PARAMS, (max, logits, rows, vocab, nr))
 
-// sum[row] = sum over the real local classes of exp(logit - max[row]); tl[row] = the logit of
-// the row's target when this rank holds that class, else 0 (also for rows predicting nothing).
+// sums[row] = sum over the real local classes of exp(logit - max[row]); sums[rows + row] = the
+// logit of the row's target when this rank holds that class, else 0 (also for rows predicting
+// nothing): one [2, rows] buffer, which the group reduces at once.
 template <typename T>
-__device__ __forceinline__ void ce_row_sums_impl(float* sum, float* tl, const T* logits,
-                                                 const float* max, const float* targets, i64 rows,
-                                                 i64 seq, i64 vocab, i64 nr, i64 class_offset,
-                                                 int shift) {
+__device__ __forceinline__ void ce_row_sums_impl(float* sums, const T* logits, const float* max,
+                                                 const float* targets, i64 rows, i64 seq,
+                                                 i64 vocab, i64 nr, i64 class_offset, int shift) {
+    float* sum = sums;
+    float* tl = sums + rows;
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* l = logits + row * vocab;
         float m = max[row];
@@ -58,11 +60,11 @@ __device__ __forceinline__ void ce_row_sums_impl(float* sum, float* tl, const T*
         }
     }
 }
-#define CE_ROW_SUMS_PARAMS(T)                                                                  \
-    (float* sum, float* tl, const T* logits, const float* max, const float* targets, i64 rows, \
-     i64 seq, i64 vocab, i64 nr, i64 class_offset, int shift)
+#define CE_ROW_SUMS_PARAMS(T)                                                                 \
+    (float* sums, const T* logits, const float* max, const float* targets, i64 rows, i64 seq, \
+     i64 vocab, i64 nr, i64 class_offset, int shift)
 FT_TYPED(ce_row_sums, CE_ROW_SUMS_PARAMS,
-         (sum, tl, logits, max, targets, rows, seq, vocab, nr, class_offset, shift))
+         (sums, logits, max, targets, rows, seq, vocab, nr, class_offset, shift))
 
 // The logits' gradient: (softmax - onehot(target)) * dloss / denom over the real local classes,
 // 0 for padded classes and for rows predicting nothing. `dloss` is a device scalar (the
@@ -103,8 +105,10 @@ FT_TYPED(ce_grad, CE_GRAD_PARAMS,
 // the sum over the rows that predict something of ln(sum) + max - target logit, divided by
 // denom (predicting rows * token parts). One block: each thread sums its rows in f64, then the
 // block's sums are added in a fixed order, so the result is the same on every run.
-extern "C" __global__ void ce_loss(float* out, const float* max, const float* sum, const float* tl,
-                                   i64 rows, i64 seq, int shift, double denom) {
+extern "C" __global__ void ce_loss(float* out, const float* max, const float* sums, i64 rows,
+                                   i64 seq, int shift, double denom) {
+    const float* sum = sums;
+    const float* tl = sums + rows;
     double acc = 0.0;
     for (i64 row = threadIdx.x; row < rows; row += blockDim.x) {
         if (!shift || row % seq + 1 != seq) {

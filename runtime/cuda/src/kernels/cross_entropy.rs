@@ -15,7 +15,7 @@ use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, Storage};
 use cudarc::driver::CudaSlice;
 use ferrotron_exec::kernel::{
-    ce_loss, ce_rows, invalid, mean_count, KernelError, OrInvalid, Placement, RowStats, VocabShard,
+    ce_rows, invalid, mean_count, CeStats, KernelError, OrInvalid, Placement, RowStats, VocabShard,
 };
 use ferrotron_ir::index;
 use ferrotron_ir::Dim;
@@ -102,6 +102,7 @@ struct Rows<'a> {
     targets: &'a CudaSlice<f32>,
 }
 
+/// The sums of exponentials, then the target logits: one `[2, rows]` buffer.
 fn row_sums_dev(
     dev: &RankDevice,
     op: &'static str,
@@ -109,11 +110,10 @@ fn row_sums_dev(
     rows: Rows,
     g: &Geometry,
     shard: &VocabShard,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+) -> Result<CudaSlice<f32>> {
     let Rows { max, targets } = rows;
     let (shift, class_offset) = (shard.shift, shard.class_offset);
-    let mut sum = scratch(dev, op, g.rows)?;
-    let mut tl = scratch(dev, op, g.rows)?;
+    let mut sums = scratch(dev, op, 2 * g.rows)?;
     if g.rows > 0 {
         let v = [g.rows, g.seq.max(1), g.vocab, g.nr, class_offset]
             .map(|x| i64_of(op, x))
@@ -121,8 +121,7 @@ fn row_sums_dev(
             .collect::<Result<Vec<i64>>>()?;
         let shift = i32::from(shift);
         Launch::new(dev, op, &spec::CE_ROW_SUMS, logits.dtype())?
-            .slice_mut(&mut sum)
-            .slice_mut(&mut tl)
+            .slice_mut(&mut sums)
             .input(&logits.data)
             .slice(max)
             .slice(targets)
@@ -134,7 +133,7 @@ fn row_sums_dev(
             .val(&shift)
             .launch(cfg_rows(dev, g.rows, g.nr))?;
     }
-    Ok((sum, tl))
+    Ok(sums)
 }
 
 /// The statistics' inputs the kernels take, and the mean's denominator.
@@ -243,8 +242,10 @@ pub fn ce_row_sums(
         max: &max,
         targets: t,
     };
-    let (sum, tl) = row_sums_dev(dev, OP, logits, rows, &g, shard)?;
-    Ok((host(dev, OP, &sum, g.rows)?, host(dev, OP, &tl, g.rows)?))
+    let sums = row_sums_dev(dev, OP, logits, rows, &g, shard)?;
+    let sums = host(dev, OP, &sums, 2 * g.rows)?;
+    let (sum, tl) = sums.split_at(g.rows);
+    Ok((sum.to_vec(), tl.to_vec()))
 }
 
 /// The local logits' gradient from the group-reduced statistics.
@@ -326,14 +327,8 @@ pub(super) fn loss_op(
         max: &max,
         targets: t,
     };
-    let (sum, tl) = row_sums_dev(dev, op, logits, rows, &g, shard)?;
-    let stats = RowStats {
-        max: host(dev, op, &max, g.rows)?,
-        sum: host(dev, op, &sum, g.rows)?,
-        target: host(dev, op, &tl, g.rows)?,
-    };
-    let loss = ce_loss(&stats, &logits.shape, shard.shift, shard.token_parts)?;
-    super::scalar(dev, loss)
+    let sums = row_sums_dev(dev, op, logits, rows, &g, shard)?;
+    loss_dev(dev, op, (&max, &sums), &logits.shape, shard)
 }
 
 /// `CrossEntropyGrad` on whole logits, `dloss` read on the device.
@@ -352,7 +347,7 @@ pub(super) fn grad_op(
         max: &max,
         targets: t,
     };
-    let (sum, _) = row_sums_dev(dev, op, logits, rows, &g, shard)?;
+    let sum = row_sums_dev(dev, op, logits, rows, &g, shard)?;
     let count = mean_count(
         op,
         (g.rows, g.seq),
@@ -372,20 +367,60 @@ pub(super) fn grad_op(
     grad_dev(dev, op, logits, &g, inputs, shard)
 }
 
-/// A statistics tensor's buffer: `f32`, `[rows]`.
+/// A statistics tensor's buffer: `f32`, of shape `shape`.
 fn stats_buffer<'t>(
     op: &'static str,
     what: &str,
     t: &'t CudaTensor,
-    rows: usize,
+    shape: &[usize],
 ) -> Result<&'t CudaSlice<f32>> {
-    if t.shape != [rows] {
+    if t.shape != shape {
         return Err(invalid(
             op,
-            format!("the {what} have shape {:?}, not [{rows}]", t.shape),
+            format!("the {what} have shape {:?}, not {shape:?}", t.shape),
         ));
     }
     Ok(index_buffer(op, what, t)?.as_ref())
+}
+
+/// The loss from the statistics on the device (`max` `[rows]`, `sums` `[2, rows]`), a device
+/// scalar: [`ce_loss`]'s arithmetic, in one block of a kernel.
+fn loss_dev(
+    dev: &RankDevice,
+    op: &'static str,
+    (max, sums): (&CudaSlice<f32>, &CudaSlice<f32>),
+    logits_shape: &[usize],
+    shard: &VocabShard,
+) -> Result<CudaTensor> {
+    let (rows, seq) = ce_rows(op, logits_shape)?;
+    let count = mean_count(
+        op,
+        (rows, seq),
+        shard.shift,
+        shard.token_parts,
+        logits_shape,
+    )?;
+    let mut out = scratch(dev, op, 1)?;
+    let v = [rows, seq.max(1)]
+        .map(|x| i64_of(op, x))
+        .into_iter()
+        .collect::<Result<Vec<i64>>>()?;
+    let shift = i32::from(shard.shift);
+    let denom = count as f64 * shard.token_parts as f64;
+    Launch::new(dev, op, &spec::CE_LOSS, Storage::F32)?
+        .slice_mut(&mut out)
+        .slice(max)
+        .slice(sums)
+        .val(&v[0])
+        .val(&v[1])
+        .val(&shift)
+        .val(&denom)
+        .launch(cudarc::driver::LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (super::launch::BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        })?;
+    Ok(CudaTensor::f32(Vec::new(), out))
 }
 
 /// [`ce_row_max`], kept on the device: `[rows]`.
@@ -400,73 +435,41 @@ pub fn ce_row_max_dev(
     Ok(CudaTensor::f32(vec![g.rows], max))
 }
 
-/// [`ce_row_sums`] from device maxima, kept on the device: the sums and the target logits,
-/// `[rows]` each.
+/// [`ce_row_sums`] from device maxima, kept on the device: `[2, rows]`, the sums of
+/// exponentials then the target logits.
 pub fn ce_row_sums_dev(
     dev: &RankDevice,
     logits: &CudaTensor,
     max: &CudaTensor,
     targets: &CudaTensor,
     shard: &VocabShard,
-) -> Result<(CudaTensor, CudaTensor)> {
+) -> Result<CudaTensor> {
     const OP: &str = "CrossEntropy";
     let g = geometry(OP, logits, shard)?;
     let t = targets_of(OP, logits, targets)?;
-    let max = stats_buffer(OP, "row maxima", max, g.rows)?;
+    let max = stats_buffer(OP, "row maxima", max, &[g.rows])?;
     // Checked without waiting: a bad target is reported by the rank's next read from the
     // device (the loss, at the latest); the kernels skip it meanwhile.
     let buffer = index_buffer(OP, "targets", targets)?;
     let range = (g.rows, shard.real_classes, g.seq);
     defer_index_check(dev, OP, "target", buffer, range, shard.shift)?;
     let rows = Rows { max, targets: t };
-    let (sum, tl) = row_sums_dev(dev, OP, logits, rows, &g, shard)?;
-    Ok((
-        CudaTensor::f32(vec![g.rows], sum),
-        CudaTensor::f32(vec![g.rows], tl),
-    ))
+    let sums = row_sums_dev(dev, OP, logits, rows, &g, shard)?;
+    Ok(CudaTensor::f32(vec![2, g.rows], sums))
 }
 
 /// The loss from device statistics, a device scalar ([`ce_loss`]'s arithmetic, by a kernel).
 pub fn ce_loss_dev(
     dev: &RankDevice,
-    stats: &RowStats<CudaTensor>,
+    stats: &CeStats<CudaTensor>,
     logits_shape: &[usize],
     shard: &VocabShard,
 ) -> Result<CudaTensor> {
     const OP: &str = "CrossEntropy";
-    let (rows, seq) = ce_rows(OP, logits_shape)?;
-    let count = mean_count(
-        OP,
-        (rows, seq),
-        shard.shift,
-        shard.token_parts,
-        logits_shape,
-    )?;
-    let max = stats_buffer(OP, "row maxima", &stats.max, rows)?;
-    let sum = stats_buffer(OP, "row sums", &stats.sum, rows)?;
-    let tl = stats_buffer(OP, "target logits", &stats.target, rows)?;
-    let mut out = scratch(dev, OP, 1)?;
-    let v = [rows, seq.max(1)]
-        .map(|x| i64_of(OP, x))
-        .into_iter()
-        .collect::<Result<Vec<i64>>>()?;
-    let shift = i32::from(shard.shift);
-    let denom = count as f64 * shard.token_parts as f64;
-    Launch::new(dev, OP, &spec::CE_LOSS, Storage::F32)?
-        .slice_mut(&mut out)
-        .slice(max)
-        .slice(sum)
-        .slice(tl)
-        .val(&v[0])
-        .val(&v[1])
-        .val(&shift)
-        .val(&denom)
-        .launch(cudarc::driver::LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (super::launch::BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        })?;
-    Ok(CudaTensor::f32(Vec::new(), out))
+    let (rows, _) = ce_rows(OP, logits_shape)?;
+    let max = stats_buffer(OP, "row maxima", &stats.max, &[rows])?;
+    let sums = stats_buffer(OP, "row sums", &stats.sums, &[2, rows])?;
+    loss_dev(dev, OP, (max, sums), logits_shape, shard)
 }
 
 /// The local logits' gradient from device statistics and the loss's gradient as a device
@@ -475,29 +478,19 @@ pub fn ce_grad_dev(
     dev: &RankDevice,
     logits: &CudaTensor,
     targets: &CudaTensor,
-    stats: &RowStats<CudaTensor>,
+    stats: &CeStats<CudaTensor>,
     shard: &VocabShard,
     dloss: &CudaTensor,
 ) -> Result<CudaTensor> {
     const OP: &str = "CrossEntropyGrad";
     let g = geometry(OP, logits, shard)?;
     let t = targets_of(OP, logits, targets)?;
-    let max = stats_buffer(OP, "maxima", &stats.max, g.rows)?;
-    let sum = stats_buffer(OP, "sums", &stats.sum, g.rows)?;
-    if dloss.numel() != 1 {
-        return Err(invalid(
-            OP,
-            format!(
-                "the loss's gradient has shape {:?}, not a scalar",
-                dloss.shape
-            ),
-        ));
-    }
+    let max = stats_buffer(OP, "maxima", &stats.max, &[g.rows])?;
+    // The grad kernel reads the first row of `[2, rows]`: the sums of exponentials.
+    let sum = stats_buffer(OP, "sums", &stats.sums, &[2, g.rows])?;
+    index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(OP)?;
     // The seed in f32 (under bf16 storage it may be held in bf16).
-    let dloss = match dloss.dtype() {
-        Storage::F32 => dloss.clone(),
-        Storage::Bf16 => super::cast(dev, dloss, Storage::F32)?,
-    };
+    let dloss = as_dtype(dev, OP, dloss, Storage::F32)?;
     let count = mean_count(
         OP,
         (g.rows, g.seq),
@@ -510,7 +503,7 @@ pub fn ce_grad_dev(
         max,
         sum,
         targets: t,
-        dloss: index_buffer(OP, "loss's gradient", &dloss)?.as_ref(),
+        dloss: index_buffer(OP, "loss gradient", &dloss)?.as_ref(),
         denom: count as f64 * shard.token_parts as f64,
     };
     grad_dev(dev, OP, logits, &g, inputs, shard)
