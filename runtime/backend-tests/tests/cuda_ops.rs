@@ -943,6 +943,12 @@ fn unfused_pair(op: &Fused<usize>, n: usize) -> (Op<usize, Dim>, Op<usize, Dim>)
                 factor: Factor::Const(factor),
             },
         ),
+        Fused::EmbeddingGradAdd {
+            acc,
+            table,
+            ids,
+            dy,
+        } => (Op::EmbeddingGrad { table, ids, dy }, Op::Add(acc, n)),
     }
 }
 

@@ -370,6 +370,11 @@ pub fn eval_fused(op: &Fused<&Tensor>, threads: usize) -> Result<Tensor> {
         }
         Fused::ScaledSoftmax { x, factor, causal } => softmax(name, x, *causal, Some(*factor), th),
         Fused::ScaledSoftmaxGrad { y, dy, factor } => softmax_grad(name, y, dy, Some(*factor), th),
+        // Its table's rows are this rank's by a placement: `Backend::embedding_grad_add`.
+        Fused::EmbeddingGradAdd { .. } => Err(invalid(
+            name,
+            "runs through Backend::embedding_grad_add, which places the table",
+        )),
     }
 }
 
@@ -842,6 +847,41 @@ fn embedding_grad(
     dy: &Tensor,
     local: &Local,
 ) -> Result<Tensor> {
+    let mut out = zeros(name, table.shape.clone())?;
+    scatter_rows(name, (table, ids, dy), local, &mut out.data, |o, s| *o = s)?;
+    Ok(out)
+}
+
+/// `acc + EmbeddingGrad { table, ids, dy }` in `acc`'s buffer: each row some id looks up gets
+/// that row's sum added, rounded as the unfused pair rounds it (the sum to `f32`, then the
+/// addition); the other rows are untouched (where the unfused sum would add `+0.0`: the same
+/// values, a `-0.0` kept).
+pub fn embedding_grad_add(
+    mut acc: Tensor,
+    (table, ids, dy): (&Tensor, &Tensor, &Tensor),
+    at: &Placement,
+    threads: usize,
+) -> Result<Tensor> {
+    const NAME: &str = "EmbeddingGradAdd";
+    for t in [&acc, table, ids, dy] {
+        check_tensor(NAME, t)?;
+    }
+    index::same_shape("the sum", &table.shape, &acc.shape).or_invalid(NAME)?;
+    let local = &Local { at, threads };
+    scatter_rows(NAME, (table, ids, dy), local, &mut acc.data, |o, s| *o += s)?;
+    Ok(acc)
+}
+
+/// The embedding's gradient row by row into `out` (the table's shape): for each local row some
+/// id looks up, the sum of `dy` over those ids (in `f64`, rounded to `f32` once) combined into
+/// the row by `put`.
+fn scatter_rows(
+    name: &'static str,
+    (table, ids, dy): (&Tensor, &Tensor, &Tensor),
+    local: &Local,
+    out: &mut [f32],
+    put: impl Fn(&mut f32, f32),
+) -> Result<()> {
     let t = table_of(name, &table.shape, local)?;
     let w = t.width;
     let mut expected = ids.shape.clone();
@@ -856,7 +896,6 @@ fn embedding_grad(
         }
     }
     hits.sort_unstable();
-    let mut out = zeros(name, table.shape.clone())?;
     let mut acc = vec![0f64; w];
     for group in hits.chunk_by(|a, b| a.0 == b.0) {
         acc.fill(0.0);
@@ -866,11 +905,11 @@ fn embedding_grad(
             }
         }
         let row = group[0].0;
-        for (o, &a) in out.data[row * w..(row + 1) * w].iter_mut().zip(&acc) {
-            *o = a as f32;
+        for (o, &a) in out[row * w..(row + 1) * w].iter_mut().zip(&acc) {
+            put(o, a as f32);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

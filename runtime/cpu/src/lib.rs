@@ -177,6 +177,15 @@ impl Backend for Cpu {
         kernels::add_into(acc, x, self.threads)
     }
 
+    fn embedding_grad_add(
+        &self,
+        acc: Tensor,
+        inputs: (&Tensor, &Tensor, &Tensor),
+        at: &Placement,
+    ) -> Result<Tensor, KernelError> {
+        kernels::embedding_grad_add(acc, inputs, at, self.threads)
+    }
+
     fn reshape(&self, mut t: Tensor, shape: Vec<usize>) -> Tensor {
         t.shape = shape;
         t

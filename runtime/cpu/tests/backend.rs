@@ -117,6 +117,15 @@ impl Backend for Counting {
         self.adds_in_place.fetch_add(1, Ordering::Relaxed);
         self.cpu.add_into(acc, x)
     }
+    fn embedding_grad_add(
+        &self,
+        acc: Tensor,
+        inputs: (&Tensor, &Tensor, &Tensor),
+        at: &Placement,
+    ) -> Result<Tensor, KernelError> {
+        self.fused.fetch_add(1, Ordering::Relaxed);
+        self.cpu.embedding_grad_add(acc, inputs, at)
+    }
     fn reshape(&self, t: Tensor, shape: Vec<usize>) -> Tensor {
         self.reshapes.fetch_add(1, Ordering::Relaxed);
         self.cpu.reshape(t, shape)
@@ -239,13 +248,14 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     assert!(reshapes > 0, "reshapes reuse buffers");
     let adds = counting.adds_in_place.load(Ordering::Relaxed);
     assert!(adds > 0, "sums reuse an addend's buffer");
-    // Per layer and rank: bias + GeLU forward and backward, scale + softmax forward and backward.
-    assert_eq!(fused, 2 * 4 * 2, "fused steps");
+    // Per layer and rank: bias + GeLU forward and backward, scale + softmax forward and backward;
+    // per rank, the tied embedding's gradient added into the output layer's.
+    assert_eq!(fused, 2 * 4 * 2 + 2, "fused steps");
     let dropped = g.order.len() - Program::fused(&plan, &|_| false).steps.len();
     assert_eq!(
         dropped,
-        2 * 3,
-        "per layer: the bias add, the scale, the softmax gradient"
+        2 * 3 + 1,
+        "per layer: the bias add, the scale, the softmax gradient; the embedding's gradient"
     );
     assert_eq!(evals + reshapes + adds + fused + 2 * dropped, 2 * local);
     // The vocabulary-parallel loss reduces its row statistics in the forward, as the backend's

@@ -54,7 +54,7 @@ fn fused_steps(plan: &Plan, program: &Program) -> Vec<(String, String, &'static 
 }
 
 #[test]
-fn the_program_fuses_bias_activation_and_scaled_softmax_forward_and_backward() {
+fn the_program_fuses_bias_activation_scaled_softmax_and_the_tied_embedding_gradient() {
     let g = model("tiny-gpt.ron");
     let p = plan(&g, 2, 1, false);
     let program = Program::fused(&p, &|_| false);
@@ -74,10 +74,18 @@ fn the_program_fuses_bias_activation_and_scaled_softmax_forward_and_backward() {
             assert!(steps.contains(&want), "{want:?} missing from {steps:?}");
         }
     }
-    assert_eq!(steps.len(), 8, "{steps:?}");
-    assert_eq!(program.fused_count(), 8);
-    // The absorbed nodes no longer run: three per layer (the bias add serves two fused steps).
-    assert_eq!(program.steps.len(), p.graph.order.len() - 6);
+    // The tied table's gradients: the embedding's added into the output layer's.
+    let tied = (
+        "bwd.wte.acc0".into(),
+        "bwd.tok_emb.0".into(),
+        "EmbeddingGradAdd",
+    );
+    assert!(steps.contains(&tied), "{steps:?}");
+    assert_eq!(steps.len(), 9, "{steps:?}");
+    assert_eq!(program.fused_count(), 9);
+    // The absorbed nodes no longer run: three per layer (the bias add serves two fused steps),
+    // and the embedding's gradient.
+    assert_eq!(program.steps.len(), p.graph.order.len() - 7);
     // The backward starts at the same node.
     let first_backward = p.graph.order[p.backward_start];
     assert_eq!(program.steps[program.backward_start].node, first_backward);

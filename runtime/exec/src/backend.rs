@@ -119,6 +119,24 @@ pub trait Backend: Clone + Send + Sync {
         dloss: &Self::Tensor,
     ) -> Result<Self::Tensor, KernelError>;
 
+    /// `acc +` the gradient of the embedding `table` (`EmbeddingGrad { table, ids, dy }`,
+    /// placed by `at`), in `acc`'s buffer where the backend can: a tied table's two gradients
+    /// summed without a `[vocab, width]` tensor of the embedding's own. The default computes
+    /// that tensor and adds it.
+    fn embedding_grad_add(
+        &self,
+        acc: Self::Tensor,
+        (table, ids, dy): (&Self::Tensor, &Self::Tensor, &Self::Tensor),
+        at: &Placement,
+    ) -> Result<Self::Tensor, KernelError> {
+        let op = ferrotron_ir::Op::EmbeddingGrad { table, ids, dy };
+        let grad = self.eval(&op, at)?;
+        let grad = grad
+            .first()
+            .ok_or_else(|| crate::kernel::invalid("EmbeddingGrad", "no output"))?;
+        self.add_into(acc, grad)
+    }
+
     /// `Σ x²` over a tensor, accumulated in `f64` (the global gradient norm).
     fn sum_squares(&self, t: &Self::Tensor) -> Result<f64, KernelError>;
     /// Copies full-precision weights to the device as the optimizer's master weights (`f32`

@@ -13,6 +13,7 @@
 //! | `Add(m, bias)` read only by an activation (and its `ActGrad`s) | [`Fused::BiasAct`] forward, [`Fused::BiasActGrad`] backward | the pre-activation tensor is never written; the backward recomputes `m + bias` |
 //! | `Scale(x)` read only by a `Softmax` | [`Fused::ScaledSoftmax`] | one write and read of the scores |
 //! | `SoftmaxGrad` read only by a `Scale` | [`Fused::ScaledSoftmaxGrad`] | the same, backward |
+//! | `EmbeddingGrad` read only by an `Add` (a tied table's other gradient) | [`Fused::EmbeddingGradAdd`] | the embedding's own `[vocab, width]` gradient: its rows are added into the other gradient's buffer ([`crate::Backend::embedding_grad_add`]) |
 //!
 //! Numerics: a fused step computes exactly the unfused pair's operations in the same order (the
 //! intermediate is rounded to `f32` as it would have been stored), so on the CPU a fused run is
@@ -73,6 +74,18 @@ pub enum Fused<V> {
         /// The scale.
         factor: f64,
     },
+    /// `acc + EmbeddingGrad { table, ids, dy }`: the embedding's gradient summed with a tied
+    /// table's other gradient (the output layer's), the ids' rows added into `acc`.
+    EmbeddingGradAdd {
+        /// The table's other gradient.
+        acc: V,
+        /// The table (its shape and this rank's rows).
+        table: V,
+        /// The ids the embedding looked up.
+        ids: V,
+        /// The gradient of the embedding's output.
+        dy: V,
+    },
 }
 
 impl<V> Fused<V> {
@@ -83,6 +96,12 @@ impl<V> Fused<V> {
             Fused::BiasActGrad { x, bias, dy, .. } => vec![x, bias, dy],
             Fused::ScaledSoftmax { x, .. } => vec![x],
             Fused::ScaledSoftmaxGrad { y, dy, .. } => vec![y, dy],
+            Fused::EmbeddingGradAdd {
+                acc,
+                table,
+                ids,
+                dy,
+            } => vec![acc, table, ids, dy],
         }
     }
 
@@ -93,6 +112,7 @@ impl<V> Fused<V> {
             Fused::BiasActGrad { .. } => "BiasActGrad",
             Fused::ScaledSoftmax { .. } => "ScaledSoftmax",
             Fused::ScaledSoftmaxGrad { .. } => "ScaledSoftmaxGrad",
+            Fused::EmbeddingGradAdd { .. } => "EmbeddingGradAdd",
         }
     }
 
@@ -127,6 +147,17 @@ impl<V> Fused<V> {
                 y: f(y)?,
                 dy: f(dy)?,
                 factor: *factor,
+            },
+            Fused::EmbeddingGradAdd {
+                acc,
+                table,
+                ids,
+                dy,
+            } => Fused::EmbeddingGradAdd {
+                acc: f(acc)?,
+                table: f(table)?,
+                ids: f(ids)?,
+                dy: f(dy)?,
             },
         })
     }
@@ -273,6 +304,41 @@ impl Program {
                         );
                         removed[position[&n]] = true;
                     }
+                }
+                Op::EmbeddingGrad { table, ids, dy } => {
+                    // Read only by a sum with a gradient of the table's shape (a tied table's).
+                    let &[r] = uses else { continue };
+                    if replaced.contains_key(&r) {
+                        continue;
+                    }
+                    let Op::Add(a, b) = &g.nodes[r].op else {
+                        continue;
+                    };
+                    let acc = if *a == out { *b } else { *a };
+                    let (ta, to) = (g.ty(acc), g.ty(out));
+                    if a == b || ta.shape != to.shape || ta.dtype != to.dtype {
+                        continue;
+                    }
+                    // All on one pipeline stage: a table tied across stages has its gradients
+                    // summed by the stages' exchange, not by one step.
+                    let stage =
+                        |node: NodeId| plan.pipeline.as_ref().map_or(0, |p| p.stage_of[node]);
+                    if stage(n) != stage(r) || plan.stage_of_value(acc) != stage(r) as usize {
+                        continue;
+                    }
+                    replaced.insert(
+                        r,
+                        StepOp::Fused {
+                            op: Fused::EmbeddingGradAdd {
+                                acc,
+                                table: *table,
+                                ids: *ids,
+                                dy: *dy,
+                            },
+                            absorbed: n,
+                        },
+                    );
+                    removed[position[&n]] = true;
                 }
                 Op::SoftmaxGrad { y, dy } => {
                     let &[r] = uses else { continue };

@@ -708,6 +708,19 @@ impl<B: Backend> Runner<'_, B> {
                     };
                     vec![x]
                 }
+                (
+                    StepOp::Fused {
+                        op: Fused::EmbeddingGradAdd { .. },
+                        absorbed,
+                    },
+                    None,
+                ) => {
+                    let (x, reused) = self.embedding_grad_add(n, i, *absorbed, values)?;
+                    if reused {
+                        bytes.sub(be.bytes(&x)); // the sum's buffer, counted again as the output
+                    }
+                    vec![x]
+                }
                 (StepOp::Fused { op, .. }, None) => vec![self.fused(n, op, values)?],
                 (StepOp::Node, None) => match self.in_place(n, i, values) {
                     Some(x) => {
@@ -1344,6 +1357,54 @@ impl<B: Backend> Runner<'_, B> {
                 be.eval(&mapped, &at).map_err(|e| self.kernel_error(n, e))
             }
         }
+    }
+
+    /// A tied table's gradients summed ([`Fused::EmbeddingGradAdd`] in place of `n`, the sum,
+    /// which absorbed the `EmbeddingGrad` node `absorbed`): into the other gradient's buffer
+    /// when this step reads it for the last time (then `true`), else into a copy.
+    fn embedding_grad_add(
+        &self,
+        n: NodeId,
+        i: usize,
+        absorbed: NodeId,
+        values: &mut [Option<Cow<B::Tensor>>],
+    ) -> Result<(B::Tensor, bool), ExecError> {
+        let exe = self.exe;
+        let g = &exe.plan.graph;
+        let Op::EmbeddingGrad { table, ids, dy } = &g.nodes[absorbed].op else {
+            return Err(self.plan_error(n, "fused with a node that is not an EmbeddingGrad".into()));
+        };
+        let StepOp::Fused {
+            op: Fused::EmbeddingGradAdd { acc, .. },
+            ..
+        } = &exe.program.steps[i].op
+        else {
+            return Err(self.plan_error(n, "not an embedding gradient's sum".into()));
+        };
+        let missing =
+            |v: ValueId| self.plan_error(n, format!("`{}` is not available", g.values[v].name));
+        let free = exe.is_last_use(self.stage, *acc, i)
+            && !exe.keep[*acc]
+            && !self.received(*acc)
+            && matches!(values[acc.index()], Some(Cow::Owned(_)));
+        let sum = match free {
+            true => match values[acc.index()].take() {
+                Some(Cow::Owned(t)) => t,
+                _ => return Err(missing(*acc)),
+            },
+            false => values[acc.index()]
+                .as_deref()
+                .ok_or_else(|| missing(*acc))?
+                .clone(),
+        };
+        let get = |v: ValueId| values[v.index()].as_deref().ok_or_else(|| missing(v));
+        let at = self.placement(&g.nodes[absorbed].op)?;
+        let out = self
+            .rank
+            .backend
+            .embedding_grad_add(sum, (get(*table)?, get(*ids)?, get(*dy)?), &at)
+            .map_err(|e| self.kernel_error(n, e))?;
+        Ok((out, free))
     }
 
     /// Runs a fused step (its node's outputs, computed by the fused op).

@@ -851,5 +851,11 @@ pub fn eval_fused(dev: &RankDevice, op: &Fused<&CudaTensor>) -> Result<CudaTenso
         Fused::ScaledSoftmaxGrad { y, dy, factor } => {
             norm::softmax_grad(dev, name, y, dy, Some(*factor))
         }
+        // Its table's rows are this rank's by a placement: `Backend::embedding_grad_add` (the
+        // trait's, which computes the gradient and adds it).
+        Fused::EmbeddingGradAdd { .. } => Err(invalid(
+            name,
+            "runs through Backend::embedding_grad_add, which places the table",
+        )),
     }
 }
