@@ -18,7 +18,8 @@
 //! Numerics: a fused step computes exactly the unfused pair's operations in the same order (the
 //! intermediate is rounded to `f32` as it would have been stored), so on the CPU a fused run is
 //! bit-identical to an unfused one (test `fused_runs_are_bit_identical_to_unfused` in
-//! `runtime/cpu/tests/fusion.rs`). In bf16 storage the GPU's fused step skips the intermediate's
+//! `runtime/cpu/tests/fusion.rs`; the one exception, equal in value: rows of a tied table that no
+//! id looks up keep the other gradient's `-0.0` where the unfused sum adds `+0.0`). In bf16 storage the GPU's fused step skips the intermediate's
 //! rounding to bf16, which only makes it closer to the `f32` reference.
 //!
 //! The plan itself (what the partitioner, the cost model and the viewer see) is unchanged; a
