@@ -136,13 +136,12 @@ fn row_sums_dev(
     Ok(sums)
 }
 
-/// The statistics' inputs the kernels take, and the mean's denominator.
+/// The statistics' inputs the gradient kernel takes.
 struct GradInputs<'a> {
     max: &'a CudaSlice<f32>,
     sum: &'a CudaSlice<f32>,
     targets: &'a CudaSlice<f32>,
     dloss: &'a CudaSlice<f32>,
-    denom: f64,
 }
 
 fn grad_dev(
@@ -154,6 +153,9 @@ fn grad_dev(
     shard: &VocabShard,
 ) -> Result<CudaTensor> {
     let (shift, class_offset) = (shard.shift, shard.class_offset);
+    // The mean's denominator: predicting rows × token parts.
+    let count = mean_count(op, (g.rows, g.seq), shift, shard.token_parts, &logits.shape)?;
+    let denom = count as f64 * shard.token_parts as f64;
     let n = logits.numel();
     let mut out = Buf::uninit(dev, op, logits.dtype(), n)?;
     if n > 0 {
@@ -175,7 +177,7 @@ fn grad_dev(
             .val(&v[3])
             .val(&v[4])
             .val(&shift)
-            .val(&inputs.denom)
+            .val(&denom)
             .launch(cfg_2d(dev, g.rows, g.vocab))?;
     }
     Ok(out.into_tensor(logits.shape.clone()))
@@ -272,13 +274,6 @@ pub fn ce_grad(
             ),
         ));
     }
-    let count = mean_count(
-        OP,
-        (g.rows, g.seq),
-        shard.shift,
-        shard.token_parts,
-        &logits.shape,
-    )?;
     check_targets(dev, OP, t, &g, shard.shift, shard.real_classes)?;
     let max = device_rows(dev, OP, max, g.rows, "maxima")?;
     let sum = device_rows(dev, OP, sum, g.rows, "sums")?;
@@ -288,7 +283,6 @@ pub fn ce_grad(
         sum: &sum,
         targets: t,
         dloss: &dloss,
-        denom: count as f64 * shard.token_parts as f64,
     };
     grad_dev(dev, OP, logits, &g, inputs, shard)
 }
@@ -348,13 +342,6 @@ pub(super) fn grad_op(
         targets: t,
     };
     let sum = row_sums_dev(dev, op, logits, rows, &g, shard)?;
-    let count = mean_count(
-        op,
-        (g.rows, g.seq),
-        shard.shift,
-        shard.token_parts,
-        &logits.shape,
-    )?;
     let dloss = as_dtype(dev, op, dloss, Storage::F32)?;
     let dloss = index_buffer(op, "loss gradient", &dloss)?.as_ref();
     let inputs = GradInputs {
@@ -362,7 +349,6 @@ pub(super) fn grad_op(
         sum: &sum,
         targets: t,
         dloss,
-        denom: count as f64 * shard.token_parts as f64,
     };
     grad_dev(dev, op, logits, &g, inputs, shard)
 }
@@ -491,20 +477,12 @@ pub fn ce_grad_dev(
     index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(OP)?;
     // The seed in f32 (under bf16 storage it may be held in bf16).
     let dloss = as_dtype(dev, OP, dloss, Storage::F32)?;
-    let count = mean_count(
-        OP,
-        (g.rows, g.seq),
-        shard.shift,
-        shard.token_parts,
-        &logits.shape,
-    )?;
     // The targets were checked with the statistics ([`ce_row_sums_dev`]).
     let inputs = GradInputs {
         max,
         sum,
         targets: t,
         dloss: index_buffer(OP, "loss gradient", &dloss)?.as_ref(),
-        denom: count as f64 * shard.token_parts as f64,
     };
     grad_dev(dev, OP, logits, &g, inputs, shard)
 }
