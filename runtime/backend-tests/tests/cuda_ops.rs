@@ -2268,3 +2268,41 @@ fn tensors_past_two_to_the_31_elements() {
         "sum {total}, want {want}"
     );
 }
+
+/// The gradient norm's squares of several tensors in one wait: the same bits as one call per
+/// tensor added in order, and the host's `f64` sum to within rounding (empty and bf16 tensors
+/// among them).
+#[test]
+fn the_squared_norm_of_many_tensors_is_each_ones_added() {
+    let Some(dev) = device("sum of squares") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(21);
+    let hosts: Vec<Tensor> = [&[3, 5][..], &[0, 4], &[1000], &[7, 33, 9]]
+        .iter()
+        .map(|s| rand(&mut rng, s))
+        .collect();
+    let mut ts: Vec<CudaTensor> = hosts
+        .iter()
+        .map(|h| gpu::upload(&dev, h, Storage::F32).unwrap())
+        .collect();
+    ts.push(gpu::upload(&dev, &hosts[2], Storage::Bf16).unwrap());
+    let refs: Vec<&CudaTensor> = ts.iter().collect();
+    let all = gpu::sum_squares_all(&dev, &refs).unwrap();
+    let each: f64 = refs
+        .iter()
+        .map(|t| gpu::sum_squares(&dev, t).unwrap())
+        .sum();
+    assert_eq!(all.to_bits(), each.to_bits());
+    let bf16_part = gpu::sum_squares(&dev, &ts[4]).unwrap();
+    let host: f64 = hosts
+        .iter()
+        .flat_map(|h| &h.data)
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum();
+    assert!(
+        ((all - bf16_part) - host).abs() <= 1e-9 * host,
+        "{all} vs {host}"
+    );
+    assert_eq!(gpu::sum_squares_all(&dev, &[]).unwrap(), 0.0);
+}

@@ -256,6 +256,10 @@ impl Backend for Cuda {
         kernels::sum_squares(self.device(), t)
     }
 
+    fn sum_squares_all(&self, ts: &[&CudaTensor]) -> Result<f64, KernelError> {
+        kernels::sum_squares_all(self.device(), ts)
+    }
+
     fn upload_master(&self, t: &Tensor) -> Result<CudaTensor, KernelError> {
         kernels::upload(self.device(), t, Storage::F32)
     }

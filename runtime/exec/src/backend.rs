@@ -139,6 +139,11 @@ pub trait Backend: Clone + Send + Sync {
 
     /// `Σ x²` over a tensor, accumulated in `f64` (the global gradient norm).
     fn sum_squares(&self, t: &Self::Tensor) -> Result<f64, KernelError>;
+    /// `Σ x²` over several tensors: each's [`Backend::sum_squares`], added in order. A backend
+    /// that reads its results back from a device overrides it to wait once for all of them.
+    fn sum_squares_all(&self, ts: &[&Self::Tensor]) -> Result<f64, KernelError> {
+        ts.iter().map(|t| self.sum_squares(t)).sum()
+    }
     /// Copies full-precision weights to the device as the optimizer's master weights (`f32`
     /// whatever the backend computes in).
     fn upload_master(&self, t: &Tensor) -> Result<Self::Tensor, KernelError> {

@@ -217,7 +217,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
             // counted once (on tp rank 0), a tied one once (on the stage that summed it), then
             // the stages' sums added. Gradients are already reduced over dp (or, with the
             // distributed optimizer, each dp rank's shares summed over dp).
-            let mut sumsq = 0.0f64;
+            let mut counted = Vec::with_capacity(grads.len());
             for (&p, g) in params.iter().zip(&grads) {
                 let split = matches!(plan.shard(p).layout.tp, Layout::Split(_));
                 let owner = plan
@@ -226,9 +226,10 @@ impl<'p, B: Backend> Trainer<'p, B> {
                     .and_then(|pipe| pipe.grad_owner(p))
                     .is_none_or(|s| s as usize == rank.coord.pp);
                 if let (Some(g), true) = (g, (split || rank.coord.tp == 0) && owner) {
-                    sumsq += be.sum_squares(g).map_err(device)?;
+                    counted.push(g);
                 }
             }
+            let sumsq = be.sum_squares_all(&counted).map_err(device)?;
             let mut stage_sumsq = all_gather_f64(rank, MeshAxis::Tp, sumsq)?
                 .into_iter()
                 .sum::<f64>();

@@ -59,7 +59,9 @@ mod tests;
 pub use cross_entropy::{
     ce_grad, ce_grad_dev, ce_loss_dev, ce_row_max, ce_row_max_dev, ce_row_sums, ce_row_sums_dev,
 };
-pub use optim::{adamw, first_non_finite, reduce_buffers, scale_in_place, sum_squares};
+pub use optim::{
+    adamw, first_non_finite, reduce_buffers, scale_in_place, sum_squares, sum_squares_all,
+};
 pub use spec::{KernelSpec, Param, KERNELS};
 
 use super::device::RankDevice;

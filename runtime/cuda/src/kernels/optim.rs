@@ -279,26 +279,41 @@ const SUM_SQUARES_BLOCKS: usize = 256;
 /// on the device, added on the host in block order, the same on every run. Waits for the rank's
 /// stream.
 pub fn sum_squares(dev: &RankDevice, t: &CudaTensor) -> Result<f64, KernelError> {
+    sum_squares_all(dev, &[t])
+}
+
+/// [`sum_squares`] of each tensor, added in order (the same bits as one call each), waiting for
+/// the rank's stream once: every tensor's partial sums are queued, then copied back together.
+pub fn sum_squares_all(dev: &RankDevice, ts: &[&CudaTensor]) -> Result<f64, KernelError> {
     const OP: &str = "sum_squares";
-    check(OP, t)?;
-    let n = t.numel();
-    if n == 0 {
-        return Ok(0.0);
+    let mut partials = Vec::with_capacity(ts.len());
+    for t in ts {
+        check(OP, t)?;
+        let n = t.numel();
+        if n == 0 {
+            continue;
+        }
+        let blocks = n
+            .div_ceil(super::launch::BLOCK as usize)
+            .clamp(1, SUM_SQUARES_BLOCKS);
+        let mut partial = dev.stream.alloc_zeros::<f64>(blocks).map_err(on(OP))?;
+        let n64 = i64_of(OP, n)?;
+        Launch::new(dev, OP, &spec::SUM_SQUARES, t.dtype())?
+            .slice_mut(&mut partial)
+            .input(&t.data)
+            .val(&n64)
+            .launch(cudarc::driver::LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (super::launch::BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
+        partials.push(partial);
     }
-    let blocks = n
-        .div_ceil(super::launch::BLOCK as usize)
-        .clamp(1, SUM_SQUARES_BLOCKS);
-    let mut partial = dev.stream.alloc_zeros::<f64>(blocks).map_err(on(OP))?;
-    let n64 = i64_of(OP, n)?;
-    Launch::new(dev, OP, &spec::SUM_SQUARES, t.dtype())?
-        .slice_mut(&mut partial)
-        .input(&t.data)
-        .val(&n64)
-        .launch(cudarc::driver::LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (super::launch::BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        })?;
-    let partial = to_host(dev, OP, &partial.as_view())?;
-    Ok(partial.iter().sum())
+    let mut host = Vec::with_capacity(partials.len());
+    for p in &partials {
+        host.push(dev.stream.clone_dtoh(p).map_err(on(OP))?);
+    }
+    dev.stream.synchronize().map_err(on(OP))?;
+    super::read_checks(dev)?;
+    Ok(host.iter().map(|p| p.iter().sum::<f64>()).sum())
 }
