@@ -490,3 +490,43 @@ fn the_nccl_watchdog_names_a_collective_a_member_did_not_join() {
     // Nothing else: the first collective completed, and member 1 was never left waiting.
     assert!(reported.try_recv().is_err());
 }
+
+/// A token id past the vocabulary, on the GPU at tp 1 and 2: the run fails with the CPU's
+/// error naming the bad id, though the check (the embedding's, the loss's targets') was only
+/// read back with the step's results.
+#[test]
+fn a_bad_token_id_fails_the_run_as_on_the_cpu() {
+    let g = model("tiny-gpt.ron", &[]);
+    let params = test_params(&g, 3);
+    let mut batch = random_batch(&g, 3);
+    let tokens = batch.get_mut("tokens").unwrap();
+    let vocab = g
+        .params
+        .values()
+        .find(|p| p.name == "wte")
+        .map(|p| g.ty(p.value).shape.extents()[0])
+        .unwrap();
+    tokens.data[3] = vocab as f32 + 5.0;
+    for tp in [1, 2] {
+        let Some(cuda) = gpu(tp, Storage::F32) else {
+            return;
+        };
+        let o = PartitionOptions {
+            tp: tp as u64,
+            ..PartitionOptions::default()
+        };
+        let plan = partition(&g, &o).unwrap();
+        let opts = RunOptions::default();
+        let err = run(cuda, &plan, &params, &batch, &opts).unwrap_err();
+        let want = run(Cpu::default(), &plan, &params, &batch, &opts).unwrap_err();
+        let index = |e: &ferrotron_exec::ExecError| match e {
+            ferrotron_exec::ExecError::Kernel {
+                error: ferrotron_exec::KernelError::Index { what, value, .. },
+                ..
+            } => Some((*what, *value)),
+            _ => None,
+        };
+        assert!(index(&err).is_some(), "tp {tp}: {err}");
+        assert_eq!(index(&err), index(&want), "tp {tp}: {err} vs {want}");
+    }
+}

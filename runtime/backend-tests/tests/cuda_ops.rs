@@ -361,7 +361,15 @@ fn check_with(
             .collect();
         let on_dev = upload_all(dev, inputs, dtype);
         let what = format!("{name} ({dtype:?})");
-        match (cpu(&host), gpu(&on_dev)) {
+        // Reading the outputs back is part of the GPU's answer: a check the kernels queued
+        // (the ids' range) reports there.
+        let answer = gpu(&on_dev).and_then(|ts| {
+            for t in &ts {
+                gpu::download(dev, t)?;
+            }
+            Ok(ts)
+        });
+        match (cpu(&host), answer) {
             (Ok(want), Ok(got)) => {
                 assert_eq!(want.len(), got.len(), "{what}: outputs");
                 for (k, (w, g)) in want.iter().zip(&got).enumerate() {

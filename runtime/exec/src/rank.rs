@@ -535,7 +535,7 @@ impl<B: Backend> Runner<'_, B> {
         // A device runs behind the host: times are taken once its queued work is done.
         let fence = |at: &str| {
             be.synchronize()
-                .map_err(|e| ExecError::Plan(format!("waiting for the device {at}: {e}")))
+                .map_err(|e| self.device_wait(&format!("waiting for the device {at}"), e))
         };
         // A micro-batch's values are one store on the stage, whichever chunk made them: its
         // forward chunks run in order, then its backward chunks in reverse, so the program's
@@ -733,7 +733,7 @@ impl<B: Backend> Runner<'_, B> {
             };
             if exe.opts.trace {
                 be.synchronize()
-                    .map_err(|e| ExecError::Plan(format!("waiting for the device: {e}")))?;
+                    .map_err(|e| self.device_wait("waiting for the device", e))?;
                 events.push(TraceEvent {
                     node: n,
                     op: match &step.op {
@@ -1094,7 +1094,7 @@ impl<B: Backend> Runner<'_, B> {
                 self.rank
                     .backend
                     .synchronize()
-                    .map_err(|e| ExecError::Plan(format!("waiting for the device: {e}")))?;
+                    .map_err(|e| self.device_wait("waiting for the device", e))?;
                 for &h in tied.holders.iter().filter(|&&h| h != stage) {
                     let to = self.rank.mesh.peer(self.rank.coord, h as usize);
                     link.send(me, to, tag, x.clone()).map_err(comm)?;
@@ -1192,6 +1192,16 @@ impl<B: Backend> Runner<'_, B> {
         ExecError::Kernel {
             at: self.rank.coord,
             node: self.exe.plan.graph.nodes[n].name.clone(),
+            error,
+        }
+    }
+
+    /// A failure found while waiting for the device (`when`): a kernel's, or a check the
+    /// kernels queued (a bad index), which names its op but not its node.
+    fn device_wait(&self, when: &str, error: KernelError) -> ExecError {
+        ExecError::Kernel {
+            at: self.rank.coord,
+            node: format!("({when})"),
             error,
         }
     }

@@ -73,6 +73,20 @@ fn check_targets(
     }
 }
 
+/// [`check_targets`] without waiting: a bad target is reported by the rank's next read from
+/// the device (the loss, at the latest); the kernels skip it meanwhile.
+fn defer_target_check(
+    dev: &RankDevice,
+    op: &'static str,
+    targets: &CudaTensor,
+    g: &Geometry,
+    shard: &VocabShard,
+) -> Result<()> {
+    let buffer = index_buffer(op, "targets", targets)?;
+    let range = (g.rows, shard.real_classes, g.seq);
+    defer_index_check(dev, op, "target", buffer, range, shard.shift)
+}
+
 fn row_max_dev(
     dev: &RankDevice,
     op: &'static str,
@@ -316,7 +330,7 @@ pub(super) fn loss_op(
     let g = geometry(op, logits, shard)?;
     let t = targets_of(op, logits, targets)?;
     let max = row_max_dev(dev, op, logits, &g)?;
-    check_targets(dev, op, t, &g, shard.shift, shard.real_classes)?;
+    defer_target_check(dev, op, targets, &g, shard)?;
     let rows = Rows {
         max: &max,
         targets: t,
@@ -336,7 +350,7 @@ pub(super) fn grad_op(
     let g = geometry(op, logits, shard)?;
     let t = targets_of(op, logits, targets)?;
     let max = row_max_dev(dev, op, logits, &g)?;
-    check_targets(dev, op, t, &g, shard.shift, shard.real_classes)?;
+    defer_target_check(dev, op, targets, &g, shard)?;
     let rows = Rows {
         max: &max,
         targets: t,
@@ -434,11 +448,7 @@ pub fn ce_row_sums_dev(
     let g = geometry(OP, logits, shard)?;
     let t = targets_of(OP, logits, targets)?;
     let max = stats_buffer(OP, "row maxima", max, &[g.rows])?;
-    // Checked without waiting: a bad target is reported by the rank's next read from the
-    // device (the loss, at the latest); the kernels skip it meanwhile.
-    let buffer = index_buffer(OP, "targets", targets)?;
-    let range = (g.rows, shard.real_classes, g.seq);
-    defer_index_check(dev, OP, "target", buffer, range, shard.shift)?;
+    defer_target_check(dev, OP, targets, &g, shard)?;
     let rows = Rows { max, targets: t };
     let sums = row_sums_dev(dev, OP, logits, rows, &g, shard)?;
     Ok(CudaTensor::f32(vec![2, g.rows], sums))

@@ -2,25 +2,18 @@
 //! look up and scatter only the rows they hold) and rotary position embedding.
 
 use super::launch::{cfg_1d, cfg_2d, i64_of, scratch, scratch_i64, Buf, Launch, Result};
-use super::{as_dtype, first_bad_index, index_buffer, numel, spec};
+use super::{as_dtype, defer_index_check, index_buffer, numel, spec};
 use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, Storage};
-use ferrotron_exec::kernel::{invalid, table_of, KernelError, OrInvalid, Placement, Table};
+use ferrotron_exec::kernel::{invalid, table_of, OrInvalid, Placement, Table};
 use ferrotron_ir::{index, RopeScaling};
 
-/// That every id is an integer in `0..bound`: the first that is not, as the CPU reports it.
+/// That every id is an integer in `0..bound`, checked without waiting: the first that is not is
+/// reported as the CPU reports it by the rank's next read from the device (the kernels never
+/// read past the table meanwhile: an id outside this rank's rows gives a zero row).
 fn check_ids(dev: &RankDevice, op: &'static str, ids: &CudaTensor, t: &Table) -> Result<()> {
     let buf = index_buffer(op, "ids", ids)?;
-    match first_bad_index(dev, op, buf, ids.numel(), t.bound, 1, false)? {
-        None => Ok(()),
-        Some((element, value)) => Err(KernelError::Index {
-            op,
-            what: "id",
-            value,
-            element,
-            bound: t.bound,
-        }),
-    }
+    defer_index_check(dev, op, "id", buf, (ids.numel(), t.bound, 1), false)
 }
 
 /// `table[ids]`, zero rows for ids another rank holds.
