@@ -196,11 +196,32 @@ fn measured_peak_is_near_the_liveness_estimate_and_drops_with_each_mode() {
     ] {
         let mut last: Option<(u64, u64)> = None;
         for mode in MODES {
-            let mut args = vec!["run", "models/tiny-gpt.ron", "--recompute", mode, "--json"];
+            // The attention unfused, as the plan has it (a fused one never holds the scores
+            // that selective recomputation drops); fused, the memory plan is exact.
+            let mut args = vec![
+                "run",
+                "models/tiny-gpt.ron",
+                "--recompute",
+                mode,
+                "--json",
+                "--no-fuse-attention",
+            ];
             args.extend(dims);
             args.extend(config.iter().copied());
             let j = json(&args);
             let measured = j["peak_bytes_per_rank"].as_u64().unwrap();
+            assert_eq!(
+                j["planned_peak_bytes_per_rank"].as_u64(),
+                Some(measured),
+                "{args:?}: the memory plan"
+            );
+            args.retain(|&a| a != "--no-fuse-attention");
+            let fused = json(&args);
+            assert_eq!(
+                fused["planned_peak_bytes_per_rank"].as_u64(),
+                fused["peak_bytes_per_rank"].as_u64(),
+                "{args:?}: the memory plan, attention fused"
+            );
             let estimate = j["liveness_peak_bytes_per_rank"]
                 .as_u64()
                 .unwrap_or_else(|| panic!("{args:?}: no liveness estimate: {j}"));

@@ -218,19 +218,33 @@ fn hugging_face_weights_and_token_files() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Fusion changes the kernels, not the results: the fused run (the default) and `--no-fuse`
-/// give the same loss, and the trace names the fused steps.
+/// Fusion changes the kernels, not the results: with the pairs fused (`--no-fuse-attention`)
+/// and with nothing fused (`--no-fuse`) the loss is the same to the bit, with the attention
+/// fused too (the default) the same within `f32` rounding; the traces name the fused steps.
 #[test]
 fn no_fuse_gives_the_same_loss_and_the_trace_shows_the_fused_steps() {
-    let trace = std::env::temp_dir().join(format!(
-        "ferrotron-run-cli-trace-{}.json",
-        std::process::id()
-    ));
-    let trace_arg = trace.to_str().unwrap();
+    let trace = |name: &str| {
+        std::env::temp_dir().join(format!(
+            "ferrotron-run-cli-trace-{name}-{}.json",
+            std::process::id()
+        ))
+    };
+    let (pairs_trace, all_trace) = (trace("pairs"), trace("all"));
     let common = ["run", "models/tiny-gpt.ron", "--tp", "2", "--json"];
-    let fused = ferrotron(&[&common[..], &["--trace", trace_arg]].concat());
+    let pairs = ferrotron(
+        &[
+            &common[..],
+            &[
+                "--no-fuse-attention",
+                "--trace",
+                pairs_trace.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    let all = ferrotron(&[&common[..], &["--trace", all_trace.to_str().unwrap()]].concat());
     let unfused = ferrotron(&[&common[..], &["--no-fuse"]].concat());
-    for out in [&fused, &unfused] {
+    for out in [&pairs, &all, &unfused] {
         assert!(
             out.status.success(),
             "{}",
@@ -241,20 +255,28 @@ fn no_fuse_gives_the_same_loss_and_the_trace_shows_the_fused_steps() {
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         j["loss"].as_f64().unwrap()
     };
-    assert_eq!(loss(&fused), loss(&unfused));
-    let text = std::fs::read_to_string(&trace).unwrap();
-    let _ = std::fs::remove_file(&trace);
+    assert_eq!(loss(&pairs), loss(&unfused));
+    let off = (loss(&all) - loss(&unfused)).abs() / loss(&unfused);
+    assert!(off <= 1e-5, "the fused attention's loss is {off:e} off");
+    let read = |path: &std::path::Path| {
+        let text = std::fs::read_to_string(path).unwrap();
+        let _ = std::fs::remove_file(path);
+        text
+    };
+    let has = |text: &str, op: &str| text.contains(&format!("\"op\":\"{op}\""));
+    let (pairs_text, all_text) = (read(&pairs_trace), read(&all_trace));
     for op in [
         "BiasAct",
         "BiasActGrad",
         "ScaledSoftmax",
         "ScaledSoftmaxGrad",
     ] {
-        assert!(
-            text.contains(&format!("\"op\":\"{op}\"")),
-            "{op} missing from the trace"
-        );
+        assert!(has(&pairs_text, op), "{op} missing from the trace");
     }
+    for op in ["BiasAct", "BiasActGrad", "Attention", "AttentionGrad"] {
+        assert!(has(&all_text, op), "{op} missing from the trace");
+    }
+    assert!(!has(&all_text, "ScaledSoftmax"), "an attention ran unfused");
 }
 
 /// `--steps N` repeats the step: the same loss as one step (the weights do not change), the

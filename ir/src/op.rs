@@ -448,6 +448,16 @@ impl<V, D> Op<V, D> {
         out
     }
 
+    /// The inputs whose data the op reads: [`Op::inputs`] less a `DropoutGrad`'s `forward`, of
+    /// which only the place in the full tensor matters (its mask is drawn again from the
+    /// elements' indices), so a run need not hold the dropout's output until the backward.
+    pub fn data_inputs(&self) -> Vec<&V> {
+        match self {
+            Op::DropoutGrad { dy, .. } => vec![dy],
+            _ => self.inputs(),
+        }
+    }
+
     /// Rebuilds the op with every value reference passed through `fv` and every dimension through
     /// `fd`; the first error stops the conversion.
     pub fn try_map<'a, V2, D2, E, FV, FD>(&'a self, mut fv: FV, mut fd: FD) -> Result<Op<V2, D2>, E>

@@ -1,6 +1,7 @@
 //! A rank's peak memory by liveness: the plan's program walked in order, every value held from
-//! the node that makes it to its last reader, as a runtime that frees a tensor after its last
-//! use holds it. The weights stay resident; the loss, the graph outputs and the gradients are
+//! the node that makes it to its last reader (of its data: a dropout's gradient reads only its
+//! forward's place, [`ferrotron_ir::Op::data_inputs`]), as a runtime that frees a tensor after
+//! its last use holds it. The weights stay resident; the loss, the graph outputs and the gradients are
 //! kept to the end.
 //!
 //! ```text
@@ -36,7 +37,7 @@ pub fn peak_bytes(plan: &Plan) -> Option<u64> {
     let mut last: SecondaryMap<ValueId, Option<usize>> =
         SecondaryMap::with_capacity(g.values.len());
     for (i, &n) in g.order.iter().enumerate() {
-        for &v in g.nodes[n].op.inputs() {
+        for &v in g.nodes[n].op.data_inputs() {
             last[v] = Some(i);
         }
     }
@@ -57,7 +58,7 @@ pub fn peak_bytes(plan: &Plan) -> Option<u64> {
         }
         peak = peak.max(live);
         let mut freed: Vec<ValueId> = Vec::new();
-        for &v in node.op.inputs() {
+        for &v in node.op.data_inputs() {
             let resident = matches!(g.values[v].def, ValueDef::Param(_));
             if last[v] == Some(i) && !keep[v] && !resident && !freed.contains(&v) {
                 freed.push(v);

@@ -15,7 +15,7 @@ use clap::Args;
 use ferrotron_cpu::Cpu;
 use ferrotron_exec::init::{init_params, random_batch, test_params};
 use ferrotron_exec::verify::{compare, compare_rank, reference_plan, Entry, Verification};
-use ferrotron_exec::{launch, run as run_all, weights_for, Backend, Executable, Rank, Run};
+use ferrotron_exec::{launch, memory, run as run_all, weights_for, Backend, Executable, Rank, Run};
 use ferrotron_exec::{RunOptions, Tensor};
 use ferrotron_io::hf::{read_tokens, write_safetensors, FileNames};
 use ferrotron_io::weights::Weights;
@@ -37,10 +37,16 @@ pub struct RunArgs {
     /// Seed of the weights and the batch.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Run every op on its own, without fusing bias + activation and scale + softmax into one
-    /// kernel each (for comparison; the results are the same to the bit on the CPU).
+    /// Run every op on its own, without fusing bias + activation, scale + softmax and the
+    /// attention into one kernel each (for comparison: the pairs give the same bits on the CPU,
+    /// the attention agrees within `f32` rounding).
     #[arg(long)]
     no_fuse: bool,
+    /// Fuse as usual but run each attention as its separate ops (scores, scale, softmax,
+    /// dropout, product with the values), holding the scores: for comparison with the fused
+    /// attention, which agrees within `f32` rounding.
+    #[arg(long)]
+    no_fuse_attention: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -196,6 +202,7 @@ impl RunArgs {
         let opts = RunOptions {
             check_finite: self.check_finite,
             fuse: !self.no_fuse,
+            fuse_attention: !self.no_fuse_attention,
             trace: self.trace.is_some(),
             timeout: self.backend.timeout(),
             ..RunOptions::default()
@@ -349,6 +356,9 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
     let estimate = report.per_rank.memory_bytes - report.per_rank.optimizer_bytes;
     // Without stages, the peak by liveness over the plan's program (transients included).
     let live_peak = ferrotron_partitioner::liveness::peak_bytes(plan);
+    // The rank program's own: its steps (fused) walked as it holds tensors, with an arena.
+    let exe = Executable::new(plan, opts)?;
+    let memory = memory::plan(&exe, &|d| run.backend().element_bytes(d));
     if args.json {
         let mut j = serde_json::json!({
             "model": graph.name,
@@ -367,6 +377,8 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
             "peak_bytes_per_rank": run.peak_bytes(),
             "estimated_bytes_per_rank": estimate,
             "liveness_peak_bytes_per_rank": live_peak,
+            "planned_peak_bytes_per_rank": memory.as_ref().map(|m| m.peak),
+            "arena_bytes_per_rank": memory.as_ref().map(|m| m.arena),
             "report": report,
         });
         if let Some(p) = &report.pipeline {
@@ -399,14 +411,26 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
         timing.print();
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         match &report.pipeline {
-            None => println!(
-                "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB by liveness over \
-                 the plan, {:.2} MiB held through the step (weights + gradients + saved \
-                 activations)",
-                mib(run.peak_bytes() as u64),
-                mib(live_peak.unwrap_or(estimate)),
-                mib(estimate)
-            ),
+            None => {
+                println!(
+                    "peak tensor memory per rank: {:.2} MiB measured, {:.2} MiB by liveness over \
+                     the plan, {:.2} MiB held through the step (weights + gradients + saved \
+                     activations)",
+                    mib(run.peak_bytes() as u64),
+                    mib(live_peak.unwrap_or(estimate)),
+                    mib(estimate)
+                );
+                if let Some(m) = &memory {
+                    println!(
+                        "memory plan of the rank program: {:.2} MiB peak ({:.2} MiB weights), \
+                         its values in an arena of {:.2} MiB ({:.2} MiB live at most)",
+                        mib(m.peak),
+                        mib(m.weights),
+                        mib(m.arena),
+                        mib(m.live_peak)
+                    );
+                }
+            }
             Some(p) => {
                 println!(
                     "peak tensor memory per rank of each stage, measured / estimated (weights + \

@@ -57,10 +57,16 @@ pub struct TrainArgs {
     /// Seed of the initial weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Run every op on its own, without fusing bias + activation and scale + softmax into one
-    /// kernel each (for comparison; the results are the same to the bit on the CPU).
+    /// Run every op on its own, without fusing bias + activation, scale + softmax and the
+    /// attention into one kernel each (for comparison: the pairs give the same bits on the CPU,
+    /// the attention agrees within `f32` rounding).
     #[arg(long)]
     no_fuse: bool,
+    /// Fuse as usual but run each attention as its separate ops (scores, scale, softmax,
+    /// dropout, product with the values), holding the scores: for comparison with the fused
+    /// attention, which agrees within `f32` rounding.
+    #[arg(long)]
+    no_fuse_attention: bool,
     /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -152,6 +158,7 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     };
     let run = RunOptions {
         fuse: !args.no_fuse,
+        fuse_attention: !args.no_fuse_attention,
         timeout: args.backend.timeout(),
         ..RunOptions::default()
     };

@@ -1,7 +1,8 @@
 //! The CUDA backend's GPU tests, run on the CPU stand-in for the CUDA driver and cuBLAS
-//! (`cuda-emu`): every op test of `cuda_ops.rs` and every equivalence test of
-//! `cuda_equivalence.rs` (the tiny models at tp = 1, 2, 4 and 3 on virtual ranks, bf16 mixed
-//! precision, training), against the CPU backend, with no GPU.
+//! (`cuda-emu`): every op test of `cuda_ops.rs`, the fused attention's tests of
+//! `cuda_attention.rs` and every equivalence test of `cuda_equivalence.rs` (the tiny models at
+//! tp = 1, 2, 4 and 3 on virtual ranks, bf16 mixed precision, training), against the CPU backend
+//! (the attention against a host reference), with no GPU.
 //!
 //! The loader reads `LD_LIBRARY_PATH` when a process starts, so the one test here starts this
 //! same executable again with the stand-in libraries first on the path and runs the included
@@ -16,6 +17,9 @@ mod ops;
 
 #[path = "cuda_equivalence.rs"]
 mod equivalence;
+
+#[path = "cuda_attention.rs"]
+mod attention;
 
 use std::io::Write;
 use std::process::Command;
@@ -57,7 +61,13 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
             std::process::id()
         ));
         let out = Command::new(std::env::current_exe().unwrap())
-            .args(["ops::", "equivalence::", "--test-threads", "2"])
+            .args([
+                "ops::",
+                "equivalence::",
+                "attention::",
+                "--test-threads",
+                "2",
+            ])
             // 24 GB of tensors past 2^31 elements: a GPU's test, not this machine's memory.
             .args(["--skip", "tensors_past_two_to_the_31_elements"])
             .env("LD_LIBRARY_PATH", &path)
@@ -83,7 +93,11 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
             .sum();
         let listed = stdout
             .lines()
-            .filter(|l| l.starts_with("test ops::") || l.starts_with("test equivalence::"))
+            .filter(|l| {
+                ["test ops::", "test equivalence::", "test attention::"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
             .count();
         assert!(
             listed >= 25 && passed >= listed,

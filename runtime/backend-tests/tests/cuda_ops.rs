@@ -957,6 +957,10 @@ fn unfused_pair(op: &Fused<usize>, n: usize) -> (Op<usize, Dim>, Op<usize, Dim>)
             ids,
             dy,
         } => (Op::EmbeddingGrad { table, ids, dy }, Op::Add(acc, n)),
+        // Not a pair of ops (a chain with a placed dropout): tested in `cuda_attention.rs`.
+        Fused::Attention { .. } | Fused::AttentionGrad { .. } => {
+            unreachable!("the fused attention is not a pair of ops")
+        }
     }
 }
 

@@ -375,6 +375,11 @@ pub fn eval_fused(op: &Fused<&Tensor>, threads: usize) -> Result<Tensor> {
             name,
             "runs through Backend::embedding_grad_add, which places the table",
         )),
+        // Two or three outputs and a placed dropout mask: `Backend::attention(_grad)`.
+        Fused::Attention { .. } | Fused::AttentionGrad { .. } => Err(invalid(
+            name,
+            "runs through Backend::attention and Backend::attention_grad",
+        )),
     }
 }
 
@@ -984,47 +989,10 @@ fn rotary(
 /// `1/(1 − p)` (Dropout on its input, DropoutGrad on the gradient).
 fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tensor> {
     let scale = index::dropout_scale(p).or_invalid(name)? as f32;
-    let r = x.rank();
-    let (full, offsets) = match (&local.full_shape, &local.offsets) {
-        (None, None) => (x.shape.clone(), vec![0; r]),
-        (Some(f), None) => (f.clone(), vec![0; r]),
-        (Some(f), Some(o)) => (f.clone(), o.clone()),
-        (None, Some(_)) => return Err(invalid(name, "shard offsets without the full shape")),
-    };
-    let fits = full.len() == r
-        && offsets.len() == r
-        && (0..r).all(|i| {
-            offsets[i]
-                .checked_add(x.shape[i])
-                .is_some_and(|end| end <= full[i])
-        });
-    if !fits || numel(name, &full).is_err() {
-        return Err(invalid(
-            name,
-            format!(
-                "a shard of shape {:?} at offsets {offsets:?} does not fit the full shape {full:?}",
-                x.shape
-            ),
-        ));
-    }
-    let seed = local.dropout_seed.wrapping_mul(1 << 40);
+    let row_starts = dropout_row_starts(name, &x.shape, local.at)?;
     // Keep iff splitmix64(i) / 2^64 >= p, as `dropout_keeps` decides, tested on the integer.
     let threshold = ferrotron_ir::reference::keep_threshold(p);
-    let strides = contiguous_strides_u64(&full);
     let (_, last) = rows_of(&x.shape);
-    let base: u64 = offsets
-        .iter()
-        .zip(&strides)
-        .map(|(&o, &s)| o as u64 * s)
-        .sum();
-    let mut row_starts = Vec::with_capacity(x.data.len() / last.max(1));
-    let outer_strides: Vec<usize> = strides[..r.saturating_sub(1)]
-        .iter()
-        .map(|&s| s as usize)
-        .collect();
-    for_each_offset(&x.shape[..r.saturating_sub(1)], [&outer_strides], |[o]| {
-        row_starts.push(base + o as u64)
-    });
     let mut out = buffer(x.data.len());
     par_chunks(
         local.n_threads(),
@@ -1034,9 +1002,8 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
         |first, chunk| {
             for (i, o) in chunk.chunks_exact_mut(last).enumerate() {
                 let row = first + i;
-                let start = row_starts[row].wrapping_add(seed);
                 let src = &x.data[row * last..(row + 1) * last];
-                math::dropout_row(o, src, start, threshold, scale);
+                math::dropout_row(o, src, row_starts[row], threshold, scale);
             }
         },
     );
@@ -1044,6 +1011,56 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
         shape: x.shape.clone(),
         data: out,
     })
+}
+
+/// The dropout counter of the first element of each row (along the last axis) of a tensor of
+/// `shape` placed in the full tensor as `at` says: element `j` of row `r` is kept iff
+/// `splitmix64(starts[r] + j) >= keep_threshold(p)` (wrapping). `Dropout` draws its mask from
+/// these, and so does the fused attention, so the two drop the same elements.
+pub(crate) fn dropout_row_starts(
+    name: &'static str,
+    shape: &[usize],
+    at: &Placement,
+) -> Result<Vec<u64>> {
+    let r = shape.len();
+    let (full, offsets) = match (&at.full_shape, &at.offsets) {
+        (None, None) => (shape.to_vec(), vec![0; r]),
+        (Some(f), None) => (f.clone(), vec![0; r]),
+        (Some(f), Some(o)) => (f.clone(), o.clone()),
+        (None, Some(_)) => return Err(invalid(name, "shard offsets without the full shape")),
+    };
+    let fits = full.len() == r
+        && offsets.len() == r
+        && (0..r).all(|i| {
+            offsets[i]
+                .checked_add(shape[i])
+                .is_some_and(|end| end <= full[i])
+        });
+    if !fits || numel(name, &full).is_err() {
+        return Err(invalid(
+            name,
+            format!(
+                "a shard of shape {shape:?} at offsets {offsets:?} does not fit the full shape {full:?}"
+            ),
+        ));
+    }
+    let seed = at.dropout_seed.wrapping_mul(1 << 40);
+    let strides = contiguous_strides_u64(&full);
+    let (rows, _) = rows_of(shape);
+    let base: u64 = offsets
+        .iter()
+        .zip(&strides)
+        .map(|(&o, &s)| o as u64 * s)
+        .sum();
+    let mut row_starts = Vec::with_capacity(rows);
+    let outer_strides: Vec<usize> = strides[..r.saturating_sub(1)]
+        .iter()
+        .map(|&s| s as usize)
+        .collect();
+    for_each_offset(&shape[..r.saturating_sub(1)], [&outer_strides], |[o]| {
+        row_starts.push((base + o as u64).wrapping_add(seed))
+    });
+    Ok(row_starts)
 }
 
 fn contiguous_strides_u64(shape: &[usize]) -> Vec<u64> {

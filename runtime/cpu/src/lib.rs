@@ -14,6 +14,7 @@
 //! (`benches/matmul.rs` races it against OpenBLAS).
 #![warn(missing_docs)]
 
+mod attention;
 pub mod kernels;
 pub(crate) mod layout;
 pub(crate) mod math;
@@ -24,7 +25,8 @@ use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::comm::{Comm, CommError, HostCollectives, ReduceOp};
 use ferrotron_exec::fuse::Fused;
 use ferrotron_exec::kernel::{
-    ce_loss, invalid, CeStats, KernelError, Placement, RowStats, VocabShard,
+    ce_loss, invalid, AttentionSaved, AttentionSpec, CeStats, KernelError, Placement, RowStats,
+    VocabShard,
 };
 use ferrotron_exec::{Tensor, ThreadGroup};
 use ferrotron_ir::{DType, Dim, Op};
@@ -175,6 +177,27 @@ impl Backend for Cpu {
 
     fn add_into(&self, acc: Tensor, x: &Tensor) -> Result<Tensor, KernelError> {
         kernels::add_into(acc, x, self.threads)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<(Tensor, Tensor), KernelError> {
+        attention::forward(q, k, v, spec, at, self.threads)
+    }
+
+    fn attention_grad(
+        &self,
+        saved: AttentionSaved<&Tensor>,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<[Tensor; 3], KernelError> {
+        let (dq, dk, dv) = attention::backward(saved, spec, at, self.threads)?;
+        Ok([dq, dk, dv])
     }
 
     fn embedding_grad_add(

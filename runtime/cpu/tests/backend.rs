@@ -6,7 +6,9 @@
 use ferrotron_cpu::{Cpu, CpuComm};
 use ferrotron_exec::fuse::{Fused, Program};
 use ferrotron_exec::init::{init_params, random_batch};
-use ferrotron_exec::kernel::{CeStats, KernelError, Placement, VocabShard};
+use ferrotron_exec::kernel::{
+    AttentionSaved, AttentionSpec, CeStats, KernelError, Placement, VocabShard,
+};
 use ferrotron_exec::{run_sharded, shard_params, AdamW, Backend, Comm, CommError, ReduceOp};
 use ferrotron_exec::{RunOptions, Tensor};
 use ferrotron_ir::{load_model, LoadOptions, Op};
@@ -112,6 +114,26 @@ impl Backend for Counting {
     fn eval_fused(&self, op: &Fused<&Tensor>) -> Result<Tensor, KernelError> {
         self.fused.fetch_add(1, Ordering::Relaxed);
         self.cpu.eval_fused(op)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<(Tensor, Tensor), KernelError> {
+        self.fused.fetch_add(1, Ordering::Relaxed);
+        self.cpu.attention(q, k, v, spec, at)
+    }
+    fn attention_grad(
+        &self,
+        saved: AttentionSaved<&Tensor>,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<[Tensor; 3], KernelError> {
+        self.fused.fetch_add(1, Ordering::Relaxed);
+        self.cpu.attention_grad(saved, spec, at)
     }
     fn add_into(&self, acc: Tensor, x: &Tensor) -> Result<Tensor, KernelError> {
         self.adds_in_place.fetch_add(1, Ordering::Relaxed);
@@ -248,14 +270,15 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     assert!(reshapes > 0, "reshapes reuse buffers");
     let adds = counting.adds_in_place.load(Ordering::Relaxed);
     assert!(adds > 0, "sums reuse an addend's buffer");
-    // Per layer and rank: bias + GeLU forward and backward, scale + softmax forward and backward;
-    // per rank, the tied embedding's gradient added into the output layer's.
+    // Per layer and rank: bias + GeLU forward and backward, the attention forward and
+    // backward; per rank, the tied embedding's gradient added into the output layer's.
     assert_eq!(fused, 2 * 4 * 2 + 2, "fused steps");
-    let dropped = g.order.len() - Program::fused(&plan, &|_| false).steps.len();
+    let dropped = g.order.len() - Program::fused(&plan, &|_| false, true).steps.len();
     assert_eq!(
         dropped,
-        2 * 3 + 1,
-        "per layer: the bias add, the scale, the softmax gradient; the embedding's gradient"
+        2 * (1 + 4 + 6) + 1,
+        "per layer: the bias add, the attention's scores, scale, softmax and dropout, six of \
+         its seven backward nodes; the embedding's gradient"
     );
     assert_eq!(evals + reshapes + adds + fused + 2 * dropped, 2 * local);
     // The vocabulary-parallel loss reduces its row statistics in the forward, as the backend's

@@ -14,7 +14,9 @@ use super::watchdog::{Hang, Watchdog};
 use super::CudaError;
 use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::fuse::Fused;
-use ferrotron_exec::kernel::{CeStats, KernelError, Placement, VocabShard};
+use ferrotron_exec::kernel::{
+    AttentionSaved, AttentionSpec, CeStats, KernelError, Placement, VocabShard,
+};
 use ferrotron_exec::Tensor;
 use ferrotron_ir::{Dim, Op};
 use std::sync::{Arc, Mutex};
@@ -173,6 +175,14 @@ impl Backend for Cuda {
         t.bytes()
     }
 
+    fn element_bytes(&self, dtype: ferrotron_ir::DType) -> u64 {
+        // As `upload` stores them: ids in `f32`, the rest in the storage type.
+        match dtype.is_int() {
+            true => 4,
+            false => self.dtype.size() as u64,
+        }
+    }
+
     fn first_non_finite(&self, t: &CudaTensor) -> Option<f32> {
         // A device failure here surfaces at the next op; the check itself reports nothing.
         kernels::first_non_finite(self.device(), t).ok().flatten()
@@ -197,6 +207,27 @@ impl Backend for Cuda {
 
     fn eval_fused(&self, op: &Fused<&CudaTensor>) -> Result<CudaTensor, KernelError> {
         kernels::eval_fused(self.device(), op)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<(CudaTensor, CudaTensor), KernelError> {
+        kernels::attention(self.device(), q, k, v, spec, at)
+    }
+
+    fn attention_grad(
+        &self,
+        saved: AttentionSaved<&CudaTensor>,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<[CudaTensor; 3], KernelError> {
+        let (dq, dk, dv) = kernels::attention_grad(self.device(), saved, spec, at)?;
+        Ok([dq, dk, dv])
     }
 
     fn reshape(&self, mut t: CudaTensor, shape: Vec<usize>) -> CudaTensor {

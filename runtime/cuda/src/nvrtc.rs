@@ -73,6 +73,10 @@ pub const SOURCES: &[Source] = &[
         name: "optim.cu",
         code: include_str!("cu/optim.cu"),
     },
+    Source {
+        name: "attention.cu",
+        code: include_str!("cu/attention.cu"),
+    },
 ];
 
 /// Bumped whenever the cache file format or what goes into a key changes.

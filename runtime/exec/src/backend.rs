@@ -8,7 +8,7 @@
 
 use crate::comm::Comm;
 use crate::fuse::Fused;
-use crate::kernel::{CeStats, KernelError, Placement, VocabShard};
+use crate::kernel::{AttentionSaved, AttentionSpec, CeStats, KernelError, Placement, VocabShard};
 use crate::Tensor;
 use ferrotron_ir::{DType, Dim, Op};
 
@@ -43,6 +43,12 @@ pub trait Backend: Clone + Send + Sync {
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
     /// The bytes a tensor occupies.
     fn bytes(&self, t: &Self::Tensor) -> usize;
+    /// The bytes one element of a value of IR type `dtype` occupies as this backend stores it
+    /// (the memory plan's sizes: [`crate::memory`]). `f32` storage by default.
+    fn element_bytes(&self, dtype: DType) -> u64 {
+        let _ = dtype;
+        4
+    }
     /// The first NaN or infinity in a tensor, if any (`None` also when the check itself fails on
     /// the device: the next device call reports that failure).
     fn first_non_finite(&self, t: &Self::Tensor) -> Option<f32>;
@@ -60,6 +66,28 @@ pub trait Backend: Clone + Send + Sync {
     ) -> Result<Vec<Self::Tensor>, KernelError>;
     /// A fused op's computation (see [`crate::fuse`]): what the two ops it replaces compute.
     fn eval_fused(&self, op: &Fused<&Self::Tensor>) -> Result<Self::Tensor, KernelError>;
+    /// Fused scaled dot-product attention ([`Fused::Attention`]): `softmax(factor · q·kᵀ)`
+    /// (causal and with dropout as `spec` says) times `v`, computed a tile of keys at a time with
+    /// an online softmax: the `[..., queries, keys]` scores are never held whole. Returns the
+    /// output `[..., queries, dv]` and each query row's log-sum-exp of its scaled scores
+    /// (`f32` `[..., queries]`), all the backward needs of the softmax. `at` places the
+    /// probabilities `[..., queries, keys]` in the full tensor (their dropout mask).
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<(Self::Tensor, Self::Tensor), KernelError>;
+    /// The fused attention's backward ([`Fused::AttentionGrad`]): `[dq, dk, dv]`, recomputing
+    /// the probabilities tile by tile from `saved.lse` (the same dropout mask as the forward's).
+    fn attention_grad(
+        &self,
+        saved: AttentionSaved<&Self::Tensor>,
+        spec: &AttentionSpec,
+        at: &Placement,
+    ) -> Result<[Self::Tensor; 3], KernelError>;
     /// `acc + x` (two tensors of one shape), which may be written over `acc`: the executor
     /// passes a value at its last use. The sum is [`Backend::eval`]'s `Add`, to the bit. By
     /// default a new tensor.

@@ -1,5 +1,5 @@
-//! Operator fusion: the executor's program, with each op pair that pays to run as one kernel
-//! merged into one step.
+//! Operator fusion: the executor's program, with each op pair that pays to run as one kernel,
+//! and each attention, merged into one step.
 //!
 //! ```text
 //! Plan (forward + backward SPMD graph, in order) ─► program(): steps, each an IR node or a Fused op
@@ -14,18 +14,31 @@
 //! | `Scale(x)` read only by a `Softmax` | [`Fused::ScaledSoftmax`] | one write and read of the scores |
 //! | `SoftmaxGrad` read only by a `Scale` | [`Fused::ScaledSoftmaxGrad`] | the same, backward |
 //! | `EmbeddingGrad` read only by an `Add` (a tied table's other gradient) | [`Fused::EmbeddingGradAdd`] | the embedding's own `[vocab, width]` gradient: its rows are added into the other gradient's buffer ([`crate::Backend::embedding_grad_add`]) |
+//! | `MatMul(q, kᵀ)` → `Scale` → `Softmax` → `Dropout`? → `MatMul(·, v)`, and the seven backward nodes autodiff makes of it | [`Fused::Attention`] forward, [`Fused::AttentionGrad`] backward | the `[..., queries, keys]` scores, probabilities and their dropout, forward and backward: the forward keeps each query row's log-sum-exp (a [`Saved`] value of the program's own) and the backward recomputes the probabilities a tile at a time from it (flash attention) |
 //!
-//! Numerics: a fused step computes exactly the unfused pair's operations in the same order (the
-//! intermediate is rounded to `f32` as it would have been stored), so on the CPU a fused run is
-//! bit-identical to an unfused one (test `fused_runs_are_bit_identical_to_unfused` in
-//! `runtime/cpu/tests/fusion.rs`; the one exception, equal in value: rows of a tied table that no
-//! id looks up keep the other gradient's `-0.0` where the unfused sum adds `+0.0`). In bf16 storage the GPU's fused step skips the intermediate's
-//! rounding to bf16, which only makes it closer to the `f32` reference.
+//! The attention is found in the partitioned plan, so it is split by heads exactly as the
+//! unfused graph is, and model files keep writing attention as its ops. A chain is fused only
+//! whole: if any intermediate is read outside it or kept, it runs unfused; a forward without a
+//! backward of its own (inference, or a forward that recomputation repeats in the backward,
+//! where the repeat is a chain of its own) is fused alone.
+//!
+//! Numerics: a fused pair computes exactly the unfused pair's operations in the same order (the
+//! intermediate is rounded to `f32` as it would have been stored), so on the CPU a run with the
+//! pairs fused is bit-identical to an unfused one (test `fused_runs_are_bit_identical_to_unfused`
+//! in `runtime/cpu/tests/fusion.rs`; one difference, equal in value: rows of a tied table that no
+//! id looks up keep the other gradient's `-0.0` where the unfused sum adds `+0.0`). In bf16
+//! storage the GPU's fused step skips the intermediate's rounding to bf16, which only makes it
+//! closer to the `f32` reference. The fused attention sums in another order (its online softmax
+//! a tile of keys at a time), so it agrees with the unfused chain within `f32` rounding (the
+//! tolerances of `--verify`; `runtime/cpu/tests/fused_attention.rs`), not to the bit;
+//! [`crate::RunOptions::fuse_attention`] (`--no-fuse-attention`) leaves it out.
 //!
 //! The plan itself (what the partitioner, the cost model and the viewer see) is unchanged; a
 //! fusion never crosses a collective, and a value that is kept (an output, a gradient) or read
 //! by anything else is never fused away.
 
+use crate::kernel::{AttentionSaved, AttentionSpec};
+use ferrotron_ir::graph::EntityRef;
 use ferrotron_ir::op::Activation;
 use ferrotron_ir::{index, NodeId, Op, ValueId};
 use ferrotron_partitioner::Plan;
@@ -87,6 +100,28 @@ pub enum Fused<V> {
         /// The gradient of the embedding's output.
         dy: V,
     },
+    /// Scaled dot-product attention, `dropout(softmax(factor · q·kᵀ)) · v`, computed without
+    /// holding the scores ([`crate::Backend::attention`]). Its step makes two values: the
+    /// output and the rows' log-sum-exps (a value of the program's own, see
+    /// [`Program::saved`]).
+    Attention {
+        /// The queries.
+        q: V,
+        /// The keys.
+        k: V,
+        /// The values.
+        v: V,
+        /// Scale, causality, dropout.
+        spec: AttentionSpec,
+    },
+    /// The attention's backward: `(dq, dk, dv)` from what the forward saved
+    /// ([`crate::Backend::attention_grad`]).
+    AttentionGrad {
+        /// The forward's operands, output and log-sum-exps, and the output's gradient.
+        saved: AttentionSaved<V>,
+        /// As the forward's.
+        spec: AttentionSpec,
+    },
 }
 
 impl<V> Fused<V> {
@@ -103,6 +138,18 @@ impl<V> Fused<V> {
                 ids,
                 dy,
             } => vec![acc, table, ids, dy],
+            Fused::Attention { q, k, v, .. } => vec![q, k, v],
+            Fused::AttentionGrad { saved, .. } => {
+                let AttentionSaved {
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse,
+                    dout,
+                } = saved;
+                vec![q, k, v, out, lse, dout]
+            }
         }
     }
 
@@ -114,6 +161,8 @@ impl<V> Fused<V> {
             Fused::ScaledSoftmax { .. } => "ScaledSoftmax",
             Fused::ScaledSoftmaxGrad { .. } => "ScaledSoftmaxGrad",
             Fused::EmbeddingGradAdd { .. } => "EmbeddingGradAdd",
+            Fused::Attention { .. } => "Attention",
+            Fused::AttentionGrad { .. } => "AttentionGrad",
         }
     }
 
@@ -160,6 +209,23 @@ impl<V> Fused<V> {
                 ids: f(ids)?,
                 dy: f(dy)?,
             },
+            Fused::Attention { q, k, v, spec } => Fused::Attention {
+                q: f(q)?,
+                k: f(k)?,
+                v: f(v)?,
+                spec: *spec,
+            },
+            Fused::AttentionGrad { saved, spec } => Fused::AttentionGrad {
+                saved: AttentionSaved {
+                    q: f(&saved.q)?,
+                    k: f(&saved.k)?,
+                    v: f(&saved.v)?,
+                    out: f(&saved.out)?,
+                    lse: f(&saved.lse)?,
+                    dout: f(&saved.dout)?,
+                },
+                spec: *spec,
+            },
         })
     }
 }
@@ -169,13 +235,17 @@ impl<V> Fused<V> {
 pub enum StepOp {
     /// The node's own op.
     Node,
-    /// A fused op in place of the node's, producing the node's outputs. `absorbed` is the node
-    /// whose work it took over (and which the program no longer runs).
+    /// A fused op in place of the node's. `absorbed` are the nodes whose work it took over
+    /// (and which the program no longer runs).
     Fused {
         /// The fused computation.
         op: Fused<ValueId>,
-        /// The node fused into this one.
-        absorbed: NodeId,
+        /// The nodes fused into this one.
+        absorbed: Vec<NodeId>,
+        /// The values it makes, in the fused op's order of results: the node's outputs for a
+        /// fused pair; an attention's output and log-sum-exps (a [`Program::saved`] value), or
+        /// its three gradients.
+        outputs: Vec<ValueId>,
     },
 }
 
@@ -189,18 +259,38 @@ pub struct Step {
 }
 
 impl Step {
-    /// The values this step reads.
+    /// The values this step reads (a dropout's gradient reads only its forward's place, not
+    /// its data: [`Op::data_inputs`]).
     pub fn inputs<'a>(&'a self, plan: &'a Plan) -> Vec<ValueId> {
         match &self.op {
             StepOp::Node => plan.graph.nodes[self.node]
                 .op
-                .inputs()
+                .data_inputs()
                 .into_iter()
                 .copied()
                 .collect(),
             StepOp::Fused { op, .. } => op.inputs().into_iter().copied().collect(),
         }
     }
+
+    /// The values this step makes.
+    pub fn outputs<'a>(&'a self, plan: &'a Plan) -> &'a [ValueId] {
+        match &self.op {
+            StepOp::Node => &plan.graph.nodes[self.node].outputs,
+            StepOp::Fused { outputs, .. } => outputs,
+        }
+    }
+}
+
+/// A value the program makes that the plan does not have: a fused attention's row
+/// log-sum-exps, saved from its forward step for its backward step. Its id follows the plan's
+/// values ([`Program::saved_id`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Saved {
+    /// A name for errors and traces.
+    pub name: String,
+    /// Its shape (its type is `f32`).
+    pub shape: Vec<u64>,
 }
 
 /// The steps a rank runs: the plan's nodes in order, some fused.
@@ -210,6 +300,8 @@ pub struct Program {
     pub steps: Vec<Step>,
     /// Index of the first backward step.
     pub backward_start: usize,
+    /// Values of the program's own, in id order after the plan's.
+    pub saved: Vec<Saved>,
 }
 
 impl Program {
@@ -226,12 +318,47 @@ impl Program {
                 })
                 .collect(),
             backward_start: plan.backward_start,
+            saved: Vec::new(),
         }
     }
 
-    /// The plan's nodes with every fusable pair fused (see the module docs). `kept` are the
-    /// values the run must keep (outputs, gradients, the loss): never fused away.
-    pub fn fused(plan: &Plan, kept: &dyn Fn(ValueId) -> bool) -> Program {
+    /// The id of the `k`-th [`Program::saved`] value.
+    pub fn saved_id(plan: &Plan, k: usize) -> ValueId {
+        ValueId::new(plan.graph.values.len() + k)
+    }
+
+    /// How many values a rank's store holds: the plan's and the program's own.
+    pub fn value_count(&self, plan: &Plan) -> usize {
+        plan.graph.values.len() + self.saved.len()
+    }
+
+    /// The program's own value `v`, if it is one.
+    pub fn saved_value(&self, plan: &Plan, v: ValueId) -> Option<&Saved> {
+        v.index()
+            .checked_sub(plan.graph.values.len())
+            .and_then(|k| self.saved.get(k))
+    }
+
+    /// A value's name, the plan's or the program's.
+    pub fn value_name<'a>(&'a self, plan: &'a Plan, v: ValueId) -> &'a str {
+        match self.saved_value(plan, v) {
+            Some(s) => &s.name,
+            None => &plan.graph.values[v].name,
+        }
+    }
+
+    /// A value's shape, the plan's or the program's.
+    pub fn value_shape(&self, plan: &Plan, v: ValueId) -> Vec<u64> {
+        match self.saved_value(plan, v) {
+            Some(s) => s.shape.clone(),
+            None => plan.graph.ty(v).shape.sizes(),
+        }
+    }
+
+    /// The plan's nodes with every fusable pair fused, and with `attention` every attention
+    /// chain (see the module docs). `kept` are the values the run must keep (outputs,
+    /// gradients, the loss): never fused away.
+    pub fn fused(plan: &Plan, kept: &dyn Fn(ValueId) -> bool, attention: bool) -> Program {
         let g = &plan.graph;
         // Every value's readers, in program order.
         let mut readers: HashMap<ValueId, Vec<NodeId>> = HashMap::new();
@@ -250,9 +377,63 @@ impl Program {
 
         let mut replaced: HashMap<NodeId, StepOp> = HashMap::new();
         let mut removed: Vec<bool> = vec![false; g.order.len()];
+        // Attention first: its chain holds pairs the loop below would otherwise fuse.
+        let mut saved = Vec::new();
+        let chains = match attention {
+            true => attention_chains(plan, kept, &readers_of),
+            false => Vec::new(),
+        };
+        for found in chains {
+            let lse = Program::saved_id(plan, saved.len());
+            let q_shape = g.ty(found.q).shape.sizes();
+            saved.push(Saved {
+                name: format!("{}.lse", g.values[found.probs].name),
+                shape: q_shape[..q_shape.len() - 1].to_vec(),
+            });
+            for &m in found
+                .forward_absorbed
+                .iter()
+                .chain(&found.backward_absorbed)
+            {
+                removed[position[&m]] = true;
+            }
+            replaced.insert(
+                found.forward,
+                StepOp::Fused {
+                    op: Fused::Attention {
+                        q: found.q,
+                        k: found.k,
+                        v: found.v,
+                        spec: found.spec,
+                    },
+                    absorbed: found.forward_absorbed.clone(),
+                    outputs: vec![found.out, lse],
+                },
+            );
+            if let Some(bw) = found.backward {
+                replaced.insert(
+                    bw.step,
+                    StepOp::Fused {
+                        op: Fused::AttentionGrad {
+                            saved: AttentionSaved {
+                                q: found.q,
+                                k: found.k,
+                                v: found.v,
+                                out: found.out,
+                                lse,
+                                dout: bw.dout,
+                            },
+                            spec: found.spec,
+                        },
+                        absorbed: found.backward_absorbed.clone(),
+                        outputs: vec![bw.dq, bw.dk, bw.dv],
+                    },
+                );
+            }
+        }
         for &n in &g.order {
-            if replaced.contains_key(&n) {
-                continue; // already the consumer half of a pair
+            if replaced.contains_key(&n) || removed[position[&n]] {
+                continue; // already the consumer half of a pair, or in an attention
             }
             let Some(out) = only_output(n) else { continue };
             let uses = readers_of(out);
@@ -278,7 +459,8 @@ impl Program {
                             r,
                             StepOp::Fused {
                                 op: fused,
-                                absorbed: n,
+                                absorbed: vec![n],
+                                outputs: g.nodes[r].outputs.clone(),
                             },
                         );
                     }
@@ -288,7 +470,7 @@ impl Program {
                     let (&[r], Ok(factor)) = (uses, index::scale(factor)) else {
                         continue;
                     };
-                    if replaced.contains_key(&r) {
+                    if replaced.contains_key(&r) || removed[position[&r]] {
                         continue;
                     }
                     if let Op::Softmax { causal, .. } = &g.nodes[r].op {
@@ -300,7 +482,8 @@ impl Program {
                                     factor,
                                     causal: *causal,
                                 },
-                                absorbed: n,
+                                absorbed: vec![n],
+                                outputs: g.nodes[r].outputs.clone(),
                             },
                         );
                         removed[position[&n]] = true;
@@ -309,7 +492,7 @@ impl Program {
                 Op::EmbeddingGrad { table, ids, dy } => {
                     // Read only by a sum with a gradient of the table's shape (a tied table's).
                     let &[r] = uses else { continue };
-                    if replaced.contains_key(&r) {
+                    if replaced.contains_key(&r) || removed[position[&r]] {
                         continue;
                     }
                     let Op::Add(a, b) = &g.nodes[r].op else {
@@ -336,14 +519,15 @@ impl Program {
                                 ids: *ids,
                                 dy: *dy,
                             },
-                            absorbed: n,
+                            absorbed: vec![n],
+                            outputs: g.nodes[r].outputs.clone(),
                         },
                     );
                     removed[position[&n]] = true;
                 }
                 Op::SoftmaxGrad { y, dy } => {
                     let &[r] = uses else { continue };
-                    if replaced.contains_key(&r) {
+                    if replaced.contains_key(&r) || removed[position[&r]] {
                         continue;
                     }
                     if let Op::Scale { factor, .. } = &g.nodes[r].op {
@@ -358,7 +542,8 @@ impl Program {
                                     dy: *dy,
                                     factor,
                                 },
-                                absorbed: n,
+                                absorbed: vec![n],
+                                outputs: g.nodes[r].outputs.clone(),
                             },
                         );
                         removed[position[&n]] = true;
@@ -382,6 +567,7 @@ impl Program {
         Program {
             backward_start: backward_start.unwrap_or(steps.len()),
             steps,
+            saved,
         }
     }
 
@@ -456,4 +642,398 @@ fn activation_of<V, D>(op: &Op<V, D>) -> Option<Activation> {
         Op::Relu(_) => Activation::Relu,
         _ => return None,
     })
+}
+
+/// An attention chain found in a plan: `ctx = dropout?(softmax(factor · q·kᵀ)) · v` and, where
+/// the plan differentiates it, the backward nodes autodiff made of it.
+struct AttentionChain {
+    /// The `ctx` matmul: the fused forward step runs as it.
+    forward: NodeId,
+    /// The scores' matmul, the scale, the softmax and the dropout (if any).
+    forward_absorbed: Vec<NodeId>,
+    q: ValueId,
+    k: ValueId,
+    v: ValueId,
+    /// The softmax's output (names the saved log-sum-exps).
+    probs: ValueId,
+    /// `ctx`.
+    out: ValueId,
+    spec: AttentionSpec,
+    backward: Option<AttentionBackward>,
+    /// Every backward node of the chain but `backward.step`.
+    backward_absorbed: Vec<NodeId>,
+}
+
+/// The backward half of an [`AttentionChain`].
+struct AttentionBackward {
+    /// The first of the chain's backward nodes in the plan's order: the fused step runs as it.
+    step: NodeId,
+    dout: ValueId,
+    dq: ValueId,
+    dk: ValueId,
+    dv: ValueId,
+}
+
+/// Every attention chain whose intermediates nothing else reads (and none is kept), all on one
+/// pipeline stage and model chunk. The forward half is fused alone where the plan has no
+/// backward of it (a forward-only run, or a forward that recomputation repeats in the backward:
+/// the repeat is a chain of its own); a backward that does not match exactly leaves the whole
+/// chain unfused.
+fn attention_chains<'r>(
+    plan: &Plan,
+    kept: &dyn Fn(ValueId) -> bool,
+    readers_of: &dyn Fn(ValueId) -> &'r [NodeId],
+) -> Vec<AttentionChain> {
+    let g = &plan.graph;
+    let out_of = |n: NodeId| match g.nodes[n].outputs.as_slice() {
+        &[v] if !kept(v) => Some(v),
+        _ => None,
+    };
+    // The node that makes `v`.
+    let maker = |v: ValueId| match g.values[v].def {
+        ferrotron_ir::ValueDef::Node { node, .. } => Some(node),
+        _ => None,
+    };
+    let place = |n: NodeId| {
+        plan.pipeline
+            .as_ref()
+            .map_or((0, 0), |p| (p.stage_of[n], p.chunk_of[n]))
+    };
+    let mut chains = Vec::new();
+    for &ctx_node in &g.order {
+        let Op::MatMul {
+            a: pd,
+            b: v,
+            transpose_a: false,
+            transpose_b: false,
+        } = g.nodes[ctx_node].op
+        else {
+            continue;
+        };
+        let Some(found) = (|| {
+            let out = *g.nodes[ctx_node].outputs.first()?;
+            // probs_drop = Dropout(probs), or the probabilities themselves.
+            let pd_node = maker(pd)?;
+            let (probs, dropout) = match g.nodes[pd_node].op {
+                Op::Dropout { x, p } => (x, Some((pd_node, p))),
+                Op::Softmax { .. } => (pd, None),
+                _ => return None,
+            };
+            let probs_node = maker(probs)?;
+            let Op::Softmax { x: scaled, causal } = g.nodes[probs_node].op else {
+                return None;
+            };
+            let scale_node = maker(scaled)?;
+            let Op::Scale {
+                x: scores,
+                ref factor,
+            } = g.nodes[scale_node].op
+            else {
+                return None;
+            };
+            let factor = index::scale(factor).ok()?;
+            let scores_node = maker(scores)?;
+            let Op::MatMul {
+                a: q,
+                b: k,
+                transpose_a: false,
+                transpose_b: true,
+            } = g.nodes[scores_node].op
+            else {
+                return None;
+            };
+            // Plain tensors of one dtype, one leading shape (no broadcast batch axes).
+            let (tq, tk, tv) = (g.ty(q), g.ty(k), g.ty(v));
+            let (sq, sk, sv) = (tq.shape.sizes(), tk.shape.sizes(), tv.shape.sizes());
+            let r = sq.len();
+            if r < 3
+                || sk.len() != r
+                || sv.len() != r
+                || sq[..r - 2] != sk[..r - 2]
+                || sq[..r - 2] != sv[..r - 2]
+                || tq.dtype != tk.dtype
+                || tq.dtype != tv.dtype
+                || (causal && sq[r - 2] > sk[r - 2])
+            {
+                return None;
+            }
+            let mut forward_absorbed = vec![scores_node, scale_node, probs_node];
+            forward_absorbed.extend(dropout.map(|(n, _)| n));
+            let here = place(ctx_node);
+            if forward_absorbed.iter().any(|&n| place(n) != here) {
+                return None;
+            }
+            for &n in &forward_absorbed {
+                out_of(n)?;
+            }
+            if readers_of(scores) != [scale_node] || readers_of(scaled) != [probs_node] {
+                return None;
+            }
+            let spec = AttentionSpec {
+                factor,
+                causal,
+                dropout: dropout.map_or(0.0, |(_, p)| p),
+            };
+            if index::dropout_scale(spec.dropout).is_err() {
+                return None;
+            }
+            let mut chain = AttentionChain {
+                forward: ctx_node,
+                forward_absorbed,
+                q,
+                k,
+                v,
+                probs,
+                out,
+                spec,
+                backward: None,
+                backward_absorbed: Vec::new(),
+            };
+            // The forward alone: its intermediates read by nothing beyond the chain.
+            let forward_only = match dropout {
+                Some((d, _)) => readers_of(probs) == [d] && readers_of(pd) == [ctx_node],
+                None => readers_of(probs) == [ctx_node],
+            };
+            let (core, recomputed) = if forward_only {
+                // Recomputation may repeat the core (scores to dropout) for the backward: the
+                // fused backward recomputes the probabilities itself, so the repeat is absorbed.
+                match recomputed_core(plan, &chain, readers_of) {
+                    Some(found) => found,
+                    None => return Some(chain),
+                }
+            } else {
+                let core = Core {
+                    probs,
+                    pd,
+                    dropout: dropout.map(|(n, _)| n),
+                    ctx: Some(ctx_node),
+                };
+                (core, Vec::new())
+            };
+            let (step, mut absorbed, bw) = attention_backward(plan, &chain, &core, readers_of)?;
+            absorbed.extend(recomputed);
+            let position = |n: NodeId| g.order.iter().position(|&m| m == n);
+            let step = match absorbed.iter().copied().min_by_key(|&n| position(n)) {
+                Some(first) if position(first) < position(step) => {
+                    absorbed.retain(|&n| n != first);
+                    absorbed.push(step);
+                    first
+                }
+                _ => step,
+            };
+            if absorbed.iter().any(|&n| place(n) != here) || place(step) != here {
+                return None;
+            }
+            for &n in absorbed.iter().chain([&step]) {
+                if g.nodes[n].outputs.iter().any(|&o| kept(o))
+                    && ![bw.dq, bw.dk, bw.dv].contains(&g.nodes[n].outputs[0])
+                {
+                    return None;
+                }
+            }
+            chain.backward = Some(AttentionBackward { step, ..bw });
+            chain.backward_absorbed = absorbed;
+            Some(chain)
+        })() else {
+            continue;
+        };
+        chains.push(found);
+    }
+    chains
+}
+
+/// The probabilities an attention's backward reads: the forward's, or a recomputed copy.
+struct Core {
+    /// The softmax's output.
+    probs: ValueId,
+    /// What multiplies `v`: the dropout's output, or `probs` without a dropout.
+    pd: ValueId,
+    /// The dropout node.
+    dropout: Option<NodeId>,
+    /// The forward's `ctx` product, when these are the forward's own probabilities.
+    ctx: Option<NodeId>,
+}
+
+/// A copy of the chain's core (scores, scale, softmax, dropout) that recomputation made for the
+/// backward, reading the same `q` and `k`: the core and its nodes.
+fn recomputed_core<'r>(
+    plan: &Plan,
+    chain: &AttentionChain,
+    readers_of: &dyn Fn(ValueId) -> &'r [NodeId],
+) -> Option<(Core, Vec<NodeId>)> {
+    let g = &plan.graph;
+    let one = |v: ValueId| match readers_of(v) {
+        &[r] => Some(r),
+        _ => None,
+    };
+    let out = |n: NodeId| g.nodes[n].outputs.first().copied();
+    let scores = readers_of(chain.q).iter().copied().find(|&r| {
+        !chain.forward_absorbed.contains(&r)
+            && matches!(g.nodes[r].op, Op::MatMul { a, b, transpose_a: false, transpose_b: true }
+                if a == chain.q && b == chain.k)
+    })?;
+    let scale = one(out(scores)?)?;
+    match &g.nodes[scale].op {
+        Op::Scale { factor, .. } if index::scale(factor).ok()? == chain.spec.factor => {}
+        _ => return None,
+    }
+    let softmax = one(out(scale)?)?;
+    if !matches!(g.nodes[softmax].op, Op::Softmax { causal, .. } if causal == chain.spec.causal) {
+        return None;
+    }
+    let probs = out(softmax)?;
+    let mut nodes = vec![scores, scale, softmax];
+    let (pd, dropout) = if chain.spec.dropout > 0.0 {
+        let d = readers_of(probs)
+            .iter()
+            .copied()
+            .find(|&r| matches!(g.nodes[r].op, Op::Dropout { p, .. } if p == chain.spec.dropout))?;
+        nodes.push(d);
+        (out(d)?, Some(d))
+    } else {
+        (probs, None)
+    };
+    let core = Core {
+        probs,
+        pd,
+        dropout,
+        ctx: None,
+    };
+    Some((core, nodes))
+}
+
+/// The backward nodes of an attention chain, reading the probabilities `core`: the first in
+/// order, the others, and the gradients they make. `None` unless every intermediate is read
+/// only inside it.
+fn attention_backward<'r>(
+    plan: &Plan,
+    chain: &AttentionChain,
+    core: &Core,
+    readers_of: &dyn Fn(ValueId) -> &'r [NodeId],
+) -> Option<(NodeId, Vec<NodeId>, AttentionBackward)> {
+    let g = &plan.graph;
+    let (pd, dropout_node) = (core.pd, core.dropout);
+    let one = |v: ValueId| match readers_of(v) {
+        &[r] => Some(r),
+        _ => None,
+    };
+    let out = |n: NodeId| g.nodes[n].outputs.first().copied();
+    // Readers of `pd` besides ctx: the dV product (and the dropout's gradient, which reads
+    // the dropout's output for its mask's place).
+    let mut dv_node = None;
+    let mut dropout_grad = None;
+    for &r in readers_of(pd) {
+        match g.nodes[r].op {
+            _ if Some(r) == core.ctx => {}
+            Op::MatMul {
+                a,
+                transpose_a: true,
+                transpose_b: false,
+                ..
+            } if a == pd && dv_node.is_none() => dv_node = Some(r),
+            Op::SoftmaxGrad { y, .. } if y == pd && dropout_node.is_none() => {}
+            Op::DropoutGrad { forward, .. } if forward == pd && dropout_node.is_some() => {
+                if dropout_grad.replace(r).is_some() {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+    let dv_node = dv_node?;
+    let Op::MatMul { b: dout, .. } = g.nodes[dv_node].op else {
+        return None;
+    };
+    // dpd = dout · vᵀ.
+    let dpd_node = readers_of(dout).iter().copied().find(|&r| {
+        matches!(g.nodes[r].op, Op::MatMul { a, b, transpose_a: false, transpose_b: true }
+            if a == dout && b == chain.v)
+    })?;
+    let dpd = out(dpd_node)?;
+    // Through the dropout's gradient, then the softmax's.
+    let (dprobs, dropout_grad) = match (dropout_node, dropout_grad) {
+        (Some(_), Some(dg)) => {
+            let Op::DropoutGrad { dy, .. } = g.nodes[dg].op else {
+                return None;
+            };
+            if dy != dpd || one(dpd)? != dg {
+                return None;
+            }
+            (out(dg)?, Some(dg))
+        }
+        (None, None) => (dpd, None),
+        _ => return None,
+    };
+    let sg_node = one(dprobs)?;
+    if !matches!(g.nodes[sg_node].op, Op::SoftmaxGrad { y, dy } if y == core.probs && dy == dprobs)
+    {
+        return None;
+    }
+    // The probabilities are read by the chain only: the dropout (or ctx and dV) and the
+    // softmax's gradient.
+    let mut probs_readers: Vec<NodeId> = readers_of(core.probs).to_vec();
+    probs_readers.sort();
+    let mut expected = match dropout_node {
+        Some(d) => vec![d, sg_node],
+        None => [core.ctx, Some(dv_node), Some(sg_node)]
+            .into_iter()
+            .flatten()
+            .collect(),
+    };
+    expected.sort();
+    expected.dedup();
+    if probs_readers != expected {
+        return None;
+    }
+    let dscaled = out(sg_node)?;
+    let scale_node = one(dscaled)?;
+    match &g.nodes[scale_node].op {
+        Op::Scale { x, factor } if *x == dscaled => {
+            if index::scale(factor).ok()? != chain.spec.factor {
+                return None;
+            }
+        }
+        _ => return None,
+    }
+    let dscores = out(scale_node)?;
+    let (mut dq_node, mut dk_node) = (None, None);
+    for &r in readers_of(dscores) {
+        match g.nodes[r].op {
+            Op::MatMul {
+                a,
+                b,
+                transpose_a: false,
+                transpose_b: false,
+            } if a == dscores && b == chain.k && dq_node.is_none() => dq_node = Some(r),
+            Op::MatMul {
+                a,
+                b,
+                transpose_a: true,
+                transpose_b: false,
+            } if a == dscores && b == chain.q && dk_node.is_none() => dk_node = Some(r),
+            _ => return None,
+        }
+    }
+    let (dq_node, dk_node) = (dq_node?, dk_node?);
+    // Every intermediate is read only inside the chain.
+    if one(dpd)? != dropout_grad.unwrap_or(sg_node) {
+        return None;
+    }
+    let (dq, dk, dv) = (out(dq_node)?, out(dk_node)?, out(dv_node)?);
+    let mut nodes = vec![dv_node, dpd_node, sg_node, scale_node, dq_node, dk_node];
+    nodes.extend(dropout_grad);
+    let position = |n: NodeId| g.order.iter().position(|&m| m == n);
+    let first = *nodes.iter().min_by_key(|&&n| position(n))?;
+    nodes.retain(|&n| n != first);
+    Some((
+        first,
+        nodes,
+        AttentionBackward {
+            step: first,
+            dout,
+            dq,
+            dk,
+            dv,
+        },
+    ))
 }

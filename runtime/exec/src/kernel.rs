@@ -317,3 +317,115 @@ pub fn ce_loss(
         .sum();
     Ok((total / (count as f64 * token_parts as f64)) as f32)
 }
+
+/// A fused scaled dot-product attention's attributes ([`crate::fuse::Fused::Attention`]), read
+/// by both of its passes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSpec {
+    /// The scores' scale (`1/√head_dim`).
+    pub factor: f64,
+    /// Causal masking as [`ferrotron_ir::Op::Softmax`]'s: query `i` sees keys
+    /// `0..=i + keys − queries`.
+    pub causal: bool,
+    /// The dropout probability on the attention probabilities (0: none). The mask is the one a
+    /// `Dropout` on the probabilities `[..., queries, keys]` draws at the [`Placement`] passed
+    /// with it (its `full_shape`, `offsets` and `dropout_seed`), so fused and unfused runs drop
+    /// the same elements.
+    pub dropout: f64,
+}
+
+/// The sizes of a fused attention: `q` `[..., queries, d]`, `k` `[..., keys, d]`, `v`
+/// `[..., keys, dv]`, the leading axes (batch, heads) equal and merged into `batch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// The product of the leading axes.
+    pub batch: usize,
+    /// Query rows per batch entry.
+    pub queries: usize,
+    /// Key (and value) rows per batch entry.
+    pub keys: usize,
+    /// The query and key width.
+    pub d: usize,
+    /// The value width (the output's).
+    pub dv: usize,
+}
+
+/// Checks a fused attention's operand shapes (and its spec) and returns its sizes: the same
+/// error on every backend for the same bad shapes.
+pub fn attention_dims(
+    name: &'static str,
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    spec: &AttentionSpec,
+) -> Result<AttentionDims, KernelError> {
+    let r = q.len();
+    if r < 2 || k.len() != r || v.len() != r || q[..r - 2] != k[..r - 2] || q[..r - 2] != v[..r - 2]
+    {
+        return Err(invalid(
+            name,
+            format!(
+                "q {q:?}, k {k:?} and v {v:?} must be [..., queries, d], [..., keys, d] and \
+                 [..., keys, dv] with the same leading axes"
+            ),
+        ));
+    }
+    let dims = AttentionDims {
+        batch: q[..r - 2].iter().product(),
+        queries: q[r - 2],
+        keys: k[r - 2],
+        d: q[r - 1],
+        dv: v[r - 1],
+    };
+    if k[r - 1] != dims.d || v[r - 2] != dims.keys {
+        return Err(invalid(
+            name,
+            format!("q {q:?} and k {k:?} must have one width, k {k:?} and v {v:?} one length"),
+        ));
+    }
+    if spec.causal && dims.queries > dims.keys {
+        return Err(invalid(
+            name,
+            format!(
+                "a causal attention needs at least as many keys as queries, found q {q:?}, k {k:?}"
+            ),
+        ));
+    }
+    if !spec.factor.is_finite() {
+        return Err(invalid(
+            name,
+            format!("the scale {} is not finite", spec.factor),
+        ));
+    }
+    index::dropout_scale(spec.dropout).or_invalid(name)?;
+    Ok(dims)
+}
+
+impl AttentionDims {
+    /// The keys query row `i` sees: `0..visible(i)` (all of them unless causal).
+    pub fn visible(&self, i: usize, causal: bool) -> usize {
+        if causal {
+            i + 1 + self.keys - self.queries
+        } else {
+            self.keys
+        }
+    }
+}
+
+/// What a fused attention's backward reads ([`crate::Backend::attention_grad`]): the forward's
+/// operands, its output and row log-sum-exps, and the output's gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSaved<T> {
+    /// The queries `[..., queries, d]`.
+    pub q: T,
+    /// The keys `[..., keys, d]`.
+    pub k: T,
+    /// The values `[..., keys, dv]`.
+    pub v: T,
+    /// The forward's output `[..., queries, dv]`.
+    pub out: T,
+    /// The forward's row log-sum-exps of the scaled scores, `f32` `[..., queries]`.
+    pub lse: T,
+    /// The gradient of the output, `[..., queries, dv]`.
+    pub dout: T,
+}

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! Plan ─► program: Executable (the steps, fused by fuse; kept values; last uses)
+//!      ─► memory: the memory plan (the rank program's peak to the byte, an arena's offsets)
 //!      ─► launch: ranks as threads of this process (or one rank per process, ferrotron-launch)
 //!      ─► rank: the rank program, the same on a thread or a process
 //!            ├─ Backend: per-op compute on the device's tensors (kernel: what kernels share)
@@ -23,6 +24,7 @@ pub mod init;
 pub mod kernel;
 pub mod launch;
 pub mod link;
+pub mod memory;
 pub mod program;
 pub mod rank;
 pub mod run;

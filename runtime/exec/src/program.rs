@@ -30,6 +30,14 @@ pub struct RunOptions {
     /// Run fusable op pairs (bias + activation, scale + softmax) as one kernel each
     /// ([`crate::fuse`]). Off with `keep_all`, which must see every intermediate value.
     pub fuse: bool,
+    /// With `fuse`, also run each attention (scores, scale, softmax, dropout and the product
+    /// with the values, and their backward) as one fused op ([`crate::fuse::Fused::Attention`]):
+    /// equal to the unfused chain within `f32` rounding, not to the bit.
+    pub fuse_attention: bool,
+    /// Keep the graph's outputs (the logits) to the end of the step for the caller. A trainer,
+    /// which reads only the loss and the gradients, sets it off, so they are freed at their
+    /// last reader like any value.
+    pub keep_outputs: bool,
 }
 
 impl Default for RunOptions {
@@ -42,6 +50,8 @@ impl Default for RunOptions {
             check_finite: false,
             trace: false,
             fuse: true,
+            fuse_attention: true,
+            keep_outputs: true,
         }
     }
 }
@@ -133,8 +143,10 @@ impl<'p> Executable<'p> {
             }
         }
         keep[plan.loss] = true;
-        for &(_, v) in &g.outputs {
-            keep[v] = true;
+        if opts.keep_outputs {
+            for &(_, v) in &g.outputs {
+                keep[v] = true;
+            }
         }
         for &(_, v) in &plan.grads {
             keep[v] = true;
@@ -204,7 +216,7 @@ impl<'p> Executable<'p> {
             }
         }
         let program = if opts.fuse && !opts.keep_all {
-            Program::fused(plan, &|v| keep[v])
+            Program::fused(plan, &|v| keep[v], opts.fuse_attention)
         } else {
             Program::unfused(plan)
         };
@@ -213,6 +225,7 @@ impl<'p> Executable<'p> {
             .flat_map(|d| d.reductions.iter().map(|&(n, _)| n))
             .collect();
         let program = Program {
+            saved: program.saved,
             backward_start: program.backward_start
                 - program.steps[..program.backward_start]
                     .iter()
@@ -234,10 +247,10 @@ impl<'p> Executable<'p> {
                     .map_or((0, 0), |p| (p.stage_of[n] as usize, p.chunk_of[n]))
             };
             if let StepOp::Fused { absorbed, .. } = &step.op {
-                if stage(*absorbed) != stage(step.node) {
+                if let Some(&other) = absorbed.iter().find(|&&m| stage(m) != stage(step.node)) {
                     return Err(ExecError::Plan(format!(
                         "`{}` is fused with `{}` across a pipeline stage boundary",
-                        g.nodes[step.node].name, g.nodes[*absorbed].name
+                        g.nodes[step.node].name, g.nodes[other].name
                     )));
                 }
             }

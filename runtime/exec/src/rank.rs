@@ -475,7 +475,7 @@ impl<B: Backend> Runner<'_, B> {
         let g = &plan.graph;
         let be = &self.rank.backend;
         let mut bytes = Bytes::default();
-        let mut base: Store<'w, B::Tensor> = vec![None; g.values.len()];
+        let mut base: Store<'w, B::Tensor> = vec![None; exe.program.value_count(plan)];
         for (&p, x) in params.iter().zip(weights) {
             let data = &g.params[p];
             if be
@@ -712,16 +712,23 @@ impl<B: Backend> Runner<'_, B> {
                     StepOp::Fused {
                         op: Fused::EmbeddingGradAdd { .. },
                         absorbed,
+                        ..
                     },
                     None,
                 ) => {
-                    let (x, reused) = self.embedding_grad_add(n, i, *absorbed, values)?;
+                    let &[absorbed] = absorbed.as_slice() else {
+                        return Err(self
+                            .plan_error(n, "an embedding gradient's sum absorbs one node".into()));
+                    };
+                    let (x, reused) = self.embedding_grad_add(n, i, absorbed, values)?;
                     if reused {
                         bytes.sub(be.bytes(&x)); // the sum's buffer, counted again as the output
                     }
                     vec![x]
                 }
-                (StepOp::Fused { op, .. }, None) => vec![self.fused(n, op, values)?],
+                (StepOp::Fused { op, absorbed, .. }, None) => {
+                    self.fused(n, op, absorbed, values)?
+                }
                 (StepOp::Node, None) => match self.in_place(n, i, values) {
                     Some(x) => {
                         let x = x?;
@@ -754,8 +761,8 @@ impl<B: Backend> Runner<'_, B> {
                     });
                 }
             }
-            for (&v, x) in node.outputs.iter().zip(outs) {
-                let want = g.ty(v).shape.sizes();
+            for (&v, x) in step.outputs(exe.plan).iter().zip(outs) {
+                let want = exe.program.value_shape(exe.plan, v);
                 if be
                     .shape(&x)
                     .iter()
@@ -788,7 +795,7 @@ impl<B: Backend> Runner<'_, B> {
                     }
                 }
             }
-            for &v in &node.outputs {
+            for &v in step.outputs(exe.plan) {
                 if !exe.keep[v] && !exe.is_read_after(stage, v, i) {
                     if let Some(Cow::Owned(x)) = values[v.index()].take() {
                         bytes.sub(be.bytes(&x));
@@ -1360,6 +1367,29 @@ impl<B: Backend> Runner<'_, B> {
                     .map_err(|e| self.kernel_error(n, e))?;
                 Ok(vec![grad])
             }
+            // The forward's output is not held for this (`Op::data_inputs`): the same mask
+            // drawn again at its place, over the gradient, is the dropout of the gradient.
+            Op::DropoutGrad { dy, forward, p } => {
+                let at = self.placement(&node.op)?;
+                let dy = get(dy)?;
+                let want = self.exe.plan.graph.ty(*forward).shape.sizes();
+                if be
+                    .shape(dy)
+                    .iter()
+                    .map(|&s| s as u64)
+                    .ne(want.iter().copied())
+                {
+                    return Err(self.plan_error(
+                        n,
+                        format!(
+                            "the gradient {:?} is not shaped like the dropout's output {want:?}",
+                            be.shape(dy)
+                        ),
+                    ));
+                }
+                be.eval(&Op::Dropout { x: dy, p: *p }, &at)
+                    .map_err(|e| self.kernel_error(n, e))
+            }
             op => {
                 let at = self.placement(op)?;
                 let mapped =
@@ -1417,23 +1447,57 @@ impl<B: Backend> Runner<'_, B> {
         Ok((out, free))
     }
 
-    /// Runs a fused step (its node's outputs, computed by the fused op).
+    /// Runs a fused step: its outputs (the step's), computed by the fused op. `absorbed` are
+    /// the nodes it stands for (an attention's dropout among them places its mask).
     fn fused(
         &self,
         n: NodeId,
         op: &Fused<ValueId>,
+        absorbed: &[NodeId],
         values: &[Option<Cow<B::Tensor>>],
-    ) -> Result<B::Tensor, ExecError> {
-        let g = &self.exe.plan.graph;
+    ) -> Result<Vec<B::Tensor>, ExecError> {
+        let exe = self.exe;
         let mapped = op.try_map(|v| {
             values[v.index()].as_deref().ok_or_else(|| {
-                self.plan_error(n, format!("`{}` is not available", g.values[*v].name))
+                self.plan_error(
+                    n,
+                    format!(
+                        "`{}` is not available",
+                        exe.program.value_name(exe.plan, *v)
+                    ),
+                )
             })
         })?;
-        self.rank
-            .backend
-            .eval_fused(&mapped)
-            .map_err(|e| self.kernel_error(n, e))
+        let be = &self.rank.backend;
+        let kernel = |e| self.kernel_error(n, e);
+        match &mapped {
+            Fused::Attention { q, k, v, spec } => {
+                let at = self.attention_placement(absorbed)?;
+                let (out, lse) = be.attention(q, k, v, spec, &at).map_err(kernel)?;
+                Ok(vec![out, lse])
+            }
+            Fused::AttentionGrad { saved, spec } => {
+                let at = self.attention_placement(absorbed)?;
+                Ok(be.attention_grad(*saved, spec, &at).map_err(kernel)?.into())
+            }
+            _ => Ok(vec![be.eval_fused(&mapped).map_err(kernel)?]),
+        }
+    }
+
+    /// Where a fused attention's probabilities sit in the full tensor (their dropout mask's
+    /// place): the placement of the dropout (or its gradient) among the `absorbed` nodes.
+    fn attention_placement(&self, absorbed: &[NodeId]) -> Result<Placement, ExecError> {
+        let g = &self.exe.plan.graph;
+        match absorbed
+            .iter()
+            .find(|&&m| matches!(g.nodes[m].op, Op::Dropout { .. } | Op::DropoutGrad { .. }))
+        {
+            Some(&m) => self.placement(&g.nodes[m].op),
+            None => Ok(Placement {
+                dropout_seed: self.exe.opts.dropout_seed,
+                ..Placement::default()
+            }),
+        }
     }
 
     /// Whether a cross-entropy's logits are split over the classes (vocabulary-parallel).

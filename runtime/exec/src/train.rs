@@ -149,7 +149,15 @@ impl<'p, B: Backend> Trainer<'p, B> {
         Ok(Trainer {
             plan,
             config,
-            exe: Executable::new(plan, &run)?,
+            // A step reads the loss and the gradients: the outputs (the logits) go at their
+            // last reader.
+            exe: Executable::new(
+                plan,
+                &RunOptions {
+                    keep_outputs: false,
+                    ..run
+                },
+            )?,
             rank,
             weights,
             m,

@@ -43,6 +43,7 @@
 //! (one 8-byte read), the cross-entropy statistics and loss, [`download`] and
 //! [`first_non_finite`].
 
+mod attention;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
@@ -68,6 +69,7 @@ use super::device::RankDevice;
 use super::nvrtc::{self, Compiled};
 use super::tensor::{CudaTensor, DeviceData, Storage};
 use super::CudaError;
+pub use attention::{attention, attention_grad};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice};
 use cudarc::nvrtc::Ptx;
 use ferrotron_exec::fuse::Fused;
@@ -858,6 +860,11 @@ pub fn eval_fused(dev: &RankDevice, op: &Fused<&CudaTensor>) -> Result<CudaTenso
         Fused::EmbeddingGradAdd { .. } => Err(invalid(
             name,
             "runs through Backend::embedding_grad_add, which places the table",
+        )),
+        // Two or three outputs and a placed dropout mask: `Backend::attention(_grad)`.
+        Fused::Attention { .. } | Fused::AttentionGrad { .. } => Err(invalid(
+            name,
+            "runs through Backend::attention and Backend::attention_grad",
         )),
     }
 }

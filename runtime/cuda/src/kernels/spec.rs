@@ -10,7 +10,9 @@
 //! a GPU. A renamed kernel, a parameter added on one side only, or an `int` passed where the
 //! kernel takes `long long` is caught by one of the two.
 
-use super::structs::{AdamWParams, DropShape, Gather, Inputs, Strided2, SumToShape, Tile};
+use super::structs::{
+    AdamWParams, AttnShape, DropShape, Gather, Inputs, Strided2, SumToShape, Tile,
+};
 use std::mem::size_of;
 
 /// The kind of one kernel parameter, as the launch passes it and as PTX declares it.
@@ -139,4 +141,12 @@ kernels! {
     ADAMW = "adamw" in "optim.cu", true,
         [Ptr, Ptr, Ptr, Ptr, I64, Struct(size_of::<AdamWParams>())];
     SCALE_INPLACE = "scale_inplace" in "optim.cu", true, [Ptr, I64, F64];
+    ATTN_FWD = "attn_fwd" in "attention.cu", true,
+        [Ptr, Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AttnShape>())];
+    ATTN_ROW_DOT = "attn_row_dot" in "attention.cu", true,
+        [Ptr, Ptr, Ptr, Struct(size_of::<AttnShape>())];
+    ATTN_BWD_DQ = "attn_bwd_dq" in "attention.cu", true,
+        [Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AttnShape>())];
+    ATTN_BWD_DKV = "attn_bwd_dkv" in "attention.cu", true,
+        [Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Struct(size_of::<AttnShape>())];
 }

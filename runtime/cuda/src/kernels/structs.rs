@@ -70,6 +70,27 @@ pub struct SumToShape {
     pub chunk: i64,
 }
 
+/// `AttnShape` (attention.cu): one fused attention's sizes, scale, causality and dropout mask
+/// (`drop`, `first`, `threshold`: the probabilities' [`DropShape`] and counters; `dropout` 0
+/// when there is none, `scale` then 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnShape {
+    pub batch: i64,
+    pub queries: i64,
+    pub keys: i64,
+    pub d: i64,
+    pub dv: i64,
+    pub factor: f64,
+    pub first: u64,
+    pub threshold: u64,
+    pub scale: f32,
+    pub causal: i32,
+    pub dropout: i32,
+    pub pad: i32,
+    pub drop: DropShape,
+}
+
 /// The most buffers one `reduce_n` launch combines (`FT_MAX_INPUTS` in reduce.cu).
 pub const MAX_INPUTS: usize = 16;
 
@@ -111,3 +132,5 @@ unsafe impl DeviceRepr for SumToShape {}
 unsafe impl DeviceRepr for Inputs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdamWParams {}
+// SAFETY: as above (`DropShape` is one of them, 8-byte aligned after four 4-byte fields).
+unsafe impl DeviceRepr for AttnShape {}

@@ -1,0 +1,305 @@
+//! The fused attention in the executor's program (`fuse.rs`): which chains it takes, what it
+//! leaves alone, and that a run with it gives the unfused graph's loss and gradients within the
+//! `f32` tolerances at every mesh the models run on (tensor, sequence, data and pipeline
+//! parallelism, recomputation, micro-batches, dropout under a non-zero seed), while holding less.
+
+use ferrotron_cpu::Cpu;
+use ferrotron_exec::fuse::{Fused, Program, StepOp};
+use ferrotron_exec::init::{random_batch, test_params};
+use ferrotron_exec::verify::{rel_error_floor, FORWARD_TOLERANCE, GRADIENT_TOLERANCE};
+use ferrotron_exec::{run, RunOptions};
+use ferrotron_ir::graph::EntityRef;
+use ferrotron_ir::{load_model, Graph, LoadOptions, Op};
+use ferrotron_partitioner::{partition, PartitionOptions, Plan, Recompute};
+use std::path::PathBuf;
+
+/// A model file, its dimension overrides and a mesh.
+type Case<'a> = (&'a str, &'a [(&'a str, u64)], PartitionOptions);
+
+fn model(file: &str, dims: &[(&str, u64)]) -> Graph {
+    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")).join(file);
+    let opts = LoadOptions {
+        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
+        ..LoadOptions::default()
+    };
+    load_model(&path, &opts).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Each attention step of `program`: (its node, the fused op's name).
+fn attention_steps(plan: &Plan, program: &Program) -> Vec<(String, &'static str)> {
+    program
+        .steps
+        .iter()
+        .filter_map(|s| match &s.op {
+            StepOp::Fused {
+                op: op @ (Fused::Attention { .. } | Fused::AttentionGrad { .. }),
+                ..
+            } => Some((plan.graph.nodes[s.node].name.clone(), op.mnemonic())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn each_attention_becomes_one_forward_and_one_backward_step() {
+    let g = model("tiny-gpt.ron", &[]);
+    let p = partition(
+        &g,
+        &PartitionOptions {
+            tp: 2,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    let program = Program::fused(&p, &|_| false, true);
+    let steps = attention_steps(&p, &program);
+    assert_eq!(
+        steps,
+        [
+            ("h.0.ctx".to_string(), "Attention"),
+            ("h.1.ctx".into(), "Attention"),
+            ("bwd.h.1.ctx.0".into(), "AttentionGrad"),
+            ("bwd.h.0.ctx.0".into(), "AttentionGrad"),
+        ]
+    );
+    // One saved log-sum-exp per layer, `[batch, local heads, seq]`, after the plan's values.
+    assert_eq!(program.saved.len(), 2);
+    let dims = |name: &str| g.dims.iter().find(|d| d.0 == name).unwrap().1;
+    let (batch, heads, seq) = (dims("batch"), dims("heads"), dims("seq"));
+    assert_eq!(program.saved[0].shape, [batch, heads / 2, seq]);
+    assert_eq!(program.saved[0].name, "h.0.probs.lse");
+    assert_eq!(
+        Program::saved_id(&p, 1).index(),
+        p.graph.values.len() + 1,
+        "saved values follow the plan's"
+    );
+    // The scores are made nowhere.
+    let names: Vec<&str> = program
+        .steps
+        .iter()
+        .map(|s| p.graph.nodes[s.node].name.as_str())
+        .collect();
+    for gone in [
+        "h.0.scores",
+        "h.0.probs",
+        "h.1.probs_drop",
+        "bwd.h.0.probs.0",
+    ] {
+        assert!(!names.contains(&gone), "{gone} still runs");
+    }
+    // Without attention fusion the chain is the pairs' again.
+    let pairs = Program::fused(&p, &|_| false, false);
+    assert!(attention_steps(&p, &pairs).is_empty());
+    assert!(pairs.saved.is_empty());
+}
+
+#[test]
+fn an_attention_whose_probabilities_are_kept_is_not_fused() {
+    let g = model("tiny-gpt.ron", &[]);
+    let p = partition(&g, &PartitionOptions::default()).unwrap();
+    let probs = p.graph.value_named("h.0.probs").unwrap();
+    let program = Program::fused(&p, &|v| v == probs, true);
+    let steps = attention_steps(&p, &program);
+    assert_eq!(
+        steps,
+        [
+            ("h.1.ctx".to_string(), "Attention"),
+            ("bwd.h.1.ctx.0".into(), "AttentionGrad"),
+        ]
+    );
+}
+
+/// Runs `plan` on `whole`'s weights and batch with the attention fused and with nothing fused;
+/// checks the loss and every gradient agree within the `f32` tolerances (relative to the
+/// largest magnitude) and returns the two peaks of rank 0.
+fn agree(what: &str, whole: &Graph, plan: &Plan, forward_only: bool) -> (usize, usize) {
+    let params = test_params(whole, 11);
+    let batch = random_batch(whole, 11);
+    let opts = RunOptions {
+        dropout_seed: 5,
+        forward_only,
+        ..RunOptions::default()
+    };
+    let fused =
+        run(Cpu::default(), plan, &params, &batch, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let unfused = run(
+        Cpu::default(),
+        plan,
+        &params,
+        &batch,
+        &RunOptions {
+            fuse: false,
+            ..opts
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (a, b) = (fused.loss().unwrap(), unfused.loss().unwrap());
+    assert!(
+        ((a - b) / b).abs() as f64 <= FORWARD_TOLERANCE,
+        "{what}: loss {a} against {b}"
+    );
+    if !forward_only {
+        let grads: Vec<_> = plan
+            .grads
+            .iter()
+            .map(|(param, _)| {
+                let name = &plan.graph.params[*param].name;
+                (name, fused.grad(name).unwrap(), unfused.grad(name).unwrap())
+            })
+            .collect();
+        // As `--verify` holds them: to the scale of the largest gradient (BERT's key bias has a
+        // gradient that is zero but for round-off).
+        let largest = grads
+            .iter()
+            .flat_map(|(_, _, b)| b.data.iter())
+            .fold(0f64, |m, &x| m.max(f64::from(x).abs()));
+        for (name, a, b) in &grads {
+            let e = rel_error_floor(a, b, 1e-3 * largest);
+            assert!(e <= GRADIENT_TOLERANCE, "{what}: gradient of {name}: {e:e}");
+        }
+    }
+    (fused.ranks[0].peak_bytes, unfused.ranks[0].peak_bytes)
+}
+
+#[test]
+fn fused_attention_runs_agree_with_the_unfused_graph_on_every_mesh() {
+    let eight_heads: &[(&str, u64)] = &[("heads", 8)];
+    let three_heads: &[(&str, u64)] = &[("heads", 3), ("hidden", 48)];
+    let cases: &[Case] = &[
+        ("tiny-gpt.ron", &[], PartitionOptions::default()),
+        (
+            "tiny-gpt.ron",
+            &[],
+            PartitionOptions {
+                tp: 2,
+                ..PartitionOptions::default()
+            },
+        ),
+        (
+            "tiny-gpt.ron",
+            &[],
+            PartitionOptions {
+                tp: 4,
+                sequence_parallel: true,
+                ..PartitionOptions::default()
+            },
+        ),
+        (
+            "tiny-gpt.ron",
+            eight_heads,
+            PartitionOptions {
+                tp: 8,
+                ..PartitionOptions::default()
+            },
+        ),
+        (
+            "tiny-gpt.ron",
+            three_heads,
+            PartitionOptions {
+                tp: 3,
+                ..PartitionOptions::default()
+            },
+        ),
+        (
+            "tiny-gpt.ron",
+            &[],
+            PartitionOptions {
+                tp: 2,
+                dp: 2,
+                sequence_parallel: true,
+                ..PartitionOptions::default()
+            },
+        ),
+        (
+            "tiny-gpt.ron",
+            &[],
+            PartitionOptions {
+                tp: 2,
+                recompute: Recompute::Selective,
+                ..PartitionOptions::default()
+            },
+        ),
+        (
+            "tiny-gpt.ron",
+            &[],
+            PartitionOptions {
+                recompute: Recompute::Full,
+                ..PartitionOptions::default()
+            },
+        ),
+        // Bidirectional attention, and grouped-query attention with rotary positions.
+        (
+            "tiny-bert.ron",
+            &[],
+            PartitionOptions {
+                tp: 2,
+                ..PartitionOptions::default()
+            },
+        ),
+        (
+            "tiny-llama.ron",
+            &[],
+            PartitionOptions {
+                tp: 2,
+                ..PartitionOptions::default()
+            },
+        ),
+    ];
+    for (file, dims, opts) in cases {
+        let g = model(file, dims);
+        let what = format!(
+            "{file} tp={} dp={} sp={} recompute={}",
+            opts.tp, opts.dp, opts.sequence_parallel, opts.recompute
+        );
+        let p = partition(&g, opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let program = Program::fused(&p, &|_| false, true);
+        let steps = attention_steps(&p, &program);
+        assert!(
+            steps.iter().any(|s| s.1 == "AttentionGrad"),
+            "{what}: no attention fused: {steps:?}"
+        );
+        // Every softmax is inside a fused attention, a recomputed one (selective or full
+        // recomputation's copy for the backward) too: no step holds the scores.
+        for step in &program.steps {
+            let op = &p.graph.nodes[step.node].op;
+            let plain = matches!(step.op, StepOp::Node);
+            assert!(
+                !(plain && matches!(op, Op::Softmax { .. } | Op::SoftmaxGrad { .. })),
+                "{what}: `{}` runs unfused",
+                p.graph.nodes[step.node].name
+            );
+        }
+        agree(&what, &g, &p, false);
+        agree(&what, &g, &p, true);
+    }
+}
+
+#[test]
+fn fused_attention_runs_agree_over_pipeline_stages_and_micro_batches() {
+    let g = model("tiny-gpt.ron", &[("batch", 4)]);
+    let micro = model("tiny-gpt.ron", &[("batch", 2)]);
+    let p = partition(
+        &micro,
+        &PartitionOptions {
+            tp: 2,
+            pp: 2,
+            micro_batches: 2,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    agree("tp=2 pp=2 M=2", &g, &p, false);
+}
+
+#[test]
+fn the_fused_attention_holds_less_than_the_scores() {
+    // At a sequence of 64 the scores (`[batch, heads, 64, 64]` per layer, kept for the
+    // backward) outweigh everything the fused attention keeps instead.
+    let g = model("tiny-gpt.ron", &[("seq", 64), ("positions", 64)]);
+    let p = partition(&g, &PartitionOptions::default()).unwrap();
+    let (fused, unfused) = agree("seq 64", &g, &p, false);
+    assert!(
+        fused < unfused,
+        "the fused attention's peak {fused} is not below the unfused {unfused}"
+    );
+}

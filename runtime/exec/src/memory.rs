@@ -1,0 +1,267 @@
+//! The memory plan: a rank's program walked at compile time exactly as the rank program will
+//! hold its tensors, giving every intermediate value its lifetime, the buffer it shares with an
+//! input where the step runs in place, an offset in one arena, and the rank's peak.
+//!
+//! ```text
+//! Executable (steps in order, fused; last uses; kept values) ─► plan(): per step
+//!   + outputs (into a free input's buffer where the step runs in place), − inputs at their
+//!   last use, − outputs nothing reads ─► lifetimes ─► offsets (largest first, lowest fit)
+//!   ─► MemoryPlan { peak (weights + inputs + live values), arena (the intermediates) }
+//! ```
+//!
+//! The walk follows the rank program's own rules ([`crate::rank`]): a reshape, a `g` or an
+//! all-reduce takes over its input's buffer, and a sum the buffer of an addend of its shape, when
+//! that input is read for the last time and not kept; a tied embedding's gradient is added into
+//! the other gradient's buffer likewise; a dropout's gradient does not hold the dropout's output
+//! ([`ferrotron_ir::Op::data_inputs`]). So its peak is the peak the rank measures, to the byte
+//! (`runtime/cpu/tests/memory_plan.rs`). The arena is where the intermediates would live if
+//! each had its offset: values whose lifetimes overlap never share bytes, and a buffer taken
+//! over in place keeps its offset.
+//!
+//! Planned for one micro-batch without pipeline stages (a schedule of several micro-batches
+//! holds several at once, as its schedule says): [`plan`] gives `None` otherwise.
+
+use crate::fuse::{Fused, StepOp};
+use crate::program::Executable;
+use ferrotron_ir::graph::{EntityRef, SecondaryMap};
+use ferrotron_ir::{DType, Op, ValueDef, ValueId};
+
+/// One value's place in the arena.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// The value (the plan's, or a [`crate::fuse::Saved`] one of the program's).
+    pub value: ValueId,
+    /// Its bytes.
+    pub bytes: u64,
+    /// Its offset in the arena.
+    pub offset: u64,
+    /// The step that makes it (its buffer's first step, for a value made in place).
+    pub from: usize,
+    /// The last step that holds it (the program's length for a value kept to the end).
+    pub to: usize,
+    /// The value whose buffer it took over, if its step ran in place.
+    pub reuses: Option<ValueId>,
+}
+
+/// A rank's memory, planned before it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// The weights the rank holds (resident).
+    pub weights: u64,
+    /// The step's inputs the rank reads (held until their last reader).
+    pub inputs: u64,
+    /// The most bytes held at once: weights, inputs and live values.
+    pub peak: u64,
+    /// The most bytes of the inputs and intermediate values live at once: what no arena can go
+    /// below.
+    pub live_peak: u64,
+    /// The buffer of every input and intermediate value, in the order the program makes them.
+    pub slots: Vec<Slot>,
+    /// The arena the slots' offsets span.
+    pub arena: u64,
+}
+
+/// The memory plan of `exe` on any of its ranks, with `element_bytes` the bytes of one element of a value of each dtype as the backend stores it
+/// (the program's saved values are `f32`). `None` for a plan of several micro-batches or
+/// pipeline stages.
+pub fn plan(exe: &Executable, element_bytes: &dyn Fn(DType) -> u64) -> Option<MemoryPlan> {
+    let plan = exe.plan;
+    if plan.pipeline.is_some() || plan.micro_batches() > 1 {
+        return None;
+    }
+    let g = &plan.graph;
+    let program = &exe.program;
+    let steps = &program.steps;
+    let end = if exe.opts.forward_only {
+        program.backward_start
+    } else {
+        steps.len()
+    };
+    let size = |v: ValueId| -> u64 {
+        let elements: u64 = program.value_shape(plan, v).iter().product();
+        let dtype = match program.saved_value(plan, v) {
+            Some(_) => DType::F32,
+            None => g.ty(v).dtype,
+        };
+        elements * element_bytes(dtype)
+    };
+    let is_param =
+        |v: ValueId| v.index() < g.values.len() && matches!(g.values[v].def, ValueDef::Param(_));
+    // The inputs the program reads, uploaded before the first step.
+    let mut reads: SecondaryMap<ValueId, bool> = SecondaryMap::new();
+    for step in &steps[..end] {
+        for v in step.inputs(plan) {
+            reads[v] = true;
+        }
+    }
+    let weights: u64 = g.params.values().map(|p| size(p.value)).sum();
+    // Each live value's slot (its index in `slots`); the inputs are the first, held from the
+    // start and freed at their last use like any value.
+    let mut slot_of: SecondaryMap<ValueId, Option<usize>> = SecondaryMap::new();
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut inputs = 0;
+    for &v in g.inputs.iter().filter(|&&v| reads[v]) {
+        inputs += size(v);
+        slot_of[v] = Some(slots.len());
+        slots.push(Slot {
+            value: v,
+            bytes: size(v),
+            offset: 0,
+            from: 0,
+            to: 0,
+            reuses: None,
+        });
+    }
+    let mut live = weights + inputs;
+    let mut peak = live;
+    let (mut intermediates, mut live_peak) = (inputs, inputs);
+    // A value a step may take over or free: not a weight, read for the last time, not kept.
+    let free = |v: ValueId, i: usize| !is_param(v) && exe.is_last_use(0, v, i) && !exe.keep[v];
+    for (i, step) in steps[..end].iter().enumerate() {
+        let node = &g.nodes[step.node];
+        let outputs = step.outputs(plan);
+        // The input whose buffer the output takes over, as the rank program decides.
+        let reused = match &step.op {
+            StepOp::Node => match &node.op {
+                Op::Reshape { x, .. }
+                | Op::F { x, .. }
+                | Op::G { x, .. }
+                | Op::AllReduce { x, .. }
+                    if free(*x, i) =>
+                {
+                    Some(*x)
+                }
+                Op::Add(a, b) if a != b => {
+                    let out = g.ty(outputs[0]);
+                    let whole =
+                        |v: ValueId| g.ty(v).shape == out.shape && g.ty(v).dtype == out.dtype;
+                    if !(whole(*a) && whole(*b)) {
+                        None
+                    } else if free(*a, i) {
+                        Some(*a)
+                    } else if free(*b, i) {
+                        Some(*b)
+                    } else {
+                        None
+                    }
+                }
+                _ => None,
+            },
+            StepOp::Fused {
+                op: Fused::EmbeddingGradAdd { acc, .. },
+                ..
+            } if free(*acc, i) => Some(*acc),
+            StepOp::Fused { .. } => None,
+        };
+        if let Some(x) = reused {
+            live -= size(x);
+            intermediates -= size(x);
+        }
+        for (k, &v) in outputs.iter().enumerate() {
+            let bytes = size(v);
+            live += bytes;
+            intermediates += bytes;
+            peak = peak.max(live);
+            live_peak = live_peak.max(intermediates);
+            let taken = if k == 0 { reused } else { None };
+            let from = taken.and_then(|x| slot_of[x]).map_or(i, |s| slots[s].from);
+            slot_of[v] = Some(slots.len());
+            slots.push(Slot {
+                value: v,
+                bytes,
+                offset: 0,
+                from,
+                to: i,
+                reuses: taken,
+            });
+            if let Some(s) = taken.and_then(|x| slot_of[x].take()) {
+                slots[s].to = i;
+            }
+        }
+        // Free what no later step reads (unless kept).
+        for v in step.inputs(plan) {
+            if Some(v) != reused && free(v, i) {
+                if let Some(s) = slot_of[v].take() {
+                    live -= slots[s].bytes;
+                    intermediates -= slots[s].bytes;
+                    slots[s].to = i;
+                }
+            }
+        }
+        for &v in outputs {
+            if !exe.keep[v] && !exe.is_read_after(0, v, i) {
+                if let Some(s) = slot_of[v].take() {
+                    live -= slots[s].bytes;
+                    intermediates -= slots[s].bytes;
+                    slots[s].to = i;
+                }
+            }
+        }
+    }
+    // What stays to the end.
+    for s in slot_of.values().flatten() {
+        slots[*s].to = end;
+    }
+    let arena = assign_offsets(&mut slots);
+    Some(MemoryPlan {
+        weights,
+        inputs,
+        peak,
+        live_peak,
+        slots,
+        arena,
+    })
+}
+
+/// Gives each slot an offset, the largest first, each at the lowest offset where it overlaps
+/// no placed slot that is live at the same time (a value made in place continues its input's
+/// buffer: it keeps that offset). Returns the arena's size.
+fn assign_offsets(slots: &mut [Slot]) -> u64 {
+    // A chain of in-place steps is one buffer: its slots share an offset, its lifetime the
+    // union of theirs.
+    let mut root: Vec<usize> = (0..slots.len()).collect();
+    let index: std::collections::HashMap<ValueId, usize> = slots
+        .iter()
+        .enumerate()
+        .map(|(k, s)| (s.value, k))
+        .collect();
+    for k in 0..slots.len() {
+        if let Some(&from) = slots[k].reuses.as_ref().and_then(|x| index.get(x)) {
+            root[k] = root[from];
+        }
+    }
+    let mut buffers: std::collections::BTreeMap<usize, (u64, usize, usize)> = Default::default();
+    for (k, s) in slots.iter().enumerate() {
+        let b = buffers.entry(root[k]).or_insert((0, s.from, s.to));
+        b.0 = b.0.max(s.bytes);
+        b.1 = b.1.min(s.from);
+        b.2 = b.2.max(s.to);
+    }
+    let mut order: Vec<(usize, (u64, usize, usize))> = buffers.into_iter().collect();
+    order.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
+    let mut placed: Vec<(u64, u64, usize, usize)> = Vec::with_capacity(order.len());
+    let mut offset_of: std::collections::HashMap<usize, u64> = Default::default();
+    let mut arena = 0u64;
+    for (r, (bytes, from, to)) in order {
+        let mut busy: Vec<(u64, u64)> = placed
+            .iter()
+            .filter(|p| p.2 <= to && from <= p.3)
+            .map(|p| (p.0, p.0 + p.1))
+            .collect();
+        busy.sort();
+        let mut offset = 0u64;
+        for (start, stop) in busy {
+            if offset + bytes <= start {
+                break;
+            }
+            offset = offset.max(stop);
+        }
+        placed.push((offset, bytes, from, to));
+        offset_of.insert(r, offset);
+        arena = arena.max(offset + bytes);
+    }
+    for (k, s) in slots.iter_mut().enumerate() {
+        s.offset = offset_of[&root[k]];
+    }
+    arena
+}
