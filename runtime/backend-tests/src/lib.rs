@@ -2,3 +2,66 @@
 //! (`cuda_ops.rs`) and model by model (`cuda_equivalence.rs`), on a GPU or, with no GPU, on the
 //! CPU stand-in for the CUDA libraries (`cuda_emulated.rs`). They are a crate of their own so
 //! that neither backend depends on the other.
+//!
+//! The library holds what the test files share: the device they run on ([`device`]).
+
+use ferrotron_cuda::{CudaError, Gpu, RankDevice};
+use std::sync::OnceLock;
+
+/// A line on the process's stderr, past the test harness's capture (which takes `eprintln!`
+/// only): a skipped test or a timing is visible in a plain `cargo test` run.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+
+/// Whether tests compiled into the test crate `crate_name` run in `cuda_emulated.rs`'s first
+/// process, which only starts them again on the CPU stand-in: there they return at once,
+/// quietly.
+fn only_included(crate_name: &str) -> bool {
+    crate_name == "cuda_emulated" && std::env::var_os("FERROTRON_CUDA_EMU_CHILD").is_none()
+}
+
+/// A rank (stream + cuBLAS handle) on GPU 0 for test `test` of the test crate `crate_name`
+/// (`env!("CARGO_CRATE_NAME")`), or `None` after saying why there is none (a panic where a GPU
+/// is there but does not start, or `FERROTRON_REQUIRE_GPU` is set).
+pub fn device(test: &str, crate_name: &str) -> Option<RankDevice> {
+    if only_included(crate_name) {
+        return None;
+    }
+    let gpu = GPU.get_or_init(|| match Gpu::open(0) {
+        Ok(g) => {
+            say(&format!("{crate_name} on {g:?}, kernels {:?}", g.kernels));
+            Ok(g)
+        }
+        Err(CudaError::Unavailable(why)) => Err(why),
+        Err(e) => Err(format!("the GPU is there but could not start: {e}")),
+    });
+    match gpu {
+        Ok(g) => Some(g.rank().expect("a stream and a cuBLAS handle")),
+        Err(why) if why.starts_with("the GPU is there") => panic!("{why}"),
+        Err(why) => {
+            assert!(
+                std::env::var_os("FERROTRON_REQUIRE_GPU").is_none(),
+                "FERROTRON_REQUIRE_GPU is set but: {why}"
+            );
+            // The reason once per run, then one short line per test.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            let elsewhere = if ferrotron_cuda_emu::lib_dir().is_some() {
+                "; cuda_emulated runs it on the CPU stand-in"
+            } else {
+                ""
+            };
+            if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                say(&format!("SKIPPED here: no CUDA device{elsewhere} [{test}]"));
+            } else {
+                say(&format!(
+                    "SKIPPED here: no CUDA device ({why}){elsewhere} [{test}]"
+                ));
+            }
+            None
+        }
+    }
+}

@@ -14,7 +14,7 @@
 //! `cuda_emulated.rs` runs them on the CPU stand-in for the driver (`cuda-emu`).
 
 use ferrotron_cuda::kernels;
-use ferrotron_cuda::{Cuda, CudaError, CudaTensor, Gpu, RankDevice, Storage};
+use ferrotron_cuda::{Cuda, CudaTensor, RankDevice, Storage};
 use ferrotron_exec::init::{random_batch, test_params};
 use ferrotron_exec::kernel::{AttentionSaved, AttentionSpec};
 use ferrotron_exec::verify::{compare, Tolerances};
@@ -23,48 +23,13 @@ use ferrotron_ir::reference::dropout_keeps;
 use ferrotron_ir::{load_model, Dim, LoadOptions, Op};
 use ferrotron_partitioner::{partition, PartitionOptions};
 use half::bf16;
-use std::sync::OnceLock;
 
 // ---------------------------------------------------------------------------------------------
 // The device
 
-/// A line on the process's stderr, past the test harness's capture.
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
-
-/// Whether this is `cuda_emulated.rs`'s first process, which only starts the tests again on the
-/// CPU stand-in: here they return at once, quietly.
-fn only_included() -> bool {
-    env!("CARGO_CRATE_NAME") == "cuda_emulated"
-        && std::env::var_os("FERROTRON_CUDA_EMU_CHILD").is_none()
-}
-
-/// A rank on GPU 0, or `None` after saying why there is none.
+/// A rank on GPU 0, or `None` (see [`ferrotron_backend_tests::device`]).
 fn device(test: &str) -> Option<RankDevice> {
-    if only_included() {
-        return None;
-    }
-    let gpu = GPU.get_or_init(|| match Gpu::open(0) {
-        Ok(g) => Ok(g),
-        Err(CudaError::Unavailable(why)) => Err(why),
-        Err(e) => Err(format!("the GPU is there but could not start: {e}")),
-    });
-    match gpu {
-        Ok(g) => Some(g.rank().expect("a stream and a cuBLAS handle")),
-        Err(why) if why.starts_with("the GPU is there") => panic!("{why}"),
-        Err(why) => {
-            assert!(
-                std::env::var_os("FERROTRON_REQUIRE_GPU").is_none(),
-                "FERROTRON_REQUIRE_GPU is set but: {why}"
-            );
-            say(&format!("SKIPPED here: no CUDA device ({why}) [{test}]"));
-            None
-        }
-    }
+    ferrotron_backend_tests::device(test, env!("CARGO_CRATE_NAME"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@
 //! should agree with the CPU to the bit in `f32`; where they do not, the test says how many
 //! elements differ (on stderr) without failing, as long as they are within tolerance.
 
+use ferrotron_backend_tests::say;
 use ferrotron_cpu::Cpu;
-use ferrotron_cuda::{CudaError, CudaTensor, Gpu, RankDevice, Storage};
+use ferrotron_cuda::{CudaTensor, RankDevice, Storage};
 use ferrotron_exec::backend::{adamw_host, AdamW};
 use ferrotron_exec::fuse::Fused;
 use ferrotron_exec::kernel::{CeStats, RowStats, VocabShard};
@@ -22,7 +23,6 @@ use ferrotron_exec::{Backend, KernelError, Placement, ReduceOp, Tensor};
 use ferrotron_ir::op::{Activation, Factor, MeshAxis, Op};
 use ferrotron_ir::{DType as IrDType, Dim};
 use half::bf16;
-use std::sync::OnceLock;
 
 /// Where a shard sits in the full tensors, and the CPU's threads: the one context these tests
 /// give both backends' kernels.
@@ -99,60 +99,9 @@ fn shard(class_offset: usize, real_classes: usize, shift: bool, token_parts: usi
 // ---------------------------------------------------------------------------------------------
 // The device
 
-/// A line on the process's stderr, past the test harness's capture (which takes `eprintln!`
-/// only): a skipped test or a timing is visible in a plain `cargo test` run.
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
-
-/// Whether these tests are compiled into `cuda_emulated.rs` and this is its first process,
-/// which only starts them again on the CPU stand-in: here they return at once, quietly.
-fn only_included() -> bool {
-    env!("CARGO_CRATE_NAME") == "cuda_emulated"
-        && std::env::var_os("FERROTRON_CUDA_EMU_CHILD").is_none()
-}
-
-/// A rank (stream + cuBLAS handle) on GPU 0, or `None` after saying why there is none.
+/// A rank on GPU 0, or `None` (see [`ferrotron_backend_tests::device`]).
 fn device(test: &str) -> Option<RankDevice> {
-    if only_included() {
-        return None;
-    }
-    let gpu = GPU.get_or_init(|| match Gpu::open(0) {
-        Ok(g) => {
-            say(&format!("cuda_ops on {g:?}, kernels {:?}", g.kernels));
-            Ok(g)
-        }
-        Err(CudaError::Unavailable(why)) => Err(why),
-        Err(e) => Err(format!("the GPU is there but could not start: {e}")),
-    });
-    match gpu {
-        Ok(g) => Some(g.rank().expect("a stream and a cuBLAS handle")),
-        Err(why) if why.starts_with("the GPU is there") => panic!("{why}"),
-        Err(why) => {
-            assert!(
-                std::env::var_os("FERROTRON_REQUIRE_GPU").is_none(),
-                "FERROTRON_REQUIRE_GPU is set but: {why}"
-            );
-            // The reason once per run, then one short line per test.
-            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            let elsewhere = if ferrotron_cuda_emu::lib_dir().is_some() {
-                "; cuda_emulated runs it on the CPU stand-in"
-            } else {
-                ""
-            };
-            if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                say(&format!("SKIPPED here: no CUDA device{elsewhere} [{test}]"));
-            } else {
-                say(&format!(
-                    "SKIPPED here: no CUDA device ({why}){elsewhere} [{test}]"
-                ));
-            }
-            None
-        }
-    }
+    ferrotron_backend_tests::device(test, env!("CARGO_CRATE_NAME"))
 }
 
 // ---------------------------------------------------------------------------------------------
