@@ -810,17 +810,10 @@ fn attention_chains<'r>(
                 };
                 (core, Vec::new())
             };
+            // The step runs where the first node reading the output's gradient ran (a
+            // recomputed core may come earlier, before that gradient is made).
             let (step, mut absorbed, bw) = attention_backward(plan, &chain, &core, readers_of)?;
             absorbed.extend(recomputed);
-            let position = |n: NodeId| g.order.iter().position(|&m| m == n);
-            let step = match absorbed.iter().copied().min_by_key(|&n| position(n)) {
-                Some(first) if position(first) < position(step) => {
-                    absorbed.retain(|&n| n != first);
-                    absorbed.push(step);
-                    first
-                }
-                _ => step,
-            };
             if absorbed.iter().any(|&n| place(n) != here) || place(step) != here {
                 return None;
             }
@@ -903,7 +896,8 @@ fn recomputed_core<'r>(
 }
 
 /// The backward nodes of an attention chain, reading the probabilities `core`: the first in
-/// order, the others, and the gradients they make. `None` unless every intermediate is read
+/// order (every one reads the output's gradient or a value made from it), the others, and the
+/// gradients they make. `None` unless every intermediate is read
 /// only inside it.
 fn attention_backward<'r>(
     plan: &Plan,
