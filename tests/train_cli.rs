@@ -151,7 +151,7 @@ fn a_distributed_optimizer_checkpoint_resumes_without_it_at_another_dp() {
 }
 
 /// `--json`: one object at the end, its losses those the log records, the steady step the
-/// median after the first.
+/// median after the first, the step's measured peak the memory plan's.
 #[test]
 fn json_summary_matches_the_log() {
     let dir = std::env::temp_dir().join(format!("ferrotron-train-json-{}", std::process::id()));
@@ -201,5 +201,11 @@ fn json_summary_matches_the_log() {
     assert!(first > 0.0 && step > 0.0, "{j}");
     let tps = j["tokens_per_second"].as_f64().unwrap();
     assert!((tps * step - 4.0 * 16.0).abs() < 1e-6, "{j}");
+    // The step's memory: measured, and planned to the byte; the moments apart.
+    let peak = j["peak_bytes_per_rank"].as_u64().unwrap();
+    assert!(peak > 0, "{j}");
+    assert_eq!(j["planned_peak_bytes_per_rank"].as_u64(), Some(peak), "{j}");
+    assert!(j["arena_bytes_per_rank"].as_u64().unwrap() < peak, "{j}");
+    assert!(j["optimizer_bytes_per_rank"].as_u64().unwrap() > 0, "{j}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -71,8 +71,11 @@ pub struct TrainArgs {
     #[arg(long)]
     log: Option<PathBuf>,
     /// At the end, print one JSON object: the steps taken, every loss, the last gradient norm,
-    /// and the speed: the median step after the first (`step_s`, `tokens_per_second`), the first
-    /// apart (`first_step_s`: it pays for the first allocations).
+    /// the speed: the median step after the first (`step_s`, `tokens_per_second`), the first
+    /// apart (`first_step_s`: it pays for the first allocations), and rank 0's memory: the
+    /// step's measured peak (`peak_bytes_per_rank`), the memory plan's
+    /// (`planned_peak_bytes_per_rank`, `arena_bytes_per_rank`) and the moments
+    /// (`optimizer_bytes_per_rank`).
     #[arg(long)]
     json: bool,
     /// Write a checkpoint here at the end (and every `--save-every` steps).
@@ -316,6 +319,7 @@ fn train_loop<B: Backend>(
     let mut last = None;
     // Rank 0's record of the steps taken here: (loss, gradient norm, seconds).
     let mut taken: Vec<(f32, f64, f64)> = Vec::new();
+    let mut peak = 0;
     while trainer.step < steps {
         let b = batches.next(&input_name, p.batch, p.seq);
         let s = trainer.step(&b)?;
@@ -329,6 +333,7 @@ fn train_loop<B: Backend>(
             bar.set_position(s.step + 1);
             last = Some((s.step + 1, line));
             taken.push((s.loss, s.grad_norm, s.seconds));
+            peak = peak.max(s.peak_bytes);
             if let Some(f) = log.as_mut() {
                 use std::io::Write;
                 writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
@@ -355,7 +360,14 @@ fn train_loop<B: Backend>(
             eprintln!("checkpoint: {}", dir.display());
         }
         if args.json {
-            println!("{}", summary(&taken, p.batch * p.seq, trainer.step));
+            let mut j = summary(&taken, p.batch * p.seq, trainer.step);
+            // Rank 0's memory: measured, planned, and the optimizer's apart.
+            let plan = trainer.memory_plan();
+            j["peak_bytes_per_rank"] = peak.into();
+            j["planned_peak_bytes_per_rank"] = plan.as_ref().map(|m| m.peak).into();
+            j["arena_bytes_per_rank"] = plan.as_ref().map(|m| m.arena).into();
+            j["optimizer_bytes_per_rank"] = trainer.optimizer_bytes().into();
+            println!("{j}");
         }
     }
     Ok(())

@@ -94,6 +94,10 @@ pub struct StepStats {
     pub lr: f64,
     /// Wall time of the step in seconds.
     pub seconds: f64,
+    /// The most bytes the forward and backward pass held at once: the weights it computed with
+    /// and its values (the optimizer's moments and, under mixed precision, the `f32` masters
+    /// apart). [`Trainer::memory_plan`] plans the same figure.
+    pub peak_bytes: usize,
 }
 
 /// One rank of a model being trained: its weight shards and AdamW moments on its device, and
@@ -166,6 +170,12 @@ impl<'p, B: Backend> Trainer<'p, B> {
         })
     }
 
+    /// The memory plan of a step's forward and backward pass on this rank
+    /// ([`crate::memory::plan`]; `None` over pipeline stages or micro-batches).
+    pub fn memory_plan(&self) -> Option<crate::memory::MemoryPlan> {
+        crate::memory::plan(&self.exe, &|d| self.rank.backend.element_bytes(d))
+    }
+
     /// One step on a full batch (every graph input, by name; this rank takes its shard): the
     /// forward and backward pass, the global gradient norm, clipping, AdamW. On failure the
     /// rank's groups are aborted, so its peers stop too.
@@ -197,6 +207,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
         };
         let result = rank.run(&self.exe, copies.as_deref().unwrap_or(&self.weights), batch)?;
         drop(copies);
+        let peak_bytes = result.peak_bytes;
         let (config, step) = (&self.config, self.step);
         let (w, m, v) = (&mut self.weights, &mut self.m, &mut self.v);
         let stats = rank.guard(|| {
@@ -299,6 +310,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
                 grad_norm: norm,
                 lr,
                 seconds: started.elapsed().as_secs_f64(),
+                peak_bytes,
             })
         })?;
         self.step += 1;
