@@ -6,7 +6,10 @@
 //! warp's column group, more keys than one tile of 32; in `f32` storage (relative 2e-5 with a
 //! floor of 2e-5 of the output's largest element forward, 1e-4 backward) and in bf16 storage
 //! (the reference on the same bf16-rounded inputs; relative 2e-2, floor 1e-2); bit-identical on
-//! a second run; and bad shapes refused. Through the executor: a GPT with dropout on its
+//! a second run; and bad shapes refused. Sequence first (`AttentionSpec::seq_first`, operands
+//! `[..., seq, heads, d]`): the same bits as heads first on the host-transposed operands, forward
+//! and backward (the log-sum-exps and the dropout mask those of `[..., heads, queries, keys]`
+//! either way), and its bad shapes refused. Through the executor: a GPT with dropout on its
 //! probabilities, at tp = 1, 2, 4 (each rank a shard of the heads), gives the same loss, outputs
 //! and gradients with the fused attention as with the unfused chain, on the GPU.
 //!
@@ -55,6 +58,7 @@ impl Case {
             factor: self.factor,
             causal: self.causal,
             dropout: self.dropout,
+            seq_first: false,
         }
     }
 
@@ -436,6 +440,7 @@ fn attention_refuses_bad_shapes() {
         factor: 0.5,
         causal: false,
         dropout: 0.0,
+        seq_first: false,
     };
     let at = Placement::default();
     let is_invalid = |r: Result<_, KernelError>, what: &str| match r {
@@ -589,4 +594,335 @@ fn fused_attention_in_a_model_equals_the_unfused_chain() {
         );
         assert!(v.entries.len() > 3, "{what}: compared too little");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequence first
+
+/// Swaps axes `r − 3` and `r − 2`: heads first `[..., heads, seq, w]` ↔ sequence first
+/// `[..., seq, heads, w]`.
+fn swap_seq_heads(t: &Tensor) -> Tensor {
+    let r = t.shape.len();
+    let (a, b, w) = (t.shape[r - 3], t.shape[r - 2], t.shape[r - 1]);
+    let outer: usize = t.shape[..r - 3].iter().product();
+    let mut data = Vec::with_capacity(t.data.len());
+    for o in 0..outer {
+        for y in 0..b {
+            for x in 0..a {
+                let src = ((o * a + x) * b + y) * w;
+                data.extend_from_slice(&t.data[src..src + w]);
+            }
+        }
+    }
+    let mut shape = t.shape.clone();
+    shape.swap(r - 3, r - 2);
+    Tensor { shape, data }
+}
+
+/// Runs a case (its `lead` ending in the heads) heads first and sequence first (on the operands
+/// transposed on the host), in both storage types: the sequence-first results, transposed back,
+/// must have the same bits as the heads-first ones (the same arithmetic in the same order), and
+/// both match the reference; the sequence-first pass again gives the same bits.
+fn run_seq_first_case(dev: &RankDevice, name: &str, c: &Case, seed: u64) {
+    assert!(!c.lead.is_empty(), "{name}: the lead must end in the heads");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let raw = Inputs {
+        q: uniform(&mut rng, c.shape(&[c.queries, c.d]), 1.5),
+        k: uniform(&mut rng, c.shape(&[c.keys, c.d]), 1.5),
+        v: uniform(&mut rng, c.shape(&[c.keys, c.dv]), 1.0),
+        dout: uniform(&mut rng, c.shape(&[c.queries, c.dv]), 1.0),
+    };
+    let keep = dropout_mask(dev, c);
+    let heads_first = c.spec();
+    let seq_first = AttentionSpec {
+        seq_first: true,
+        ..heads_first
+    };
+    for dtype in [Storage::F32, Storage::Bf16] {
+        let x = match dtype {
+            Storage::F32 => Inputs {
+                q: raw.q.clone(),
+                k: raw.k.clone(),
+                v: raw.v.clone(),
+                dout: raw.dout.clone(),
+            },
+            Storage::Bf16 => Inputs {
+                q: round_bf16(&raw.q),
+                k: round_bf16(&raw.k),
+                v: round_bf16(&raw.v),
+                dout: round_bf16(&raw.dout),
+            },
+        };
+        let what = format!("{name} ({dtype:?})");
+        let want = reference(c, &x, &keep);
+        let up = |t: &Tensor| kernels::upload(dev, t, dtype).expect("upload");
+        let down = |t: &CudaTensor| kernels::download(dev, t).expect("download");
+        // Both layouts: [out, lse, dq, dk, dv] as the device returns them.
+        let pass = |spec: &AttentionSpec, x: [&Tensor; 4]| {
+            let (q, k, v, dout) = (up(x[0]), up(x[1]), up(x[2]), up(x[3]));
+            let (out, lse) = kernels::attention(dev, &q, &k, &v, spec, &c.at)
+                .unwrap_or_else(|e| panic!("{what}: attention {spec:?}: {e}"));
+            assert_eq!(out.dtype(), dtype, "{what}: the output's storage");
+            assert_eq!(lse.dtype(), Storage::F32, "{what}: the lse's storage");
+            let saved = AttentionSaved {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: &lse,
+                dout: &dout,
+            };
+            let (dq, dk, dv) = kernels::attention_grad(dev, saved, spec, &c.at)
+                .unwrap_or_else(|e| panic!("{what}: attention_grad {spec:?}: {e}"));
+            [out, lse, dq, dk, dv]
+        };
+        let hf = pass(&heads_first, [&x.q, &x.k, &x.v, &x.dout]);
+        let sf_in = [&x.q, &x.k, &x.v, &x.dout].map(swap_seq_heads);
+        let sf = pass(&seq_first, [&sf_in[0], &sf_in[1], &sf_in[2], &sf_in[3]]);
+        let names = ["out", "lse", "dq", "dk", "dv"];
+        let (fwd, bwd, lse_tol) = match dtype {
+            Storage::F32 => (F32_FWD, F32_BWD, F32_FWD),
+            Storage::Bf16 => (BF16, BF16, F32_BWD),
+        };
+        for (idx, n) in names.iter().enumerate() {
+            let (h, s) = (down(&hf[idx]), down(&sf[idx]));
+            // The lse is [..., heads, queries] in both layouts; the rest transpose.
+            let s_back = if *n == "lse" {
+                s.clone()
+            } else {
+                assert_eq!(
+                    s.shape,
+                    swap_seq_heads(&h).shape,
+                    "{what} {n}: the sequence-first shape"
+                );
+                swap_seq_heads(&s)
+            };
+            assert_eq!(s_back.shape, h.shape, "{what} {n}: shape");
+            let hb: Vec<u32> = h.data.iter().map(|v| v.to_bits()).collect();
+            let sb: Vec<u32> = s_back.data.iter().map(|v| v.to_bits()).collect();
+            if let Some(e) = (0..hb.len()).find(|&e| hb[e] != sb[e]) {
+                panic!(
+                    "{what} {n}: sequence first differs from heads first at element {e} of \
+                     {:?} (heads first): {} vs {}",
+                    h.shape, s_back.data[e], h.data[e]
+                );
+            }
+            let tol = match *n {
+                "out" => fwd,
+                "lse" => lse_tol,
+                _ => bwd,
+            };
+            assert_close(
+                &format!("{what} {n} (sequence first)"),
+                &s_back,
+                &want[idx],
+                tol,
+            );
+        }
+        // Deterministic: the same bits again.
+        let again = pass(&seq_first, [&sf_in[0], &sf_in[1], &sf_in[2], &sf_in[3]]);
+        for (n, (a, b)) in names.iter().zip(sf.iter().zip(&again)) {
+            assert_eq!(
+                bits(dev, a),
+                bits(dev, b),
+                "{what} {n}: a second sequence-first run differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_seq_first_equals_heads_first_on_transposed_operands() {
+    let Some(dev) = device("attention_seq_first") else {
+        return;
+    };
+    // [2, seq, 3 heads, d]: 3 of 6 heads at offset 3 of the probabilities, odd sizes.
+    let lead = [2, 3];
+    for causal in [false, true] {
+        for dropout in [0.0, 0.1] {
+            let mut c = case(&lead, (7, 13, 5, 3));
+            c.causal = causal;
+            c.dropout = dropout;
+            c.at = sharded(&lead, 7, 13);
+            let name = format!("seq first causal {causal} dropout {dropout}");
+            run_seq_first_case(&dev, &name, &c, 21 + u64::from(causal));
+        }
+    }
+    // The probabilities a shard of both the batch and the heads, another seed.
+    let mut c = case(&[2, 3], (6, 9, 4, 7));
+    c.causal = true;
+    c.dropout = 0.2;
+    c.at = Placement {
+        full_shape: Some(vec![5, 8, 6, 9]),
+        offsets: Some(vec![1, 4, 0, 0]),
+        dropout_seed: 9,
+        ..Placement::default()
+    };
+    run_seq_first_case(&dev, "seq first sharded batch and heads", &c, 23);
+    // No axes before the sequence: q [queries, heads, d]; square and causal.
+    let mut c = case(&[4], (9, 9, 8, 8));
+    c.causal = true;
+    c.dropout = 0.1;
+    run_seq_first_case(&dev, "seq first rank 3", &c, 24);
+    // Two axes before the sequence, and a single head.
+    run_seq_first_case(
+        &dev,
+        "seq first two outer axes",
+        &case(&[2, 1, 3], (5, 6, 3, 2)),
+        25,
+    );
+    run_seq_first_case(&dev, "seq first one head", &case(&[2, 1], (5, 6, 3, 4)), 26);
+}
+
+#[test]
+fn attention_seq_first_over_many_keys_and_wide_rows() {
+    let Some(dev) = device("attention_seq_first_wide") else {
+        return;
+    };
+    // More keys and queries than one tile of 32.
+    let mut c = case(&[1, 2], (35, 70, 4, 6));
+    c.causal = true;
+    c.dropout = 0.1;
+    c.at = sharded(&[1, 2], 35, 70);
+    run_seq_first_case(&dev, "seq first many keys", &c, 31);
+    // Rows wider than one warp's 256 columns.
+    run_seq_first_case(
+        &dev,
+        "seq first wide rows",
+        &case(&[1, 2], (3, 4, 300, 260)),
+        32,
+    );
+    // Empty: no keys, no queries.
+    run_seq_first_case(&dev, "seq first no keys", &case(&[2, 3], (3, 0, 4, 5)), 33);
+    run_seq_first_case(
+        &dev,
+        "seq first no queries",
+        &case(&[2, 3], (0, 5, 4, 3)),
+        33,
+    );
+}
+
+#[test]
+fn attention_seq_first_refuses_bad_shapes() {
+    let Some(dev) = device("attention_seq_first_refusals") else {
+        return;
+    };
+    let z = |shape: &[usize]| {
+        let t = Tensor {
+            shape: shape.to_vec(),
+            data: vec![0.0; shape.iter().product()],
+        };
+        kernels::upload(&dev, &t, Storage::F32).unwrap()
+    };
+    let spec = AttentionSpec {
+        factor: 0.5,
+        causal: false,
+        dropout: 0.0,
+        seq_first: true,
+    };
+    let at = Placement::default();
+    let is_invalid = |r: Result<_, KernelError>, what: &str| match r {
+        Err(KernelError::Invalid { .. }) => {}
+        Err(e) => panic!("{what}: the wrong error: {e}"),
+        Ok(_) => panic!("{what}: accepted"),
+    };
+    // [batch 2, seq, heads 3, d].
+    let (q, k, v) = (z(&[2, 7, 3, 5]), z(&[2, 13, 3, 5]), z(&[2, 13, 3, 3]));
+    is_invalid(
+        kernels::attention(&dev, &z(&[7, 5]), &z(&[13, 5]), &z(&[13, 3]), &spec, &at).map(|_| ()),
+        "rank 2 sequence first",
+    );
+    is_invalid(
+        kernels::attention(&dev, &q, &z(&[2, 13, 4, 5]), &v, &spec, &at).map(|_| ()),
+        "k with other heads",
+    );
+    is_invalid(
+        kernels::attention(&dev, &q, &k, &z(&[2, 13, 2, 3]), &spec, &at).map(|_| ()),
+        "v with other heads",
+    );
+    is_invalid(
+        kernels::attention(&dev, &q, &z(&[2, 13, 3, 4]), &v, &spec, &at).map(|_| ()),
+        "q and k of different widths",
+    );
+    is_invalid(
+        kernels::attention(&dev, &q, &k, &z(&[2, 12, 3, 3]), &spec, &at).map(|_| ()),
+        "k and v of different lengths",
+    );
+    is_invalid(
+        kernels::attention(&dev, &q, &k, &z(&[3, 13, 3, 3]), &spec, &at).map(|_| ()),
+        "different leading axes",
+    );
+    let causal = AttentionSpec {
+        causal: true,
+        ..spec
+    };
+    is_invalid(
+        kernels::attention(&dev, &z(&[2, 14, 3, 5]), &k, &v, &causal, &at).map(|_| ()),
+        "a causal attention with more queries than keys",
+    );
+    let (out, lse) = kernels::attention(&dev, &q, &k, &v, &spec, &at).expect("the good shapes");
+    assert_eq!(out.shape, [2, 7, 3, 3], "the output is sequence first");
+    assert_eq!(lse.shape, [2, 3, 7], "the lse is heads first");
+    let saved = AttentionSaved {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: &lse,
+        dout: &out,
+    };
+    let (dq, dk, dv) = kernels::attention_grad(&dev, saved, &spec, &at).expect("the good shapes");
+    assert_eq!(
+        [dq.shape, dk.shape, dv.shape],
+        [q.shape.clone(), k.shape.clone(), v.shape.clone()],
+        "the gradients are shaped as the operands"
+    );
+    // Heads-first shapes of the output and lse are wrong here.
+    let hf_out = z(&[2, 3, 7, 3]);
+    let sf_lse = z(&[2, 7, 3]);
+    for (what, s) in [
+        (
+            "a heads-first output",
+            AttentionSaved {
+                out: &hf_out,
+                ..saved
+            },
+        ),
+        (
+            "a heads-first gradient",
+            AttentionSaved {
+                dout: &hf_out,
+                ..saved
+            },
+        ),
+        (
+            "an lse [..., queries, heads]",
+            AttentionSaved {
+                lse: &sf_lse,
+                ..saved
+            },
+        ),
+    ] {
+        is_invalid(
+            kernels::attention_grad(&dev, s, &spec, &at).map(|_| ()),
+            what,
+        );
+    }
+    // The probabilities [2, 3, 7, 13] do not fit 2 heads.
+    let dropping = AttentionSpec {
+        dropout: 0.1,
+        ..spec
+    };
+    let misplaced = Placement {
+        full_shape: Some(vec![2, 2, 7, 13]),
+        ..Placement::default()
+    };
+    is_invalid(
+        kernels::attention(&dev, &q, &k, &v, &dropping, &misplaced).map(|_| ()),
+        "a placement the probabilities do not fit",
+    );
+    is_invalid(
+        kernels::attention_grad(&dev, saved, &dropping, &misplaced).map(|_| ()),
+        "a placement the probabilities do not fit (backward)",
+    );
 }

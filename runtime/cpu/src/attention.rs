@@ -13,9 +13,24 @@
 //! the same [`Placement`] (their counters come from [`dropout_row_starts`]), so a fused run and
 //! an unfused one agree to `f32` rounding.
 //!
+//! The operands and results are heads first (`[..., heads, seq, d]`) or, with
+//! [`AttentionSpec::seq_first`], sequence first (`[..., seq, heads, d]`, the projections' layout):
+//! either way a batch entry's rows are read in place, at the offset and row stride
+//! [`AttentionDims::rows_of`] gives (the tile products take a row stride). The log-sum-exps are
+//! `[..., heads, queries]` and the dropout mask that of the probabilities
+//! `[..., heads, queries, keys]` in both layouts.
+//!
 //! Work is split into fixed items — (batch entry, query block) in the forward, batch entries in
 //! the backward, where each owns its rows of `dq`, `dk` and `dv` — and each item's arithmetic is
 //! the same whichever thread runs it: results are bit-identical on any number of threads.
+//!
+//! The result buffers are cut into chunks, one per outer index (the leading axes before the
+//! heads, whose rows of every head form one chunk in either layout), each behind a lock. Heads
+//! first, an outer index is a single batch entry: a backward item sums its gradients in its
+//! chunk in place. Sequence first, an entry's rows lie between the other heads' rows, so an item
+//! sums them in its thread's scratch and copies them to its rows, holding the lock only to copy.
+//! (A forward item always normalises its block out of the scratch into its rows.) No two items
+//! write the same rows, so the order in which they take a lock changes nothing.
 
 use super::kernels::dropout_row_starts;
 use super::layout::{buffer, numel, Result};
@@ -35,7 +50,8 @@ const BQ: usize = 64;
 /// Keys per tile (also the dropout mask's block: [`keep_factors`]).
 const BK: usize = 64;
 
-/// The forward: the output `[..., queries, dv]` and the row log-sum-exps `[..., queries]`.
+/// The forward: the output (`q`'s layout with width `dv`: `[..., queries, dv]` heads first,
+/// `[..., queries, heads, dv]` sequence first) and the row log-sum-exps `[..., heads, queries]`.
 pub fn forward(
     q: &Tensor,
     k: &Tensor,
@@ -56,10 +72,9 @@ pub fn forward(
         keys,
         d,
         dv,
+        ..
     } = dims;
-    let lead = &q.shape[..q.shape.len() - 2];
-    let out_shape = [lead, &[queries, dv]].concat();
-    let lse_shape = [lead, &[queries]].concat();
+    let (out_shape, lse_shape) = result_shapes(&dims, spec, &q.shape);
     let mut out = buffer(numel(OP, &out_shape)?);
     let mut lse = buffer(numel(OP, &lse_shape)?);
     if out.is_empty() && lse.is_empty() {
@@ -75,20 +90,13 @@ pub fn forward(
             },
         ));
     }
-    // Each item's rows of the results, handed to whichever thread runs it (the locks are never
-    // contended: the ranges `par_ranges` deals out are disjoint).
+    // Each outer index's chunks of the results, for the items of its entries to write in.
     let blocks = queries.div_ceil(BQ);
-    let mut slots = Vec::with_capacity(batch * blocks);
-    let (mut o_rest, mut l_rest) = (&mut out[..], &mut lse[..]);
-    for _ in 0..batch {
-        for block in 0..blocks {
-            let n = block_rows(block, queries).len();
-            let (o, o_next) = std::mem::take(&mut o_rest).split_at_mut(n * dv);
-            let (l, l_next) = std::mem::take(&mut l_rest).split_at_mut(n);
-            (o_rest, l_rest) = (o_next, l_next);
-            slots.push(Mutex::new((o, l)));
-        }
-    }
+    let outers = batch / dims.heads;
+    let chunks: Vec<_> = parts(&mut out, queries * dims.heads * dv, outers)
+        .zip(parts(&mut lse, dims.heads * queries, outers))
+        .map(Mutex::new)
+        .collect();
     // Multiply-adds, scaled as `matmul.rs` scales them against an elementwise op's element.
     let work = batch
         .saturating_mul(queries)
@@ -97,29 +105,29 @@ pub fn forward(
         / 16;
     par_ranges(
         threads.max(1),
-        slots.len(),
+        batch * blocks,
         work,
         #[inline(always)]
         |items| {
-            let mut tile = Tile::new(mask.dropout.is_some());
+            let mut tile = Tile::new(&dims, mask.dropout.is_some());
             for it in items {
                 let (b, rows) = (it / blocks, block_rows(it % blocks, queries));
                 let operands = Operands::of(&dims, b, q, k, v);
-                let mut slot = lock(&slots[it]);
-                let (o, l) = &mut *slot;
                 forward_block(
                     &dims,
                     &mask,
                     spec.factor as f32,
                     &operands,
-                    (b, rows),
+                    (b, rows.clone()),
                     &mut tile,
-                    (o, l),
                 );
+                let mut chunk = lock(&chunks[b / dims.heads]);
+                let (o, l) = &mut *chunk;
+                tile.write(&dims, (b, rows), (o, l));
             }
         },
     );
-    drop(slots);
+    drop(chunks);
     Ok((
         Tensor {
             shape: out_shape,
@@ -152,9 +160,7 @@ pub fn backward(
     for t in [q, k, v, out, lse, dout] {
         index::check_len(&t.shape, t.data.len()).or_invalid(OP)?;
     }
-    let lead = &q.shape[..q.shape.len() - 2];
-    let out_shape = [lead, &[dims.queries, dims.dv]].concat();
-    let lse_shape = [lead, &[dims.queries]].concat();
+    let (out_shape, lse_shape) = result_shapes(&dims, spec, &q.shape);
     for (what, t, want) in [
         ("the output", out, &out_shape),
         ("its gradient", dout, &out_shape),
@@ -173,7 +179,7 @@ pub fn backward(
         return Err(invalid(
             OP,
             format!(
-                "the log-sum-exps are {:?}, but q {:?} has {lse_shape:?} rows",
+                "the log-sum-exps are {:?}, but q {:?} makes {lse_shape:?} of them",
                 lse.shape, q.shape
             ),
         ));
@@ -185,6 +191,7 @@ pub fn backward(
         keys,
         d,
         dv,
+        ..
     } = dims;
     let mut dq = buffer(q.data.len());
     let mut dk = buffer(k.data.len());
@@ -197,10 +204,11 @@ pub fn backward(
         };
         return Ok((zeros(q), zeros(k), zeros(v)));
     }
-    // Each batch entry's gradients, for whichever thread runs it (as in the forward).
-    let slots: Vec<_> = parts(&mut dq, queries * d, batch)
-        .zip(parts(&mut dk, keys * d, batch))
-        .zip(parts(&mut dvs, keys * dv, batch))
+    // Each outer index's chunks of the gradients (as in the forward).
+    let (heads, outers) = (dims.heads, batch / dims.heads);
+    let chunks: Vec<_> = parts(&mut dq, queries * heads * d, outers)
+        .zip(parts(&mut dk, keys * heads * d, outers))
+        .zip(parts(&mut dvs, keys * heads * dv, outers))
         .map(|((dq, dk), dv)| Mutex::new(Grads { dq, dk, dv }))
         .collect();
     let work = batch
@@ -218,24 +226,23 @@ pub fn backward(
             for b in items {
                 let saved = SavedRows {
                     operands: Operands::of(&dims, b, q, k, v),
-                    out: &out.data[b * queries * dv..(b + 1) * queries * dv],
-                    dout: &dout.data[b * queries * dv..(b + 1) * queries * dv],
+                    out: Rows::of(&dims, b, out, queries, dv),
+                    dout: Rows::of(&dims, b, dout, queries, dv),
                     lse: &lse.data[b * queries..(b + 1) * queries],
                 };
-                let mut grads = lock(&slots[b]);
                 backward_entry(
                     &dims,
                     &mask,
                     spec.factor as f32,
                     &saved,
                     b,
-                    &mut grads,
+                    &chunks[b / heads],
                     &mut tile,
                 );
             }
         },
     );
-    drop(slots);
+    drop(chunks);
     Ok((
         Tensor {
             shape: q.shape.clone(),
@@ -261,9 +268,10 @@ struct Mask {
     dropout: Option<Dropout>,
 }
 
-/// A dropout mask on the probabilities `[..., queries, keys]`.
+/// A dropout mask on the probabilities `[..., heads, queries, keys]`.
 struct Dropout {
-    /// The counter of each probability row's first element (`batch · queries` rows).
+    /// The counter of each probability row's first element (`batch · queries` rows, entry
+    /// `b`'s row `i` at `b · queries + i`).
     row_starts: Vec<u64>,
     /// Kept iff `splitmix64(counter) >= threshold`.
     threshold: u64,
@@ -280,7 +288,7 @@ impl Mask {
         q_shape: &[usize],
     ) -> Result<Mask> {
         let dropout = if spec.dropout > 0.0 {
-            let probs = [&q_shape[..q_shape.len() - 2], &[dims.queries, dims.keys]].concat();
+            let probs = dims.probs_shape(q_shape, spec.seq_first);
             Some(Dropout {
                 row_starts: dropout_row_starts(op, &probs, at)?,
                 threshold: ferrotron_ir::reference::keep_threshold(spec.dropout),
@@ -330,13 +338,34 @@ fn lock<T>(slot: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// `buf` cut into `count` consecutive parts of `len` elements (which may be 0).
-fn parts(buf: &mut [f32], len: usize, count: usize) -> impl Iterator<Item = &mut [f32]> {
+fn parts<T>(buf: &mut [T], len: usize, count: usize) -> impl Iterator<Item = &mut [T]> {
     let mut rest = buf;
     (0..count).map(move |_| {
         let (part, next) = std::mem::take(&mut rest).split_at_mut(len);
         rest = next;
         part
     })
+}
+
+/// The shapes of the output (`q`'s with width `dv`) and of the log-sum-exps
+/// (`[..., heads, queries]`, the probabilities' without the keys).
+fn result_shapes(
+    dims: &AttentionDims,
+    spec: &AttentionSpec,
+    q: &[usize],
+) -> (Vec<usize>, Vec<usize>) {
+    let out = [&q[..q.len() - 1], &[dims.dv]].concat();
+    let mut lse = dims.probs_shape(q, spec.seq_first);
+    lse.pop();
+    (out, lse)
+}
+
+/// Where batch entry `b`'s rows of a result of `rows` rows of `width` per entry lie in its
+/// outer index's chunk (the rows of all its heads, `rows · heads · width` elements):
+/// `(offset of row 0, distance between rows)`, as [`AttentionDims::rows_of`] in the buffer.
+fn rows_in_chunk(dims: &AttentionDims, b: usize, rows: usize, width: usize) -> (usize, usize) {
+    let (offset, stride) = dims.rows_of(b, rows, width);
+    (offset - b / dims.heads * rows * dims.heads * width, stride)
 }
 
 /// The rows of query block `block`.
@@ -353,11 +382,49 @@ fn visible_in(dims: &AttentionDims, causal: bool, i: usize, j0: usize, j1: usize
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+/// One batch entry's rows of an operand: row `i` is `data[i · stride..][..width]` (heads first
+/// `stride` is `width`; sequence first, the other heads' rows lie between).
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+    width: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Batch entry `b`'s rows of `t`, `rows` rows of `width`.
+    fn of(dims: &AttentionDims, b: usize, t: &'a Tensor, rows: usize, width: usize) -> Self {
+        let (offset, stride) = dims.rows_of(b, rows, width);
+        let data = if rows == 0 || width == 0 {
+            &[]
+        } else {
+            &t.data[offset..offset + (rows - 1) * stride + width]
+        };
+        Rows {
+            data,
+            stride,
+            width,
+        }
+    }
+
+    /// Rows `r0..r1` (at least one), for a [`Mat`] of row stride `self.stride`.
+    #[inline(always)]
+    fn block(&self, r0: usize, r1: usize) -> &'a [f32] {
+        &self.data[r0 * self.stride..(r1 - 1) * self.stride + self.width]
+    }
+
+    /// Row `i`.
+    #[inline(always)]
+    fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.stride..i * self.stride + self.width]
+    }
+}
+
 /// One batch entry's operands.
 struct Operands<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q: Rows<'a>,
+    k: Rows<'a>,
+    v: Rows<'a>,
 }
 
 impl<'a> Operands<'a> {
@@ -370,15 +437,15 @@ impl<'a> Operands<'a> {
             ..
         } = *dims;
         Operands {
-            q: &q.data[b * queries * d..(b + 1) * queries * d],
-            k: &k.data[b * keys * d..(b + 1) * keys * d],
-            v: &v.data[b * keys * dv..(b + 1) * keys * dv],
+            q: Rows::of(dims, b, q, queries, d),
+            k: Rows::of(dims, b, k, keys, d),
+            v: Rows::of(dims, b, v, keys, dv),
         }
     }
 }
 
-/// A forward item's scratch: the scores tile and a query block's running statistics (its
-/// output, unnormalised while the keys are swept, accumulates in place).
+/// A forward item's scratch: the scores tile, a query block's running statistics and its
+/// output, unnormalised while the keys are swept.
 ///
 /// The tile is column-major (a key's scores of the block's rows side by side), so that the
 /// softmax's row statistics are elementwise operations over columns, vectorized across rows,
@@ -400,10 +467,12 @@ struct Tile {
     alpha: Vec<f32>,
     /// Per row, this tile's `Σ e^(s − shift)`.
     sum: Vec<f32>,
+    /// The block's output rows `[BQ, dv]`, unnormalised.
+    o: Vec<f32>,
 }
 
 impl Tile {
-    fn new(dropout: bool) -> Tile {
+    fn new(dims: &AttentionDims, dropout: bool) -> Tile {
         Tile {
             s: vec![0.0; BQ * BK],
             keep: vec![0.0; if dropout { BQ } else { 0 }],
@@ -413,11 +482,13 @@ impl Tile {
             shift: vec![0.0; BQ],
             alpha: vec![0.0; BQ],
             sum: vec![0.0; BQ],
+            o: vec![0.0; BQ * dims.dv],
         }
     }
 }
 
-/// The output rows `rows` of batch entry `b` and their log-sum-exps, into `out` and `lse`.
+/// The output rows `rows` of batch entry `b`, unnormalised, and their running statistics, into
+/// `tile` (for [`Tile::write`]).
 #[inline(always)]
 fn forward_block(
     dims: &AttentionDims,
@@ -426,7 +497,6 @@ fn forward_block(
     x: &Operands,
     (b, rows): (usize, std::ops::Range<usize>),
     tile: &mut Tile,
-    (out, lse): (&mut [f32], &mut [f32]),
 ) {
     let AttentionDims {
         queries,
@@ -445,7 +515,10 @@ fn forward_block(
         shift,
         alpha,
         sum,
+        o,
+        ..
     } = tile;
+    let out = &mut o[..mq * dv];
     let (m, l) = (&mut m[..mq], &mut l[..mq]);
     let (tile_max, shift, alpha, sum) = (
         &mut tile_max[..mq],
@@ -455,7 +528,7 @@ fn forward_block(
     );
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
-    let qt = &x.q[i0 * d..(i0 + mq) * d];
+    let qt = x.q.block(i0, i0 + mq);
     // The keys the block's last row sees: later ones are masked for every row.
     let kend = if mq == 0 {
         0
@@ -473,8 +546,8 @@ fn forward_block(
         gemm_tile(
             s,
             false,
-            Mat::rows(&x.k[j0 * d..j1 * d], d),
-            Mat::cols(qt, d),
+            Mat::rows(x.k.block(j0, j1), x.k.stride),
+            Mat::cols(qt, x.q.stride),
             (nk, mq, d),
             factor,
         );
@@ -554,17 +627,35 @@ fn forward_block(
             out,
             j0 > 0,
             Mat::cols(s, mq),
-            Mat::rows(&x.v[j0 * dv..j1 * dv], dv),
+            Mat::rows(x.v.block(j0, j1), x.v.stride),
             (mq, dv, nk),
             1.0,
         );
     }
-    for (r, (&m, &l)) in m.iter().zip(&*l).enumerate() {
-        let inv = if l > 0.0 { (1.0 / l) as f32 } else { 0.0 };
-        for o in &mut out[r * dv..(r + 1) * dv] {
-            *o *= inv;
+}
+
+impl Tile {
+    /// The block [`forward_block`] left here, normalised, and its log-sum-exps, into the chunks
+    /// of `b`'s outer index of the output and the log-sum-exps.
+    #[inline(always)]
+    fn write(
+        &self,
+        dims: &AttentionDims,
+        (b, rows): (usize, std::ops::Range<usize>),
+        (out, lse): (&mut [f32], &mut [f32]),
+    ) {
+        let (queries, dv, mq) = (dims.queries, dims.dv, rows.len());
+        let (offset, stride) = rows_in_chunk(dims, b, queries, dv);
+        let lse = &mut lse[b % dims.heads * queries + rows.start..][..mq];
+        let stats = self.m[..mq].iter().zip(&self.l[..mq]).zip(lse);
+        for (r, ((&m, &l), lse)) in stats.enumerate() {
+            let inv = if l > 0.0 { (1.0 / l) as f32 } else { 0.0 };
+            let dst = &mut out[offset + (rows.start + r) * stride..][..dv];
+            for (dst, &o) in dst.iter_mut().zip(&self.o[r * dv..(r + 1) * dv]) {
+                *dst = o * inv;
+            }
+            *lse = (m as f64 + l.ln()) as f32;
         }
-        lse[r] = (m as f64 + l.ln()) as f32;
     }
 }
 
@@ -574,12 +665,12 @@ fn forward_block(
 /// What the backward reads of one batch entry.
 struct SavedRows<'a> {
     operands: Operands<'a>,
-    out: &'a [f32],
-    dout: &'a [f32],
+    out: Rows<'a>,
+    dout: Rows<'a>,
     lse: &'a [f32],
 }
 
-/// One batch entry's gradients, written by the item that owns it.
+/// An outer index's chunks of the gradients, where the items of its entries write their rows.
 struct Grads<'a> {
     dq: &'a mut [f32],
     dk: &'a mut [f32],
@@ -598,6 +689,11 @@ struct GradTile {
     keep: Vec<f32>,
     /// `D_i = dout_i · out_i` of the entry's rows.
     delta: Vec<f32>,
+    /// The entry's `dq` `[queries, d]`, summed over the key blocks.
+    dq: Vec<f32>,
+    /// A key block's `dk` `[BK, d]` and `dv` `[BK, dv]`, summed over the query blocks.
+    dk: Vec<f32>,
+    dv: Vec<f32>,
 }
 
 impl GradTile {
@@ -609,12 +705,16 @@ impl GradTile {
             ds: vec![0.0; BQ * BK],
             keep: vec![0.0; if dropout { BK } else { 0 }],
             delta: vec![0.0; dims.queries],
+            dq: vec![0.0; dims.queries * dims.d],
+            dk: vec![0.0; BK * dims.d],
+            dv: vec![0.0; BK * dims.dv],
         }
     }
 }
 
-/// Batch entry `b`'s gradients: key blocks outermost, so that each block's `dk` and `dv` rows
-/// are summed over the query blocks in place; `dq` gathers every key block's share.
+/// Batch entry `b`'s gradients, into its rows of `chunk`: key blocks outermost, so that each
+/// block's `dk` and `dv` rows are summed over the query blocks in the scratch, then copied out;
+/// `dq` gathers every key block's share, copied out at the end.
 #[inline(always)]
 fn backward_entry(
     dims: &AttentionDims,
@@ -622,7 +722,7 @@ fn backward_entry(
     factor: f32,
     x: &SavedRows,
     b: usize,
-    g: &mut Grads,
+    chunk: &Mutex<Grads>,
     tile: &mut GradTile,
 ) {
     let AttentionDims {
@@ -635,17 +735,33 @@ fn backward_entry(
     let Operands { q, k, v } = x.operands;
     // D_i = Σ_j P_ij dP_ij = dout_i · out_i: dropout included, as out holds the dropped sum.
     for (i, delta) in tile.delta.iter_mut().enumerate() {
-        let row = i * dv..(i + 1) * dv;
-        *delta = math::sum_zip(&x.dout[row.clone()], &x.out[row], |a, b| {
-            a as f64 * b as f64
-        }) as f32;
+        *delta = math::sum_zip(x.dout.row(i), x.out.row(i), |a, b| a as f64 * b as f64) as f32;
     }
+    // Heads first, the chunk is the entry's alone: the gradients are summed in it in place, its
+    // lock held throughout (and never waited for). Sequence first, the other heads' entries share
+    // it: they are summed in the scratch and copied out, the lock held only to copy.
+    let shared = dims.heads > 1;
+    let mut own = (!shared).then(|| lock(chunk));
+    let (dq_sum, mut in_place) = match own.as_deref_mut() {
+        Some(Grads { dq, dk, dv }) => (&mut **dq, Some((&mut **dk, &mut **dv))),
+        None => {
+            tile.dq.fill(0.0);
+            (&mut tile.dq[..], None)
+        }
+    };
     for j0 in (0..keys).step_by(BK) {
         let j1 = (j0 + BK).min(keys);
         let nk = j1 - j0;
-        let (kt, vt) = (&k[j0 * d..j1 * d], &v[j0 * dv..j1 * dv]);
-        let dk = &mut g.dk[j0 * d..j1 * d];
-        let dvt = &mut g.dv[j0 * dv..j1 * dv];
+        let (kt, vt) = (k.block(j0, j1), v.block(j0, j1));
+        let (dk, dvt): (&mut [f32], &mut [f32]) = match &mut in_place {
+            Some((dk, dvs)) => (&mut dk[j0 * d..j1 * d], &mut dvs[j0 * dv..j1 * dv]),
+            None => {
+                let (dk, dvt) = (&mut tile.dk[..nk * d], &mut tile.dv[..nk * dv]);
+                dk.fill(0.0);
+                dvt.fill(0.0);
+                (dk, dvt)
+            }
+        };
         // The first query row that sees key j0.
         let first = if mask.causal {
             (j0 + queries).saturating_sub(keys)
@@ -655,13 +771,13 @@ fn backward_entry(
         for i0 in (first..queries).step_by(BQ) {
             let i1 = (i0 + BQ).min(queries);
             let mq = i1 - i0;
-            let (qt, dot) = (&q[i0 * d..i1 * d], &x.dout[i0 * dv..i1 * dv]);
+            let (qt, dot) = (q.block(i0, i1), x.dout.block(i0, i1));
             let p = &mut tile.p[..mq * nk];
             gemm_tile(
                 p,
                 false,
-                Mat::rows(qt, d),
-                Mat::cols(kt, d),
+                Mat::rows(qt, q.stride),
+                Mat::cols(kt, k.stride),
                 (mq, nk, d),
                 factor,
             );
@@ -670,8 +786,8 @@ fn backward_entry(
             gemm_tile(
                 ds,
                 false,
-                Mat::rows(dot, dv),
-                Mat::cols(vt, dv),
+                Mat::rows(dot, x.dout.stride),
+                Mat::cols(vt, v.stride),
                 (mq, nk, dv),
                 1.0,
             );
@@ -722,16 +838,16 @@ fn backward_entry(
                 dvt,
                 true,
                 Mat::cols(z, nk),
-                Mat::rows(dot, dv),
+                Mat::rows(dot, x.dout.stride),
                 (nk, dv, mq),
                 1.0,
             );
             // dq += factor · dS · k
             gemm_tile(
-                &mut g.dq[i0 * d..i1 * d],
+                &mut dq_sum[i0 * d..i1 * d],
                 true,
                 Mat::rows(ds, nk),
-                Mat::rows(kt, d),
+                Mat::rows(kt, k.stride),
                 (mq, d, nk),
                 factor,
             );
@@ -740,10 +856,38 @@ fn backward_entry(
                 dk,
                 true,
                 Mat::cols(ds, nk),
-                Mat::rows(qt, d),
+                Mat::rows(qt, q.stride),
                 (nk, d, mq),
                 factor,
             );
+        }
+        if shared {
+            let mut g = lock(chunk);
+            let rows = rows_in_chunk(dims, b, keys, d);
+            copy_rows(g.dk, rows, j0, dk, d);
+            let rows = rows_in_chunk(dims, b, keys, dv);
+            copy_rows(g.dv, rows, j0, dvt, dv);
+        }
+    }
+    if shared {
+        let rows = rows_in_chunk(dims, b, queries, d);
+        copy_rows(lock(chunk).dq, rows, 0, dq_sum, d);
+    }
+}
+
+/// `src`'s rows of `width` into rows `first..` of `dst`, at `(offset of row 0, distance between
+/// rows)`.
+#[inline(always)]
+fn copy_rows(
+    dst: &mut [f32],
+    (offset, stride): (usize, usize),
+    first: usize,
+    src: &[f32],
+    width: usize,
+) {
+    if width > 0 {
+        for (i, src) in (first..).zip(src.chunks_exact(width)) {
+            dst[offset + i * stride..][..width].copy_from_slice(src);
         }
     }
 }

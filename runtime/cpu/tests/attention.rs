@@ -1,7 +1,8 @@
 //! The fused attention (`Backend::attention` and `attention_grad`) against the unfused chain it
 //! replaces, evaluated with the CPU kernels themselves: `MatMul(q, kᵀ) → Scale → Softmax →
 //! Dropout → MatMul(·, v)` forward, and the gradients autodiff builds for those ops backward.
-//! Causal and not, with and without dropout on a placed shard, odd sizes and a GPT-2 head's.
+//! Causal and not, with and without dropout on a placed shard, odd sizes and a GPT-2 head's;
+//! and the sequence-first layout against heads first on transposed operands.
 
 use ferrotron_cpu::{kernels, Cpu};
 use ferrotron_exec::backend::Backend;
@@ -210,6 +211,7 @@ fn check(case: &Case, causal: bool, dropout: f64, seed: u64) {
         factor: 1.0 / (case.d as f64).sqrt(),
         causal,
         dropout,
+        seq_first: false,
     };
     let at = if dropout > 0.0 {
         case.placement()
@@ -267,6 +269,7 @@ fn fused_attention_is_the_same_on_any_thread_count() {
         factor: 0.125,
         causal: true,
         dropout: 0.1,
+        seq_first: false,
     };
     let at = case.placement();
     let operands = [&q, &k, &v, &dout];
@@ -292,6 +295,7 @@ fn bad_shapes_are_errors() {
         factor: 0.5,
         causal: false,
         dropout: 0.0,
+        seq_first: false,
     };
     let t = |shape: &[usize]| random(shape, 1, 1.0);
     let (q, k, v) = (t(&[2, 7, 5]), t(&[2, 13, 5]), t(&[2, 13, 3]));
@@ -372,6 +376,7 @@ fn empty_sizes_are_not_errors() {
                 factor: 0.5,
                 causal,
                 dropout: 0.1,
+                seq_first: false,
             };
             let case = Case::new(&[2], queries, keys, d, dv);
             let [q, k, v, dout] = case.inputs(3);
@@ -408,6 +413,7 @@ fn empty_tensors_with_huge_leading_axes_are_not_allocations() {
         factor: 1.0,
         causal: false,
         dropout: 0.0,
+        seq_first: false,
     };
     let empty = |shape: &[usize]| Tensor {
         shape: shape.to_vec(),
@@ -438,4 +444,280 @@ fn empty_tensors_with_huge_leading_axes_are_not_allocations() {
         .attention_grad(saved, &spec, &at)
         .expect("empty gradients");
     assert!(grads.iter().all(|g| g.data.is_empty()));
+}
+
+/// `t` with its sequence and heads axes swapped (the third and second from last): sequence
+/// first `[..., seq, heads, d]` to heads first `[..., heads, seq, d]` and back.
+fn swap_seq_heads(t: &Tensor) -> Tensor {
+    let r = t.shape.len();
+    let (a, b, w) = (t.shape[r - 3], t.shape[r - 2], t.shape[r - 1]);
+    let mut shape = t.shape.clone();
+    shape.swap(r - 3, r - 2);
+    let mut data = Vec::with_capacity(t.data.len());
+    for outer in t.data.chunks_exact(a * b * w) {
+        for j in 0..b {
+            for i in 0..a {
+                data.extend_from_slice(&outer[(i * b + j) * w..][..w]);
+            }
+        }
+    }
+    Tensor { shape, data }
+}
+
+fn bits(t: &Tensor) -> (Vec<usize>, Vec<u32>) {
+    (
+        t.shape.clone(),
+        t.data.iter().map(|x| x.to_bits()).collect(),
+    )
+}
+
+/// Sequence first on `[outer..., seq, heads, d]` operands against heads first on their
+/// transposes: the same bits, the log-sum-exps (`[outer..., heads, queries]`) as they are, the
+/// output and gradients transposed back. `case.lead` is `[outer..., heads]`, and its placement
+/// that of the probabilities `[outer..., heads, queries, keys]` in both layouts.
+fn check_seq_first(case: &Case, causal: bool, dropout: f64, seed: u64) {
+    let heads_first = case.inputs(seed);
+    let [q, k, v, dout] = heads_first.each_ref().map(swap_seq_heads);
+    let spec = AttentionSpec {
+        factor: 1.0 / (case.d as f64).sqrt(),
+        causal,
+        dropout,
+        seq_first: false,
+    };
+    let seq_first = AttentionSpec {
+        seq_first: true,
+        ..spec
+    };
+    let at = if dropout > 0.0 {
+        case.placement()
+    } else {
+        Placement::default()
+    };
+    let [hq, hk, hv, hdout] = &heads_first;
+    let (want_out, want_lse, want_grads) = fused([hq, hk, hv, hdout], &spec, &at, 1);
+    let (out, lse, grads) = fused([&q, &k, &v, &dout], &seq_first, &at, 1);
+    let what = |t: &str| {
+        format!(
+            "{t} of {:?}×{}×{} d {} dv {} causal {causal} dropout {dropout}",
+            case.lead, case.queries, case.keys, case.d, case.dv
+        )
+    };
+    let r = q.shape.len();
+    assert_eq!(out.shape, [&q.shape[..r - 1], &[case.dv]].concat());
+    assert_eq!(
+        bits(&swap_seq_heads(&out)),
+        bits(&want_out),
+        "{}",
+        what("out")
+    );
+    assert_eq!(bits(&lse), bits(&want_lse), "{}", what("lse"));
+    for ((got, want), (name, operand)) in
+        grads
+            .iter()
+            .zip(&want_grads)
+            .zip([("dq", &q), ("dk", &k), ("dv", &v)])
+    {
+        assert_eq!(got.shape, operand.shape, "{}", what(name));
+        assert_eq!(bits(&swap_seq_heads(got)), bits(want), "{}", what(name));
+    }
+}
+
+#[test]
+fn seq_first_is_heads_first_on_transposed_operands() {
+    // `lead` is `[outer..., heads]`.
+    let odd = Case::new(&[2, 3], 7, 13, 5, 3);
+    let no_outer = Case::new(&[4], 9, 9, 4, 6);
+    let two_outer = Case::new(&[2, 1, 3], 5, 6, 3, 2);
+    // Past one tile each way, with ragged last tiles.
+    let tiles = Case::new(&[2, 2], 70, 131, 16, 24);
+    for (n, case) in [odd, no_outer, two_outer, tiles].iter().enumerate() {
+        for causal in [false, true] {
+            for dropout in [0.0, 0.1] {
+                check_seq_first(case, causal, dropout, 20 + 10 * n as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn seq_first_at_a_gpt2_size() {
+    let case = Case::new(&[2, 12], 128, 128, 64, 64);
+    for (causal, dropout) in [(true, 0.0), (false, 0.1)] {
+        check_seq_first(&case, causal, dropout, 200);
+    }
+}
+
+#[test]
+fn seq_first_is_the_same_on_any_thread_count() {
+    let case = Case::new(&[2, 3], 128, 160, 64, 32);
+    let [q, k, v, dout] = case.inputs(9).each_ref().map(swap_seq_heads);
+    let spec = AttentionSpec {
+        factor: 0.125,
+        causal: true,
+        dropout: 0.1,
+        seq_first: true,
+    };
+    let at = case.placement();
+    let operands = [&q, &k, &v, &dout];
+    let one = fused(operands, &spec, &at, 1);
+    for threads in [2, 3] {
+        assert_eq!(
+            fused(operands, &spec, &at, threads),
+            one,
+            "{threads} threads"
+        );
+    }
+}
+
+#[test]
+fn bad_seq_first_shapes_are_errors() {
+    let cpu = Cpu { threads: 1 };
+    let at = Placement::default();
+    let spec = AttentionSpec {
+        factor: 0.5,
+        causal: false,
+        dropout: 0.0,
+        seq_first: true,
+    };
+    let t = |shape: &[usize]| random(shape, 1, 1.0);
+    // `[batch, seq, heads, d]`.
+    let (q, k, v) = (t(&[2, 7, 3, 5]), t(&[2, 13, 3, 5]), t(&[2, 13, 3, 4]));
+    assert!(cpu.attention(&q, &k, &v, &spec, &at).is_ok());
+    // Heads that differ between q and k, and between k and v; batches that differ; widths
+    // that differ; lengths of k and v that differ; too few axes.
+    assert!(invalid(cpu.attention(
+        &q,
+        &t(&[2, 13, 4, 5]),
+        &v,
+        &spec,
+        &at
+    )));
+    assert!(invalid(cpu.attention(
+        &q,
+        &k,
+        &t(&[2, 13, 1, 4]),
+        &spec,
+        &at
+    )));
+    assert!(invalid(cpu.attention(
+        &q,
+        &t(&[1, 13, 3, 5]),
+        &v,
+        &spec,
+        &at
+    )));
+    assert!(invalid(cpu.attention(
+        &q,
+        &t(&[2, 13, 3, 6]),
+        &v,
+        &spec,
+        &at
+    )));
+    assert!(invalid(cpu.attention(
+        &q,
+        &k,
+        &t(&[2, 12, 3, 4]),
+        &spec,
+        &at
+    )));
+    let (q2, k2, v2) = (t(&[7, 5]), t(&[13, 5]), t(&[13, 4]));
+    assert!(invalid(cpu.attention(&q2, &k2, &v2, &spec, &at)));
+    // A dropout placement that is q's shape's, not the probabilities' `[2, 3, 7, 13]`.
+    let dropout = AttentionSpec {
+        dropout: 0.1,
+        ..spec
+    };
+    let misplaced = Placement {
+        full_shape: Some(vec![2, 7, 3, 13]),
+        ..Placement::default()
+    };
+    assert!(invalid(cpu.attention(&q, &k, &v, &dropout, &misplaced)));
+    let placed = Placement {
+        full_shape: Some(vec![2, 3, 7, 13]),
+        ..Placement::default()
+    };
+    assert!(cpu.attention(&q, &k, &v, &dropout, &placed).is_ok());
+
+    let (out, lse) = cpu.attention(&q, &k, &v, &spec, &at).expect("attention");
+    assert_eq!(
+        (&out.shape[..], &lse.shape[..]),
+        (&[2, 7, 3, 4][..], &[2, 3, 7][..])
+    );
+    let dout = t(&[2, 7, 3, 4]);
+    let saved = AttentionSaved {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: &lse,
+        dout: &dout,
+    };
+    assert!(cpu.attention_grad(saved, &spec, &at).is_ok());
+    // The heads-first shapes of the output and the log-sum-exps' sequence-first ones.
+    let (heads_first_out, seq_first_lse) = (t(&[2, 3, 7, 4]), t(&[2, 7, 3]));
+    for bad in [
+        AttentionSaved {
+            lse: &seq_first_lse,
+            ..saved
+        },
+        AttentionSaved {
+            out: &heads_first_out,
+            ..saved
+        },
+        AttentionSaved {
+            dout: &heads_first_out,
+            ..saved
+        },
+    ] {
+        assert!(invalid(cpu.attention_grad(bad, &spec, &at)));
+    }
+}
+
+#[test]
+fn empty_seq_first_sizes_are_not_errors() {
+    let cpu = Cpu { threads: 2 };
+    let at = Placement::default();
+    // (heads, queries, keys, d, dv).
+    for (heads, queries, keys, d, dv) in [
+        (0, 3, 4, 2, 2),
+        (3, 0, 4, 2, 2),
+        (3, 3, 0, 2, 2),
+        (3, 3, 4, 0, 2),
+        (3, 3, 4, 2, 0),
+    ] {
+        for causal in [false, true] {
+            if causal && queries > keys {
+                continue;
+            }
+            let spec = AttentionSpec {
+                factor: 0.5,
+                causal,
+                dropout: 0.1,
+                seq_first: true,
+            };
+            let t = |rows: usize, width: usize| random(&[2, rows, heads, width], 3, 1.0);
+            let (q, k, v, dout) = (t(queries, d), t(keys, d), t(keys, dv), t(queries, dv));
+            let what = format!("{heads} heads {queries}×{keys} d {d} dv {dv} causal {causal}");
+            let (out, lse) = cpu.attention(&q, &k, &v, &spec, &at).expect(&what);
+            assert_eq!(out.shape, [2, queries, heads, dv], "{what}");
+            assert_eq!(lse.shape, [2, heads, queries], "{what}");
+            if keys == 0 {
+                assert!(out.data.iter().all(|&x| x == 0.0), "{what}");
+            }
+            let saved = AttentionSaved {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: &lse,
+                dout: &dout,
+            };
+            let [dq, dk, dv] = cpu.attention_grad(saved, &spec, &at).expect(&what);
+            assert_eq!(
+                (dq.shape, dk.shape, dv.shape),
+                (q.shape, k.shape, v.shape),
+                "{what}"
+            );
+        }
+    }
 }

@@ -276,9 +276,9 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     let dropped = g.order.len() - Program::fused(&plan, &|_| false, true).steps.len();
     assert_eq!(
         dropped,
-        2 * (1 + 4 + 6) + 1,
-        "per layer: the bias add, the attention's scores, scale, softmax and dropout, six of \
-         its seven backward nodes; the embedding's gradient"
+        2 * (1 + 8 + 10) + 1,
+        "per layer: the bias add, the attention's scores, scale, softmax, dropout and four \
+         transposes, ten of its eleven backward nodes; the embedding's gradient"
     );
     assert_eq!(evals + reshapes + adds + fused + 2 * dropped, 2 * local);
     // The vocabulary-parallel loss reduces its row statistics in the forward, as the backend's

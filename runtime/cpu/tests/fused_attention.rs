@@ -58,10 +58,21 @@ fn each_attention_becomes_one_forward_and_one_backward_step() {
         [
             ("h.0.ctx".to_string(), "Attention"),
             ("h.1.ctx".into(), "Attention"),
-            ("bwd.h.1.ctx.0".into(), "AttentionGrad"),
-            ("bwd.h.0.ctx.0".into(), "AttentionGrad"),
+            ("bwd.h.1.ctx_t.0".into(), "AttentionGrad"),
+            ("bwd.h.0.ctx_t.0".into(), "AttentionGrad"),
         ]
     );
+    // Sequence first: the steps read q, k, v as the projections make them and write the
+    // output and the gradients back so; the transposes between the layouts are gone.
+    for step in &program.steps {
+        if let StepOp::Fused {
+            op: Fused::Attention { spec, .. } | Fused::AttentionGrad { spec, .. },
+            ..
+        } = &step.op
+        {
+            assert!(spec.seq_first, "{}", p.graph.nodes[step.node].name);
+        }
+    }
     // One saved log-sum-exp per layer, `[batch, local heads, seq]`, after the plan's values.
     assert_eq!(program.saved.len(), 2);
     let dims = |name: &str| g.dims.iter().find(|d| d.0 == name).unwrap().1;
@@ -84,6 +95,10 @@ fn each_attention_becomes_one_forward_and_one_backward_step() {
         "h.0.probs",
         "h.1.probs_drop",
         "bwd.h.0.probs.0",
+        "h.0.q_t",
+        "h.1.ctx_t",
+        "bwd.h.0.q_t.0",
+        "bwd.h.1.ctx.0",
     ] {
         assert!(!names.contains(&gone), "{gone} still runs");
     }
@@ -104,7 +119,7 @@ fn an_attention_whose_probabilities_are_kept_is_not_fused() {
         steps,
         [
             ("h.1.ctx".to_string(), "Attention"),
-            ("bwd.h.1.ctx.0".into(), "AttentionGrad"),
+            ("bwd.h.1.ctx_t.0".into(), "AttentionGrad"),
         ]
     );
 }

@@ -17,7 +17,11 @@
 //! | `MatMul(q, kᵀ)` → `Scale` → `Softmax` → `Dropout`? → `MatMul(·, v)`, and the seven backward nodes autodiff makes of it | [`Fused::Attention`] forward, [`Fused::AttentionGrad`] backward | the `[..., queries, keys]` scores, probabilities and their dropout, forward and backward: the forward keeps each query row's log-sum-exp (a [`Saved`] value of the program's own) and the backward recomputes the probabilities a tile at a time from it (flash attention) |
 //!
 //! The attention is found in the partitioned plan, so it is split by heads exactly as the
-//! unfused graph is, and model files keep writing attention as its ops. A chain is fused only
+//! unfused graph is, and model files keep writing attention as its ops. Where `q`, `k` and `v`
+//! are transposes of `[..., seq, heads, d]` values and the output is transposed back (a GPT's
+//! head split and merge), the fused steps read and write those values in place
+//! ([`AttentionSpec::seq_first`]): the eight transposes between the layouts, forward and
+//! backward, are never made. A chain is fused only
 //! whole: if any intermediate is read outside it or kept, it runs unfused; a forward without a
 //! backward of its own (inference, or a forward that recomputation repeats in the backward,
 //! where the repeat is a chain of its own) is fused alone.
@@ -385,10 +389,11 @@ impl Program {
         };
         for found in chains {
             let lse = Program::saved_id(plan, saved.len());
-            let q_shape = g.ty(found.q).shape.sizes();
+            // `[..., heads, queries]`: the probabilities' rows.
+            let probs = g.ty(found.probs).shape.sizes();
             saved.push(Saved {
                 name: format!("{}.lse", g.values[found.probs].name),
-                shape: q_shape[..q_shape.len() - 1].to_vec(),
+                shape: probs[..probs.len() - 1].to_vec(),
             });
             for &m in found
                 .forward_absorbed
@@ -773,6 +778,7 @@ fn attention_chains<'r>(
                 factor,
                 causal,
                 dropout: dropout.map_or(0.0, |(_, p)| p),
+                seq_first: false,
             };
             if index::dropout_scale(spec.dropout).is_err() {
                 return None;
@@ -832,7 +838,135 @@ fn attention_chains<'r>(
         };
         chains.push(found);
     }
+    for chain in &mut chains {
+        if let Some(seq_first) = seq_first(plan, chain, kept, readers_of) {
+            let here = place(chain.forward);
+            if seq_first.nodes().all(|n| place(n) == here) {
+                seq_first.apply(chain);
+            }
+        }
+    }
     chains
+}
+
+/// The values a sequence-first attention reads and writes in place of a heads-first one's,
+/// and the transposes between the two that it absorbs.
+struct SeqFirst {
+    /// `q`, `k`, `v` before their transposes to heads first, and those transposes.
+    operands: [(ValueId, NodeId); 3],
+    /// The output's transpose back to sequence first, and its output.
+    out: (NodeId, ValueId),
+    /// With a backward, its transposes.
+    backward: Option<SeqFirstBackward>,
+}
+
+/// The backward's transposes a sequence-first attention absorbs.
+struct SeqFirstBackward {
+    /// The output gradient's transpose to heads first, and its input.
+    dout: (NodeId, ValueId),
+    /// `dq`, `dk` and `dv`'s transposes back, and their outputs.
+    grads: [(NodeId, ValueId); 3],
+}
+
+impl SeqFirst {
+    fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.operands.iter().map(|o| o.1).chain([self.out.0]).chain(
+            self.backward
+                .iter()
+                .flat_map(|b| std::iter::once(b.dout.0).chain(b.grads.iter().map(|g| g.0))),
+        )
+    }
+
+    fn apply(self, chain: &mut AttentionChain) {
+        let [(q, qn), (k, kn), (v, vn)] = self.operands;
+        (chain.q, chain.k, chain.v) = (q, k, v);
+        chain.forward_absorbed.extend([qn, kn, vn, self.out.0]);
+        chain.out = self.out.1;
+        chain.spec.seq_first = true;
+        if let (Some(bw), Some(b)) = (chain.backward.as_mut(), self.backward) {
+            let ((dn, dout), [(tq, dq), (tk, dk), (tv, dv)]) = (b.dout, b.grads);
+            // The output gradient's transpose comes first: the step runs there.
+            chain.backward_absorbed.extend([bw.step, tq, tk, tv]);
+            *bw = AttentionBackward {
+                step: dn,
+                dout,
+                dq,
+                dk,
+                dv,
+            };
+        }
+    }
+}
+
+/// The sequence-first form of `chain`, where every one of its layout changes is a transpose
+/// between `[..., seq, heads, d]` and `[..., heads, seq, d]` that only the chain reads: `q`,
+/// `k` and `v` made by one each, the output read only by one, and in the backward the output's
+/// gradient made by one and `dq`, `dk`, `dv` each read only by one. `None` (the chain stays
+/// heads first) otherwise.
+fn seq_first<'r>(
+    plan: &Plan,
+    chain: &AttentionChain,
+    kept: &dyn Fn(ValueId) -> bool,
+    readers_of: &dyn Fn(ValueId) -> &'r [NodeId],
+) -> Option<SeqFirst> {
+    let g = &plan.graph;
+    let mut inside: Vec<NodeId> = chain.forward_absorbed.clone();
+    inside.push(chain.forward);
+    inside.extend(&chain.backward_absorbed);
+    inside.extend(chain.backward.as_ref().map(|b| b.step));
+    // Swaps the sequence and the heads (the two axes before the last).
+    let swaps = |perm: &[usize]| {
+        let r = perm.len();
+        r >= 3
+            && perm.iter().enumerate().all(|(i, &p)| {
+                p == if i == r - 3 {
+                    r - 2
+                } else if i == r - 2 {
+                    r - 3
+                } else {
+                    i
+                }
+            })
+    };
+    // `x` made by such a transpose of a value, and read only inside the chain.
+    let made_by = |x: ValueId| -> Option<(ValueId, NodeId)> {
+        let ferrotron_ir::ValueDef::Node { node, .. } = g.values[x].def else {
+            return None;
+        };
+        let Op::Transpose { x: from, perm } = &g.nodes[node].op else {
+            return None;
+        };
+        (swaps(perm) && !kept(x) && readers_of(x).iter().all(|r| inside.contains(r)))
+            .then_some((*from, node))
+    };
+    // `x` read only by such a transpose: it and its output.
+    let read_by = |x: ValueId| -> Option<(NodeId, ValueId)> {
+        let &[t] = readers_of(x) else { return None };
+        match &g.nodes[t].op {
+            Op::Transpose { perm, .. } if swaps(perm) && !kept(x) => {
+                Some((t, *g.nodes[t].outputs.first()?))
+            }
+            _ => None,
+        }
+    };
+    let operands = [made_by(chain.q)?, made_by(chain.k)?, made_by(chain.v)?];
+    let out = read_by(chain.out)?;
+    let backward = match &chain.backward {
+        None => None,
+        Some(bw) => {
+            let (dout, dn) = made_by(bw.dout)?;
+            let grads = [read_by(bw.dq)?, read_by(bw.dk)?, read_by(bw.dv)?];
+            Some(SeqFirstBackward {
+                dout: (dn, dout),
+                grads,
+            })
+        }
+    };
+    Some(SeqFirst {
+        operands,
+        out,
+        backward,
+    })
 }
 
 /// The probabilities an attention's backward reads: the forward's, or a recomputed copy.

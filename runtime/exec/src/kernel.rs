@@ -332,13 +332,21 @@ pub struct AttentionSpec {
     /// with it (its `full_shape`, `offsets` and `dropout_seed`), so fused and unfused runs drop
     /// the same elements.
     pub dropout: f64,
+    /// The layout of `q`, `k`, `v`, the output and their gradients: `false`, heads first
+    /// (`[..., heads, seq, d]`, any leading axes); `true`, sequence first (`[..., seq, heads, d]`,
+    /// as the model's projections make them, read and written in place of the transposes to
+    /// heads first). The log-sum-exps and the probabilities (their dropout mask) are
+    /// `[..., heads, queries(, keys)]` either way.
+    pub seq_first: bool,
 }
 
-/// The sizes of a fused attention: `q` `[..., queries, d]`, `k` `[..., keys, d]`, `v`
-/// `[..., keys, dv]`, the leading axes (batch, heads) equal and merged into `batch`.
+/// The sizes of a fused attention. Heads first: `q` `[..., queries, d]`, `k` `[..., keys, d]`,
+/// `v` `[..., keys, dv]`, the leading axes (batch, heads) equal and merged into `batch`. Sequence
+/// first: `q` `[..., queries, heads, d]`, `k` `[..., keys, heads, d]`, `v` `[..., keys, heads,
+/// dv]`, the axes before the sequence and the heads merged into `batch` (entry `b · heads + h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionDims {
-    /// The product of the leading axes.
+    /// The attention's independent entries: the product of the leading axes and the heads.
     pub batch: usize,
     /// Query rows per batch entry.
     pub queries: usize,
@@ -348,6 +356,8 @@ pub struct AttentionDims {
     pub d: usize,
     /// The value width (the output's).
     pub dv: usize,
+    /// The heads interleaved with the sequence (sequence first), or 1 (heads first).
+    pub heads: usize,
 }
 
 /// Checks a fused attention's operand shapes (and its spec) and returns its sizes: the same
@@ -360,24 +370,36 @@ pub fn attention_dims(
     spec: &AttentionSpec,
 ) -> Result<AttentionDims, KernelError> {
     let r = q.len();
-    if r < 2 || k.len() != r || v.len() != r || q[..r - 2] != k[..r - 2] || q[..r - 2] != v[..r - 2]
-    {
+    // Sequence first: the axis after the sequence (the heads) must agree too.
+    let (min_rank, seq_axis) = if spec.seq_first {
+        (3, r.wrapping_sub(3))
+    } else {
+        (2, r.wrapping_sub(2))
+    };
+    let same_lead = |x: &[usize]| {
+        x.len() == r && x[..seq_axis] == q[..seq_axis] && (!spec.seq_first || x[r - 2] == q[r - 2])
+    };
+    if r < min_rank || !same_lead(k) || !same_lead(v) {
+        let layout = if spec.seq_first {
+            "[..., queries, heads, d], [..., keys, heads, d] and [..., keys, heads, dv]"
+        } else {
+            "[..., queries, d], [..., keys, d] and [..., keys, dv]"
+        };
         return Err(invalid(
             name,
-            format!(
-                "q {q:?}, k {k:?} and v {v:?} must be [..., queries, d], [..., keys, d] and \
-                 [..., keys, dv] with the same leading axes"
-            ),
+            format!("q {q:?}, k {k:?} and v {v:?} must be {layout} with the same leading axes"),
         ));
     }
+    let heads = if spec.seq_first { q[r - 2] } else { 1 };
     let dims = AttentionDims {
-        batch: q[..r - 2].iter().product(),
-        queries: q[r - 2],
-        keys: k[r - 2],
+        batch: q[..seq_axis].iter().product::<usize>() * heads,
+        queries: q[seq_axis],
+        keys: k[seq_axis],
         d: q[r - 1],
         dv: v[r - 1],
+        heads,
     };
-    if k[r - 1] != dims.d || v[r - 2] != dims.keys {
+    if k[r - 1] != dims.d || v[seq_axis] != dims.keys {
         return Err(invalid(
             name,
             format!("q {q:?} and k {k:?} must have one width, k {k:?} and v {v:?} one length"),
@@ -402,6 +424,30 @@ pub fn attention_dims(
 }
 
 impl AttentionDims {
+    /// Where batch entry `b`'s rows of a `width`-wide operand (`q`, `k`, `v`, the output or a
+    /// gradient) of `rows` rows per entry sit in its buffer: `(offset of row 0, distance
+    /// between rows)`. Heads first, the rows follow each other; sequence first, a row's heads
+    /// lie between it and the next.
+    pub fn rows_of(&self, b: usize, rows: usize, width: usize) -> (usize, usize) {
+        let (outer, head) = (b / self.heads, b % self.heads);
+        (
+            outer * rows * self.heads * width + head * width,
+            self.heads * width,
+        )
+    }
+
+    /// The shape of the probabilities `[..., heads, queries, keys]` (their dropout mask's
+    /// tensor) of an attention whose queries have shape `q`.
+    pub fn probs_shape(&self, q: &[usize], seq_first: bool) -> Vec<usize> {
+        let r = q.len();
+        let lead = if seq_first {
+            [&q[..r - 3], &[q[r - 2]][..]].concat()
+        } else {
+            q[..r - 2].to_vec()
+        };
+        [&lead[..], &[self.queries, self.keys]].concat()
+    }
+
     /// The keys query row `i` sees: `0..visible(i)` (all of them unless causal).
     pub fn visible(&self, i: usize, causal: bool) -> usize {
         if causal {

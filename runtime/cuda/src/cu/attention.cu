@@ -11,7 +11,13 @@
 // results are deterministic and do not depend on the grid; a row wider than FT_ATT_GROUP is
 // split over several warps that each recompute the row's weights.
 //
-// Dropout: element (b, i, j) of the probabilities [..., queries, keys] is kept iff
+// Layout: batch entry b is head h = b % heads of outer entry b / heads, and row i of its
+// width-w operand (q, k, v, out, dout and the gradients) sits at ((outer * rows + i) * heads +
+// h) * w: heads = 1 is heads first ([..., rows, w], entry b's rows one after the other),
+// heads > 1 sequence first ([..., rows, heads, w], rows heads * w apart). The row statistics
+// (lse, D) are [batch, queries] either way.
+//
+// Dropout: element (b, i, j) of the probabilities [..., heads, queries, keys] is kept iff
 // splitmix64(first + offset(flat index)) >= threshold, exactly elementwise.cu's DROPOUT on that
 // tensor (the host's dropout_plan gives `first` and the strides), so fused and unfused runs drop
 // the same elements.
@@ -31,6 +37,7 @@ struct AttnShape {
     i64 keys;
     i64 d;
     i64 dv;
+    i64 heads; // interleaved with the sequence (sequence first), else 1
     double factor;
     u64 first;
     u64 threshold;
@@ -62,6 +69,14 @@ __device__ __forceinline__ i64 ft_att_first_query(const AttnShape& a, i64 j) {
     return f > 0 ? f : 0;
 }
 
+// Where batch entry b's row 0 of a `width`-wide operand of `rows` rows per entry sits; its rows
+// are a.heads * width apart.
+__device__ __forceinline__ i64 ft_att_base(const AttnShape& a, i64 b, i64 rows, i64 width) {
+    const i64 outer = b / a.heads;
+    const i64 h = b - outer * a.heads;
+    return (outer * rows * a.heads + h) * width;
+}
+
 // Whether the dropout keeps probability (b, i, j).
 __device__ __forceinline__ bool ft_att_keep(const AttnShape& a, i64 b, i64 i, i64 j) {
     if (!a.dropout) {
@@ -72,15 +87,16 @@ __device__ __forceinline__ bool ft_att_keep(const AttnShape& a, i64 b, i64 i, i6
     return ft_splitmix64(at) >= a.threshold;
 }
 
-// The dot products of a tile's `n` rows (row r at rows + r * len) with `y` (len long): lane r
+// The dot products of a tile's `n` rows (row r at rows + r * stride) with `y` (len long): lane r
 // gets row r's. Each is computed by the whole warp, lanes along the row (coalesced loads), and
 // summed by a butterfly, so every lane holds the same total in an order fixed by `len`.
 template <typename T>
-__device__ __forceinline__ float ft_att_dots(const T* rows, int n, const T* y, i64 len) {
+__device__ __forceinline__ float ft_att_dots(const T* rows, i64 stride, int n, const T* y,
+                                             i64 len) {
     const int lane = threadIdx.x & 31;
     float mine = 0.0f;
     for (int r = 0; r < n; ++r) {
-        const T* x = rows + r * len;
+        const T* x = rows + r * stride;
         float s = 0.0f;
         for (i64 t = lane; t < len; t += 32) {
             s += ld(x, t) * ld(y, t);
@@ -127,9 +143,11 @@ __device__ __forceinline__ void attn_fwd_impl(T* out, float* lse, const T* q, co
         const i64 c0 = (task - row * groups) * FT_ATT_GROUP;
         const i64 b = row / a.queries;
         const i64 i = row - b * a.queries;
-        const T* qr = q + row * a.d;
-        const T* kb = k + b * a.keys * a.d;
-        const T* vb = v + b * a.keys * a.dv;
+        const i64 ks = a.heads * a.d;  // between rows of q, k
+        const i64 vs = a.heads * a.dv; // between rows of v, out
+        const T* qr = q + ft_att_base(a, b, a.queries, a.d) + i * ks;
+        const T* kb = k + ft_att_base(a, b, a.keys, a.d);
+        const T* vb = v + ft_att_base(a, b, a.keys, a.dv);
         const i64 visible = ft_att_visible(a, i);
         float m = NEG_INF;
         float l = 0.0f;
@@ -141,7 +159,7 @@ __device__ __forceinline__ void attn_fwd_impl(T* out, float* lse, const T* q, co
         for (i64 j0 = 0; j0 < visible; j0 += 32) {
             const int n = (int)ft_min(32, visible - j0);
             const i64 j = j0 + lane;
-            const float dot = ft_att_dots(kb + j0 * a.d, n, qr, a.d);
+            const float dot = ft_att_dots(kb + j0 * ks, ks, n, qr, a.d);
             const float s = lane < n ? ft_att_scaled(dot, a) : NEG_INF;
             const float m_new = fmaxf(m, ft_warp_max(s));
             // exp(-inf) is 0: the first tile rescales nothing.
@@ -155,7 +173,7 @@ __device__ __forceinline__ void attn_fwd_impl(T* out, float* lse, const T* q, co
             }
             for (int jj = 0; jj < n; ++jj) {
                 const float zj = __shfl_sync(FT_ATT_FULL, z, jj);
-                const T* vr = vb + (j0 + jj) * a.dv;
+                const T* vr = vb + (j0 + jj) * vs;
 #pragma unroll
                 for (int c = 0; c < FT_ATT_COLS; ++c) {
                     const i64 col = c0 + c * 32 + lane;
@@ -168,7 +186,7 @@ __device__ __forceinline__ void attn_fwd_impl(T* out, float* lse, const T* q, co
         }
         // l >= 1 when a key is visible (the maximum's own term is exp(0)).
         const float inv = visible > 0 ? 1.0f / l : 0.0f;
-        T* o = out + row * a.dv;
+        T* o = out + ft_att_base(a, b, a.queries, a.dv) + i * vs;
 #pragma unroll
         for (int c = 0; c < FT_ATT_COLS; ++c) {
             const i64 col = c0 + c * 32 + lane;
@@ -192,8 +210,11 @@ __device__ __forceinline__ void attn_row_dot_impl(double* d_rows, const T* out, 
     const i64 rows = a.batch * a.queries;
     for (i64 row = (i64)blockIdx.x * FT_ATT_WARPS + (threadIdx.x >> 5); row < rows;
          row += (i64)gridDim.x * FT_ATT_WARPS) {
-        const T* o = out + row * a.dv;
-        const T* g = dout + row * a.dv;
+        const i64 b = row / a.queries;
+        const i64 i = row - b * a.queries;
+        const i64 at = ft_att_base(a, b, a.queries, a.dv) + i * a.heads * a.dv;
+        const T* o = out + at;
+        const T* g = dout + at;
         double s = 0.0;
         for (i64 c = lane; c < a.dv; c += 32) {
             s += (double)ld(o, c) * (double)ld(g, c);
@@ -222,10 +243,12 @@ __device__ __forceinline__ void attn_bwd_dq_impl(T* dq, const T* q, const T* k, 
         const i64 c0 = (task - row * groups) * FT_ATT_GROUP;
         const i64 b = row / a.queries;
         const i64 i = row - b * a.queries;
-        const T* qr = q + row * a.d;
-        const T* gr = dout + row * a.dv;
-        const T* kb = k + b * a.keys * a.d;
-        const T* vb = v + b * a.keys * a.dv;
+        const i64 ks = a.heads * a.d;  // between rows of q, k, dq
+        const i64 vs = a.heads * a.dv; // between rows of v, dout
+        const T* qr = q + ft_att_base(a, b, a.queries, a.d) + i * ks;
+        const T* gr = dout + ft_att_base(a, b, a.queries, a.dv) + i * vs;
+        const T* kb = k + ft_att_base(a, b, a.keys, a.d);
+        const T* vb = v + ft_att_base(a, b, a.keys, a.dv);
         const i64 visible = ft_att_visible(a, i);
         const float lse_i = visible > 0 ? lse[row] : 0.0f;
         const double d_i = visible > 0 ? d_rows[row] : 0.0;
@@ -237,8 +260,8 @@ __device__ __forceinline__ void attn_bwd_dq_impl(T* dq, const T* q, const T* k, 
         for (i64 j0 = 0; j0 < visible; j0 += 32) {
             const int n = (int)ft_min(32, visible - j0);
             const i64 j = j0 + lane;
-            const float dot = ft_att_dots(kb + j0 * a.d, n, qr, a.d);
-            const float dz = ft_att_dots(vb + j0 * a.dv, n, gr, a.dv);
+            const float dot = ft_att_dots(kb + j0 * ks, ks, n, qr, a.d);
+            const float dz = ft_att_dots(vb + j0 * vs, vs, n, gr, a.dv);
             float ds = 0.0f;
             if (lane < n) {
                 const float p = ft_exp(ft_att_scaled(dot, a) - lse_i);
@@ -247,7 +270,7 @@ __device__ __forceinline__ void attn_bwd_dq_impl(T* dq, const T* q, const T* k, 
             }
             for (int jj = 0; jj < n; ++jj) {
                 const float dsj = __shfl_sync(FT_ATT_FULL, ds, jj);
-                const T* kr = kb + (j0 + jj) * a.d;
+                const T* kr = kb + (j0 + jj) * ks;
 #pragma unroll
                 for (int c = 0; c < FT_ATT_COLS; ++c) {
                     const i64 col = c0 + c * 32 + lane;
@@ -257,7 +280,7 @@ __device__ __forceinline__ void attn_bwd_dq_impl(T* dq, const T* q, const T* k, 
                 }
             }
         }
-        T* o = dq + row * a.d;
+        T* o = dq + ft_att_base(a, b, a.queries, a.d) + i * ks;
 #pragma unroll
         for (int c = 0; c < FT_ATT_COLS; ++c) {
             const i64 col = c0 + c * 32 + lane;
@@ -287,9 +310,15 @@ __device__ __forceinline__ void attn_bwd_dkv_impl(T* dk, T* dv, const T* q, cons
         const i64 c0 = (task - krow * groups) * FT_ATT_GROUP;
         const i64 b = krow / a.keys;
         const i64 j = krow - b * a.keys;
-        const T* kr = k + krow * a.d;
-        const T* vr = v + krow * a.dv;
-        const i64 row0 = b * a.queries; // the batch entry's first query row
+        const i64 ks = a.heads * a.d;  // between rows of q, k, dk
+        const i64 vs = a.heads * a.dv; // between rows of v, dout, dv
+        const i64 k_at = ft_att_base(a, b, a.keys, a.d) + j * ks;
+        const i64 v_at = ft_att_base(a, b, a.keys, a.dv) + j * vs;
+        const T* kr = k + k_at;
+        const T* vr = v + v_at;
+        const T* qb = q + ft_att_base(a, b, a.queries, a.d);
+        const T* gb = dout + ft_att_base(a, b, a.queries, a.dv);
+        const i64 row0 = b * a.queries; // the batch entry's first query row (lse, D)
         float acc_k[FT_ATT_COLS];
         float acc_v[FT_ATT_COLS];
 #pragma unroll
@@ -300,8 +329,8 @@ __device__ __forceinline__ void attn_bwd_dkv_impl(T* dk, T* dv, const T* q, cons
         for (i64 i0 = ft_att_first_query(a, j); i0 < a.queries; i0 += 32) {
             const int n = (int)ft_min(32, a.queries - i0);
             const i64 i = i0 + lane;
-            const float dot = ft_att_dots(q + (row0 + i0) * a.d, n, kr, a.d);
-            const float dz = ft_att_dots(dout + (row0 + i0) * a.dv, n, vr, a.dv);
+            const float dot = ft_att_dots(qb + i0 * ks, ks, n, kr, a.d);
+            const float dz = ft_att_dots(gb + i0 * vs, vs, n, vr, a.dv);
             float ds = 0.0f;
             float z = 0.0f;
             if (lane < n) {
@@ -314,8 +343,8 @@ __device__ __forceinline__ void attn_bwd_dkv_impl(T* dk, T* dv, const T* q, cons
             for (int ii = 0; ii < n; ++ii) {
                 const float dsi = __shfl_sync(FT_ATT_FULL, ds, ii);
                 const float zi = __shfl_sync(FT_ATT_FULL, z, ii);
-                const T* qr = q + (row0 + i0 + ii) * a.d;
-                const T* gr = dout + (row0 + i0 + ii) * a.dv;
+                const T* qr = qb + (i0 + ii) * ks;
+                const T* gr = gb + (i0 + ii) * vs;
 #pragma unroll
                 for (int c = 0; c < FT_ATT_COLS; ++c) {
                     const i64 col = c0 + c * 32 + lane;
@@ -332,10 +361,10 @@ __device__ __forceinline__ void attn_bwd_dkv_impl(T* dk, T* dv, const T* q, cons
         for (int c = 0; c < FT_ATT_COLS; ++c) {
             const i64 col = c0 + c * 32 + lane;
             if (col < a.d) {
-                st(dk + krow * a.d, col, (float)((double)acc_k[c] * a.factor));
+                st(dk + k_at, col, (float)((double)acc_k[c] * a.factor));
             }
             if (col < a.dv) {
-                st(dv + krow * a.dv, col, acc_v[c]);
+                st(dv + v_at, col, acc_v[c]);
             }
         }
     }

@@ -16,10 +16,19 @@
 //!   that see it.
 //!
 //! Every sum runs in an order fixed by the shapes (no atomics), so the results are deterministic.
-//! Dropout is the unfused `Dropout`'s mask on the probabilities `[..., queries, keys]` at the
-//! [`Placement`] passed in ([`dropout_plan`] of that shape), so fused and unfused runs drop the
-//! same elements. Operands stored in bf16 are computed in `f32`; an attention whose operands mix
-//! `f32` and bf16 computes in `f32` and returns `f32`, as every kernel of the backend.
+//! Dropout is the unfused `Dropout`'s mask on the probabilities `[..., heads, queries, keys]`
+//! ([`AttentionDims::probs_shape`]) at the [`Placement`] passed in ([`dropout_plan`] of that
+//! shape), so fused and unfused runs drop the same elements.
+//!
+//! Layout ([`AttentionSpec::seq_first`]): heads first, `q` `[..., queries, d]` and so on; sequence
+//! first, `q` `[..., queries, heads, d]`, `k` `[..., keys, heads, d]`, `v` `[..., keys, heads,
+//! dv]`, the output, its gradient and `dq`, `dk`, `dv` likewise, read and written in place (the
+//! kernels take the heads, [`AttnShape::heads`], and find batch entry `b`'s rows as
+//! [`AttentionDims::rows_of`] does; 1 head is the heads-first layout). The log-sum-exps are
+//! `[..., heads, queries]` either way.
+//!
+//! Operands stored in bf16 are computed in `f32`; an attention whose operands mix `f32` and bf16
+//! computes in `f32` and returns `f32`, as every kernel of the backend.
 
 use super::elementwise::{dropout_plan, keep_threshold};
 use super::launch::{i64_of, scratch_f64, Buf, KernelValue, Launch, Result};
@@ -63,16 +72,23 @@ fn cfg_warps(dev: &RankDevice, tasks: usize) -> LaunchConfig {
     }
 }
 
-/// `lead ++ tail`.
-fn with(lead: &[usize], tail: &[usize]) -> Vec<usize> {
-    lead.iter().chain(tail).copied().collect()
+/// The shapes an attention with queries `q` (checked by [`attention_dims`]) gives its output
+/// (`[..., queries, dv]` or `[..., queries, heads, dv]`, as `q`) and its log-sum-exps
+/// (`[..., heads, queries]`, the probabilities' without the keys).
+fn out_and_lse_shapes(q: &[usize], dims: &AttentionDims, spec: &AttentionSpec) -> [Vec<usize>; 2] {
+    let mut out = q.to_vec();
+    *out.last_mut().expect("attention_dims checked the rank") = dims.dv;
+    let mut lse = dims.probs_shape(q, spec.seq_first);
+    lse.pop();
+    [out, lse]
 }
 
-/// The kernels' view of one attention: sizes, scale, causality and (when `spec.dropout > 0`)
-/// the dropout mask of the probabilities `lead ++ [queries, keys]` at `at`.
+/// The kernels' view of one attention: sizes, layout, scale, causality and (when
+/// `spec.dropout > 0`) the dropout mask of the probabilities `[..., heads, queries, keys]` at
+/// `at`.
 fn attn_shape(
     op: &'static str,
-    lead: &[usize],
+    q: &[usize],
     dims: &AttentionDims,
     spec: &AttentionSpec,
     at: &Placement,
@@ -83,6 +99,7 @@ fn attn_shape(
         keys: i64_of(op, dims.keys)?,
         d: i64_of(op, dims.d)?,
         dv: i64_of(op, dims.dv)?,
+        heads: i64_of(op, dims.heads)?,
         factor: spec.factor,
         first: 0,
         threshold: 0,
@@ -93,7 +110,7 @@ fn attn_shape(
         drop: DropShape::default(),
     };
     if spec.dropout > 0.0 {
-        let probs = with(lead, &[dims.queries, dims.keys]);
+        let probs = dims.probs_shape(q, spec.seq_first);
         let (drop, first) = dropout_plan(op, &probs, at)?;
         a.drop = drop;
         a.first = first;
@@ -104,9 +121,10 @@ fn attn_shape(
     Ok(a)
 }
 
-/// The forward pass: `(out [..., queries, dv], lse f32 [..., queries])`, out stored as the
-/// operands (see the module docs for mixed storage). A query row that sees no key (no keys at
-/// all) has output 0 and lse −∞.
+/// The forward pass: `(out [..., queries, dv], lse f32 [..., queries])` (sequence first,
+/// `(out [..., queries, heads, dv], lse [..., heads, queries])`), out stored as the operands
+/// (see the module docs for mixed storage). A query row that sees no key (no keys at all) has
+/// output 0 and lse −∞.
 pub fn attention(
     dev: &RankDevice,
     q: &CudaTensor,
@@ -120,16 +138,14 @@ pub fn attention(
     for t in [q, k, v] {
         check(OP, t)?;
     }
-    let lead = &q.shape[..q.shape.len() - 2];
-    let a = attn_shape(OP, lead, &dims, spec, at)?;
+    let [out_shape, lse_shape] = out_and_lse_shapes(&q.shape, &dims, spec);
+    let a = attn_shape(OP, &q.shape, &dims, spec, at)?;
     let dtype = common_dtype(&[q, k, v]);
     let (q, k, v) = (
         as_dtype(dev, OP, q, dtype)?,
         as_dtype(dev, OP, k, dtype)?,
         as_dtype(dev, OP, v, dtype)?,
     );
-    let out_shape = with(lead, &[dims.queries, dims.dv]);
-    let lse_shape = with(lead, &[dims.queries]);
     let rows = numel(OP, &lse_shape)?;
     let mut out = Buf::uninit(dev, OP, dtype, numel(OP, &out_shape)?)?;
     let mut lse = Buf::uninit(dev, OP, Storage::F32, rows)?;
@@ -158,8 +174,8 @@ fn expect_shape(op: &'static str, what: &str, got: &[usize], want: &[usize]) -> 
     }
 }
 
-/// The backward pass: `(dq, dk, dv)`, shaped as `q`, `k`, `v` and stored as the operands,
-/// recomputing the probabilities from `saved.lse` with the forward's dropout mask.
+/// The backward pass: `(dq, dk, dv)`, shaped as `q`, `k`, `v` (in their layout) and stored as
+/// the operands, recomputing the probabilities from `saved.lse` with the forward's dropout mask.
 pub fn attention_grad(
     dev: &RankDevice,
     saved: AttentionSaved<&CudaTensor>,
@@ -176,9 +192,7 @@ pub fn attention_grad(
         dout,
     } = saved;
     let dims = attention_dims(OP, &q.shape, &k.shape, &v.shape, spec)?;
-    let lead = &q.shape[..q.shape.len() - 2];
-    let out_shape = with(lead, &[dims.queries, dims.dv]);
-    let lse_shape = with(lead, &[dims.queries]);
+    let [out_shape, lse_shape] = out_and_lse_shapes(&q.shape, &dims, spec);
     expect_shape(OP, "the output", &out.shape, &out_shape)?;
     expect_shape(OP, "the output's gradient", &dout.shape, &out_shape)?;
     expect_shape(OP, "the log-sum-exps", &lse.shape, &lse_shape)?;
@@ -188,7 +202,7 @@ pub fn attention_grad(
     for t in [q, k, v, out, lse, dout] {
         check(OP, t)?;
     }
-    let a = attn_shape(OP, lead, &dims, spec, at)?;
+    let a = attn_shape(OP, &q.shape, &dims, spec, at)?;
     let dtype = common_dtype(&[q, k, v, out, dout]);
     let (q, k, v, out, dout) = (
         as_dtype(dev, OP, q, dtype)?,
@@ -198,7 +212,10 @@ pub fn attention_grad(
         as_dtype(dev, OP, dout, dtype)?,
     );
     let rows = numel(OP, &lse_shape)?;
-    let key_rows = numel(OP, &with(lead, &[dims.keys]))?;
+    let key_rows = dims
+        .batch
+        .checked_mul(dims.keys)
+        .ok_or_else(|| invalid(OP, "too many key rows"))?;
     let (nq, nk, nv) = (q.numel(), k.numel(), v.numel());
     let mut dq = Buf::uninit(dev, OP, dtype, nq)?;
     let (mut dk, mut dv) = if rows == 0 {

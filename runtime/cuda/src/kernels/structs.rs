@@ -70,9 +70,12 @@ pub struct SumToShape {
     pub chunk: i64,
 }
 
-/// `AttnShape` (attention.cu): one fused attention's sizes, scale, causality and dropout mask
-/// (`drop`, `first`, `threshold`: the probabilities' [`DropShape`] and counters; `dropout` 0
-/// when there is none, `scale` then 1).
+/// `AttnShape` (attention.cu): one fused attention's sizes, layout, scale, causality and dropout
+/// mask (`drop`, `first`, `threshold`: the probabilities' [`DropShape`] and counters; `dropout` 0
+/// when there is none, `scale` then 1). `heads`: the heads interleaved with the sequence (its
+/// operands `[..., seq, heads, width]`), 1 when heads first; batch entry `b` is head
+/// `b % heads` of outer entry `b / heads`, its row `i` of a `w`-wide operand at
+/// `((outer · rows + i) · heads + head) · w`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttnShape {
@@ -81,6 +84,7 @@ pub struct AttnShape {
     pub keys: i64,
     pub d: i64,
     pub dv: i64,
+    pub heads: i64,
     pub factor: f64,
     pub first: u64,
     pub threshold: u64,
