@@ -3,9 +3,11 @@
 //! CPU stand-in for the CUDA libraries (`cuda_emulated.rs`). They are a crate of their own so
 //! that neither backend depends on the other.
 //!
-//! The library holds what the test files share: the device they run on ([`device`]).
+//! The library holds what the test files share: the device they run on ([`device`]) and how
+//! close a result must be ([`assert_close`]).
 
 use ferrotron_cuda::{CudaError, Gpu, RankDevice};
+use ferrotron_exec::Tensor;
 use std::sync::OnceLock;
 
 /// A line on the process's stderr, past the test harness's capture (which takes `eprintln!`
@@ -64,4 +66,60 @@ pub fn device(test: &str, crate_name: &str) -> Option<RankDevice> {
             None
         }
     }
+}
+
+/// How close a device result must be to the reference.
+#[derive(Clone, Copy, Debug)]
+pub struct Tol {
+    /// Relative, of |got| + |want|.
+    pub rtol: f64,
+    /// Absolute, as a fraction of the largest |want| of the output.
+    pub floor: f64,
+}
+
+/// `|g − w| ≤ max(rtol·(|g| + |w|), floor·max|w|)` everywhere (NaNs must match, infinities be
+/// equal); returns how many elements are not bit-identical.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> usize {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let scale = want
+        .data
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, &v| m.max(v.abs() as f64));
+    let atol = tol.floor * scale;
+    let mut worst: Option<(usize, f64)> = None;
+    let mut differ = 0;
+    for (i, (&g, &w)) in got.data.iter().zip(&want.data).enumerate() {
+        if g.to_bits() != w.to_bits() {
+            differ += 1;
+        }
+        if g.is_nan() || w.is_nan() {
+            assert!(
+                g.is_nan() && w.is_nan(),
+                "{what}: element {i}: got {g}, want {w}"
+            );
+            continue;
+        }
+        if g.is_infinite() || w.is_infinite() {
+            assert_eq!(g, w, "{what}: element {i}");
+            continue;
+        }
+        let (g64, w64) = (g as f64, w as f64);
+        let err = (g64 - w64).abs();
+        let bound = (tol.rtol * (g64.abs() + w64.abs())).max(atol);
+        if err > bound {
+            let excess = err / bound.max(f64::MIN_POSITIVE);
+            if worst.is_none_or(|(_, e)| excess > e) {
+                worst = Some((i, excess));
+            }
+        }
+    }
+    if let Some((i, excess)) = worst {
+        panic!(
+            "{what}: element {i} of {:?}: got {}, want {} ({excess:.1}× the tolerance {tol:?}, \
+             scale {scale:e})",
+            want.shape, got.data[i], want.data[i]
+        );
+    }
+    differ
 }

@@ -16,6 +16,7 @@
 //! Without a GPU each test prints `SKIPPED` and passes, unless `FERROTRON_REQUIRE_GPU` is set;
 //! `cuda_emulated.rs` runs them on the CPU stand-in for the driver (`cuda-emu`).
 
+use ferrotron_backend_tests::{assert_close, Tol};
 use ferrotron_cuda::kernels;
 use ferrotron_cuda::{Cuda, CudaTensor, RankDevice, Storage};
 use ferrotron_exec::init::{random_batch, test_params};
@@ -223,14 +224,6 @@ fn dropout_mask(dev: &RankDevice, c: &Case) -> Vec<bool> {
 // ---------------------------------------------------------------------------------------------
 // Comparison
 
-#[derive(Clone, Copy, Debug)]
-struct Tol {
-    /// Relative, of |got| + |want|.
-    rtol: f64,
-    /// Absolute, as a fraction of the largest |want| of the tensor.
-    floor: f64,
-}
-
 const F32_FWD: Tol = Tol {
     rtol: 2e-5,
     floor: 2e-5,
@@ -243,30 +236,6 @@ const BF16: Tol = Tol {
     rtol: 2e-2,
     floor: 1e-2,
 };
-
-/// `|g − w| ≤ max(rtol·(|g| + |w|), floor·max|w|)` everywhere (infinities equal).
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: Tol) {
-    assert_eq!(got.shape, want.shape, "{what}: shape");
-    let scale = want
-        .data
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0f64, |m, &v| m.max(v.abs() as f64));
-    let atol = tol.floor * scale;
-    for (i, (&g, &w)) in got.data.iter().zip(&want.data).enumerate() {
-        if w.is_infinite() || g.is_infinite() {
-            assert_eq!(g, w, "{what}: element {i}");
-            continue;
-        }
-        let (g, w) = (g as f64, w as f64);
-        let bound = (tol.rtol * (g.abs() + w.abs())).max(atol);
-        assert!(
-            (g - w).abs() <= bound,
-            "{what}: element {i} of {:?}: got {g}, want {w} (tolerance {tol:?}, scale {scale:e})",
-            want.shape
-        );
-    }
-}
 
 fn bits(dev: &RankDevice, t: &CudaTensor) -> Vec<u32> {
     let t = kernels::download(dev, t).expect("download");

@@ -13,7 +13,7 @@
 //! should agree with the CPU to the bit in `f32`; where they do not, the test says how many
 //! elements differ (on stderr) without failing, as long as they are within tolerance.
 
-use ferrotron_backend_tests::say;
+use ferrotron_backend_tests::{assert_close, say, Tol};
 use ferrotron_cpu::Cpu;
 use ferrotron_cuda::{CudaTensor, RankDevice, Storage};
 use ferrotron_exec::backend::{adamw_host, AdamW};
@@ -188,14 +188,6 @@ fn ix(t: Tensor) -> Input {
 // ---------------------------------------------------------------------------------------------
 // Comparison
 
-#[derive(Clone, Copy, Debug)]
-struct Tol {
-    /// Relative, of |got| + |want|.
-    rtol: f64,
-    /// Absolute, as a fraction of the largest |want| of the output.
-    floor: f64,
-}
-
 const F32: Tol = Tol {
     rtol: 1e-5,
     floor: 1e-5,
@@ -208,53 +200,6 @@ const BF16: Tol = Tol {
     rtol: 1e-2,
     floor: 1e-3,
 };
-
-/// `|g − w| ≤ max(rtol·(|g| + |w|), floor·max|w|)` everywhere (NaNs must match, infinities be
-/// equal); returns how many elements are not bit-identical.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> usize {
-    assert_eq!(got.shape, want.shape, "{what}: shape");
-    let scale = want
-        .data
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0f64, |m, &v| m.max(v.abs() as f64));
-    let atol = tol.floor * scale;
-    let mut worst: Option<(usize, f64)> = None;
-    let mut differ = 0;
-    for (i, (&g, &w)) in got.data.iter().zip(&want.data).enumerate() {
-        if g.to_bits() != w.to_bits() {
-            differ += 1;
-        }
-        if g.is_nan() || w.is_nan() {
-            assert!(
-                g.is_nan() && w.is_nan(),
-                "{what}: element {i}: got {g}, want {w}"
-            );
-            continue;
-        }
-        if g.is_infinite() || w.is_infinite() {
-            assert_eq!(g, w, "{what}: element {i}");
-            continue;
-        }
-        let (g64, w64) = (g as f64, w as f64);
-        let err = (g64 - w64).abs();
-        let bound = (tol.rtol * (g64.abs() + w64.abs())).max(atol);
-        if err > bound {
-            let excess = err / bound.max(f64::MIN_POSITIVE);
-            if worst.is_none_or(|(_, e)| excess > e) {
-                worst = Some((i, excess));
-            }
-        }
-    }
-    if let Some((i, excess)) = worst {
-        panic!(
-            "{what}: element {i} of {:?}: got {}, want {} ({excess:.1}× the tolerance {tol:?}, \
-             scale {scale:e})",
-            want.shape, got.data[i], want.data[i]
-        );
-    }
-    differ
-}
 
 /// Runs `op` (inputs by index) on the CPU and the GPU, in `f32` and in bf16 storage, and
 /// compares every output, or the errors when the CPU refuses the inputs. `exact`: the kernel is
