@@ -17,7 +17,7 @@ OUT=${OUT:-target/gpu-check}
 mkdir -p "$OUT"
 BUNDLE=target/gpu-bundle
 # package:test
-TESTS=(ferrotron-cuda:compile ferrotron-backend-tests:cuda_ops ferrotron-backend-tests:cuda_attention ferrotron-backend-tests:cuda_equivalence)
+TESTS=(ferrotron-cuda:compile ferrotron-backend-tests:cuda_ops ferrotron-backend-tests:cuda_attention ferrotron-backend-tests:cuda_loss ferrotron-backend-tests:cuda_equivalence)
 
 if [[ "${1:-}" == "--bundle" ]]; then
     # On the build machine: release executables of the tests and the benchmark, stripped.

@@ -196,8 +196,14 @@ fn measured_peak_is_near_the_liveness_estimate_and_drops_with_each_mode() {
     ] {
         let mut last: Option<(u64, u64)> = None;
         for mode in MODES {
-            // The attention unfused, as the plan has it (a fused one never holds the scores
-            // that selective recomputation drops); fused, the memory plan is exact.
+            // The attention unfused and the outputs kept to the end (written out), as the
+            // plan's estimate has them (a fused attention never holds the scores that
+            // selective recomputation drops, a fused loss never holds the logits); fused, the
+            // memory plan is exact.
+            let outputs = std::env::temp_dir().join(format!(
+                "ferrotron-recompute-cli-outputs-{}.safetensors",
+                std::process::id()
+            ));
             let mut args = vec![
                 "run",
                 "models/tiny-gpt.ron",
@@ -205,6 +211,8 @@ fn measured_peak_is_near_the_liveness_estimate_and_drops_with_each_mode() {
                 mode,
                 "--json",
                 "--no-fuse-attention",
+                "--dump-outputs",
+                outputs.to_str().unwrap(),
             ];
             args.extend(dims);
             args.extend(config.iter().copied());
@@ -215,7 +223,10 @@ fn measured_peak_is_near_the_liveness_estimate_and_drops_with_each_mode() {
                 Some(measured),
                 "{args:?}: the memory plan"
             );
+            let _ = std::fs::remove_file(&outputs);
             args.retain(|&a| a != "--no-fuse-attention");
+            let at = args.iter().position(|&a| a == "--dump-outputs").unwrap();
+            args.drain(at..at + 2);
             let fused = json(&args);
             assert_eq!(
                 fused["planned_peak_bytes_per_rank"].as_u64(),

@@ -218,9 +218,10 @@ fn hugging_face_weights_and_token_files() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Fusion changes the kernels, not the results: with the pairs fused (`--no-fuse-attention`)
-/// and with nothing fused (`--no-fuse`) the loss is the same to the bit, with the attention
-/// fused too (the default) the same within `f32` rounding; the traces name the fused steps.
+/// Fusion changes the kernels, not the results: with the pairs fused (`--no-fuse-attention
+/// --no-fuse-loss`) and with nothing fused (`--no-fuse`) the loss is the same to the bit, with
+/// the attention and the output layer with its loss fused too (the default) the same within
+/// `f32` rounding; the traces name the fused steps.
 #[test]
 fn no_fuse_gives_the_same_loss_and_the_trace_shows_the_fused_steps() {
     let trace = |name: &str| {
@@ -236,6 +237,7 @@ fn no_fuse_gives_the_same_loss_and_the_trace_shows_the_fused_steps() {
             &common[..],
             &[
                 "--no-fuse-attention",
+                "--no-fuse-loss",
                 "--trace",
                 pairs_trace.to_str().unwrap(),
             ],
@@ -273,10 +275,21 @@ fn no_fuse_gives_the_same_loss_and_the_trace_shows_the_fused_steps() {
     ] {
         assert!(has(&pairs_text, op), "{op} missing from the trace");
     }
-    for op in ["BiasAct", "BiasActGrad", "Attention", "AttentionGrad"] {
+    for op in [
+        "BiasAct",
+        "BiasActGrad",
+        "Attention",
+        "AttentionGrad",
+        "OutputLossGrad",
+    ] {
         assert!(has(&all_text, op), "{op} missing from the trace");
     }
     assert!(!has(&all_text, "ScaledSoftmax"), "an attention ran unfused");
+    assert!(!has(&pairs_text, "OutputLossGrad"), "the loss ran fused");
+    for op in ["CrossEntropy", "CrossEntropyGrad"] {
+        assert!(!has(&all_text, op), "{op} ran unfused");
+        assert!(has(&pairs_text, op), "{op} missing from the trace");
+    }
 }
 
 /// `--steps N` repeats the step: the same loss as one step (the weights do not change), the

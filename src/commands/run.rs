@@ -47,6 +47,11 @@ pub struct RunArgs {
     /// attention, which agrees within `f32` rounding.
     #[arg(long)]
     no_fuse_attention: bool,
+    /// Fuse as usual but run the output layer and its cross-entropy as their separate ops,
+    /// holding the full logits (and their gradient): for comparison with the fused loss, which
+    /// computes them a chunk of rows at a time and agrees within `f32` rounding.
+    #[arg(long)]
+    no_fuse_loss: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -203,6 +208,11 @@ impl RunArgs {
             check_finite: self.check_finite,
             fuse: !self.no_fuse,
             fuse_attention: !self.no_fuse_attention,
+            fuse_loss: !self.no_fuse_loss,
+            // The outputs (the logits) are kept only where they are read: a verification
+            // compares them, `--dump-outputs` writes them. Otherwise the output layer may run
+            // fused with the loss, never holding them.
+            keep_outputs: self.verify || self.dump_outputs.is_some(),
             trace: self.trace.is_some(),
             timeout: self.backend.timeout(),
             ..RunOptions::default()

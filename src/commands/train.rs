@@ -67,6 +67,11 @@ pub struct TrainArgs {
     /// attention, which agrees within `f32` rounding.
     #[arg(long)]
     no_fuse_attention: bool,
+    /// Fuse as usual but run the output layer and its cross-entropy as their separate ops,
+    /// holding the full logits (and their gradient): for comparison with the fused loss, which
+    /// computes them a chunk of rows at a time and agrees within `f32` rounding.
+    #[arg(long)]
+    no_fuse_loss: bool,
     /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -162,6 +167,7 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
     let run = RunOptions {
         fuse: !args.no_fuse,
         fuse_attention: !args.no_fuse_attention,
+        fuse_loss: !args.no_fuse_loss,
         timeout: args.backend.timeout(),
         ..RunOptions::default()
     };

@@ -1,12 +1,12 @@
 //! The CUDA backend's GPU tests, run on the CPU stand-in for the CUDA driver and cuBLAS
 //! (`cuda-emu`): every op test of `cuda_ops.rs`, the fused attention's tests of
-//! `cuda_attention.rs` and every equivalence test of `cuda_equivalence.rs` (the tiny models at
+//! `cuda_attention.rs`, the fused loss's of `cuda_loss.rs` and every equivalence test of `cuda_equivalence.rs` (the tiny models at
 //! tp = 1, 2, 4 and 3 on virtual ranks, bf16 mixed precision, training), against the CPU backend
 //! (the attention against a host reference), with no GPU.
 //!
 //! The loader reads `LD_LIBRARY_PATH` when a process starts, so the one test here starts this
 //! same executable again with the stand-in libraries first on the path and runs the included
-//! GPU tests in it (`ops::…`, `equivalence::…`), with `FERROTRON_REQUIRE_GPU` set so that none
+//! GPU tests in it (`ops::…`, `equivalence::…`, `attention::…`, `loss::…`), with `FERROTRON_REQUIRE_GPU` set so that none
 //! of them may skip. In this first process those included tests return at once without a word
 //! (their helpers check for it). NVRTC goes on the path too (`cuda-emu`'s build provides it): the
 //! backend compiles its kernels with it as on a GPU, and the stand-in then runs their natively
@@ -20,6 +20,9 @@ mod equivalence;
 
 #[path = "cuda_attention.rs"]
 mod attention;
+
+#[path = "cuda_loss.rs"]
+mod loss;
 
 use std::io::Write;
 use std::process::Command;
@@ -65,6 +68,7 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
                 "ops::",
                 "equivalence::",
                 "attention::",
+                "loss::",
                 "--test-threads",
                 "2",
             ])
@@ -94,9 +98,14 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
         let listed = stdout
             .lines()
             .filter(|l| {
-                ["test ops::", "test equivalence::", "test attention::"]
-                    .iter()
-                    .any(|p| l.starts_with(p))
+                [
+                    "test ops::",
+                    "test equivalence::",
+                    "test attention::",
+                    "test loss::",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
             })
             .count();
         assert!(

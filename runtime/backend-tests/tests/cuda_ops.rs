@@ -15,10 +15,10 @@
 
 use ferrotron_backend_tests::{assert_close, say, Tol};
 use ferrotron_cpu::Cpu;
-use ferrotron_cuda::{CudaTensor, RankDevice, Storage};
+use ferrotron_cuda::{Cuda, CudaTensor, RankDevice, Storage};
 use ferrotron_exec::backend::{adamw_host, AdamW};
 use ferrotron_exec::fuse::Fused;
-use ferrotron_exec::kernel::{CeStats, RowStats, VocabShard};
+use ferrotron_exec::kernel::{CeStats, RowStats, RowWindow, VocabShard};
 use ferrotron_exec::{Backend, KernelError, Placement, ReduceOp, Tensor};
 use ferrotron_ir::op::{Activation, Factor, MeshAxis, Op};
 use ferrotron_ir::{DType as IrDType, Dim};
@@ -93,6 +93,15 @@ fn shard(class_offset: usize, real_classes: usize, shift: bool, token_parts: usi
         real_classes,
         shift,
         token_parts,
+        window: None,
+    }
+}
+
+/// `sh` for the window of rows `first..` of `total` rows of sequences of `seq`.
+fn windowed(sh: VocabShard, first: usize, total: usize, seq: usize) -> VocabShard {
+    VocabShard {
+        window: Some(RowWindow { first, total, seq }),
+        ..sh
     }
 }
 
@@ -613,6 +622,146 @@ fn matmul_transposes_and_broadcasts_as_the_cpu() {
     }
 }
 
+#[test]
+fn matmul_acc_adds_the_product_into_the_accumulator() {
+    let Some(dev) = device("matmul_acc") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(23);
+    for dtype in [Storage::F32, Storage::Bf16] {
+        // Through the backend, which stores the operands in its own type.
+        let cuda = Cuda::new(0, 1, dtype).expect("a backend on GPU 0");
+        let host = |x: &Tensor| match dtype {
+            Storage::Bf16 => round_bf16(x),
+            Storage::F32 => x.clone(),
+        };
+        let tol = if dtype == Storage::Bf16 {
+            BF16
+        } else {
+            F32_GEMM
+        };
+        let up = |x: &Tensor| cuda.upload(x, IrDType::F32).expect("upload");
+        let back = |x: &CudaTensor| cuda.download(x).expect("download");
+        // (m, k, n): odd sizes, a longer contraction, a sum over nothing, an empty product.
+        for (m, k, n) in [(5, 3, 7), (33, 64, 17), (4, 0, 3), (0, 5, 3)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let sa = if ta { [k, m] } else { [m, k] };
+                let sb = if tb { [n, k] } else { [k, n] };
+                let (a, b) = (rand(&mut rng, &sa), rand(&mut rng, &sb));
+                let acc = rand(&mut rng, &[m, n]);
+                let what = format!(
+                    "matmul_acc [{m}, {k}]{}·[{k}, {n}]{} {dtype:?}",
+                    if ta { " (aᵀ)" } else { "" },
+                    if tb { " (bᵀ)" } else { "" }
+                );
+                let (ha, hb) = (host(&a), host(&b));
+                let op = Op::MatMul {
+                    a: &ha,
+                    b: &hb,
+                    transpose_a: ta,
+                    transpose_b: tb,
+                };
+                let product = cpu::eval(&op, &local()).unwrap().swap_remove(0);
+                let mut want = host(&acc);
+                for (w, p) in want.data.iter_mut().zip(&product.data) {
+                    *w += p;
+                }
+                let (ad, bd, accd) = (up(&a), up(&b), up(&acc));
+                // Another tensor sharing the accumulator's buffer keeps its values.
+                let kept = accd.clone();
+                let got = cuda.matmul_acc(accd, (&ad, &bd), (ta, tb)).unwrap();
+                assert_eq!(got.dtype(), dtype, "{what}: stored as");
+                assert_close(&what, &back(&got), &want, tol);
+                assert_eq!(back(&kept), host(&acc), "{what}: the shared buffer");
+            }
+        }
+        // The accumulator sharing an operand's buffer: `a + a·b`, `a` itself unchanged.
+        let (a, b) = (rand(&mut rng, &[6, 6]), rand(&mut rng, &[6, 6]));
+        let (ha, hb) = (host(&a), host(&b));
+        let op = Op::MatMul {
+            a: &ha,
+            b: &hb,
+            transpose_a: false,
+            transpose_b: false,
+        };
+        let mut want = cpu::eval(&op, &local()).unwrap().swap_remove(0);
+        for (w, x) in want.data.iter_mut().zip(&ha.data) {
+            *w += x;
+        }
+        let (ad, bd) = (up(&a), up(&b));
+        let got = cuda
+            .matmul_acc(ad.clone(), (&ad, &bd), (false, false))
+            .unwrap();
+        assert_close(&format!("a + a·b {dtype:?}"), &back(&got), &want, tol);
+        assert_eq!(back(&ad), ha, "{dtype:?}: the operand");
+    }
+    // Mixed storage: the operands compute in the accumulator's type.
+    let (a, b, acc) = (
+        rand(&mut rng, &[7, 5]),
+        rand(&mut rng, &[5, 9]),
+        rand(&mut rng, &[7, 9]),
+    );
+    for (acc_dtype, operands) in [(Storage::F32, Storage::Bf16), (Storage::Bf16, Storage::F32)] {
+        let (ha, hb) = match operands {
+            Storage::Bf16 => (round_bf16(&a), round_bf16(&b)),
+            Storage::F32 => (a.clone(), b.clone()),
+        };
+        let op = Op::MatMul {
+            a: &ha,
+            b: &hb,
+            transpose_a: false,
+            transpose_b: false,
+        };
+        let mut want = cpu::eval(&op, &local()).unwrap().swap_remove(0);
+        let hacc = match acc_dtype {
+            Storage::Bf16 => round_bf16(&acc),
+            Storage::F32 => acc.clone(),
+        };
+        for (w, x) in want.data.iter_mut().zip(&hacc.data) {
+            *w += x;
+        }
+        let accd = gpu::upload(&dev, &acc, acc_dtype).unwrap();
+        let ad = gpu::upload(&dev, &a, operands).unwrap();
+        let bd = gpu::upload(&dev, &b, operands).unwrap();
+        let got = gpu::matmul_acc(&dev, accd, (&ad, &bd), (false, false)).unwrap();
+        assert_eq!(got.dtype(), acc_dtype, "mixed: stored as");
+        // A bf16 accumulator rounds the sum once; its operands' rounding is the GEMM's.
+        let tol = if acc_dtype == Storage::Bf16 {
+            BF16
+        } else {
+            F32_GEMM
+        };
+        let what = format!("matmul_acc: {acc_dtype:?} += {operands:?} · {operands:?}");
+        assert_close(&what, &gpu::download(&dev, &got).unwrap(), &want, tol);
+    }
+    // Refused: an accumulator not of the product's shape, operands that do not multiply (the
+    // same error as the product's).
+    let up = |x: &Tensor| gpu::upload(&dev, x, Storage::F32).unwrap();
+    let (a, b) = (up(&rand(&mut rng, &[3, 5])), up(&rand(&mut rng, &[5, 7])));
+    for shape in [[3, 8], [7, 3]] {
+        let acc = up(&rand(&mut rng, &shape));
+        match gpu::matmul_acc(&dev, acc, (&a, &b), (false, false)) {
+            Err(KernelError::Invalid { op: "MatMul", .. }) => {}
+            other => panic!("an accumulator {shape:?} for a [3, 7] product: {other:?}"),
+        }
+    }
+    let c = up(&rand(&mut rng, &[4, 7]));
+    let acc = up(&rand(&mut rng, &[3, 7]));
+    let e = gpu::matmul_acc(&dev, acc, (&a, &c), (false, false)).unwrap_err();
+    let op = Op::MatMul {
+        a: &a,
+        b: &c,
+        transpose_a: false,
+        transpose_b: false,
+    };
+    let want = gpu::eval(&dev, &op, &local()).unwrap_err();
+    assert_eq!(e, want, "inner dimensions that differ");
+    assert!(
+        matches!(e, KernelError::Invalid { op: "MatMul", .. }),
+        "{e}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Norms and softmax
 
@@ -852,8 +1001,8 @@ fn unfused_pair(op: &Fused<usize>, n: usize) -> (Op<usize, Dim>, Op<usize, Dim>)
             dy,
         } => (Op::EmbeddingGrad { table, ids, dy }, Op::Add(acc, n)),
         // Not a pair of ops (a chain with a placed dropout): tested in `cuda_attention.rs`.
-        Fused::Attention { .. } | Fused::AttentionGrad { .. } => {
-            unreachable!("the fused attention is not a pair of ops")
+        Fused::Attention { .. } | Fused::AttentionGrad { .. } | Fused::OutputLoss { .. } => {
+            unreachable!("the fused attention and output layer are not pairs of ops")
         }
     }
 }
@@ -1643,7 +1792,7 @@ fn vocabulary_parallel_phases_match_the_cpu() {
                 };
                 let loss = gpu::ce_loss_dev(&dev, &stats_d, &logits.shape, &sh).unwrap();
                 let want_loss =
-                    ferrotron_exec::kernel::ce_loss(&stats, &logits.shape, shift, 2).unwrap();
+                    ferrotron_exec::kernel::ce_loss(&stats, &logits.shape, &sh).unwrap();
                 assert_close(
                     &format!("{what}: loss shift {shift}"),
                     &gpu::download(&dev, &loss).unwrap(),
@@ -1695,6 +1844,209 @@ fn vocabulary_parallel_phases_match_the_cpu() {
     let e = gpu::ce_grad(&dev, &ld, &td, &stats, &no_parts, 1.0).unwrap_err();
     let want = cpu::ce_grad(&logits, &targets, &stats, &no_parts, 1.0, 1);
     assert_eq!(e, want.unwrap_err());
+}
+
+/// Rows `lo..hi` of logits `[.., vocab]`, as `[hi − lo, vocab]`.
+fn rows_of(t: &Tensor, lo: usize, hi: usize) -> Tensor {
+    let v = t.shape[t.shape.len() - 1];
+    Tensor {
+        shape: vec![hi - lo, v],
+        data: t.data[lo * v..hi * v].to_vec(),
+    }
+}
+
+#[test]
+fn cross_entropy_windows_add_up_to_the_whole() {
+    let Some(dev) = device("ce windows") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(21);
+    let (seq, vocab) = (6, 7);
+    let total = 2 * seq;
+    // Windows across the sequences' boundary (row 6), the last ending on a sequence's last row.
+    let windows = [(0, 5), (5, 9), (9, 12)];
+    // Local classes 4..11 of 11 padded ones, 9 real (5 local real, 2 of padding); then a rank
+    // whose 7 local classes are all real.
+    for (offset, real) in [(4, 9), (0, 9)] {
+        let logits = uniform(&mut rng, &[2, seq, vocab], -4.0, 4.0);
+        let targets = ints(&mut rng, &[2, seq], real);
+        for dtype in [Storage::F32, Storage::Bf16] {
+            let tol = if dtype == Storage::Bf16 { BF16 } else { F32 };
+            let ld = gpu::upload(&dev, &logits, dtype).unwrap();
+            let td = gpu::upload(&dev, &targets, Storage::F32).unwrap();
+            let back = |x: &CudaTensor| gpu::download(&dev, x).unwrap();
+            let seed = gpu::upload(&dev, &t(&[], vec![0.75]), Storage::F32).unwrap();
+            for shift in [true, false] {
+                let what = format!("offset {offset} real {real} {dtype:?} shift {shift}");
+                let sh = shard(offset, real, shift, 2);
+                // The whole logits' phases (held to the CPU's in the test above).
+                let max = gpu::ce_row_max_dev(&dev, &ld, &sh).unwrap();
+                let sums = gpu::ce_row_sums_dev(&dev, &ld, &max, &td, &sh).unwrap();
+                let (max_h, sums_h) = (back(&max).data, back(&sums).data);
+                let stats = CeStats { max, sums };
+                let loss = gpu::ce_loss_dev(&dev, &stats, &logits.shape, &sh).unwrap();
+                let loss = back(&loss).data[0];
+                let grad = back(&gpu::ce_grad_dev(&dev, &ld, &td, &stats, &sh, &seed).unwrap());
+                let host_stats = RowStats::of(&max_h, &sums_h);
+                let host_grad = gpu::ce_grad(&dev, &ld, &td, &host_stats, &sh, 0.75).unwrap();
+                let host_grad = back(&host_grad);
+                let mut window_losses = 0f64;
+                for (lo, hi) in windows {
+                    let what = format!("{what} rows {lo}..{hi}");
+                    let wsh = windowed(sh, lo, total, seq);
+                    let window = rows_of(&logits, lo, hi);
+                    let lw = gpu::upload(&dev, &window, dtype).unwrap();
+                    let rows = |v: &[f32]| t(&[hi - lo], v[lo..hi].to_vec());
+                    let grad_rows = |g: &Tensor| rows_of(g, lo, hi);
+                    // On the device, the full targets read at the full rows.
+                    let max_w = gpu::ce_row_max_dev(&dev, &lw, &wsh).unwrap();
+                    assert_eq!(back(&max_w), rows(&max_h), "{what}: row max");
+                    let sums_w = gpu::ce_row_sums_dev(&dev, &lw, &max_w, &td, &wsh).unwrap();
+                    let want_s = want_sums(&sums_h, total, lo, hi);
+                    assert_eq!(back(&sums_w).data, want_s, "{what}: sums and target logits");
+                    let stats_w = CeStats {
+                        max: max_w,
+                        sums: sums_w,
+                    };
+                    let loss_w = gpu::ce_loss_dev(&dev, &stats_w, &window.shape, &wsh).unwrap();
+                    let loss_w = back(&loss_w);
+                    // The host's arithmetic on the same statistics: the window's share.
+                    let host_w = RowStats::of(&back(&stats_w.max).data, &back(&stats_w.sums).data);
+                    let want = ferrotron_exec::kernel::ce_loss(&host_w, &window.shape, &wsh);
+                    let want = t(&[], vec![want.unwrap()]);
+                    assert_close(&format!("{what}: loss"), &loss_w, &want, F32);
+                    window_losses += loss_w.data[0] as f64;
+                    let g = gpu::ce_grad_dev(&dev, &lw, &td, &stats_w, &wsh, &seed).unwrap();
+                    let wg = format!("{what}: gradient");
+                    assert_close(&wg, &back(&g), &grad_rows(&grad), tol);
+                    // The host forms, and the CPU's on the same window.
+                    let (sum, tl) = gpu::ce_row_sums(&dev, &lw, &max_h[lo..hi], &td, &wsh).unwrap();
+                    assert_eq!([&sum[..], &tl[..]].concat(), want_s, "{what}: host sums");
+                    let g = gpu::ce_grad(&dev, &lw, &td, &host_w, &wsh, 0.75).unwrap();
+                    let g = back(&g);
+                    let wg = format!("{what}: host-stats gradient");
+                    assert_close(&wg, &g, &grad_rows(&host_grad), tol);
+                    let on_cpu = match dtype {
+                        Storage::Bf16 => round_bf16(&window),
+                        Storage::F32 => window.clone(),
+                    };
+                    let max_w = &max_h[lo..hi];
+                    let (want_sum, want_tl) =
+                        cpu::ce_row_sums(&on_cpu, max_w, &targets, &wsh, 1).unwrap();
+                    let as_t = |v: &[f32]| t(&[v.len()], v.to_vec());
+                    let ws = format!("{what}: sums as the CPU's");
+                    assert_close(&ws, &as_t(&sum), &as_t(&want_sum), F32);
+                    assert_eq!(tl, want_tl, "{what}: target logits as the CPU's");
+                    let want = cpu::ce_grad(&on_cpu, &targets, &host_w, &wsh, 0.75, 1).unwrap();
+                    assert_close(&format!("{wg} as the CPU's"), &g, &want, tol);
+                }
+                assert_close(
+                    &format!("{what}: the windows' losses"),
+                    &t(&[], vec![window_losses as f32]),
+                    &t(&[], vec![loss]),
+                    F32,
+                );
+            }
+        }
+    }
+
+    // Refused as invalid, by every phase (the host forms with the CPU's errors): a window past
+    // the full rows, a sequence length not dividing them, targets that are not the full rows'.
+    let logits = rand(&mut rng, &[2, seq, vocab]);
+    let targets = ints(&mut rng, &[2, seq], 9);
+    let td = gpu::upload(&dev, &targets, Storage::F32).unwrap();
+    let window = rows_of(&logits, 7, 12);
+    let lw = gpu::upload(&dev, &window, Storage::F32).unwrap();
+    let sh = shard(4, 9, true, 2);
+    let max = gpu::upload(&dev, &t(&[5], vec![0.0; 5]), Storage::F32).unwrap();
+    let sums = gpu::upload(&dev, &t(&[2, 5], vec![1.0; 10]), Storage::F32).unwrap();
+    let stats = CeStats { max, sums };
+    let host_stats = RowStats {
+        max: vec![0.0; 5],
+        sum: vec![1.0; 5],
+        target: vec![0.0; 5],
+    };
+    let seed = gpu::upload(&dev, &t(&[], vec![1.0]), Storage::F32).unwrap();
+    let short = t(&[2, 5], vec![0.0; 10]);
+    let window_only = t(&[5], vec![0.0; 5]);
+    let (short_d, window_only_d) = (
+        gpu::upload(&dev, &short, Storage::F32).unwrap(),
+        gpu::upload(&dev, &window_only, Storage::F32).unwrap(),
+    );
+    let invalid = |what: &str, r: Result<(), KernelError>| match r {
+        Err(KernelError::Invalid { .. }) => {}
+        other => panic!("{what}: {other:?}, expected an invalid-input error"),
+    };
+    for (what, wsh, (targets, td)) in [
+        (
+            "rows 9..14 of 12",
+            windowed(sh, 9, total, seq),
+            (&targets, &td),
+        ),
+        (
+            "rows 0..5 of 12 by 5",
+            windowed(sh, 0, total, 5),
+            (&targets, &td),
+        ),
+        (
+            "targets [2, 5]",
+            windowed(sh, 7, total, seq),
+            (&short, &short_d),
+        ),
+        (
+            "targets [5]",
+            windowed(sh, 7, total, seq),
+            (&window_only, &window_only_d),
+        ),
+    ] {
+        let shape = [5, vocab];
+        if !what.starts_with("targets") {
+            invalid(what, gpu::ce_row_max_dev(&dev, &lw, &wsh).map(drop));
+            let e = gpu::ce_row_max(&dev, &lw, &wsh).unwrap_err();
+            assert_eq!(e, cpu::ce_row_max(&window, &wsh, 1).unwrap_err(), "{what}");
+            invalid(what, gpu::ce_loss_dev(&dev, &stats, &shape, &wsh).map(drop));
+            let loss = ferrotron_exec::kernel::ce_loss(&host_stats, &shape, &wsh);
+            invalid(what, loss.map(drop));
+        }
+        let r = gpu::ce_row_sums_dev(&dev, &lw, &stats.max, td, &wsh);
+        invalid(what, r.map(drop));
+        let e = gpu::ce_row_sums(&dev, &lw, &host_stats.max, td, &wsh).unwrap_err();
+        let want = cpu::ce_row_sums(&window, &host_stats.max, targets, &wsh, 1).unwrap_err();
+        assert_eq!(e, want, "{what}");
+        invalid(what, Err(e));
+        let r = gpu::ce_grad_dev(&dev, &lw, td, &stats, &wsh, &seed);
+        invalid(what, r.map(drop));
+        let e = gpu::ce_grad(&dev, &lw, td, &host_stats, &wsh, 1.0).unwrap_err();
+        let want = cpu::ce_grad(&window, targets, &host_stats, &wsh, 1.0, 1).unwrap_err();
+        assert_eq!(e, want, "{what}");
+    }
+    // A bad target outside the window is still reported (every window's call checks the full
+    // targets), as the whole logits' call reports it. (The CPU checks the targets a call reads:
+    // it reports this one in the window holding row 9, with the same error.)
+    let mut bad = targets.clone();
+    bad.data[10] = 9.0;
+    let bad = gpu::upload(&dev, &bad, Storage::F32).unwrap();
+    let whole = gpu::upload(&dev, &logits, Storage::F32).unwrap();
+    let lw = gpu::upload(&dev, &rows_of(&logits, 0, 5), Storage::F32).unwrap();
+    let wsh = windowed(sh, 0, total, seq);
+    let want = gpu::ce_row_sums(&dev, &whole, &[0.0; 12], &bad, &sh).unwrap_err();
+    assert!(
+        matches!(want, KernelError::Index { element: 10, .. }),
+        "{want}"
+    );
+    let e = gpu::ce_row_sums(&dev, &lw, &[0.0; 5], &bad, &wsh).unwrap_err();
+    assert_eq!(e, want, "a bad target outside the window");
+    let sums = gpu::ce_row_sums_dev(&dev, &lw, &stats.max, &bad, &wsh).unwrap();
+    assert_eq!(
+        gpu::download(&dev, &sums).unwrap_err(),
+        want,
+        "checked on the device"
+    );
+}
+
+/// The rows `lo..hi` of `[2, total]` sums: the sums of exponentials, then the target logits.
+fn want_sums(sums: &[f32], total: usize, lo: usize, hi: usize) -> Vec<f32> {
+    [&sums[lo..hi], &sums[total + lo..total + hi]].concat()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ use super::matmul::matmul;
 use super::par::{par_chunks, par_chunks_work};
 use ferrotron_exec::fuse::Fused;
 use ferrotron_exec::kernel::{
-    ce_rows, check_bias, checked_index as index, invalid, mean_count, table_of, target_of,
-    KernelError, OrInvalid, Placement, RowStats, VocabShard,
+    ce_rows_of, check_bias, check_targets_shape, checked_index as index, invalid, mean_count,
+    table_of, CeRows, KernelError, OrInvalid, Placement, RowStats, VocabShard,
 };
 use ferrotron_exec::Tensor;
 use ferrotron_ir::index::{self, around, rows as rows_of};
@@ -260,8 +260,7 @@ pub fn eval(
             let max = row_max(name, logits, &shard, th)?;
             let (sum, target) = row_sums(name, logits, &max, targets, &shard, th)?;
             let stats = RowStats { max, sum, target };
-            let loss =
-                ferrotron_exec::kernel::ce_loss(&stats, &logits.shape, *shift, shard.token_parts)?;
+            let loss = ferrotron_exec::kernel::ce_loss(&stats, &logits.shape, &shard)?;
             one(Tensor {
                 shape: Vec::new(),
                 data: vec![loss],
@@ -380,6 +379,8 @@ pub fn eval_fused(op: &Fused<&Tensor>, threads: usize) -> Result<Tensor> {
             name,
             "runs through Backend::attention and Backend::attention_grad",
         )),
+        // A loop over chunks of rows with the group's reductions between: the executor's.
+        Fused::OutputLoss { .. } => Err(invalid(name, "runs as the executor's loop of chunks")),
     }
 }
 
@@ -1090,6 +1091,7 @@ fn whole(
         real_classes: index::ce_classes(&logits.shape, classes).or_invalid(name)?,
         shift,
         token_parts: local.n_token_parts(),
+        window: None,
     })
 }
 
@@ -1100,7 +1102,7 @@ fn row_max(
     threads: usize,
 ) -> Result<Vec<f32>> {
     check_tensor(name, logits)?;
-    let (rows, _) = ce_rows(name, &logits.shape)?;
+    let CeRows { rows, .. } = ce_rows_of(name, &logits.shape, shard)?;
     let vocab = logits.shape[logits.rank() - 1];
     let nr = shard.local_real(vocab);
     let mut max = vec![f32::NEG_INFINITY; rows];
@@ -1141,9 +1143,10 @@ fn row_sums(
     } = *shard;
     check_tensor(name, logits)?;
     check_tensor(name, targets)?;
-    let (rows, seq) = ce_rows(name, &logits.shape)?;
+    let at = ce_rows_of(name, &logits.shape, shard)?;
+    let rows = at.rows;
     let r = logits.rank();
-    index::same_shape("the targets", &logits.shape[..r - 1], &targets.shape).or_invalid(name)?;
+    check_targets_shape(name, &targets.shape, &logits.shape, &at, shard)?;
     if max.len() != rows {
         return Err(invalid(
             name,
@@ -1155,8 +1158,8 @@ fn row_sums(
     // The global target of every predicting row, checked.
     let mut target = vec![None; rows];
     for (row, t) in target.iter_mut().enumerate() {
-        if let Some(at) = target_of(row, seq, shift) {
-            *t = Some(index(name, "target", targets.data[at], at, real_classes)?);
+        if let Some(i) = at.target_of(row, shift) {
+            *t = Some(index(name, "target", targets.data[i], i, real_classes)?);
         }
     }
     let mut sums = vec![0f32; rows];
@@ -1203,12 +1206,14 @@ fn grad(
         real_classes,
         shift,
         token_parts,
+        ..
     } = *shard;
     check_tensor(name, logits)?;
     check_tensor(name, targets)?;
-    let (rows, seq) = ce_rows(name, &logits.shape)?;
+    let at = ce_rows_of(name, &logits.shape, shard)?;
+    let rows = at.rows;
     let r = logits.rank();
-    index::same_shape("the targets", &logits.shape[..r - 1], &targets.shape).or_invalid(name)?;
+    check_targets_shape(name, &targets.shape, &logits.shape, &at, shard)?;
     if max.len() != rows || sum.len() != rows {
         return Err(invalid(
             name,
@@ -1219,13 +1224,13 @@ fn grad(
             ),
         ));
     }
-    let count = mean_count(name, (rows, seq), shift, token_parts, &logits.shape)?;
+    let count = mean_count(name, (at.total, at.seq), shift, token_parts, &logits.shape)?;
     let vocab = logits.shape[r - 1];
     let nr = shard.local_real(vocab);
     let mut target = vec![None; rows];
     for (row, t) in target.iter_mut().enumerate() {
-        if let Some(at) = target_of(row, seq, shift) {
-            let c = index(name, "target", targets.data[at], at, real_classes)?;
+        if let Some(i) = at.target_of(row, shift) {
+            let c = index(name, "target", targets.data[i], i, real_classes)?;
             // The local column of the target, or usize::MAX when another rank holds it.
             *t = Some(
                 c.checked_sub(class_offset)

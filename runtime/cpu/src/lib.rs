@@ -179,6 +179,16 @@ impl Backend for Cpu {
         kernels::add_into(acc, x, self.threads)
     }
 
+    fn matmul_acc(
+        &self,
+        mut acc: Tensor,
+        operands: (&Tensor, &Tensor),
+        transposed: (bool, bool),
+    ) -> Result<Tensor, KernelError> {
+        matmul::matmul_acc(&mut acc, operands, transposed, self.threads)?;
+        Ok(acc)
+    }
+
     fn attention(
         &self,
         q: &Tensor,
@@ -262,7 +272,7 @@ impl Backend for Cpu {
         shard: &VocabShard,
     ) -> Result<Tensor, KernelError> {
         let stats = RowStats::of(&stats.max.data, &stats.sums.data);
-        let loss = ce_loss(&stats, logits_shape, shard.shift, shard.token_parts)?;
+        let loss = ce_loss(&stats, logits_shape, shard)?;
         Ok(Tensor::full(Vec::new(), loss))
     }
 

@@ -36,13 +36,27 @@ fn gemm_into(
     (m, n, k): (usize, usize, usize),
     threads: usize,
 ) {
+    gemm_at(dst, a, b, (m, n, k), threads, false)
+}
+
+/// `dst[m × n] (+)= A[m × k] · B[k × n]`: with `accumulate`, the product is added to `dst`.
+fn gemm_at(
+    dst: &mut [f32],
+    a: Operand,
+    b: Operand,
+    (m, n, k): (usize, usize, usize),
+    threads: usize,
+    accumulate: bool,
+) {
     let (a_off, b_off) = (a.offset, b.offset);
     assert_eq!(dst.len(), m * n);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        dst.fill(0.0);
+        if !accumulate {
+            dst.fill(0.0);
+        }
         return;
     }
     // Bounds of the last elements read, so the unsafe call below stays inside the slices.
@@ -63,14 +77,14 @@ fn gemm_into(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.data.as_ptr().add(a_off),
             a.cs as isize,
             a.rs as isize,
             b.data.as_ptr().add(b_off),
             b.cs as isize,
             b.rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -78,6 +92,44 @@ fn gemm_into(
             parallelism,
         );
     }
+}
+
+/// The operand `x` (`[rows, cols]` as stored), read transposed or not.
+fn operand(x: &[f32], cols: usize, transposed: bool) -> Operand<'_> {
+    let (rs, cs) = if transposed { (1, cols) } else { (cols, 1) };
+    Operand {
+        data: x,
+        rs,
+        cs,
+        offset: 0,
+    }
+}
+
+/// `acc += op(a) · op(b)` for matrices, in `acc`'s buffer (the GEMM reads it: β = 1).
+pub(crate) fn matmul_acc(
+    acc: &mut Tensor,
+    (a, b): (&Tensor, &Tensor),
+    (ta, tb): (bool, bool),
+    threads: usize,
+) -> Result<()> {
+    const OP: &str = "MatMul";
+    let mm = index::matmul(&a.shape, &b.shape, ta, tb).or_invalid(OP)?;
+    if a.shape.len() != 2 || b.shape.len() != 2 || acc.shape != mm.out_shape() {
+        return Err(ferrotron_exec::kernel::invalid(
+            OP,
+            format!(
+                "accumulating {:?} · {:?} (transposed: {ta}, {tb}) into {:?}: matrices whose \
+                 product has the accumulator's shape",
+                a.shape, b.shape, acc.shape
+            ),
+        ));
+    }
+    let (ao, bo) = (
+        operand(&a.data, mm.a_cols, ta),
+        operand(&b.data, mm.b_cols, tb),
+    );
+    gemm_at(&mut acc.data, ao, bo, (mm.m, mm.n, mm.k), threads, true);
+    Ok(())
 }
 
 /// Batched `a · b` (after the optional transposes of the last two axes), batch axes broadcasting.
@@ -91,36 +143,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize)
     let (m, n, k) = (mm.m, mm.n, mm.k);
     let (a_rows, a_cols, b_rows, b_cols) = (mm.a_rows, mm.a_cols, mm.b_rows, mm.b_cols);
     let (batch_a, batch_b, batch) = (mm.batch_a, mm.batch_b, &mm.batch);
-    let ao = if ta {
-        Operand {
-            data: &a.data,
-            rs: 1,
-            cs: a_cols,
-            offset: 0,
-        }
-    } else {
-        Operand {
-            data: &a.data,
-            rs: a_cols,
-            cs: 1,
-            offset: 0,
-        }
-    };
-    let bo = if tb {
-        Operand {
-            data: &b.data,
-            rs: 1,
-            cs: b_cols,
-            offset: 0,
-        }
-    } else {
-        Operand {
-            data: &b.data,
-            rs: b_cols,
-            cs: 1,
-            offset: 0,
-        }
-    };
+    let (ao, bo) = (operand(&a.data, a_cols, ta), operand(&b.data, b_cols, tb));
     let nbatch: usize = batch.iter().product();
     let nbatch_a: usize = batch_a.iter().product();
     let nbatch_b: usize = batch_b.iter().product();

@@ -4,7 +4,7 @@
 //! `eval` and every collective through the communicator.
 
 use ferrotron_cpu::{Cpu, CpuComm};
-use ferrotron_exec::fuse::{Fused, Program};
+use ferrotron_exec::fuse::{Fused, Fusions, Program};
 use ferrotron_exec::init::{init_params, random_batch};
 use ferrotron_exec::kernel::{
     AttentionSaved, AttentionSpec, CeStats, KernelError, Placement, VocabShard,
@@ -17,6 +17,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The op pairs and the attention, not the loss.
+const ATTENTION: Fusions = Fusions {
+    attention: true,
+    ..Fusions::PAIRS
+};
 
 #[derive(Clone, Default)]
 struct Counting {
@@ -273,7 +279,7 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     // Per layer and rank: bias + GeLU forward and backward, the attention forward and
     // backward; per rank, the tied embedding's gradient added into the output layer's.
     assert_eq!(fused, 2 * 4 * 2 + 2, "fused steps");
-    let dropped = g.order.len() - Program::fused(&plan, &|_| false, true).steps.len();
+    let dropped = g.order.len() - Program::fused(&plan, &|_| false, ATTENTION).steps.len();
     assert_eq!(
         dropped,
         2 * (1 + 8 + 10) + 1,

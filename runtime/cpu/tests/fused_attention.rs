@@ -4,7 +4,7 @@
 //! parallelism, recomputation, micro-batches, dropout under a non-zero seed), while holding less.
 
 use ferrotron_cpu::Cpu;
-use ferrotron_exec::fuse::{Fused, Program, StepOp};
+use ferrotron_exec::fuse::{Fused, Fusions, Program, StepOp};
 use ferrotron_exec::init::{random_batch, test_params};
 use ferrotron_exec::verify::{rel_error_floor, FORWARD_TOLERANCE, GRADIENT_TOLERANCE};
 use ferrotron_exec::{run, RunOptions};
@@ -12,6 +12,12 @@ use ferrotron_ir::graph::EntityRef;
 use ferrotron_ir::{load_model, Graph, LoadOptions, Op};
 use ferrotron_partitioner::{partition, PartitionOptions, Plan, Recompute};
 use std::path::PathBuf;
+
+/// The op pairs and the attention, not the loss.
+const ATTENTION: Fusions = Fusions {
+    attention: true,
+    ..Fusions::PAIRS
+};
 
 /// A model file, its dimension overrides and a mesh.
 type Case<'a> = (&'a str, &'a [(&'a str, u64)], PartitionOptions);
@@ -51,7 +57,7 @@ fn each_attention_becomes_one_forward_and_one_backward_step() {
         },
     )
     .unwrap();
-    let program = Program::fused(&p, &|_| false, true);
+    let program = Program::fused(&p, &|_| false, ATTENTION);
     let steps = attention_steps(&p, &program);
     assert_eq!(
         steps,
@@ -103,7 +109,7 @@ fn each_attention_becomes_one_forward_and_one_backward_step() {
         assert!(!names.contains(&gone), "{gone} still runs");
     }
     // Without attention fusion the chain is the pairs' again.
-    let pairs = Program::fused(&p, &|_| false, false);
+    let pairs = Program::fused(&p, &|_| false, Fusions::PAIRS);
     assert!(attention_steps(&p, &pairs).is_empty());
     assert!(pairs.saved.is_empty());
 }
@@ -113,7 +119,7 @@ fn an_attention_whose_probabilities_are_kept_is_not_fused() {
     let g = model("tiny-gpt.ron", &[]);
     let p = partition(&g, &PartitionOptions::default()).unwrap();
     let probs = p.graph.value_named("h.0.probs").unwrap();
-    let program = Program::fused(&p, &|v| v == probs, true);
+    let program = Program::fused(&p, &|v| v == probs, ATTENTION);
     let steps = attention_steps(&p, &program);
     assert_eq!(
         steps,
@@ -267,7 +273,7 @@ fn fused_attention_runs_agree_with_the_unfused_graph_on_every_mesh() {
             opts.tp, opts.dp, opts.sequence_parallel, opts.recompute
         );
         let p = partition(&g, opts).unwrap_or_else(|e| panic!("{what}: {e}"));
-        let program = Program::fused(&p, &|_| false, true);
+        let program = Program::fused(&p, &|_| false, ATTENTION);
         let steps = attention_steps(&p, &program);
         assert!(
             steps.iter().any(|s| s.1 == "AttentionGrad"),

@@ -2,7 +2,7 @@
 //! must, and that a fused run computes exactly what the unfused one does.
 
 use ferrotron_cpu::{kernels, Cpu};
-use ferrotron_exec::fuse::{Fused, Program, StepOp};
+use ferrotron_exec::fuse::{Fused, Fusions, Program, StepOp};
 use ferrotron_exec::init::{init_params, random_batch};
 use ferrotron_exec::{run, Backend, KernelError, Placement, RunOptions, Tensor};
 use ferrotron_ir::op::Activation;
@@ -63,7 +63,7 @@ fn without_attention_the_program_fuses_bias_activation_scaled_softmax_and_the_ti
 ) {
     let g = model("tiny-gpt.ron");
     let p = plan(&g, 2, 1, false);
-    let program = Program::fused(&p, &|_| false, false);
+    let program = Program::fused(&p, &|_| false, Fusions::PAIRS);
     let steps = fused_steps(&p, &program);
     for layer in 0..2 {
         let at = |s: &str| format!("h.{layer}.{s}");
@@ -111,7 +111,7 @@ fn a_kept_value_is_never_fused_away() {
     let g = model("tiny-gpt.ron");
     let p = plan(&g, 1, 1, false);
     let fc = p.graph.value_named("h.0.fc").unwrap();
-    let program = Program::fused(&p, &|v| v == fc, false);
+    let program = Program::fused(&p, &|v| v == fc, Fusions::PAIRS);
     let steps = fused_steps(&p, &program);
     assert!(
         !steps.iter().any(|(_, absorbed, _)| absorbed == "h.0.fc"),
@@ -154,7 +154,7 @@ fn a_pre_activation_read_by_anything_else_is_not_fused() {
     )"#;
     let g = parse_model(src, "mlp.ron", &LoadOptions::default()).unwrap();
     let p = plan(&g, 1, 1, false);
-    let program = Program::fused(&p, &|_| false, false);
+    let program = Program::fused(&p, &|_| false, Fusions::PAIRS);
     let steps = fused_steps(&p, &program);
     assert!(
         steps.contains(&("act2".into(), "pre2".into(), "BiasAct")),
@@ -235,7 +235,7 @@ fn fused_runs_are_bit_identical_to_unfused() {
     ] {
         let g = model_with(file, dims);
         let p = plan(&g, tp, dp, sp);
-        let program = Program::fused(&p, &|_| false, false);
+        let program = Program::fused(&p, &|_| false, Fusions::PAIRS);
         assert!(program.fused_count() > 0, "{file}: nothing fused");
         let (fused_peak, unfused_peak) = same_run(&p, &g, 7);
         assert!(

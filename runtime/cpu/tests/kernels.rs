@@ -43,6 +43,7 @@ fn shard(class_offset: usize, real_classes: usize, shift: bool, token_parts: usi
         real_classes,
         shift,
         token_parts,
+        window: None,
     }
 }
 
@@ -1013,7 +1014,12 @@ fn vocab_parallel_ce(
         sum: sum.clone(),
         target,
     };
-    let loss = ce_loss(&stats, &shards[0].shape, shift, token_parts).unwrap();
+    let loss = ce_loss(
+        &stats,
+        &shards[0].shape,
+        &shard(0, classes, shift, token_parts),
+    )
+    .unwrap();
     let whole = Op::CrossEntropy {
         logits: &logits,
         targets: &targets,
@@ -1453,9 +1459,9 @@ fn bad_local_context_and_phase_inputs_are_errors() {
         target: target.to_vec(),
     };
     let ones = stats(&[0.0; 6], &[1.0; 6], &[0.0; 6]);
-    assert!(ce_loss(&stats(&[0.0; 6], &[1.0; 6], &[0.0; 5]), &[2, 3, 4], true, 1).is_err());
-    assert!(ce_loss(&stats(&[0.0; 2], &[1.0; 2], &[0.0; 2]), &[2, 1, 4], true, 1).is_err());
-    assert!(ce_loss(&ones, &[2, 3, 4], true, 0).is_err());
+    assert!(ce_loss(&stats(&[0.0; 6], &[1.0; 6], &[0.0; 5]), &[2, 3, 4], &sh).is_err());
+    assert!(ce_loss(&stats(&[0.0; 2], &[1.0; 2], &[0.0; 2]), &[2, 1, 4], &sh).is_err());
+    assert!(ce_loss(&ones, &[2, 3, 4], &shard(0, 4, true, 0)).is_err());
     let short = stats(&[0.0; 6], &[1.0; 4], &[]);
     assert!(kernels::ce_grad(&logits, &targets, &short, &sh, 1.0, 1).is_err());
     let bad_targets = Tensor {

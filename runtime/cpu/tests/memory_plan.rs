@@ -1,6 +1,6 @@
 //! The memory plan (`memory.rs`) against the rank program: the peak it plans is the peak every
 //! rank measures, to the byte, for every model at tp 1, 2, 3, 4 and 8, with sequence and data
-//! parallelism, recomputation, fused or not, forward only or whole; and its arena gives no two
+//! parallelism, recomputation, fused or not (the loss too), forward only or whole; and its arena gives no two
 //! values alive at once the same bytes.
 
 use ferrotron_cpu::Cpu;
@@ -30,7 +30,7 @@ fn check_offsets(what: &str, m: &MemoryPlan) {
     let mut buffer: Vec<usize> = (0..m.slots.len()).collect();
     for (k, s) in m.slots.iter().enumerate() {
         if let Some(x) = s.reuses {
-            let from = m.slots.iter().position(|t| t.value == x).unwrap();
+            let from = m.slots.iter().position(|t| t.value == Some(x)).unwrap();
             buffer[k] = buffer[from];
         }
     }
@@ -104,6 +104,12 @@ fn the_planned_peak_is_the_measured_peak() {
         ("tiny-gpt.ron", &[], mesh(1, 1, false, Recompute::Full)),
         ("tiny-bert.ron", &[], mesh(2, 1, false, Recompute::None)),
         ("tiny-llama.ron", &[], mesh(2, 1, false, Recompute::None)),
+        // Two chunks of the fused loss's rows.
+        (
+            "tiny-gpt.ron",
+            &[("batch", 9), ("seq", 24)],
+            mesh(2, 1, false, Recompute::None),
+        ),
     ];
     for (file, dims, opts) in cases {
         let g = model(file, dims);
@@ -128,6 +134,22 @@ fn the_planned_peak_is_the_measured_peak() {
                 "forward only",
                 RunOptions {
                     forward_only: true,
+                    ..RunOptions::default()
+                },
+            ),
+            // The logits not kept: the output layer and its loss run fused.
+            (
+                "loss fused",
+                RunOptions {
+                    keep_outputs: false,
+                    ..RunOptions::default()
+                },
+            ),
+            (
+                "forward only, loss fused",
+                RunOptions {
+                    forward_only: true,
+                    keep_outputs: false,
                     ..RunOptions::default()
                 },
             ),
@@ -184,7 +206,7 @@ fn a_dropout_gradient_does_not_hold_the_dropout_output() {
             .any(|n| node.name.ends_with(n));
         if let (ferrotron_ir::Op::Dropout { .. }, true) = (&node.op, residual) {
             let out = node.outputs[0];
-            let slot = m.slots.iter().find(|s| s.value == out).unwrap();
+            let slot = m.slots.iter().find(|s| s.value == Some(out)).unwrap();
             assert!(
                 slot.to < exe.program.backward_start,
                 "`{}` is held into the backward (to step {})",

@@ -230,6 +230,15 @@ impl Backend for Cuda {
         Ok([dq, dk, dv])
     }
 
+    fn matmul_acc(
+        &self,
+        acc: CudaTensor,
+        operands: (&CudaTensor, &CudaTensor),
+        transposes: (bool, bool),
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::matmul_acc(self.device(), acc, operands, transposes)
+    }
+
     fn reshape(&self, mut t: CudaTensor, shape: Vec<usize>) -> CudaTensor {
         t.shape = shape;
         t

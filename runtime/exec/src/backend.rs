@@ -96,6 +96,25 @@ pub trait Backend: Clone + Send + Sync {
             .eval(&Op::Add(&acc, x), &Placement::default())?
             .swap_remove(0))
     }
+    /// `acc + op(a) · op(b)` for matrices (`op` transposes where `ta` / `tb` say; `acc` shaped
+    /// like the product), accumulated in `acc`'s buffer where the backend can (a GEMM with
+    /// β = 1): a weight's gradient summed over chunks of rows without a product of its own per
+    /// chunk. By default the product, then [`Backend::add_into`].
+    fn matmul_acc(
+        &self,
+        acc: Self::Tensor,
+        (a, b): (&Self::Tensor, &Self::Tensor),
+        (ta, tb): (bool, bool),
+    ) -> Result<Self::Tensor, KernelError> {
+        let op = Op::MatMul {
+            a,
+            b,
+            transpose_a: ta,
+            transpose_b: tb,
+        };
+        let product = self.eval(&op, &Placement::default())?.swap_remove(0);
+        self.add_into(acc, &product)
+    }
     /// The same elements under a new shape (the element count unchanged).
     fn reshape(&self, t: Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
     /// Part `index` of `parts` equal contiguous parts along `dim`

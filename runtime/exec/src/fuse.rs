@@ -1,5 +1,5 @@
 //! Operator fusion: the executor's program, with each op pair that pays to run as one kernel,
-//! and each attention, merged into one step.
+//! each attention, and the output layer with its loss, merged into one step.
 //!
 //! ```text
 //! Plan (forward + backward SPMD graph, in order) ─► program(): steps, each an IR node or a Fused op
@@ -15,6 +15,7 @@
 //! | `SoftmaxGrad` read only by a `Scale` | [`Fused::ScaledSoftmaxGrad`] | the same, backward |
 //! | `EmbeddingGrad` read only by an `Add` (a tied table's other gradient) | [`Fused::EmbeddingGradAdd`] | the embedding's own `[vocab, width]` gradient: its rows are added into the other gradient's buffer ([`crate::Backend::embedding_grad_add`]) |
 //! | `MatMul(q, kᵀ)` → `Scale` → `Softmax` → `Dropout`? → `MatMul(·, v)`, and the seven backward nodes autodiff makes of it | [`Fused::Attention`] forward, [`Fused::AttentionGrad`] backward | the `[..., queries, keys]` scores, probabilities and their dropout, forward and backward: the forward keeps each query row's log-sum-exp (a [`Saved`] value of the program's own) and the backward recomputes the probabilities a tile at a time from it (flash attention) |
+//! | `CrossEntropy(MatMul(h, wᵀ))` and, differentiated, its gradient with the two products autodiff makes of it (`dlogits · w`, `dlogitsᵀ · h`) | [`Fused::OutputLoss`], one step at the gradient's place (or the loss's, forward only) | the `[..., vocabulary]` logits and their gradient: the executor makes them a chunk of rows at a time ([`crate::kernel::OutputLossDims`]), reduces the chunk's row statistics over the tp group, and uses the chunk's gradient at once for its rows of `dh` and its addend to `dw` ([`crate::Backend::matmul_acc`]) |
 //!
 //! The attention is found in the partitioned plan, so it is split by heads exactly as the
 //! unfused graph is, and model files keep writing attention as its ops. Where `q`, `k` and `v`
@@ -35,16 +36,19 @@
 //! closer to the `f32` reference. The fused attention sums in another order (its online softmax
 //! a tile of keys at a time), so it agrees with the unfused chain within `f32` rounding (the
 //! tolerances of `--verify`; `runtime/cpu/tests/fused_attention.rs`), not to the bit;
-//! [`crate::RunOptions::fuse_attention`] (`--no-fuse-attention`) leaves it out.
+//! [`crate::RunOptions::fuse_attention`] (`--no-fuse-attention`) leaves it out. The fused loss
+//! adds its chunks' losses, so it too agrees within `f32` rounding
+//! (`runtime/cpu/tests/fused_loss.rs`); [`crate::RunOptions::fuse_loss`] (`--no-fuse-loss`)
+//! leaves it out, and a run that keeps the logits never fuses it.
 //!
 //! The plan itself (what the partitioner, the cost model and the viewer see) is unchanged; a
 //! fusion never crosses a collective, and a value that is kept (an output, a gradient) or read
 //! by anything else is never fused away.
 
-use crate::kernel::{AttentionSaved, AttentionSpec};
+use crate::kernel::{AttentionSaved, AttentionSpec, OutputLossDims};
 use ferrotron_ir::graph::EntityRef;
 use ferrotron_ir::op::Activation;
-use ferrotron_ir::{index, NodeId, Op, ValueId};
+use ferrotron_ir::{index, DType, NodeId, Op, ValueId};
 use ferrotron_partitioner::Plan;
 use std::collections::HashMap;
 
@@ -126,6 +130,23 @@ pub enum Fused<V> {
         /// As the forward's.
         spec: AttentionSpec,
     },
+    /// The output layer and its cross-entropy, `CrossEntropy(h · wᵀ, targets)`, computed a
+    /// chunk of rows at a time so that the full `[..., vocabulary]` logits never exist (the
+    /// executor's loop, [`crate::kernel::loss_chunk_rows`]). With `dloss` (the backward's
+    /// seed) each chunk's logits also give that chunk's rows of the hidden states' gradient and
+    /// its addend to the weight's gradient while they are at hand: the step makes
+    /// `[loss, dh, dw]`; without, `[loss]`. The cross-entropy's node, among the step's
+    /// absorbed ones, gives its attributes and where its logits' classes sit.
+    OutputLoss {
+        /// The hidden states `[..., seq, hidden]`.
+        h: V,
+        /// The output weight `[vocabulary, hidden]` (this rank's classes).
+        w: V,
+        /// The targets `[..., seq]`.
+        targets: V,
+        /// The loss's gradient (a scalar), when the step also makes the gradients.
+        dloss: Option<V>,
+    },
 }
 
 impl<V> Fused<V> {
@@ -154,6 +175,12 @@ impl<V> Fused<V> {
                 } = saved;
                 vec![q, k, v, out, lse, dout]
             }
+            Fused::OutputLoss {
+                h,
+                w,
+                targets,
+                dloss,
+            } => [h, w, targets].into_iter().chain(dloss).collect(),
         }
     }
 
@@ -167,6 +194,8 @@ impl<V> Fused<V> {
             Fused::EmbeddingGradAdd { .. } => "EmbeddingGradAdd",
             Fused::Attention { .. } => "Attention",
             Fused::AttentionGrad { .. } => "AttentionGrad",
+            Fused::OutputLoss { dloss: None, .. } => "OutputLoss",
+            Fused::OutputLoss { dloss: Some(_), .. } => "OutputLossGrad",
         }
     }
 
@@ -229,6 +258,17 @@ impl<V> Fused<V> {
                     dout: f(&saved.dout)?,
                 },
                 spec: *spec,
+            },
+            Fused::OutputLoss {
+                h,
+                w,
+                targets,
+                dloss,
+            } => Fused::OutputLoss {
+                h: f(h)?,
+                w: f(w)?,
+                targets: f(targets)?,
+                dloss: dloss.as_ref().map(&mut f).transpose()?,
             },
         })
     }
@@ -297,6 +337,32 @@ pub struct Saved {
     pub shape: Vec<u64>,
 }
 
+/// Which fusions [`Program::fused`] makes besides the op pairs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fusions {
+    /// Each attention chain ([`Fused::Attention`], [`Fused::AttentionGrad`]).
+    pub attention: bool,
+    /// Each output layer with its cross-entropy ([`Fused::OutputLoss`]).
+    pub loss: bool,
+    /// The program is run forward only: a loss is fused without its backward.
+    pub forward_only: bool,
+}
+
+impl Fusions {
+    /// The op pairs only.
+    pub const PAIRS: Fusions = Fusions {
+        attention: false,
+        loss: false,
+        forward_only: false,
+    };
+    /// Every fusion, for a forward and backward run.
+    pub const ALL: Fusions = Fusions {
+        attention: true,
+        loss: true,
+        forward_only: false,
+    };
+}
+
 /// The steps a rank runs: the plan's nodes in order, some fused.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Program {
@@ -359,10 +425,10 @@ impl Program {
         }
     }
 
-    /// The plan's nodes with every fusable pair fused, and with `attention` every attention
-    /// chain (see the module docs). `kept` are the values the run must keep (outputs,
-    /// gradients, the loss): never fused away.
-    pub fn fused(plan: &Plan, kept: &dyn Fn(ValueId) -> bool, attention: bool) -> Program {
+    /// The plan's nodes with every fusable pair fused, and the chains `fusions` asks for (see
+    /// the module docs). `kept` are the values the run must keep (outputs, gradients, the
+    /// loss): never fused away.
+    pub fn fused(plan: &Plan, kept: &dyn Fn(ValueId) -> bool, fusions: Fusions) -> Program {
         let g = &plan.graph;
         // Every value's readers, in program order.
         let mut readers: HashMap<ValueId, Vec<NodeId>> = HashMap::new();
@@ -383,7 +449,7 @@ impl Program {
         let mut removed: Vec<bool> = vec![false; g.order.len()];
         // Attention first: its chain holds pairs the loop below would otherwise fuse.
         let mut saved = Vec::new();
-        let chains = match attention {
+        let chains = match fusions.attention {
             true => attention_chains(plan, kept, &readers_of),
             false => Vec::new(),
         };
@@ -436,9 +502,24 @@ impl Program {
                 );
             }
         }
+        if fusions.loss {
+            for found in output_loss_chains(plan, kept, &readers_of, fusions.forward_only) {
+                for &m in &found.absorbed {
+                    removed[position[&m]] = true;
+                }
+                replaced.insert(
+                    found.step,
+                    StepOp::Fused {
+                        op: found.op,
+                        absorbed: found.absorbed,
+                        outputs: found.outputs,
+                    },
+                );
+            }
+        }
         for &n in &g.order {
             if replaced.contains_key(&n) || removed[position[&n]] {
-                continue; // already the consumer half of a pair, or in an attention
+                continue; // already the consumer half of a pair, or in an attention or a loss
             }
             let Some(out) = only_output(n) else { continue };
             let uses = readers_of(out);
@@ -574,6 +655,46 @@ impl Program {
             steps,
             saved,
         }
+    }
+
+    /// The shape of step `i` on its rank when it is a fused output layer.
+    pub fn output_loss_dims(&self, plan: &Plan, i: usize) -> Option<OutputLossDims> {
+        let StepOp::Fused {
+            op: Fused::OutputLoss { h, w, .. },
+            ..
+        } = &self.steps.get(i)?.op
+        else {
+            return None;
+        };
+        let (h, w) = (self.value_shape(plan, *h), self.value_shape(plan, *w));
+        let (&hidden, lead) = h.split_last()?;
+        Some(OutputLossDims {
+            rows: lead.iter().product::<u64>() as usize,
+            hidden: hidden as usize,
+            vocab: *w.first()? as usize,
+        })
+    }
+
+    /// The bytes step `i` holds while it runs besides its inputs and outputs (a fused output
+    /// layer's chunks: [`OutputLossDims::scratch_bytes`]), with `element_bytes` per element of
+    /// each dtype as the backend stores it; 0 for any other step.
+    pub fn scratch_bytes(
+        &self,
+        plan: &Plan,
+        i: usize,
+        element_bytes: &dyn Fn(DType) -> u64,
+    ) -> u64 {
+        let Some(dims) = self.output_loss_dims(plan, i) else {
+            return 0;
+        };
+        let StepOp::Fused {
+            op: Fused::OutputLoss { h, dloss, .. },
+            ..
+        } = &self.steps[i].op
+        else {
+            return 0;
+        };
+        dims.scratch_bytes(dloss.is_some(), element_bytes(plan.graph.ty(*h).dtype))
     }
 
     /// How many steps are fused ops.
@@ -1164,4 +1285,210 @@ fn attention_backward<'r>(
             dv,
         },
     ))
+}
+
+/// An output layer and its loss found in a plan: `loss = CrossEntropy(h · wᵀ, targets)` and,
+/// where the plan differentiates it, the backward nodes autodiff made of it.
+struct OutputLossChain {
+    /// The fused step runs as this node: the cross-entropy (forward only), or its gradient.
+    step: NodeId,
+    /// Every other node of the chain.
+    absorbed: Vec<NodeId>,
+    op: Fused<ValueId>,
+    /// The step's values: `[loss]`, or `[loss, dh, dw]`.
+    outputs: Vec<ValueId>,
+}
+
+/// Every `CrossEntropy(MatMul(h, w, transpose_b), targets)` whose logits nothing else reads
+/// and are not kept, all on one pipeline stage and model chunk. With the cross-entropy's
+/// gradient in the plan (and not `forward_only`), the backward must be exactly what autodiff
+/// makes of it, `dh = dlogits · w` and `dw = dlogitsᵀ · h` (through reshapes to rows that only
+/// it reads), with the loss read by nothing: then forward and backward are one step, at the
+/// gradient's place. Without a backward the loss alone is fused; a backward that does not
+/// match leaves the chain unfused.
+fn output_loss_chains<'r>(
+    plan: &Plan,
+    kept: &dyn Fn(ValueId) -> bool,
+    readers_of: &dyn Fn(ValueId) -> &'r [NodeId],
+    forward_only: bool,
+) -> Vec<OutputLossChain> {
+    let g = &plan.graph;
+    let maker = |v: ValueId| match g.values[v].def {
+        ferrotron_ir::ValueDef::Node { node, .. } => Some(node),
+        _ => None,
+    };
+    let place = |n: NodeId| {
+        plan.pipeline
+            .as_ref()
+            .map_or((0, 0), |p| (p.stage_of[n], p.chunk_of[n]))
+    };
+    let only = |n: NodeId| match g.nodes[n].outputs.as_slice() {
+        &[v] => Some(v),
+        _ => None,
+    };
+    // `x` itself, or a reshape of it that only `reader` reads: what `reader` reads of `x`.
+    let through_reshape = |read: ValueId, x: ValueId, reader: NodeId| -> Option<Option<NodeId>> {
+        if read == x {
+            return Some(None);
+        }
+        let r = maker(read)?;
+        match &g.nodes[r].op {
+            Op::Reshape { x: inner, .. }
+                if *inner == x && readers_of(read) == [reader] && !kept(read) =>
+            {
+                Some(Some(r))
+            }
+            _ => None,
+        }
+    };
+    let mut chains = Vec::new();
+    for &ce in &g.order {
+        let Op::CrossEntropy {
+            logits,
+            targets,
+            shift,
+            ref classes,
+        } = g.nodes[ce].op
+        else {
+            continue;
+        };
+        let Some(found) = (|| {
+            let loss = only(ce)?;
+            let mm = maker(logits)?;
+            let Op::MatMul {
+                a: h,
+                b: w,
+                transpose_a: false,
+                transpose_b: true,
+            } = g.nodes[mm].op
+            else {
+                return None;
+            };
+            if kept(logits) || g.ty(w).shape.rank() != 2 || g.ty(h).shape.rank() < 2 {
+                return None;
+            }
+            let grads: Vec<NodeId> = readers_of(logits)
+                .iter()
+                .copied()
+                .filter(|&r| r != ce)
+                .collect();
+            let forward = |chains: &mut Vec<OutputLossChain>| {
+                chains.push(OutputLossChain {
+                    step: ce,
+                    absorbed: vec![mm],
+                    op: Fused::OutputLoss {
+                        h,
+                        w,
+                        targets,
+                        dloss: None,
+                    },
+                    outputs: vec![loss],
+                })
+            };
+            let same_place = |nodes: &[NodeId]| nodes.iter().all(|&n| place(n) == place(ce));
+            if !same_place(&[mm]) {
+                return None;
+            }
+            let mut found = Vec::new();
+            let &[cg] = grads.as_slice() else {
+                if grads.is_empty() {
+                    forward(&mut found);
+                    return Some(found);
+                }
+                return None;
+            };
+            if forward_only {
+                forward(&mut found);
+                return Some(found);
+            }
+            // The gradient: the same attributes, and read by the two products only.
+            let Op::CrossEntropyGrad {
+                logits: l2,
+                targets: t2,
+                dloss,
+                shift: s2,
+                classes: ref c2,
+            } = g.nodes[cg].op
+            else {
+                return None;
+            };
+            let dl = only(cg)?;
+            if l2 != logits || t2 != targets || s2 != shift || c2 != classes || kept(dl) {
+                return None;
+            }
+            if !readers_of(loss).is_empty() {
+                return None;
+            }
+            let mut dh_node = None;
+            let mut dw_node = None;
+            let mut absorbed = vec![mm, ce];
+            for &r in readers_of(dl) {
+                match g.nodes[r].op {
+                    Op::MatMul {
+                        a,
+                        b,
+                        transpose_a: false,
+                        transpose_b: false,
+                    } if a == dl && b == w && dh_node.is_none() => dh_node = Some(r),
+                    Op::Reshape { .. } if dw_node.is_none() => {
+                        // dl reshaped to rows, read only by the weight's product.
+                        let rs = only(r)?;
+                        let &[p] = readers_of(rs) else { return None };
+                        let Op::MatMul {
+                            a,
+                            b,
+                            transpose_a: true,
+                            transpose_b: false,
+                        } = g.nodes[p].op
+                        else {
+                            return None;
+                        };
+                        if a != rs || kept(rs) {
+                            return None;
+                        }
+                        let hr = through_reshape(b, h, p)?;
+                        absorbed.push(r);
+                        absorbed.extend(hr);
+                        dw_node = Some(p);
+                    }
+                    Op::MatMul {
+                        a,
+                        b,
+                        transpose_a: true,
+                        transpose_b: false,
+                    } if a == dl && dw_node.is_none() => {
+                        let hr = through_reshape(b, h, r)?;
+                        absorbed.extend(hr);
+                        dw_node = Some(r);
+                    }
+                    _ => return None,
+                }
+            }
+            let (dh_node, dw_node) = (dh_node?, dw_node?);
+            absorbed.extend([dh_node, dw_node]);
+            let (dh, dw) = (only(dh_node)?, only(dw_node)?);
+            if g.ty(dh).shape != g.ty(h).shape || g.ty(dw).shape != g.ty(w).shape {
+                return None;
+            }
+            if !same_place(&absorbed) || place(cg) != place(ce) {
+                return None;
+            }
+            found.push(OutputLossChain {
+                step: cg,
+                absorbed,
+                op: Fused::OutputLoss {
+                    h,
+                    w,
+                    targets,
+                    dloss: Some(dloss),
+                },
+                outputs: vec![loss, dh, dw],
+            });
+            Some(found)
+        })() else {
+            continue;
+        };
+        chains.extend(found);
+    }
+    chains
 }

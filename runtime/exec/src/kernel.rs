@@ -118,6 +118,22 @@ pub struct VocabShard {
     pub shift: bool,
     /// As [`Placement::token_parts`].
     pub token_parts: usize,
+    /// `None`: the logits are every row. `Some`: they are a window of consecutive rows of
+    /// larger logits (a chunk of a fused output layer, [`crate::fuse::Fused::OutputLoss`]):
+    /// targets, sequence positions and the mean are those of the full rows.
+    pub window: Option<RowWindow>,
+}
+
+/// Rows `first..first + n` of logits with `total` rows of sequences of `seq`, where `n` is the
+/// window's own logits' leading size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowWindow {
+    /// The full row of the window's row 0.
+    pub first: usize,
+    /// The full logits' rows (the product of their leading dimensions).
+    pub total: usize,
+    /// The full logits' sequence length (their dimension −2).
+    pub seq: usize,
 }
 
 impl VocabShard {
@@ -225,6 +241,90 @@ pub fn target_of(row: usize, seq: usize, shift: bool) -> Option<usize> {
     }
 }
 
+/// A cross-entropy call's rows: its logits' own rows, and where they sit in the full logits
+/// (all of them unless the shard has a [`RowWindow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CeRows {
+    /// The rows of the call's logits.
+    pub rows: usize,
+    /// The full row of row 0.
+    pub first: usize,
+    /// The full logits' rows: targets are read and the mean taken over these.
+    pub total: usize,
+    /// The full logits' sequence length.
+    pub seq: usize,
+}
+
+impl CeRows {
+    /// Where local row `row`'s target is in the full targets (`None`: it predicts nothing).
+    pub fn target_of(&self, row: usize, shift: bool) -> Option<usize> {
+        target_of(self.first + row, self.seq, shift)
+    }
+}
+
+/// The rows of logits shaped `logits_shape` under `shard`, checked: a window must lie inside
+/// its full rows and have their sequence length dividing them.
+pub fn ce_rows_of(
+    name: &'static str,
+    logits_shape: &[usize],
+    shard: &VocabShard,
+) -> Result<CeRows, KernelError> {
+    let (rows, seq) = ce_rows(name, logits_shape)?;
+    let Some(w) = shard.window else {
+        return Ok(CeRows {
+            rows,
+            first: 0,
+            total: rows,
+            seq,
+        });
+    };
+    if w.seq == 0 || w.total % w.seq != 0 || w.first.checked_add(rows).is_none_or(|e| e > w.total) {
+        return Err(invalid(
+            name,
+            format!(
+                "rows {}..{} of {} rows of sequences of {}: not a window of whole sequences' rows",
+                w.first,
+                w.first.saturating_add(rows),
+                w.total,
+                w.seq
+            ),
+        ));
+    }
+    Ok(CeRows {
+        rows,
+        first: w.first,
+        total: w.total,
+        seq: w.seq,
+    })
+}
+
+/// The targets must index every full row: the logits' leading shape, or for a window,
+/// `[..., seq]` with the full rows.
+pub fn check_targets_shape(
+    name: &'static str,
+    targets: &[usize],
+    logits_shape: &[usize],
+    rows: &CeRows,
+    shard: &VocabShard,
+) -> Result<(), KernelError> {
+    if shard.window.is_none() {
+        let r = logits_shape.len();
+        return index::same_shape("the targets", &logits_shape[..r - 1], targets).or_invalid(name);
+    }
+    let n = targets.iter().try_fold(1usize, |n, &s| n.checked_mul(s));
+    if n != Some(rows.total) || targets.last() != Some(&rows.seq) {
+        return Err(invalid(
+            name,
+            format!(
+                "the targets have shape {targets:?}, expected [..., {}] with {} elements (the full \
+                 rows of the window)",
+                rows.seq, rows.total
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The number of positions a cross-entropy mean divides by on this rank (its predicting rows),
 /// checked to be non-zero, with `token_parts` checked too.
 pub fn mean_count(
@@ -289,16 +389,18 @@ impl RowStats {
 
 /// The loss from the group-reduced statistics: `Σ` over predicting rows of
 /// `(ln sum + max − target_logit)`, divided by (predicting rows × `token_parts`). Only the
-/// leading dimensions of `logits_shape` are read (a shard's or the full logits' shape will do).
+/// leading dimensions of `logits_shape` are read (a shard's or the full logits' shape will do);
+/// for a window of rows ([`VocabShard::window`]) the sum is over its rows and the mean's count
+/// that of the full rows, so the windows' losses add up to the whole loss.
 pub fn ce_loss(
     stats: &RowStats,
     logits_shape: &[usize],
-    shift: bool,
-    token_parts: usize,
+    shard: &VocabShard,
 ) -> Result<f32, KernelError> {
     const NAME: &str = "CrossEntropy";
     let RowStats { max, sum, target } = stats;
-    let (rows, seq) = ce_rows(NAME, logits_shape)?;
+    let at = ce_rows_of(NAME, logits_shape, shard)?;
+    let rows = at.rows;
     if max.len() != rows || sum.len() != rows || target.len() != rows {
         return Err(invalid(
             NAME,
@@ -310,12 +412,71 @@ pub fn ce_loss(
             ),
         ));
     }
-    let count = mean_count(NAME, (rows, seq), shift, token_parts, logits_shape)?;
+    let (shift, token_parts) = (shard.shift, shard.token_parts);
+    let count = mean_count(NAME, (at.total, at.seq), shift, token_parts, logits_shape)?;
     let total: f64 = (0..rows)
-        .filter(|&row| target_of(row, seq, shift).is_some())
+        .filter(|&row| at.target_of(row, shift).is_some())
         .map(|row| (sum[row] as f64).ln() + max[row] as f64 - target[row] as f64)
         .sum();
     Ok((total / (count as f64 * token_parts as f64)) as f32)
+}
+
+/// The shape of a fused output layer and loss ([`crate::fuse::Fused::OutputLoss`]) on one
+/// rank, and how its rows are cut into chunks: the executor's loop and the memory plan both
+/// read it, so the plan holds the bytes the loop holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputLossDims {
+    /// The rows of the hidden states (and of the logits that are never made whole).
+    pub rows: usize,
+    /// The hidden size.
+    pub hidden: usize,
+    /// This rank's classes (the output weight's rows).
+    pub vocab: usize,
+}
+
+impl OutputLossDims {
+    /// At most this many chunks: the logits held at once are this much smaller than whole.
+    pub const MAX_CHUNKS: usize = 8;
+    /// A chunk has at least this many rows (or all rows): the weight gradient's product has the
+    /// chunk's rows as its depth, and below this it falls off the matmul's speed.
+    pub const MIN_CHUNK_ROWS: usize = 128;
+
+    /// The rows of each chunk.
+    pub fn chunk_rows(&self) -> usize {
+        self.rows
+            .div_ceil(Self::MAX_CHUNKS)
+            .max(Self::MIN_CHUNK_ROWS)
+            .min(self.rows)
+            .max(1)
+    }
+
+    /// The chunks in order: `(first row, rows)`.
+    pub fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let c = self.chunk_rows();
+        (0..self.rows)
+            .step_by(c)
+            .map(move |a| (a, c.min(self.rows - a)))
+    }
+
+    /// The most bytes the loop holds at once besides its inputs, with `element_bytes` per
+    /// element of the hidden states, weight and logits (the statistics are `f32`): the hidden
+    /// states as rows, the weight's gradient as it is summed (`grad`), and per chunk its hidden
+    /// rows, logits (and their gradient), statistics and the hidden-state gradient's chunks
+    /// made so far; after the loop, those chunks and their concatenation.
+    pub fn scratch_bytes(&self, grad: bool, element_bytes: u64) -> u64 {
+        let e = element_bytes;
+        let (rows, hidden, vocab) = (self.rows as u64, self.hidden as u64, self.vocab as u64);
+        let base = rows * hidden * e + if grad { vocab * hidden * e } else { 0 };
+        let logits_copies = if grad { 2 } else { 1 };
+        let per_chunk = self.chunks().map(|(a, c)| {
+            let (a, c) = (a as u64, c as u64);
+            let made = if grad { a * hidden * e } else { 0 };
+            c * hidden * e + logits_copies * c * vocab * e + 3 * c * 4 + made
+        });
+        let most = per_chunk.max().unwrap_or(0);
+        let assembled = if grad { 2 * rows * hidden * e } else { 0 };
+        base + most.max(assembled)
+    }
 }
 
 /// A fused scaled dot-product attention's attributes ([`crate::fuse::Fused::Attention`]), read

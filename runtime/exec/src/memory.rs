@@ -13,7 +13,8 @@
 //! all-reduce takes over its input's buffer, and a sum the buffer of an addend of its shape, when
 //! that input is read for the last time and not kept; a tied embedding's gradient is added into
 //! the other gradient's buffer likewise; a dropout's gradient does not hold the dropout's output
-//! ([`ferrotron_ir::Op::data_inputs`]). So its peak is the peak the rank measures, to the byte
+//! ([`ferrotron_ir::Op::data_inputs`]); a fused output layer holds its chunks' scratch while it
+//! runs ([`crate::fuse::Program::scratch_bytes`]). So its peak is the peak the rank measures, to the byte
 //! (`runtime/cpu/tests/memory_plan.rs`). The arena is where the intermediates would live if
 //! each had its offset: values whose lifetimes overlap never share bytes, and a buffer taken
 //! over in place keeps its offset.
@@ -29,8 +30,9 @@ use ferrotron_ir::{DType, Op, ValueDef, ValueId};
 /// One value's place in the arena.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slot {
-    /// The value (the plan's, or a [`crate::fuse::Saved`] one of the program's).
-    pub value: ValueId,
+    /// The value (the plan's, or a [`crate::fuse::Saved`] one of the program's); `None`: the
+    /// scratch a step holds while it runs ([`crate::fuse::Program::scratch_bytes`]).
+    pub value: Option<ValueId>,
     /// Its bytes.
     pub bytes: u64,
     /// Its offset in the arena.
@@ -55,7 +57,8 @@ pub struct MemoryPlan {
     /// The most bytes of the inputs and intermediate values live at once: what no arena can go
     /// below.
     pub live_peak: u64,
-    /// The buffer of every input and intermediate value, in the order the program makes them.
+    /// The buffer of every input and intermediate value, in the order the program makes them,
+    /// and the scratch of each step that holds some while it runs.
     pub slots: Vec<Slot>,
     /// The arena the slots' offsets span.
     pub arena: u64,
@@ -104,7 +107,7 @@ pub fn plan(exe: &Executable, element_bytes: &dyn Fn(DType) -> u64) -> Option<Me
         inputs += size(v);
         slot_of[v] = Some(slots.len());
         slots.push(Slot {
-            value: v,
+            value: Some(v),
             bytes: size(v),
             offset: 0,
             from: 0,
@@ -153,6 +156,20 @@ pub fn plan(exe: &Executable, element_bytes: &dyn Fn(DType) -> u64) -> Option<Me
             } if free(*acc, i) => Some(*acc),
             StepOp::Fused { .. } => None,
         };
+        // What the step holds while it runs (a fused output layer's chunks), before its outputs.
+        let scratch = program.scratch_bytes(plan, i, element_bytes);
+        if scratch > 0 {
+            peak = peak.max(live + scratch);
+            live_peak = live_peak.max(intermediates + scratch);
+            slots.push(Slot {
+                value: None,
+                bytes: scratch,
+                offset: 0,
+                from: i,
+                to: i,
+                reuses: None,
+            });
+        }
         if let Some(x) = reused {
             live -= size(x);
             intermediates -= size(x);
@@ -167,7 +184,7 @@ pub fn plan(exe: &Executable, element_bytes: &dyn Fn(DType) -> u64) -> Option<Me
             let from = taken.and_then(|x| slot_of[x]).map_or(i, |s| slots[s].from);
             slot_of[v] = Some(slots.len());
             slots.push(Slot {
-                value: v,
+                value: Some(v),
                 bytes,
                 offset: 0,
                 from,
@@ -223,7 +240,7 @@ fn assign_offsets(slots: &mut [Slot]) -> u64 {
     let index: std::collections::HashMap<ValueId, usize> = slots
         .iter()
         .enumerate()
-        .map(|(k, s)| (s.value, k))
+        .filter_map(|(k, s)| Some((s.value?, k)))
         .collect();
     for k in 0..slots.len() {
         if let Some(&from) = slots[k].reuses.as_ref().and_then(|x| index.get(x)) {

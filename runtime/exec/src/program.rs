@@ -5,7 +5,7 @@
 //! and shared by every rank of a process; the rank program ([`crate::Rank::run`]) walks it.
 
 use crate::error::ExecError;
-use crate::fuse::{Program, StepOp};
+use crate::fuse::{Fusions, Program, StepOp};
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
 use ferrotron_partitioner::{value_blocks, Plan};
@@ -34,6 +34,12 @@ pub struct RunOptions {
     /// with the values, and their backward) as one fused op ([`crate::fuse::Fused::Attention`]):
     /// equal to the unfused chain within `f32` rounding, not to the bit.
     pub fuse_attention: bool,
+    /// With `fuse`, also run each output layer with its cross-entropy as one fused step that
+    /// never holds the full logits ([`crate::fuse::Fused::OutputLoss`]); where it is
+    /// differentiated, the step also makes the hidden states' and the weight's gradients. Equal
+    /// to the unfused nodes within `f32` rounding. A run that keeps the logits (an output
+    /// asked for) leaves it out by itself.
+    pub fuse_loss: bool,
     /// Keep the graph's outputs (the logits) to the end of the step for the caller. A trainer,
     /// which reads only the loss and the gradients, sets it off, so they are freed at their
     /// last reader like any value.
@@ -51,6 +57,7 @@ impl Default for RunOptions {
             trace: false,
             fuse: true,
             fuse_attention: true,
+            fuse_loss: true,
             keep_outputs: true,
         }
     }
@@ -216,7 +223,15 @@ impl<'p> Executable<'p> {
             }
         }
         let program = if opts.fuse && !opts.keep_all {
-            Program::fused(plan, &|v| keep[v], opts.fuse_attention)
+            Program::fused(
+                plan,
+                &|v| keep[v],
+                Fusions {
+                    attention: opts.fuse_attention,
+                    loss: opts.fuse_loss,
+                    forward_only: opts.forward_only,
+                },
+            )
         } else {
             Program::unfused(plan)
         };

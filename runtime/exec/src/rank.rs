@@ -20,7 +20,7 @@ use crate::backend::Backend;
 use crate::comm::{Comm, CommError, ReduceOp};
 use crate::error::{ExecError, GroupRanks};
 use crate::fuse::{Fused, StepOp};
-use crate::kernel::{CeStats, KernelError, Placement, VocabShard};
+use crate::kernel::{CeStats, KernelError, OutputLossDims, Placement, RowWindow, VocabShard};
 use crate::link::{Link, Tag};
 use crate::program::Executable;
 use crate::Tensor;
@@ -727,7 +727,14 @@ impl<B: Backend> Runner<'_, B> {
                     vec![x]
                 }
                 (StepOp::Fused { op, absorbed, .. }, None) => {
-                    self.fused(n, op, absorbed, values)?
+                    // What the step holds while it runs besides its inputs and outputs.
+                    let scratch = exe
+                        .program
+                        .scratch_bytes(exe.plan, i, &|d| be.element_bytes(d));
+                    bytes.add(scratch as usize);
+                    let outs = self.fused((n, i), op, absorbed, values)?;
+                    bytes.sub(scratch as usize);
+                    outs
                 }
                 (StepOp::Node, None) => match self.in_place(n, i, values) {
                     Some(x) => {
@@ -1447,11 +1454,12 @@ impl<B: Backend> Runner<'_, B> {
         Ok((out, free))
     }
 
-    /// Runs a fused step: its outputs (the step's), computed by the fused op. `absorbed` are
-    /// the nodes it stands for (an attention's dropout among them places its mask).
+    /// Runs fused step `i`: its outputs (the step's), computed by the fused op. `absorbed` are
+    /// the nodes it stands for besides `n` (an attention's dropout among them places its mask,
+    /// a loss's cross-entropy gives its attributes).
     fn fused(
         &self,
-        n: NodeId,
+        (n, i): (NodeId, usize),
         op: &Fused<ValueId>,
         absorbed: &[NodeId],
         values: &[Option<Cow<B::Tensor>>],
@@ -1480,6 +1488,12 @@ impl<B: Backend> Runner<'_, B> {
                 let at = self.attention_placement(absorbed)?;
                 Ok(be.attention_grad(*saved, spec, &at).map_err(kernel)?.into())
             }
+            Fused::OutputLoss {
+                h,
+                w,
+                targets,
+                dloss,
+            } => self.output_loss((n, i), absorbed, (h, w, targets), *dloss),
             _ => Ok(vec![be.eval_fused(&mapped).map_err(kernel)?]),
         }
     }
@@ -1588,33 +1602,175 @@ impl<B: Backend> Runner<'_, B> {
         shift: bool,
         classes: &Option<Dim>,
     ) -> Result<VocabStats<B::Tensor>, ExecError> {
-        let be = &self.rank.backend;
+        let shard = self.vocab_shard(v, shift, classes);
+        let stats = self.ce_stats(n, logits, targets, &shard, true)?;
+        Ok(VocabStats { stats, shard })
+    }
+
+    /// The classes this rank holds of the cross-entropy of logits `v`, and how its mean is
+    /// taken.
+    fn vocab_shard(&self, v: ValueId, shift: bool, classes: &Option<Dim>) -> VocabShard {
         let plan = self.exe.plan;
         let region = self.region(v);
         let last = region.rank() - 1;
         let full = full_shape(plan.mesh, &plan.graph.ty(v).shape.sizes(), self.layout(v))[last];
-        let shard = VocabShard {
+        VocabShard {
             class_offset: region.dim(last).first().map_or(0, |r| r.start),
             real_classes: classes.as_ref().map_or(full, |c| c.size as usize),
             shift,
             token_parts: self.token_parts(v),
-        };
+            window: None,
+        }
+    }
+
+    /// A cross-entropy's per-row statistics of `logits`, reduced over the tp group when the
+    /// classes are split over it (`reduce`).
+    fn ce_stats(
+        &self,
+        n: NodeId,
+        logits: &B::Tensor,
+        targets: &B::Tensor,
+        shard: &VocabShard,
+        reduce: bool,
+    ) -> Result<CeStats<B::Tensor>, ExecError> {
+        let be = &self.rank.backend;
         // The statistics stay backend tensors, reduced by the group's tensor collectives (the
         // maxima, then the sums with the target logits): on a GPU they never reach the host.
         let tp = self.group(MeshAxis::Tp);
         let mut max = be
-            .ce_row_max(logits, &shard)
+            .ce_row_max(logits, shard)
             .map_err(|e| self.kernel_error(n, e))?;
-        tp.all_reduce(&mut max, ReduceOp::Max)
-            .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
+        if reduce {
+            tp.all_reduce(&mut max, ReduceOp::Max)
+                .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
+        }
         let mut sums = be
-            .ce_row_sums(logits, &max, targets, &shard)
+            .ce_row_sums(logits, &max, targets, shard)
             .map_err(|e| self.kernel_error(n, e))?;
-        tp.all_reduce(&mut sums, ReduceOp::Sum)
-            .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
-        Ok(VocabStats {
-            stats: CeStats { max, sums },
-            shard,
-        })
+        if reduce {
+            tp.all_reduce(&mut sums, ReduceOp::Sum)
+                .map_err(|e| self.group_error(n, MeshAxis::Tp, e))?;
+        }
+        Ok(CeStats { max, sums })
+    }
+
+    /// A fused output layer and loss ([`Fused::OutputLoss`] at step `i`, standing for node `n`
+    /// and the `absorbed` ones): the logits made a chunk of rows at a time, each chunk's
+    /// statistics reduced over the tp group where the classes are split, the chunks' losses
+    /// added; with `dloss`, each chunk's gradient gives its rows of the hidden states' gradient
+    /// and its addend to the weight's before the chunk's logits are dropped.
+    fn output_loss(
+        &self,
+        (n, i): (NodeId, usize),
+        absorbed: &[NodeId],
+        (h, w, targets): (&B::Tensor, &B::Tensor, &B::Tensor),
+        dloss: Option<&B::Tensor>,
+    ) -> Result<Vec<B::Tensor>, ExecError> {
+        let exe = self.exe;
+        let g = &exe.plan.graph;
+        let be = &self.rank.backend;
+        let kernel = |e| self.kernel_error(n, e);
+        let eval = |op: Op<&B::Tensor, Dim>| -> Result<B::Tensor, ExecError> {
+            Ok(be
+                .eval(&op, &Placement::default())
+                .map_err(kernel)?
+                .swap_remove(0))
+        };
+        let Some((logits, shift, classes)) =
+            absorbed
+                .iter()
+                .chain([&n])
+                .find_map(|&m| match &g.nodes[m].op {
+                    Op::CrossEntropy {
+                        logits,
+                        shift,
+                        classes,
+                        ..
+                    } => Some((*logits, *shift, classes.clone())),
+                    _ => None,
+                })
+        else {
+            return Err(self.plan_error(n, "a fused loss without its cross-entropy".into()));
+        };
+        let dims = exe
+            .program
+            .output_loss_dims(exe.plan, i)
+            .ok_or_else(|| self.plan_error(n, "not a fused output layer".into()))?;
+        let OutputLossDims { rows, hidden, .. } = dims;
+        let h_shape = be.shape(h).to_vec();
+        let seq = h_shape[h_shape.len() - 2];
+        let split = self.vocab_parallel(logits);
+        let whole = self.vocab_shard(logits, shift, &classes);
+        let as_dims = |sizes: &[usize]| sizes.iter().map(|&s| Dim::new(s as u64)).collect();
+        let h_rows = eval(Op::Reshape {
+            x: h,
+            shape: as_dims(&[rows, hidden]),
+        })?;
+        let (mut loss, mut dw) = (None::<B::Tensor>, None::<B::Tensor>);
+        let mut dh_rows = Vec::new();
+        for (first, count) in dims.chunks() {
+            let shard = VocabShard {
+                window: Some(RowWindow {
+                    first,
+                    total: rows,
+                    seq,
+                }),
+                ..whole
+            };
+            let h_chunk = eval(Op::Slice {
+                x: &h_rows,
+                dim: 0,
+                start: Dim::new(first as u64),
+                end: Dim::new((first + count) as u64),
+            })?;
+            let chunk_logits = eval(Op::MatMul {
+                a: &h_chunk,
+                b: w,
+                transpose_a: false,
+                transpose_b: true,
+            })?;
+            let stats = self.ce_stats(n, &chunk_logits, targets, &shard, split)?;
+            let part = be
+                .ce_loss(&stats, be.shape(&chunk_logits), &shard)
+                .map_err(kernel)?;
+            loss = Some(match loss {
+                None => part,
+                Some(sum) => be.add_into(sum, &part).map_err(kernel)?,
+            });
+            let Some(dloss) = dloss else { continue };
+            let grad = be
+                .ce_grad(&chunk_logits, targets, &stats, &shard, dloss)
+                .map_err(kernel)?;
+            drop(chunk_logits);
+            dh_rows.push(eval(Op::MatMul {
+                a: &grad,
+                b: w,
+                transpose_a: false,
+                transpose_b: false,
+            })?);
+            dw = Some(match dw {
+                None => eval(Op::MatMul {
+                    a: &grad,
+                    b: &h_chunk,
+                    transpose_a: true,
+                    transpose_b: false,
+                })?,
+                Some(sum) => be
+                    .matmul_acc(sum, (&grad, &h_chunk), (true, false))
+                    .map_err(kernel)?,
+            });
+        }
+        let loss = loss.ok_or_else(|| self.plan_error(n, "a loss over no rows".into()))?;
+        let Some(dw) = dw else {
+            return Ok(vec![loss]);
+        };
+        let dh = match dh_rows.len() {
+            1 => dh_rows.swap_remove(0),
+            _ => eval(Op::Concat {
+                xs: dh_rows.iter().collect(),
+                dim: 0,
+            })?,
+        };
+        Ok(vec![loss, be.reshape(dh, h_shape), dw])
     }
 }

@@ -1,11 +1,14 @@
 // cross_entropy.cu: the cross-entropy's per-row statistics and the logits' gradient, for logits
 // [rows, vocab] whose first `nr` columns are this rank's real classes (global class
-// `class_offset + j`; padded classes and other ranks' classes are excluded). With `shift`, row r
-// predicts the target at r + 1 and the last row of each sequence (r % seq == seq - 1) predicts
-// nothing. Targets are f32 integers, checked beforehand (check_indices). One block per row for
-// the statistics (one kernel each), a 2-D grid for the gradient.
+// `class_offset + j`; padded classes and other ranks' classes are excluded). The rows may be a
+// window of larger logits: local row r is full row `first + r` (first = 0 for whole logits), and
+// targets, sequence positions and the mean's count are the full rows' (the targets buffer holds
+// every full row's). With `shift`, full row r predicts the target at r + 1 and the last row of
+// each sequence (r % seq == seq - 1) predicts nothing. Targets are f32 integers, checked
+// beforehand (check_indices). One block per row for the statistics (one kernel each), a 2-D grid
+// for the gradient.
 
-// The global target of row `row`, or -1 when the row predicts nothing.
+// The global target of full row `row`, or -1 when the row predicts nothing.
 __device__ __forceinline__ i64 ft_target(const float* targets, i64 row, i64 seq, int shift) {
     if (!shift) {
         return (i64)targets[row];
@@ -40,8 +43,9 @@ FT_TYPED(ce_row_max, CE_ROW_MAX_PARAMS, (max, logits, rows, vocab, nr))
 // nothing): one [2, rows] buffer, which the group reduces at once.
 template <typename T>
 __device__ __forceinline__ void ce_row_sums_impl(float* sums, const T* logits, const float* max,
-                                                 const float* targets, i64 rows, i64 seq,
-                                                 i64 vocab, i64 nr, i64 class_offset, int shift) {
+                                                 const float* targets, i64 rows, i64 first,
+                                                 i64 seq, i64 vocab, i64 nr, i64 class_offset,
+                                                 int shift) {
     float* sum = sums;
     float* tl = sums + rows;
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -54,32 +58,33 @@ __device__ __forceinline__ void ce_row_sums_impl(float* sums, const T* logits, c
         s = ft_block_sum(s);
         if (threadIdx.x == 0) {
             sum[row] = s;
-            i64 t = ft_target(targets, row, seq, shift);
+            i64 t = ft_target(targets, first + row, seq, shift);
             i64 j = t - class_offset;
             tl[row] = t >= 0 && j >= 0 && j < nr ? ld(l, j) : 0.0f;
         }
     }
 }
 #define CE_ROW_SUMS_PARAMS(T)                                                                 \
-    (float* sums, const T* logits, const float* max, const float* targets, i64 rows, i64 seq, \
-     i64 vocab, i64 nr, i64 class_offset, int shift)
+    (float* sums, const T* logits, const float* max, const float* targets, i64 rows,          \
+     i64 first, i64 seq, i64 vocab, i64 nr, i64 class_offset, int shift)
 FT_TYPED(ce_row_sums, CE_ROW_SUMS_PARAMS,
-         (sums, logits, max, targets, rows, seq, vocab, nr, class_offset, shift))
+         (sums, logits, max, targets, rows, first, seq, vocab, nr, class_offset, shift))
 
 // The logits' gradient: (softmax - onehot(target)) * dloss / denom over the real local classes,
 // 0 for padded classes and for rows predicting nothing. `dloss` is a device scalar (the
-// backward's seed stays on the device); denom = predicting rows * token parts.
+// backward's seed stays on the device); denom = the full rows' predicting rows * token parts.
 template <typename T>
 __device__ __forceinline__ void ce_grad_impl(T* out, const T* logits, const float* max,
                                              const float* sum, const float* targets,
-                                             const float* dloss, i64 rows, i64 seq, i64 vocab,
-                                             i64 nr, i64 class_offset, int shift, double denom) {
+                                             const float* dloss, i64 rows, i64 first, i64 seq,
+                                             i64 vocab, i64 nr, i64 class_offset, int shift,
+                                             double denom) {
     float scale = (float)((double)dloss[0] / denom);
     for (i64 row = (i64)blockIdx.y * blockDim.y + threadIdx.y; row < rows;
          row += (i64)gridDim.y * blockDim.y) {
         const T* l = logits + row * vocab;
         T* o = out + row * vocab;
-        i64 t = ft_target(targets, row, seq, shift);
+        i64 t = ft_target(targets, first + row, seq, shift);
         i64 tj = t - class_offset; // the target's local column when in 0..nr
         float m = max[row];
         float inv = 1.0f / sum[row];
@@ -96,22 +101,24 @@ __device__ __forceinline__ void ce_grad_impl(T* out, const T* logits, const floa
 }
 #define CE_GRAD_PARAMS(T)                                                                      \
     (T * out, const T* logits, const float* max, const float* sum, const float* targets,       \
-     const float* dloss, i64 rows, i64 seq, i64 vocab, i64 nr, i64 class_offset, int shift,    \
-     double denom)
+     const float* dloss, i64 rows, i64 first, i64 seq, i64 vocab, i64 nr, i64 class_offset,    \
+     int shift, double denom)
 FT_TYPED(ce_grad, CE_GRAD_PARAMS,
-         (out, logits, max, sum, targets, dloss, rows, seq, vocab, nr, class_offset, shift, denom))
+         (out, logits, max, sum, targets, dloss, rows, first, seq, vocab, nr, class_offset, shift,
+          denom))
 
 // The loss from the group-reduced statistics, on the device (no host round trip inside a step):
 // the sum over the rows that predict something of ln(sum) + max - target logit, divided by
-// denom (predicting rows * token parts). One block: each thread sums its rows in f64, then the
+// denom (the full rows' predicting rows * token parts, so that a window's loss is its share of
+// the whole loss). One block: each thread sums its rows in f64, then the
 // block's sums are added in a fixed order, so the result is the same on every run.
 extern "C" __global__ void ce_loss(float* out, const float* max, const float* sums, i64 rows,
-                                   i64 seq, int shift, double denom) {
+                                   i64 first, i64 seq, int shift, double denom) {
     const float* sum = sums;
     const float* tl = sums + rows;
     double acc = 0.0;
     for (i64 row = threadIdx.x; row < rows; row += blockDim.x) {
-        if (!shift || row % seq + 1 != seq) {
+        if (!shift || (first + row) % seq + 1 != seq) {
             acc += log((double)sum[row]) + (double)max[row] - (double)tl[row];
         }
     }

@@ -3,11 +3,15 @@
 //! reductions) cross-entropy. The same meaning, checks and errors as the CPU backend's: logits
 //! `[..., seq, vocab]`, this rank's classes global `class_offset + j`, classes at or past
 //! `real_classes` excluded ([`VocabShard`]); with `shift` row `t` predicts target `t + 1` and the
-//! last position of each sequence predicts nothing. For the executor's phases the statistics stay
+//! last position of each sequence predicts nothing. The logits may be a window of consecutive rows
+//! of larger logits ([`VocabShard::window`], a chunk of a fused output layer): the launches cover
+//! the window's rows, while the targets (the full rows'), the rows' sequence positions and the
+//! mean's count are the full logits', so the windows' losses add up to the whole loss and their
+//! gradients are the whole gradient's rows. For the executor's phases the statistics stay
 //! on the device ([`ce_row_max_dev`], [`ce_row_sums_dev`], [`ce_loss_dev`], [`ce_grad_dev`]: the
 //! group reduces them as tensors, the loss is computed by a kernel, the backward's seed is read
 //! where it is); the host forms ([`ce_row_max`], ...) serve `eval` and the op tests, with the
-//! loss's mean the core's ([`ce_loss`]), on the host in `f64`.
+//! loss's mean the core's ([`ferrotron_exec::kernel::ce_loss`]), on the host in `f64`.
 
 use super::launch::{cfg_2d, cfg_rows, i64_of, on, scratch, to_host, Buf, Launch, Result};
 use super::{as_dtype, check, defer_index_check, first_bad_index, index_buffer, spec};
@@ -15,44 +19,50 @@ use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, Storage};
 use cudarc::driver::CudaSlice;
 use ferrotron_exec::kernel::{
-    ce_rows, invalid, mean_count, CeStats, KernelError, OrInvalid, Placement, RowStats, VocabShard,
+    ce_rows_of, check_targets_shape, invalid, mean_count, CeRows, CeStats, KernelError, OrInvalid,
+    Placement, RowStats, VocabShard,
 };
 use ferrotron_ir::index;
 use ferrotron_ir::Dim;
 
-/// The logits' shape facts: rows, seq, vocab, this rank's real classes.
+/// The logits' shape facts: their rows and where those sit in the full rows ([`CeRows`]: the
+/// launches cover `rows`, the targets and the mean are `total`'s), the vocabulary and this
+/// rank's real classes.
 struct Geometry {
     rows: usize,
-    seq: usize,
+    at: CeRows,
     vocab: usize,
     nr: usize,
 }
 
 fn geometry(op: &'static str, logits: &CudaTensor, shard: &VocabShard) -> Result<Geometry> {
     check(op, logits)?;
-    let (rows, seq) = ce_rows(op, &logits.shape)?;
+    let at = ce_rows_of(op, &logits.shape, shard)?;
     let vocab = logits.shape[logits.shape.len() - 1];
     Ok(Geometry {
-        rows,
-        seq,
+        rows: at.rows,
+        at,
         vocab,
         nr: shard.local_real(vocab),
     })
 }
 
-/// The targets' shape (the logits' leading axes) and buffer.
+/// The targets' shape (the logits' leading axes, or the full rows' for a window) and buffer.
 fn targets_of<'t>(
     op: &'static str,
     logits: &CudaTensor,
     targets: &'t CudaTensor,
+    g: &Geometry,
+    shard: &VocabShard,
 ) -> Result<&'t CudaSlice<f32>> {
     check(op, targets)?;
-    let r = logits.shape.len();
-    index::same_shape("the targets", &logits.shape[..r - 1], &targets.shape).or_invalid(op)?;
+    check_targets_shape(op, &targets.shape, &logits.shape, &g.at, shard)?;
     Ok(index_buffer(op, "targets", targets)?.as_ref())
 }
 
-/// That every target a row reads is an integer in `0..real_classes`: the first that is not.
+/// That every target a row of the full logits reads is an integer in `0..real_classes`: the
+/// first that is not. A window's call checks the full targets, so that every window reports a
+/// bad target as the whole logits' call does.
 fn check_targets(
     dev: &RankDevice,
     op: &'static str,
@@ -61,7 +71,8 @@ fn check_targets(
     shift: bool,
     real_classes: usize,
 ) -> Result<()> {
-    match first_bad_index(dev, op, targets, g.rows, real_classes, g.seq, shift)? {
+    let CeRows { total, seq, .. } = g.at;
+    match first_bad_index(dev, op, targets, total, real_classes, seq, shift)? {
         None => Ok(()),
         Some((element, value)) => Err(KernelError::Index {
             op,
@@ -83,7 +94,7 @@ fn defer_target_check(
     shard: &VocabShard,
 ) -> Result<()> {
     let buffer = index_buffer(op, "targets", targets)?;
-    let range = (g.rows, shard.real_classes, g.seq);
+    let range = (g.at.total, shard.real_classes, g.at.seq);
     defer_index_check(dev, op, "target", buffer, range, shard.shift)
 }
 
@@ -129,10 +140,17 @@ fn row_sums_dev(
     let (shift, class_offset) = (shard.shift, shard.class_offset);
     let mut sums = scratch(dev, op, 2 * g.rows)?;
     if g.rows > 0 {
-        let v = [g.rows, g.seq.max(1), g.vocab, g.nr, class_offset]
-            .map(|x| i64_of(op, x))
-            .into_iter()
-            .collect::<Result<Vec<i64>>>()?;
+        let v = [
+            g.rows,
+            g.at.first,
+            g.at.seq.max(1),
+            g.vocab,
+            g.nr,
+            class_offset,
+        ]
+        .map(|x| i64_of(op, x))
+        .into_iter()
+        .collect::<Result<Vec<i64>>>()?;
         let shift = i32::from(shift);
         Launch::new(dev, op, &spec::CE_ROW_SUMS, logits.dtype())?
             .slice_mut(&mut sums)
@@ -144,6 +162,7 @@ fn row_sums_dev(
             .val(&v[2])
             .val(&v[3])
             .val(&v[4])
+            .val(&v[5])
             .val(&shift)
             .launch(cfg_rows(dev, g.rows, g.nr))?;
     }
@@ -167,13 +186,14 @@ fn grad_dev(
     shard: &VocabShard,
 ) -> Result<CudaTensor> {
     let (shift, class_offset) = (shard.shift, shard.class_offset);
-    // The mean's denominator: predicting rows × token parts.
-    let count = mean_count(op, (g.rows, g.seq), shift, shard.token_parts, &logits.shape)?;
+    // The mean's denominator: the full rows' predicting rows × token parts.
+    let (total, seq) = (g.at.total, g.at.seq);
+    let count = mean_count(op, (total, seq), shift, shard.token_parts, &logits.shape)?;
     let denom = count as f64 * shard.token_parts as f64;
     let n = logits.numel();
     let mut out = Buf::uninit(dev, op, logits.dtype(), n)?;
     if n > 0 {
-        let v = [g.rows, g.seq.max(1), g.vocab, g.nr, class_offset]
+        let v = [g.rows, g.at.first, seq.max(1), g.vocab, g.nr, class_offset]
             .map(|x| i64_of(op, x))
             .into_iter()
             .collect::<Result<Vec<i64>>>()?;
@@ -190,6 +210,7 @@ fn grad_dev(
             .val(&v[2])
             .val(&v[3])
             .val(&v[4])
+            .val(&v[5])
             .val(&shift)
             .val(&denom)
             .launch(cfg_2d(dev, g.rows, g.vocab))?;
@@ -245,7 +266,7 @@ pub fn ce_row_sums(
 ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
     const OP: &str = "CrossEntropy";
     let g = geometry(OP, logits, shard)?;
-    let t = targets_of(OP, logits, targets)?;
+    let t = targets_of(OP, logits, targets, &g, shard)?;
     if max.len() != g.rows {
         return Err(invalid(
             OP,
@@ -276,7 +297,7 @@ pub fn ce_grad(
     const OP: &str = "CrossEntropyGrad";
     let (max, sum) = (&stats.max, &stats.sum);
     let g = geometry(OP, logits, shard)?;
-    let t = targets_of(OP, logits, targets)?;
+    let t = targets_of(OP, logits, targets, &g, shard)?;
     if max.len() != g.rows || sum.len() != g.rows {
         return Err(invalid(
             OP,
@@ -315,6 +336,7 @@ pub(super) fn whole(
         real_classes: index::ce_classes(&logits.shape, classes).or_invalid(op)?,
         shift,
         token_parts: local.n_token_parts(),
+        window: None,
     })
 }
 
@@ -328,7 +350,7 @@ pub(super) fn loss_op(
     shard: &VocabShard,
 ) -> Result<CudaTensor> {
     let g = geometry(op, logits, shard)?;
-    let t = targets_of(op, logits, targets)?;
+    let t = targets_of(op, logits, targets, &g, shard)?;
     let max = row_max_dev(dev, op, logits, &g)?;
     defer_target_check(dev, op, targets, &g, shard)?;
     let rows = Rows {
@@ -348,7 +370,7 @@ pub(super) fn grad_op(
 ) -> Result<CudaTensor> {
     index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(op)?;
     let g = geometry(op, logits, shard)?;
-    let t = targets_of(op, logits, targets)?;
+    let t = targets_of(op, logits, targets, &g, shard)?;
     let max = row_max_dev(dev, op, logits, &g)?;
     defer_target_check(dev, op, targets, &g, shard)?;
     let rows = Rows {
@@ -384,7 +406,8 @@ fn stats_buffer<'t>(
 }
 
 /// The loss from the statistics on the device (`max` `[rows]`, `sums` `[2, rows]`), a device
-/// scalar: [`ce_loss`]'s arithmetic, in one block of a kernel.
+/// scalar: [`ferrotron_exec::kernel::ce_loss`]'s arithmetic, in one block of a kernel (a
+/// window's rows summed, divided by the full rows' count).
 fn loss_dev(
     dev: &RankDevice,
     op: &'static str,
@@ -392,16 +415,21 @@ fn loss_dev(
     logits_shape: &[usize],
     shard: &VocabShard,
 ) -> Result<CudaTensor> {
-    let (rows, seq) = ce_rows(op, logits_shape)?;
+    let CeRows {
+        rows,
+        first,
+        total,
+        seq,
+    } = ce_rows_of(op, logits_shape, shard)?;
     let count = mean_count(
         op,
-        (rows, seq),
+        (total, seq),
         shard.shift,
         shard.token_parts,
         logits_shape,
     )?;
     let mut out = scratch(dev, op, 1)?;
-    let v = [rows, seq.max(1)]
+    let v = [rows, first, seq.max(1)]
         .map(|x| i64_of(op, x))
         .into_iter()
         .collect::<Result<Vec<i64>>>()?;
@@ -413,6 +441,7 @@ fn loss_dev(
         .slice(sums)
         .val(&v[0])
         .val(&v[1])
+        .val(&v[2])
         .val(&shift)
         .val(&denom)
         .launch(cudarc::driver::LaunchConfig {
@@ -446,7 +475,7 @@ pub fn ce_row_sums_dev(
 ) -> Result<CudaTensor> {
     const OP: &str = "CrossEntropy";
     let g = geometry(OP, logits, shard)?;
-    let t = targets_of(OP, logits, targets)?;
+    let t = targets_of(OP, logits, targets, &g, shard)?;
     let max = stats_buffer(OP, "row maxima", max, &[g.rows])?;
     defer_target_check(dev, OP, targets, &g, shard)?;
     let rows = Rows { max, targets: t };
@@ -454,7 +483,8 @@ pub fn ce_row_sums_dev(
     Ok(CudaTensor::f32(vec![2, g.rows], sums))
 }
 
-/// The loss from device statistics, a device scalar ([`ce_loss`]'s arithmetic, by a kernel).
+/// The loss from device statistics, a device scalar ([`ferrotron_exec::kernel::ce_loss`]'s
+/// arithmetic, by a kernel).
 pub fn ce_loss_dev(
     dev: &RankDevice,
     stats: &CeStats<CudaTensor>,
@@ -462,7 +492,7 @@ pub fn ce_loss_dev(
     shard: &VocabShard,
 ) -> Result<CudaTensor> {
     const OP: &str = "CrossEntropy";
-    let (rows, _) = ce_rows(OP, logits_shape)?;
+    let rows = ce_rows_of(OP, logits_shape, shard)?.rows;
     let max = stats_buffer(OP, "row maxima", &stats.max, &[rows])?;
     let sums = stats_buffer(OP, "row sums", &stats.sums, &[2, rows])?;
     loss_dev(dev, OP, (max, sums), logits_shape, shard)
@@ -480,7 +510,7 @@ pub fn ce_grad_dev(
 ) -> Result<CudaTensor> {
     const OP: &str = "CrossEntropyGrad";
     let g = geometry(OP, logits, shard)?;
-    let t = targets_of(OP, logits, targets)?;
+    let t = targets_of(OP, logits, targets, &g, shard)?;
     let max = stats_buffer(OP, "maxima", &stats.max, &[g.rows])?;
     // The grad kernel reads the first row of `[2, rows]`: the sums of exponentials.
     let sum = stats_buffer(OP, "sums", &stats.sums, &[2, g.rows])?;

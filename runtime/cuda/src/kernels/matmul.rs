@@ -8,9 +8,12 @@
 //! one tall GEMM; otherwise the batch axes (merged where both operands stay evenly strided) end
 //! in one strided-batched call (stride 0 for a broadcast operand), looped over any outer axes
 //! that cannot merge.
+//!
+//! [`matmul_acc`] runs the same calls with β = 1 into an accumulator's buffer: a weight's
+//! gradient summed over chunks of rows costs no product buffer and no addition per chunk.
 
 use super::launch::{on, Buf, Result};
-use super::{as_dtype, broadcast_strides, common_dtype, merge_axes, numel};
+use super::{as_dtype, broadcast_strides, check, common_dtype, merge_axes, numel};
 use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, DeviceData};
 use cudarc::cublas::sys::cublasOperation_t;
@@ -18,6 +21,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use ferrotron_exec::kernel::{invalid, KernelError, OrInvalid};
 use ferrotron_ir::index;
+use std::sync::Arc;
 
 const OP: &str = "MatMul";
 
@@ -99,13 +103,14 @@ pub(super) fn cublas_call(call: &Call, batch: &Batch) -> CublasCall {
     }
 }
 
-/// The GEMMs of one product on buffers of one element type; `(one, zero)` are α and β.
+/// The GEMMs of one product on buffers of one element type: `c = α·op(a)·op(b) + β·c` (β = 0:
+/// `c` is only written).
 fn run<T: DeviceRepr + Copy>(
     blas: &CudaBlas,
     (a, b, c): (&CudaSlice<T>, &CudaSlice<T>, &mut CudaSlice<T>),
     call: Call,
     batches: &[Batch],
-    (one, zero): (T, T),
+    (alpha, beta): (T, T),
 ) -> Result<()>
 where
     CudaBlas: Gemm<T>,
@@ -122,10 +127,10 @@ where
             m: cc.m,
             n: cc.n,
             k: cc.k,
-            alpha: one,
+            alpha,
             lda: cc.lda,
             ldb: cc.ldb,
-            beta: zero,
+            beta,
             ldc: cc.ldc,
         };
         // cuBLAS's A is our b, its B our a.
@@ -137,7 +142,8 @@ where
         // `count` matrices of the stored sizes at the given strides and leading dimensions, all
         // within the buffers (the offsets and strides come from the operands' own batch shapes;
         // the emulation in tests.rs checks the whole mapping against the CPU); the output view
-        // is written likewise and aliases neither input (it is a fresh buffer).
+        // is read (β ≠ 0) and written likewise and aliases neither input (it is a fresh buffer,
+        // or an accumulator its tensor solely owns, which no input tensor can then share).
         unsafe {
             if cc.count == 1 {
                 blas.gemm(gemm, &first, &second, &mut cv)
@@ -272,4 +278,59 @@ pub(super) fn matmul(
         _ => return Err(invalid(OP, "operands of different storage types")),
     }
     Ok(out.into_tensor(out_shape))
+}
+
+/// `acc + op(a)·op(b)` (`acc` shaped like the product), accumulated in `acc`'s buffer by GEMMs
+/// with β = 1: no product buffer and no separate addition. The operands compute in `acc`'s
+/// storage type (converted when theirs differs); `acc`'s buffer is first made its own (copied
+/// if another tensor shares it), so nothing else sees the sum. An empty product or a sum over
+/// nothing (`k = 0`) leaves `acc` as it is.
+pub fn matmul_acc(
+    dev: &RankDevice,
+    mut acc: CudaTensor,
+    (a, b): (&CudaTensor, &CudaTensor),
+    (ta, tb): (bool, bool),
+) -> Result<CudaTensor> {
+    let mm = index::matmul(&a.shape, &b.shape, ta, tb).or_invalid(OP)?;
+    let out_shape = mm.out_shape();
+    if acc.shape != out_shape {
+        return Err(invalid(
+            OP,
+            format!(
+                "the accumulator has shape {:?}, the product {:?} · {:?} has {:?}",
+                acc.shape, a.shape, b.shape, out_shape
+            ),
+        ));
+    }
+    for t in [&acc, a, b] {
+        check(OP, t)?;
+    }
+    let total = numel(OP, &out_shape)?;
+    if total == 0 || mm.k == 0 {
+        return Ok(acc);
+    }
+    let (call, batches) = plan(&mm, ta, tb)?;
+    let dtype = acc.dtype();
+    let a = as_dtype(dev, OP, a, dtype)?;
+    let b = as_dtype(dev, OP, b, dtype)?;
+    acc.make_unique(&dev.stream).map_err(on(OP))?;
+    let shared = || KernelError::Device {
+        op: OP,
+        msg: "the accumulator's buffer is still shared".into(),
+    };
+    // As in `matmul`: cuBLAS works in the calling thread's current context.
+    dev.gpu.ctx.bind_to_thread().map_err(on(OP))?;
+    match (&a.data, &b.data, &mut acc.data) {
+        (DeviceData::F32(x), DeviceData::F32(y), DeviceData::F32(c)) => {
+            let c = Arc::get_mut(c).ok_or_else(shared)?;
+            run(&dev.blas, (x, y, c), call, &batches, (1.0f32, 1.0f32))?
+        }
+        (DeviceData::Bf16(x), DeviceData::Bf16(y), DeviceData::Bf16(c)) => {
+            let c = Arc::get_mut(c).ok_or_else(shared)?;
+            let one = half::bf16::ONE;
+            run(&dev.blas, (x, y, c), call, &batches, (one, one))?
+        }
+        _ => return Err(invalid(OP, "operands of different storage types")),
+    }
+    Ok(acc)
 }

@@ -12,13 +12,14 @@
 //! elementwise kernel, the attention scale folded into the softmax kernels. The
 //! communicators use [`reduce_buffers`], [`interleave`], [`deinterleave`] and [`local_slice`];
 //! the vocabulary-parallel cross-entropy's phases are [`ce_row_max`], [`ce_row_sums`] and
-//! [`ce_grad`]; training uses [`adamw`] and [`scale_in_place`].
+//! [`ce_grad`]; training uses [`adamw`] and [`scale_in_place`], and a weight's gradient summed
+//! over chunks of rows [`matmul_acc`] (a GEMM accumulating into the sum's buffer).
 //!
 //! How a launch works: [`Kernels`] holds the functions of the modules [`super::nvrtc`] compiled
 //! (`cu/*.cu`); [`spec::KERNELS`] lists each with its parameters, and every launch goes through
 //! a builder that checks its arguments against that list (which the compile test checks against
 //! the PTX). Kernels write fresh output buffers; tensors are never written through a shared
-//! buffer (the in-place functions first make theirs unique).
+//! buffer (the in-place functions, [`matmul_acc`] among them, first make theirs unique).
 //!
 //! Numerics: elementwise kernels reproduce the CPU backend's formulas operation for operation
 //! (no FMA contraction; the CPU's `exp`, normal CDF and SplitMix64 ported), so they agree to the
@@ -60,6 +61,7 @@ mod tests;
 pub use cross_entropy::{
     ce_grad, ce_grad_dev, ce_loss_dev, ce_row_max, ce_row_max_dev, ce_row_sums, ce_row_sums_dev,
 };
+pub use matmul::matmul_acc;
 pub use optim::{
     adamw, first_non_finite, reduce_buffers, scale_in_place, sum_squares, sum_squares_all,
 };
@@ -866,5 +868,7 @@ pub fn eval_fused(dev: &RankDevice, op: &Fused<&CudaTensor>) -> Result<CudaTenso
             name,
             "runs through Backend::attention and Backend::attention_grad",
         )),
+        // A loop over chunks of rows with the group's reductions between: the executor's.
+        Fused::OutputLoss { .. } => Err(invalid(name, "runs as the executor's loop of chunks")),
     }
 }

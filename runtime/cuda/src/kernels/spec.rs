@@ -129,11 +129,11 @@ kernels! {
     ROTARY = "rotary" in "embedding.cu", true, [Ptr, Ptr, Ptr, I64, I64, I64, I64];
     CE_ROW_MAX = "ce_row_max" in "cross_entropy.cu", true, [Ptr, Ptr, I64, I64, I64];
     CE_ROW_SUMS = "ce_row_sums" in "cross_entropy.cu", true,
-        [Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I32];
+        [Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I64, I32];
     CE_GRAD = "ce_grad" in "cross_entropy.cu", true,
-        [Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I32, F64];
+        [Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I64, I32, F64];
     CE_LOSS = "ce_loss" in "cross_entropy.cu", false,
-        [Ptr, Ptr, Ptr, I64, I64, I32, F64];
+        [Ptr, Ptr, Ptr, I64, I64, I64, I32, F64];
     REDUCE_N = "reduce_n" in "reduce.cu", true,
         [Ptr, Struct(size_of::<Inputs>()), I32, I32, I64];
     FIRST_NON_FINITE = "first_non_finite" in "reduce.cu", true, [Ptr, Ptr, I64];
