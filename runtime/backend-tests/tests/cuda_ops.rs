@@ -15,7 +15,7 @@
 
 use ferrotron_backend_tests::{assert_close, say, Tol};
 use ferrotron_cpu::Cpu;
-use ferrotron_cuda::{Cuda, CudaTensor, RankDevice, Storage};
+use ferrotron_cuda::{Cuda, CudaTensor, DeviceData, RankDevice, Storage};
 use ferrotron_exec::backend::{adamw_host, AdamW};
 use ferrotron_exec::fuse::Fused;
 use ferrotron_exec::kernel::{CeStats, RowStats, RowWindow, VocabShard};
@@ -23,6 +23,7 @@ use ferrotron_exec::{Backend, KernelError, Placement, ReduceOp, Tensor};
 use ferrotron_ir::op::{Activation, Factor, MeshAxis, Op};
 use ferrotron_ir::{DType as IrDType, Dim};
 use half::bf16;
+use std::sync::Arc;
 
 /// Where a shard sits in the full tensors, and the CPU's threads: the one context these tests
 /// give both backends' kernels.
@@ -2047,6 +2048,229 @@ fn cross_entropy_windows_add_up_to_the_whole() {
 /// The rows `lo..hi` of `[2, total]` sums: the sums of exponentials, then the target logits.
 fn want_sums(sums: &[f32], total: usize, lo: usize, hi: usize) -> Vec<f32> {
     [&sums[lo..hi], &sums[total + lo..total + hi]].concat()
+}
+
+/// A downloaded tensor's bits (a bf16 element widens to `f32` exactly, so equal bits are equal
+/// device elements in either storage type).
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.data.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Which buffer a tensor holds: the same before and after a call means it wrote in place.
+fn buffer_of(t: &CudaTensor) -> usize {
+    match &t.data {
+        DeviceData::F32(s) => Arc::as_ptr(s) as usize,
+        DeviceData::Bf16(s) => Arc::as_ptr(s) as usize,
+    }
+}
+
+/// Statistics as the group would have reduced them from this rank's (any larger maxima and
+/// sums will do), kept on the device.
+fn group_stats(dev: &RankDevice, max: &CudaTensor, sums: &CudaTensor) -> CeStats<CudaTensor> {
+    let (max, mut sums) = (
+        gpu::download(dev, max).unwrap(),
+        gpu::download(dev, sums).unwrap(),
+    );
+    let max = t(&max.shape, max.data.iter().map(|m| m.max(0.25)).collect());
+    let rows = max.data.len();
+    for s in &mut sums.data[..rows] {
+        *s += 1.5;
+    }
+    CeStats {
+        max: gpu::upload(dev, &max, Storage::F32).unwrap(),
+        sums: gpu::upload(dev, &sums, Storage::F32).unwrap(),
+    }
+}
+
+#[test]
+fn cross_entropy_gradient_in_place_is_the_new_tensors_to_the_bit() {
+    let Some(dev) = device("ce grad in place") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(22);
+    let (seq, vocab) = (6, 7);
+    let total = 2 * seq;
+    // The whole logits, then windows across the sequences' boundary (row 6).
+    let windows = [None, Some((0, 5)), Some((5, 9)), Some((9, 12))];
+    // Local classes 4..11 of 11 padded ones, 9 real (5 local real, 2 of padding); a rank whose
+    // 7 local classes are all real; a rank with none real (its gradient all zeros).
+    for (offset, real) in [(4, 9), (0, 9), (14, 9)] {
+        let logits = uniform(&mut rng, &[2, seq, vocab], -4.0, 4.0);
+        let targets = ints(&mut rng, &[2, seq], real);
+        let td = gpu::upload(&dev, &targets, Storage::F32).unwrap();
+        for dtype in [Storage::F32, Storage::Bf16] {
+            let back = |x: &CudaTensor| gpu::download(&dev, x).unwrap();
+            for (shift, window) in [true, false]
+                .into_iter()
+                .flat_map(|s| windows.map(|w| (s, w)))
+            {
+                let sh = shard(offset, real, shift, 2);
+                let (part, wsh) = match window {
+                    None => (logits.clone(), sh),
+                    Some((lo, hi)) => (rows_of(&logits, lo, hi), windowed(sh, lo, total, seq)),
+                };
+                let what =
+                    format!("offset {offset} real {real} {dtype:?} shift {shift} {window:?}");
+                let lw = gpu::upload(&dev, &part, dtype).unwrap();
+                let original = back(&lw);
+                let max = gpu::ce_row_max_dev(&dev, &lw, &wsh).unwrap();
+                let sums = gpu::ce_row_sums_dev(&dev, &lw, &max, &td, &wsh).unwrap();
+                let stats = group_stats(&dev, &max, &sums);
+                for seed_dtype in [Storage::F32, Storage::Bf16] {
+                    let what = format!("{what} seed {seed_dtype:?}");
+                    let seed = gpu::upload(&dev, &t(&[], vec![0.75]), seed_dtype).unwrap();
+                    let want = gpu::ce_grad_dev(&dev, &lw, &td, &stats, &wsh, &seed).unwrap();
+                    let want = back(&want);
+                    assert!(
+                        want.data.iter().any(|&g| g != 0.0) || offset >= real,
+                        "{what}"
+                    );
+                    // The logits' own buffer: written over, no second one.
+                    let own = gpu::upload(&dev, &part, dtype).unwrap();
+                    let at = buffer_of(&own);
+                    let got = gpu::ce_grad_in_place_dev(&dev, own, &td, &stats, &wsh, &seed);
+                    let got = got.unwrap();
+                    assert_eq!(buffer_of(&got), at, "{what}: in the logits' buffer");
+                    assert_eq!(got.dtype(), dtype, "{what}: stored as");
+                    let got = back(&got);
+                    assert_eq!(got.shape, want.shape, "{what}: shape");
+                    assert_eq!(bits(&got), bits(&want), "{what}: the gradient");
+                    // A buffer shared with another tensor: copied first, the other keeps the
+                    // logits.
+                    let got = gpu::ce_grad_in_place_dev(&dev, lw.clone(), &td, &stats, &wsh, &seed);
+                    let got = got.unwrap();
+                    assert_ne!(buffer_of(&got), buffer_of(&lw), "{what}: a copy");
+                    assert_eq!(
+                        bits(&back(&got)),
+                        bits(&want),
+                        "{what}: from a shared buffer"
+                    );
+                    assert_eq!(
+                        bits(&back(&lw)),
+                        bits(&original),
+                        "{what}: the shared buffer"
+                    );
+                }
+            }
+        }
+    }
+
+    // Through the backend, with its storage type's seed (bf16 under bf16).
+    let logits = uniform(&mut rng, &[2, seq, vocab], -4.0, 4.0);
+    let targets = ints(&mut rng, &[2, seq], 9);
+    for dtype in [Storage::F32, Storage::Bf16] {
+        let cuda = Cuda::new(0, 1, dtype).expect("a backend on GPU 0");
+        let back = |x: &CudaTensor| cuda.download(x).expect("download");
+        let ld = cuda.upload(&logits, IrDType::F32).unwrap();
+        let td = cuda.upload(&targets, IrDType::I64).unwrap();
+        let seed = cuda.upload(&t(&[], vec![0.5]), IrDType::F32).unwrap();
+        let sh = shard(4, 9, true, 1);
+        let max = cuda.ce_row_max(&ld, &sh).unwrap();
+        let sums = cuda.ce_row_sums(&ld, &max, &td, &sh).unwrap();
+        let stats = CeStats { max, sums };
+        let want = back(&cuda.ce_grad(&ld, &td, &stats, &sh, &seed).unwrap());
+        let kept = back(&ld);
+        let got = cuda.ce_grad_in_place(ld.clone(), &td, &stats, &sh, &seed);
+        assert_eq!(
+            bits(&back(&got.unwrap())),
+            bits(&want),
+            "{dtype:?}: backend"
+        );
+        assert_eq!(
+            bits(&back(&ld)),
+            bits(&kept),
+            "{dtype:?}: the shared buffer"
+        );
+        let at = buffer_of(&ld);
+        let got = cuda.ce_grad_in_place(ld, &td, &stats, &sh, &seed).unwrap();
+        assert_eq!(buffer_of(&got), at, "{dtype:?}: in the logits' buffer");
+        assert_eq!(
+            bits(&back(&got)),
+            bits(&want),
+            "{dtype:?}: backend, in place"
+        );
+    }
+
+    // The same refusals as the new tensor's, before anything is written: a shared buffer is
+    // left as it was.
+    let ld = gpu::upload(&dev, &logits, Storage::F32).unwrap();
+    let td = gpu::upload(&dev, &targets, Storage::F32).unwrap();
+    let sh = shard(4, 9, true, 2);
+    let up = |x: &Tensor, dtype| gpu::upload(&dev, x, dtype).unwrap();
+    let stats = CeStats {
+        max: up(&t(&[total], vec![0.5; total]), Storage::F32),
+        sums: up(&t(&[2, total], vec![1.5; 2 * total]), Storage::F32),
+    };
+    let seed = up(&t(&[], vec![1.0]), Storage::F32);
+    let lw = up(&rows_of(&logits, 7, 12), Storage::F32);
+    let bad_len = CudaTensor {
+        shape: vec![2, seq, vocab + 1],
+        data: ld.data.clone(),
+    };
+    let flat = CudaTensor {
+        shape: vec![2 * seq * vocab],
+        data: ld.data.clone(),
+    };
+    let stats_with = |max: Option<CudaTensor>, sums: Option<CudaTensor>| CeStats {
+        max: max.unwrap_or_else(|| stats.max.clone()),
+        sums: sums.unwrap_or_else(|| stats.sums.clone()),
+    };
+    // The logits, the targets, the statistics, the seed.
+    let refused = |what: &str,
+                   args: (CudaTensor, &CudaTensor, &CeStats<CudaTensor>, &CudaTensor),
+                   wsh: VocabShard| {
+        let (logits_d, targets_d, stats, seed) = args;
+        let want = gpu::ce_grad_dev(&dev, &logits_d, targets_d, stats, &wsh, seed);
+        let want = want.unwrap_err();
+        let got = gpu::ce_grad_in_place_dev(&dev, logits_d, targets_d, stats, &wsh, seed);
+        assert_eq!(got.unwrap_err(), want, "{what}");
+    };
+    let good = stats_with(None, None);
+    let short_max = stats_with(Some(up(&t(&[11], vec![0.0; 11]), Storage::F32)), None);
+    refused("maxima [11]", (ld.clone(), &td, &short_max, &seed), sh);
+    let bf16_max = stats_with(
+        Some(up(&t(&[total], vec![0.0; total]), Storage::Bf16)),
+        None,
+    );
+    refused("maxima in bf16", (ld.clone(), &td, &bf16_max, &seed), sh);
+    let flat_sums = stats_with(None, Some(up(&t(&[total], vec![1.0; total]), Storage::F32)));
+    refused("sums [12]", (ld.clone(), &td, &flat_sums, &seed), sh);
+    let seed_1 = up(&t(&[1], vec![1.0]), Storage::F32);
+    refused("seed [1]", (ld.clone(), &td, &good, &seed_1), sh);
+    let bf16_targets = up(&targets, Storage::Bf16);
+    refused(
+        "targets in bf16",
+        (ld.clone(), &bf16_targets, &good, &seed),
+        sh,
+    );
+    let short_targets = up(&t(&[2, 5], vec![0.0; 10]), Storage::F32);
+    refused(
+        "targets [2, 5]",
+        (ld.clone(), &short_targets, &good, &seed),
+        sh,
+    );
+    let no_parts = shard(4, 9, true, 0);
+    refused("token parts 0", (ld.clone(), &td, &good, &seed), no_parts);
+    refused("a buffer not the shape's", (bad_len, &td, &good, &seed), sh);
+    refused("logits of one axis", (flat, &td, &good, &seed), sh);
+    let past = windowed(sh, 9, total, seq);
+    refused("rows 9..14 of 12", (lw.clone(), &td, &good, &seed), past);
+    let by_5 = windowed(sh, 0, total, 5);
+    refused(
+        "rows 0..5 of 12 by 5",
+        (lw.clone(), &td, &good, &seed),
+        by_5,
+    );
+    assert_eq!(
+        gpu::download(&dev, &ld).unwrap(),
+        logits,
+        "the refused calls' shared buffer"
+    );
+    assert_eq!(
+        gpu::download(&dev, &lw).unwrap(),
+        rows_of(&logits, 7, 12),
+        "the refused windows' shared buffer"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -132,6 +132,12 @@ fn gpt2_products() -> Vec<Product> {
     out.push(p("logits h·wteᵀ", 1, (t, 50257, 768), false, true));
     out.push(p("d h = dlogits·wte", 1, (t, 768, 50257), false, false));
     out.push(p("d wte = dlogitsᵀ·h", 1, (50257, 768, t), true, false));
+    // The same a chunk of rows at a time, as the fused output layer and loss multiplies them.
+    for c in [128, 256] {
+        out.push(p("chunk h·wteᵀ", 1, (c, 50257, 768), false, true));
+        out.push(p("chunk dlogits·wte", 1, (c, 768, 50257), false, false));
+        out.push(p("chunk dlogitsᵀ·h", 1, (50257, 768, c), true, false));
+    }
     out
 }
 

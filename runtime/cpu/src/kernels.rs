@@ -279,7 +279,7 @@ pub fn eval(
             let (sum, _) = row_sums(name, logits, &max, targets, &shard, th)?;
             let grad = grad(
                 name,
-                logits,
+                GradInto::New(logits),
                 targets,
                 (&max, &sum),
                 &shard,
@@ -1192,15 +1192,27 @@ fn row_sums(
     Ok((sums, tl))
 }
 
+/// Where a cross-entropy's logits gradient is written.
+enum GradInto<'a> {
+    /// A new tensor; the logits are read.
+    New(&'a Tensor),
+    /// Over the logits themselves (each element read, then written).
+    Logits(Tensor),
+}
+
 fn grad(
     name: &'static str,
-    logits: &Tensor,
+    into: GradInto,
     targets: &Tensor,
     (max, sum): (&[f32], &[f32]),
     shard: &VocabShard,
     dloss: f32,
     threads: usize,
 ) -> Result<Tensor> {
+    let logits = match &into {
+        GradInto::New(t) => *t,
+        GradInto::Logits(t) => t,
+    };
     let VocabShard {
         class_offset,
         real_classes,
@@ -1240,7 +1252,11 @@ fn grad(
         }
     }
     let scale = (dloss as f64 / (count as f64 * token_parts as f64)) as f32;
-    let mut out = zeros(name, logits.shape.clone())?;
+    // The output, and the logits when they are another tensor (else the output holds them).
+    let (mut out, read) = match into {
+        GradInto::New(t) => (zeros(name, t.shape.clone())?, Some(&t.data)),
+        GradInto::Logits(t) => (t, None),
+    };
     if vocab == 0 {
         return Ok(out);
     }
@@ -1252,14 +1268,38 @@ fn grad(
         |first, chunk| {
             for (i, o) in chunk.chunks_exact_mut(vocab).enumerate() {
                 let row = first + i;
-                let Some(t) = target[row] else { continue };
+                let Some(t) = target[row] else {
+                    if read.is_none() {
+                        o.fill(0.0);
+                    }
+                    continue;
+                };
                 let (m, inv) = (max[row], 1.0 / sum[row]);
-                let l = &logits.data[row * vocab..row * vocab + nr];
-                for (o, &v) in o[..nr].iter_mut().zip(l) {
-                    *o = scale * (exp(v - m) * inv);
-                }
-                if t != usize::MAX {
-                    let p = exp(l[t] - m) * inv;
+                let held = t != usize::MAX;
+                // The target's logit, read before it is overwritten.
+                let lt = match read {
+                    Some(logits) => {
+                        let l = &logits[row * vocab..row * vocab + nr];
+                        for (o, &v) in o[..nr].iter_mut().zip(l) {
+                            *o = scale * (exp(v - m) * inv);
+                        }
+                        if held {
+                            l[t]
+                        } else {
+                            0.0
+                        }
+                    }
+                    None => {
+                        let lt = if held { o[t] } else { 0.0 };
+                        for o in &mut o[..nr] {
+                            *o = scale * (exp(*o - m) * inv);
+                        }
+                        o[nr..].fill(0.0);
+                        lt
+                    }
+                };
+                if held {
+                    let p = exp(lt - m) * inv;
                     o[t] = scale * (p - 1.0);
                 }
             }
@@ -1304,7 +1344,27 @@ pub fn ce_grad(
 ) -> Result<Tensor, KernelError> {
     grad(
         "CrossEntropyGrad",
-        logits,
+        GradInto::New(logits),
+        targets,
+        (&stats.max, &stats.sum),
+        shard,
+        dloss,
+        threads.max(1),
+    )
+}
+
+/// [`ce_grad`] written over the logits' own buffer: the same values, to the bit.
+pub fn ce_grad_in_place(
+    logits: Tensor,
+    targets: &Tensor,
+    stats: &RowStats,
+    shard: &VocabShard,
+    dloss: f32,
+    threads: usize,
+) -> Result<Tensor, KernelError> {
+    grad(
+        "CrossEntropyGrad",
+        GradInto::Logits(logits),
         targets,
         (&stats.max, &stats.sum),
         shard,

@@ -289,6 +289,19 @@ impl Backend for Cpu {
         kernels::ce_grad(logits, targets, &stats, shard, dloss, self.threads)
     }
 
+    fn ce_grad_in_place(
+        &self,
+        logits: Tensor,
+        targets: &Tensor,
+        stats: &CeStats<Tensor>,
+        shard: &VocabShard,
+        dloss: &Tensor,
+    ) -> Result<Tensor, KernelError> {
+        let dloss = self.read_scalar(dloss)?;
+        let stats = RowStats::of(&stats.max.data, &stats.sums.data);
+        kernels::ce_grad_in_place(logits, targets, &stats, shard, dloss, self.threads)
+    }
+
     fn sum_squares(&self, t: &Tensor) -> Result<f64, KernelError> {
         Ok(par::sum_squares(self.threads, &t.data))
     }

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 /// A model file, its dimension overrides and a mesh.
 type Case<'a> = (&'a str, &'a [(&'a str, u64)], PartitionOptions);
 
-/// 9 sequences of 24: 216 rows, cut into chunks of 128 and 88 rows (the first chunk ends inside
-/// a sequence).
+/// 9 sequences of 24: 216 rows, cut into two chunks of 108 rows (the first ends inside a
+/// sequence).
 const ROWS_216: &[(&str, u64)] = &[("batch", 9), ("seq", 24)];
 
 fn model(file: &str, dims: &[(&str, u64)]) -> Graph {
@@ -148,23 +148,37 @@ fn kept_logits_or_a_loss_fusion_turned_off_leave_the_nodes_alone() {
 
 #[test]
 fn chunks_cover_the_rows_once_in_order() {
-    for rows in [1, 5, 127, 128, 129, 216, 512, 1000, 1024, 4096, 8193] {
-        let dims = OutputLossDims {
-            rows,
-            hidden: 8,
-            vocab: 16,
-        };
-        let chunks: Vec<_> = dims.chunks().collect();
-        let mut next = 0;
-        for &(first, n) in &chunks {
-            assert_eq!(first, next, "rows {rows}: {chunks:?}");
-            assert!(n >= 1);
-            next += n;
-        }
-        assert_eq!(next, rows, "rows {rows}: {chunks:?}");
-        assert!(chunks.len() <= OutputLossDims::MAX_CHUNKS);
-        if rows >= OutputLossDims::MIN_CHUNK_ROWS {
-            assert!(chunks[0].1 >= OutputLossDims::MIN_CHUNK_ROWS, "rows {rows}");
+    for hidden in [8, 64, 768, 1600] {
+        for rows in [1, 5, 127, 128, 129, 216, 512, 1000, 1024, 4096, 8193] {
+            let dims = OutputLossDims {
+                rows,
+                hidden,
+                vocab: 16,
+            };
+            let chunks: Vec<_> = dims.chunks().collect();
+            let what = format!("hidden {hidden}, rows {rows}: {chunks:?}");
+            let mut next = 0;
+            for &(first, n) in &chunks {
+                assert_eq!(first, next, "{what}");
+                assert!(n >= 1, "{what}");
+                next += n;
+            }
+            assert_eq!(next, rows, "{what}");
+            // The fewest chunks of at most the target's rows, of one size but the last, which
+            // is at most one row short of it; each more than half the target (or all rows).
+            let target = (hidden / 2).max(OutputLossDims::MIN_CHUNK_ROWS);
+            let size = chunks[0].1;
+            assert_eq!(chunks.len(), rows.div_ceil(target), "{what}");
+            assert!(
+                size <= target && 2 * size > target.min(2 * rows - 1),
+                "{what}"
+            );
+            let last = chunks[chunks.len() - 1].1;
+            assert!(
+                chunks[..chunks.len() - 1].iter().all(|c| c.1 == size),
+                "{what}"
+            );
+            assert!(last <= size && last + chunks.len() > size, "{what}");
         }
     }
 }

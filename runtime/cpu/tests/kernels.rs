@@ -6,7 +6,7 @@
 //! error cases.
 
 use ferrotron_cpu::kernels;
-use ferrotron_exec::kernel::{ce_loss, KernelError, Placement, RowStats, VocabShard};
+use ferrotron_exec::kernel::{ce_loss, KernelError, Placement, RowStats, RowWindow, VocabShard};
 use ferrotron_exec::Tensor;
 use ferrotron_ir::op::{Activation, Factor, MeshAxis, Op};
 use ferrotron_ir::reference::{self, dropout_keeps, Tensor as T64};
@@ -1120,6 +1120,92 @@ fn vocabulary_parallel_cross_entropy() {
     let g1 = kernels::ce_grad(&logits, &targets, &stats, &sh, 1.0, 1).unwrap();
     let g2 = kernels::ce_grad(&logits, &targets, &stats, &sh, 1.0, 2).unwrap();
     assert_eq!(g1, g2);
+}
+
+/// The cross-entropy over windows of rows (a fused output layer's chunks): each window's
+/// statistics and gradient are the whole call's rows, to the bit, the gradient written over
+/// the window's logits too; the windows' losses add up to the whole loss; a window past the
+/// rows is an error.
+#[test]
+fn cross_entropy_over_windows_of_rows() {
+    let mut rng = fastrand::Rng::with_seed(21);
+    let (rows, vocab) = (12, 9);
+    for shift in [false, true] {
+        // A rank holding classes 4.. of 11 real ones: two of its 9 columns are padding.
+        let whole = VocabShard {
+            window: None,
+            ..shard(4, 11, shift, 2)
+        };
+        let logits = rand(&mut rng, &[2, 6, vocab]);
+        let targets = ints(&mut rng, &[2, 6], 11);
+        let max = kernels::ce_row_max(&logits, &whole, 1).unwrap();
+        let (sum, target) = kernels::ce_row_sums(&logits, &max, &targets, &whole, 1).unwrap();
+        let stats = RowStats { max, sum, target };
+        let grad = kernels::ce_grad(&logits, &targets, &stats, &whole, 1.5, 1).unwrap();
+        let loss = ce_loss(&stats, &logits.shape, &whole).unwrap();
+        let mut losses = 0.0;
+        // Windows across the sequence boundary at row 6.
+        for (first, end) in [(0, 5), (5, 9), (9, 12)] {
+            let window = VocabShard {
+                window: Some(RowWindow {
+                    first,
+                    total: rows,
+                    seq: 6,
+                }),
+                ..whole
+            };
+            let part = Tensor {
+                shape: vec![end - first, vocab],
+                data: logits.data[first * vocab..end * vocab].to_vec(),
+            };
+            let max = kernels::ce_row_max(&part, &window, 1).unwrap();
+            assert_eq!(max, stats.max[first..end]);
+            let (sum, target) = kernels::ce_row_sums(&part, &max, &targets, &window, 1).unwrap();
+            assert_eq!(sum, stats.sum[first..end]);
+            assert_eq!(target, stats.target[first..end]);
+            let part_stats = RowStats { max, sum, target };
+            losses += ce_loss(&part_stats, &part.shape, &window).unwrap();
+            let want = &grad.data[first * vocab..end * vocab];
+            let g = kernels::ce_grad(&part, &targets, &part_stats, &window, 1.5, 2).unwrap();
+            assert_eq!(g.data, want, "rows {first}..{end}, shift {shift}");
+            let g =
+                kernels::ce_grad_in_place(part, &targets, &part_stats, &window, 1.5, 2).unwrap();
+            assert_eq!(g.data, want, "in place: rows {first}..{end}, shift {shift}");
+        }
+        assert!(
+            (losses - loss).abs() <= 1e-6 * loss.abs(),
+            "{losses} against {loss}"
+        );
+        // The whole gradient written over the logits: the same bits.
+        let in_place = kernels::ce_grad_in_place(logits, &targets, &stats, &whole, 1.5, 1);
+        assert_eq!(in_place.unwrap(), grad);
+    }
+    // A window that does not lie inside the rows, or whose targets are not the full ones.
+    let part = rand(&mut rng, &[4, vocab]);
+    let targets = ints(&mut rng, &[2, 6], 9);
+    let past = VocabShard {
+        window: Some(RowWindow {
+            first: 10,
+            total: 12,
+            seq: 6,
+        }),
+        ..shard(0, 9, true, 1)
+    };
+    assert!(matches!(
+        kernels::ce_row_max(&part, &past, 1),
+        Err(KernelError::Invalid { .. })
+    ));
+    let inside = VocabShard {
+        window: Some(RowWindow {
+            first: 0,
+            total: 12,
+            seq: 6,
+        }),
+        ..past
+    };
+    let max = kernels::ce_row_max(&part, &inside, 1).unwrap();
+    assert!(kernels::ce_row_sums(&part, &max, &t(&[4]), &inside, 1).is_err());
+    assert!(kernels::ce_row_sums(&part, &max, &targets, &inside, 1).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -292,6 +292,19 @@ impl Backend for Cuda {
         kernels::ce_grad_dev(self.device(), logits, targets, stats, shard, dloss)
     }
 
+    /// Over the logits' own buffer (`ce_grad_inplace`), so that a fused output layer's chunk
+    /// holds one `[rows, classes]` buffer on the device instead of two.
+    fn ce_grad_in_place(
+        &self,
+        logits: CudaTensor,
+        targets: &CudaTensor,
+        stats: &CeStats<CudaTensor>,
+        shard: &VocabShard,
+        dloss: &CudaTensor,
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::ce_grad_in_place_dev(self.device(), logits, targets, stats, shard, dloss)
+    }
+
     fn sum_squares(&self, t: &CudaTensor) -> Result<f64, KernelError> {
         kernels::sum_squares(self.device(), t)
     }

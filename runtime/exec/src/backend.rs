@@ -165,6 +165,20 @@ pub trait Backend: Clone + Send + Sync {
         shard: &VocabShard,
         dloss: &Self::Tensor,
     ) -> Result<Self::Tensor, KernelError>;
+    /// [`Backend::ce_grad`] written over the logits' own buffer where the backend can (the
+    /// caller reads the logits no more): a fused output layer's chunk then holds one
+    /// `[rows, classes]` buffer, not two. The same values as `ce_grad`, to the bit. By default
+    /// `ce_grad` into a new tensor.
+    fn ce_grad_in_place(
+        &self,
+        logits: Self::Tensor,
+        targets: &Self::Tensor,
+        stats: &CeStats<Self::Tensor>,
+        shard: &VocabShard,
+        dloss: &Self::Tensor,
+    ) -> Result<Self::Tensor, KernelError> {
+        self.ce_grad(&logits, targets, stats, shard, dloss)
+    }
 
     /// `acc +` the gradient of the embedding `table` (`EmbeddingGrad { table, ids, dy }`,
     /// placed by `at`), in `acc`'s buffer where the backend can: a tied table's two gradients

@@ -132,7 +132,7 @@ pub enum Fused<V> {
     },
     /// The output layer and its cross-entropy, `CrossEntropy(h · wᵀ, targets)`, computed a
     /// chunk of rows at a time so that the full `[..., vocabulary]` logits never exist (the
-    /// executor's loop, [`crate::kernel::loss_chunk_rows`]). With `dloss` (the backward's
+    /// executor's loop, chunks of [`crate::kernel::OutputLossDims`]). With `dloss` (the backward's
     /// seed) each chunk's logits also give that chunk's rows of the hidden states' gradient and
     /// its addend to the weight's gradient while they are at hand: the step makes
     /// `[loss, dh, dw]`; without, `[loss]`. The cross-entropy's node, among the step's

@@ -435,19 +435,19 @@ pub struct OutputLossDims {
 }
 
 impl OutputLossDims {
-    /// At most this many chunks: the logits held at once are this much smaller than whole.
-    pub const MAX_CHUNKS: usize = 8;
-    /// A chunk has at least this many rows (or all rows): the weight gradient's product has the
-    /// chunk's rows as its depth, and below this it falls off the matmul's speed.
+    /// A chunk's rows are aimed at no fewer than this: each of its three products packs the
+    /// whole output weight again, which fewer rows no longer pay for.
     pub const MIN_CHUNK_ROWS: usize = 128;
 
-    /// The rows of each chunk.
+    /// The rows of each chunk (the last may have fewer): the rows cut into the fewest chunks of
+    /// equal size of at most half the hidden size (at least [`Self::MIN_CHUNK_ROWS`]), so that
+    /// a chunk's logits and their gradient (2 × rows × this rank's classes) are no larger than
+    /// the weight's gradient (classes × hidden) the step holds anyway; each chunk has more than
+    /// half that many rows.
     pub fn chunk_rows(&self) -> usize {
-        self.rows
-            .div_ceil(Self::MAX_CHUNKS)
-            .max(Self::MIN_CHUNK_ROWS)
-            .min(self.rows)
-            .max(1)
+        let target = (self.hidden / 2).max(Self::MIN_CHUNK_ROWS);
+        let chunks = self.rows.div_ceil(target).max(1);
+        self.rows.div_ceil(chunks).max(1)
     }
 
     /// The chunks in order: `(first row, rows)`.
@@ -459,23 +459,34 @@ impl OutputLossDims {
     }
 
     /// The most bytes the loop holds at once besides its inputs, with `element_bytes` per
-    /// element of the hidden states, weight and logits (the statistics are `f32`): the hidden
-    /// states as rows, the weight's gradient as it is summed (`grad`), and per chunk its hidden
-    /// rows, logits (and their gradient), statistics and the hidden-state gradient's chunks
-    /// made so far; after the loop, those chunks and their concatenation.
+    /// element of the hidden states, weight and logits (the statistics are `f32`), following
+    /// its allocations: the hidden states as rows; per chunk its hidden rows, logits and
+    /// statistics, then (`grad`) the logits' gradient in their buffer, the chunk's rows of `dh`
+    /// and the weight's gradient (made by the first chunk, summed in place after); and the
+    /// `dh` chunks made so far; after the loop, those chunks and their concatenation.
     pub fn scratch_bytes(&self, grad: bool, element_bytes: u64) -> u64 {
         let e = element_bytes;
-        let (rows, hidden, vocab) = (self.rows as u64, self.hidden as u64, self.vocab as u64);
-        let base = rows * hidden * e + if grad { vocab * hidden * e } else { 0 };
-        let logits_copies = if grad { 2 } else { 1 };
-        let per_chunk = self.chunks().map(|(a, c)| {
+        let (hidden, vocab) = (self.hidden as u64, self.vocab as u64);
+        let h_rows = self.rows as u64 * hidden * e;
+        let dw = vocab * hidden * e;
+        let mut most = h_rows;
+        for (k, (a, c)) in self.chunks().enumerate() {
             let (a, c) = (a as u64, c as u64);
-            let made = if grad { a * hidden * e } else { 0 };
-            c * hidden * e + logits_copies * c * vocab * e + 3 * c * 4 + made
-        });
-        let most = per_chunk.max().unwrap_or(0);
-        let assembled = if grad { 2 * rows * hidden * e } else { 0 };
-        base + most.max(assembled)
+            let logits = c * vocab * e;
+            let held = h_rows + c * hidden * e + 3 * c * 4;
+            if !grad {
+                most = most.max(held + logits);
+                continue;
+            }
+            // The `dh` chunks so far, and the weight's gradient once the first chunk made it;
+            // the logits' gradient takes their buffer ([`crate::Backend::ce_grad_in_place`]).
+            let made = a * hidden * e + if k > 0 { dw } else { 0 };
+            most = most.max(held + made + logits + c * hidden * e + if k == 0 { dw } else { 0 });
+        }
+        if grad {
+            most = most.max(h_rows + 2 * self.rows as u64 * hidden * e + dw);
+        }
+        most
     }
 }
 

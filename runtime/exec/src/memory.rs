@@ -161,9 +161,11 @@ pub fn plan(exe: &Executable, element_bytes: &dyn Fn(DType) -> u64) -> Option<Me
         if scratch > 0 {
             peak = peak.max(live + scratch);
             live_peak = live_peak.max(intermediates + scratch);
+            // The scratch holds the outputs as they are made; their own slots start here.
+            let made: u64 = outputs.iter().map(|&v| size(v)).sum();
             slots.push(Slot {
                 value: None,
-                bytes: scratch,
+                bytes: scratch.saturating_sub(made),
                 offset: 0,
                 from: i,
                 to: i,

@@ -1738,10 +1738,10 @@ impl<B: Backend> Runner<'_, B> {
                 Some(sum) => be.add_into(sum, &part).map_err(kernel)?,
             });
             let Some(dloss) = dloss else { continue };
+            // The chunk's logits are read no more: their buffer takes the gradient.
             let grad = be
-                .ce_grad(&chunk_logits, targets, &stats, &shard, dloss)
+                .ce_grad_in_place(chunk_logits, targets, &stats, &shard, dloss)
                 .map_err(kernel)?;
-            drop(chunk_logits);
             dh_rows.push(eval(Op::MatMul {
                 a: &grad,
                 b: w,

@@ -6,7 +6,7 @@
 // every full row's). With `shift`, full row r predicts the target at r + 1 and the last row of
 // each sequence (r % seq == seq - 1) predicts nothing. Targets are f32 integers, checked
 // beforehand (check_indices). One block per row for the statistics (one kernel each), a 2-D grid
-// for the gradient.
+// for the gradient (into a new buffer, or over the logits).
 
 // The global target of full row `row`, or -1 when the row predicts nothing.
 __device__ __forceinline__ i64 ft_target(const float* targets, i64 row, i64 seq, int shift) {
@@ -106,6 +106,28 @@ __device__ __forceinline__ void ce_grad_impl(T* out, const T* logits, const floa
 FT_TYPED(ce_grad, CE_GRAD_PARAMS,
          (out, logits, max, sum, targets, dloss, rows, first, seq, vocab, nr, class_offset, shift,
           denom))
+
+// ce_grad written over the logits' own buffer (the caller reads the logits no more): the same
+// arithmetic, ce_grad_impl with out == logits, so the values are ce_grad's to the bit. Each
+// element is read, then written, by the one thread that owns it (the target column's gradient
+// comes from its own element too), so no thread reads an element another has written; and
+// ce_grad_impl's pointers are not __restrict__, so the compiler keeps each read before the
+// write to the same address.
+template <typename T>
+__device__ __forceinline__ void ce_grad_inplace_impl(T* x, const float* max, const float* sum,
+                                                     const float* targets, const float* dloss,
+                                                     i64 rows, i64 first, i64 seq, i64 vocab,
+                                                     i64 nr, i64 class_offset, int shift,
+                                                     double denom) {
+    ce_grad_impl<T>(x, x, max, sum, targets, dloss, rows, first, seq, vocab, nr, class_offset,
+                    shift, denom);
+}
+#define CE_GRAD_INPLACE_PARAMS(T)                                                              \
+    (T * x, const float* max, const float* sum, const float* targets, const float* dloss,      \
+     i64 rows, i64 first, i64 seq, i64 vocab, i64 nr, i64 class_offset, int shift,             \
+     double denom)
+FT_TYPED(ce_grad_inplace, CE_GRAD_INPLACE_PARAMS,
+         (x, max, sum, targets, dloss, rows, first, seq, vocab, nr, class_offset, shift, denom))
 
 // The loss from the group-reduced statistics, on the device (no host round trip inside a step):
 // the sum over the rows that predict something of ln(sum) + max - target logit, divided by

@@ -8,15 +8,16 @@
 //! the window's rows, while the targets (the full rows'), the rows' sequence positions and the
 //! mean's count are the full logits', so the windows' losses add up to the whole loss and their
 //! gradients are the whole gradient's rows. For the executor's phases the statistics stay
-//! on the device ([`ce_row_max_dev`], [`ce_row_sums_dev`], [`ce_loss_dev`], [`ce_grad_dev`]: the
-//! group reduces them as tensors, the loss is computed by a kernel, the backward's seed is read
-//! where it is); the host forms ([`ce_row_max`], ...) serve `eval` and the op tests, with the
-//! loss's mean the core's ([`ferrotron_exec::kernel::ce_loss`]), on the host in `f64`.
+//! on the device ([`ce_row_max_dev`], [`ce_row_sums_dev`], [`ce_loss_dev`], [`ce_grad_dev`] and
+//! [`ce_grad_in_place_dev`], which writes over the logits: the group reduces them as tensors,
+//! the loss is computed by a kernel, the backward's seed is read where it is); the host forms
+//! ([`ce_row_max`], ...) serve `eval` and the op tests, with the loss's mean the core's
+//! ([`ferrotron_exec::kernel::ce_loss`]), on the host in `f64`.
 
-use super::launch::{cfg_2d, cfg_rows, i64_of, on, scratch, to_host, Buf, Launch, Result};
+use super::launch::{cfg_2d, cfg_rows, device, i64_of, on, scratch, to_host, Buf, Launch, Result};
 use super::{as_dtype, check, defer_index_check, first_bad_index, index_buffer, spec};
 use crate::device::RankDevice;
-use crate::tensor::{CudaTensor, Storage};
+use crate::tensor::{CudaTensor, DeviceData, Storage};
 use cudarc::driver::CudaSlice;
 use ferrotron_exec::kernel::{
     ce_rows_of, check_targets_shape, invalid, mean_count, CeRows, CeStats, KernelError, OrInvalid,
@@ -24,6 +25,7 @@ use ferrotron_exec::kernel::{
 };
 use ferrotron_ir::index;
 use ferrotron_ir::Dim;
+use std::sync::Arc;
 
 /// The logits' shape facts: their rows and where those sit in the full rows ([`CeRows`]: the
 /// launches cover `rows`, the targets and the mean are `total`'s), the vocabulary and this
@@ -177,6 +179,60 @@ struct GradInputs<'a> {
     dloss: &'a CudaSlice<f32>,
 }
 
+/// The gradient kernels' scalar arguments, after their statistics' buffers: the rows, the
+/// first full row, the sequence length, the vocabulary, the real local classes and the class
+/// offset; the shift; the mean's denominator.
+struct GradScalars {
+    v: [i64; 6],
+    shift: i32,
+    denom: f64,
+}
+
+fn grad_scalars(
+    op: &'static str,
+    logits_shape: &[usize],
+    g: &Geometry,
+    shard: &VocabShard,
+) -> Result<GradScalars> {
+    let (shift, class_offset) = (shard.shift, shard.class_offset);
+    // The mean's denominator: the full rows' predicting rows × token parts.
+    let (total, seq) = (g.at.total, g.at.seq);
+    let count = mean_count(op, (total, seq), shift, shard.token_parts, logits_shape)?;
+    let denom = count as f64 * shard.token_parts as f64;
+    let mut v = [0i64; 6];
+    for (v, x) in v
+        .iter_mut()
+        .zip([g.rows, g.at.first, seq.max(1), g.vocab, g.nr, class_offset])
+    {
+        *v = i64_of(op, x)?;
+    }
+    Ok(GradScalars {
+        v,
+        shift: i32::from(shift),
+        denom,
+    })
+}
+
+/// The arguments the two gradient kernels share, after the logits' buffer(s), then the launch.
+fn launch_grad<'a>(
+    dev: &RankDevice,
+    l: &mut Launch<'a>,
+    inputs: &GradInputs<'a>,
+    s: &'a GradScalars,
+    g: &Geometry,
+) -> Result<()> {
+    l.slice(inputs.max)
+        .slice(inputs.sum)
+        .slice(inputs.targets)
+        .slice(inputs.dloss);
+    for v in &s.v {
+        l.val(v);
+    }
+    l.val(&s.shift)
+        .val(&s.denom)
+        .launch(cfg_2d(dev, g.rows, g.vocab))
+}
+
 fn grad_dev(
     dev: &RankDevice,
     op: &'static str,
@@ -185,37 +241,44 @@ fn grad_dev(
     inputs: GradInputs,
     shard: &VocabShard,
 ) -> Result<CudaTensor> {
-    let (shift, class_offset) = (shard.shift, shard.class_offset);
-    // The mean's denominator: the full rows' predicting rows × token parts.
-    let (total, seq) = (g.at.total, g.at.seq);
-    let count = mean_count(op, (total, seq), shift, shard.token_parts, &logits.shape)?;
-    let denom = count as f64 * shard.token_parts as f64;
+    let s = grad_scalars(op, &logits.shape, g, shard)?;
     let n = logits.numel();
     let mut out = Buf::uninit(dev, op, logits.dtype(), n)?;
     if n > 0 {
-        let v = [g.rows, g.at.first, seq.max(1), g.vocab, g.nr, class_offset]
-            .map(|x| i64_of(op, x))
-            .into_iter()
-            .collect::<Result<Vec<i64>>>()?;
-        let shift = i32::from(shift);
-        Launch::new(dev, op, &spec::CE_GRAD, logits.dtype())?
-            .output(&mut out)
-            .input(&logits.data)
-            .slice(inputs.max)
-            .slice(inputs.sum)
-            .slice(inputs.targets)
-            .slice(inputs.dloss)
-            .val(&v[0])
-            .val(&v[1])
-            .val(&v[2])
-            .val(&v[3])
-            .val(&v[4])
-            .val(&v[5])
-            .val(&shift)
-            .val(&denom)
-            .launch(cfg_2d(dev, g.rows, g.vocab))?;
+        let mut l = Launch::new(dev, op, &spec::CE_GRAD, logits.dtype())?;
+        l.output(&mut out).input(&logits.data);
+        launch_grad(dev, &mut l, &inputs, &s, g)?;
     }
     Ok(out.into_tensor(logits.shape.clone()))
+}
+
+/// [`grad_dev`] written over the logits' buffer (`ce_grad_inplace`: `ce_grad`'s arithmetic with
+/// the output the input, so the same values to the bit). The buffer is made this tensor's own
+/// first ([`CudaTensor::make_unique`]): a tensor sharing it (the statistics' or targets' too)
+/// keeps the logits.
+fn grad_in_place_dev(
+    dev: &RankDevice,
+    op: &'static str,
+    mut logits: CudaTensor,
+    g: &Geometry,
+    inputs: GradInputs,
+    shard: &VocabShard,
+) -> Result<CudaTensor> {
+    let s = grad_scalars(op, &logits.shape, g, shard)?;
+    if logits.numel() == 0 {
+        return Ok(logits);
+    }
+    logits.make_unique(&dev.stream).map_err(on(op))?;
+    let shared = || device(op, "the logits' buffer is still shared");
+    {
+        let mut l = Launch::new(dev, op, &spec::CE_GRAD_INPLACE, logits.dtype())?;
+        match &mut logits.data {
+            DeviceData::F32(x) => l.slice_mut(Arc::get_mut(x).ok_or_else(shared)?),
+            DeviceData::Bf16(x) => l.slice_mut(Arc::get_mut(x).ok_or_else(shared)?),
+        };
+        launch_grad(dev, &mut l, &inputs, &s, g)?;
+    }
+    Ok(logits)
 }
 
 /// The first `rows` elements of a device buffer, on the host.
@@ -498,6 +561,52 @@ pub fn ce_loss_dev(
     loss_dev(dev, OP, (max, sums), logits_shape, shard)
 }
 
+/// The checked inputs of [`ce_grad_dev`] and [`ce_grad_in_place_dev`]: the geometry and the
+/// statistics', targets' and seed's buffers (the seed in `f32`, converted if need be).
+fn grad_inputs_dev<'t>(
+    dev: &RankDevice,
+    op: &'static str,
+    logits: &CudaTensor,
+    (targets, stats, dloss): (&'t CudaTensor, &'t CeStats<CudaTensor>, &'t CudaTensor),
+    shard: &VocabShard,
+) -> Result<(Geometry, GradBuffers<'t>)> {
+    let g = geometry(op, logits, shard)?;
+    let targets = targets_of(op, logits, targets, &g, shard)?;
+    let max = stats_buffer(op, "maxima", &stats.max, &[g.rows])?;
+    // The grad kernel reads the first row of `[2, rows]`: the sums of exponentials.
+    let sum = stats_buffer(op, "sums", &stats.sums, &[2, g.rows])?;
+    index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(op)?;
+    // The seed in f32 (under bf16 storage it may be held in bf16).
+    let dloss = as_dtype(dev, op, dloss, Storage::F32)?;
+    // The targets were checked with the statistics ([`ce_row_sums_dev`]).
+    let buffers = GradBuffers {
+        max,
+        sum,
+        targets,
+        dloss,
+    };
+    Ok((g, buffers))
+}
+
+/// [`GradInputs`] with the seed owned where it had to be converted.
+struct GradBuffers<'t> {
+    max: &'t CudaSlice<f32>,
+    sum: &'t CudaSlice<f32>,
+    targets: &'t CudaSlice<f32>,
+    dloss: std::borrow::Cow<'t, CudaTensor>,
+}
+
+impl GradBuffers<'_> {
+    fn inputs(&self, op: &'static str) -> Result<GradInputs<'_>> {
+        Ok(GradInputs {
+            max: self.max,
+            sum: self.sum,
+            targets: self.targets,
+            dloss: index_buffer(op, "loss gradient", &self.dloss)?.as_ref(),
+        })
+    }
+}
+
 /// The local logits' gradient from device statistics and the loss's gradient as a device
 /// scalar (the backward's seed is never read back).
 pub fn ce_grad_dev(
@@ -509,20 +618,23 @@ pub fn ce_grad_dev(
     dloss: &CudaTensor,
 ) -> Result<CudaTensor> {
     const OP: &str = "CrossEntropyGrad";
-    let g = geometry(OP, logits, shard)?;
-    let t = targets_of(OP, logits, targets, &g, shard)?;
-    let max = stats_buffer(OP, "maxima", &stats.max, &[g.rows])?;
-    // The grad kernel reads the first row of `[2, rows]`: the sums of exponentials.
-    let sum = stats_buffer(OP, "sums", &stats.sums, &[2, g.rows])?;
-    index::same_shape("the loss gradient", &[], &dloss.shape).or_invalid(OP)?;
-    // The seed in f32 (under bf16 storage it may be held in bf16).
-    let dloss = as_dtype(dev, OP, dloss, Storage::F32)?;
-    // The targets were checked with the statistics ([`ce_row_sums_dev`]).
-    let inputs = GradInputs {
-        max,
-        sum,
-        targets: t,
-        dloss: index_buffer(OP, "loss gradient", &dloss)?.as_ref(),
-    };
-    grad_dev(dev, OP, logits, &g, inputs, shard)
+    let (g, b) = grad_inputs_dev(dev, OP, logits, (targets, stats, dloss), shard)?;
+    grad_dev(dev, OP, logits, &g, b.inputs(OP)?, shard)
+}
+
+/// [`ce_grad_dev`] written over the logits' own buffer, which the caller gives up (a fused
+/// output layer's chunk then holds one `[rows, classes]` buffer, not two): the same checks,
+/// errors and values, to the bit. A buffer the logits share with another tensor is copied
+/// first, so that tensor is left as it was.
+pub fn ce_grad_in_place_dev(
+    dev: &RankDevice,
+    logits: CudaTensor,
+    targets: &CudaTensor,
+    stats: &CeStats<CudaTensor>,
+    shard: &VocabShard,
+    dloss: &CudaTensor,
+) -> Result<CudaTensor> {
+    const OP: &str = "CrossEntropyGrad";
+    let (g, b) = grad_inputs_dev(dev, OP, &logits, (targets, stats, dloss), shard)?;
+    grad_in_place_dev(dev, OP, logits, &g, b.inputs(OP)?, shard)
 }

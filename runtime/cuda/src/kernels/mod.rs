@@ -59,7 +59,8 @@ mod structs;
 mod tests;
 
 pub use cross_entropy::{
-    ce_grad, ce_grad_dev, ce_loss_dev, ce_row_max, ce_row_max_dev, ce_row_sums, ce_row_sums_dev,
+    ce_grad, ce_grad_dev, ce_grad_in_place_dev, ce_loss_dev, ce_row_max, ce_row_max_dev,
+    ce_row_sums, ce_row_sums_dev,
 };
 pub use matmul::matmul_acc;
 pub use optim::{

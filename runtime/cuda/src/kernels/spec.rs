@@ -132,6 +132,8 @@ kernels! {
         [Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I64, I32];
     CE_GRAD = "ce_grad" in "cross_entropy.cu", true,
         [Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I64, I32, F64];
+    CE_GRAD_INPLACE = "ce_grad_inplace" in "cross_entropy.cu", true,
+        [Ptr, Ptr, Ptr, Ptr, Ptr, I64, I64, I64, I64, I64, I64, I32, F64];
     CE_LOSS = "ce_loss" in "cross_entropy.cu", false,
         [Ptr, Ptr, Ptr, I64, I64, I64, I32, F64];
     REDUCE_N = "reduce_n" in "reduce.cu", true,
