@@ -307,6 +307,21 @@ fn fused_loss_runs_agree_over_pipeline_stages_and_micro_batches() {
         .unwrap();
         agree(&format!("tp=2 pp=2 M=2 {schedule}"), &g, &p, false);
     }
+    // Two model chunks per stage: the output layer in the last stage's second chunk.
+    let g = model("tiny-gpt.ron", &[("batch", 4), ("layers", 4)]);
+    let micro = model("tiny-gpt.ron", &[("batch", 2), ("layers", 4)]);
+    let p = partition(
+        &micro,
+        &PartitionOptions {
+            pp: 2,
+            micro_batches: 2,
+            schedule: "interleaved".parse().unwrap(),
+            virtual_stages: 2,
+            ..PartitionOptions::default()
+        },
+    )
+    .unwrap();
+    agree("pp=2 M=2 interleaved over 2 chunks", &g, &p, false);
 }
 
 #[test]
