@@ -181,7 +181,7 @@ pub fn compare<B: Backend, R: Backend>(
     opts: &RunOptions,
     tolerances: Tolerances,
 ) -> Result<Verification, VerifyError> {
-    let mut v = compare_runs(ours, theirs, tolerances)?;
+    let mut v = compare_runs(ours, theirs, tolerances, Outputs::Compared)?;
     // The search keeps every value of one micro-batch; a step of several has no such run.
     if !v.passed() && ours.plan.micro_batches() == 1 && theirs.plan.micro_batches() == 1 {
         let keep = RunOptions {
@@ -195,10 +195,24 @@ pub fn compare<B: Backend, R: Backend>(
     Ok(v)
 }
 
-fn compare_runs<B: Backend, R: Backend>(
+/// Whether [`compare_runs`] compares the graph's outputs (the logits) too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outputs {
+    /// Both runs kept them: compared.
+    Compared,
+    /// Left out: runs that did not keep them (a fused loss never makes the logits whole).
+    Skipped,
+}
+
+/// Compares two finished runs of one model on the same weights and batch (a partitioned plan
+/// and the reference, fused and unfused steps, two backends): the loss, the outputs when asked,
+/// and every gradient, held to the scale of the largest gradient. No search for a divergent op
+/// ([`compare`] does that).
+pub fn compare_runs<B: Backend, R: Backend>(
     ours: &Run<B>,
     theirs: &Run<R>,
     tol: Tolerances,
+    outputs: Outputs,
 ) -> Result<Verification, VerifyError> {
     let mut entries = Vec::new();
     let (loss, reference_loss) = (ours.loss()?, theirs.loss()?);
@@ -213,7 +227,7 @@ fn compare_runs<B: Backend, R: Backend>(
     });
     let plan = theirs.plan;
     for (name, v) in &plan.graph.outputs {
-        if *v == plan.loss {
+        if *v == plan.loss || outputs == Outputs::Skipped {
             continue;
         }
         let b = theirs.output(name)?;
