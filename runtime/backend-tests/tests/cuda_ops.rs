@@ -559,6 +559,199 @@ fn fill_expand_and_dropout() {
     check(&dev, "Dropout no full shape", &op, &[fl(x)], &l, F32, true);
 }
 
+/// The fused bias + dropout + residual add's three ops on the GPU (`Add`, `Dropout` placed by
+/// `l`, `Add`), as the unfused program runs them.
+fn bias_dropout_add_unfused(
+    dev: &RankDevice,
+    (x, bias, residual): (&CudaTensor, &CudaTensor, &CudaTensor),
+    p: f64,
+    l: &KernelCtx,
+) -> CudaTensor {
+    let one = |op: Op<&CudaTensor, Dim>, l: &KernelCtx| {
+        gpu::eval(dev, &op, l)
+            .expect("an unfused op")
+            .swap_remove(0)
+    };
+    let summed = one(Op::Add(x, bias), &local());
+    let dropped = one(Op::Dropout { x: &summed, p }, l);
+    one(Op::Add(residual, &dropped), &local())
+}
+
+/// Panics unless `got` and `want` hold the same bits.
+fn assert_bits(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let differ = bits(got).iter().zip(bits(want)).position(|(g, w)| *g != w);
+    if let Some(i) = differ {
+        panic!(
+            "{what}: element {i} is {}, want {}",
+            got.data[i], want.data[i]
+        );
+    }
+}
+
+#[test]
+fn fused_bias_dropout_add_is_the_three_ops_to_the_bit() {
+    let Some(dev) = device("bias_dropout_add") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(31);
+    // Whole tensors and shards along each axis (the masks of the full tensor), odd last axes.
+    let cases = [
+        (&[3, 200][..], None, None, 0u64),
+        (&[3, 200], Some(vec![6, 400]), Some(vec![3, 200]), 11),
+        (
+            &[2, 5, 37],
+            Some(vec![4, 5, 37]),
+            Some(vec![2, 0, 0]),
+            1 << 33,
+        ),
+        (&[2, 5, 37], Some(vec![2, 10, 37]), Some(vec![0, 5, 0]), 3),
+    ];
+    use Storage::{Bf16, F32 as S32};
+    // Each operand's storage: uniform, and mixed (the sum of a bf16 `x` and bias is stored as
+    // bf16 before an f32 residual is added).
+    let storages = [
+        [S32, S32, S32],
+        [Bf16, Bf16, Bf16],
+        [Bf16, Bf16, S32],
+        [S32, Bf16, Bf16],
+        [Bf16, S32, Bf16],
+    ];
+    for (shape, full, offsets, seed) in cases {
+        let l = KernelCtx {
+            full_shape: full.clone(),
+            offsets: offsets.clone(),
+            dropout_seed: seed,
+            ..KernelCtx::default()
+        };
+        let last = shape[shape.len() - 1];
+        let host = [
+            rand(&mut rng, shape),
+            rand(&mut rng, &[last]),
+            rand(&mut rng, shape),
+        ];
+        for p in [0.0, 0.1, 0.3] {
+            let name = format!("BiasDropoutAdd {shape:?} p {p} full {full:?} at {offsets:?}");
+            for storage in storages {
+                let what = format!("{name} {storage:?}");
+                let [x, bias, residual] =
+                    [0, 1, 2].map(|i| gpu::upload(&dev, &host[i], storage[i]).expect("upload"));
+                let operands = (&x, &bias, &residual);
+                let fused = gpu::bias_dropout_add(&dev, operands, p, &l.at()).expect(&what);
+                let unfused = bias_dropout_add_unfused(&dev, operands, p, &l);
+                assert_eq!(fused.dtype(), unfused.dtype(), "{what}: stored as");
+                let got = gpu::download(&dev, &fused).expect("download");
+                let want = gpu::download(&dev, &unfused).expect("download");
+                assert_bits(&format!("{what} against the unfused ops"), &got, &want);
+                // And the CPU's: its one-pass kernel in f32; in bf16 its three ops, each
+                // output rounded to bf16 as the GPU stores it.
+                let want = match storage {
+                    [S32, S32, S32] => {
+                        let h = (&host[0], &host[1], &host[2]);
+                        cpu::bias_dropout_add(h, p, &l.at(), 2).expect("the CPU's")
+                    }
+                    [Bf16, Bf16, Bf16] => {
+                        let [x, bias, residual] = host.each_ref().map(round_bf16);
+                        let one = |op: Op<&Tensor, Dim>, l: &KernelCtx| {
+                            round_bf16(&cpu::eval(&op, l).expect("the CPU's")[0])
+                        };
+                        let summed = one(Op::Add(&x, &bias), &local());
+                        let dropped = one(Op::Dropout { x: &summed, p }, &l);
+                        one(Op::Add(&residual, &dropped), &local())
+                    }
+                    _ => continue,
+                };
+                assert_bits(&format!("{what} against the CPU"), &got, &want);
+            }
+        }
+    }
+    // The backend's override is this kernel.
+    let l = KernelCtx {
+        full_shape: Some(vec![6, 400]),
+        offsets: Some(vec![3, 200]),
+        dropout_seed: 11,
+        ..KernelCtx::default()
+    };
+    let host = [
+        rand(&mut rng, &[3, 200]),
+        rand(&mut rng, &[200]),
+        rand(&mut rng, &[3, 200]),
+    ];
+    for dtype in [S32, Bf16] {
+        let cuda = Cuda::new(0, 1, dtype).expect("a backend on GPU 0");
+        let [x, bias, residual] = host
+            .each_ref()
+            .map(|t| gpu::upload(&dev, t, dtype).unwrap());
+        let operands = (&x, &bias, &residual);
+        let got = cuda
+            .bias_dropout_add(operands, 0.3, &l.at())
+            .expect("fused");
+        let want = bias_dropout_add_unfused(&dev, operands, 0.3, &l);
+        let (got, want) = (cuda.download(&got).unwrap(), cuda.download(&want).unwrap());
+        assert_bits(&format!("Cuda::bias_dropout_add {dtype:?}"), &got, &want);
+    }
+}
+
+#[test]
+fn fused_bias_dropout_add_refuses_as_the_cpu() {
+    let Some(dev) = device("bias_dropout_add errors") else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(32);
+    let shard = |full: Option<Vec<usize>>, offsets: Option<Vec<usize>>| KernelCtx {
+        full_shape: full,
+        offsets,
+        ..KernelCtx::default()
+    };
+    // (what, the shapes of x, bias and residual, p, placement)
+    let (good, short): (&[usize], &[usize]) = (&[3, 200], &[200]);
+    let cases = [
+        ("a short bias", [good, &[199], good], 0.1, local()),
+        ("a matrix bias", [good, &[1, 200], good], 0.1, local()),
+        ("a vector input", [short, short, short], 0.1, local()),
+        ("another residual", [good, short, &[3, 199]], 0.1, local()),
+        ("a broadcast residual", [good, short, short], 0.1, local()),
+        ("p 1", [good, short, good], 1.0, local()),
+        (
+            "a misfit shard",
+            [good, short, good],
+            0.1,
+            shard(Some(vec![3, 200]), Some(vec![1, 0])),
+        ),
+        (
+            "offsets without the full shape",
+            [good, short, good],
+            0.1,
+            shard(None, Some(vec![0, 0])),
+        ),
+    ];
+    for (what, shapes, p, l) in cases {
+        let inputs = shapes.map(|s| fl(rand(&mut rng, s)));
+        check_with(
+            &dev,
+            &format!("BiasDropoutAdd {what}"),
+            &inputs,
+            F32,
+            true,
+            |h| cpu::bias_dropout_add((&h[0], &h[1], &h[2]), p, &l.at(), 2).map(|t| vec![t]),
+            |d| gpu::bias_dropout_add(&dev, (&d[0], &d[1], &d[2]), p, &l.at()).map(|t| vec![t]),
+        );
+        let on_dev = upload_all(&dev, &inputs, Storage::F32);
+        let err = gpu::bias_dropout_add(&dev, (&on_dev[0], &on_dev[1], &on_dev[2]), p, &l.at())
+            .expect_err(what);
+        assert!(
+            matches!(
+                err,
+                KernelError::Invalid {
+                    op: "BiasDropoutAdd",
+                    ..
+                }
+            ),
+            "{what}: {err:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Matmul
 
@@ -1002,8 +1195,11 @@ fn unfused_pair(op: &Fused<usize>, n: usize) -> (Op<usize, Dim>, Op<usize, Dim>)
             dy,
         } => (Op::EmbeddingGrad { table, ids, dy }, Op::Add(acc, n)),
         // Not a pair of ops (a chain with a placed dropout): tested in `cuda_attention.rs`.
-        Fused::Attention { .. } | Fused::AttentionGrad { .. } | Fused::OutputLoss { .. } => {
-            unreachable!("the fused attention and output layer are not pairs of ops")
+        Fused::Attention { .. }
+        | Fused::AttentionGrad { .. }
+        | Fused::OutputLoss { .. }
+        | Fused::BiasDropoutAdd { .. } => {
+            unreachable!("not a pair of ops: tested through the executor")
         }
     }
 }

@@ -381,6 +381,11 @@ pub fn eval_fused(op: &Fused<&Tensor>, threads: usize) -> Result<Tensor> {
         )),
         // A loop over chunks of rows with the group's reductions between: the executor's.
         Fused::OutputLoss { .. } => Err(invalid(name, "runs as the executor's loop of chunks")),
+        // Its dropout's mask is placed: `Backend::bias_dropout_add`.
+        Fused::BiasDropoutAdd { .. } => Err(invalid(
+            name,
+            "runs through Backend::bias_dropout_add, which places the mask",
+        )),
     }
 }
 
@@ -1008,6 +1013,47 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
             }
         },
     );
+    Ok(Tensor {
+        shape: x.shape.clone(),
+        data: out,
+    })
+}
+
+/// `residual + dropout(x + bias)` in one pass ([`ferrotron_exec::fuse::Fused::BiasDropoutAdd`]):
+/// the mask the unfused `Dropout` of `x + bias` draws at `at`, the values the three ops give.
+pub fn bias_dropout_add(
+    (x, bias, residual): (&Tensor, &Tensor, &Tensor),
+    p: f64,
+    at: &Placement,
+    threads: usize,
+) -> Result<Tensor> {
+    const NAME: &str = "BiasDropoutAdd";
+    for t in [x, bias, residual] {
+        check_tensor(NAME, t)?;
+    }
+    check_bias(NAME, &x.shape, &bias.shape)?;
+    index::same_shape("the residual", &x.shape, &residual.shape).or_invalid(NAME)?;
+    let scale = index::dropout_scale(p).or_invalid(NAME)? as f32;
+    let row_starts = dropout_row_starts(NAME, &x.shape, at)?;
+    let threshold = ferrotron_ir::reference::keep_threshold(p);
+    let (_, last) = rows_of(&x.shape);
+    let mut out = buffer(x.data.len());
+    if last > 0 {
+        par_chunks(
+            threads.max(1),
+            &mut out,
+            last,
+            #[inline(always)]
+            |first, chunk| {
+                for (i, o) in chunk.chunks_exact_mut(last).enumerate() {
+                    let row = first + i;
+                    let span = row * last..(row + 1) * last;
+                    let rows = (&x.data[span.clone()], &bias.data[..], &residual.data[span]);
+                    math::bias_dropout_add_row(o, rows, row_starts[row], threshold, scale);
+                }
+            },
+        );
+    }
     Ok(Tensor {
         shape: x.shape.clone(),
         data: out,

@@ -179,6 +179,15 @@ impl Backend for Cpu {
         kernels::add_into(acc, x, self.threads)
     }
 
+    fn bias_dropout_add(
+        &self,
+        operands: (&Tensor, &Tensor, &Tensor),
+        p: f64,
+        at: &Placement,
+    ) -> Result<Tensor, KernelError> {
+        kernels::bias_dropout_add(operands, p, at, self.threads)
+    }
+
     fn matmul_acc(
         &self,
         mut acc: Tensor,

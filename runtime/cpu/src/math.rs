@@ -312,6 +312,35 @@ pub(crate) fn dropout_row(out: &mut [f32], src: &[f32], start: u64, threshold: u
     }
 }
 
+/// `out = residual + dropout(x + bias)` for one row, with [`dropout_row`]'s mask (the row's
+/// first counter `start`): the sum, the dropout and the residual sum each rounded as the three
+/// ops store them, so the result is theirs to the bit.
+pub(crate) fn bias_dropout_add_row(
+    out: &mut [f32],
+    (x, bias, residual): (&[f32], &[f32], &[f32]),
+    start: u64,
+    threshold: u64,
+    scale: f32,
+) {
+    const BLOCK: usize = 64;
+    let mut keep = [0u64; BLOCK];
+    let blocks = out
+        .chunks_mut(BLOCK)
+        .zip(x.chunks(BLOCK))
+        .zip(bias.chunks(BLOCK).zip(residual.chunks(BLOCK)));
+    for (k, ((o, x), (b, r))) in blocks.enumerate() {
+        let base = start.wrapping_add((k * BLOCK) as u64);
+        for (j, kp) in keep.iter_mut().enumerate() {
+            *kp = (splitmix64(base.wrapping_add(j as u64)) >= threshold) as u64;
+        }
+        for ((o, ((&x, &b), &r)), &kp) in o.iter_mut().zip(x.iter().zip(b).zip(r)).zip(&keep) {
+            let summed = x + b;
+            let dropped = if kp != 0 { summed * scale } else { 0.0 };
+            *o = r + dropped;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

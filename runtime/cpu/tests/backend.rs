@@ -145,6 +145,15 @@ impl Backend for Counting {
         self.adds_in_place.fetch_add(1, Ordering::Relaxed);
         self.cpu.add_into(acc, x)
     }
+    fn bias_dropout_add(
+        &self,
+        operands: (&Tensor, &Tensor, &Tensor),
+        p: f64,
+        at: &Placement,
+    ) -> Result<Tensor, KernelError> {
+        self.fused.fetch_add(1, Ordering::Relaxed);
+        self.cpu.bias_dropout_add(operands, p, at)
+    }
     fn embedding_grad_add(
         &self,
         acc: Tensor,
@@ -277,14 +286,16 @@ fn a_wrapping_backend_runs_the_same_plan_to_the_same_results() {
     let adds = counting.adds_in_place.load(Ordering::Relaxed);
     assert!(adds > 0, "sums reuse an addend's buffer");
     // Per layer and rank: bias + GeLU forward and backward, the attention forward and
-    // backward; per rank, the tied embedding's gradient added into the output layer's.
-    assert_eq!(fused, 2 * 4 * 2 + 2, "fused steps");
+    // backward, two bias-dropout-residual sums; per rank, the tied embedding's gradient added
+    // into the output layer's.
+    assert_eq!(fused, 2 * 6 * 2 + 2, "fused steps");
     let dropped = g.order.len() - Program::fused(&plan, &|_| false, ATTENTION).steps.len();
     assert_eq!(
         dropped,
-        2 * (1 + 8 + 10) + 1,
+        2 * (1 + 8 + 10 + 4) + 1,
         "per layer: the bias add, the attention's scores, scale, softmax, dropout and four \
-         transposes, ten of its eleven backward nodes; the embedding's gradient"
+         transposes, ten of its eleven backward nodes, two bias adds and their dropouts; the \
+         embedding's gradient"
     );
     assert_eq!(evals + reshapes + adds + fused + 2 * dropped, 2 * local);
     // The vocabulary-parallel loss reduces its row statistics in the forward, as the backend's

@@ -59,7 +59,7 @@ fn fused_steps(plan: &Plan, program: &Program) -> Vec<(String, String, &'static 
 }
 
 #[test]
-fn without_attention_the_program_fuses_bias_activation_scaled_softmax_and_the_tied_embedding_gradient(
+fn without_attention_the_program_fuses_bias_activation_scaled_softmax_bias_dropout_add_and_the_tied_embedding_gradient(
 ) {
     let g = model("tiny-gpt.ron");
     let p = plan(&g, 2, 1, false);
@@ -76,6 +76,17 @@ fn without_attention_the_program_fuses_bias_activation_scaled_softmax_and_the_ti
                 format!("bwd.h.{layer}.probs.0"),
                 "ScaledSoftmaxGrad",
             ),
+            // The bias, dropout and residual sum after the attention and after the MLP.
+            (
+                at("res1"),
+                format!("{}+{}", at("attn_out"), at("attn_drop")),
+                "BiasDropoutAdd",
+            ),
+            (
+                at("y"),
+                format!("{}+{}", at("proj"), at("mlp_drop")),
+                "BiasDropoutAdd",
+            ),
         ] {
             assert!(steps.contains(&want), "{want:?} missing from {steps:?}");
         }
@@ -87,11 +98,12 @@ fn without_attention_the_program_fuses_bias_activation_scaled_softmax_and_the_ti
         "EmbeddingGradAdd",
     );
     assert!(steps.contains(&tied), "{steps:?}");
-    assert_eq!(steps.len(), 9, "{steps:?}");
-    assert_eq!(program.fused_count(), 9);
-    // The absorbed nodes no longer run: three per layer (the bias add serves two fused steps),
-    // and the embedding's gradient.
-    assert_eq!(program.steps.len(), p.graph.order.len() - 7);
+    assert_eq!(steps.len(), 13, "{steps:?}");
+    assert_eq!(program.fused_count(), 13);
+    // The absorbed nodes no longer run: seven per layer (the bias add before the activation
+    // serves two fused steps, each bias-dropout-residual sum absorbs two), and the embedding's
+    // gradient.
+    assert_eq!(program.steps.len(), p.graph.order.len() - 15);
     // The backward starts at the same node.
     let first_backward = p.graph.order[p.backward_start];
     assert_eq!(program.steps[program.backward_start].node, first_backward);
@@ -101,7 +113,13 @@ fn without_attention_the_program_fuses_bias_activation_scaled_softmax_and_the_ti
         .iter()
         .map(|s| p.graph.nodes[s.node].name.as_str())
         .collect();
-    for gone in ["h.0.fc", "h.1.scaled", "bwd.h.0.probs.0"] {
+    for gone in [
+        "h.0.fc",
+        "h.1.scaled",
+        "bwd.h.0.probs.0",
+        "h.0.attn_drop",
+        "h.1.proj",
+    ] {
         assert!(!names.contains(&gone), "{gone} still runs");
     }
 }
@@ -378,6 +396,64 @@ fn fused_kernels_equal_the_pairs_they_replace() {
                 .unwrap();
             assert_eq!(fused, unfused, "softmax gradient {shape:?}");
         }
+    }
+}
+
+/// `residual + dropout(x + bias)` in one pass equals the three ops to the bit, its mask drawn
+/// at the shard's place in the full tensor under a seed, on any thread count; bad shapes are
+/// errors naming the op.
+#[test]
+fn bias_dropout_add_equals_the_three_ops() {
+    let x = tensor(&[3, 5, 200], 1);
+    let bias = tensor(&[200], 2);
+    let residual = tensor(&[3, 5, 200], 3);
+    let cpu = Cpu::default();
+    for (p, at) in [
+        (0.1, Placement::default()),
+        (0.0, Placement::default()),
+        (
+            0.3,
+            Placement {
+                full_shape: Some(vec![6, 5, 400]),
+                offsets: Some(vec![3, 0, 200]),
+                dropout_seed: 7,
+                ..Placement::default()
+            },
+        ),
+    ] {
+        let summed = eval1(Op::Add(&x, &bias));
+        let dropped = kernels::eval(&Op::Dropout { x: &summed, p }, &at, 1)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let want = eval1(Op::Add(&residual, &dropped));
+        for threads in [1, 3] {
+            let got = kernels::bias_dropout_add((&x, &bias, &residual), p, &at, threads).unwrap();
+            assert_eq!(got, want, "p {p}, {threads} threads");
+        }
+        // Through the backend too.
+        assert_eq!(
+            cpu.bias_dropout_add((&x, &bias, &residual), p, &at)
+                .unwrap(),
+            want
+        );
+    }
+    for (bias, residual) in [
+        (tensor(&[199], 2), residual.clone()),
+        (bias.clone(), tensor(&[3, 5, 199], 3)),
+    ] {
+        let err = kernels::bias_dropout_add((&x, &bias, &residual), 0.1, &Placement::default(), 1)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::Invalid {
+                    op: "BiasDropoutAdd",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }
 

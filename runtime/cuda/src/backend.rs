@@ -230,6 +230,17 @@ impl Backend for Cuda {
         Ok([dq, dk, dv])
     }
 
+    /// One pass over `x`, `bias` and `residual` instead of the three ops' two intermediate
+    /// tensors, with the same mask and roundings (the same values to the bit).
+    fn bias_dropout_add(
+        &self,
+        operands: (&CudaTensor, &CudaTensor, &CudaTensor),
+        p: f64,
+        at: &Placement,
+    ) -> Result<CudaTensor, KernelError> {
+        kernels::bias_dropout_add(self.device(), operands, p, at)
+    }
+
     fn matmul_acc(
         &self,
         acc: CudaTensor,

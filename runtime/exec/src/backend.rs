@@ -88,6 +88,22 @@ pub trait Backend: Clone + Send + Sync {
         spec: &AttentionSpec,
         at: &Placement,
     ) -> Result<[Self::Tensor; 3], KernelError>;
+    /// `residual + dropout(x + bias)` ([`Fused::BiasDropoutAdd`]): the dropout's mask that of
+    /// the unfused `Dropout` of `x + bias` placed by `at`, the same values as the three ops to
+    /// the bit. By default the three ops, one after the other.
+    fn bias_dropout_add(
+        &self,
+        (x, bias, residual): (&Self::Tensor, &Self::Tensor, &Self::Tensor),
+        p: f64,
+        at: &Placement,
+    ) -> Result<Self::Tensor, KernelError> {
+        let one = |op: Op<&Self::Tensor, ferrotron_ir::Dim>, at: &Placement| {
+            Ok::<_, KernelError>(self.eval(&op, at)?.swap_remove(0))
+        };
+        let summed = one(Op::Add(x, bias), &Placement::default())?;
+        let dropped = one(Op::Dropout { x: &summed, p }, at)?;
+        one(Op::Add(residual, &dropped), &Placement::default())
+    }
     /// `acc + x` (two tensors of one shape), which may be written over `acc`: the executor
     /// passes a value at its last use. The sum is [`Backend::eval`]'s `Add`, to the bit. By
     /// default a new tensor.

@@ -13,6 +13,7 @@
 //! | `Add(m, bias)` read only by an activation (and its `ActGrad`s) | [`Fused::BiasAct`] forward, [`Fused::BiasActGrad`] backward | the pre-activation tensor is never written; the backward recomputes `m + bias` |
 //! | `Scale(x)` read only by a `Softmax` | [`Fused::ScaledSoftmax`] | one write and read of the scores |
 //! | `SoftmaxGrad` read only by a `Scale` | [`Fused::ScaledSoftmaxGrad`] | the same, backward |
+//! | `Add(m, bias)` read only by a `Dropout` whose output only a residual `Add` reads (its gradient reads only its place) | [`Fused::BiasDropoutAdd`] | the bias-added and the dropped tensors are never written: one pass over memory instead of three |
 //! | `EmbeddingGrad` read only by an `Add` (a tied table's other gradient) | [`Fused::EmbeddingGradAdd`] | the embedding's own `[vocab, width]` gradient: its rows are added into the other gradient's buffer ([`crate::Backend::embedding_grad_add`]) |
 //! | `MatMul(q, kᵀ)` → `Scale` → `Softmax` → `Dropout`? → `MatMul(·, v)`, and the seven backward nodes autodiff makes of it | [`Fused::Attention`] forward, [`Fused::AttentionGrad`] backward | the `[..., queries, keys]` scores, probabilities and their dropout, forward and backward: the forward keeps each query row's log-sum-exp (a [`Saved`] value of the program's own) and the backward recomputes the probabilities a tile at a time from it (flash attention) |
 //! | `CrossEntropy(MatMul(h, wᵀ))` and, differentiated, its gradient with the two products autodiff makes of it (`dlogits · w`, `dlogitsᵀ · h`) | [`Fused::OutputLoss`], one step at the gradient's place (or the loss's, forward only) | the `[..., vocabulary]` logits and their gradient: the executor makes them a chunk of rows at a time ([`crate::kernel::OutputLossDims`]), reduces the chunk's row statistics over the tp group, and uses the chunk's gradient at once for its rows of `dh` and its addend to `dw` ([`crate::Backend::matmul_acc`]) |
@@ -130,6 +131,20 @@ pub enum Fused<V> {
         /// As the forward's.
         spec: AttentionSpec,
     },
+    /// `residual + dropout(x + bias)`, `bias` repeated along the leading axes: a linear
+    /// layer's bias, the dropout after it and the residual sum, in one pass (Megatron's
+    /// bias-dropout-add). The dropout's mask is the unfused `Dropout`'s at its place
+    /// ([`crate::Backend::bias_dropout_add`]).
+    BiasDropoutAdd {
+        /// The GEMM's output.
+        x: V,
+        /// The bias, `[last axis of x]`.
+        bias: V,
+        /// The residual stream, shaped like `x`.
+        residual: V,
+        /// The drop probability.
+        p: f64,
+    },
     /// The output layer and its cross-entropy, `CrossEntropy(h · wᵀ, targets)`, computed a
     /// chunk of rows at a time so that the full `[..., vocabulary]` logits never exist (the
     /// executor's loop, chunks of [`crate::kernel::OutputLossDims`]). With `dloss` (the backward's
@@ -175,6 +190,9 @@ impl<V> Fused<V> {
                 } = saved;
                 vec![q, k, v, out, lse, dout]
             }
+            Fused::BiasDropoutAdd {
+                x, bias, residual, ..
+            } => vec![x, bias, residual],
             Fused::OutputLoss {
                 h,
                 w,
@@ -194,6 +212,7 @@ impl<V> Fused<V> {
             Fused::EmbeddingGradAdd { .. } => "EmbeddingGradAdd",
             Fused::Attention { .. } => "Attention",
             Fused::AttentionGrad { .. } => "AttentionGrad",
+            Fused::BiasDropoutAdd { .. } => "BiasDropoutAdd",
             Fused::OutputLoss { dloss: None, .. } => "OutputLoss",
             Fused::OutputLoss { dloss: Some(_), .. } => "OutputLossGrad",
         }
@@ -258,6 +277,17 @@ impl<V> Fused<V> {
                     dout: f(&saved.dout)?,
                 },
                 spec: *spec,
+            },
+            Fused::BiasDropoutAdd {
+                x,
+                bias,
+                residual,
+                p,
+            } => Fused::BiasDropoutAdd {
+                x: f(x)?,
+                bias: f(bias)?,
+                residual: f(residual)?,
+                p: *p,
             },
             Fused::OutputLoss {
                 h,
@@ -516,6 +546,25 @@ impl Program {
                     },
                 );
             }
+        }
+        for found in bias_dropout_adds(plan, kept, &readers_of) {
+            if [found.add, found.dropout, found.sum]
+                .iter()
+                .any(|n| replaced.contains_key(n) || removed[position[n]])
+            {
+                continue;
+            }
+            removed[position[&found.add]] = true;
+            removed[position[&found.dropout]] = true;
+            let outputs = g.nodes[found.sum].outputs.clone();
+            replaced.insert(
+                found.sum,
+                StepOp::Fused {
+                    op: found.op,
+                    absorbed: vec![found.add, found.dropout],
+                    outputs,
+                },
+            );
         }
         for &n in &g.order {
             if replaced.contains_key(&n) || removed[position[&n]] {
@@ -1491,4 +1540,84 @@ fn output_loss_chains<'r>(
         chains.extend(found);
     }
     chains
+}
+
+/// A bias add, the dropout after it and the residual sum that reads the dropout.
+struct BiasDropoutAdd {
+    /// `Add(x, bias)`.
+    add: NodeId,
+    /// `Dropout` of the sum.
+    dropout: NodeId,
+    /// The residual `Add`: the fused step runs as it.
+    sum: NodeId,
+    op: Fused<ValueId>,
+}
+
+/// Every `residual + Dropout(Add(x, bias))` whose bias sum only the dropout reads and whose
+/// dropped tensor only the residual sum reads (and dropout gradients, for its place), neither
+/// kept, the residual shaped like the sum, all on one pipeline stage and model chunk.
+fn bias_dropout_adds<'r>(
+    plan: &Plan,
+    kept: &dyn Fn(ValueId) -> bool,
+    readers_of: &dyn Fn(ValueId) -> &'r [NodeId],
+) -> Vec<BiasDropoutAdd> {
+    let g = &plan.graph;
+    let place = |n: NodeId| {
+        plan.pipeline
+            .as_ref()
+            .map_or((0, 0), |p| (p.stage_of[n], p.chunk_of[n]))
+    };
+    let only = |n: NodeId| match g.nodes[n].outputs.as_slice() {
+        &[v] if !kept(v) => Some(v),
+        _ => None,
+    };
+    let mut found = Vec::new();
+    for &add in &g.order {
+        let Op::Add(a, b) = g.nodes[add].op else {
+            continue;
+        };
+        let Some(summed) = only(add) else { continue };
+        let Some((x, bias)) = bias_operands(plan, a, b, summed) else {
+            continue;
+        };
+        let &[dropout] = readers_of(summed) else {
+            continue;
+        };
+        let Op::Dropout { x: dx, p } = g.nodes[dropout].op else {
+            continue;
+        };
+        let Some(dropped) = only(dropout).filter(|_| dx == summed) else {
+            continue;
+        };
+        // Read by one sum, and by dropout gradients only for its place.
+        let mut sums = readers_of(dropped).iter().copied().filter(
+            |&r| !matches!(g.nodes[r].op, Op::DropoutGrad { forward, .. } if forward == dropped),
+        );
+        let (Some(sum), None) = (sums.next(), sums.next()) else {
+            continue;
+        };
+        let Op::Add(s1, s2) = g.nodes[sum].op else {
+            continue;
+        };
+        let residual = if s1 == dropped { s2 } else { s1 };
+        let (tr, td) = (g.ty(residual), g.ty(dropped));
+        if s1 == s2 || tr.shape != td.shape || tr.dtype != td.dtype {
+            continue;
+        }
+        if place(dropout) != place(add) || place(sum) != place(add) {
+            continue;
+        }
+        found.push(BiasDropoutAdd {
+            add,
+            dropout,
+            sum,
+            op: Fused::BiasDropoutAdd {
+                x,
+                bias,
+                residual,
+                p,
+            },
+        });
+    }
+    found
 }

@@ -1480,13 +1480,23 @@ impl<B: Backend> Runner<'_, B> {
         let kernel = |e| self.kernel_error(n, e);
         match &mapped {
             Fused::Attention { q, k, v, spec } => {
-                let at = self.attention_placement(absorbed)?;
+                let at = self.dropout_placement(absorbed)?;
                 let (out, lse) = be.attention(q, k, v, spec, &at).map_err(kernel)?;
                 Ok(vec![out, lse])
             }
             Fused::AttentionGrad { saved, spec } => {
-                let at = self.attention_placement(absorbed)?;
+                let at = self.dropout_placement(absorbed)?;
                 Ok(be.attention_grad(*saved, spec, &at).map_err(kernel)?.into())
+            }
+            Fused::BiasDropoutAdd {
+                x,
+                bias,
+                residual,
+                p,
+            } => {
+                let at = self.dropout_placement(absorbed)?;
+                let out = be.bias_dropout_add((x, bias, residual), *p, &at);
+                Ok(vec![out.map_err(kernel)?])
             }
             Fused::OutputLoss {
                 h,
@@ -1498,9 +1508,10 @@ impl<B: Backend> Runner<'_, B> {
         }
     }
 
-    /// Where a fused attention's probabilities sit in the full tensor (their dropout mask's
-    /// place): the placement of the dropout (or its gradient) among the `absorbed` nodes.
-    fn attention_placement(&self, absorbed: &[NodeId]) -> Result<Placement, ExecError> {
+    /// Where a fused step's dropout sits in the full tensor (its mask's place: an attention's
+    /// probabilities, a bias sum's): the placement of the dropout (or its gradient) among the
+    /// `absorbed` nodes.
+    fn dropout_placement(&self, absorbed: &[NodeId]) -> Result<Placement, ExecError> {
         let g = &self.exe.plan.graph;
         match absorbed
             .iter()

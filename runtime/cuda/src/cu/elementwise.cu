@@ -1,7 +1,8 @@
 // elementwise.cu: one output element per input element. Scale and the activations (Unary),
 // their gradients (ActGrad), the fused bias + activation and its gradient (BiasAct,
-// BiasActGrad), the broadcasting binary ops (Add, Sub, Mul, Div), Fill, the dtype casts and the
-// dropout masks. Every formula is the CPU backend's (cpu/kernels.rs, cpu/math.rs).
+// BiasActGrad), the broadcasting binary ops (Add, Sub, Mul, Div), Fill, the dtype casts, the
+// dropout masks and the fused bias + dropout + residual add (BiasDropoutAdd). Every formula is
+// the CPU backend's (cpu/kernels.rs, cpu/math.rs).
 
 // Unary ops, chosen by `op` (the switch is outside the loop: one loop per op).
 #define FT_UNARY_SCALE 0
@@ -227,3 +228,35 @@ __device__ __forceinline__ void dropout_impl(T* out, const T* x, DropShape s, i6
 #define DROPOUT_PARAMS(T)                                                                      \
     (T * out, const T* x, DropShape s, i64 n, u64 first, u64 threshold, float scale)
 FT_TYPED(dropout, DROPOUT_PARAMS, (out, x, s, n, first, threshold, scale))
+
+// `v` as a bf16 store and load give it back (round to nearest even, NaN kept).
+__device__ __forceinline__ float ft_round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+// residual + dropout(x + bias) in one pass, with `dropout`'s mask (the same DropShape, counter
+// and threshold over x's shape) and bias[i % nb] (a vector along the last axis). Each step is
+// rounded as the three unfused ops (Add, Dropout, Add) store it, so the result equals theirs to
+// the bit: the sum and the dropped value go through bf16 when `mid_bf16` (the unfused sum's
+// storage, that of x and bias, is bf16; always so in bf16 storage), the final sum through `st`.
+template <typename T>
+__device__ __forceinline__ void bias_dropout_add_impl(T* out, const T* x, const T* bias,
+                                                      const T* residual, DropShape s, i64 n,
+                                                      i64 nb, u64 first, u64 threshold,
+                                                      float scale, int mid_bf16) {
+    FT_GRID_LOOP(i, n) {
+        u64 at = first + (u64)ft_offset(i, s.rank, s.size, s.stride);
+        float summed = ld(x, i) + ld(bias, i % nb);
+        if (mid_bf16) {
+            summed = ft_round_bf16(summed);
+        }
+        float dropped = ft_splitmix64(at) >= threshold ? summed * scale : 0.0f;
+        if (mid_bf16) {
+            dropped = ft_round_bf16(dropped);
+        }
+        st(out, i, ld(residual, i) + dropped);
+    }
+}
+#define BIAS_DROPOUT_ADD_PARAMS(T)                                                             \
+    (T * out, const T* x, const T* bias, const T* residual, DropShape s, i64 n, i64 nb,       \
+     u64 first, u64 threshold, float scale, int mid_bf16)
+FT_TYPED(bias_dropout_add, BIAS_DROPOUT_ADD_PARAMS,
+         (out, x, bias, residual, s, n, nb, first, threshold, scale, mid_bf16))

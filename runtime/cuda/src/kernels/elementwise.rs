@@ -1,5 +1,6 @@
 //! Launches of `cu/elementwise.cu`: Scale and the activations, their gradients, the fused bias
-//! and activation (BiasAct) and its gradient, the broadcasting binary ops, Fill and dropout.
+//! and activation (BiasAct) and its gradient, the broadcasting binary ops, Fill, dropout and the
+//! fused bias + dropout + residual add (BiasDropoutAdd).
 
 use super::launch::{cfg_1d, i64_of, Buf, Launch, Result};
 use super::structs::{DropShape, Strided2};
@@ -8,7 +9,7 @@ use super::{
 };
 use crate::device::RankDevice;
 use crate::tensor::{CudaTensor, Storage};
-use ferrotron_exec::kernel::{invalid, OrInvalid, Placement};
+use ferrotron_exec::kernel::{check_bias, invalid, OrInvalid, Placement};
 use ferrotron_ir::index;
 
 /// The unary ops of the `unary` kernel.
@@ -323,6 +324,55 @@ pub(super) fn dropout(
         .val(&first)
         .val(&threshold)
         .val(&scale)
+        .launch(cfg_1d(dev, n))?;
+    Ok(out.into_tensor(x.shape.clone()))
+}
+
+/// `residual + dropout(x + bias)` in one pass (the fused BiasDropoutAdd): the mask of the
+/// unfused `Dropout` of `x + bias` placed by `local` ([`dropout_plan`] over `x`'s shape), and
+/// each step rounded as the three unfused ops store it (the sum and the dropped value in the
+/// storage type of `x` and `bias`, the result in that of all three), so the result equals
+/// `Add`, `Dropout`, `Add` to the bit in either storage type without their two intermediate
+/// tensors. `bias` must be a vector along `x`'s last axis and `residual` shaped like `x`, as
+/// the CPU backend checks.
+pub fn bias_dropout_add(
+    dev: &RankDevice,
+    (x, bias, residual): (&CudaTensor, &CudaTensor, &CudaTensor),
+    p: f64,
+    local: &Placement,
+) -> Result<CudaTensor> {
+    const OP: &str = "BiasDropoutAdd";
+    check_bias(OP, &x.shape, &bias.shape)?;
+    index::same_shape("the residual", &x.shape, &residual.shape).or_invalid(OP)?;
+    let scale = index::dropout_scale(p).or_invalid(OP)? as f32;
+    let (s, first) = dropout_plan(OP, &x.shape, local)?;
+    // The unfused sum `x + bias` is stored in these two's common type; the result in all three's.
+    let mid_bf16 = i32::from(common_dtype(&[x, bias]) == Storage::Bf16);
+    let dtype = common_dtype(&[x, bias, residual]);
+    let (x, bias, residual) = (
+        as_dtype(dev, OP, x, dtype)?,
+        as_dtype(dev, OP, bias, dtype)?,
+        as_dtype(dev, OP, residual, dtype)?,
+    );
+    let n = x.numel();
+    let mut out = Buf::uninit(dev, OP, dtype, n)?;
+    if n == 0 {
+        return Ok(out.into_tensor(x.shape.clone()));
+    }
+    let (n64, nb) = (i64_of(OP, n)?, i64_of(OP, bias.numel())?);
+    let threshold = keep_threshold(p);
+    Launch::new(dev, OP, &spec::BIAS_DROPOUT_ADD, dtype)?
+        .output(&mut out)
+        .input(&x.data)
+        .input(&bias.data)
+        .input(&residual.data)
+        .val(&s)
+        .val(&n64)
+        .val(&nb)
+        .val(&first)
+        .val(&threshold)
+        .val(&scale)
+        .val(&mid_bf16)
         .launch(cfg_1d(dev, n))?;
     Ok(out.into_tensor(x.shape.clone()))
 }

@@ -62,6 +62,7 @@ pub use cross_entropy::{
     ce_grad, ce_grad_dev, ce_grad_in_place_dev, ce_loss_dev, ce_row_max, ce_row_max_dev,
     ce_row_sums, ce_row_sums_dev,
 };
+pub use elementwise::bias_dropout_add;
 pub use matmul::matmul_acc;
 pub use optim::{
     adamw, first_non_finite, reduce_buffers, scale_in_place, sum_squares, sum_squares_all,
@@ -871,5 +872,10 @@ pub fn eval_fused(dev: &RankDevice, op: &Fused<&CudaTensor>) -> Result<CudaTenso
         )),
         // A loop over chunks of rows with the group's reductions between: the executor's.
         Fused::OutputLoss { .. } => Err(invalid(name, "runs as the executor's loop of chunks")),
+        // Its dropout's mask is placed: `Backend::bias_dropout_add`.
+        Fused::BiasDropoutAdd { .. } => Err(invalid(
+            name,
+            "runs through Backend::bias_dropout_add, which places the mask",
+        )),
     }
 }

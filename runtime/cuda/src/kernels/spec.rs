@@ -104,6 +104,8 @@ kernels! {
     CAST_BF16_F32 = "cast_bf16_f32" in "elementwise.cu", false, [Ptr, Ptr, I64];
     DROPOUT = "dropout" in "elementwise.cu", true,
         [Ptr, Ptr, Struct(size_of::<DropShape>()), I64, U64, U64, F32];
+    BIAS_DROPOUT_ADD = "bias_dropout_add" in "elementwise.cu", true,
+        [Ptr, Ptr, Ptr, Ptr, Struct(size_of::<DropShape>()), I64, I64, U64, U64, F32, I32];
     NORM_FWD = "norm_fwd" in "norm.cu", true,
         [Ptr, Ptr, Ptr, Ptr, I64, I64, F64, I32, I32, I32];
     NORM_BWD = "norm_bwd" in "norm.cu", true,
