@@ -314,7 +314,9 @@ pub(crate) fn dropout_row(out: &mut [f32], src: &[f32], start: u64, threshold: u
 
 /// `out = residual + dropout(x + bias)` for one row, with [`dropout_row`]'s mask (the row's
 /// first counter `start`): the sum, the dropout and the residual sum each rounded as the three
-/// ops store them, so the result is theirs to the bit.
+/// ops store them, so the result is theirs to the bit. Inlined into its caller's vector
+/// extension ([`crate::par::simd`]), as [`dropout_row`] is.
+#[inline(always)]
 pub(crate) fn bias_dropout_add_row(
     out: &mut [f32],
     (x, bias, residual): (&[f32], &[f32], &[f32]),
@@ -323,19 +325,23 @@ pub(crate) fn bias_dropout_add_row(
     scale: f32,
 ) {
     const BLOCK: usize = 64;
+    let n = out.len();
+    let (x, bias, residual) = (&x[..n], &bias[..n], &residual[..n]);
+    for ((o, &x), &b) in out.iter_mut().zip(x).zip(bias) {
+        *o = x + b;
+    }
     let mut keep = [0u64; BLOCK];
-    let blocks = out
+    for (k, (o, r)) in out
         .chunks_mut(BLOCK)
-        .zip(x.chunks(BLOCK))
-        .zip(bias.chunks(BLOCK).zip(residual.chunks(BLOCK)));
-    for (k, ((o, x), (b, r))) in blocks.enumerate() {
+        .zip(residual.chunks(BLOCK))
+        .enumerate()
+    {
         let base = start.wrapping_add((k * BLOCK) as u64);
         for (j, kp) in keep.iter_mut().enumerate() {
             *kp = (splitmix64(base.wrapping_add(j as u64)) >= threshold) as u64;
         }
-        for ((o, ((&x, &b), &r)), &kp) in o.iter_mut().zip(x.iter().zip(b).zip(r)).zip(&keep) {
-            let summed = x + b;
-            let dropped = if kp != 0 { summed * scale } else { 0.0 };
+        for ((o, &r), &kp) in o.iter_mut().zip(r).zip(&keep) {
+            let dropped = if kp != 0 { *o * scale } else { 0.0 };
             *o = r + dropped;
         }
     }
