@@ -3,8 +3,8 @@
 //! CPU stand-in for the CUDA libraries (`cuda_emulated.rs`). They are a crate of their own so
 //! that neither backend depends on the other.
 //!
-//! The library holds what the test files share: the device they run on ([`device`]) and how
-//! close a result must be ([`assert_close`]).
+//! The library holds what the test files share: the device they run on ([`device`]), how
+//! close a result must be ([`assert_close`]) and a model from the zoo ([`zoo_model`]).
 
 use ferrotron_cuda::{CudaError, Gpu, RankDevice};
 use ferrotron_exec::Tensor;
@@ -122,4 +122,17 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> usize 
         );
     }
     differ
+}
+
+/// `file` from the model zoo (`FERROTRON_MODELS`, else the repository's `models/`: the GPU
+/// check carries the zoo beside its executables), with `dims` overriding its named dimensions.
+pub fn zoo_model(file: &str, dims: &[(&str, u64)]) -> ferrotron_ir::Graph {
+    let dir = std::env::var("FERROTRON_MODELS")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models").to_owned());
+    let path = std::path::PathBuf::from(dir).join(file);
+    let load = ferrotron_ir::LoadOptions {
+        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
+        ..ferrotron_ir::LoadOptions::default()
+    };
+    ferrotron_ir::load_model(&path, &load).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

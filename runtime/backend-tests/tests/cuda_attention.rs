@@ -16,7 +16,7 @@
 //! Without a GPU each test prints `SKIPPED` and passes, unless `FERROTRON_REQUIRE_GPU` is set;
 //! `cuda_emulated.rs` runs them on the CPU stand-in for the driver (`cuda-emu`).
 
-use ferrotron_backend_tests::{assert_close, Tol};
+use ferrotron_backend_tests::{assert_close, zoo_model, Tol};
 use ferrotron_cuda::kernels;
 use ferrotron_cuda::{Cuda, CudaTensor, RankDevice, Storage};
 use ferrotron_exec::init::{random_batch, test_params};
@@ -24,7 +24,7 @@ use ferrotron_exec::kernel::{AttentionSaved, AttentionSpec};
 use ferrotron_exec::verify::{compare, Tolerances};
 use ferrotron_exec::{run, KernelError, Placement, RunOptions, Tensor};
 use ferrotron_ir::reference::dropout_keeps;
-use ferrotron_ir::{load_model, Dim, LoadOptions, Op};
+use ferrotron_ir::{Dim, Op};
 use ferrotron_partitioner::{partition, PartitionOptions};
 use half::bf16;
 
@@ -503,9 +503,6 @@ fn fused_attention_in_a_model_equals_the_unfused_chain() {
     if device("attention_in_a_model").is_none() {
         return;
     }
-    let path = std::env::var("FERROTRON_MODELS")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models").to_owned());
-    let path = std::path::PathBuf::from(path).join("gpt2-small.ron");
     // GPT-2 small's graph (dropout 0.1 on the probabilities), shrunk; 11 positions: odd sizes.
     let dims = [
         ("vocab", 97),
@@ -516,11 +513,7 @@ fn fused_attention_in_a_model_equals_the_unfused_chain() {
         ("heads", 4),
         ("layers", 2),
     ];
-    let load = LoadOptions {
-        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
-        ..LoadOptions::default()
-    };
-    let g = load_model(&path, &load).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let g = zoo_model("gpt2-small.ron", &dims);
     let params = test_params(&g, 7);
     let batch = random_batch(&g, 7);
     for (tp, dtype) in [

@@ -5,11 +5,11 @@
 //! chunks that cross sequence boundaries, a shorter last chunk and a padded vocabulary.
 //! On a GPU, or on the CPU stand-in through `cuda_emulated.rs`.
 
+use ferrotron_backend_tests::zoo_model;
 use ferrotron_cuda::{Cuda, RankDevice, Storage};
 use ferrotron_exec::init::{random_batch, test_params};
 use ferrotron_exec::verify::{compare_runs, Outputs, Tolerances};
 use ferrotron_exec::{run, RunOptions};
-use ferrotron_ir::{load_model, LoadOptions};
 use ferrotron_partitioner::{partition, PartitionOptions};
 
 fn device(test: &str) -> Option<RankDevice> {
@@ -21,9 +21,6 @@ fn fused_loss_in_a_model_equals_the_unfused_output_layer() {
     if device("loss_in_a_model").is_none() {
         return;
     }
-    let path = std::env::var("FERROTRON_MODELS")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models").to_owned());
-    let path = std::path::PathBuf::from(path).join("gpt2-small.ron");
     // GPT-2 small's graph, shrunk: 15 sequences of 9 are 135 rows, two chunks of 68 and 67
     // rows, the first ending inside a sequence; 97 classes padded for the vocabulary split.
     let dims = [
@@ -35,11 +32,7 @@ fn fused_loss_in_a_model_equals_the_unfused_output_layer() {
         ("heads", 4),
         ("layers", 1),
     ];
-    let load = LoadOptions {
-        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
-        ..LoadOptions::default()
-    };
-    let g = load_model(&path, &load).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let g = zoo_model("gpt2-small.ron", &dims);
     let params = test_params(&g, 5);
     let batch = random_batch(&g, 5);
     for (tp, dtype) in [

@@ -3,15 +3,14 @@
 //! `f32` tolerances at every mesh the models run on (tensor, sequence, data and pipeline
 //! parallelism, recomputation, micro-batches, dropout under a non-zero seed), while holding less.
 
-use ferrotron_cpu::Cpu;
+mod common;
+
+use common::model;
 use ferrotron_exec::fuse::{Fused, Fusions, Program, StepOp};
-use ferrotron_exec::init::{random_batch, test_params};
-use ferrotron_exec::verify::{compare_runs, Outputs, Tolerances, FORWARD_TOLERANCE};
-use ferrotron_exec::{run, RunOptions};
+use ferrotron_exec::RunOptions;
 use ferrotron_ir::graph::EntityRef;
-use ferrotron_ir::{load_model, Graph, LoadOptions, Op};
+use ferrotron_ir::{Graph, Op};
 use ferrotron_partitioner::{partition, PartitionOptions, Plan, Recompute};
-use std::path::PathBuf;
 
 /// The op pairs and the attention, not the loss.
 const ATTENTION: Fusions = Fusions {
@@ -21,15 +20,6 @@ const ATTENTION: Fusions = Fusions {
 
 /// A model file, its dimension overrides and a mesh.
 type Case<'a> = (&'a str, &'a [(&'a str, u64)], PartitionOptions);
-
-fn model(file: &str, dims: &[(&str, u64)]) -> Graph {
-    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")).join(file);
-    let opts = LoadOptions {
-        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
-        ..LoadOptions::default()
-    };
-    load_model(&path, &opts).unwrap_or_else(|e| panic!("{file}: {e}"))
-}
 
 /// Each attention step of `program`: (its node, the fused op's name).
 fn attention_steps(plan: &Plan, program: &Program) -> Vec<(String, &'static str)> {
@@ -131,41 +121,19 @@ fn an_attention_whose_probabilities_are_kept_is_not_fused() {
 }
 
 /// Runs `plan` on `whole`'s weights and batch with the attention fused and with nothing fused;
-/// checks the loss and every gradient agree within the `f32` tolerances (relative to the
-/// largest magnitude) and returns the two peaks of rank 0.
+/// the loss and every gradient agree within the `f32` tolerances ([`common::agree`]); returns
+/// the two peaks of rank 0.
 fn agree(what: &str, whole: &Graph, plan: &Plan, forward_only: bool) -> (usize, usize) {
-    let params = test_params(whole, 11);
-    let batch = random_batch(whole, 11);
-    let opts = RunOptions {
+    let fused = RunOptions {
         dropout_seed: 5,
         forward_only,
         ..RunOptions::default()
     };
-    let fused =
-        run(Cpu::default(), plan, &params, &batch, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
-    let unfused = run(
-        Cpu::default(),
-        plan,
-        &params,
-        &batch,
-        &RunOptions {
-            fuse: false,
-            ..opts
-        },
-    )
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let (a, b) = (fused.loss().unwrap(), unfused.loss().unwrap());
-    let off = f64::from(((a - b) / b).abs());
-    assert!(off <= FORWARD_TOLERANCE, "{what}: loss {a} against {b}");
-    if !forward_only {
-        // As `--verify` holds them: to the scale of the largest gradient (BERT's key bias has a
-        // gradient that is zero but for round-off).
-        let v = compare_runs(&fused, &unfused, Tolerances::F32, Outputs::Skipped)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let failed: Vec<_> = v.entries.iter().filter(|e| !e.ok()).collect();
-        assert!(failed.is_empty(), "{what}: {failed:#?}");
-    }
-    (fused.ranks[0].peak_bytes, unfused.ranks[0].peak_bytes)
+    let unfused = RunOptions {
+        fuse: false,
+        ..fused.clone()
+    };
+    common::agree(what, (whole, plan, 11), &fused, &unfused)
 }
 
 #[test]

@@ -5,15 +5,14 @@
 //! and data parallelism, recomputation, pipeline stages and micro-batches), with chunks that
 //! cross sequence boundaries and a last chunk shorter than the rest, while holding less.
 
-use ferrotron_cpu::Cpu;
+mod common;
+
+use common::model;
 use ferrotron_exec::fuse::{Fused, Fusions, Program, StepOp};
-use ferrotron_exec::init::{random_batch, test_params};
 use ferrotron_exec::kernel::OutputLossDims;
-use ferrotron_exec::verify::{compare_runs, Outputs, Tolerances, FORWARD_TOLERANCE};
-use ferrotron_exec::{run, RunOptions};
-use ferrotron_ir::{load_model, Graph, LoadOptions, Op};
+use ferrotron_exec::RunOptions;
+use ferrotron_ir::{Graph, Op};
 use ferrotron_partitioner::{partition, PartitionOptions, Plan, Recompute};
-use std::path::PathBuf;
 
 /// A model file, its dimension overrides and a mesh.
 type Case<'a> = (&'a str, &'a [(&'a str, u64)], PartitionOptions);
@@ -21,15 +20,6 @@ type Case<'a> = (&'a str, &'a [(&'a str, u64)], PartitionOptions);
 /// 9 sequences of 24: 216 rows, cut into two chunks of 108 rows (the first ends inside a
 /// sequence).
 const ROWS_216: &[(&str, u64)] = &[("batch", 9), ("seq", 24)];
-
-fn model(file: &str, dims: &[(&str, u64)]) -> Graph {
-    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")).join(file);
-    let opts = LoadOptions {
-        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
-        ..LoadOptions::default()
-    };
-    load_model(&path, &opts).unwrap_or_else(|e| panic!("{file}: {e}"))
-}
 
 /// Each fused loss step of `program`: (its node, the fused op's name, the nodes it absorbed).
 fn loss_steps(plan: &Plan, program: &Program) -> Vec<(String, &'static str, Vec<String>)> {
@@ -187,8 +177,6 @@ fn chunks_cover_the_rows_once_in_order() {
 /// the logits); checks the loss and every gradient agree within the `f32` tolerances (relative
 /// to the largest magnitude) and returns the two peaks of rank 0.
 fn agree(what: &str, whole: &Graph, plan: &Plan, forward_only: bool) -> (usize, usize) {
-    let params = test_params(whole, 13);
-    let batch = random_batch(whole, 13);
     let opts = RunOptions {
         dropout_seed: 3,
         forward_only,
@@ -206,30 +194,11 @@ fn agree(what: &str, whole: &Graph, plan: &Plan, forward_only: bool) -> (usize, 
         fused_steps.iter().any(|s| s.1 == want),
         "{what}: no {want} step: {fused_steps:?}"
     );
-    let fused =
-        run(Cpu::default(), plan, &params, &batch, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
-    let unfused = run(
-        Cpu::default(),
-        plan,
-        &params,
-        &batch,
-        &RunOptions {
-            fuse_loss: false,
-            ..opts
-        },
-    )
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let (a, b) = (fused.loss().unwrap(), unfused.loss().unwrap());
-    let off = f64::from(((a - b) / b).abs());
-    assert!(off <= FORWARD_TOLERANCE, "{what}: loss {a} against {b}");
-    if !forward_only {
-        // As `--verify` holds them: to the scale of the largest gradient.
-        let v = compare_runs(&fused, &unfused, Tolerances::F32, Outputs::Skipped)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let failed: Vec<_> = v.entries.iter().filter(|e| !e.ok()).collect();
-        assert!(failed.is_empty(), "{what}: {failed:#?}");
-    }
-    (fused.ranks[0].peak_bytes, unfused.ranks[0].peak_bytes)
+    let unfused = RunOptions {
+        fuse_loss: false,
+        ..opts.clone()
+    };
+    common::agree(what, (whole, plan, 13), &opts, &unfused)
 }
 
 #[test]
