@@ -4,7 +4,8 @@
 //! that neither backend depends on the other.
 //!
 //! The library holds what the test files share: the device they run on ([`device`]), how
-//! close a result must be ([`assert_close`]) and a model from the zoo ([`zoo_model`]).
+//! close a result must be ([`assert_close`]), a model from the zoo ([`zoo_model`]) and a model's
+//! step run two ways on the GPU and held to agree ([`runs_agree_on_the_gpu`]).
 
 use ferrotron_cuda::{CudaError, Gpu, RankDevice};
 use ferrotron_exec::Tensor;
@@ -135,4 +136,50 @@ pub fn zoo_model(file: &str, dims: &[(&str, u64)]) -> ferrotron_ir::Graph {
         ..ferrotron_ir::LoadOptions::default()
     };
     ferrotron_ir::load_model(&path, &load).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Runs `g`'s step (weights and batch from `seed`) on the GPU at tp 1, 2 and 4 in `f32` and at
+/// tp 2 in bf16, with `ours` and with `theirs` (a fusion on and off): the loss, the outputs
+/// when `outputs` asks, and every gradient agree within the storage type's tolerances.
+/// `check` sees each plan and the first options before they run (that the fusion under test
+/// takes place there).
+pub fn runs_agree_on_the_gpu(
+    (g, seed): (&ferrotron_ir::Graph, u64),
+    (ours, theirs): (&ferrotron_exec::RunOptions, &ferrotron_exec::RunOptions),
+    outputs: ferrotron_exec::verify::Outputs,
+    check: impl Fn(&str, &ferrotron_partitioner::Plan),
+) {
+    use ferrotron_cuda::{Cuda, Storage};
+    use ferrotron_exec::verify::{compare_runs, Tolerances};
+    let params = ferrotron_exec::init::test_params(g, seed);
+    let batch = ferrotron_exec::init::random_batch(g, seed);
+    for (tp, dtype) in [
+        (1, Storage::F32),
+        (2, Storage::F32),
+        (4, Storage::F32),
+        (2, Storage::Bf16),
+    ] {
+        let what = format!("tp {tp} {dtype:?}");
+        let options = ferrotron_partitioner::PartitionOptions {
+            tp,
+            ..ferrotron_partitioner::PartitionOptions::default()
+        };
+        let plan =
+            ferrotron_partitioner::partition(g, &options).unwrap_or_else(|e| panic!("{what}: {e}"));
+        check(&what, &plan);
+        let cuda = Cuda::new(0, tp as usize, dtype).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let run = |opts| {
+            ferrotron_exec::run(cuda.clone(), &plan, &params, &batch, opts)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+        };
+        let (a, b) = (run(ours), run(theirs));
+        let tol = match dtype {
+            Storage::F32 => Tolerances::F32,
+            Storage::Bf16 => Tolerances::BF16,
+        };
+        let v = compare_runs(&a, &b, tol, outputs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let failed: Vec<_> = v.entries.iter().filter(|e| !e.ok()).collect();
+        assert!(failed.is_empty(), "{what}: {failed:#?}");
+        assert!(v.entries.len() > 3, "{what}: compared too little");
+    }
 }
