@@ -302,6 +302,25 @@ pub fn steady_step(seconds: &[f64]) -> Option<f64> {
     Some(rest[rest.len() / 2])
 }
 
+/// The CPU time this process has used so far, user and system, in seconds (every thread: the
+/// ranks of an in-process job and their kernels' pool); `None` where the system cannot say.
+pub fn cpu_seconds() -> Option<(f64, f64)> {
+    #[cfg(unix)]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is a valid target.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: initialised by the successful call above.
+        let usage = unsafe { usage.assume_init() };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        Some((secs(usage.ru_utime), secs(usage.ru_stime)))
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 /// A file written whole or not at all: a temporary sibling, then a rename.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));

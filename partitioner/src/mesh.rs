@@ -344,6 +344,15 @@ impl Region {
         out
     }
 
+    /// [`Region::extract`] into `out`, which holds exactly the local tensor's elements.
+    pub fn extract_into<T: Copy>(&self, full: &[T], full_shape: &[usize], out: &mut [T]) {
+        let mut to = 0;
+        self.visit(full_shape, &mut |at, len| {
+            out[to..to + len].copy_from_slice(&full[at..at + len]);
+            to += len;
+        });
+    }
+
     /// Writes `local` into `full` (row-major, of shape `full_shape`) at this region.
     pub fn place<T: Copy>(&self, local: &[T], full: &mut [T], full_shape: &[usize]) {
         let mut from = 0;

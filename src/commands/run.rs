@@ -52,6 +52,11 @@ pub struct RunArgs {
     /// computes them a chunk of rows at a time and agrees within `f32` rounding.
     #[arg(long)]
     no_fuse_loss: bool,
+    /// Allocate every value on its own, as an eager framework does, instead of placing the
+    /// step's values in one arena per rank at the memory plan's offsets (allocated once, reused
+    /// every step): for comparison.
+    #[arg(long)]
+    no_arena: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -209,6 +214,7 @@ impl RunArgs {
             fuse: !self.no_fuse,
             fuse_attention: !self.no_fuse_attention,
             fuse_loss: !self.no_fuse_loss,
+            arena: !self.no_arena,
             // The outputs (the logits) are kept only where they are read: a verification
             // compares them, `--dump-outputs` writes them. Otherwise the output layer may run
             // fused with the loss, never holding them.
@@ -389,6 +395,7 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
             "liveness_peak_bytes_per_rank": live_peak,
             "planned_peak_bytes_per_rank": memory.as_ref().map(|m| m.peak),
             "arena_bytes_per_rank": memory.as_ref().map(|m| m.arena),
+            "arena_missed_last_step": run.ranks.iter().map(|r| r.arena.map(|a| a.missed)).max().flatten(),
             "report": report,
         });
         if let Some(p) = &report.pipeline {

@@ -8,7 +8,7 @@
 //! bar (on a terminal only) and the CSV log; every rank: checkpoints (written by rank 0,
 //! [`ferrotron_io::training`]).
 
-use crate::args::{parse_dropout, steady_step, BackendArgs, PlanArgs};
+use crate::args::{cpu_seconds, parse_dropout, steady_step, BackendArgs, PlanArgs};
 use crate::ranks::{with_ranks, Job, OnRanks};
 use anyhow::Result;
 use clap::Args;
@@ -72,15 +72,22 @@ pub struct TrainArgs {
     /// computes them a chunk of rows at a time and agrees within `f32` rounding.
     #[arg(long)]
     no_fuse_loss: bool,
+    /// Allocate every value on its own, as an eager framework does, instead of placing the
+    /// step's values in one arena per rank at the memory plan's offsets (allocated once, reused
+    /// every step): for comparison.
+    #[arg(long)]
+    no_arena: bool,
     /// Append `step,loss,lr,grad_norm,tokens_per_second` lines here.
     #[arg(long)]
     log: Option<PathBuf>,
     /// At the end, print one JSON object: the steps taken, every loss, the last gradient norm,
     /// the speed: the median step after the first (`step_s`, `tokens_per_second`), the first
-    /// apart (`first_step_s`: it pays for the first allocations), and rank 0's memory: the
+    /// apart (`first_step_s`: it pays for the first allocations), the process's CPU time per
+    /// step counted the same way (`user_s_per_step`, `system_s_per_step`), and rank 0's memory: the
     /// step's measured peak (`peak_bytes_per_rank`), the memory plan's
-    /// (`planned_peak_bytes_per_rank`, `arena_bytes_per_rank`) and the moments
-    /// (`optimizer_bytes_per_rank`).
+    /// (`planned_peak_bytes_per_rank`, `arena_bytes_per_rank`; of the last step's values, how
+    /// many the arena held and missed: `arena_placed_last_step`, `arena_missed_last_step`) and
+    /// the moments (`optimizer_bytes_per_rank`).
     #[arg(long)]
     json: bool,
     /// Write a checkpoint here at the end (and every `--save-every` steps).
@@ -168,6 +175,7 @@ pub fn train(mut args: TrainArgs) -> Result<()> {
         fuse: !args.no_fuse,
         fuse_attention: !args.no_fuse_attention,
         fuse_loss: !args.no_fuse_loss,
+        arena: !args.no_arena,
         timeout: args.backend.timeout(),
         ..RunOptions::default()
     };
@@ -323,12 +331,19 @@ fn train_loop<B: Backend>(
         false => ProgressBar::hidden(),
     };
     let mut last = None;
-    // Rank 0's record of the steps taken here: (loss, gradient norm, seconds).
+    // Rank 0's record of the steps taken here: (loss, gradient norm, seconds), and the
+    // process's CPU time in each (user, system).
     let mut taken: Vec<(f32, f64, f64)> = Vec::new();
+    let mut cpu: Vec<(f64, f64)> = Vec::new();
     let mut peak = 0;
+    let mut arena = None;
     while trainer.step < steps {
         let b = batches.next(&input_name, p.batch, p.seq);
+        let before = cpu_seconds();
         let s = trainer.step(&b)?;
+        if let (true, Some(b), Some(a)) = (lead, before, cpu_seconds()) {
+            cpu.push((a.0 - b.0, a.1 - b.1));
+        }
         if lead {
             let tps = (p.batch * p.seq) as f64 / s.seconds.max(1e-9);
             let line = format!(
@@ -340,6 +355,7 @@ fn train_loop<B: Backend>(
             last = Some((s.step + 1, line));
             taken.push((s.loss, s.grad_norm, s.seconds));
             peak = peak.max(s.peak_bytes);
+            arena = s.arena;
             if let Some(f) = log.as_mut() {
                 use std::io::Write;
                 writeln!(f, "{},{},{},{},{tps}", s.step, s.loss, s.lr, s.grad_norm)?;
@@ -367,11 +383,19 @@ fn train_loop<B: Backend>(
         }
         if args.json {
             let mut j = summary(&taken, p.batch * p.seq, trainer.step);
+            // The median step's CPU time after the first, as the step's time is taken.
+            let user: Vec<f64> = cpu.iter().map(|c| c.0).collect();
+            let system: Vec<f64> = cpu.iter().map(|c| c.1).collect();
+            j["user_s_per_step"] = steady_step(&user).into();
+            j["system_s_per_step"] = steady_step(&system).into();
             // Rank 0's memory: measured, planned, and the optimizer's apart.
             let plan = trainer.memory_plan();
             j["peak_bytes_per_rank"] = peak.into();
             j["planned_peak_bytes_per_rank"] = plan.as_ref().map(|m| m.peak).into();
             j["arena_bytes_per_rank"] = plan.as_ref().map(|m| m.arena).into();
+            // The last step's use of the arena (none off the host or without a plan).
+            j["arena_placed_last_step"] = arena.map(|a| a.placed).into();
+            j["arena_missed_last_step"] = arena.map(|a| a.missed).into();
             j["optimizer_bytes_per_rank"] = trainer.optimizer_bytes().into();
             println!("{j}");
         }

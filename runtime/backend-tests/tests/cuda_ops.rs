@@ -2048,7 +2048,7 @@ fn rows_of(t: &Tensor, lo: usize, hi: usize) -> Tensor {
     let v = t.shape[t.shape.len() - 1];
     Tensor {
         shape: vec![hi - lo, v],
-        data: t.data[lo * v..hi * v].to_vec(),
+        data: (t.data[lo * v..hi * v].to_vec()).into(),
     }
 }
 
@@ -2620,7 +2620,7 @@ fn upload_download_cast() {
         &dev,
         &Tensor {
             shape: vec![2, 2],
-            data: vec![1.0],
+            data: vec![1.0].into(),
         },
         Storage::F32,
     );

@@ -200,7 +200,7 @@ pub fn backward(
         // Nothing to compute (and `batch` may be any size: no slots are made for it).
         let zeros = |t: &Tensor| Tensor {
             shape: t.shape.clone(),
-            data: Vec::new(),
+            data: Vec::new().into(),
         };
         return Ok((zeros(q), zeros(k), zeros(v)));
     }

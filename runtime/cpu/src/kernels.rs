@@ -24,7 +24,7 @@
 //! backend was given ([`crate::Cpu::threads`]).
 
 use super::layout::{
-    broadcast_strides, buffer, copied, expand, for_each_offset, is_trailing, numel, sum_to,
+    broadcast_strides, buffer, copied, expand, for_each_offset, is_trailing, numel, output, sum_to,
     transpose, zeros, Result,
 };
 use super::math::{self, exp, sum_map, sum_zip};
@@ -72,7 +72,7 @@ fn check_tensor(op: &'static str, t: &Tensor) -> Result<()> {
 
 /// A tensor of `x`'s shape whose elements are `f(x)`, split over threads.
 fn map(x: &Tensor, threads: usize, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
-    let mut data = buffer(x.data.len());
+    let mut data = output(x.data.len());
     par_chunks(
         threads,
         &mut data,
@@ -124,7 +124,7 @@ fn zip_map(
     threads: usize,
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Tensor {
-    let mut data = buffer(a.len());
+    let mut data = output(a.len());
     par_chunks(
         threads,
         &mut data,
@@ -263,7 +263,7 @@ pub fn eval(
             let loss = ferrotron_exec::kernel::ce_loss(&stats, &logits.shape, &shard)?;
             one(Tensor {
                 shape: Vec::new(),
-                data: vec![loss],
+                data: vec![loss].into(),
             })
         }
         Op::CrossEntropyGrad {
@@ -304,11 +304,9 @@ pub fn eval(
             let v = *value as f32;
             index::fill(*value, *dtype, v.is_finite()).or_invalid(name)?;
             let shape = index::dims(shape).or_invalid(name)?;
-            let n = numel(name, &shape)?;
-            one(Tensor {
-                shape,
-                data: vec![v; n],
-            })
+            let mut data = output(numel(name, &shape)?);
+            data.fill(v);
+            one(Tensor { shape, data })
         }
         Op::Pad {
             x,
@@ -392,7 +390,7 @@ pub fn eval_fused(op: &Fused<&Tensor>, threads: usize) -> Result<Tensor> {
 /// `f(x + bias)` row by row (the sum rounded to `f32`, as `Add` stores it).
 fn bias_map(x: &Tensor, bias: &Tensor, threads: usize, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
     let n = bias.data.len();
-    let mut data = buffer(x.data.len());
+    let mut data = output(x.data.len());
     if n > 0 {
         par_chunks(
             threads,
@@ -424,7 +422,7 @@ fn bias_zip(
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Tensor {
     let n = bias.data.len();
-    let mut data = buffer(x.data.len());
+    let mut data = output(x.data.len());
     if n > 0 {
         par_chunks(
             threads,
@@ -470,7 +468,7 @@ fn binary(
         // Equal shapes (broadcasting leaves nothing to repeat).
         return Ok(zip_map(&shape, &a.data, &b.data, threads, f));
     }
-    let mut out = buffer(n);
+    let mut out = output(n);
     if n == 0 {
         return Ok(Tensor { shape, data: out });
     }
@@ -569,7 +567,7 @@ fn norm_forward(
 ) -> Result<Tensor> {
     let (_, n) =
         index::norm(&x.shape, eps, None, shape_of(weight), shape_of(bias)).or_invalid(name)?;
-    let mut out = buffer(x.data.len());
+    let mut out = output(x.data.len());
     par_chunks(
         threads,
         &mut out,
@@ -684,9 +682,15 @@ fn norm_grad(
             *a += v;
         }
     }
-    let to_tensor = |v: Vec<f64>| Tensor {
-        shape: vec![n],
-        data: v.into_iter().map(|v| v as f32).collect(),
+    let to_tensor = |v: Vec<f64>| {
+        let mut data = output(n);
+        for (d, v) in data.iter_mut().zip(v) {
+            *d = v as f32;
+        }
+        Tensor {
+            shape: vec![n],
+            data,
+        }
     };
     let dx = Tensor {
         shape: x.shape.clone(),
@@ -710,7 +714,7 @@ fn softmax(
     threads: usize,
 ) -> Result<Tensor> {
     let (_, keys, queries) = index::softmax(&x.shape, causal).or_invalid(name)?;
-    let mut out = buffer(x.data.len());
+    let mut out = output(x.data.len());
     par_chunks(
         threads,
         &mut out,
@@ -759,7 +763,7 @@ fn softmax_grad(
     index::min_rank("the softmax output", &y.shape, 1).or_invalid(name)?;
     index::same_shape("the gradient", &y.shape, &dy.shape).or_invalid(name)?;
     let (_, n) = rows_of(&y.shape);
-    let mut out = buffer(y.data.len());
+    let mut out = output(y.data.len());
     par_chunks(
         threads,
         &mut out,
@@ -796,7 +800,7 @@ fn slice_axis(x: &Tensor, a: usize, start: usize, end: usize) -> Tensor {
     let mut shape = x.shape.clone();
     shape[a] = end - start;
     let chunk = (end - start) * inner;
-    let mut data = buffer(outer * chunk);
+    let mut data = output(outer * chunk);
     for (o, dst) in data.chunks_exact_mut(chunk.max(1)).enumerate().take(outer) {
         dst.copy_from_slice(&x.data[(o * n + start) * inner..(o * n + end) * inner]);
     }
@@ -807,7 +811,7 @@ fn concat(name: &'static str, xs: &[&Tensor], ax: i64) -> Result<Tensor> {
     let shapes: Vec<&[usize]> = xs.iter().map(|x| &x.shape[..]).collect();
     let (a, shape) = index::concat(&shapes, ax).or_invalid(name)?;
     let n = numel(name, &shape)?;
-    let mut data = buffer(n);
+    let mut data = output(n);
     let (outer, _, inner) = around(&xs[0].shape, a);
     let mut k = 0;
     for o in 0..outer {
@@ -961,7 +965,7 @@ fn rotary(
         }
     }
     let slab = heads * head_dim;
-    let mut out = buffer(x.data.len());
+    let mut out = output(x.data.len());
     par_chunks(
         local.n_threads(),
         &mut out,
@@ -999,7 +1003,7 @@ fn dropout(name: &'static str, x: &Tensor, p: f64, local: &Local) -> Result<Tens
     // Keep iff splitmix64(i) / 2^64 >= p, as `dropout_keeps` decides, tested on the integer.
     let threshold = ferrotron_ir::reference::keep_threshold(p);
     let (_, last) = rows_of(&x.shape);
-    let mut out = buffer(x.data.len());
+    let mut out = output(x.data.len());
     par_chunks(
         local.n_threads(),
         &mut out,
@@ -1037,7 +1041,7 @@ pub fn bias_dropout_add(
     let row_starts = dropout_row_starts(NAME, &x.shape, at)?;
     let threshold = ferrotron_ir::reference::keep_threshold(p);
     let (_, last) = rows_of(&x.shape);
-    let mut out = buffer(x.data.len());
+    let mut out = output(x.data.len());
     if last > 0 {
         par_chunks(
             threads.max(1),

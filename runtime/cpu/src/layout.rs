@@ -3,6 +3,7 @@
 //! stride; the multi-index bookkeeping happens once per row.
 
 use super::par::{par_chunks, par_ranges};
+use ferrotron_exec::arena::{self, Buffer};
 use ferrotron_exec::kernel::{invalid, KernelError, OrInvalid};
 use ferrotron_exec::Tensor;
 use ferrotron_ir::index;
@@ -35,33 +36,53 @@ pub(crate) fn zeros(op: &'static str, shape: Vec<usize>) -> Result<Tensor> {
     })
 }
 
+/// A tensor of `shape` (checked, see [`numel`]) that the kernel overwrites in full: see
+/// [`output`].
+pub(crate) fn output_tensor(op: &'static str, shape: Vec<usize>) -> Result<Tensor> {
+    let n = numel(op, &shape)?;
+    Ok(Tensor {
+        shape,
+        data: output(n),
+    })
+}
+
 /// Allocations from this size on are always fresh `mmap`s (glibc's largest mmap threshold), so
 /// every page of an output is a page fault on first write.
 const HUGE_PAGE_MIN_BYTES: usize = 32 << 20;
 
-/// `n` zeros for an output. A large buffer is marked for transparent huge pages before it is
+/// `n` zeros for an output: the output's place in the rank's arena where the rank program
+/// offers one ([`arena::placing`]), else a fresh buffer.
+pub(crate) fn buffer(n: usize) -> Buffer {
+    match arena::placed(n) {
+        Some(mut b) => {
+            b.fill(0.0);
+            b
+        }
+        None => fresh(n).into(),
+    }
+}
+
+/// `n` elements for an output the kernel writes every element of: [`buffer`] without zeroing a
+/// placed one (it holds what its place last held).
+pub(crate) fn output(n: usize) -> Buffer {
+    arena::placed(n).unwrap_or_else(|| fresh(n).into())
+}
+
+/// `n` zeros on the heap. A large buffer is marked for transparent huge pages before it is
 /// touched: on a kernel whose THP mode is `madvise` (the usual default) that makes first writes
 /// 512× fewer page faults, which halves the time of a large elementwise kernel (numpy does the
-/// same). Only a hint: nothing changes where it is refused.
-pub(crate) fn buffer(n: usize) -> Vec<f32> {
-    let v = vec![0.0f32; n];
-    #[cfg(target_os = "linux")]
+/// same).
+fn fresh(n: usize) -> Vec<f32> {
+    let mut v = vec![0.0f32; n];
     if n * std::mem::size_of::<f32>() >= HUGE_PAGE_MIN_BYTES {
-        const PAGE: usize = 4096;
-        let at = v.as_ptr() as usize;
-        let (start, end) = ((at + PAGE - 1) & !(PAGE - 1), (at + n * 4) & !(PAGE - 1));
-        // SAFETY: an advisory call on whole pages inside memory this Vec owns; it changes no
-        // contents (the pages are zero either way).
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-        }
+        arena::advise_huge_pages(v.as_mut_ptr().cast(), n * std::mem::size_of::<f32>());
     }
     v
 }
 
-/// A copy of `xs` in a fresh [`buffer`].
-pub(crate) fn copied(xs: &[f32]) -> Vec<f32> {
-    let mut v = buffer(xs.len());
+/// A copy of `xs` in an [`output`] buffer.
+pub(crate) fn copied(xs: &[f32]) -> Buffer {
+    let mut v = output(xs.len());
     v.copy_from_slice(xs);
     v
 }

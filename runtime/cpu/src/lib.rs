@@ -140,7 +140,14 @@ impl Backend for Cpu {
     }
 
     fn upload(&self, t: &Tensor, _dtype: DType) -> Result<Tensor, KernelError> {
-        Ok(t.clone())
+        Ok(Tensor {
+            shape: t.shape.clone(),
+            data: layout::copied(&t.data),
+        })
+    }
+
+    fn uses_arena(&self) -> bool {
+        true
     }
 
     fn download(&self, t: &Tensor) -> Result<Tensor, KernelError> {
@@ -270,7 +277,7 @@ impl Backend for Cpu {
         sums.extend_from_slice(&target);
         Ok(Tensor {
             shape: vec![2, rows],
-            data: sums,
+            data: sums.into(),
         })
     }
 
@@ -348,7 +355,7 @@ impl Backend for Cpu {
 fn rows_tensor(v: Vec<f32>) -> Tensor {
     Tensor {
         shape: vec![v.len()],
-        data: v,
+        data: v.into(),
     }
 }
 

@@ -2,7 +2,7 @@
 //! cost nothing), batch axes broadcast by offsets, a right operand without batch axes folded
 //! into one tall product, and threads either inside one `gemm` (rayon) or across the batch.
 
-use super::layout::{broadcast_strides, for_each_offset, zeros, Result};
+use super::layout::{broadcast_strides, for_each_offset, output_tensor, Result};
 use super::par::par_chunks_work;
 use ferrotron_exec::kernel::OrInvalid;
 use ferrotron_exec::Tensor;
@@ -136,7 +136,7 @@ pub(crate) fn matmul_acc(
 pub(crate) fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, threads: usize) -> Result<Tensor> {
     const OP: &str = "MatMul";
     let mm = index::matmul(&a.shape, &b.shape, ta, tb).or_invalid(OP)?;
-    let mut out = zeros(OP, mm.out_shape())?;
+    let mut out = output_tensor(OP, mm.out_shape())?;
     if out.data.is_empty() {
         return Ok(out);
     }

@@ -310,7 +310,7 @@ fn bad_shapes_are_errors() {
     // Data that does not fill its shape.
     let short = Tensor {
         shape: vec![2, 7, 5],
-        data: vec![0.0; 69],
+        data: (vec![0.0; 69]).into(),
     };
     assert!(invalid(cpu.attention(&short, &k, &v, &spec, &at)));
     // A dropout placement that does not fit the probabilities.
@@ -417,7 +417,7 @@ fn empty_tensors_with_huge_leading_axes_are_not_allocations() {
     };
     let empty = |shape: &[usize]| Tensor {
         shape: shape.to_vec(),
-        data: Vec::new(),
+        data: Vec::new().into(),
     };
     let huge = 1 << 40;
     let (q, k, v) = (
@@ -461,7 +461,10 @@ fn swap_seq_heads(t: &Tensor) -> Tensor {
             }
         }
     }
-    Tensor { shape, data }
+    Tensor {
+        shape,
+        data: data.into(),
+    }
 }
 
 fn bits(t: &Tensor) -> (Vec<usize>, Vec<u32>) {

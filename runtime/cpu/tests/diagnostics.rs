@@ -86,7 +86,9 @@ fn a_failing_stage_stops_every_stage_with_its_error() {
     batch.insert("tokens".into(), {
         let mut t = batch["tokens"].clone();
         t.shape[0] *= 2;
-        t.data.extend_from_within(..);
+        let mut data = t.data.into_vec();
+        data.extend_from_within(..);
+        t.data = data.into();
         t
     });
     let run_opts = RunOptions {

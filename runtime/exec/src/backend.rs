@@ -39,6 +39,12 @@ pub trait Backend: Clone + Send + Sync {
     fn synchronize(&self) -> Result<(), KernelError> {
         Ok(())
     }
+    /// Whether its kernels make their outputs through [`crate::arena::placed`]: the rank
+    /// program then places the step's values in one host arena per rank at the memory plan's
+    /// offsets ([`crate::arena::Placements`]). A device with memory of its own says no.
+    fn uses_arena(&self) -> bool {
+        false
+    }
     /// A tensor's shape.
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
     /// The bytes a tensor occupies.

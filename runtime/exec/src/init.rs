@@ -75,7 +75,10 @@ pub fn init_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
                     let mut s = Stream::new(seed, &p.name);
                     let n = shape.iter().product();
                     let data = s.normals(n, 0.0, std);
-                    Tensor { shape, data }
+                    Tensor {
+                        shape,
+                        data: data.into(),
+                    }
                 }
             };
             (p.name.clone(), t)
@@ -119,7 +122,13 @@ pub fn test_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
             let mut s = Stream::new(seed, &p.name);
             let n = shape.iter().product();
             let data = s.normals(n, mean, std);
-            (p.name.clone(), Tensor { shape, data })
+            (
+                p.name.clone(),
+                Tensor {
+                    shape,
+                    data: data.into(),
+                },
+            )
         })
         .collect()
 }

@@ -49,6 +49,7 @@ pub fn ranks<B: Backend>(backend: &B, mesh: Mesh, timeout: Duration) -> Vec<Rank
                 dp: dp.expect("every rank is in one dp group"),
             },
             link: link.clone(),
+            arena: std::sync::Mutex::new(None),
         })
         .collect()
 }

@@ -6,6 +6,7 @@
 //! ```text
 //! Plan ─► program: Executable (the steps, fused by fuse; kept values; last uses)
 //!      ─► memory: the memory plan (the rank program's peak to the byte, an arena's offsets)
+//!      ─► arena: on a host backend, each rank's values at those offsets in one allocation
 //!      ─► launch: ranks as threads of this process (or one rank per process, ferrotron-launch)
 //!      ─► rank: the rank program, the same on a thread or a process
 //!            ├─ Backend: per-op compute on the device's tensors (kernel: what kernels share)
@@ -16,6 +17,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod arena;
 pub mod backend;
 pub mod comm;
 pub mod error;
@@ -34,6 +36,7 @@ pub mod train;
 pub mod verify;
 pub mod zero;
 
+pub use arena::{Arena, ArenaStats, Buffer};
 pub use backend::{AdamW, Backend};
 pub use comm::{Comm, CommError, HostCollectives, ReduceOp, Rendezvous};
 pub use error::{ExecError, GroupRanks};

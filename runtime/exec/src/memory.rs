@@ -19,13 +19,19 @@
 //! each had its offset: values whose lifetimes overlap never share bytes, and a buffer taken
 //! over in place keeps its offset.
 //!
+//! On a backend that computes on the host ([`crate::Backend::uses_arena`]), the rank program
+//! places the values there ([`Placements`], [`crate::arena`]): one arena per rank, allocated
+//! once, so a steady-state step allocates nothing.
+//!
 //! Planned for one micro-batch without pipeline stages (a schedule of several micro-batches
 //! holds several at once, as its schedule says): [`plan`] gives `None` otherwise.
 
+use crate::arena::Placements;
 use crate::fuse::{Fused, StepOp};
 use crate::program::Executable;
 use ferrotron_ir::graph::{EntityRef, SecondaryMap};
 use ferrotron_ir::{DType, Op, ValueDef, ValueId};
+use std::sync::Arc;
 
 /// One value's place in the arena.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +68,46 @@ pub struct MemoryPlan {
     pub slots: Vec<Slot>,
     /// The arena the slots' offsets span.
     pub arena: u64,
+}
+
+/// Where a rank on a host backend places `exe`'s values in its arena, planned once per
+/// executable: `None` with [`crate::RunOptions::arena`] off, and where there is no memory plan
+/// (pipeline stages, several micro-batches).
+pub fn placements(exe: &Executable) -> Option<Arc<Placements>> {
+    if !exe.opts.arena {
+        return None;
+    }
+    exe.placements
+        .get_or_init(|| Some(Arc::new(plan(exe, &|_| 4)?.placements(exe))))
+        .clone()
+}
+
+impl MemoryPlan {
+    /// This plan's slots as [`Placements`] for `exe`'s program (the plan made for it with 4
+    /// bytes per element).
+    pub fn placements(&self, exe: &Executable) -> Placements {
+        let steps = exe.program.steps.len();
+        let inputs = &exe.plan.graph.inputs;
+        let place = |s: &Slot| ((s.offset / 4) as usize, (s.bytes / 4) as usize);
+        let mut out = Placements {
+            elements: self.arena.div_ceil(4) as usize,
+            outputs: vec![Vec::new(); steps],
+            inputs: Vec::new(),
+            scratch: vec![None; steps],
+        };
+        for s in &self.slots {
+            match s.value {
+                Some(v) if inputs.contains(&v) => out.inputs.push((v, place(s))),
+                Some(_) if s.reuses.is_none() && s.from < steps => {
+                    out.outputs[s.from].push(place(s))
+                }
+                Some(_) => {}
+                None if s.from < steps => out.scratch[s.from] = Some(place(s)),
+                None => {}
+            }
+        }
+        out
+    }
 }
 
 /// The memory plan of `exe` on any of its ranks, with `element_bytes` the bytes of one element of a value of each dtype as the backend stores it

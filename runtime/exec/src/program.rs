@@ -4,11 +4,13 @@
 //! every value (for shard geometry). Made once
 //! and shared by every rank of a process; the rank program ([`crate::Rank::run`]) walks it.
 
+use crate::arena::Placements;
 use crate::error::ExecError;
 use crate::fuse::{Fusions, Program, StepOp};
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
 use ferrotron_partitioner::{value_blocks, Plan};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// How to run.
@@ -44,6 +46,12 @@ pub struct RunOptions {
     /// which reads only the loss and the gradients, sets it off, so they are freed at their
     /// last reader like any value.
     pub keep_outputs: bool,
+    /// On a backend that computes on the host ([`crate::Backend::uses_arena`]), place the
+    /// step's values in one arena per rank at the memory plan's offsets
+    /// ([`crate::arena::Placements`]), allocated once and reused every step; off, every
+    /// output is a fresh allocation. Only steps of one micro-batch without pipeline stages
+    /// have a plan.
+    pub arena: bool,
 }
 
 impl Default for RunOptions {
@@ -59,6 +67,7 @@ impl Default for RunOptions {
             fuse_attention: true,
             fuse_loss: true,
             keep_outputs: true,
+            arena: true,
         }
     }
 }
@@ -92,6 +101,9 @@ pub struct Executable<'p> {
     pub last_use: Vec<SecondaryMap<ValueId, usize>>,
     /// The fused-weight blocks of every value's tensor-parallel split (1: contiguous).
     pub blocks: SecondaryMap<ValueId, u32>,
+    /// The host arena's places, planned at the first run that asks
+    /// ([`crate::memory::placements`]).
+    pub(crate) placements: OnceLock<Option<Arc<Placements>>>,
 }
 
 /// A gradient whose reductions run once a step.
@@ -291,6 +303,7 @@ impl<'p> Executable<'p> {
             chunk_of,
             last_use,
             blocks,
+            placements: OnceLock::new(),
         })
     }
 

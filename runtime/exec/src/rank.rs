@@ -12,10 +12,13 @@
 //! ```
 //!
 //! Tensors are freed after their last use, and the rank's live bytes are tracked, so the
-//! measured peak can be set beside the partitioner's estimate. If the rank fails (an error or a
+//! measured peak can be set beside the partitioner's estimate. On a host backend each step's
+//! new outputs are offered their places in the rank's arena ([`crate::arena`]), kept from one
+//! step to the next. If the rank fails (an error or a
 //! panic), it aborts every group it belongs to: its peers stop at their next collective with
 //! that error instead of waiting forever.
 
+use crate::arena::{self, Arena, ArenaStats, Place, Placements};
 use crate::backend::Backend;
 use crate::comm::{Comm, CommError, ReduceOp};
 use crate::error::{ExecError, GroupRanks};
@@ -31,7 +34,7 @@ use ferrotron_partitioner::{Coord, Layout, Mesh, MeshLayout, Region};
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A rank's groups, one per mesh axis.
@@ -65,6 +68,8 @@ pub struct Rank<B: Backend> {
     pub groups: Groups<B::Comm>,
     /// Its link to the other pipeline stages (`None` without a pipeline).
     pub link: Option<Arc<dyn Link<B::Tensor>>>,
+    /// Its arena on a host backend, kept from one step to the next ([`crate::arena`]).
+    pub(crate) arena: Mutex<Option<Arc<Arena>>>,
 }
 
 /// One rank's results.
@@ -86,6 +91,9 @@ pub struct RankResult<T = Tensor> {
     pub spans: Vec<Span>,
     /// With `trace`: each step run, in order.
     pub events: Vec<TraceEvent>,
+    /// On a host backend with a memory plan: the rank's arena, and how many values this run
+    /// placed in it and missed ([`crate::arena`]).
+    pub arena: Option<ArenaStats>,
 }
 
 /// One micro-batch's forward or backward part on a rank, as it ran.
@@ -145,6 +153,7 @@ impl<B: Backend> Rank<B> {
             backend,
             groups,
             link: None,
+            arena: Mutex::new(None),
         })
     }
 
@@ -222,9 +231,11 @@ impl<B: Backend> Rank<B> {
                     self.coord
                 )));
             }
+            let arena = self.arena_for(exe)?;
             Runner {
                 rank: self,
                 exe,
+                arena,
                 stage: self.coord.pp,
                 micro_batch: Cell::new(0),
                 waited: Cell::new(Duration::ZERO),
@@ -234,6 +245,34 @@ impl<B: Backend> Rank<B> {
             }
             .run(&params, weights, batch)
         })
+    }
+
+    /// The rank's arena and where `exe` places its values there, on a host backend with a memory
+    /// plan (made at the first step, or grown for a larger plan).
+    fn arena_for(&self, exe: &Executable) -> Result<Option<RankArena>, ExecError> {
+        if !self.backend.uses_arena() {
+            return Ok(None);
+        }
+        let Some(places) = crate::memory::placements(exe) else {
+            return Ok(None);
+        };
+        let bytes = places.elements as u64 * 4;
+        let mut held = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let arena = match &*held {
+            Some(a) if a.bytes() >= bytes => a.clone(),
+            _ => {
+                // The old arena goes once the values placed in it do.
+                let a = Arena::new(bytes).ok_or_else(|| {
+                    ExecError::Plan(format!(
+                        "rank ({}) could not allocate its arena of {bytes} bytes",
+                        self.coord
+                    ))
+                })?;
+                *held = Some(a.clone());
+                a
+            }
+        };
+        Ok(Some((arena, places)))
     }
 
     /// Sums `x` over the pipeline stages (this rank and its peers at the same tensor- and
@@ -262,7 +301,7 @@ impl<B: Backend> Rank<B> {
             .collect();
         let tensor = Tensor {
             shape: vec![pieces.len()],
-            data: pieces,
+            data: pieces.into(),
         };
         let tag = Tag {
             transfer: u32::MAX,
@@ -383,7 +422,7 @@ fn shard_inputs(
         let rows = full.data.len() / micro;
         let part = Tensor {
             shape: micro_shape.clone(),
-            data: full.data[m as usize * rows..(m as usize + 1) * rows].to_vec(),
+            data: (full.data[m as usize * rows..(m as usize + 1) * rows].to_vec()).into(),
         };
         let region = Region::of(&micro_shape, layout, exe.blocks[v].max(1), plan.mesh, c);
         feed.push((v, part.take(&region)));
@@ -403,6 +442,8 @@ fn full_shape(mesh: Mesh, local: &[u64], layout: MeshLayout) -> Vec<usize> {
 struct Runner<'a, B: Backend> {
     rank: &'a Rank<B>,
     exe: &'a Executable<'a>,
+    /// The rank's arena and the program's places in it, where the backend uses one.
+    arena: Option<RankArena>,
     /// The rank's pipeline stage: it runs the steps of that stage only.
     stage: usize,
     /// The micro-batch being run (dropout masks are those of its rows of the full batch).
@@ -422,6 +463,9 @@ struct Runner<'a, B: Backend> {
     /// never holds two sets of gradients.
     sums: RefCell<HashMap<ValueId, B::Tensor>>,
 }
+
+/// A rank's arena and where the program places its values there.
+type RankArena = (Arc<Arena>, Arc<Placements>);
 
 /// Which logits a cross-entropy's statistics are of: the value and the micro-batch.
 type LogitsOf = (ValueId, u32);
@@ -474,6 +518,7 @@ impl<B: Backend> Runner<'_, B> {
         let plan = exe.plan;
         let g = &plan.graph;
         let be = &self.rank.backend;
+        let arena_before = self.arena.as_ref().map(|(a, _)| a.stats());
         let mut bytes = Bytes::default();
         let mut base: Store<'w, B::Tensor> = vec![None; exe.program.value_count(plan)];
         for (&p, x) in params.iter().zip(weights) {
@@ -550,8 +595,12 @@ impl<B: Backend> Runner<'_, B> {
                         None => {
                             let mut values = base.clone();
                             for (v, x) in shard_inputs(exe, batch, self.rank.coord, m, &reads)? {
-                                let x =
-                                    be.upload(&x, g.ty(v).dtype).map_err(|e| ExecError::Feed {
+                                let place = self.arena.as_ref().and_then(|(_, p)| {
+                                    p.inputs.iter().find(|(u, _)| *u == v).map(|&(_, at)| at)
+                                });
+                                let x = self
+                                    .placing(place.as_slice(), || be.upload(&x, g.ty(v).dtype))
+                                    .map_err(|e| ExecError::Feed {
                                         what: "input",
                                         name: g.values[v].name.clone(),
                                         problem: e.to_string(),
@@ -616,7 +665,9 @@ impl<B: Backend> Runner<'_, B> {
             self.reduce_deferred(&mut values)?;
             self.share_tied_grads(&mut values)?;
         }
+        let arena = self.arena.as_ref().zip(arena_before);
         Ok(RankResult {
+            arena: arena.map(|((a, _), before)| a.stats().since(before)),
             values,
             micro_batches: if micro > 1 { kept.outputs } else { Vec::new() },
             peak_bytes: bytes.peak,
@@ -625,6 +676,15 @@ impl<B: Backend> Runner<'_, B> {
             backward,
             events,
         })
+    }
+
+    /// Runs `f` with `places` in the rank's arena offered to the buffers it makes
+    /// ([`arena::placing`]); without an arena, just `f`.
+    fn placing<R>(&self, places: &[Place], f: impl FnOnce() -> R) -> R {
+        match &self.arena {
+            Some((arena, _)) => arena::placing(arena, places, f),
+            None => f(),
+        }
     }
 
     /// The span of `step`, begun at `began` (from `start`), ending now; the wait it saw.
@@ -682,69 +742,85 @@ impl<B: Backend> Runner<'_, B> {
             }
             let began = start.elapsed();
             let late = exe.late_add(n);
-            let outs = match (&step.op, late) {
-                // The owner's own part, passed on: the other stage's joins once a step.
-                (_, Some(late)) => {
-                    let other = late.other;
-                    let moved = exe.is_last_use(stage, other, i)
-                        && !exe.keep[other]
-                        && matches!(values[other.index()], Some(Cow::Owned(_)));
-                    let x = if moved {
-                        let Some(Cow::Owned(x)) = values[other.index()].take() else {
-                            unreachable!("checked to be owned")
-                        };
-                        bytes.sub(be.bytes(&x));
-                        x
-                    } else {
-                        values[other.index()]
-                            .as_deref()
-                            .ok_or_else(|| {
-                                self.plan_error(
-                                    n,
-                                    format!("`{}` is not available", g.values[other].name),
-                                )
-                            })?
-                            .clone()
-                    };
-                    vec![x]
-                }
+            // Where the step's new outputs go (a fused output layer places its own).
+            let places = match (&self.arena, &step.op) {
                 (
+                    _,
                     StepOp::Fused {
-                        op: Fused::EmbeddingGradAdd { .. },
-                        absorbed,
+                        op: Fused::OutputLoss { .. },
                         ..
                     },
-                    None,
-                ) => {
-                    let &[absorbed] = absorbed.as_slice() else {
-                        return Err(self
-                            .plan_error(n, "an embedding gradient's sum absorbs one node".into()));
-                    };
-                    let (x, reused) = self.embedding_grad_add(n, i, absorbed, values)?;
-                    if reused {
-                        bytes.sub(be.bytes(&x)); // the sum's buffer, counted again as the output
-                    }
-                    vec![x]
-                }
-                (StepOp::Fused { op, absorbed, .. }, None) => {
-                    // What the step holds while it runs besides its inputs and outputs.
-                    let scratch = exe
-                        .program
-                        .scratch_bytes(exe.plan, i, &|d| be.element_bytes(d));
-                    bytes.add(scratch as usize);
-                    let outs = self.fused((n, i), op, absorbed, values)?;
-                    bytes.sub(scratch as usize);
-                    outs
-                }
-                (StepOp::Node, None) => match self.in_place(n, i, values) {
-                    Some(x) => {
-                        let x = x?;
-                        bytes.sub(be.bytes(&x)); // the input's buffer, counted again as the output
+                )
+                | (None, _) => &[][..],
+                (Some((_, p)), _) => &p.outputs[i][..],
+            };
+            let outs = self.placing(places, || -> Result<Vec<B::Tensor>, ExecError> {
+                Ok(match (&step.op, late) {
+                    // The owner's own part, passed on: the other stage's joins once a step.
+                    (_, Some(late)) => {
+                        let other = late.other;
+                        let moved = exe.is_last_use(stage, other, i)
+                            && !exe.keep[other]
+                            && matches!(values[other.index()], Some(Cow::Owned(_)));
+                        let x = if moved {
+                            let Some(Cow::Owned(x)) = values[other.index()].take() else {
+                                unreachable!("checked to be owned")
+                            };
+                            bytes.sub(be.bytes(&x));
+                            x
+                        } else {
+                            values[other.index()]
+                                .as_deref()
+                                .ok_or_else(|| {
+                                    self.plan_error(
+                                        n,
+                                        format!("`{}` is not available", g.values[other].name),
+                                    )
+                                })?
+                                .clone()
+                        };
                         vec![x]
                     }
-                    None => self.node(n, values)?,
-                },
-            };
+                    (
+                        StepOp::Fused {
+                            op: Fused::EmbeddingGradAdd { .. },
+                            absorbed,
+                            ..
+                        },
+                        None,
+                    ) => {
+                        let &[absorbed] = absorbed.as_slice() else {
+                            return Err(self.plan_error(
+                                n,
+                                "an embedding gradient's sum absorbs one node".into(),
+                            ));
+                        };
+                        let (x, reused) = self.embedding_grad_add(n, i, absorbed, values)?;
+                        if reused {
+                            bytes.sub(be.bytes(&x)); // the sum's buffer, counted again as the output
+                        }
+                        vec![x]
+                    }
+                    (StepOp::Fused { op, absorbed, .. }, None) => {
+                        // What the step holds while it runs besides its inputs and outputs.
+                        let scratch = exe
+                            .program
+                            .scratch_bytes(exe.plan, i, &|d| be.element_bytes(d));
+                        bytes.add(scratch as usize);
+                        let outs = self.fused((n, i), op, absorbed, values)?;
+                        bytes.sub(scratch as usize);
+                        outs
+                    }
+                    (StepOp::Node, None) => match self.in_place(n, i, values) {
+                        Some(x) => {
+                            let x = x?;
+                            bytes.sub(be.bytes(&x)); // the input's buffer, counted again as the output
+                            vec![x]
+                        }
+                        None => self.node(n, values)?,
+                    },
+                })
+            })?;
             if exe.opts.trace {
                 be.synchronize()
                     .map_err(|e| self.device_wait("waiting for the device", e))?;
@@ -1717,8 +1793,17 @@ impl<B: Backend> Runner<'_, B> {
             x: h,
             shape: as_dims(&[rows, hidden]),
         })?;
+        // The planned places of `dh` and `dw` (the step's outputs after the loss), and of the
+        // chunks' logits (the step's scratch): the loop's other buffers are small.
+        let (outputs, scratch) = match &self.arena {
+            Some((_, p)) => (&p.outputs[i][..], p.scratch[i]),
+            None => (&[][..], None),
+        };
+        let output = |k: usize| outputs.get(k).copied().into_iter().collect::<Vec<Place>>();
+        let (dh_place, dw_place) = (output(1), output(2));
         let (mut loss, mut dw) = (None::<B::Tensor>, None::<B::Tensor>);
         let mut dh_rows = Vec::new();
+        let chunks = dims.chunks().count();
         for (first, count) in dims.chunks() {
             let shard = VocabShard {
                 window: Some(RowWindow {
@@ -1734,11 +1819,18 @@ impl<B: Backend> Runner<'_, B> {
                 start: Dim::new(first as u64),
                 end: Dim::new((first + count) as u64),
             })?;
-            let chunk_logits = eval(Op::MatMul {
-                a: &h_chunk,
-                b: w,
-                transpose_a: false,
-                transpose_b: true,
+            let logits_place: Vec<Place> = scratch
+                .filter(|&(_, room)| count * dims.vocab <= room)
+                .map(|(at, _)| (at, count * dims.vocab))
+                .into_iter()
+                .collect();
+            let chunk_logits = self.placing(&logits_place, || {
+                eval(Op::MatMul {
+                    a: &h_chunk,
+                    b: w,
+                    transpose_a: false,
+                    transpose_b: true,
+                })
             })?;
             let stats = self.ce_stats(n, &chunk_logits, targets, &shard, split)?;
             let part = be
@@ -1753,18 +1845,24 @@ impl<B: Backend> Runner<'_, B> {
             let grad = be
                 .ce_grad_in_place(chunk_logits, targets, &stats, &shard, dloss)
                 .map_err(kernel)?;
-            dh_rows.push(eval(Op::MatMul {
-                a: &grad,
-                b: w,
-                transpose_a: false,
-                transpose_b: false,
+            // One chunk's rows of `dh` are all of it.
+            let place = if chunks == 1 { &dh_place[..] } else { &[] };
+            dh_rows.push(self.placing(place, || {
+                eval(Op::MatMul {
+                    a: &grad,
+                    b: w,
+                    transpose_a: false,
+                    transpose_b: false,
+                })
             })?);
             dw = Some(match dw {
-                None => eval(Op::MatMul {
-                    a: &grad,
-                    b: &h_chunk,
-                    transpose_a: true,
-                    transpose_b: false,
+                None => self.placing(&dw_place, || {
+                    eval(Op::MatMul {
+                        a: &grad,
+                        b: &h_chunk,
+                        transpose_a: true,
+                        transpose_b: false,
+                    })
                 })?,
                 Some(sum) => be
                     .matmul_acc(sum, (&grad, &h_chunk), (true, false))
@@ -1777,9 +1875,11 @@ impl<B: Backend> Runner<'_, B> {
         };
         let dh = match dh_rows.len() {
             1 => dh_rows.swap_remove(0),
-            _ => eval(Op::Concat {
-                xs: dh_rows.iter().collect(),
-                dim: 0,
+            _ => self.placing(&dh_place, || {
+                eval(Op::Concat {
+                    xs: dh_rows.iter().collect(),
+                    dim: 0,
+                })
             })?,
         };
         Ok(vec![loss, be.reshape(dh, h_shape), dw])

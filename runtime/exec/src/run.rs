@@ -214,7 +214,7 @@ pub fn gather_stage_params(
         let full = mesh::assemble(replica, shard.layout, shard.blocks, &padded, &parts);
         let full = Tensor {
             shape: padded,
-            data: full,
+            data: full.into(),
         };
         out.insert(data.name.clone(), full.cropped(&model));
     }
@@ -411,7 +411,7 @@ impl<'p, B: Backend> Run<'p, B> {
         let per_micro_batch = micro > 1 && plan.graph.outputs.iter().any(|&(_, o)| o == v);
         if v == plan.loss || !per_micro_batch {
             return Ok(Tensor {
-                data: assemble(None)?,
+                data: assemble(None)?.into(),
                 shape: full,
             });
         }
@@ -423,7 +423,10 @@ impl<'p, B: Backend> Run<'p, B> {
         if let Some(rows) = shape.first_mut() {
             *rows *= micro;
         }
-        Ok(Tensor { shape, data })
+        Ok(Tensor {
+            shape,
+            data: data.into(),
+        })
     }
 
     /// The backend the run computed on.
@@ -453,7 +456,7 @@ impl<'p, B: Backend> Run<'p, B> {
         let data = mesh::assemble(self.holders(*grad).1, layout, shard.blocks, &padded, &parts);
         Ok(Tensor {
             shape: padded,
-            data,
+            data: data.into(),
         }
         .cropped(&model))
     }

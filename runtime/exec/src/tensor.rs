@@ -1,7 +1,10 @@
 //! The runtime's tensor: a dense, row-major `f32` buffer with its shape. Integer tensors (token
 //! ids, targets) hold exact integers in `f32` (every id below 2^24 is exact, far above any
 //! vocabulary), so one buffer type serves every op; the IR's dtypes decide how values are read.
+//! The elements are a [`Buffer`]: the tensor's own allocation, or its place in a rank's arena
+//! ([`crate::arena`]).
 
+use crate::arena::Buffer;
 use ferrotron_partitioner::Region;
 use std::fmt;
 
@@ -11,13 +14,16 @@ pub struct Tensor {
     /// Sizes, outermost first.
     pub shape: Vec<usize>,
     /// `shape.iter().product()` elements, row-major.
-    pub data: Vec<f32>,
+    pub data: Buffer,
 }
 
 impl Tensor {
     /// A tensor from its shape and data; `None` when they disagree.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Option<Tensor> {
-        (shape.iter().product::<usize>() == data.len()).then_some(Tensor { shape, data })
+        (shape.iter().product::<usize>() == data.len()).then_some(Tensor {
+            shape,
+            data: data.into(),
+        })
     }
 
     /// A tensor of zeros.
@@ -25,17 +31,16 @@ impl Tensor {
         let n = shape.iter().product();
         Tensor {
             shape,
-            data: vec![0.0; n],
+            data: Buffer::zeros(n),
         }
     }
 
     /// A tensor filled with `value`.
     pub fn full(shape: Vec<usize>, value: f32) -> Tensor {
         let n = shape.iter().product();
-        Tensor {
-            shape,
-            data: vec![value; n],
-        }
+        let mut data = Buffer::to_overwrite(n);
+        data.fill(value);
+        Tensor { shape, data }
     }
 
     /// Number of elements.
@@ -55,10 +60,10 @@ impl Tensor {
 
     /// What `region` covers of this (full) tensor: a rank's shard.
     pub fn take(&self, region: &Region) -> Tensor {
-        Tensor {
-            shape: region.shape(),
-            data: region.extract(&self.data, &self.shape),
-        }
+        let shape = region.shape();
+        let mut data = Buffer::to_overwrite(shape.iter().product());
+        region.extract_into(&self.data, &self.shape, &mut data);
+        Tensor { shape, data }
     }
 
     /// This tensor zero-padded at the end of each dimension up to `shape` (the vocabulary

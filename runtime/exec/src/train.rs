@@ -98,6 +98,9 @@ pub struct StepStats {
     /// and its values (the optimizer's moments and, under mixed precision, the `f32` masters
     /// apart). [`Trainer::memory_plan`] plans the same figure.
     pub peak_bytes: usize,
+    /// On a host backend with a memory plan: the rank's arena, and how many of the step's values
+    /// were placed in it and missed ([`crate::arena`]).
+    pub arena: Option<crate::arena::ArenaStats>,
 }
 
 /// One rank of a model being trained: its weight shards and AdamW moments on its device, and
@@ -207,7 +210,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
         };
         let result = rank.run(&self.exe, copies.as_deref().unwrap_or(&self.weights), batch)?;
         drop(copies);
-        let peak_bytes = result.peak_bytes;
+        let (peak_bytes, arena) = (result.peak_bytes, result.arena);
         let (config, step) = (&self.config, self.step);
         let (w, m, v) = (&mut self.weights, &mut self.m, &mut self.v);
         let stats = rank.guard(|| {
@@ -311,6 +314,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
                 lr,
                 seconds: started.elapsed().as_secs_f64(),
                 peak_bytes,
+                arena,
             })
         })?;
         self.step += 1;
@@ -433,7 +437,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
                     for (r, shards) in ranks.iter_mut().enumerate() {
                         shards.push(Tensor {
                             shape: shape.clone(),
-                            data: all.data[r * n..(r + 1) * n].to_vec(),
+                            data: (all.data[r * n..(r + 1) * n].to_vec()).into(),
                         });
                     }
                 }
@@ -599,7 +603,7 @@ impl Batches {
             input.to_owned(),
             Tensor {
                 shape: vec![batch, seq],
-                data,
+                data: data.into(),
             },
         )])
     }

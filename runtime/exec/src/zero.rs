@@ -100,7 +100,7 @@ pub fn host_share(plan: &Plan, p: ParamId, dp: usize, t: &Tensor) -> Tensor {
     data.resize(len, 0.0);
     Tensor {
         shape: vec![len],
-        data,
+        data: data.into(),
     }
 }
 

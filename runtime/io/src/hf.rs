@@ -454,7 +454,7 @@ pub fn read_tokens(path: &Path) -> Result<Tensor, HfError> {
     let width = width.unwrap_or(0);
     Ok(Tensor {
         shape: vec![data.len() / width.max(1), width],
-        data,
+        data: data.into(),
     })
 }
 

@@ -162,7 +162,7 @@ impl SafetensorsFile {
         })?;
         Ok(Tensor {
             shape: info.shape.clone(),
-            data,
+            data: data.into(),
         })
     }
 }

@@ -244,7 +244,7 @@ impl Index {
                 })?;
                 out[i] = Tensor {
                     shape: e.shape.clone(),
-                    data,
+                    data: data.into(),
                 };
             }
         }
@@ -553,7 +553,7 @@ impl ParamSource for Opened {
         self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
         Ok(Tensor {
             shape: inside.shape(),
-            data,
+            data: data.into(),
         }
         .padded(&region.shape()))
     }

@@ -543,7 +543,10 @@ fn read_letter(
         left -= n;
     }
     let letter = Letter {
-        tensor: Tensor { shape, data },
+        tensor: Tensor {
+            shape,
+            data: data.into(),
+        },
         kept_f32: flags[0] & KEPT_F32 != 0,
     };
     Ok(Some((tag, letter)))

@@ -1,3 +1,6 @@
+// Each test crate that includes this module uses a part of it.
+#![allow(dead_code)]
+
 //! What the CPU runtime's fusion tests share: a model file from the zoo with its dimensions
 //! overridden, and one plan run two ways (fused and not) held to the same loss and gradients.
 

@@ -480,7 +480,9 @@ pub fn upload(dev: &RankDevice, t: &Tensor, dtype: Storage) -> Result<CudaTensor
             let mut b = Buf::uninit(dev, OP, Storage::F32, t.data.len())?;
             if let Buf::F32(s) = &mut b {
                 if !t.data.is_empty() {
-                    dev.stream.memcpy_htod(&t.data, s).map_err(on(OP))?;
+                    dev.stream
+                        .memcpy_htod(t.data.as_slice(), s)
+                        .map_err(on(OP))?;
                 }
             }
             b
@@ -518,7 +520,7 @@ pub fn download(dev: &RankDevice, t: &CudaTensor) -> Result<Tensor, KernelError>
     };
     Ok(Tensor {
         shape: t.shape.clone(),
-        data,
+        data: data.into(),
     })
 }
 
