@@ -42,7 +42,7 @@ fn train(
     let mut stats = Vec::new();
     for _ in 0..steps {
         let all = launch::each(&mut trainers, |t| t.step(&batch)).unwrap();
-        stats.push(all[0].clone());
+        stats.push(all[0]);
     }
     let weights = trainers.iter().map(|t| t.weights.clone()).collect();
     (stats, weights)
