@@ -302,22 +302,62 @@ pub fn steady_step(seconds: &[f64]) -> Option<f64> {
     Some(rest[rest.len() / 2])
 }
 
-/// The CPU time this process has used so far, user and system, in seconds (every thread: the
-/// ranks of an in-process job and their kernels' pool); `None` where the system cannot say.
-pub fn cpu_seconds() -> Option<(f64, f64)> {
-    #[cfg(unix)]
-    {
-        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-        // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is a valid target.
-        if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
-            return None;
+/// What this process has used so far (every thread: the ranks of an in-process job and their
+/// kernels' pool), from `getrusage`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// CPU time in user mode, seconds.
+    pub user: f64,
+    /// CPU time in the kernel, seconds.
+    pub system: f64,
+    /// Page faults served without I/O (first touches of fresh memory).
+    pub minor_faults: f64,
+}
+
+impl Usage {
+    /// The process's usage now; `None` where the system cannot say.
+    pub fn now() -> Option<Usage> {
+        #[cfg(unix)]
+        {
+            let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+            // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is a valid target.
+            if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+                return None;
+            }
+            // SAFETY: initialised by the successful call above.
+            let usage = unsafe { usage.assume_init() };
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            Some(Usage {
+                user: secs(usage.ru_utime),
+                system: secs(usage.ru_stime),
+                minor_faults: usage.ru_minflt as f64,
+            })
         }
-        // SAFETY: initialised by the successful call above.
-        let usage = unsafe { usage.assume_init() };
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-        Some((secs(usage.ru_utime), secs(usage.ru_stime)))
+        #[cfg(not(unix))]
+        None
     }
-    #[cfg(not(unix))]
+
+    /// What was used between `before` and this.
+    pub fn since(self, before: Usage) -> Usage {
+        Usage {
+            user: self.user - before.user,
+            system: self.system - before.system,
+            minor_faults: self.minor_faults - before.minor_faults,
+        }
+    }
+}
+
+/// The bytes of memory this process holds now (its resident set), where the system says.
+pub fn resident_bytes() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        // SAFETY: sysconf only reads a system setting.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Some(pages * u64::try_from(page).ok()?)
+    }
+    #[cfg(not(target_os = "linux"))]
     None
 }
 

@@ -395,6 +395,8 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
             "liveness_peak_bytes_per_rank": live_peak,
             "planned_peak_bytes_per_rank": memory.as_ref().map(|m| m.peak),
             "arena_bytes_per_rank": memory.as_ref().map(|m| m.arena),
+            "weight_bytes_per_rank": memory.as_ref().map(|m| m.weights),
+            "live_peak_bytes_per_rank": memory.as_ref().map(|m| m.live_peak),
             "arena_missed_last_step": run.ranks.iter().map(|r| r.arena.map(|a| a.missed)).max().flatten(),
             "report": report,
         });

@@ -8,7 +8,7 @@
 //! bar (on a terminal only) and the CSV log; every rank: checkpoints (written by rank 0,
 //! [`ferrotron_io::training`]).
 
-use crate::args::{cpu_seconds, parse_dropout, steady_step, BackendArgs, PlanArgs};
+use crate::args::{parse_dropout, resident_bytes, steady_step, BackendArgs, PlanArgs, Usage};
 use crate::ranks::{with_ranks, Job, OnRanks};
 use anyhow::Result;
 use clap::Args;
@@ -82,8 +82,10 @@ pub struct TrainArgs {
     log: Option<PathBuf>,
     /// At the end, print one JSON object: the steps taken, every loss, the last gradient norm,
     /// the speed: the median step after the first (`step_s`, `tokens_per_second`), the first
-    /// apart (`first_step_s`: it pays for the first allocations), the process's CPU time per
-    /// step counted the same way (`user_s_per_step`, `system_s_per_step`), and rank 0's memory: the
+    /// apart (`first_step_s`: it pays for the first allocations), the process's CPU time and
+    /// page faults per step counted the same way (`user_s_per_step`, `system_s_per_step`,
+    /// `minor_faults_per_step`), the process's resident memory at the end (`resident_bytes`),
+    /// and rank 0's memory: the
     /// step's measured peak (`peak_bytes_per_rank`), the memory plan's
     /// (`planned_peak_bytes_per_rank`, `arena_bytes_per_rank`; of the last step's values, how
     /// many the arena held and missed: `arena_placed_last_step`, `arena_missed_last_step`) and
@@ -268,6 +270,9 @@ fn train_rank<B: Backend>(p: &Prepared<'_>, rank: Rank<B>) -> Result<()> {
             (Trainer::new(rank, p.plan, config, params, run)?, 0)
         }
     };
+    // The full weights this rank sharded are gone; the steps will not reuse their memory where
+    // they place their values in an arena.
+    ferrotron_cpu::release_freed_memory();
     if lead {
         let share = if p.plan.distributed_optimizer() {
             format!(", its 1/{} share (--zero 1)", p.plan.mesh.dp)
@@ -331,18 +336,18 @@ fn train_loop<B: Backend>(
         false => ProgressBar::hidden(),
     };
     let mut last = None;
-    // Rank 0's record of the steps taken here: (loss, gradient norm, seconds), and the
-    // process's CPU time in each (user, system).
+    // Rank 0's record of the steps taken here: (loss, gradient norm, seconds), and what the
+    // process used in each.
     let mut taken: Vec<(f32, f64, f64)> = Vec::new();
-    let mut cpu: Vec<(f64, f64)> = Vec::new();
+    let mut used: Vec<Usage> = Vec::new();
     let mut peak = 0;
     let mut arena = None;
     while trainer.step < steps {
         let b = batches.next(&input_name, p.batch, p.seq);
-        let before = cpu_seconds();
+        let before = Usage::now();
         let s = trainer.step(&b)?;
-        if let (true, Some(b), Some(a)) = (lead, before, cpu_seconds()) {
-            cpu.push((a.0 - b.0, a.1 - b.1));
+        if let (true, Some(b), Some(a)) = (lead, before, Usage::now()) {
+            used.push(a.since(b));
         }
         if lead {
             let tps = (p.batch * p.seq) as f64 / s.seconds.max(1e-9);
@@ -383,11 +388,12 @@ fn train_loop<B: Backend>(
         }
         if args.json {
             let mut j = summary(&taken, p.batch * p.seq, trainer.step);
-            // The median step's CPU time after the first, as the step's time is taken.
-            let user: Vec<f64> = cpu.iter().map(|c| c.0).collect();
-            let system: Vec<f64> = cpu.iter().map(|c| c.1).collect();
-            j["user_s_per_step"] = steady_step(&user).into();
-            j["system_s_per_step"] = steady_step(&system).into();
+            // The steps' median use after the first, as the step's time is taken.
+            let median =
+                |f: fn(&Usage) -> f64| steady_step(&used.iter().map(f).collect::<Vec<_>>());
+            j["user_s_per_step"] = median(|u| u.user).into();
+            j["system_s_per_step"] = median(|u| u.system).into();
+            j["minor_faults_per_step"] = median(|u| u.minor_faults).into();
             // Rank 0's memory: measured, planned, and the optimizer's apart.
             let plan = trainer.memory_plan();
             j["peak_bytes_per_rank"] = peak.into();
@@ -397,6 +403,8 @@ fn train_loop<B: Backend>(
             j["arena_placed_last_step"] = arena.map(|a| a.placed).into();
             j["arena_missed_last_step"] = arena.map(|a| a.missed).into();
             j["optimizer_bytes_per_rank"] = trainer.optimizer_bytes().into();
+            // The whole process's memory after the last step (every rank of an in-process job).
+            j["resident_bytes"] = resident_bytes().into();
             println!("{j}");
         }
     }

@@ -359,6 +359,18 @@ fn rows_tensor(v: Vec<f32>) -> Tensor {
     }
 }
 
+/// Hands the memory freed so far back to the system (glibc keeps it for reuse, as
+/// [`tune_allocator`] asks): for a program that has finished setting up (the full weights
+/// sharded and dropped) and from then on holds its steps' values in the ranks' arenas, which
+/// would never reuse it.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Tunes glibc's allocator for this process's pattern: the rank program frees every activation
 /// at its last use and allocates the same sizes again in the next step. By default glibc serves
 /// large blocks with fresh `mmap`s and returns freed heap memory to the system, so every step

@@ -302,31 +302,79 @@ fn assign_offsets(slots: &mut [Slot]) -> u64 {
         b.1 = b.1.min(s.from);
         b.2 = b.2.max(s.to);
     }
-    let mut order: Vec<(usize, (u64, usize, usize))> = buffers.into_iter().collect();
-    order.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
-    let mut placed: Vec<(u64, u64, usize, usize)> = Vec::with_capacity(order.len());
-    let mut offset_of: std::collections::HashMap<usize, u64> = Default::default();
-    let mut arena = 0u64;
-    for (r, (bytes, from, to)) in order {
-        let mut busy: Vec<(u64, u64)> = placed
-            .iter()
-            .filter(|p| p.2 <= to && from <= p.3)
-            .map(|p| (p.0, p.0 + p.1))
-            .collect();
-        busy.sort();
-        let mut offset = 0u64;
-        for (start, stop) in busy {
-            if offset + bytes <= start {
-                break;
-            }
-            offset = offset.max(stop);
-        }
-        placed.push((offset, bytes, from, to));
-        offset_of.insert(r, offset);
-        arena = arena.max(offset + bytes);
-    }
+    let buffers: Vec<Buffer> = buffers
+        .into_iter()
+        .map(|(root, (bytes, from, to))| Buffer {
+            root,
+            bytes,
+            from,
+            to,
+        })
+        .collect();
+    // Placing buffers one by one is a heuristic (the best packing is NP-hard): a few orders
+    // are tried and the smallest arena kept. Largest first is the usual; longest-lived first
+    // and in order of birth each pack some programs tighter.
+    let orders: [OrderKey; 4] = [
+        |b| (u64::MAX - b.bytes, b.root),
+        |b| (u64::MAX - (b.to - b.from) as u64, b.root),
+        |b| {
+            (
+                u64::MAX - b.bytes.saturating_mul((b.to - b.from + 1) as u64),
+                b.root,
+            )
+        },
+        |b| (b.from as u64, b.root),
+    ];
+    let (arena, offset_of) = orders
+        .iter()
+        .map(|key| {
+            let mut order: Vec<&Buffer> = buffers.iter().collect();
+            order.sort_by_key(|b| key(b));
+            place_lowest(&order)
+        })
+        .min_by_key(|(arena, _)| *arena)
+        .unwrap_or_default();
     for (k, s) in slots.iter_mut().enumerate() {
         s.offset = offset_of[&root[k]];
     }
     arena
+}
+
+/// A sort key for the order buffers are placed in (ties broken by their first slot).
+type OrderKey = fn(&Buffer) -> (u64, usize);
+
+/// A buffer of the arena: the in-place chain of slots it holds (by its first slot), its size
+/// and its lifetime in steps.
+struct Buffer {
+    root: usize,
+    bytes: u64,
+    from: usize,
+    to: usize,
+}
+
+/// Places `order`'s buffers one after the other, each at the lowest offset where it overlaps
+/// no placed buffer live at the same time; the arena's size and each buffer's offset by root.
+fn place_lowest(order: &[&Buffer]) -> (u64, std::collections::HashMap<usize, u64>) {
+    let mut placed: Vec<(u64, &Buffer)> = Vec::with_capacity(order.len());
+    let mut offset_of = std::collections::HashMap::with_capacity(order.len());
+    let mut arena = 0u64;
+    for &b in order {
+        let mut busy: Vec<(u64, u64)> = placed
+            .iter()
+            .filter(|(_, p)| p.from <= b.to && b.from <= p.to)
+            .map(|&(at, p)| (at, at + p.bytes))
+            .collect();
+        busy.sort();
+        let mut offset = 0u64;
+        for (start, stop) in busy {
+            if offset + b.bytes <= start {
+                break;
+            }
+            offset = offset.max(stop);
+        }
+        placed.push((offset, b));
+        offset_of.insert(b.root, offset);
+        arena = arena.max(offset + b.bytes);
+    }
+    (arena, offset_of)
 }
