@@ -10,7 +10,9 @@
 //! the tied 50,257-wide output layer and its gradients), through `eval`.
 //! `benches/sgemm_numpy.sh` prints numpy's numbers for the same sizes and products.
 //!
-//! Options (after `--`): `--quick` (one size, fewer runs: a smoke test).
+//! Options (after `--`): `--quick` (one size, fewer runs: a smoke test). Built with
+//! `--no-default-features`, gemm runs its AVX2 kernels even on an AVX-512 processor
+//! (`benches/sgemm_numpy.sh --avx2` holds OpenBLAS to its AVX2 kernels likewise).
 
 use ferrotron_cpu::kernels::eval;
 use ferrotron_exec::{Placement, Tensor};
@@ -202,8 +204,13 @@ fn main() {
         vec![(1024, 1024, 1024), (2048, 2048, 2048), (8192, 3072, 768)]
     };
     println!(
-        "sgemm, GFLOP/s (best of the runs; {} cores here)",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "sgemm, GFLOP/s (best of the runs; {} cores here; gemm's {} kernels)",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        if cfg!(feature = "avx512") {
+            "AVX-512 (where the CPU has it)"
+        } else {
+            "AVX2"
+        }
     );
     println!(
         "{:>18} {:>8} {:>12} {:>12}",
