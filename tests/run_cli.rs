@@ -35,6 +35,41 @@ fn run_verify_json() {
 }
 
 #[test]
+fn run_verify_checks_the_fused_loss_and_the_logits_only_where_they_exist() {
+    // GPT-2's output layer runs fused with its loss by default: the logits are never whole, and
+    // the verification is of the fused step's loss and gradients. `--no-fuse-loss` makes the
+    // logits, and they are compared too.
+    let verify = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "models/tiny-gpt.ron",
+            "--tp",
+            "2",
+            "--verify",
+            "--json",
+        ];
+        args.extend(extra);
+        let out = ferrotron(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["verified"], true, "{j}");
+        (
+            j["verified_outputs"].clone(),
+            j["verified_tensors"].as_u64().unwrap(),
+        )
+    };
+    let (fused_outputs, fused_count) = verify(&[]);
+    let (plain_outputs, plain_count) = verify(&["--no-fuse-loss"]);
+    assert_eq!(fused_outputs, false);
+    assert_eq!(plain_outputs, true);
+    assert_eq!(plain_count, fused_count + 1, "the logits, once");
+}
+
+#[test]
 fn pipelined_run_verify_json_reports_the_bubble_and_each_stage() {
     let out = ferrotron(&[
         "run",

@@ -207,5 +207,17 @@ fn json_summary_matches_the_log() {
     assert_eq!(j["planned_peak_bytes_per_rank"].as_u64(), Some(peak), "{j}");
     assert!(j["arena_bytes_per_rank"].as_u64().unwrap() < peak, "{j}");
     assert!(j["optimizer_bytes_per_rank"].as_u64().unwrap() > 0, "{j}");
+    // The steps after the first place every value in the rank's arena: none is allocated on
+    // its own, so no page of a value is touched for the first time.
+    assert!(j["arena_placed_last_step"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(j["arena_missed_last_step"].as_u64(), Some(0), "{j}");
+    for field in [
+        "user_s_per_step",
+        "system_s_per_step",
+        "minor_faults_per_step",
+    ] {
+        assert!(j[field].as_f64().is_some_and(|x| x >= 0.0), "{field}: {j}");
+    }
+    assert!(j["resident_bytes"].as_u64().unwrap() > peak, "{j}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use ferrotron_cpu::Cpu;
 use ferrotron_exec::init::{init_params, random_batch, test_params};
-use ferrotron_exec::verify::{compare, compare_rank, reference_plan, Entry, Verification};
+use ferrotron_exec::verify::{compare, compare_rank, reference_plan, Entry, Kind, Verification};
 use ferrotron_exec::{launch, memory, run as run_all, weights_for, Backend, Executable, Rank, Run};
 use ferrotron_exec::{RunOptions, Tensor};
 use ferrotron_io::hf::{read_tokens, write_safetensors, FileNames};
@@ -31,7 +31,9 @@ pub struct RunArgs {
     plan: PlanArgs,
     #[command(flatten)]
     backend: BackendArgs,
-    /// Compare with the unpartitioned model; exit non-zero on a mismatch.
+    /// Compare with the unpartitioned model; exit non-zero on a mismatch. The loss and every
+    /// gradient, and the outputs (the logits) unless the output layer runs fused with its loss
+    /// and never makes them whole (`--no-fuse-loss` compares them too).
     #[arg(long)]
     verify: bool,
     /// Seed of the weights and the batch.
@@ -209,20 +211,25 @@ impl RunArgs {
             }
             batch.insert(input, t);
         }
-        let opts = RunOptions {
+        let mut opts = RunOptions {
             check_finite: self.check_finite,
             fuse: !self.no_fuse,
             fuse_attention: !self.no_fuse_attention,
             fuse_loss: !self.no_fuse_loss,
             arena: !self.no_arena,
-            // The outputs (the logits) are kept only where they are read: a verification
-            // compares them, `--dump-outputs` writes them. Otherwise the output layer may run
-            // fused with the loss, never holding them.
-            keep_outputs: self.verify || self.dump_outputs.is_some(),
+            // The outputs (the logits) are kept only where they are read: `--dump-outputs`
+            // writes them. Otherwise the output layer may run fused with the loss, never
+            // holding them.
+            keep_outputs: self.dump_outputs.is_some(),
             trace: self.trace.is_some(),
             timeout: self.backend.timeout(),
             ..RunOptions::default()
         };
+        // `--verify` checks the step that runs: where the output layer runs fused with its
+        // loss, that step's loss and gradients; otherwise the logits too, which exist anyway.
+        if self.verify && !Executable::new(&plan, &opts)?.program.fuses_output_loss() {
+            opts.keep_outputs = true;
+        }
         Ok(Step {
             graph,
             plan,
@@ -414,6 +421,9 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
         if let Some(v) = &checked {
             j["verified"] = v.passed().into();
             j["max_rel_error"] = v.max_rel_error().into();
+            // What was compared: the loss, the gradients, and the outputs where they existed.
+            j["verified_tensors"] = v.entries.len().into();
+            j["verified_outputs"] = v.entries.iter().any(|e| e.kind == Kind::Output).into();
             j["comparison"] = serde_json::to_value(v)?;
         }
         println!("{j}");
@@ -618,10 +628,16 @@ fn print_verification(v: &Verification) {
     if let Some((node, err)) = &v.first_divergence {
         println!("  first op whose output diverges: `{node}` (relative error {err:.3e})");
     }
+    let outputs = v.entries.iter().any(|e| e.kind == Kind::Output);
     println!(
-        "  {} ({} tensors, max relative error {:.3e})",
+        "  {} ({} tensors, max relative error {:.3e}{})",
         if v.passed() { "verified" } else { "MISMATCH" },
         v.entries.len(),
-        v.max_rel_error()
+        v.max_rel_error(),
+        if outputs {
+            ""
+        } else {
+            "; the output layer ran fused with its loss: the logits were never whole"
+        }
     );
 }

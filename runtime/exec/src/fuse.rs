@@ -746,6 +746,20 @@ impl Program {
         dims.scratch_bytes(dloss.is_some(), element_bytes(plan.graph.ty(*h).dtype))
     }
 
+    /// Whether an output layer runs fused with its loss ([`Fused::OutputLoss`]): the logits are
+    /// then never whole.
+    pub fn fuses_output_loss(&self) -> bool {
+        self.steps.iter().any(|s| {
+            matches!(
+                s.op,
+                StepOp::Fused {
+                    op: Fused::OutputLoss { .. },
+                    ..
+                }
+            )
+        })
+    }
+
     /// How many steps are fused ops.
     pub fn fused_count(&self) -> usize {
         self.steps

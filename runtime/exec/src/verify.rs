@@ -171,8 +171,11 @@ pub fn reference_plan(g: &Graph) -> Result<Plan, PartitionError> {
 }
 
 /// Compares a finished run of a partitioned plan (on any backend) with a finished run of the
-/// reference plan (on any backend: the CPU's, for the CLI) on the same weights and batch. On a
-/// mismatch, both run again keeping every value, to find the first divergent op.
+/// reference plan (on any backend: the CPU's, for the CLI) on the same weights and batch, both
+/// run with `opts`: the loss, every gradient, and the graph's outputs where `opts` keeps them
+/// (a run that does not may have run its output layer fused with the loss, never making the
+/// logits whole). On a mismatch, both run again keeping every value, to find the first
+/// divergent op.
 pub fn compare<B: Backend, R: Backend>(
     ours: &Run<B>,
     theirs: &Run<R>,
@@ -181,7 +184,11 @@ pub fn compare<B: Backend, R: Backend>(
     opts: &RunOptions,
     tolerances: Tolerances,
 ) -> Result<Verification, VerifyError> {
-    let mut v = compare_runs(ours, theirs, tolerances, Outputs::Compared)?;
+    let outputs = match opts.keep_outputs {
+        true => Outputs::Compared,
+        false => Outputs::Skipped,
+    };
+    let mut v = compare_runs(ours, theirs, tolerances, outputs)?;
     // The search keeps every value of one micro-batch; a step of several has no such run.
     if !v.passed() && ours.plan.micro_batches() == 1 && theirs.plan.micro_batches() == 1 {
         let keep = RunOptions {
