@@ -50,6 +50,7 @@ typedef struct Handle* CUstream;
 typedef struct Handle* CUevent;
 typedef struct Handle* CUmodule;
 typedef const ftemu::Kernel* CUfunction;
+typedef struct Handle* CUmemoryPool;
 
 struct Handle {
     int kind;
@@ -203,6 +204,22 @@ bool inside(CUdeviceptr p, size_t n) {
 }
 
 Handle* new_handle(int kind) { return new Handle{kind}; }
+
+// A device's default memory pool (cuMemAllocAsync's): only its release threshold is kept, for
+// the runtime to set and a test to read back; memory is host memory either way.
+struct Pool {
+    Handle handle{5};
+    unsigned long long release_threshold = 0;
+};
+Pool pools[kDevices];
+constexpr int kReleaseThreshold = 4; // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+
+Pool* pool_of(CUmemoryPool p) {
+    for (Pool& pool : pools) {
+        if (&pool.handle == p) return &pool;
+    }
+    return nullptr;
+}
 
 } // namespace
 
@@ -389,6 +406,24 @@ CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
 // first runs the stream's queued work.
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return allocate(p, bytes); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return allocate(p, bytes); }
+CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {
+    if (d < 0 || d >= kDevices) return INVALID_DEVICE;
+    if (!pool) return INVALID_VALUE;
+    *pool = &pools[d].handle;
+    return SUCCESS;
+}
+CUresult cuMemPoolSetAttribute(CUmemoryPool p, int attr, void* value) {
+    Pool* pool = pool_of(p);
+    if (!pool || !value || attr != kReleaseThreshold) return INVALID_VALUE;
+    pool->release_threshold = *static_cast<unsigned long long*>(value);
+    return SUCCESS;
+}
+CUresult cuMemPoolGetAttribute(CUmemoryPool p, int attr, void* value) {
+    Pool* pool = pool_of(p);
+    if (!pool || !value || attr != kReleaseThreshold) return INVALID_VALUE;
+    *static_cast<unsigned long long*>(value) = pool->release_threshold;
+    return SUCCESS;
+}
 CUresult cuMemFree_v2(CUdeviceptr p) {
     cuCtxSynchronize();
     return release(p);

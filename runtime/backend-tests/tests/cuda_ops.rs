@@ -330,6 +330,15 @@ fn local() -> KernelCtx {
 // Elementwise
 
 #[test]
+fn the_memory_pool_keeps_what_a_step_frees() {
+    // Opening the GPU sets its pool's release threshold to the most (freed memory is kept for
+    // the next step's allocations, not handed back at each synchronisation).
+    let Some(_dev) = device("pool") else { return };
+    let threshold = ferrotron_cuda::device::pool_release_threshold(0).unwrap();
+    assert_eq!(threshold, u64::MAX);
+}
+
+#[test]
 fn unary_ops_and_their_gradients() {
     let Some(dev) = device("unary") else { return };
     let mut rng = fastrand::Rng::with_seed(1);

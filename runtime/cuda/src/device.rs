@@ -38,6 +38,48 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// Sets the release threshold of the device's default memory pool (the one `cuMemAllocAsync`,
+/// every tensor's allocation, draws from) to its maximum. At the default, 0, the pool hands the
+/// memory freed in a step back to the system at each synchronisation (the rank synchronises
+/// after each pass), so every step would map its values afresh; kept, a steady step's
+/// allocations are served from the pool (PyTorch's caching allocator does the same).
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
+    use cudarc::driver::sys;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the pool handle is written by the driver for a valid device; the attribute's
+    // value is a u64, as RELEASE_THRESHOLD takes.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(())
+}
+
+/// The release threshold of device `ordinal`'s default memory pool ([`keep_freed_memory`]).
+pub fn pool_release_threshold(ordinal: usize) -> Result<u64, CudaError> {
+    use cudarc::driver::sys;
+    let ctx = CudaContext::new(ordinal)?;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = 0u64;
+    // SAFETY: as in `keep_freed_memory`; the driver writes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(threshold)
+}
+
 impl Gpu {
     /// Opens device `ordinal`: a clean [`CudaError::Unavailable`] when the driver, a library or
     /// the device is missing.
@@ -52,6 +94,7 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        keep_freed_memory(&ctx)?;
         let (major, minor) = ctx.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name()?;
