@@ -24,7 +24,7 @@
 //! backend was given ([`crate::Cpu::threads`]).
 
 use super::layout::{
-    broadcast_strides, buffer, copied, expand, for_each_offset, is_trailing, numel, output, sum_to,
+    broadcast_strides, copied, expand, for_each_offset, is_trailing, numel, output, sum_to,
     transpose, zeros, Result,
 };
 use super::math::{self, exp, sum_map, sum_zip};
@@ -622,7 +622,7 @@ fn norm_grad(
 ) -> Result<Vec<Tensor>> {
     let (_, n) =
         index::norm(&x.shape, eps, Some(&dy.shape), shape_of(weight), None).or_invalid(name)?;
-    let mut dx = buffer(x.data.len());
+    let mut dx = output(x.data.len());
     let partials = par_chunks(
         threads,
         &mut dx,

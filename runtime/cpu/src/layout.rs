@@ -157,7 +157,7 @@ pub(crate) fn transpose(
             _ => axes.push((n, s)),
         }
     }
-    let mut out = zeros(op, shape)?;
+    let mut out = output_tensor(op, shape)?;
     if out.data.is_empty() {
         return Ok(out);
     }
