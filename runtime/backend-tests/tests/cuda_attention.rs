@@ -185,7 +185,7 @@ fn dropout_mask(dev: &RankDevice, c: &Case) -> Vec<bool> {
     }
     let ones = Tensor {
         shape: shape.clone(),
-        data: (vec![1.0; n]).into(),
+        data: vec![1.0; n].into(),
     };
     let ones = kernels::upload(dev, &ones, Storage::F32).expect("upload");
     let op: Op<&CudaTensor, Dim> = Op::Dropout {
@@ -399,7 +399,7 @@ fn attention_refuses_bad_shapes() {
     let z = |shape: &[usize]| {
         let t = Tensor {
             shape: shape.to_vec(),
-            data: (vec![0.0; shape.iter().product()]).into(),
+            data: vec![0.0; shape.iter().product()].into(),
         };
         kernels::upload(&dev, &t, Storage::F32).unwrap()
     };
@@ -741,7 +741,7 @@ fn attention_seq_first_refuses_bad_shapes() {
     let z = |shape: &[usize]| {
         let t = Tensor {
             shape: shape.to_vec(),
-            data: (vec![0.0; shape.iter().product()]).into(),
+            data: vec![0.0; shape.iter().product()].into(),
         };
         kernels::upload(&dev, &t, Storage::F32).unwrap()
     };

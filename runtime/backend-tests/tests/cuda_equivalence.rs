@@ -456,7 +456,7 @@ fn the_nccl_watchdog_names_a_collective_a_member_did_not_join() {
                 comm.note(&format!("node{step}"));
                 let host = Tensor {
                     shape: vec![3],
-                    data: (vec![1.0 + index as f32; 3]).into(),
+                    data: vec![1.0 + index as f32; 3].into(),
                 };
                 let mut t = cuda.upload(&host, ferrotron_ir::DType::F32).unwrap();
                 comm.all_reduce(&mut t, ReduceOp::Sum).unwrap();

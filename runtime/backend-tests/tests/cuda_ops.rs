@@ -2057,7 +2057,7 @@ fn rows_of(t: &Tensor, lo: usize, hi: usize) -> Tensor {
     let v = t.shape[t.shape.len() - 1];
     Tensor {
         shape: vec![hi - lo, v],
-        data: (t.data[lo * v..hi * v].to_vec()).into(),
+        data: t.data[lo * v..hi * v].to_vec().into(),
     }
 }
 

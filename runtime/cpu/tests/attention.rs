@@ -310,7 +310,7 @@ fn bad_shapes_are_errors() {
     // Data that does not fill its shape.
     let short = Tensor {
         shape: vec![2, 7, 5],
-        data: (vec![0.0; 69]).into(),
+        data: vec![0.0; 69].into(),
     };
     assert!(invalid(cpu.attention(&short, &k, &v, &spec, &at)));
     // A dropout placement that does not fit the probabilities.

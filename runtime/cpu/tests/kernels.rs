@@ -321,13 +321,13 @@ fn scale_and_activations() {
     // the reference is still accurate).
     let x = Tensor {
         shape: vec![6],
-        data: (vec![-3.0, -5.0, -7.5, -9.0, -12.0, -20.0]).into(),
+        data: vec![-3.0, -5.0, -7.5, -9.0, -12.0, -20.0].into(),
     };
     check_with(Op::Gelu(&x), &KernelCtx::default(), 0.0);
     check_with(Op::Silu(&x), &KernelCtx::default(), 0.0);
     let x = Tensor {
         shape: vec![3],
-        data: (vec![-2.0, -3.0, -4.0]).into(),
+        data: vec![-2.0, -3.0, -4.0].into(),
     };
     check_with(Op::GeluTanh(&x), &KernelCtx::default(), 0.0);
 }
@@ -1156,7 +1156,7 @@ fn cross_entropy_over_windows_of_rows() {
             };
             let part = Tensor {
                 shape: vec![end - first, vocab],
-                data: (logits.data[first * vocab..end * vocab].to_vec()).into(),
+                data: logits.data[first * vocab..end * vocab].to_vec().into(),
             };
             let max = kernels::ce_row_max(&part, &window, 1).unwrap();
             assert_eq!(max, stats.max[first..end]);
@@ -1415,7 +1415,7 @@ fn bad_inputs_are_errors_not_panics() {
     for bad in [3.0, -1.0, 0.5, f32::NAN] {
         let ids = Tensor {
             shape: vec![2],
-            data: (vec![0.0, bad]).into(),
+            data: vec![0.0, bad].into(),
         };
         let e = err(Op::Embedding {
             table: &table,
@@ -1440,7 +1440,7 @@ fn bad_inputs_are_errors_not_panics() {
     let logits = t(&[2, 3, 4]);
     let targets = Tensor {
         shape: vec![2, 3],
-        data: (vec![0.0, 1.0, 4.0, 0.0, 1.0, 2.0]).into(),
+        data: vec![0.0, 1.0, 4.0, 0.0, 1.0, 2.0].into(),
     };
     let e = err(Op::CrossEntropy {
         logits: &logits,
@@ -1552,14 +1552,14 @@ fn bad_local_context_and_phase_inputs_are_errors() {
     assert!(kernels::ce_grad(&logits, &targets, &short, &sh, 1.0, 1).is_err());
     let bad_targets = Tensor {
         shape: vec![2, 3],
-        data: (vec![0.0, 9.0, 0.0, 0.0, 0.0, 0.0]).into(),
+        data: vec![0.0, 9.0, 0.0, 0.0, 0.0, 0.0].into(),
     };
     assert!(kernels::ce_grad(&logits, &bad_targets, &ones, &sh, 1.0, 1).is_err());
     assert!(kernels::ce_row_sums(&logits, &[0.0; 6], &bad_targets, &plain, 1).is_err());
     // With shift, the first target of each sequence is not read.
     let unread = Tensor {
         shape: vec![2, 3],
-        data: (vec![99.0, 0.0, 1.0, -5.0, 2.0, 3.0]).into(),
+        data: vec![99.0, 0.0, 1.0, -5.0, 2.0, 3.0].into(),
     };
     assert!(kernels::ce_row_sums(&logits, &[0.0; 6], &unread, &sh, 1).is_ok());
 }

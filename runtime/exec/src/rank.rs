@@ -14,9 +14,8 @@
 //! Tensors are freed after their last use, and the rank's live bytes are tracked, so the
 //! measured peak can be set beside the partitioner's estimate. On a host backend each step's
 //! new outputs are offered their places in the rank's arena ([`crate::arena`]), kept from one
-//! step to the next. If the rank fails (an error or a
-//! panic), it aborts every group it belongs to: its peers stop at their next collective with
-//! that error instead of waiting forever.
+//! step to the next. If the rank fails (an error or a panic), it aborts every group it belongs
+//! to: its peers stop at their next collective with that error instead of waiting forever.
 
 use crate::arena::{self, Arena, ArenaStats, Place, Placements};
 use crate::backend::Backend;
@@ -422,7 +421,9 @@ fn shard_inputs(
         let rows = full.data.len() / micro;
         let part = Tensor {
             shape: micro_shape.clone(),
-            data: (full.data[m as usize * rows..(m as usize + 1) * rows].to_vec()).into(),
+            data: full.data[m as usize * rows..(m as usize + 1) * rows]
+                .to_vec()
+                .into(),
         };
         let region = Region::of(&micro_shape, layout, exe.blocks[v].max(1), plan.mesh, c);
         feed.push((v, part.take(&region)));

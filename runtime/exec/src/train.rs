@@ -437,7 +437,7 @@ impl<'p, B: Backend> Trainer<'p, B> {
                     for (r, shards) in ranks.iter_mut().enumerate() {
                         shards.push(Tensor {
                             shape: shape.clone(),
-                            data: (all.data[r * n..(r + 1) * n].to_vec()).into(),
+                            data: all.data[r * n..(r + 1) * n].to_vec().into(),
                         });
                     }
                 }

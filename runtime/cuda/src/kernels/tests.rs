@@ -198,11 +198,11 @@ fn transpose_plans_move_every_element_where_the_reference_does() {
             TransposePlan::Share => x.data.clone(),
             TransposePlan::Gather(g) => {
                 gathers += 1;
-                (gather(&x.data, &g, n)).into()
+                gather(&x.data, &g, n).into()
             }
             TransposePlan::Tiled(t) => {
                 tiles += 1;
-                (tiled(&x.data, &t, n)).into()
+                tiled(&x.data, &t, n).into()
             }
         };
         assert_eq!(got, want.data, "{shape:?} by {perm:?}");
@@ -226,7 +226,7 @@ fn expand_plans_repeat_as_the_reference() {
         });
         let got = match expand_plan(OP, &from, &to).unwrap() {
             None => x.data.clone(),
-            Some(g) => (gather(&x.data, &g, want.data.len())).into(),
+            Some(g) => gather(&x.data, &g, want.data.len()).into(),
         };
         assert_eq!(got, want.data, "{from:?} to {to:?}");
     }
