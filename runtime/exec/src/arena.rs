@@ -7,7 +7,7 @@
 //! MemoryPlan { slots: offset per value } ─► rank program: per step, the outputs' places
 //!   ─► placing(arena, places, || backend.eval(..)) ─► a kernel's output buffer
 //!      (Buffer::zeros / Buffer::to_overwrite) takes the next place of its size
-//!   ─► Buffer::Placed (a view of the arena; its range released when dropped)
+//!   ─► a Buffer viewing the arena (its range released when dropped)
 //! ```
 //!
 //! The plan says which values never live at the same time; the arena does not trust it blindly:
@@ -174,8 +174,9 @@ pub fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
 /// A planned place: the first element and the element count of a value in the arena.
 pub type Place = (usize, usize);
 
-/// A memory plan ([`crate::memory::MemoryPlan::placements`]) as places in a host arena of `f32`s (every dtype stored as `f32`, as the CPU
-/// backend stores it): where each step's new outputs go. A value made in place needs none.
+/// A memory plan as places in a host arena of `f32`s
+/// ([`crate::memory::MemoryPlan::placements`]; every dtype stored as `f32`, as the CPU backend
+/// stores it): where each step's new outputs go. A value made in place needs none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Placements {
     /// The arena's size in elements.
