@@ -10,6 +10,7 @@ use super::kernels::Kernels;
 use super::libs::{self, Lib};
 use super::CudaError;
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use std::sync::{Arc, Mutex};
 
@@ -44,40 +45,52 @@ impl std::fmt::Debug for Gpu {
 /// after each pass), so every step would map its values afresh; kept, a steady step's
 /// allocations are served from the pool (PyTorch's caching allocator does the same).
 fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
-    use cudarc::driver::sys;
-    let mut pool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
-    // SAFETY: the pool handle is written by the driver for a valid device; the attribute's
-    // value is a u64, as RELEASE_THRESHOLD takes.
+    // SAFETY: RELEASE_THRESHOLD's value is a u64, which the driver reads.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
+        pool_threshold(
+            ctx,
+            |pool, attr, value| sys::cuMemPoolSetAttribute(pool, attr, value),
+            &mut threshold,
         )
-        .result()?;
     }
-    Ok(())
 }
 
 /// The release threshold of device `ordinal`'s default memory pool ([`keep_freed_memory`]).
 pub fn pool_release_threshold(ordinal: usize) -> Result<u64, CudaError> {
-    use cudarc::driver::sys;
     let ctx = CudaContext::new(ordinal)?;
-    let mut pool = std::ptr::null_mut();
     let mut threshold = 0u64;
-    // SAFETY: as in `keep_freed_memory`; the driver writes a u64.
+    // SAFETY: RELEASE_THRESHOLD's value is a u64, which the driver writes.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .result()?;
-    }
+        pool_threshold(
+            &ctx,
+            |pool, attr, value| sys::cuMemPoolGetAttribute(pool, attr, value),
+            &mut threshold,
+        )?
+    };
     Ok(threshold)
+}
+
+/// Calls `access` (the driver's get or set of a pool attribute) on the release threshold of
+/// `ctx`'s device's default memory pool, with `value`.
+///
+/// # Safety
+/// `access` must read or write one `u64` at the pointer it is given.
+unsafe fn pool_threshold(
+    ctx: &CudaContext,
+    access: impl FnOnce(
+        sys::CUmemoryPool,
+        sys::CUmemPool_attribute,
+        *mut std::ffi::c_void,
+    ) -> sys::CUresult,
+    value: &mut u64,
+) -> Result<(), CudaError> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: the driver writes the pool handle of a valid device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()? };
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    access(pool, attr, (value as *mut u64).cast()).result()?;
+    Ok(())
 }
 
 impl Gpu {
