@@ -348,6 +348,8 @@ fn repeated_steps_report_the_steady_state() {
     let repeated = run(&["--steps", "4", "--threads", "2"]);
     assert_eq!(repeated["steps"], 4);
     assert_eq!(repeated["loss"], once["loss"], "{repeated}\n{once}");
+    // Each step's values give their arena places back to the next: none falls to the heap.
+    assert_eq!(repeated["arena_missed_last_step"], 0, "{repeated}");
     let (first, step) = (
         repeated["first_step_s"].as_f64().unwrap(),
         repeated["step_s"].as_f64().unwrap(),

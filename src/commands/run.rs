@@ -291,6 +291,9 @@ impl OnRanks for StepOnRanks<'_> {
         let mut results = Vec::new();
         for _ in 0..self.args.steps {
             let started = std::time::Instant::now();
+            // The last step's values (kept to its end) give their places in the ranks' arenas
+            // back before the next step takes them.
+            results.clear();
             results = launch::each(&mut ranks, |(weights, rank)| rank.run(&exe, weights, batch))?;
             walls.push(started.elapsed());
         }
