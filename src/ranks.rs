@@ -41,7 +41,7 @@ impl Job {
 
 /// What a subcommand does with this process's ranks, whatever their backend (a generic
 /// function over backends cannot be a closure).
-pub trait OnRanks {
+pub trait OnRanks: Send {
     /// Runs with the ranks, in rank order.
     fn on<B: Backend>(self, ranks: Vec<Rank<B>>) -> Result<()>;
 }
@@ -117,7 +117,13 @@ fn on_ranks(
                 None => launch::ranks(&cpu, mesh, timeout),
                 Some(m) => vec![cpu_rank(m, mesh, cpu)?],
             };
-            work.on(ranks)
+            if ranks.len() > 1 {
+                return work.on(ranks);
+            }
+            // A process's only rank runs on a thread of the pool its kernels split their work
+            // over, so it takes part in that work itself instead of sleeping until it is done
+            // and being woken after every op (half the system time of a step).
+            rayon::scope(|_| work.on(ranks))
         }
         BackendKind::Cuda => cuda::with_ranks(member, args, mesh, timeout, work),
     }

@@ -55,13 +55,21 @@ pub fn ranks<B: Backend>(backend: &B, mesh: Mesh, timeout: Duration) -> Vec<Rank
 }
 
 /// Runs `f` on every item (a rank, or what a rank owns, such as its trainer) on a thread of its
-/// own, all at the same time, and returns the results in order. When ranks fail, the error
+/// own, all at the same time (a single item on the calling thread), and returns the results in
+/// order. When ranks fail, the error
 /// returned is the one that started it, not a peer's that stopped because of it.
 pub fn each<T: Send, R: Send>(
     items: &mut [T],
     f: impl Fn(&mut T) -> Result<R, ExecError> + Sync,
 ) -> Result<Vec<R>, ExecError> {
     let f = &f;
+    // One rank runs on the calling thread (which may be a worker of the kernels' pool: see
+    // the CLI's CPU ranks), a panic reported as a thread's would be.
+    if let [item] = items {
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item)))
+            .unwrap_or_else(|_| Err(ExecError::Plan("a rank's thread panicked".into())))
+            .map(|r| vec![r]);
+    }
     let results: Vec<Result<R, ExecError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = items
             .iter_mut()
