@@ -325,6 +325,98 @@ fn the_gpu_layer_benchmark_runs_at_a_small_shape() {
     );
 }
 
+/// The GPU places a step's values in one device allocation per rank (the arena, at the memory
+/// plan's offsets): training with it is training without it, to the bit (the same losses,
+/// gradient norms, peaks and weights), and every step after the first places every planned
+/// value, in an arena of the plan's size. At tp 1 and 2, in `f32` and bf16, with the
+/// distributed optimizer (its collectives through NCCL's own stream).
+#[test]
+fn the_gpu_places_a_steps_values_in_one_arena_per_rank() {
+    use ferrotron_exec::init::init_params;
+    use ferrotron_exec::{memory, Executable, TrainConfig};
+    let g = model("tiny-gpt.ron", &[("batch", 4)]);
+    let config = TrainConfig {
+        steps: 3,
+        warmup: 0,
+        ..TrainConfig::default()
+    };
+    let params = init_params(&g, 3);
+    let batch = random_batch(&g, 11);
+    for (tp, dp, zero, dtype) in [
+        (1, 1, 0, Storage::F32),
+        (2, 1, 0, Storage::F32),
+        (2, 1, 0, Storage::Bf16),
+        (2, 2, 1, Storage::F32),
+    ] {
+        let what = format!("tp {tp} dp {dp} zero {zero} {dtype:?}");
+        let o = PartitionOptions {
+            tp,
+            dp,
+            zero,
+            ..PartitionOptions::default()
+        };
+        let plan = partition(&g, &o).unwrap();
+        let mut runs = Vec::new();
+        for arena in [true, false] {
+            let Some(cuda) = gpu((tp * dp) as usize, dtype) else {
+                return;
+            };
+            let opts = RunOptions {
+                arena,
+                ..RunOptions::default()
+            };
+            let mut ranks: Vec<Trainer<Cuda>> =
+                launch::ranks(&cuda, plan.mesh, std::time::Duration::from_secs(60))
+                    .into_iter()
+                    .map(|rank| {
+                        Trainer::new(rank, &plan, config.clone(), &params, opts.clone()).unwrap()
+                    })
+                    .collect();
+            let stats: Vec<StepStats> = (0..3).map(|_| step(&mut ranks, &batch)).collect();
+            let weights: Vec<Vec<Vec<f32>>> = ranks
+                .iter()
+                .map(|t| {
+                    t.weights
+                        .iter()
+                        .map(|w| cuda.download(w).unwrap().data.into_vec())
+                        .collect()
+                })
+                .collect();
+            runs.push((stats, weights));
+        }
+        let ((with, weights_with), (without, weights_without)) = (&runs[0], &runs[1]);
+        for (s, t) in with.iter().zip(without) {
+            assert_eq!(
+                (s.loss.to_bits(), s.grad_norm.to_bits(), s.peak_bytes),
+                (t.loss.to_bits(), t.grad_norm.to_bits(), t.peak_bytes),
+                "{what}: step {} differs with the arena",
+                s.step
+            );
+            assert_eq!(t.arena, None, "{what}: no arena asked for");
+        }
+        assert!(
+            weights_with == weights_without,
+            "{what}: the weights differ after training with the arena"
+        );
+        let exe = Executable::new(
+            &plan,
+            &RunOptions {
+                keep_outputs: false,
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+        let planned = memory::plan(&exe, &|_| 4).unwrap().arena;
+        for s in &with[1..] {
+            let arena = s.arena.unwrap_or_else(|| panic!("{what}: no arena"));
+            assert_eq!(arena.bytes, planned, "{what}: the arena is the plan's");
+            assert!(arena.placed > 0, "{what}: nothing placed");
+            assert_eq!(arena.missed, 0, "{what}: step {} missed places", s.step);
+        }
+        eprintln!("{what}: {:?}", with[2].arena);
+    }
+}
+
 /// Every rank's trainer on `backend`, the ranks threads of this process.
 fn trainers<'p, B: Backend>(
     backend: B,

@@ -9,9 +9,10 @@
 use super::comm::{CudaComm, CudaGroup, NcclGroup};
 use super::device::{Gpu, RankDevice};
 use super::kernels;
-use super::tensor::{CudaTensor, Storage};
+use super::tensor::{self, CudaTensor, Storage};
 use super::watchdog::{Hang, Watchdog};
 use super::CudaError;
+use ferrotron_exec::arena::Arena;
 use ferrotron_exec::backend::{AdamW, Backend};
 use ferrotron_exec::fuse::Fused;
 use ferrotron_exec::kernel::{
@@ -140,6 +141,21 @@ impl Backend for Cuda {
             device,
             dtype: self.dtype,
         }
+    }
+
+    fn uses_arena(&self) -> bool {
+        true
+    }
+
+    fn shares_on_clone(&self) -> bool {
+        true
+    }
+
+    fn new_arena(&self, bytes: u64) -> Result<Arc<Arena>, KernelError> {
+        tensor::new_arena(&self.device().stream, bytes).map_err(|e| KernelError::Device {
+            op: "arena",
+            msg: format!("allocating {bytes} bytes: {e}"),
+        })
     }
 
     fn synchronize(&self) -> Result<(), KernelError> {

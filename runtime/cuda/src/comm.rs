@@ -459,11 +459,15 @@ impl NcclGroup {
         match &mut t.data {
             DeviceData::F32(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.call(OP, |c| c.all_reduce_in_place(b, &nccl_op).map(|_| ()))
+                self.call(OP, |c| {
+                    c.all_reduce_in_place(&mut **b, &nccl_op).map(|_| ())
+                })
             }
             DeviceData::Bf16(b) => {
                 let b = Arc::get_mut(b).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                self.call(OP, |c| c.all_reduce_in_place(b, &nccl_op).map(|_| ()))
+                self.call(OP, |c| {
+                    c.all_reduce_in_place(&mut **b, &nccl_op).map(|_| ())
+                })
             }
         }
     }
@@ -487,12 +491,12 @@ impl NcclGroup {
                 (DeviceData::F32(x), DeviceData::F32(out)) => {
                     let out =
                         Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                    self.call(OP, |c| c.all_gather(x.as_ref(), out).map(|_| ()))?;
+                    self.call(OP, |c| c.all_gather(&***x, &mut **out).map(|_| ()))?;
                 }
                 (DeviceData::Bf16(x), DeviceData::Bf16(out)) => {
                     let out =
                         Arc::get_mut(out).ok_or_else(|| device_failure(OP, "buffer shared"))?;
-                    self.call(OP, |c| c.all_gather(x.as_ref(), out).map(|_| ()))?;
+                    self.call(OP, |c| c.all_gather(&***x, &mut **out).map(|_| ()))?;
                 }
                 _ => return Err(device_failure(OP, "dtypes differ")),
             }
@@ -522,13 +526,13 @@ impl NcclGroup {
             (DeviceData::F32(x), DeviceData::F32(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
                 self.call(OP, |c| {
-                    c.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                    c.reduce_scatter(&***x, &mut **o, &NcclOp::Sum).map(|_| ())
                 })?;
             }
             (DeviceData::Bf16(x), DeviceData::Bf16(o)) => {
                 let o = Arc::get_mut(o).ok_or_else(|| device_failure(OP, "buffer shared"))?;
                 self.call(OP, |c| {
-                    c.reduce_scatter(x.as_ref(), o, &NcclOp::Sum).map(|_| ())
+                    c.reduce_scatter(&***x, &mut **o, &NcclOp::Sum).map(|_| ())
                 })?;
             }
             _ => return Err(device_failure(OP, "dtypes differ")),

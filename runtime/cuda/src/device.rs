@@ -8,6 +8,7 @@
 
 use super::kernels::Kernels;
 use super::libs::{self, Lib};
+use super::tensor::DeviceBuffer;
 use super::CudaError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys;
@@ -161,7 +162,7 @@ pub struct DeferredCheck {
     /// The first bad element's index, written by the check's kernel.
     pub first: CudaSlice<u64>,
     /// The values checked (kept alive until the result is read, to report the bad value).
-    pub values: Arc<CudaSlice<f32>>,
+    pub values: Arc<DeviceBuffer<f32>>,
 }
 
 impl RankDevice {

@@ -1,13 +1,17 @@
-//! A rank's arena on the host: one allocation, made once and kept across steps, in which the
-//! memory plan ([`crate::memory`]) gives every intermediate value its offset. A value placed
-//! there is a [`Buffer`] that views its bytes; the next step places the same values at the same
-//! offsets, so a steady-state step allocates nothing and touches no new page.
+//! A rank's arena: one allocation, made once and kept across steps, in which the memory plan
+//! ([`crate::memory`]) gives every intermediate value its offset. The next step places the same
+//! values at the same offsets, so a steady-state step allocates nothing and touches no new page.
+//! On the host the arena owns its memory and a value placed there is a [`Buffer`] that views
+//! its bytes; a device backend allocates the memory itself ([`Arena::on_device`]) and makes its
+//! tensors over the [`Lease`]s it is given ([`lease`]).
 //!
 //! ```text
 //! MemoryPlan { slots: offset per value } ─► rank program: per step, the outputs' places
 //!   ─► placing(arena, places, || backend.eval(..)) ─► a kernel's output buffer
-//!      (Buffer::zeros / Buffer::to_overwrite) takes the next place of its size
-//!   ─► a Buffer viewing the arena (its range released when dropped)
+//!      (host: Buffer::zeros / Buffer::to_overwrite; device: lease) takes the next place of
+//!      its size
+//!   ─► a Buffer viewing the arena, or a device tensor over a Lease (its range released when
+//!      dropped)
 //! ```
 //!
 //! The plan says which values never live at the same time; the arena does not trust it blindly:
@@ -29,12 +33,24 @@ const ALIGN: usize = 64;
 
 /// One allocation of `f32`s that planned values are placed in.
 pub struct Arena {
-    ptr: NonNull<f32>,
+    memory: Memory,
     len: usize,
     /// The live views: first element → one past the last.
     live: Mutex<BTreeMap<usize, usize>>,
     placed: AtomicU64,
     missed: AtomicU64,
+}
+
+/// Where an arena's elements are.
+enum Memory {
+    /// Host memory the arena allocated.
+    Host(NonNull<f32>),
+    /// A device's memory, kept by `owner` (the device backend's allocation, freed when the
+    /// arena goes): the device address of its first byte.
+    Device {
+        address: u64,
+        _owner: Box<dyn Send + Sync>,
+    },
 }
 
 // SAFETY: the arena owns its allocation; views of it are handed out only for ranges no live view
@@ -70,13 +86,36 @@ impl Arena {
             advise_huge_pages(raw, len * 4);
             ptr
         };
-        Some(Arc::new(Arena {
-            ptr,
+        Some(Arena::over(Memory::Host(ptr), len))
+    }
+
+    /// An arena of `elements` `f32`s in a device's memory, which starts at device address
+    /// `address` and which `owner` keeps allocated as long as the arena lives. The device
+    /// backend makes its tensors over the places it leases ([`lease`]); host buffers are never
+    /// placed in it.
+    pub fn on_device(elements: usize, address: u64, owner: Box<dyn Send + Sync>) -> Arc<Arena> {
+        Arena::over(
+            Memory::Device {
+                address,
+                _owner: owner,
+            },
+            elements,
+        )
+    }
+
+    fn over(memory: Memory, len: usize) -> Arc<Arena> {
+        Arc::new(Arena {
+            memory,
             len,
             live: Mutex::new(BTreeMap::new()),
             placed: AtomicU64::new(0),
             missed: AtomicU64::new(0),
-        }))
+        })
+    }
+
+    /// Whether its memory is a device's ([`Arena::on_device`]).
+    pub fn is_on_device(&self) -> bool {
+        matches!(self.memory, Memory::Device { .. })
     }
 
     /// Its size in bytes.
@@ -93,9 +132,9 @@ impl Arena {
         }
     }
 
-    /// A view of elements `start..start + len`, when they lie in the arena and no live view
+    /// A lease of elements `start..start + len`, when they lie in the arena and no live lease
     /// overlaps them. Its elements hold whatever the range last held.
-    fn view(self: &Arc<Self>, start: usize, len: usize) -> Option<Buffer> {
+    fn view(self: &Arc<Self>, start: usize, len: usize) -> Option<Lease> {
         let end = start
             .checked_add(len)
             .filter(|&e| e <= self.len && len > 0)?;
@@ -108,12 +147,10 @@ impl Arena {
             return None;
         }
         live.insert(start, end);
-        Some(Buffer {
-            storage: Storage::Placed(Placed {
-                arena: self.clone(),
-                start,
-                len,
-            }),
+        Some(Lease {
+            arena: self.clone(),
+            start,
+            len,
         })
     }
 
@@ -125,11 +162,11 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        if self.len > 0 {
+        if let (Memory::Host(ptr), true) = (&self.memory, self.len > 0) {
             let layout = Layout::from_size_align(self.len * 4, ALIGN).expect("made with it");
             // SAFETY: allocated in `Arena::new` with this layout; no view outlives the arena
             // (each holds an `Arc` of it).
-            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) };
+            unsafe { std::alloc::dealloc(ptr.as_ptr().cast(), layout) };
         }
     }
 }
@@ -174,9 +211,9 @@ pub fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
 /// A planned place: the first element and the element count of a value in the arena.
 pub type Place = (usize, usize);
 
-/// A memory plan as places in a host arena of `f32`s
-/// ([`crate::memory::MemoryPlan::placements`]; every dtype stored as `f32`, as the CPU backend
-/// stores it): where each step's new outputs go. A value made in place needs none.
+/// A memory plan as places in an arena of `f32`s
+/// ([`crate::memory::MemoryPlan::placements`]; 4 bytes per element, as the CPU backend stores
+/// every dtype): where each step's new outputs go. A value made in place needs none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Placements {
     /// The arena's size in elements.
@@ -228,14 +265,30 @@ pub fn placing<R>(arena: &Arc<Arena>, places: &[Place], f: impl FnOnce() -> R) -
 }
 
 /// A buffer of `len` elements at the next place of that size offered on this thread
-/// ([`placing`]), if one is offered and free. Its elements hold what the place last held.
+/// ([`placing`]) in a host arena, if one is offered and free. Its elements hold what the place
+/// last held.
 pub fn placed(len: usize) -> Option<Buffer> {
+    take(len, false).map(|lease| Buffer {
+        storage: Storage::Placed(lease),
+    })
+}
+
+/// The next place of `len` elements offered on this thread ([`placing`]) in a device's arena
+/// ([`Arena::on_device`]), if one is offered and free: the device backend makes its output
+/// over it. Its elements hold what the place last held.
+pub fn lease(len: usize) -> Option<Lease> {
+    take(len, true)
+}
+
+/// The next offered place of `len` elements, in an arena on the device or on the host as
+/// `on_device` says (a request of the other kind is served elsewhere, taking no place).
+fn take(len: usize, on_device: bool) -> Option<Lease> {
     if len == 0 {
         return None;
     }
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        let pending = p.as_mut()?;
+        let pending = p.as_mut().filter(|p| p.arena.is_on_device() == on_device)?;
         let k = pending.places.iter().position(|&(_, n)| n == len)?;
         let (start, _) = pending.places.remove(k);
         match pending.arena.view(start, len) {
@@ -251,6 +304,54 @@ pub fn placed(len: usize) -> Option<Buffer> {
     })
 }
 
+/// A range of an arena, held by one value and released when dropped.
+pub struct Lease {
+    arena: Arc<Arena>,
+    start: usize,
+    len: usize,
+}
+
+impl Lease {
+    /// Its element count.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no element (never: empty values are not placed).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device address of its first element, in a device's arena.
+    pub fn device_address(&self) -> Option<u64> {
+        match self.arena.memory {
+            Memory::Device { address, .. } => Some(address + self.start as u64 * 4),
+            Memory::Host(_) => None,
+        }
+    }
+
+    /// Its first element, in a host arena.
+    fn host_ptr(&self) -> *mut f32 {
+        match self.arena.memory {
+            // SAFETY: `start + len` lies inside the allocation (`Arena::view`).
+            Memory::Host(ptr) => unsafe { ptr.as_ptr().add(self.start) },
+            Memory::Device { .. } => unreachable!("host buffers are placed in host arenas only"),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.arena.release(self.start);
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({}..{})", self.start, self.start + self.len)
+    }
+}
+
 /// A tensor's elements: its own heap allocation, or a view of a rank's [`Arena`].
 pub struct Buffer {
     storage: Storage,
@@ -258,20 +359,8 @@ pub struct Buffer {
 
 enum Storage {
     Heap(Vec<f32>),
-    Placed(Placed),
-}
-
-/// A range of an arena, released when dropped.
-struct Placed {
-    arena: Arc<Arena>,
-    start: usize,
-    len: usize,
-}
-
-impl Drop for Placed {
-    fn drop(&mut self) {
-        self.arena.release(self.start);
-    }
+    /// A lease of a host arena.
+    Placed(Lease),
 }
 
 impl Buffer {
@@ -398,9 +487,7 @@ impl std::ops::Deref for Buffer {
             Storage::Heap(v) => v,
             // SAFETY: the range lies in the arena, which the view keeps alive, and no other live
             // view overlaps it (`Arena::view`).
-            Storage::Placed(p) => unsafe {
-                std::slice::from_raw_parts(p.arena.ptr.as_ptr().add(p.start), p.len)
-            },
+            Storage::Placed(p) => unsafe { std::slice::from_raw_parts(p.host_ptr(), p.len) },
         }
     }
 }
@@ -410,9 +497,7 @@ impl std::ops::DerefMut for Buffer {
         match &mut self.storage {
             Storage::Heap(v) => v,
             // SAFETY: as for `deref`; `&mut self` makes this the only access to the range.
-            Storage::Placed(p) => unsafe {
-                std::slice::from_raw_parts_mut(p.arena.ptr.as_ptr().add(p.start), p.len)
-            },
+            Storage::Placed(p) => unsafe { std::slice::from_raw_parts_mut(p.host_ptr(), p.len) },
         }
     }
 }
@@ -467,6 +552,35 @@ mod tests {
         placing(&arena, &[(40, 4)], || ());
         assert_eq!(arena.stats().missed, 2);
         assert!(!Buffer::zeros(4).is_placed());
+    }
+
+    #[test]
+    fn a_device_arena_leases_addresses_and_places_no_host_buffer() {
+        struct Owner(Arc<AtomicU64>);
+        impl Drop for Owner {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let freed = Arc::new(AtomicU64::new(0));
+        let arena = Arena::on_device(64, 0x1000, Box::new(Owner(freed.clone())));
+        assert!(arena.is_on_device());
+        let (host, a, b) = placing(&arena, &[(0, 16), (16, 8)], || {
+            // A host buffer is never placed in device memory, and takes no place.
+            (Buffer::zeros(16), lease(16), lease(8))
+        });
+        assert!(!host.is_placed());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!((a.device_address(), a.len()), (Some(0x1000), 16));
+        assert_eq!(b.device_address(), Some(0x1000 + 16 * 4));
+        assert_eq!((arena.stats().placed, arena.stats().missed), (2, 0));
+        // A live lease's range is refused; a host arena leases nothing.
+        assert!(placing(&arena, &[(4, 8)], || lease(8)).is_none());
+        let host_arena = Arena::new(64).unwrap();
+        assert!(placing(&host_arena, &[(0, 4)], || lease(4)).is_none());
+        drop((a, b));
+        drop(arena);
+        assert_eq!(freed.load(Ordering::Relaxed), 1, "the memory goes with the arena");
     }
 
     #[test]

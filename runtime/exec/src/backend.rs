@@ -6,11 +6,13 @@
 //! The executor core implements no backend: `ferrotron-cpu` (host `f32` tensors, the
 //! reference) and `ferrotron-cuda` (NVRTC kernels, cuBLAS, NCCL) do, each in its own crate.
 
+use crate::arena::Arena;
 use crate::comm::Comm;
 use crate::fuse::Fused;
 use crate::kernel::{AttentionSaved, AttentionSpec, CeStats, KernelError, Placement, VocabShard};
 use crate::Tensor;
 use ferrotron_ir::{DType, Dim, Op};
+use std::sync::Arc;
 
 /// A device the rank program computes on.
 pub trait Backend: Clone + Send + Sync {
@@ -39,10 +41,25 @@ pub trait Backend: Clone + Send + Sync {
     fn synchronize(&self) -> Result<(), KernelError> {
         Ok(())
     }
-    /// Whether its kernels make their outputs through [`crate::arena::placed`]: the rank
-    /// program then places the step's values in one host arena per rank at the memory plan's
-    /// offsets ([`crate::arena::Placements`]). A device with memory of its own says no.
+    /// Whether its kernels make their outputs at the places offered to them
+    /// ([`crate::arena::placed`] on the host, [`crate::arena::lease`] on a device): the rank
+    /// program then places the step's values in one arena per rank ([`Backend::new_arena`]) at
+    /// the memory plan's offsets ([`crate::arena::Placements`]).
     fn uses_arena(&self) -> bool {
+        false
+    }
+    /// A rank's arena of `bytes`, allocated once and kept across steps
+    /// ([`Backend::uses_arena`]): host memory by default, a device allocation on a device.
+    fn new_arena(&self, bytes: u64) -> Result<Arc<Arena>, KernelError> {
+        Arena::new(bytes).ok_or_else(|| KernelError::Device {
+            op: "arena",
+            msg: format!("could not allocate {bytes} bytes of host memory"),
+        })
+    }
+    /// Whether a clone of a tensor shares its buffer (costs no memory), so that a reshape or an
+    /// f of a value still read later is a view of it, not a copy: the rank program offers such
+    /// a step no place in its arena. The memory plan counts the view's bytes as a copy's.
+    fn shares_on_clone(&self) -> bool {
         false
     }
     /// A tensor's shape.

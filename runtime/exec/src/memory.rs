@@ -19,9 +19,11 @@
 //! each had its offset: values whose lifetimes overlap never share bytes, and a buffer taken
 //! over in place keeps its offset.
 //!
-//! On a backend that computes on the host ([`crate::Backend::uses_arena`]), the rank program
-//! places the values there ([`Placements`], [`crate::arena`]): one arena per rank, allocated
-//! once, so a steady-state step allocates nothing.
+//! On a backend that uses an arena ([`crate::Backend::uses_arena`]: the CPU's in host memory,
+//! CUDA's one device allocation per rank), the rank program places the values there
+//! ([`Placements`], [`crate::arena`]): allocated once, so a steady-state step allocates nothing.
+//! Places are planned in 4-byte elements: a backend storing a value in 2 bytes (CUDA's bf16)
+//! uses the first half of its place.
 //!
 //! Planned for one micro-batch without pipeline stages (a schedule of several micro-batches
 //! holds several at once, as its schedule says): [`plan`] gives `None` otherwise.
@@ -70,7 +72,7 @@ pub struct MemoryPlan {
     pub arena: u64,
 }
 
-/// Where a rank on a host backend places `exe`'s values in its arena, planned once per
+/// Where a rank places `exe`'s values in its arena, planned once per
 /// executable: `None` with [`crate::RunOptions::arena`] off, and where there is no memory plan
 /// (pipeline stages, several micro-batches).
 pub fn placements(exe: &Executable) -> Option<Arc<Placements>> {

@@ -46,7 +46,7 @@ pub struct RunOptions {
     /// which reads only the loss and the gradients, sets it off, so they are freed at their
     /// last reader like any value.
     pub keep_outputs: bool,
-    /// On a backend that computes on the host ([`crate::Backend::uses_arena`]), place the
+    /// On a backend that uses an arena ([`crate::Backend::uses_arena`]), place the
     /// step's values in one arena per rank at the memory plan's offsets
     /// ([`crate::arena::Placements`]), allocated once and reused every step; off, every
     /// output is a fresh allocation. Only steps of one micro-batch without pipeline stages
@@ -101,7 +101,7 @@ pub struct Executable<'p> {
     pub last_use: Vec<SecondaryMap<ValueId, usize>>,
     /// The fused-weight blocks of every value's tensor-parallel split (1: contiguous).
     pub blocks: SecondaryMap<ValueId, u32>,
-    /// The host arena's places, planned at the first run that asks
+    /// The arena's places, planned at the first run that asks
     /// ([`crate::memory::placements`]).
     pub(crate) placements: OnceLock<Option<Arc<Placements>>>,
 }

@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Tensors are freed after their last use, and the rank's live bytes are tracked, so the
-//! measured peak can be set beside the partitioner's estimate. On a host backend each step's
-//! new outputs are offered their places in the rank's arena ([`crate::arena`]), kept from one
+//! measured peak can be set beside the partitioner's estimate. On a backend that uses an arena
+//! (the CPU's in host memory, CUDA's in device memory) each step's new outputs are offered their places in the rank's arena ([`crate::arena`]), kept from one
 //! step to the next. If the rank fails (an error or a panic), it aborts every group it belongs
 //! to: its peers stop at their next collective with that error instead of waiting forever.
 
@@ -67,7 +67,7 @@ pub struct Rank<B: Backend> {
     pub groups: Groups<B::Comm>,
     /// Its link to the other pipeline stages (`None` without a pipeline).
     pub link: Option<Arc<dyn Link<B::Tensor>>>,
-    /// Its arena on a host backend, kept from one step to the next ([`crate::arena`]).
+    /// Its arena where the backend uses one, kept from one step to the next ([`crate::arena`]).
     pub(crate) arena: Mutex<Option<Arc<Arena>>>,
 }
 
@@ -90,8 +90,8 @@ pub struct RankResult<T = Tensor> {
     pub spans: Vec<Span>,
     /// With `trace`: each step run, in order.
     pub events: Vec<TraceEvent>,
-    /// On a host backend with a memory plan: the rank's arena, and how many values this run
-    /// placed in it and missed ([`crate::arena`]).
+    /// On a backend with an arena and a memory plan: the rank's arena, and how many values
+    /// this run placed in it and missed ([`crate::arena`]).
     pub arena: Option<ArenaStats>,
 }
 
@@ -246,8 +246,8 @@ impl<B: Backend> Rank<B> {
         })
     }
 
-    /// The rank's arena and where `exe` places its values there, on a host backend with a memory
-    /// plan (made at the first step, or grown for a larger plan).
+    /// The rank's arena and where `exe` places its values there, on a backend that uses one,
+    /// with a memory plan (made at the first step, or grown for a larger plan).
     fn arena_for(&self, exe: &Executable) -> Result<Option<RankArena>, ExecError> {
         if !self.backend.uses_arena() {
             return Ok(None);
@@ -261,11 +261,8 @@ impl<B: Backend> Rank<B> {
             Some(a) if a.bytes() >= bytes => a.clone(),
             _ => {
                 // The old arena goes once the values placed in it do.
-                let a = Arena::new(bytes).ok_or_else(|| {
-                    ExecError::Plan(format!(
-                        "rank ({}) could not allocate its arena of {bytes} bytes",
-                        self.coord
-                    ))
+                let a = self.backend.new_arena(bytes).map_err(|e| {
+                    ExecError::Plan(format!("rank ({}) has no arena: {e}", self.coord))
                 })?;
                 *held = Some(a.clone());
                 a
@@ -743,7 +740,11 @@ impl<B: Backend> Runner<'_, B> {
             }
             let began = start.elapsed();
             let late = exe.late_add(n);
-            // Where the step's new outputs go (a fused output layer places its own).
+            // Where the step's new outputs go (a fused output layer places its own; a reshape or
+            // an f of a value read later is a view of its buffer where clones share it).
+            let view = matches!(step.op, StepOp::Node)
+                && matches!(node.op, Op::Reshape { .. } | Op::F { .. })
+                && be.shares_on_clone();
             let places = match (&self.arena, &step.op) {
                 (
                     _,
@@ -753,6 +754,7 @@ impl<B: Backend> Runner<'_, B> {
                     },
                 )
                 | (None, _) => &[][..],
+                _ if view => &[][..],
                 (Some((_, p)), _) => &p.outputs[i][..],
             };
             let outs = self.placing(places, || -> Result<Vec<B::Tensor>, ExecError> {

@@ -98,8 +98,8 @@ pub struct StepStats {
     /// and its values (the optimizer's moments and, under mixed precision, the `f32` masters
     /// apart). [`Trainer::memory_plan`] plans the same figure.
     pub peak_bytes: usize,
-    /// On a host backend with a memory plan: the rank's arena, and how many of the step's values
-    /// were placed in it and missed ([`crate::arena`]).
+    /// On a backend with an arena and a memory plan: the rank's arena, and how many of the
+    /// step's values were placed in it and missed ([`crate::arena`]).
     pub arena: Option<crate::arena::ArenaStats>,
 }
 

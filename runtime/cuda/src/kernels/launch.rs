@@ -4,7 +4,7 @@
 use super::spec::{KernelSpec, Param};
 use super::structs::{AdamWParams, DropShape, Gather, Inputs, Strided2, SumToShape, Tile};
 use crate::device::RankDevice;
-use crate::tensor::{CudaTensor, DeviceData, Storage};
+use crate::tensor::{CudaTensor, DeviceBuffer, DeviceData, Storage};
 use cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
 };
@@ -26,11 +26,12 @@ pub(crate) fn on(op: &'static str) -> impl Fn(DriverError) -> KernelError {
     move |e| device(op, e)
 }
 
-/// A fresh, uninitialized device buffer of one storage type: a kernel's output before it
-/// becomes a [`CudaTensor`].
+/// A kernel's output buffer of one storage type before it becomes a [`CudaTensor`]: at its
+/// planned place in the rank's arena where one is offered ([`DeviceBuffer::uninit`]), else from
+/// the memory pool.
 pub(crate) enum Buf {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<bf16>),
+    F32(DeviceBuffer<f32>),
+    Bf16(DeviceBuffer<bf16>),
 }
 
 /// Elements a buffer of `n` elements allocates: CUDA cannot allocate 0 bytes, so an empty
@@ -54,8 +55,8 @@ impl Buf {
         // tensor is never read).
         unsafe {
             Ok(match dtype {
-                Storage::F32 => Buf::F32(dev.stream.alloc::<f32>(len).map_err(on(op))?),
-                Storage::Bf16 => Buf::Bf16(dev.stream.alloc::<bf16>(len).map_err(on(op))?),
+                Storage::F32 => Buf::F32(DeviceBuffer::uninit(&dev.stream, len).map_err(on(op))?),
+                Storage::Bf16 => Buf::Bf16(DeviceBuffer::uninit(&dev.stream, len).map_err(on(op))?),
             })
         }
     }
@@ -69,8 +70,8 @@ impl Buf {
     ) -> Result<Buf> {
         let len = alloc_len(n);
         Ok(match dtype {
-            Storage::F32 => Buf::F32(dev.stream.alloc_zeros::<f32>(len).map_err(on(op))?),
-            Storage::Bf16 => Buf::Bf16(dev.stream.alloc_zeros::<bf16>(len).map_err(on(op))?),
+            Storage::F32 => Buf::F32(DeviceBuffer::zeros(&dev.stream, len).map_err(on(op))?),
+            Storage::Bf16 => Buf::Bf16(DeviceBuffer::zeros(&dev.stream, len).map_err(on(op))?),
         })
     }
 
@@ -290,8 +291,8 @@ impl<'a> Launch<'a> {
     pub(crate) fn input(&mut self, d: &'a DeviceData) -> &mut Self {
         self.check(Param::Ptr);
         match d {
-            DeviceData::F32(s) => self.args.arg(s.as_ref()),
-            DeviceData::Bf16(s) => self.args.arg(s.as_ref()),
+            DeviceData::F32(s) => self.args.arg(&***s),
+            DeviceData::Bf16(s) => self.args.arg(&***s),
         };
         self
     }
@@ -322,8 +323,8 @@ impl<'a> Launch<'a> {
     pub(crate) fn output(&mut self, b: &'a mut Buf) -> &mut Self {
         self.check(Param::Ptr);
         match b {
-            Buf::F32(s) => self.args.arg(s),
-            Buf::Bf16(s) => self.args.arg(s),
+            Buf::F32(s) => self.args.arg(&mut **s),
+            Buf::Bf16(s) => self.args.arg(&mut **s),
         };
         self
     }

@@ -71,7 +71,7 @@ pub use spec::{KernelSpec, Param, KERNELS};
 
 use super::device::RankDevice;
 use super::nvrtc::{self, Compiled};
-use super::tensor::{CudaTensor, DeviceData, Storage};
+use super::tensor::{CudaTensor, DeviceBuffer, DeviceData, Storage};
 use super::CudaError;
 pub use attention::{attention, attention_grad};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice};
@@ -268,7 +268,7 @@ fn index_buffer<'t>(
     op: &'static str,
     what: &str,
     t: &'t CudaTensor,
-) -> Result<&'t Arc<CudaSlice<f32>>> {
+) -> Result<&'t Arc<DeviceBuffer<f32>>> {
     match &t.data {
         DeviceData::F32(s) => Ok(s),
         DeviceData::Bf16(_) => Err(invalid(
@@ -358,7 +358,7 @@ fn defer_index_check(
     dev: &RankDevice,
     op: &'static str,
     what: &'static str,
-    values: &Arc<CudaSlice<f32>>,
+    values: &Arc<DeviceBuffer<f32>>,
     (n, bound, seq): (usize, usize, usize),
     skip_first: bool,
 ) -> Result<()> {
@@ -481,7 +481,7 @@ pub fn upload(dev: &RankDevice, t: &Tensor, dtype: Storage) -> Result<CudaTensor
             if let Buf::F32(s) = &mut b {
                 if !t.data.is_empty() {
                     dev.stream
-                        .memcpy_htod(t.data.as_slice(), s)
+                        .memcpy_htod(t.data.as_slice(), &mut **s)
                         .map_err(on(OP))?;
                 }
             }
@@ -492,7 +492,7 @@ pub fn upload(dev: &RankDevice, t: &Tensor, dtype: Storage) -> Result<CudaTensor
             let mut b = Buf::uninit(dev, OP, Storage::Bf16, t.data.len())?;
             if let Buf::Bf16(s) = &mut b {
                 if !host.is_empty() {
-                    dev.stream.memcpy_htod(&host, s).map_err(on(OP))?;
+                    dev.stream.memcpy_htod(&host, &mut **s).map_err(on(OP))?;
                 }
             }
             b

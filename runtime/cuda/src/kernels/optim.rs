@@ -24,9 +24,9 @@ fn f32_mut<'t>(
 ) -> Result<&'t mut CudaSlice<f32>> {
     t.make_unique(&dev.stream).map_err(on(op))?;
     match &mut t.data {
-        DeviceData::F32(s) => {
-            Arc::get_mut(s).ok_or_else(|| device(op, format!("the {what} buffer is shared")))
-        }
+        DeviceData::F32(s) => Arc::get_mut(s)
+            .map(|s| &mut **s)
+            .ok_or_else(|| device(op, format!("the {what} buffer is shared"))),
         DeviceData::Bf16(_) => Err(invalid(
             op,
             format!("the {what} must be f32 (master weights)"),
