@@ -24,7 +24,7 @@ fn model(file: &str, dims: &[(&str, u64)]) -> Graph {
 }
 
 /// No two slots alive at one step share a byte, unless one continues the other's buffer in
-/// place; every slot lies inside the arena, which holds at least the most bytes live at once.
+/// place; every slot lies inside the arena at an aligned offset, and the arena holds at least the most bytes live at once.
 fn check_offsets(what: &str, m: &MemoryPlan) {
     // The slots of one buffer: a slot made in place joins its input's.
     let mut buffer: Vec<usize> = (0..m.slots.len()).collect();
@@ -39,6 +39,7 @@ fn check_offsets(what: &str, m: &MemoryPlan) {
             sa.offset + sa.bytes <= m.arena,
             "{what}: slot outside the arena"
         );
+        assert_eq!(sa.offset % memory::ALIGN, 0, "{what}: slot {a} misaligned");
         for (b, sb) in m.slots.iter().enumerate().skip(a + 1) {
             let at_once = sa.from <= sb.to && sb.from <= sa.to;
             let share = sa.offset < sb.offset + sb.bytes && sb.offset < sa.offset + sa.bytes;
