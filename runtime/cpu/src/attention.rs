@@ -33,7 +33,7 @@
 //! write the same rows, so the order in which they take a lock changes nothing.
 
 use super::kernels::dropout_row_starts;
-use super::layout::{buffer, numel, Result};
+use super::layout::{buffer, numel, output, Result};
 use super::math::{self, exp};
 use super::par::par_ranges;
 use ferrotron_exec::kernel::{
@@ -75,8 +75,9 @@ pub fn forward(
         ..
     } = dims;
     let (out_shape, lse_shape) = result_shapes(&dims, spec, &q.shape);
-    let mut out = buffer(numel(OP, &out_shape)?);
-    let mut lse = buffer(numel(OP, &lse_shape)?);
+    // Every row of every item is written (`Tile::write`): no zeros needed.
+    let mut out = output(numel(OP, &out_shape)?);
+    let mut lse = output(numel(OP, &lse_shape)?);
     if out.is_empty() && lse.is_empty() {
         // Nothing to compute (and `batch` may be any size: no items are made for it).
         return Ok((

@@ -155,12 +155,14 @@ impl<T> std::fmt::Debug for DeviceBuffer<T> {
     }
 }
 
-/// A rank's arena ([`ferrotron_exec::arena`]) of `bytes` in device memory: one zeroed
-/// allocation on `stream` (the rank's), which the arena keeps until the last value placed in it
-/// is dropped.
+/// A rank's arena ([`ferrotron_exec::arena`]) of `bytes` in device memory: one allocation on
+/// `stream` (the rank's), which the arena keeps until the last value placed in it is dropped.
+/// Left unset, as any output buffer (the CPU stand-in fills it with NaNs, so a kernel that read
+/// a place before writing it would show).
 pub fn new_arena(stream: &Arc<CudaStream>, bytes: u64) -> Result<Arc<Arena>, DriverError> {
     let elements = usize::try_from(bytes.div_ceil(4)).unwrap_or(usize::MAX);
-    let memory = stream.alloc_zeros::<f32>(elements.max(1))?;
+    // SAFETY: every value placed in it is written before it is read (`DeviceBuffer::uninit`).
+    let memory = unsafe { stream.alloc::<f32>(elements.max(1)) }?;
     let (address, read) = memory.device_ptr(stream);
     drop(read);
     Ok(Arena::on_device(elements, address, Box::new(memory)))

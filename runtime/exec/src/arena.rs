@@ -580,7 +580,11 @@ mod tests {
         assert!(placing(&host_arena, &[(0, 4)], || lease(4)).is_none());
         drop((a, b));
         drop(arena);
-        assert_eq!(freed.load(Ordering::Relaxed), 1, "the memory goes with the arena");
+        assert_eq!(
+            freed.load(Ordering::Relaxed),
+            1,
+            "the memory goes with the arena"
+        );
     }
 
     #[test]
