@@ -384,7 +384,9 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
     let live_peak = ferrotron_partitioner::liveness::peak_bytes(plan);
     // The rank program's own: its steps (fused) walked as it holds tensors, with an arena.
     let exe = Executable::new(plan, opts)?;
-    let memory = memory::plan(&exe, &|d| run.backend().element_bytes(d));
+    let memory: Vec<memory::MemoryPlan> = (0..plan.mesh.pp.max(1) as usize)
+        .map(|stage| memory::plan(&exe, stage, &|d| run.backend().element_bytes(d)))
+        .collect();
     if args.json {
         let mut j = serde_json::json!({
             "model": graph.name,
@@ -403,16 +405,19 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
             "peak_bytes_per_rank": run.peak_bytes(),
             "estimated_bytes_per_rank": estimate,
             "liveness_peak_bytes_per_rank": live_peak,
-            "planned_peak_bytes_per_rank": memory.as_ref().map(|m| m.peak),
-            "arena_bytes_per_rank": memory.as_ref().map(|m| m.arena),
-            "weight_bytes_per_rank": memory.as_ref().map(|m| m.weights),
-            "live_peak_bytes_per_rank": memory.as_ref().map(|m| m.live_peak),
+            "planned_peak_bytes_per_rank": memory[0].peak,
+            "arena_bytes_per_rank": memory[0].arena,
+            "weight_bytes_per_rank": memory[0].weights,
+            "live_peak_bytes_per_rank": memory[0].live_peak,
             "arena_missed_last_step": run.ranks.iter().map(|r| r.arena.map(|a| a.missed)).max().flatten(),
             "report": report,
         });
         if let Some(p) = &report.pipeline {
             j["bubble_fraction"] = p.bubble_fraction.into();
             j["peak_bytes_per_stage"] = stage_peaks(run).into();
+            j["planned_peak_bytes_per_stage"] =
+                memory.iter().map(|m| m.peak).collect::<Vec<_>>().into();
+            j["arena_bytes_per_stage"] = memory.iter().map(|m| m.arena).collect::<Vec<_>>().into();
             j["idle_fraction_per_stage"] = stage_idle(run).into();
             j["estimated_bytes_per_stage"] = p
                 .per_stage
@@ -452,28 +457,33 @@ fn report_job<B: Backend>(args: &RunArgs, step: &Step, run: &Run<B>, timing: Tim
                     mib(live_peak.unwrap_or(estimate)),
                     mib(estimate)
                 );
-                if let Some(m) = &memory {
-                    println!(
-                        "memory plan of the rank program: {:.2} MiB peak ({:.2} MiB weights), \
-                         its values in an arena of {:.2} MiB ({:.2} MiB live at most)",
-                        mib(m.peak),
-                        mib(m.weights),
-                        mib(m.arena),
-                        mib(m.live_peak)
-                    );
-                }
+                let m = &memory[0];
+                println!(
+                    "memory plan of the rank program: {:.2} MiB peak ({:.2} MiB weights), \
+                     its values in an arena of {:.2} MiB ({:.2} MiB live at most)",
+                    mib(m.peak),
+                    mib(m.weights),
+                    mib(m.arena),
+                    mib(m.live_peak)
+                );
             }
             Some(p) => {
                 println!(
-                    "peak tensor memory per rank of each stage, measured / estimated (weights + \
-                     gradients + saved activations of the micro-batches in flight):"
+                    "peak tensor memory per rank of each stage, measured / planned by the rank \
+                     program's memory plan / estimated (weights + gradients + saved activations \
+                     of the micro-batches in flight):"
                 );
-                for (s, (peak, st)) in stage_peaks(run).iter().zip(&p.per_stage).enumerate() {
+                let stages = stage_peaks(run);
+                for (s, ((peak, st), m)) in stages.iter().zip(&p.per_stage).zip(&memory).enumerate()
+                {
                     println!(
-                        "  stage {s}: {:.2} MiB / {:.2} MiB ({} in flight)",
+                        "  stage {s}: {:.2} MiB / {:.2} MiB / {:.2} MiB ({} in flight; arena \
+                         {:.2} MiB)",
                         mib(*peak as u64),
+                        mib(m.peak),
                         mib(st.per_rank.memory_bytes - st.per_rank.optimizer_bytes),
-                        st.in_flight
+                        st.in_flight,
+                        mib(m.arena)
                     );
                 }
                 let idle: Vec<String> = stage_idle(run)

@@ -397,8 +397,8 @@ fn train_loop<B: Backend>(
             // Rank 0's memory: measured, planned, and the optimizer's apart.
             let plan = trainer.memory_plan();
             j["peak_bytes_per_rank"] = peak.into();
-            j["planned_peak_bytes_per_rank"] = plan.as_ref().map(|m| m.peak).into();
-            j["arena_bytes_per_rank"] = plan.as_ref().map(|m| m.arena).into();
+            j["planned_peak_bytes_per_rank"] = plan.peak.into();
+            j["arena_bytes_per_rank"] = plan.arena.into();
             // The last step's use of the arena (none off the host or without a plan).
             j["arena_placed_last_step"] = arena.map(|a| a.placed).into();
             j["arena_missed_last_step"] = arena.map(|a| a.missed).into();

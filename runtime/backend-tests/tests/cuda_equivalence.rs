@@ -329,12 +329,15 @@ fn the_gpu_layer_benchmark_runs_at_a_small_shape() {
 /// plan's offsets): training with it is training without it, to the bit (the same losses,
 /// gradient norms, peaks and weights), and every step after the first places every planned
 /// value, in an arena of the plan's size. At tp 1 and 2, in `f32` and bf16, with the
-/// distributed optimizer (its collectives through NCCL's own stream).
+/// distributed optimizer (its collectives through NCCL's own stream), and over two pipeline
+/// stages of two micro-batches (virtual ranks passing their values on the device).
 #[test]
 fn the_gpu_places_a_steps_values_in_one_arena_per_rank() {
     use ferrotron_exec::init::init_params;
     use ferrotron_exec::{memory, Executable, TrainConfig};
     let g = model("tiny-gpt.ron", &[("batch", 4)]);
+    // A pipelined plan's graph is one micro-batch's.
+    let micro = model("tiny-gpt.ron", &[("batch", 2)]);
     let config = TrainConfig {
         steps: 3,
         warmup: 0,
@@ -342,23 +345,26 @@ fn the_gpu_places_a_steps_values_in_one_arena_per_rank() {
     };
     let params = init_params(&g, 3);
     let batch = random_batch(&g, 11);
-    for (tp, dp, zero, dtype) in [
-        (1, 1, 0, Storage::F32),
-        (2, 1, 0, Storage::F32),
-        (2, 1, 0, Storage::Bf16),
-        (2, 2, 1, Storage::F32),
+    for (tp, dp, pp, zero, dtype) in [
+        (1, 1, 1, 0, Storage::F32),
+        (2, 1, 1, 0, Storage::F32),
+        (2, 1, 1, 0, Storage::Bf16),
+        (2, 2, 1, 1, Storage::F32),
+        (1, 1, 2, 0, Storage::F32),
     ] {
-        let what = format!("tp {tp} dp {dp} zero {zero} {dtype:?}");
+        let what = format!("tp {tp} dp {dp} pp {pp} zero {zero} {dtype:?}");
         let o = PartitionOptions {
             tp,
             dp,
+            pp,
+            micro_batches: pp,
             zero,
             ..PartitionOptions::default()
         };
-        let plan = partition(&g, &o).unwrap();
+        let plan = partition(if pp > 1 { &micro } else { &g }, &o).unwrap();
         let mut runs = Vec::new();
         for arena in [true, false] {
-            let Some(cuda) = gpu((tp * dp) as usize, dtype) else {
+            let Some(cuda) = gpu((tp * dp * pp) as usize, dtype) else {
                 return;
             };
             let opts = RunOptions {
@@ -406,7 +412,7 @@ fn the_gpu_places_a_steps_values_in_one_arena_per_rank() {
             },
         )
         .unwrap();
-        let planned = memory::plan(&exe, &|_| 4).unwrap().arena;
+        let planned = memory::plan(&exe, 0, &|_| 4).arena;
         for s in &with[1..] {
             let arena = s.arena.unwrap_or_else(|| panic!("{what}: no arena"));
             assert_eq!(arena.bytes, planned, "{what}: the arena is the plan's");

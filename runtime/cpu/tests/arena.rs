@@ -90,7 +90,7 @@ fn same_with_and_without(what: &str, g: &Graph, plan: &Plan, opts: &RunOptions) 
         },
     )
     .unwrap();
-    let planned = memory::plan(&exe, &|_| 4).unwrap();
+    let planned = memory::plan(&exe, 0, &|_| 4);
     for s in &a[1..] {
         let arena = s.arena.unwrap_or_else(|| panic!("{what}: no arena"));
         assert_eq!(
@@ -211,20 +211,33 @@ fn values_the_caller_still_holds_are_never_overwritten() {
 }
 
 #[test]
-fn pipelines_run_without_an_arena() {
-    let g = model("tiny-gpt.ron", &[]);
-    let micro = PartitionOptions {
-        pp: 2,
-        ..options(2, 1)
-    };
-    let plan = partition(&g, &micro).unwrap();
-    let ran = run(
-        Cpu::default(),
-        &plan,
-        &test_params(&g, 1),
-        &random_batch(&g, 1),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    assert!(ran.ranks.iter().all(|r| r.arena.is_none()));
+fn pipeline_stages_place_every_micro_batch_in_their_arena() {
+    // Micro-batches of 2 of a batch of 2 × M: the plan's graph is a micro-batch's.
+    let gpt =
+        |batch: u64, layers: u64| model("tiny-gpt.ron", &[("batch", batch), ("layers", layers)]);
+    for (tp, dp, micro_batches, virtual_stages) in
+        [(1, 1, 4, 1), (2, 1, 2, 1), (1, 2, 2, 1), (1, 1, 4, 2)]
+    {
+        let layers = 2 * virtual_stages;
+        let o = PartitionOptions {
+            pp: 2,
+            micro_batches,
+            virtual_stages,
+            schedule: match virtual_stages {
+                1 => "1f1b",
+                _ => "interleaved",
+            }
+            .parse()
+            .unwrap(),
+            ..options(tp, dp)
+        };
+        let plan = partition(&gpt(2, layers), &o).unwrap();
+        let stats = same_with_and_without(
+            &format!("tp {tp} dp {dp} pp 2, {micro_batches} micro-batches × {virtual_stages}"),
+            &gpt(2 * micro_batches, layers),
+            &plan,
+            &RunOptions::default(),
+        );
+        assert!(stats.placed > 0);
+    }
 }

@@ -29,18 +29,23 @@ fn check_offsets(what: &str, m: &MemoryPlan) {
     // The slots of one buffer: a slot made in place joins its input's.
     let mut buffer: Vec<usize> = (0..m.slots.len()).collect();
     for (k, s) in m.slots.iter().enumerate() {
-        if let Some(x) = s.reuses {
-            let from = m.slots.iter().position(|t| t.value == Some(x)).unwrap();
+        if let Some(from) = s.reuses {
             buffer[k] = buffer[from];
         }
     }
-    for (a, sa) in m.slots.iter().enumerate() {
+    for (a, sa) in m.slots.iter().enumerate().filter(|(_, s)| s.placed) {
         assert!(
             sa.offset + sa.bytes <= m.arena,
             "{what}: slot outside the arena"
         );
         assert_eq!(sa.offset % memory::ALIGN, 0, "{what}: slot {a} misaligned");
-        for (b, sb) in m.slots.iter().enumerate().skip(a + 1) {
+        for (b, sb) in m
+            .slots
+            .iter()
+            .enumerate()
+            .skip(a + 1)
+            .filter(|(_, s)| s.placed)
+        {
             let at_once = sa.from <= sb.to && sb.from <= sa.to;
             let share = sa.offset < sb.offset + sb.bytes && sb.offset < sa.offset + sa.bytes;
             assert!(
@@ -49,13 +54,26 @@ fn check_offsets(what: &str, m: &MemoryPlan) {
             );
         }
     }
-    assert!(m.arena >= m.live_peak, "{what}: arena below the live peak");
+    // Values another stage holds are not in the arena.
+    if m.slots.iter().all(|s| s.placed) {
+        assert!(m.arena >= m.live_peak, "{what}: arena below the live peak");
+    }
 }
 
-/// Runs `plan` with `opts` and checks each rank's measured peak against the plan's.
+/// Runs `plan` with `opts` and checks each rank's measured peak against its stage's plan; the
+/// first stage's plan.
 fn planned_is_measured(what: &str, g: &Graph, plan: &Plan, opts: &RunOptions) -> MemoryPlan {
+    planned_is_measured_on(what, g, plan, opts)
+}
+
+/// [`planned_is_measured`] on a batch of `full`'s shape (a pipelined plan's graph is one
+/// micro-batch's).
+fn planned_is_measured_on(what: &str, full: &Graph, plan: &Plan, opts: &RunOptions) -> MemoryPlan {
+    let g = full;
     let exe = Executable::new(plan, opts).unwrap();
-    let m = memory::plan(&exe, &|_| 4).unwrap_or_else(|| panic!("{what}: no memory plan"));
+    let stages: Vec<MemoryPlan> = (0..plan.mesh.pp as usize)
+        .map(|s| memory::plan(&exe, s, &|_| 4))
+        .collect();
     let ran = run(
         Cpu::default(),
         plan,
@@ -65,14 +83,18 @@ fn planned_is_measured(what: &str, g: &Graph, plan: &Plan, opts: &RunOptions) ->
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));
     for (r, rank) in ran.ranks.iter().enumerate() {
+        let stage = plan.mesh.coord(r).pp;
+        let m = &stages[stage];
         assert_eq!(
             rank.peak_bytes as u64, m.peak,
-            "{what}: rank {r} measured {} bytes, the plan says {}",
+            "{what}: rank {r} (stage {stage}) measured {} bytes, the plan says {}",
             rank.peak_bytes, m.peak
         );
     }
-    check_offsets(what, &m);
-    m
+    for (s, m) in stages.iter().enumerate() {
+        check_offsets(&format!("{what}, stage {s}"), m);
+    }
+    stages.into_iter().next().unwrap()
 }
 
 #[test]
@@ -171,7 +193,7 @@ fn the_arena_is_close_to_the_live_peak() {
         let g = model(file, &[]);
         let p = partition(&g, &PartitionOptions::default()).unwrap();
         let exe = Executable::new(&p, &RunOptions::default()).unwrap();
-        let m = memory::plan(&exe, &|_| 4).unwrap();
+        let m = memory::plan(&exe, 0, &|_| 4);
         assert!(
             m.arena as f64 <= 1.25 * m.live_peak as f64,
             "{file}: arena {} for a live peak of {}",
@@ -199,7 +221,7 @@ fn a_dropout_gradient_does_not_hold_the_dropout_output() {
         },
     )
     .unwrap();
-    let m = memory::plan(&exe, &|_| 4).unwrap();
+    let m = memory::plan(&exe, 0, &|_| 4);
     let g2 = &p.graph;
     for node in g2.order.iter().map(|&n| &g2.nodes[n]) {
         let residual = ["attn_drop", "mlp_drop"]
@@ -219,17 +241,45 @@ fn a_dropout_gradient_does_not_hold_the_dropout_output() {
 }
 
 #[test]
-fn no_memory_plan_for_pipeline_stages() {
-    let g = model("tiny-gpt.ron", &[]);
-    let p = partition(
-        &g,
-        &PartitionOptions {
-            pp: 2,
-            micro_batches: 2,
+fn the_planned_peak_of_each_pipeline_stage_is_its_measured_peak() {
+    let pipe =
+        |tp: u64, dp: u64, pp: u64, micro_batches: u64, virtual_stages: u64| PartitionOptions {
+            tp,
+            dp,
+            pp,
+            micro_batches,
+            virtual_stages,
+            schedule: match virtual_stages {
+                1 => "1f1b",
+                _ => "interleaved",
+            }
+            .parse()
+            .unwrap(),
             ..PartitionOptions::default()
-        },
-    )
-    .unwrap();
-    let exe = Executable::new(&p, &RunOptions::default()).unwrap();
-    assert!(memory::plan(&exe, &|_| 4).is_none());
+        };
+    // Micro-batches of 2 of a batch of 2 × M: the plan's graph is a micro-batch's.
+    let gpt =
+        |batch: u64, layers: u64| model("tiny-gpt.ron", &[("batch", batch), ("layers", layers)]);
+    for (what, layers, o) in [
+        ("pp 2, 2 micro-batches", 2, pipe(1, 1, 2, 2, 1)),
+        ("pp 2, 4 micro-batches", 2, pipe(1, 1, 2, 4, 1)),
+        ("tp 2 pp 2, 4 micro-batches", 2, pipe(2, 1, 2, 4, 1)),
+        ("pp 2 dp 2, 2 micro-batches", 2, pipe(1, 2, 2, 2, 1)),
+        ("pp 2 interleaved, 4 micro-batches", 4, pipe(1, 1, 2, 4, 2)),
+    ] {
+        let p = partition(&gpt(2, layers), &o).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let full = gpt(2 * o.micro_batches, layers);
+        for opts in [
+            RunOptions::default(),
+            RunOptions {
+                forward_only: true,
+                ..RunOptions::default()
+            },
+        ] {
+            let m = planned_is_measured_on(what, &full, &p, &opts);
+            // Every micro-batch's steps are walked.
+            let last = m.positions.iter().map(|&(mb, _)| mb).max();
+            assert_eq!(last, Some(p.micro_batches() - 1), "{what}");
+        }
+    }
 }

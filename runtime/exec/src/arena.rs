@@ -6,7 +6,7 @@
 //! tensors over the [`Lease`]s it is given ([`lease`]).
 //!
 //! ```text
-//! MemoryPlan { slots: offset per value } ─► rank program: per step, the outputs' places
+//! MemoryPlan { slots: offset per value } ─► rank program: per step run, the outputs' places
 //!   ─► placing(arena, places, || backend.eval(..)) ─► a kernel's output buffer
 //!      (host: Buffer::zeros / Buffer::to_overwrite; device: lease) takes the next place of
 //!      its size
@@ -218,12 +218,14 @@ pub type Place = (usize, usize);
 pub struct Placements {
     /// The arena's size in elements.
     pub elements: usize,
-    /// Per step of the program, the places of the outputs it makes in a new buffer, in the
-    /// order it makes them.
+    /// Per position in the stage's run ([`crate::memory::MemoryPlan::positions`]: a step of
+    /// the program on one micro-batch), the places of the outputs it makes in a new buffer, in
+    /// the order it makes them.
     pub outputs: Vec<Vec<Place>>,
-    /// The places of the step's inputs, uploaded before the first step, in graph input order.
-    pub inputs: Vec<(ValueId, Place)>,
-    /// Per step, the place of the scratch it holds while it runs (a fused output layer's).
+    /// The places of the step's inputs, each micro-batch's uploaded before its first forward
+    /// step: `(micro-batch, input, place)`.
+    pub inputs: Vec<(u32, ValueId, Place)>,
+    /// Per position, the place of the scratch it holds while it runs (a fused output layer's).
     pub scratch: Vec<Option<Place>>,
 }
 

@@ -3,10 +3,13 @@
 //! input where the step runs in place, an offset in one arena, and the rank's peak.
 //!
 //! ```text
-//! Executable (steps in order, fused; last uses; kept values) ─► plan(): per step
-//!   + outputs (into a free input's buffer where the step runs in place), − inputs at their
-//!   last use, − outputs nothing reads ─► lifetimes ─► offsets (largest first, lowest fit)
-//!   ─► MemoryPlan { peak (weights + inputs + live values), arena (the intermediates) }
+//! Executable (steps in order, fused; last uses; kept values; the stage's schedule)
+//!   ─► plan(stage): per pass of a micro-batch in the schedule, per step of the stage
+//!      + received values, + outputs (into a free input's buffer where the step runs in
+//!      place), − inputs at their last use, − outputs nothing reads or another stage takes,
+//!      gradients into their sums over the micro-batches
+//!   ─► lifetimes (in positions: a step on a micro-batch) ─► offsets (a few orders, lowest fit)
+//!   ─► MemoryPlan { peak (weights + inputs + live values), arena (the placed values) }
 //! ```
 //!
 //! The walk follows the rank program's own rules ([`crate::rank`]): a reshape, a `g` or an
@@ -14,25 +17,27 @@
 //! that input is read for the last time and not kept; a tied embedding's gradient is added into
 //! the other gradient's buffer likewise; a dropout's gradient does not hold the dropout's output
 //! ([`ferrotron_ir::Op::data_inputs`]); a fused output layer holds its chunks' scratch while it
-//! runs ([`crate::fuse::Program::scratch_bytes`]). So its peak is the peak the rank measures, to the byte
-//! (`runtime/cpu/tests/memory_plan.rs`). The arena is where the intermediates would live if
-//! each had its offset: values whose lifetimes overlap never share bytes, and a buffer taken
-//! over in place keeps its offset.
+//! runs ([`crate::fuse::Program::scratch_bytes`]). Over pipeline stages, each micro-batch's
+//! values are apart: what another stage sends arrives before its first reader, what this stage
+//! sends and no longer reads goes at once, and a micro-batch's gradients are added into the
+//! first micro-batch's. So its peak is the peak the rank measures, to the byte, on every stage
+//! (`runtime/cpu/tests/memory_plan.rs`). The arena is where the intermediates live: values whose
+//! lifetimes overlap never share bytes, and a buffer taken over in place keeps its offset. A
+//! value that crosses stages is not placed (the other stage holds it for as long as it needs).
 //!
 //! On a backend that uses an arena ([`crate::Backend::uses_arena`]: the CPU's in host memory,
 //! CUDA's one device allocation per rank), the rank program places the values there
-//! ([`Placements`], [`crate::arena`]): allocated once, so a steady-state step allocates nothing.
-//! Places are planned in 4-byte elements: a backend storing a value in 2 bytes (CUDA's bf16)
-//! uses the first half of its place.
-//!
-//! Planned for one micro-batch without pipeline stages (a schedule of several micro-batches
-//! holds several at once, as its schedule says): [`plan`] gives `None` otherwise.
+//! ([`Placements`], [`crate::arena`]): allocated once, so a steady-state step allocates nothing
+//! but the values that cross stages. Places are planned in 4-byte elements: a backend storing a
+//! value in 2 bytes (CUDA's bf16) uses the first half of its place.
 
 use crate::arena::Placements;
 use crate::fuse::{Fused, StepOp};
 use crate::program::Executable;
-use ferrotron_ir::graph::{EntityRef, SecondaryMap};
-use ferrotron_ir::{DType, Op, ValueDef, ValueId};
+use ferrotron_ir::graph::SecondaryMap;
+use ferrotron_ir::{DType, Op, ValueId};
+use ferrotron_partitioner::pipeline::PipeStep;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// One value's place in the arena.
@@ -41,16 +46,23 @@ pub struct Slot {
     /// The value (the plan's, or a [`crate::fuse::Saved`] one of the program's); `None`: the
     /// scratch a step holds while it runs ([`crate::fuse::Program::scratch_bytes`]).
     pub value: Option<ValueId>,
+    /// The micro-batch whose value it is.
+    pub micro_batch: u32,
     /// Its bytes.
     pub bytes: u64,
-    /// Its offset in the arena.
+    /// Its offset in the arena (0 for a value not in it: see [`Slot::placed`]).
     pub offset: u64,
-    /// The step that makes it (its buffer's first step, for a value made in place).
+    /// The position in the stage's run ([`MemoryPlan::positions`]) of the step that makes it
+    /// (its buffer's first step, for a value made in place).
     pub from: usize,
-    /// The last step that holds it (the program's length for a value kept to the end).
+    /// The last position that holds it ([`MemoryPlan::positions`] for a value kept to the end).
     pub to: usize,
-    /// The value whose buffer it took over, if its step ran in place.
-    pub reuses: Option<ValueId>,
+    /// The slot whose buffer it took over, if its step ran in place.
+    pub reuses: Option<usize>,
+    /// Whether it lives in the rank's arena: not a value another stage sent (its buffer is the
+    /// sender's), nor one this stage sends away (the receiver holds it past this stage's use),
+    /// nor a value made in place in such a buffer.
+    pub placed: bool,
 }
 
 /// A rank's memory, planned before it runs.
@@ -58,53 +70,57 @@ pub struct Slot {
 pub struct MemoryPlan {
     /// The weights the rank holds (resident).
     pub weights: u64,
-    /// The step's inputs the rank reads (held until their last reader).
+    /// The step's inputs the rank reads (held until their last reader), one micro-batch's.
     pub inputs: u64,
     /// The most bytes held at once: weights, inputs and live values.
     pub peak: u64,
     /// The most bytes of the inputs and intermediate values live at once: what no arena can go
-    /// below.
+    /// below, where every value is placed.
     pub live_peak: u64,
-    /// The buffer of every input and intermediate value, in the order the program makes them,
+    /// The buffer of every input and intermediate value, in the order the stage makes them,
     /// and the scratch of each step that holds some while it runs.
     pub slots: Vec<Slot>,
-    /// The arena the slots' offsets span.
+    /// The arena the placed slots' offsets span.
     pub arena: u64,
+    /// The steps the stage runs, in order: `(micro-batch, step)` at each position (a step of a
+    /// stage runs once per micro-batch).
+    pub positions: Vec<(u32, usize)>,
 }
 
-/// Where a rank places `exe`'s values in its arena, planned once per
-/// executable: `None` with [`crate::RunOptions::arena`] off, and where there is no memory plan
-/// (pipeline stages, several micro-batches).
-pub fn placements(exe: &Executable) -> Option<Arc<Placements>> {
+/// Where a rank of pipeline stage `stage` places `exe`'s values in its arena, planned once per
+/// executable and stage: `None` with [`crate::RunOptions::arena`] off.
+pub fn placements(exe: &Executable, stage: usize) -> Option<Arc<Placements>> {
     if !exe.opts.arena {
         return None;
     }
-    exe.placements
-        .get_or_init(|| Some(Arc::new(plan(exe, &|_| 4)?.placements(exe))))
-        .clone()
+    let cell = exe.placements.get(stage)?;
+    Some(
+        cell.get_or_init(|| Arc::new(plan(exe, stage, &|_| 4).placements(exe)))
+            .clone(),
+    )
 }
 
 impl MemoryPlan {
-    /// This plan's slots as [`Placements`] for `exe`'s program (the plan made for it with 4
-    /// bytes per element).
+    /// This plan's placed slots as [`Placements`] for `exe`'s program (the plan made for it
+    /// with 4 bytes per element).
     pub fn placements(&self, exe: &Executable) -> Placements {
-        let steps = exe.program.steps.len();
         let inputs = &exe.plan.graph.inputs;
         let place = |s: &Slot| ((s.offset / 4) as usize, (s.bytes / 4) as usize);
+        let positions = self.positions.len();
         let mut out = Placements {
             elements: self.arena.div_ceil(4) as usize,
-            outputs: vec![Vec::new(); steps],
+            outputs: vec![Vec::new(); positions],
             inputs: Vec::new(),
-            scratch: vec![None; steps],
+            scratch: vec![None; positions],
         };
-        for s in &self.slots {
+        for s in self.slots.iter().filter(|s| s.placed) {
             match s.value {
-                Some(v) if inputs.contains(&v) => out.inputs.push((v, place(s))),
-                Some(_) if s.reuses.is_none() && s.from < steps => {
+                Some(v) if inputs.contains(&v) => out.inputs.push((s.micro_batch, v, place(s))),
+                Some(_) if s.reuses.is_none() && s.from < positions => {
                     out.outputs[s.from].push(place(s))
                 }
                 Some(_) => {}
-                None if s.from < steps => out.scratch[s.from] = Some(place(s)),
+                None if s.from < positions => out.scratch[s.from] = Some(place(s)),
                 None => {}
             }
         }
@@ -112,22 +128,14 @@ impl MemoryPlan {
     }
 }
 
-/// The memory plan of `exe` on any of its ranks, with `element_bytes` the bytes of one element of a value of each dtype as the backend stores it
-/// (the program's saved values are `f32`). `None` for a plan of several micro-batches or
-/// pipeline stages.
-pub fn plan(exe: &Executable, element_bytes: &dyn Fn(DType) -> u64) -> Option<MemoryPlan> {
+/// The memory plan of `exe` on a rank of pipeline stage `stage` (0 without a pipeline), with
+/// `element_bytes` the bytes of one element of a value of each dtype as the backend stores it
+/// (the program's saved values are `f32`): the stage's schedule walked as the rank program
+/// runs it, every micro-batch's values apart.
+pub fn plan(exe: &Executable, stage: usize, element_bytes: &dyn Fn(DType) -> u64) -> MemoryPlan {
     let plan = exe.plan;
-    if plan.pipeline.is_some() || plan.micro_batches() > 1 {
-        return None;
-    }
     let g = &plan.graph;
     let program = &exe.program;
-    let steps = &program.steps;
-    let end = if exe.opts.forward_only {
-        program.backward_start
-    } else {
-        steps.len()
-    };
     let size = |v: ValueId| -> u64 {
         let elements: u64 = program.value_shape(plan, v).iter().product();
         let dtype = match program.saved_value(plan, v) {
@@ -136,148 +144,305 @@ pub fn plan(exe: &Executable, element_bytes: &dyn Fn(DType) -> u64) -> Option<Me
         };
         elements * element_bytes(dtype)
     };
-    let is_param =
-        |v: ValueId| v.index() < g.values.len() && matches!(g.values[v].def, ValueDef::Param(_));
-    // The inputs the program reads, uploaded before the first step.
+    let weights: u64 = plan
+        .params_on(stage)
+        .iter()
+        .map(|&p| size(g.params[p].value))
+        .sum();
+    // The inputs the stage reads, uploaded at a micro-batch's first forward step.
     let mut reads: SecondaryMap<ValueId, bool> = SecondaryMap::new();
-    for step in &steps[..end] {
-        for v in step.inputs(plan) {
-            reads[v] = true;
+    for (i, step) in program.steps.iter().enumerate() {
+        if exe.stage_of[i] == stage {
+            for v in step.inputs(plan) {
+                reads[v] = true;
+            }
         }
     }
-    let weights: u64 = g.params.values().map(|p| size(p.value)).sum();
-    // Each live value's slot (its index in `slots`); the inputs are the first, held from the
-    // start and freed at their last use like any value.
-    let mut slot_of: SecondaryMap<ValueId, Option<usize>> = SecondaryMap::new();
-    let mut slots: Vec<Slot> = Vec::new();
-    let mut inputs = 0;
-    for &v in g.inputs.iter().filter(|&&v| reads[v]) {
-        inputs += size(v);
-        slot_of[v] = Some(slots.len());
-        slots.push(Slot {
-            value: Some(v),
-            bytes: size(v),
-            offset: 0,
-            from: 0,
-            to: 0,
-            reuses: None,
-        });
-    }
-    let mut live = weights + inputs;
-    let mut peak = live;
-    let (mut intermediates, mut live_peak) = (inputs, inputs);
-    // A value a step may take over or free: not a weight, read for the last time, not kept.
-    let free = |v: ValueId, i: usize| !is_param(v) && exe.is_last_use(0, v, i) && !exe.keep[v];
-    for (i, step) in steps[..end].iter().enumerate() {
-        let node = &g.nodes[step.node];
-        let outputs = step.outputs(plan);
-        // The input whose buffer the output takes over, as the rank program decides.
-        let reused = match &step.op {
-            StepOp::Node => match &node.op {
-                Op::Reshape { x, .. }
-                | Op::F { x, .. }
-                | Op::G { x, .. }
-                | Op::AllReduce { x, .. }
-                    if free(*x, i) =>
-                {
-                    Some(*x)
-                }
-                Op::Add(a, b) if a != b => {
-                    let out = g.ty(outputs[0]);
-                    let whole =
-                        |v: ValueId| g.ty(v).shape == out.shape && g.ty(v).dtype == out.dtype;
-                    if !(whole(*a) && whole(*b)) {
-                        None
-                    } else if free(*a, i) {
-                        Some(*a)
-                    } else if free(*b, i) {
-                        Some(*b)
-                    } else {
-                        None
+    let read: Vec<ValueId> = g.inputs.iter().copied().filter(|&v| reads[v]).collect();
+    let mut walk = Walk {
+        exe,
+        stage,
+        size: &size,
+        element_bytes,
+        slots: Vec::new(),
+        positions: Vec::new(),
+        live: weights,
+        peak: weights,
+        intermediates: 0,
+        live_peak: 0,
+        stores: HashMap::new(),
+        sums: HashMap::new(),
+    };
+    let (steps, bw) = (program.steps.len(), program.backward_start);
+    let chunks = plan
+        .pipeline
+        .as_ref()
+        .map_or(1, |p| p.virtual_stages.max(1));
+    for (step, chunk) in exe.schedule(stage) {
+        match step {
+            PipeStep::Forward(m) => {
+                if !walk.stores.contains_key(&m) {
+                    let mut store = SecondaryMap::new();
+                    for &v in &read {
+                        store[v] = Some(walk.make(Some(v), m, size(v), true));
                     }
+                    walk.stores.insert(m, store);
                 }
-                _ => None,
-            },
-            StepOp::Fused {
-                op: Fused::EmbeddingGradAdd { acc, .. },
-                ..
-            } if free(*acc, i) => Some(*acc),
-            StepOp::Fused { .. } => None,
-        };
-        // What the step holds while it runs (a fused output layer's chunks), before its outputs.
-        let scratch = program.scratch_bytes(plan, i, element_bytes);
-        if scratch > 0 {
-            peak = peak.max(live + scratch);
-            live_peak = live_peak.max(intermediates + scratch);
-            // The scratch holds the outputs as they are made; their own slots start here.
-            let made: u64 = outputs.iter().map(|&v| size(v)).sum();
-            slots.push(Slot {
-                value: None,
-                bytes: scratch.saturating_sub(made),
-                offset: 0,
-                from: i,
-                to: i,
-                reuses: None,
-            });
-        }
-        if let Some(x) = reused {
-            live -= size(x);
-            intermediates -= size(x);
-        }
-        for (k, &v) in outputs.iter().enumerate() {
-            let bytes = size(v);
-            live += bytes;
-            intermediates += bytes;
-            peak = peak.max(live);
-            live_peak = live_peak.max(intermediates);
-            let taken = if k == 0 { reused } else { None };
-            let from = taken.and_then(|x| slot_of[x]).map_or(i, |s| slots[s].from);
-            slot_of[v] = Some(slots.len());
-            slots.push(Slot {
-                value: Some(v),
-                bytes,
-                offset: 0,
-                from,
-                to: i,
-                reuses: taken,
-            });
-            if let Some(s) = taken.and_then(|x| slot_of[x].take()) {
-                slots[s].to = i;
-            }
-        }
-        // Free what no later step reads (unless kept).
-        for v in step.inputs(plan) {
-            if Some(v) != reused && free(v, i) {
-                if let Some(s) = slot_of[v].take() {
-                    live -= slots[s].bytes;
-                    intermediates -= slots[s].bytes;
-                    slots[s].to = i;
+                walk.steps(m, 0..bw, chunk);
+                if exe.opts.forward_only && chunk + 1 == chunks {
+                    walk.keep(m);
                 }
             }
-        }
-        for &v in outputs {
-            if !exe.keep[v] && !exe.is_read_after(0, v, i) {
-                if let Some(s) = slot_of[v].take() {
-                    live -= slots[s].bytes;
-                    intermediates -= slots[s].bytes;
-                    slots[s].to = i;
+            PipeStep::Backward(_) if exe.opts.forward_only => {}
+            PipeStep::Backward(m) => {
+                walk.steps(m, bw..steps, chunk);
+                if chunk == 0 {
+                    walk.keep(m);
                 }
             }
         }
     }
-    // What stays to the end.
-    for s in slot_of.values().flatten() {
-        slots[*s].to = end;
+    let end = walk.positions.len();
+    let Walk {
+        mut slots,
+        positions,
+        peak,
+        live_peak,
+        ..
+    } = walk;
+    // What stays to the end: every slot not freed (sums, kept values).
+    for s in slots.iter_mut().filter(|s| s.to == usize::MAX) {
+        s.to = end;
     }
     let arena = assign_offsets(&mut slots);
-    Some(MemoryPlan {
+    MemoryPlan {
         weights,
-        inputs,
+        inputs: read.iter().map(|&v| size(v)).sum(),
         peak,
         live_peak,
         slots,
         arena,
-    })
+        positions,
+    }
+}
+
+/// The stage's run being walked: the live bytes and their peak, each micro-batch's values'
+/// slots, the sums over the micro-batches.
+struct Walk<'a, 'p> {
+    exe: &'a Executable<'p>,
+    stage: usize,
+    size: &'a dyn Fn(ValueId) -> u64,
+    element_bytes: &'a dyn Fn(DType) -> u64,
+    slots: Vec<Slot>,
+    positions: Vec<(u32, usize)>,
+    live: u64,
+    peak: u64,
+    intermediates: u64,
+    live_peak: u64,
+    /// Per micro-batch, the slot of each value it holds.
+    stores: HashMap<u32, SecondaryMap<ValueId, Option<usize>>>,
+    /// The slot of each value's sum over the micro-batches (the first micro-batch's buffer,
+    /// which the others are added into).
+    sums: HashMap<ValueId, usize>,
+}
+
+impl Walk<'_, '_> {
+    /// The position the next step runs at.
+    fn now(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// A new live slot of `bytes` from the next position on.
+    fn make(&mut self, value: Option<ValueId>, m: u32, bytes: u64, placed: bool) -> usize {
+        self.live += bytes;
+        self.intermediates += bytes;
+        self.peak = self.peak.max(self.live);
+        self.live_peak = self.live_peak.max(self.intermediates);
+        self.slots.push(Slot {
+            value,
+            micro_batch: m,
+            bytes,
+            offset: 0,
+            from: self.now(),
+            to: usize::MAX,
+            reuses: None,
+            placed,
+        });
+        self.slots.len() - 1
+    }
+
+    /// Frees slot `s` after position `at`.
+    fn free(&mut self, s: usize, at: usize) {
+        self.live -= self.slots[s].bytes;
+        self.intermediates -= self.slots[s].bytes;
+        self.slots[s].to = at;
+    }
+
+    /// Runs the stage's steps of model chunk `chunk` in `range` on micro-batch `m`, as
+    /// [`crate::rank`]'s walk does.
+    fn steps(&mut self, m: u32, range: std::ops::Range<usize>, chunk: u32) {
+        let exe = self.exe;
+        let plan = exe.plan;
+        let g = &plan.graph;
+        let stage = self.stage;
+        let mut store = self.stores.remove(&m).unwrap_or_default();
+        for i in range {
+            if exe.stage_of[i] != stage || exe.chunk_of[i] != chunk {
+                continue;
+            }
+            let step = &exe.program.steps[i];
+            let node = &g.nodes[step.node];
+            let t = self.now();
+            // What another stage sends arrives just before its first reader.
+            for v in step.inputs(plan) {
+                if store[v].is_none() && exe.receives(stage, v) {
+                    store[v] = Some(self.make(Some(v), m, (self.size)(v), false));
+                }
+            }
+            // A value the step may take over or free: the stage's own, read for the last
+            // time, not kept.
+            let owned = |v: ValueId, store: &SecondaryMap<ValueId, Option<usize>>| {
+                store[v].is_some() && exe.is_last_use(stage, v, i) && !exe.keep[v]
+            };
+            let outputs = step.outputs(plan);
+            // The input whose buffer the output takes over, as the rank program decides.
+            let reused = match (&step.op, exe.late_add(step.node)) {
+                (_, Some(late)) => Some(late.other).filter(|&x| owned(x, &store)),
+                (StepOp::Node, None) => match &node.op {
+                    Op::Reshape { x, .. }
+                    | Op::F { x, .. }
+                    | Op::G { x, .. }
+                    | Op::AllReduce { x, .. }
+                        if owned(*x, &store) =>
+                    {
+                        Some(*x)
+                    }
+                    Op::Add(a, b) if a != b => {
+                        let out = g.ty(outputs[0]);
+                        let whole = |v: ValueId| {
+                            g.ty(v).shape == out.shape
+                                && g.ty(v).dtype == out.dtype
+                                && !exe.receives_any(stage, v)
+                        };
+                        if !(whole(*a) && whole(*b)) {
+                            None
+                        } else if owned(*a, &store) {
+                            Some(*a)
+                        } else if owned(*b, &store) {
+                            Some(*b)
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                },
+                (
+                    StepOp::Fused {
+                        op: Fused::EmbeddingGradAdd { acc, .. },
+                        ..
+                    },
+                    None,
+                ) if owned(*acc, &store) && !exe.receives_any(stage, *acc) => Some(*acc),
+                (StepOp::Fused { .. }, None) => None,
+            };
+            // What the step holds while it runs (a fused output layer's chunks), before its
+            // outputs: the outputs are made in it, their own slots start here.
+            let scratch = exe.program.scratch_bytes(plan, i, self.element_bytes);
+            if scratch > 0 {
+                self.peak = self.peak.max(self.live + scratch);
+                self.live_peak = self.live_peak.max(self.intermediates + scratch);
+                let made: u64 = outputs.iter().map(|&v| (self.size)(v)).sum();
+                self.slots.push(Slot {
+                    value: None,
+                    micro_batch: m,
+                    bytes: scratch.saturating_sub(made),
+                    offset: 0,
+                    from: t,
+                    to: t,
+                    reuses: None,
+                    placed: true,
+                });
+            }
+            let taken = reused.and_then(|x| store[x].take());
+            if let Some(x) = taken {
+                self.free(x, t);
+            }
+            for (k, &v) in outputs.iter().enumerate() {
+                let from = if k == 0 { taken } else { None };
+                // A value sent on and not read here any more lives on in the receiver.
+                let needed_here = exe.keep[v] || exe.is_read_after(stage, v, i);
+                let sent = exe.sends(stage, v) && !needed_here;
+                let placed = !sent && from.is_none_or(|x| self.slots[x].placed);
+                if sent {
+                    // The buffer it took over leaves with it: none of its chain is placed.
+                    let mut chain = from;
+                    while let Some(x) = chain {
+                        self.slots[x].placed = false;
+                        chain = self.slots[x].reuses;
+                    }
+                }
+                let s = self.make(Some(v), m, (self.size)(v), placed);
+                if let Some(x) = from {
+                    self.slots[s].reuses = Some(x);
+                    self.slots[s].from = self.slots[x].from;
+                }
+                if sent {
+                    self.free(s, t);
+                } else if exe.sums_now(stage, v, i) {
+                    self.add_to_sum(v, s, t);
+                } else {
+                    store[v] = Some(s);
+                }
+            }
+            // Free what no later step of this stage reads (unless kept).
+            for v in step.inputs(plan) {
+                if exe.is_last_use(stage, v, i) && !exe.keep[v] {
+                    if let Some(s) = store[v].take() {
+                        self.free(s, t);
+                    }
+                }
+            }
+            for &v in outputs {
+                if !exe.keep[v] && !exe.is_read_after(stage, v, i) {
+                    if let Some(s) = store[v].take() {
+                        self.free(s, t);
+                    }
+                }
+            }
+            self.positions.push((m, i));
+        }
+        self.stores.insert(m, store);
+    }
+
+    /// Adds slot `s` (micro-batch's value of `v`, made at position `at`) into `v`'s sum over
+    /// the micro-batches, in place: the first becomes the sum.
+    fn add_to_sum(&mut self, v: ValueId, s: usize, at: usize) {
+        match self.sums.get(&v) {
+            Some(_) => self.free(s, at),
+            None => {
+                self.sums.insert(v, s);
+            }
+        }
+    }
+
+    /// Micro-batch `m` done: what is not kept is freed; with several micro-batches the loss
+    /// is read and freed, the gradients go into their sums and the outputs stay.
+    fn keep(&mut self, m: u32) {
+        let exe = self.exe;
+        let several = exe.plan.micro_batches() > 1;
+        let at = self.now().saturating_sub(1);
+        let Some(store) = self.stores.remove(&m) else {
+            return;
+        };
+        for (v, s) in store.iter() {
+            let Some(s) = *s else { continue };
+            if !exe.keep[v] || (several && v == exe.plan.loss) {
+                self.free(s, at);
+            } else if several && exe.accumulate[v] {
+                self.add_to_sum(v, s, at);
+            }
+        }
+    }
 }
 
 /// Every offset in the arena is a multiple of this many bytes, as every allocation `cudaMalloc`
@@ -290,20 +455,15 @@ pub const ALIGN: u64 = 256;
 /// buffer: it keeps that offset). Returns the arena's size.
 fn assign_offsets(slots: &mut [Slot]) -> u64 {
     // A chain of in-place steps is one buffer: its slots share an offset, its lifetime the
-    // union of theirs.
+    // union of theirs. Slots not in the arena take no part.
     let mut root: Vec<usize> = (0..slots.len()).collect();
-    let index: std::collections::HashMap<ValueId, usize> = slots
-        .iter()
-        .enumerate()
-        .filter_map(|(k, s)| Some((s.value?, k)))
-        .collect();
     for k in 0..slots.len() {
-        if let Some(&from) = slots[k].reuses.as_ref().and_then(|x| index.get(x)) {
+        if let Some(from) = slots[k].reuses {
             root[k] = root[from];
         }
     }
     let mut buffers: std::collections::BTreeMap<usize, (u64, usize, usize)> = Default::default();
-    for (k, s) in slots.iter().enumerate() {
+    for (k, s) in slots.iter().enumerate().filter(|(_, s)| s.placed) {
         let b = buffers.entry(root[k]).or_insert((0, s.from, s.to));
         b.0 = b.0.max(s.bytes);
         b.1 = b.1.min(s.from);
@@ -343,7 +503,7 @@ fn assign_offsets(slots: &mut [Slot]) -> u64 {
         .min_by_key(|(arena, _)| *arena)
         .unwrap_or_default();
     for (k, s) in slots.iter_mut().enumerate() {
-        s.offset = offset_of[&root[k]];
+        s.offset = offset_of.get(&root[k]).copied().unwrap_or(0);
     }
     arena
 }

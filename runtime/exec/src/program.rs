@@ -9,6 +9,7 @@ use crate::error::ExecError;
 use crate::fuse::{Fusions, Program, StepOp};
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
+use ferrotron_partitioner::pipeline::PipeStep;
 use ferrotron_partitioner::{value_blocks, Plan};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -49,8 +50,7 @@ pub struct RunOptions {
     /// On a backend that uses an arena ([`crate::Backend::uses_arena`]), place the
     /// step's values in one arena per rank at the memory plan's offsets
     /// ([`crate::arena::Placements`]), allocated once and reused every step; off, every
-    /// output is a fresh allocation. Only steps of one micro-batch without pipeline stages
-    /// have a plan.
+    /// output is a fresh allocation.
     pub arena: bool,
 }
 
@@ -101,9 +101,9 @@ pub struct Executable<'p> {
     pub last_use: Vec<SecondaryMap<ValueId, usize>>,
     /// The fused-weight blocks of every value's tensor-parallel split (1: contiguous).
     pub blocks: SecondaryMap<ValueId, u32>,
-    /// The arena's places, planned at the first run that asks
+    /// Per pipeline stage, the arena's places, planned at the first run that asks
     /// ([`crate::memory::placements`]).
-    pub(crate) placements: OnceLock<Option<Arc<Placements>>>,
+    pub(crate) placements: Vec<OnceLock<Arc<Placements>>>,
 }
 
 /// A gradient whose reductions run once a step.
@@ -303,7 +303,7 @@ impl<'p> Executable<'p> {
             chunk_of,
             last_use,
             blocks,
-            placements: OnceLock::new(),
+            placements: (0..stages).map(|_| OnceLock::new()).collect(),
         })
     }
 
@@ -315,5 +315,57 @@ impl<'p> Executable<'p> {
     /// Whether step `i` is the last of `stage` to read `v`.
     pub fn is_last_use(&self, stage: usize, v: ValueId, i: usize) -> bool {
         self.last_use[stage][v] == i
+    }
+
+    /// What pipeline stage `stage` runs, in order: a pass (forward or backward) of a
+    /// micro-batch, and the model chunk it runs it on. Without a pipeline: the forward and
+    /// backward of the one micro-batch.
+    pub fn schedule(&self, stage: usize) -> Vec<(PipeStep, u32)> {
+        match &self.plan.pipeline {
+            Some(pipe) => pipe.steps[stage]
+                .iter()
+                .enumerate()
+                .map(|(i, &step)| (step, pipe.chunk(stage, i)))
+                .collect(),
+            None => vec![(PipeStep::Forward(0), 0), (PipeStep::Backward(0), 0)],
+        }
+    }
+
+    /// The transfers of `v` into (`into`) or out of pipeline stage `stage`; late ones with
+    /// `late`.
+    fn transfers(&self, stage: usize, v: ValueId, into: bool, late: bool) -> bool {
+        self.plan.pipeline.as_ref().is_some_and(|p| {
+            p.transfers.iter().enumerate().any(|(k, t)| {
+                let end = if into { t.to } else { t.from };
+                t.value == v && end as usize == stage && (late || !self.is_late(k))
+            })
+        })
+    }
+
+    /// Whether `v` comes to `stage` from another stage (once a micro-batch or, late, once a
+    /// step).
+    pub fn receives_any(&self, stage: usize, v: ValueId) -> bool {
+        self.transfers(stage, v, true, true)
+    }
+
+    /// Whether `v` comes to `stage` from another stage once a micro-batch, before its first
+    /// reader there.
+    pub fn receives(&self, stage: usize, v: ValueId) -> bool {
+        self.transfers(stage, v, true, false)
+    }
+
+    /// Whether `stage` sends `v` to another stage once a micro-batch, as soon as it is made.
+    pub fn sends(&self, stage: usize, v: ValueId) -> bool {
+        self.transfers(stage, v, false, false)
+    }
+
+    /// Whether value `v`, made at step `i` on `stage`, goes into its sum over the
+    /// micro-batches as soon as it is made: it is summed, and no later step of the stage reads
+    /// it.
+    pub fn sums_now(&self, stage: usize, v: ValueId, i: usize) -> bool {
+        self.plan.micro_batches() > 1
+            && self.accumulate[v]
+            && !self.is_read_after(stage, v, i)
+            && !self.opts.forward_only
     }
 }

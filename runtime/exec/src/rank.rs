@@ -237,6 +237,7 @@ impl<B: Backend> Rank<B> {
                 arena,
                 stage: self.coord.pp,
                 micro_batch: Cell::new(0),
+                position: Cell::new(0),
                 waited: Cell::new(Duration::ZERO),
                 landed: RefCell::new(Vec::new()),
                 ce_stats: RefCell::new(HashMap::new()),
@@ -252,7 +253,7 @@ impl<B: Backend> Rank<B> {
         if !self.backend.uses_arena() {
             return Ok(None);
         }
-        let Some(places) = crate::memory::placements(exe) else {
+        let Some(places) = crate::memory::placements(exe, self.coord.pp) else {
             return Ok(None);
         };
         let bytes = places.elements as u64 * 4;
@@ -446,6 +447,9 @@ struct Runner<'a, B: Backend> {
     stage: usize,
     /// The micro-batch being run (dropout masks are those of its rows of the full batch).
     micro_batch: Cell<u32>,
+    /// The position of the step being run in the stage's run: where the memory plan's places
+    /// for it are ([`crate::memory::MemoryPlan::positions`]).
+    position: Cell<usize>,
     /// Time spent waiting for other stages' transfers so far.
     waited: Cell<Duration>,
     /// Received tensors this rank is done with. A tensor is freed on the device queue of the
@@ -550,14 +554,7 @@ impl<B: Backend> Runner<'_, B> {
             }
         }
         // (step, model chunk) in the stage's order.
-        let schedule: Vec<(PipeStep, u32)> = match &plan.pipeline {
-            Some(pipe) => pipe.steps[self.stage]
-                .iter()
-                .enumerate()
-                .map(|(i, &step)| (step, pipe.chunk(self.stage, i)))
-                .collect(),
-            None => vec![(PipeStep::Forward(0), 0), (PipeStep::Backward(0), 0)],
-        };
+        let schedule = exe.schedule(self.stage);
         let chunks = plan
             .pipeline
             .as_ref()
@@ -594,7 +591,10 @@ impl<B: Backend> Runner<'_, B> {
                             let mut values = base.clone();
                             for (v, x) in shard_inputs(exe, batch, self.rank.coord, m, &reads)? {
                                 let place = self.arena.as_ref().and_then(|(_, p)| {
-                                    p.inputs.iter().find(|(u, _)| *u == v).map(|&(_, at)| at)
+                                    p.inputs
+                                        .iter()
+                                        .find(|&&(k, u, _)| (k, u) == (m, v))
+                                        .map(|&(_, _, at)| at)
                                 });
                                 let x = self
                                     .placing(place.as_slice(), || be.upload(&x, g.ty(v).dtype))
@@ -740,11 +740,13 @@ impl<B: Backend> Runner<'_, B> {
             }
             let began = start.elapsed();
             let late = exe.late_add(n);
-            // Where the step's new outputs go (a fused output layer places its own; a reshape or
-            // an f of a value read later is a view of its buffer where clones share it).
-            let view = matches!(step.op, StepOp::Node)
-                && matches!(node.op, Op::Reshape { .. } | Op::F { .. })
-                && be.shares_on_clone();
+            // Where the step's new outputs go (a fused output layer places its own; a reshape,
+            // an f or a late sum's pass-on of a value read later is a view of its buffer where
+            // clones share it).
+            let view = be.shares_on_clone()
+                && (late.is_some()
+                    || matches!(step.op, StepOp::Node)
+                        && matches!(node.op, Op::Reshape { .. } | Op::F { .. }));
             let places = match (&self.arena, &step.op) {
                 (
                     _,
@@ -755,7 +757,7 @@ impl<B: Backend> Runner<'_, B> {
                 )
                 | (None, _) => &[][..],
                 _ if view => &[][..],
-                (Some((_, p)), _) => &p.outputs[i][..],
+                (Some((_, p)), _) => &p.outputs[self.position.get()][..],
             };
             let outs = self.placing(places, || -> Result<Vec<B::Tensor>, ExecError> {
                 Ok(match (&step.op, late) {
@@ -864,7 +866,7 @@ impl<B: Backend> Runner<'_, B> {
                 bytes.add(size);
                 let needed_here = exe.keep[v] || exe.is_read_after(stage, v, i);
                 match self.send(n, v, x, needed_here)? {
-                    Some(x) if self.sums_now(v, i) => self.add_to_sum(v, x, bytes)?,
+                    Some(x) if exe.sums_now(stage, v, i) => self.add_to_sum(v, x, bytes)?,
                     Some(x) => values[v.index()] = Some(Cow::Owned(x)),
                     None => bytes.sub(size),
                 }
@@ -888,6 +890,7 @@ impl<B: Backend> Runner<'_, B> {
                     }
                 }
             }
+            self.position.set(self.position.get() + 1);
         }
         Ok(())
     }
@@ -931,16 +934,6 @@ impl<B: Backend> Runner<'_, B> {
         Ok(())
     }
 
-    /// Whether value `v`, made at step `i`, goes into its sum over the micro-batches as soon as
-    /// it is made: it is summed, and no later step of this stage reads it.
-    fn sums_now(&self, v: ValueId, i: usize) -> bool {
-        let exe = self.exe;
-        exe.plan.micro_batches() > 1
-            && exe.accumulate[v]
-            && !exe.is_read_after(self.stage, v, i)
-            && !exe.opts.forward_only
-    }
-
     /// Adds one micro-batch's `x` of value `v` into its sum over the micro-batches (the first
     /// becomes the sum).
     fn add_to_sum(&self, v: ValueId, x: B::Tensor, bytes: &mut Bytes) -> Result<(), ExecError> {
@@ -949,18 +942,13 @@ impl<B: Backend> Runner<'_, B> {
         let sum = match sums.remove(&v) {
             None => x,
             Some(acc) => {
-                let sum = be
-                    .eval(&Op::Add(&acc, &x), &Placement::default())
-                    .map_err(|e| {
-                        ExecError::Plan(format!(
-                            "summing `{}` over micro-batches: {e}",
-                            self.exe.plan.graph.values[v].name
-                        ))
-                    })?
-                    .swap_remove(0);
-                // The new sum replaces the old one; this micro-batch's part is dropped.
-                bytes.add(be.bytes(&sum));
-                bytes.sub(be.bytes(&acc));
+                // Into the sum's buffer: the sum of every micro-batch's is the first one's.
+                let sum = be.add_into(acc, &x).map_err(|e| {
+                    ExecError::Plan(format!(
+                        "summing `{}` over micro-batches: {e}",
+                        self.exe.plan.graph.values[v].name
+                    ))
+                })?;
                 bytes.sub(be.bytes(&x));
                 sum
             }
@@ -971,11 +959,7 @@ impl<B: Backend> Runner<'_, B> {
 
     /// Whether `v` comes from another stage.
     fn received(&self, v: ValueId) -> bool {
-        self.exe.plan.pipeline.as_ref().is_some_and(|p| {
-            p.transfers
-                .iter()
-                .any(|t| t.value == v && t.to as usize == self.stage)
-        })
+        self.exe.receives_any(self.stage, v)
     }
 
     /// The value `v` another stage made for this one (micro-batch being run), if `v` crosses
@@ -1799,7 +1783,10 @@ impl<B: Backend> Runner<'_, B> {
         // The planned places of `dh` and `dw` (the step's outputs after the loss), and of the
         // chunks' logits (the step's scratch): the loop's other buffers are small.
         let (outputs, scratch) = match &self.arena {
-            Some((_, p)) => (&p.outputs[i][..], p.scratch[i]),
+            Some((_, p)) => {
+                let t = self.position.get();
+                (&p.outputs[t][..], p.scratch[t])
+            }
             None => (&[][..], None),
         };
         let output = |k: usize| outputs.get(k).copied().into_iter().collect::<Vec<Place>>();

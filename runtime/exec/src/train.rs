@@ -174,9 +174,11 @@ impl<'p, B: Backend> Trainer<'p, B> {
     }
 
     /// The memory plan of a step's forward and backward pass on this rank
-    /// ([`crate::memory::plan`]; `None` over pipeline stages or micro-batches).
-    pub fn memory_plan(&self) -> Option<crate::memory::MemoryPlan> {
-        crate::memory::plan(&self.exe, &|d| self.rank.backend.element_bytes(d))
+    /// ([`crate::memory::plan`]: its pipeline stage's).
+    pub fn memory_plan(&self) -> crate::memory::MemoryPlan {
+        crate::memory::plan(&self.exe, self.rank.coord.pp, &|d| {
+            self.rank.backend.element_bytes(d)
+        })
     }
 
     /// One step on a full batch (every graph input, by name; this rank takes its shard): the
