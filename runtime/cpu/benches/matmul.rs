@@ -10,7 +10,8 @@
 //! the tied 50,257-wide output layer and its gradients), through `eval`.
 //! `benches/sgemm_numpy.sh` prints numpy's numbers for the same sizes and products.
 //!
-//! Options (after `--`): `--quick` (one size, fewer runs: a smoke test). Built with
+//! Options (after `--`): `--quick` (one size, fewer runs: a smoke test); `--only TEXT` (only
+//! GPT-2's products whose name contains TEXT, no square sizes). Built with
 //! `--no-default-features`, gemm runs its AVX2 kernels even on an AVX-512 processor
 //! (`benches/sgemm_numpy.sh --avx2` holds OpenBLAS to its AVX2 kernels likewise).
 
@@ -143,13 +144,16 @@ fn gpt2_products() -> Vec<Product> {
     out
 }
 
-fn gpt2_step(rng: &mut u64) {
+fn gpt2_step(rng: &mut u64, only: Option<&str>) {
     println!("\nGPT-2 small's training step (batch 4 × 128, tp = 1), eval MatMul, GFLOP/s");
     println!(
         "{:>22} {:>20} {:>5} {:>8} {:>8}",
         "product", "batch × m × n × k", "a b", "1 thread", "2 threads"
     );
-    for p in gpt2_products() {
+    for p in gpt2_products()
+        .into_iter()
+        .filter(|p| only.is_none_or(|o| p.name.contains(o)))
+    {
         let shape = |batch: usize, rows: usize, cols: usize| match batch {
             1 => vec![rows, cols],
             b => vec![b, rows, cols],
@@ -196,10 +200,18 @@ fn gpt2_step(rng: &mut u64) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let shapes: Vec<(usize, usize, usize)> = if quick {
         vec![(1024, 1024, 1024)]
+    } else if only.is_some() {
+        Vec::new()
     } else {
         vec![(1024, 1024, 1024), (2048, 2048, 2048), (8192, 3072, 768)]
     };
@@ -252,6 +264,6 @@ fn main() {
         }
     }
     if !quick {
-        gpt2_step(&mut rng);
+        gpt2_step(&mut rng, only);
     }
 }
