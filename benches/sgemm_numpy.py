@@ -43,9 +43,11 @@ def gpt2_products():
     return out
 
 
-def gpt2_step(rng, threads):
+def gpt2_step(rng, threads, only=None):
     print(f"GPT-2 small's training step (batch 4 x 128, tp = 1), threads {threads}, a @ b GFLOP/s")
     for name, batch, m, n, k, ta, tb in gpt2_products():
+        if only is not None and only not in name:
+            continue
         def operand(rows, cols, transposed):
             shape = (cols, rows) if transposed else (rows, cols)
             if batch > 1:
@@ -61,8 +63,10 @@ def gpt2_step(rng, threads):
 
 def main():
     quick = "--quick" in sys.argv
+    # --only TEXT: only GPT-2's products whose name contains TEXT, no square sizes.
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "?")
-    shapes = [(1024, 1024, 1024)] if quick else [
+    shapes = [(1024, 1024, 1024)] if quick else [] if only is not None else [
         (1024, 1024, 1024), (2048, 2048, 2048), (8192, 3072, 768)]
     rng = np.random.default_rng(0)
     for m, n, k in shapes:
@@ -76,7 +80,7 @@ def main():
         print(f"{m}×{n}×{k:<6} threads {threads}: a @ b {flops / t_alloc / 1e9:7.1f} GFLOP/s,"
               f" matmul(out=) {flops / t_out / 1e9:7.1f} GFLOP/s")
     if not quick:
-        gpt2_step(rng, threads)
+        gpt2_step(rng, threads, only)
     cfg = np.show_config(mode="dicts") if np.lib.NumpyVersion(np.__version__) >= "1.25.0" else None
     if cfg and threads == "1":
         blas = cfg.get("Build Dependencies", {}).get("blas", {})

@@ -3,7 +3,9 @@
 # `cargo bench -p ferrotron-cpu --bench matmul`. Run by hand (never by CI): it makes a
 # Python virtual environment under target/ and installs numpy from PyPI the first time.
 #
-#   bash benches/sgemm_numpy.sh [--quick] [--avx2]
+#   bash benches/sgemm_numpy.sh [--quick] [--avx2] [--only TEXT]
+#
+# --only TEXT: only GPT-2's products whose name contains TEXT (as the Rust bench's --only).
 #
 # --avx2: OpenBLAS's Haswell (AVX2) kernels whatever the processor has (OPENBLAS_CORETYPE), to
 # compare with `cargo bench -p ferrotron-cpu --bench matmul --no-default-features` on an

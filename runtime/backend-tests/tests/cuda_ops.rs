@@ -450,6 +450,52 @@ fn binary_ops_broadcast_as_numpy() {
 }
 
 #[test]
+fn add_into_sums_in_the_accumulators_buffer_as_add_does() {
+    let Some(_) = device("add_into") else { return };
+    let mut rng = fastrand::Rng::with_seed(5);
+    for dtype in [Storage::F32, Storage::Bf16] {
+        let cuda = Cuda::new(0, 1, dtype).expect("a backend on GPU 0");
+        let up = |x: &Tensor| cuda.upload(x, IrDType::F32).expect("upload");
+        let back = |x: &CudaTensor| cuda.download(x).expect("download");
+        let buffer = |x: &CudaTensor| match &x.data {
+            DeviceData::F32(b) => Arc::as_ptr(b) as usize,
+            DeviceData::Bf16(b) => Arc::as_ptr(b) as usize,
+        };
+        for shape in [&[3, 5][..], &[1000], &[0, 4]] {
+            let what = format!("add_into {shape:?} {dtype:?}");
+            let (a, b) = (up(&rand(&mut rng, shape)), up(&rand(&mut rng, shape)));
+            let want = back(&cuda.eval(&Op::Add(&a, &b), &Placement::default()).unwrap()[0]);
+            // Alone, the accumulator's buffer takes the sum.
+            let (acc, at) = (a.clone(), buffer(&a));
+            drop(a);
+            let got = cuda.add_into(acc, &b).unwrap();
+            assert_eq!(buffer(&got), at, "{what}: a new buffer");
+            assert_bits(&what, &back(&got), &want);
+            // Shared, it is copied first: the other tensor keeps its values.
+            let kept = got.clone();
+            let before = back(&kept);
+            let again = cuda.add_into(got, &b).unwrap();
+            if kept.numel() > 0 {
+                assert_ne!(
+                    buffer(&again),
+                    buffer(&kept),
+                    "{what}: wrote a shared buffer"
+                );
+            }
+            assert_eq!(back(&kept), before, "{what}: the shared buffer");
+        }
+        // Operands of different shapes: a new tensor, broadcast as `Add`.
+        let (a, b) = (up(&rand(&mut rng, &[2, 3])), up(&rand(&mut rng, &[3])));
+        let want = back(&cuda.eval(&Op::Add(&a, &b), &Placement::default()).unwrap()[0]);
+        assert_bits(
+            "add_into broadcast",
+            &back(&cuda.add_into(a, &b).unwrap()),
+            &want,
+        );
+    }
+}
+
+#[test]
 fn mixed_storage_computes_in_f32() {
     let Some(dev) = device("mixed") else { return };
     let mut rng = fastrand::Rng::with_seed(3);

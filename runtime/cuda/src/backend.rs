@@ -257,6 +257,10 @@ impl Backend for Cuda {
         kernels::bias_dropout_add(self.device(), operands, p, at)
     }
 
+    fn add_into(&self, acc: CudaTensor, x: &CudaTensor) -> Result<CudaTensor, KernelError> {
+        kernels::add_into(self.device(), acc, x)
+    }
+
     fn matmul_acc(
         &self,
         acc: CudaTensor,

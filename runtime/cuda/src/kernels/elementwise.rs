@@ -1,16 +1,19 @@
 //! Launches of `cu/elementwise.cu`: Scale and the activations, their gradients, the fused bias
 //! and activation (BiasAct) and its gradient, the broadcasting binary ops, Fill, dropout and the
-//! fused bias + dropout + residual add (BiasDropoutAdd).
+//! fused bias + dropout + residual add (BiasDropoutAdd), and a sum into its first operand's
+//! buffer (`add_into`).
 
-use super::launch::{cfg_1d, i64_of, Buf, Launch, Result};
+use super::launch::{cfg_1d, device, i64_of, on, Buf, Launch, Result};
 use super::structs::{DropShape, Strided2};
 use super::{
     as_dtype, broadcast_strides, common_dtype, dims_array, is_trailing, merge_axes, numel, spec,
 };
 use crate::device::RankDevice;
-use crate::tensor::{CudaTensor, Storage};
+use crate::tensor::{CudaTensor, DeviceData, Storage};
+use cudarc::driver::DevicePtrMut;
 use ferrotron_exec::kernel::{check_bias, invalid, OrInvalid, Placement};
 use ferrotron_ir::index;
+use std::sync::Arc;
 
 /// The unary ops of the `unary` kernel.
 #[derive(Clone, Copy, Debug)]
@@ -223,6 +226,40 @@ pub(super) fn binary(
         }
     }
     Ok(out.into_tensor(shape))
+}
+
+/// `acc + x` written over `acc`'s buffer (copied first if another tensor shares it): the
+/// `Add` kernel with its output and first operand the same buffer, so the same bits as
+/// [`binary`]'s `Add`. Operands of different shapes or types get a new tensor from [`binary`].
+pub fn add_into(dev: &RankDevice, mut acc: CudaTensor, x: &CudaTensor) -> Result<CudaTensor> {
+    const OP: &str = "Add";
+    if acc.shape != x.shape || acc.dtype() != x.dtype() {
+        return binary(dev, OP, &acc, x, BinOp::Add);
+    }
+    let n = acc.numel();
+    if n == 0 {
+        return Ok(acc);
+    }
+    acc.make_unique(&dev.stream).map_err(on(OP))?;
+    let (dtype, n64, code) = (acc.dtype(), i64_of(OP, n)?, BinOp::Add as i32);
+    let stream = &dev.stream;
+    let shared = || device(OP, "the accumulator's buffer is shared");
+    let (at, written) = match &mut acc.data {
+        DeviceData::F32(s) => Arc::get_mut(s).ok_or_else(shared)?.device_ptr_mut(stream),
+        DeviceData::Bf16(s) => Arc::get_mut(s).ok_or_else(shared)?.device_ptr_mut(stream),
+    };
+    Launch::new(dev, OP, &spec::BINARY, dtype)?
+        .ptr(&at)
+        .ptr(&at)
+        .input(&x.data)
+        .val(&n64)
+        .val(&n64)
+        .val(&n64)
+        .val(&code)
+        .launch(cfg_1d(dev, n))?;
+    // Dropping the guard records the write after the launch.
+    drop(written);
+    Ok(acc)
 }
 
 /// A constant `f32` tensor (Fill has no input to take a storage type from; an op combining it

@@ -62,7 +62,7 @@ pub use cross_entropy::{
     ce_grad, ce_grad_dev, ce_grad_in_place_dev, ce_loss_dev, ce_row_max, ce_row_max_dev,
     ce_row_sums, ce_row_sums_dev,
 };
-pub use elementwise::bias_dropout_add;
+pub use elementwise::{add_into, bias_dropout_add};
 pub use matmul::matmul_acc;
 pub use optim::{
     adamw, first_non_finite, reduce_buffers, scale_in_place, sum_squares, sum_squares_all,
