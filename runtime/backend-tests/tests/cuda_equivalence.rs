@@ -328,7 +328,8 @@ fn the_gpu_layer_benchmark_runs_at_a_small_shape() {
 /// The GPU places a step's values in one device allocation per rank (the arena, at the memory
 /// plan's offsets): training with it is training without it, to the bit (the same losses,
 /// gradient norms, peaks and weights), and every step after the first places every planned
-/// value, in an arena of the plan's size. At tp 1 and 2, in `f32` and bf16, with the
+/// value, in an arena of the plan's size (planned with the backend's bytes per element: half
+/// as large in bf16 storage). At tp 1 and 2, in `f32` and bf16, with the
 /// distributed optimizer (its collectives through NCCL's own stream), and over two pipeline
 /// stages of two micro-batches (virtual ranks passing their values on the device).
 #[test]
@@ -412,7 +413,9 @@ fn the_gpu_places_a_steps_values_in_one_arena_per_rank() {
             },
         )
         .unwrap();
-        let planned = memory::plan(&exe, 0, &|_| 4).arena;
+        // Planned with the bytes the backend stores each dtype in (bf16: 2).
+        let cuda = gpu(1, dtype).unwrap();
+        let planned = memory::plan(&exe, 0, &|d| cuda.element_bytes(d)).arena;
         for s in &with[1..] {
             let arena = s.arena.unwrap_or_else(|| panic!("{what}: no arena"));
             assert_eq!(arena.bytes, planned, "{what}: the arena is the plan's");

@@ -59,9 +59,7 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
     /// # Safety
     /// Every element must be written before it is read.
     pub unsafe fn uninit(stream: &Arc<CudaStream>, len: usize) -> Result<Self, DriverError> {
-        if let Some(lease) = arena::lease(len) {
-            // Places are planned in 4-byte elements: a 2-byte type uses the first half.
-            debug_assert!(std::mem::size_of::<T>() <= 4);
+        if let Some(lease) = arena::lease(len * std::mem::size_of::<T>()) {
             let address = lease.device_address().expect("leased from a device arena");
             // SAFETY: the range lies in the arena's live device allocation, which the lease
             // keeps, and belongs to this buffer alone until it is dropped (`Lease`); the slice
@@ -160,12 +158,12 @@ impl<T> std::fmt::Debug for DeviceBuffer<T> {
 /// Left unset, as any output buffer (the CPU stand-in fills it with NaNs, so a kernel that read
 /// a place before writing it would show).
 pub fn new_arena(stream: &Arc<CudaStream>, bytes: u64) -> Result<Arc<Arena>, DriverError> {
-    let elements = usize::try_from(bytes.div_ceil(4)).unwrap_or(usize::MAX);
+    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
     // SAFETY: every value placed in it is written before it is read (`DeviceBuffer::uninit`).
-    let memory = unsafe { stream.alloc::<f32>(elements.max(1)) }?;
+    let memory = unsafe { stream.alloc::<u8>(bytes.max(1)) }?;
     let (address, read) = memory.device_ptr(stream);
     drop(read);
-    Ok(Arena::on_device(elements, address, Box::new(memory)))
+    Ok(Arena::on_device(bytes, address, Box::new(memory)))
 }
 
 /// A device buffer of one element type.

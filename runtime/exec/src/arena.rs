@@ -20,7 +20,7 @@
 //! miss ([`ArenaStats`]). So a plan that disagreed with the rank program would cost memory, never
 //! correctness; the tests hold the misses of a steady-state step at zero.
 
-use ferrotron_ir::ValueId;
+use ferrotron_ir::{DType, ValueId};
 use std::alloc::Layout;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -31,20 +31,20 @@ use std::sync::{Arc, Mutex};
 /// Arena memory is aligned for the widest vector loads.
 const ALIGN: usize = 64;
 
-/// One allocation of `f32`s that planned values are placed in.
+/// One allocation that planned values are placed in, its places in bytes.
 pub struct Arena {
     memory: Memory,
-    len: usize,
+    bytes: usize,
     /// The live views: first element → one past the last.
     live: Mutex<BTreeMap<usize, usize>>,
     placed: AtomicU64,
     missed: AtomicU64,
 }
 
-/// Where an arena's elements are.
+/// Where an arena's bytes are.
 enum Memory {
     /// Host memory the arena allocated.
-    Host(NonNull<f32>),
+    Host(NonNull<u8>),
     /// A device's memory, kept by `owner` (the device backend's allocation, freed when the
     /// arena goes): the device address of its first byte.
     Device {
@@ -72,41 +72,39 @@ pub struct ArenaStats {
 }
 
 impl Arena {
-    /// An arena of `bytes` (rounded up to whole `f32`s), zeroed by the system as it is first
-    /// touched. `None` when the allocation fails.
+    /// A host arena of `bytes`, zeroed by the system as it is first touched. `None` when the
+    /// allocation fails.
     pub fn new(bytes: u64) -> Option<Arc<Arena>> {
-        let len = usize::try_from(bytes.div_ceil(4)).ok()?;
-        let ptr = if len == 0 {
-            NonNull::dangling()
+        let bytes = usize::try_from(bytes).ok()?;
+        let ptr = if bytes == 0 {
+            NonNull::<f32>::dangling().cast()
         } else {
-            let layout = Layout::from_size_align(len.checked_mul(4)?, ALIGN).ok()?;
+            let layout = Layout::from_size_align(bytes, ALIGN).ok()?;
             // SAFETY: the layout has a non-zero size.
             let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-            let ptr = NonNull::new(raw.cast::<f32>())?;
-            advise_huge_pages(raw, len * 4);
-            ptr
+            advise_huge_pages(raw, bytes);
+            NonNull::new(raw)?
         };
-        Some(Arena::over(Memory::Host(ptr), len))
+        Some(Arena::over(Memory::Host(ptr), bytes))
     }
 
-    /// An arena of `elements` `f32`s in a device's memory, which starts at device address
-    /// `address` and which `owner` keeps allocated as long as the arena lives. The device
-    /// backend makes its tensors over the places it leases ([`lease`]); host buffers are never
-    /// placed in it.
-    pub fn on_device(elements: usize, address: u64, owner: Box<dyn Send + Sync>) -> Arc<Arena> {
+    /// An arena of `bytes` in a device's memory, which starts at device address `address` and
+    /// which `owner` keeps allocated as long as the arena lives. The device backend makes its
+    /// tensors over the places it leases ([`lease`]); host buffers are never placed in it.
+    pub fn on_device(bytes: usize, address: u64, owner: Box<dyn Send + Sync>) -> Arc<Arena> {
         Arena::over(
             Memory::Device {
                 address,
                 _owner: owner,
             },
-            elements,
+            bytes,
         )
     }
 
-    fn over(memory: Memory, len: usize) -> Arc<Arena> {
+    fn over(memory: Memory, bytes: usize) -> Arc<Arena> {
         Arc::new(Arena {
             memory,
-            len,
+            bytes,
             live: Mutex::new(BTreeMap::new()),
             placed: AtomicU64::new(0),
             missed: AtomicU64::new(0),
@@ -120,7 +118,7 @@ impl Arena {
 
     /// Its size in bytes.
     pub fn bytes(&self) -> u64 {
-        self.len as u64 * 4
+        self.bytes as u64
     }
 
     /// The placements and misses so far.
@@ -132,12 +130,12 @@ impl Arena {
         }
     }
 
-    /// A lease of elements `start..start + len`, when they lie in the arena and no live lease
-    /// overlaps them. Its elements hold whatever the range last held.
+    /// A lease of bytes `start..start + len`, when they lie in the arena and no live lease
+    /// overlaps them. Its bytes hold whatever the range last held.
     fn view(self: &Arc<Self>, start: usize, len: usize) -> Option<Lease> {
         let end = start
             .checked_add(len)
-            .filter(|&e| e <= self.len && len > 0)?;
+            .filter(|&e| e <= self.bytes && len > 0)?;
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         if live
             .range(..end)
@@ -162,11 +160,11 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        if let (Memory::Host(ptr), true) = (&self.memory, self.len > 0) {
-            let layout = Layout::from_size_align(self.len * 4, ALIGN).expect("made with it");
+        if let (Memory::Host(ptr), true) = (&self.memory, self.bytes > 0) {
+            let layout = Layout::from_size_align(self.bytes, ALIGN).expect("made with it");
             // SAFETY: allocated in `Arena::new` with this layout; no view outlives the arena
             // (each holds an `Arc` of it).
-            unsafe { std::alloc::dealloc(ptr.as_ptr().cast(), layout) };
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
         }
     }
 }
@@ -208,16 +206,16 @@ pub fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     let _ = (ptr, bytes);
 }
 
-/// A planned place: the first element and the element count of a value in the arena.
+/// A planned place: the offset and the size of a value in the arena, in bytes.
 pub type Place = (usize, usize);
 
-/// A memory plan as places in an arena of `f32`s
-/// ([`crate::memory::MemoryPlan::placements`]; 4 bytes per element, as the CPU backend stores
-/// every dtype): where each step's new outputs go. A value made in place needs none.
+/// A memory plan as places in an arena ([`crate::memory::MemoryPlan::placements`], planned with
+/// the bytes per element the backend stores each dtype in): where each step's new outputs go. A
+/// value made in place needs none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Placements {
-    /// The arena's size in elements.
-    pub elements: usize,
+    /// The arena's size in bytes.
+    pub bytes: usize,
     /// Per position in the stage's run ([`crate::memory::MemoryPlan::positions`]: a step of
     /// the program on one micro-batch), the places of the outputs it makes in a new buffer, in
     /// the order it makes them.
@@ -227,6 +225,19 @@ pub struct Placements {
     pub inputs: Vec<(u32, ValueId, Place)>,
     /// Per position, the place of the scratch it holds while it runs (a fused output layer's).
     pub scratch: Vec<Option<Place>>,
+}
+
+/// The bytes a backend stores an element of each dtype in: what a rank's [`Placements`] are
+/// planned for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ElementSizes([u64; 5]);
+
+impl ElementSizes {
+    /// `element_bytes` of every dtype.
+    pub fn of(element_bytes: &dyn Fn(DType) -> u64) -> ElementSizes {
+        use DType::*;
+        ElementSizes([F32, BF16, F16, I32, I64].map(element_bytes))
+    }
 }
 
 /// The places the outputs being made on this thread go to.
@@ -240,8 +251,8 @@ thread_local! {
 }
 
 /// Runs `f` with `places` in `arena` offered to the buffers it makes on this thread: each
-/// [`Buffer::zeros`] or [`Buffer::to_overwrite`] of `n` elements takes the first offered place
-/// of `n` elements that is free. Places not taken count as misses. Calls nest (the inner places
+/// [`Buffer::zeros`] or [`Buffer::to_overwrite`] of `n` elements (or [`lease`] of `n` bytes)
+/// takes the first offered place of that many bytes that is free. Places not taken count as misses. Calls nest (the inner places
 /// apply inside).
 pub fn placing<R>(arena: &Arc<Arena>, places: &[Place], f: impl FnOnce() -> R) -> R {
     let before = PENDING.with(|p| {
@@ -266,23 +277,23 @@ pub fn placing<R>(arena: &Arc<Arena>, places: &[Place], f: impl FnOnce() -> R) -
     f()
 }
 
-/// A buffer of `len` elements at the next place of that size offered on this thread
+/// A buffer of `len` `f32`s at the next place of that size offered on this thread
 /// ([`placing`]) in a host arena, if one is offered and free. Its elements hold what the place
 /// last held.
 pub fn placed(len: usize) -> Option<Buffer> {
-    take(len, false).map(|lease| Buffer {
+    take(len.checked_mul(4)?, false).map(|lease| Buffer {
         storage: Storage::Placed(lease),
     })
 }
 
-/// The next place of `len` elements offered on this thread ([`placing`]) in a device's arena
+/// The next place of `bytes` offered on this thread ([`placing`]) in a device's arena
 /// ([`Arena::on_device`]), if one is offered and free: the device backend makes its output
-/// over it. Its elements hold what the place last held.
-pub fn lease(len: usize) -> Option<Lease> {
-    take(len, true)
+/// over it. Its bytes hold what the place last held.
+pub fn lease(bytes: usize) -> Option<Lease> {
+    take(bytes, true)
 }
 
-/// The next offered place of `len` elements, in an arena on the device or on the host as
+/// The next offered place of `len` bytes, in an arena on the device or on the host as
 /// `on_device` says (a request of the other kind is served elsewhere, taking no place).
 fn take(len: usize, on_device: bool) -> Option<Lease> {
     if len == 0 {
@@ -306,7 +317,7 @@ fn take(len: usize, on_device: bool) -> Option<Lease> {
     })
 }
 
-/// A range of an arena, held by one value and released when dropped.
+/// A range of an arena's bytes, held by one value and released when dropped.
 pub struct Lease {
     arena: Arc<Arena>,
     start: usize,
@@ -314,29 +325,29 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Its element count.
-    pub fn len(&self) -> usize {
+    /// Its size in bytes.
+    pub fn bytes(&self) -> usize {
         self.len
     }
 
-    /// Whether it holds no element (never: empty values are not placed).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The device address of its first element, in a device's arena.
+    /// The device address of its first byte, in a device's arena.
     pub fn device_address(&self) -> Option<u64> {
         match self.arena.memory {
-            Memory::Device { address, .. } => Some(address + self.start as u64 * 4),
+            Memory::Device { address, .. } => Some(address + self.start as u64),
             Memory::Host(_) => None,
         }
     }
 
-    /// Its first element, in a host arena.
-    fn host_ptr(&self) -> *mut f32 {
+    /// Its `f32`s, in a host arena.
+    fn host_f32s(&self) -> (*mut f32, usize) {
         match self.arena.memory {
-            // SAFETY: `start + len` lies inside the allocation (`Arena::view`).
-            Memory::Host(ptr) => unsafe { ptr.as_ptr().add(self.start) },
+            Memory::Host(ptr) => {
+                assert_eq!(self.start % 4, 0, "an f32 place at an unaligned offset");
+                // SAFETY: `start + len` lies inside the allocation (`Arena::view`), whose base
+                // is aligned for the widest vectors, and `start` is a multiple of 4.
+                let first = unsafe { ptr.as_ptr().add(self.start) };
+                (first.cast::<f32>(), self.len / 4)
+            }
             Memory::Device { .. } => unreachable!("host buffers are placed in host arenas only"),
         }
     }
@@ -489,7 +500,10 @@ impl std::ops::Deref for Buffer {
             Storage::Heap(v) => v,
             // SAFETY: the range lies in the arena, which the view keeps alive, and no other live
             // view overlaps it (`Arena::view`).
-            Storage::Placed(p) => unsafe { std::slice::from_raw_parts(p.host_ptr(), p.len) },
+            Storage::Placed(p) => unsafe {
+                let (first, len) = p.host_f32s();
+                std::slice::from_raw_parts(first, len)
+            },
         }
     }
 }
@@ -499,7 +513,10 @@ impl std::ops::DerefMut for Buffer {
         match &mut self.storage {
             Storage::Heap(v) => v,
             // SAFETY: as for `deref`; `&mut self` makes this the only access to the range.
-            Storage::Placed(p) => unsafe { std::slice::from_raw_parts_mut(p.host_ptr(), p.len) },
+            Storage::Placed(p) => unsafe {
+                let (first, len) = p.host_f32s();
+                std::slice::from_raw_parts_mut(first, len)
+            },
         }
     }
 }
@@ -531,27 +548,32 @@ impl std::fmt::Debug for Buffer {
 mod tests {
     use super::*;
 
+    /// A place of `n` `f32`s at element `at`, in bytes.
+    fn f32s(at: usize, n: usize) -> Place {
+        (at * 4, n * 4)
+    }
+
     #[test]
     fn offered_places_are_taken_by_size_and_released_when_dropped() {
         let arena = Arena::new(64 * 4).unwrap();
-        let (a, b) = placing(&arena, &[(0, 16), (16, 8)], || {
+        let (a, b) = placing(&arena, &[f32s(0, 16), f32s(16, 8)], || {
             (Buffer::to_overwrite(8), Buffer::zeros(16))
         });
         assert!(a.is_placed() && b.is_placed());
         let stats = arena.stats();
         assert_eq!((stats.bytes, stats.placed, stats.missed), (256, 2, 0));
         // Overlapping a live view: refused, the buffer comes from the heap.
-        let c = placing(&arena, &[(8, 16)], || Buffer::zeros(16));
+        let c = placing(&arena, &[f32s(8, 16)], || Buffer::zeros(16));
         assert!(!c.is_placed());
         assert_eq!(arena.stats().missed, 1);
         drop(b);
-        let mut d = placing(&arena, &[(0, 16)], || Buffer::zeros(16));
+        let mut d = placing(&arena, &[f32s(0, 16)], || Buffer::zeros(16));
         assert!(d.is_placed());
         d[15] = 3.0;
         assert_eq!(a.len(), 8);
         assert_eq!(d.clone().into_vec()[15], 3.0);
         // A place no buffer of its size took is a miss; outside a scope nothing is placed.
-        placing(&arena, &[(40, 4)], || ());
+        placing(&arena, &[f32s(40, 4)], || ());
         assert_eq!(arena.stats().missed, 2);
         assert!(!Buffer::zeros(4).is_placed());
     }
@@ -565,21 +587,21 @@ mod tests {
             }
         }
         let freed = Arc::new(AtomicU64::new(0));
-        let arena = Arena::on_device(64, 0x1000, Box::new(Owner(freed.clone())));
+        let arena = Arena::on_device(256, 0x1000, Box::new(Owner(freed.clone())));
         assert!(arena.is_on_device());
-        let (host, a, b) = placing(&arena, &[(0, 16), (16, 8)], || {
+        let (host, a, b) = placing(&arena, &[(0, 64), (64, 32)], || {
             // A host buffer is never placed in device memory, and takes no place.
-            (Buffer::zeros(16), lease(16), lease(8))
+            (Buffer::zeros(16), lease(64), lease(32))
         });
         assert!(!host.is_placed());
         let (a, b) = (a.unwrap(), b.unwrap());
-        assert_eq!((a.device_address(), a.len()), (Some(0x1000), 16));
-        assert_eq!(b.device_address(), Some(0x1000 + 16 * 4));
+        assert_eq!((a.device_address(), a.bytes()), (Some(0x1000), 64));
+        assert_eq!(b.device_address(), Some(0x1000 + 64));
         assert_eq!((arena.stats().placed, arena.stats().missed), (2, 0));
         // A live lease's range is refused; a host arena leases nothing.
-        assert!(placing(&arena, &[(4, 8)], || lease(8)).is_none());
+        assert!(placing(&arena, &[(16, 32)], || lease(32)).is_none());
         let host_arena = Arena::new(64).unwrap();
-        assert!(placing(&host_arena, &[(0, 4)], || lease(4)).is_none());
+        assert!(placing(&host_arena, &[(0, 16)], || lease(16)).is_none());
         drop((a, b));
         drop(arena);
         assert_eq!(
@@ -592,14 +614,14 @@ mod tests {
     #[test]
     fn writes_through_one_view_are_not_seen_through_another() {
         let arena = Arena::new(32 * 4).unwrap();
-        let (mut a, mut b) = placing(&arena, &[(0, 16), (16, 16)], || {
+        let (mut a, mut b) = placing(&arena, &[f32s(0, 16), f32s(16, 16)], || {
             (Buffer::to_overwrite(16), Buffer::to_overwrite(16))
         });
         a.fill(1.0);
         b.fill(2.0);
         assert!(a.iter().all(|&x| x == 1.0) && b.iter().all(|&x| x == 2.0));
         // A place past the arena's end is refused.
-        let c = placing(&arena, &[(30, 4)], || Buffer::zeros(4));
+        let c = placing(&arena, &[f32s(30, 4)], || Buffer::zeros(4));
         assert!(!c.is_placed());
     }
 }

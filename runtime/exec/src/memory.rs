@@ -28,14 +28,14 @@
 //! On a backend that uses an arena ([`crate::Backend::uses_arena`]: the CPU's in host memory,
 //! CUDA's one device allocation per rank), the rank program places the values there
 //! ([`Placements`], [`crate::arena`]): allocated once, so a steady-state step allocates nothing
-//! but the values that cross stages. Places are planned in 4-byte elements: a backend storing a
-//! value in 2 bytes (CUDA's bf16) uses the first half of its place.
+//! but the values that cross stages. Places are planned with the bytes the backend stores each
+//! dtype in (CUDA's bf16 values take 2 per element).
 
-use crate::arena::Placements;
+use crate::arena::{ElementSizes, Placements};
 use crate::fuse::{Fused, StepOp};
 use crate::program::Executable;
 use ferrotron_ir::graph::SecondaryMap;
-use ferrotron_ir::{DType, Op, ValueId};
+use ferrotron_ir::{DType, Op, ValueDef, ValueId};
 use ferrotron_partitioner::pipeline::PipeStep;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,28 +87,39 @@ pub struct MemoryPlan {
     pub positions: Vec<(u32, usize)>,
 }
 
-/// Where a rank of pipeline stage `stage` places `exe`'s values in its arena, planned once per
-/// executable and stage: `None` with [`crate::RunOptions::arena`] off.
-pub fn placements(exe: &Executable, stage: usize) -> Option<Arc<Placements>> {
+/// Where a rank of pipeline stage `stage` places `exe`'s values in its arena, with
+/// `element_bytes` the bytes of one element of each dtype as its backend stores it: planned
+/// once per executable, stage and storage; `None` with [`crate::RunOptions::arena`] off.
+pub fn placements(
+    exe: &Executable,
+    stage: usize,
+    element_bytes: &dyn Fn(DType) -> u64,
+) -> Option<Arc<Placements>> {
     if !exe.opts.arena {
         return None;
     }
-    let cell = exe.placements.get(stage)?;
-    Some(
-        cell.get_or_init(|| Arc::new(plan(exe, stage, &|_| 4).placements(exe)))
-            .clone(),
-    )
+    let storage = ElementSizes::of(element_bytes);
+    let mut cached = exe
+        .placements
+        .get(stage)?
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = cached.iter().find(|(s, _)| *s == storage) {
+        return Some(p.clone());
+    }
+    let p = Arc::new(plan(exe, stage, element_bytes).placements(exe));
+    cached.push((storage, p.clone()));
+    Some(p)
 }
 
 impl MemoryPlan {
-    /// This plan's placed slots as [`Placements`] for `exe`'s program (the plan made for it
-    /// with 4 bytes per element).
+    /// This plan's placed slots as [`Placements`] for `exe`'s program.
     pub fn placements(&self, exe: &Executable) -> Placements {
         let inputs = &exe.plan.graph.inputs;
-        let place = |s: &Slot| ((s.offset / 4) as usize, (s.bytes / 4) as usize);
+        let place = |s: &Slot| (s.offset as usize, s.bytes as usize);
         let positions = self.positions.len();
         let mut out = Placements {
-            elements: self.arena.div_ceil(4) as usize,
+            bytes: self.arena as usize,
             outputs: vec![Vec::new(); positions],
             inputs: Vec::new(),
             scratch: vec![None; positions],
@@ -137,12 +148,20 @@ pub fn plan(exe: &Executable, stage: usize, element_bytes: &dyn Fn(DType) -> u64
     let g = &plan.graph;
     let program = &exe.program;
     let size = |v: ValueId| -> u64 {
-        let elements: u64 = program.value_shape(plan, v).iter().product();
-        let dtype = match program.saved_value(plan, v) {
-            Some(_) => DType::F32,
-            None => g.ty(v).dtype,
-        };
-        elements * element_bytes(dtype)
+        let shape = program.value_shape(plan, v);
+        let elements: u64 = shape.iter().product();
+        // Kept in `f32` whatever the backend's storage: the program's saved statistics (the
+        // attention's log-sum-exps), scalars (the loss, its gradient's seed) and constants.
+        let def = g.values.get(v).map(|d| &d.def);
+        let constant = matches!(def, Some(ValueDef::Node { node, .. })
+            if matches!(g.nodes[*node].op, Op::Fill { .. }));
+        let param = matches!(def, Some(ValueDef::Param(_)));
+        let statistic =
+            program.saved_value(plan, v).is_some() || (shape.is_empty() && !param) || constant;
+        match statistic {
+            true => elements * 4,
+            false => elements * element_bytes(g.ty(v).dtype),
+        }
     };
     let weights: u64 = plan
         .params_on(stage)

@@ -4,14 +4,14 @@
 //! every value (for shard geometry). Made once
 //! and shared by every rank of a process; the rank program ([`crate::Rank::run`]) walks it.
 
-use crate::arena::Placements;
+use crate::arena::{ElementSizes, Placements};
 use crate::error::ExecError;
 use crate::fuse::{Fusions, Program, StepOp};
 use ferrotron_ir::graph::SecondaryMap;
 use ferrotron_ir::{MeshAxis, NodeId, Op, ValueDef, ValueId};
 use ferrotron_partitioner::pipeline::PipeStep;
 use ferrotron_partitioner::{value_blocks, Plan};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How to run.
@@ -101,10 +101,13 @@ pub struct Executable<'p> {
     pub last_use: Vec<SecondaryMap<ValueId, usize>>,
     /// The fused-weight blocks of every value's tensor-parallel split (1: contiguous).
     pub blocks: SecondaryMap<ValueId, u32>,
-    /// Per pipeline stage, the arena's places, planned at the first run that asks
-    /// ([`crate::memory::placements`]).
-    pub(crate) placements: Vec<OnceLock<Arc<Placements>>>,
+    /// Per pipeline stage, the arena's places for each storage they were asked for, planned at
+    /// the first run that asks ([`crate::memory::placements`]).
+    pub(crate) placements: Vec<Mutex<PlacementsBySize>>,
 }
+
+/// A stage's arena places, by the element sizes they were planned for.
+pub(crate) type PlacementsBySize = Vec<(ElementSizes, Arc<Placements>)>;
 
 /// A gradient whose reductions run once a step.
 #[derive(Clone, Debug)]
@@ -303,7 +306,7 @@ impl<'p> Executable<'p> {
             chunk_of,
             last_use,
             blocks,
-            placements: (0..stages).map(|_| OnceLock::new()).collect(),
+            placements: (0..stages).map(|_| Mutex::default()).collect(),
         })
     }
 

@@ -253,10 +253,12 @@ impl<B: Backend> Rank<B> {
         if !self.backend.uses_arena() {
             return Ok(None);
         }
-        let Some(places) = crate::memory::placements(exe, self.coord.pp) else {
+        let be = &self.backend;
+        let Some(places) = crate::memory::placements(exe, self.coord.pp, &|d| be.element_bytes(d))
+        else {
             return Ok(None);
         };
-        let bytes = places.elements as u64 * 4;
+        let bytes = places.bytes as u64;
         let mut held = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let arena = match &*held {
             Some(a) if a.bytes() >= bytes => a.clone(),
@@ -1790,6 +1792,7 @@ impl<B: Backend> Runner<'_, B> {
             None => (&[][..], None),
         };
         let output = |k: usize| outputs.get(k).copied().into_iter().collect::<Vec<Place>>();
+        let element = be.bytes(h) / be.shape(h).iter().product::<usize>().max(1);
         let (dh_place, dw_place) = (output(1), output(2));
         let (mut loss, mut dw) = (None::<B::Tensor>, None::<B::Tensor>);
         let mut dh_rows = Vec::new();
@@ -1809,9 +1812,11 @@ impl<B: Backend> Runner<'_, B> {
                 start: Dim::new(first as u64),
                 end: Dim::new((first + count) as u64),
             })?;
+            // The chunk's logits, stored as the hidden states are.
+            let logits_bytes = count * dims.vocab * element;
             let logits_place: Vec<Place> = scratch
-                .filter(|&(_, room)| count * dims.vocab <= room)
-                .map(|(at, _)| (at, count * dims.vocab))
+                .filter(|&(_, room)| logits_bytes <= room)
+                .map(|(at, _)| (at, logits_bytes))
                 .into_iter()
                 .collect();
             let chunk_logits = self.placing(&logits_place, || {
