@@ -225,6 +225,10 @@ pub struct Placements {
     pub inputs: Vec<(u32, ValueId, Place)>,
     /// Per position, the place of the scratch it holds while it runs (a fused output layer's).
     pub scratch: Vec<Option<Place>>,
+    /// The places of the copies the stage sends after its last step, in the pipeline's order
+    /// of tied parameters: each tied gradient it completes, for the first other stage holding
+    /// the parameter.
+    pub sent_after: Vec<Place>,
 }
 
 /// The bytes a backend stores an element of each dtype in: what a rank's [`Placements`] are

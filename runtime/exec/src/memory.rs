@@ -123,10 +123,12 @@ impl MemoryPlan {
             outputs: vec![Vec::new(); positions],
             inputs: Vec::new(),
             scratch: vec![None; positions],
+            sent_after: Vec::new(),
         };
         for s in self.slots.iter().filter(|s| s.placed) {
             match s.value {
                 Some(v) if inputs.contains(&v) => out.inputs.push((s.micro_batch, v, place(s))),
+                Some(_) if s.from == positions => out.sent_after.push(place(s)),
                 Some(_) if s.reuses.is_none() && s.from < positions => {
                     out.outputs[s.from].push(place(s))
                 }
@@ -232,6 +234,27 @@ pub fn plan(exe: &Executable, stage: usize, element_bytes: &dyn Fn(DType) -> u64
     // What stays to the end: every slot not freed (sums, kept values).
     for s in slots.iter_mut().filter(|s| s.to == usize::MAX) {
         s.to = end;
+    }
+    // After its last step, the stage that completes a tied parameter's gradient sends a copy of
+    // it to each other stage holding the parameter, which keeps it through its optimizer step:
+    // the first copy's place, beside what stays to the end.
+    let tied = plan.pipeline.as_ref().map_or(&[][..], |p| &p.tied[..]);
+    for t in tied
+        .iter()
+        .filter(|t| t.owner as usize == stage && t.holders.len() > 1)
+    {
+        if let Some(&(_, grad)) = plan.grads.iter().find(|(p, _)| *p == t.param) {
+            slots.push(Slot {
+                value: Some(grad),
+                micro_batch: 0,
+                bytes: size(grad),
+                offset: 0,
+                from: end,
+                to: end,
+                reuses: None,
+                placed: true,
+            });
+        }
     }
     let arena = assign_offsets(&mut slots);
     MemoryPlan {

@@ -1149,6 +1149,8 @@ impl<B: Backend> Runner<'_, B> {
         };
         let stage = self.stage as u32;
         let me = self.rank.index();
+        // Which of the memory plan's places for the copies sent comes next.
+        let mut placed_tied = 0;
         for (k, tied) in pipe.tied.iter().enumerate() {
             let Some(&(_, grad)) = plan.grads.iter().find(|(p, _)| *p == tied.param) else {
                 continue;
@@ -1174,9 +1176,21 @@ impl<B: Backend> Runner<'_, B> {
                     .backend
                     .synchronize()
                     .map_err(|e| self.device_wait("waiting for the device", e))?;
-                for &h in tied.holders.iter().filter(|&&h| h != stage) {
+                for (j, &h) in tied.holders.iter().filter(|&&h| h != stage).enumerate() {
                     let to = self.rank.mesh.peer(self.rank.coord, h as usize);
-                    link.send(me, to, tag, x.clone()).map_err(comm)?;
+                    // The first copy goes to its planned place (a clone that shares its buffer
+                    // needs none).
+                    let place = match (&self.arena, j) {
+                        (Some((_, p)), 0) if !self.rank.backend.shares_on_clone() => {
+                            p.sent_after.get(placed_tied).copied()
+                        }
+                        _ => None,
+                    };
+                    let copy = self.placing(place.as_slice(), || x.clone());
+                    link.send(me, to, tag, copy).map_err(comm)?;
+                }
+                if tied.holders.len() > 1 {
+                    placed_tied += 1;
                 }
             } else if tied.holders.contains(&stage) {
                 let from = self.rank.mesh.peer(self.rank.coord, tied.owner as usize);
