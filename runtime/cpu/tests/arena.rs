@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::model;
+use common::{model, pipelined};
 use ferrotron_cpu::Cpu;
 use ferrotron_exec::arena::ArenaStats;
 use ferrotron_exec::init::{random_batch, test_params};
@@ -219,18 +219,7 @@ fn pipeline_stages_place_every_micro_batch_in_their_arena() {
         [(1, 1, 4, 1), (2, 1, 2, 1), (1, 2, 2, 1), (1, 1, 4, 2)]
     {
         let layers = 2 * virtual_stages;
-        let o = PartitionOptions {
-            pp: 2,
-            micro_batches,
-            virtual_stages,
-            schedule: match virtual_stages {
-                1 => "1f1b",
-                _ => "interleaved",
-            }
-            .parse()
-            .unwrap(),
-            ..options(tp, dp)
-        };
+        let o = pipelined((tp, dp, 2), micro_batches, virtual_stages);
         let plan = partition(&gpt(2, layers), &o).unwrap();
         let stats = same_with_and_without(
             &format!("tp {tp} dp {dp} pp 2, {micro_batches} micro-batches × {virtual_stages}"),

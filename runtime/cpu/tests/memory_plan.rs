@@ -3,25 +3,18 @@
 //! parallelism, recomputation, fused or not (the loss too), forward only or whole; and its arena gives no two
 //! values alive at once the same bytes.
 
+mod common;
+
+use common::{model, pipelined};
 use ferrotron_cpu::Cpu;
 use ferrotron_exec::init::{random_batch, test_params};
 use ferrotron_exec::memory::{self, MemoryPlan};
 use ferrotron_exec::{run, Executable, RunOptions};
-use ferrotron_ir::{load_model, Graph, LoadOptions};
+use ferrotron_ir::Graph;
 use ferrotron_partitioner::{partition, PartitionOptions, Plan, Recompute};
-use std::path::PathBuf;
 
 /// A model file, its dimension overrides and a mesh.
 type Case<'a> = (&'a str, &'a [(&'a str, u64)], PartitionOptions);
-
-fn model(file: &str, dims: &[(&str, u64)]) -> Graph {
-    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")).join(file);
-    let opts = LoadOptions {
-        overrides: dims.iter().map(|&(n, v)| (n.to_owned(), v)).collect(),
-        ..LoadOptions::default()
-    };
-    load_model(&path, &opts).unwrap_or_else(|e| panic!("{file}: {e}"))
-}
 
 /// No two slots alive at one step share a byte, unless one continues the other's buffer in
 /// place; every slot lies inside the arena at an aligned offset, and the arena holds at least the most bytes live at once.
@@ -242,21 +235,9 @@ fn a_dropout_gradient_does_not_hold_the_dropout_output() {
 
 #[test]
 fn the_planned_peak_of_each_pipeline_stage_is_its_measured_peak() {
-    let pipe =
-        |tp: u64, dp: u64, pp: u64, micro_batches: u64, virtual_stages: u64| PartitionOptions {
-            tp,
-            dp,
-            pp,
-            micro_batches,
-            virtual_stages,
-            schedule: match virtual_stages {
-                1 => "1f1b",
-                _ => "interleaved",
-            }
-            .parse()
-            .unwrap(),
-            ..PartitionOptions::default()
-        };
+    let pipe = |tp, dp, pp, micro_batches, virtual_stages| {
+        pipelined((tp, dp, pp), micro_batches, virtual_stages)
+    };
     // Micro-batches of 2 of a batch of 2 × M: the plan's graph is a micro-batch's.
     let gpt =
         |batch: u64, layers: u64| model("tiny-gpt.ron", &[("batch", batch), ("layers", layers)]);

@@ -1,15 +1,16 @@
 // Each test crate that includes this module uses a part of it.
 #![allow(dead_code)]
 
-//! What the CPU runtime's fusion tests share: a model file from the zoo with its dimensions
-//! overridden, and one plan run two ways (fused and not) held to the same loss and gradients.
+//! What the CPU runtime's tests share: a model file from the zoo with its dimensions
+//! overridden, a pipelined partitioning, and one plan run two ways (fused and not) held to the
+//! same loss and gradients.
 
 use ferrotron_cpu::Cpu;
 use ferrotron_exec::init::{random_batch, test_params};
 use ferrotron_exec::verify::{compare_runs, Outputs, Tolerances, FORWARD_TOLERANCE};
 use ferrotron_exec::{run, RunOptions};
 use ferrotron_ir::{load_model, Graph, LoadOptions};
-use ferrotron_partitioner::Plan;
+use ferrotron_partitioner::{PartitionOptions, Plan};
 use std::path::PathBuf;
 
 /// `file` from `models/`, with `dims` overriding its named dimensions.
@@ -20,6 +21,29 @@ pub fn model(file: &str, dims: &[(&str, u64)]) -> Graph {
         ..LoadOptions::default()
     };
     load_model(&path, &opts).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// A mesh of `tp` × `dp` × `pp` stages running `micro_batches` micro-batches, `virtual_stages`
+/// model chunks per stage (the interleaved schedule when more than one, else 1F1B).
+pub fn pipelined(
+    (tp, dp, pp): (u64, u64, u64),
+    micro_batches: u64,
+    virtual_stages: u64,
+) -> PartitionOptions {
+    PartitionOptions {
+        tp,
+        dp,
+        pp,
+        micro_batches,
+        virtual_stages,
+        schedule: match virtual_stages {
+            1 => "1f1b",
+            _ => "interleaved",
+        }
+        .parse()
+        .unwrap(),
+        ..PartitionOptions::default()
+    }
 }
 
 /// Runs `plan` on `whole`'s weights and batch (from `seed`) with `ours` and with `theirs`;
