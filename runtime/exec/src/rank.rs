@@ -15,8 +15,8 @@
 //! measured peak can be set beside the partitioner's estimate. On a backend that uses an arena
 //! (the CPU's in host memory, CUDA's in device memory) each step's new outputs are offered
 //! their places in the rank's arena ([`crate::arena`]), kept from one step to the next. If the
-//! rank fails (an error or a panic), it aborts every group it belongs
-//! to: its peers stop at their next collective with that error instead of waiting forever.
+//! rank fails (an error or a panic), it aborts every group it belongs to: its peers stop at
+//! their next collective with that error instead of waiting forever.
 
 use crate::arena::{self, Arena, ArenaStats, Place, Placements};
 use crate::backend::Backend;
